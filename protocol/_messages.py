@@ -1,0 +1,369 @@
+"""Every message of protocol version 1 as msgspec Structs.
+
+Client messages and server frames are two tagged unions (``tag_field="type"``).
+Stream events carry ``id: int | None``: the runtime makes them without an id,
+the transport stamps the id of the request they answer, and a `subscribe`
+frame nests them without one (``omit_defaults`` drops the null id, and every
+other event field is required so that nothing else is ever dropped).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+QueuePolicy = Literal["enqueue", "reject", "interrupt"]
+EndStatus = Literal["done", "killed", "error", "detached", "idle"]
+
+
+# --- shared value types -----------------------------------------------------
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    code: int
+    message: str
+
+
+class ToolCallInfo(msgspec.Struct, kw_only=True):
+    call_id: str
+    name: str
+    arguments: str  # JSON text, as the model produced it
+
+
+class Entry(msgspec.Struct, kw_only=True):
+    """One history entry of a conversation."""
+
+    seq: int
+    kind: Literal["message", "compact"] = "message"
+    role: str = ""
+    content: str = ""
+    agent: str = ""  # empty for the primary agent, the guest's name on a guest turn
+    tool_calls: list[ToolCallInfo] = msgspec.field(default_factory=list)
+    tool_call_id: str | None = None
+    is_error: bool = False
+    run_id: str | None = None
+    created_at: datetime | None = None
+    archive: str | None = None
+
+
+class ConversationItem(msgspec.Struct, kw_only=True):
+    agent: str
+    sender: str
+    title: str = ""
+    cwd: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    last_seq: int = 0
+    running: bool = False
+
+
+class AgentItem(msgspec.Struct, kw_only=True):
+    name: str
+    description: str = ""
+    model: str = ""
+    tools: list[str] = msgspec.field(default_factory=list)
+
+
+class AskOption(msgspec.Struct, kw_only=True):
+    label: str
+    description: str = ""
+
+
+class AskQuestion(msgspec.Struct, kw_only=True):
+    question: str
+    header: str = ""
+    options: list[AskOption] = msgspec.field(default_factory=list)
+    multi_select: bool = False
+
+
+# --- client -> server ---------------------------------------------------------
+
+
+class ClientMessage(msgspec.Struct, tag_field="type", kw_only=True):
+    """Base of every client message; `type` is the tag."""
+
+
+class Hello(ClientMessage, tag="hello"):
+    protocol: int
+    client: str = ""
+    token: str | None = None
+
+
+class Request(ClientMessage):
+    """A client message that opens a request: every type but `hello`."""
+
+    id: int
+
+
+class Stream(Request, tag="stream", kw_only=True):
+    agent: str
+    content: str
+    sender: str | None = None
+    guest: str | None = None
+    cwd: str | None = None
+    queue: QueuePolicy = "enqueue"
+
+
+class Kill(Request, tag="kill", kw_only=True):
+    agent: str
+    sender: str | None = None
+    all: bool = False
+
+
+class Attach(Request, tag="attach", kw_only=True):
+    agent: str
+    sender: str | None = None
+
+
+class Compact(Request, tag="compact", kw_only=True):
+    agent: str
+    sender: str | None = None
+    instructions: str | None = None
+
+
+class ReplyToAsk(Request, tag="reply_to_ask", kw_only=True):
+    agent: str
+    content: str
+    sender: str | None = None
+    ask_id: str | None = None
+
+
+class GetHistory(Request, tag="get_history", kw_only=True):
+    agent: str
+    sender: str | None = None
+    after_seq: int = 0
+    limit: int | None = None
+    include_archived: bool = False
+
+
+class ListConversations(Request, tag="list_conversations", kw_only=True):
+    agent: str | None = None
+    sender: str | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+class ListAgents(Request, tag="list_agents", kw_only=True):
+    pass
+
+
+class Subscribe(Request, tag="subscribe", kw_only=True):
+    agent: str | None = None
+    sender: str | None = None
+
+
+class Cancel(Request, tag="cancel", kw_only=True):
+    target: int
+
+
+class Ping(Request, tag="ping", kw_only=True):
+    pass
+
+
+class GetStats(Request, tag="stats", kw_only=True):
+    pass
+
+
+ClientMsg = (
+    Hello
+    | Stream
+    | Kill
+    | Attach
+    | Compact
+    | ReplyToAsk
+    | GetHistory
+    | ListConversations
+    | ListAgents
+    | Subscribe
+    | Cancel
+    | Ping
+    | GetStats
+)
+
+
+# --- server -> client ---------------------------------------------------------
+
+
+class ServerMessage(msgspec.Struct, tag_field="type", kw_only=True):
+    """Base of every server frame; `type` is the tag."""
+
+
+class Welcome(ServerMessage, tag="welcome"):
+    protocol: int
+    server: str
+    agents: list[str]
+    max_frame_bytes: int
+
+
+class Error(ServerMessage, tag="error"):
+    id: int | None
+    code: int
+    message: str
+
+
+class StreamEvent(ServerMessage, omit_defaults=True):
+    """An event of a run; `id` is stamped per request, absent when nested."""
+
+    id: int | None = None
+
+
+class Queued(StreamEvent, tag="queued", kw_only=True):
+    position: int
+
+
+class Start(StreamEvent, tag="start", kw_only=True):
+    run_id: str
+    agent: str
+    seq: int
+
+
+class TextDelta(StreamEvent, tag="text_delta", kw_only=True):
+    delta: str
+
+
+class ThinkingDelta(StreamEvent, tag="thinking_delta", kw_only=True):
+    delta: str
+
+
+class ToolCall(StreamEvent, tag="tool_call", kw_only=True):
+    call_id: str
+    name: str
+    arguments: str
+
+
+class ToolResult(StreamEvent, tag="tool_result", kw_only=True):
+    call_id: str
+    output: str
+    is_error: bool
+    duration_ms: float
+
+
+class AskUser(StreamEvent, tag="ask_user", kw_only=True):
+    ask_id: str
+    questions: list[AskQuestion]
+
+
+class Title(StreamEvent, tag="title", kw_only=True):
+    title: str
+
+
+class Usage(StreamEvent, tag="usage", kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    context_tokens: int
+    context_window: int
+
+
+class End(StreamEvent, tag="end", kw_only=True):
+    status: EndStatus
+    error: ErrorInfo | None
+    last_seq: int | None
+
+
+StreamEventMsg = (
+    Queued
+    | Start
+    | TextDelta
+    | ThinkingDelta
+    | ToolCall
+    | ToolResult
+    | AskUser
+    | Title
+    | Usage
+    | End
+)
+
+
+class Killed(ServerMessage, tag="killed"):
+    id: int
+    run_id: str | None
+
+
+class Compacted(ServerMessage, tag="compacted"):
+    id: int
+    archive: str
+    summary: str
+    archived_entries: int
+
+
+class Ok(ServerMessage, tag="ok"):
+    id: int
+
+
+class History(ServerMessage, tag="history"):
+    id: int
+    agent: str
+    sender: str
+    title: str
+    cwd: str | None
+    entries: list[Entry]
+    last_seq: int
+
+
+class Conversations(ServerMessage, tag="conversations"):
+    id: int
+    items: list[ConversationItem]
+    next_cursor: str | None
+
+
+class Agents(ServerMessage, tag="agents"):
+    id: int
+    items: list[AgentItem]
+
+
+class Subscribed(ServerMessage, tag="subscribed"):
+    id: int
+
+
+class Event(ServerMessage, tag="event"):
+    id: int
+    agent: str
+    sender: str
+    run_id: str
+    event: StreamEventMsg
+
+
+class Pong(ServerMessage, tag="pong"):
+    id: int
+
+
+class Stats(ServerMessage, tag="stats"):
+    id: int
+    uptime_s: float
+    connections: int
+    conversations: int
+    runs_in_flight: int
+    runs_queued: int = 0
+    runs_total: int = 0
+    subscriptions: int = 0
+
+
+ServerMsg = (
+    Welcome
+    | Error
+    | Queued
+    | Start
+    | TextDelta
+    | ThinkingDelta
+    | ToolCall
+    | ToolResult
+    | AskUser
+    | Title
+    | Usage
+    | End
+    | Killed
+    | Compacted
+    | Ok
+    | History
+    | Conversations
+    | Agents
+    | Subscribed
+    | Event
+    | Pong
+    | Stats
+)
