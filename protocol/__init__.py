@@ -40,8 +40,8 @@ from ._messages import (
     Ok,
     Ping,
     Pong,
-    QueuePolicy,
     Queued,
+    QueuePolicy,
     ReplyToAsk,
     Request,
     ServerMessage,
@@ -62,8 +62,10 @@ from ._messages import (
     Usage,
     Welcome,
 )
+from ._paths import APP_NAME, default_socket_path
 
 __all__ = [
+    "APP_NAME",
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
     "JSON",
@@ -125,5 +127,6 @@ __all__ = [
     "Usage",
     "Welcome",
     "codec_for",
+    "default_socket_path",
     "frame",
 ]

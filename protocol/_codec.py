@@ -72,9 +72,7 @@ class Codec:
         # so the connection stays open and the error names the request if it can.
         raw = self._any_decoder.decode(body)
         if not isinstance(raw, dict):
-            return ProtocolError(
-                400, "A message must be a map with a `type` field.", fatal=False
-            )
+            return ProtocolError(400, "A message must be a map with a `type` field.", fatal=False)
         request_id = raw.get("id")
         if type(request_id) is not int:
             request_id = None
@@ -95,9 +93,7 @@ class Codec:
                 request_id=request_id,
                 fatal=False,
             )
-        return ProtocolError(
-            400, f"Invalid {what}: {reason}.", request_id=request_id, fatal=False
-        )
+        return ProtocolError(400, f"Invalid {what}: {reason}.", request_id=request_id, fatal=False)
 
 
 JSON = Codec(Encoding.JSON)
@@ -106,4 +102,3 @@ MSGPACK = Codec(Encoding.MSGPACK)
 
 def codec_for(encoding: Encoding) -> Codec:
     return JSON if encoding is Encoding.JSON else MSGPACK
-

@@ -1,0 +1,20 @@
+"""Where the daemon's socket lives by default (PROTOCOL.md, Transport)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "chinwag"
+
+
+def default_socket_path() -> Path:
+    """``$CHINWAG_SOCKET``, else ``$XDG_RUNTIME_DIR/chinwag/chinwag.sock``,
+    else ``chinwag.sock`` in the user's state directory."""
+    if explicit := os.environ.get("CHINWAG_SOCKET"):
+        return Path(explicit)
+    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(runtime) / APP_NAME / "chinwag.sock"
+    return Path(platformdirs.user_state_dir(APP_NAME)) / "chinwag.sock"
