@@ -1,0 +1,697 @@
+"""The Python client library: one connection to the daemon, many requests over it.
+
+Written against anyio, so it runs under asyncio and under trio. One reader task
+in the connection's own task group decodes every frame and hands it, by `id`,
+to the memory object stream of the request it answers; writes go out behind a
+lock. Nothing here knows the daemon's internals: only PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import anyio
+import anyio.abc
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from chinwag.protocol import (
+    PROTOCOL_VERSION,
+    AgentItem,
+    Agents,
+    AskUser,
+    Attach,
+    Cancel,
+    Codec,
+    Compact,
+    Compacted,
+    ConversationItem,
+    Conversations,
+    Encoding,
+    End,
+    Error,
+    Event,
+    FrameDecoder,
+    GetHistory,
+    GetStats,
+    Hello,
+    History,
+    Kill,
+    Killed,
+    ListAgents,
+    ListConversations,
+    Ok,
+    Ping,
+    Pong,
+    ProtocolError,
+    Queued,
+    QueuePolicy,
+    ReplyToAsk,
+    Request,
+    ServerMsg,
+    Start,
+    Stats,
+    Stream,
+    StreamEventMsg,
+    Subscribe,
+    Subscribed,
+    TextDelta,
+    ThinkingDelta,
+    Title,
+    ToolCall,
+    ToolResult,
+    Usage,
+    Welcome,
+    codec_for,
+    default_socket_path,
+)
+
+__all__ = [
+    "STREAM_BUFFER",
+    "ChinwagError",
+    "Client",
+    "ConnectionLost",
+    "EventStream",
+    "Subscription",
+    "connect",
+    "wait_for_socket",
+]
+
+#: How many frames a streaming request buffers for a consumer that has not
+#: read them yet. A consumer further behind than this loses the request (it is
+#: detached and raises ``ChinwagError``) rather than stalling the connection.
+STREAM_BUFFER = 10_000
+
+_READ_CHUNK = 65_536
+# How long leaving a stream early waits for the daemon to confirm the detach.
+_DETACH_TIMEOUT_S = 5.0
+
+_R = TypeVar("_R", bound=msgspec.Struct)
+_StrPath = str | PathLike[str]
+
+
+class ChinwagError(Exception):
+    """The daemon refused a request, or the connection failed.
+
+    ``code`` follows PROTOCOL.md (HTTP-like: 404 unknown agent or conversation,
+    409 conflict, ...); ``message`` is one sentence saying what went wrong.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code})"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code!r}, {self.message!r})"
+
+
+class ConnectionLost(ChinwagError):
+    """The connection to the daemon ended while requests were open.
+
+    Raised from every pending request and open stream when the reader stops,
+    and from every request made afterwards. The code is 503.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One open request: where the reader puts its frames."""
+
+    streaming: bool
+    send: MemoryObjectSendStream[ServerMsg]
+    receive: MemoryObjectReceiveStream[ServerMsg]
+    # Set when the request ends other than by its terminal frame; the consumer
+    # sees it after draining what was already buffered.
+    error: ChinwagError | None = field(default=None)
+
+    def fail(self, error: ChinwagError) -> None:
+        if self.error is None:
+            self.error = error
+        self.send.close()
+
+    async def next(self) -> ServerMsg:
+        try:
+            return await self.receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise self.error or ConnectionLost("The request ended without a reply.") from None
+
+
+class Client:
+    """One connection to the daemon. Make it with ``connect``, not directly."""
+
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream,
+        codec: Codec,
+        welcome: Welcome,
+        decoder: FrameDecoder,
+        task_group: anyio.abc.TaskGroup,
+    ) -> None:
+        self.welcome = welcome
+        self.codec = codec
+        self._stream = stream
+        self._decoder = decoder
+        self._task_group = task_group
+        self._write_lock = anyio.Lock()
+        self._next_id = 0
+        self._pending: dict[int, _Pending] = {}
+        self._closed: ChinwagError | None = None
+
+    # --- plumbing -------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has ended (the reader stopped)."""
+        return self._closed is not None
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _open(self, streaming: bool) -> tuple[int, _Pending]:
+        if self._closed is not None:
+            raise self._closed
+        request_id = self._new_id()
+        buffer = STREAM_BUFFER if streaming else 1
+        send, receive = anyio.create_memory_object_stream[ServerMsg](buffer)
+        pending = _Pending(streaming, send, receive)
+        self._pending[request_id] = pending
+        return request_id, pending
+
+    def _forget(self, request_id: int, pending: _Pending) -> None:
+        """Stop listening to a request: later frames for its id are dropped."""
+        if self._pending.get(request_id) is pending:
+            del self._pending[request_id]
+        pending.send.close()
+        pending.receive.close()
+
+    async def _send(self, msg: msgspec.Struct) -> None:
+        if self._closed is not None:
+            raise self._closed
+        data = self.codec.encode_frame(msg)
+        if len(data) - 4 > self.welcome.max_frame_bytes:
+            raise ChinwagError(
+                413,
+                f"The request is {len(data) - 4} bytes, over the daemon's limit of "
+                f"{self.welcome.max_frame_bytes}; send less at once.",
+            )
+        # Shielded: a write cut short by cancellation would leave half a frame
+        # on the socket and break every other request on this connection.
+        with anyio.CancelScope(shield=True):
+            async with self._write_lock:
+                try:
+                    await self._stream.send(bytes(data))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    lost = ConnectionLost(f"The connection to the daemon broke: {exc or 'closed'}.")
+                    self._shutdown(lost)
+                    raise lost from exc
+
+    async def _request(self, build: Callable[[int], Request], reply_type: type[_R]) -> _R:
+        request_id, pending = self._open(streaming=False)
+        try:
+            await self._send(build(request_id))
+            msg = await pending.next()
+        finally:
+            self._forget(request_id, pending)
+        return _expect(msg, reply_type)
+
+    async def _read(self) -> None:
+        """The reader task: every frame from the daemon goes through here."""
+        reason: ChinwagError = ConnectionLost("The daemon closed the connection.")
+        try:
+            while True:
+                try:
+                    data = await self._stream.receive(_READ_CHUNK)
+                except anyio.EndOfStream:
+                    break
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    reason = ConnectionLost(f"The connection to the daemon broke: {exc}.")
+                    break
+                self._decoder.feed(data)
+                for body in self._decoder:
+                    self._dispatch(body)
+        except ProtocolError as exc:
+            reason = ConnectionLost(f"The daemon broke the protocol: {exc.message}")
+        finally:
+            self._shutdown(reason)
+
+    def _dispatch(self, body: bytes) -> None:
+        try:
+            msg = self.codec.decode_server(body)
+        except ProtocolError as exc:
+            if isinstance(exc.__cause__, msgspec.ValidationError):
+                # Well framed but not a message this client knows (a newer
+                # daemon's addition): skip it, the framing is intact.
+                return
+            raise
+        request_id = getattr(msg, "id", None)
+        if request_id is None:
+            if isinstance(msg, Error):
+                # A connection-level error concerns every open request.
+                error = ChinwagError(msg.code, msg.message)
+                for open_request in list(self._pending.values()):
+                    open_request.fail(error)
+                self._pending.clear()
+            return
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return  # a request this client stopped listening to
+        terminal = not pending.streaming or isinstance(msg, End | Error)
+        try:
+            pending.send.send_nowait(msg)
+        except anyio.WouldBlock:
+            self._overflow(request_id, pending)
+            return
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._pending.pop(request_id, None)
+            return
+        if terminal:
+            self._pending.pop(request_id, None)
+            pending.send.close()
+
+    def _overflow(self, request_id: int, pending: _Pending) -> None:
+        self._pending.pop(request_id, None)
+        pending.fail(
+            ChinwagError(
+                500,
+                f"The consumer fell more than {STREAM_BUFFER} frames behind request "
+                f"{request_id}, so the client detached it; read events as they come.",
+            )
+        )
+        self._task_group.start_soon(self._detach_quietly, request_id)
+
+    async def _detach_quietly(self, request_id: int) -> None:
+        with anyio.move_on_after(_DETACH_TIMEOUT_S, shield=True):
+            # ChinwagError: already ended, or the connection is gone: nothing to detach.
+            with contextlib.suppress(ChinwagError):
+                await self.cancel(request_id)
+
+    def _shutdown(self, reason: ChinwagError) -> None:
+        if self._closed is None:
+            self._closed = reason
+        for pending in list(self._pending.values()):
+            pending.fail(self._closed)
+        self._pending.clear()
+
+    # --- streaming requests ------------------------------------------------
+
+    def stream(
+        self,
+        agent: str,
+        content: str,
+        *,
+        sender: str | None = None,
+        guest: str | None = None,
+        cwd: str | None = None,
+        queue: QueuePolicy = "enqueue",
+    ) -> EventStream:
+        """Run a turn: ``async with c.stream(...) as events: async for ev in events``.
+
+        Yields the run's stream events up to and including its ``End``. Leaving
+        the block before the ``End`` detaches (the run goes on in the daemon).
+        An ``error`` frame answering the request raises ``ChinwagError``.
+        """
+        return EventStream(
+            self,
+            lambda rid: Stream(
+                id=rid,
+                agent=agent,
+                content=content,
+                sender=sender,
+                guest=guest,
+                cwd=cwd,
+                queue=queue,
+            ),
+        )
+
+    def attach(self, agent: str, sender: str | None = None) -> EventStream:
+        """Follow the conversation's run in flight, replayed from its ``start``.
+
+        Ends with ``End`` status ``idle`` when nothing is running.
+        """
+        return EventStream(self, lambda rid: Attach(id=rid, agent=agent, sender=sender))
+
+    def subscribe(self, agent: str | None = None, sender: str | None = None) -> Subscription:
+        """Watch every matching run: ``async with c.subscribe() as sub: async for ev in sub``.
+
+        Entering waits for the daemon's ``subscribed``, so runs started after
+        that are seen. Yields ``Event`` frames until the block exits (then
+        cancels the subscription).
+        """
+        return Subscription(self, lambda rid: Subscribe(id=rid, agent=agent, sender=sender))
+
+    # --- single-reply requests ---------------------------------------------
+
+    async def kill(self, agent: str, sender: str | None = None, *, all: bool = False) -> Killed:
+        """Kill the conversation's run in flight (and, with ``all``, what is queued).
+
+        The reply comes after the ``end`` of every run it killed; its ``run_id``
+        is None when nothing was running.
+        """
+        return await self._request(
+            lambda rid: Kill(id=rid, agent=agent, sender=sender, all=all), Killed
+        )
+
+    async def reply_to_ask(
+        self, agent: str, content: str, *, sender: str | None = None, ask_id: str | None = None
+    ) -> None:
+        """Answer the conversation's pending ``ask_user``."""
+        await self._request(
+            lambda rid: ReplyToAsk(
+                id=rid, agent=agent, content=content, sender=sender, ask_id=ask_id
+            ),
+            Ok,
+        )
+
+    async def history(
+        self,
+        agent: str,
+        sender: str | None = None,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+        include_archived: bool = False,
+    ) -> History:
+        """The conversation's entries with ``seq > after_seq``, oldest first."""
+        return await self._request(
+            lambda rid: GetHistory(
+                id=rid,
+                agent=agent,
+                sender=sender,
+                after_seq=after_seq,
+                limit=limit,
+                include_archived=include_archived,
+            ),
+            History,
+        )
+
+    async def list_conversations(
+        self,
+        agent: str | None = None,
+        sender: str | None = None,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Conversations:
+        """One page of conversations, most recently updated first."""
+        return await self._request(
+            lambda rid: ListConversations(
+                id=rid, agent=agent, sender=sender, limit=limit, cursor=cursor
+            ),
+            Conversations,
+        )
+
+    async def iter_conversations(
+        self, agent: str | None = None, sender: str | None = None, *, page_size: int = 100
+    ) -> AsyncIterator[ConversationItem]:
+        """Every matching conversation, following ``next_cursor`` page by page."""
+        cursor: str | None = None
+        while True:
+            page = await self.list_conversations(agent, sender, limit=page_size, cursor=cursor)
+            for item in page.items:
+                yield item
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def list_agents(self) -> list[AgentItem]:
+        """The agents the daemon hosts."""
+        reply = await self._request(lambda rid: ListAgents(id=rid), Agents)
+        return reply.items
+
+    async def compact(
+        self, agent: str, sender: str | None = None, *, instructions: str | None = None
+    ) -> Compacted:
+        """Summarize the conversation into an archive; queued behind its runs."""
+        return await self._request(
+            lambda rid: Compact(id=rid, agent=agent, sender=sender, instructions=instructions),
+            Compacted,
+        )
+
+    async def cancel(self, target_id: int) -> None:
+        """Detach this connection's open stream, attach or subscribe ``target_id``.
+
+        Its ``End`` (status ``detached``) arrives on the target before this
+        returns. Never kills a run. ``ChinwagError`` 404 if it is not open.
+        """
+        await self._request(lambda rid: Cancel(id=rid, target=target_id), Ok)
+
+    async def ping(self) -> None:
+        """Round trip to the daemon."""
+        await self._request(lambda rid: Ping(id=rid), Pong)
+
+    async def stats(self) -> Stats:
+        """The daemon's counters."""
+        return await self._request(lambda rid: GetStats(id=rid), Stats)
+
+
+class _OpenRequest:
+    """Shared by ``EventStream`` and ``Subscription``: one streaming request."""
+
+    def __init__(self, client: Client, build: Callable[[int], Request]) -> None:
+        self._client = client
+        self._build = build
+        self._id: int | None = None
+        self._pending: _Pending | None = None
+        self._finished = False
+
+    @property
+    def id(self) -> int:
+        """The request's id on the connection (for ``Client.cancel``)."""
+        if self._id is None:
+            raise RuntimeError("the request has not been sent yet; enter its context first")
+        return self._id
+
+    async def _start(self) -> _Pending:
+        if self._pending is None:
+            self._id, self._pending = self._client._open(streaming=True)
+            try:
+                await self._client._send(self._build(self._id))
+            except BaseException:
+                self._finished = True
+                self._client._forget(self._id, self._pending)
+                raise
+        return self._pending
+
+    async def _next_frame(self) -> ServerMsg:
+        pending = await self._start()
+        try:
+            msg = await pending.next()
+        except ChinwagError:
+            self._finished = True
+            raise
+        if isinstance(msg, Error):
+            self._finished = True
+            raise ChinwagError(msg.code, msg.message)
+        return msg
+
+    async def _close(self) -> None:
+        if self._id is None or self._pending is None:
+            return
+        self._client._forget(self._id, self._pending)
+        if self._finished or self._client.closed:
+            return
+        self._finished = True
+        # Shielded so that leaving on cancellation still detaches; bounded so
+        # that a daemon that never answers cannot hold the caller forever.
+        with anyio.move_on_after(_DETACH_TIMEOUT_S, shield=True):
+            # ChinwagError: the request ended meanwhile, or the connection is gone.
+            with contextlib.suppress(ChinwagError):
+                await self._client.cancel(self._id)
+
+
+class EventStream(_OpenRequest):
+    """The events of one ``stream`` or ``attach`` request, ending with its ``End``.
+
+    An async context manager and an async iterator. Leaving the context before
+    the ``End`` sends ``cancel`` for the request (the run itself goes on).
+    """
+
+    async def __aenter__(self) -> EventStream:
+        await self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> StreamEventMsg:
+        if self._finished:
+            raise StopAsyncIteration
+        msg = await self._next_frame()
+        if isinstance(msg, End):
+            self._finished = True
+        if not isinstance(
+            msg,
+            Queued
+            | Start
+            | TextDelta
+            | ThinkingDelta
+            | ToolCall
+            | ToolResult
+            | AskUser
+            | Title
+            | Usage
+            | End,
+        ):
+            self._finished = True
+            raise _unexpected(msg, "a stream event")
+        return msg
+
+    async def collect(self) -> list[StreamEventMsg]:
+        """Every remaining event, up to and including the ``End``."""
+        return [event async for event in self]
+
+
+class Subscription(_OpenRequest):
+    """The ``Event`` frames of one ``subscribe`` request, until the context exits."""
+
+    async def __aenter__(self) -> Subscription:
+        msg = await self._next_frame()
+        if not isinstance(msg, Subscribed):
+            self._finished = True
+            await self._close()
+            raise _unexpected(msg, "`subscribed`")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._finished:
+            raise StopAsyncIteration
+        msg = await self._next_frame()
+        if isinstance(msg, End):
+            # The daemon ended the subscription (we detached it, or it dropped
+            # a subscriber that fell behind).
+            self._finished = True
+            if msg.error is not None:
+                raise ChinwagError(msg.error.code, msg.error.message)
+            raise StopAsyncIteration
+        if not isinstance(msg, Event):
+            self._finished = True
+            raise _unexpected(msg, "an `event` frame")
+        return msg
+
+
+def _type_name(msg: msgspec.Struct) -> str:
+    tag = msg.__struct_config__.tag
+    return str(tag) if tag is not None else type(msg).__name__
+
+
+def _unexpected(msg: msgspec.Struct, wanted: str) -> ChinwagError:
+    return ChinwagError(
+        500, f"The daemon answered with `{_type_name(msg)}` where {wanted} was expected."
+    )
+
+
+def _expect(msg: ServerMsg, reply_type: type[_R]) -> _R:
+    if isinstance(msg, Error):
+        raise ChinwagError(msg.code, msg.message)
+    if not isinstance(msg, reply_type):
+        raise _unexpected(msg, f"`{reply_type.__struct_config__.tag}`")
+    return msg
+
+
+async def _handshake(
+    stream: anyio.abc.ByteStream, codec: Codec, client: str, decoder: FrameDecoder
+) -> Welcome:
+    await stream.send(bytes(codec.encode_frame(Hello(protocol=PROTOCOL_VERSION, client=client))))
+    while True:
+        body = decoder.next_frame()
+        if body is not None:
+            break
+        try:
+            data = await stream.receive(_READ_CHUNK)
+        except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            raise ConnectionLost("The daemon closed the connection during the handshake.") from exc
+        decoder.feed(data)
+    # An error before the encoding is settled may come as JSON whatever we sent.
+    try:
+        reply = codec_for(Encoding.of(body)).decode_server(body)
+    except ProtocolError as exc:
+        raise ConnectionLost(f"The daemon broke the protocol: {exc.message}") from exc
+    if isinstance(reply, Error):
+        raise ChinwagError(reply.code, reply.message)
+    if not isinstance(reply, Welcome):
+        raise _unexpected(reply, "`welcome`")
+    return reply
+
+
+@asynccontextmanager
+async def connect(
+    path: _StrPath | None = None,
+    *,
+    client: str = "chinwag-python",
+    encoding: Encoding = Encoding.MSGPACK,
+) -> AsyncIterator[Client]:
+    """Connect to the daemon's Unix socket and say hello.
+
+    ``path`` None means ``default_socket_path()``. Yields a ``Client`` whose
+    ``welcome`` holds the daemon's greeting. Raises ``OSError`` when nothing
+    listens on the socket, ``ChinwagError`` when the daemon refuses the hello.
+    On exit the reader is cancelled and the socket closed; open streams then
+    raise ``ConnectionLost``.
+    """
+    socket_path = Path(path) if path is not None else default_socket_path()
+    codec = codec_for(encoding)
+    stream = await anyio.connect_unix(socket_path)
+    async with stream:
+        # Until the welcome announces the real limit, accept any sane frame.
+        decoder = FrameDecoder(1 << 30)
+        welcome = await _handshake(stream, codec, client, decoder)
+        decoder.max_frame_bytes = max(welcome.max_frame_bytes, 1)
+        async with anyio.create_task_group() as task_group:
+            conn = Client(stream, codec, welcome, decoder, task_group)
+            task_group.start_soon(conn._read)
+            try:
+                yield conn
+            finally:
+                task_group.cancel_scope.cancel()
+                conn._shutdown(ConnectionLost("The connection was closed by this client."))
+
+
+async def wait_for_socket(path: _StrPath) -> None:
+    """Return once something accepts connections on ``path``.
+
+    Polls until then; bound it with the caller's cancel scope
+    (``with anyio.fail_after(10): await wait_for_socket(p)``). Each probe
+    connection is closed at once (the daemon sees a client that left before
+    its hello).
+    """
+    while True:
+        try:
+            probe = await anyio.connect_unix(Path(path))
+        except OSError:
+            await anyio.sleep(0.05)  # polling a socket file: there is no event to await
+            continue
+        await probe.aclose()
+        return
