@@ -1,0 +1,67 @@
+"""`python -m chinwag.daemon`: what `chinwag serve` runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import structlog
+import trio
+from chinwag.protocol import default_socket_path
+
+from ._config import ConfigError, default_storage_url, load_config
+from ._logging import configure_logging
+from ._serve import serve
+from ._server import ServeError
+from ._tools import TOOL_NAMES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chinwag serve", description="Run the chinwag daemon.")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="config.toml (default: $CHINWAG_CONFIG, "
+        "else config.toml in the user config directory)",
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help="Unix socket path (default: $CHINWAG_SOCKET, "
+        "else $XDG_RUNTIME_DIR/chinwag/chinwag.sock)",
+    )
+    parser.add_argument("--storage", help="storage URL, e.g. sqlite:////abs/path.db or memory:")
+    args = parser.parse_args(argv)
+    configure_logging()
+    log = structlog.get_logger("chinwag.daemon")
+    try:
+        config = load_config(args.config, tool_names=TOOL_NAMES)
+    except ConfigError as exc:
+        print(f"chinwag: {exc}", file=sys.stderr)
+        return 2
+    socket_path = args.socket or (
+        Path(config.daemon.socket) if config.daemon.socket else default_socket_path()
+    )
+    storage_url = args.storage or config.daemon.storage or default_storage_url()
+    try:
+        trio.run(
+            partial(
+                serve, config, socket_path=socket_path, storage_url=storage_url, handle_signals=True
+            )
+        )
+    except ServeError as exc:
+        print(f"chinwag: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except ValueError as exc:  # a storage URL the daemon does not know
+        print(f"chinwag: {exc}", file=sys.stderr)
+        return 2
+    log.info("exit", code=0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

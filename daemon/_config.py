@@ -1,0 +1,137 @@
+"""The daemon's configuration: `config.toml` (DESIGN.md), or embedded defaults."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import platformdirs
+from chinwag.protocol import APP_NAME, DEFAULT_MAX_FRAME_BYTES
+
+
+class ConfigError(Exception):
+    """The configuration file is missing a key, mistyped, or inconsistent."""
+
+
+class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    socket: str | None = None
+    storage: str | None = None
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_open_requests: int = 256
+    # Frames waiting to be written to one client; a client that lets more pile
+    # up is too slow and is disconnected (its runs go on).
+    outgoing_frames: int = 16384
+    # Events buffered for one subscription before it is dropped as too slow.
+    subscription_events: int = 4096
+    shutdown_grace_s: float = 10.0
+    ask_timeout_s: float | None = None
+    allowed_uids: list[int] = msgspec.field(default_factory=list)
+    # Idle conversations kept in memory; older idle ones are dropped and reload lazily.
+    idle_conversations: int = 1024
+
+
+class ProviderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    kind: Literal["echo"]
+    base_url: str | None = None
+    api_key: str | None = None
+    api_key_env: str | None = None
+
+
+class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    provider: str
+    model: str = ""
+    description: str = ""
+    system_prompt: str = "You are a helpful assistant."
+    tools: list[str] = msgspec.field(default_factory=list)
+    max_steps: int = 16
+    context_window: int = 32768
+    compact_at: float | None = None
+    cwd: str | None = None
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
+    agents: dict[str, AgentConfig] = msgspec.field(default_factory=dict)
+
+
+BUILTIN_PROVIDERS = {"echo": ProviderConfig(kind="echo")}
+
+
+def default_config_path() -> Path:
+    """`$CHINWAG_CONFIG`, else `config.toml` in the user config directory."""
+    if explicit := os.environ.get("CHINWAG_CONFIG"):
+        return Path(explicit)
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def default_storage_url() -> str:
+    data_dir = Path(platformdirs.user_data_dir(APP_NAME))
+    return f"sqlite:///{data_dir / 'chinwag.db'}"
+
+
+def embedded_defaults() -> Config:
+    """What `chinwag serve` runs on with no config file: one agent on echo."""
+    return Config(
+        agents={
+            "assistant": AgentConfig(
+                provider="echo",
+                model="echo",
+                description="General helper",
+                tools=["set_title", "ask_user"],
+            )
+        }
+    )
+
+
+def load_config(path: Path | None, *, tool_names: frozenset[str]) -> Config:
+    """Read and check the config file; the embedded defaults when there is none.
+
+    ``path`` None means the default location, where a missing file is fine;
+    an explicitly named file must exist.
+    """
+    explicit = path is not None
+    path = path or default_config_path()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"The config file {path} does not exist.") from None
+        return embedded_defaults()
+    except OSError as exc:
+        raise ConfigError(f"The config file {path} cannot be read: {exc.strerror}.") from exc
+    try:
+        config = msgspec.convert(tomllib.loads(raw.decode()), Config)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}.") from exc
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}.") from exc
+    if not config.agents:
+        config.agents = embedded_defaults().agents
+    _check(config, path, tool_names)
+    return config
+
+
+def _check(config: Config, path: Path, tool_names: frozenset[str]) -> None:
+    providers = BUILTIN_PROVIDERS | config.providers
+    for name, agent in config.agents.items():
+        where = f"{path}: [agents.{name}]"
+        if agent.provider not in providers:
+            raise ConfigError(
+                f"{where} names provider {agent.provider!r}, which is neither built in "
+                f"nor a [providers.*] table (known: {', '.join(sorted(providers))})."
+            )
+        unknown = sorted(set(agent.tools) - tool_names)
+        if unknown:
+            raise ConfigError(
+                f"{where} names unknown tools {unknown} (available: {sorted(tool_names)})."
+            )
+        if agent.max_steps < 1:
+            raise ConfigError(f"{where} max_steps must be at least 1.")
+        if agent.compact_at is not None and not 0 < agent.compact_at <= 1:
+            raise ConfigError(f"{where} compact_at must be a fraction in (0, 1].")
+    if config.daemon.max_frame_bytes < 1024:
+        raise ConfigError(f"{path}: [daemon] max_frame_bytes must be at least 1024.")

@@ -1,0 +1,170 @@
+"""The model provider interface, and `echo`, the built-in deterministic model.
+
+A provider turns a ``ModelRequest`` into a stream of chunks: text, thinking,
+complete tool calls, usage, and a finish. Cancellation (kill) reaches it at
+its next checkpoint; a provider holds nothing that outlives the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Protocol
+
+import msgspec
+import trio
+from chinwag.protocol import ToolCallInfo
+
+from ._config import ProviderConfig
+
+
+class ModelMessage(msgspec.Struct, kw_only=True):
+    role: str  # system, user, assistant, tool
+    content: str
+    tool_calls: list[ToolCallInfo] = msgspec.field(default_factory=list)
+    tool_call_id: str | None = None
+
+
+class ToolSchema(msgspec.Struct, kw_only=True):
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+class ModelRequest(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[ModelMessage]
+    tools: list[ToolSchema] = msgspec.field(default_factory=list)
+
+
+class TextChunk(msgspec.Struct):
+    delta: str
+
+
+class ThinkingChunk(msgspec.Struct):
+    delta: str
+
+
+class ToolCallChunk(msgspec.Struct):
+    call: ToolCallInfo
+
+
+class UsageChunk(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class FinishChunk(msgspec.Struct):
+    reason: str  # stop, tool_calls, length
+
+
+Chunk = TextChunk | ThinkingChunk | ToolCallChunk | UsageChunk | FinishChunk
+
+
+class ProviderError(Exception):
+    """The model provider failed; the run ends `error` with ``code`` (502 by default)."""
+
+    def __init__(self, message: str, code: int = 502) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Provider(Protocol):
+    def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
+        """Stream the model's answer to ``request``; raises ``ProviderError``."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:16]}"
+
+
+class EchoProvider:
+    """Streams the last user message back, one text chunk per word.
+
+    Directives make every path reachable offline: ``/slow N MS`` streams the
+    words 1..N, each after MS ms; ``/title TEXT`` calls ``set_title``;
+    ``/ask QUESTION`` calls ``ask_user``; ``/tool NAME JSON`` calls any tool;
+    ``/fail TEXT`` fails like a provider. After tool results it echoes them.
+    Usage counts words as tokens.
+    """
+
+    async def aclose(self) -> None:
+        pass
+
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
+        prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+        last = request.messages[-1] if request.messages else ModelMessage(role="user", content="")
+        if last.role == "tool":
+            # Echo every result of the step that just ran, in call order.
+            results: list[str] = []
+            for message in reversed(request.messages):
+                if message.role != "tool":
+                    break
+                results.append(message.content)
+            words = " ".join(reversed(results)).split()
+            async for chunk in _words(words, prompt_tokens):
+                yield chunk
+            return
+        text = last.content.strip()
+        directive, _, rest = text.partition(" ")
+        match directive:
+            case "/slow":
+                count, delay_ms = _slow_args(rest)
+                async for chunk in _words(
+                    [str(i) for i in range(1, count + 1)], prompt_tokens, delay_ms / 1000
+                ):
+                    yield chunk
+            case "/fail":
+                raise ProviderError(rest.strip() or "echo was asked to fail")
+            case "/title":
+                for chunk in _call("set_title", json.dumps({"title": rest.strip()}), prompt_tokens):
+                    yield chunk
+            case "/ask":
+                question = {"question": rest.strip(), "header": "", "options": []}
+                arguments = json.dumps({"questions": [question]})
+                for chunk in _call("ask_user", arguments, prompt_tokens):
+                    yield chunk
+            case "/tool":
+                name, _, arguments = rest.strip().partition(" ")
+                for chunk in _call(name, arguments.strip() or "{}", prompt_tokens):
+                    yield chunk
+            case _:
+                async for chunk in _words(text.split(), prompt_tokens):
+                    yield chunk
+
+
+def _slow_args(rest: str) -> tuple[int, float]:
+    try:
+        count, delay_ms = (float(part) for part in shlex.split(rest))
+    except ValueError:
+        raise ProviderError("echo: /slow takes two numbers, N and MS.", code=400) from None
+    return int(count), delay_ms
+
+
+def _call(name: str, arguments: str, prompt_tokens: int) -> list[Chunk]:
+    call = ToolCallInfo(call_id=new_call_id(), name=name, arguments=arguments)
+    return [ToolCallChunk(call), UsageChunk(prompt_tokens, 1), FinishChunk("tool_calls")]
+
+
+async def _words(
+    words: list[str], prompt_tokens: int, delay_s: float = 0.0
+) -> AsyncIterator[Chunk]:
+    for i, word in enumerate(words):
+        if delay_s:
+            await trio.sleep(delay_s)
+        yield TextChunk(word if i == 0 else " " + word)
+    yield UsageChunk(prompt_tokens, len(words))
+    yield FinishChunk("stop")
+
+
+def make_provider(config: ProviderConfig) -> Provider:
+    match config.kind:
+        case "echo":
+            return EchoProvider()
+    raise AssertionError(f"unhandled provider kind {config.kind!r}")

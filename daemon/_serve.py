@@ -1,0 +1,77 @@
+"""`serve`: the daemon's root nursery, from storage and agents to the listener."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import structlog
+import trio
+from chinwag.storage import open_store
+
+from ._config import BUILTIN_PROVIDERS, Config
+from ._providers import make_provider
+from ._runtime import Agent, Runtime
+from ._server import Server, bind_unix
+
+log = structlog.get_logger("chinwag.daemon")
+
+
+def build_agents(config: Config) -> dict[str, Agent]:
+    providers = BUILTIN_PROVIDERS | config.providers
+    return {
+        name: Agent(name=name, config=agent, provider=make_provider(providers[agent.provider]))
+        for name, agent in config.agents.items()
+    }
+
+
+async def serve(
+    config: Config,
+    *,
+    socket_path: Path,
+    storage_url: str,
+    stop: trio.Event | None = None,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT with ``handle_signals``).
+
+    Reports started, with the `Server`, once the socket accepts clients. On
+    stop: refuse new requests (503), let runs finish for the configured grace
+    period, cancel what is left, flush the clients, and return.
+    """
+    stop = stop or trio.Event()
+    async with open_store(storage_url) as storage, trio.open_nursery() as root:
+        if handle_signals:
+            root.start_soon(_stop_on_signal, stop)
+        agents = build_agents(config)
+        runtime = Runtime(config, storage, agents, root)
+        server = Server(runtime)
+        listener = await bind_unix(socket_path)
+        root.start_soon(server.accept, listener)
+        log.info(
+            "daemon_started",
+            socket=str(socket_path),
+            storage=storage_url,
+            agents=list(agents),
+        )
+        task_status.started(server)
+        await stop.wait()
+        log.info("daemon_stopping", grace_s=config.daemon.shutdown_grace_s)
+        server.shutting_down = True
+        await listener.aclose()
+        await trio.Path(socket_path).unlink(missing_ok=True)
+        await runtime.shutdown(config.daemon.shutdown_grace_s)
+        await server.close_connections()
+        for agent in agents.values():
+            await agent.provider.aclose()
+        root.cancel_scope.cancel()
+    log.info("daemon_stopped")
+
+
+async def _stop_on_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            stop.set()
+            return

@@ -1,0 +1,611 @@
+"""The transport: a Unix socket listener and one `Connection` per client.
+
+A connection has one reader task that decodes frames and dispatches them, and
+one writer task that drains a bounded buffer of encoded frames, coalescing
+whatever is ready into one write. Nothing on the hot path blocks: events are
+encoded and queued synchronously, and a client that lets the buffer fill up
+is disconnected without touching its runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import structlog
+import trio
+from chinwag.protocol import (
+    JSON,
+    PROTOCOL_VERSION,
+    Agents,
+    Attach,
+    Cancel,
+    Codec,
+    Compact,
+    Conversations,
+    Encoding,
+    End,
+    Error,
+    ErrorInfo,
+    Event,
+    FrameDecoder,
+    GetHistory,
+    GetStats,
+    Hello,
+    Kill,
+    Killed,
+    ListAgents,
+    ListConversations,
+    Ok,
+    Ping,
+    Pong,
+    ProtocolError,
+    ReplyToAsk,
+    Request,
+    ServerMessage,
+    Stream,
+    StreamEventMsg,
+    Subscribe,
+    Subscribed,
+    Welcome,
+    codec_for,
+)
+from chinwag.storage import StorageError
+
+from ._errors import RequestError
+from ._runtime import Run, Runtime, Subscription, check_sender
+
+log = structlog.get_logger("chinwag.server")
+
+SERVER_NAME = "chinwag/0.1.0"
+UNIX_SENDER = "user"
+READ_CHUNK = 65536
+FLUSH_TIMEOUT_S = 2.0
+
+
+class ServeError(Exception):
+    """The daemon cannot start serving (socket in use, unusable path)."""
+
+
+class RequestSink:
+    """Delivers one run's events to one `stream` or `attach` request."""
+
+    def __init__(self, conn: Connection, request_id: int) -> None:
+        self.conn = conn
+        self.request_id = request_id
+        self.open = True
+        self.run: Run | None = None
+
+    def __call__(self, event: StreamEventMsg) -> bool:
+        if not self.open:
+            return False
+        if type(event) is End:
+            self.open = False
+            self.conn.close_request(self.request_id)
+        return self.conn.send(msgspec.structs.replace(event, id=self.request_id))
+
+    def detach(self) -> None:
+        """End the request `detached`; the run goes on without it."""
+        self.open = False
+        last_seq = None
+        if self.run is not None:
+            self.run.remove_sink(self)
+            last_seq = self.run.conversation.last_seq
+        self.conn.close_request(self.request_id)
+        self.conn.send(End(id=self.request_id, status="detached", error=None, last_seq=last_seq))
+
+
+class Subscriber:
+    """A `subscribe` request: its own bounded buffer, drained by its own task.
+
+    A subscriber that falls behind by more than the buffer loses its
+    subscription (an `end` with `error` 429), never the run or the connection.
+    """
+
+    def __init__(self, conn: Connection, request_id: int, msg: Subscribe, size: int) -> None:
+        self.conn = conn
+        self.request_id = request_id
+        self._send, self._receive = trio.open_memory_channel[Event](size)
+        self.subscription = Subscription(msg.agent, msg.sender, self._deliver)
+        self._end: End | None = None
+
+    def _deliver(self, agent: str, sender: str, run_id: str, event: StreamEventMsg) -> bool:
+        if self._end is not None:
+            return False
+        frame = Event(id=self.request_id, agent=agent, sender=sender, run_id=run_id, event=event)
+        try:
+            self._send.send_nowait(frame)
+        except trio.WouldBlock:
+            log.warning("subscriber_too_slow", request_id=self.request_id)
+            self._stop(
+                End(
+                    id=self.request_id,
+                    status="error",
+                    error=ErrorInfo(
+                        code=429,
+                        message="The subscription fell too far behind and was dropped.",
+                    ),
+                    last_seq=None,
+                )
+            )
+            return False
+        return True
+
+    def detach(self) -> None:
+        self._stop(End(id=self.request_id, status="detached", error=None, last_seq=None))
+
+    def _stop(self, end: End) -> None:
+        if self._end is None:
+            self._end = end
+            subscriptions = self.conn.runtime.subscriptions
+            if self.subscription in subscriptions:
+                subscriptions.remove(self.subscription)
+            self._send.close()
+
+    async def forward(self) -> None:
+        async with self._receive:
+            async for frame in self._receive:
+                await self.conn.send_waiting(frame)
+        if self._end is not None:
+            self.conn.close_request(self.request_id)
+            self.conn.send(self._end)
+
+
+class Connection:
+    """One client: its reader, its writer, and its open requests."""
+
+    def __init__(self, server: Server, stream: trio.SocketStream, number: int) -> None:
+        self.server = server
+        self.runtime = server.runtime
+        self.stream = stream
+        self.number = number
+        daemon = server.runtime.config.daemon
+        self.max_frame_bytes = daemon.max_frame_bytes
+        self.max_open = daemon.max_open_requests
+        self.codec: Codec | None = None
+        self.greeted = False
+        self.closed = False
+        # request id -> the object a `cancel` detaches (None: not detachable)
+        self.open: dict[int, RequestSink | Subscriber | None] = {}
+        self._out_send, self._out_recv = trio.open_memory_channel[bytes | bytearray](
+            daemon.outgoing_frames
+        )
+        self._nursery: trio.Nursery | None = None
+        self._writer_scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    # --- output -----------------------------------------------------------------
+
+    def send(self, msg: ServerMessage) -> bool:
+        """Queue one frame without blocking; False (and the connection drops) if too slow."""
+        if self.closed:
+            return False
+        try:
+            self._out_send.send_nowait((self.codec or JSON).encode_frame(msg))
+        except trio.WouldBlock:
+            log.warning(
+                "client_too_slow", buffered_frames=self.runtime.config.daemon.outgoing_frames
+            )
+            self.abort()
+            return False
+        except trio.ClosedResourceError:
+            return False
+        return True
+
+    async def send_waiting(self, msg: ServerMessage) -> None:
+        """Queue one frame, waiting for room (subscriptions pace themselves this way)."""
+        if not self.closed:
+            with contextlib.suppress(trio.ClosedResourceError):
+                await self._out_send.send((self.codec or JSON).encode_frame(msg))
+
+    async def _writer(self) -> None:
+        receive = self._out_recv
+        try:
+            async for frame in receive:
+                batch = [frame]
+                while True:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self.stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.abort()
+
+    def close_request(self, request_id: int) -> None:
+        self.open.pop(request_id, None)
+
+    def abort(self) -> None:
+        """Drop the connection now; its runs go on."""
+        self.closed = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Serve until the client leaves, breaks the protocol, or is too slow."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+
+                async def read() -> None:
+                    await self._read(nursery)
+                    self.finish()
+
+                nursery.start_soon(read)
+                with self._writer_scope:
+                    await self._writer()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            for handle in list(self.open.values()):
+                if isinstance(handle, RequestSink):
+                    handle.open = False
+                elif isinstance(handle, Subscriber):
+                    handle.detach()
+            self.open.clear()
+            with trio.move_on_after(FLUSH_TIMEOUT_S) as cleanup:
+                cleanup.shield = True
+                await self.stream.aclose()
+            self.done.set()
+
+    def finish(self) -> None:
+        """Stop taking frames, flush what is queued (for a bounded time), then close."""
+        if not self.closed:
+            self.closed = True
+            self._out_send.close()
+            self._writer_scope.deadline = trio.current_time() + FLUSH_TIMEOUT_S
+
+    async def _read(self, nursery: trio.Nursery) -> None:
+        decoder = FrameDecoder(self.max_frame_bytes)
+        while not self.closed:
+            try:
+                data = await self.stream.receive_some(READ_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            decoder.feed(data)
+            try:
+                for body in decoder:
+                    if self.codec is None:
+                        self.codec = codec_for(Encoding.of(body))
+                    try:
+                        msg = self.codec.decode_client(body)
+                    except ProtocolError as exc:
+                        log.info("bad_message", code=exc.code, message=exc.message)
+                        self.send(Error(id=exc.request_id, code=exc.code, message=exc.message))
+                        if exc.fatal:
+                            return
+                        continue
+                    self._dispatch(msg, nursery)
+                    if self.closed:
+                        return
+            except ProtocolError as exc:  # framing: the stream can no longer be trusted
+                log.info("bad_frame", code=exc.code, message=exc.message)
+                self.send(Error(id=None, code=exc.code, message=exc.message))
+                return
+
+    # --- dispatch -----------------------------------------------------------------
+
+    def _dispatch(self, msg: Hello | Request, nursery: trio.Nursery) -> None:
+        if isinstance(msg, Hello):
+            self._hello(msg)
+            return
+        rid = msg.id
+        if not self.greeted:
+            self.send(Error(id=rid, code=400, message="Say `hello` before any request."))
+            return
+        if isinstance(msg, Cancel):
+            self._cancel(msg)
+            return
+        if rid in self.open:
+            self.send(
+                Error(
+                    id=rid,
+                    code=400,
+                    message=f"The id {rid} belongs to a request still open; use another id.",
+                )
+            )
+            return
+        if len(self.open) >= self.max_open:
+            self.send(
+                Error(
+                    id=rid,
+                    code=429,
+                    message=f"This connection has {self.max_open} requests open, the limit; "
+                    "wait for some to end.",
+                )
+            )
+            return
+        if self.server.shutting_down:
+            self.send(Error(id=rid, code=503, message="The daemon is shutting down; retry later."))
+            return
+        runtime = self.runtime
+        match msg:
+            case Stream():
+                self._stream(msg)
+            case Attach():
+                sink = RequestSink(self, rid)
+                self.open[rid] = sink
+                sender = self._sender(msg.sender)
+                self._call(nursery, rid, lambda: self._attach(msg.agent, sender, sink))
+            case Kill():
+                sender = self._sender(msg.sender)
+                self._call(nursery, rid, lambda: self._kill(rid, msg.agent, sender, msg.all))
+            case ReplyToAsk():
+                sender = self._sender(msg.sender)
+                self._call(nursery, rid, lambda: self._reply(rid, msg, sender))
+            case GetHistory():
+                sender = self._sender(msg.sender)
+                self._call(
+                    nursery,
+                    rid,
+                    lambda: runtime.history(
+                        msg.agent,
+                        sender,
+                        request_id=rid,
+                        after_seq=msg.after_seq,
+                        limit=msg.limit,
+                        include_archived=msg.include_archived,
+                    ),
+                )
+            case ListConversations():
+                self._call(nursery, rid, lambda: self._list(msg))
+            case Compact():
+                self.send(
+                    Error(
+                        id=rid,
+                        code=501,
+                        message="Compaction is not supported by this daemon yet.",
+                    )
+                )
+            case Subscribe():
+                self._subscribe(msg, nursery)
+            case ListAgents():
+                self.send(Agents(id=rid, items=[a.item for a in runtime.agents.values()]))
+            case Ping():
+                self.send(Pong(id=rid))
+            case GetStats():
+                self.send(runtime.stats(rid, len(self.server.connections)))
+
+    def _sender(self, sender: str | None) -> str:
+        return UNIX_SENDER if sender is None else sender
+
+    def _hello(self, msg: Hello) -> None:
+        if self.greeted:
+            self.send(
+                Error(id=None, code=400, message="`hello` was already sent on this connection.")
+            )
+            return
+        if msg.protocol != PROTOCOL_VERSION:
+            self.send(
+                Error(
+                    id=None,
+                    code=426,
+                    message=f"Protocol version {msg.protocol} is not supported; "
+                    f"this daemon speaks version {PROTOCOL_VERSION}.",
+                )
+            )
+            self.finish()
+            return
+        self.greeted = True
+        log.info("client_greeted", client=msg.client)
+        self.send(
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                server=SERVER_NAME,
+                agents=list(self.runtime.agents),
+                max_frame_bytes=self.max_frame_bytes,
+            )
+        )
+
+    def _stream(self, msg: Stream) -> None:
+        sink = RequestSink(self, msg.id)
+        self.open[msg.id] = sink
+        try:
+            sink.run = self.runtime.submit(
+                agent=msg.agent,
+                sender=self._sender(msg.sender),
+                content=msg.content,
+                guest=msg.guest,
+                cwd=msg.cwd,
+                queue=msg.queue,
+                sink=sink,
+            )
+        except RequestError as exc:
+            self.close_request(msg.id)
+            self.send(Error(id=msg.id, code=exc.code, message=exc.message))
+
+    def _cancel(self, msg: Cancel) -> None:
+        handle = self.open.get(msg.target)
+        if handle is None:
+            self.send(
+                Error(
+                    id=msg.id,
+                    code=404,
+                    message=f"No stream, attach or subscribe with id {msg.target} is open.",
+                )
+            )
+            return
+        handle.detach()
+        self.send(Ok(id=msg.id))
+
+    def _subscribe(self, msg: Subscribe, nursery: trio.Nursery) -> None:
+        if msg.agent is not None and msg.agent not in self.runtime.agents:
+            self.send(Error(id=msg.id, code=404, message=f"There is no agent named {msg.agent!r}."))
+            return
+        subscriber = Subscriber(self, msg.id, msg, self.runtime.config.daemon.subscription_events)
+        self.open[msg.id] = subscriber
+        self.runtime.subscriptions.append(subscriber.subscription)
+        self.send(Subscribed(id=msg.id))
+        nursery.start_soon(subscriber.forward)
+
+    def _call(
+        self,
+        nursery: trio.Nursery,
+        rid: int,
+        handler: Callable[[], Awaitable[ServerMessage | None]],
+    ) -> None:
+        """Run a request that awaits (storage, a kill) in its own task."""
+        if rid not in self.open:
+            self.open[rid] = None
+
+        async def call() -> None:
+            try:
+                reply = await handler()
+            except RequestError as exc:
+                reply = Error(id=rid, code=exc.code, message=exc.message)
+            except StorageError as exc:
+                log.error("storage_failed", error=str(exc))
+                reply = Error(id=rid, code=500, message=f"Storage failed: {exc}")
+            except Exception:
+                log.exception("request_crashed", request_id=rid)
+                reply = Error(id=rid, code=500, message="The request failed on an internal error.")
+            if reply is not None:
+                self.close_request(rid)
+                self.send(reply)
+
+        nursery.start_soon(call)
+
+    async def _attach(self, agent: str, sender: str, sink: RequestSink) -> None:
+        try:
+            sink.run = await self.runtime.attach(agent, sender, sink)
+        except BaseException:
+            sink.open = False
+            raise
+
+    async def _kill(self, rid: int, agent: str, sender: str, everything: bool) -> Killed:
+        run_id = await self.runtime.kill(agent, sender, everything=everything)
+        return Killed(id=rid, run_id=run_id)
+
+    async def _reply(self, rid: int, msg: ReplyToAsk, sender: str) -> Ok:
+        await self.runtime.reply_to_ask(msg.agent, sender, msg.content, msg.ask_id)
+        return Ok(id=rid)
+
+    async def _list(self, msg: ListConversations) -> Conversations:
+        if msg.sender is not None:
+            check_sender(msg.sender)
+        items, cursor = await self.runtime.list_conversations(
+            agent=msg.agent, sender=msg.sender, limit=msg.limit, cursor=msg.cursor
+        )
+        return Conversations(id=msg.id, items=items, next_cursor=cursor)
+
+
+class Server:
+    """Accepts clients on a Unix socket and serves each on its own `Connection`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.connections: set[Connection] = set()
+        self.shutting_down = False
+        self._numbers = itertools.count(1)
+        allowed = runtime.config.daemon.allowed_uids
+        self._allowed_uids = {os.getuid(), *allowed}
+
+    async def accept(self, listener: trio.SocketListener) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    return
+                except OSError as exc:  # EMFILE and friends: keep serving who we have
+                    log.warning("accept_failed", error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._handle, stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        number = next(self._numbers)
+        structlog.contextvars.bind_contextvars(conn=number)
+        uid = peer_uid(stream)
+        if uid is not None and uid not in self._allowed_uids:
+            log.warning("peer_refused", uid=uid)
+            with trio.move_on_after(FLUSH_TIMEOUT_S):
+                refusal = Error(
+                    id=None, code=401, message="This daemon serves only its own user's processes."
+                )
+                await stream.send_all(JSON.encode_frame(refusal))
+            await trio.aclose_forcefully(stream)
+            return
+        conn = Connection(self, stream, number)
+        self.connections.add(conn)
+        log.debug("client_connected")
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+            log.debug("client_disconnected")
+
+    async def close_connections(self) -> None:
+        """At shutdown: flush every client's queued frames, then close them."""
+        conns = list(self.connections)
+        for conn in conns:
+            conn.finish()
+        with trio.move_on_after(FLUSH_TIMEOUT_S):
+            for conn in conns:
+                await conn.done.wait()
+
+
+def peer_uid(stream: trio.SocketStream) -> int | None:
+    """The connecting process's uid (SO_PEERCRED), where the platform tells it."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+async def bind_unix(path: Path) -> trio.SocketListener:
+    """Listen on ``path``: a 0600 socket; its directory created 0700 if missing.
+
+    A socket file left by a dead daemon is replaced; one a live daemon answers
+    on is not (``ServeError``).
+    """
+    stale = await trio.to_thread.run_sync(_prepare_socket_path, path)
+    if stale:
+        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise ServeError(f"Cannot check the socket {path}: {exc.strerror}.") from exc
+            os.unlink(path)  # stale: its daemon is gone
+        else:
+            raise ServeError(f"A daemon is already listening on {path}.")
+        finally:
+            probe.close()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"Cannot listen on {path}: {exc.strerror}.") from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(512)
+    return trio.SocketListener(sock)
+
+
+def _prepare_socket_path(path: Path) -> bool:
+    """Create the socket's directory; True when a socket file is already there."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(mode):
+        raise ServeError(f"{path} exists and is not a socket; remove it or pick another path.")
+    return True

@@ -1,0 +1,122 @@
+"""Shared fixtures: a real `chinwag serve` process on a short temporary socket path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+DEFAULT_CONFIG = """
+[daemon]
+shutdown_grace_s = 2.0
+
+[agents.assistant]
+provider = "echo"
+description = "Echoes the user"
+tools = ["set_title", "ask_user"]
+
+[agents.helper]
+provider = "echo"
+description = "A second agent"
+tools = []
+"""
+
+
+class DaemonProcess:
+    """A `chinwag serve` child process; restartable on the same socket and storage."""
+
+    def __init__(self, root: Path, config: str, storage_url: str | None = None) -> None:
+        self.root = root
+        self.socket_path = root / "chinwag.sock"
+        self.config_path = root / "config.toml"
+        self.config_path.write_text(config)
+        self.storage_url = storage_url or f"sqlite:///{root / 'chinwag.db'}"
+        self.log_path = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        env = dict(os.environ, CHINWAG_SOCKET=str(self.socket_path))
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "chinwag.clients.cli", "serve",
+                    "--config", str(self.config_path),
+                    "--socket", str(self.socket_path),
+                    "--storage", self.storage_url,
+                ],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chinwag serve exited early:\n{self.log_path.read_text()}")
+            if self.accepting():
+                return
+            time.sleep(0.02)  # polling a child process's socket: no event to await
+        raise RuntimeError(f"chinwag serve did not listen in time:\n{self.log_path.read_text()}")
+
+    def accepting(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket_path))
+            except OSError:
+                return False
+            return True
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp_path can exceed that.
+    with tempfile.TemporaryDirectory(prefix="cw-", dir="/tmp") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def daemon_factory(short_tmp: Path) -> Iterator[object]:
+    started: list[DaemonProcess] = []
+
+    def make(
+        config: str = DEFAULT_CONFIG, storage_url: str | None = None, name: str = "d"
+    ) -> DaemonProcess:
+        root = short_tmp / name
+        root.mkdir()
+        d = DaemonProcess(root, config, storage_url)
+        d.start()
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> DaemonProcess:  # type: ignore[no-untyped-def]
+    """A running `chinwag serve` on sqlite with the agents `assistant` and `helper`."""
+    return daemon_factory()  # type: ignore[operator,no-any-return]
