@@ -89,6 +89,7 @@ __all__ = [
 STREAM_BUFFER = 10_000
 
 _READ_CHUNK = 65_536
+_MAX_INCOMING_FRAME = (1 << 32) - 1
 # How long leaving a stream early waits for the daemon to confirm the detach.
 _DETACH_TIMEOUT_S = 5.0
 
@@ -665,18 +666,42 @@ async def connect(
     codec = codec_for(encoding)
     stream = await anyio.connect_unix(socket_path)
     async with stream:
-        # Until the welcome announces the real limit, accept any sane frame.
-        decoder = FrameDecoder(1 << 30)
+        # The daemon's `max_frame_bytes` bounds what it accepts; what it sends
+        # (a long history) is only bounded by the 4-byte length, so be lenient.
+        decoder = FrameDecoder(_MAX_INCOMING_FRAME)
         welcome = await _handshake(stream, codec, client, decoder)
-        decoder.max_frame_bytes = max(welcome.max_frame_bytes, 1)
-        async with anyio.create_task_group() as task_group:
-            conn = Client(stream, codec, welcome, decoder, task_group)
-            task_group.start_soon(conn._read)
-            try:
-                yield conn
-            finally:
-                task_group.cancel_scope.cancel()
-                conn._shutdown(ConnectionLost("The connection was closed by this client."))
+        body_error: BaseException | None = None
+        unwrapped: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as task_group:
+                conn = Client(stream, codec, welcome, decoder, task_group)
+                task_group.start_soon(conn._read)
+                try:
+                    yield conn
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+                finally:
+                    task_group.cancel_scope.cancel()
+                    conn._shutdown(ConnectionLost("The connection was closed by this client."))
+        except BaseExceptionGroup as group:
+            # The caller's block runs inside our task group, which wraps what it
+            # raises in a group; hand the caller back its own exception.
+            if body_error is None or _leaves(group) != [body_error]:
+                raise
+            unwrapped = body_error
+        if unwrapped is not None:
+            raise unwrapped
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaves(exc))
+        else:
+            leaves.append(exc)
+    return leaves
 
 
 async def wait_for_socket(path: _StrPath) -> None:
