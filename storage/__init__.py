@@ -1,9 +1,22 @@
 """Pluggable durable storage: the ``Storage`` protocol and its backends.
 
-``open_store(url)`` picks the backend from a storage URL: ``memory:``,
-``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
+``open_store(url)`` opens the backend a storage URL names and closes it on
+exit: ``memory:`` (``MemoryStorage``, for tests) or ``sqlite:///relative/path.db``
+/ ``sqlite:////absolute/path.db`` (``SqliteStorage``, the default; add
+``?synchronous=normal`` to trade power-loss durability for speed). jsonl and
+postgresql backends come later. Every backend passes tests/conformance.
 """
 
 from ._base import ConversationNotFound, Storage, StorageError
+from ._memory import MemoryStorage
+from ._sqlite import SqliteStorage
+from ._url import open_store
 
-__all__ = ["ConversationNotFound", "Storage", "StorageError"]
+__all__ = [
+    "ConversationNotFound",
+    "MemoryStorage",
+    "SqliteStorage",
+    "Storage",
+    "StorageError",
+    "open_store",
+]

@@ -1,0 +1,173 @@
+"""The memory backend: everything in dicts, gone with the process. For tests.
+
+Its semantics are sqlite's: entries are encoded when appended (so an entry
+sqlite could not store fails here too), reads return fresh copies, seqs start
+at 1 and are never reused, and cursors page on ``(updated_at DESC, id DESC)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+import trio
+from chinwag.protocol import ConversationItem, Entry
+
+from ._base import ConversationNotFound, StorageError
+from ._cursor import decode_cursor, encode_cursor
+from ._timestamps import from_text, to_text, utc
+
+_CURSOR_TAG = "memory"
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Entry)
+
+
+@dataclass(eq=False)
+class _Conversation:
+    id: int
+    item: ConversationItem
+    entries: list[bytes] = field(default_factory=list)  # entry seq N at index N - 1
+    marker_seq: int = 0  # seq of the latest compact marker, 0 when none
+
+
+class MemoryStorage:
+    """A ``Storage`` held in memory; ``open_store("memory:")`` makes one."""
+
+    def __init__(self) -> None:
+        self._conversations: dict[tuple[str, str], _Conversation] = {}
+        self._next_id = 1
+        self._closed = False
+
+    def _get(self, agent: str, sender: str) -> _Conversation:
+        if self._closed:
+            raise StorageError("The store is closed.")
+        conv = self._conversations.get((agent, sender))
+        if conv is None:
+            raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+        return conv
+
+    async def get_conversation(self, agent: str, sender: str) -> ConversationItem | None:
+        await trio.lowlevel.checkpoint()
+        try:
+            conv = self._get(agent, sender)
+        except ConversationNotFound:
+            return None
+        return msgspec.structs.replace(conv.item)
+
+    async def create_conversation(
+        self, agent: str, sender: str, *, cwd: str | None, created_at: datetime
+    ) -> ConversationItem:
+        await trio.lowlevel.checkpoint()
+        try:
+            conv = self._get(agent, sender)
+        except ConversationNotFound:
+            created_at = utc(created_at)
+            item = ConversationItem(
+                agent=agent, sender=sender, cwd=cwd, created_at=created_at, updated_at=created_at
+            )
+            conv = self._conversations[agent, sender] = _Conversation(id=self._next_id, item=item)
+            self._next_id += 1
+        return msgspec.structs.replace(conv.item)
+
+    async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
+        """Not cancellable, like sqlite's: once called it completes or fails."""
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        conv = self._get(agent, sender)
+        now = datetime.now(UTC)
+        stored: list[Entry] = []
+        encoded: list[bytes] = []
+        for seq, entry in enumerate(entries, conv.item.last_seq + 1):
+            copy = msgspec.structs.replace(
+                entry,
+                seq=seq,
+                created_at=now if entry.created_at is None else utc(entry.created_at),
+            )
+            try:
+                encoded.append(_encoder.encode(copy))
+            except (UnicodeEncodeError, TypeError) as exc:
+                raise StorageError(f"Entry {seq} could not be encoded: {exc}.") from exc
+            stored.append(copy)
+        # Every entry encoded: now commit, with no await in between.
+        for copy in stored:
+            if copy.kind == "compact":
+                conv.marker_seq = copy.seq
+        conv.entries.extend(encoded)
+        if stored:
+            conv.item.last_seq = stored[-1].seq
+            conv.item.updated_at = stored[-1].created_at
+        return [_decoder.decode(raw) for raw in encoded]
+
+    async def set_title(self, agent: str, sender: str, title: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._get(agent, sender).item.title = title
+
+    async def set_cwd(self, agent: str, sender: str, cwd: str | None) -> None:
+        await trio.lowlevel.checkpoint()
+        self._get(agent, sender).item.cwd = cwd
+
+    async def history(
+        self,
+        agent: str,
+        sender: str,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+        include_archived: bool = False,
+    ) -> list[Entry]:
+        await trio.lowlevel.checkpoint()
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}.")
+        conv = self._get(agent, sender)
+        visible: list[Entry] = []
+        for raw in conv.entries[max(after_seq, 0) :]:
+            if limit is not None and len(visible) >= limit:
+                break
+            entry = _decoder.decode(raw)
+            if include_archived or entry.seq >= conv.marker_seq or entry.kind == "compact":
+                visible.append(entry)
+        return visible
+
+    async def list_conversations(
+        self,
+        *,
+        agent: str | None = None,
+        sender: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[ConversationItem], str | None]:
+        await trio.lowlevel.checkpoint()
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}.")
+        if self._closed:
+            raise StorageError("The store is closed.")
+        position = None
+        if cursor is not None:
+            text, id_ = decode_cursor(_CURSOR_TAG, cursor)
+            position = (from_text(text), id_)
+        matching = [
+            conv
+            for conv in self._conversations.values()
+            if (agent is None or conv.item.agent == agent)
+            and (sender is None or conv.item.sender == sender)
+        ]
+        if position is not None:
+            matching = [conv for conv in matching if _key(conv) < position]
+        matching.sort(key=_key, reverse=True)
+        page = [msgspec.structs.replace(conv.item) for conv in matching[:limit]]
+        next_cursor = None
+        if len(matching) > limit:
+            updated_at, id_ = _key(matching[limit - 1])
+            next_cursor = encode_cursor(_CURSOR_TAG, to_text(updated_at), id_)
+        return page, next_cursor
+
+    async def close(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._closed = True
+
+
+def _key(conv: _Conversation) -> tuple[datetime, int]:
+    assert conv.item.updated_at is not None
+    return conv.item.updated_at, conv.id

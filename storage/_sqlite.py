@@ -1,0 +1,575 @@
+"""The sqlite backend: one WAL database file, one connection, one worker thread at a time.
+
+Every use of the connection goes through ``trio.to_thread.run_sync`` with a
+``CapacityLimiter(1)``, so the trio loop never blocks on the disk and the
+connection is never used by two threads at once.
+
+Appends commit in groups: an append that arrives while another group is being
+written waits for it, then writes in one transaction every append queued
+meanwhile, each inside its own savepoint. An append stays all or nothing (a
+failing one rolls back to its savepoint and only it fails), and none returns
+before the COMMIT that made it durable; the thread hop and the fsync, which
+dominate the cost of an append, are paid once per group instead of once per
+append.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
+from urllib.parse import parse_qsl, urlsplit
+
+import msgspec
+import trio
+from chinwag.protocol import ConversationItem, Entry, ToolCallInfo
+
+from ._base import ConversationNotFound, StorageError
+from ._cursor import decode_cursor, encode_cursor
+from ._timestamps import from_text, to_text, utc
+
+Synchronous = Literal["full", "normal"]
+
+_T = TypeVar("_T")
+_CURSOR_TAG = "sqlite"
+_CACHE_SIZE = 65_536  # (agent, sender) -> (id, last_seq) pairs kept for appends
+
+# Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
+# Append new ones; never edit one that has shipped.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            agent TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            title TEXT NOT NULL DEFAULT '',
+            cwd TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (agent, sender)
+        )
+        """,
+        "CREATE INDEX conversations_by_updated ON conversations (updated_at DESC, id DESC)",
+        """
+        CREATE INDEX conversations_by_agent
+            ON conversations (agent, updated_at DESC, id DESC)
+        """,
+        """
+        CREATE INDEX conversations_by_sender
+            ON conversations (sender, updated_at DESC, id DESC)
+        """,
+        """
+        CREATE TABLE entries (
+            conversation_id INTEGER NOT NULL REFERENCES conversations (id),
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            tool_calls TEXT,
+            tool_call_id TEXT,
+            is_error INTEGER NOT NULL,
+            run_id TEXT,
+            created_at TEXT NOT NULL,
+            archive TEXT,
+            PRIMARY KEY (conversation_id, seq)
+        )
+        """,
+        # Finds the latest compact marker without reading the history before it.
+        """
+        CREATE INDEX entries_compact_markers
+            ON entries (conversation_id, seq) WHERE kind = 'compact'
+        """,
+    ),
+)
+
+_CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
+_ENTRY_COLUMNS = (
+    "seq, kind, role, content, agent, tool_calls, tool_call_id, is_error, run_id,"
+    " created_at, archive"
+)
+_INSERT_ENTRY = (
+    "INSERT INTO entries (conversation_id, seq, kind, role, content, agent, tool_calls,"
+    " tool_call_id, is_error, run_id, created_at, archive)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_tool_calls_encoder = msgspec.json.Encoder()
+_tool_calls_decoder = msgspec.json.Decoder(list[ToolCallInfo])
+
+# An entry's row without its conversation id and seq, which the write assigns.
+_RowTail = tuple[str, str, str, str, str | None, str | None, int, str | None, str, str | None]
+
+
+def parse_sqlite_url(url: str) -> tuple[Path, Synchronous]:
+    """``sqlite:///relative.db`` or ``sqlite:////absolute.db``, ``?synchronous=full|normal``."""
+    parts = urlsplit(url, allow_fragments=False)
+    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/"):
+        raise ValueError(
+            f"{url!r} is not a sqlite URL; write sqlite:///relative/path.db or"
+            " sqlite:////absolute/path.db."
+        )
+    path = parts.path[1:]
+    if not path or path.endswith("/"):
+        raise ValueError(f"The sqlite URL {url!r} names no database file.")
+    synchronous: str = "full"
+    for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if name != "synchronous":
+            raise ValueError(
+                f"The sqlite URL {url!r} has the unknown parameter {name!r};"
+                " only synchronous=full|normal is supported."
+            )
+        synchronous = value.lower()
+    if synchronous not in get_args(Synchronous):
+        raise ValueError(f"synchronous must be full or normal in {url!r}, not {synchronous!r}.")
+    return Path(path), synchronous  # type: ignore[return-value]  # checked just above
+
+
+class _PendingAppend:
+    """One caller's append, waiting for the group that writes it."""
+
+    __slots__ = ("agent", "entries", "error", "result", "rows", "sender", "updated_at")
+
+    def __init__(
+        self,
+        agent: str,
+        sender: str,
+        entries: list[Entry],
+        rows: list[_RowTail],
+        updated_at: str,
+    ) -> None:
+        self.agent = agent
+        self.sender = sender
+        self.entries = entries  # stored copies, seq still to assign
+        self.rows = rows
+        self.updated_at = updated_at
+        self.result: list[Entry] | None = None
+        self.error: StorageError | None = None
+
+
+class SqliteStorage:
+    """A ``Storage`` in one sqlite database file; make one with ``await SqliteStorage.open``."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, synchronous: Synchronous) -> None:
+        """Wrap an open, migrated connection; ``open`` is the way to get one."""
+        self.path = path
+        self.synchronous = synchronous
+        self._conn = conn
+        self._limiter = trio.CapacityLimiter(1)
+        self._write_lock = trio.Lock()
+        self._queue: list[_PendingAppend] = []
+        # The committed (id, last_seq) of recently used conversations. Only writes of
+        # this store change them, so a hit spares the append a SELECT.
+        self._cache: dict[tuple[str, str], tuple[int, int]] = {}
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path | str, *, synchronous: Synchronous = "full") -> SqliteStorage:
+        """Open (creating the file and its directory if missing) and migrate the database."""
+        path = Path(path)
+        conn = await trio.to_thread.run_sync(_connect, path, synchronous)
+        return cls(conn, path, synchronous)
+
+    # --- plumbing -------------------------------------------------------------
+
+    async def _run(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(*args)`` on the worker thread; ``what`` failing becomes a StorageError.
+
+        Cancellable only while waiting for the thread: once running, ``fn`` completes.
+        """
+        if self._closed:
+            raise StorageError("The store is closed.")
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{what} failed: {exc}.") from exc
+
+    def _lookup(self, agent: str, sender: str) -> tuple[int, int]:
+        """(id, last_seq) of the conversation, from the cache or the database. Worker thread."""
+        key = (agent, sender)
+        state = self._cache.get(key)
+        if state is None:
+            row = self._conn.execute(
+                "SELECT id, last_seq FROM conversations WHERE agent = ? AND sender = ?", key
+            ).fetchone()
+            if row is None:
+                raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+            state = self._remember(key, (row[0], row[1]))
+        return state
+
+    def _remember(self, key: tuple[str, str], state: tuple[int, int]) -> tuple[int, int]:
+        if key not in self._cache and len(self._cache) >= _CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]  # the oldest insertion
+        self._cache[key] = state
+        return state
+
+    # --- conversations ----------------------------------------------------------
+
+    async def get_conversation(self, agent: str, sender: str) -> ConversationItem | None:
+        return await self._run(
+            f"Reading the conversation ({agent}, {sender})", self._get_conversation, agent, sender
+        )
+
+    def _get_conversation(self, agent: str, sender: str) -> ConversationItem | None:
+        row = self._conn.execute(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE agent = ? AND sender = ?",
+            (agent, sender),
+        ).fetchone()
+        if row is None:
+            return None
+        self._remember((agent, sender), (row[7], row[6]))
+        return _conversation(row)
+
+    async def create_conversation(
+        self, agent: str, sender: str, *, cwd: str | None, created_at: datetime
+    ) -> ConversationItem:
+        return await self._run(
+            f"Creating the conversation ({agent}, {sender})",
+            self._create_conversation,
+            agent,
+            sender,
+            cwd,
+            to_text(created_at),
+        )
+
+    def _create_conversation(
+        self, agent: str, sender: str, cwd: str | None, created_at: str
+    ) -> ConversationItem:
+        self._conn.execute(
+            "INSERT INTO conversations (agent, sender, cwd, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (agent, sender) DO NOTHING",
+            (agent, sender, cwd, created_at, created_at),
+        )
+        item = self._get_conversation(agent, sender)
+        assert item is not None  # inserted or already there, and nothing deletes
+        return item
+
+    async def set_title(self, agent: str, sender: str, title: str) -> None:
+        await self._run(
+            f"Setting the title of ({agent}, {sender})", self._update, agent, sender, "title", title
+        )
+
+    async def set_cwd(self, agent: str, sender: str, cwd: str | None) -> None:
+        await self._run(
+            f"Setting the cwd of ({agent}, {sender})", self._update, agent, sender, "cwd", cwd
+        )
+
+    def _update(self, agent: str, sender: str, column: str, value: str | None) -> None:
+        cursor = self._conn.execute(
+            f"UPDATE conversations SET {column} = ? WHERE agent = ? AND sender = ?",
+            (value, agent, sender),
+        )
+        if cursor.rowcount == 0:
+            raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+
+    async def list_conversations(
+        self,
+        *,
+        agent: str | None = None,
+        sender: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[ConversationItem], str | None]:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}.")
+        position = None if cursor is None else decode_cursor(_CURSOR_TAG, cursor)
+        rows = await self._run(
+            "Listing conversations", self._list_conversations, agent, sender, limit + 1, position
+        )
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_cursor = encode_cursor(_CURSOR_TAG, last[5], last[7])
+        return [_conversation(row) for row in rows[:limit]], next_cursor
+
+    def _list_conversations(
+        self,
+        agent: str | None,
+        sender: str | None,
+        limit: int,
+        position: tuple[str, int] | None,
+    ) -> list[tuple[Any, ...]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if agent is not None:
+            where.append("agent = ?")
+            params.append(agent)
+        if sender is not None:
+            where.append("sender = ?")
+            params.append(sender)
+        if position is not None:
+            where.append("(updated_at, id) < (?, ?)")
+            params.extend(position)
+        sql = f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
+        params.append(limit)
+        return self._conn.execute(sql, params).fetchall()
+
+    # --- entries ----------------------------------------------------------------
+
+    async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
+        """Append atomically and durably; see ``Storage.append``.
+
+        Not cancellable: once called, the append completes or fails, and a
+        cancellation lands at the caller's next checkpoint.
+        """
+        if self._closed:
+            raise StorageError("The store is closed.")
+        if not entries:
+            await self._run(f"Reading ({agent}, {sender})", self._lookup, agent, sender)
+            return []
+        pending = _prepare(agent, sender, entries)
+        with trio.CancelScope(shield=True):
+            self._queue.append(pending)
+            async with self._write_lock:  # fair: groups go out in arrival order
+                if pending.result is None and pending.error is None:
+                    group, self._queue = self._queue, []
+                    try:
+                        await trio.to_thread.run_sync(
+                            self._write_group, group, limiter=self._limiter
+                        )
+                    finally:
+                        for other in group:
+                            if other.result is None and other.error is None:
+                                other.error = StorageError("The append was not written.")
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def _write_group(self, group: list[_PendingAppend]) -> None:
+        """Write every append of ``group`` in one transaction, each in a savepoint. Worker thread.
+
+        Sets each pending append's ``result`` or ``error``; raises nothing.
+        """
+        conn = self._conn
+        staged: dict[tuple[str, str], tuple[int, int]] = {}  # what COMMIT will make true
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for pending in group:
+                    conn.execute("SAVEPOINT append")
+                    try:
+                        pending.result = self._write_one(pending, staged)
+                    except ConversationNotFound as exc:
+                        pending.error = exc
+                    except Exception as exc:  # a lone surrogate, a constraint, a full disk
+                        self._cache.pop((pending.agent, pending.sender), None)
+                        pending.error = StorageError(
+                            f"Appending to ({pending.agent}, {pending.sender}) failed: {exc}."
+                        )
+                        pending.error.__cause__ = exc
+                    if pending.error is not None:
+                        conn.execute("ROLLBACK TO append")
+                    conn.execute("RELEASE append")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            for key in staged:
+                self._cache.pop(key, None)
+            for pending in group:
+                pending.result = None
+                pending.error = StorageError(
+                    f"Appending to ({pending.agent}, {pending.sender}) failed: {exc}."
+                )
+                pending.error.__cause__ = exc
+            return
+        for key, state in staged.items():
+            self._remember(key, state)
+
+    def _write_one(
+        self, pending: _PendingAppend, staged: dict[tuple[str, str], tuple[int, int]]
+    ) -> list[Entry]:
+        key = (pending.agent, pending.sender)
+        state = staged.get(key)
+        conv_id, last_seq = state if state is not None else self._lookup(*key)
+        self._conn.executemany(
+            _INSERT_ENTRY,
+            [(conv_id, seq, *row) for seq, row in enumerate(pending.rows, last_seq + 1)],
+        )
+        last_seq += len(pending.rows)
+        self._conn.execute(
+            "UPDATE conversations SET last_seq = ?, updated_at = ? WHERE id = ?",
+            (last_seq, pending.updated_at, conv_id),
+        )
+        staged[key] = (conv_id, last_seq)
+        for seq, entry in enumerate(pending.entries, last_seq - len(pending.entries) + 1):
+            entry.seq = seq
+        return pending.entries
+
+    async def history(
+        self,
+        agent: str,
+        sender: str,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+        include_archived: bool = False,
+    ) -> list[Entry]:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}.")
+        rows = await self._run(
+            f"Reading the history of ({agent}, {sender})",
+            self._history,
+            agent,
+            sender,
+            after_seq,
+            -1 if limit is None else limit,
+            include_archived,
+        )
+        return [_entry(row) for row in rows]
+
+    def _history(
+        self, agent: str, sender: str, after_seq: int, limit: int, include_archived: bool
+    ) -> list[tuple[Any, ...]]:
+        conv_id, _ = self._lookup(agent, sender)
+        if include_archived:
+            return self._conn.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (conv_id, after_seq, limit),
+            ).fetchall()
+        (marker_seq,) = self._conn.execute(
+            "SELECT coalesce(max(seq), 0) FROM entries"
+            " WHERE conversation_id = ? AND kind = 'compact'",
+            (conv_id,),
+        ).fetchone()
+        return self._conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = ? AND seq > ?"
+            " AND (seq >= ? OR kind = 'compact') ORDER BY seq LIMIT ?",
+            (conv_id, after_seq, marker_seq, limit),
+        ).fetchall()
+
+    # --- lifetime -----------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Let queued appends finish, then close the connection. Idempotent; shielded."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            async with self._write_lock:  # behind every append already queued
+                await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+
+
+def _connect(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
+    """Open, configure and migrate the database. Worker thread."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"Could not create the directory of {path}: {exc}.") from exc
+    try:
+        # isolation_level=None: no implicit transactions, ours are explicit.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise StorageError(f"Could not open the sqlite database {path}: {exc}.") from exc
+    try:
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode.lower() != "wal":
+            raise StorageError(f"The sqlite database {path} cannot use WAL (it is in {mode}).")
+        conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _migrate(conn, path)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StorageError(f"Could not prepare the sqlite database {path}: {exc}.") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to ``len(MIGRATIONS)``, all in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        (current,) = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+        if current > len(MIGRATIONS):
+            raise StorageError(
+                f"The sqlite database {path} has schema version {current}, newer than this"
+                f" chinwag knows ({len(MIGRATIONS)}); upgrade chinwag."
+            )
+        now = to_text(datetime.now(UTC))
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, now)
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _prepare(agent: str, sender: str, entries: Sequence[Entry]) -> _PendingAppend:
+    """The stored copies and their rows; raises before anything is queued."""
+    now = datetime.now(UTC)
+    copies: list[Entry] = []
+    rows: list[_RowTail] = []
+    for entry in entries:
+        created_at = now if entry.created_at is None else utc(entry.created_at)
+        copy = msgspec.structs.replace(entry, created_at=created_at)
+        try:
+            tool_calls = (
+                _tool_calls_encoder.encode(entry.tool_calls).decode() if entry.tool_calls else None
+            )
+        except (UnicodeEncodeError, TypeError) as exc:
+            raise StorageError(f"The tool calls of an entry could not be encoded: {exc}.") from exc
+        rows.append(
+            (
+                entry.kind,
+                entry.role,
+                entry.content,
+                entry.agent,
+                tool_calls,
+                entry.tool_call_id,
+                int(entry.is_error),
+                entry.run_id,
+                to_text(created_at),
+                entry.archive,
+            )
+        )
+        copies.append(copy)
+    return _PendingAppend(agent, sender, copies, rows, rows[-1][8])
+
+
+def _conversation(row: tuple[Any, ...]) -> ConversationItem:
+    return ConversationItem(
+        agent=row[0],
+        sender=row[1],
+        title=row[2],
+        cwd=row[3],
+        created_at=from_text(row[4]),
+        updated_at=from_text(row[5]),
+        last_seq=row[6],
+    )
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    return Entry(
+        seq=row[0],
+        kind=row[1],
+        role=row[2],
+        content=row[3],
+        agent=row[4],
+        tool_calls=[] if row[5] is None else _tool_calls_decoder.decode(row[5]),
+        tool_call_id=row[6],
+        is_error=bool(row[7]),
+        run_id=row[8],
+        created_at=from_text(row[9]),
+        archive=row[10],
+    )
