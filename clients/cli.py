@@ -535,6 +535,7 @@ class _ChatState:
     kill_sent: bool = False
     ask_scope: anyio.CancelScope | None = None
     title: str = ""
+    speaker: str = ""
 
 
 @cli.command()
@@ -571,7 +572,7 @@ async def _chat(settings: Settings, agent: str, sender: str | None) -> None:
         async with anyio.create_task_group() as tasks:
             with anyio.open_signal_receiver(signal.SIGINT) as interrupts:
                 tasks.start_soon(
-                    _watch_interrupts, interrupts, state, client, agent, sender, console, tasks
+                    _watch_interrupts, interrupts, state, client, agent, sender, console, out, tasks
                 )
                 while True:
                     console.print(Text("you> ", style="bold green"), end="")
@@ -594,18 +595,20 @@ async def _watch_interrupts(
     agent: str,
     sender: str | None,
     console: Console,
+    out: TextOut,
     tasks: anyio.abc.TaskGroup,
 ) -> None:
     async for _ in interrupts:
+        out.mid_line = True  # the terminal echoed ^C
         if state.phase == "run" and not state.kill_sent:
             state.kill_sent = True
             if state.ask_scope is not None:
                 state.ask_scope.cancel()
-            console.print()
+            out.end_line()
             console.print(Text("killing the run (Ctrl-C again to quit)", style="yellow"))
             tasks.start_soon(_kill_quietly, client, agent, sender, console)
         else:
-            console.print()
+            out.end_line()
             tasks.cancel_scope.cancel()
             return
 
@@ -629,15 +632,16 @@ async def _chat_turn(
 ) -> None:
     state.phase = "run"
     state.kill_sent = False
+    state.speaker = agent
     try:
         async with client.stream(agent, line, sender=sender) as events:
             async for event in events:
                 match event:
                     case Start(agent=speaker):
-                        console.print(Text(f"{speaker}> ", style="bold blue"), end="")
-                        sys.stdout.flush()
-                        out.mid_line = True
+                        state.speaker = speaker
                     case TextDelta(delta=delta):
+                        if not out.mid_line:
+                            console.print(Text(f"{state.speaker}> ", style="bold blue"), end="")
                         out.write(delta)
                     case ThinkingDelta(delta=delta):
                         console.print(Text(delta, style="dim italic"), end="")
