@@ -1,0 +1,133 @@
+"""The conformance suite's fixtures: one ``store`` parametrized over every backend.
+
+A new backend joins the suite by adding one ``Backend`` to ``BACKENDS`` (a
+backend that needs a server, like postgres, skips in ``url`` when none is
+configured).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from chinwag.storage import Storage, open_store
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    url: Callable[[Path], str]  # the store's URL, given a fresh temporary directory
+    durable: bool  # a store opened again on the same URL sees what was stored
+    # (url, content): while entered, appending an entry with that content fails
+    # inside the backend's write, after the entries before it; None if it cannot.
+    failing_appends: Callable[[str, str], AbstractAsyncContextManager[None]] | None = None
+
+
+@asynccontextmanager
+async def _sqlite_failing_appends(url: str, content: str) -> AsyncIterator[None]:
+    """A trigger, added through a second connection, that aborts the marked insert."""
+    path = url.removeprefix("sqlite:///")
+
+    def ddl(statement: str) -> None:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute(statement)
+        finally:
+            conn.close()
+
+    quoted = content.replace("'", "''")
+    await trio.to_thread.run_sync(
+        ddl,
+        "CREATE TRIGGER inject_failure BEFORE INSERT ON entries"
+        f" WHEN NEW.content = '{quoted}'"
+        " BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+    )
+    try:
+        yield
+    finally:
+        await trio.to_thread.run_sync(ddl, "DROP TRIGGER inject_failure")
+
+
+BACKENDS = {
+    backend.name: backend
+    for backend in [
+        Backend(name="memory", url=lambda tmp: "memory:", durable=False),
+        Backend(
+            name="sqlite",
+            url=lambda tmp: f"sqlite:///{tmp / 'data' / 'chinwag.db'}",  # absolute: 4 slashes
+            durable=True,
+            failing_appends=_sqlite_failing_appends,
+        ),
+    ]
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return BACKENDS[request.param]
+
+
+@pytest.fixture
+def store_url(backend: Backend, tmp_path: Path) -> str:
+    return backend.url(tmp_path)
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Storage]:
+    async with open_store(store_url) as opened:
+        yield opened
+
+
+@pytest.fixture
+def foreign_store_url(backend: Backend, tmp_path: Path) -> str:
+    """The URL of a store of another backend, for what must not cross backends."""
+    other = next(b for name, b in sorted(BACKENDS.items()) if name != backend.name)
+    foreign_dir = tmp_path / "foreign"
+    foreign_dir.mkdir()
+    return other.url(foreign_dir)
+
+
+Reopen = Callable[[Storage], Awaitable[Storage]]
+
+
+@pytest.fixture
+def durable(backend: Backend) -> None:
+    """Skips the test on a backend that keeps nothing once closed."""
+    if not backend.durable:
+        pytest.skip(f"{backend.name} keeps nothing once closed")
+
+
+@pytest.fixture
+async def reopen(durable: None, store_url: str) -> AsyncIterator[Reopen]:
+    """``await reopen(store)`` closes ``store`` and opens a fresh one on the same URL.
+
+    Tests that use it skip on backends that do not outlive their process.
+    """
+    async with AsyncExitStack() as stack:
+
+        async def reopen_(old: Storage) -> Storage:
+            await old.close()
+            return await stack.enter_async_context(open_store(store_url))
+
+        yield reopen_
+
+
+FailingAppends = Callable[[str], AbstractAsyncContextManager[None]]
+
+
+@pytest.fixture
+def failing_appends(backend: Backend, store_url: str) -> FailingAppends:
+    """``async with failing_appends(content):`` appending an entry with ``content`` fails.
+
+    The failure happens inside the backend's write, after the entries before it
+    were written; tests that use it skip on backends with no such hook.
+    """
+    inject = backend.failing_appends
+    if inject is None:
+        pytest.skip(f"{backend.name} has no way to inject a failure mid-append")
+    return lambda content: inject(store_url, content)

@@ -1,0 +1,520 @@
+"""The Storage conformance suite: every backend passes it unchanged.
+
+``store`` is parametrized over the backends in conftest.py; a test that needs
+durability (``reopen``) or fault injection (``failing_appends``) skips on a
+backend that has neither.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta, timezone
+
+import msgspec
+import pytest
+import trio
+import trio.lowlevel
+from chinwag.protocol import ConversationItem, Entry, ToolCallInfo
+from chinwag.storage import ConversationNotFound, Storage, StorageError, open_store
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+AGENT = "assistant"
+SENDER = "user"
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def message(content: str, *, role: str = "user", when: datetime | None = None) -> Entry:
+    return Entry(seq=0, role=role, content=content, created_at=when or T0)
+
+
+def marker(archive: str, summary: str, when: datetime | None = None) -> Entry:
+    return Entry(seq=0, kind="compact", content=summary, archive=archive, created_at=when or T0)
+
+
+async def create(
+    store: Storage, agent: str = AGENT, sender: str = SENDER, *, when: datetime = T0
+) -> ConversationItem:
+    return await store.create_conversation(agent, sender, cwd=None, created_at=when)
+
+
+async def seqs(store: Storage, agent: str = AGENT, sender: str = SENDER, **kw: object) -> list[int]:
+    return [entry.seq for entry in await store.history(agent, sender, **kw)]  # type: ignore[arg-type]
+
+
+# --- conversations -------------------------------------------------------------------
+
+
+async def test_get_conversation_is_none_for_an_unknown_pair(store: Storage) -> None:
+    await create(store, "assistant", "someone")
+    assert await store.get_conversation("assistant", "nobody") is None
+    assert await store.get_conversation("helper", "someone") is None
+
+
+async def test_create_conversation_is_idempotent(store: Storage) -> None:
+    first = await store.create_conversation(AGENT, SENDER, cwd="/work", created_at=T0)
+    await store.append(AGENT, SENDER, [message("hi", when=at(5))])
+    again = await store.create_conversation(AGENT, SENDER, cwd="/elsewhere", created_at=at(60))
+
+    assert first == ConversationItem(
+        agent=AGENT, sender=SENDER, cwd="/work", created_at=T0, updated_at=T0, last_seq=0
+    )
+    assert again == ConversationItem(
+        agent=AGENT, sender=SENDER, cwd="/work", created_at=T0, updated_at=at(5), last_seq=1
+    )
+    assert await store.get_conversation(AGENT, SENDER) == again
+    items, _ = await store.list_conversations()
+    assert [(item.agent, item.sender) for item in items] == [(AGENT, SENDER)]
+
+
+async def test_conversation_times_come_back_as_the_same_instant_in_utc(store: Storage) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    local = datetime(2024, 5, 1, 14, 0, 0, 654321, tzinfo=plus_two)
+    created = await store.create_conversation(AGENT, SENDER, cwd=None, created_at=local)
+    stored = await store.get_conversation(AGENT, SENDER)
+
+    for item in (created, stored):
+        assert item is not None and item.created_at is not None
+        assert item.created_at == local
+        assert item.created_at.utcoffset() == timedelta(0)
+        assert item.created_at.hour == 12 and item.created_at.microsecond == 654321
+        assert item.updated_at == local
+
+
+async def test_naive_timestamps_are_refused(store: Storage) -> None:
+    with pytest.raises(ValueError):
+        await store.create_conversation(AGENT, SENDER, cwd=None, created_at=datetime(2024, 1, 1))
+    assert await store.get_conversation(AGENT, SENDER) is None
+
+    await create(store)
+    naive = Entry(seq=0, role="user", content="x", created_at=datetime(2024, 1, 1))
+    with pytest.raises(ValueError):
+        await store.append(AGENT, SENDER, [message("ok"), naive])
+    assert await store.history(AGENT, SENDER) == []
+
+
+async def test_title_and_cwd_are_stored(store: Storage) -> None:
+    await store.create_conversation(AGENT, SENDER, cwd="/start", created_at=T0)
+    await store.set_title(AGENT, SENDER, "Trip to Lisbon ✈")
+    await store.set_cwd(AGENT, SENDER, "/home/me/trip")
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item is not None
+    assert (item.title, item.cwd) == ("Trip to Lisbon ✈", "/home/me/trip")
+
+    await store.set_cwd(AGENT, SENDER, None)
+    await store.set_title(AGENT, SENDER, "")
+    items, _ = await store.list_conversations()
+    assert [(item.title, item.cwd) for item in items] == [("", None)]
+
+
+async def test_unknown_pairs_raise_conversation_not_found(store: Storage) -> None:
+    await create(store, AGENT, "known")
+    assert issubclass(ConversationNotFound, StorageError)
+    with pytest.raises(ConversationNotFound):
+        await store.append(AGENT, "unknown", [message("hi")])
+    with pytest.raises(ConversationNotFound):
+        await store.append(AGENT, "unknown", [])
+    with pytest.raises(ConversationNotFound):
+        await store.history(AGENT, "unknown")
+    with pytest.raises(ConversationNotFound):
+        await store.set_title(AGENT, "unknown", "t")
+    with pytest.raises(ConversationNotFound):
+        await store.set_cwd(AGENT, "unknown", "/tmp")
+    assert await store.get_conversation(AGENT, "unknown") is None
+    items, _ = await store.list_conversations()
+    assert [item.sender for item in items] == ["known"]
+
+
+# --- append --------------------------------------------------------------------
+
+
+async def test_append_assigns_consecutive_seqs_from_one(store: Storage) -> None:
+    await create(store)
+    first = await store.append(AGENT, SENDER, [Entry(seq=42, role="user", created_at=at(1))])
+    more = await store.append(AGENT, SENDER, [message(str(n), when=at(1 + n)) for n in range(1, 4)])
+    assert [entry.seq for entry in first] == [1]
+    assert [entry.seq for entry in more] == [2, 3, 4]
+    assert await store.history(AGENT, SENDER) == first + more
+
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item is not None
+    assert item.last_seq == 4
+    assert item.updated_at == at(4)  # the newest entry's created_at
+    assert item.created_at == T0
+
+
+async def test_appending_nothing_changes_nothing(store: Storage) -> None:
+    await create(store)
+    await store.append(AGENT, SENDER, [message("one", when=at(1))])
+    assert await store.append(AGENT, SENDER, []) == []
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item is not None and (item.last_seq, item.updated_at) == (1, at(1))
+
+
+async def test_every_entry_field_round_trips(store: Storage) -> None:
+    await create(store)
+    plus_five = timezone(timedelta(hours=5, minutes=30))
+    entries = [
+        Entry(
+            seq=0,
+            role="user",
+            content="line one\nline two\ttabbed, \"quoted\", 'single', \\ emoji 🦜, nul \x00 end",
+            run_id="run-1",
+            created_at=datetime(2024, 5, 1, 17, 30, 0, 1, tzinfo=plus_five),
+        ),
+        Entry(
+            seq=0,
+            role="assistant",
+            content="",
+            tool_calls=[
+                ToolCallInfo(call_id="c1", name="read_file", arguments='{"path": "ä/b.txt"}'),
+                ToolCallInfo(call_id="c2", name="list_dir", arguments="{}"),
+            ],
+            run_id="run-1",
+            created_at=at(1),
+        ),
+        Entry(
+            seq=0,
+            role="tool",
+            content="no such file",
+            tool_call_id="c1",
+            is_error=True,
+            run_id="run-1",
+            created_at=at(2),
+        ),
+        Entry(
+            seq=0, role="tool", content="[]", tool_call_id="c2", run_id="run-1", created_at=at(2)
+        ),
+        Entry(seq=0, role="assistant", content="A guest speaks.", agent="helper", created_at=at(3)),
+        Entry(
+            seq=0, kind="compact", role="", content="summary", archive="archive-1", created_at=at(4)
+        ),
+    ]
+    returned = await store.append(AGENT, SENDER, entries)
+    expected = [msgspec.structs.replace(entry, seq=n) for n, entry in enumerate(entries, 1)]
+    history = await store.history(AGENT, SENDER, include_archived=True)
+
+    assert returned == expected
+    assert history == expected
+    for entry in history:
+        assert entry.created_at is not None and entry.created_at.utcoffset() == timedelta(0)
+    assert history[0].created_at == datetime(2024, 5, 1, 12, 0, 0, 1, tzinfo=UTC)
+
+
+async def test_a_missing_created_at_is_stamped_with_the_time_of_the_append(
+    store: Storage,
+) -> None:
+    await create(store)
+    before = datetime.now(UTC)
+    (stored,) = await store.append(AGENT, SENDER, [Entry(seq=0, role="user", content="now")])
+    after = datetime.now(UTC)
+    assert stored.created_at is not None and before <= stored.created_at <= after
+    assert await store.history(AGENT, SENDER) == [stored]
+
+
+async def test_stored_data_is_not_shared_with_callers(store: Storage) -> None:
+    await create(store)
+    call = ToolCallInfo(call_id="c1", name="n", arguments="{}")
+    given = Entry(seq=0, role="assistant", tool_calls=[call], created_at=T0)
+    (returned,) = await store.append(AGENT, SENDER, [given])
+    given.content = "changed after the append"
+    given.tool_calls.append(call)
+    returned.content = "changed the result"
+    (read,) = await store.history(AGENT, SENDER)
+    read.tool_calls.clear()
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item is not None
+    item.title = "changed"
+
+    (again,) = await store.history(AGENT, SENDER)
+    assert again == Entry(seq=1, role="assistant", tool_calls=[call], created_at=T0)
+    assert given.seq == 0
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item is not None and item.title == ""
+
+
+async def test_an_entry_that_cannot_be_encoded_leaves_nothing(store: Storage) -> None:
+    await create(store)
+    await store.append(AGENT, SENDER, [message("one", when=at(1)), message("two", when=at(2))])
+    # A lone surrogate is a valid Python str but not UTF-8: the third entry fails.
+    bad = [message("three", when=at(3)), message("four", when=at(4)), message("\ud800")]
+    with pytest.raises(StorageError):
+        await store.append(AGENT, SENDER, bad)
+
+    assert await seqs(store, include_archived=True) == [1, 2]
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item is not None and (item.last_seq, item.updated_at) == (2, at(2))
+    (next_,) = await store.append(AGENT, SENDER, [message("three", when=at(5))])
+    assert next_.seq == 3  # the failed append consumed no seq
+
+
+async def test_a_failure_mid_append_leaves_nothing(store: Storage, failing_appends, reopen) -> None:
+    await create(store)
+    await store.append(AGENT, SENDER, [message("one", when=at(1))])
+    async with failing_appends("boom"):
+        with pytest.raises(StorageError):
+            await store.append(
+                AGENT, SENDER, [message("two"), message("three"), message("boom"), message("x")]
+            )
+        assert await seqs(store) == [1]
+    (next_,) = await store.append(AGENT, SENDER, [message("two", when=at(2))])
+    assert next_.seq == 2
+
+    store = await reopen(store)  # nothing of the failed append reached the disk either
+    assert [entry.content for entry in await store.history(AGENT, SENDER)] == ["one", "two"]
+
+
+async def test_seqs_continue_after_reopening(store: Storage, reopen) -> None:
+    await store.create_conversation(AGENT, SENDER, cwd="/work", created_at=T0)
+    await store.append(AGENT, SENDER, [message("a", when=at(1)), message("b", when=at(2))])
+    await store.append(AGENT, SENDER, [marker("arch-1", "sum", when=at(3))])
+    await store.set_title(AGENT, SENDER, "kept")
+    before = await store.history(AGENT, SENDER, include_archived=True)
+
+    store = await reopen(store)
+    assert await store.history(AGENT, SENDER, include_archived=True) == before
+    assert await seqs(store) == [3]  # the marker still hides what it archived
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item == ConversationItem(
+        agent=AGENT,
+        sender=SENDER,
+        title="kept",
+        cwd="/work",
+        created_at=T0,
+        updated_at=at(3),
+        last_seq=3,
+    )
+    stored = await store.append(AGENT, SENDER, [message("c", when=at(4)), message("d")])
+    assert [entry.seq for entry in stored] == [4, 5]
+
+    store = await reopen(store)
+    assert await seqs(store, include_archived=True) == [1, 2, 3, 4, 5]
+
+
+async def test_concurrent_appends_keep_every_conversation_gapless(store: Storage) -> None:
+    conversations = [f"tg:{n}" for n in range(24)]
+    for sender in conversations:
+        await create(store, AGENT, sender)
+    returned: dict[str, list[list[Entry]]] = {sender: [] for sender in conversations}
+    rng = random.Random(7)
+
+    async def writer(sender: str, name: str) -> None:
+        for n in range(8):
+            batch = [message(f"{name}-{n}-{k}") for k in range(rng.randint(1, 3))]
+            returned[sender].append(await store.append(AGENT, sender, batch))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        for sender in conversations:
+            for name in ("a", "b"):  # two writers per conversation, too
+                nursery.start_soon(writer, sender, name)
+
+    for sender in conversations:
+        history = await store.history(AGENT, sender)
+        assert [entry.seq for entry in history] == list(range(1, len(history) + 1))
+        for stored in returned[sender]:  # each append got consecutive seqs
+            assert [e.seq for e in stored] == list(range(stored[0].seq, stored[-1].seq + 1))
+        by_seq = {entry.seq: entry for entry in history}
+        assert all(by_seq[e.seq] == e for stored in returned[sender] for e in stored)
+        assert sum(len(stored) for stored in returned[sender]) == len(history)
+        item = await store.get_conversation(AGENT, sender)
+        assert item is not None and item.last_seq == len(history)
+
+
+async def test_a_failing_append_among_concurrent_ones_fails_alone(store: Storage) -> None:
+    conversations = [f"c{n}" for n in range(12)]
+    for sender in conversations:
+        await create(store, AGENT, sender)
+        await store.append(AGENT, sender, [message("first")])
+    outcomes: dict[str, object] = {}
+
+    async def append(sender: str) -> None:
+        last = "\ud800" if sender == "c5" else "third"  # c5's cannot be stored
+        try:
+            outcomes[sender] = await store.append(AGENT, sender, [message("second"), message(last)])
+        except StorageError as exc:
+            outcomes[sender] = exc
+
+    async with trio.open_nursery() as nursery:
+        for sender in conversations:
+            nursery.start_soon(append, sender)
+
+    for sender in conversations:
+        contents = [entry.content for entry in await store.history(AGENT, sender)]
+        if sender == "c5":
+            assert isinstance(outcomes[sender], StorageError)
+            assert contents == ["first"]
+        else:
+            assert [entry.seq for entry in outcomes[sender]] == [2, 3]  # type: ignore[attr-defined]
+            assert contents == ["first", "second", "third"]
+
+
+# --- history -------------------------------------------------------------------
+
+
+async def test_history_after_seq_and_limit(store: Storage) -> None:
+    await create(store)
+    await store.append(AGENT, SENDER, [message(str(n)) for n in range(1, 11)])
+
+    assert await seqs(store) == list(range(1, 11))
+    assert await seqs(store, after_seq=3) == list(range(4, 11))
+    assert await seqs(store, limit=4) == [1, 2, 3, 4]
+    assert await seqs(store, after_seq=3, limit=2) == [4, 5]
+    assert await seqs(store, after_seq=9, limit=5) == [10]
+    assert await seqs(store, after_seq=10) == []
+    assert await seqs(store, after_seq=1000) == []
+    assert await seqs(store, limit=0) == []
+    with pytest.raises(ValueError):
+        await store.history(AGENT, SENDER, limit=-1)
+
+
+async def test_history_without_markers_shows_everything(store: Storage) -> None:
+    await create(store)
+    await store.append(AGENT, SENDER, [message("a"), message("b", role="assistant")])
+    assert await seqs(store) == await seqs(store, include_archived=True) == [1, 2]
+
+
+async def test_compact_markers_hide_what_they_archived(store: Storage) -> None:
+    await create(store)
+    await store.append(AGENT, SENDER, [message("1"), message("2"), message("3")])
+    await store.append(AGENT, SENDER, [marker("arch-1", "first summary")])  # seq 4
+    await store.append(AGENT, SENDER, [message("5"), message("6")])
+    await store.append(AGENT, SENDER, [marker("arch-2", "second summary")])  # seq 7
+    await store.append(AGENT, SENDER, [message("8"), message("9")])
+
+    visible = await store.history(AGENT, SENDER)
+    assert [entry.seq for entry in visible] == [4, 7, 8, 9]
+    assert [(e.kind, e.role, e.archive, e.content) for e in visible[:2]] == [
+        ("compact", "", "arch-1", "first summary"),
+        ("compact", "", "arch-2", "second summary"),
+    ]
+    assert await seqs(store, include_archived=True) == list(range(1, 10))
+    assert await seqs(store, after_seq=4) == [7, 8, 9]
+    assert await seqs(store, after_seq=7) == [8, 9]
+    assert await seqs(store, limit=3) == [4, 7, 8]
+    assert await seqs(store, after_seq=2, limit=1) == [4]
+    assert await seqs(store, after_seq=2, limit=3, include_archived=True) == [3, 4, 5]
+
+
+async def test_a_marker_as_the_newest_entry_hides_everything_before_it(store: Storage) -> None:
+    await create(store)
+    await store.append(AGENT, SENDER, [message("1"), message("2")])
+    await store.append(AGENT, SENDER, [marker("arch-1", "all of it")])
+    assert await seqs(store) == [3]
+    assert await seqs(store, after_seq=3) == []
+
+
+# --- list_conversations ----------------------------------------------------------
+
+
+async def test_list_conversations_is_most_recently_updated_first(store: Storage) -> None:
+    for n, sender in enumerate(["old", "middle", "new"]):
+        await create(store, AGENT, sender, when=at(n))
+    items, cursor = await store.list_conversations()
+    assert [item.sender for item in items] == ["new", "middle", "old"]
+    assert cursor is None
+
+    await store.append(AGENT, "old", [message("back again", when=at(10))])
+    items, _ = await store.list_conversations()
+    assert [item.sender for item in items] == ["old", "new", "middle"]
+    assert items[0].last_seq == 1 and items[0].updated_at == at(10)
+    assert items[0].running is False
+
+
+async def test_list_conversations_filters(store: Storage) -> None:
+    pairs = [("assistant", "tg:1"), ("assistant", "tg:2"), ("helper", "tg:1"), ("helper", "user")]
+    for n, (agent, sender) in enumerate(pairs):
+        await create(store, agent, sender, when=at(n))
+
+    async def listed(**filters: str) -> list[tuple[str, str]]:
+        items, cursor = await store.list_conversations(**filters)  # type: ignore[arg-type]
+        assert cursor is None
+        return [(item.agent, item.sender) for item in items]
+
+    assert await listed() == pairs[::-1]
+    assert await listed(agent="assistant") == [("assistant", "tg:2"), ("assistant", "tg:1")]
+    assert await listed(sender="tg:1") == [("helper", "tg:1"), ("assistant", "tg:1")]
+    assert await listed(agent="helper", sender="user") == [("helper", "user")]
+    assert await listed(agent="helper", sender="tg:2") == []
+    assert await listed(agent="nobody") == []
+
+
+@pytest.mark.parametrize("limit", [1, 3, 7, 10, 30, 31])
+async def test_cursor_paging_has_no_duplicates_or_gaps(store: Storage, limit: int) -> None:
+    # 30 conversations, many sharing an updated_at: ties must page correctly too.
+    for n in range(30):
+        await create(store, "a" if n % 3 else "b", f"s{n}", when=at(n // 4))
+    everything, cursor = await store.list_conversations(limit=1000)
+    assert cursor is None and len(everything) == 30
+
+    for filters, expected in [
+        ({}, everything),
+        ({"agent": "a"}, [item for item in everything if item.agent == "a"]),
+    ]:
+        pages: list[list[ConversationItem]] = []
+        cursor = None
+        while True:
+            page, cursor = await store.list_conversations(limit=limit, cursor=cursor, **filters)
+            pages.append(page)
+            if cursor is None:
+                break
+            assert len(page) == limit
+            assert len(pages) <= 31, "paging does not end"
+        assert [item for page in pages for item in page] == expected
+        assert all(page for page in pages)  # no empty last page, even when limit divides
+        assert len(pages) == -(-len(expected) // limit)
+
+
+async def test_list_conversations_sorts_by_updated_at_then_newest_id(store: Storage) -> None:
+    for sender in ["first", "second", "third"]:
+        await create(store, AGENT, sender, when=T0)
+    items, _ = await store.list_conversations()
+    assert [item.sender for item in items] == ["third", "second", "first"]
+    page, cursor = await store.list_conversations(limit=2)
+    assert [item.sender for item in page] == ["third", "second"]
+    page, cursor = await store.list_conversations(limit=2, cursor=cursor)
+    assert [item.sender for item in page] == ["first"] and cursor is None
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["", "garbage!", "Zm9vYmFy", "////", "a" * 400, "🦜", "bm90IG1zZ3BhY2s="],
+)
+async def test_a_bad_cursor_is_a_value_error(store: Storage, cursor: str) -> None:
+    await create(store)
+    with pytest.raises(ValueError):
+        await store.list_conversations(cursor=cursor)
+
+
+async def test_a_cursor_from_another_backend_is_a_value_error(
+    store: Storage, foreign_store_url: str
+) -> None:
+    for n in range(3):
+        await create(store, AGENT, f"s{n}", when=at(n))
+    async with open_store(foreign_store_url) as foreign:
+        for n in range(3):
+            await create(foreign, AGENT, f"s{n}", when=at(n))
+        _, cursor = await foreign.list_conversations(limit=1)
+    assert cursor is not None
+    with pytest.raises(ValueError):
+        await store.list_conversations(cursor=cursor)
+
+
+async def test_list_conversations_rejects_a_limit_below_one(store: Storage) -> None:
+    with pytest.raises(ValueError):
+        await store.list_conversations(limit=0)
+
+
+# --- lifetime ------------------------------------------------------------------
+
+
+async def test_a_closed_store_refuses_work(store: Storage) -> None:
+    await create(store)
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(StorageError):
+        await store.append(AGENT, SENDER, [message("late")])
+    with pytest.raises(StorageError):
+        await store.history(AGENT, SENDER)
