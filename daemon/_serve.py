@@ -41,13 +41,16 @@ async def serve(
     period, cancel what is left, flush the clients, and return.
     """
     stop = stop or trio.Event()
-    async with open_store(storage_url) as storage, trio.open_nursery() as root:
+    agents = build_agents(config)
+    async with (
+        open_store(storage_url) as storage,
+        await bind_unix(socket_path) as listener,
+        trio.open_nursery() as root,
+    ):
         if handle_signals:
             root.start_soon(_stop_on_signal, stop)
-        agents = build_agents(config)
         runtime = Runtime(config, storage, agents, root)
         server = Server(runtime)
-        listener = await bind_unix(socket_path)
         root.start_soon(server.accept, listener)
         log.info(
             "daemon_started",

@@ -536,6 +536,10 @@ class Server:
                     id=None, code=401, message="This daemon serves only its own user's processes."
                 )
                 await stream.send_all(JSON.encode_frame(refusal))
+                # Let the peer read the refusal: closing on its unread hello would reset it.
+                await stream.send_eof()
+                while await stream.receive_some(READ_CHUNK):
+                    pass
             await trio.aclose_forcefully(stream)
             return
         conn = Connection(self, stream, number)

@@ -1,0 +1,241 @@
+"""Bad input gets a clear error and loses nothing; one bad client never disturbs another."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+
+import msgspec
+import pytest
+import trio
+
+from chinwag.clients import connect
+from chinwag.protocol import (
+    JSON,
+    MSGPACK,
+    End,
+    Error,
+    GetStats,
+    Hello,
+    Ping,
+    Pong,
+    Start,
+    Stats,
+    Stream,
+    TextDelta,
+)
+
+LIMITS_CONFIG = """
+[daemon]
+max_frame_bytes = 4096
+max_open_requests = 2
+
+[agents.assistant]
+provider = "echo"
+"""
+
+
+async def assert_usable(conn) -> None:
+    await conn.send(Ping(id=999))
+    assert await conn.recv() == Pong(id=999)
+
+
+async def test_bad_frames_close_only_their_own_connection(daemon, raw):
+    async with connect(daemon.socket_path) as good:
+        async with good.stream("assistant", "/slow 30 10", sender="good") as events:
+            await anext(events)
+            cases = [
+                ((1 << 25).to_bytes(4, "big"), 413, JSON),  # larger than max_frame_bytes
+                ((0).to_bytes(4, "big"), 400, JSON),  # an empty frame
+                ((5).to_bytes(4, "big") + b"{bad}", 400, JSON),  # not JSON at all
+                # Not MessagePack: the first byte chose MessagePack, so the error is in it.
+                ((3).to_bytes(4, "big") + b"\xc1\xc1\xc1", 400, MSGPACK),
+            ]
+            for data, code, codec in cases:
+                async with raw(daemon.socket_path, hello=False, codec=codec) as bad:
+                    await bad.send_bytes(data)
+                    error = await bad.recv()
+                    assert isinstance(error, Error), data
+                    assert (error.id, error.code) == (None, code)
+                    assert error.message.endswith(".")
+                    assert await bad.closed_by_peer()
+            rest = [e async for e in events]
+        assert "".join(e.delta for e in rest if isinstance(e, TextDelta)).endswith("29 30")
+        assert rest[-1].status == "done"
+
+
+async def test_malformed_messages_keep_the_connection_open(daemon, raw):
+    async with raw(daemon.socket_path) as conn:
+        bodies = [
+            (b'{"type": "launch_rockets", "id": 4}', 4),
+            (b'{"type": "ping"}', None),
+            (b'{"type": "ping", "id": "7"}', None),
+            (b'{"type": "ping", "id": 1.5}', None),
+            (b'{"type": "stream", "id": 5, "agent": 3, "content": "x"}', 5),
+            (b'{"type": "stream", "id": 6, "agent": "assistant", "content": "x", "queue": "jump"}', 6),
+            (b"[1, 2, 3]", None),
+            (b'{"id": 8}', 8),
+        ]
+        for body, rid in bodies:
+            await conn.send_bytes(len(body).to_bytes(4, "big") + body)
+            error = await conn.recv()
+            assert isinstance(error, Error) and error.code == 400, body
+            assert error.id == rid, body
+            await assert_usable(conn)
+        # Unknown fields are ignored.
+        body = b'{"type": "ping", "id": 10, "colour": "red"}'
+        await conn.send_bytes(len(body).to_bytes(4, "big") + body)
+        assert await conn.recv() == Pong(id=10)
+
+
+async def test_requests_before_hello_and_unsupported_versions(daemon, raw):
+    async with raw(daemon.socket_path, hello=False) as conn:
+        await conn.send(Ping(id=1))
+        error = await conn.recv()
+        assert isinstance(error, Error) and (error.id, error.code) == (1, 400)
+        await conn.send(Hello(protocol=1, client="late"))
+        await conn.recv()
+        await assert_usable(conn)
+    async with raw(daemon.socket_path, hello=False) as conn:
+        await conn.send(Hello(protocol=2, client="future"))
+        error = await conn.recv()
+        assert isinstance(error, Error) and error.code == 426 and "version 1" in error.message
+        assert await conn.closed_by_peer()
+
+
+async def test_limits_413_and_429(daemon_factory, raw):
+    daemon = daemon_factory(LIMITS_CONFIG)
+    async with raw(daemon.socket_path) as conn:
+        await conn.send(Stream(id=1, agent="assistant", sender="a", content="/slow 50 20"))
+        await conn.send(Stream(id=2, agent="assistant", sender="b", content="/slow 50 20"))
+        await conn.send(Stream(id=3, agent="assistant", sender="c", content="/slow 50 20"))
+        frames = await conn.recv_until(lambda f: isinstance(f, Error))
+        assert frames[-1].id == 3 and frames[-1].code == 429
+        await conn.send(Stream(id=1, agent="assistant", sender="d", content="dup"))
+        frames = await conn.recv_until(lambda f: isinstance(f, Error))
+        assert frames[-1].id == 1 and frames[-1].code == 400 and "still open" in frames[-1].message
+    async with raw(daemon.socket_path) as conn:
+        await conn.send(Stream(id=1, agent="assistant", content="x" * 5000))
+        error = await conn.recv()
+        assert isinstance(error, Error) and error.code == 413 and "4096" in error.message
+        assert await conn.closed_by_peer()
+
+
+async def test_msgpack_connections_get_msgpack_answers(daemon, raw):
+    async with raw(daemon.socket_path, codec=MSGPACK) as conn:
+        await conn.send(Stream(id=1, agent="assistant", content="packed words"))
+        frames = await conn.recv_until(lambda f: isinstance(f, End))
+        assert isinstance(frames[0], Start)
+        assert "".join(f.delta for f in frames if isinstance(f, TextDelta)) == "packed words"
+        await conn.send(GetStats(id=2))
+        stats = await conn.recv()
+        assert isinstance(stats, Stats) and stats.runs_total >= 1
+        raw_body = msgspec.msgpack.encode({"type": "ping", "id": 3})
+        assert raw_body[:1] != b"{"
+        await conn.send_bytes(len(raw_body).to_bytes(4, "big") + raw_body)
+        assert await conn.recv() == Pong(id=3)
+
+
+def test_socket_is_private_and_a_live_daemon_is_not_replaced(daemon):
+    mode = daemon.socket_path.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    second = subprocess.run(
+        [sys.executable, "-m", "chinwag.clients.cli", "serve", "--socket", str(daemon.socket_path),
+         "--config", str(daemon.config_path), "--storage", "memory:"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert second.returncode == 1
+    assert "already listening" in second.stderr and "Traceback" not in second.stderr
+    assert daemon.accepting()
+
+
+def test_a_stale_socket_is_replaced(daemon):
+    daemon.kill9()
+    assert daemon.socket_path.exists()
+    daemon.start()
+    assert daemon.accepting()
+    assert daemon.stop() == 0
+
+
+def test_sigint_stops_cleanly(daemon):
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(15) == 0
+    assert not daemon.socket_path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def test_peers_of_another_uid_are_refused(daemon):
+    # Open the socket's permissions so that only SO_PEERCRED stands in the way.
+    for path, mode in ((daemon.socket_path.parent.parent, 0o755),
+                       (daemon.socket_path.parent, 0o755), (daemon.socket_path, 0o666)):
+        os.chmod(path, mode)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, say hello, hand back what the daemon said
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(daemon.socket_path))
+                hello = msgspec.json.encode(Hello(protocol=1, client="intruder"))
+                with contextlib.suppress(BrokenPipeError):  # refused before the hello landed
+                    s.sendall(len(hello).to_bytes(4, "big") + hello)
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            os.write(write_end, data)
+        except BaseException as exc:
+            os.write(write_end, repr(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    assert data[:4] == (len(data) - 4).to_bytes(4, "big"), data
+    error = msgspec.json.decode(data[4:])
+    assert error["type"] == "error" and error["code"] == 401 and error["id"] is None
+
+
+async def test_a_stalled_reader_is_dropped_without_stalling_others(daemon_factory):
+    daemon = daemon_factory(
+        "[daemon]\noutgoing_frames = 64\nsubscription_events = 30000\n"
+        '[agents.assistant]\nprovider = "echo"\n'
+    )
+    words = " ".join(["word"] * 20000)
+    async with connect(daemon.socket_path) as c:
+        async with c.subscribe(sender="stalled") as watch:
+            stalled = socket.socket(socket.AF_UNIX)
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect(str(daemon.socket_path))
+            for msg in (
+                Hello(protocol=1, client="stalled"),
+                Stream(id=1, agent="assistant", sender="stalled", content=words),
+            ):
+                body = msgspec.json.encode(msg)
+                stalled.sendall(len(body).to_bytes(4, "big") + body)
+            # The stalled client never reads; others are served meanwhile.
+            async with c.stream("assistant", "/slow 3 1", sender="other") as events:
+                assert [e async for e in events][-1].status == "done"
+            async for frame in watch:
+                if isinstance(frame.event, End):
+                    assert frame.event.status == "done"
+                    break
+        history = await c.history("assistant", "stalled")
+        assert [e.content for e in history.entries] == [words, words]
+
+    def drain() -> int:
+        stalled.settimeout(30)  # EOF, not a timeout, proves the daemon hung up
+        received = 0
+        while chunk := stalled.recv(1 << 16):
+            received += len(chunk)
+        return received
+
+    received = await trio.to_thread.run_sync(drain)
+    stalled.close()
+    assert received < 20000 * 30, "the stalled client was cut off, not fed the whole run"
