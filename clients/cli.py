@@ -298,6 +298,7 @@ async def ask_on_terminal(ask: AskUser, lines: LineReader, console: Console) -> 
         console.file.flush()
         answer = await lines.readline()
         if answer is None:
+            console.print()
             return None
         answers.append(
             (question.question, _parse_choice(answer.strip(), labels, question.multi_select))
@@ -339,6 +340,18 @@ def _end_problem(end: End) -> str | None:
     if end.status == "killed":
         return "the run was killed"
     return f"the run ended {end.status}"
+
+
+class QuietCalls:
+    """Tool calls a terminal shows in its own way (``ask_user`` as a prompt), not as calls."""
+
+    def __init__(self) -> None:
+        self._call_ids: set[str] = set()
+
+    def hides(self, event: ToolCall | ToolResult) -> bool:
+        if isinstance(event, ToolCall) and event.name == "ask_user":
+            self._call_ids.add(event.call_id)
+        return event.call_id in self._call_ids
 
 
 class TextOut:
@@ -500,6 +513,7 @@ class _SendView:
         self.out = out
         self.err = err
         self.thinking = False
+        self.quiet = QuietCalls()
 
     def show(self, event: StreamEventMsg) -> None:
         if self.thinking and not isinstance(event, ThinkingDelta):
@@ -512,10 +526,10 @@ class _SendView:
                 self.out.end_line()
                 self.err.print(Text(delta, style="dim italic"), end="")
                 self.thinking = True
-            case ToolCall():
+            case ToolCall() if not self.quiet.hides(event):
                 self.out.end_line()
                 self.err.print(_tool_call_text(event))
-            case ToolResult():
+            case ToolResult() if not self.quiet.hides(event):
                 self.err.print(_tool_result_text(event))
             case Title(title=title):
                 self.out.end_line()
@@ -633,6 +647,7 @@ async def _chat_turn(
     state.phase = "run"
     state.kill_sent = False
     state.speaker = agent
+    quiet = QuietCalls()
     try:
         async with client.stream(agent, line, sender=sender) as events:
             async for event in events:
@@ -646,10 +661,10 @@ async def _chat_turn(
                     case ThinkingDelta(delta=delta):
                         console.print(Text(delta, style="dim italic"), end="")
                         out.mid_line = True
-                    case ToolCall():
+                    case ToolCall() if not quiet.hides(event):
                         out.end_line()
                         console.print(_tool_call_text(event))
-                    case ToolResult():
+                    case ToolResult() if not quiet.hides(event):
                         out.end_line()
                         console.print(_tool_result_text(event))
                     case Title(title=title):

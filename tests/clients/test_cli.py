@@ -1,0 +1,337 @@
+"""The `chinwag` console script, run as a subprocess against a real daemon."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+from chinwag.clients import connect
+from chinwag.protocol import ConversationItem, End, Entry, Event, ServerMsg, Start, TextDelta
+
+_installed = Path(sys.executable).with_name("chinwag")
+# The console script next to this interpreter, else whatever `chinwag` is on PATH.
+CHINWAG = str(_installed) if _installed.exists() else (shutil.which("chinwag") or "chinwag")
+
+_senders = itertools.count()
+
+
+def fresh_sender() -> str:
+    return f"cli-test-{next(_senders)}"
+
+
+def chinwag(
+    socket_path: Path,
+    *args: str,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CHINWAG, "--socket", str(socket_path), *args],
+        capture_output=True,
+        text=True,
+        input=input if input is not None else "",
+        env=env,
+        timeout=timeout,
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines()[-1].startswith("chinwag: "), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_send_prints_the_echo(daemon) -> None:
+    result = chinwag(daemon.socket_path, "send", "assistant", "hello from the cli")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the cli\n"
+    assert result.stderr == ""
+
+
+def test_send_json_prints_one_event_per_line(daemon) -> None:
+    sender = fresh_sender()
+    result = chinwag(
+        daemon.socket_path, "send", "--json", "--sender", sender, "assistant", "one two three"
+    )
+    assert result.returncode == 0, result.stderr
+    events = [msgspec.json.decode(line, type=ServerMsg) for line in result.stdout.splitlines()]
+    assert isinstance(events[0], Start)
+    assert [e.delta.strip() for e in events if isinstance(e, TextDelta)] == ["one", "two", "three"]
+    end = events[-1]
+    assert isinstance(end, End) and end.status == "done"
+
+
+def test_send_to_an_unknown_agent_fails_cleanly(daemon) -> None:
+    result = chinwag(daemon.socket_path, "send", "nobody", "hi")
+    assert_clean_failure(result)
+    assert "404" in result.stderr
+
+
+def test_send_of_a_failing_run_exits_nonzero(daemon) -> None:
+    result = chinwag(
+        daemon.socket_path, "send", "--sender", fresh_sender(), "assistant", "/fail boom"
+    )
+    assert_clean_failure(result)
+    assert "502" in result.stderr and "boom" in result.stderr
+
+
+def test_send_answers_an_ask_from_the_terminal(daemon) -> None:
+    result = chinwag(
+        daemon.socket_path,
+        "send",
+        "--sender",
+        fresh_sender(),
+        "assistant",
+        "/ask Favourite colour?",
+        input="teal\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Favourite colour?" in result.stderr
+    assert "teal" in result.stdout
+
+
+def test_send_with_closed_input_cannot_answer_an_ask(daemon) -> None:
+    sender = fresh_sender()
+    result = chinwag(daemon.socket_path, "send", "--sender", sender, "assistant", "/ask Why?")
+    assert_clean_failure(result)
+    assert "chinwag reply" in result.stderr
+    # The question still waits for an answer from elsewhere.
+    answered = chinwag(daemon.socket_path, "reply", "--sender", sender, "assistant", "because")
+    assert answered.returncode == 0, answered.stderr
+
+
+def test_history(daemon) -> None:
+    sender = fresh_sender()
+    chinwag(daemon.socket_path, "send", "--sender", sender, "assistant", "remember me")
+    result = chinwag(daemon.socket_path, "history", "--sender", sender, "assistant")
+    assert result.returncode == 0, result.stderr
+    assert "user: remember me" in result.stdout
+    assert "assistant: remember me" in result.stdout
+
+    as_json = chinwag(daemon.socket_path, "history", "--json", "--sender", sender, "assistant")
+    entries = [msgspec.json.decode(line, type=Entry) for line in as_json.stdout.splitlines()]
+    assert [(e.seq, e.role, e.content) for e in entries] == [
+        (1, "user", "remember me"),
+        (2, "assistant", "remember me"),
+    ]
+
+
+def test_history_of_an_unknown_conversation_fails_cleanly(daemon) -> None:
+    assert_clean_failure(chinwag(daemon.socket_path, "history", "--sender", "nobody", "assistant"))
+
+
+def test_ls(daemon) -> None:
+    sender = fresh_sender()
+    chinwag(daemon.socket_path, "send", "--sender", sender, "helper", "hi")
+    result = chinwag(daemon.socket_path, "ls")
+    assert result.returncode == 0, result.stderr
+    assert "helper" in result.stdout and sender in result.stdout
+
+    as_json = chinwag(daemon.socket_path, "ls", "--json", "--agent", "helper")
+    items = [
+        msgspec.json.decode(line, type=ConversationItem) for line in as_json.stdout.splitlines()
+    ]
+    assert [(i.agent, i.sender, i.last_seq) for i in items] == [("helper", sender, 2)]
+
+    none = chinwag(daemon.socket_path, "ls", "--agent", "assistant")
+    assert none.returncode == 0 and "no conversations" in none.stdout
+
+
+def test_agents(daemon) -> None:
+    result = chinwag(daemon.socket_path, "agents")
+    assert result.returncode == 0, result.stderr
+    assert "assistant" in result.stdout and "Echoes the user" in result.stdout
+    assert "helper" in result.stdout
+
+
+def test_kill_with_nothing_running(daemon) -> None:
+    sender = fresh_sender()
+    chinwag(daemon.socket_path, "send", "--sender", sender, "assistant", "hi")
+    result = chinwag(daemon.socket_path, "kill", "--sender", sender, "assistant")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "nothing was running\n"
+    assert_clean_failure(chinwag(daemon.socket_path, "kill", "--sender", "nobody", "assistant"))
+
+
+def test_kill_stops_a_running_send(daemon) -> None:
+    sender = fresh_sender()
+    send = subprocess.Popen(
+        [CHINWAG, "--socket", str(daemon.socket_path), "send", "--sender", sender, "assistant",
+         "/slow 100 50"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert send.stdout is not None
+        assert send.stdout.read(1) == "1"  # the run is streaming
+        killed = chinwag(daemon.socket_path, "kill", "--sender", sender, "assistant")
+        assert killed.returncode == 0, killed.stderr
+        assert re.fullmatch(r"killed run \S+\n", killed.stdout)
+        _, err = send.communicate(timeout=30)
+    finally:
+        if send.poll() is None:
+            send.kill()
+            send.wait()
+    assert send.returncode == 1
+    assert "chinwag: the run was killed" in err
+
+
+def test_reply_with_no_question_pending_fails_cleanly(daemon) -> None:
+    sender = fresh_sender()
+    chinwag(daemon.socket_path, "send", "--sender", sender, "assistant", "hi")
+    result = chinwag(daemon.socket_path, "reply", "--sender", sender, "assistant", "yes")
+    assert_clean_failure(result)
+    assert "404" in result.stderr
+
+
+def _wait_for_subscribers(socket_path: Path, count: int) -> None:
+    async def poll() -> None:
+        async with connect(socket_path) as c:
+            with anyio.fail_after(15):
+                # The subscriber is another process: there is no event to await.
+                while (await c.stats()).subscriptions < count:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+
+    anyio.run(poll)
+
+
+def test_tail_prints_events_until_interrupted(daemon) -> None:
+    sender = fresh_sender()
+    tail = subprocess.Popen(
+        [CHINWAG, "--socket", str(daemon.socket_path), "tail", "--json", "--sender", sender],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_subscribers(daemon.socket_path, 1)
+        sent = chinwag(daemon.socket_path, "send", "--sender", sender, "assistant", "tailed words")
+        assert sent.returncode == 0, sent.stderr
+        assert tail.stdout is not None
+        frames: list[Event] = []
+        while not (frames and isinstance(frames[-1].event, End)):
+            frame = msgspec.json.decode(tail.stdout.readline(), type=ServerMsg)
+            assert isinstance(frame, Event)
+            frames.append(frame)
+        tail.send_signal(signal.SIGINT)
+        _, err = tail.communicate(timeout=15)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+    assert tail.returncode == 0, err
+    assert "Traceback" not in err
+    assert {(f.agent, f.sender) for f in frames} == {("assistant", sender)}
+    assert "".join(f.event.delta for f in frames if isinstance(f.event, TextDelta)) == (
+        "tailed words"
+    )
+
+
+def test_chat_over_a_pipe(daemon) -> None:
+    sender = fresh_sender()
+    result = chinwag(
+        daemon.socket_path,
+        "chat",
+        "--sender",
+        sender,
+        "assistant",
+        input="first line\n/title Piped\nsecond line\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "first line" in result.stdout
+    assert "Piped" in result.stdout
+    assert "second line" in result.stdout
+    history = chinwag(daemon.socket_path, "history", "--json", "--sender", sender, "assistant")
+    users = [
+        e.content
+        for e in (msgspec.json.decode(line, type=Entry) for line in history.stdout.splitlines())
+        if e.role == "user"
+    ]
+    assert users == ["first line", "/title Piped", "second line"]
+
+
+def test_chat_with_an_unknown_agent_fails_cleanly(daemon) -> None:
+    result = chinwag(daemon.socket_path, "chat", "nobody", input="hi\n")
+    assert_clean_failure(result)
+    assert "unknown agent" in result.stderr
+
+
+def test_commands_without_a_daemon_say_so(short_tmp: Path) -> None:
+    socket_path = short_tmp / "nothing.sock"
+    for args in (["ls"], ["history", "assistant"], ["agents"], ["kill", "assistant"]):
+        result = chinwag(socket_path, *args)
+        assert result.returncode == 1
+        assert result.stdout == ""
+        assert result.stderr == (
+            f'chinwag: no daemon is listening on {socket_path}; start one with "chinwag serve"\n'
+        )
+
+
+@pytest.fixture
+def isolated_env(short_tmp: Path) -> Iterator[dict[str, str]]:
+    """An environment whose user dirs are all under a temporary directory."""
+    home = short_tmp / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHINWAG_", "XDG_", "OPENAI_"))}
+    env.update(
+        HOME=str(home),
+        XDG_DATA_HOME=str(home / "data"),
+        XDG_CONFIG_HOME=str(home / "config"),
+        XDG_STATE_HOME=str(home / "state"),
+        XDG_CACHE_HOME=str(home / "cache"),
+    )
+    yield env
+
+
+def _stop_pid(pid: int) -> None:
+    """Stop a daemon that is not our child: SIGTERM, then wait for it to go."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):
+            return  # exited; only the reaping is left to its new parent
+        time.sleep(0.05)  # another process's exit: nothing to await
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_send_starts_a_daemon_when_none_listens(short_tmp: Path, isolated_env) -> None:
+    socket_path = short_tmp / "run" / "chinwag.sock"
+    result = chinwag(socket_path, "send", "assistant", "wake up", env=isolated_env)
+    match = re.search(
+        r"^chinwag: started a daemon in the background \(pid (\d+), log (.+)\)$",
+        result.stderr,
+        re.MULTILINE,
+    )
+    assert match, result.stderr
+    pid = int(match.group(1))
+    try:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "wake up\n"
+        assert Path(match.group(2)) == socket_path.with_name("chinwag.log")
+        assert Path(match.group(2)).exists()
+        # Its storage went to the isolated data dir, and it is still serving.
+        assert list((short_tmp / "home" / "data").rglob("*")), "no data under XDG_DATA_HOME"
+        again = chinwag(socket_path, "send", "assistant", "still there", env=isolated_env)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == "still there\n"
+        assert "started a daemon" not in again.stderr
+        history = chinwag(socket_path, "history", "--json", "assistant", env=isolated_env)
+        assert len(history.stdout.splitlines()) == 4
+    finally:
+        _stop_pid(pid)
