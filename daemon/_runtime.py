@@ -166,7 +166,7 @@ class Run:
             if sub.matches(conv.agent, conv.sender)
             and not sub.deliver(conv.agent, conv.sender, self.id, event)
         ]
-        for sub in gone:
+        for sub in gone:  # a subscriber that returns False leaves the list to us
             subscriptions.remove(sub)
 
     def _deliver(self, event: StreamEventMsg) -> None:
@@ -661,8 +661,16 @@ class Runtime:
         if after_seq < 0 or (limit is not None and limit < 0):
             raise RequestError(400, "after_seq and limit must not be negative.")
         info = (await self.existing(agent, sender)).info
-        if info is None:
-            raise RequestError(404, f"Nothing is stored in ({agent}, {sender}) yet.")
+        if info is None:  # created by a stream whose run has not started: nothing stored yet
+            return History(
+                id=request_id,
+                agent=agent,
+                sender=sender,
+                title="",
+                cwd=None,
+                entries=[],
+                last_seq=0,
+            )
         entries = await self.storage.history(
             agent, sender, after_seq=after_seq, limit=limit, include_archived=include_archived
         )
@@ -681,6 +689,10 @@ class Runtime:
     ) -> tuple[list[ConversationItem], str | None]:
         if not 1 <= limit <= 1000:
             raise RequestError(400, "limit must be between 1 and 1000.")
+        if agent is not None:
+            self.agent(agent)
+        if sender is not None:
+            check_sender(sender)
         try:
             items, next_cursor = await self.storage.list_conversations(
                 agent=agent, sender=sender, limit=limit, cursor=cursor

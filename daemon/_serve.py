@@ -40,7 +40,8 @@ async def serve(
     stop: refuse new requests (503), let runs finish for the configured grace
     period, cancel what is left, flush the clients, and return.
     """
-    stop = stop or trio.Event()
+    if stop is None:
+        stop = trio.Event()
     agents = build_agents(config)
     async with (
         open_store(storage_url) as storage,

@@ -23,6 +23,7 @@ import msgspec
 import structlog
 import trio
 from chinwag.protocol import (
+    HEADER_BYTES,
     JSON,
     PROTOCOL_VERSION,
     Agents,
@@ -40,6 +41,7 @@ from chinwag.protocol import (
     GetHistory,
     GetStats,
     Hello,
+    History,
     Kill,
     Killed,
     ListAgents,
@@ -78,9 +80,10 @@ class ServeError(Exception):
 class RequestSink:
     """Delivers one run's events to one `stream` or `attach` request."""
 
-    def __init__(self, conn: Connection, request_id: int) -> None:
+    def __init__(self, conn: Connection, request_id: int, key: tuple[str, str]) -> None:
         self.conn = conn
         self.request_id = request_id
+        self.key = key
         self.open = True
         self.run: Run | None = None
 
@@ -95,10 +98,10 @@ class RequestSink:
     def detach(self) -> None:
         """End the request `detached`; the run goes on without it."""
         self.open = False
-        last_seq = None
         if self.run is not None:
             self.run.remove_sink(self)
-            last_seq = self.run.conversation.last_seq
+        conv = self.conn.runtime.conversations.get(self.key)
+        last_seq = conv.last_seq if conv is not None else None
         self.conn.close_request(self.request_id)
         self.conn.send(End(id=self.request_id, status="detached", error=None, last_seq=last_seq))
 
@@ -107,7 +110,8 @@ class Subscriber:
     """A `subscribe` request: its own bounded buffer, drained by its own task.
 
     A subscriber that falls behind by more than the buffer loses its
-    subscription (an `end` with `error` 429), never the run or the connection.
+    subscription (an `end` with `error` 429 after what it had buffered),
+    never the run or the connection.
     """
 
     def __init__(self, conn: Connection, request_id: int, msg: Subscribe, size: int) -> None:
@@ -115,9 +119,10 @@ class Subscriber:
         self.request_id = request_id
         self._send, self._receive = trio.open_memory_channel[Event](size)
         self.subscription = Subscription(msg.agent, msg.sender, self._deliver)
-        self._end: End | None = None
+        self._end: End | None = None  # the terminal frame, sent by `forward` once drained
 
     def _deliver(self, agent: str, sender: str, run_id: str, event: StreamEventMsg) -> bool:
+        """Called by runs; returning False makes the run drop the subscription."""
         if self._end is not None:
             return False
         frame = Event(id=self.request_id, agent=agent, sender=sender, run_id=run_id, event=event)
@@ -125,36 +130,43 @@ class Subscriber:
             self._send.send_nowait(frame)
         except trio.WouldBlock:
             log.warning("subscriber_too_slow", request_id=self.request_id)
-            self._stop(
-                End(
-                    id=self.request_id,
-                    status="error",
-                    error=ErrorInfo(
-                        code=429,
-                        message="The subscription fell too far behind and was dropped.",
-                    ),
-                    last_seq=None,
-                )
+            self._end = End(
+                id=self.request_id,
+                status="error",
+                error=ErrorInfo(
+                    code=429, message="The subscription fell too far behind and was dropped."
+                ),
+                last_seq=None,
             )
+            self._send.close()
             return False
         return True
 
     def detach(self) -> None:
-        self._stop(End(id=self.request_id, status="detached", error=None, last_seq=None))
-
-    def _stop(self, end: End) -> None:
-        if self._end is None:
-            self._end = end
-            subscriptions = self.conn.runtime.subscriptions
-            if self.subscription in subscriptions:
-                subscriptions.remove(self.subscription)
-            self._send.close()
+        """Cancel: drop what is buffered and end the request now."""
+        if self._end is not None:
+            return
+        self._end = End(id=self.request_id, status="detached", error=None, last_seq=None)
+        subscriptions = self.conn.runtime.subscriptions
+        if self.subscription in subscriptions:
+            subscriptions.remove(self.subscription)
+        self._send.close()
+        while True:
+            try:
+                self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        self._receive.close()
+        self.conn.close_request(self.request_id)
+        self.conn.send(self._end)
 
     async def forward(self) -> None:
-        async with self._receive:
+        try:
             async for frame in self._receive:
                 await self.conn.send_waiting(frame)
-        if self._end is not None:
+        except trio.ClosedResourceError:  # detached: its end is already sent
+            return
+        if self._end is not None and self._end.status == "error":
             self.conn.close_request(self.request_id)
             self.conn.send(self._end)
 
@@ -188,8 +200,20 @@ class Connection:
         """Queue one frame without blocking; False (and the connection drops) if too slow."""
         if self.closed:
             return False
+        frame = (self.codec or JSON).encode_frame(msg)
+        if len(frame) - HEADER_BYTES > self.max_frame_bytes:
+            # Never send what the client was told it may refuse.
+            log.error("reply_too_large", type=type(msg).__name__, size=len(frame))
+            request_id = getattr(msg, "id", None)
+            frame = (self.codec or JSON).encode_frame(
+                Error(
+                    id=request_id,
+                    code=500,
+                    message=f"The reply would be {len(frame)} bytes, over max_frame_bytes.",
+                )
+            )
         try:
-            self._out_send.send_nowait((self.codec or JSON).encode_frame(msg))
+            self._out_send.send_nowait(frame)
         except trio.WouldBlock:
             log.warning(
                 "client_too_slow", buffered_frames=self.runtime.config.daemon.outgoing_frames
@@ -305,9 +329,6 @@ class Connection:
         if not self.greeted:
             self.send(Error(id=rid, code=400, message="Say `hello` before any request."))
             return
-        if isinstance(msg, Cancel):
-            self._cancel(msg)
-            return
         if rid in self.open:
             self.send(
                 Error(
@@ -316,6 +337,9 @@ class Connection:
                     message=f"The id {rid} belongs to a request still open; use another id.",
                 )
             )
+            return
+        if isinstance(msg, Cancel):
+            self._cancel(msg)
             return
         if len(self.open) >= self.max_open:
             self.send(
@@ -335,10 +359,10 @@ class Connection:
             case Stream():
                 self._stream(msg)
             case Attach():
-                sink = RequestSink(self, rid)
-                self.open[rid] = sink
                 sender = self._sender(msg.sender)
-                self._call(nursery, rid, lambda: self._attach(msg.agent, sender, sink))
+                sink = RequestSink(self, rid, (msg.agent, sender))
+                self.open[rid] = sink
+                self._call(nursery, rid, lambda: self._attach(sink))
             case Kill():
                 sender = self._sender(msg.sender)
                 self._call(nursery, rid, lambda: self._kill(rid, msg.agent, sender, msg.all))
@@ -346,19 +370,7 @@ class Connection:
                 sender = self._sender(msg.sender)
                 self._call(nursery, rid, lambda: self._reply(rid, msg, sender))
             case GetHistory():
-                sender = self._sender(msg.sender)
-                self._call(
-                    nursery,
-                    rid,
-                    lambda: runtime.history(
-                        msg.agent,
-                        sender,
-                        request_id=rid,
-                        after_seq=msg.after_seq,
-                        limit=msg.limit,
-                        include_archived=msg.include_archived,
-                    ),
-                )
+                self._call(nursery, rid, lambda: self._history(msg))
             case ListConversations():
                 self._call(nursery, rid, lambda: self._list(msg))
             case Compact():
@@ -410,12 +422,13 @@ class Connection:
         )
 
     def _stream(self, msg: Stream) -> None:
-        sink = RequestSink(self, msg.id)
+        sender = self._sender(msg.sender)
+        sink = RequestSink(self, msg.id, (msg.agent, sender))
         self.open[msg.id] = sink
         try:
             sink.run = self.runtime.submit(
                 agent=msg.agent,
-                sender=self._sender(msg.sender),
+                sender=sender,
                 content=msg.content,
                 guest=msg.guest,
                 cwd=msg.cwd,
@@ -441,8 +454,13 @@ class Connection:
         self.send(Ok(id=msg.id))
 
     def _subscribe(self, msg: Subscribe, nursery: trio.Nursery) -> None:
-        if msg.agent is not None and msg.agent not in self.runtime.agents:
-            self.send(Error(id=msg.id, code=404, message=f"There is no agent named {msg.agent!r}."))
+        try:
+            if msg.agent is not None:
+                self.runtime.agent(msg.agent)
+            if msg.sender is not None:
+                check_sender(msg.sender)
+        except RequestError as exc:
+            self.send(Error(id=msg.id, code=exc.code, message=exc.message))
             return
         subscriber = Subscriber(self, msg.id, msg, self.runtime.config.daemon.subscription_events)
         self.open[msg.id] = subscriber
@@ -477,10 +495,13 @@ class Connection:
 
         nursery.start_soon(call)
 
-    async def _attach(self, agent: str, sender: str, sink: RequestSink) -> None:
+    async def _attach(self, sink: RequestSink) -> None:
+        agent, sender = sink.key
         try:
             sink.run = await self.runtime.attach(agent, sender, sink)
-        except BaseException:
+        except RequestError:
+            if not sink.open:
+                return  # cancelled before it resolved: its `end detached` was the answer
             sink.open = False
             raise
 
@@ -492,9 +513,23 @@ class Connection:
         await self.runtime.reply_to_ask(msg.agent, sender, msg.content, msg.ask_id)
         return Ok(id=rid)
 
+    async def _history(self, msg: GetHistory) -> History:
+        history = await self.runtime.history(
+            msg.agent,
+            self._sender(msg.sender),
+            request_id=msg.id,
+            after_seq=msg.after_seq,
+            limit=msg.limit,
+            include_archived=msg.include_archived,
+        )
+        # A long history may not fit one frame: send the oldest entries that fit;
+        # `last_seq` tells the client to page on with `after_seq`.
+        codec = self.codec or JSON
+        while len(history.entries) > 1 and len(codec.encode(history)) > self.max_frame_bytes:
+            history.entries = history.entries[: len(history.entries) // 2]
+        return history
+
     async def _list(self, msg: ListConversations) -> Conversations:
-        if msg.sender is not None:
-            check_sender(msg.sender)
         items, cursor = await self.runtime.list_conversations(
             agent=msg.agent, sender=msg.sender, limit=msg.limit, cursor=msg.cursor
         )

@@ -90,7 +90,7 @@ class ClientMessage(msgspec.Struct, tag_field="type", kw_only=True):
 
 class Hello(ClientMessage, tag="hello"):
     protocol: int
-    client: str = ""
+    client: str
     token: str | None = None
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-
 from chinwag.protocol import (
     JSON,
     MSGPACK,

@@ -13,20 +13,27 @@ import sys
 import msgspec
 import pytest
 import trio
-
-from chinwag.clients import connect
+from chinwag.clients import ChinwagError, connect
 from chinwag.protocol import (
     JSON,
     MSGPACK,
+    Attach,
+    Cancel,
     End,
     Error,
+    Event,
+    GetHistory,
     GetStats,
     Hello,
+    History,
+    Ok,
     Ping,
     Pong,
     Start,
     Stats,
     Stream,
+    Subscribe,
+    Subscribed,
     TextDelta,
 )
 
@@ -77,7 +84,10 @@ async def test_malformed_messages_keep_the_connection_open(daemon, raw):
             (b'{"type": "ping", "id": "7"}', None),
             (b'{"type": "ping", "id": 1.5}', None),
             (b'{"type": "stream", "id": 5, "agent": 3, "content": "x"}', 5),
-            (b'{"type": "stream", "id": 6, "agent": "assistant", "content": "x", "queue": "jump"}', 6),
+            (
+                b'{"type": "stream", "id": 6, "agent": "assistant", "content": "x", "queue": "jump"}',
+                6,
+            ),
             (b"[1, 2, 3]", None),
             (b'{"id": 8}', 8),
         ]
@@ -145,9 +155,21 @@ def test_socket_is_private_and_a_live_daemon_is_not_replaced(daemon):
     mode = daemon.socket_path.stat().st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
     second = subprocess.run(
-        [sys.executable, "-m", "chinwag.clients.cli", "serve", "--socket", str(daemon.socket_path),
-         "--config", str(daemon.config_path), "--storage", "memory:"],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "chinwag.clients.cli",
+            "serve",
+            "--socket",
+            str(daemon.socket_path),
+            "--config",
+            str(daemon.config_path),
+            "--storage",
+            "memory:",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert second.returncode == 1
     assert "already listening" in second.stderr and "Traceback" not in second.stderr
@@ -171,8 +193,11 @@ def test_sigint_stops_cleanly(daemon):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
 def test_peers_of_another_uid_are_refused(daemon):
     # Open the socket's permissions so that only SO_PEERCRED stands in the way.
-    for path, mode in ((daemon.socket_path.parent.parent, 0o755),
-                       (daemon.socket_path.parent, 0o755), (daemon.socket_path, 0o666)):
+    for path, mode in (
+        (daemon.socket_path.parent.parent, 0o755),
+        (daemon.socket_path.parent, 0o755),
+        (daemon.socket_path, 0o666),
+    ):
         os.chmod(path, mode)
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -239,3 +264,74 @@ async def test_a_stalled_reader_is_dropped_without_stalling_others(daemon_factor
     received = await trio.to_thread.run_sync(drain)
     stalled.close()
     assert received < 20000 * 30, "the stalled client was cut off, not fed the whole run"
+
+
+async def test_a_slow_subscriber_loses_only_its_subscription(daemon_factory, raw):
+    daemon = daemon_factory(
+        '[daemon]\nsubscription_events = 2\n[agents.assistant]\nprovider = "echo"\n'
+    )
+    async with raw(daemon.socket_path) as watcher, connect(daemon.socket_path) as c:
+        await watcher.send(Subscribe(id=1))
+        assert await watcher.recv() == Subscribed(id=1)
+        # The watcher reads nothing while a run publishes far more than 2 events at once.
+        async with c.stream("assistant", " ".join(["w"] * 50)) as events:
+            got = [e async for e in events]
+        assert got[-1].status == "done"
+        assert len((await c.history("assistant")).entries) == 2
+        frames = await watcher.recv_until(lambda f: isinstance(f, End) and f.id == 1)
+        end = frames[-1]
+        assert end.status == "error" and end.error.code == 429
+        assert all(isinstance(f, Event) for f in frames[:-1])
+        await assert_usable(watcher)
+
+
+async def test_cancel_sends_the_targets_end_before_ok(daemon, raw):
+    async with raw(daemon.socket_path) as conn:
+        await conn.send(Subscribe(id=1))
+        assert await conn.recv() == Subscribed(id=1)
+        await conn.send(Cancel(id=2, target=1))
+        end, ok = await conn.recv(), await conn.recv()
+        assert end == End(id=1, status="detached", error=None, last_seq=None)
+        assert ok == Ok(id=2)
+        # An attach cancelled before it resolves ends once, detached, and never errors later.
+        await conn.send_bytes(
+            JSON.encode_frame(Attach(id=3, agent="assistant", sender="ghost"))
+            + JSON.encode_frame(Cancel(id=4, target=3))
+        )
+        end, ok = await conn.recv(), await conn.recv()
+        assert isinstance(end, End) and end.id == 3 and end.status == "detached"
+        assert ok == Ok(id=4)
+        await assert_usable(conn)
+
+
+async def test_a_history_larger_than_a_frame_is_sent_in_pages(daemon_factory, raw):
+    daemon = daemon_factory(
+        '[daemon]\nmax_frame_bytes = 4096\n[agents.assistant]\nprovider = "echo"\n'
+    )
+    async with connect(daemon.socket_path) as c:
+        for n in range(20):
+            async with c.stream("assistant", f"turn {n} " + "x" * 200) as events:
+                await events.collect()
+    async with raw(daemon.socket_path) as conn:
+        seen = []
+        after = 0
+        while True:
+            await conn.send(GetHistory(id=1, agent="assistant", after_seq=after))
+            history = await conn.recv()
+            assert isinstance(history, History) and history.entries, history
+            assert len(JSON.encode(history)) <= 4096
+            seen += [e.seq for e in history.entries]
+            after = history.entries[-1].seq
+            if after == history.last_seq:
+                break
+        assert seen == list(range(1, 41))
+
+
+async def test_list_conversations_checks_its_filters(daemon):
+    async with connect(daemon.socket_path) as c:
+        with pytest.raises(ChinwagError) as err:
+            await c.list_conversations(agent="nobody")
+        assert err.value.code == 404
+        with pytest.raises(ChinwagError) as err:
+            await c.list_conversations(sender="bad\x00")
+        assert err.value.code == 400

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import trio
-
 from chinwag.clients import ChinwagError, connect
 from chinwag.protocol import (
     AskUser,
@@ -96,14 +95,13 @@ async def test_two_clients_on_one_conversation_are_serialized(daemon):
 
 
 async def test_reject_policy_gets_409_on_a_busy_conversation(daemon):
-    async with connect(daemon.socket_path) as c:
-        async with c.stream("assistant", "/slow 5 20") as first:
-            await next_of(first, Start)
-            with pytest.raises(ChinwagError) as err:
-                async with c.stream("assistant", "no", queue="reject") as second:
-                    await second.collect()
-            assert err.value.code == 409
-            assert (await first.collect())[-1].status == "done"
+    async with connect(daemon.socket_path) as c, c.stream("assistant", "/slow 5 20") as first:
+        await next_of(first, Start)
+        with pytest.raises(ChinwagError) as err:
+            async with c.stream("assistant", "no", queue="reject") as second:
+                await second.collect()
+        assert err.value.code == 409
+        assert (await first.collect())[-1].status == "done"
 
 
 async def test_interrupt_kills_the_run_in_flight_and_goes_next(daemon):
@@ -367,8 +365,7 @@ async def test_subscribe_sees_runs_from_other_connections(daemon):
                     break
         assert {f.agent for f in seen} == {"assistant"} and {f.sender for f in seen} == {"w"}
         assert [f.event for f in seen] == [
-            type(e)(**{**{k: getattr(e, k) for k in e.__struct_fields__}, "id": None})
-            for e in mine
+            type(e)(**{**{k: getattr(e, k) for k in e.__struct_fields__}, "id": None}) for e in mine
         ]
 
 
