@@ -85,7 +85,7 @@ async def test_malformed_messages_keep_the_connection_open(daemon, raw):
             (b'{"type": "ping", "id": 1.5}', None),
             (b'{"type": "stream", "id": 5, "agent": 3, "content": "x"}', 5),
             (
-                b'{"type": "stream", "id": 6, "agent": "assistant", "content": "x", "queue": "jump"}',
+                b'{"type": "stream", "id": 6, "agent": "a", "content": "x", "queue": "jump"}',
                 6,
             ),
             (b"[1, 2, 3]", None),

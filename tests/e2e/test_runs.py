@@ -160,10 +160,12 @@ async def test_detach_and_disconnect_lose_nothing(daemon):
         async with c.stream("assistant", "/slow 5 20", sender="detach") as events:
             await next_of(events, TextDelta)
         # Leaving the block detached; the run goes on and is stored.
-        async with connect(daemon.socket_path) as gone:
-            async with gone.stream("assistant", "/slow 5 20", sender="gone") as events:
-                await next_of(events, TextDelta)
-                await gone.stats()  # the run is mid-stream when the connection drops
+        async with (
+            connect(daemon.socket_path) as gone,
+            gone.stream("assistant", "/slow 5 20", sender="gone") as events,
+        ):
+            await next_of(events, TextDelta)
+            await gone.stats()  # the run is mid-stream when the connection drops
     async with connect(daemon.socket_path) as c:
         for sender in ("detach", "gone"):
             async with c.attach("assistant", sender) as events:
