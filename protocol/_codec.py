@@ -11,6 +11,15 @@ from ._errors import ProtocolError
 from ._framing import HEADER_BYTES
 from ._messages import ClientMsg, ServerMsg
 
+# What msgspec raises for a body it cannot read at all. Besides DecodeError it
+# lets UnicodeDecodeError through for a string that is not UTF-8, and
+# RecursionError for nesting past the interpreter's recursion limit.
+_UNREADABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _unreadable_reason(exc: Exception) -> str:
+    return "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
 
 class Encoding(enum.Enum):
     JSON = "json"
@@ -50,27 +59,40 @@ class Codec:
         try:
             msg: ClientMsg = self._client_decoder.decode(body)
         except msgspec.ValidationError as exc:
-            raise self._invalid(body, exc) from exc
-        except msgspec.DecodeError as exc:
-            raise ProtocolError(
-                400,
-                f"The frame body is not valid {self.encoding.value} ({exc}); "
-                "the connection is closed.",
-            ) from exc
-        return msg
+            schema_error = exc
+        except _UNREADABLE as exc:
+            raise self._malformed(exc) from exc
+        else:
+            return msg
+        # The typed decoder stops at the first field that breaks the schema, so
+        # the rest of the body is still unchecked: it may be truncated or garbage,
+        # and that closes the connection like any other undecodable body.
+        try:
+            raw = self._any_decoder.decode(body)
+        except _UNREADABLE as exc:
+            raise self._malformed(exc) from exc
+        raise self._invalid(raw, schema_error) from schema_error
 
     def decode_server(self, body: bytes) -> ServerMsg:
         """Decode a server frame (client side); ``ProtocolError`` if it is malformed."""
         try:
             msg: ServerMsg = self._server_decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            raise ProtocolError(400, f"The server sent a malformed frame: {exc}.") from exc
+        except _UNREADABLE as exc:
+            raise ProtocolError(
+                400, f"The server sent a malformed frame: {_unreadable_reason(exc)}."
+            ) from exc
         return msg
 
-    def _invalid(self, body: bytes, exc: msgspec.ValidationError) -> ProtocolError:
+    def _malformed(self, exc: Exception) -> ProtocolError:
+        return ProtocolError(
+            400,
+            f"The frame body is not valid {self.encoding.value} ({_unreadable_reason(exc)}); "
+            "the connection is closed.",
+        )
+
+    def _invalid(self, raw: Any, exc: msgspec.ValidationError) -> ProtocolError:
         # The body decodes but does not fit the schema: the framing is intact,
         # so the connection stays open and the error names the request if it can.
-        raw = self._any_decoder.decode(body)
         if not isinstance(raw, dict):
             return ProtocolError(400, "A message must be a map with a `type` field.", fatal=False)
         request_id = raw.get("id")
