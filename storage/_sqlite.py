@@ -374,6 +374,8 @@ class SqliteStorage:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
+            # A COMMIT that failed in its fsync may still be seen by the next read:
+            # forget what the cache believes and read it back next time.
             for key in staged:
                 self._cache.pop(key, None)
             for pending in group:

@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import trio
 from chinwag.storage import Storage, open_store
+
+FailAt = Literal["insert", "commit"]
 
 
 @dataclass(frozen=True)
@@ -23,34 +26,51 @@ class Backend:
     name: str
     url: Callable[[Path], str]  # the store's URL, given a fresh temporary directory
     durable: bool  # a store opened again on the same URL sees what was stored
-    # (url, content): while entered, appending an entry with that content fails
-    # inside the backend's write, after the entries before it; None if it cannot.
-    failing_appends: Callable[[str, str], AbstractAsyncContextManager[None]] | None = None
+    # (url, content, when): while entered, appending an entry with that content
+    # fails inside the backend's write, after the entries before it were written
+    # ("insert"), or when the write is committed ("commit"); None if it cannot.
+    failing_appends: Callable[[str, str, FailAt], AbstractAsyncContextManager[None]] | None = None
 
 
 @asynccontextmanager
-async def _sqlite_failing_appends(url: str, content: str) -> AsyncIterator[None]:
-    """A trigger, added through a second connection, that aborts the marked insert."""
+async def _sqlite_failing_appends(url: str, content: str, when: FailAt) -> AsyncIterator[None]:
+    """Triggers, added through a second connection, that break the marked insert.
+
+    ``insert`` aborts the INSERT itself; ``commit`` lets it through but leaves a
+    deferred foreign key violation behind, so the COMMIT after it fails.
+    """
     path = url.removeprefix("sqlite:///")
 
-    def ddl(statement: str) -> None:
+    def ddl(*statements: str) -> None:
         conn = sqlite3.connect(path, isolation_level=None)
         try:
-            conn.execute(statement)
+            for statement in statements:
+                conn.execute(statement)
         finally:
             conn.close()
 
-    quoted = content.replace("'", "''")
-    await trio.to_thread.run_sync(
-        ddl,
-        "CREATE TRIGGER inject_failure BEFORE INSERT ON entries"
-        f" WHEN NEW.content = '{quoted}'"
-        " BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
-    )
+    condition = "NEW.content = '{}'".format(content.replace("'", "''"))
+    if when == "insert":
+        setup = [
+            f"CREATE TRIGGER inject_failure BEFORE INSERT ON entries WHEN {condition}"
+            " BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        ]
+    else:
+        setup = [
+            "CREATE TABLE inject_parent (id INTEGER PRIMARY KEY)",
+            "CREATE TABLE inject_child (parent INTEGER"
+            " REFERENCES inject_parent (id) DEFERRABLE INITIALLY DEFERRED)",
+            f"CREATE TRIGGER inject_failure AFTER INSERT ON entries WHEN {condition}"
+            " BEGIN INSERT INTO inject_child VALUES (1); END",
+        ]
+    await trio.to_thread.run_sync(ddl, *setup)
     try:
         yield
     finally:
-        await trio.to_thread.run_sync(ddl, "DROP TRIGGER inject_failure")
+        teardown = ["DROP TRIGGER inject_failure"]
+        if when == "commit":
+            teardown += ["DROP TABLE inject_child", "DROP TABLE inject_parent"]
+        await trio.to_thread.run_sync(ddl, *teardown)
 
 
 BACKENDS = {
@@ -117,17 +137,23 @@ async def reopen(durable: None, store_url: str) -> AsyncIterator[Reopen]:
         yield reopen_
 
 
-FailingAppends = Callable[[str], AbstractAsyncContextManager[None]]
+FailingAppends = Callable[..., AbstractAsyncContextManager[None]]
 
 
 @pytest.fixture
 def failing_appends(backend: Backend, store_url: str) -> FailingAppends:
-    """``async with failing_appends(content):`` appending an entry with ``content`` fails.
+    """``async with failing_appends(content, when="insert"|"commit"):`` such appends fail.
 
     The failure happens inside the backend's write, after the entries before it
-    were written; tests that use it skip on backends with no such hook.
+    were written, or at its commit; tests that use it skip on backends with no
+    such hook.
     """
     inject = backend.failing_appends
     if inject is None:
         pytest.skip(f"{backend.name} has no way to inject a failure mid-append")
-    return lambda content: inject(store_url, content)
+
+    def failing(content: str, when: FailAt = "insert") -> AbstractAsyncContextManager[None]:
+        assert inject is not None
+        return inject(store_url, content, when)
+
+    return failing

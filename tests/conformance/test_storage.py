@@ -14,6 +14,7 @@ import msgspec
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 from chinwag.protocol import ConversationItem, Entry, ToolCallInfo
 from chinwag.storage import ConversationNotFound, Storage, StorageError, open_store
 
@@ -264,6 +265,45 @@ async def test_a_failure_mid_append_leaves_nothing(store: Storage, failing_appen
 
     store = await reopen(store)  # nothing of the failed append reached the disk either
     assert [entry.content for entry in await store.history(AGENT, SENDER)] == ["one", "two"]
+
+
+async def test_a_failed_commit_fails_every_append_it_held(store: Storage, failing_appends) -> None:
+    """Whatever an append reports is the truth: returned is stored, raised is not."""
+    conversations = [f"c{n}" for n in range(10)]
+    for sender in conversations:
+        await create(store, AGENT, sender)
+        await store.append(AGENT, sender, [message("first")])
+    outcomes: dict[str, list[Entry] | StorageError] = {}
+
+    async def append(sender: str) -> None:
+        content = "doomed" if sender == "c3" else f"second {sender}"
+        try:
+            outcomes[sender] = await store.append(
+                AGENT, sender, [message(content), message(f"third {sender}")]
+            )
+        except StorageError as exc:
+            outcomes[sender] = exc
+
+    async with failing_appends("doomed", when="commit"):
+        with pytest.raises(StorageError):  # alone
+            await store.append(AGENT, "c3", [message("doomed")])
+        async with trio.open_nursery() as nursery:  # and among others
+            nursery.start_soon(append, conversations[0])
+            await trio.testing.wait_all_tasks_blocked()  # the rest arrive while it writes
+            for sender in conversations[1:]:
+                nursery.start_soon(append, sender)
+    assert isinstance(outcomes["c3"], StorageError)
+
+    for sender in conversations:
+        history = await store.history(AGENT, sender)
+        outcome = outcomes[sender]
+        if isinstance(outcome, StorageError):
+            assert [entry.content for entry in history] == ["first"]
+        else:
+            assert history == [history[0], *outcome]
+        # Failed commits consumed no seq: the next append follows the last stored one.
+        (next_,) = await store.append(AGENT, sender, [message("after")])
+        assert next_.seq == len(history) + 1
 
 
 async def test_seqs_continue_after_reopening(store: Storage, reopen) -> None:
