@@ -85,7 +85,8 @@ __all__ = [
 
 #: How many frames a streaming request buffers for a consumer that has not
 #: read them yet. A consumer further behind than this loses the request (it is
-#: detached and raises ``ChinwagError``) rather than stalling the connection.
+#: detached and raises ``ChinwagError`` 429, as the daemon does to a subscriber
+#: that falls behind) rather than stalling the whole connection.
 STREAM_BUFFER = 10_000
 
 _READ_CHUNK = 65_536
@@ -287,7 +288,7 @@ class Client:
         self._pending.pop(request_id, None)
         pending.fail(
             ChinwagError(
-                500,
+                429,
                 f"The consumer fell more than {STREAM_BUFFER} frames behind request "
                 f"{request_id}, so the client detached it; read events as they come.",
             )

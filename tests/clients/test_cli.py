@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -335,3 +338,98 @@ def test_send_starts_a_daemon_when_none_listens(short_tmp: Path, isolated_env) -
         assert len(history.stdout.splitlines()) == 4
     finally:
         _stop_pid(pid)
+
+
+class Terminal:
+    """A command on a pseudo-terminal, for what only a terminal does: Ctrl-C."""
+
+    def __init__(self, argv: list[str]) -> None:
+        env = dict(os.environ, NO_COLOR="1", COLUMNS="200", TERM="dumb")
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: become the command, whatever happens
+            try:
+                os.execve(argv[0], argv, env)
+            finally:
+                os._exit(127)
+        self.output = ""
+        self._seen = 0
+
+    def expect(self, pattern: str, timeout: float = 15) -> None:
+        """Wait until ``pattern`` appears in the output after the last match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.output[self._seen :])
+            if found:
+                self._seen += found.end()
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {pattern!r} in the terminal:\n{self.output}")
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if ready:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:  # the command exited and the terminal closed
+                    raise AssertionError(f"no {pattern!r}; it exited:\n{self.output}") from None
+                self.output += data.decode(errors="replace").replace("\r\n", "\n")
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def wait(self, timeout: float = 15) -> int:
+        """The command's exit status, once it exits by itself."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid = 0
+                return os.waitstatus_to_exitcode(status)
+            with contextlib.suppress(OSError):  # keep the terminal drained
+                if select.select([self.fd], [], [], 0.05)[0]:
+                    self.output += os.read(self.fd, 4096).decode(errors="replace")
+        raise AssertionError(f"the command did not exit:\n{self.output}")
+
+    def close(self) -> None:
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+        os.close(self.fd)
+
+
+def test_chat_ctrl_c_kills_the_run_and_quits_at_the_prompt(daemon) -> None:
+    sender = fresh_sender()
+    term = Terminal([CHINWAG, "--socket", str(daemon.socket_path), "chat", "--sender", sender,
+                     "assistant"])  # fmt: skip
+    try:
+        term.expect("you> ")
+        term.type("/slow 200 50\n")
+        term.expect(r"assistant> 1 2 ")
+        term.type("\x03")
+        term.expect("killing the run")
+        term.expect("the run was killed")
+        term.expect("you> ")
+        # Ctrl-C while the agent asks kills the run too, and the abandoned
+        # answer prompt hands the next line to the chat prompt.
+        term.type("/ask Pick one?\n")
+        term.expect(r"answer> ")
+        term.type("\x03")
+        term.expect("the run was killed")
+        term.expect("you> ")
+        term.type("and after\n")
+        term.expect(r"assistant> and after\n")
+        term.expect("you> ")
+        term.type("\x03")
+        assert term.wait() == 0, term.output
+    finally:
+        term.close()
+    assert "Traceback" not in term.output
+    history = chinwag(daemon.socket_path, "history", "--json", "--sender", sender, "assistant")
+    entries = [msgspec.json.decode(line, type=Entry) for line in history.stdout.splitlines()]
+    assert [(e.role, e.content) for e in entries] == [
+        ("user", "/slow 200 50"),
+        ("user", "/ask Pick one?"),
+        ("user", "and after"),
+        ("assistant", "and after"),
+    ]

@@ -230,6 +230,7 @@ def test_a_consumer_far_behind_loses_its_stream_not_the_connection(
                         assert isinstance(event, TextDelta)
                         seen.append(event.delta)
                 assert seen == ["0", "1", "2", "3", "4"]
+                assert info.value.code == 429
                 assert "behind" in info.value.message
             assert cancelled == [events.id]
 
