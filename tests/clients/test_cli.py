@@ -433,3 +433,66 @@ def test_chat_ctrl_c_kills_the_run_and_quits_at_the_prompt(daemon) -> None:
         ("user", "and after"),
         ("assistant", "and after"),
     ]
+
+
+def test_send_as_a_guest_with_a_cwd(daemon, short_tmp: Path) -> None:
+    sender = fresh_sender()
+    work = short_tmp / "work"
+    work.mkdir()
+    first = subprocess.run(
+        [CHINWAG, "--socket", str(daemon.socket_path), "send", "--sender", sender,
+         "--cwd", "work", "assistant", "hi"],
+        capture_output=True, text=True, cwd=short_tmp, timeout=30,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    guest = chinwag(
+        daemon.socket_path, "send", "--json", "--sender", sender, "--guest", "helper",
+        "assistant", "over to you",
+    )  # fmt: skip
+    assert guest.returncode == 0, guest.stderr
+    start = msgspec.json.decode(guest.stdout.splitlines()[0], type=ServerMsg)
+    assert isinstance(start, Start) and start.agent == "helper"
+    listed = chinwag(daemon.socket_path, "ls", "--json", "--agent", "assistant")
+    items = [
+        msgspec.json.decode(line, type=ConversationItem) for line in listed.stdout.splitlines()
+    ]
+    assert [(i.sender, i.cwd) for i in items] == [(sender, str(work))]
+    history = chinwag(daemon.socket_path, "history", "--sender", sender, "assistant")
+    assert "assistant (helper): over to you" in history.stdout
+
+
+def test_send_with_queue_reject_on_a_busy_conversation(daemon) -> None:
+    sender = fresh_sender()
+    busy = subprocess.Popen(
+        [CHINWAG, "--socket", str(daemon.socket_path), "send", "--sender", sender, "assistant",
+         "/slow 100 50"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert busy.stdout is not None
+        assert busy.stdout.read(1) == "1"
+        refused = chinwag(
+            daemon.socket_path, "send", "--queue", "reject", "--sender", sender, "assistant", "x"
+        )
+        assert_clean_failure(refused)
+        assert "409" in refused.stderr
+    finally:
+        chinwag(daemon.socket_path, "kill", "--sender", sender, "assistant")
+        busy.communicate(timeout=30)
+
+
+def test_compact(daemon) -> None:
+    sender = fresh_sender()
+    chinwag(daemon.socket_path, "send", "--sender", sender, "assistant", "squash me")
+    result = chinwag(daemon.socket_path, "compact", "--sender", sender, "assistant")
+    if "error 501" in result.stderr:
+        assert_clean_failure(result)
+        pytest.xfail("this daemon does not compact yet (501)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("archived 2 entries as ")
+    archived = chinwag(daemon.socket_path, "history", "--all", "--json", "--sender", sender,
+                       "assistant")  # fmt: skip
+    kinds = [
+        msgspec.json.decode(line, type=Entry).kind for line in archived.stdout.split("\n")[:-1]
+    ]
+    assert kinds == ["message", "message", "compact"]
