@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -33,8 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         "else $XDG_RUNTIME_DIR/chinwag/chinwag.sock)",
     )
     parser.add_argument("--storage", help="storage URL, e.g. sqlite:////abs/path.db or memory:")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("CHINWAG_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log level written to stderr (default: $CHINWAG_LOG_LEVEL, else info)",
+    )
     args = parser.parse_args(argv)
-    configure_logging()
+    configure_logging(getattr(logging, args.log_level.upper()))
     log = structlog.get_logger("chinwag.daemon")
     try:
         config = load_config(args.config, tool_names=TOOL_NAMES)

@@ -431,7 +431,7 @@ class Runtime:
                 conv.info.cwd = run.cwd
             stored = await self._append(conv, [user])
         run.started = True
-        log.info("run_started", seq=stored[0].seq, speaker=run.speaker.name)
+        log.debug("run_started", seq=stored[0].seq, speaker=run.speaker.name)
         run.publish(Start(run_id=run.id, agent=run.speaker.name, seq=stored[0].seq))
 
     async def _append(self, conv: Conversation, entries: list[Entry]) -> list[Entry]:
