@@ -50,17 +50,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at TEXT NOT NULL,
             updated_at TEXT NOT NULL,
             last_seq INTEGER NOT NULL DEFAULT 0,
-            UNIQUE (agent, sender)
+            UNIQUE (sender, agent)
         )
         """,
+        # Listing pages through these, newest first, with no sort. Every append moves
+        # its conversation in both, so there is no third one for senders: a sender
+        # has few conversations, found through UNIQUE (sender, agent) and sorted.
         "CREATE INDEX conversations_by_updated ON conversations (updated_at DESC, id DESC)",
         """
         CREATE INDEX conversations_by_agent
             ON conversations (agent, updated_at DESC, id DESC)
-        """,
-        """
-        CREATE INDEX conversations_by_sender
-            ON conversations (sender, updated_at DESC, id DESC)
         """,
         """
         CREATE TABLE entries (
@@ -241,7 +240,7 @@ class SqliteStorage:
     ) -> ConversationItem:
         self._conn.execute(
             "INSERT INTO conversations (agent, sender, cwd, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (agent, sender) DO NOTHING",
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sender, agent) DO NOTHING",
             (agent, sender, cwd, created_at, created_at),
         )
         item = self._get_conversation(agent, sender)
@@ -434,21 +433,28 @@ class SqliteStorage:
         self, agent: str, sender: str, after_seq: int, limit: int, include_archived: bool
     ) -> list[tuple[Any, ...]]:
         conv_id, _ = self._lookup(agent, sender)
-        if include_archived:
+        marker_seq = 0
+        if not include_archived:
+            (marker_seq,) = self._conn.execute(
+                "SELECT coalesce(max(seq), 0) FROM entries"
+                " WHERE conversation_id = ? AND kind = 'compact'",
+                (conv_id,),
+            ).fetchone()
+        if marker_seq <= after_seq + 1:  # nothing to hide after after_seq
             return self._conn.execute(
                 f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = ? AND seq > ?"
                 " ORDER BY seq LIMIT ?",
                 (conv_id, after_seq, limit),
             ).fetchall()
-        (marker_seq,) = self._conn.execute(
-            "SELECT coalesce(max(seq), 0) FROM entries"
-            " WHERE conversation_id = ? AND kind = 'compact'",
-            (conv_id,),
-        ).fetchone()
+        # The earlier markers (through the partial index, without reading what they
+        # archived), then everything from the latest marker on.
         return self._conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = ? AND seq > ?"
-            " AND (seq >= ? OR kind = 'compact') ORDER BY seq LIMIT ?",
-            (conv_id, after_seq, marker_seq, limit),
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = :id"
+            " AND kind = 'compact' AND seq > :after AND seq < :marker"
+            f" UNION ALL SELECT {_ENTRY_COLUMNS} FROM entries"
+            " WHERE conversation_id = :id AND seq >= :marker"
+            " ORDER BY seq LIMIT :limit",
+            {"id": conv_id, "after": after_seq, "marker": marker_seq, "limit": limit},
         ).fetchall()
 
     # --- lifetime -----------------------------------------------------------------
