@@ -128,6 +128,14 @@ class ConnectionLost(ChinwagError):
         super().__init__(503, message)
 
 
+def _again(error: ChinwagError) -> ChinwagError:
+    """A fresh copy of an error shared by many requests, so that each raise has
+    its own traceback."""
+    if isinstance(error, ConnectionLost):
+        return ConnectionLost(error.message)
+    return ChinwagError(error.code, error.message)
+
+
 @dataclass(eq=False)
 class _Pending:
     """One open request: where the reader puts its frames."""
@@ -148,7 +156,9 @@ class _Pending:
         try:
             return await self.receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise self.error or ConnectionLost("The request ended without a reply.") from None
+            if self.error is None:
+                raise ConnectionLost("The request ended without a reply.") from None
+            raise _again(self.error) from None
 
 
 class Client:
@@ -185,7 +195,7 @@ class Client:
 
     def _open(self, streaming: bool) -> tuple[int, _Pending]:
         if self._closed is not None:
-            raise self._closed
+            raise _again(self._closed)
         request_id = self._new_id()
         buffer = STREAM_BUFFER if streaming else 1
         send, receive = anyio.create_memory_object_stream[ServerMsg](buffer)
@@ -202,7 +212,7 @@ class Client:
 
     async def _send(self, msg: msgspec.Struct) -> None:
         if self._closed is not None:
-            raise self._closed
+            raise _again(self._closed)
         data = self.codec.encode_frame(msg)
         if len(data) - 4 > self.welcome.max_frame_bytes:
             raise ChinwagError(
@@ -483,30 +493,34 @@ class _OpenRequest:
             try:
                 await self._client._send(self._build(self._id))
             except BaseException:
-                self._finished = True
-                self._client._forget(self._id, self._pending)
+                self._finish()
                 raise
         return self._pending
+
+    def _finish(self) -> None:
+        """The request is over: stop listening for its frames."""
+        self._finished = True
+        if self._id is not None and self._pending is not None:
+            self._client._forget(self._id, self._pending)
 
     async def _next_frame(self) -> ServerMsg:
         pending = await self._start()
         try:
             msg = await pending.next()
         except ChinwagError:
-            self._finished = True
+            self._finish()
             raise
         if isinstance(msg, Error):
-            self._finished = True
+            self._finish()
             raise ChinwagError(msg.code, msg.message)
         return msg
 
     async def _close(self) -> None:
-        if self._id is None or self._pending is None:
+        if self._finished or self._id is None:
             return
-        self._client._forget(self._id, self._pending)
-        if self._finished or self._client.closed:
+        self._finish()
+        if self._client.closed:
             return
-        self._finished = True
         # Shielded so that leaving on cancellation still detaches; bounded so
         # that a daemon that never answers cannot hold the caller forever.
         with anyio.move_on_after(_DETACH_TIMEOUT_S, shield=True):
@@ -542,7 +556,7 @@ class EventStream(_OpenRequest):
             raise StopAsyncIteration
         msg = await self._next_frame()
         if isinstance(msg, End):
-            self._finished = True
+            self._finish()
         if not isinstance(
             msg,
             Queued
@@ -556,7 +570,7 @@ class EventStream(_OpenRequest):
             | Usage
             | End,
         ):
-            self._finished = True
+            self._finish()
             raise _unexpected(msg, "a stream event")
         return msg
 
@@ -569,10 +583,13 @@ class Subscription(_OpenRequest):
     """The ``Event`` frames of one ``subscribe`` request, until the context exits."""
 
     async def __aenter__(self) -> Subscription:
-        msg = await self._next_frame()
+        try:
+            msg = await self._next_frame()
+        except BaseException:
+            await self._close()  # cancelled while waiting: still detach
+            raise
         if not isinstance(msg, Subscribed):
-            self._finished = True
-            await self._close()
+            self._finish()
             raise _unexpected(msg, "`subscribed`")
         return self
 
@@ -594,12 +611,12 @@ class Subscription(_OpenRequest):
         if isinstance(msg, End):
             # The daemon ended the subscription (we detached it, or it dropped
             # a subscriber that fell behind).
-            self._finished = True
+            self._finish()
             if msg.error is not None:
                 raise ChinwagError(msg.error.code, msg.error.message)
             raise StopAsyncIteration
         if not isinstance(msg, Event):
-            self._finished = True
+            self._finish()
             raise _unexpected(msg, "an `event` frame")
         return msg
 
