@@ -164,8 +164,8 @@ class MemoryStorage:
         return page, next_cursor
 
     async def close(self) -> None:
-        await trio.lowlevel.checkpoint()
         self._closed = True
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 def _key(conv: _Conversation) -> tuple[datetime, int]:

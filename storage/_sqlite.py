@@ -530,7 +530,11 @@ def _prepare(agent: str, sender: str, entries: Sequence[Entry]) -> _PendingAppen
     rows: list[_RowTail] = []
     for entry in entries:
         created_at = now if entry.created_at is None else utc(entry.created_at)
-        copy = msgspec.structs.replace(entry, created_at=created_at)
+        copy = msgspec.structs.replace(
+            entry,
+            created_at=created_at,
+            tool_calls=[msgspec.structs.replace(call) for call in entry.tool_calls],
+        )
         try:
             tool_calls = (
                 _tool_calls_encoder.encode(entry.tool_calls).decode() if entry.tool_calls else None

@@ -222,6 +222,7 @@ async def test_stored_data_is_not_shared_with_callers(store: Storage) -> None:
     (returned,) = await store.append(AGENT, SENDER, [given])
     given.content = "changed after the append"
     given.tool_calls.append(call)
+    assert returned.tool_calls == [call] and returned.content == ""
     returned.content = "changed the result"
     (read,) = await store.history(AGENT, SENDER)
     read.tool_calls.clear()
@@ -389,6 +390,28 @@ async def test_a_failing_append_among_concurrent_ones_fails_alone(store: Storage
         else:
             assert [entry.seq for entry in outcomes[sender]] == [2, 3]  # type: ignore[attr-defined]
             assert contents == ["first", "second", "third"]
+
+
+async def test_cancelled_appends_are_whole_or_absent(store: Storage) -> None:
+    await create(store)
+    returned: list[list[Entry]] = []
+
+    async def writer(n: int) -> None:
+        returned.append(await store.append(AGENT, SENDER, [message(f"u{n}"), message(f"a{n}")]))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(40):
+            nursery.start_soon(writer, n)
+        for _ in range(3):
+            await trio.lowlevel.checkpoint()
+        nursery.cancel_scope.cancel()  # lands wherever each append is
+
+    history = await store.history(AGENT, SENDER)
+    assert [entry.seq for entry in history] == list(range(1, len(history) + 1))
+    pairs = [history[i : i + 2] for i in range(0, len(history), 2)]
+    assert all(len(p) == 2 and p[0].content[1:] == p[1].content[1:] for p in pairs)
+    for stored in returned:
+        assert history[stored[0].seq - 1 : stored[1].seq] == stored
 
 
 # --- history -------------------------------------------------------------------
