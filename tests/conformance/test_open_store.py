@@ -69,7 +69,9 @@ async def test_backends_still_to_come_say_so(url: str) -> None:
         "sqlite:///x.db?journal_mode=delete",
     ],
 )
-async def test_malformed_urls_are_value_errors(url: str, tmp_path: Path, monkeypatch) -> None:
+async def test_malformed_urls_are_value_errors(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError):
         async with open_store(url):
@@ -84,7 +86,7 @@ async def test_memory_urls(url: str) -> None:
 
 
 async def test_three_slashes_is_a_path_relative_to_the_working_directory(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     async with open_store("sqlite:///nested/dir/chinwag.db") as store:

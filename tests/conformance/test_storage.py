@@ -8,6 +8,8 @@ backend that has neither.
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
@@ -19,6 +21,8 @@ from chinwag.protocol import ConversationItem, Entry, ToolCallInfo
 from chinwag.storage import ConversationNotFound, Storage, StorageError, open_store
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+Reopen = Callable[[Storage], Awaitable[Storage]]  # the fixtures' shapes, see conftest.py
+FailingAppends = Callable[..., AbstractAsyncContextManager[None]]
 AGENT = "assistant"
 SENDER = "user"
 
@@ -252,7 +256,9 @@ async def test_an_entry_that_cannot_be_encoded_leaves_nothing(store: Storage) ->
     assert next_.seq == 3  # the failed append consumed no seq
 
 
-async def test_a_failure_mid_append_leaves_nothing(store: Storage, failing_appends, reopen) -> None:
+async def test_a_failure_mid_append_leaves_nothing(
+    store: Storage, failing_appends: FailingAppends, reopen: Reopen
+) -> None:
     await create(store)
     await store.append(AGENT, SENDER, [message("one", when=at(1))])
     async with failing_appends("boom"):
@@ -268,7 +274,9 @@ async def test_a_failure_mid_append_leaves_nothing(store: Storage, failing_appen
     assert [entry.content for entry in await store.history(AGENT, SENDER)] == ["one", "two"]
 
 
-async def test_a_failed_commit_fails_every_append_it_held(store: Storage, failing_appends) -> None:
+async def test_a_failed_commit_fails_every_append_it_held(
+    store: Storage, failing_appends: FailingAppends
+) -> None:
     """Whatever an append reports is the truth: returned is stored, raised is not."""
     conversations = [f"c{n}" for n in range(10)]
     for sender in conversations:
@@ -307,7 +315,7 @@ async def test_a_failed_commit_fails_every_append_it_held(store: Storage, failin
         assert next_.seq == len(history) + 1
 
 
-async def test_seqs_continue_after_reopening(store: Storage, reopen) -> None:
+async def test_seqs_continue_after_reopening(store: Storage, reopen: Reopen) -> None:
     await store.create_conversation(AGENT, SENDER, cwd="/work", created_at=T0)
     await store.append(AGENT, SENDER, [message("a", when=at(1)), message("b", when=at(2))])
     await store.append(AGENT, SENDER, [marker("arch-1", "sum", when=at(3))])
