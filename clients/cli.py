@@ -316,16 +316,22 @@ def _clip(text: str, width: int = 100) -> str:
     return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
 
 
-def _tool_call_text(event: ToolCall) -> Text:
-    text = Text("  ⚙ ", style="dim cyan")
+def line_console(*, stderr: bool = False) -> Console:
+    """A console for line output: lines are never hard-wrapped, so a pipe or a
+    narrow terminal gets them whole."""
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _tool_call_text(event: ToolCall, indent: str = "  ") -> Text:
+    text = Text(f"{indent}⚙ ", style="dim cyan")
     text.append(event.name, style="cyan")
     text.append(f"({_clip(event.arguments, 80)})", style="dim")
     return text
 
 
-def _tool_result_text(event: ToolResult) -> Text:
+def _tool_result_text(event: ToolResult, indent: str = "  ") -> Text:
     style = "red" if event.is_error else "dim"
-    text = Text("  ↳ ", style=style)
+    text = Text(f"{indent}↳ ", style=style)
     text.append(_clip(event.output, 100) or "(no output)", style=style)
     text.append(f"  {event.duration_ms:.0f} ms", style="dim")
     return text
@@ -461,7 +467,7 @@ def send(
     settings = _settings(ctx)
     ensure_daemon(settings.socket)
     work_dir = str(cwd.resolve()) if cwd is not None else None
-    err = Console(stderr=True, highlight=False)
+    err = line_console(stderr=True)
     out = TextOut(sys.stdout)
     view = _SendView(out, err)
     lines = LineReader()
@@ -568,7 +574,7 @@ def chat(ctx: click.Context, agent: str, sender: str | None) -> None:
 
 
 async def _chat(settings: Settings, agent: str, sender: str | None) -> None:
-    console = Console(highlight=False)
+    console = line_console()
     out = TextOut(sys.stdout)
     lines = LineReader()
     state = _ChatState()
@@ -742,7 +748,7 @@ def history(
                 sys.stdout.buffer.write(JSON.encode(entry) + b"\n")
             sys.stdout.buffer.flush()
             return
-        console = Console(highlight=False)
+        console = line_console()
         heading = Text(f"{reply.agent}/{reply.sender}", style="bold")
         if reply.title:
             heading.append(f" — {reply.title}")
@@ -844,7 +850,7 @@ def tail(ctx: click.Context, agent: str | None, sender: str | None, as_json: boo
     out = TextOut(sys.stdout)
 
     async def body() -> None:
-        console = Console(highlight=False)
+        console = line_console()
         last_run: str | None = None
         async with _connect(settings) as client, anyio.create_task_group() as tasks:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as interrupts:
@@ -887,9 +893,9 @@ def _render_tail_event(frame: Event, last_run: str | None, out: TextOut, console
         case Start(agent=speaker, seq=seq):
             line.append(f"start {speaker} run {frame.run_id} at seq {seq}", style="dim")
         case ToolCall():
-            line.append_text(_tool_call_text(event))
+            line.append_text(_tool_call_text(event, indent=""))
         case ToolResult():
-            line.append_text(_tool_result_text(event))
+            line.append_text(_tool_result_text(event, indent=""))
         case Title(title=title):
             line.append(f"title: {title}", style="dim")
         case AskUser(questions=questions):
@@ -968,7 +974,7 @@ def compact(ctx: click.Context, agent: str, sender: str | None, instructions: st
     async def body() -> None:
         async with _connect(settings) as client:
             done = await client.compact(agent, sender, instructions=instructions)
-        console = Console(highlight=False)
+        console = line_console()
         console.print(
             Text(f"archived {done.archived_entries} entries as {done.archive}", style="bold")
         )
