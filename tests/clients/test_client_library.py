@@ -405,6 +405,11 @@ def test_queued_runs_and_queue_policies(daemon, run: Runner) -> None:
         end = first_rest[-1]
         assert isinstance(end, End) and end.status == "killed"
         assert text_of(cut_in) == "cutting in"
+        # The interrupting run went ahead of the one queued before it.
+        cut_in_seq = [e.seq for e in cut_in if isinstance(e, Start)]
+        second_seq = [e.seq for e in second_all if isinstance(e, Start)]
+        assert len(cut_in_seq) == len(second_seq) == 1
+        assert cut_in_seq[0] < second_seq[0]
         assert text_of(second_all) == "waiting"
         assert isinstance(second_all[-1], End) and second_all[-1].status == "done"
 
@@ -456,3 +461,52 @@ def test_compact(daemon, run: Runner) -> None:
         assert [e.kind for e in everything.entries] == ["message", "message", "compact"]
 
     run(main)
+
+
+def test_kill_all_drops_the_queue_too(daemon, run: Runner) -> None:
+    sender = fresh_sender()
+
+    async def main() -> None:
+        async with (
+            connect(daemon.socket_path) as c,
+            c.stream("assistant", "/slow 100 20", sender=sender) as first,
+            c.stream("assistant", "never runs", sender=sender) as second,
+        ):
+            start = await next_of(first, Start)
+            assert isinstance(await second.__anext__(), Queued)
+            killed = await c.kill("assistant", sender, all=True)
+            first_rest = await first.collect()
+            second_rest = await second.collect()
+            history = await c.history("assistant", sender)
+        assert isinstance(start, Start) and killed.run_id == start.run_id
+        for rest in (first_rest, second_rest):
+            end = rest[-1]
+            assert isinstance(end, End) and end.status == "killed"
+        assert not any(isinstance(e, Start) for e in second_rest)  # it never started
+        assert [e.content for e in history.entries] == ["/slow 100 20"]
+
+    run(main)
+
+
+def test_conversations_survive_a_daemon_restart(daemon, run: Runner) -> None:
+    sender = fresh_sender()
+
+    async def before() -> None:
+        async with (
+            connect(daemon.socket_path) as c,
+            c.stream("assistant", "still here", sender=sender) as events,
+        ):
+            await events.collect()
+
+    async def after() -> None:
+        async with connect(daemon.socket_path) as c:
+            history = await c.history("assistant", sender)
+            async with c.stream("assistant", "and again", sender=sender) as events:
+                got = await events.collect()
+        assert [e.content for e in history.entries] == ["still here", "still here"]
+        start = got[0]
+        assert isinstance(start, Start) and start.seq == 3
+
+    run(before)
+    daemon.restart()
+    run(after)
