@@ -345,7 +345,7 @@ class SqliteStorage:
     def _write_group(self, group: list[_PendingAppend]) -> None:
         """Write every append of ``group`` in one transaction, each in a savepoint. Worker thread.
 
-        Sets each pending append's ``result`` or ``error``; raises nothing.
+        Sets each pending append's ``result`` or ``error``; no sqlite error escapes.
         """
         conn = self._conn
         staged: dict[tuple[str, str], tuple[int, int]] = {}  # what COMMIT will make true
