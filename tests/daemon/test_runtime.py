@@ -1,0 +1,121 @@
+"""The runtime without sockets: runs, asks and shutdown on trio's autojump clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+from chinwag.daemon._config import AgentConfig, Config, DaemonConfig
+from chinwag.daemon._errors import RequestError
+from chinwag.daemon._runtime import Runtime
+from chinwag.daemon._serve import build_agents
+from chinwag.protocol import AskUser, End, Start, TextDelta, ToolResult
+from chinwag.storage import MemoryStorage
+
+
+class Recorder:
+    """A sink that keeps every event and lets a test await the end."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self.ended = trio.Event()
+
+    def __call__(self, event) -> bool:
+        self.events.append(event)
+        if isinstance(event, End):
+            self.ended.set()
+        return True
+
+    @property
+    def end(self) -> End:
+        assert isinstance(self.events[-1], End)
+        return self.events[-1]
+
+
+@asynccontextmanager
+async def runtime(**daemon: object) -> AsyncIterator[Runtime]:
+    config = Config(
+        daemon=DaemonConfig(**daemon),  # type: ignore[arg-type]
+        agents={"assistant": AgentConfig(provider="echo", tools=["ask_user", "set_title"])},
+    )
+    storage = MemoryStorage()
+    async with trio.open_nursery() as nursery:
+        yield Runtime(config, storage, build_agents(config), nursery)
+        nursery.cancel_scope.cancel()
+
+
+def submit(rt: Runtime, content: str, sender: str = "user", **kwargs) -> Recorder:
+    sink = Recorder()
+    rt.submit(
+        agent="assistant",
+        sender=sender,
+        content=content,
+        guest=None,
+        cwd=None,
+        queue=kwargs.pop("queue", "enqueue"),
+        sink=sink,
+    )
+    return sink
+
+
+async def test_an_unanswered_ask_times_out_into_an_error_result(autojump_clock):
+    async with runtime(ask_timeout_s=30.0) as rt:
+        sink = submit(rt, "/ask Anyone there?")
+        started = trio.current_time()
+        await sink.ended.wait()
+        assert trio.current_time() - started == pytest.approx(30.0, abs=0.5)
+        result = next(e for e in sink.events if isinstance(e, ToolResult))
+        assert result.is_error and "did not answer within 30 s" in result.output
+        assert sink.end.status == "done"
+        assert rt.conversations[("assistant", "user")].pending_ask is None
+
+
+async def test_an_ask_waits_as_long_as_it_takes_by_default(autojump_clock):
+    async with runtime() as rt:
+        sink = submit(rt, "/ask Take your time")
+        with trio.move_on_after(3600):
+            await sink.ended.wait()
+        ask = next(e for e in sink.events if isinstance(e, AskUser))
+        await rt.reply_to_ask("assistant", "user", "an hour later", ask.ask_id)
+        await sink.ended.wait()
+        assert "".join(e.delta for e in sink.events if isinstance(e, TextDelta)) == "an hour later"
+
+
+async def test_shutdown_lets_runs_finish_within_grace_then_cancels(autojump_clock):
+    async with runtime() as rt:
+        quick = submit(rt, "/slow 3 100", sender="quick")
+        slow = submit(rt, "/slow 1000 100", sender="slow")
+        queued = submit(rt, "queued behind the slow one", sender="slow")
+        started = trio.current_time()
+        await rt.shutdown(grace_s=5.0)
+        assert trio.current_time() - started == pytest.approx(5.0, abs=0.2)
+        assert quick.end.status == "done"
+        assert slow.end.status == "error" and slow.end.error.code == 503
+        assert [type(e) for e in queued.events][-1] is End
+        assert queued.end.error.code == 503 and not any(isinstance(e, Start) for e in queued.events)
+        with pytest.raises(RequestError) as err:
+            submit(rt, "too late")
+        assert err.value.code == 503
+
+
+async def test_idle_conversations_are_dropped_and_reload_from_storage(autojump_clock):
+    async with runtime(idle_conversations=2) as rt:
+        for n in range(4):
+            sink = submit(rt, f"hello {n}", sender=f"s{n}")
+            await sink.ended.wait()
+        assert set(rt.conversations) == {("assistant", "s2"), ("assistant", "s3")}
+        again = submit(rt, "back again", sender="s0")
+        await again.ended.wait()
+        start = next(e for e in again.events if isinstance(e, Start))
+        assert start.seq == 3, "the dropped conversation's history was reloaded"
+
+
+async def test_runs_of_one_conversation_never_overlap(autojump_clock):
+    async with runtime() as rt:
+        sinks = [submit(rt, f"/slow 3 {10 * (5 - n)}") for n in range(5)]
+        for sink in sinks:
+            await sink.ended.wait()
+        starts = [next(e for e in s.events if isinstance(e, Start)).seq for s in sinks]
+        assert starts == [1, 3, 5, 7, 9], "in submission order, each after the previous ended"
