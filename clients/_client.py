@@ -9,6 +9,7 @@ lock. Nothing here knows the daemon's internals: only PROTOCOL.md.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ _READ_CHUNK = 65_536
 _MAX_INCOMING_FRAME = (1 << 32) - 1
 # How long leaving a stream early waits for the daemon to confirm the detach.
 _DETACH_TIMEOUT_S = 5.0
+# How long closing waits for the reader to see the socket shut down.
+_STOP_READER_TIMEOUT_S = 2.0
 
 _R = TypeVar("_R", bound=msgspec.Struct)
 _StrPath = str | PathLike[str]
@@ -181,6 +184,7 @@ class Client:
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
         self._closed: ChinwagError | None = None
+        self._reader_done = anyio.Event()
 
     # --- plumbing -------------------------------------------------------
 
@@ -241,12 +245,21 @@ class Client:
         return _expect(msg, reply_type)
 
     async def _read(self) -> None:
-        """The reader task: every frame from the daemon goes through here."""
+        """The reader task: every frame from the daemon goes through here.
+
+        It is never cancelled; ``_stop_reader`` ends it by shutting the socket
+        down. On asyncio, cancelling a receive pending on a Unix socket races
+        with the socket turning readable in the same loop iteration, and anyio
+        then sets the result of a cancelled future: the loop logs an
+        ``InvalidStateError`` traceback (seen when the daemon closes the
+        connection just as the client leaves).
+        """
         reason: ChinwagError = ConnectionLost("The daemon closed the connection.")
         try:
             while True:
                 try:
-                    data = await self._stream.receive(_READ_CHUNK)
+                    with anyio.CancelScope(shield=True):
+                        data = await self._stream.receive(_READ_CHUNK)
                 except anyio.EndOfStream:
                     break
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -259,6 +272,21 @@ class Client:
             reason = ConnectionLost(f"The daemon broke the protocol: {exc.message}")
         finally:
             self._shutdown(reason)
+            self._reader_done.set()
+
+    async def _stop_reader(self) -> None:
+        """Shut the socket down and wait for the reader to see its end."""
+        with anyio.CancelScope(shield=True):
+            raw = self._stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+            if raw is not None:
+                with contextlib.suppress(OSError):  # already disconnected
+                    raw.shutdown(socket.SHUT_RDWR)
+            with anyio.move_on_after(_STOP_READER_TIMEOUT_S):
+                await self._reader_done.wait()
+                return
+            # Still blocked: closing the stream wakes a pending receive.
+            await self._stream.aclose()
+            await self._reader_done.wait()
 
     def _dispatch(self, body: bytes) -> None:
         try:
@@ -700,8 +728,9 @@ async def connect(
                     body_error = exc
                     raise
                 finally:
-                    task_group.cancel_scope.cancel()
                     conn._shutdown(ConnectionLost("The connection was closed by this client."))
+                    await conn._stop_reader()
+                    task_group.cancel_scope.cancel()  # detaches still in flight
         except BaseExceptionGroup as group:
             # The caller's block runs inside our task group, which wraps what it
             # raises in a group; hand the caller back its own exception.

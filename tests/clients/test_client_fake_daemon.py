@@ -7,6 +7,9 @@ type, a flood of events, a dropped connection.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -82,7 +85,9 @@ async def fake_daemon(path: Path, handler: Handler) -> AsyncIterator[Path]:
 
     async def serve_one(stream: anyio.abc.ByteStream) -> None:
         async with stream:
-            await handler(FakeConnection(stream))
+            # The client leaving while the script still reads is not a failure.
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                await handler(FakeConnection(stream))
 
     async with listener, anyio.create_task_group() as tasks:
         tasks.start_soon(listener.serve, serve_one)
@@ -327,3 +332,28 @@ def test_connect_without_a_daemon_raises_oserror(run: Runner, sock: Path) -> Non
                 pass
 
     run(main)
+
+
+def test_leaving_as_the_daemon_hangs_up_logs_nothing_on_asyncio(sock: Path) -> None:
+    """Regression: cancelling the reader's pending receive as the socket turned
+    readable made anyio set a cancelled future's result, and asyncio logged an
+    `InvalidStateError` traceback (the CLI printed it when the daemon shut down)."""
+    loop_errors: list[dict[str, object]] = []
+
+    async def handler(conn: FakeConnection) -> None:
+        await conn.handshake()
+        stream = await conn.recv()
+        assert isinstance(stream, Stream)
+        await conn.send(Start(id=stream.id, run_id="r1", agent="assistant", seq=1))
+        await conn.send(End(id=stream.id, status="done", error=None, last_seq=2))
+        await anyio.sleep(random.random() / 1000)  # hang up around when the client leaves
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
+        async with fake_daemon(sock, handler):
+            for _ in range(1000):
+                async with connect(sock) as c, c.stream("assistant", "hi") as events:
+                    await events.collect()
+
+    anyio.run(main, backend="asyncio")
+    assert loop_errors == []
