@@ -159,7 +159,7 @@ def ensure_daemon(socket_path: Path, timeout: float = START_TIMEOUT_S) -> None:
         status = proc.poll()
         if status is not None:
             if _accepts(socket_path):
-                break  # another client's daemon won the race for the socket
+                return  # another client's daemon won the race for the socket
             raise Failure(
                 f"the daemon exited with status {status} before listening on {socket_path}; "
                 f"see its log at {log_path}"

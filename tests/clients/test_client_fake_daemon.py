@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 import msgspec
 import pytest
-from chinwag.clients import ChinwagError, ConnectionLost, connect
+from chinwag.clients import ChinwagError, ConnectionLost, connect, wait_for_socket
 from chinwag.clients import _client as client_module
 from chinwag.protocol import (
     JSON,
@@ -357,3 +357,29 @@ def test_leaving_as_the_daemon_hangs_up_logs_nothing_on_asyncio(sock: Path) -> N
 
     anyio.run(main, backend="asyncio")
     assert loop_errors == []
+
+
+def test_wait_for_socket_returns_once_a_daemon_listens(run: Runner, sock: Path) -> None:
+    async def handler(conn: FakeConnection) -> None:
+        await conn.handshake()
+        await anyio.sleep_forever()
+
+    async def main() -> None:
+        with anyio.move_on_after(0.2) as nothing_yet:
+            await wait_for_socket(sock)
+        assert nothing_yet.cancelled_caught
+
+        async def listen_later() -> None:
+            await anyio.sleep(0.1)
+            async with fake_daemon(sock, handler):
+                await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(listen_later)
+            with anyio.fail_after(5):
+                await wait_for_socket(sock)
+            async with connect(sock) as c:
+                assert c.welcome == WELCOME
+            tasks.cancel_scope.cancel()
+
+    run(main)
