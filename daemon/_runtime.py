@@ -321,12 +321,14 @@ class Runtime:
         check_sender(sender)
         conv = self._conversation(agent, sender)
         found = await conv.exists()
-        if not conv.busy:
-            self._became_idle(conv)  # kept warm like any idle conversation, evicted in turn
         if not found:
+            if self.conversations.get(conv.key) is conv:
+                del self.conversations[conv.key]  # no placeholder for what does not exist
             raise RequestError(
                 404, f"No conversation ({agent}, {sender}) exists; a `stream` creates it."
             )
+        if not conv.busy:
+            self._became_idle(conv)  # kept warm like any idle conversation, evicted in turn
         return conv
 
     # --- runs -----------------------------------------------------------------

@@ -119,3 +119,12 @@ async def test_runs_of_one_conversation_never_overlap(autojump_clock):
             await sink.ended.wait()
         starts = [next(e for e in s.events if isinstance(e, Start)).seq for s in sinks]
         assert starts == [1, 3, 5, 7, 9], "in submission order, each after the previous ended"
+
+
+async def test_lookups_of_unknown_conversations_leave_nothing_behind(autojump_clock):
+    async with runtime() as rt:
+        for n in range(10):
+            with pytest.raises(RequestError) as err:
+                await rt.kill("assistant", f"ghost{n}", everything=False)
+            assert err.value.code == 404
+        assert rt.conversations == {}
