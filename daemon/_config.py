@@ -28,6 +28,8 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     subscription_events: int = 4096
     shutdown_grace_s: float = 10.0
     ask_timeout_s: float | None = None
+    # How many agents deep `delegate` may go (A asks B asks C: 2).
+    delegate_depth: int = 3
     allowed_uids: list[int] = msgspec.field(default_factory=list)
     # Idle conversations kept in memory; older idle ones are dropped and reload lazily.
     idle_conversations: int = 1024

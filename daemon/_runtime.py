@@ -139,6 +139,7 @@ class Run:
         content: str,
         speaker: Agent,
         cwd: str | None,
+        chain: tuple[str, ...] = (),
     ) -> None:
         self.id = uuid.uuid4().hex
         self.conversation = conversation
@@ -146,6 +147,7 @@ class Run:
         self.speaker = speaker
         self.is_guest = speaker.name != conversation.agent
         self.cwd = cwd
+        self.chain = chain  # the agents whose delegation led to this run, outermost first
         self.scope = trio.CancelScope()
         self.sinks: list[Sink] = []
         self.events: list[StreamEventMsg] = []  # from `start` on, replayed to `attach`
@@ -218,6 +220,62 @@ class Run:
             raise ToolError(f"The user did not answer within {timeout:g} s.")
         finally:
             conv.pending_ask = None
+
+    async def delegate(self, agent: str, message: str) -> str:
+        runtime = self.conversation.runtime
+        me = self.speaker.name
+        chain = (*self.chain, me)
+        if agent in chain:
+            raise ToolError(f"Delegating to {agent} would loop: {' -> '.join((*chain, agent))}.")
+        limit = runtime.config.daemon.delegate_depth
+        if len(chain) > limit:
+            raise ToolError(f"Delegation goes at most {limit} agents deep; answer without it.")
+        answer = DelegateAnswer()
+        try:
+            run = runtime.submit(
+                agent=agent,
+                sender=f"agent:{me}",
+                content=message,
+                guest=None,
+                cwd=self.cwd,
+                queue="enqueue",
+                sink=answer,
+                chain=chain,
+            )
+        except RequestError as exc:
+            raise ToolError(exc.message) from None
+        try:
+            await run.done.wait()
+        finally:
+            if not run.done.is_set():
+                run.scope.cancel()  # the caller was killed, and its delegate with it
+        end = answer.end
+        if end is None or end.status != "done":
+            reason = end.error.message if end and end.error else (end.status if end else "gone")
+            raise ToolError(f"{agent} gave no answer: {reason}")
+        return answer.text
+
+
+class DelegateAnswer:
+    """The sink of a delegated run: keeps its final text, shows nothing to any client."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self.end: End | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def __call__(self, event: StreamEventMsg) -> bool:
+        match event:
+            case TextDelta(delta=delta):
+                self._parts.append(delta)
+            case ToolResult():
+                self._parts.clear()  # text before a tool step is not the final answer
+            case End():
+                self.end = event
+        return True
 
 
 class Conversation:
@@ -343,8 +401,12 @@ class Runtime:
         cwd: str | None,
         queue: QueuePolicy,
         sink: Sink,
+        chain: tuple[str, ...] = (),
     ) -> Run:
-        """Queue a run and attach ``sink`` to it; synchronous, so runs keep arrival order."""
+        """Queue a run and attach ``sink`` to it; synchronous, so runs keep arrival order.
+
+        ``chain`` names the agents whose `delegate` calls led here, outermost first.
+        """
         if not self.accepting:
             raise RequestError(503, "The daemon is shutting down; retry once it is back.")
         primary = self.agent(agent)
@@ -359,7 +421,7 @@ class Runtime:
         conv = self._conversation(agent, sender)
         if queue == "reject" and conv.busy:
             raise RequestError(409, "The conversation is busy with another run; retry later.")
-        run = Run(conv, content=content, speaker=speaker, cwd=cwd)
+        run = Run(conv, content=content, speaker=speaker, cwd=cwd, chain=chain)
         run.add_sink(sink)
         self.runs_total += 1
         self._idle.pop(conv.key, None)

@@ -26,6 +26,10 @@ class ToolContext(Protocol):
         """Ask the user and wait for the answer; raises ``ToolError`` on timeout."""
         ...
 
+    async def delegate(self, agent: str, message: str) -> str:
+        """Run a turn of ``agent`` in its conversation with this agent; its final text."""
+        ...
+
 
 @dataclass(frozen=True)
 class Tool:
@@ -61,6 +65,13 @@ async def _ask_user(ctx: ToolContext, args: dict[str, Any]) -> str:
     if not questions:
         raise ToolError("ask_user needs at least one question.")
     return await ctx.ask(questions)
+
+
+async def _delegate(ctx: ToolContext, args: dict[str, Any]) -> str:
+    agent, message = args.get("agent"), args.get("message")
+    if not isinstance(agent, str) or not isinstance(message, str) or not message.strip():
+        raise ToolError("delegate needs `agent` (an agent's name) and a non-empty `message`.")
+    return await ctx.delegate(agent, message)
 
 
 _OPTION = {
@@ -108,6 +119,22 @@ TOOLS: dict[str, Tool] = {
                 "required": ["questions"],
             },
             run=_ask_user,
+        ),
+        Tool(
+            name="delegate",
+            description=(
+                "Ask another agent to do something and wait for its answer. It sees only "
+                "your message and its own conversation with you."
+            ),
+            parameters={
+                "type": "object",
+                "properties": {
+                    "agent": {"type": "string", "description": "The other agent's name."},
+                    "message": {"type": "string", "description": "What to ask it."},
+                },
+                "required": ["agent", "message"],
+            },
+            run=_delegate,
         ),
     ]
 }

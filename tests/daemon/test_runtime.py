@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -38,7 +39,12 @@ class Recorder:
 async def runtime(**daemon: object) -> AsyncIterator[Runtime]:
     config = Config(
         daemon=DaemonConfig(**daemon),  # type: ignore[arg-type]
-        agents={"assistant": AgentConfig(provider="echo", tools=["ask_user", "set_title"])},
+        agents={
+            "assistant": AgentConfig(provider="echo", tools=["ask_user", "set_title", "delegate"]),
+            "helper": AgentConfig(provider="echo", tools=["delegate"]),
+            "third": AgentConfig(provider="echo", tools=["delegate"]),
+            "fourth": AgentConfig(provider="echo"),
+        },
     )
     storage = MemoryStorage()
     async with trio.open_nursery() as nursery:
@@ -128,3 +134,48 @@ async def test_lookups_of_unknown_conversations_leave_nothing_behind(autojump_cl
                 await rt.kill("assistant", f"ghost{n}", everything=False)
             assert err.value.code == 404
         assert rt.conversations == {}
+
+
+def delegation(agent: str, message: str) -> str:
+    return "/tool delegate " + json.dumps({"agent": agent, "message": message})
+
+
+async def test_delegate_runs_a_turn_of_the_other_agent_and_returns_its_answer(autojump_clock):
+    async with runtime() as rt:
+        sink = submit(rt, delegation("helper", "two words"))
+        await sink.ended.wait()
+        result = next(e for e in sink.events if isinstance(e, ToolResult))
+        assert (result.output, result.is_error) == ("two words", False)
+        assert sink.end.status == "done"
+        entries = await rt.storage.history("helper", "agent:assistant")
+        assert [(e.role, e.content) for e in entries] == [
+            ("user", "two words"),
+            ("assistant", "two words"),
+        ]
+
+
+async def test_delegation_cycles_and_depth_are_refused(autojump_clock):
+    async with runtime(delegate_depth=2) as rt:
+        loop = submit(rt, delegation("helper", delegation("assistant", "back to you")), "loop")
+        await loop.ended.wait()
+        result = next(e for e in loop.events if isinstance(e, ToolResult))
+        assert "would loop: assistant -> helper -> assistant" in result.output
+        deep = submit(
+            rt, delegation("helper", delegation("third", delegation("fourth", "x"))), "deep"
+        )
+        await deep.ended.wait()
+        result = next(e for e in deep.events if isinstance(e, ToolResult))
+        assert "at most 2 agents deep" in result.output
+
+
+async def test_killing_the_caller_kills_its_delegate(autojump_clock):
+    async with runtime() as rt:
+        sink = submit(rt, delegation("helper", "/slow 100 1000"))
+        await trio.sleep(5)
+        delegate = rt.conversations[("helper", "agent:assistant")].current
+        assert delegate is not None and delegate.started
+        assert await rt.kill("assistant", "user", everything=False) is not None
+        await delegate.done.wait()
+        assert sink.end.status == "killed"
+        entries = await rt.storage.history("helper", "agent:assistant")
+        assert [e.role for e in entries] == ["user"]
