@@ -6,10 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from ._base import Storage
+from ._jsonl import JsonlStorage, parse_jsonl_url
 from ._memory import MemoryStorage
 from ._sqlite import SqliteStorage, parse_sqlite_url
 
-SUPPORTED = "memory:, sqlite:///relative/path.db or sqlite:////absolute/path.db"
+SUPPORTED = (
+    "memory:, sqlite:///relative/path.db, sqlite:////absolute/path.db,"
+    " jsonl:///relative/dir or jsonl:////absolute/dir"
+)
 
 
 @asynccontextmanager
@@ -18,7 +22,9 @@ async def open_store(url: str) -> AsyncIterator[Storage]:
 
     ``memory:``; ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``,
     optionally with ``?synchronous=normal`` (the default ``full`` makes every
-    acknowledged append survive a power loss, ``normal`` only a process crash).
+    acknowledged append survive a power loss, ``normal`` only a process crash);
+    ``jsonl:///relative/dir`` or ``jsonl:////absolute/dir`` (a directory of
+    JSON-lines files, created if missing, open in one process at a time).
     Raises ``ValueError`` for a URL no backend takes.
     """
     scheme, colon, rest = url.partition(":")
@@ -32,7 +38,9 @@ async def open_store(url: str) -> AsyncIterator[Storage]:
     elif scheme == "sqlite":
         path, synchronous = parse_sqlite_url(url)
         store = await SqliteStorage.open(path, synchronous=synchronous)
-    elif scheme in ("jsonl", "postgresql", "postgres"):
+    elif scheme == "jsonl":
+        store = await JsonlStorage.open(parse_jsonl_url(url))
+    elif scheme in ("postgresql", "postgres"):
         raise ValueError(f"The {scheme} storage backend is not implemented yet; use {SUPPORTED}.")
     else:
         raise ValueError(f"Unknown storage URL scheme {scheme!r}; use {SUPPORTED}.")

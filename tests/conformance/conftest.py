@@ -7,6 +7,7 @@ configured).
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 import pytest
 import trio
-from chinwag.storage import Storage, open_store
+from chinwag.storage import Storage, _jsonl, open_store
 
 FailAt = Literal["insert", "commit"]
 
@@ -73,6 +75,43 @@ async def _sqlite_failing_appends(url: str, content: str, when: FailAt) -> Async
         await trio.to_thread.run_sync(ddl, *teardown)
 
 
+@asynccontextmanager
+async def _jsonl_failing_appends(url: str, content: str, when: FailAt) -> AsyncIterator[None]:
+    """Replaces the jsonl backend's write and sync seams with ones that fail the marked line.
+
+    ``insert`` writes the lines before the marked one, then fails like a full
+    disk; ``commit`` writes everything, then fails the fsync that follows, as a
+    dying disk does.
+    """
+    del url  # the seams are the module's: any jsonl store's appends go through them
+    marked = b'"content":' + msgspec.json.encode(content) + b","
+    real_write, real_sync = _jsonl._write_all, _jsonl._sync
+    doomed: set[int] = set()  # fds whose next sync fails
+
+    def write_all(fd: int, data: bytes) -> None:
+        at = data.find(marked)
+        if at < 0:
+            real_write(fd, data)
+        elif when == "insert":
+            real_write(fd, data[: data.rfind(b"\n", 0, at) + 1])
+            raise OSError(errno.ENOSPC, "injected failure")
+        else:
+            real_write(fd, data)
+            doomed.add(fd)
+
+    def sync(fd: int) -> None:
+        if fd in doomed:
+            doomed.discard(fd)
+            raise OSError(errno.EIO, "injected failure")
+        real_sync(fd)
+
+    _jsonl._write_all, _jsonl._sync = write_all, sync
+    try:
+        yield
+    finally:
+        _jsonl._write_all, _jsonl._sync = real_write, real_sync
+
+
 BACKENDS = {
     backend.name: backend
     for backend in [
@@ -82,6 +121,12 @@ BACKENDS = {
             url=lambda tmp: f"sqlite:///{tmp / 'data' / 'chinwag.db'}",  # absolute: 4 slashes
             durable=True,
             failing_appends=_sqlite_failing_appends,
+        ),
+        Backend(
+            name="jsonl",
+            url=lambda tmp: f"jsonl:///{tmp / 'data' / 'jsonl'}",  # absolute: 4 slashes
+            durable=True,
+            failing_appends=_jsonl_failing_appends,
         ),
     ]
 }

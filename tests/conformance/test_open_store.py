@@ -47,13 +47,6 @@ async def test_an_unknown_scheme_names_the_supported_ones(url: str) -> None:
     assert caught.value.args[0].count(".") >= 1  # one sentence, not a traceback
 
 
-@pytest.mark.parametrize("url", ["jsonl:////tmp/chats", "postgresql://localhost/chinwag"])
-async def test_backends_still_to_come_say_so(url: str) -> None:
-    with pytest.raises(ValueError, match="not implemented yet"):
-        async with open_store(url):
-            pass
-
-
 @pytest.mark.parametrize(
     "url",
     [

@@ -1,0 +1,925 @@
+"""The jsonl backend: a directory of human-readable files, one history file per conversation.
+
+Layout of ``jsonl:///DIR``::
+
+    DIR/store.json                  {"format": "chinwag-jsonl", "version": 1}
+    DIR/lock                        flock()ed by the one process that has the store open
+    DIR/conversations/<id>.meta.json  id, agent, sender, title, cwd, created_at
+    DIR/conversations/<id>.jsonl      the history: one entry per line, seq N on line N
+
+``<id>`` is an integer given at creation and never changed, so neither a title
+nor an agent's name is in a file name. A meta file is replaced atomically
+(written to a temporary file, fsynced, renamed over, directory fsynced) on
+creation and when the title or cwd changes, never on an append. A history file
+is only ever appended to: each line is an ``Entry`` as msgspec JSON, so ``jq``
+reads it. Every line of an append but its last also carries ``"more": true``:
+that is how a load tells an append cut short by a crash (its lines so far end
+in one with ``more``) from a whole one.
+
+An append encodes all its lines, writes them with one ``write`` on the file
+opened ``O_APPEND``, and fsyncs it before returning. If the write or the fsync
+fails, the file is truncated back to what it held before, so a failed append
+leaves nothing and consumes no seq. Appends to one conversation are serialized
+and grouped: the ones that arrive while a write is under way go out together in
+the next write, with one fsync. Appends to different conversations run
+concurrently. All file I/O runs in worker threads (``trio.to_thread``) under
+one ``CapacityLimiter``.
+
+Opening reads every meta file and the last line of every history file (no more
+than that), which gives each conversation's ``last_seq`` and ``updated_at``; the
+conversations are then indexed in memory, and ``list_conversations`` pages over
+that index. A history file is read whole only when its history is asked for.
+
+On load, a last line that is torn (no newline) or unparsable, and the lines of an
+append cut short before it, are truncated away on disk and logged
+(``torn_line_dropped``). A bad line anywhere else is corruption and raises
+``StorageError`` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import heapq
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+import structlog
+import trio
+from chinwag.protocol import ConversationItem, Entry
+
+from ._base import ConversationNotFound, StorageError
+from ._cursor import decode_cursor, encode_cursor
+from ._timestamps import from_text, to_text, utc
+
+FORMAT = "chinwag-jsonl"
+VERSION = 1
+
+_T = TypeVar("_T")
+_CURSOR_TAG = "jsonl"
+_MARKER = "store.json"
+_LOCK = "lock"
+_CONVERSATIONS = "conversations"
+_META_SUFFIX = ".meta.json"
+_HISTORY_SUFFIX = ".jsonl"
+_TMP_SUFFIX = ".tmp"
+_THREADS = 16  # worker threads doing file I/O at once
+_LOAD_CHUNK = 256  # conversations loaded per worker-thread call when opening
+_TAIL_READ = 8192  # bytes read from the end of a history file to find its last line
+_MORE = b',"more":true}'  # how a line that is not its append's last one ends
+
+
+class _Meta(msgspec.Struct, kw_only=True):
+    """The content of ``<id>.meta.json``."""
+
+    id: int
+    agent: str
+    sender: str
+    title: str = ""
+    cwd: str | None = None
+    created_at: datetime
+
+
+class _Marker(msgspec.Struct, kw_only=True):
+    """The content of ``store.json``."""
+
+    format: str
+    version: int
+
+
+class _Line(Entry, kw_only=True):
+    """A history line: an entry, and whether more lines of its append follow."""
+
+    more: bool = False
+
+
+_encoder = msgspec.json.Encoder()
+_entry_decoder = msgspec.json.Decoder(Entry)
+_line_decoder = msgspec.json.Decoder(_Line)
+_meta_decoder = msgspec.json.Decoder(_Meta)
+_marker_decoder = msgspec.json.Decoder(_Marker)
+
+
+def _log() -> Any:
+    # Looked up at each use, not cached at import: structlog may be configured later
+    # (or captured by a test), and these events are rare.
+    return structlog.get_logger("chinwag.storage")
+
+
+def parse_jsonl_url(url: str) -> Path:
+    """``jsonl:///relative/dir`` or ``jsonl:////absolute/dir``; raises ``ValueError``."""
+    parts = urlsplit(url, allow_fragments=False)
+    if parts.scheme != "jsonl" or parts.netloc or not parts.path.startswith("/"):
+        raise ValueError(
+            f"{url!r} is not a jsonl URL; write jsonl:///relative/dir or jsonl:////absolute/dir."
+        )
+    path = parts.path[1:]
+    if not path.strip("/"):
+        raise ValueError(f"The jsonl URL {url!r} names no directory.")
+    if parts.query:
+        raise ValueError(f"The jsonl URL {url!r} takes no options, got {parts.query!r}.")
+    return Path(path)
+
+
+# --- the seams that write and sync (tests replace them to inject failures) ---------------
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Append ``data`` to ``fd`` (opened ``O_APPEND``): one write, more only if one falls short."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # pragma: no cover - a regular file does not do this
+            raise OSError(errno.EIO, "write wrote nothing")
+        view = view[written:]
+
+
+_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+def _sync(fd: int) -> None:
+    """Make what was written to ``fd`` durable (its data and its size)."""
+    _fdatasync(fd)
+
+
+def _sync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable (a creation, a rename)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- state ------------------------------------------------------------------------------
+
+
+class _PendingAppend:
+    """One caller's append, waiting for the write of its conversation's group."""
+
+    __slots__ = ("entries", "error", "result")
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = entries  # stored copies, seq still to assign
+        self.result: list[Entry] | None = None
+        self.error: StorageError | None = None
+
+
+@dataclass(eq=False)
+class _Conversation:
+    id: int
+    item: ConversationItem  # last_seq and updated_at kept current
+    size: int = 0  # bytes of the history file that hold acknowledged appends
+    exists: bool = False  # the history file exists and its name is durable
+    dirty: bool = False  # a failed append may have left bytes after ``size``
+    lock: trio.Lock = field(default_factory=trio.Lock)  # one write of appends at a time
+    queue: list[_PendingAppend] = field(default_factory=list)
+    meta_lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """What the end of a history file says: its size, last seq and newest created_at."""
+
+    size: int
+    last_seq: int
+    updated_at: datetime | None  # None when the file holds no entry
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What a group write did, for the trio side to apply."""
+
+    tail: _Tail | None  # the conversation's state now, None if unchanged
+    exists: bool
+    dirty: bool
+
+
+class JsonlStorage:
+    """A ``Storage`` in a directory of JSON-lines files; ``await JsonlStorage.open`` makes one."""
+
+    shared = False  # the directory's lock keeps every other process out
+
+    def __init__(self, path: Path, lock_fd: int, conversations: list[_Conversation]) -> None:
+        """Wrap a loaded store; ``open`` is the way to get one."""
+        self.path = path
+        self._dir = path / _CONVERSATIONS
+        self._lock_fd = lock_fd
+        self._limiter = trio.CapacityLimiter(_THREADS)
+        self._by_key = {(c.item.agent, c.item.sender): c for c in conversations}
+        self._next_id = max((c.id for c in conversations), default=0) + 1
+        self._creating: dict[tuple[str, str], trio.Event] = {}
+        self._claims: set[tuple[str, str]] = set()
+        self._writers = 0  # mutations under way; close waits for them
+        self._idle: trio.Event | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path | str) -> JsonlStorage:
+        """Open the store in directory ``path``, creating it if missing, and index it."""
+        path = Path(path)
+        limiter = trio.CapacityLimiter(_THREADS)
+        lock_fd, ids = await trio.to_thread.run_sync(_prepare_directory, path, limiter=limiter)
+        try:
+            conversations: list[_Conversation] = []
+
+            async def load(chunk: list[int]) -> None:
+                loaded = await trio.to_thread.run_sync(
+                    _load_conversations, path / _CONVERSATIONS, chunk, limiter=limiter
+                )
+                conversations.extend(loaded)
+
+            async with trio.open_nursery() as nursery:
+                for start in range(0, len(ids), _LOAD_CHUNK):
+                    nursery.start_soon(load, ids[start : start + _LOAD_CHUNK])
+            seen: dict[tuple[str, str], int] = {}
+            for conv in conversations:
+                key = (conv.item.agent, conv.item.sender)
+                if key in seen:
+                    raise StorageError(
+                        f"Conversations {seen[key]} and {conv.id} in {path / _CONVERSATIONS}"
+                        f" are both ({key[0]}, {key[1]}); remove one."
+                    )
+                seen[key] = conv.id
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(path, lock_fd, conversations)
+
+    # --- plumbing ---------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("The store is closed.")
+
+    def _get(self, agent: str, sender: str) -> _Conversation:
+        self._check_open()
+        conv = self._by_key.get((agent, sender))
+        if conv is None:
+            raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+        return conv
+
+    async def _run(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in a worker thread; an ``OSError`` becomes a ``StorageError``."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except OSError as exc:
+            raise StorageError(f"{what} failed: {exc}.") from exc
+
+    def _history_path(self, conv: _Conversation) -> Path:
+        return self._dir / f"{conv.id}{_HISTORY_SUFFIX}"
+
+    def _begin_write(self) -> None:
+        self._check_open()
+        self._writers += 1
+
+    def _end_write(self) -> None:
+        self._writers -= 1
+        if not self._writers and self._idle is not None:
+            self._idle.set()
+
+    # --- conversations ----------------------------------------------------------
+
+    async def get_conversation(self, agent: str, sender: str) -> ConversationItem | None:
+        await trio.lowlevel.checkpoint()
+        try:
+            conv = self._get(agent, sender)
+        except ConversationNotFound:
+            return None
+        return msgspec.structs.replace(conv.item)
+
+    async def create_conversation(
+        self, agent: str, sender: str, *, cwd: str | None, created_at: datetime
+    ) -> ConversationItem:
+        created_at = utc(created_at)
+        await trio.lowlevel.checkpoint()
+        key = (agent, sender)
+        while True:
+            self._check_open()
+            conv = self._by_key.get(key)
+            if conv is not None:
+                return msgspec.structs.replace(conv.item)
+            creating = self._creating.get(key)
+            if creating is None:
+                break
+            await creating.wait()  # another task is creating it; then it exists, or not
+        done = self._creating[key] = trio.Event()
+        try:
+            meta = _Meta(
+                id=self._next_id, agent=agent, sender=sender, cwd=cwd, created_at=created_at
+            )
+            self._next_id += 1  # taken even if the write fails: never two pairs for one id
+            self._begin_write()
+            try:
+                await self._run(
+                    f"Creating the conversation ({agent}, {sender})", _write_meta, self._dir, meta
+                )
+            finally:
+                self._end_write()
+            item = ConversationItem(
+                agent=agent, sender=sender, cwd=cwd, created_at=created_at, updated_at=created_at
+            )
+            self._by_key[key] = _Conversation(id=meta.id, item=item)
+        finally:
+            del self._creating[key]
+            done.set()
+        return msgspec.structs.replace(item)
+
+    async def set_title(self, agent: str, sender: str, title: str) -> None:
+        await self._set_meta(agent, sender, "title", title)
+
+    async def set_cwd(self, agent: str, sender: str, cwd: str | None) -> None:
+        await self._set_meta(agent, sender, "cwd", cwd)
+
+    async def _set_meta(self, agent: str, sender: str, name: str, value: str | None) -> None:
+        await trio.lowlevel.checkpoint()
+        conv = self._get(agent, sender)
+        async with conv.meta_lock:
+            item = conv.item
+            assert item.created_at is not None  # every stored conversation has one
+            meta = _Meta(
+                id=conv.id,
+                agent=agent,
+                sender=sender,
+                title=item.title,
+                cwd=item.cwd,
+                created_at=item.created_at,
+            )
+            setattr(meta, name, value)
+            self._begin_write()
+            try:
+                await self._run(
+                    f"Setting the {name} of ({agent}, {sender})", _write_meta, self._dir, meta
+                )
+            finally:
+                self._end_write()
+            setattr(conv.item, name, value)
+
+    async def list_conversations(
+        self,
+        *,
+        agent: str | None = None,
+        sender: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[ConversationItem], str | None]:
+        await trio.lowlevel.checkpoint()
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}.")
+        self._check_open()
+        position = None
+        if cursor is not None:
+            text, id_ = decode_cursor(_CURSOR_TAG, cursor)
+            position = (from_text(text), id_)
+        matching = (
+            conv
+            for conv in self._by_key.values()
+            if (agent is None or conv.item.agent == agent)
+            and (sender is None or conv.item.sender == sender)
+            and (position is None or _key(conv) < position)
+        )
+        top = heapq.nlargest(limit + 1, matching, key=_key)
+        page = [msgspec.structs.replace(conv.item) for conv in top[:limit]]
+        next_cursor = None
+        if len(top) > limit:
+            updated_at, id_ = _key(top[limit - 1])
+            next_cursor = encode_cursor(_CURSOR_TAG, to_text(updated_at), id_)
+        return page, next_cursor
+
+    # --- entries ----------------------------------------------------------------
+
+    async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
+        """Append atomically and durably; see ``Storage.append``.
+
+        Not cancellable: once called, the append completes or fails, and a
+        cancellation lands at the caller's next checkpoint.
+        """
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        conv = self._get(agent, sender)
+        if not entries:
+            return []
+        pending = _PendingAppend(_prepare(entries))
+        self._begin_write()
+        try:
+            with trio.CancelScope(shield=True):
+                conv.queue.append(pending)
+                async with conv.lock:  # fair: groups go out in arrival order
+                    if pending.result is None and pending.error is None:
+                        group, conv.queue = conv.queue, []
+                        try:
+                            await self._write_group(conv, group)
+                        finally:
+                            for other in group:
+                                if other.result is None and other.error is None:
+                                    other.error = StorageError("The append was not written.")
+        finally:
+            self._end_write()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def _write_group(self, conv: _Conversation, group: list[_PendingAppend]) -> None:
+        """Write ``group`` with one write and one fsync; sets each one's result or error."""
+        path = self._history_path(conv)
+        item = conv.item
+        written = await trio.to_thread.run_sync(
+            _write_group,
+            path,
+            group,
+            conv.size,
+            item.last_seq,
+            conv.exists,
+            conv.dirty,
+            limiter=self._limiter,
+        )
+        # Back on the trio side, with no checkpoint until the state is updated.
+        conv.exists, conv.dirty = written.exists, written.dirty
+        if written.tail is not None:
+            conv.size = written.tail.size
+            item.last_seq = written.tail.last_seq
+            item.updated_at = written.tail.updated_at or item.created_at
+
+    async def history(
+        self,
+        agent: str,
+        sender: str,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+        include_archived: bool = False,
+    ) -> list[Entry]:
+        await trio.lowlevel.checkpoint()
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}.")
+        conv = self._get(agent, sender)
+        if conv.size == 0:
+            return []
+        path = self._history_path(conv)
+        entries = await self._run(f"Reading {path}", _read_history, path, conv.size)
+        marker_seq = 0
+        if not include_archived:
+            marker_seq = max((e.seq for e in entries if e.kind == "compact"), default=0)
+        visible: list[Entry] = []
+        for entry in entries[max(after_seq, 0) :]:
+            if limit is not None and len(visible) >= limit:
+                break
+            if entry.seq >= marker_seq or entry.kind == "compact":
+                visible.append(entry)
+        return visible
+
+    # --- claims: one process per directory, so only this store's own claims refuse ------
+
+    async def claim(self, agent: str, sender: str) -> bool:
+        """Take the conversation for this store's runs; see ``Storage.claim``."""
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        if (agent, sender) in self._claims:
+            return False
+        self._claims.add((agent, sender))
+        return True
+
+    async def release(self, agent: str, sender: str) -> None:
+        """Give up a claim; see ``Storage.release``."""
+        self._claims.discard((agent, sender))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    # --- lifetime -----------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Let mutations under way finish, then release the directory. Idempotent; shielded."""
+        if self._closed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self._closed = True
+        self._claims.clear()
+        with trio.CancelScope(shield=True):
+            while self._writers:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            await trio.lowlevel.checkpoint()
+        os.close(self._lock_fd)  # releases the flock
+
+
+def _key(conv: _Conversation) -> tuple[datetime, int]:
+    assert conv.item.updated_at is not None
+    return conv.item.updated_at, conv.id
+
+
+def _prepare(entries: Sequence[Entry]) -> list[Entry]:
+    """The copies to store, stamped; raises ``ValueError`` (a naive time) before anything."""
+    now = datetime.now(UTC)
+    return [
+        msgspec.structs.replace(
+            entry,
+            created_at=now if entry.created_at is None else utc(entry.created_at),
+            tool_calls=[msgspec.structs.replace(call) for call in entry.tool_calls],
+        )
+        for entry in entries
+    ]
+
+
+# --- worker-thread functions -------------------------------------------------------------
+
+
+def _prepare_directory(path: Path) -> tuple[int, list[int]]:
+    """Create or check the store's directory, lock it; its lock fd and conversation ids."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"Could not create the jsonl store directory {path}: {exc}.") from exc
+    try:
+        lock_fd = os.open(path / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StorageError(f"Could not open the jsonl store {path}: {exc}.") from exc
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StorageError(
+                f"The jsonl store {path} is in use by another process (it holds {path / _LOCK})."
+            ) from None
+        _check_marker(path)
+        conversations = path / _CONVERSATIONS
+        if not conversations.is_dir():
+            conversations.mkdir()
+            _sync_dir(path)
+        ids: list[int] = []
+        histories: set[int] = set()
+        with os.scandir(conversations) as listing:
+            for item in listing:
+                name = item.name
+                if name.endswith(_TMP_SUFFIX):  # a replacement a crash interrupted
+                    os.unlink(item.path)
+                    continue
+                stem, _, suffix = name.partition(".")
+                if not stem.isdigit() or stem != str(int(stem)):
+                    continue  # not ours: an editor's backup, a note
+                if "." + suffix == _META_SUFFIX:
+                    ids.append(int(stem))
+                elif "." + suffix == _HISTORY_SUFFIX:
+                    histories.add(int(stem))
+        orphans = histories.difference(ids)
+        if orphans:
+            orphan = conversations / f"{min(orphans)}{_HISTORY_SUFFIX}"
+            raise StorageError(
+                f"{orphan} has no {min(orphans)}{_META_SUFFIX} beside it: the store is"
+                f" damaged ({len(orphans)} such history files)."
+            )
+    except OSError as exc:
+        os.close(lock_fd)
+        raise StorageError(f"Could not open the jsonl store {path}: {exc}.") from exc
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    ids.sort()
+    return lock_fd, ids
+
+
+def _check_marker(path: Path) -> None:
+    """Refuse a directory that is not a jsonl store (or a newer one); mark a new one."""
+    marker = path / _MARKER
+    try:
+        raw = marker.read_bytes()
+    except FileNotFoundError:
+        strangers = sorted(
+            name
+            for name in os.listdir(path)
+            if name not in (_LOCK, _CONVERSATIONS, _MARKER + _TMP_SUFFIX)
+        )
+        if strangers or any((path / _CONVERSATIONS).glob("*")):
+            raise StorageError(
+                f"{path} is not empty and not a chinwag jsonl store (it has no {_MARKER});"
+                " point the jsonl URL at an empty or new directory."
+            ) from None
+        _replace_atomically(marker, _encoder.encode(_Marker(format=FORMAT, version=VERSION)))
+        return
+    try:
+        found = _marker_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise StorageError(f"{marker} is not a chinwag jsonl store marker: {exc}.") from exc
+    if found.format != FORMAT:
+        raise StorageError(f"{marker} names the format {found.format!r}, not {FORMAT!r}.")
+    if found.version > VERSION:
+        raise StorageError(
+            f"The jsonl store {path} has format version {found.version}, newer than this"
+            f" chinwag knows ({VERSION}); upgrade chinwag."
+        )
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename over, fsync the directory."""
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _sync_dir(path.parent)
+
+
+def _write_meta(directory: Path, meta: _Meta) -> None:
+    try:
+        data = _encoder.encode(meta) + b"\n"
+    except (UnicodeEncodeError, TypeError) as exc:
+        raise StorageError(f"The conversation's metadata could not be encoded: {exc}.") from exc
+    _replace_atomically(directory / f"{meta.id}{_META_SUFFIX}", data)
+
+
+def _load_conversations(directory: Path, ids: list[int]) -> list[_Conversation]:
+    """Read the meta file and the tail of the history file of each of ``ids``."""
+    loaded: list[_Conversation] = []
+    for id_ in ids:
+        meta_path = directory / f"{id_}{_META_SUFFIX}"
+        try:
+            raw = meta_path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"Could not read {meta_path}: {exc}.") from exc
+        try:
+            meta = _meta_decoder.decode(raw)
+            utc(meta.created_at)
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise StorageError(f"{meta_path} is not a conversation's metadata: {exc}.") from exc
+        if meta.id != id_:
+            raise StorageError(f"{meta_path} says it is conversation {meta.id}, not {id_}.")
+        history = directory / f"{id_}{_HISTORY_SUFFIX}"
+        try:
+            tail = _load_tail(history)
+        except FileNotFoundError:
+            tail, exists = _Tail(0, 0, None), False
+        except OSError as exc:
+            raise StorageError(f"Could not read {history}: {exc}.") from exc
+        else:
+            exists = True
+        created_at = utc(meta.created_at)
+        item = ConversationItem(
+            agent=meta.agent,
+            sender=meta.sender,
+            title=meta.title,
+            cwd=meta.cwd,
+            created_at=created_at,
+            updated_at=tail.updated_at or created_at,
+            last_seq=tail.last_seq,
+        )
+        loaded.append(_Conversation(id=id_, item=item, size=tail.size, exists=exists))
+    return loaded
+
+
+class _Backwards:
+    """Reads a file from its end towards its start, keeping what it read."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.start = size  # file offset of data[0]
+        self.data = b""
+        if size:
+            self._extend(_TAIL_READ)
+
+    def _extend(self, n: int) -> None:
+        begin = max(0, self.start - n)
+        self.data = _pread(self.fd, self.start - begin, begin) + self.data
+        self.start = begin
+
+    def line_start(self, stop: int) -> int:
+        """The offset just after the last newline before offset ``stop`` (0 if none)."""
+        while True:
+            found = self.data.rfind(b"\n", 0, stop - self.start)
+            if found >= 0:
+                return self.start + found + 1
+            if self.start == 0:
+                return 0
+            self._extend(max(len(self.data), 65536))
+
+    def slice(self, begin: int, end: int) -> bytes:
+        return self.data[begin - self.start : end - self.start]
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    chunks: list[bytes] = []
+    while n > 0:
+        chunk = os.pread(fd, n, offset)
+        if not chunk:
+            raise OSError(errno.EIO, "the file shrank while it was read")
+        chunks.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _decode_line(line: bytes) -> _Line | None:
+    try:
+        entry = _line_decoder.decode(line)
+        if entry.created_at is None:
+            return None
+        utc(entry.created_at)
+    except (msgspec.DecodeError, ValueError):
+        return None
+    return entry
+
+
+def _load_tail(path: Path) -> _Tail:
+    """The state the end of history file ``path`` gives, after dropping a torn append there.
+
+    Raises ``FileNotFoundError`` when there is no such file, ``StorageError``
+    when a line before the last is corrupt.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        reader = _Backwards(fd, size)
+        end = size  # lines in [0, end) are kept
+        reason = ""
+        last: _Line | None = None
+        start = 0
+        if size:
+            if reader.slice(size - 1, size) != b"\n":
+                reason = "torn (no newline)"
+                end = reader.line_start(size)
+            else:
+                start = reader.line_start(size - 1)
+                last = _decode_line(reader.slice(start, size - 1))
+                if last is None:
+                    reason = "unparsable"
+                    end = start
+        dropped = 1 if reason else 0
+        while end:
+            if last is None:
+                start = reader.line_start(end - 1)
+                last = _decode_line(reader.slice(start, end - 1))
+                if last is None:
+                    line = _count_lines(fd, start) + 1
+                    raise StorageError(
+                        f"{path}:{line}: the line is not a valid entry, and it is not the last"
+                        " line; fix or remove it by hand."
+                    )
+            if not last.more:
+                break
+            # The last line kept so far belongs to an append whose later lines are gone.
+            reason = reason or "its append was cut short"
+            dropped += 1
+            end, last = start, None
+    finally:
+        os.close(fd)
+    if end < size:
+        _log().warning(
+            "torn_line_dropped",
+            file=str(path),
+            line=1 if last is None else last.seq + 1,
+            lines=dropped,
+            bytes=size - end,
+            reason=reason,
+        )
+        _truncate(path, end)
+    if last is None:
+        return _Tail(end, 0, None)
+    assert last.created_at is not None  # _decode_line checked it
+    return _Tail(end, last.seq, utc(last.created_at))
+
+
+def _count_lines(fd: int, end: int) -> int:
+    """Newlines in the first ``end`` bytes of ``fd``."""
+    count, offset = 0, 0
+    while offset < end:
+        block = _pread(fd, min(1 << 20, end - offset), offset)
+        count += block.count(b"\n")
+        offset += len(block)
+    return count
+
+
+def _truncate(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        _sync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode_group(group: list[_PendingAppend], last_seq: int) -> tuple[bytes, int]:
+    """The lines of every append in ``group`` that encodes, seqs assigned; the new last seq.
+
+    An append that does not encode gets its error and takes no seq.
+    """
+    chunks: list[bytes] = []
+    for pending in group:
+        lines: list[bytes] = []
+        try:
+            for seq, entry in enumerate(pending.entries, last_seq + 1):
+                entry.seq = seq
+                lines.append(_encoder.encode(entry))
+        except (UnicodeEncodeError, TypeError, OverflowError) as exc:
+            pending.error = StorageError(f"Entry {seq} could not be encoded: {exc}.")
+            pending.error.__cause__ = exc
+            continue
+        for n in range(len(lines) - 1):  # every line but the append's last says more follow
+            lines[n] = lines[n][:-1] + _MORE
+        lines.append(b"")
+        chunks.append(b"\n".join(lines))
+        last_seq += len(pending.entries)
+    return b"".join(chunks), last_seq
+
+
+def _write_group(
+    path: Path,
+    group: list[_PendingAppend],
+    size: int,
+    last_seq: int,
+    exists: bool,
+    dirty: bool,
+) -> _Written:
+    """Append ``group``'s lines to ``path`` in one write, then fsync. Worker thread.
+
+    Sets each pending append's ``result`` or ``error``; no ``OSError`` escapes.
+    """
+    data, new_last_seq = _encode_group(group, last_seq)
+    good = [pending for pending in group if pending.error is None]
+    if not good:
+        return _Written(None, exists, dirty)
+
+    def fail(message: str, exc: BaseException | None) -> None:
+        for pending in good:
+            pending.error = StorageError(message)
+            pending.error.__cause__ = exc
+
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (0 if exists else os.O_CREAT)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        fail(f"Appending to {path} failed: {exc}.", exc)
+        return _Written(None, exists, dirty)
+    try:
+        on_disk = os.fstat(fd).st_size
+        if on_disk != size:
+            if not dirty:
+                # Someone else wrote the file: read its end again, and fail this once.
+                tail = _load_tail(path)
+                fail(f"{path} changed outside the store; the append was not written.", None)
+                return _Written(tail, exists, dirty)
+            os.ftruncate(fd, size)  # what a failed append of ours left
+        try:
+            _write_all(fd, data)
+            _sync(fd)
+            if not exists:
+                _sync_dir(path.parent)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, size)
+                _sync(fd)
+            except OSError:
+                dirty = True  # the next append truncates first
+            else:
+                dirty = False
+            fail(f"Appending to {path} failed: {exc}.", exc)
+            return _Written(None, exists, dirty)
+    except OSError as exc:  # fstat, ftruncate, the re-read
+        fail(f"Appending to {path} failed: {exc}.", exc)
+        return _Written(None, exists, True)
+    except StorageError as exc:  # the re-read found corruption
+        fail(str(exc), exc)
+        return _Written(None, exists, dirty)
+    finally:
+        os.close(fd)
+    for pending in good:
+        pending.result = pending.entries
+    newest = good[-1].entries[-1].created_at
+    return _Written(_Tail(size + len(data), new_last_seq, newest), True, False)
+
+
+def _read_history(path: Path, size: int) -> list[Entry]:
+    """Every entry in the first ``size`` bytes of ``path``, checked line by line."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = _pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    lines = data.split(b"\n")
+    if lines[-1]:
+        raise StorageError(f"{path}:{len(lines)}: the line has no end.")
+    entries: list[Entry] = []
+    for number, line in enumerate(lines[:-1], 1):
+        try:
+            entry = _entry_decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            raise StorageError(f"{path}:{number}: the line is not a valid entry: {exc}.") from exc
+        if entry.seq != number or entry.created_at is None:
+            raise StorageError(
+                f"{path}:{number}: the entry has seq {entry.seq}; line N must hold seq N."
+                if entry.seq != number
+                else f"{path}:{number}: the entry has no created_at."
+            )
+        entries.append(entry)
+    return entries
