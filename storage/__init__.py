@@ -4,10 +4,14 @@
 exit: ``memory:`` (``MemoryStorage``, for tests) or ``sqlite:///relative/path.db``
 / ``sqlite:////absolute/path.db`` (``SqliteStorage``, the default; add
 ``?synchronous=normal`` to trade power-loss durability for speed), or
+``postgresql://user@host:port/dbname`` (``PostgresStorage``, one database shared
+by several daemons; ``?schema=NAME`` keeps its tables in that schema), or
 ``jsonl:///relative/dir`` / ``jsonl:////absolute/dir`` (``JsonlStorage``: one
-JSON-lines history file per conversation, readable with ``jq``). A postgresql
-backend comes later. Every backend passes tests/conformance.
+JSON-lines history file per conversation, readable with ``jq``). Every backend
+passes tests/conformance.
 """
+
+from typing import TYPE_CHECKING
 
 from ._base import ConversationNotFound, Storage, StorageError
 from ._jsonl import JsonlStorage
@@ -15,12 +19,25 @@ from ._memory import MemoryStorage
 from ._sqlite import SqliteStorage
 from ._url import open_store
 
+if TYPE_CHECKING:
+    from ._postgres import PostgresStorage
+
 __all__ = [
     "ConversationNotFound",
     "JsonlStorage",
     "MemoryStorage",
+    "PostgresStorage",
     "SqliteStorage",
     "Storage",
     "StorageError",
     "open_store",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # psycopg takes 0.15 s to import: only a daemon that uses postgres pays it.
+    if name == "PostgresStorage":
+        from ._postgres import PostgresStorage
+
+        return PostgresStorage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

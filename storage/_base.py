@@ -26,6 +26,13 @@ class Storage(Protocol):
     leave a half-written append behind, even when the process dies.
     """
 
+    shared: bool
+    """True when other processes may append to this store's conversations (postgres).
+
+    A daemon on a shared store re-reads a conversation before running it,
+    and runs it only while it holds the conversation's claim.
+    """
+
     async def get_conversation(self, agent: str, sender: str) -> ConversationItem | None:
         """The conversation's metadata, or None when it was never created."""
         ...
@@ -85,6 +92,25 @@ class Storage(Protocol):
         """
         ...
 
+    async def claim(self, agent: str, sender: str) -> bool:
+        """Take the conversation for this store's runs, without waiting; True if taken.
+
+        False while any store holds it, this one included: a claim is not
+        re-entrant. The conversation need not exist. On a store that is not
+        ``shared`` only this store's own claims can refuse. Claims end with
+        ``release`` or ``close``, or with the process (a postgres session lock).
+        Raises ``StorageError`` on a closed store.
+        """
+        ...
+
+    async def release(self, agent: str, sender: str) -> None:
+        """Give up this store's claim on the conversation.
+
+        A no-op when this store does not hold it, or is closed. Never raises,
+        and completes even when cancelled, so it belongs in a ``finally``.
+        """
+        ...
+
     async def close(self) -> None:
-        """Release connections and files; the store is unusable afterwards."""
+        """Release connections, files and claims; the store is unusable afterwards."""
         ...

@@ -36,9 +36,12 @@ class _Conversation:
 class MemoryStorage:
     """A ``Storage`` held in memory; ``open_store("memory:")`` makes one."""
 
+    shared = False
+
     def __init__(self) -> None:
         self._conversations: dict[tuple[str, str], _Conversation] = {}
         self._next_id = 1
+        self._claims: set[tuple[str, str]] = set()
         self._closed = False
 
     def _get(self, agent: str, sender: str) -> _Conversation:
@@ -163,8 +166,26 @@ class MemoryStorage:
             next_cursor = encode_cursor(_CURSOR_TAG, to_text(updated_at), id_)
         return page, next_cursor
 
+    # --- claims: one process, so only this store's own claims refuse ------
+
+    async def claim(self, agent: str, sender: str) -> bool:
+        """Take the conversation for this store's runs; see ``Storage.claim``."""
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise StorageError("The store is closed.")
+        if (agent, sender) in self._claims:
+            return False
+        self._claims.add((agent, sender))
+        return True
+
+    async def release(self, agent: str, sender: str) -> None:
+        """Give up a claim; see ``Storage.release``."""
+        self._claims.discard((agent, sender))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
     async def close(self) -> None:
         self._closed = True
+        self._claims.clear()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
 

@@ -153,6 +153,8 @@ class _PendingAppend:
 class SqliteStorage:
     """A ``Storage`` in one sqlite database file; make one with ``await SqliteStorage.open``."""
 
+    shared = False
+
     def __init__(self, conn: sqlite3.Connection, path: Path, synchronous: Synchronous) -> None:
         """Wrap an open, migrated connection; ``open`` is the way to get one."""
         self.path = path
@@ -164,6 +166,7 @@ class SqliteStorage:
         # The committed (id, last_seq) of recently used conversations. Only writes of
         # this store change them, so a hit spares the append a SELECT.
         self._cache: dict[tuple[str, str], tuple[int, int]] = {}
+        self._claims: set[tuple[str, str]] = set()
         self._closed = False
 
     @classmethod
@@ -457,6 +460,23 @@ class SqliteStorage:
             {"id": conv_id, "after": after_seq, "marker": marker_seq, "limit": limit},
         ).fetchall()
 
+    # --- claims: one daemon per file, so only this store's own claims refuse ------
+
+    async def claim(self, agent: str, sender: str) -> bool:
+        """Take the conversation for this store's runs; see ``Storage.claim``."""
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise StorageError("The store is closed.")
+        if (agent, sender) in self._claims:
+            return False
+        self._claims.add((agent, sender))
+        return True
+
+    async def release(self, agent: str, sender: str) -> None:
+        """Give up a claim; see ``Storage.release``."""
+        self._claims.discard((agent, sender))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
     # --- lifetime -----------------------------------------------------------------
 
     async def close(self) -> None:
@@ -464,6 +484,7 @@ class SqliteStorage:
         if self._closed:
             return
         self._closed = True
+        self._claims.clear()
         with trio.CancelScope(shield=True):
             async with self._write_lock:  # behind every append already queued
                 await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)

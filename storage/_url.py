@@ -12,7 +12,7 @@ from ._sqlite import SqliteStorage, parse_sqlite_url
 
 SUPPORTED = (
     "memory:, sqlite:///relative/path.db, sqlite:////absolute/path.db,"
-    " jsonl:///relative/dir or jsonl:////absolute/dir"
+    " jsonl:///relative/dir, jsonl:////absolute/dir or postgresql://user@host:port/dbname"
 )
 
 
@@ -24,7 +24,10 @@ async def open_store(url: str) -> AsyncIterator[Storage]:
     optionally with ``?synchronous=normal`` (the default ``full`` makes every
     acknowledged append survive a power loss, ``normal`` only a process crash);
     ``jsonl:///relative/dir`` or ``jsonl:////absolute/dir`` (a directory of
-    JSON-lines files, created if missing, open in one process at a time).
+    JSON-lines files, created if missing, open in one process at a time);
+    ``postgresql://user:password@host:port/dbname`` (or ``postgres://``), any libpq
+    URL, plus ``?schema=NAME`` to keep the tables in that schema (created if
+    missing) and ``?pool_size=N`` (default 4) for the connections per store.
     Raises ``ValueError`` for a URL no backend takes.
     """
     scheme, colon, rest = url.partition(":")
@@ -38,10 +41,13 @@ async def open_store(url: str) -> AsyncIterator[Storage]:
     elif scheme == "sqlite":
         path, synchronous = parse_sqlite_url(url)
         store = await SqliteStorage.open(path, synchronous=synchronous)
+    elif scheme in ("postgresql", "postgres"):
+        from ._postgres import PostgresStorage, parse_postgres_url  # psycopg: 0.15 s to import
+
+        conninfo, schema, pool_size = parse_postgres_url(url)
+        store = await PostgresStorage.open(conninfo, schema=schema, pool_size=pool_size)
     elif scheme == "jsonl":
         store = await JsonlStorage.open(parse_jsonl_url(url))
-    elif scheme in ("postgresql", "postgres"):
-        raise ValueError(f"The {scheme} storage backend is not implemented yet; use {SUPPORTED}.")
     else:
         raise ValueError(f"Unknown storage URL scheme {scheme!r}; use {SUPPORTED}.")
     try:

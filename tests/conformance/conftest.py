@@ -3,22 +3,34 @@
 A new backend joins the suite by adding one ``Backend`` to ``BACKENDS`` (a
 backend that needs a server, like postgres, skips in ``url`` when none is
 configured).
+
+Postgres runs on the server ``CHINWAG_TEST_POSTGRES`` names (default
+``postgresql://postgres@127.0.0.1:5432/test``), each store URL in a fresh schema
+(``?schema=chinwag_test_<random>``) dropped after its test, so runs on one
+server never see each other's data. An unreachable server skips the postgres
+tests, or fails them under ``CI=true``.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import os
+import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import msgspec
+import psycopg
 import pytest
 import trio
 from chinwag.storage import Storage, _jsonl, open_store
+from chinwag.storage._postgres import parse_postgres_url
+from psycopg import sql
 
 FailAt = Literal["insert", "commit"]
 
@@ -32,6 +44,9 @@ class Backend:
     # fails inside the backend's write, after the entries before it were written
     # ("insert"), or when the write is committed ("commit"); None if it cannot.
     failing_appends: Callable[[str, str, FailAt], AbstractAsyncContextManager[None]] | None = None
+    # Removes, after the test, what a store on the URL left outside the temporary
+    # directory (a postgres schema).
+    drop: Callable[[str], None] | None = None
 
 
 @asynccontextmanager
@@ -112,6 +127,84 @@ async def _jsonl_failing_appends(url: str, content: str, when: FailAt) -> AsyncI
         _jsonl._write_all, _jsonl._sync = real_write, real_sync
 
 
+POSTGRES_URL = os.environ.get("CHINWAG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@functools.cache
+def _postgres_unreachable() -> str | None:
+    """Why the test server cannot be used, or None if it can; asked once per session."""
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
+def _postgres_url(tmp: Path) -> str:
+    problem = _postgres_unreachable()
+    if problem is not None:
+        reason = f"no PostgreSQL at CHINWAG_TEST_POSTGRES={POSTGRES_URL}: {problem}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    return f"{POSTGRES_URL}{separator}schema=chinwag_test_{secrets.token_hex(8)}"
+
+
+def postgres_connect(url: str) -> psycopg.Connection:
+    """An autocommit connection to the database of a postgres store URL, in its schema."""
+    conninfo, schema, _ = parse_postgres_url(url)
+    options = {} if schema is None else {"options": f"-c search_path={schema}"}
+    return psycopg.connect(conninfo, autocommit=True, **options)
+
+
+def _postgres_drop(url: str) -> None:
+    _, schema, _ = parse_postgres_url(url)
+    with postgres_connect(url) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@asynccontextmanager
+async def _postgres_failing_appends(url: str, content: str, when: FailAt) -> AsyncIterator[None]:
+    """A trigger on entries that raises for the marked content.
+
+    ``insert`` raises in the INSERT itself; ``commit`` is a deferred constraint
+    trigger, so it raises when the append's transaction commits.
+    """
+
+    def ddl(*statements: sql.Composable) -> None:
+        with postgres_connect(url) as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+    if when == "insert":
+        trigger = "CREATE TRIGGER inject_failure BEFORE INSERT ON entries"
+    else:
+        trigger = (
+            "CREATE CONSTRAINT TRIGGER inject_failure AFTER INSERT ON entries"
+            " DEFERRABLE INITIALLY DEFERRED"
+        )
+    await trio.to_thread.run_sync(
+        ddl,
+        sql.SQL(
+            "CREATE FUNCTION inject_failure() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.content = TG_ARGV[0] THEN RAISE EXCEPTION 'injected failure'; END IF;"
+            " RETURN NEW; END $$"
+        ),
+        sql.SQL(trigger + " FOR EACH ROW EXECUTE FUNCTION inject_failure({})").format(
+            sql.Literal(content)
+        ),
+    )
+    try:
+        yield
+    finally:
+        await trio.to_thread.run_sync(
+            ddl,
+            sql.SQL("DROP TRIGGER inject_failure ON entries"),
+            sql.SQL("DROP FUNCTION inject_failure()"),
+        )
+
+
 BACKENDS = {
     backend.name: backend
     for backend in [
@@ -128,6 +221,13 @@ BACKENDS = {
             durable=True,
             failing_appends=_jsonl_failing_appends,
         ),
+        Backend(
+            name="postgres",
+            url=_postgres_url,
+            durable=True,
+            failing_appends=_postgres_failing_appends,
+            drop=_postgres_drop,
+        ),
     ]
 }
 
@@ -138,8 +238,11 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 @pytest.fixture
-def store_url(backend: Backend, tmp_path: Path) -> str:
-    return backend.url(tmp_path)
+def store_url(backend: Backend, tmp_path: Path) -> Iterator[str]:
+    url = backend.url(tmp_path)
+    yield url
+    if backend.drop is not None:
+        backend.drop(url)
 
 
 @pytest.fixture
@@ -149,12 +252,15 @@ async def store(store_url: str) -> AsyncIterator[Storage]:
 
 
 @pytest.fixture
-def foreign_store_url(backend: Backend, tmp_path: Path) -> str:
+def foreign_store_url(backend: Backend, tmp_path: Path) -> Iterator[str]:
     """The URL of a store of another backend, for what must not cross backends."""
     other = next(b for name, b in sorted(BACKENDS.items()) if name != backend.name)
     foreign_dir = tmp_path / "foreign"
     foreign_dir.mkdir()
-    return other.url(foreign_dir)
+    url = other.url(foreign_dir)
+    yield url
+    if other.drop is not None:
+        other.drop(url)
 
 
 Reopen = Callable[[Storage], Awaitable[Storage]]

@@ -578,6 +578,79 @@ async def test_list_conversations_rejects_a_limit_below_one(store: Storage) -> N
         await store.list_conversations(limit=0)
 
 
+# --- claims --------------------------------------------------------------------
+
+
+async def test_a_claim_is_held_until_released(store: Storage) -> None:
+    assert isinstance(store.shared, bool) and type(store).shared is store.shared
+    assert await store.claim(AGENT, SENDER) is True
+    assert await store.claim(AGENT, SENDER) is False  # not re-entrant, even for its holder
+    assert await store.claim(AGENT, "other") is True  # each conversation on its own
+    assert await store.claim("helper", SENDER) is True
+    await store.release(AGENT, SENDER)
+    assert await store.claim(AGENT, SENDER) is True
+    assert await store.claim(AGENT, "other") is False
+
+
+async def test_a_claim_needs_no_conversation_and_makes_none(store: Storage) -> None:
+    assert await store.claim(AGENT, SENDER)
+    assert await store.get_conversation(AGENT, SENDER) is None
+    assert await store.list_conversations() == ([], None)
+    await create(store)
+    assert await store.claim(AGENT, SENDER) is False  # creating it changed nothing
+
+
+async def test_releasing_what_is_not_claimed_does_nothing(store: Storage) -> None:
+    await store.release(AGENT, SENDER)
+    assert await store.claim(AGENT, SENDER)
+    await store.release(AGENT, "other")
+    assert await store.claim(AGENT, SENDER) is False
+    await store.release(AGENT, SENDER)
+    await store.release(AGENT, SENDER)  # twice is once
+    assert await store.claim(AGENT, SENDER)
+
+
+async def test_concurrent_claims_of_one_conversation_let_one_through(store: Storage) -> None:
+    taken: list[bool] = []
+
+    async def claim(sender: str) -> None:
+        taken.append(await store.claim(AGENT, sender))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(claim, SENDER)
+    assert sorted(taken) == [False] * 9 + [True]
+
+
+async def test_a_cancelled_claim_takes_nothing_and_a_cancelled_release_completes(
+    store: Storage,
+) -> None:
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.claim(AGENT, SENDER)
+    assert scope.cancelled_caught
+    assert await store.claim(AGENT, SENDER)  # the cancelled claim left nothing held
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.release(AGENT, SENDER)
+    assert await store.claim(AGENT, SENDER)  # released all the same
+
+
+async def test_claims_end_with_the_store(store: Storage, reopen: Reopen) -> None:
+    assert await store.claim(AGENT, SENDER)
+    store = await reopen(store)
+    assert await store.claim(AGENT, SENDER)
+
+
+async def test_a_closed_store_takes_no_claims(store: Storage) -> None:
+    assert await store.claim(AGENT, SENDER)
+    await store.close()
+    with pytest.raises(StorageError):
+        await store.claim(AGENT, "other")
+    await store.release(AGENT, SENDER)  # close released it; releasing again is harmless
+
+
 # --- lifetime ------------------------------------------------------------------
 
 

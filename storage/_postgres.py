@@ -1,0 +1,785 @@
+"""The postgres backend: one database shared by any number of daemons on any number of hosts.
+
+**Threads, not asyncio.** psycopg 3's async API runs on asyncio only, and the
+daemon is trio (STYLE.md: no asyncio in ``storage/``), so this backend uses the
+blocking driver: psycopg_pool's ``ConnectionPool`` of autocommit connections,
+every call in ``trio.to_thread.run_sync`` behind a ``CapacityLimiter`` the size
+of the pool, so no thread ever waits for a connection and the loop never blocks.
+
+**Schema.** Created and migrated on open: numbered ``MIGRATIONS`` and a
+``schema_version`` table, like the sqlite backend, applied in one transaction
+that first takes ``pg_advisory_xact_lock``, so daemons starting at once
+migrate one after the other. The ``schema=NAME`` URL parameter puts every
+table in that schema (created if missing) through the connections'
+``search_path``; without it they go where the server's ``search_path`` says
+(usually ``public``).
+
+**Appends** are one statement, hence one transaction, and one round trip: its
+UPDATE of the conversation row takes that row's lock (what ``SELECT ... FOR
+UPDATE`` would) and moves ``last_seq`` and ``updated_at``; its INSERT numbers
+the entries after the old ``last_seq``. Appends to one conversation, from this
+daemon or another, queue on the row lock, so seqs stay gapless and unique.
+PostgreSQL text cannot hold NUL, so an entry's ``content`` is stored with each
+NUL shown as U+FFFD, and its exact UTF-8 goes in ``content_bytes``, only for
+the rare entry that has one. A NUL in any other text is a ``StorageError``.
+
+**Claims.** ``shared`` is True: other daemons may append, so a daemon re-reads
+a conversation before running it. ``claim`` takes a session-level advisory
+lock (``pg_try_advisory_lock``) keyed by a 64-bit blake2b hash of (schema,
+agent, sender), on one connection of its own rather than the pool's: a
+daemon that dies drops that connection, and the server frees its claims.
+Should that connection break, its claims are gone; the next ``claim``
+reconnects and takes back the ones no other daemon took meanwhile.
+
+**For the compaction issue** (archive search): the ``archives`` table is
+ready, nothing writes it yet: one row per archive (conversation, stable name,
+archived ``first_seq``..``last_seq``, summary, ``body`` for the archived
+entries' text, created_at) with a generated ``search`` tsvector (the
+``simple`` configuration: no stemming, any language; summary weighted A,
+body B) under a GIN index, for ``search @@ websearch_to_tsquery('simple', q)``
+ranked by ``ts_rank``. The archived entries stay in ``entries`` with their
+``agent``, so attribution survives. Entries themselves carry no tsvector:
+appends stay as cheap as they can be. Agent notes will need a table of their
+own, in a new migration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+import msgspec
+import psycopg
+import trio
+from chinwag.protocol import ConversationItem, Entry, ToolCallInfo
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool
+
+from ._base import ConversationNotFound, StorageError
+from ._cursor import decode_cursor, encode_cursor
+from ._timestamps import from_text, to_text, utc
+
+_T = TypeVar("_T")
+_CURSOR_TAG = "postgres"
+_CACHE_SIZE = 65_536  # (agent, sender) -> conversation id, kept for history reads
+DEFAULT_POOL_SIZE = 4
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # search_path would fold other names
+_CONNECT_TIMEOUT = 10  # seconds; libpq alone would wait for TCP to give up
+_POOL_TIMEOUT = 10.0  # seconds a call waits for the pool to (re)connect
+
+# Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
+# Append new ones; never edit one that has shipped.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE conversations (
+            id bigserial PRIMARY KEY,
+            agent text NOT NULL,
+            sender text NOT NULL,
+            title text NOT NULL DEFAULT '',
+            cwd text,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            last_seq bigint NOT NULL DEFAULT 0,
+            UNIQUE (sender, agent)
+        )
+        """,
+        # As in sqlite: listing pages through these, newest first, with no sort;
+        # a sender's few conversations are found through UNIQUE (sender, agent).
+        "CREATE INDEX conversations_by_updated ON conversations (updated_at DESC, id DESC)",
+        """
+        CREATE INDEX conversations_by_agent
+            ON conversations (agent, updated_at DESC, id DESC)
+        """,
+        """
+        CREATE TABLE entries (
+            conversation_id bigint NOT NULL REFERENCES conversations (id),
+            seq bigint NOT NULL,
+            kind text NOT NULL,
+            role text NOT NULL,
+            content text NOT NULL,
+            content_bytes bytea,
+            agent text NOT NULL,
+            tool_calls jsonb,
+            tool_call_id text,
+            is_error boolean NOT NULL,
+            run_id text,
+            created_at timestamptz NOT NULL,
+            archive text,
+            PRIMARY KEY (conversation_id, seq)
+        )
+        """,
+        # Finds the latest compact marker without reading the history before it.
+        """
+        CREATE INDEX entries_compact_markers
+            ON entries (conversation_id, seq) WHERE kind = 'compact'
+        """,
+        """
+        CREATE TABLE archives (
+            conversation_id bigint NOT NULL REFERENCES conversations (id),
+            name text NOT NULL,
+            first_seq bigint NOT NULL,
+            last_seq bigint NOT NULL,
+            summary text NOT NULL,
+            body text NOT NULL DEFAULT '',
+            created_at timestamptz NOT NULL,
+            search tsvector GENERATED ALWAYS AS (
+                setweight(to_tsvector('simple', summary), 'A')
+                || setweight(to_tsvector('simple', body), 'B')
+            ) STORED,
+            PRIMARY KEY (conversation_id, name)
+        )
+        """,
+        "CREATE INDEX archives_search ON archives USING gin (search)",
+    ),
+)
+
+_CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
+_ENTRY_COLUMNS = (
+    "e.seq, e.kind, e.role, e.content, e.content_bytes, e.agent, e.tool_calls::text,"
+    " e.tool_call_id, e.is_error, e.run_id, e.created_at, e.archive"
+)
+
+# One statement: lock the row and move last_seq (UPDATE), then number and insert.
+_APPEND = """
+WITH conv AS (
+    UPDATE conversations SET last_seq = last_seq + %(count)s, updated_at = %(updated_at)s
+    WHERE agent = %(agent)s AND sender = %(sender)s
+    RETURNING id, last_seq - %(count)s AS base
+)
+INSERT INTO entries (conversation_id, seq, kind, role, content, content_bytes, agent,
+                     tool_calls, tool_call_id, is_error, run_id, created_at, archive)
+SELECT conv.id, conv.base + e.n, e.kind, e.role, e.content, e.content_bytes, e.agent,
+       e.tool_calls::jsonb, e.tool_call_id, e.is_error, e.run_id, e.created_at, e.archive
+FROM conv, unnest(
+    %(kind)s::text[], %(role)s::text[], %(content)s::text[], %(content_bytes)s::bytea[],
+    %(entry_agent)s::text[], %(tool_calls)s::text[], %(tool_call_id)s::text[],
+    %(is_error)s::boolean[], %(run_id)s::text[], %(created_at)s::timestamptz[],
+    %(archive)s::text[]
+) WITH ORDINALITY AS e(kind, role, content, content_bytes, agent, tool_calls,
+                       tool_call_id, is_error, run_id, created_at, archive, n)
+RETURNING seq
+"""
+
+# Everything after after_seq; the earlier markers (through the partial index,
+# without reading what they archived), then everything from the latest marker on.
+_HISTORY_ALL = (
+    f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE e.conversation_id = %(id)s"
+    " AND e.seq > %(after)s ORDER BY e.seq LIMIT %(limit)s"
+)
+_HISTORY_VISIBLE = f"""
+WITH marker AS MATERIALIZED (
+    SELECT coalesce(max(seq), 0) AS seq FROM entries
+    WHERE conversation_id = %(id)s AND kind = 'compact'
+)
+SELECT {_ENTRY_COLUMNS} FROM entries e, marker m
+WHERE e.conversation_id = %(id)s AND e.kind = 'compact' AND e.seq > %(after)s AND e.seq < m.seq
+UNION ALL
+SELECT {_ENTRY_COLUMNS} FROM entries e, marker m
+WHERE e.conversation_id = %(id)s AND e.seq > %(after)s AND e.seq >= m.seq
+ORDER BY seq LIMIT %(limit)s
+"""
+
+_tool_calls_encoder = msgspec.json.Encoder()
+_tool_calls_decoder = msgspec.json.Decoder(list[ToolCallInfo])
+_key_encoder = msgspec.msgpack.Encoder()
+
+
+def parse_postgres_url(url: str) -> tuple[str, str | None, int]:
+    """``(conninfo, schema, pool_size)`` of a ``postgresql://`` or ``postgres://`` URL.
+
+    ``schema=NAME`` (lowercase letters, digits, ``_``) and ``pool_size=N`` (the
+    connections, and so the concurrent calls, per store; default 4) are ours;
+    every other parameter goes to libpq as written (``sslmode``, ``options``...).
+    """
+    parts = urlsplit(url, allow_fragments=False)
+    if parts.scheme not in ("postgresql", "postgres") or not url.startswith(f"{parts.scheme}://"):
+        raise ValueError(f"{url!r} is not a postgresql://... URL.")
+    schema: str | None = None
+    pool_size = DEFAULT_POOL_SIZE
+    seen: set[str] = set()
+    rest: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in ("schema", "pool_size"):
+            if name in seen:
+                raise ValueError(f"The postgres URL gives {name} twice.")
+            seen.add(name)
+        if name == "schema":
+            schema = value
+        elif name == "pool_size":
+            try:
+                pool_size = int(value)
+            except ValueError:
+                raise ValueError(f"pool_size must be a whole number, not {value!r}.") from None
+        else:
+            rest.append((name, value))
+    conninfo = url.partition("?")[0]  # urlunsplit would turn postgresql:///db into postgresql:/db
+    if rest:
+        conninfo += "?" + urlencode(rest, quote_via=quote)
+    _check_options(schema, pool_size)
+    try:
+        conninfo_to_dict(conninfo)  # libpq's own parser: unknown parameters, bad ports
+    except psycopg.Error as exc:
+        raise ValueError(f"The postgres URL is not one libpq takes: {_one_line(exc)}.") from None
+    return conninfo, schema, pool_size
+
+
+def _check_options(schema: str | None, pool_size: int) -> None:
+    if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+        raise ValueError(
+            f"schema must be 1 to 63 lowercase letters, digits or _, not starting with a digit;"
+            f" got {schema!r}."
+        )
+    if pool_size < 1:
+        raise ValueError(f"pool_size must be at least 1, got {pool_size}.")
+
+
+class PostgresStorage:
+    """A ``Storage`` in a PostgreSQL database; make one with ``await PostgresStorage.open``."""
+
+    shared = True
+
+    def __init__(
+        self,
+        pool: ConnectionPool[psycopg.Connection[Any]],
+        locks: psycopg.Connection[Any],
+        *,
+        conninfo: str,
+        schema: str,
+        pool_size: int,
+    ) -> None:
+        """Wrap an open pool and claim connection; ``open`` is the way to get them."""
+        self.schema = schema  # where the tables are: the one named, or the server's default
+        self.pool_size = pool_size
+        self._pool = pool
+        self._conninfo = conninfo
+        self._limiter = trio.CapacityLimiter(pool_size)
+        self._ids: dict[tuple[str, str], int] = {}  # conversation ids never change
+        self._claims: set[tuple[str, str]] = set()  # claimed or being claimed, trio side
+        # The claim connection and the lock keys it holds; touched only in a worker
+        # thread holding _locks_limiter.
+        self._locks: psycopg.Connection[Any] | None = locks
+        self._locked: set[int] = set()
+        self._locks_limiter = trio.CapacityLimiter(1)
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, conninfo: str, *, schema: str | None = None, pool_size: int = DEFAULT_POOL_SIZE
+    ) -> PostgresStorage:
+        """Connect, create ``schema`` if it is given and missing, and migrate.
+
+        ``conninfo`` is any libpq connection string or URL. Raises ``ValueError``
+        for bad arguments and ``StorageError`` when the database cannot be used.
+        """
+        _check_options(schema, pool_size)
+        conninfo = _with_defaults(conninfo, schema)
+        locks, effective_schema = await trio.to_thread.run_sync(_connect, conninfo, schema)
+        try:
+            pool = await trio.to_thread.run_sync(_open_pool, conninfo, pool_size)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(locks.close)
+            raise
+        return cls(pool, locks, conninfo=conninfo, schema=effective_schema, pool_size=pool_size)
+
+    # --- plumbing -------------------------------------------------------------
+
+    async def _run(self, what: str, fn: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """Run ``fn`` with a pooled connection on a worker thread; failures become StorageError.
+
+        Cancellable only while waiting for a thread: once running, ``fn`` completes.
+        """
+        if self._closed:
+            raise StorageError("The store is closed.")
+        try:
+            return await trio.to_thread.run_sync(self._with_connection, fn, limiter=self._limiter)
+        except psycopg.Error as exc:
+            raise StorageError(f"{what} failed: {_one_line(exc)}.") from exc
+        except UnicodeEncodeError as exc:  # a lone surrogate: a str, but no UTF-8
+            raise StorageError(f"{what} failed: {exc}.") from exc
+
+    def _with_connection(self, fn: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        with self._pool.connection() as conn:
+            return fn(conn)
+
+    def _remember(self, key: tuple[str, str], id_: int) -> None:
+        if key not in self._ids and len(self._ids) >= _CACHE_SIZE:
+            del self._ids[next(iter(self._ids))]  # the oldest insertion
+        self._ids[key] = id_
+
+    # --- conversations ----------------------------------------------------------
+
+    async def get_conversation(self, agent: str, sender: str) -> ConversationItem | None:
+        row = await self._run(
+            f"Reading the conversation ({agent}, {sender})",
+            lambda conn: conn.execute(
+                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
+                " WHERE agent = %s AND sender = %s",
+                (agent, sender),
+            ).fetchone(),
+        )
+        if row is None:
+            return None
+        self._remember((agent, sender), row[7])
+        return _conversation(row)
+
+    async def create_conversation(
+        self, agent: str, sender: str, *, cwd: str | None, created_at: datetime
+    ) -> ConversationItem:
+        created_at = utc(created_at)
+
+        def create(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+            row: tuple[Any, ...] | None = conn.execute(
+                "INSERT INTO conversations (agent, sender, cwd, created_at, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (sender, agent) DO NOTHING"
+                f" RETURNING {_CONVERSATION_COLUMNS}",
+                (agent, sender, cwd, created_at, created_at),
+            ).fetchone()
+            if row is None:  # there already; a new statement sees it even if just committed
+                row = conn.execute(
+                    f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
+                    " WHERE agent = %s AND sender = %s",
+                    (agent, sender),
+                ).fetchone()
+                assert row is not None  # nothing deletes conversations
+            return row
+
+        row = await self._run(f"Creating the conversation ({agent}, {sender})", create)
+        self._remember((agent, sender), row[7])
+        return _conversation(row)
+
+    async def set_title(self, agent: str, sender: str, title: str) -> None:
+        await self._update(
+            f"Setting the title of ({agent}, {sender})", agent, sender, "title", title
+        )
+
+    async def set_cwd(self, agent: str, sender: str, cwd: str | None) -> None:
+        await self._update(f"Setting the cwd of ({agent}, {sender})", agent, sender, "cwd", cwd)
+
+    async def _update(
+        self, what: str, agent: str, sender: str, column: str, value: str | None
+    ) -> None:
+        statement = sql.SQL("UPDATE conversations SET {} = %s WHERE agent = %s AND sender = %s")
+        rowcount = await self._run(
+            what,
+            lambda conn: (
+                conn.execute(
+                    statement.format(sql.Identifier(column)), (value, agent, sender)
+                ).rowcount
+            ),
+        )
+        if rowcount == 0:
+            raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+
+    async def list_conversations(
+        self,
+        *,
+        agent: str | None = None,
+        sender: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[ConversationItem], str | None]:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}.")
+        where: list[str] = []
+        params: list[Any] = []
+        if agent is not None:
+            where.append("agent = %s")
+            params.append(agent)
+        if sender is not None:
+            where.append("sender = %s")
+            params.append(sender)
+        if cursor is not None:
+            text, id_ = decode_cursor(_CURSOR_TAG, cursor)
+            where.append("(updated_at, id) < (%s, %s)")
+            params.extend((from_text(text), id_))
+        statement = f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
+        if where:
+            statement += " WHERE " + " AND ".join(where)
+        statement += " ORDER BY updated_at DESC, id DESC LIMIT %s"
+        params.append(limit + 1)
+        rows = await self._run(
+            "Listing conversations", lambda conn: conn.execute(statement, params).fetchall()
+        )
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_cursor = encode_cursor(_CURSOR_TAG, to_text(last[5]), last[7])
+        return [_conversation(row) for row in rows[:limit]], next_cursor
+
+    # --- entries ----------------------------------------------------------------
+
+    async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
+        """Append atomically and durably; see ``Storage.append``.
+
+        Not cancellable: once called, the append completes or fails, and a
+        cancellation lands at the caller's next checkpoint.
+        """
+        if self._closed:
+            raise StorageError("The store is closed.")
+        if not entries:
+            await self._conversation_id(agent, sender)
+            return []
+        copies, params = _prepare(entries)
+        params.update(agent=agent, sender=sender)
+        with trio.CancelScope(shield=True):
+            seqs = await self._run(
+                f"Appending to ({agent}, {sender})",
+                lambda conn: [row[0] for row in conn.execute(_APPEND, params).fetchall()],
+            )
+        if not seqs:
+            raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+        for copy, seq in zip(copies, sorted(seqs), strict=True):
+            copy.seq = seq
+        return copies
+
+    async def _conversation_id(self, agent: str, sender: str) -> int:
+        """Its id, from the cache or the database; raises ``ConversationNotFound``."""
+        key = (agent, sender)
+        id_ = self._ids.get(key)
+        if id_ is None:
+            row = await self._run(
+                f"Reading the conversation ({agent}, {sender})",
+                lambda conn: conn.execute(
+                    "SELECT id FROM conversations WHERE agent = %s AND sender = %s", key
+                ).fetchone(),
+            )
+            if row is None:
+                raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+            id_ = row[0]
+            self._remember(key, id_)
+        return id_
+
+    async def history(
+        self,
+        agent: str,
+        sender: str,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+        include_archived: bool = False,
+    ) -> list[Entry]:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}.")
+        id_ = await self._conversation_id(agent, sender)
+        params = {"id": id_, "after": after_seq, "limit": limit}  # LIMIT NULL: no limit
+        statement = _HISTORY_ALL if include_archived else _HISTORY_VISIBLE
+        rows = await self._run(
+            f"Reading the history of ({agent}, {sender})",
+            lambda conn: conn.execute(statement, params).fetchall(),
+        )
+        return [_entry(row) for row in rows]
+
+    # --- claims -------------------------------------------------------------------
+
+    async def claim(self, agent: str, sender: str) -> bool:
+        """Take the conversation for this store's runs, without waiting; see ``Storage.claim``.
+
+        Cancellable only while waiting for the claim connection.
+        """
+        if self._closed:
+            raise StorageError("The store is closed.")
+        key = (agent, sender)
+        if key in self._claims:
+            await trio.lowlevel.checkpoint()
+            return False
+        self._claims.add(key)  # before the thread hop: a second claim sees it
+        taken = False
+        try:
+            taken = await trio.to_thread.run_sync(
+                self._try_lock, self._lock_key(agent, sender), limiter=self._locks_limiter
+            )
+        except psycopg.Error as exc:
+            raise StorageError(f"Claiming ({agent}, {sender}) failed: {_one_line(exc)}.") from exc
+        finally:
+            if not taken:
+                self._claims.discard(key)
+        return taken
+
+    async def release(self, agent: str, sender: str) -> None:
+        """Give up a claim; see ``Storage.release``. Shielded; never raises."""
+        key = (agent, sender)
+        if key not in self._claims or self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(
+                    self._unlock, self._lock_key(agent, sender), limiter=self._locks_limiter
+                )
+            finally:
+                self._claims.discard(key)
+
+    def _lock_key(self, agent: str, sender: str) -> int:
+        return _advisory_key("claim", self.schema, agent, sender)
+
+    def _try_lock(self, key: int) -> bool:
+        """Worker thread, holding ``_locks_limiter``."""
+        conn = self._locks
+        if conn is not None and not conn.closed:
+            try:
+                return self._try_lock_on(conn, key)
+            except psycopg.Error:
+                self._drop_locks()  # its session, and every lock it held, is gone
+        return self._try_lock_on(self._reconnect_locks(), key)
+
+    def _try_lock_on(self, conn: psycopg.Connection[Any], key: int) -> bool:
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        except psycopg.Error:
+            self._drop_locks()
+            raise
+        assert row is not None
+        if row[0]:
+            self._locked.add(key)
+        return bool(row[0])
+
+    def _unlock(self, key: int) -> None:
+        """Worker thread, holding ``_locks_limiter``. A lost connection freed the lock already."""
+        if key not in self._locked:
+            return
+        self._locked.discard(key)
+        conn = self._locks
+        if conn is None or conn.closed:
+            return
+        try:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        except psycopg.Error:
+            self._drop_locks()  # the session, and every lock it held, is gone
+
+    def _reconnect_locks(self) -> psycopg.Connection[Any]:
+        """A fresh claim connection that takes back the claims no one else took meanwhile."""
+        conn = psycopg.connect(self._conninfo, autocommit=True)
+        lost: set[int] = set()
+        try:
+            for key in self._locked:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                if not (row and row[0]):
+                    lost.add(key)  # another daemon has it now; its release is a no-op here
+        except BaseException:
+            conn.close()
+            raise
+        self._locked -= lost
+        self._locks = conn
+        return conn
+
+    def _drop_locks(self) -> None:
+        if self._locks is not None:
+            self._locks.close()
+
+    def _close_locks(self) -> None:
+        """Unlock, then close: the server ends a closed session a moment later, not at once."""
+        if self._locks is not None and not self._locks.closed and self._locked:
+            with contextlib.suppress(psycopg.Error):  # a broken session holds nothing
+                self._locks.execute("SELECT pg_advisory_unlock_all()")
+        self._locked.clear()
+        self._drop_locks()
+
+    # --- lifetime -----------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the pool and the claim connection, which frees every claim. Idempotent; shielded.
+
+        Calls already running finish first; later ones raise ``StorageError``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._pool.close)
+            await trio.to_thread.run_sync(self._close_locks, limiter=self._locks_limiter)
+
+
+def _advisory_key(*parts: str) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_*`` locks."""
+    digest = hashlib.blake2b(_key_encoder.encode(parts), digest_size=8, person=b"chinwag")
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def _with_defaults(conninfo: str, schema: str | None) -> str:
+    """``conninfo`` with our search_path, a connect timeout and an application name."""
+    try:
+        given = conninfo_to_dict(conninfo)
+    except psycopg.Error as exc:
+        raise ValueError(f"The postgres URL is not one libpq takes: {_one_line(exc)}.") from None
+    extra: dict[str, Any] = {}
+    if schema is not None:
+        extra["options"] = f"{given.get('options') or ''} -c search_path={schema}".strip()
+    if "connect_timeout" not in given:
+        extra["connect_timeout"] = _CONNECT_TIMEOUT
+    if "application_name" not in given:
+        extra["application_name"] = "chinwag"
+    return make_conninfo(conninfo, **extra)
+
+
+def _where(conninfo: str) -> str:
+    """The database a conninfo names, for messages; never the password."""
+    given = conninfo_to_dict(conninfo)
+    host = given.get("host") or "the local socket"
+    port = f":{given['port']}" if given.get("port") else ""
+    return f"{given.get('dbname') or '(default)'} on {host}{port}"
+
+
+def _connect(conninfo: str, schema: str | None) -> tuple[psycopg.Connection[Any], str]:
+    """The claim connection, once the schema is migrated, and the schema in use. Worker thread."""
+    where = _where(conninfo)
+    try:
+        conn = psycopg.connect(conninfo, autocommit=True)
+    except psycopg.Error as exc:
+        raise StorageError(f"Could not connect to the database {where}: {_one_line(exc)}.") from exc
+    try:
+        _migrate(conn, schema, where)
+        row = conn.execute("SELECT current_schema()").fetchone()
+        assert row is not None and row[0] is not None  # _migrate created tables in it
+        return conn, row[0]
+    except psycopg.Error as exc:
+        conn.close()
+        raise StorageError(f"Could not prepare the database {where}: {_one_line(exc)}.") from exc
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _migrate(conn: psycopg.Connection[Any], schema: str | None, where: str) -> None:
+    """Bring the schema to ``len(MIGRATIONS)`` in one transaction, one daemon at a time."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_advisory_key("migrate", schema or ""),))
+        if schema is not None:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        row = conn.execute("SELECT current_schema()").fetchone()
+        if row is None or row[0] is None:
+            raise StorageError(
+                f"The database {where} has no schema to create tables in: its search_path"
+                " names none that exists; add ?schema=NAME to the URL."
+            )
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+        )
+        row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+        assert row is not None
+        current: int = row[0]
+        if current > len(MIGRATIONS):
+            raise StorageError(
+                f"The database {where} has schema version {current}, newer than this"
+                f" chinwag knows ({len(MIGRATIONS)}); upgrade chinwag."
+            )
+        now = datetime.now(UTC)
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)", (version, now)
+            )
+
+
+def _open_pool(conninfo: str, pool_size: int) -> ConnectionPool[psycopg.Connection[Any]]:
+    pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+        conninfo,
+        kwargs={"autocommit": True},
+        min_size=1,
+        max_size=pool_size,
+        open=False,
+        timeout=_POOL_TIMEOUT,
+        name="chinwag",
+    )
+    try:
+        pool.open(wait=True, timeout=_POOL_TIMEOUT)
+    except psycopg.Error as exc:
+        pool.close()
+        raise StorageError(
+            f"Could not open connections to the database {_where(conninfo)}: {_one_line(exc)}."
+        ) from exc
+    return pool
+
+
+def _prepare(entries: Sequence[Entry]) -> tuple[list[Entry], dict[str, Any]]:
+    """The stored copies (seq still to assign) and ``_APPEND``'s column arrays."""
+    now = datetime.now(UTC)
+    copies: list[Entry] = []
+    columns: dict[str, list[Any]] = {
+        name: []
+        for name in (
+            "kind",
+            "role",
+            "content",
+            "content_bytes",
+            "entry_agent",
+            "tool_calls",
+            "tool_call_id",
+            "is_error",
+            "run_id",
+            "created_at",
+            "archive",
+        )
+    }
+    for entry in entries:
+        created_at = now if entry.created_at is None else utc(entry.created_at)
+        try:
+            tool_calls = (
+                _tool_calls_encoder.encode(entry.tool_calls).decode() if entry.tool_calls else None
+            )
+            exact = entry.content.encode() if "\x00" in entry.content else None
+        except (UnicodeEncodeError, TypeError) as exc:
+            raise StorageError(f"An entry could not be encoded: {exc}.") from exc
+        columns["kind"].append(entry.kind)
+        columns["role"].append(entry.role)
+        columns["content"].append(entry.content.replace("\x00", "\ufffd"))
+        columns["content_bytes"].append(exact)
+        columns["entry_agent"].append(entry.agent)
+        columns["tool_calls"].append(tool_calls)
+        columns["tool_call_id"].append(entry.tool_call_id)
+        columns["is_error"].append(entry.is_error)
+        columns["run_id"].append(entry.run_id)
+        columns["created_at"].append(created_at)
+        columns["archive"].append(entry.archive)
+        copies.append(
+            msgspec.structs.replace(
+                entry,
+                created_at=created_at,
+                tool_calls=[msgspec.structs.replace(call) for call in entry.tool_calls],
+            )
+        )
+    params: dict[str, Any] = dict(columns)
+    params.update(count=len(copies), updated_at=copies[-1].created_at)
+    return copies, params
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line, without a closing period (ours adds one)."""
+    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+
+
+def _conversation(row: tuple[Any, ...]) -> ConversationItem:
+    return ConversationItem(
+        agent=row[0],
+        sender=row[1],
+        title=row[2],
+        cwd=row[3],
+        created_at=row[4].astimezone(UTC),
+        updated_at=row[5].astimezone(UTC),
+        last_seq=row[6],
+    )
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    return Entry(
+        seq=row[0],
+        kind=row[1],
+        role=row[2],
+        content=row[3] if row[4] is None else bytes(row[4]).decode(),
+        agent=row[5],
+        tool_calls=[] if row[6] is None else _tool_calls_decoder.decode(row[6]),
+        tool_call_id=row[7],
+        is_error=row[8],
+        run_id=row[9],
+        created_at=row[10].astimezone(UTC),
+        archive=row[11],
+    )
