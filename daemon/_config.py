@@ -36,10 +36,22 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ProviderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    kind: Literal["echo"]
+    kind: Literal["echo", "anthropic"]
     base_url: str | None = None
     api_key: str | None = None
-    api_key_env: str | None = None
+    api_key_env: str | None = None  # the name of the variable that holds the key
+    extra_headers: dict[str, str] = msgspec.field(default_factory=dict)
+    timeout_s: float = 600.0  # the longest wait for the provider's next byte
+    max_retries: int = 2
+    max_tokens: int = 4096  # the longest answer asked for, where the API needs a bound
+
+    def resolve_api_key(self) -> str | None:
+        """``api_key``, else the value of ``api_key_env``; None when neither is set."""
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
 
 
 class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -118,6 +130,8 @@ def load_config(path: Path | None, *, tool_names: frozenset[str]) -> Config:
 
 
 def _check(config: Config, path: Path, tool_names: frozenset[str]) -> None:
+    for name, provider in config.providers.items():
+        _check_provider(provider, f"{path}: [providers.{name}]")
     providers = BUILTIN_PROVIDERS | config.providers
     for name, agent in config.agents.items():
         where = f"{path}: [agents.{name}]"
@@ -137,3 +151,19 @@ def _check(config: Config, path: Path, tool_names: frozenset[str]) -> None:
             raise ConfigError(f"{where} compact_at must be a fraction in (0, 1].")
     if config.daemon.max_frame_bytes < 1024:
         raise ConfigError(f"{path}: [daemon] max_frame_bytes must be at least 1024.")
+
+
+def _check_provider(provider: ProviderConfig, where: str) -> None:
+    if provider.api_key and provider.api_key_env:
+        raise ConfigError(f"{where} sets both api_key and api_key_env; keep one.")
+    if provider.api_key_env and not provider.resolve_api_key():
+        raise ConfigError(
+            f"{where} takes its key from ${provider.api_key_env}, which is not set "
+            "in the daemon's environment."
+        )
+    if provider.timeout_s <= 0:
+        raise ConfigError(f"{where} timeout_s must be positive.")
+    if provider.max_retries < 0:
+        raise ConfigError(f"{where} max_retries must not be negative.")
+    if provider.max_tokens < 1:
+        raise ConfigError(f"{where} max_tokens must be at least 1.")

@@ -25,6 +25,7 @@ class ModelMessage(msgspec.Struct, kw_only=True):
     content: str
     tool_calls: list[ToolCallInfo] = msgspec.field(default_factory=list)
     tool_call_id: str | None = None
+    is_error: bool = False  # a tool result that reports a failure
 
 
 class ToolSchema(msgspec.Struct, kw_only=True):
@@ -167,4 +168,8 @@ def make_provider(config: ProviderConfig) -> Provider:
     match config.kind:
         case "echo":
             return EchoProvider()
+        case "anthropic":
+            from ._anthropic import AnthropicProvider
+
+            return AnthropicProvider(config)
     raise AssertionError(f"unhandled provider kind {config.kind!r}")

@@ -654,6 +654,7 @@ class Runtime:
                     content=content,
                     tool_calls=entry.tool_calls,
                     tool_call_id=entry.tool_call_id,
+                    is_error=entry.is_error,
                 )
             )
         return messages

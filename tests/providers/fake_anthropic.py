@@ -1,0 +1,303 @@
+"""A fake Anthropic Messages API on 127.0.0.1: scripted replies, every request recorded.
+
+A hand-written HTTP/1.1 server on trio, enough for the official SDK: it reads
+one request per connection (``Content-Length`` bodies), answers with either a
+JSON error or a ``text/event-stream`` body in chunked transfer encoding,
+written in the real event format (``message_start``, ``content_block_*``,
+``message_delta``, ``message_stop``, ``ping``, ``error``), and closes.
+
+Each test scripts the replies in order (`FakeAnthropic.script`); a request
+beyond the script gets a plain text answer. Builders below make the usual
+streams: `text_stream`, `tool_stream`, and `message_events` for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+Event = tuple[str, dict[str, Any]]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class Stream:
+    """A 200 event stream; ``abort_after`` events, the connection drops mid-body."""
+
+    events: list[Event]
+    delay_s: float = 0.0
+    abort_after: int | None = None
+    raw: bytes = b""  # written after the events, as is: for malformed streams
+
+
+@dataclass
+class Status:
+    """An HTTP error with the API's error body."""
+
+    code: int
+    message: str
+    error_type: str = "api_error"
+
+
+Reply = Stream | Status
+
+
+@dataclass
+class FakeAnthropic:
+    port: int = 0
+    requests: list[Recorded] = field(default_factory=list)
+    replies: list[Reply] = field(default_factory=list)
+    # Set when a streaming reply's connection is closed by the client.
+    client_left: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def script(self, *replies: Reply) -> None:
+        self.replies.extend(replies)
+
+    @property
+    def bodies(self) -> list[dict[str, Any]]:
+        return [r.body for r in self.requests]
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, conn: trio.SocketStream) -> None:
+        async with conn:
+            try:
+                request = await _read_request(conn)
+            except (trio.BrokenResourceError, ValueError):
+                return
+            if request is None:
+                return
+            self.requests.append(request)
+            reply = self.replies.pop(0) if self.replies else text_stream("ok")
+            try:
+                match reply:
+                    case Status():
+                        await _send_status(conn, reply)
+                    case Stream():
+                        await _send_stream(conn, reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.client_left.set()
+
+
+async def _read_request(conn: trio.SocketStream) -> Recorded | None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await conn.receive_some(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = request_line.split(" ", 2)
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = await conn.receive_some(65536)
+        if not chunk:
+            return None
+        rest += chunk
+    body = json.loads(rest[:length]) if length else {}
+    return Recorded(method=method, path=path, headers=headers, body=body)
+
+
+async def _send_status(conn: trio.SocketStream, reply: Status) -> None:
+    body = json.dumps(
+        {"type": "error", "error": {"type": reply.error_type, "message": reply.message}}
+    ).encode()
+    await conn.send_all(
+        f"HTTP/1.1 {reply.code} Error\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n"
+        f"request-id: req_fake\r\n\r\n".encode()
+        + body
+    )
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def _send_stream(conn: trio.SocketStream, reply: Stream) -> None:
+    await conn.send_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+        b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    for i, (name, data) in enumerate(reply.events):
+        if reply.abort_after is not None and i >= reply.abort_after:
+            return  # no terminating chunk: the body is cut short
+        if reply.delay_s and i:
+            await trio.sleep(reply.delay_s)
+        await conn.send_all(_chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()))
+    if reply.abort_after is not None:
+        return
+    if reply.raw:
+        await conn.send_all(_chunk(reply.raw))
+    await conn.send_all(b"0\r\n\r\n")
+
+
+# --- stream builders ---------------------------------------------------------
+
+
+def message_events(
+    blocks: Iterable[list[Event]],
+    *,
+    stop_reason: str = "end_turn",
+    input_tokens: int = 10,
+    output_tokens: int = 5,
+) -> list[Event]:
+    """A whole message: message_start, a ping, the blocks, message_delta, message_stop."""
+    events: list[Event] = [
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": "claude-fake",
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                },
+            },
+        ),
+        ("ping", {"type": "ping"}),
+    ]
+    for block in blocks:
+        events.extend(block)
+    events.append(
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": output_tokens},
+            },
+        )
+    )
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def text_block(index: int, pieces: Iterable[str]) -> list[Event]:
+    return [
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": index,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        *(
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "text_delta", "text": p},
+                },
+            )
+            for p in pieces
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": index}),
+    ]
+
+
+def thinking_block(index: int, pieces: Iterable[str]) -> list[Event]:
+    return [
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": index,
+                "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+            },
+        ),
+        *(
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "thinking_delta", "thinking": p},
+                },
+            )
+            for p in pieces
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": index,
+                "delta": {"type": "signature_delta", "signature": "c2lnbmF0dXJl"},
+            },
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": index}),
+    ]
+
+
+def tool_block(index: int, call_id: str, name: str, fragments: Iterable[str]) -> list[Event]:
+    return [
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": index,
+                "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}},
+            },
+        ),
+        *(
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": f},
+                },
+            )
+            for f in fragments
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": index}),
+    ]
+
+
+def text_stream(text: str, **kwargs: Any) -> Stream:
+    """A plain answer, one text delta per word."""
+    words = text.split(" ")
+    pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+    return Stream(message_events([text_block(0, pieces)], **kwargs))
+
+
+def tool_stream(*calls: tuple[str, str, list[str]], text: str = "") -> Stream:
+    """Optional text, then one tool_use block per ``(id, name, argument fragments)``."""
+    blocks = [text_block(0, [text])] if text else []
+    blocks += [tool_block(len(blocks) + i, *call) for i, call in enumerate(calls)]
+    return Stream(message_events(blocks, stop_reason="tool_use"))
+
+
+def error_event(error_type: str, message: str) -> Event:
+    return ("error", {"type": "error", "error": {"type": error_type, "message": message}})
