@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
+POSTGRES_URL = os.environ.get("CHINWAG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
 DEFAULT_CONFIG = """
 [daemon]
 shutdown_grace_s = 2.0
+allowed_roots = ["/tmp"]  # where short_tmp makes the directories tests use as a cwd
 
 [agents.assistant]
 provider = "echo"
@@ -47,12 +52,20 @@ class DaemonProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "chinwag.clients.cli", "serve",
-                    "--config", str(self.config_path),
-                    "--socket", str(self.socket_path),
-                    "--storage", self.storage_url,
+                    sys.executable,
+                    "-m",
+                    "chinwag.clients.cli",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    "--socket",
+                    str(self.socket_path),
+                    "--storage",
+                    self.storage_url,
                 ],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -120,3 +133,37 @@ def daemon_factory(short_tmp: Path) -> Iterator[object]:
 def daemon(daemon_factory) -> DaemonProcess:  # type: ignore[no-untyped-def]
     """A running `chinwag serve` on sqlite with the agents `assistant` and `helper`."""
     return daemon_factory()  # type: ignore[operator,no-any-return]
+
+
+@functools.cache
+def postgres_unreachable() -> str | None:
+    """Why the test PostgreSQL cannot be used, or None when it can; asked once."""
+    try:
+        import psycopg
+
+        psycopg.connect(POSTGRES_URL, connect_timeout=5).close()
+    except Exception as exc:  # ImportError or any connection failure
+        return " ".join(str(exc).split())
+    return None
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A storage URL on the test PostgreSQL in a fresh schema, dropped afterwards.
+
+    Skips when the server is unreachable, except under CI=true, where it fails.
+    """
+    problem = postgres_unreachable()
+    if problem is not None:
+        reason = f"no PostgreSQL at CHINWAG_TEST_POSTGRES={POSTGRES_URL}: {problem}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    import psycopg
+    from psycopg import sql
+
+    schema = f"chinwag_test_{secrets.token_hex(8)}"
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{separator}schema={schema}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
