@@ -44,7 +44,7 @@ import fcntl
 import heapq
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,16 +172,34 @@ class _PendingAppend:
         self.error: StorageError | None = None
 
 
-@dataclass(eq=False)
 class _Conversation:
-    id: int
-    item: ConversationItem  # last_seq and updated_at kept current
-    size: int = 0  # bytes of the history file that hold acknowledged appends
-    exists: bool = False  # the history file exists and its name is durable
-    dirty: bool = False  # a failed append may have left bytes after ``size``
-    lock: trio.Lock = field(default_factory=trio.Lock)  # one write of appends at a time
-    queue: list[_PendingAppend] = field(default_factory=list)
-    meta_lock: trio.Lock = field(default_factory=trio.Lock)
+    """One conversation's state; its locks are made on first use (opening makes 10,000)."""
+
+    __slots__ = ("_lock", "_meta_lock", "dirty", "exists", "id", "item", "queue", "size")
+
+    def __init__(self, id: int, item: ConversationItem, size: int = 0, exists: bool = False):
+        self.id = id
+        self.item = item  # last_seq and updated_at kept current
+        self.size = size  # bytes of the history file that hold acknowledged appends
+        self.exists = exists  # the history file exists and its name is durable
+        self.dirty = False  # a failed append may have left bytes after ``size``
+        self.queue: list[_PendingAppend] = []  # appends waiting for the next write
+        self._lock: trio.Lock | None = None
+        self._meta_lock: trio.Lock | None = None
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Held by the task writing this conversation's queued appends."""
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
+
+    @property
+    def meta_lock(self) -> trio.Lock:
+        """Held while the meta file is replaced."""
+        if self._meta_lock is None:
+            self._meta_lock = trio.Lock()
+        return self._meta_lock
 
 
 @dataclass(frozen=True)
@@ -207,12 +225,18 @@ class JsonlStorage:
 
     shared = False  # the directory's lock keeps every other process out
 
-    def __init__(self, path: Path, lock_fd: int, conversations: list[_Conversation]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        lock_fd: int,
+        conversations: list[_Conversation],
+        limiter: trio.CapacityLimiter,
+    ) -> None:
         """Wrap a loaded store; ``open`` is the way to get one."""
         self.path = path
         self._dir = path / _CONVERSATIONS
         self._lock_fd = lock_fd
-        self._limiter = trio.CapacityLimiter(_THREADS)
+        self._limiter = limiter
         self._by_key = {(c.item.agent, c.item.sender): c for c in conversations}
         self._next_id = max((c.id for c in conversations), default=0) + 1
         self._creating: dict[tuple[str, str], trio.Event] = {}
@@ -229,16 +253,24 @@ class JsonlStorage:
         lock_fd, ids = await trio.to_thread.run_sync(_prepare_directory, path, limiter=limiter)
         try:
             conversations: list[_Conversation] = []
+            errors: list[Exception] = []
 
             async def load(chunk: list[int]) -> None:
-                loaded = await trio.to_thread.run_sync(
-                    _load_conversations, path / _CONVERSATIONS, chunk, limiter=limiter
-                )
-                conversations.extend(loaded)
+                try:
+                    loaded = await trio.to_thread.run_sync(
+                        _load_conversations, path / _CONVERSATIONS, chunk, limiter=limiter
+                    )
+                except Exception as exc:  # raised as itself below, not in an ExceptionGroup
+                    errors.append(exc)
+                    nursery.cancel_scope.cancel()
+                else:
+                    conversations.extend(loaded)
 
             async with trio.open_nursery() as nursery:
                 for start in range(0, len(ids), _LOAD_CHUNK):
                     nursery.start_soon(load, ids[start : start + _LOAD_CHUNK])
+            if errors:
+                raise errors[0]
             seen: dict[tuple[str, str], int] = {}
             for conv in conversations:
                 key = (conv.item.agent, conv.item.sender)
@@ -251,7 +283,7 @@ class JsonlStorage:
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(path, lock_fd, conversations)
+        return cls(path, lock_fd, conversations, limiter)
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -641,22 +673,23 @@ def _write_meta(directory: Path, meta: _Meta) -> None:
 
 
 def _load_conversations(directory: Path, ids: list[int]) -> list[_Conversation]:
-    """Read the meta file and the tail of the history file of each of ``ids``."""
+    """Read the meta file and the last line of the history file of each of ``ids``."""
+    prefix = f"{directory}{os.sep}"  # str paths: pathlib would double the cost of a load
     loaded: list[_Conversation] = []
     for id_ in ids:
-        meta_path = directory / f"{id_}{_META_SUFFIX}"
+        meta_path = f"{prefix}{id_}{_META_SUFFIX}"
         try:
-            raw = meta_path.read_bytes()
+            raw = _read_file(meta_path)
         except OSError as exc:
             raise StorageError(f"Could not read {meta_path}: {exc}.") from exc
         try:
             meta = _meta_decoder.decode(raw)
-            utc(meta.created_at)
+            created_at = utc(meta.created_at)
         except (msgspec.DecodeError, ValueError) as exc:
             raise StorageError(f"{meta_path} is not a conversation's metadata: {exc}.") from exc
         if meta.id != id_:
             raise StorageError(f"{meta_path} says it is conversation {meta.id}, not {id_}.")
-        history = directory / f"{id_}{_HISTORY_SUFFIX}"
+        history = f"{prefix}{id_}{_HISTORY_SUFFIX}"
         try:
             tail = _load_tail(history)
         except FileNotFoundError:
@@ -665,7 +698,6 @@ def _load_conversations(directory: Path, ids: list[int]) -> list[_Conversation]:
             raise StorageError(f"Could not read {history}: {exc}.") from exc
         else:
             exists = True
-        created_at = utc(meta.created_at)
         item = ConversationItem(
             agent=meta.agent,
             sender=meta.sender,
@@ -677,6 +709,17 @@ def _load_conversations(directory: Path, ids: list[int]) -> list[_Conversation]:
         )
         loaded.append(_Conversation(id=id_, item=item, size=tail.size, exists=exists))
     return loaded
+
+
+def _read_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 class _Backwards:
@@ -721,17 +764,17 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
 
 
 def _decode_line(line: bytes) -> _Line | None:
+    """The line's entry, or None if it is not one (with a timezone-aware created_at)."""
     try:
         entry = _line_decoder.decode(line)
-        if entry.created_at is None:
-            return None
-        utc(entry.created_at)
-    except (msgspec.DecodeError, ValueError):
+    except msgspec.DecodeError:
+        return None
+    if entry.created_at is None or entry.created_at.tzinfo is None:
         return None
     return entry
 
 
-def _load_tail(path: Path) -> _Tail:
+def _load_tail(path: str | Path) -> _Tail:
     """The state the end of history file ``path`` gives, after dropping a torn append there.
 
     Raises ``FileNotFoundError`` when there is no such file, ``StorageError``
@@ -740,38 +783,19 @@ def _load_tail(path: Path) -> _Tail:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        reader = _Backwards(fd, size)
-        end = size  # lines in [0, end) are kept
-        reason = ""
-        last: _Line | None = None
-        start = 0
-        if size:
-            if reader.slice(size - 1, size) != b"\n":
-                reason = "torn (no newline)"
-                end = reader.line_start(size)
-            else:
-                start = reader.line_start(size - 1)
-                last = _decode_line(reader.slice(start, size - 1))
-                if last is None:
-                    reason = "unparsable"
-                    end = start
-        dropped = 1 if reason else 0
-        while end:
-            if last is None:
-                start = reader.line_start(end - 1)
-                last = _decode_line(reader.slice(start, end - 1))
-                if last is None:
-                    line = _count_lines(fd, start) + 1
-                    raise StorageError(
-                        f"{path}:{line}: the line is not a valid entry, and it is not the last"
-                        " line; fix or remove it by hand."
-                    )
-            if not last.more:
-                break
-            # The last line kept so far belongs to an append whose later lines are gone.
-            reason = reason or "its append was cut short"
-            dropped += 1
-            end, last = start, None
+        if not size:
+            return _Tail(0, 0, None)
+        # The common case, in one read: a whole last line that ends its append.
+        n = min(size, _TAIL_READ)
+        data = _pread(fd, n, size - n)
+        if data[-1:] == b"\n":
+            newline = data.rfind(b"\n", 0, n - 1)
+            if newline >= 0 or n == size:
+                last = _decode_line(data[newline + 1 : -1])
+                if last is not None and not last.more:
+                    assert last.created_at is not None  # _decode_line checked it
+                    return _Tail(size, last.seq, utc(last.created_at))
+        end, last, dropped, reason = _find_whole_end(str(path), fd, size)
     finally:
         os.close(fd)
     if end < size:
@@ -790,6 +814,47 @@ def _load_tail(path: Path) -> _Tail:
     return _Tail(end, last.seq, utc(last.created_at))
 
 
+def _find_whole_end(path: str, fd: int, size: int) -> tuple[int, _Line | None, int, str]:
+    """Where the whole appends of history file ``fd`` end, reading backwards from its end.
+
+    Returns that offset, the last line before it (None if none), how many lines
+    come after it, and why they do not count (a torn last line, or the lines of
+    an append cut short). Raises ``StorageError`` for a bad line before those.
+    """
+    reader = _Backwards(fd, size)
+    end = size  # lines in [0, end) are kept
+    reason = ""
+    last: _Line | None = None
+    start = 0
+    if reader.slice(size - 1, size) != b"\n":
+        reason = "torn (no newline)"
+        end = reader.line_start(size)
+    else:
+        start = reader.line_start(size - 1)
+        last = _decode_line(reader.slice(start, size - 1))
+        if last is None:
+            reason = "unparsable"
+            end = start
+    dropped = 1 if reason else 0
+    while end:
+        if last is None:
+            start = reader.line_start(end - 1)
+            last = _decode_line(reader.slice(start, end - 1))
+            if last is None:
+                line = _count_lines(fd, start) + 1
+                raise StorageError(
+                    f"{path}:{line}: the line is not a valid entry, and it is not the last"
+                    " line; fix or remove it by hand."
+                )
+        if not last.more:
+            break
+        # The last line kept so far belongs to an append whose later lines are gone.
+        reason = reason or "its append was cut short"
+        dropped += 1
+        end, last = start, None
+    return end, last, dropped, reason
+
+
 def _count_lines(fd: int, end: int) -> int:
     """Newlines in the first ``end`` bytes of ``fd``."""
     count, offset = 0, 0
@@ -800,7 +865,7 @@ def _count_lines(fd: int, end: int) -> int:
     return count
 
 
-def _truncate(path: Path, size: int) -> None:
+def _truncate(path: str | Path, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.ftruncate(fd, size)
@@ -864,11 +929,11 @@ def _write_group(
     try:
         on_disk = os.fstat(fd).st_size
         if on_disk != size:
-            if not dirty:
-                # Someone else wrote the file: read its end again, and fail this once.
+            if not (dirty and on_disk > size):
+                # Someone else changed the file: read its end again, and fail this once.
                 tail = _load_tail(path)
                 fail(f"{path} changed outside the store; the append was not written.", None)
-                return _Written(tail, exists, dirty)
+                return _Written(tail, exists, False)
             os.ftruncate(fd, size)  # what a failed append of ours left
         try:
             _write_all(fd, data)
