@@ -63,6 +63,7 @@ _FINISH_LENGTH = {"model_context_window_exceeded"}
 # Closing a response mid-body only drops its connection; bound it all the same.
 _CLOSE_TIMEOUT_S = 5.0
 _DRAIN_EVENTS = 16
+_DRAIN_TIMEOUT_S = 1.0
 
 
 class AnthropicProvider:
@@ -123,7 +124,8 @@ class AnthropicProvider:
                     raise _provider_error(exc) from exc
                 for chunk in assembly.feed(event):
                     yield chunk
-            await _drain(events)
+            with trio.move_on_after(_DRAIN_TIMEOUT_S):  # the answer is whole: wait little more
+                await _drain(events)
         finally:
             with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True):
                 await events.close()

@@ -39,6 +39,7 @@ class Stream:
     delay_s: float = 0.0
     abort_after: int | None = None
     raw: bytes = b""  # written after the events, as is: for malformed streams
+    hold_s: float = 0.0  # a wait before the body's end, after the last event
 
 
 @dataclass
@@ -153,6 +154,8 @@ async def _send_stream(conn: trio.SocketStream, reply: Stream) -> None:
         return
     if reply.raw:
         await conn.send_all(_chunk(reply.raw))
+    if reply.hold_s:
+        await trio.sleep(reply.hold_s)
     await conn.send_all(b"0\r\n\r\n")
 
 

@@ -267,6 +267,13 @@ async def test_stop_reasons_and_cached_input_tokens(fake, provider):
     assert (await collect(provider, user("b")))[-1] == FinishChunk("stop")
 
 
+async def test_a_body_that_lingers_after_message_stop_does_not_hold_the_answer(fake, provider):
+    fake.script(Stream(text_stream("done").events, hold_s=30))
+    with trio.fail_after(5):
+        chunks = await collect(provider, user("hi"))
+    assert chunks[-1] == FinishChunk("stop")
+
+
 # --- errors --------------------------------------------------------------------------
 
 
