@@ -11,6 +11,8 @@ import msgspec
 import platformdirs
 from chinwag.protocol import APP_NAME, DEFAULT_MAX_FRAME_BYTES
 
+from ._workspace import workdir_problem
+
 
 class ConfigError(Exception):
     """The configuration file is missing a key, mistyped, or inconsistent."""
@@ -33,6 +35,17 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_uids: list[int] = msgspec.field(default_factory=list)
     # Idle conversations kept in memory; older idle ones are dropped and reload lazily.
     idle_conversations: int = 1024
+    # Directories a conversation's cwd must lie under (None: the user's home).
+    allowed_roots: list[str] | None = None
+    # The longest a run_command may run, whatever timeout_s the call asks for.
+    command_timeout_s: float = 600.0
+
+    @property
+    def roots(self) -> list[str]:
+        """``allowed_roots`` with ``~`` expanded; the user's home when unset."""
+        if self.allowed_roots is None:
+            return [os.path.expanduser("~")]
+        return [os.path.expanduser(root) for root in self.allowed_roots]
 
 
 class ProviderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -133,6 +146,11 @@ def _check(config: Config, path: Path, tool_names: frozenset[str]) -> None:
     for name, provider in config.providers.items():
         _check_provider(provider, f"{path}: [providers.{name}]")
     providers = BUILTIN_PROVIDERS | config.providers
+    roots = config.daemon.roots
+    if relative := [root for root in roots if not os.path.isabs(root)]:
+        raise ConfigError(f"{path}: [daemon] allowed_roots must be absolute paths, not {relative}.")
+    if config.daemon.command_timeout_s <= 0:
+        raise ConfigError(f"{path}: [daemon] command_timeout_s must be positive.")
     for name, agent in config.agents.items():
         where = f"{path}: [agents.{name}]"
         if agent.provider not in providers:
@@ -149,6 +167,8 @@ def _check(config: Config, path: Path, tool_names: frozenset[str]) -> None:
             raise ConfigError(f"{where} max_steps must be at least 1.")
         if agent.compact_at is not None and not 0 < agent.compact_at <= 1:
             raise ConfigError(f"{where} compact_at must be a fraction in (0, 1].")
+        if agent.cwd is not None and (problem := workdir_problem(agent.cwd, roots)):
+            raise ConfigError(f"{where}: {problem}")
     if config.daemon.max_frame_bytes < 1024:
         raise ConfigError(f"{path}: [daemon] max_frame_bytes must be at least 1024.")
 

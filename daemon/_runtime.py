@@ -9,7 +9,6 @@ runtime's nursery, never to the connection that asked for them.
 from __future__ import annotations
 
 import math
-import os
 import time
 import unicodedata
 import uuid
@@ -47,7 +46,7 @@ from chinwag.protocol import (
 from chinwag.storage import Storage, StorageError
 
 from ._config import AgentConfig, Config
-from ._errors import RequestError
+from ._errors import RequestError, ToolError
 from ._providers import (
     FinishChunk,
     ModelMessage,
@@ -59,7 +58,8 @@ from ._providers import (
     ToolCallChunk,
     UsageChunk,
 )
-from ._tools import ToolError, call_tool, schemas_for
+from ._tools import call_tool, schemas_for
+from ._workspace import Workspace, workdir_problem
 
 log = structlog.get_logger("chinwag.runtime")
 
@@ -196,6 +196,21 @@ class Run:
         self.done.set()
 
     # --- ToolContext ----------------------------------------------------
+
+    @property
+    def workspace(self) -> Workspace | None:
+        """The stream's cwd, else the conversation's stored one, else the agent's."""
+        conv = self.conversation
+        stored = conv.info.cwd if conv.info is not None else None
+        root = self.cwd or stored or conv.runtime.agents[conv.agent].config.cwd
+        if root is None:
+            return None
+        daemon = conv.runtime.config.daemon
+        return Workspace(
+            root=root,
+            allowed_roots=tuple(daemon.roots),
+            command_timeout_s=daemon.command_timeout_s,
+        )
 
     async def set_title(self, title: str) -> None:
         conv = self.conversation
@@ -416,8 +431,8 @@ class Runtime:
             if guest == agent:
                 raise RequestError(400, "A guest must be an agent other than the primary.")
             speaker = self.agent(guest)
-        if cwd is not None and not (os.path.isabs(cwd) and os.path.isdir(cwd)):
-            raise RequestError(400, f"The cwd {cwd!r} is not an absolute path to a directory.")
+        if cwd is not None and (problem := workdir_problem(cwd, self.config.daemon.roots)):
+            raise RequestError(400, problem)
         conv = self._conversation(agent, sender)
         if queue == "reject" and conv.busy:
             raise RequestError(409, "The conversation is busy with another run; retry later.")

@@ -5,6 +5,8 @@ daemon is trio (STYLE.md: no asyncio in ``storage/``), so this backend uses the
 blocking driver: psycopg_pool's ``ConnectionPool`` of autocommit connections,
 every call in ``trio.to_thread.run_sync`` behind a ``CapacityLimiter`` the size
 of the pool, so no thread ever waits for a connection and the loop never blocks.
+A store holds at most ``pool_size`` (default 4) pooled connections, plus one
+for claims.
 
 **Schema.** Created and migrated on open: numbered ``MIGRATIONS`` and a
 ``schema_version`` table, like the sqlite backend, applied in one transaction
@@ -27,9 +29,10 @@ the rare entry that has one. A NUL in any other text is a ``StorageError``.
 a conversation before running it. ``claim`` takes a session-level advisory
 lock (``pg_try_advisory_lock``) keyed by a 64-bit blake2b hash of (schema,
 agent, sender), on one connection of its own rather than the pool's: a
-daemon that dies drops that connection, and the server frees its claims.
-Should that connection break, its claims are gone; the next ``claim``
-reconnects and takes back the ones no other daemon took meanwhile.
+daemon that dies drops that connection, and the server frees its claims
+(``close`` unlocks them first, so they are free when it returns). Should that
+connection break, its claims are gone; the next ``claim`` reconnects and takes
+back the ones no other daemon took meanwhile.
 
 **For the compaction issue** (archive search): the ``archives`` table is
 ready, nothing writes it yet: one row per archive (conversation, stable name,
@@ -37,10 +40,10 @@ archived ``first_seq``..``last_seq``, summary, ``body`` for the archived
 entries' text, created_at) with a generated ``search`` tsvector (the
 ``simple`` configuration: no stemming, any language; summary weighted A,
 body B) under a GIN index, for ``search @@ websearch_to_tsquery('simple', q)``
-ranked by ``ts_rank``. The archived entries stay in ``entries`` with their
-``agent``, so attribution survives. Entries themselves carry no tsvector:
-appends stay as cheap as they can be. Agent notes will need a table of their
-own, in a new migration.
+ranked by ``ts_rank`` (a tsvector holds at most 1 MB: cap ``body``). The
+archived entries stay in ``entries`` with their ``agent``, so attribution
+survives. Entries themselves carry no tsvector, so appends stay as cheap as
+they can be. Agent notes will need a table of their own, in a new migration.
 """
 
 from __future__ import annotations
@@ -507,7 +510,7 @@ class PostgresStorage:
         """Give up a claim; see ``Storage.release``. Shielded; never raises."""
         key = (agent, sender)
         if key not in self._claims or self._closed:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         with trio.CancelScope(shield=True):
             try:
@@ -522,6 +525,8 @@ class PostgresStorage:
 
     def _try_lock(self, key: int) -> bool:
         """Worker thread, holding ``_locks_limiter``."""
+        if self._closed and self._locks is not None and self._locks.closed:
+            raise StorageError("The store is closed.")  # and must not reconnect
         conn = self._locks
         if conn is not None and not conn.closed:
             try:
@@ -587,12 +592,17 @@ class PostgresStorage:
     async def close(self) -> None:
         """Close the pool and the claim connection, which frees every claim. Idempotent; shielded.
 
-        Calls already running finish first; later ones raise ``StorageError``.
+        Calls already made, running or waiting for a thread, finish first; later
+        ones raise ``StorageError``.
         """
         if self._closed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._closed = True
         with trio.CancelScope(shield=True):
+            # The limiters are fair: taking every token waits behind the calls queued.
+            for borrower in [object() for _ in range(self.pool_size)]:
+                await self._limiter.acquire_on_behalf_of(borrower)
             await trio.to_thread.run_sync(self._pool.close)
             await trio.to_thread.run_sync(self._close_locks, limiter=self._locks_limiter)
 

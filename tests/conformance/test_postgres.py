@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+import trio.testing
 from chinwag.protocol import Entry
 from chinwag.storage import PostgresStorage, Storage, StorageError, open_store
 from chinwag.storage._postgres import MIGRATIONS, parse_postgres_url
@@ -300,3 +301,24 @@ async def test_daemons_appending_to_one_conversation_interleave_without_gaps(
     for store in daemons:
         item = await store.get_conversation(AGENT, SENDER)
         assert item is not None and item.last_seq == len(history)
+
+
+@on_postgres
+async def test_close_lets_the_calls_already_made_finish(store: Storage) -> None:
+    await store.create_conversation(AGENT, SENDER, cwd=None, created_at=T0)
+    outcomes: list[object] = []
+
+    async def append(n: int) -> None:
+        try:
+            outcomes.append(await store.append(AGENT, SENDER, [Entry(seq=0, content=str(n))]))
+        except StorageError as exc:
+            outcomes.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):  # more than the pool has connections: most wait for a thread
+            nursery.start_soon(append, n)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(store.close)
+    assert len(outcomes) == 20 and all(isinstance(o, list) for o in outcomes)
+    with pytest.raises(StorageError, match="closed"):
+        await store.append(AGENT, SENDER, [Entry(seq=0, content="late")])
