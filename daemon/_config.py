@@ -49,7 +49,7 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ProviderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    kind: Literal["echo", "anthropic"]
+    kind: Literal["echo", "openai", "anthropic"]
     base_url: str | None = None
     api_key: str | None = None
     api_key_env: str | None = None  # the name of the variable that holds the key
@@ -181,6 +181,9 @@ def _check_provider(provider: ProviderConfig, where: str) -> None:
             f"{where} takes its key from ${provider.api_key_env}, which is not set "
             "in the daemon's environment."
         )
+    if provider.kind == "openai" and provider.base_url is None and not provider.resolve_api_key():
+        # Only local servers (a base_url) go without a key; api.openai.com needs one.
+        raise ConfigError(f"{where} talks to api.openai.com, which needs api_key or api_key_env.")
     if provider.timeout_s <= 0:
         raise ConfigError(f"{where} timeout_s must be positive.")
     if provider.max_retries < 0:

@@ -168,6 +168,11 @@ def make_provider(config: ProviderConfig) -> Provider:
     match config.kind:
         case "echo":
             return EchoProvider()
+        case "openai":
+            # Imported here: the SDK takes a while to import, and echo never needs it.
+            from ._openai import OpenAIProvider
+
+            return OpenAIProvider(config)
         case "anthropic":
             from ._anthropic import AnthropicProvider
 

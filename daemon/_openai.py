@@ -1,0 +1,252 @@
+"""The `openai` provider: streaming Chat Completions on the official SDK.
+
+Anything that speaks the API works: OpenAI, Ollama, vLLM, llama.cpp server,
+LM Studio, OpenRouter. ``AsyncOpenAI`` does its I/O through httpx on anyio, so
+it runs unmodified under trio, and a kill's cancellation lands in its socket
+read (or in its retry back-off), which closes the HTTP connection.
+
+Every failure leaves as a ``ProviderError``: 502 for an error status after the
+SDK's retries, a broken or malformed stream, or an unreachable server; 504 when
+the server is silent for longer than the configured ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+from chinwag.protocol import ToolCallInfo
+
+from ._config import ProviderConfig
+from ._providers import (
+    Chunk,
+    FinishChunk,
+    ModelMessage,
+    ModelRequest,
+    ProviderError,
+    TextChunk,
+    ThinkingChunk,
+    ToolCallChunk,
+    ToolSchema,
+    UsageChunk,
+    new_call_id,
+)
+
+# Local servers take no key, but the SDK insists on one; this one is never checked.
+PLACEHOLDER_KEY = "no-key"
+
+# Where servers put reasoning text: vLLM, DeepSeek and llama.cpp say
+# `reasoning_content`; Ollama and OpenRouter say `reasoning`.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+class OpenAIProvider:
+    """One ``AsyncOpenAI`` client (and its connection pool) per provider."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.base_url = config.base_url
+        self.timeout_s = config.timeout_s
+        # The SDK's own timeout, not a trio cancel scope: it bounds the wait for
+        # each byte, so a long answer that keeps streaming is never cut off.
+        self._client = openai.AsyncOpenAI(
+            api_key=config.resolve_api_key() or PLACEHOLDER_KEY,
+            base_url=config.base_url,
+            timeout=config.timeout_s,
+            max_retries=config.max_retries,
+            default_headers=config.extra_headers or None,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
+        """Stream one model step; tool calls come whole, after the text, before the finish.
+
+        Raises ``ProviderError`` for every failure; cancellation propagates and
+        closes the HTTP response.
+        """
+        # Plain dicts, typed Any: the SDK's TypedDicts for them change between versions.
+        messages: Any = [_message(m) for m in request.messages]
+        options: dict[str, Any] = {}
+        if request.tools:  # some servers reject an empty list
+            options["tools"] = [_tool(t) for t in request.tools]
+        try:
+            response = await self._client.chat.completions.create(
+                model=request.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                **options,
+            )
+        except Exception as exc:
+            raise self._error(exc) from exc
+        calls = _ToolCalls()
+        usage: UsageChunk | None = None
+        finish: str | None = None
+        async with response:
+            try:
+                async for event in response:
+                    if event.usage is not None:
+                        usage = UsageChunk(
+                            event.usage.prompt_tokens or 0, event.usage.completion_tokens or 0
+                        )
+                    for choice in event.choices:
+                        if choice.index != 0:
+                            continue
+                        delta = choice.delta
+                        for name in REASONING_FIELDS:
+                            thought = getattr(delta, name, None)  # not in the SDK's types
+                            if isinstance(thought, str) and thought:
+                                yield ThinkingChunk(thought)
+                                break
+                        if delta.content:
+                            yield TextChunk(delta.content)
+                        for fragment in delta.tool_calls or ():
+                            calls.add(fragment)
+                        if choice.finish_reason is not None:
+                            finish = choice.finish_reason
+            except Exception as exc:
+                raise self._error(exc) from exc
+        if finish is None:
+            raise ProviderError(
+                "The model provider's stream ended before the model finished its answer."
+            )
+        for call in calls.complete():
+            yield ToolCallChunk(call)
+        if usage is not None:
+            yield usage
+        yield FinishChunk(finish)
+
+    def _error(self, exc: Exception) -> ProviderError:
+        """The one sentence a client sees for an SDK (or transport) failure."""
+        match exc:
+            case openai.APIStatusError():
+                detail = _detail(exc.body) or _sentence(exc.response.reason_phrase or "no detail")
+                return ProviderError(f"The model provider answered {exc.status_code}: {detail}")
+            case openai.APITimeoutError():
+                return ProviderError(
+                    f"The model provider did not answer within {self.timeout_s:g} s.", code=504
+                )
+            case openai.APIConnectionError():
+                cause = _sentence(str(exc.__cause__ or exc))
+                where = self.base_url or "api.openai.com"
+                return ProviderError(
+                    f"The connection to the model provider at {where} failed: {cause}"
+                )
+            case openai.APIError():
+                detail = _detail(exc.body) or _sentence(exc.message)
+                return ProviderError(f"The model provider failed mid-answer: {detail}")
+        # Malformed streams: an SSE line that is not JSON, a chunk of the wrong
+        # shape; and, on older SDKs, transport errors that escape unwrapped.
+        return ProviderError(
+            "The model provider sent a malformed stream: "
+            + _sentence(f"{type(exc).__name__}: {exc}")
+        )
+
+
+@dataclass
+class _PartialCall:
+    call_id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class _ToolCalls:
+    """Tool calls assembled from their fragments, keyed by ``index``.
+
+    The id and name come in a call's first fragment; later fragments carry
+    pieces of the arguments. A server that repeats them is not misread.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[int, _PartialCall] = {}
+
+    def add(self, fragment: Any) -> None:
+        index = getattr(fragment, "index", None)
+        if index is None:  # not to spec, but some servers leave it out: go by the id
+            known = [i for i, c in self.calls.items() if fragment.id and c.call_id == fragment.id]
+            if known:
+                index = known[0]
+            elif fragment.id or not self.calls:
+                index = len(self.calls)
+            else:
+                index = max(self.calls)
+        call = self.calls.setdefault(index, _PartialCall())
+        if fragment.id and not call.call_id:
+            call.call_id = fragment.id
+        function = fragment.function
+        if function is not None:
+            if function.name and not call.name:
+                call.name = function.name
+            if function.arguments:
+                call.arguments.append(function.arguments)
+
+    def complete(self) -> list[ToolCallInfo]:
+        done = []
+        for _, call in sorted(self.calls.items()):
+            if not call.name:
+                raise ProviderError("The model provider sent a tool call without a name.")
+            done.append(
+                ToolCallInfo(
+                    call_id=call.call_id or new_call_id(),
+                    name=call.name,
+                    arguments="".join(call.arguments) or "{}",
+                )
+            )
+        return done
+
+
+def _message(message: ModelMessage) -> dict[str, Any]:
+    match message.role:
+        case "assistant" if message.tool_calls:
+            return {
+                "role": "assistant",
+                "content": message.content or None,
+                "tool_calls": [
+                    {
+                        "id": call.call_id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                    for call in message.tool_calls
+                ],
+            }
+        case "tool":
+            return {
+                "role": "tool",
+                "tool_call_id": message.tool_call_id,
+                "content": message.content,
+            }
+        case role:
+            return {"role": role, "content": message.content}
+
+
+def _tool(schema: ToolSchema) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": schema.name,
+            "description": schema.description,
+            "parameters": schema.parameters,
+        },
+    }
+
+
+def _detail(body: object) -> str:
+    """The message in an error body: OpenAI's `{"error": {"message"}}` and its variants."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            inner = inner.get("message") or inner.get("detail")  # `detail`: FastAPI servers
+        if isinstance(inner, str) and inner.strip():
+            return _sentence(inner)
+    elif isinstance(body, str) and body.strip():
+        return _sentence(body[:500])
+    return ""
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(text.split())
+    return text if text.endswith((".", "!", "?")) else text + "."
