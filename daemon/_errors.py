@@ -1,4 +1,5 @@
-"""The daemon's error root: a request refused with a protocol code and one sentence."""
+"""The daemon's error roots: a request refused with a protocol code and one sentence,
+and a tool call refused with the sentence the model sees."""
 
 from __future__ import annotations
 
@@ -10,3 +11,7 @@ class RequestError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class ToolError(Exception):
+    """A tool refused or failed; its message is the error result the model sees."""

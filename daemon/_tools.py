@@ -10,11 +10,9 @@ from typing import Any, Protocol
 import msgspec
 from chinwag.protocol import AskQuestion, ToolCallInfo
 
+from ._errors import ToolError
 from ._providers import ToolSchema
-
-
-class ToolError(Exception):
-    """A tool refused or failed; its message is the error result the model sees."""
+from ._workspace import WORKSPACE_TOOLS, Workspace
 
 
 class ToolContext(Protocol):
@@ -28,6 +26,11 @@ class ToolContext(Protocol):
 
     async def delegate(self, agent: str, message: str) -> str:
         """Run a turn of ``agent`` in its conversation with this agent; its final text."""
+        ...
+
+    @property
+    def workspace(self) -> Workspace | None:
+        """The run's working directory and limits; None: the run has none."""
         ...
 
 
@@ -136,6 +139,7 @@ TOOLS: dict[str, Tool] = {
             },
             run=_delegate,
         ),
+        *(Tool(*spec) for spec in WORKSPACE_TOOLS),  # read_file, write_file, list_dir, run_command
     ]
 }
 

@@ -1,0 +1,489 @@
+"""Workspace tools: `read_file`, `write_file`, `list_dir`, `run_command`, confined to the run's cwd.
+
+A path the model gives is relative to the working directory. It is resolved
+(`os.path.realpath`) and must land inside the resolved directory: `..`,
+absolute paths and symlinks that lead outside are refused. The resolved path is
+then opened one component at a time from a descriptor of the root, with
+``O_NOFOLLOW``, so a component swapped for a symlink after the check (by a
+concurrent `run_command`, say) is refused rather than followed.
+
+`run_command` is not a sandbox: it runs `bash -c COMMAND` (so pipes, `&&` and
+redirections work as a model expects) in the working directory with the
+daemon's user and environment. Its whole process group is killed on timeout,
+on kill, and when the command exits, so nothing it started outlives the call.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, BinaryIO, Protocol
+
+import trio
+
+from ._errors import ToolError
+
+READ_CAP = 256 * 1024  # bytes of a file one read_file returns
+LIST_CAP = 1000  # entries one list_dir returns
+OUTPUT_CAP = 64 * 1024  # bytes of a command's output kept (the tail)
+COMMAND_TIMEOUT_S = 60.0  # when the call names none
+KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL when a command is cancelled
+_DRAIN_S = 1.0  # how long output is read after the command exits
+_BINARY_SNIFF = 8192
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A run's working directory and the limits its tools work within."""
+
+    root: str
+    allowed_roots: tuple[str, ...]
+    command_timeout_s: float
+
+
+class HasWorkspace(Protocol):
+    @property
+    def workspace(self) -> Workspace | None: ...
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def workdir_problem(cwd: str, allowed_roots: list[str] | tuple[str, ...]) -> str | None:
+    """Why ``cwd`` cannot be a working directory (one sentence), or None when it can.
+
+    It must be absolute, an existing directory, and resolve (symlinks
+    followed) inside one of ``allowed_roots``. Blocks on the file system.
+    """
+    if not os.path.isabs(cwd):
+        return f"The cwd {cwd!r} is not an absolute path."
+    if not os.path.isdir(cwd):
+        return f"The cwd {cwd!r} is not an existing directory."
+    real = os.path.realpath(cwd)
+    if not any(_inside(real, os.path.realpath(root)) for root in allowed_roots):
+        return f"The cwd {cwd!r} is outside the allowed roots ({', '.join(allowed_roots)})."
+    return None
+
+
+def _root(ctx: HasWorkspace) -> tuple[Workspace, str]:
+    """The run's workspace and its resolved root; blocks on the file system."""
+    ws = ctx.workspace
+    if ws is None:
+        raise ToolError(
+            "This conversation has no working directory: start it with a cwd, "
+            "or give the agent a cwd in the config."
+        )
+    if problem := workdir_problem(ws.root, ws.allowed_roots):
+        raise ToolError(problem)
+    return ws, os.path.realpath(ws.root)
+
+
+def _relative(root: str, path: object, tool: str) -> str:
+    """``path`` resolved, relative to ``root``; refused unless it stays inside."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ToolError(f"{tool} needs `path`, a path relative to the working directory.")
+    if os.path.isabs(path) or path.startswith("~"):
+        raise ToolError(
+            f"The path {path!r} is absolute; give a path relative to the working directory."
+        )
+    full = os.path.realpath(os.path.join(root, path))
+    if not _inside(full, root):
+        raise ToolError(f"The path {path!r} leads outside the working directory; refused.")
+    return os.path.relpath(full, root)
+
+
+def _parts(rel: str) -> list[str]:
+    return [] if rel in ("", ".") else rel.split(os.sep)
+
+
+def _open_dir(root: str, rel: str, *, create: bool = False) -> int:
+    """A descriptor of ``root/rel``, walked from ``root`` without following symlinks.
+
+    With ``create``, missing directories are made on the way, each inside one
+    already opened, so none is ever made outside ``root``.
+    """
+    fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        for part in _parts(rel):
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except NotADirectoryError:
+                # Linux reports a symlink met with O_DIRECTORY | O_NOFOLLOW as ENOTDIR.
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, "a symlink where a directory was") from None
+                raise
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _explain(exc: OSError, path: str) -> ToolError:
+    """An OSError as the sentence the model sees."""
+    if exc.errno == errno.ELOOP:
+        return ToolError(f"The path {path!r} changed into a symlink while being opened; refused.")
+    if isinstance(exc, FileNotFoundError):
+        return ToolError(f"{path!r} does not exist.")
+    if isinstance(exc, NotADirectoryError):
+        return ToolError(f"A part of {path!r} is not a directory.")
+    if isinstance(exc, IsADirectoryError):
+        return ToolError(f"{path!r} is a directory.")
+    if isinstance(exc, PermissionError):
+        return ToolError(f"Permission denied on {path!r}.")
+    return ToolError(f"{path!r}: {exc.strerror or exc}.")
+
+
+def _int_arg(args: dict[str, Any], name: str, tool: str) -> int | None:
+    value = args.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ToolError(f"{tool}: `{name}` must be a whole number of at least 1.")
+    return value
+
+
+# --- read_file ---------------------------------------------------------------
+
+
+def _read(ctx: HasWorkspace, args: dict[str, Any]) -> str:
+    _, root = _root(ctx)
+    rel = _relative(root, args.get("path"), "read_file")
+    offset = _int_arg(args, "offset", "read_file") or 1
+    limit = _int_arg(args, "limit", "read_file")
+    if rel == ".":
+        raise ToolError("That is the working directory itself; list_dir shows what it holds.")
+    parent, name = os.path.split(rel)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block
+    try:
+        dir_fd = _open_dir(root, parent)
+        try:
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        with os.fdopen(fd, "rb") as file:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise ToolError(f"{rel!r} is a directory; list_dir shows what it holds.")
+            if not stat.S_ISREG(mode):
+                raise ToolError(f"{rel!r} is not a regular file.")
+            if b"\0" in file.read(_BINARY_SNIFF):
+                raise ToolError(f"{rel!r} is a binary file; read_file reads text only.")
+            file.seek(0)
+            return _read_lines(file, rel, offset, limit)
+    except OSError as exc:
+        raise _explain(exc, rel) from None
+
+
+def _read_lines(file: BinaryIO, rel: str, offset: int, limit: int | None) -> str:
+    out = bytearray()
+    line = 1  # the line the next piece read belongs to
+    taken = 0  # whole lines in `out`
+    open_line = False  # the last piece read did not end its line
+    cut = more = False
+    while piece := file.readline(READ_CAP):
+        if line >= offset:
+            if limit is not None and taken >= limit:
+                more = True
+                break
+            if len(out) + len(piece) > READ_CAP:
+                out += piece[: READ_CAP - len(out)]
+                cut = more = True
+                break
+            out += piece
+        open_line = not piece.endswith(b"\n")
+        if not open_line:
+            if line >= offset:
+                taken += 1
+            line += 1
+    if not more and not out and offset > 1:
+        lines = line if open_line else line - 1
+        raise ToolError(f"{rel!r} has {lines} lines; offset {offset} is past its end.")
+    # A cut may split a UTF-8 sequence: the incremental decoder drops the partial tail.
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(bytes(out), final=not cut)
+    if not more:
+        return text or f"({rel!r} is empty.)"
+    if not cut:
+        note = f"[lines {offset}-{line - 1} shown; read on with offset={line}]"
+    elif taken:
+        note = (
+            f"[truncated at {READ_CAP // 1024} KiB: lines {offset}-{line - 1} whole, then "
+            f"the start of line {line}; read on with offset={line}]"
+        )
+    else:
+        note = (
+            f"[truncated: line {line} is longer than {READ_CAP // 1024} KiB; its start is "
+            f"shown, the next line is offset={line + 1}]"
+        )
+    return text + ("" if text.endswith("\n") else "\n") + note
+
+
+# --- write_file --------------------------------------------------------------
+
+
+def _write(ctx: HasWorkspace, args: dict[str, Any]) -> str:
+    _, root = _root(ctx)
+    content = args.get("content")
+    if not isinstance(content, str):
+        raise ToolError("write_file needs `content`, the file's whole new text.")
+    rel = _relative(root, args.get("path"), "write_file")
+    if rel == ".":
+        raise ToolError("That is the working directory itself, not a file.")
+    parent, name = os.path.split(rel)
+    data = content.encode()
+    try:
+        dir_fd = _open_dir(root, parent, create=True)
+        try:
+            _replace(dir_fd, name, data)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise _explain(exc, rel) from None
+    return f"Wrote {len(data)} bytes to {rel}."
+
+
+def _replace(dir_fd: int, name: str, data: bytes) -> None:
+    """Write ``name`` in ``dir_fd`` atomically: a temporary file, fsynced, renamed over it."""
+    try:
+        existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        kind = "a directory" if stat.S_ISDIR(existing.st_mode) else "not a regular file"
+        raise ToolError(f"{name!r} is {kind}; write_file replaces regular files only.")
+    temp = f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp, flags, 0o666, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            if existing is not None:
+                os.fchmod(fd, stat.S_IMODE(existing.st_mode))
+            os.fsync(fd)
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
+
+
+# --- list_dir ----------------------------------------------------------------
+
+
+def _list(ctx: HasWorkspace, args: dict[str, Any]) -> str:
+    _, root = _root(ctx)
+    rel = _relative(root, args.get("path", "."), "list_dir")
+    try:
+        fd = _open_dir(root, rel)
+        try:
+            with os.scandir(fd) as entries:
+                names = sorted(e.name + "/" if e.is_dir() else e.name for e in entries)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _explain(exc, rel) from None
+    if not names:
+        return f"({rel!r} is empty.)"
+    shown = "\n".join(names[:LIST_CAP])
+    if len(names) > LIST_CAP:
+        shown += f"\n[{len(names) - LIST_CAP} more entries not shown]"
+    return shown
+
+
+# --- run_command -------------------------------------------------------------
+
+
+def _shell() -> str:
+    return shutil.which("bash") or "/bin/sh"
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+async def _stop(proc: trio.Process) -> None:
+    """run_process's deliver_cancel: SIGTERM the command's group, SIGKILL after a grace."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    await trio.sleep(KILL_GRACE_S)
+    _signal_group(proc.pid, signal.SIGKILL)
+
+
+class _Tail:
+    """The last ``cap`` bytes of a stream, and how many came in all."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.data = bytearray()
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.data += chunk
+        if len(self.data) > self.cap:
+            del self.data[: len(self.data) - self.cap]
+
+
+async def _drain(stream: trio.lowlevel.FdStream, tail: _Tail, scope: trio.CancelScope) -> None:
+    with scope:
+        async with stream:
+            while chunk := await stream.receive_some(65536):
+                tail.add(chunk)
+
+
+async def _run_command(ctx: HasWorkspace, args: dict[str, Any]) -> str:
+    """Cancelled (killed run), the command's process group is killed before this returns."""
+    ws, root = await trio.to_thread.run_sync(_root, ctx)
+    command = args.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise ToolError("run_command needs `command`, a non-empty shell command line.")
+    timeout = args.get("timeout_s", COMMAND_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ToolError("run_command: `timeout_s` must be a positive number of seconds.")
+    timeout = min(float(timeout), ws.command_timeout_s)
+    tail = _Tail(OUTPUT_CAP)
+    read_fd, write_fd = os.pipe()
+    os.set_inheritable(read_fd, False)
+    stream = trio.lowlevel.FdStream(read_fd)
+    pgid: int | None = None
+    try:
+        with trio.move_on_after(timeout) as deadline:
+            async with trio.open_nursery() as nursery:
+                drain = trio.CancelScope()
+                nursery.start_soon(_drain, stream, tail, drain)
+                proc: trio.Process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        [_shell(), "-c", command],
+                        cwd=root,
+                        stdin=subprocess.DEVNULL,
+                        stdout=write_fd,
+                        stderr=write_fd,
+                        check=False,
+                        start_new_session=True,
+                        deliver_cancel=_stop,
+                    )
+                )
+                pgid = proc.pid
+                os.close(write_fd)
+                write_fd = -1
+                await proc.wait()
+                _signal_group(pgid, signal.SIGKILL)  # what it left in the background
+                drain.deadline = trio.current_time() + _DRAIN_S
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        if pgid is not None:
+            _signal_group(pgid, signal.SIGKILL)
+    output = tail.data.decode("utf-8", "replace")
+    if tail.total > len(tail.data):
+        output = (
+            f"[output truncated: {tail.total} bytes, the last {len(tail.data)} shown]\n" + output
+        )
+    if output and not output.endswith("\n"):
+        output += "\n"
+    if deadline.cancelled_caught:
+        raise ToolError(f"{output}[timed out after {timeout:g} s; the command was killed]")
+    code = proc.returncode
+    assert code is not None
+    if code < 0:
+        raise ToolError(f"{output}[killed by signal {-code}]")
+    if code:
+        raise ToolError(f"{output}[exit code {code}]")
+    return f"{output}[exit code 0]"
+
+
+# --- the tools, registered in _tools.TOOLS ------------------------------------
+
+
+async def _read_file(ctx: HasWorkspace, args: dict[str, Any]) -> str:
+    return await trio.to_thread.run_sync(_read, ctx, args)
+
+
+async def _write_file(ctx: HasWorkspace, args: dict[str, Any]) -> str:
+    return await trio.to_thread.run_sync(_write, ctx, args)
+
+
+async def _list_dir(ctx: HasWorkspace, args: dict[str, Any]) -> str:
+    return await trio.to_thread.run_sync(_list, ctx, args)
+
+
+_PATH = {"type": "string", "description": "A path relative to the working directory."}
+
+WORKSPACE_TOOLS: list[
+    tuple[str, str, dict[str, Any], Callable[[HasWorkspace, dict[str, Any]], Awaitable[str]]]
+] = [
+    (
+        "read_file",
+        f"Read a text file in the working directory, at most {READ_CAP // 1024} KiB at a "
+        "time; `offset` (the first line, from 1) and `limit` (how many lines) page through "
+        "longer ones.",
+        {
+            "type": "object",
+            "properties": {
+                "path": _PATH,
+                "offset": {"type": "integer", "minimum": 1},
+                "limit": {"type": "integer", "minimum": 1},
+            },
+            "required": ["path"],
+        },
+        _read_file,
+    ),
+    (
+        "write_file",
+        "Write a file in the working directory, replacing it whole; missing parent "
+        "directories are created.",
+        {
+            "type": "object",
+            "properties": {"path": _PATH, "content": {"type": "string"}},
+            "required": ["path", "content"],
+        },
+        _write_file,
+    ),
+    (
+        "list_dir",
+        "List a directory in the working directory: names sorted, directories ending in '/'.",
+        {
+            "type": "object",
+            "properties": {"path": {**_PATH, "default": "."}},
+        },
+        _list_dir,
+    ),
+    (
+        "run_command",
+        "Run a bash command line in the working directory, without stdin. Returns its "
+        f"output (stdout and stderr together; the last {OUTPUT_CAP // 1024} KiB) and "
+        f"exit code. `timeout_s` defaults to {COMMAND_TIMEOUT_S:g}.",
+        {
+            "type": "object",
+            "properties": {
+                "command": {"type": "string"},
+                "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+            },
+            "required": ["command"],
+        },
+        _run_command,
+    ),
+]

@@ -1,0 +1,429 @@
+"""Workspace tools in the runtime, driven by echo's `/tool NAME JSON`; real files, real processes.
+
+No autojump clock here: it would jump while a real subprocess runs and time
+every command out. Timeouts are short real ones instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from chinwag.daemon._config import AgentConfig, Config, ConfigError, DaemonConfig, load_config
+from chinwag.daemon._errors import RequestError, ToolError
+from chinwag.daemon._runtime import Runtime
+from chinwag.daemon._serve import build_agents
+from chinwag.daemon._tools import TOOL_NAMES
+from chinwag.daemon._workspace import LIST_CAP, OUTPUT_CAP, READ_CAP, _open_dir, _relative
+from chinwag.protocol import End, ToolResult
+from chinwag.storage import MemoryStorage
+
+WORKSPACE = ["read_file", "write_file", "list_dir", "run_command"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list = []
+        self.ended = trio.Event()
+
+    def __call__(self, event) -> bool:
+        self.events.append(event)
+        if isinstance(event, End):
+            self.ended.set()
+        return True
+
+    @property
+    def end(self) -> End:
+        assert isinstance(self.events[-1], End)
+        return self.events[-1]
+
+    @property
+    def result(self) -> ToolResult:
+        return next(e for e in self.events if isinstance(e, ToolResult))
+
+
+@pytest.fixture
+def area() -> Iterator[Path]:
+    """A temporary tree: `root/ws` is the working directory, `root/outside` is not."""
+    with tempfile.TemporaryDirectory(prefix="cw-ws-") as d:
+        root = Path(d).resolve()
+        (root / "ws").mkdir()
+        (root / "outside").mkdir()
+        (root / "outside" / "secret.txt").write_text("top secret\n")
+        yield root
+
+
+@asynccontextmanager
+async def runtime(area: Path, **daemon: object) -> AsyncIterator[Runtime]:
+    daemon.setdefault("allowed_roots", [str(area / "ws")])
+    config = Config(
+        daemon=DaemonConfig(**daemon),  # type: ignore[arg-type]
+        agents={
+            "assistant": AgentConfig(provider="echo", tools=WORKSPACE),
+            "placed": AgentConfig(provider="echo", tools=WORKSPACE, cwd=str(area / "ws")),
+            "bare": AgentConfig(provider="echo", tools=["set_title"]),
+        },
+    )
+    async with trio.open_nursery() as nursery:
+        yield Runtime(config, MemoryStorage(), build_agents(config), nursery)
+        nursery.cancel_scope.cancel()
+
+
+def submit(rt: Runtime, content: str, *, cwd: str | None, agent: str = "assistant") -> Recorder:
+    sink = Recorder()
+    rt.submit(
+        agent=agent,
+        sender="user",
+        content=content,
+        guest=None,
+        cwd=cwd,
+        queue="enqueue",
+        sink=sink,
+    )
+    return sink
+
+
+def tool(name: str, **args: object) -> str:
+    return f"/tool {name} {json.dumps(args)}"
+
+
+async def call(rt: Runtime, area: Path, name: str, **args: object) -> ToolResult:
+    """One tool call in a run whose cwd is `area/ws`; its result."""
+    sink = submit(rt, tool(name, **args), cwd=str(area / "ws"))
+    with trio.fail_after(30):
+        await sink.ended.wait()
+    assert sink.end.status == "done", sink.end
+    return sink.result
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (killed, not yet reaped by init) counts as gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 -- a child process's state: no event to await
+            await trio.sleep(0.01)
+
+
+# --- happy paths ---------------------------------------------------------------
+
+
+async def test_write_then_read_a_file_creating_its_parents(area):
+    async with runtime(area) as rt:
+        wrote = await call(rt, area, "write_file", path="src/pkg/a.txt", content="one\ntwo\n")
+        assert (wrote.is_error, wrote.output) == (False, "Wrote 8 bytes to src/pkg/a.txt.")
+        assert (area / "ws/src/pkg/a.txt").read_text() == "one\ntwo\n"
+        assert sorted(os.listdir(area / "ws/src/pkg")) == ["a.txt"], "no temporary file left"
+        read = await call(rt, area, "read_file", path="src/pkg/a.txt")
+        assert (read.is_error, read.output) == (False, "one\ntwo\n")
+
+
+async def test_write_file_replaces_atomically_and_keeps_the_mode(area):
+    target = area / "ws" / "run.sh"
+    target.write_text("old")
+    target.chmod(0o750)
+    inode = target.stat().st_ino
+    async with runtime(area) as rt:
+        result = await call(rt, area, "write_file", path="run.sh", content="#!/bin/sh\n")
+    assert not result.is_error
+    assert target.read_text() == "#!/bin/sh\n"
+    assert target.stat().st_ino != inode, "a new file renamed over the old one"
+    assert target.stat().st_mode & 0o777 == 0o750
+
+
+async def test_read_file_pages_by_lines(area):
+    (area / "ws" / "n.txt").write_text("".join(f"line {n}\n" for n in range(1, 11)))
+    async with runtime(area) as rt:
+        page = await call(rt, area, "read_file", path="n.txt", offset=3, limit=2)
+        assert page.output == "line 3\nline 4\n[lines 3-4 shown; read on with offset=5]"
+        tail = await call(rt, area, "read_file", path="n.txt", offset=9)
+        assert tail.output == "line 9\nline 10\n"
+        past = await call(rt, area, "read_file", path="n.txt", offset=12)
+        assert past.is_error and "has 10 lines; offset 12 is past its end" in past.output
+
+
+async def test_read_file_caps_its_size_and_says_so(area):
+    line = "x" * 99 + "\n"
+    (area / "ws" / "big.txt").write_text(line * (READ_CAP // 100 * 2))
+    async with runtime(area) as rt:
+        result = await call(rt, area, "read_file", path="big.txt")
+    body, _, note = result.output.rpartition("\n")
+    assert not result.is_error
+    assert READ_CAP - 100 < len(body) <= READ_CAP
+    assert note.startswith("[truncated at 256 KiB") and "read on with offset=" in note
+
+
+async def test_read_file_refuses_binary_files_and_directories(area):
+    (area / "ws" / "blob.bin").write_bytes(b"\x7fELF\x00\x01\x02")
+    (area / "ws" / "sub").mkdir()
+    async with runtime(area) as rt:
+        binary = await call(rt, area, "read_file", path="blob.bin")
+        assert binary.is_error and "is a binary file" in binary.output
+        directory = await call(rt, area, "read_file", path="sub")
+        assert directory.is_error and "is a directory" in directory.output
+        missing = await call(rt, area, "read_file", path="nope.txt")
+        assert missing.is_error and "does not exist" in missing.output
+
+
+async def test_list_dir_sorts_marks_directories_and_caps(area):
+    ws = area / "ws"
+    (ws / "b.txt").write_text("")
+    (ws / "a").mkdir()
+    (ws / ".hidden").write_text("")
+    (ws / "many").mkdir()
+    for n in range(LIST_CAP + 5):
+        (ws / "many" / f"{n:05}").write_text("")
+    async with runtime(area) as rt:
+        top = await call(rt, area, "list_dir")
+        assert top.output.splitlines() == [".hidden", "a/", "b.txt", "many/"]
+        many = await call(rt, area, "list_dir", path="many")
+        lines = many.output.splitlines()
+        assert len(lines) == LIST_CAP + 1 and lines[0] == "00000"
+        assert lines[-1] == "[5 more entries not shown]"
+        empty = await call(rt, area, "list_dir", path="a")
+        assert empty.output == "('a' is empty.)"
+
+
+async def test_run_command_runs_in_the_workdir_with_output_and_exit_code(area):
+    (area / "ws" / "here.txt").write_text("")
+    async with runtime(area) as rt:
+        ok = await call(rt, area, "run_command", command="ls; echo out; echo err >&2 | cat")
+        assert (ok.is_error, ok.output) == (False, "here.txt\nout\nerr\n[exit code 0]")
+        failed = await call(rt, area, "run_command", command="echo bad news; exit 3")
+        assert (failed.is_error, failed.output) == (True, "bad news\n[exit code 3]")
+        stdin = await call(rt, area, "run_command", command="cat")
+        assert stdin.output == "[exit code 0]", "no stdin: cat reads nothing and ends"
+
+
+async def test_run_command_keeps_the_tail_of_long_output(area):
+    async with runtime(area) as rt:
+        result = await call(rt, area, "run_command", command="seq 1 100000; echo the end")
+    first, *_, last_line, code = result.output.splitlines()
+    total = len("".join(f"{n}\n" for n in range(1, 100001))) + len("the end\n")
+    assert first.startswith(f"[output truncated: {total} bytes, the last {OUTPUT_CAP} shown]")
+    assert (last_line, code) == ("the end", "[exit code 0]")
+    assert len(result.output.encode()) < OUTPUT_CAP + 200
+
+
+async def test_run_command_times_out_and_kills_the_command(area):
+    async with runtime(area) as rt:
+        started = trio.current_time()
+        result = await call(
+            rt, area, "run_command", command="echo $$ > pid; echo begun; exec sleep 30",
+            timeout_s=0.5,
+        )  # fmt: skip
+        assert trio.current_time() - started < 5
+        assert result.is_error
+        assert result.output == "begun\n[timed out after 0.5 s; the command was killed]"
+        assert not alive(int((area / "ws" / "pid").read_text()))
+
+
+async def test_the_configured_maximum_caps_a_commands_timeout(area):
+    async with runtime(area, command_timeout_s=0.5) as rt:
+        started = trio.current_time()
+        result = await call(rt, area, "run_command", command="sleep 30", timeout_s=3600)
+        assert trio.current_time() - started < 5
+        assert result.is_error and "timed out after 0.5 s" in result.output
+
+
+async def test_what_a_command_leaves_in_the_background_is_killed_when_it_exits(area):
+    async with runtime(area) as rt:
+        result = await call(rt, area, "run_command", command="sleep 30 & echo $! > child")
+        assert result.output == "[exit code 0]"
+        child = int((area / "ws" / "child").read_text())
+        await until(lambda: not alive(child))
+
+
+async def test_kill_during_a_command_ends_the_run_killed_and_the_processes_are_gone(area):
+    async with runtime(area) as rt:
+        command = "sleep 30 & echo $! > child; echo $$ > pid; wait"
+        sink = submit(rt, tool("run_command", command=command), cwd=str(area / "ws"))
+        pid_file = area / "ws" / "pid"
+        await until(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"))
+        shell, child = int(pid_file.read_text()), int((area / "ws" / "child").read_text())
+        assert alive(shell) and alive(child)
+        started = trio.current_time()
+        await rt.kill("assistant", "user", everything=False)
+        assert trio.current_time() - started < 3
+        assert sink.end.status == "killed"
+        assert not any(isinstance(e, ToolResult) for e in sink.events)
+        assert not alive(shell), "run_process reaped the shell before the run ended"
+        await until(lambda: not alive(child))  # signalled; it dies when next scheduled
+        entries = await rt.storage.history("assistant", "user")
+        assert [e.role for e in entries] == ["user"], "the killed step is not stored"
+
+
+# --- confinement ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("read_file", {"path": "../outside/secret.txt"}),
+        ("read_file", {"path": "a/../../outside/secret.txt"}),
+        ("write_file", {"path": "../outside/new.txt", "content": "x"}),
+        ("list_dir", {"path": ".."}),
+    ],
+)
+async def test_dot_dot_out_of_the_workdir_is_refused(area, name, args):
+    async with runtime(area) as rt:
+        result = await call(rt, area, name, **args)
+    assert result.is_error and "leads outside the working directory" in result.output
+    assert sorted(os.listdir(area / "outside")) == ["secret.txt"]
+
+
+async def test_dot_dot_that_stays_inside_is_fine(area):
+    (area / "ws" / "a").mkdir()
+    (area / "ws" / "b.txt").write_text("b\n")
+    async with runtime(area) as rt:
+        result = await call(rt, area, "read_file", path="a/../b.txt")
+    assert (result.is_error, result.output) == (False, "b\n")
+
+
+@pytest.mark.parametrize("name", ["read_file", "write_file", "list_dir"])
+async def test_absolute_paths_are_refused(area, name):
+    target = area / "outside" / ("secret.txt" if name == "read_file" else "")
+    async with runtime(area) as rt:
+        result = await call(rt, area, name, path=str(target), content="x")
+        inside = await call(rt, area, name, path=str(area / "ws"), content="x")
+    assert result.is_error and "is absolute" in result.output
+    assert inside.is_error and "is absolute" in inside.output
+
+
+async def test_a_symlink_pointing_outside_is_refused(area):
+    ws = area / "ws"
+    (ws / "link.txt").symlink_to(area / "outside" / "secret.txt")
+    (ws / "dangling.txt").symlink_to(area / "outside" / "created.txt")
+    (ws / "inner.txt").write_text("inner\n")
+    (ws / "ok.txt").symlink_to("inner.txt")
+    async with runtime(area) as rt:
+        read = await call(rt, area, "read_file", path="link.txt")
+        write = await call(rt, area, "write_file", path="link.txt", content="owned")
+        create = await call(rt, area, "write_file", path="dangling.txt", content="owned")
+        fine = await call(rt, area, "read_file", path="ok.txt")
+    for result in (read, write, create):
+        assert result.is_error and "leads outside the working directory" in result.output
+    assert (area / "outside" / "secret.txt").read_text() == "top secret\n"
+    assert not (area / "outside" / "created.txt").exists()
+    assert (fine.is_error, fine.output) == (False, "inner\n"), "a symlink inside is followed"
+
+
+async def test_a_symlinked_parent_directory_pointing_outside_is_refused(area):
+    (area / "ws" / "sub").symlink_to(area / "outside")
+    async with runtime(area) as rt:
+        results = [
+            await call(rt, area, "read_file", path="sub/secret.txt"),
+            await call(rt, area, "write_file", path="sub/new.txt", content="x"),
+            await call(rt, area, "write_file", path="sub/deeper/new.txt", content="x"),
+            await call(rt, area, "list_dir", path="sub"),
+        ]
+    for result in results:
+        assert result.is_error and "leads outside the working directory" in result.output
+    assert sorted(os.listdir(area / "outside")) == ["secret.txt"]
+
+
+def test_a_component_swapped_for_a_symlink_after_the_check_is_not_followed(area):
+    ws = str(area / "ws")
+    (area / "ws" / "sub").mkdir()
+    rel = _relative(ws, "sub/new.txt", "write_file")
+    (area / "ws" / "sub").rmdir()  # the race: `sub` becomes a symlink out after the check
+    (area / "ws" / "sub").symlink_to(area / "outside")
+    with pytest.raises(OSError) as err:
+        _open_dir(ws, os.path.dirname(rel), create=True)
+    assert err.value.errno == errno.ELOOP, "O_NOFOLLOW refused the symlink"
+    with pytest.raises(ToolError, match="leads outside"):
+        _relative(ws, "sub/new.txt", "write_file")
+
+
+# --- who may use them, and where -----------------------------------------------
+
+
+async def test_tools_outside_the_whitelist_are_refused(area):
+    async with runtime(area) as rt:
+        sink = submit(rt, tool("read_file", path="x"), cwd=str(area / "ws"), agent="bare")
+        await sink.ended.wait()
+    assert sink.result.is_error
+    assert sink.result.output == "The tool 'read_file' is not available to this agent."
+    assert set(WORKSPACE) <= TOOL_NAMES
+
+
+async def test_no_working_directory_means_no_workspace(area):
+    async with runtime(area) as rt:
+        sink = submit(rt, tool("list_dir"), cwd=None)
+        await sink.ended.wait()
+    assert sink.result.is_error and "has no working directory" in sink.result.output
+
+
+async def test_the_workdir_is_the_streams_then_the_stored_then_the_agents(area):
+    (area / "ws" / "first").mkdir()
+    (area / "ws" / "first" / "here").write_text("")
+    async with runtime(area) as rt:
+        first = submit(rt, tool("list_dir"), cwd=str(area / "ws" / "first"))
+        await first.ended.wait()
+        again = submit(rt, tool("list_dir"), cwd=None)
+        await again.ended.wait()
+        placed = submit(rt, tool("list_dir"), cwd=None, agent="placed")
+        await placed.ended.wait()
+    assert first.result.output == again.result.output == "here"
+    assert placed.result.output == "first/"
+
+
+async def test_a_stream_cwd_outside_the_allowed_roots_is_refused(area):
+    async with runtime(area) as rt:
+        for cwd, words in [
+            (str(area / "outside"), "outside the allowed roots"),
+            (str(area / "ws" / "missing"), "not an existing directory"),
+            ("relative/dir", "not an absolute path"),
+        ]:
+            with pytest.raises(RequestError) as err:
+                submit(rt, "hi", cwd=cwd)
+            assert err.value.code == 400 and words in err.value.message
+            assert err.value.message.endswith(".")
+        (area / "ws" / "escape").symlink_to(area / "outside")
+        with pytest.raises(RequestError, match="outside the allowed roots"):
+            submit(rt, "hi", cwd=str(area / "ws" / "escape"))
+
+
+def test_an_agents_cwd_must_lie_under_the_allowed_roots(area):
+    config = area / "config.toml"
+    template = """
+[daemon]
+allowed_roots = ["{root}"]
+
+[agents.worker]
+provider = "echo"
+cwd = "{cwd}"
+"""
+    config.write_text(template.format(root=area / "ws", cwd=area / "outside"))
+    with pytest.raises(ConfigError, match=r"\[agents.worker\]: The cwd .* is outside"):
+        load_config(config, tool_names=TOOL_NAMES)
+    config.write_text(template.format(root=area / "ws", cwd=area / "ws" / "missing"))
+    with pytest.raises(ConfigError, match="not an existing directory"):
+        load_config(config, tool_names=TOOL_NAMES)
+    config.write_text(template.format(root="relative", cwd=area / "ws"))
+    with pytest.raises(ConfigError, match="allowed_roots must be absolute"):
+        load_config(config, tool_names=TOOL_NAMES)
+    config.write_text(template.format(root=area / "ws", cwd=area / "ws"))
+    loaded = load_config(config, tool_names=TOOL_NAMES)
+    assert loaded.agents["worker"].cwd == str(area / "ws")
+
+
+def test_the_allowed_roots_default_to_the_home_directory():
+    assert DaemonConfig().roots == [os.path.expanduser("~")]
+    assert DaemonConfig(allowed_roots=["~/src", "/srv"]).roots == [
+        os.path.expanduser("~/src"),
+        "/srv",
+    ]

@@ -1,0 +1,95 @@
+"""End to end: workspace tools in the real daemon, confined to allowed roots and the run's cwd."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import trio
+from chinwag.clients import ChinwagError, connect
+from chinwag.protocol import End, Start, ToolCall, ToolResult
+
+CONFIG = """
+[daemon]
+shutdown_grace_s = 0.5
+allowed_roots = ["{root}"]
+
+[agents.worker]
+provider = "echo"
+tools = ["read_file", "write_file", "list_dir", "run_command"]
+
+[agents.talker]
+provider = "echo"
+tools = ["set_title"]
+"""
+
+
+def tool(name: str, **args: object) -> str:
+    return f"/tool {name} {json.dumps(args)}"
+
+
+async def result_of(c, content: str, *, agent: str = "worker", cwd: str | None = None):
+    async with c.stream(agent, content, cwd=cwd) as events:
+        got = await events.collect()
+    assert isinstance(got[-1], End) and got[-1].status == "done", got[-1]
+    call = next(e for e in got if isinstance(e, ToolCall))
+    result = next(e for e in got if isinstance(e, ToolResult))
+    assert result.call_id == call.call_id
+    return result
+
+
+async def test_workspace_tools_work_in_the_cwd_and_nowhere_else(daemon_factory, short_tmp):
+    ws = short_tmp / "ws"
+    (ws / "project").mkdir(parents=True)
+    (short_tmp / "secret.txt").write_text("not yours\n")
+    daemon = daemon_factory(CONFIG.format(root=ws))
+    project = str(ws / "project")
+    async with connect(daemon.socket_path) as c:
+        wrote = await result_of(
+            c, tool("write_file", path="notes/a.txt", content="hi\n"), cwd=project
+        )
+        assert (wrote.output, wrote.is_error) == ("Wrote 3 bytes to notes/a.txt.", False)
+        # Later runs keep the conversation's cwd without naming it again.
+        listed = await result_of(c, tool("list_dir"))
+        assert listed.output == "notes/"
+        ran = await result_of(c, tool("run_command", command="cat notes/a.txt; pwd"))
+        assert ran.output == f"hi\n{project}\n[exit code 0]"
+        escape = await result_of(c, tool("read_file", path="../../secret.txt"))
+        assert escape.is_error and "leads outside the working directory" in escape.output
+        refused = await result_of(c, tool("read_file", path="x"), agent="talker", cwd=project)
+        assert refused.is_error and "not available to this agent" in refused.output
+        with pytest.raises(ChinwagError) as err:
+            async with c.stream("worker", "hi", sender="other", cwd=str(short_tmp)) as events:
+                await events.collect()
+        assert err.value.code == 400 and "outside the allowed roots" in err.value.message
+        history = await c.history("worker")
+        assert history.cwd == project
+    assert (ws / "project" / "notes" / "a.txt").read_text() == "hi\n"
+
+
+async def test_killing_a_run_kills_its_command(daemon_factory, short_tmp):
+    ws = short_tmp / "ws"
+    ws.mkdir()
+    daemon = daemon_factory(CONFIG.format(root=ws))
+    pid_file = ws / "pid"
+
+    def pid_written() -> bool:
+        return pid_file.exists() and pid_file.read_text().endswith("\n")
+
+    async with connect(daemon.socket_path) as c:
+        command = tool("run_command", command="echo $$ > pid; exec sleep 30")
+        async with c.stream("worker", command, cwd=str(ws)) as events:
+            async for event in events:
+                if isinstance(event, Start):
+                    break
+            with trio.fail_after(10):
+                while not pid_written():  # noqa: ASYNC110 -- a file the command writes
+                    await trio.sleep(0.01)
+            started = trio.current_time()
+            await c.kill("worker")
+            rest = await events.collect()
+        assert trio.current_time() - started < 3
+        assert rest[-1].status == "killed"
+        with pytest.raises(ProcessLookupError):  # killed and reaped before the `end`
+            os.kill(int(pid_file.read_text()), 0)
