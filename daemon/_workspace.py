@@ -294,7 +294,7 @@ def _replace(dir_fd: int, name: str, data: bytes) -> None:
 
 def _list(ctx: HasWorkspace, args: dict[str, Any]) -> str:
     _, root = _root(ctx)
-    rel = _relative(root, args.get("path", "."), "list_dir")
+    rel = _relative(root, args.get("path") or ".", "list_dir")
     try:
         fd = _open_dir(root, rel)
         try:
@@ -365,7 +365,6 @@ async def _run_command(ctx: HasWorkspace, args: dict[str, Any]) -> str:
     timeout = min(float(timeout), ws.command_timeout_s)
     tail = _Tail(OUTPUT_CAP)
     read_fd, write_fd = os.pipe()
-    os.set_inheritable(read_fd, False)
     stream = trio.lowlevel.FdStream(read_fd)
     pgid: int | None = None
     try:
