@@ -588,7 +588,7 @@ def _prepare_directory(path: Path) -> tuple[int, list[int]]:
         with os.scandir(conversations) as listing:
             for item in listing:
                 name = item.name
-                if name.endswith(_TMP_SUFFIX):  # a replacement a crash interrupted
+                if name.endswith(_META_SUFFIX + _TMP_SUFFIX):  # a crash cut a replacement short
                     os.unlink(item.path)
                     continue
                 stem, _, suffix = name.partition(".")
@@ -632,6 +632,7 @@ def _check_marker(path: Path) -> None:
                 " point the jsonl URL at an empty or new directory."
             ) from None
         _replace_atomically(marker, _encoder.encode(_Marker(format=FORMAT, version=VERSION)))
+        _sync_dir(path.absolute().parent)  # the store's own name, if this made it
         return
     try:
         found = _marker_decoder.decode(raw)
@@ -714,12 +715,10 @@ def _load_conversations(directory: Path, ids: list[int]) -> list[_Conversation]:
 def _read_file(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = [os.read(fd, 65536)]
-        while chunks[-1]:
-            chunks.append(os.read(fd, 65536))
+        size = os.fstat(fd).st_size
+        return _pread(fd, size, 0) if size else b""
     finally:
         os.close(fd)
-    return b"".join(chunks)
 
 
 class _Backwards:

@@ -355,10 +355,13 @@ async def test_a_temporary_file_left_by_a_crash_is_removed(url: str, root: Path)
     await fill(url)
     stale = root / "conversations" / "1.meta.json.tmp"
     stale.write_text('{"id": 1, "agent": "half wr')
+    someone_elses = root / "conversations" / "notes.tmp"
+    someone_elses.write_text("not the store's")
     async with open_store(url) as store:
         item = await store.get_conversation(AGENT, SENDER)
         assert item is not None and item.cwd == "/work"
     assert not stale.exists()
+    assert someone_elses.exists()
 
 
 # --- the directory ----------------------------------------------------------------------
