@@ -41,6 +41,9 @@ KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL when a command is cancelled
 _DRAIN_S = 1.0  # how long output is read after the command exits
 _BINARY_SNIFF = 8192
 
+# bash where there is one: models write bash (pipes, `&&`, `[[`, brace expansion).
+_SHELL = shutil.which("bash") or "/bin/sh"
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -315,10 +318,6 @@ def _list(ctx: HasWorkspace, args: dict[str, Any]) -> str:
 # --- run_command -------------------------------------------------------------
 
 
-def _shell() -> str:
-    return shutil.which("bash") or "/bin/sh"
-
-
 def _signal_group(pgid: int, signum: int) -> None:
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
@@ -375,7 +374,7 @@ async def _run_command(ctx: HasWorkspace, args: dict[str, Any]) -> str:
                 proc: trio.Process = await nursery.start(
                     partial(
                         trio.run_process,
-                        [_shell(), "-c", command],
+                        [_SHELL, "-c", command],
                         cwd=root,
                         stdin=subprocess.DEVNULL,
                         stdout=write_fd,
