@@ -93,8 +93,8 @@ class OpenAIProvider:
                             event.usage.prompt_tokens or 0, event.usage.completion_tokens or 0
                         )
                     for choice in event.choices:
-                        if choice.index != 0:
-                            continue
+                        if getattr(choice, "index", 0) not in (0, None):
+                            continue  # we ask for one choice; a server may still number it
                         delta = choice.delta
                         for name in REASONING_FIELDS:
                             thought = getattr(delta, name, None)  # not in the SDK's types
