@@ -69,6 +69,7 @@ Sink = Callable[[StreamEventMsg], bool]
 Key = tuple[str, str]
 
 MAX_SENDER_BYTES = 256
+CLAIM_POLL_S = 0.05  # how often a run waiting on another daemon's conversation retries
 
 
 def now() -> datetime:
@@ -140,6 +141,7 @@ class Run:
         speaker: Agent,
         cwd: str | None,
         chain: tuple[str, ...] = (),
+        policy: QueuePolicy = "enqueue",
     ) -> None:
         self.id = uuid.uuid4().hex
         self.conversation = conversation
@@ -148,6 +150,8 @@ class Run:
         self.is_guest = speaker.name != conversation.agent
         self.cwd = cwd
         self.chain = chain  # the agents whose delegation led to this run, outermost first
+        self.policy = policy
+        self.queued = False  # `queued` was sent (at most once)
         self.scope = trio.CancelScope()
         self.sinks: list[Sink] = []
         self.events: list[StreamEventMsg] = []  # from `start` on, replayed to `attach`
@@ -436,7 +440,7 @@ class Runtime:
         conv = self._conversation(agent, sender)
         if queue == "reject" and conv.busy:
             raise RequestError(409, "The conversation is busy with another run; retry later.")
-        run = Run(conv, content=content, speaker=speaker, cwd=cwd, chain=chain)
+        run = Run(conv, content=content, speaker=speaker, cwd=cwd, chain=chain, policy=queue)
         run.add_sink(sink)
         self.runs_total += 1
         self._idle.pop(conv.key, None)
@@ -445,10 +449,12 @@ class Runtime:
             self.nursery.start_soon(self._work, conv)
         elif queue == "interrupt":
             conv.queue.appendleft(run)
+            run.queued = True
             run._deliver(Queued(position=1))
             conv.current.scope.cancel()
         else:
             conv.queue.append(run)
+            run.queued = True
             run._deliver(Queued(position=len(conv.queue)))
         return run
 
@@ -467,8 +473,11 @@ class Runtime:
             try:
                 await run.conversation.load_context()
                 await trio.lowlevel.checkpoint()  # a run killed before its start stores nothing
-                await self._begin(run)
-                await self._steps(run)
+                if self.storage.shared:
+                    await self._claimed_execute(run)
+                else:
+                    await self._begin(run)
+                    await self._steps(run)
             except RunFailed as exc:
                 status, error = "error", ErrorInfo(code=exc.code, message=exc.message)
             except ProviderError as exc:
@@ -493,6 +502,34 @@ class Runtime:
                 status = "killed"
         log.info("run_ended", status=status, code=error.code if error else None)
         run.finish(status, error)
+
+    async def _claimed_execute(self, run: Run) -> None:
+        """On a store other daemons share: run only while holding the conversation.
+
+        A conversation busy on another daemon makes the run wait there (`queued`),
+        or, under `reject`, end `error` 409. Once claimed, the conversation is
+        re-read, since another daemon may have added to it.
+        """
+        conv = run.conversation
+        storage = self.storage
+        if not await storage.claim(conv.agent, conv.sender):
+            if run.policy == "reject":
+                raise RunFailed(409, "The conversation is busy on another daemon; retry later.")
+            if not run.queued:
+                run.queued = True
+                run._deliver(Queued(position=1))
+            # No trio.Event crosses daemons: the other one's release is seen by polling.
+            while not await storage.claim(conv.agent, conv.sender):  # noqa: ASYNC110
+                await trio.sleep(CLAIM_POLL_S)
+        try:
+            info = await storage.get_conversation(conv.agent, conv.sender)
+            if info is not None and (conv.info is None or info.last_seq != conv.info.last_seq):
+                conv.info, conv.context = info, None
+                await conv.load_context()
+            await self._begin(run)
+            await self._steps(run)
+        finally:
+            await storage.release(conv.agent, conv.sender)
 
     async def _begin(self, run: Run) -> None:
         """Store the user entry (shielded: once begun it completes), then `start`."""
