@@ -100,18 +100,34 @@ def default_storage_url() -> str:
     return f"sqlite:///{data_dir / 'chinwag.db'}"
 
 
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+
+
 def embedded_defaults() -> Config:
-    """What `chinwag serve` runs on with no config file: one agent on echo."""
-    return Config(
-        agents={
-            "assistant": AgentConfig(
-                provider="echo",
-                model="echo",
-                description="General helper",
-                tools=["set_title", "ask_user"],
-            )
-        }
+    """What `chinwag serve` runs on with no config file: one agent, `assistant`.
+
+    On `openai` when `OPENAI_BASE_URL` or `OPENAI_API_KEY` is set (the model from
+    `OPENAI_MODEL`, else gpt-4o-mini), else on the built-in `echo`.
+    """
+    tools = ["set_title", "ask_user"]
+    if os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_KEY"):
+        provider = ProviderConfig(
+            kind="openai",
+            base_url=os.environ.get("OPENAI_BASE_URL") or None,
+            # A local server (a base URL) may need no key at all.
+            api_key_env="OPENAI_API_KEY" if os.environ.get("OPENAI_API_KEY") else None,
+        )
+        assistant = AgentConfig(
+            provider="openai",
+            model=os.environ.get("OPENAI_MODEL") or DEFAULT_OPENAI_MODEL,
+            description="General helper",
+            tools=tools,
+        )
+        return Config(providers={"openai": provider}, agents={"assistant": assistant})
+    assistant = AgentConfig(
+        provider="echo", model="echo", description="General helper", tools=tools
     )
+    return Config(agents={"assistant": assistant})
 
 
 def load_config(path: Path | None, *, tool_names: frozenset[str]) -> Config:
@@ -127,7 +143,9 @@ def load_config(path: Path | None, *, tool_names: frozenset[str]) -> Config:
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"The config file {path} does not exist.") from None
-        return embedded_defaults()
+        config = embedded_defaults()
+        _check(config, "the embedded defaults", tool_names)
+        return config
     except OSError as exc:
         raise ConfigError(f"The config file {path} cannot be read: {exc.strerror}.") from exc
     try:
@@ -137,12 +155,14 @@ def load_config(path: Path | None, *, tool_names: frozenset[str]) -> Config:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}.") from exc
     if not config.agents:
-        config.agents = embedded_defaults().agents
+        defaults = embedded_defaults()
+        config.agents = defaults.agents
+        config.providers = defaults.providers | config.providers
     _check(config, path, tool_names)
     return config
 
 
-def _check(config: Config, path: Path, tool_names: frozenset[str]) -> None:
+def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None:
     for name, provider in config.providers.items():
         _check_provider(provider, f"{path}: [providers.{name}]")
     providers = BUILTIN_PROVIDERS | config.providers
