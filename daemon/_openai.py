@@ -18,6 +18,8 @@ from typing import Any
 
 import openai
 from chinwag.protocol import ToolCallInfo
+from openai import AsyncStream
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ._config import ProviderConfig
 from ._providers import (
@@ -68,17 +70,28 @@ class OpenAIProvider:
         closes the HTTP response.
         """
         # Plain dicts, typed Any: the SDK's TypedDicts for them change between versions.
-        messages: Any = [_message(m) for m in request.messages]
+        messages: list[Any] = [_message(m) for m in request.messages]
         options: dict[str, Any] = {}
         if request.tools:  # some servers reject an empty list
             options["tools"] = [_tool(t) for t in request.tools]
+        body = {
+            "model": request.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **options,
+        }
         try:
-            response = await self._client.chat.completions.create(
-                model=request.model,
-                messages=messages,
+            # The SDK's documented `post` for a body we built ourselves: `create`
+            # would walk every message through its TypedDict transform first,
+            # which costs more than everything else in a step, and grows with
+            # the context. Retries, auth, errors and chunk parsing stay the SDK's.
+            response = await self._client.post(
+                "/chat/completions",
+                body=body,
+                cast_to=ChatCompletion,
                 stream=True,
-                stream_options={"include_usage": True},
-                **options,
+                stream_cls=AsyncStream[ChatCompletionChunk],
             )
         except Exception as exc:
             raise self._error(exc) from exc
