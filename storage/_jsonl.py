@@ -2,8 +2,9 @@
 
 Layout of ``jsonl:///DIR``::
 
-    DIR/store.json                  {"format": "chinwag-jsonl", "version": 1}
-    DIR/lock                        flock()ed by the one process that has the store open
+    DIR/store.json                    {"format": "chinwag-jsonl", "version": 1}
+    DIR/lock                          flock()ed by the one process that has the store open
+    DIR/cache.msgpack                 what opening would read, as of the last close
     DIR/conversations/<id>.meta.json  id, agent, sender, title, cwd, created_at
     DIR/conversations/<id>.jsonl      the history: one entry per line, seq N on line N
 
@@ -25,10 +26,16 @@ the next write, with one fsync. Appends to different conversations run
 concurrently. All file I/O runs in worker threads (``trio.to_thread``) under
 one ``CapacityLimiter``.
 
-Opening reads every meta file and the last line of every history file (no more
-than that), which gives each conversation's ``last_seq`` and ``updated_at``; the
-conversations are then indexed in memory, and ``list_conversations`` pages over
-that index. A history file is read whole only when its history is asked for.
+Opening indexes every conversation in memory (``list_conversations`` pages over
+that index) without reading any history but its last line: a conversation's meta
+file and the last line of its history file give its ``last_seq`` and
+``updated_at``. Closing writes all of that to ``cache.msgpack``, with the inode,
+size and mtime of each file it came from, and the next opening takes from the
+cache every conversation whose two files still stat the same, reading the files
+of the others (those a crashed session changed, or someone edited). So a clean
+restart costs one read and a stat per file; the cache is never the only copy of
+anything and is ignored when unreadable. A history file is read whole only when
+its history is asked for.
 
 On load, a last line that is torn (no newline) or unparsable, and the lines of an
 append cut short before it, are truncated away on disk and logged
@@ -66,6 +73,8 @@ _T = TypeVar("_T")
 _CURSOR_TAG = "jsonl"
 _MARKER = "store.json"
 _LOCK = "lock"
+_CACHE = "cache.msgpack"
+_CACHE_VERSION = 1
 _CONVERSATIONS = "conversations"
 _META_SUFFIX = ".meta.json"
 _HISTORY_SUFFIX = ".jsonl"
@@ -94,6 +103,36 @@ class _Marker(msgspec.Struct, kw_only=True):
     version: int
 
 
+_Stat = tuple[int, int, int]  # a file's st_ino, st_size, st_mtime_ns
+
+
+def _stat_of(result: os.stat_result) -> _Stat:
+    return result.st_ino, result.st_size, result.st_mtime_ns
+
+
+class _Cached(msgspec.Struct, array_like=True):
+    """One conversation in ``cache.msgpack``, and the stat of the files it was read from."""
+
+    id: int
+    agent: str
+    sender: str
+    title: str
+    cwd: str | None
+    created_at: datetime
+    updated_at: datetime
+    last_seq: int
+    size: int
+    meta: _Stat
+    history: _Stat | None  # None: there was no history file
+
+
+class _Cache(msgspec.Struct):
+    """The content of ``cache.msgpack``: what opening would read, as of the last close."""
+
+    version: int
+    conversations: list[_Cached]
+
+
 class _Line(Entry, kw_only=True):
     """A history line: an entry, and whether more lines of its append follow."""
 
@@ -105,6 +144,7 @@ _entry_decoder = msgspec.json.Decoder(Entry)
 _line_decoder = msgspec.json.Decoder(_Line)
 _meta_decoder = msgspec.json.Decoder(_Meta)
 _marker_decoder = msgspec.json.Decoder(_Marker)
+_cache_decoder = msgspec.msgpack.Decoder(_Cache)
 
 
 def _log() -> Any:
@@ -175,14 +215,38 @@ class _PendingAppend:
 class _Conversation:
     """One conversation's state; its locks are made on first use (opening makes 10,000)."""
 
-    __slots__ = ("_lock", "_meta_lock", "dirty", "exists", "id", "item", "queue", "size")
+    __slots__ = (
+        "_lock",
+        "_meta_lock",
+        "dirty",
+        "exists",
+        "history_stat",
+        "id",
+        "item",
+        "meta_stat",
+        "queue",
+        "size",
+    )
 
-    def __init__(self, id: int, item: ConversationItem, size: int = 0, exists: bool = False):
+    def __init__(
+        self,
+        id: int,
+        item: ConversationItem,
+        *,
+        size: int = 0,
+        exists: bool = False,
+        meta_stat: _Stat | None = None,
+        history_stat: _Stat | None = None,
+    ) -> None:
         self.id = id
         self.item = item  # last_seq and updated_at kept current
         self.size = size  # bytes of the history file that hold acknowledged appends
         self.exists = exists  # the history file exists and its name is durable
         self.dirty = False  # a failed append may have left bytes after ``size``
+        # The stat of the files as this store last left them (None: not known), so
+        # that the cache written on close is trusted only while they are unchanged.
+        self.meta_stat = meta_stat
+        self.history_stat = history_stat
         self.queue: list[_PendingAppend] = []  # appends waiting for the next write
         self._lock: trio.Lock | None = None
         self._meta_lock: trio.Lock | None = None
@@ -209,6 +273,7 @@ class _Tail:
     size: int
     last_seq: int
     updated_at: datetime | None  # None when the file holds no entry
+    stat: _Stat | None = None  # the file's, when known to match the rest
 
 
 @dataclass(frozen=True)
@@ -218,6 +283,7 @@ class _Written:
     tail: _Tail | None  # the conversation's state now, None if unchanged
     exists: bool
     dirty: bool
+    stat: _Stat | None  # the history file's now, None if not known
 
 
 class JsonlStorage:
@@ -250,7 +316,9 @@ class JsonlStorage:
         """Open the store in directory ``path``, creating it if missing, and index it."""
         path = Path(path)
         limiter = trio.CapacityLimiter(_THREADS)
-        lock_fd, ids = await trio.to_thread.run_sync(_prepare_directory, path, limiter=limiter)
+        lock_fd, ids, cached = await trio.to_thread.run_sync(
+            _prepare_directory, path, limiter=limiter
+        )
         try:
             conversations: list[_Conversation] = []
             errors: list[Exception] = []
@@ -258,7 +326,7 @@ class JsonlStorage:
             async def load(chunk: list[int]) -> None:
                 try:
                     loaded = await trio.to_thread.run_sync(
-                        _load_conversations, path / _CONVERSATIONS, chunk, limiter=limiter
+                        _load_conversations, path / _CONVERSATIONS, chunk, cached, limiter=limiter
                     )
                 except Exception as exc:  # raised as itself below, not in an ExceptionGroup
                     errors.append(exc)
@@ -350,7 +418,7 @@ class JsonlStorage:
             self._next_id += 1  # taken even if the write fails: never two pairs for one id
             self._begin_write()
             try:
-                await self._run(
+                meta_stat = await self._run(
                     f"Creating the conversation ({agent}, {sender})", _write_meta, self._dir, meta
                 )
             finally:
@@ -358,7 +426,7 @@ class JsonlStorage:
             item = ConversationItem(
                 agent=agent, sender=sender, cwd=cwd, created_at=created_at, updated_at=created_at
             )
-            self._by_key[key] = _Conversation(id=meta.id, item=item)
+            self._by_key[key] = _Conversation(meta.id, item, meta_stat=meta_stat)
         finally:
             del self._creating[key]
             done.set()
@@ -386,8 +454,9 @@ class JsonlStorage:
             )
             setattr(meta, name, value)
             self._begin_write()
+            conv.meta_stat = None  # until the replacement is known to be done
             try:
-                await self._run(
+                conv.meta_stat = await self._run(
                     f"Setting the {name} of ({agent}, {sender})", _write_meta, self._dir, meta
                 )
             finally:
@@ -470,10 +539,11 @@ class JsonlStorage:
             item.last_seq,
             conv.exists,
             conv.dirty,
+            conv.history_stat,
             limiter=self._limiter,
         )
         # Back on the trio side, with no checkpoint until the state is updated.
-        conv.exists, conv.dirty = written.exists, written.dirty
+        conv.exists, conv.dirty, conv.history_stat = written.exists, written.dirty, written.stat
         if written.tail is not None:
             conv.size = written.tail.size
             item.last_seq = written.tail.last_seq
@@ -536,8 +606,37 @@ class JsonlStorage:
             while self._writers:
                 self._idle = trio.Event()
                 await self._idle.wait()
-            await trio.lowlevel.checkpoint()
-        os.close(self._lock_fd)  # releases the flock
+            cache = _Cache(
+                version=_CACHE_VERSION,
+                conversations=[
+                    _cached(conv)
+                    for conv in self._by_key.values()
+                    if conv.meta_stat is not None and (conv.history_stat or not conv.exists)
+                ],
+            )
+            try:
+                await trio.to_thread.run_sync(_write_cache, self.path, cache, limiter=self._limiter)
+            finally:
+                os.close(self._lock_fd)  # releases the flock
+
+
+def _cached(conv: _Conversation) -> _Cached:
+    item = conv.item
+    assert item.created_at is not None and item.updated_at is not None
+    assert conv.meta_stat is not None
+    return _Cached(
+        id=conv.id,
+        agent=item.agent,
+        sender=item.sender,
+        title=item.title,
+        cwd=item.cwd,
+        created_at=item.created_at,
+        updated_at=item.updated_at,
+        last_seq=item.last_seq,
+        size=conv.size,
+        meta=conv.meta_stat,
+        history=conv.history_stat if conv.exists else None,
+    )
 
 
 def _key(conv: _Conversation) -> tuple[datetime, int]:
@@ -561,8 +660,11 @@ def _prepare(entries: Sequence[Entry]) -> list[Entry]:
 # --- worker-thread functions -------------------------------------------------------------
 
 
-def _prepare_directory(path: Path) -> tuple[int, list[int]]:
-    """Create or check the store's directory, lock it; its lock fd and conversation ids."""
+def _prepare_directory(path: Path) -> tuple[int, list[int], dict[int, _Cached]]:
+    """Create or check the store's directory and lock it.
+
+    Returns the lock's fd, the conversations' ids, and what the cache says of them.
+    """
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -583,26 +685,22 @@ def _prepare_directory(path: Path) -> tuple[int, list[int]]:
         if not conversations.is_dir():
             conversations.mkdir()
             _sync_dir(path)
-        ids: list[int] = []
-        histories: set[int] = set()
-        with os.scandir(conversations) as listing:
-            for item in listing:
-                name = item.name
-                if name.endswith(_META_SUFFIX + _TMP_SUFFIX):  # a crash cut a replacement short
-                    os.unlink(item.path)
-                    continue
-                stem, _, suffix = name.partition(".")
-                if not stem.isdigit() or stem != str(int(stem)):
-                    continue  # not ours: an editor's backup, a note
-                if "." + suffix == _META_SUFFIX:
-                    ids.append(int(stem))
-                elif "." + suffix == _HISTORY_SUFFIX:
-                    histories.add(int(stem))
-        orphans = histories.difference(ids)
+        metas: set[str] = set()
+        histories: set[str] = set()
+        for name in os.listdir(conversations):  # names only: 20,000 of them in a few ms
+            if name.endswith(_META_SUFFIX):
+                metas.add(name[: -len(_META_SUFFIX)])
+            elif name.endswith(_HISTORY_SUFFIX):
+                histories.add(name[: -len(_HISTORY_SUFFIX)])
+            elif name.endswith(_META_SUFFIX + _TMP_SUFFIX):  # a crash cut a replacement short
+                os.unlink(conversations / name)
+        # Other names (an editor's backup, a note, 12.jsonl.orig) are not the store's.
+        ids = sorted(int(stem) for stem in metas if _is_id(stem))
+        orphans = sorted(int(stem) for stem in histories.difference(metas) if _is_id(stem))
         if orphans:
-            orphan = conversations / f"{min(orphans)}{_HISTORY_SUFFIX}"
+            orphan = conversations / f"{orphans[0]}{_HISTORY_SUFFIX}"
             raise StorageError(
-                f"{orphan} has no {min(orphans)}{_META_SUFFIX} beside it: the store is"
+                f"{orphan} has no {orphans[0]}{_META_SUFFIX} beside it: the store is"
                 f" damaged ({len(orphans)} such history files)."
             )
     except OSError as exc:
@@ -611,8 +709,34 @@ def _prepare_directory(path: Path) -> tuple[int, list[int]]:
     except BaseException:
         os.close(lock_fd)
         raise
-    ids.sort()
-    return lock_fd, ids
+    return lock_fd, ids, _read_cache(path)
+
+
+def _is_id(stem: str) -> bool:
+    """Whether a file name's stem is an id this store gives: digits, no leading zero."""
+    return stem.isdigit() and stem.isascii() and (stem == "0" or stem[0] != "0")
+
+
+def _read_cache(path: Path) -> dict[int, _Cached]:
+    """What ``cache.msgpack`` says, by id; nothing if it is missing or unreadable."""
+    try:
+        cache = _cache_decoder.decode((path / _CACHE).read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, msgspec.DecodeError) as exc:  # only a cache: the files say it all
+        _log().info("jsonl_cache_ignored", file=str(path / _CACHE), error=str(exc))
+        return {}
+    if cache.version != _CACHE_VERSION:
+        return {}
+    return {conv.id: conv for conv in cache.conversations}
+
+
+def _write_cache(path: Path, cache: _Cache) -> None:
+    """Replace ``cache.msgpack``; a failure is logged, not raised (it is only a cache)."""
+    try:
+        _replace_atomically(path / _CACHE, msgspec.msgpack.encode(cache))
+    except OSError as exc:
+        _log().warning("jsonl_cache_not_written", file=str(path / _CACHE), error=str(exc))
 
 
 def _check_marker(path: Path) -> None:
@@ -665,58 +789,108 @@ def _replace_atomically(path: Path, data: bytes) -> None:
     _sync_dir(path.parent)
 
 
-def _write_meta(directory: Path, meta: _Meta) -> None:
+def _write_meta(directory: Path, meta: _Meta) -> _Stat:
+    """Replace the conversation's meta file; the new file's stat."""
     try:
         data = _encoder.encode(meta) + b"\n"
     except (UnicodeEncodeError, TypeError) as exc:
         raise StorageError(f"The conversation's metadata could not be encoded: {exc}.") from exc
-    _replace_atomically(directory / f"{meta.id}{_META_SUFFIX}", data)
+    path = directory / f"{meta.id}{_META_SUFFIX}"
+    _replace_atomically(path, data)
+    return _stat_of(os.stat(path))
 
 
-def _load_conversations(directory: Path, ids: list[int]) -> list[_Conversation]:
-    """Read the meta file and the last line of the history file of each of ``ids``."""
+def _load_conversations(
+    directory: Path, ids: list[int], cached: dict[int, _Cached]
+) -> list[_Conversation]:
+    """Load each of ``ids``: from the cache if its files are as it says, else from them."""
     prefix = f"{directory}{os.sep}"  # str paths: pathlib would double the cost of a load
     loaded: list[_Conversation] = []
     for id_ in ids:
         meta_path = f"{prefix}{id_}{_META_SUFFIX}"
-        try:
-            raw = _read_file(meta_path)
-        except OSError as exc:
-            raise StorageError(f"Could not read {meta_path}: {exc}.") from exc
-        try:
-            meta = _meta_decoder.decode(raw)
-            created_at = utc(meta.created_at)
-        except (msgspec.DecodeError, ValueError) as exc:
-            raise StorageError(f"{meta_path} is not a conversation's metadata: {exc}.") from exc
-        if meta.id != id_:
-            raise StorageError(f"{meta_path} says it is conversation {meta.id}, not {id_}.")
         history = f"{prefix}{id_}{_HISTORY_SUFFIX}"
-        try:
-            tail = _load_tail(history)
-        except FileNotFoundError:
-            tail, exists = _Tail(0, 0, None), False
-        except OSError as exc:
-            raise StorageError(f"Could not read {history}: {exc}.") from exc
+        record = cached.get(id_)
+        if record is not None and _still_valid(record, meta_path, history):
+            item = ConversationItem(
+                agent=record.agent,
+                sender=record.sender,
+                title=record.title,
+                cwd=record.cwd,
+                created_at=record.created_at,
+                updated_at=record.updated_at,
+                last_seq=record.last_seq,
+            )
+            conv = _Conversation(
+                id_,
+                item,
+                size=record.size,
+                exists=record.history is not None,
+                meta_stat=record.meta,
+                history_stat=record.history,
+            )
         else:
-            exists = True
-        item = ConversationItem(
-            agent=meta.agent,
-            sender=meta.sender,
-            title=meta.title,
-            cwd=meta.cwd,
-            created_at=created_at,
-            updated_at=tail.updated_at or created_at,
-            last_seq=tail.last_seq,
-        )
-        loaded.append(_Conversation(id=id_, item=item, size=tail.size, exists=exists))
+            conv = _load_conversation(id_, meta_path, history)
+        loaded.append(conv)
     return loaded
 
 
-def _read_file(path: str) -> bytes:
+def _still_valid(record: _Cached, meta_path: str, history: str) -> bool:
+    """Whether the files of a cached conversation are as they were when it was cached."""
+    try:
+        if _stat_of(os.stat(meta_path)) != record.meta:
+            return False
+    except OSError:
+        return False
+    try:
+        stat = _stat_of(os.stat(history))
+    except FileNotFoundError:
+        return record.history is None
+    except OSError:
+        return False
+    return stat == record.history and stat[1] == record.size
+
+
+def _load_conversation(id_: int, meta_path: str, history: str) -> _Conversation:
+    """Read the meta file and the last line of the history file of conversation ``id_``."""
+    try:
+        raw, meta_stat = _read_file(meta_path)
+    except OSError as exc:
+        raise StorageError(f"Could not read {meta_path}: {exc}.") from exc
+    try:
+        meta = _meta_decoder.decode(raw)
+        created_at = utc(meta.created_at)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise StorageError(f"{meta_path} is not a conversation's metadata: {exc}.") from exc
+    if meta.id != id_:
+        raise StorageError(f"{meta_path} says it is conversation {meta.id}, not {id_}.")
+    try:
+        tail = _load_tail(history)
+    except FileNotFoundError:
+        tail, exists = _Tail(0, 0, None), False
+    except OSError as exc:
+        raise StorageError(f"Could not read {history}: {exc}.") from exc
+    else:
+        exists = True
+    item = ConversationItem(
+        agent=meta.agent,
+        sender=meta.sender,
+        title=meta.title,
+        cwd=meta.cwd,
+        created_at=created_at,
+        updated_at=tail.updated_at or created_at,
+        last_seq=tail.last_seq,
+    )
+    return _Conversation(
+        id_, item, size=tail.size, exists=exists, meta_stat=meta_stat, history_stat=tail.stat
+    )
+
+
+def _read_file(path: str) -> tuple[bytes, _Stat]:
+    """The file's content and its stat."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        return _pread(fd, size, 0) if size else b""
+        stat = _stat_of(os.fstat(fd))
+        return (_pread(fd, stat[1], 0) if stat[1] else b""), stat
     finally:
         os.close(fd)
 
@@ -781,9 +955,10 @@ def _load_tail(path: str | Path) -> _Tail:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
+        stat = _stat_of(os.fstat(fd))
+        size = stat[1]
         if not size:
-            return _Tail(0, 0, None)
+            return _Tail(0, 0, None, stat)
         # The common case, in one read: a whole last line that ends its append.
         n = min(size, _TAIL_READ)
         data = _pread(fd, n, size - n)
@@ -793,7 +968,7 @@ def _load_tail(path: str | Path) -> _Tail:
                 last = _decode_line(data[newline + 1 : -1])
                 if last is not None and not last.more:
                     assert last.created_at is not None  # _decode_line checked it
-                    return _Tail(size, last.seq, utc(last.created_at))
+                    return _Tail(size, last.seq, utc(last.created_at), stat)
         end, last, dropped, reason = _find_whole_end(str(path), fd, size)
     finally:
         os.close(fd)
@@ -806,11 +981,11 @@ def _load_tail(path: str | Path) -> _Tail:
             bytes=size - end,
             reason=reason,
         )
-        _truncate(path, end)
+        stat = _truncate(path, end)
     if last is None:
-        return _Tail(end, 0, None)
+        return _Tail(end, 0, None, stat)
     assert last.created_at is not None  # _decode_line checked it
-    return _Tail(end, last.seq, utc(last.created_at))
+    return _Tail(end, last.seq, utc(last.created_at), stat)
 
 
 def _find_whole_end(path: str, fd: int, size: int) -> tuple[int, _Line | None, int, str]:
@@ -864,11 +1039,13 @@ def _count_lines(fd: int, end: int) -> int:
     return count
 
 
-def _truncate(path: str | Path, size: int) -> None:
+def _truncate(path: str | Path, size: int) -> _Stat:
+    """Cut the file to ``size`` bytes, durably; its stat after."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.ftruncate(fd, size)
         _sync(fd)
+        return _stat_of(os.fstat(fd))
     finally:
         os.close(fd)
 
@@ -904,6 +1081,7 @@ def _write_group(
     last_seq: int,
     exists: bool,
     dirty: bool,
+    stat: _Stat | None,
 ) -> _Written:
     """Append ``group``'s lines to ``path`` in one write, then fsync. Worker thread.
 
@@ -912,7 +1090,7 @@ def _write_group(
     data, new_last_seq = _encode_group(group, last_seq)
     good = [pending for pending in group if pending.error is None]
     if not good:
-        return _Written(None, exists, dirty)
+        return _Written(None, exists, dirty, stat)
 
     def fail(message: str, exc: BaseException | None) -> None:
         for pending in good:
@@ -924,7 +1102,7 @@ def _write_group(
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
         fail(f"Appending to {path} failed: {exc}.", exc)
-        return _Written(None, exists, dirty)
+        return _Written(None, exists, dirty, None)
     try:
         on_disk = os.fstat(fd).st_size
         if on_disk != size:
@@ -932,7 +1110,7 @@ def _write_group(
                 # Someone else changed the file: read its end again, and fail this once.
                 tail = _load_tail(path)
                 fail(f"{path} changed outside the store; the append was not written.", None)
-                return _Written(tail, exists, False)
+                return _Written(tail, exists, False, tail.stat)
             os.ftruncate(fd, size)  # what a failed append of ours left
         try:
             _write_all(fd, data)
@@ -948,19 +1126,21 @@ def _write_group(
             else:
                 dirty = False
             fail(f"Appending to {path} failed: {exc}.", exc)
-            return _Written(None, exists, dirty)
+            return _Written(None, exists, dirty, None)
+        new_stat = _stat_of(os.fstat(fd))
     except OSError as exc:  # fstat, ftruncate, the re-read
         fail(f"Appending to {path} failed: {exc}.", exc)
-        return _Written(None, exists, True)
+        return _Written(None, exists, True, None)
     except StorageError as exc:  # the re-read found corruption
         fail(str(exc), exc)
-        return _Written(None, exists, dirty)
+        return _Written(None, exists, dirty, None)
     finally:
         os.close(fd)
     for pending in good:
         pending.result = pending.entries
     newest = good[-1].entries[-1].created_at
-    return _Written(_Tail(size + len(data), new_last_seq, newest), True, False)
+    tail = _Tail(size + len(data), new_last_seq, newest, new_stat)
+    return _Written(tail, True, False, new_stat)
 
 
 def _read_history(path: Path, size: int) -> list[Entry]:

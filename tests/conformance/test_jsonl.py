@@ -88,7 +88,7 @@ async def test_files_are_named_by_id_and_lines_are_plain_json(url: str, root: Pa
         await store.append(AGENT, SENDER, [message("hello ✈\nsecond line")])
         returned = await store.append(AGENT, SENDER, step(1))
 
-    assert sorted(os.listdir(root)) == ["conversations", "lock", "store.json"]
+    assert sorted(os.listdir(root)) == ["cache.msgpack", "conversations", "lock", "store.json"]
     assert sorted(os.listdir(root / "conversations")) == ["1.jsonl", "1.meta.json", "2.meta.json"]
     assert json.loads((root / "store.json").read_text()) == {
         "format": "chinwag-jsonl",
@@ -136,6 +136,7 @@ async def test_an_append_is_one_write_of_whole_lines(
         await store.create_conversation(AGENT, SENDER, cwd=None, created_at=T0)
         monkeypatch.setattr(_jsonl, "_write_all", spy)
         await store.append(AGENT, SENDER, [message("a"), message("b"), message("c")])
+        monkeypatch.undo()
     assert len(writes) == 1
     assert writes[0].endswith(b"\n") and writes[0].count(b"\n") == 3
 
@@ -344,9 +345,11 @@ async def test_meta_files_are_replaced_atomically(
     monkeypatch.undo()
 
     assert replaced[0] == ("store.json.tmp", "store.json")
-    assert replaced[1:] == [("1.meta.json.tmp", "1.meta.json")] * 22  # create, 20 titles, cwd
+    assert replaced[1:-1] == [("1.meta.json.tmp", "1.meta.json")] * 22  # create, 20 titles, cwd
+    assert replaced[-1] == ("cache.msgpack.tmp", "cache.msgpack")  # on close
     assert synced.count("conversations") >= 22 + 1  # each rename, and the first append's file
     assert sorted(os.listdir(root / "conversations")) == ["1.jsonl", "1.meta.json"]  # no temps
+    assert sorted(os.listdir(root)) == ["cache.msgpack", "conversations", "lock", "store.json"]
     meta = json.loads((root / "conversations" / "1.meta.json").read_text())
     assert item is not None and meta["title"] == item.title and meta["cwd"] == "/final"
 
@@ -362,6 +365,90 @@ async def test_a_temporary_file_left_by_a_crash_is_removed(url: str, root: Path)
         assert item is not None and item.cwd == "/work"
     assert not stale.exists()
     assert someone_elses.exists()
+
+
+# --- the cache of what opening reads --------------------------------------------------------
+
+
+@pytest.fixture
+def file_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ids of the conversations that opening reads from their files, not the cache."""
+    from chinwag.storage import _jsonl
+
+    loads: list[int] = []
+    real = _jsonl._load_conversation
+
+    def spy(id_: int, meta_path: str, history: str) -> Any:
+        loads.append(id_)
+        return real(id_, meta_path, history)
+
+    monkeypatch.setattr(_jsonl, "_load_conversation", spy)
+    return loads
+
+
+async def items_of(url: str) -> list[Any]:
+    async with open_store(url) as store:
+        items, _ = await store.list_conversations()
+        return items
+
+
+async def test_after_a_clean_close_opening_reads_only_the_cache(
+    url: str, root: Path, file_loads: list[int]
+) -> None:
+    async with open_store(url) as store:
+        for n in range(5):
+            await store.create_conversation(AGENT, f"s{n}", cwd=f"/w{n}", created_at=T0)
+            await store.append(AGENT, f"s{n}", [message(f"m{n}", seconds=n)] * (n + 1))
+        await store.set_title(AGENT, "s2", "two")
+        before, _ = await store.list_conversations()
+    assert sorted(file_loads) == []  # a new store: nothing to load
+    assert await items_of(url) == before
+    assert file_loads == []
+    assert before[2].title == "two" and before[0].last_seq == 5
+
+
+async def test_the_cache_is_trusted_only_for_files_left_as_it_says(
+    url: str, root: Path, file_loads: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chinwag.storage import _jsonl
+
+    async with open_store(url) as store:  # closed cleanly: cached
+        for n in range(5):
+            await store.create_conversation(AGENT, f"s{n}", cwd=None, created_at=T0)
+            await store.append(AGENT, f"s{n}", [message(f"m{n}")])
+    # A session that dies before its close: appends, a title, a new conversation and a
+    # torn line all happen after the cache was written.
+    write_cache = _jsonl._write_cache
+    monkeypatch.setattr(_jsonl, "_write_cache", lambda path, cache: None)
+    async with open_store(url) as store:
+        await store.append(AGENT, "s1", [message("later", seconds=60)])
+        await store.set_title(AGENT, "s2", "retitled")
+        await store.create_conversation(AGENT, "s5", cwd=None, created_at=T0)
+    monkeypatch.setattr(_jsonl, "_write_cache", write_cache)
+    with history_file(root, 4).open("ab") as f:
+        f.write(b'{"seq":2,"con')
+    file_loads.clear()
+
+    with capture_logs() as logs:
+        items = {item.sender: item for item in await items_of(url)}
+    assert sorted(file_loads) == [2, 3, 4, 6]  # s1, s2, the torn s3, the new s5
+    assert len(torn_events(logs)) == 1
+    assert (items["s1"].last_seq, items["s1"].updated_at) == (2, T0 + timedelta(seconds=60))
+    assert items["s2"].title == "retitled"
+    assert items["s3"].last_seq == 1 and "s5" in items
+
+    file_loads.clear()
+    assert {item.sender: item for item in await items_of(url)} == items
+    assert file_loads == []  # the close after the repair cached it all again
+
+
+@pytest.mark.parametrize("content", [b"", b"\x93not a cache", b"\xc1"])
+async def test_a_damaged_cache_is_ignored(url: str, root: Path, content: bytes) -> None:
+    await fill(url)
+    (root / "cache.msgpack").write_bytes(content)
+    with capture_logs() as logs:
+        assert await contents(url) == ["hello", "", "Title set."]
+    assert [event["event"] for event in logs] == ["jsonl_cache_ignored"]
 
 
 # --- the directory ----------------------------------------------------------------------
