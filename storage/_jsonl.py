@@ -172,7 +172,7 @@ def parse_jsonl_url(url: str) -> Path:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    """Append ``data`` to ``fd`` (opened ``O_APPEND``): one write, more only if one falls short."""
+    """Write all of ``data`` to ``fd``: one write, more only if one falls short."""
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

@@ -472,6 +472,13 @@ async def test_a_directory_that_is_not_a_store_is_refused(root: Path, url: str) 
     assert sorted(os.listdir(root)) == ["lock", "notes.txt"]
 
 
+async def test_a_path_that_cannot_be_created_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StorageError, match="a-file"):
+        async with open_store(f"jsonl:///{tmp_path}/a-file/store"):
+            pass
+
+
 async def test_a_newer_format_is_refused(root: Path, url: str) -> None:
     async with open_store(url):
         pass
