@@ -10,17 +10,23 @@ import trio
 from chinwag.storage import open_store
 
 from ._config import BUILTIN_PROVIDERS, Config
-from ._providers import make_provider
+from ._providers import Provider, make_provider
 from ._runtime import Agent, Runtime
 from ._server import Server, bind_unix
 
 log = structlog.get_logger("chinwag.daemon")
 
 
-def build_agents(config: Config) -> dict[str, Agent]:
-    providers = BUILTIN_PROVIDERS | config.providers
+def make_providers(config: Config) -> dict[str, Provider]:
+    """A client for each provider some agent uses; agents on one provider share it."""
+    tables = BUILTIN_PROVIDERS | config.providers
+    used = sorted({agent.provider for agent in config.agents.values()})
+    return {name: make_provider(tables[name]) for name in used}
+
+
+def build_agents(config: Config, providers: dict[str, Provider]) -> dict[str, Agent]:
     return {
-        name: Agent(name=name, config=agent, provider=make_provider(providers[agent.provider]))
+        name: Agent(name=name, config=agent, provider=providers[agent.provider])
         for name, agent in config.agents.items()
     }
 
@@ -42,7 +48,8 @@ async def serve(
     """
     if stop is None:
         stop = trio.Event()
-    agents = build_agents(config)
+    providers = make_providers(config)
+    agents = build_agents(config, providers)
     async with (
         open_store(storage_url) as storage,
         await bind_unix(socket_path) as listener,
@@ -67,8 +74,8 @@ async def serve(
         await trio.Path(socket_path).unlink(missing_ok=True)
         await runtime.shutdown(config.daemon.shutdown_grace_s)
         await server.close_connections()
-        for agent in agents.values():
-            await agent.provider.aclose()
+        for provider in providers.values():
+            await provider.aclose()
         root.cancel_scope.cancel()
     log.info("daemon_stopped")
 

@@ -11,28 +11,8 @@ import trio
 from chinwag.daemon._config import AgentConfig, Config, DaemonConfig
 from chinwag.daemon._errors import RequestError
 from chinwag.daemon._runtime import Runtime
-from chinwag.daemon._serve import build_agents
 from chinwag.protocol import AskUser, End, Start, TextDelta, ToolResult
-from chinwag.storage import MemoryStorage
-
-
-class Recorder:
-    """A sink that keeps every event and lets a test await the end."""
-
-    def __init__(self) -> None:
-        self.events: list = []
-        self.ended = trio.Event()
-
-    def __call__(self, event) -> bool:
-        self.events.append(event)
-        if isinstance(event, End):
-            self.ended.set()
-        return True
-
-    @property
-    def end(self) -> End:
-        assert isinstance(self.events[-1], End)
-        return self.events[-1]
+from runtime_harness import open_runtime, submit
 
 
 @asynccontextmanager
@@ -46,24 +26,8 @@ async def runtime(**daemon: object) -> AsyncIterator[Runtime]:
             "fourth": AgentConfig(provider="echo"),
         },
     )
-    storage = MemoryStorage()
-    async with trio.open_nursery() as nursery:
-        yield Runtime(config, storage, build_agents(config), nursery)
-        nursery.cancel_scope.cancel()
-
-
-def submit(rt: Runtime, content: str, sender: str = "user", **kwargs) -> Recorder:
-    sink = Recorder()
-    rt.submit(
-        agent="assistant",
-        sender=sender,
-        content=content,
-        guest=None,
-        cwd=None,
-        queue=kwargs.pop("queue", "enqueue"),
-        sink=sink,
-    )
-    return sink
+    async with open_runtime(config) as rt:
+        yield rt
 
 
 async def test_an_unanswered_ask_times_out_into_an_error_result(autojump_clock):
@@ -156,12 +120,14 @@ async def test_delegate_runs_a_turn_of_the_other_agent_and_returns_its_answer(au
 
 async def test_delegation_cycles_and_depth_are_refused(autojump_clock):
     async with runtime(delegate_depth=2) as rt:
-        loop = submit(rt, delegation("helper", delegation("assistant", "back to you")), "loop")
+        loop = submit(
+            rt, delegation("helper", delegation("assistant", "back to you")), sender="loop"
+        )
         await loop.ended.wait()
         result = next(e for e in loop.events if isinstance(e, ToolResult))
         assert "would loop: assistant -> helper -> assistant" in result.output
         deep = submit(
-            rt, delegation("helper", delegation("third", delegation("fourth", "x"))), "deep"
+            rt, delegation("helper", delegation("third", delegation("fourth", "x"))), sender="deep"
         )
         await deep.ended.wait()
         result = next(e for e in deep.events if isinstance(e, ToolResult))

@@ -19,34 +19,12 @@ import trio
 from chinwag.daemon._config import AgentConfig, Config, ConfigError, DaemonConfig, load_config
 from chinwag.daemon._errors import RequestError, ToolError
 from chinwag.daemon._runtime import Runtime
-from chinwag.daemon._serve import build_agents
 from chinwag.daemon._tools import TOOL_NAMES
 from chinwag.daemon._workspace import LIST_CAP, OUTPUT_CAP, READ_CAP, _open_dir, _relative
-from chinwag.protocol import End, ToolResult
-from chinwag.storage import MemoryStorage
+from chinwag.protocol import ToolResult
+from runtime_harness import open_runtime, submit
 
 WORKSPACE = ["read_file", "write_file", "list_dir", "run_command"]
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list = []
-        self.ended = trio.Event()
-
-    def __call__(self, event) -> bool:
-        self.events.append(event)
-        if isinstance(event, End):
-            self.ended.set()
-        return True
-
-    @property
-    def end(self) -> End:
-        assert isinstance(self.events[-1], End)
-        return self.events[-1]
-
-    @property
-    def result(self) -> ToolResult:
-        return next(e for e in self.events if isinstance(e, ToolResult))
 
 
 @pytest.fixture
@@ -71,23 +49,8 @@ async def runtime(area: Path, **daemon: object) -> AsyncIterator[Runtime]:
             "bare": AgentConfig(provider="echo", tools=["set_title"]),
         },
     )
-    async with trio.open_nursery() as nursery:
-        yield Runtime(config, MemoryStorage(), build_agents(config), nursery)
-        nursery.cancel_scope.cancel()
-
-
-def submit(rt: Runtime, content: str, *, cwd: str | None, agent: str = "assistant") -> Recorder:
-    sink = Recorder()
-    rt.submit(
-        agent=agent,
-        sender="user",
-        content=content,
-        guest=None,
-        cwd=cwd,
-        queue="enqueue",
-        sink=sink,
-    )
-    return sink
+    async with open_runtime(config) as rt:
+        yield rt
 
 
 def tool(name: str, **args: object) -> str:
