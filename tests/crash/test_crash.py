@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import anyio
 import msgspec
 import pytest
 import trio
@@ -73,6 +74,7 @@ tools = ["set_title", "ask_user"]
 
 CLIENTS = 4  # conversations driven at once; the last one pipelines its runs
 MAX_KILL_DELAY_S = 0.5
+START_TIMEOUT_S = 10.0  # from the clients' start to the first `start` of a round
 ROUND_TIMEOUT_S = 30.0
 
 # fmt: off
@@ -494,7 +496,7 @@ def _title_of(content: str) -> str | None:
         return None  # reported as content the harness never sent
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def _tail(path: Path, lines: int = 60) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError as exc:
@@ -513,6 +515,23 @@ class Harness:
             f"{self.label}, seed {self.seed}, round {round_no} (replay: CHINWAG_CRASH_SEED="
             f"{self.seed} pytest tests/crash -k 'kill9 and {self.label}')"
         )
+
+    @contextmanager
+    def failing(self, round_no: int) -> Iterator[None]:
+        """Whatever fails in here says the seed and round, and shows the daemon's log."""
+        try:
+            yield
+        except AssertionError as exc:
+            if self.context(round_no) not in str(exc):
+                exc.add_note(f"{self.context(round_no)}\n{self.log()}")
+            raise
+        except BaseException as exc:  # a hang (TooSlowError), a daemon that would not start
+            if not isinstance(exc, KeyboardInterrupt):
+                exc.add_note(f"{self.context(round_no)}\n{self.log()}")
+            raise
+
+    def log(self) -> str:
+        return f"daemon log, last lines:\n{_tail(self.daemon.log_path)}"
 
     async def check(self, round_no: int) -> None:
         """Read every conversation back from the daemon and check it whole."""
@@ -535,9 +554,7 @@ class Harness:
                     conv.checked = history.entries
         if report:
             raise AssertionError(
-                f"{self.context(round_no)}:\n"
-                + "\n".join(report)
-                + f"\ndaemon log, last lines:\n{_tail(self.daemon.log_path)}"
+                f"{self.context(round_no)}:\n" + "\n".join(report) + f"\n{self.log()}"
             )
 
 
@@ -562,13 +579,26 @@ async def _history(c: Client, sender: str) -> History | None:
 # --- the clients ------------------------------------------------------------------
 
 
+@dataclass
+class Round:
+    number: int
+    started: trio.Event = field(default_factory=trio.Event)  # some run of it started
+    killed: bool = False  # set just before the SIGKILL
+
+
+# What a client sees once the daemon is gone: the library's errors, and anyio's
+# when the daemon dies between accepting a connection and reading its hello
+# (`connect` lets the failed send of the hello escape as it is).
+CONNECTION_GONE = (ChinwagError, OSError, anyio.BrokenResourceError, anyio.EndOfStream)
+
+
 async def _consume(
-    stream: EventStream, attempt: Attempt, sender: str, answerer: Client, started: trio.Event
+    stream: EventStream, attempt: Attempt, sender: str, answerer: Client, round_: Round
 ) -> None:
     async for event in stream:
         attempt.see(event)
         if isinstance(event, Start):
-            started.set()
+            round_.started.set()
         elif isinstance(event, AskUser):
             question = event.questions[0].question
             await answerer.reply_to_ask(
@@ -577,12 +607,7 @@ async def _consume(
 
 
 async def _drive(
-    socket_path: Path,
-    conv: Conversation,
-    rng: random.Random,
-    round_no: int,
-    answerer: Client,
-    started: trio.Event,
+    socket_path: Path, conv: Conversation, rng: random.Random, answerer: Client, round_: Round
 ) -> None:
     """Stream runs on one conversation until the daemon goes away."""
     try:
@@ -590,7 +615,7 @@ async def _drive(
             for k in range(1_000_000):
                 batch = rng.randint(1, 3) if conv.pipelined else 1
                 attempts = [
-                    Attempt(make_message(rng, f"r{round_no}.{k}.{j}"), round_no)
+                    Attempt(make_message(rng, f"r{round_.number}.{k}.{j}"), round_.number)
                     for j in range(batch)
                 ]
                 async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
@@ -598,19 +623,14 @@ async def _drive(
                         conv.attempts.append(attempt)
                         stream = c.stream(AGENT, attempt.content, sender=conv.sender)
                         await stack.enter_async_context(stream)
-                        nursery.start_soon(
-                            _consume, stream, attempt, conv.sender, answerer, started
-                        )
-    except* (ChinwagError, OSError):
-        pass  # the daemon was killed
+                        nursery.start_soon(_consume, stream, attempt, conv.sender, answerer, round_)
+    except* CONNECTION_GONE:
+        if not round_.killed:
+            raise  # the daemon failed a client while it was up
 
 
 async def _clients(
-    socket_path: Path,
-    conversations: list[Conversation],
-    seeds: list[int],
-    round_no: int,
-    started: trio.Event,
+    socket_path: Path, conversations: list[Conversation], seeds: list[int], round_: Round
 ) -> None:
     try:
         async with (
@@ -619,9 +639,10 @@ async def _clients(
         ):
             for conv, seed in zip(conversations, seeds, strict=True):
                 rng = random.Random(seed)
-                nursery.start_soon(_drive, socket_path, conv, rng, round_no, answerer, started)
-    except* (ChinwagError, OSError):
-        pass
+                nursery.start_soon(_drive, socket_path, conv, rng, answerer, round_)
+    except* CONNECTION_GONE:
+        if not round_.killed:
+            raise
 
 
 async def crash_round(harness: Harness, rng: random.Random, round_no: int) -> None:
@@ -630,29 +651,21 @@ async def crash_round(harness: Harness, rng: random.Random, round_no: int) -> No
     seeds = [rng.getrandbits(64) for _ in harness.conversations]
     early = rng.random() < 0.15  # from the clients' start: connecting, the first appends
     delay = rng.uniform(0, 0.03) if early else rng.uniform(0, MAX_KILL_DELAY_S)
-    started = trio.Event()
+    round_ = Round(round_no)
     with trio.fail_after(ROUND_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                _clients, daemon.socket_path, harness.conversations, seeds, round_no, started
-            )
+            nursery.start_soon(_clients, daemon.socket_path, harness.conversations, seeds, round_)
             if not early:
-                await started.wait()
+                with trio.move_on_after(START_TIMEOUT_S):
+                    await round_.started.wait()
+                if not round_.started.is_set():
+                    raise AssertionError(f"No run started within {START_TIMEOUT_S} s.")
             await trio.sleep(delay)
+            round_.killed = True
             daemon.proc.kill()
             await trio.to_thread.run_sync(daemon.proc.wait, 10)
             # The clients drain what reached them, see the connection drop, and end.
         await trio.to_thread.run_sync(daemon.start)
-
-
-@contextmanager
-def _with_seed(context: str) -> Iterator[None]:
-    try:
-        yield
-    except BaseException as exc:
-        if not isinstance(exc, AssertionError) or context not in str(exc):
-            exc.add_note(context)
-        raise
 
 
 async def test_kill9_at_random_moments(
@@ -668,10 +681,10 @@ async def test_kill9_at_random_moments(
     rng = random.Random(crash_seed)
     started_at = time.monotonic()
     for round_no in range(1, crash_rounds + 1):
-        with _with_seed(harness.context(round_no)):
+        with harness.failing(round_no):
             await crash_round(harness, rng, round_no)
             await harness.check(round_no)
-    with _with_seed(harness.context(crash_rounds)):
+    with harness.failing(crash_rounds):
         # A clean stop and start change nothing either ...
         assert await trio.to_thread.run_sync(daemon.stop) == 0, _tail(daemon.log_path)
         await trio.to_thread.run_sync(daemon.start)
