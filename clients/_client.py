@@ -671,7 +671,10 @@ def _expect(msg: ServerMsg, reply_type: type[_R]) -> _R:
 async def _handshake(
     stream: anyio.abc.ByteStream, codec: Codec, client: str, decoder: FrameDecoder
 ) -> Welcome:
-    await stream.send(bytes(codec.encode_frame(Hello(protocol=PROTOCOL_VERSION, client=client))))
+    hello = bytes(codec.encode_frame(Hello(protocol=PROTOCOL_VERSION, client=client)))
+    # If the daemon hung up (or refused us first), what it said, if anything, is read below.
+    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+        await stream.send(hello)
     while True:
         body = decoder.next_frame()
         if body is not None:
