@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
@@ -50,39 +52,42 @@ async def serve(
         stop = trio.Event()
     providers = make_providers(config)
     agents = build_agents(config, providers)
-    async with (
-        open_store(storage_url) as storage,
-        await bind_unix(socket_path) as listener,
-        trio.open_nursery() as root,
-    ):
-        if handle_signals:
-            root.start_soon(_stop_on_signal, stop)
-        runtime = Runtime(config, storage, agents, root)
-        server = Server(runtime)
-        root.start_soon(server.accept, listener)
-        log.info(
-            "daemon_started",
-            socket=str(socket_path),
-            storage=storage_url,
-            agents=list(agents),
-        )
-        task_status.started(server)
-        await stop.wait()
-        log.info("daemon_stopping", grace_s=config.daemon.shutdown_grace_s)
-        server.shutting_down = True
-        await listener.aclose()
-        await trio.Path(socket_path).unlink(missing_ok=True)
-        await runtime.shutdown(config.daemon.shutdown_grace_s)
-        await server.close_connections()
-        for provider in providers.values():
-            await provider.aclose()
-        root.cancel_scope.cancel()
+    # Signals are caught before the socket listens: a client that has just
+    # connected may signal at once, and that must stop the daemon cleanly.
+    signals = trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) if handle_signals else None
+    with signals or contextlib.nullcontext() as received:
+        async with (
+            open_store(storage_url) as storage,
+            await bind_unix(socket_path) as listener,
+            trio.open_nursery() as root,
+        ):
+            if received is not None:
+                root.start_soon(_stop_on_signal, received, stop)
+            runtime = Runtime(config, storage, agents, root)
+            server = Server(runtime)
+            root.start_soon(server.accept, listener)
+            log.info(
+                "daemon_started",
+                socket=str(socket_path),
+                storage=storage_url,
+                agents=list(agents),
+            )
+            task_status.started(server)
+            await stop.wait()
+            log.info("daemon_stopping", grace_s=config.daemon.shutdown_grace_s)
+            server.shutting_down = True
+            await listener.aclose()
+            await trio.Path(socket_path).unlink(missing_ok=True)
+            await runtime.shutdown(config.daemon.shutdown_grace_s)
+            await server.close_connections()
+            for provider in providers.values():
+                await provider.aclose()
+            root.cancel_scope.cancel()
     log.info("daemon_stopped")
 
 
-async def _stop_on_signal(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("signal_received", signal=signal.Signals(signum).name)
-            stop.set()
-            return
+async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:
+    async for signum in signals:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+        return
