@@ -48,6 +48,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import mcp, telegram
 from ._client import ChinwagError, Client, ConnectionLost, connect
 
 _T = TypeVar("_T")
@@ -981,6 +982,10 @@ def compact(ctx: click.Context, agent: str, sender: str | None, instructions: st
         console.print(Text(done.summary))
 
     _run(body)
+
+
+cli.add_command(telegram.command)
+cli.add_command(mcp.command)
 
 
 def main() -> None:
