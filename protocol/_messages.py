@@ -51,6 +51,16 @@ class Entry(msgspec.Struct, kw_only=True):
     archive: str | None = None
 
 
+class MemoryHit(msgspec.Struct, kw_only=True):
+    """A note or an archive of an agent's memory that matched a search, best first."""
+
+    kind: Literal["archive", "note"]
+    name: str
+    sender: str | None  # the archived conversation's sender; None for a note
+    snippet: str  # the matching text, matched words in [brackets]
+    created_at: datetime | None  # when archived, or when the note was last written
+
+
 class ConversationItem(msgspec.Struct, kw_only=True):
     agent: str
     sender: str
@@ -169,6 +179,12 @@ class GetStats(Request, tag="stats", kw_only=True):
     pass
 
 
+class SearchMemory(Request, tag="search_memory", kw_only=True):
+    agent: str
+    query: str
+    limit: int = 10
+
+
 ClientMsg = (
     Hello
     | Stream
@@ -183,6 +199,7 @@ ClientMsg = (
     | Cancel
     | Ping
     | GetStats
+    | SearchMemory
 )
 
 
@@ -259,6 +276,14 @@ class Usage(StreamEvent, tag="usage", kw_only=True):
     context_window: int
 
 
+class Compaction(StreamEvent, tag="compaction", kw_only=True):
+    """The conversation was compacted automatically before this run began."""
+
+    archive: str
+    summary: str
+    archived_entries: int
+
+
 class End(StreamEvent, tag="end", kw_only=True):
     status: EndStatus
     error: ErrorInfo | None
@@ -275,6 +300,7 @@ StreamEventMsg = (
     | AskUser
     | Title
     | Usage
+    | Compaction
     | End
 )
 
@@ -328,6 +354,11 @@ class Event(ServerMessage, tag="event"):
     event: StreamEventMsg
 
 
+class Memory(ServerMessage, tag="memory"):
+    id: int
+    items: list[MemoryHit]
+
+
 class Pong(ServerMessage, tag="pong"):
     id: int
 
@@ -355,6 +386,7 @@ ServerMsg = (
     | AskUser
     | Title
     | Usage
+    | Compaction
     | End
     | Killed
     | Compacted
@@ -364,6 +396,7 @@ ServerMsg = (
     | Agents
     | Subscribed
     | Event
+    | Memory
     | Pong
     | Stats
 )

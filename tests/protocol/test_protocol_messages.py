@@ -29,6 +29,7 @@ from chinwag.protocol import (
     Codec,
     Compact,
     Compacted,
+    Compaction,
     ConversationItem,
     Conversations,
     Encoding,
@@ -45,11 +46,14 @@ from chinwag.protocol import (
     Killed,
     ListAgents,
     ListConversations,
+    Memory,
+    MemoryHit,
     Ok,
     Ping,
     Pong,
     Queued,
     ReplyToAsk,
+    SearchMemory,
     ServerMsg,
     Start,
     Stats,
@@ -97,6 +101,7 @@ CLIENT_EXAMPLES: list[ClientMsg] = [
     Cancel(id=10, target=1),
     Ping(id=11),
     GetStats(id=12),
+    SearchMemory(id=13, agent="assistant", query="favourite colour", limit=5),
 ]
 
 ASK = AskUser(
@@ -180,6 +185,7 @@ STREAM_EVENT_EXAMPLES: list[StreamEventMsg] = [
         error=ErrorInfo(code=502, message="The model provider timed out; try again."),
         last_seq=44,
     ),
+    Compaction(id=1, archive="archive-1-40", summary="user: hello there", archived_entries=40),
     End(id=1, status="done", error=None, last_seq=45),
 ]
 
@@ -199,6 +205,19 @@ SERVER_EXAMPLES: list[ServerMsg] = [
         id=4, archive="archive-0001", summary="The user asked about /tmp.", archived_entries=3
     ),
     Ok(id=5),
+    Memory(
+        id=13,
+        items=[
+            MemoryHit(
+                kind="archive",
+                name="archive-1-40",
+                sender="alice",
+                snippet="her favourite [colour] is teal",
+                created_at=UPDATED,
+            ),
+            MemoryHit(kind="note", name="colours", sender=None, snippet="teal", created_at=None),
+        ],
+    ),
     History(
         id=6,
         agent="assistant",
@@ -313,6 +332,7 @@ def test_client_tags_are_the_protocol_names() -> None:
         "cancel",
         "ping",
         "stats",
+        "search_memory",  # additive, docs/protocol.md
     }
 
 
@@ -340,6 +360,8 @@ def test_server_tags_are_the_protocol_names() -> None:
         "event",
         "pong",
         "stats",
+        "compaction",  # additive, docs/protocol.md
+        "memory",  # additive, docs/protocol.md
     }
 
 
