@@ -13,7 +13,7 @@ passes tests/conformance.
 
 from typing import TYPE_CHECKING
 
-from ._base import ConversationNotFound, Storage, StorageError
+from ._base import MAX_SEARCH_LIMIT, Archive, ConversationNotFound, Storage, StorageError
 from ._jsonl import JsonlStorage
 from ._memory import MemoryStorage
 from ._sqlite import SqliteStorage
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from ._postgres import PostgresStorage
 
 __all__ = [
+    "MAX_SEARCH_LIMIT",
+    "Archive",
     "ConversationNotFound",
     "JsonlStorage",
     "MemoryStorage",

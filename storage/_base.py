@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Container, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from chinwag.protocol import ConversationItem, Entry
+import msgspec
+from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
 
 class StorageError(Exception):
@@ -15,6 +17,60 @@ class StorageError(Exception):
 
 class ConversationNotFound(StorageError):
     """The `(agent, sender)` pair names no stored conversation."""
+
+
+class Archive(msgspec.Struct, kw_only=True, frozen=True):
+    """What one compaction archived: the entries ``first_seq..last_seq``, summarized.
+
+    ``speakers`` holds each archived entry's ``agent`` in seq order (empty for
+    the primary agent), so who said what survives the compaction.
+    """
+
+    name: str
+    first_seq: int
+    last_seq: int
+    summary: str
+    speakers: list[str]
+    created_at: datetime
+
+    def marker(self) -> Entry:
+        """The compact marker entry that stands for this archive in the history."""
+        return Entry(
+            seq=0,
+            kind="compact",
+            content=self.summary,
+            archive=self.name,
+            created_at=self.created_at,
+        )
+
+
+def check_archive(
+    archive: Archive, *, marker_seq: int, last_seq: int, names: Container[str]
+) -> None:
+    """Raise ``StorageError`` unless ``archive`` covers exactly ``marker_seq + 1..last_seq``.
+
+    ``marker_seq`` is the seq of the conversation's latest compact marker (0
+    when none), ``names`` the archive names it already used.
+    """
+    if archive.name in names:
+        raise StorageError(f"The conversation already has an archive named {archive.name!r}.")
+    if archive.first_seq != marker_seq + 1 or archive.last_seq != last_seq:
+        raise StorageError(
+            f"An archive must cover seq {marker_seq + 1} to {last_seq}, the entries after the "
+            f"latest compact marker; this one covers {archive.first_seq} to {archive.last_seq}."
+        )
+    if archive.first_seq > archive.last_seq:
+        raise StorageError("An archive must cover at least one entry.")
+    if len(archive.speakers) != archive.last_seq - archive.first_seq + 1:
+        raise StorageError("An archive needs one speaker per archived entry.")
+
+
+MAX_SEARCH_LIMIT = 100
+
+
+def search_words(query: str) -> list[str]:
+    """The words a memory search looks for: letters and digits, lowercased, deduplicated."""
+    return list(dict.fromkeys(re.findall(r"\w+", query.casefold())))
 
 
 class Storage(Protocol):
@@ -89,6 +145,37 @@ class Storage(Protocol):
 
         The cursor is opaque; None when this is the last page. A cursor that
         this backend did not produce raises ``ValueError``.
+        """
+        ...
+
+    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
+        """Store ``archive`` and append its marker (``archive.marker()``) in one atomic step.
+
+        The archive must cover exactly the entries after the latest marker up
+        to the newest one (``first_seq`` = the marker's seq + 1, ``last_seq`` =
+        the conversation's ``last_seq``, one speaker per entry): anything else,
+        or a name this conversation already used, raises ``StorageError`` and
+        stores nothing. Returns the stored marker. Raises ``ConversationNotFound``.
+        """
+        ...
+
+    async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
+        """The conversation's archive named ``name``, or None. Raises ``ConversationNotFound``."""
+        ...
+
+    async def put_note(self, agent: str, name: str, content: str, *, updated_at: datetime) -> None:
+        """Create or replace the agent's note ``name``; durable when it returns."""
+        ...
+
+    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+        """The agent's notes and archives (of all its conversations) matching ``query``, best first.
+
+        A document matches when it holds any of the query's ``search_words``;
+        archives match on their summary and the text of the entries they
+        archived, notes on their name and content. Ranked by relevance (BM25 or
+        the backend's full-text rank), at most ``limit`` (1 to
+        ``MAX_SEARCH_LIMIT``, else ``ValueError``); a query without words finds
+        nothing.
         """
         ...
 

@@ -13,16 +13,19 @@ from datetime import UTC, datetime
 
 import msgspec
 import trio
-from chinwag.protocol import ConversationItem, Entry
+from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
-from ._base import ConversationNotFound, StorageError
+from ._base import Archive, ConversationNotFound, StorageError, check_archive
 from ._cursor import decode_cursor, encode_cursor
+from ._search import MemoryIndex, archive_text
 from ._timestamps import from_text, to_text, utc
 
 _CURSOR_TAG = "memory"
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Entry)
+_archive_encoder = msgspec.msgpack.Encoder()
+_archive_decoder = msgspec.msgpack.Decoder(Archive)
 
 
 @dataclass(eq=False)
@@ -31,6 +34,7 @@ class _Conversation:
     item: ConversationItem
     entries: list[bytes] = field(default_factory=list)  # entry seq N at index N - 1
     marker_seq: int = 0  # seq of the latest compact marker, 0 when none
+    archives: dict[str, bytes] = field(default_factory=dict)
 
 
 class MemoryStorage:
@@ -43,6 +47,7 @@ class MemoryStorage:
         self._next_id = 1
         self._claims: set[tuple[str, str]] = set()
         self._closed = False
+        self._memory = MemoryIndex()
 
     def _get(self, agent: str, sender: str) -> _Conversation:
         if self._closed:
@@ -78,7 +83,9 @@ class MemoryStorage:
     async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
         """Not cancellable, like sqlite's: once called it completes or fails."""
         await trio.lowlevel.cancel_shielded_checkpoint()
-        conv = self._get(agent, sender)
+        return self._append(self._get(agent, sender), entries)
+
+    def _append(self, conv: _Conversation, entries: Sequence[Entry]) -> list[Entry]:
         now = datetime.now(UTC)
         stored: list[Entry] = []
         encoded: list[bytes] = []
@@ -93,7 +100,7 @@ class MemoryStorage:
             except (UnicodeEncodeError, TypeError) as exc:
                 raise StorageError(f"Entry {seq} could not be encoded: {exc}.") from exc
             stored.append(copy)
-        # Every entry encoded: now commit, with no await in between.
+        # Every entry encoded: now commit.
         for copy in stored:
             if copy.kind == "compact":
                 conv.marker_seq = copy.seq
@@ -165,6 +172,46 @@ class MemoryStorage:
             updated_at, id_ = _key(matching[limit - 1])
             next_cursor = encode_cursor(_CURSOR_TAG, to_text(updated_at), id_)
         return page, next_cursor
+
+    # --- archives and notes -------------------------------------------------
+
+    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
+        """Store the archive and append its marker; see ``Storage.compact``."""
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        conv = self._get(agent, sender)
+        check_archive(
+            archive, marker_seq=conv.marker_seq, last_seq=conv.item.last_seq, names=conv.archives
+        )
+        archived = [_decoder.decode(raw) for raw in conv.entries[archive.first_seq - 1 :]]
+        (marker,) = self._append(conv, [archive.marker()])
+        conv.archives[archive.name] = _archive_encoder.encode(archive)
+        self._memory.put(
+            agent,
+            "archive",
+            archive.name,
+            sender=sender,
+            text=archive_text(archive.summary, archived),
+            created_at=utc(archive.created_at),
+        )
+        return marker
+
+    async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
+        await trio.lowlevel.checkpoint()
+        raw = self._get(agent, sender).archives.get(name)
+        return None if raw is None else _archive_decoder.decode(raw)
+
+    async def put_note(self, agent: str, name: str, content: str, *, updated_at: datetime) -> None:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        if self._closed:
+            raise StorageError("The store is closed.")
+        text = f"{name}\n{content}"
+        self._memory.put(agent, "note", name, sender=None, text=text, created_at=utc(updated_at))
+
+    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise StorageError("The store is closed.")
+        return self._memory.search(agent, query, limit)
 
     # --- claims: one process, so only this store's own claims refuse ------
 
