@@ -26,7 +26,6 @@ from chinwag.protocol import (
     PROTOCOL_VERSION,
     AgentItem,
     Agents,
-    AskUser,
     Attach,
     Cancel,
     Codec,
@@ -47,27 +46,23 @@ from chinwag.protocol import (
     Killed,
     ListAgents,
     ListConversations,
+    Memory,
+    MemoryHit,
     Ok,
     Ping,
     Pong,
     ProtocolError,
-    Queued,
     QueuePolicy,
     ReplyToAsk,
     Request,
+    SearchMemory,
     ServerMsg,
-    Start,
     Stats,
     Stream,
+    StreamEvent,
     StreamEventMsg,
     Subscribe,
     Subscribed,
-    TextDelta,
-    ThinkingDelta,
-    Title,
-    ToolCall,
-    ToolResult,
-    Usage,
     Welcome,
     codec_for,
     default_socket_path,
@@ -481,6 +476,13 @@ class Client:
             Compacted,
         )
 
+    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+        """The agent's notes and archives matching ``query``, best first."""
+        reply = await self._request(
+            lambda rid: SearchMemory(id=rid, agent=agent, query=query, limit=limit), Memory
+        )
+        return reply.items
+
     async def cancel(self, target_id: int) -> None:
         """Detach this connection's open stream, attach or subscribe ``target_id``.
 
@@ -585,19 +587,7 @@ class EventStream(_OpenRequest):
         msg = await self._next_frame()
         if isinstance(msg, End):
             self._finish()
-        if not isinstance(
-            msg,
-            Queued
-            | Start
-            | TextDelta
-            | ThinkingDelta
-            | ToolCall
-            | ToolResult
-            | AskUser
-            | Title
-            | Usage
-            | End,
-        ):
+        if not isinstance(msg, StreamEvent):
             self._finish()
             raise _unexpected(msg, "a stream event")
         return msg

@@ -30,6 +30,7 @@ import click
 from chinwag.protocol import (
     JSON,
     AskUser,
+    Compaction,
     End,
     Entry,
     Event,
@@ -312,6 +313,10 @@ async def ask_on_terminal(ask: AskUser, lines: LineReader, console: Console) -> 
 # --- rendering events --------------------------------------------------------------------
 
 
+def _compaction_note(event: Compaction) -> str:
+    return f"the context was full: {event.archived_entries} entries compacted into {event.archive}"
+
+
 def _clip(text: str, width: int = 100) -> str:
     one_line = " ".join(text.split())
     return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
@@ -543,6 +548,8 @@ class _SendView:
                 self.err.print(Text(f"title: {title}", style="dim"))
             case Queued(position=position):
                 self.err.print(Text(f"queued: {position} ahead", style="dim"))
+            case Compaction():
+                self.err.print(Text(_compaction_note(event), style="dim"))
             case _:
                 pass
 
@@ -557,13 +564,15 @@ class _ChatState:
     ask_scope: anyio.CancelScope | None = None
     title: str = ""
     speaker: str = ""
+    guest: str | None = None  # who answers, over the conversation's history
 
 
 @cli.command()
 @click.argument("agent")
 @click.option("--sender", help="Whose conversation (default: user).")
+@click.option("--guest", help="Let this agent answer instead, over the conversation's history.")
 @click.pass_context
-def chat(ctx: click.Context, agent: str, sender: str | None) -> None:
+def chat(ctx: click.Context, agent: str, sender: str | None, guest: str | None) -> None:
     """Talk with AGENT interactively.
 
     Ctrl-C during a reply kills the run (twice quits); Ctrl-C or Ctrl-D at the
@@ -571,21 +580,24 @@ def chat(ctx: click.Context, agent: str, sender: str | None) -> None:
     """
     settings = _settings(ctx)
     ensure_daemon(settings.socket)
-    _run(lambda: _chat(settings, agent, sender))
+    _run(lambda: _chat(settings, agent, sender, guest))
 
 
-async def _chat(settings: Settings, agent: str, sender: str | None) -> None:
+async def _chat(settings: Settings, agent: str, sender: str | None, guest: str | None) -> None:
     console = line_console()
     out = TextOut(sys.stdout)
     lines = LineReader()
-    state = _ChatState()
+    state = _ChatState(guest=guest)
     async with _connect(settings) as client:
-        if agent not in client.welcome.agents:
-            hosted = ", ".join(client.welcome.agents) or "none"
-            raise Failure(f"unknown agent {agent!r}; the daemon hosts: {hosted}")
+        for name in (agent, guest):
+            if name is not None and name not in client.welcome.agents:
+                hosted = ", ".join(client.welcome.agents) or "none"
+                raise Failure(f"unknown agent {name!r}; the daemon hosts: {hosted}")
         with contextlib.suppress(ChinwagError):
             state.title = (await client.history(agent, sender, limit=0)).title
         header = Text(f"chatting with {agent}", style="bold")
+        if guest is not None:
+            header.append(f" (answered by its guest {guest})", style="bold")
         if state.title:
             header.append(f" — {state.title}", style="dim")
         header.append("  (Ctrl-C stops a reply, Ctrl-C or Ctrl-D at the prompt quits)", style="dim")
@@ -656,7 +668,7 @@ async def _chat_turn(
     state.speaker = agent
     quiet = QuietCalls()
     try:
-        async with client.stream(agent, line, sender=sender) as events:
+        async with client.stream(agent, line, sender=sender, guest=state.guest) as events:
             async for event in events:
                 match event:
                     case Start(agent=speaker):
@@ -681,6 +693,8 @@ async def _chat_turn(
                             console.print(Text(f"— {title} —", style="dim"))
                     case Queued(position=position):
                         console.print(Text(f"(queued: {position} ahead)", style="dim"))
+                    case Compaction():
+                        console.print(Text(f"({_compaction_note(event)})", style="dim"))
                     case AskUser():
                         out.end_line()
                         await _chat_ask(client, agent, sender, event, state, lines, console)
@@ -980,6 +994,38 @@ def compact(ctx: click.Context, agent: str, sender: str | None, instructions: st
             Text(f"archived {done.archived_entries} entries as {done.archive}", style="bold")
         )
         console.print(Text(done.summary))
+
+    _run(body)
+
+
+@cli.command()
+@click.argument("agent")
+@click.argument("query")
+@click.option("--limit", default=10, show_default=True, help="At most this many matches.")
+@click.option("--json", "as_json", is_flag=True, help="Print every match as one JSON line.")
+@click.pass_context
+def search(ctx: click.Context, agent: str, query: str, limit: int, as_json: bool) -> None:
+    """Search AGENT's memory: its notes and the archives of its compacted conversations."""
+    settings = _settings(ctx)
+
+    async def body() -> None:
+        async with _connect(settings) as client:
+            hits = await client.search_memory(agent, query, limit=limit)
+        if as_json:
+            for hit in hits:
+                sys.stdout.buffer.write(JSON.encode(hit) + b"\n")
+            return
+        console = line_console()
+        if not hits:
+            console.print(Text(f"nothing in {agent}'s memory matches {query!r}", style="dim"))
+        for number, hit in enumerate(hits, 1):
+            line = Text(f"{number}. {hit.kind} {hit.name}", style="bold")
+            about = [hit.sender] if hit.sender else []
+            if hit.created_at is not None:
+                about.append(f"{hit.created_at:%Y-%m-%d %H:%M}")
+            line.append(f" ({', '.join(about)})" if about else "", style="dim")
+            console.print(line)
+            console.print(Text(f"   {hit.snippet}"))
 
     _run(body)
 

@@ -8,10 +8,11 @@ its next checkpoint; a provider holds nothing that outlives the stream.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 import trio
@@ -38,6 +39,9 @@ class ModelRequest(msgspec.Struct, kw_only=True):
     model: str
     messages: list[ModelMessage]
     tools: list[ToolSchema] = msgspec.field(default_factory=list)
+    # A summary request asks for a compaction summary (see _compaction.py);
+    # real models read its prompt, `echo` answers it deterministically.
+    purpose: Literal["reply", "summary"] = "reply"
 
 
 class TextChunk(msgspec.Struct):
@@ -92,7 +96,9 @@ class EchoProvider:
     words 1..N, each after MS ms; ``/title TEXT`` calls ``set_title``;
     ``/ask QUESTION`` calls ``ask_user``; ``/tool NAME JSON`` calls any tool;
     ``/fail TEXT`` fails like a provider. After tool results it echoes them.
-    Usage counts words as tokens.
+    Asked for a summary, it answers one line per message of the transcript:
+    who wrote it and its first `SUMMARY_WORDS` words (an earlier summary's lines
+    are kept as they are). Usage counts words as tokens.
     """
 
     async def aclose(self) -> None:
@@ -101,6 +107,10 @@ class EchoProvider:
     async def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)
         last = request.messages[-1] if request.messages else ModelMessage(role="user", content="")
+        if request.purpose == "summary":
+            for chunk in _summary(last.content, prompt_tokens):
+                yield chunk
+            return
         if last.role == "tool":
             # Echo every result of the step that just ran, in call order.
             results: list[str] = []
@@ -138,6 +148,28 @@ class EchoProvider:
             case _:
                 async for chunk in _words(text.split(), prompt_tokens):
                     yield chunk
+
+
+SUMMARY_WORDS = 8
+_HEADING = re.compile(r"^## (\S+) · (.+)$", re.MULTILINE)
+
+
+def _summary(transcript: str, prompt_tokens: int) -> list[Chunk]:
+    lines: list[str] = []
+    headings = list(_HEADING.finditer(transcript))
+    for heading, after in zip(headings, [*headings[1:], None], strict=True):
+        end = after.start() if after else transcript.rfind("</transcript>")
+        body = transcript[heading.end() : end].strip()
+        who = heading.group(2)
+        if heading.group(1) == "earlier":
+            lines.extend(line for line in body.splitlines() if line.strip())
+        elif who == "user" or who.startswith("agent "):
+            said = [line for line in body.splitlines() if not line.startswith("(calls ")]
+            words = " ".join(said).split()[:SUMMARY_WORDS]
+            if words:
+                lines.append(f"{who.removeprefix('agent ')}: {' '.join(words)}")
+    text = "\n".join(lines)
+    return [TextChunk(text), UsageChunk(prompt_tokens, len(text.split())), FinishChunk("stop")]
 
 
 def _slow_args(rest: str) -> tuple[int, float]:

@@ -24,12 +24,14 @@ from chinwag.protocol import (
     AgentItem,
     AskQuestion,
     AskUser,
+    Compaction,
     ConversationItem,
     End,
     EndStatus,
     Entry,
     ErrorInfo,
     History,
+    MemoryHit,
     Queued,
     QueuePolicy,
     Start,
@@ -43,8 +45,9 @@ from chinwag.protocol import (
     ToolResult,
     Usage,
 )
-from chinwag.storage import Storage, StorageError
+from chinwag.storage import MAX_SEARCH_LIMIT, Archive, Storage, StorageError
 
+from ._compaction import summary_request
 from ._config import AgentConfig, Config
 from ._errors import RequestError, ToolError
 from ._providers import (
@@ -142,9 +145,12 @@ class Run:
         cwd: str | None,
         chain: tuple[str, ...] = (),
         policy: QueuePolicy = "enqueue",
+        compact: bool = False,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.conversation = conversation
+        self.compact = compact  # a compaction: ``content`` holds its instructions
+        self.compaction: Compaction | None = None  # what a compaction archived
         self.content = content
         self.speaker = speaker
         self.is_guest = speaker.name != conversation.agent
@@ -240,6 +246,15 @@ class Run:
         finally:
             conv.pending_ask = None
 
+    async def memory_search(self, query: str, limit: int) -> list[MemoryHit]:
+        conv = self.conversation
+        return await conv.runtime.storage.search_memory(self.speaker.name, query, limit=limit)
+
+    async def memory_note(self, name: str, content: str) -> None:
+        storage = self.conversation.runtime.storage
+        with trio.CancelScope(shield=True):
+            await storage.put_note(self.speaker.name, name, content, updated_at=now())
+
     async def delegate(self, agent: str, message: str) -> str:
         runtime = self.conversation.runtime
         me = self.speaker.name
@@ -249,7 +264,7 @@ class Run:
         limit = runtime.config.daemon.delegate_depth
         if len(chain) > limit:
             raise ToolError(f"Delegation goes at most {limit} agents deep; answer without it.")
-        answer = DelegateAnswer()
+        answer = RunOutcome()
         try:
             run = runtime.submit(
                 agent=agent,
@@ -275,8 +290,11 @@ class Run:
         return answer.text
 
 
-class DelegateAnswer:
-    """The sink of a delegated run: keeps its final text, shows nothing to any client."""
+class RunOutcome:
+    """A sink that shows nothing to any client: keeps the run's final text and its `end`.
+
+    A delegated run answers its caller with the text; a compaction, with the end.
+    """
 
     def __init__(self) -> None:
         self._parts: list[str] = []
@@ -314,6 +332,7 @@ class Conversation:
         self.current: Run | None = None  # in flight, or about to start
         self.queue: deque[Run] = deque()
         self.pending_ask: PendingAsk | None = None
+        self.context_tokens = 0  # as the model last reported it; 0 until a run reports
         self.loaded = False
         self._load_lock = trio.Lock()
 
@@ -352,6 +371,17 @@ class Conversation:
         """Stored, or about to be: a conversation whose first run is queued exists."""
         await self.load()
         return self.info is not None or self.busy
+
+
+def _summary_message(marker: Entry, run: Run) -> str:
+    """The auto-injected stand-in for what a compact marker archived."""
+    text = (
+        f"The earlier part of this conversation was compacted into the archive {marker.archive!r}. "
+        f"Summary of the earlier conversation:\n<summary>\n{marker.content}\n</summary>"
+    )
+    if not run.is_guest and "memory_search" in run.speaker.config.tools:
+        text += "\nmemory_search finds the archived details."
+    return text
 
 
 class Runtime:
@@ -442,12 +472,40 @@ class Runtime:
             raise RequestError(409, "The conversation is busy with another run; retry later.")
         run = Run(conv, content=content, speaker=speaker, cwd=cwd, chain=chain, policy=queue)
         run.add_sink(sink)
+        self._enqueue(run)
+        return run
+
+    async def compact(self, agent: str, sender: str, instructions: str | None) -> Compaction:
+        """Compact the conversation once the runs queued before it are done.
+
+        Raises ``RequestError``: 404 for an unknown conversation, 409 when
+        nothing was added since the last compaction or the compaction was killed.
+        """
+        if not self.accepting:
+            raise RequestError(503, "The daemon is shutting down; retry once it is back.")
+        conv = await self.existing(agent, sender)
+        run = Run(
+            conv, content=instructions or "", speaker=self.agents[agent], cwd=None, compact=True
+        )
+        outcome = RunOutcome()
+        run.add_sink(outcome)
+        self._enqueue(run)
+        await run.done.wait()
+        if run.compaction is not None:
+            return run.compaction
+        end = outcome.end
+        if end is not None and end.error is not None:
+            raise RequestError(end.error.code, end.error.message)
+        raise RequestError(409, "The compaction was killed before it stored anything.")
+
+    def _enqueue(self, run: Run) -> None:
+        conv = run.conversation
         self.runs_total += 1
         self._idle.pop(conv.key, None)
         if conv.current is None:
             conv.current = run
             self.nursery.start_soon(self._work, conv)
-        elif queue == "interrupt":
+        elif run.policy == "interrupt":
             conv.queue.appendleft(run)
             run.queued = True
             run._deliver(Queued(position=1))
@@ -456,7 +514,6 @@ class Runtime:
             conv.queue.append(run)
             run.queued = True
             run._deliver(Queued(position=len(conv.queue)))
-        return run
 
     async def _work(self, conv: Conversation) -> None:
         structlog.contextvars.bind_contextvars(agent=conv.agent, sender=conv.sender)
@@ -476,8 +533,7 @@ class Runtime:
                 if self.storage.shared:
                     await self._claimed_execute(run)
                 else:
-                    await self._begin(run)
-                    await self._steps(run)
+                    await self._perform(run)
             except RunFailed as exc:
                 status, error = "error", ErrorInfo(code=exc.code, message=exc.message)
             except ProviderError as exc:
@@ -526,10 +582,80 @@ class Runtime:
             if info is not None and (conv.info is None or info.last_seq != conv.info.last_seq):
                 conv.info, conv.context = info, None
                 await conv.load_context()
-            await self._begin(run)
-            await self._steps(run)
+            await self._perform(run)
         finally:
             await storage.release(conv.agent, conv.sender)
+
+    async def _perform(self, run: Run) -> None:
+        """A compaction, or a turn (compacting first when the context has grown too big)."""
+        if run.compact:
+            run.compaction = await self._compact(run.conversation, run.content or None)
+            return
+        await self._compact_if_full(run)
+        await self._begin(run)
+        await self._steps(run)
+
+    async def _compact_if_full(self, run: Run) -> None:
+        """Auto-compaction: before a turn, when the last run filled the primary's threshold."""
+        conv = run.conversation
+        config = self.agents[conv.agent].config
+        if (
+            config.compact_at is None
+            or conv.context_tokens <= config.compact_at * config.context_window
+        ):
+            return
+        conv.context_tokens = 0  # tried once per fill, whatever happens next
+        try:
+            compaction = await self._compact(conv, None)
+        except (RunFailed, ProviderError) as exc:
+            # The turn still runs on its full context; the next fill tries again.
+            log.warning("auto_compaction_failed", code=exc.code, message=exc.message)
+            return
+        log.info("auto_compacted", archive=compaction.archive)
+        run._deliver(compaction)
+
+    async def _compact(self, conv: Conversation, instructions: str | None) -> Compaction:
+        """Summarize every entry after the latest marker; store the archive and its marker."""
+        context = await conv.load_context()
+        previous = context[0] if context and context[0].kind == "compact" else None
+        archived = context[1:] if previous is not None else list(context)
+        if not archived:
+            raise RunFailed(
+                409, "Nothing was added since the last compaction, so there is nothing to compact."
+            )
+        agent = self.agents[conv.agent]
+        request = summary_request(
+            agent=agent.name,
+            model=agent.config.model,
+            entries=archived,
+            previous_summary=previous.content if previous is not None else None,
+            instructions=instructions,
+        )
+        parts: list[str] = []
+        async with aclosing(agent.provider.stream(request)) as chunks:
+            async for chunk in chunks:
+                if isinstance(chunk, TextChunk):
+                    parts.append(chunk.delta)
+        summary = "".join(parts).strip()
+        if not summary:
+            raise RunFailed(502, "The model returned an empty summary; nothing was archived.")
+        first, last = archived[0].seq, archived[-1].seq
+        archive = Archive(
+            name=f"archive-{first}-{last}",
+            first_seq=first,
+            last_seq=last,
+            summary=summary,
+            speakers=[entry.agent for entry in archived],
+            created_at=now(),
+        )
+        with trio.CancelScope(shield=True):
+            marker = await self.storage.compact(conv.agent, conv.sender, archive)
+        assert conv.info is not None
+        conv.context = [marker]
+        conv.info.last_seq = marker.seq
+        conv.info.updated_at = marker.created_at
+        log.info("compacted", archive=archive.name, entries=len(archived))
+        return Compaction(archive=archive.name, summary=summary, archived_entries=len(archived))
 
     async def _begin(self, run: Run) -> None:
         """Store the user entry (shielded: once begun it completes), then `start`."""
@@ -589,6 +715,7 @@ class Runtime:
                                 )
                             )
                         case UsageChunk(prompt_tokens, completion_tokens):
+                            conv.context_tokens = prompt_tokens + completion_tokens
                             run.publish(
                                 Usage(
                                     prompt_tokens=prompt_tokens,
@@ -688,12 +815,7 @@ class Runtime:
             )
         for entry in entries:
             if entry.kind == "compact":
-                messages.append(
-                    ModelMessage(
-                        role="system",
-                        content=f"Summary of the earlier conversation:\n{entry.content}",
-                    )
-                )
+                messages.append(ModelMessage(role="system", content=_summary_message(entry, run)))
                 continue
             content = entry.content
             if entry.role == "assistant":
@@ -822,6 +944,12 @@ class Runtime:
             conv = self.conversations.get((item.agent, item.sender))
             item.running = conv is not None and conv.busy
         return items, next_cursor
+
+    async def search_memory(self, agent: str, query: str, limit: int) -> list[MemoryHit]:
+        self.agent(agent)
+        if not 1 <= limit <= MAX_SEARCH_LIMIT:
+            raise RequestError(400, f"limit must be between 1 and {MAX_SEARCH_LIMIT}.")
+        return await self.storage.search_memory(agent, query, limit=limit)
 
     def stats(self, request_id: int, connections: int) -> Stats:
         busy = [c for c in self.conversations.values() if c.busy]

@@ -31,6 +31,7 @@ from chinwag.protocol import (
     Cancel,
     Codec,
     Compact,
+    Compacted,
     Conversations,
     Encoding,
     End,
@@ -46,12 +47,14 @@ from chinwag.protocol import (
     Killed,
     ListAgents,
     ListConversations,
+    Memory,
     Ok,
     Ping,
     Pong,
     ProtocolError,
     ReplyToAsk,
     Request,
+    SearchMemory,
     ServerMessage,
     Stream,
     StreamEventMsg,
@@ -377,13 +380,9 @@ class Connection:
             case ListConversations():
                 self._call(nursery, rid, lambda: self._list(msg))
             case Compact():
-                self.send(
-                    Error(
-                        id=rid,
-                        code=501,
-                        message="Compaction is not supported by this daemon yet.",
-                    )
-                )
+                self._call(nursery, rid, lambda: self._compact(msg))
+            case SearchMemory():
+                self._call(nursery, rid, lambda: self._search(msg))
             case Subscribe():
                 self._subscribe(msg, nursery)
             case ListAgents():
@@ -531,6 +530,19 @@ class Connection:
         while len(history.entries) > 1 and len(codec.encode(history)) > self.max_frame_bytes:
             history.entries = history.entries[: len(history.entries) // 2]
         return history
+
+    async def _compact(self, msg: Compact) -> Compacted:
+        done = await self.runtime.compact(msg.agent, self._sender(msg.sender), msg.instructions)
+        return Compacted(
+            id=msg.id,
+            archive=done.archive,
+            summary=done.summary,
+            archived_entries=done.archived_entries,
+        )
+
+    async def _search(self, msg: SearchMemory) -> Memory:
+        hits = await self.runtime.search_memory(msg.agent, msg.query, msg.limit)
+        return Memory(id=msg.id, items=hits)
 
     async def _list(self, msg: ListConversations) -> Conversations:
         items, cursor = await self.runtime.list_conversations(

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
-from chinwag.protocol import AskQuestion, ToolCallInfo
+from chinwag.protocol import AskQuestion, MemoryHit, ToolCallInfo
+from chinwag.storage import MAX_SEARCH_LIMIT
 
 from ._errors import ToolError
 from ._providers import ToolSchema
@@ -22,6 +23,14 @@ class ToolContext(Protocol):
 
     async def ask(self, questions: list[AskQuestion]) -> str:
         """Ask the user and wait for the answer; raises ``ToolError`` on timeout."""
+        ...
+
+    async def memory_search(self, query: str, limit: int) -> list[MemoryHit]:
+        """The agent's notes and archives matching ``query``, best first."""
+        ...
+
+    async def memory_note(self, name: str, content: str) -> None:
+        """Create or replace the agent's note ``name``."""
         ...
 
     async def delegate(self, agent: str, message: str) -> str:
@@ -77,6 +86,40 @@ async def _delegate(ctx: ToolContext, args: dict[str, Any]) -> str:
     return await ctx.delegate(agent, message)
 
 
+NOTE_NAME_CHARS = 100
+NOTE_CHARS = 20_000
+
+
+async def _memory_search(ctx: ToolContext, args: dict[str, Any]) -> str:
+    query, limit = args.get("query"), args.get("limit", 5)
+    if not isinstance(query, str) or not query.strip():
+        raise ToolError("memory_search needs a non-empty string `query`.")
+    if not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
+        raise ToolError(f"memory_search's `limit` must be an integer from 1 to {MAX_SEARCH_LIMIT}.")
+    hits = await ctx.memory_search(query, limit)
+    if not hits:
+        return f"Nothing in memory matches {query!r}."
+    lines = [f"{len(hits)} match{'es' if len(hits) > 1 else ''} for {query!r}, best first:"]
+    for number, hit in enumerate(hits, 1):
+        about = [f"conversation with {hit.sender}"] if hit.sender else []
+        if hit.created_at is not None:
+            about.append(f"{hit.created_at:%Y-%m-%d}")
+        label = f" ({', '.join(about)})" if about else ""
+        lines.append(f"{number}. {hit.kind} {hit.name!r}{label}: {hit.snippet}")
+    return "\n".join(lines)
+
+
+async def _memory_note(ctx: ToolContext, args: dict[str, Any]) -> str:
+    name, content = args.get("name"), args.get("content")
+    if not isinstance(name, str) or not name.strip() or len(name) > NOTE_NAME_CHARS:
+        raise ToolError(f"memory_note needs a `name` of 1 to {NOTE_NAME_CHARS} characters.")
+    if not isinstance(content, str) or not content.strip() or len(content) > NOTE_CHARS:
+        raise ToolError(f"memory_note needs a `content` of 1 to {NOTE_CHARS} characters.")
+    name = " ".join(name.split())
+    await ctx.memory_note(name, content)
+    return f"Saved the note {name!r}; memory_search finds it."
+
+
 _OPTION = {
     "type": "object",
     "properties": {"label": {"type": "string"}, "description": {"type": "string"}},
@@ -122,6 +165,44 @@ TOOLS: dict[str, Tool] = {
                 "required": ["questions"],
             },
             run=_ask_user,
+        ),
+        Tool(
+            name="memory_search",
+            description=(
+                "Search your long-term memory: your notes, and the archived summaries and "
+                "transcripts of your earlier, compacted conversations. Returns the best "
+                "matches with a snippet each; any of the query's words may match."
+            ),
+            parameters={
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string", "description": "Words to look for."},
+                    "limit": {
+                        "type": "integer",
+                        "description": "At most this many matches (default 5).",
+                        "minimum": 1,
+                        "maximum": MAX_SEARCH_LIMIT,
+                    },
+                },
+                "required": ["query"],
+            },
+            run=_memory_search,
+        ),
+        Tool(
+            name="memory_note",
+            description=(
+                "Write a note to your long-term memory, or replace the note of that name: "
+                "facts, preferences and decisions worth keeping across conversations."
+            ),
+            parameters={
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "description": "A short name for the note."},
+                    "content": {"type": "string", "description": "The note's full text."},
+                },
+                "required": ["name", "content"],
+            },
+            run=_memory_note,
         ),
         Tool(
             name="delegate",

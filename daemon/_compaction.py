@@ -1,0 +1,83 @@
+"""Compaction's model side: the summarization prompt chinwag owns, and the transcript it reads.
+
+The summarizer is the agent's own provider and model, offered no tools. It
+reads the archived entries as a transcript in which every entry is headed by
+its seq and who wrote it (the user, an agent by name, a tool's result), so the
+summary can keep who said what even when guests spoke; the previous summary,
+if any, comes first, so facts survive any number of compactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from chinwag.protocol import Entry
+
+from ._providers import ModelMessage, ModelRequest
+
+SUMMARY_PROMPT = """\
+You compact a conversation so that it can go on from your summary instead of its \
+transcript: the agent {agent} will see only your summary and what is said after it. \
+Keep everything it needs to continue as if it remembered:
+- who is who: the user, {agent}, and any other agent that spoke, and which of them \
+said what where it matters;
+- the facts the user gave about themselves or their world, their preferences and \
+constraints, precisely (names, numbers, paths, dates);
+- decisions taken and why;
+- open tasks, promises and questions still waiting for an answer;
+- the results of tool calls that later work relies on (what was found, written or \
+failed), not their full output.
+Drop greetings, repetition and whatever was superseded. Write in the conversation's \
+language, as short paragraphs or bullet lists, at most about 400 words. Reply with the \
+summary only."""
+
+TOOL_OUTPUT_CHARS = 2000  # of one tool result in the transcript; the rest is elided
+
+
+def transcript(agent: str, entries: Sequence[Entry], previous_summary: str | None) -> str:
+    """The archived entries, each under a ``## <seq> · <who>`` heading."""
+    names = {call.call_id: call.name for e in entries for call in e.tool_calls}
+    parts: list[str] = []
+    if previous_summary:
+        parts.append(f"## earlier · summary of what came before\n{previous_summary}")
+    for entry in entries:
+        if entry.kind != "message":
+            continue
+        if entry.role == "user":
+            who = "user"
+        elif entry.role == "assistant":
+            who = f"agent {entry.agent or agent}"
+        else:
+            name = names.get(entry.tool_call_id or "", "a tool")
+            who = f"tool {'error' if entry.is_error else 'result'} of {name}"
+        body = entry.content
+        if entry.role == "tool" and len(body) > TOOL_OUTPUT_CHARS:
+            elided = len(body) - TOOL_OUTPUT_CHARS
+            body = f"{body[:TOOL_OUTPUT_CHARS]}… [{elided} more characters]"
+        lines = [f"## {entry.seq} · {who}", body] if body else [f"## {entry.seq} · {who}"]
+        lines += [f"(calls {call.name} {call.arguments})" for call in entry.tool_calls]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def summary_request(
+    *,
+    agent: str,
+    model: str,
+    entries: Sequence[Entry],
+    previous_summary: str | None,
+    instructions: str | None,
+) -> ModelRequest:
+    """The request that asks ``agent``'s model to summarize ``entries``, without tools."""
+    ask = f"Summarize this conversation between the user and the agent {agent}."
+    if instructions:
+        ask += f"\nThe summary must also keep: {instructions.strip()}"
+    text = transcript(agent, entries, previous_summary)
+    return ModelRequest(
+        model=model,
+        messages=[
+            ModelMessage(role="system", content=SUMMARY_PROMPT.format(agent=agent)),
+            ModelMessage(role="user", content=f"{ask}\n\n<transcript>\n{text}\n</transcript>"),
+        ],
+        purpose="summary",
+    )
