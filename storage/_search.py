@@ -122,12 +122,18 @@ def archive_text(summary: str, archived: Iterable[Entry]) -> str:
 
 
 def make_snippet(text: str, words: set[str]) -> str:
-    """About `SNIPPET_WORDS` words of ``text`` around the first of ``words``, each in [brackets]."""
+    """About `SNIPPET_WORDS` words of ``text`` where most of ``words`` meet, each in [brackets]."""
     spans = list(_WORD.finditer(text))
     if not spans:
         return ""
-    first = next((i for i, m in enumerate(spans) if m.group().casefold() in words), 0)
-    start = max(0, first - _BEFORE)
+    hits = [i for i, m in enumerate(spans) if m.group().casefold() in words]
+
+    def variety(start: int) -> int:
+        window = spans[start : start + SNIPPET_WORDS]
+        return len({m.group().casefold() for m in window} & words)
+
+    starts = [max(0, i - _BEFORE) for i in hits] or [0]
+    start = max(starts, key=variety)  # the first of the windows with the most distinct words
     stop = min(len(spans), start + SNIPPET_WORDS)
     parts = ["…" if start > 0 else ""]
     cursor = spans[start].start()

@@ -167,3 +167,16 @@ def postgres_url() -> Iterator[str]:
     yield f"{POSTGRES_URL}{separator}schema={schema}"
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture(params=["sqlite", "jsonl", "postgres", "memory"])
+def store_url(request: pytest.FixtureRequest, short_tmp: Path) -> str:
+    """A storage URL on each backend in turn, for tests that must hold on every one."""
+    match request.param:
+        case "sqlite":
+            return f"sqlite:///{short_tmp / 'store.db'}"
+        case "jsonl":
+            return f"jsonl:///{short_tmp / 'store'}"
+        case "postgres":
+            return str(request.getfixturevalue("postgres_url"))
+    return "memory:"

@@ -20,7 +20,16 @@ import anyio
 import msgspec
 import pytest
 from chinwag.clients import connect
-from chinwag.protocol import ConversationItem, End, Entry, Event, ServerMsg, Start, TextDelta
+from chinwag.protocol import (
+    ConversationItem,
+    End,
+    Entry,
+    Event,
+    MemoryHit,
+    ServerMsg,
+    Start,
+    TextDelta,
+)
 
 _installed = Path(sys.executable).with_name("chinwag")
 # The console script next to this interpreter, else whatever `chinwag` is on PATH.
@@ -485,14 +494,40 @@ def test_compact(daemon) -> None:
     sender = fresh_sender()
     chinwag(daemon.socket_path, "send", "--sender", sender, "assistant", "squash me")
     result = chinwag(daemon.socket_path, "compact", "--sender", sender, "assistant")
-    if "error 501" in result.stderr:
-        assert_clean_failure(result)
-        pytest.xfail("this daemon does not compact yet (501)")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("archived 2 entries as ")
+    assert (
+        result.stdout
+        == "archived 2 entries as archive-1-2\nuser: squash me\nassistant: squash me\n"
+    )
     archived = chinwag(daemon.socket_path, "history", "--all", "--json", "--sender", sender,
                        "assistant")  # fmt: skip
     kinds = [
         msgspec.json.decode(line, type=Entry).kind for line in archived.stdout.split("\n")[:-1]
     ]
     assert kinds == ["message", "message", "compact"]
+
+    found = chinwag(daemon.socket_path, "search", "assistant", "squash")
+    assert found.returncode == 0, found.stderr
+    heading, snippet = found.stdout.splitlines()
+    assert heading.startswith(f"1. archive archive-1-2 ({sender}, ")
+    assert (
+        snippet
+        == "   user: [squash] me assistant: [squash] me user: [squash] me assistant: [squash] me"
+    )
+    as_json = chinwag(daemon.socket_path, "search", "--json", "assistant", "squash")
+    assert msgspec.json.decode(as_json.stdout, type=MemoryHit).name == "archive-1-2"
+    nothing = chinwag(daemon.socket_path, "search", "assistant", "absent")
+    assert nothing.returncode == 0 and "nothing in assistant's memory" in nothing.stdout
+
+
+def test_chat_with_a_guest(daemon) -> None:
+    sender = fresh_sender()
+    result = chinwag(
+        daemon.socket_path, "chat", "--sender", sender, "--guest", "helper", "assistant",
+        input="who answers\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "helper> who answers" in result.stdout
+    history = chinwag(daemon.socket_path, "history", "--json", "--sender", sender, "assistant")
+    entries = [msgspec.json.decode(line, type=Entry) for line in history.stdout.splitlines()]
+    assert [(e.role, e.agent) for e in entries] == [("user", ""), ("assistant", "helper")]

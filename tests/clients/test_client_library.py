@@ -445,13 +445,8 @@ def test_compact(daemon, run: Runner) -> None:
         async with connect(daemon.socket_path) as c:
             async with c.stream("assistant", "worth keeping", sender=sender) as events:
                 await events.collect()
-            try:
-                done = await c.compact("assistant", sender, instructions="keep it short")
-            except ChinwagError as exc:
-                if exc.code == 501:
-                    pytest.xfail("this daemon does not compact yet (501)")
-                raise
-            assert done.archived_entries == 2
+            done = await c.compact("assistant", sender, instructions="keep it short")
+            assert (done.archive, done.archived_entries) == ("archive-1-2", 2)
             with pytest.raises(ChinwagError) as info:
                 await c.compact("assistant", sender)
             assert info.value.code == 409
