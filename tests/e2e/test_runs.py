@@ -296,6 +296,22 @@ async def test_guest_turn_is_attributed_to_the_guest(daemon):
         ]
 
 
+async def test_kill_stops_a_guest_turn_and_keeps_only_its_user_entry(daemon):
+    async with connect(daemon.socket_path) as c:
+        async with c.stream("assistant", "/slow 100 50", guest="helper") as events:
+            start = await anext(events)
+            assert isinstance(start, Start) and start.agent == "helper"
+            await next_of(events, TextDelta)
+            killed = await c.kill("assistant")
+            assert killed.run_id == start.run_id
+            rest = await events.collect()
+        assert rest[-1].status == "killed"
+        history = await c.history("assistant")
+        assert [(e.role, e.agent, e.content) for e in history.entries] == [
+            ("user", "", "/slow 100 50")
+        ]
+
+
 async def test_bad_requests_get_clear_codes(daemon, short_tmp):
     async with connect(daemon.socket_path) as c:
         cases = [
