@@ -14,7 +14,7 @@ from chinwag.storage import open_store
 from ._config import BUILTIN_PROVIDERS, Config
 from ._providers import Provider, make_provider
 from ._runtime import Agent, Runtime
-from ._server import Server, bind_unix
+from ._server import Server, bind_unix, inherited_listener
 
 log = structlog.get_logger("chinwag.daemon")
 
@@ -46,7 +46,9 @@ async def serve(
 
     Reports started, with the `Server`, once the socket accepts clients. On
     stop: refuse new requests (503), let runs finish for the configured grace
-    period, cancel what is left, flush the clients, and return.
+    period, cancel what is left, flush the clients, and return. Started by
+    systemd socket activation, it serves the socket it was passed instead of
+    ``socket_path``, and leaves that socket's file to systemd.
     """
     if stop is None:
         stop = trio.Event()
@@ -56,9 +58,12 @@ async def serve(
     # connected may signal at once, and that must stop the daemon cleanly.
     signals = trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) if handle_signals else None
     with signals or contextlib.nullcontext() as received:
+        activated = inherited_listener()
+        if activated is not None:
+            socket_path = Path(activated.socket.getsockname())
         async with (
             open_store(storage_url) as storage,
-            await bind_unix(socket_path) as listener,
+            activated or await bind_unix(socket_path) as listener,
             trio.open_nursery() as root,
         ):
             if received is not None:
@@ -69,6 +74,7 @@ async def serve(
             log.info(
                 "daemon_started",
                 socket=str(socket_path),
+                activated=activated is not None,
                 storage=storage_url,
                 agents=list(agents),
             )
@@ -77,7 +83,8 @@ async def serve(
             log.info("daemon_stopping", grace_s=config.daemon.shutdown_grace_s)
             server.shutting_down = True
             await listener.aclose()
-            await trio.Path(socket_path).unlink(missing_ok=True)
+            if activated is None:  # systemd keeps listening on its socket, for the next start
+                await trio.Path(socket_path).unlink(missing_ok=True)
             await runtime.shutdown(config.daemon.shutdown_grace_s)
             await server.close_connections()
             for provider in providers.values():

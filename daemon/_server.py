@@ -620,6 +620,36 @@ def peer_uid(stream: trio.SocketStream) -> int | None:
     return int(uid)
 
 
+SD_LISTEN_FDS_START = 3  # systemd's first passed file descriptor
+
+
+def inherited_listener() -> trio.SocketListener | None:
+    """The listening Unix socket systemd passed (socket activation), or None.
+
+    Follows sd_listen_fds(3): ``LISTEN_PID`` must be this process and
+    ``LISTEN_FDS`` 1. The variables leave the environment either way, so no
+    child process (a `run_command`) takes the socket for its own.
+    """
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()) or count is None:
+        return None
+    if count != "1":
+        raise ServeError(
+            f"systemd passed {count} sockets; chinwag listens on one (one ListenStream=)."
+        )
+    try:
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    except OSError as exc:
+        raise ServeError(f"The socket systemd passed is unusable: {exc.strerror}.") from exc
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ServeError("The socket systemd passed is not a Unix stream socket.")
+    sock.set_inheritable(False)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
 async def bind_unix(path: Path) -> trio.SocketListener:
     """Listen on ``path``: a 0600 socket; its directory created 0700 if missing.
 
