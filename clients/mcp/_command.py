@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import anyio
 import click
+
+if TYPE_CHECKING:
+    # Only for the annotation: `chinwag.clients.cli` imports this package.
+    from ..cli import Settings
 
 
 @click.command("mcp")
-def command() -> None:
-    """Serve chinwag's agents to MCP clients over stdio (being built: issue 6)."""
-    raise click.ClickException("The MCP server is not built yet.")
+@click.option(
+    "--sender",
+    help="The conversations' sender when a tool call names none "
+    "(default: mcp:<the MCP client's name>).",
+)
+@click.pass_obj
+def command(settings: Settings, sender: str | None) -> None:
+    """Serve chinwag's agents to MCP clients (Claude Code, Codex, ...) over stdio.
+
+    It needs a running daemon (`chinwag serve`); a tool called while none
+    listens on the socket fails with a message saying so.
+    """
+    from ._server import serve
+
+    anyio.run(serve, settings.socket, sender, backend="asyncio")
