@@ -23,6 +23,16 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     storage: str | None = None
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_open_requests: int = 256
+    # Clients connected at once; one more is refused (503) and closed.
+    max_connections: int = 1024
+    # The longest text a request may carry (a stream's content, an answer, compact
+    # instructions, a memory query), in UTF-8 bytes; longer is refused (413).
+    max_content_bytes: int = 1024 * 1024
+    # A connection that has not said `hello` this long after connecting is closed (408).
+    hello_timeout_s: float = 10.0
+    # A connection with no open request that sends nothing for this long is closed
+    # (408); None keeps idle connections open for as long as their clients like.
+    idle_timeout_s: float | None = None
     # Frames waiting to be written to one client; a client that lets more pile
     # up is too slow and is disconnected (its runs go on).
     outgoing_frames: int = 16384
@@ -189,8 +199,15 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
             raise ConfigError(f"{where} compact_at must be a fraction in (0, 1].")
         if agent.cwd is not None and (problem := workdir_problem(agent.cwd, roots)):
             raise ConfigError(f"{where}: {problem}")
-    if config.daemon.max_frame_bytes < 1024:
+    daemon = config.daemon
+    if daemon.max_frame_bytes < 1024:
         raise ConfigError(f"{path}: [daemon] max_frame_bytes must be at least 1024.")
+    for key in ("max_open_requests", "max_connections", "max_content_bytes", "outgoing_frames"):
+        if getattr(daemon, key) < 1:
+            raise ConfigError(f"{path}: [daemon] {key} must be at least 1.")
+    for key in ("hello_timeout_s", "idle_timeout_s"):
+        if (value := getattr(daemon, key)) is not None and value <= 0:
+            raise ConfigError(f"{path}: [daemon] {key} must be positive.")
 
 
 def _check_provider(provider: ProviderConfig, where: str) -> None:

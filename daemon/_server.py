@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import math
 import os
 import socket
 import stat
@@ -185,6 +186,10 @@ class Connection:
         daemon = server.runtime.config.daemon
         self.max_frame_bytes = daemon.max_frame_bytes
         self.max_open = daemon.max_open_requests
+        self.max_content = daemon.max_content_bytes
+        self.hello_timeout = daemon.hello_timeout_s
+        self.idle_timeout = daemon.idle_timeout_s
+        self.connected_at = self.last_active = trio.current_time()
         self.codec: Codec | None = None
         self.greeted = False
         self.closed = False
@@ -252,6 +257,7 @@ class Connection:
 
     def close_request(self, request_id: int) -> None:
         self.open.pop(request_id, None)
+        self.last_active = trio.current_time()
 
     def abort(self) -> None:
         """Drop the connection now; its runs go on."""
@@ -298,10 +304,18 @@ class Connection:
     async def _read(self, nursery: trio.Nursery) -> None:
         decoder = FrameDecoder(self.max_frame_bytes)
         while not self.closed:
-            try:
-                data = await self.stream.receive_some(READ_CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+            data: bytes | bytearray | None = None
+            with trio.move_on_at(self._quiet_until()):
+                try:
+                    data = await self.stream.receive_some(READ_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+            if data is None:  # silent until the deadline: timed out, unless it moved
+                if trio.current_time() >= self._quiet_until():
+                    self._time_out()
+                    return
+                continue
+            self.last_active = trio.current_time()
             if not data:
                 return
             decoder.feed(data)
@@ -324,6 +338,24 @@ class Connection:
                 log.info("bad_frame", code=exc.code, message=exc.message)
                 self.send(Error(id=None, code=exc.code, message=exc.message))
                 return
+
+    def _quiet_until(self) -> float:
+        """When this connection's silence becomes a timeout (inf: it never does now)."""
+        if not self.greeted:
+            return self.connected_at + self.hello_timeout
+        if self.idle_timeout is None:
+            return math.inf
+        if self.open:  # busy: look again in a while, since requests end without a frame in
+            return trio.current_time() + self.idle_timeout
+        return self.last_active + self.idle_timeout
+
+    def _time_out(self) -> None:
+        if self.greeted:
+            why = f"sent nothing for {self.idle_timeout:g} s with no request open"
+        else:
+            why = f"sent no `hello` within {self.hello_timeout:g} s"
+        log.info("connection_timed_out", greeted=self.greeted)
+        self.send(Error(id=None, code=408, message=f"This connection {why}; it is closed."))
 
     # --- dispatch -----------------------------------------------------------------
 
@@ -359,6 +391,16 @@ class Connection:
             return
         if self.server.shutting_down:
             self.send(Error(id=rid, code=503, message="The daemon is shutting down; retry later."))
+            return
+        if (size := _text_bytes(msg)) > self.max_content:
+            self.send(
+                Error(
+                    id=rid,
+                    code=413,
+                    message=f"The request carries {size} bytes of text, over this daemon's "
+                    f"max_content_bytes of {self.max_content}.",
+                )
+            )
             return
         runtime = self.runtime
         match msg:
@@ -551,6 +593,16 @@ class Connection:
         return Conversations(id=msg.id, items=items, next_cursor=cursor)
 
 
+def _text_bytes(msg: Request) -> int:
+    """The size of the free text a request carries, in UTF-8 bytes."""
+    match msg:
+        case Stream(content=text) | ReplyToAsk(content=text) | SearchMemory(query=text):
+            return len(text.encode())
+        case Compact(instructions=str(text)):
+            return len(text.encode())
+    return 0
+
+
 class Server:
     """Accepts clients on a Unix socket and serves each on its own `Connection`."""
 
@@ -581,16 +633,21 @@ class Server:
         uid = peer_uid(stream)
         if uid is not None and uid not in self._allowed_uids:
             log.warning("peer_refused", uid=uid)
-            with trio.move_on_after(FLUSH_TIMEOUT_S):
-                refusal = Error(
-                    id=None, code=401, message="This daemon serves only its own user's processes."
-                )
-                await stream.send_all(JSON.encode_frame(refusal))
-                # Let the peer read the refusal: closing on its unread hello would reset it.
-                await stream.send_eof()
-                while await stream.receive_some(READ_CHUNK):
-                    pass
-            await trio.aclose_forcefully(stream)
+            refusal = Error(
+                id=None, code=401, message="This daemon serves only its own user's processes."
+            )
+            await self._refuse(stream, refusal)
+            return
+        limit = self.runtime.config.daemon.max_connections
+        if len(self.connections) >= limit:
+            log.warning("connection_refused", connections=len(self.connections))
+            refusal = Error(
+                id=None,
+                code=503,
+                message=f"The daemon already serves {limit} connections, its max_connections; "
+                "retry once one closes.",
+            )
+            await self._refuse(stream, refusal)
             return
         conn = Connection(self, stream, number)
         self.connections.add(conn)
@@ -600,6 +657,17 @@ class Server:
         finally:
             self.connections.discard(conn)
             log.debug("client_disconnected")
+
+    async def _refuse(self, stream: trio.SocketStream, refusal: Error) -> None:
+        """Send one connection-level error (JSON, before any hello) and close."""
+        with trio.move_on_after(FLUSH_TIMEOUT_S):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(JSON.encode_frame(refusal))
+                # Let the peer read the refusal: closing on its unread hello would reset it.
+                await stream.send_eof()
+                while await stream.receive_some(READ_CHUNK):
+                    pass
+        await trio.aclose_forcefully(stream)
 
     async def close_connections(self) -> None:
         """At shutdown: flush every client's queued frames, then close them."""

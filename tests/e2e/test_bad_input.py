@@ -35,6 +35,7 @@ from chinwag.protocol import (
     Subscribe,
     Subscribed,
     TextDelta,
+    Welcome,
 )
 
 LIMITS_CONFIG = """
@@ -335,3 +336,72 @@ async def test_list_conversations_checks_its_filters(daemon):
         with pytest.raises(ChinwagError) as err:
             await c.list_conversations(sender="bad\x00")
         assert err.value.code == 400
+
+
+TIMEOUTS_CONFIG = """
+[daemon]
+hello_timeout_s = 0.5
+idle_timeout_s = 0.5
+max_connections = 3
+max_content_bytes = 100
+
+[agents.assistant]
+provider = "echo"
+"""
+
+
+async def test_a_connection_that_never_says_hello_is_closed_408(daemon_factory, raw):
+    daemon = daemon_factory(TIMEOUTS_CONFIG)
+    async with raw(daemon.socket_path, hello=False) as silent:
+        with trio.fail_after(10):
+            error = await silent.recv()
+        assert isinstance(error, Error) and (error.id, error.code) == (None, 408)
+        assert "hello" in error.message
+        assert await silent.closed_by_peer()
+
+
+async def test_an_idle_connection_is_closed_but_not_while_a_request_is_open(daemon_factory, raw):
+    daemon = daemon_factory(TIMEOUTS_CONFIG)
+    async with raw(daemon.socket_path) as conn:
+        # A run three times longer than the idle timeout: the connection is busy, not idle.
+        await conn.send(Stream(id=1, agent="assistant", content="/slow 3 500"))
+        with trio.fail_after(10):
+            frames = await conn.recv_until(lambda f: isinstance(f, End))
+        assert frames[-1].status == "done"
+        with trio.fail_after(10):
+            error = await conn.recv()
+        assert isinstance(error, Error) and (error.id, error.code) == (None, 408)
+        assert "nothing for 0.5 s" in error.message
+        assert await conn.closed_by_peer()
+
+
+async def test_connections_past_max_connections_are_refused_503(daemon_factory, raw):
+    daemon = daemon_factory(TIMEOUTS_CONFIG)
+    async with raw(daemon.socket_path) as first, raw(daemon.socket_path), raw(daemon.socket_path):
+        async with raw(daemon.socket_path, hello=False) as fourth:
+            error = await fourth.recv()
+            assert isinstance(error, Error) and (error.id, error.code) == (None, 503)
+            assert "max_connections" in error.message
+            assert await fourth.closed_by_peer()
+        await assert_usable(first)
+    # Room again once they closed (the daemon sees each close as it happens).
+    with trio.fail_after(10):
+        while True:
+            async with raw(daemon.socket_path, hello=False) as again:
+                await again.send(Hello(protocol=1, client="again"))
+                if isinstance(await again.recv(), Welcome):
+                    break
+
+
+async def test_text_over_max_content_bytes_is_refused_413_and_the_connection_lives(
+    daemon_factory, raw
+):
+    daemon = daemon_factory(TIMEOUTS_CONFIG)
+    async with raw(daemon.socket_path) as conn:
+        await conn.send(Stream(id=1, agent="assistant", content="é" * 51))  # 102 bytes
+        error = await conn.recv()
+        assert isinstance(error, Error) and (error.id, error.code) == (1, 413)
+        assert "102 bytes" in error.message and "max_content_bytes of 100" in error.message
+        await conn.send(Stream(id=2, agent="assistant", content="x" * 100))
+        frames = await conn.recv_until(lambda f: isinstance(f, End))
+        assert frames[-1].status == "done"
