@@ -17,7 +17,7 @@ from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
 from ._base import Archive, ConversationNotFound, StorageError, check_archive
 from ._cursor import decode_cursor, encode_cursor
-from ._search import MemoryIndex, archive_text
+from ._search import MemoryIndex, archive_text, note_text
 from ._timestamps import from_text, to_text, utc
 
 _CURSOR_TAG = "memory"
@@ -204,7 +204,7 @@ class MemoryStorage:
         await trio.lowlevel.cancel_shielded_checkpoint()
         if self._closed:
             raise StorageError("The store is closed.")
-        text = f"{name}\n{content}"
+        text = note_text(name, content)
         self._memory.put(agent, "note", name, sender=None, text=text, created_at=utc(updated_at))
 
     async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:

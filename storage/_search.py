@@ -1,9 +1,11 @@
-"""An in-process full-text index of an agent's memory, for the memory and jsonl backends.
+"""Memory search: what every backend matches on, and an in-process index for two of them.
 
-sqlite has FTS5 and postgres its own full-text search; the two backends that
-keep no database index notes and archives here instead: an inverted index
-per agent, ranked by BM25 (the function FTS5 uses), with a snippet cut around
-the first matching word.
+Every backend searches the same text (``archive_text``, ``note_text``) and
+checks a search's ``limit`` and shapes its snippets the same way
+(``check_search_limit``, ``one_line``). sqlite has FTS5 and postgres its own
+full-text search; the two backends that keep no database index notes and
+archives in a ``MemoryIndex`` instead: an inverted index per agent, ranked by
+BM25 (the function FTS5 uses), with a snippet cut around the first matching word.
 """
 
 from __future__ import annotations
@@ -88,8 +90,7 @@ class MemoryIndex:
                 del index.postings[term]
 
     def search(self, agent: str, query: str, limit: int) -> list[MemoryHit]:
-        if not 1 <= limit <= MAX_SEARCH_LIMIT:
-            raise ValueError(f"limit must be between 1 and {MAX_SEARCH_LIMIT}, got {limit}.")
+        check_search_limit(limit)
         index = self._agents.get(agent)
         words = search_words(query)
         if index is None or not index.documents or not words:
@@ -116,9 +117,30 @@ class MemoryIndex:
         return hits
 
 
+def check_search_limit(limit: int) -> None:
+    """Raise ``ValueError`` unless ``limit`` is one a memory search takes."""
+    if not 1 <= limit <= MAX_SEARCH_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_SEARCH_LIMIT}, got {limit}.")
+
+
 def archive_text(summary: str, archived: Iterable[Entry]) -> str:
     """What a search matches an archive on: its summary, then the archived messages."""
-    return "\n".join([summary, *(e.content for e in archived if e.kind == "message")])
+    return "\n".join([summary, archived_text(archived)])
+
+
+def archived_text(archived: Iterable[Entry]) -> str:
+    """The archived messages' part of ``archive_text``: their content, one per line."""
+    return "\n".join(e.content for e in archived if e.kind == "message")
+
+
+def note_text(name: str, content: str) -> str:
+    """What a search matches a note on: its name, then its content."""
+    return f"{name}\n{content}"
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace, line breaks included, made one space."""
+    return " ".join(text.split())
 
 
 def make_snippet(text: str, words: set[str]) -> str:
@@ -143,4 +165,4 @@ def make_snippet(text: str, words: set[str]) -> str:
         parts.append(f"[{word}]" if word.casefold() in words else word)
         cursor = match.end()
     parts.append("…" if stop < len(spans) else text[cursor:])
-    return " ".join("".join(parts).split())  # one line, whatever the text's layout
+    return one_line("".join(parts))

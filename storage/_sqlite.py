@@ -11,12 +11,34 @@ failing one rolls back to its savepoint and only it fails), and none returns
 before the COMMIT that made it durable; the thread hop and the fsync, which
 dominate the cost of an append, are paid once per group instead of once per
 append.
+
+A compaction is an append of one marker that also stores its archive: it joins
+a group like any append, and inside its savepoint checks the archive against
+the conversation as committed so far (``check_archive``), inserts the marker,
+the archive row and its search document, so it is all or nothing too.
+
+**Memory search** (migration 2). ``archives`` holds one row per archive
+(speakers as a JSON array), ``notes`` one per ``(agent, name)``, and ``memory``
+is an FTS5 table with one document per archive (``archive_text``: its summary
+and the archived messages) and per note (``note_text``: name and content),
+and the agent it belongs to in an unindexed column. It is a standalone FTS5
+table, not an external-content one: an archive's text spans many entry rows,
+so no one table row could be its content, and ``snippet()`` needs the text at
+hand; the text is copied once more, in exchange for a table that every write
+keeps in the same transaction as its row (the compaction's savepoint,
+``put_note``'s transaction) and that is never out of step. Its rowid is the
+archive's id, or minus the note's id. The tokenizer is ``unicode61`` with
+``_`` as a word character and diacritics kept, so its words are
+``search_words``' words. A search quotes each word as an FTS5 string (no user
+text is ever FTS5 syntax), ORs them, ranks by ``bm25`` and cuts the snippet
+with ``snippet()``.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -24,10 +46,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 import trio
-from chinwag.protocol import ConversationItem, Entry, ToolCallInfo
+from chinwag.protocol import ConversationItem, Entry, MemoryHit, ToolCallInfo
 
-from ._base import ConversationNotFound, StorageError
+from ._base import Archive, ConversationNotFound, StorageError, check_archive, search_words
 from ._cursor import decode_cursor, encode_cursor
+from ._search import SNIPPET_WORDS, archive_text, check_search_limit, note_text, one_line
 from ._timestamps import from_text, to_text, utc
 
 Synchronous = Literal["full", "normal"]
@@ -84,6 +107,38 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             ON entries (conversation_id, seq) WHERE kind = 'compact'
         """,
     ),
+    (
+        """
+        CREATE TABLE archives (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations (id),
+            name TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            summary TEXT NOT NULL,
+            speakers TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (conversation_id, name)
+        )
+        """,
+        """
+        CREATE TABLE notes (
+            id INTEGER PRIMARY KEY,
+            agent TEXT NOT NULL,
+            name TEXT NOT NULL,
+            content TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (agent, name)
+        )
+        """,
+        """
+        CREATE VIRTUAL TABLE memory USING fts5 (
+            text,
+            agent UNINDEXED,
+            tokenize = "unicode61 remove_diacritics 0 tokenchars '_'"
+        )
+        """,
+    ),
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
@@ -97,11 +152,28 @@ _INSERT_ENTRY = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
+_ARCHIVE_COLUMNS = "name, first_seq, last_seq, summary, speakers, created_at"
+_SEARCH = f"""
+SELECT m.rowid, snippet(memory, 0, '[', ']', '…', {SNIPPET_WORDS}),
+       a.name, c.sender, a.created_at, n.name, n.updated_at
+FROM memory m
+LEFT JOIN archives a ON a.id = m.rowid
+LEFT JOIN conversations c ON c.id = a.conversation_id
+LEFT JOIN notes n ON n.id = -m.rowid
+WHERE memory MATCH ? AND m.agent = ?
+ORDER BY m.rank, m.rowid
+LIMIT ?
+"""
+
 _tool_calls_encoder = msgspec.json.Encoder()
 _tool_calls_decoder = msgspec.json.Decoder(list[ToolCallInfo])
+_speakers_encoder = msgspec.json.Encoder()
+_speakers_decoder = msgspec.json.Decoder(list[str])
 
 # An entry's row without its conversation id and seq, which the write assigns.
 _RowTail = tuple[str, str, str, str, str | None, str | None, int, str | None, str, str | None]
+# An archive's row from name on: name, first_seq, last_seq, summary, speakers, created_at.
+_ArchiveRow = tuple[str, int, int, str, str, str]
 
 
 def parse_sqlite_url(url: str) -> tuple[Path, Synchronous]:
@@ -131,7 +203,7 @@ def parse_sqlite_url(url: str) -> tuple[Path, Synchronous]:
 class _PendingAppend:
     """One caller's append, waiting for the group that writes it."""
 
-    __slots__ = ("agent", "entries", "error", "result", "rows", "sender", "updated_at")
+    __slots__ = ("agent", "archive", "entries", "error", "result", "rows", "sender", "updated_at")
 
     def __init__(
         self,
@@ -146,6 +218,8 @@ class _PendingAppend:
         self.entries = entries  # stored copies, seq still to assign
         self.rows = rows
         self.updated_at = updated_at
+        # A compaction's archive, stored with its marker (the one entry), and its row.
+        self.archive: tuple[Archive, _ArchiveRow] | None = None
         self.result: list[Entry] | None = None
         self.error: StorageError | None = None
 
@@ -326,7 +400,10 @@ class SqliteStorage:
         if not entries:
             await self._run(f"Reading ({agent}, {sender})", self._lookup, agent, sender)
             return []
-        pending = _prepare(agent, sender, entries)
+        return await self._write(_prepare(agent, sender, entries))
+
+    async def _write(self, pending: _PendingAppend) -> list[Entry]:
+        """Queue ``pending`` for the next group and wait until it is written. Shielded."""
         with trio.CancelScope(shield=True):
             self._queue.append(pending)
             async with self._write_lock:  # fair: groups go out in arrival order
@@ -359,7 +436,7 @@ class SqliteStorage:
                     conn.execute("SAVEPOINT append")
                     try:
                         pending.result = self._write_one(pending, staged)
-                    except ConversationNotFound as exc:
+                    except StorageError as exc:  # not found, or an archive check_archive refused
                         pending.error = exc
                     except Exception as exc:  # a lone surrogate, a constraint, a full disk
                         self._cache.pop((pending.agent, pending.sender), None)
@@ -396,6 +473,8 @@ class SqliteStorage:
         key = (pending.agent, pending.sender)
         state = staged.get(key)
         conv_id, last_seq = state if state is not None else self._lookup(*key)
+        if pending.archive is not None:
+            self._store_archive(conv_id, last_seq, pending.agent, *pending.archive)
         self._conn.executemany(
             _INSERT_ENTRY,
             [(conv_id, seq, *row) for seq, row in enumerate(pending.rows, last_seq + 1)],
@@ -409,6 +488,48 @@ class SqliteStorage:
         for seq, entry in enumerate(pending.entries, last_seq - len(pending.entries) + 1):
             entry.seq = seq
         return pending.entries
+
+    def _store_archive(
+        self, conv_id: int, last_seq: int, agent: str, archive: Archive, row: _ArchiveRow
+    ) -> None:
+        """Check ``archive`` against the conversation, then store it and its search document.
+
+        Inside the savepoint of its marker's append, before the marker is inserted.
+        """
+        conn = self._conn
+        used = conn.execute(
+            "SELECT name FROM archives WHERE conversation_id = ? AND name = ?",
+            (conv_id, archive.name),
+        ).fetchall()
+        check_archive(
+            archive,
+            marker_seq=self._marker_seq(conv_id),
+            last_seq=last_seq,
+            names={name for (name,) in used},
+        )
+        archived = conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = ? AND seq >= ?"
+            " ORDER BY seq",
+            (conv_id, archive.first_seq),
+        ).fetchall()
+        cursor = conn.execute(
+            f"INSERT INTO archives (conversation_id, {_ARCHIVE_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (conv_id, *row),
+        )
+        conn.execute(
+            "INSERT INTO memory (rowid, text, agent) VALUES (?, ?, ?)",
+            (cursor.lastrowid, archive_text(archive.summary, map(_entry, archived)), agent),
+        )
+
+    def _marker_seq(self, conv_id: int) -> int:
+        """The seq of the conversation's latest compact marker, 0 when none. Worker thread."""
+        (seq,) = self._conn.execute(
+            "SELECT coalesce(max(seq), 0) FROM entries"
+            " WHERE conversation_id = ? AND kind = 'compact'",
+            (conv_id,),
+        ).fetchone()
+        return int(seq)
 
     async def history(
         self,
@@ -436,13 +557,7 @@ class SqliteStorage:
         self, agent: str, sender: str, after_seq: int, limit: int, include_archived: bool
     ) -> list[tuple[Any, ...]]:
         conv_id, _ = self._lookup(agent, sender)
-        marker_seq = 0
-        if not include_archived:
-            (marker_seq,) = self._conn.execute(
-                "SELECT coalesce(max(seq), 0) FROM entries"
-                " WHERE conversation_id = ? AND kind = 'compact'",
-                (conv_id,),
-            ).fetchone()
+        marker_seq = 0 if include_archived else self._marker_seq(conv_id)
         if marker_seq <= after_seq + 1:  # nothing to hide after after_seq
             return self._conn.execute(
                 f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = ? AND seq > ?"
@@ -459,6 +574,99 @@ class SqliteStorage:
             " ORDER BY seq LIMIT :limit",
             {"id": conv_id, "after": after_seq, "marker": marker_seq, "limit": limit},
         ).fetchall()
+
+    # --- archives and notes -------------------------------------------------------
+
+    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
+        """Store the archive and append its marker; see ``Storage.compact``.
+
+        Not cancellable, like ``append``.
+        """
+        if self._closed:
+            raise StorageError("The store is closed.")
+        pending = _prepare(agent, sender, [archive.marker()])
+        try:
+            speakers = _speakers_encoder.encode(archive.speakers).decode()
+        except (UnicodeEncodeError, TypeError) as exc:
+            raise StorageError(f"The archive's speakers could not be encoded: {exc}.") from exc
+        row = (
+            archive.name,
+            archive.first_seq,
+            archive.last_seq,
+            archive.summary,
+            speakers,
+            pending.updated_at,  # the marker's created_at, which is the archive's
+        )
+        pending.archive = (archive, row)
+        (marker,) = await self._write(pending)
+        return marker
+
+    async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
+        row = await self._run(
+            f"Reading the archive {name!r} of ({agent}, {sender})",
+            self._get_archive,
+            agent,
+            sender,
+            name,
+        )
+        if row is None:
+            return None
+        return Archive(
+            name=row[0],
+            first_seq=row[1],
+            last_seq=row[2],
+            summary=row[3],
+            speakers=_speakers_decoder.decode(row[4]),
+            created_at=from_text(row[5]),
+        )
+
+    def _get_archive(self, agent: str, sender: str, name: str) -> tuple[Any, ...] | None:
+        conv_id, _ = self._lookup(agent, sender)
+        row: tuple[Any, ...] | None = self._conn.execute(
+            f"SELECT {_ARCHIVE_COLUMNS} FROM archives WHERE conversation_id = ? AND name = ?",
+            (conv_id, name),
+        ).fetchone()
+        return row
+
+    async def put_note(self, agent: str, name: str, content: str, *, updated_at: datetime) -> None:
+        """Create or replace the note; see ``Storage.put_note``. Shielded: it completes."""
+        when = to_text(updated_at)
+        with trio.CancelScope(shield=True):
+            await self._run(
+                f"Writing the note {name!r} of {agent}", self._put_note, agent, name, content, when
+            )
+
+    def _put_note(self, agent: str, name: str, content: str, updated_at: str) -> None:
+        with _transaction(self._conn) as conn:
+            (id_,) = conn.execute(
+                "INSERT INTO notes (agent, name, content, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (agent, name)"
+                " DO UPDATE SET content = excluded.content, updated_at = excluded.updated_at"
+                " RETURNING id",
+                (agent, name, content, updated_at),
+            ).fetchone()
+            conn.execute("DELETE FROM memory WHERE rowid = ?", (-id_,))
+            conn.execute(
+                "INSERT INTO memory (rowid, text, agent) VALUES (?, ?, ?)",
+                (-id_, note_text(name, content), agent),
+            )
+
+    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+        """The agent's notes and archives matching any word of ``query``, best bm25 first."""
+        check_search_limit(limit)
+        if self._closed:
+            raise StorageError("The store is closed.")
+        words = search_words(query)
+        if not words:
+            await trio.lowlevel.checkpoint()
+            return []
+        # Each word an FTS5 string ("" escapes a quote), so no user text is FTS5 syntax.
+        match = " OR ".join('"{}"'.format(word.replace('"', '""')) for word in words)
+        rows = await self._run(
+            f"Searching the memory of {agent}",
+            lambda: self._conn.execute(_SEARCH, (match, agent, limit)).fetchall(),
+        )
+        return [_hit(row) for row in rows]
 
     # --- claims: one daemon per file, so only this store's own claims refuse ------
 
@@ -517,10 +725,22 @@ def _connect(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
     return conn
 
 
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema to ``len(MIGRATIONS)``, all in one transaction."""
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE``, then ``COMMIT``, or ``ROLLBACK`` if the body raises."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to ``len(MIGRATIONS)``, all in one transaction."""
+    with _transaction(conn):
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_version"
             " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
@@ -538,10 +758,6 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             conn.execute(
                 "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, now)
             )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _prepare(agent: str, sender: str, entries: Sequence[Entry]) -> _PendingAppend:
@@ -589,6 +805,22 @@ def _conversation(row: tuple[Any, ...]) -> ConversationItem:
         created_at=from_text(row[4]),
         updated_at=from_text(row[5]),
         last_seq=row[6],
+    )
+
+
+def _hit(row: tuple[Any, ...]) -> MemoryHit:
+    """A row of ``_SEARCH``: an archive's (rowid > 0) or a note's."""
+    snippet = one_line(row[1])
+    if row[0] > 0:
+        return MemoryHit(
+            kind="archive",
+            name=row[2],
+            sender=row[3],
+            snippet=snippet,
+            created_at=from_text(row[4]),
+        )
+    return MemoryHit(
+        kind="note", name=row[5], sender=None, snippet=snippet, created_at=from_text(row[6])
     )
 
 

@@ -18,11 +18,14 @@ import pytest
 import trio
 from chinwag.protocol import Entry
 from chinwag.storage import (
+    Archive,
     MemoryStorage,
     SqliteStorage,
     StorageError,
     open_store,
 )
+from chinwag.storage._sqlite import MIGRATIONS
+from chinwag.storage._timestamps import to_text
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -132,7 +135,40 @@ async def test_the_database_is_in_wal_mode_at_the_latest_schema(tmp_path: Path) 
     async with open_store(f"sqlite:///{path}"):  # opening again migrates nothing twice
         pass
     assert read_db(path, "PRAGMA journal_mode") == [("wal",)]
-    assert read_db(path, "SELECT version FROM schema_version") == [(1,)]
+    assert read_db(path, "SELECT version FROM schema_version") == [
+        (version,) for version in range(1, len(MIGRATIONS) + 1)
+    ]
+
+
+async def test_a_database_of_an_older_schema_is_upgraded_on_open(tmp_path: Path) -> None:
+    """A version 1 file (before archives and notes) keeps its data and gains memory search."""
+    path = tmp_path / "x.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (1, 'then')")
+        conn.execute(
+            "INSERT INTO conversations (agent, sender, created_at, updated_at, last_seq)"
+            " VALUES ('a', 's', ?, ?, 1)",
+            (to_text(T0), to_text(T0)),
+        )
+        conn.execute(
+            "INSERT INTO entries (conversation_id, seq, kind, role, content, agent, is_error,"
+            " created_at) VALUES (1, 1, 'message', 'user', 'an old quokka', '', 0, ?)",
+            (to_text(T0),),
+        )
+    finally:
+        conn.close()
+
+    async with open_store(f"sqlite:///{path}") as store:
+        archive = Archive(
+            name="old", first_seq=1, last_seq=1, summary="s", speakers=[""], created_at=T0
+        )
+        assert (await store.compact("a", "s", archive)).seq == 2
+        assert [hit.name for hit in await store.search_memory("a", "quokka")] == ["old"]
+    assert read_db(path, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS),)]
 
 
 async def test_a_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
