@@ -193,6 +193,7 @@ class Connection:
         self.codec: Codec | None = None
         self.greeted = False
         self.closed = False
+        self.linger = False  # drain the client's input before closing (after a fatal error)
         # request id -> the object a `cancel` detaches (None: not detachable)
         self.open: dict[int, RequestSink | Subscriber | None] = {}
         self._out_send, self._out_recv = trio.open_memory_channel[bytes | bytearray](
@@ -291,8 +292,21 @@ class Connection:
             self.open.clear()
             with trio.move_on_after(FLUSH_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
+                if self.linger:
+                    await self._drain()
                 await self.stream.aclose()
             self.done.set()
+
+    async def _drain(self) -> None:
+        """Close our side, then discard what the client still sends until it closes too.
+
+        Closing a socket with unread input resets it, and a reset can destroy the
+        error frame just sent; a client that broke the protocol still gets to read why.
+        """
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.stream.send_eof()
+            while await self.stream.receive_some(READ_CHUNK):
+                pass
 
     def finish(self) -> None:
         """Stop taking frames, flush what is queued (for a bounded time), then close."""
@@ -329,6 +343,7 @@ class Connection:
                         log.info("bad_message", code=exc.code, message=exc.message)
                         self.send(Error(id=exc.request_id, code=exc.code, message=exc.message))
                         if exc.fatal:
+                            self.linger = True
                             return
                         continue
                     self._dispatch(msg, nursery)
@@ -337,6 +352,7 @@ class Connection:
             except ProtocolError as exc:  # framing: the stream can no longer be trusted
                 log.info("bad_frame", code=exc.code, message=exc.message)
                 self.send(Error(id=None, code=exc.code, message=exc.message))
+                self.linger = True
                 return
 
     def _quiet_until(self) -> float:
