@@ -44,6 +44,7 @@ from chinwag.protocol import ToolCallInfo
 
 from ._config import ProviderConfig
 from ._providers import (
+    LIST_MODELS_TIMEOUT_S,
     Chunk,
     FinishChunk,
     ModelMessage,
@@ -71,6 +72,7 @@ class AnthropicProvider:
 
     def __init__(self, config: ProviderConfig) -> None:
         self._max_tokens = config.max_tokens
+        self._timeout_s = config.timeout_s
         # With no key configured the SDK falls back on ANTHROPIC_API_KEY and its other sources.
         self._client = anthropic.AsyncAnthropic(
             api_key=config.resolve_api_key(),
@@ -82,6 +84,30 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+    async def list_models(self) -> list[str] | None:
+        """The ids `GET /v1/models` lists, every page: one attempt per page, short timeouts.
+
+        Raises ``ProviderError`` (with the HTTP ``status`` when there was one).
+        """
+        if not self._client.api_key and not self._client.auth_token:
+            # The SDK would raise a TypeError at the request; say what the API would.
+            raise ProviderError(
+                "No Anthropic API key is configured (api_key, api_key_env or $ANTHROPIC_API_KEY).",
+                status=401,
+            )
+        timeout = min(self._timeout_s, LIST_MODELS_TIMEOUT_S)
+        client = self._client.with_options(max_retries=0, timeout=timeout)
+        try:
+            return [model.id async for model in client.models.list(limit=1000)]
+        except anthropic.APITimeoutError as exc:
+            raise ProviderError(
+                f"The Anthropic API did not answer within {timeout:g} s.", code=504
+            ) from exc
+        except anthropic.APIStatusError as exc:
+            raise ProviderError(_provider_error(exc).message, status=exc.status_code) from exc
+        except Exception as exc:
+            raise _provider_error(exc) from exc
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
         """Stream the answer to ``request``; raises ``ProviderError`` on any failure.

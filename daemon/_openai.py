@@ -23,6 +23,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ._config import ProviderConfig
 from ._providers import (
+    LIST_MODELS_TIMEOUT_S,
     Chunk,
     FinishChunk,
     ModelMessage,
@@ -62,6 +63,24 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+    async def list_models(self) -> list[str] | None:
+        """The ids `GET /models` lists: one attempt, at most `LIST_MODELS_TIMEOUT_S`.
+
+        Raises ``ProviderError`` (with the HTTP ``status`` when there was one).
+        """
+        timeout = min(self.timeout_s, LIST_MODELS_TIMEOUT_S)
+        client = self._client.with_options(max_retries=0, timeout=timeout)
+        try:
+            return [model.id async for model in client.models.list()]
+        except openai.APITimeoutError as exc:
+            raise ProviderError(
+                f"The model provider did not answer within {timeout:g} s.", code=504
+            ) from exc
+        except openai.APIStatusError as exc:
+            raise ProviderError(self._error(exc).message, status=exc.status_code) from exc
+        except Exception as exc:
+            raise self._error(exc) from exc
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
         """Stream one model step; tool calls come whole, after the text, before the finish.

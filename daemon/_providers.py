@@ -69,12 +69,17 @@ Chunk = TextChunk | ThinkingChunk | ToolCallChunk | UsageChunk | FinishChunk
 
 
 class ProviderError(Exception):
-    """The model provider failed; the run ends `error` with ``code`` (502 by default)."""
+    """The model provider failed; the run ends `error` with ``code`` (502 by default).
 
-    def __init__(self, message: str, code: int = 502) -> None:
+    ``status`` is the HTTP status the provider answered, where it answered one
+    (set by ``list_models``, for the hint `chinwag doctor` gives).
+    """
+
+    def __init__(self, message: str, code: int = 502, *, status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status
 
 
 class Provider(Protocol):
@@ -83,6 +88,19 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+    async def list_models(self) -> list[str] | None:
+        """The model ids the endpoint lists, or None when it takes any name.
+
+        A health check (`chinwag doctor`), not part of a run: one attempt, a
+        short timeout. Raises ``ProviderError`` when the endpoint cannot be
+        reached or refuses (``status`` then holds its HTTP status, if any).
+        """
+        ...
+
+
+#: How long listing an endpoint's models may take: a health check, not a run.
+LIST_MODELS_TIMEOUT_S = 10.0
 
 
 def new_call_id() -> str:
@@ -103,6 +121,9 @@ class EchoProvider:
 
     async def aclose(self) -> None:
         pass
+
+    async def list_models(self) -> list[str] | None:
+        return None  # echo answers whatever the model is called
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)

@@ -9,14 +9,20 @@ written in the real event format (``message_start``, ``content_block_*``,
 Each test scripts the replies in order (`FakeAnthropic.script`); a request
 beyond the script gets a plain text answer. Builders below make the usual
 streams: `text_stream`, `tool_stream`, and `message_events` for anything else.
+
+`GET /v1/models` is answered apart from the script, in the real paginated list
+format (`limit`, `after_id`), from `FakeAnthropic.models`, or fails with
+`FakeAnthropic.models_error` when that is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 
@@ -61,6 +67,10 @@ class FakeAnthropic:
     replies: list[Reply] = field(default_factory=list)
     # Set when a streaming reply's connection is closed by the client.
     client_left: trio.Event = field(default_factory=trio.Event)
+    # What `GET /v1/models` lists, apart from the script; a Status fails it instead.
+    models: list[str] = field(default_factory=lambda: ["claude-fake"])
+    models_error: Status | None = None
+    model_listings: list[Recorded] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -87,6 +97,11 @@ class FakeAnthropic:
                 return
             if request is None:
                 return
+            if request.method == "GET" and urlsplit(request.path).path == "/v1/models":
+                self.model_listings.append(request)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._send_models(conn, request)
+                return
             self.requests.append(request)
             reply = self.replies.pop(0) if self.replies else text_stream("ok")
             try:
@@ -97,6 +112,38 @@ class FakeAnthropic:
                         await _send_stream(conn, reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.client_left.set()
+
+    async def _send_models(self, conn: trio.SocketStream, request: Recorded) -> None:
+        if self.models_error is not None:
+            await _send_status(conn, self.models_error)
+            return
+        query = parse_qs(urlsplit(request.path).query)
+        limit = int(query.get("limit", ["20"])[0])
+        start = 0
+        if "after_id" in query:
+            start = self.models.index(query["after_id"][0]) + 1
+        page = self.models[start : start + limit]
+        body = json.dumps(
+            {
+                "data": [
+                    {
+                        "type": "model",
+                        "id": model,
+                        "display_name": model,
+                        "created_at": "2025-01-01T00:00:00Z",
+                    }
+                    for model in page
+                ],
+                "has_more": start + limit < len(self.models),
+                "first_id": page[0] if page else None,
+                "last_id": page[-1] if page else None,
+            }
+        ).encode()
+        await conn.send_all(
+            f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
 
 
 async def _read_request(conn: trio.SocketStream) -> Recorded | None:

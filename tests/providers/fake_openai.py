@@ -5,6 +5,9 @@ the next reply of its script: an `SSE` stream (`data: {json}` events, then
 `data: [DONE]`, in chunked transfer encoding on a keep-alive connection, as the
 real API sends them) or a `Status` error. It records every request, and notices
 when a client leaves in the middle of a reply.
+
+`GET /v1/models` is answered apart from the script, in the real list format,
+from `FakeOpenAI.models` (or with `FakeOpenAI.models_status`, to fail it).
 """
 
 from __future__ import annotations
@@ -133,6 +136,10 @@ class FakeOpenAI:
         self.port = 0
         self.client_left = trio.Event()  # a client closed its connection mid-reply
         self.connections = 0
+        # What `GET /v1/models` lists, apart from the script; a Status fails it instead.
+        self.models: list[str] = ["fake-model"]
+        self.models_status: Status | None = None
+        self.model_listings = 0
 
     @property
     def base_url(self) -> str:
@@ -151,6 +158,10 @@ class FakeOpenAI:
         async with stream:
             try:
                 while (request := await reader.request()) is not None:
+                    if request.method == "GET" and request.path.split("?")[0] == "/v1/models":
+                        self.model_listings += 1
+                        await self._answer(stream, reader, self._model_list())
+                        continue
                     self.requests.append(request)
                     if self.replies:
                         reply = self.replies.popleft()
@@ -162,6 +173,15 @@ class FakeOpenAI:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return  # the client went away between replies
+
+    def _model_list(self) -> Status:
+        if self.models_status is not None:
+            return self.models_status
+        data = [
+            {"id": model, "object": "model", "created": 1700000000, "owned_by": "fake"}
+            for model in self.models
+        ]
+        return Status(200, body={"object": "list", "data": data})
 
     async def _answer(self, stream: trio.SocketStream, reader: _Reader, reply: Reply) -> bool:
         """Send one reply; False when the connection is over."""
