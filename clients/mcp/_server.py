@@ -1,10 +1,10 @@
 """The MCP server: chinwag's agents as tools for other agents, over stdio.
 
-Built on the official SDK's ``MCPServer``. Every tool but the run tools opens
-its own short connection to the daemon, so a daemon restarted between calls is
-simply found again; runs are followed by ``Watches`` (see ``_watch``). A
-daemon's refusal becomes a tool error (``isError``) reading ``error CODE:
-MESSAGE``, the way the CLI says it.
+Built on the official SDK's ``MCPServer``. Each tool call, and each run the
+server follows (see ``_watch``), opens its own connection to the daemon, so a
+daemon restarted between calls is simply found again. A daemon's refusal
+becomes a tool error (``isError``) reading ``error CODE: MESSAGE``, the way the
+CLI says it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ Agent = Annotated[str, Field(description="The agent's name, as list_agents gives
 Sender = Annotated[
     str | None,
     Field(
-        description="Whose conversation with the agent: default `mcp:<your client's name>`; "
+        description="Whose conversation with the agent (default: yours, "
+        "`mcp:<your client's name>` unless the server sets another); "
         "`user` is the person at the chinwag CLI."
     ),
 ]

@@ -158,6 +158,14 @@ async def test_send_message_runs_a_turn_and_what_was_said_reads_in_pages(daemon)
             assert [(c["name"], c["is_error"]) for c in titled["tool_calls"]] == [
                 ("set_title", False)
             ]
+            failed = await session.call_tool(
+                "send_message", {"agent": "assistant", "content": "/fail out of cheese"}
+            )
+            assert failed.is_error  # with the run's own report: a turn that ended in error
+            assert failed.structured_content is not None
+            assert failed.structured_content["status"] == "error"
+            assert "error 502: out of cheese" in text_of(failed)
+
             listed = await call(session, "list_conversations", agent="assistant")
             [mine] = listed["conversations"]
             assert (mine["agent"], mine["sender"], mine["title"]) == ("assistant", ME, "Ideas")
