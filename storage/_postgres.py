@@ -34,16 +34,32 @@ daemon that dies drops that connection, and the server frees its claims
 connection break, its claims are gone; the next ``claim`` reconnects and takes
 back the ones no other daemon took meanwhile.
 
-**For the compaction issue** (archive search): the ``archives`` table is
-ready, nothing writes it yet: one row per archive (conversation, stable name,
-archived ``first_seq``..``last_seq``, summary, ``body`` for the archived
-entries' text, created_at) with a generated ``search`` tsvector (the
-``simple`` configuration: no stemming, any language; summary weighted A,
-body B) under a GIN index, for ``search @@ websearch_to_tsquery('simple', q)``
-ranked by ``ts_rank`` (a tsvector holds at most 1 MB: cap ``body``). The
-archived entries stay in ``entries`` with their ``agent``, so attribution
-survives. Entries themselves carry no tsvector, so appends stay as cheap as
-they can be. Agent notes will need a table of their own, in a new migration.
+**Archives and notes.** ``archives`` holds one row per archive
+(conversation, name, archived ``first_seq``..``last_seq``, summary,
+``speakers`` as a jsonb array, created_at) and ``body``, the archived
+messages' text (``archived_text``), which is searched but never read back:
+the archived entries stay in ``entries`` with their ``agent``. ``notes`` holds
+one row per ``(agent, name)``. Each table has a generated ``search`` tsvector
+under a GIN index (the ``simple`` configuration: no stemming, any language;
+summary or name weighted A, body or content B). A tsvector holds at most 1 MB,
+so ``body`` keeps only the first 256 KiB of that text (UTF-8): a tsvector of
+unique short words is at most about 2.4 times its text. The text has each NUL
+shown as U+FFFD, like ``entries.content``; a NUL in a summary or a note is a
+``StorageError``.
+
+``compact`` is one transaction: it locks the conversation row (``FOR
+UPDATE``, the lock an append's UPDATE takes), checks the archive against the
+latest marker and ``last_seq`` (``check_archive``), reads the archived
+entries, inserts the archive, then the marker through the append statement.
+Entries themselves carry no tsvector, so appends stay as cheap as they can be.
+
+**Search** ORs the query's ``search_words``, each quoted, through
+``websearch_to_tsquery('simple', ...)`` (a word is letters, digits and ``_``,
+so no user text is ever query syntax), ranks the agent's archives and notes
+together by ``ts_rank``, and runs ``ts_headline`` (``[``/``]`` around matches,
+one fragment of about 24 words) on the best ``limit`` only. ts_headline marks
+no cut, so the snippet gets a "…" on a side where its words are not the ones
+the text starts or ends with.
 """
 
 from __future__ import annotations
@@ -59,13 +75,14 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 import msgspec
 import psycopg
 import trio
-from chinwag.protocol import ConversationItem, Entry, ToolCallInfo
+from chinwag.protocol import ConversationItem, Entry, MemoryHit, ToolCallInfo
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
-from ._base import ConversationNotFound, StorageError
+from ._base import Archive, ConversationNotFound, StorageError, check_archive, search_words
 from ._cursor import decode_cursor, encode_cursor
+from ._search import SNIPPET_WORDS, WORD, archived_text, check_search_limit, one_line
 from ._timestamps import from_text, to_text, utc
 
 _T = TypeVar("_T")
@@ -74,6 +91,8 @@ _CACHE_SIZE = 65_536  # (agent, sender) -> conversation id, kept for history rea
 DEFAULT_POOL_SIZE = 4
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # search_path would fold other names
 _CONNECT_TIMEOUT = 10  # seconds; libpq alone would wait for TCP to give up
+_BODY_BYTES = 256 * 1024  # of an archive's searched text; its tsvector must stay under 1 MB
+_EDGE = 4096  # characters of a document's start and end a snippet is compared with
 _POOL_TIMEOUT = 10.0  # seconds a call waits for the pool to (re)connect
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
@@ -141,6 +160,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX archives_search ON archives USING gin (search)",
     ),
+    (
+        # Nothing wrote archives before this version: the default only satisfies NOT NULL.
+        "ALTER TABLE archives ADD COLUMN speakers jsonb NOT NULL DEFAULT '[]'",
+        """
+        CREATE TABLE notes (
+            agent text NOT NULL,
+            name text NOT NULL,
+            content text NOT NULL,
+            updated_at timestamptz NOT NULL,
+            search tsvector GENERATED ALWAYS AS (
+                setweight(to_tsvector('simple', name), 'A')
+                || setweight(to_tsvector('simple', content), 'B')
+            ) STORED,
+            PRIMARY KEY (agent, name)
+        )
+        """,
+        "CREATE INDEX notes_search ON notes USING gin (search)",
+    ),
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
@@ -189,8 +226,51 @@ WHERE e.conversation_id = %(id)s AND e.seq > %(after)s AND e.seq >= m.seq
 ORDER BY seq LIMIT %(limit)s
 """
 
+_ARCHIVE_COLUMNS = "name, first_seq, last_seq, summary, speakers::text, created_at"
+_INSERT_ARCHIVE = (
+    "INSERT INTO archives"
+    " (conversation_id, name, first_seq, last_seq, summary, speakers, created_at, body)"
+    " VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s)"
+)
+
+# The agent's best `limit` archives and notes, then the text and headline of those only.
+_SEARCH = """
+WITH query AS MATERIALIZED (SELECT websearch_to_tsquery('simple', %(words)s) AS q),
+ranked AS (
+    SELECT 'archive' AS kind, a.conversation_id, a.name, ts_rank(a.search, query.q) AS rank
+    FROM archives a JOIN conversations c ON c.id = a.conversation_id, query
+    WHERE c.agent = %(agent)s AND a.search @@ query.q
+    UNION ALL
+    SELECT 'note', NULL, n.name, ts_rank(n.search, query.q)
+    FROM notes n, query
+    WHERE n.agent = %(agent)s AND n.search @@ query.q
+    ORDER BY rank DESC, kind, conversation_id, name
+    LIMIT %(limit)s
+),
+found AS (
+    SELECT r.kind, r.conversation_id, r.name, r.rank, c.sender,
+           coalesce(a.created_at, n.updated_at) AS created_at,
+           coalesce(a.summary || E'\n' || a.body, n.name || E'\n' || n.content) AS text
+    FROM ranked r
+    LEFT JOIN archives a
+        ON r.kind = 'archive' AND a.conversation_id = r.conversation_id AND a.name = r.name
+    LEFT JOIN conversations c ON c.id = a.conversation_id
+    LEFT JOIN notes n ON r.kind = 'note' AND n.agent = %(agent)s AND n.name = r.name
+)
+SELECT f.kind, f.name, f.sender, f.created_at, ts_headline('simple', f.text, query.q, %(options)s),
+       left(f.text, %(edge)s), right(f.text, %(edge)s)
+FROM found f, query
+ORDER BY f.rank DESC, f.kind, f.conversation_id, f.name
+"""
+_HEADLINE_OPTIONS = (
+    f"StartSel=[, StopSel=], MaxFragments=1, MaxWords={SNIPPET_WORDS},"
+    f" MinWords={SNIPPET_WORDS // 2}, ShortWord=0"
+)
+
 _tool_calls_encoder = msgspec.json.Encoder()
 _tool_calls_decoder = msgspec.json.Decoder(list[ToolCallInfo])
+_speakers_encoder = msgspec.json.Encoder()
+_speakers_decoder = msgspec.json.Decoder(list[str])
 _key_encoder = msgspec.msgpack.Encoder()
 
 
@@ -480,6 +560,141 @@ class PostgresStorage:
         )
         return [_entry(row) for row in rows]
 
+    # --- archives and notes -------------------------------------------------------
+
+    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
+        """Store the archive and append its marker in one transaction; see ``Storage.compact``.
+
+        Not cancellable, like ``append``.
+        """
+        if self._closed:
+            raise StorageError("The store is closed.")
+        (marker,), params = _prepare([archive.marker()])
+        params.update(agent=agent, sender=sender)
+        try:
+            speakers = _speakers_encoder.encode(archive.speakers).decode()
+        except (UnicodeEncodeError, TypeError) as exc:
+            raise StorageError(f"The archive's speakers could not be encoded: {exc}.") from exc
+
+        def compact(conn: psycopg.Connection[Any]) -> int:
+            with conn.transaction():
+                row = conn.execute(
+                    "SELECT id, last_seq FROM conversations WHERE agent = %s AND sender = %s"
+                    " FOR UPDATE",
+                    (agent, sender),
+                ).fetchone()
+                if row is None:
+                    raise ConversationNotFound(
+                        f"No conversation is stored for ({agent}, {sender})."
+                    )
+                id_, last_seq = row
+                marker_row = conn.execute(
+                    "SELECT coalesce(max(seq), 0) FROM entries"
+                    " WHERE conversation_id = %s AND kind = 'compact'",
+                    (id_,),
+                ).fetchone()
+                used = conn.execute(
+                    "SELECT name FROM archives WHERE conversation_id = %s AND name = %s",
+                    (id_, archive.name),
+                ).fetchall()
+                assert marker_row is not None
+                check_archive(
+                    archive,
+                    marker_seq=marker_row[0],
+                    last_seq=last_seq,
+                    names={name for (name,) in used},
+                )
+                archived = conn.execute(
+                    f"SELECT {_ENTRY_COLUMNS} FROM entries e"
+                    " WHERE e.conversation_id = %s AND e.seq >= %s ORDER BY e.seq",
+                    (id_, archive.first_seq),
+                ).fetchall()
+                conn.execute(
+                    _INSERT_ARCHIVE,
+                    (
+                        id_,
+                        archive.name,
+                        archive.first_seq,
+                        archive.last_seq,
+                        archive.summary,
+                        speakers,
+                        marker.created_at,
+                        _body([_entry(entry) for entry in archived]),
+                    ),
+                )
+                seq_row = conn.execute(_APPEND, params).fetchone()
+                assert seq_row is not None  # the row is locked: the conversation is there
+                return int(seq_row[0])
+
+        with trio.CancelScope(shield=True):
+            marker.seq = await self._run(f"Compacting ({agent}, {sender})", compact)
+        return marker
+
+    async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
+        id_ = await self._conversation_id(agent, sender)
+        row = await self._run(
+            f"Reading the archive {name!r} of ({agent}, {sender})",
+            lambda conn: conn.execute(
+                f"SELECT {_ARCHIVE_COLUMNS} FROM archives WHERE conversation_id = %s AND name = %s",
+                (id_, name),
+            ).fetchone(),
+        )
+        if row is None:
+            return None
+        return Archive(
+            name=row[0],
+            first_seq=row[1],
+            last_seq=row[2],
+            summary=row[3],
+            speakers=_speakers_decoder.decode(row[4]),
+            created_at=row[5].astimezone(UTC),
+        )
+
+    async def put_note(self, agent: str, name: str, content: str, *, updated_at: datetime) -> None:
+        """Create or replace the note; see ``Storage.put_note``. Shielded: it completes."""
+        params = (agent, name, content, utc(updated_at))
+        with trio.CancelScope(shield=True):
+            await self._run(
+                f"Writing the note {name!r} of {agent}",
+                lambda conn: conn.execute(
+                    "INSERT INTO notes (agent, name, content, updated_at) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (agent, name)"
+                    " DO UPDATE SET content = EXCLUDED.content, updated_at = EXCLUDED.updated_at",
+                    params,
+                ),
+            )
+
+    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+        """The agent's notes and archives matching any word of ``query``, best ``ts_rank`` first."""
+        check_search_limit(limit)
+        if self._closed:
+            raise StorageError("The store is closed.")
+        words = search_words(query)
+        if not words:
+            await trio.lowlevel.checkpoint()
+            return []
+        params = {
+            "words": " or ".join(f'"{word}"' for word in words),  # \w+ holds no quote
+            "agent": agent,
+            "limit": limit,
+            "options": _HEADLINE_OPTIONS,
+            "edge": _EDGE,
+        }
+        rows = await self._run(
+            f"Searching the memory of {agent}",
+            lambda conn: conn.execute(_SEARCH, params).fetchall(),
+        )
+        return [
+            MemoryHit(
+                kind=row[0],
+                name=row[1],
+                sender=row[2],
+                snippet=_snippet(row[4], row[5], row[6]),
+                created_at=row[3].astimezone(UTC),
+            )
+            for row in rows
+        ]
+
     # --- claims -------------------------------------------------------------------
 
     async def claim(self, agent: str, sender: str) -> bool:
@@ -760,6 +975,29 @@ def _prepare(entries: Sequence[Entry]) -> tuple[list[Entry], dict[str, Any]]:
     params: dict[str, Any] = dict(columns)
     params.update(count=len(copies), updated_at=copies[-1].created_at)
     return copies, params
+
+
+def _body(archived: list[Entry]) -> str:
+    """An archive's searched text: the archived messages, NUL-free, capped at ``_BODY_BYTES``."""
+    text = archived_text(archived).replace("\x00", "\ufffd").encode()
+    return text[:_BODY_BYTES].decode(errors="ignore")  # "ignore": a character cut in two
+
+
+def _snippet(headline: str, start: str, end: str) -> str:
+    """``ts_headline``'s fragment on one line, with "…" where it does not reach the text's edge.
+
+    ``start`` and ``end`` are the text's first and last ``_EDGE`` characters: the
+    fragment reaches an edge when its words and the edge's agree as far as both go.
+    """
+    words = WORD.findall(headline)
+    from_start = _agree(words, WORD.findall(start))
+    to_end = _agree(words[::-1], WORD.findall(end)[::-1])
+    return f"{'' if from_start else '…'}{one_line(headline)}{'' if to_end else '…'}"
+
+
+def _agree(one: list[str], other: list[str]) -> bool:
+    common = min(len(one), len(other))
+    return one[:common] == other[:common]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from chinwag.protocol import Entry, MemoryHit
 
 from ._base import MAX_SEARCH_LIMIT, search_words
 
-_WORD = re.compile(r"\w+")
+WORD = re.compile(r"\w+")  # what a snippet counts as a word
 _K1 = 1.2
 _B = 0.75
 SNIPPET_WORDS = 24  # words shown around the first match
@@ -66,7 +66,7 @@ class MemoryIndex:
         index = self._agents.setdefault(agent, _AgentIndex())
         key: DocKey = (kind, sender, name)
         self._remove(index, key)
-        words = [word.casefold() for word in _WORD.findall(text)]
+        words = [word.casefold() for word in WORD.findall(text)]
         terms = Counter(words)
         index.documents[key] = _Document(
             hit=MemoryHit(kind=kind, name=name, sender=sender, snippet="", created_at=created_at),
@@ -145,7 +145,7 @@ def one_line(text: str) -> str:
 
 def make_snippet(text: str, words: set[str]) -> str:
     """About `SNIPPET_WORDS` words of ``text`` where most of ``words`` meet, each in [brackets]."""
-    spans = list(_WORD.finditer(text))
+    spans = list(WORD.finditer(text))
     if not spans:
         return ""
     hits = [i for i, m in enumerate(spans) if m.group().casefold() in words]

@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 from chinwag.protocol import Entry
-from chinwag.storage import PostgresStorage, Storage, StorageError, open_store
+from chinwag.storage import Archive, PostgresStorage, Storage, StorageError, open_store
 from chinwag.storage._postgres import MIGRATIONS, parse_postgres_url
 from psycopg import sql
 
@@ -131,7 +131,13 @@ async def test_either_scheme_opens_a_shared_store_in_the_named_schema(
         "SELECT tablename FROM pg_tables WHERE schemaname = %s ORDER BY 1",
         schema,
     )
-    assert tables == [("archives",), ("conversations",), ("entries",), ("schema_version",)]
+    assert tables == [
+        ("archives",),
+        ("conversations",),
+        ("entries",),
+        ("notes",),
+        ("schema_version",),
+    ]
 
 
 @on_postgres
@@ -145,9 +151,52 @@ async def test_daemons_starting_at_once_migrate_once(store_url: str, stores: Any
         for _ in range(4):
             nursery.start_soon(open_one)
     assert len(opened) == 4
-    assert query(store_url, "SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert query(store_url, "SELECT version FROM schema_version ORDER BY 1") == [
+        (version,) for version in range(1, len(MIGRATIONS) + 1)
+    ]
     await opened[0].create_conversation(AGENT, SENDER, cwd=None, created_at=T0)
     assert await opened[3].get_conversation(AGENT, SENDER) is not None
+
+
+@on_postgres
+async def test_a_database_of_an_older_schema_is_upgraded_on_open(store_url: str) -> None:
+    """A version 1 schema (archives without speakers, no notes) keeps its data and gains them."""
+    _, schema, _ = parse_postgres_url(store_url)
+    query(store_url, sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    query(
+        store_url,
+        "CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at timestamptz)",
+    )
+    for statement in MIGRATIONS[0]:
+        query(store_url, statement)
+    query(store_url, "INSERT INTO schema_version VALUES (1, now())")
+    query(
+        store_url,
+        "INSERT INTO conversations (agent, sender, created_at, updated_at, last_seq)"
+        " VALUES ('a', 's', %s, %s, 1)",
+        T0,
+        T0,
+    )
+    query(
+        store_url,
+        "INSERT INTO entries (conversation_id, seq, kind, role, content, agent, is_error,"
+        " created_at) SELECT id, 1, 'message', 'user', 'an old quokka', '', false, %s"
+        " FROM conversations",
+        T0,
+    )
+
+    async with open_store(store_url) as store:
+        archive = Archive(
+            name="old", first_seq=1, last_seq=1, summary="s", speakers=["x"], created_at=T0
+        )
+        assert (await store.compact("a", "s", archive)).seq == 2
+        assert await store.get_archive("a", "s", "old") == archive
+        await store.put_note("a", "new", "a quokka note", updated_at=T0)
+        assert sorted(hit.name for hit in await store.search_memory("a", "quokka")) == [
+            "new",
+            "old",
+        ]
+    assert query(store_url, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS),)]
 
 
 @on_postgres
