@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 import click
+import msgspec
 from chinwag.protocol import (
     JSON,
     AskUser,
@@ -1028,6 +1030,248 @@ def search(ctx: click.Context, agent: str, query: str, limit: int, as_json: bool
             console.print(Text(f"   {hit.snippet}"))
 
     _run(body)
+
+
+# --- doctor ------------------------------------------------------------------------------
+
+#: How long the doctor waits for the daemon's answers on the socket.
+DOCTOR_SOCKET_TIMEOUT_S = 5.0
+#: How long the daemon-side checks (`python -m chinwag.daemon --check`) may take.
+DOCTOR_CHECK_TIMEOUT_S = 60.0
+
+_START_HINT = (
+    'start one with "chinwag serve", or enable the systemd socket: '
+    "systemctl --user enable --now chinwag.socket"
+)
+
+CheckStatus = Literal["ok", "warn", "fail"]
+
+
+class _Finding(msgspec.Struct, kw_only=True):
+    """One finding of `python -m chinwag.daemon --check` (daemon/_check.py's `Finding`)."""
+
+    check: str
+    subject: str
+    status: Literal["ok", "warn", "fail", "in_use"]
+    detail: str
+    hint: str = ""
+
+
+class _CheckReport(msgspec.Struct, kw_only=True):
+    """What `python -m chinwag.daemon --check` prints (daemon/_check.py's `CheckReport`)."""
+
+    config_path: str | None
+    config_source: str
+    socket: str | None
+    socket_configured: bool
+    findings: list[_Finding]
+
+
+@dataclass
+class _Check:
+    status: CheckStatus
+    label: str
+    detail: str
+    hint: str = ""
+
+
+@dataclass
+class _DaemonSeen:
+    """What the socket check learnt: whether a daemon answers, and the checks to print."""
+
+    answers: bool
+    checks: list[_Check]
+
+
+def _socket_source(settings: Settings) -> str:
+    if settings.socket_given:
+        return "--socket"
+    if os.environ.get("CHINWAG_SOCKET"):
+        return "$CHINWAG_SOCKET"
+    return "the default"
+
+
+def _uptime(seconds: float) -> str:
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{seconds:.1f} s" if seconds < 10 else f"{secs} s"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+async def _check_socket(settings: Settings) -> _DaemonSeen:
+    """Is there a socket, and does a daemon answer on it? Its version and uptime if so."""
+    path = settings.socket
+    where = f"{path} (from {_socket_source(settings)})"
+
+    def failed(detail: str, hint: str = _START_HINT) -> _DaemonSeen:
+        return _DaemonSeen(False, [_Check("fail", "socket", f"{where}: {detail}", hint)])
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return failed("does not exist: no daemon is listening")
+    except OSError as exc:
+        return failed(f"cannot be looked at: {exc.strerror}", "check the directory's permissions")
+    if not stat.S_ISSOCK(mode):
+        return failed("is not a socket", "point --socket or $CHINWAG_SOCKET at the daemon's socket")
+    try:
+        with anyio.fail_after(DOCTOR_SOCKET_TIMEOUT_S):
+            async with connect(path, client=CLIENT_NAME) as client:
+                server = client.welcome.server
+                stats = await client.stats()
+    except TimeoutError:
+        return failed(
+            f"the daemon did not answer within {DOCTOR_SOCKET_TIMEOUT_S:g} s",
+            "the daemon may be stuck: see its log, and restart it",
+        )
+    except (FileNotFoundError, ConnectionRefusedError):
+        return failed("nothing listens on it (a socket file left behind)")
+    except OSError as exc:
+        return failed(
+            f"cannot connect: {exc.strerror or exc}",
+            "is it another user's daemon? use your own socket, or ask to be in its allowed_uids",
+        )
+    except ChinwagError as exc:
+        return failed(
+            f"the daemon refused the connection: {_describe(exc)}", "see the daemon's log"
+        )
+    daemon = (
+        f"{server}, up {_uptime(stats.uptime_s)}, {_plural(stats.connections, 'connection')}, "
+        f"{_plural(stats.runs_in_flight, 'run')} in flight"
+    )
+    return _DaemonSeen(True, [_Check("ok", "socket", where), _Check("ok", "daemon", daemon)])
+
+
+async def _daemon_checks(
+    config: Path | None, storage: str | None
+) -> tuple[_CheckReport | None, str]:
+    """Run `python -m chinwag.daemon --check`: its report, or None and why not."""
+    argv = [sys.executable, "-m", "chinwag.daemon", "--check"]
+    if config is not None:
+        argv += ["--config", str(config)]
+    if storage is not None:
+        argv += ["--storage", storage]
+    try:
+        with anyio.fail_after(DOCTOR_CHECK_TIMEOUT_S):
+            done = await anyio.run_process(argv, stdin=subprocess.DEVNULL, check=False)
+    except TimeoutError:
+        return None, f"the checks did not finish within {DOCTOR_CHECK_TIMEOUT_S:g} s"
+    try:
+        return msgspec.json.decode(done.stdout, type=_CheckReport), ""
+    except msgspec.DecodeError:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        why = said[-1] if said else f"it exited with status {done.returncode}"
+        return None, f"the checks could not run: {why}"
+
+
+def _config_checks(report: _CheckReport, settings: Settings, seen: _DaemonSeen) -> list[_Check]:
+    """The report's findings as lines, with the socket comparison and the storage lock judged."""
+    checks: list[_Check] = []
+    for finding in report.findings:
+        label = finding.check if finding.check != "agent" else f"agent {finding.subject}"
+        detail = finding.detail
+        status: CheckStatus
+        if finding.status == "in_use":
+            if seen.answers:
+                status, detail = "ok", f"{finding.subject}: in use by the running daemon"
+            else:
+                status = "fail"
+                detail = f"{finding.subject}: {detail}, and no daemon answers on {settings.socket}"
+                finding.hint = "another daemon holds it: stop that one, or give this one its own"
+        else:
+            status = finding.status
+            if finding.check == "storage":
+                detail = f"{finding.subject}: {detail}"
+        checks.append(_Check(status, label, detail, finding.hint))
+        if finding.check == "config" and report.socket_configured and report.socket:
+            checks.append(_socket_match(report.socket, settings))
+    return checks
+
+
+def _socket_match(configured: str, settings: Settings) -> _Check:
+    if os.path.abspath(configured) == os.path.abspath(settings.socket):
+        return _Check("ok", "config socket", f"{configured}, the one this command uses")
+    return _Check(
+        "warn",
+        "config socket",
+        f"the config names {configured}, but this command uses {settings.socket} "
+        f"(from {_socket_source(settings)})",
+        f"pass --socket {configured}, or set CHINWAG_SOCKET={configured}",
+    )
+
+
+_MARKS: dict[CheckStatus, tuple[str, str]] = {
+    "ok": ("✓", "green"),
+    "warn": ("!", "yellow"),
+    "fail": ("✗", "red"),
+}
+
+
+def _show_check(console: Console, check: _Check) -> None:
+    mark, style = _MARKS[check.status]
+    line = Text(f"{mark} ", style=f"bold {style}")
+    line.append(f"{check.label}: ", style="bold")
+    line.append(check.detail)
+    console.print(line)
+    if check.hint and check.status != "ok":
+        console.print(Text(f"    → {check.hint}", style="dim"))
+
+
+@cli.command()
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The config.toml to check (default: $CHINWAG_CONFIG, else the user config dir).",
+)
+@click.option("--storage", help="Check this storage URL instead of the config's.")
+@click.pass_context
+def doctor(ctx: click.Context, config: Path | None, storage: str | None) -> None:
+    """Check the config, the socket and daemon, the storage and each agent's provider.
+
+    Exits 1 when a check fails (✗); warnings (!) do not count.
+    """
+    settings = _settings(ctx)
+
+    async def body() -> list[_Check]:
+        async with anyio.create_task_group() as tasks:
+            outcome: list[tuple[_CheckReport | None, str]] = []
+
+            async def daemon_side() -> None:
+                outcome.append(await _daemon_checks(config, storage))
+
+            tasks.start_soon(daemon_side)
+            seen = await _check_socket(settings)
+        report, problem = outcome[0]
+        if report is None:
+            return [_Check("fail", "config", problem, "run `chinwag serve` to see the error")]
+        checks = _config_checks(report, settings, seen)
+        # The config first, then the socket and daemon, then storage and agents.
+        first = [check for check in checks if check.label in ("config", "config socket")]
+        rest = [check for check in checks if check not in first]
+        return [*first, *seen.checks, *rest]
+
+    checks = _run(body)
+    console = line_console()
+    for check in checks:
+        _show_check(console, check)
+    failures = sum(check.status == "fail" for check in checks)
+    warnings = sum(check.status == "warn" for check in checks)
+    if failures:
+        console.print(Text(f"{_plural(failures, 'check')} failed", style="bold red"))
+        ctx.exit(1)
+    summary = "all checks passed" + (f" ({_plural(warnings, 'warning')})" if warnings else "")
+    console.print(Text(summary, style="bold green"))
 
 
 cli.add_command(telegram.command)

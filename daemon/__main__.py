@@ -1,4 +1,9 @@
-"""`python -m chinwag.daemon`: what `chinwag serve` runs."""
+"""`python -m chinwag.daemon`: what `chinwag serve` runs.
+
+With ``--check`` it serves nothing: it checks the config, the storage URL and
+each agent's provider, and prints one JSON report on stdout (`chinwag doctor`
+renders it; see ``_check.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,12 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import msgspec
 import structlog
 import trio
 from chinwag.protocol import default_socket_path
 
+from ._check import run_check
 from ._config import ConfigError, default_storage_url, load_config
 from ._logging import configure_logging
 from ._serve import serve
@@ -41,7 +48,20 @@ def main(argv: list[str] | None = None) -> int:
         choices=["debug", "info", "warning", "error"],
         help="least severe log level written to stderr (default: $CHINWAG_LOG_LEVEL, else info)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, the storage and each agent's provider, print a JSON report "
+        "on stdout and exit (what `chinwag doctor` runs)",
+    )
     args = parser.parse_args(argv)
+    if args.check:
+        # Only failures: a check opens the store and the providers like a daemon would.
+        configure_logging(logging.ERROR)
+        report = run_check(args.config, args.storage)
+        sys.stdout.buffer.write(msgspec.json.encode(report) + b"\n")
+        sys.stdout.flush()
+        return 0
     configure_logging(getattr(logging, args.log_level.upper()))
     log = structlog.get_logger("chinwag.daemon")
     try:

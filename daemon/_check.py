@@ -1,0 +1,303 @@
+"""`python -m chinwag.daemon --check`: what `chinwag doctor` asks of the daemon's side.
+
+The CLI never imports the daemon, so the checks that need its code run here, in
+a process of their own, and print one JSON ``CheckReport`` on stdout for the
+CLI to render: which config file is used and whether it loads, whether the
+storage URL opens, and whether each agent's provider answers and lists its
+model. The socket and the running daemon are the CLI's to check, through the
+client library.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import msgspec
+import trio
+from chinwag.protocol import default_socket_path
+from chinwag.storage import StorageError, open_store
+
+from ._config import (
+    BUILTIN_PROVIDERS,
+    Config,
+    ConfigError,
+    ProviderConfig,
+    default_config_path,
+    default_storage_url,
+    load_config,
+)
+from ._providers import LIST_MODELS_TIMEOUT_S, ProviderError, make_provider
+from ._tools import TOOL_NAMES
+
+#: The longest the storage check may take (a PostgreSQL server that does not answer).
+STORAGE_TIMEOUT_S = 15.0
+# How many of an endpoint's models a hint names.
+_MODELS_NAMED = 8
+
+Status = Literal["ok", "warn", "fail", "in_use"]
+ConfigSource = Literal["--config", "$CHINWAG_CONFIG", "default", "embedded defaults"]
+
+
+class Finding(msgspec.Struct, kw_only=True):
+    """One check's outcome; ``in_use`` is the storage's lock held by another process."""
+
+    check: Literal["config", "storage", "agent"]
+    subject: str  # the file, the URL, the agent's name
+    status: Status
+    detail: str
+    hint: str = ""
+
+
+class CheckReport(msgspec.Struct, kw_only=True):
+    config_path: str | None  # None: no file, the embedded defaults
+    config_source: ConfigSource
+    # The socket the config names, else the default one; None when the config did not load.
+    socket: str | None
+    socket_configured: bool  # the config names a socket
+    findings: list[Finding]
+
+
+def run_check(config_arg: Path | None, storage_arg: str | None) -> CheckReport:
+    """Every check: the config here, then storage and the providers concurrently, on trio."""
+    source, path = _config_location(config_arg)
+    config_path = str(path) if source != "embedded defaults" else None
+    try:
+        config = load_config(config_arg, tool_names=TOOL_NAMES)
+    except ConfigError as exc:
+        failed = Finding(
+            check="config",
+            subject=str(path),
+            status="fail",
+            detail=str(exc),
+            hint="fix it: `chinwag serve` refuses to start until the config loads",
+        )
+        return CheckReport(
+            config_path=config_path,
+            config_source=source,
+            socket=None,
+            socket_configured=False,
+            findings=[failed],
+        )
+    if source == "embedded defaults":
+        findings = [_defaults_finding(path)]
+    else:
+        detail = f"{path} (from {source}) loads: agents {', '.join(config.agents)}"
+        findings = [Finding(check="config", subject=str(path), status="ok", detail=detail)]
+    storage_url = storage_arg or config.daemon.storage or default_storage_url()
+    # Looked at before trio runs: these are blocking file system calls.
+    storage = _check_local_store(storage_url)
+    findings += trio.run(_check_services, config, storage_url, storage)
+    socket = config.daemon.socket
+    return CheckReport(
+        config_path=config_path,
+        config_source=source,
+        socket=str(Path(socket).expanduser()) if socket else str(default_socket_path()),
+        socket_configured=socket is not None,
+        findings=findings,
+    )
+
+
+async def _check_services(
+    config: Config, storage_url: str, storage: list[Finding] | None
+) -> list[Finding]:
+    """The storage (unless already judged) and every provider, concurrently."""
+    opened: list[Finding] = []
+    agents: list[Finding] = []
+    async with trio.open_nursery() as nursery:
+        if storage is None:
+            nursery.start_soon(_into, opened, partial(_open_store, storage_url))
+        for provider in sorted({agent.provider for agent in config.agents.values()}):
+            nursery.start_soon(_into, agents, partial(_check_provider, config, provider))
+    return [*(storage or opened), *sorted(agents, key=lambda finding: finding.subject)]
+
+
+async def _into(out: list[Finding], checking: Callable[[], Awaitable[list[Finding]]]) -> None:
+    out.extend(await checking())
+
+
+def _config_location(config_arg: Path | None) -> tuple[ConfigSource, Path]:
+    """Which file the daemon would read, and why; `load_config`'s own order."""
+    if config_arg is not None:
+        return "--config", config_arg.absolute()
+    path = default_config_path()
+    if os.environ.get("CHINWAG_CONFIG"):
+        return ("$CHINWAG_CONFIG" if path.exists() else "embedded defaults"), path
+    return ("default" if path.exists() else "embedded defaults"), path
+
+
+def _defaults_finding(path: Path) -> Finding:
+    if os.environ.get("CHINWAG_CONFIG"):
+        return Finding(
+            check="config",
+            subject=str(path),
+            status="warn",
+            detail=f"$CHINWAG_CONFIG names {path}, which does not exist: "
+            "the daemon runs on the embedded defaults",
+            hint="create that file, or unset CHINWAG_CONFIG",
+        )
+    return Finding(
+        check="config",
+        subject=str(path),
+        status="ok",
+        detail=f"no file at {path}: the embedded defaults (agent assistant)",
+    )
+
+
+# --- storage -------------------------------------------------------------------------
+
+
+_STORAGE_HINT = "fix storage in [daemon] of the config, or pass --storage URL"
+
+
+def _storage_finding(url: str, status: Status, detail: str, hint: str = "") -> list[Finding]:
+    return [Finding(check="storage", subject=url, status=status, detail=detail, hint=hint)]
+
+
+def _check_local_store(url: str) -> list[Finding] | None:
+    """A sqlite or jsonl store that does not exist yet, or is locked; None: open it to see."""
+    path = _local_path(url)
+    if path is None:
+        return None
+    if not path.exists():
+        ancestor = _existing_ancestor(path.parent)
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            detail = f"does not exist yet, and {ancestor} is not writable"
+            return _storage_finding(url, "fail", detail, _STORAGE_HINT)
+        return _storage_finding(url, "ok", "does not exist yet: the daemon creates it")
+    if url.startswith("jsonl:") and _jsonl_locked(path):
+        return _storage_finding(url, "in_use", "locked by another process")
+    return None
+
+
+async def _open_store(url: str) -> list[Finding]:
+    try:
+        with trio.fail_after(STORAGE_TIMEOUT_S):
+            async with open_store(url):
+                pass
+    except trio.TooSlowError:
+        detail = f"it did not open within {STORAGE_TIMEOUT_S:g} s"
+        return _storage_finding(url, "fail", detail, _STORAGE_HINT)
+    except (ValueError, StorageError) as exc:
+        return _storage_finding(url, "fail", str(exc), _STORAGE_HINT)
+    except Exception as exc:  # a backend's driver error (psycopg) that escaped as itself
+        return _storage_finding(url, "fail", f"{type(exc).__name__}: {exc}", _STORAGE_HINT)
+    return _storage_finding(url, "ok", "opens")
+
+
+def _local_path(url: str) -> Path | None:
+    """The file or directory a sqlite or jsonl URL names (SQLAlchemy's slashes), else None."""
+    parts = urlsplit(url, allow_fragments=False)
+    if parts.scheme not in ("sqlite", "jsonl") or parts.netloc or not parts.path.startswith("/"):
+        return None  # not a local store, or malformed: opening it says why
+    name = parts.path[1:]
+    return Path(name) if name.strip("/") else None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _jsonl_locked(directory: Path) -> bool:
+    """True when another process holds the store's lock (storage/_jsonl.py: ``DIR/lock``)."""
+    try:
+        fd = os.open(directory / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no lock file yet: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the lock, if we took it
+    return False
+
+
+# --- providers ---------------------------------------------------------------------------
+
+
+async def _check_provider(config: Config, name: str) -> list[Finding]:
+    """List the provider's models once, then judge each agent on it."""
+    table = (BUILTIN_PROVIDERS | config.providers)[name]
+    agents = {agent: c for agent, c in config.agents.items() if c.provider == name}
+    where = _where(name, table)
+    provider = make_provider(table)
+    models: list[str] | None = None
+    failure: ProviderError | None = None
+    try:
+        # The provider's own timeout bounds the request; this bounds the rest.
+        with trio.move_on_after(LIST_MODELS_TIMEOUT_S + 5) as scope:
+            models = await provider.list_models()
+        if scope.cancelled_caught:
+            failure = ProviderError(f"It did not answer within {LIST_MODELS_TIMEOUT_S:g} s.")
+    except ProviderError as exc:
+        failure = exc
+    finally:
+        await provider.aclose()
+    findings = []
+    for agent, agent_config in agents.items():
+        model = agent_config.model
+
+        def found(status: Status, detail: str, hint: str = "", agent: str = agent) -> None:
+            findings.append(
+                Finding(check="agent", subject=agent, status=status, detail=detail, hint=hint)
+            )
+
+        if table.kind == "echo":
+            found("ok", "echo (built in): answers whatever the model is called")
+        elif failure is not None:
+            found("fail", f"{where}: {failure.message}", _failure_hint(name, table, failure))
+        elif not model:
+            found("fail", f"{where}: no model set", f"set model in [agents.{agent}]")
+        elif models is None:
+            found("ok", f"{where}: model {model} (the endpoint takes any name)")
+        elif (listed := _listed(model, models)) is not None:
+            also = f" (as {listed})" if listed != model else ""
+            found("ok", f"{where}: model {model} is listed{also}")
+        else:
+            named = ", ".join(models[:_MODELS_NAMED]) + ("…" if len(models) > _MODELS_NAMED else "")
+            found(
+                "fail",
+                f"{where}: model {model} is not among the {len(models)} models it lists",
+                f"set model in [agents.{agent}] to one it lists: {named or 'none'}",
+            )
+    return findings
+
+
+def _where(name: str, table: ProviderConfig) -> str:
+    default_host = {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}
+    host = table.base_url or default_host.get(table.kind, "")
+    return f"{name} ({table.kind}{f' at {host}' if host else ''})"
+
+
+def _failure_hint(name: str, table: ProviderConfig, failure: ProviderError) -> str:
+    if failure.status in (401, 403):
+        return f"check the key of [providers.{name}] (api_key or api_key_env)"
+    if failure.status == 404:
+        return (
+            f"check base_url of [providers.{name}] (an OpenAI-compatible one ends in /v1), "
+            "or the server does not list its models"
+        )
+    if failure.status is None:
+        where = table.base_url or "the API"
+        return f"is the server at {where} running? check base_url of [providers.{name}]"
+    return f"see what the server at {table.base_url or 'the API'} says; retry later"
+
+
+def _listed(model: str, models: list[str]) -> str | None:
+    """The listed id ``model`` names: itself, Ollama's ``:latest``, or a dated alias."""
+    if model in models:
+        return model
+    if f"{model}:latest" in models:
+        return f"{model}:latest"
+    # Anthropic lists dated ids (claude-sonnet-4-5-20250929) and takes the alias.
+    dated = sorted(m for m in models if m.startswith(f"{model}-") and m[len(model) + 1 :].isdigit())
+    return dated[-1] if dated else None
