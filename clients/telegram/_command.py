@@ -2,10 +2,123 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import anyio
 import click
+import structlog
+
+if TYPE_CHECKING:
+    # Only for the annotation: `chinwag.clients.cli` imports this package.
+    from ..cli import Settings
 
 
 @click.command("telegram")
-def command() -> None:
-    """Bridge Telegram chats to an agent (being built: issue 6)."""
-    raise click.ClickException("The Telegram bridge is not built yet.")
+@click.option(
+    "--token-env",
+    default="TELEGRAM_BOT_TOKEN",
+    show_default=True,
+    help="The environment variable holding the bot's token (from @BotFather).",
+)
+@click.option("--agent", default="assistant", show_default=True, help="The agent chats talk to.")
+@click.option(
+    "--allow",
+    "allowed",
+    multiple=True,
+    type=int,
+    envvar="CHINWAG_TELEGRAM_ALLOW",
+    metavar="USER_ID",
+    help="A Telegram user id that may use the bot; repeat for more, or list them in "
+    "$CHINWAG_TELEGRAM_ALLOW separated by spaces. Nobody is allowed by default "
+    "(a refused user is told their id).",
+)
+@click.option(
+    "--api-url",
+    default="https://api.telegram.org",
+    show_default=True,
+    help="The Bot API server: Telegram's, or a self-hosted telegram-bot-api.",
+)
+@click.option(
+    "--webhook-url",
+    default=None,
+    metavar="URL",
+    help="Receive updates by webhook at this public HTTPS URL instead of long polling.",
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1",
+    show_default=True,
+    help="With --webhook-url: the address the webhook server binds.",
+)
+@click.option(
+    "--port",
+    default=8443,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="With --webhook-url: the port the webhook server binds.",
+)
+@click.pass_obj
+def command(
+    settings: Settings,
+    token_env: str,
+    agent: str,
+    allowed: tuple[int, ...],
+    api_url: str,
+    webhook_url: str | None,
+    listen: str,
+    port: int,
+) -> None:
+    """Bridge Telegram chats to an agent: each chat is a conversation `tg:<chat id>`.
+
+    It needs a running daemon (`chinwag serve`), and reconnects whenever the
+    daemon restarts.
+    """
+    from ..cli import Failure
+    from ._bridge import BridgeConfig, run_bridge
+    from ._webhook import Webhook
+
+    token = os.environ.get(token_env, "").strip()
+    if not token:
+        raise Failure(f"${token_env} is empty; put the token @BotFather gave you in it")
+    config = BridgeConfig(
+        token=token,
+        agent=agent,
+        socket_path=settings.socket,
+        api_url=api_url,
+        allowed_users=frozenset(allowed),
+        webhook=Webhook(webhook_url, listen, port) if webhook_url else None,
+    )
+    _configure_logging()
+    # Opt in to python-telegram-bot's coming type for durations (RetryAfter's
+    # retry_after a timedelta), rather than a deprecation warning on each 429.
+    os.environ.setdefault("PTB_TIMEDELTA", "true")
+    from telegram.error import InvalidToken
+
+    try:
+        anyio.run(run_bridge, config, backend="asyncio")
+    except KeyboardInterrupt:
+        pass
+    except InvalidToken as exc:
+        raise Failure(f"Telegram refused the token in ${token_env}: {exc.message}") from exc
+
+
+def _configure_logging() -> None:
+    """structlog to stderr: key-value on a terminal, JSON lines otherwise."""
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if sys.stderr.isatty():
+        processors.append(structlog.dev.ConsoleRenderer())
+    else:
+        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+    structlog.configure(
+        processors=processors, logger_factory=structlog.WriteLoggerFactory(sys.stderr)
+    )
+    # python-telegram-bot's warnings and errors; not httpx's INFO line per request,
+    # whose Bot API URL holds the token.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -1,0 +1,187 @@
+"""One message to the agent, followed until its run ends and shown as it streams."""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio
+import anyio.abc
+import structlog
+from chinwag.protocol import AskUser, End, ErrorInfo, Queued, Start, StreamEventMsg, TextDelta
+
+from .._client import ChinwagError, Client, ConnectionLost, EventStream
+from ._chat import Chat
+from ._link import Backoff, DaemonLink
+from ._reply import LiveReply
+
+log = structlog.get_logger()
+
+# The daemon's code for "going away": it is shutting down, or the connection broke.
+_GONE = 503
+
+
+class Turn:
+    """A message sent to the agent and the run that answers it.
+
+    It survives the daemon going away. A run that had started is attached
+    again once the bridge has reconnected (its events replay from `start`;
+    those already shown are skipped) or, if it ended meanwhile, read back from
+    the history. A run that had not started is sent again: a daemon that went
+    away before starting it did not keep it.
+    """
+
+    def __init__(
+        self, chat: Chat, link: DaemonLink, agent: str, content: str, guest: str | None = None
+    ) -> None:
+        self._chat = chat
+        self._link = link
+        self._agent = agent
+        self._content = content
+        self._guest = guest
+        self._start: Start | None = None
+        self._seen = 0  # events of the run handled so far, its `start` included
+        self._before = ""  # the run's text already shown above a question it asked
+        self._heading = ""
+        self._asks: list[str] = []
+
+    async def run(self, ticket: int) -> None:
+        """Send the message when ``ticket`` comes up, and show the reply until the run ends."""
+        async with anyio.create_task_group() as painters:
+            self._painters = painters
+            self._live = self._new_reply()
+            end = await self._follow(ticket)
+            await self._conclude(end)
+        for ask_id in self._asks:
+            await self._chat.withdraw(ask_id)
+
+    def _new_reply(self) -> LiveReply:
+        reply = LiveReply(self._chat.outbox, self._chat.thread_id, self._heading)
+        self._painters.start_soon(reply.paint)
+        return reply
+
+    async def _follow(self, ticket: int) -> End:
+        retry = Backoff(first=0.2, ceiling=5.0)
+        while True:
+            client = await self._link.client()
+            try:
+                if self._start is None:
+                    end = await self._send(client, ticket)
+                else:
+                    end = await self._attach(client)
+            except ChinwagError as exc:
+                if exc.code != _GONE:
+                    return End(
+                        status="error",
+                        error=ErrorInfo(code=exc.code, message=exc.message),
+                        last_seq=None,
+                    )
+                log.info(
+                    "run_interrupted",
+                    sender=self._chat.sender,
+                    started=self._start is not None,
+                    error=str(exc),
+                )
+                if not isinstance(exc, ConnectionLost):
+                    await anyio.sleep(retry.next())  # still connected to a daemon on its way out
+                continue
+            if end is not None:
+                return end
+            await anyio.sleep(retry.next())
+
+    async def _send(self, client: Client, ticket: int) -> End | None:
+        """Send the message and relay its run; None when it must be sent again."""
+        async with contextlib.AsyncExitStack() as stack:
+            async with self._chat.in_order(ticket):
+                events = await stack.enter_async_context(
+                    client.stream(
+                        self._agent, self._content, sender=self._chat.sender, guest=self._guest
+                    )
+                )
+            end = await self._relay(events)
+        if self._start is None and end.error is not None and end.error.code == _GONE:
+            return None  # the daemon shut down before the run started
+        return end
+
+    async def _attach(self, client: Client) -> End:
+        """Follow the run again after a reconnection, or read how it ended."""
+        assert self._start is not None
+        async with client.attach(self._agent, self._chat.sender) as events:
+            first = await anext(events)
+            if isinstance(first, Start) and first.run_id == self._start.run_id:
+                return await self._relay(events, skip=self._seen - 1)
+        return await self._recover(client)
+
+    async def _relay(self, events: EventStream, skip: int = 0) -> End:
+        """Show the run's events up to its `end`, after skipping ``skip`` of them."""
+        async for event in events:
+            if isinstance(event, End):
+                return event
+            if skip:
+                skip -= 1
+            else:
+                await self._show(event)
+        raise ConnectionLost("The run's events ended without an `end`.")
+
+    async def _show(self, event: StreamEventMsg) -> None:
+        match event:
+            case Queued(position=position):
+                ahead = "1 message" if position == 1 else f"{position} messages"
+                await self._chat.say(
+                    f"⏳ Queued behind {ahead}; I'll answer when the agent is free.",
+                    insist=False,
+                )
+            case Start(agent=speaker):
+                self._start = event
+                if speaker != self._agent:
+                    self._heading = self._live.heading = f"**{speaker}:**\n"
+                await self._chat.outbox.typing(self._chat.thread_id)
+            case TextDelta(delta=delta):
+                self._live.add(delta)
+            case AskUser():
+                # The question goes below what the run said so far; what it
+                # says after the answer, below the question.
+                await self._live.finish(self._live.text)
+                self._before += self._live.text
+                self._live = self._new_reply()
+                self._asks.append(event.ask_id)
+                await self._chat.present(event)
+        if self._start is not None:
+            self._seen += 1
+
+    async def _recover(self, client: Client) -> End:
+        """The run ended while the bridge was away: its answer, from the history."""
+        assert self._start is not None
+        history = await client.history(self._agent, self._chat.sender, after_seq=self._start.seq)
+        entries = [
+            entry
+            for entry in history.entries
+            if entry.run_id == self._start.run_id and entry.kind == "message"
+        ]
+        text = "".join(entry.content for entry in entries if entry.role == "assistant")
+        self._live.replace(text.removeprefix(self._before))
+        log.info("run_recovered", sender=self._chat.sender, entries=len(entries))
+        if entries and entries[-1].role == "assistant" and not entries[-1].tool_calls:
+            return End(status="done", error=None, last_seq=history.last_seq)
+        return End(
+            status="error",
+            error=ErrorInfo(code=_GONE, message="The daemon went away before the run finished."),
+            last_seq=history.last_seq,
+        )
+
+    async def _conclude(self, end: End) -> None:
+        note = _note(end)
+        text = self._live.text
+        if not text.strip() and note is None and not self._before:
+            note = "_(The agent answered without text.)_"
+        await self._live.finish("\n\n".join(part for part in (text, note) if part))
+
+
+def _note(end: End) -> str | None:
+    """What to add below the reply about how its run ended."""
+    if end.status == "done":
+        return None
+    if end.status == "killed":
+        return "⏹ _Stopped._"
+    if end.status == "error" and end.error is not None:
+        return f"⚠️ Error {end.error.code}: {end.error.message}"
+    return f"_(The run ended {end.status}.)_"

@@ -1,0 +1,425 @@
+"""A fake Telegram Bot API server for tests: HTTP/1.1 on 127.0.0.1, port 0, under anyio.
+
+python-telegram-bot is pointed at it with ``base_url``. It records every call
+(method, form parameters, time), keeps the messages of each chat as Telegram
+would show them, serves scripted updates to ``getUpdates`` (long polling:
+a poll waits until an update is pushed or its timeout passes), and answers
+with scripted failures: a 429 with ``retry_after``, or the 400 Telegram gives
+for MarkdownV2 it cannot parse. It also checks MarkdownV2 the way Telegram
+does for the reserved characters that are never markup (`.`, `!`, `-`, ...),
+so an escaping bug fails a test the way it would fail in production.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import h11
+
+TOKEN = "123456:TEST-token"
+BOT_USER = {"id": 123456, "is_bot": True, "first_name": "Chinwag", "username": "chinwag_test_bot"}
+NOT_MODIFIED = (
+    "Bad Request: message is not modified: specified new message content and reply markup "
+    "are exactly the same as a current content and reply markup of the message"
+)
+
+# Reserved in MarkdownV2 and never markup: unescaped, Telegram refuses the text.
+_NEVER_MARKUP = frozenset(".!-=+#{}")
+
+
+def cannot_parse(char: str) -> str:
+    return (
+        f"Bad Request: can't parse entities: Character '{char}' is reserved and must be "
+        "escaped with the preceding '\\'"
+    )
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, str]  # form values as sent: JSON text for non-string values
+    at: float  # anyio.current_time() when it arrived
+
+    @property
+    def chat_id(self) -> int:
+        return int(self.params["chat_id"])
+
+    @property
+    def text(self) -> str:
+        return self.params.get("text", "")
+
+    @property
+    def parse_mode(self) -> str | None:
+        return self.params.get("parse_mode")
+
+    def json(self, name: str) -> Any:
+        return json.loads(self.params[name])
+
+
+@dataclass
+class Refusal:
+    """A scripted error answer."""
+
+    status: int
+    description: str
+    retry_after: int | None = None
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "ok": False,
+            "error_code": self.status,
+            "description": self.description,
+        }
+        if self.retry_after is not None:
+            body["parameters"] = {"retry_after": self.retry_after}
+        return body
+
+
+def too_many_requests(retry_after: int) -> Refusal:
+    return Refusal(429, f"Too Many Requests: retry after {retry_after}", retry_after)
+
+
+@dataclass
+class Shown:
+    """A message as its chat shows it."""
+
+    message_id: int
+    text: str
+    parse_mode: str | None
+    reply_markup: Any = None
+    thread_id: int | None = None
+
+    @property
+    def visible(self) -> str:
+        return render(self.text) if self.parse_mode == "MarkdownV2" else self.text
+
+    @property
+    def buttons(self) -> list[tuple[str, str]]:
+        """(label, callback data) of every inline button, row by row."""
+        if not self.reply_markup:
+            return []
+        return [
+            (button["text"], button["callback_data"])
+            for row in self.reply_markup["inline_keyboard"]
+            for button in row
+        ]
+
+
+@dataclass
+class FakeBotAPI:
+    token: str = TOKEN
+    port: int = 0
+    calls: list[Call] = field(default_factory=list)
+    #: Failures to answer with, in order, per method.
+    refusals: defaultdict[str, deque[Refusal]] = field(default_factory=lambda: defaultdict(deque))
+    #: Refuse every MarkdownV2 text, as Telegram does text it cannot parse.
+    reject_markdown: bool = False
+    chats: defaultdict[int, dict[int, Shown]] = field(default_factory=lambda: defaultdict(dict))
+    _updates: list[dict[str, Any]] = field(default_factory=list)
+    _next_id: int = 1000
+    _changed: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- what tests use -----------------------------------------------------------
+
+    def refuse(self, method: str, *refusals: Refusal) -> None:
+        self.refusals[method].extend(refusals)
+
+    def push_message(
+        self, chat_id: int, user_id: int, text: str, *, thread_id: int | None = None
+    ) -> None:
+        message: dict[str, Any] = {
+            "message_id": self._new_id(),
+            "date": int(time.time()),
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
+            "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
+            "text": text,
+        }
+        if thread_id is not None:
+            message |= {"message_thread_id": thread_id, "is_topic_message": True}
+        self._push({"message": message})
+
+    def push_press(self, chat_id: int, user_id: int, message_id: int, data: str) -> None:
+        shown = self.chats[chat_id][message_id]
+        query = {
+            "id": f"query-{self._new_id()}",
+            "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
+            "chat_instance": str(chat_id),
+            "data": data,
+            "message": self._message(chat_id, shown),
+        }
+        self._push({"callback_query": query})
+
+    async def wait_for(self, predicate: Callable[[], object]) -> None:
+        """Return once ``predicate()`` holds; it is checked after every call."""
+        while not predicate():
+            changed = self._changed
+            await changed.wait()
+
+    def calls_to(self, method: str, chat_id: int | None = None) -> list[Call]:
+        return [
+            call
+            for call in self.calls
+            if call.method == method and (chat_id is None or call.chat_id == chat_id)
+        ]
+
+    def texts(self, chat_id: int) -> list[str]:
+        """What the chat shows, message by message, in the order they were sent."""
+        return [shown.visible for _, shown in sorted(self.chats[chat_id].items())]
+
+    def last(self, chat_id: int) -> Shown:
+        return self.chats[chat_id][max(self.chats[chat_id])]
+
+    # --- the server -------------------------------------------------------------------
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        task_status.started()
+        await listener.serve(self._connection)
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _push(self, update: dict[str, Any]) -> None:
+        self._updates.append({"update_id": self._new_id(), **update})
+        self._notify()
+
+    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            try:
+                while (request := await _read(conn, stream)) is not None:
+                    target, body = request
+                    status, payload = await self._answer(target, body)
+                    data = json.dumps(payload).encode()
+                    headers = [
+                        ("content-type", "application/json"),
+                        ("content-length", str(len(data))),
+                    ]
+                    await stream.send(conn.send(h11.Response(status_code=status, headers=headers)))
+                    await stream.send(conn.send(h11.Data(data=data)))
+                    await stream.send(conn.send(h11.EndOfMessage()))
+                    if conn.our_state is h11.MUST_CLOSE:
+                        return
+                    conn.start_next_cycle()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, h11.ProtocolError):
+                return  # the client went away
+
+    async def _answer(self, target: str, body: bytes) -> tuple[int, Any]:
+        path = urllib.parse.urlsplit(target).path
+        prefix = f"/bot{self.token}/"
+        if not path.startswith(prefix):
+            return 401, Refusal(401, "Unauthorized").body()
+        method = path[len(prefix) :]
+        params = {
+            name: values[0]
+            for name, values in urllib.parse.parse_qs(body.decode(), keep_blank_values=True).items()
+        }
+        call = Call(method, params, anyio.current_time())
+        self.calls.append(call)
+        self._notify()
+        if self.refusals[method]:
+            refusal = self.refusals[method].popleft()
+            return refusal.status, refusal.body()
+        if call.parse_mode == "MarkdownV2":
+            problem = markdown_v2_problem(call.text)
+            if self.reject_markdown:
+                problem = problem or cannot_parse("!")
+            if problem is not None:
+                return 400, Refusal(400, problem).body()
+        try:
+            result = await self._result(call)
+        except _Refused as refused:
+            return refused.refusal.status, refused.refusal.body()
+        return 200, {"ok": True, "result": result}
+
+    async def _result(self, call: Call) -> Any:
+        match call.method:
+            case "getMe":
+                return BOT_USER
+            case "deleteWebhook" | "setWebhook" | "answerCallbackQuery" | "sendChatAction":
+                return True
+            case "getUpdates":
+                return await self._poll(call)
+            case "sendMessage":
+                thread = call.params.get("message_thread_id")
+                shown = Shown(
+                    self._new_id(),
+                    call.text,
+                    call.parse_mode,
+                    call.json("reply_markup") if "reply_markup" in call.params else None,
+                    int(thread) if thread else None,
+                )
+                self.chats[call.chat_id][shown.message_id] = shown
+                self._notify()
+                return self._message(call.chat_id, shown)
+            case "editMessageText":
+                shown = self._find(call)
+                markup = call.json("reply_markup") if "reply_markup" in call.params else None
+                if (shown.text, shown.parse_mode, shown.reply_markup) == (
+                    call.text,
+                    call.parse_mode,
+                    markup,
+                ):
+                    raise _Refused(Refusal(400, NOT_MODIFIED))
+                shown.text, shown.parse_mode, shown.reply_markup = (
+                    call.text,
+                    call.parse_mode,
+                    markup,
+                )
+                self._notify()
+                return self._message(call.chat_id, shown)
+            case "deleteMessage":
+                self.chats[call.chat_id].pop(int(call.params["message_id"]), None)
+                self._notify()
+                return True
+        raise _Refused(Refusal(404, "Not Found"))
+
+    def _find(self, call: Call) -> Shown:
+        shown = self.chats[call.chat_id].get(int(call.params["message_id"]))
+        if shown is None:
+            raise _Refused(Refusal(400, "Bad Request: message to edit not found"))
+        return shown
+
+    async def _poll(self, call: Call) -> list[dict[str, Any]]:
+        offset = int(call.params.get("offset", "0") or 0)
+        timeout = float(call.params.get("timeout", "0") or 0)
+        with anyio.move_on_after(timeout):
+            while not any(u["update_id"] >= offset for u in self._updates):
+                changed = self._changed
+                await changed.wait()
+        return [u for u in self._updates if u["update_id"] >= offset]
+
+    def _message(self, chat_id: int, shown: Shown) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "message_id": shown.message_id,
+            "date": int(time.time()),
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
+            "from": BOT_USER,
+            "text": shown.visible,
+        }
+        if shown.thread_id is not None:
+            message |= {"message_thread_id": shown.thread_id, "is_topic_message": True}
+        if shown.reply_markup:
+            message["reply_markup"] = shown.reply_markup
+        return message
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        self.refusal = refusal
+
+
+async def _read(conn: h11.Connection, stream: anyio.abc.SocketStream) -> tuple[str, bytes] | None:
+    """The next request's target and body; None once the client has gone."""
+    target = ""
+    body = b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                data = b""
+            conn.receive_data(data)
+        elif isinstance(event, h11.Request):
+            target = event.target.decode()
+        elif isinstance(event, h11.Data):
+            body += bytes(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            return target, body
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+def markdown_v2_problem(text: str) -> str | None:
+    """Telegram's error for MarkdownV2 with a reserved character left bare, if any.
+
+    Code spans and blocks are skipped (only `` ` `` and ``\\`` are escaped
+    there); ``(`` and ``)`` are allowed only as a link's URL part.
+    """
+    index = 0
+    in_pre = in_code = False
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2
+            continue
+        if text.startswith("```", index):
+            in_pre = not in_pre
+            index += 3
+            continue
+        if in_pre:
+            index += 1
+            continue
+        if char == "`":
+            in_code = not in_code
+        elif not in_code:
+            if char == "]" and text.startswith("(", index + 1):
+                close = text.find(")", index + 2)
+                while close != -1 and text[close - 1] == "\\":
+                    close = text.find(")", close + 1)
+                if close == -1:
+                    return cannot_parse("(")
+                index = close + 1
+                continue
+            if char in _NEVER_MARKUP or char in "()":
+                return cannot_parse(char)
+            if char == ">" and index > 0 and text[index - 1] != "\n":
+                return cannot_parse(">")
+        index += 1
+    if in_pre or in_code:
+        return "Bad Request: can't parse entities: Can't find end of the entity"
+    return None
+
+
+def render(text: str) -> str:
+    """The text a MarkdownV2 message shows: markers dropped, escapes resolved, link labels kept."""
+    out: list[str] = []
+    index = 0
+    in_pre = False
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and index + 1 < len(text):
+            out.append(text[index + 1])
+            index += 2
+        elif text.startswith("```", index):
+            index += 3
+            if in_pre and out and out[-1] == "\n":
+                out.pop()  # the line break before a closing fence
+            elif not in_pre:
+                while index < len(text) and text[index] != "\n":
+                    index += 1  # the language after an opening fence
+                index += 1
+            in_pre = not in_pre
+        elif in_pre:
+            out.append(char)
+            index += 1
+        elif char == "]" and text.startswith("(", index + 1):
+            close = text.find(")", index + 2)
+            while close != -1 and text[close - 1] == "\\":
+                close = text.find(")", close + 1)
+            index = close + 1
+        elif char in "*_~|`[" or (char == ">" and (index == 0 or text[index - 1] == "\n")):
+            index += 1
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out)

@@ -1,0 +1,447 @@
+"""The Telegram bridge end to end: python-telegram-bot against a fake Bot API, a real daemon.
+
+Each test runs on asyncio (python-telegram-bot's loop), starts the fake Bot
+API server and the bridge in the test process, and drives a real
+`chinwag serve` on the echo model. Tests wait on the fake server's record of
+calls ("the chat shows X"), never on sleeps; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+from chinwag.clients import connect
+from chinwag.clients.telegram._bridge import BridgeConfig, run_bridge
+from chinwag.clients.telegram._webhook import Webhook
+from chinwag.protocol import End
+from fake_bot_api import FakeBotAPI, too_many_requests
+from structlog.testing import capture_logs
+
+USER = 1111
+#: The pacing tests use: short, so that tests are quick, long enough to see.
+INTERVAL = 0.2
+
+_chat_ids = itertools.count(5000)
+
+
+@pytest.fixture(autouse=True)
+def retry_after_as_timedelta(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `chinwag telegram` opts in to: python-telegram-bot's future type.
+    monkeypatch.setenv("PTB_TIMEDELTA", "true")
+
+
+def fresh_chat() -> int:
+    return next(_chat_ids)
+
+
+def on_asyncio(fn: Callable[[], Awaitable[Any]], timeout: float = 20) -> None:
+    async def bounded() -> None:
+        with anyio.fail_after(timeout):
+            await fn()
+
+    anyio.run(bounded, backend="asyncio")
+
+
+def config_for(daemon: Any, fake: FakeBotAPI, **changes: Any) -> BridgeConfig:
+    config = BridgeConfig(
+        token=fake.token,
+        agent="assistant",
+        socket_path=daemon.socket_path,
+        api_url=fake.base_url,
+        allowed_users=frozenset({USER}),
+        edit_interval_s=INTERVAL,
+        poll_timeout_s=5,
+        reconnect_ceiling_s=0.2,
+    )
+    return replace(config, **changes)
+
+
+@asynccontextmanager
+async def bridge(daemon: Any, **changes: Any) -> AsyncIterator[FakeBotAPI]:
+    """A fake Bot API and a bridge polling it, talking to ``daemon``."""
+    fake = FakeBotAPI()
+    async with anyio.create_task_group() as server:
+        await server.start(fake.serve)
+        async with anyio.create_task_group() as bridges:
+            await bridges.start(run_bridge, config_for(daemon, fake, **changes))
+            yield fake
+            bridges.cancel_scope.cancel()
+        server.cancel_scope.cancel()
+
+
+def test_a_reply_streams_into_one_message_edited_at_most_once_per_interval(daemon) -> None:
+    chat = fresh_chat()
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+            fake.push_message(chat, USER, "/slow 12 50")
+            final = " ".join(str(i) for i in range(1, 13))
+            await fake.wait_for(lambda: fake.texts(chat) == [final])
+            calls = [c for c in fake.calls if c.method in ("sendMessage", "editMessageText")]
+            assert [c.method for c in calls].count("sendMessage") == 1
+            edits = fake.calls_to("editMessageText", chat)
+            assert 1 <= len(edits) <= 6  # 0.6 s of words at one call per 0.2 s
+            assert fake.calls_to("sendMessage", chat)[0].text != final  # it streamed
+            starts = [c.at for c in calls]
+            gaps = [b - a for a, b in itertools.pairwise(starts)]
+            assert min(gaps) >= INTERVAL * 0.75, gaps
+
+    on_asyncio(main)
+
+
+def test_a_flood_wait_is_honoured_and_the_final_text_still_arrives(daemon) -> None:
+    chat = fresh_chat()
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+            # The first streaming edit and then the final one get a 429.
+            fake.refuse("editMessageText", too_many_requests(1), too_many_requests(1))
+            fake.push_message(chat, USER, "/slow 6 60")
+            final = "1 2 3 4 5 6"
+            await fake.wait_for(lambda: fake.texts(chat) == [final])
+            calls = [c for c in fake.calls if c.method in ("sendMessage", "editMessageText")]
+            refused = [i for i, c in enumerate(calls) if c.method == "editMessageText"][:2]
+            for index in refused:
+                assert calls[index + 1].at - calls[index].at >= 0.95  # retry_after: 1 s
+            assert calls[-1].method == "editMessageText" and calls[-1].text == final
+
+    on_asyncio(main)
+
+
+def test_a_reply_over_4096_characters_is_split_into_messages(daemon) -> None:
+    chat = fresh_chat()
+    words = [f"word{i:04}" for i in range(600)]  # 5399 characters
+
+    async def main() -> None:
+        async with bridge(daemon, edit_interval_s=0.05) as fake:
+            fake.push_message(chat, USER, " ".join(words))
+            await fake.wait_for(lambda: " ".join(fake.texts(chat)) == " ".join(words))
+            texts = fake.texts(chat)
+            assert len(texts) == 2
+            assert all(len(text) <= 4096 for text in texts)
+            assert len(texts[0]) > 4000  # filled up to the limit, cut at a space
+
+    on_asyncio(main)
+
+
+def test_ask_user_becomes_a_keyboard_whose_press_answers_the_run(daemon) -> None:
+    chat = fresh_chat()
+    ask = {
+        "questions": [
+            {"question": "Colour?", "options": [{"label": "red"}, {"label": "blue"}]},
+            {
+                "question": "Sizes?",
+                "options": [{"label": "S"}, {"label": "M"}, {"label": "L"}],
+                "multi_select": True,
+            },
+        ]
+    }
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+            fake.push_message(chat, USER, f"/tool ask_user {json.dumps(ask)}")
+            await fake.wait_for(lambda: fake.chats[chat] and fake.last(chat).buttons)
+            first = fake.last(chat)
+            assert "Colour?" in first.visible
+            assert [label for label, _ in first.buttons] == ["red", "blue", "Other…"]
+            fake.push_press(chat, USER, first.message_id, first.buttons[1][1])
+            await fake.wait_for(lambda: "Sizes?" in fake.last(chat).visible)
+            assert fake.chats[chat][first.message_id].buttons == []  # answered: no keyboard
+            assert "blue" in fake.chats[chat][first.message_id].visible
+            second = fake.last(chat)
+
+            async def tick(label: str) -> None:
+                data = dict(fake.last(chat).buttons)[f"▫️ {label}"]
+                fake.push_press(chat, USER, second.message_id, data)
+                await fake.wait_for(lambda: f"☑️ {label}" in dict(fake.last(chat).buttons))
+
+            await tick("S")
+            await tick("L")
+            fake.push_press(chat, USER, second.message_id, dict(second.buttons)["Done"])
+            # echo answers with the tool's result: the answers, as the CLI words them
+            await fake.wait_for(lambda: fake.texts(chat)[-1] == "Colour?: blue Sizes?: S, L")
+            assert len(fake.calls_to("answerCallbackQuery")) == 4
+
+    on_asyncio(main)
+
+
+def test_other_then_typed_text_answers_the_question(daemon) -> None:
+    chat = fresh_chat()
+    ask = {"questions": [{"question": "Colour?", "options": [{"label": "red"}]}]}
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+            fake.push_message(chat, USER, f"/tool ask_user {json.dumps(ask)}")
+            await fake.wait_for(lambda: fake.chats[chat] and fake.last(chat).buttons)
+            prompt = fake.last(chat)
+            fake.push_press(chat, USER, prompt.message_id, dict(prompt.buttons)["Other…"])
+            await fake.wait_for(lambda: "Type your answer" in fake.last(chat).visible)
+            toast = fake.calls_to("answerCallbackQuery")[-1]
+            assert toast.params["text"] == "Type your answer and send it."
+            fake.push_message(chat, USER, "teal, please")
+            await fake.wait_for(lambda: fake.texts(chat)[-1] == "teal, please")
+            assert "✅ teal, please" in fake.chats[chat][prompt.message_id].visible
+
+    on_asyncio(main)
+
+
+def test_kill_stops_the_run(daemon) -> None:
+    chat = fresh_chat()
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+            fake.push_message(chat, USER, "/kill")
+            await fake.wait_for(lambda: fake.texts(chat) == ["Nothing is running."])
+            fake.push_message(chat, USER, "/slow 100 100")  # 10 s unless killed
+            await fake.wait_for(lambda: len(fake.texts(chat)) == 2)
+            fake.push_message(chat, USER, "/kill")
+            await fake.wait_for(lambda: fake.texts(chat)[-1].endswith("⏹ Stopped."))
+            assert fake.texts(chat)[-1].startswith("1")
+        async with connect(daemon.socket_path) as client:
+            history = await client.history("assistant", f"tg:{chat}")
+            assert history.entries[-1].role == "user"  # nothing half-done was stored
+
+    on_asyncio(main, timeout=8)
+
+
+def test_a_message_sent_while_busy_queues_and_the_bridge_says_so(daemon) -> None:
+    chat = fresh_chat()
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+            fake.push_message(chat, USER, "/slow 5 100")
+            await fake.wait_for(lambda: fake.texts(chat))
+            fake.push_message(chat, USER, "second message")
+            await fake.wait_for(lambda: len(fake.texts(chat)) == 3)
+            assert fake.texts(chat)[1].startswith("⏳ Queued behind 1 message")
+            await fake.wait_for(lambda: fake.texts(chat)[::2] == ["1 2 3 4 5", "second message"])
+
+    on_asyncio(main)
+
+
+def test_nobody_is_allowed_by_default_and_the_refused_user_learns_their_id(daemon) -> None:
+    chat = fresh_chat()
+
+    async def main() -> None:
+        with capture_logs() as logs:
+            async with bridge(daemon, allowed_users=frozenset()) as fake:
+                fake.push_message(chat, USER, "hello")
+                await fake.wait_for(lambda: fake.texts(chat))
+                assert fake.texts(chat) == [
+                    f"This bot is private. Your Telegram user id is {USER}; "
+                    f"its owner can let you in with --allow {USER}."
+                ]
+        events = {log["event"]: log for log in logs}
+        assert "--allow" in events["telegram_nobody_allowed"]["hint"]
+        assert events["telegram_user_refused"]["user_id"] == USER
+        assert f"--allow {USER}" in events["telegram_user_refused"]["hint"]
+        async with connect(daemon.socket_path) as client:
+            page = await client.list_conversations(sender=f"tg:{chat}")
+            assert page.items == []  # nothing reached the agent
+
+    on_asyncio(main)
+
+
+def test_markdown_goes_as_markdown_v2_and_as_plain_text_when_telegram_rejects_it(daemon) -> None:
+    chat = fresh_chat()
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+            fake.push_message(chat, USER, "a **bold** claim. Really!")
+            await fake.wait_for(lambda: fake.texts(chat) == ["a bold claim. Really!"])
+            shown = fake.last(chat)
+            assert (shown.parse_mode, shown.text) == ("MarkdownV2", "a *bold* claim\\. Really\\!")
+            fake.reject_markdown = True
+            fake.push_message(chat, USER, "now **plain**")
+            await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["now **plain**"])
+            assert fake.last(chat).parse_mode is None
+            rejected = [c for c in fake.calls_to("sendMessage", chat) if c.text == "now *plain*"]
+            assert rejected and rejected[0].parse_mode == "MarkdownV2"
+
+    on_asyncio(main)
+
+
+def test_a_daemon_restart_mid_run_loses_no_answer(daemon) -> None:
+    chat = fresh_chat()
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+            fake.push_message(chat, USER, "/slow 8 100")
+            await fake.wait_for(lambda: fake.texts(chat))
+            # SIGTERM: the daemon lets the run finish (its grace is 2 s), then closes.
+            await anyio.to_thread.run_sync(daemon.stop)
+            await fake.wait_for(lambda: fake.texts(chat) == ["1 2 3 4 5 6 7 8"])
+            fake.push_message(chat, USER, "are you back")
+            await anyio.to_thread.run_sync(daemon.start)
+            await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["are you back"])
+
+    on_asyncio(main)
+
+
+def test_a_run_that_ends_while_the_bridge_is_disconnected_is_read_from_history(
+    daemon, short_tmp
+) -> None:
+    chat = fresh_chat()
+    proxy = SocketProxy(daemon.socket_path, short_tmp / "proxy.sock")
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(proxy.serve)
+            async with bridge(daemon, socket_path=proxy.path) as fake:
+                fake.push_message(chat, USER, "/slow 6 100")
+                await fake.wait_for(lambda: fake.texts(chat))
+                proxy.refusing = True
+                proxy.cut()
+                async with (
+                    connect(daemon.socket_path) as client,
+                    client.attach("assistant", f"tg:{chat}") as events,
+                ):
+                    end = (await events.collect())[-1]
+                    assert isinstance(end, End) and end.status == "done"
+                proxy.refusing = False
+                await fake.wait_for(lambda: fake.texts(chat) == ["1 2 3 4 5 6"])
+            tasks.cancel_scope.cancel()
+
+    on_asyncio(main)
+
+
+def test_a_run_still_going_after_a_reconnection_is_attached_again(daemon, short_tmp) -> None:
+    chat = fresh_chat()
+    proxy = SocketProxy(daemon.socket_path, short_tmp / "proxy.sock")
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(proxy.serve)
+            async with bridge(daemon, socket_path=proxy.path) as fake:
+                fake.push_message(chat, USER, "/slow 10 100")
+                await fake.wait_for(lambda: fake.texts(chat))
+                proxy.cut()
+                await fake.wait_for(lambda: fake.texts(chat) == ["1 2 3 4 5 6 7 8 9 10"])
+                assert proxy.connections == 2
+            tasks.cancel_scope.cancel()
+
+    on_asyncio(main)
+
+
+def test_commands_in_a_forum_topic(daemon) -> None:
+    chat = -100777
+    topic = 42
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+
+            async def say(text: str, count: int) -> str:
+                fake.push_message(chat, USER, text, thread_id=topic)
+                await fake.wait_for(lambda: len(fake.texts(chat)) >= count)
+                return fake.texts(chat)[count - 1]
+
+            assert "/kill" in await say("/help", 1)
+            assert await say("/title", 2) == "No conversation yet: send a message first."
+            await say('/tool set_title {"title": "Trip plans"}', 3)
+            assert await say("/title", 4) == "📌 Trip plans"
+            assert await say("/guest helper hello there", 5) == "helper:\nhello there"
+            history = await say("/history", 6)
+            assert "You: /guest" not in history  # a guest turn stores the plain message
+            assert "You: hello there\n\nhelper: hello there" in history
+            compacted = await say("/compact", 7)
+            assert compacted.startswith("🗜 Compacted") or "Could not compact" in compacted
+            assert all(shown.thread_id == topic for shown in fake.chats[chat].values())
+        async with connect(daemon.socket_path) as client:
+            page = await client.list_conversations(sender=f"tg:{chat}:{topic}")
+            assert [item.title for item in page.items] == ["Trip plans"]
+
+    on_asyncio(main)
+
+
+def test_updates_can_come_by_webhook(daemon) -> None:
+    chat = fresh_chat()
+    url = "https://bot.example.invalid/telegram/hook"
+
+    async def main() -> None:
+        fake = FakeBotAPI()
+        async with anyio.create_task_group() as server:
+            await server.start(fake.serve)
+            async with anyio.create_task_group() as bridges:
+                config = config_for(daemon, fake, webhook=Webhook(url, "127.0.0.1", 0))
+                port = await bridges.start(run_bridge, config)
+                (registered,) = fake.calls_to("setWebhook")
+                assert registered.params["url"] == url
+                secret = registered.params["secret_token"]
+                update = {
+                    "update_id": 1,
+                    "message": {
+                        "message_id": 1,
+                        "date": 0,
+                        "chat": {"id": chat, "type": "private"},
+                        "from": {"id": USER, "is_bot": False, "first_name": "A"},
+                        "text": "by webhook",
+                    },
+                }
+                hook = f"http://127.0.0.1:{port}/telegram/hook"
+                async with httpx.AsyncClient() as http:
+                    forged = await http.post(hook, json=update)
+                    assert forged.status_code == 403
+                    header = {"X-Telegram-Bot-Api-Secret-Token": secret}
+                    posted = await http.post(hook, json=update, headers=header)
+                    assert posted.status_code == 200
+                await fake.wait_for(lambda: fake.texts(chat) == ["by webhook"])
+                assert not fake.calls_to("getUpdates")
+                bridges.cancel_scope.cancel()
+            server.cancel_scope.cancel()
+
+    on_asyncio(main)
+
+
+class SocketProxy:
+    """A Unix socket in front of the daemon's, whose connections a test can cut."""
+
+    def __init__(self, target: Path, path: Path) -> None:
+        self.target = target
+        self.path = path
+        self.refusing = False  # new connections are closed at once
+        self.connections = 0
+        self._pipes: list[anyio.CancelScope] = []
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_unix_listener(self.path)
+        task_status.started()
+        await listener.serve(self._pipe)
+
+    def cut(self) -> None:
+        for pipe in self._pipes:
+            pipe.cancel()
+        self._pipes.clear()
+
+    async def _pipe(self, downstream: anyio.abc.SocketStream) -> None:
+        async with downstream:
+            if self.refusing:
+                return
+            self.connections += 1
+            async with (
+                await anyio.connect_unix(self.target) as upstream,
+                anyio.create_task_group() as pipe,
+            ):
+                self._pipes.append(pipe.cancel_scope)
+                pipe.start_soon(_copy, downstream, upstream, pipe.cancel_scope)
+                pipe.start_soon(_copy, upstream, downstream, pipe.cancel_scope)
+
+
+async def _copy(
+    source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, pipe: anyio.CancelScope
+) -> None:
+    try:
+        async for chunk in source:
+            await sink.send(chunk)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass
+    pipe.cancel()  # one side closed: close both
