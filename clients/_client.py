@@ -686,6 +686,28 @@ async def _handshake(
     return reply
 
 
+_CONNECT_ATTEMPTS = 8  # while the daemon's accept backlog is full: 10 ms, 20 ms, ... 1.3 s
+
+
+async def _connect_unix(path: Path) -> anyio.abc.SocketStream:
+    """Connect, retrying while the listener's backlog is full.
+
+    A non-blocking connect to a Unix socket whose backlog is full fails with
+    EAGAIN, which the event loops take for "in progress": they return a socket
+    that never connected. It is found by asking for the peer, and tried again.
+    """
+    for attempt in range(_CONNECT_ATTEMPTS):
+        stream = await anyio.connect_unix(path)
+        try:
+            stream.extra(anyio.abc.SocketAttribute.raw_socket).getpeername()
+        except OSError:
+            await stream.aclose()
+            await anyio.sleep(0.01 * 2**attempt)  # the daemon is busy accepting: back off
+            continue
+        return stream
+    raise OSError(f"The daemon at {path} accepts no connection; its backlog stays full.")
+
+
 @asynccontextmanager
 async def connect(
     path: _StrPath | None = None,
@@ -703,7 +725,7 @@ async def connect(
     """
     socket_path = Path(path) if path is not None else default_socket_path()
     codec = codec_for(encoding)
-    stream = await anyio.connect_unix(socket_path)
+    stream = await _connect_unix(socket_path)
     async with stream:
         # The daemon's `max_frame_bytes` bounds what it accepts; what it sends
         # (a long history) is only bounded by the 4-byte length, so be lenient.

@@ -763,7 +763,7 @@ async def bind_unix(path: Path) -> trio.SocketListener:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    sock.listen(512)
+    sock.listen(4096)  # the kernel caps it at net.core.somaxconn
     return trio.SocketListener(sock)
 
 
