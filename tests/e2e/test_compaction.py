@@ -211,7 +211,7 @@ async def test_memory_search_finds_a_fact_from_an_archived_turn(daemon_factory, 
         await turn(c, CAR)
         done = await c.compact("assistant")
         assert "Bertha" not in done.summary, "the fact is only in the archived turn"
-        events = await turn(c, '/tool memory_search {"query": "what was Bertha"}')
+        events = await turn(c, '/tool memory_search {"query": "Bertha"}')
         [result] = [e for e in events if isinstance(e, ToolResult)]
         assert not result.is_error
         assert "archive 'archive-1-2' (conversation with user" in result.output

@@ -136,6 +136,7 @@ class FakeOpenAI:
         self.port = 0
         self.client_left = trio.Event()  # a client closed its connection mid-reply
         self.connections = 0
+        self._request_arrived = trio.Event()
         # What `GET /v1/models` lists, apart from the script; a Status fails it instead.
         self.models: list[str] = ["fake-model"]
         self.models_status: Status | None = None
@@ -147,6 +148,11 @@ class FakeOpenAI:
 
     def script(self, *replies: Reply) -> None:
         self.replies.extend(replies)
+
+    async def wait_for_requests(self, count: int) -> None:
+        """Return once ``count`` requests in all have arrived."""
+        while len(self.requests) < count:
+            await self._request_arrived.wait()
 
     @property
     def bodies(self) -> list[Any]:
@@ -163,6 +169,8 @@ class FakeOpenAI:
                         await self._answer(stream, reader, self._model_list())
                         continue
                     self.requests.append(request)
+                    self._request_arrived.set()
+                    self._request_arrived = trio.Event()
                     if self.replies:
                         reply = self.replies.popleft()
                     else:

@@ -7,10 +7,19 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from chinwag.clients import connect
+from chinwag.clients import ChinwagError, connect
 from chinwag.daemon._compaction import SUMMARY_PROMPT
 from chinwag.protocol import End
-from fake_openai import SSE, FakeOpenAI, answer, finish, open_fake_openai, tool_delta, usage
+from fake_openai import (
+    SSE,
+    FakeOpenAI,
+    answer,
+    finish,
+    open_fake_openai,
+    text,
+    tool_delta,
+    usage,
+)
 
 
 @pytest.fixture
@@ -141,3 +150,26 @@ async def test_the_guest_framing_is_injected_never_stored(fake, daemon_factory, 
         ("user", "", "back to you"),
         ("assistant", "", "primary two"),
     ]
+
+
+async def test_kill_stops_a_compaction_in_flight_and_nothing_is_archived(fake, daemon_factory):
+    fake.script(answer("first answer"), SSE([text("partial summ")], hang=True))
+    daemon = daemon_factory(config_for(fake))
+    await turn(daemon, "hello")
+    async with connect(daemon.socket_path) as c:
+        refused: list[ChinwagError] = []
+
+        async def compact() -> None:
+            with pytest.raises(ChinwagError) as info:
+                await c.compact("assistant")
+            refused.append(info.value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(compact)
+            with trio.fail_after(20):
+                await fake.wait_for_requests(2)  # the summary request reached the model
+            killed = await c.kill("assistant")
+        assert killed.run_id is not None
+        assert refused[0].code == 409 and "killed" in refused[0].message
+        entries = (await c.history("assistant", include_archived=True)).entries
+        assert [e.kind for e in entries] == ["message", "message"], "no archive, no marker"
