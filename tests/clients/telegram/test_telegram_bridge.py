@@ -19,7 +19,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import httpx
-import pytest
 from chinwag.clients import connect
 from chinwag.clients.telegram._bridge import BridgeConfig, run_bridge
 from chinwag.clients.telegram._webhook import Webhook
@@ -32,12 +31,6 @@ USER = 1111
 INTERVAL = 0.2
 
 _chat_ids = itertools.count(5000)
-
-
-@pytest.fixture(autouse=True)
-def retry_after_as_timedelta(monkeypatch: pytest.MonkeyPatch) -> None:
-    # What `chinwag telegram` opts in to: python-telegram-bot's future type.
-    monkeypatch.setenv("PTB_TIMEDELTA", "true")
 
 
 def fresh_chat() -> int:
@@ -79,11 +72,11 @@ async def bridge(daemon: Any, **changes: Any) -> AsyncIterator[FakeBotAPI]:
         server.cancel_scope.cancel()
 
 
-def test_a_reply_streams_into_one_message_edited_at_most_once_per_interval(daemon) -> None:
+def test_a_reply_streams_into_one_message_edited_at_most_once_per_interval(shared_daemon) -> None:
     chat = fresh_chat()
 
     async def main() -> None:
-        async with bridge(daemon) as fake:
+        async with bridge(shared_daemon) as fake:
             fake.push_message(chat, USER, "/slow 12 50")
             final = " ".join(str(i) for i in range(1, 13))
             await fake.wait_for(lambda: fake.texts(chat) == [final])
@@ -99,31 +92,27 @@ def test_a_reply_streams_into_one_message_edited_at_most_once_per_interval(daemo
     on_asyncio(main)
 
 
-def test_a_flood_wait_is_honoured_and_the_final_text_still_arrives(daemon) -> None:
+def test_a_flood_wait_is_honoured_and_the_final_text_still_arrives(shared_daemon) -> None:
     chat = fresh_chat()
 
     async def main() -> None:
-        async with bridge(daemon) as fake:
-            # The first streaming edit and then the final one get a 429.
-            fake.refuse("editMessageText", too_many_requests(1), too_many_requests(1))
-            fake.push_message(chat, USER, "/slow 6 60")
-            final = "1 2 3 4 5 6"
-            await fake.wait_for(lambda: fake.texts(chat) == [final])
-            calls = [c for c in fake.calls if c.method in ("sendMessage", "editMessageText")]
-            refused = [i for i, c in enumerate(calls) if c.method == "editMessageText"][:2]
-            for index in refused:
-                assert calls[index + 1].at - calls[index].at >= 0.95  # retry_after: 1 s
-            assert calls[-1].method == "editMessageText" and calls[-1].text == final
+        async with bridge(shared_daemon) as fake:
+            fake.refuse("sendMessage", too_many_requests(1))
+            fake.push_message(chat, USER, "hello there")
+            await fake.wait_for(lambda: fake.texts(chat) == ["hello there"])
+            refused, sent = fake.calls_to("sendMessage", chat)
+            assert sent.at - refused.at >= 0.95  # retry_after: 1 s
+            assert not fake.calls_to("editMessageText", chat)
 
     on_asyncio(main)
 
 
-def test_a_reply_over_4096_characters_is_split_into_messages(daemon) -> None:
+def test_a_reply_over_4096_characters_is_split_into_messages(shared_daemon) -> None:
     chat = fresh_chat()
     words = [f"word{i:04}" for i in range(600)]  # 5399 characters
 
     async def main() -> None:
-        async with bridge(daemon, edit_interval_s=0.05) as fake:
+        async with bridge(shared_daemon, edit_interval_s=0.05) as fake:
             fake.push_message(chat, USER, " ".join(words))
             await fake.wait_for(lambda: " ".join(fake.texts(chat)) == " ".join(words))
             texts = fake.texts(chat)
@@ -134,7 +123,9 @@ def test_a_reply_over_4096_characters_is_split_into_messages(daemon) -> None:
     on_asyncio(main)
 
 
-def test_ask_user_becomes_a_keyboard_whose_press_answers_the_run(daemon) -> None:
+def test_ask_user_becomes_keyboards_whose_presses_and_typed_text_answer_the_run(
+    shared_daemon,
+) -> None:
     chat = fresh_chat()
     ask = {
         "questions": [
@@ -144,20 +135,22 @@ def test_ask_user_becomes_a_keyboard_whose_press_answers_the_run(daemon) -> None
                 "options": [{"label": "S"}, {"label": "M"}, {"label": "L"}],
                 "multi_select": True,
             },
+            {"question": "Name?", "options": [{"label": "Ada"}]},
         ]
     }
 
     async def main() -> None:
-        async with bridge(daemon) as fake:
+        async with bridge(shared_daemon) as fake:
             fake.push_message(chat, USER, f"/tool ask_user {json.dumps(ask)}")
             await fake.wait_for(lambda: fake.chats[chat] and fake.last(chat).buttons)
             first = fake.last(chat)
             assert "Colour?" in first.visible
             assert [label for label, _ in first.buttons] == ["red", "blue", "Other…"]
-            fake.push_press(chat, USER, first.message_id, first.buttons[1][1])
+            fake.push_press(chat, USER, first.message_id, dict(first.buttons)["blue"])
             await fake.wait_for(lambda: "Sizes?" in fake.last(chat).visible)
             assert fake.chats[chat][first.message_id].buttons == []  # answered: no keyboard
-            assert "blue" in fake.chats[chat][first.message_id].visible
+            assert "✅ blue" in fake.chats[chat][first.message_id].visible
+
             second = fake.last(chat)
 
             async def tick(label: str) -> None:
@@ -168,38 +161,28 @@ def test_ask_user_becomes_a_keyboard_whose_press_answers_the_run(daemon) -> None
             await tick("S")
             await tick("L")
             fake.push_press(chat, USER, second.message_id, dict(second.buttons)["Done"])
-            # echo answers with the tool's result: the answers, as the CLI words them
-            await fake.wait_for(lambda: fake.texts(chat)[-1] == "Colour?: blue Sizes?: S, L")
-            assert len(fake.calls_to("answerCallbackQuery")) == 4
+            await fake.wait_for(lambda: "Name?" in fake.last(chat).visible)
 
-    on_asyncio(main)
-
-
-def test_other_then_typed_text_answers_the_question(daemon) -> None:
-    chat = fresh_chat()
-    ask = {"questions": [{"question": "Colour?", "options": [{"label": "red"}]}]}
-
-    async def main() -> None:
-        async with bridge(daemon) as fake:
-            fake.push_message(chat, USER, f"/tool ask_user {json.dumps(ask)}")
-            await fake.wait_for(lambda: fake.chats[chat] and fake.last(chat).buttons)
-            prompt = fake.last(chat)
-            fake.push_press(chat, USER, prompt.message_id, dict(prompt.buttons)["Other…"])
+            third = fake.last(chat)
+            fake.push_press(chat, USER, third.message_id, dict(third.buttons)["Other…"])
             await fake.wait_for(lambda: "Type your answer" in fake.last(chat).visible)
             toast = fake.calls_to("answerCallbackQuery")[-1]
             assert toast.params["text"] == "Type your answer and send it."
-            fake.push_message(chat, USER, "teal, please")
-            await fake.wait_for(lambda: fake.texts(chat)[-1] == "teal, please")
-            assert "✅ teal, please" in fake.chats[chat][prompt.message_id].visible
+            fake.push_message(chat, USER, "Grace Hopper")
+            # echo answers with the tool's result: the answers, as the CLI words them
+            answer = "Colour?: blue Sizes?: S, L Name?: Grace Hopper"
+            await fake.wait_for(lambda: fake.texts(chat)[-1] == answer)
+            assert "✅ Grace Hopper" in fake.chats[chat][third.message_id].visible
+            assert len(fake.calls_to("answerCallbackQuery")) == 5
 
     on_asyncio(main)
 
 
-def test_kill_stops_the_run(daemon) -> None:
+def test_kill_stops_the_run(shared_daemon) -> None:
     chat = fresh_chat()
 
     async def main() -> None:
-        async with bridge(daemon) as fake:
+        async with bridge(shared_daemon) as fake:
             fake.push_message(chat, USER, "/kill")
             await fake.wait_for(lambda: fake.texts(chat) == ["Nothing is running."])
             fake.push_message(chat, USER, "/slow 100 100")  # 10 s unless killed
@@ -207,18 +190,18 @@ def test_kill_stops_the_run(daemon) -> None:
             fake.push_message(chat, USER, "/kill")
             await fake.wait_for(lambda: fake.texts(chat)[-1].endswith("⏹ Stopped."))
             assert fake.texts(chat)[-1].startswith("1")
-        async with connect(daemon.socket_path) as client:
+        async with connect(shared_daemon.socket_path) as client:
             history = await client.history("assistant", f"tg:{chat}")
             assert history.entries[-1].role == "user"  # nothing half-done was stored
 
     on_asyncio(main, timeout=8)
 
 
-def test_a_message_sent_while_busy_queues_and_the_bridge_says_so(daemon) -> None:
+def test_a_message_sent_while_busy_queues_and_the_bridge_says_so(shared_daemon) -> None:
     chat = fresh_chat()
 
     async def main() -> None:
-        async with bridge(daemon) as fake:
+        async with bridge(shared_daemon) as fake:
             fake.push_message(chat, USER, "/slow 5 100")
             await fake.wait_for(lambda: fake.texts(chat))
             fake.push_message(chat, USER, "second message")
@@ -229,12 +212,12 @@ def test_a_message_sent_while_busy_queues_and_the_bridge_says_so(daemon) -> None
     on_asyncio(main)
 
 
-def test_nobody_is_allowed_by_default_and_the_refused_user_learns_their_id(daemon) -> None:
+def test_nobody_is_allowed_by_default_and_the_refused_user_learns_their_id(shared_daemon) -> None:
     chat = fresh_chat()
 
     async def main() -> None:
         with capture_logs() as logs:
-            async with bridge(daemon, allowed_users=frozenset()) as fake:
+            async with bridge(shared_daemon, allowed_users=frozenset()) as fake:
                 fake.push_message(chat, USER, "hello")
                 await fake.wait_for(lambda: fake.texts(chat))
                 assert fake.texts(chat) == [
@@ -245,18 +228,20 @@ def test_nobody_is_allowed_by_default_and_the_refused_user_learns_their_id(daemo
         assert "--allow" in events["telegram_nobody_allowed"]["hint"]
         assert events["telegram_user_refused"]["user_id"] == USER
         assert f"--allow {USER}" in events["telegram_user_refused"]["hint"]
-        async with connect(daemon.socket_path) as client:
+        async with connect(shared_daemon.socket_path) as client:
             page = await client.list_conversations(sender=f"tg:{chat}")
             assert page.items == []  # nothing reached the agent
 
     on_asyncio(main)
 
 
-def test_markdown_goes_as_markdown_v2_and_as_plain_text_when_telegram_rejects_it(daemon) -> None:
+def test_markdown_goes_as_markdown_v2_and_as_plain_text_when_telegram_rejects_it(
+    shared_daemon,
+) -> None:
     chat = fresh_chat()
 
     async def main() -> None:
-        async with bridge(daemon) as fake:
+        async with bridge(shared_daemon) as fake:
             fake.push_message(chat, USER, "a **bold** claim. Really!")
             await fake.wait_for(lambda: fake.texts(chat) == ["a bold claim. Really!"])
             shown = fake.last(chat)
@@ -288,57 +273,49 @@ def test_a_daemon_restart_mid_run_loses_no_answer(daemon) -> None:
     on_asyncio(main)
 
 
-def test_a_run_that_ends_while_the_bridge_is_disconnected_is_read_from_history(
-    daemon, short_tmp
+def test_after_a_lost_connection_runs_are_attached_again_or_read_from_history(
+    shared_daemon, short_tmp
 ) -> None:
     chat = fresh_chat()
-    proxy = SocketProxy(daemon.socket_path, short_tmp / "proxy.sock")
+    proxy = SocketProxy(shared_daemon.socket_path, short_tmp / "proxy.sock")
 
     async def main() -> None:
         async with anyio.create_task_group() as tasks:
             await tasks.start(proxy.serve)
-            async with bridge(daemon, socket_path=proxy.path) as fake:
-                fake.push_message(chat, USER, "/slow 6 100")
+            async with bridge(shared_daemon, socket_path=proxy.path) as fake:
+                # Still running when the bridge is back: attached again, each word once.
+                fake.push_message(chat, USER, "/slow 8 100")
                 await fake.wait_for(lambda: fake.texts(chat))
+                proxy.cut()
+                await fake.wait_for(lambda: fake.texts(chat) == ["1 2 3 4 5 6 7 8"])
+                assert proxy.connections == 2
+
+                # Over before the bridge is back: its answer comes from the history.
+                fake.push_message(chat, USER, "/slow 6 100")
+                await fake.wait_for(lambda: len(fake.texts(chat)) == 2)
                 proxy.refusing = True
                 proxy.cut()
                 async with (
-                    connect(daemon.socket_path) as client,
+                    connect(shared_daemon.socket_path) as client,
                     client.attach("assistant", f"tg:{chat}") as events,
                 ):
                     end = (await events.collect())[-1]
                     assert isinstance(end, End) and end.status == "done"
-                proxy.refusing = False
-                await fake.wait_for(lambda: fake.texts(chat) == ["1 2 3 4 5 6"])
+                with capture_logs() as logs:
+                    proxy.refusing = False
+                    await fake.wait_for(lambda: fake.texts(chat)[-1] == "1 2 3 4 5 6")
+                assert any(log["event"] == "run_recovered" for log in logs)
             tasks.cancel_scope.cancel()
 
     on_asyncio(main)
 
 
-def test_a_run_still_going_after_a_reconnection_is_attached_again(daemon, short_tmp) -> None:
-    chat = fresh_chat()
-    proxy = SocketProxy(daemon.socket_path, short_tmp / "proxy.sock")
-
-    async def main() -> None:
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(proxy.serve)
-            async with bridge(daemon, socket_path=proxy.path) as fake:
-                fake.push_message(chat, USER, "/slow 10 100")
-                await fake.wait_for(lambda: fake.texts(chat))
-                proxy.cut()
-                await fake.wait_for(lambda: fake.texts(chat) == ["1 2 3 4 5 6 7 8 9 10"])
-                assert proxy.connections == 2
-            tasks.cancel_scope.cancel()
-
-    on_asyncio(main)
-
-
-def test_commands_in_a_forum_topic(daemon) -> None:
+def test_commands_in_a_forum_topic(shared_daemon) -> None:
     chat = -100777
     topic = 42
 
     async def main() -> None:
-        async with bridge(daemon) as fake:
+        async with bridge(shared_daemon) as fake:
 
             async def say(text: str, count: int) -> str:
                 fake.push_message(chat, USER, text, thread_id=topic)
@@ -356,14 +333,14 @@ def test_commands_in_a_forum_topic(daemon) -> None:
             compacted = await say("/compact", 7)
             assert compacted.startswith("🗜 Compacted") or "Could not compact" in compacted
             assert all(shown.thread_id == topic for shown in fake.chats[chat].values())
-        async with connect(daemon.socket_path) as client:
+        async with connect(shared_daemon.socket_path) as client:
             page = await client.list_conversations(sender=f"tg:{chat}:{topic}")
             assert [item.title for item in page.items] == ["Trip plans"]
 
     on_asyncio(main)
 
 
-def test_updates_can_come_by_webhook(daemon) -> None:
+def test_updates_can_come_by_webhook(shared_daemon) -> None:
     chat = fresh_chat()
     url = "https://bot.example.invalid/telegram/hook"
 
@@ -372,7 +349,7 @@ def test_updates_can_come_by_webhook(daemon) -> None:
         async with anyio.create_task_group() as server:
             await server.start(fake.serve)
             async with anyio.create_task_group() as bridges:
-                config = config_for(daemon, fake, webhook=Webhook(url, "127.0.0.1", 0))
+                config = config_for(shared_daemon, fake, webhook=Webhook(url, "127.0.0.1", 0))
                 port = await bridges.start(run_bridge, config)
                 (registered,) = fake.calls_to("setWebhook")
                 assert registered.params["url"] == url
