@@ -5,6 +5,7 @@ Layout of ``jsonl:///DIR``::
     DIR/store.json                    {"format": "chinwag-jsonl", "version": 1}
     DIR/lock                          flock()ed by the one process that has the store open
     DIR/cache.msgpack                 what opening would read, as of the last close
+    DIR/notes.jsonl                   every agent's notes: one put_note per line
     DIR/conversations/<id>.meta.json  id, agent, sender, title, cwd, created_at
     DIR/conversations/<id>.jsonl      the history: one entry per line, seq N on line N
 
@@ -41,6 +42,25 @@ On load, a last line that is torn (no newline) or unparsable, and the lines of a
 append cut short before it, are truncated away on disk and logged
 (``torn_line_dropped``). A bad line anywhere else is corruption and raises
 ``StorageError`` naming the file and line.
+
+**Archives and notes.** A compaction is an append of one line: its marker
+entry, which also carries the rest of its archive (``first_seq``,
+``last_seq``, ``speakers``; the summary is the marker's content, the name its
+``archive``), so archive and marker are stored, or not, together; a marker
+appended without those fields is a marker with no archive. ``compact`` holds
+the conversation's append lock while it reads the history to check the
+archive (``check_archive``) and writes that line. ``notes.jsonl`` is
+append-only too: each ``put_note`` adds one line (agent, name, content,
+updated_at), fsynced before it returns, and a later line for an ``(agent,
+name)`` replaces the earlier ones. It is read whole on the first ``put_note``
+or search, and repaired like a history file: a torn or unparsable last line is
+truncated away and logged, a bad line elsewhere is a ``StorageError``.
+
+Search runs on a ``MemoryIndex`` (BM25, in memory), filled for an agent on its
+first search: from the marker lines of its conversations' history files (each
+read whole, once) and the archived entries before them, and from its notes.
+``compact`` and ``put_note`` keep it current from then on. Opening reads
+neither notes nor histories for it.
 """
 
 from __future__ import annotations
@@ -48,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import heapq
 import os
 from collections.abc import Callable, Sequence
@@ -60,29 +81,33 @@ from urllib.parse import urlsplit
 import msgspec
 import structlog
 import trio
-from chinwag.protocol import ConversationItem, Entry
+from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
-from ._base import ConversationNotFound, StorageError
+from ._base import Archive, ConversationNotFound, StorageError, check_archive, search_words
 from ._cursor import decode_cursor, encode_cursor
+from ._search import MemoryIndex, archive_text, check_search_limit, note_text
 from ._timestamps import from_text, to_text, utc
 
 FORMAT = "chinwag-jsonl"
 VERSION = 1
 
 _T = TypeVar("_T")
+_U = TypeVar("_U")
 _CURSOR_TAG = "jsonl"
 _MARKER = "store.json"
 _LOCK = "lock"
 _CACHE = "cache.msgpack"
 _CACHE_VERSION = 1
+_NOTES = "notes.jsonl"
 _CONVERSATIONS = "conversations"
 _META_SUFFIX = ".meta.json"
 _HISTORY_SUFFIX = ".jsonl"
 _TMP_SUFFIX = ".tmp"
 _THREADS = 16  # worker threads doing file I/O at once
-_LOAD_CHUNK = 256  # conversations loaded per worker-thread call when opening
+_LOAD_CHUNK = 256  # conversations read per worker-thread call when opening or indexing
 _TAIL_READ = 8192  # bytes read from the end of a history file to find its last line
 _MORE = b',"more":true}'  # how a line that is not its append's last one ends
+_ARCHIVED = b'"first_seq":'  # a key only a compaction's line has (a string escapes its ")
 
 
 class _Meta(msgspec.Struct, kw_only=True):
@@ -139,12 +164,31 @@ class _Line(Entry, kw_only=True):
     more: bool = False
 
 
+class _CompactLine(Entry, kw_only=True):
+    """A compaction's line: its marker entry, and the rest of its archive."""
+
+    first_seq: int
+    last_seq: int
+    speakers: list[str]
+
+
+class _Note(msgspec.Struct, kw_only=True):
+    """A line of ``notes.jsonl``: one ``put_note``."""
+
+    agent: str
+    name: str
+    content: str
+    updated_at: datetime
+
+
 _encoder = msgspec.json.Encoder()
 _entry_decoder = msgspec.json.Decoder(Entry)
 _line_decoder = msgspec.json.Decoder(_Line)
 _meta_decoder = msgspec.json.Decoder(_Meta)
 _marker_decoder = msgspec.json.Decoder(_Marker)
 _cache_decoder = msgspec.msgpack.Decoder(_Cache)
+_compact_decoder = msgspec.json.Decoder(_CompactLine)
+_note_decoder = msgspec.json.Decoder(_Note)
 
 
 def _log() -> Any:
@@ -286,6 +330,99 @@ class _Written:
     stat: _Stat | None  # the history file's now, None if not known
 
 
+class _Notes:
+    """``notes.jsonl`` and the notes it holds; loaded on first use.
+
+    ``load`` and ``append`` run in a worker thread, one at a time: the caller
+    holds ``lock``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = trio.Lock()
+        self.notes: dict[tuple[str, str], _Note] | None = None  # None until loaded
+        self.size = 0  # bytes of the file that hold acknowledged notes
+        self.exists = False  # the file exists and its name is durable
+        self.dirty = False  # a failed append may have left bytes after ``size``
+
+    def load(self) -> dict[tuple[str, str], _Note]:
+        """Read the file, truncating a torn or unparsable last line; every note by key."""
+        try:
+            data, _ = _read_file(str(self.path))
+        except FileNotFoundError:
+            self.notes = {}
+            return self.notes
+        lines = data.split(b"\n")
+        end = len(data)
+        reason = "torn (no newline)" if lines[-1] else ""
+        lines.pop()  # what follows the last newline: nothing, or a torn line
+        notes: dict[tuple[str, str], _Note] = {}
+        for number, line in enumerate(lines, 1):
+            try:
+                note = _note_decoder.decode(line)
+                note.updated_at = utc(note.updated_at)
+            except (msgspec.DecodeError, ValueError) as exc:
+                if number < len(lines) or reason:
+                    raise StorageError(
+                        f"{self.path}:{number}: the line is not a note ({exc}), and it is not"
+                        " the last line; fix or remove it by hand."
+                    ) from exc
+                reason = "unparsable"
+                lines.pop()
+                break
+            notes[note.agent, note.name] = note
+        if reason:
+            good = sum(len(line) + 1 for line in lines)
+            _log().warning(
+                "torn_line_dropped",
+                file=str(self.path),
+                line=len(lines) + 1,
+                lines=1,
+                bytes=end - good,
+                reason=reason,
+            )
+            _truncate(self.path, good)
+            end = good
+        self.notes, self.size, self.exists = notes, end, True
+        return notes
+
+    def append(self, note: _Note) -> None:
+        """Append ``note``'s line and fsync; on failure cut the file back. Loaded first."""
+        assert self.notes is not None
+        try:
+            data = _encoder.encode(note) + b"\n"
+        except (UnicodeEncodeError, TypeError) as exc:
+            raise StorageError(f"The note could not be encoded: {exc}.") from exc
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (0 if self.exists else os.O_CREAT)
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            on_disk = os.fstat(fd).st_size
+            if on_disk != self.size:
+                if not (self.dirty and on_disk > self.size):
+                    self.notes = None  # read it again next time
+                    raise StorageError(f"{self.path} changed outside the store.")
+                os.ftruncate(fd, self.size)  # what a failed append of ours left
+            try:
+                _write_all(fd, data)
+                _sync(fd)
+                if not self.exists:
+                    _sync_dir(self.path.parent)
+            except OSError:
+                try:
+                    os.ftruncate(fd, self.size)
+                    _sync(fd)
+                except OSError:
+                    self.dirty = True  # the next append truncates first
+                else:
+                    self.dirty = False
+                raise
+        finally:
+            os.close(fd)
+        self.exists, self.dirty = True, False
+        self.size += len(data)
+        self.notes[note.agent, note.name] = note
+
+
 class JsonlStorage:
     """A ``Storage`` in a directory of JSON-lines files; ``await JsonlStorage.open`` makes one."""
 
@@ -310,6 +447,10 @@ class JsonlStorage:
         self._writers = 0  # mutations under way; close waits for them
         self._idle: trio.Event | None = None
         self._closed = False
+        self._notes = _Notes(path / _NOTES)
+        self._memory = MemoryIndex()  # the agents in _indexed, and what was written since
+        self._indexed: set[str] = set()
+        self._indexing: dict[str, trio.Event] = {}
 
     @classmethod
     async def open(cls, path: Path | str) -> JsonlStorage:
@@ -320,25 +461,8 @@ class JsonlStorage:
             _prepare_directory, path, limiter=limiter
         )
         try:
-            conversations: list[_Conversation] = []
-            errors: list[Exception] = []
-
-            async def load(chunk: list[int]) -> None:
-                try:
-                    loaded = await trio.to_thread.run_sync(
-                        _load_conversations, path / _CONVERSATIONS, chunk, cached, limiter=limiter
-                    )
-                except Exception as exc:  # raised as itself below, not in an ExceptionGroup
-                    errors.append(exc)
-                    nursery.cancel_scope.cancel()
-                else:
-                    conversations.extend(loaded)
-
-            async with trio.open_nursery() as nursery:
-                for start in range(0, len(ids), _LOAD_CHUNK):
-                    nursery.start_soon(load, ids[start : start + _LOAD_CHUNK])
-            if errors:
-                raise errors[0]
+            load = functools.partial(_load_conversations, path / _CONVERSATIONS, cached=cached)
+            conversations = await _in_chunks(load, ids, limiter)
             seen: dict[tuple[str, str], int] = {}
             for conv in conversations:
                 key = (conv.item.agent, conv.item.sender)
@@ -577,6 +701,140 @@ class JsonlStorage:
                 visible.append(entry)
         return visible
 
+    # --- archives and notes -------------------------------------------------------
+
+    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
+        """Store the archive and append its marker as one line; see ``Storage.compact``.
+
+        Not cancellable, like ``append``.
+        """
+        (marker,) = _prepare([archive.marker()])
+        line = _CompactLine(
+            **msgspec.structs.asdict(marker),
+            first_seq=archive.first_seq,
+            last_seq=archive.last_seq,
+            speakers=list(archive.speakers),
+        )
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        conv = self._get(agent, sender)
+        pending = _PendingAppend([line])
+        self._begin_write()
+        try:
+            with trio.CancelScope(shield=True):
+                async with conv.lock:  # no append between the check and the write
+                    entries, archives = await self._read_archives(conv)
+                    check_archive(
+                        archive,
+                        marker_seq=max((e.seq for e in entries if e.kind == "compact"), default=0),
+                        last_seq=conv.item.last_seq,
+                        names=archives,
+                    )
+                    await self._write_group(conv, [pending])
+        finally:
+            self._end_write()
+        if pending.error is not None:
+            raise pending.error
+        text = archive_text(archive.summary, entries[archive.first_seq - 1 :])
+        self._memory.put(
+            agent, "archive", archive.name, sender=sender, text=text, created_at=marker.created_at
+        )
+        marker.seq = line.seq
+        return marker
+
+    async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
+        await trio.lowlevel.checkpoint()
+        _, archives = await self._read_archives(self._get(agent, sender))
+        return archives.get(name)
+
+    async def _read_archives(self, conv: _Conversation) -> tuple[list[Entry], dict[str, Archive]]:
+        """The conversation's history, and the archives its marker lines carry, by name."""
+        archives: dict[str, Archive] = {}
+        if not conv.size:
+            return [], archives
+        path = self._history_path(conv)
+        entries = await self._run(f"Reading {path}", _read_history, path, conv.size, archives)
+        return entries, archives
+
+    async def put_note(self, agent: str, name: str, content: str, *, updated_at: datetime) -> None:
+        """Create or replace the note; see ``Storage.put_note``. Not cancellable."""
+        note = _Note(agent=agent, name=name, content=content, updated_at=utc(updated_at))
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        self._begin_write()
+        try:
+            with trio.CancelScope(shield=True):
+                async with self._notes.lock:
+                    await self._load_notes()
+                    await self._run(
+                        f"Writing a note to {self._notes.path}", self._notes.append, note
+                    )
+                    # Under the lock, so an index being built reads notes and index alike.
+                    self._memory.put(
+                        agent,
+                        "note",
+                        name,
+                        sender=None,
+                        text=note_text(name, content),
+                        created_at=note.updated_at,
+                    )
+        finally:
+            self._end_write()
+
+    async def _load_notes(self) -> dict[tuple[str, str], _Note]:
+        """Every note, read from ``notes.jsonl`` on first use. Holding ``self._notes.lock``."""
+        if self._notes.notes is None:
+            return await self._run(f"Reading {self._notes.path}", self._notes.load)
+        return self._notes.notes
+
+    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+        """The agent's notes and archives matching any word of ``query``, best BM25 first."""
+        check_search_limit(limit)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        if search_words(query):
+            await self._index(agent)
+        return self._memory.search(agent, query, limit)
+
+    async def _index(self, agent: str) -> None:
+        """Fill the index with the agent's archives and notes, once; concurrent calls wait."""
+        while agent not in self._indexed:
+            building = self._indexing.get(agent)
+            if building is not None:
+                await building.wait()  # then it is built, or it failed and we try again
+                continue
+            building = self._indexing[agent] = trio.Event()
+            try:
+                conversations = [
+                    (conv.id, conv.item.sender, conv.size)
+                    for conv in self._by_key.values()
+                    if conv.item.agent == agent and conv.size
+                ]
+                read = functools.partial(_archives_in, self._dir)
+                for sender, archive, text in await _in_chunks(read, conversations, self._limiter):
+                    self._memory.put(
+                        agent,
+                        "archive",
+                        archive.name,
+                        sender=sender,
+                        text=text,
+                        created_at=archive.created_at,
+                    )
+                # A compaction since those reads has put its archive already: the same one.
+                async with self._notes.lock:
+                    for note in (await self._load_notes()).values():
+                        if note.agent == agent:
+                            self._memory.put(
+                                agent,
+                                "note",
+                                note.name,
+                                sender=None,
+                                text=note_text(note.name, note.content),
+                                created_at=note.updated_at,
+                            )
+                self._indexed.add(agent)
+            finally:
+                del self._indexing[agent]
+                building.set()
+
     # --- claims: one process per directory, so only this store's own claims refuse ------
 
     async def claim(self, agent: str, sender: str) -> bool:
@@ -657,7 +915,52 @@ def _prepare(entries: Sequence[Entry]) -> list[Entry]:
     ]
 
 
+async def _in_chunks(
+    fn: Callable[[list[_T]], list[_U]], items: list[_T], limiter: trio.CapacityLimiter
+) -> list[_U]:
+    """``fn`` over ``items``, ``_LOAD_CHUNK`` at a time in concurrent worker threads.
+
+    The results come in no particular order; the first error is raised as itself.
+    """
+    results: list[_U] = []
+    errors: list[Exception] = []
+
+    async def run(chunk: list[_T]) -> None:
+        try:
+            done = await trio.to_thread.run_sync(fn, chunk, limiter=limiter)
+        except Exception as exc:  # raised as itself below, not in an ExceptionGroup
+            errors.append(exc)
+            nursery.cancel_scope.cancel()
+        else:
+            results.extend(done)
+
+    async with trio.open_nursery() as nursery:
+        for start in range(0, len(items), _LOAD_CHUNK):
+            nursery.start_soon(run, items[start : start + _LOAD_CHUNK])
+    if errors:
+        raise errors[0]
+    return results
+
+
 # --- worker-thread functions -------------------------------------------------------------
+
+
+def _archives_in(
+    directory: Path, conversations: list[tuple[int, str, int]]
+) -> list[tuple[str, Archive, str]]:
+    """``(sender, archive, its search text)`` for the archives in each ``(id, sender, size)``."""
+    found: list[tuple[str, Archive, str]] = []
+    for id_, sender, size in conversations:
+        path = directory / f"{id_}{_HISTORY_SUFFIX}"
+        archives: dict[str, Archive] = {}
+        try:
+            entries = _read_history(path, size, archives)
+        except OSError as exc:
+            raise StorageError(f"Could not read {path}: {exc}.") from exc
+        for archive in archives.values():
+            archived = entries[archive.first_seq - 1 : archive.last_seq]
+            found.append((sender, archive, archive_text(archive.summary, archived)))
+    return found
 
 
 def _prepare_directory(path: Path) -> tuple[int, list[int], dict[int, _Cached]]:
@@ -801,7 +1104,7 @@ def _write_meta(directory: Path, meta: _Meta) -> _Stat:
 
 
 def _load_conversations(
-    directory: Path, ids: list[int], cached: dict[int, _Cached]
+    directory: Path, ids: list[int], *, cached: dict[int, _Cached]
 ) -> list[_Conversation]:
     """Load each of ``ids``: from the cache if its files are as it says, else from them."""
     prefix = f"{directory}{os.sep}"  # str paths: pathlib would double the cost of a load
@@ -1143,8 +1446,11 @@ def _write_group(
     return _Written(tail, True, False, new_stat)
 
 
-def _read_history(path: Path, size: int) -> list[Entry]:
-    """Every entry in the first ``size`` bytes of ``path``, checked line by line."""
+def _read_history(path: Path, size: int, archives: dict[str, Archive] | None = None) -> list[Entry]:
+    """Every entry in the first ``size`` bytes of ``path``, checked line by line.
+
+    Given ``archives``, puts in it the archive of every compaction's line, by name.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         data = _pread(fd, size, 0)
@@ -1165,5 +1471,26 @@ def _read_history(path: Path, size: int) -> list[Entry]:
                 if entry.seq != number
                 else f"{path}:{number}: the entry has no created_at."
             )
+        if archives is not None and entry.kind == "compact" and _ARCHIVED in line:
+            archive = _archive_of(path, number, line)
+            archives[archive.name] = archive
         entries.append(entry)
     return entries
+
+
+def _archive_of(path: Path, number: int, line: bytes) -> Archive:
+    """The archive that compaction line ``number`` of history file ``path`` carries."""
+    try:
+        compaction = _compact_decoder.decode(line)
+    except msgspec.DecodeError as exc:
+        raise StorageError(f"{path}:{number}: the compaction's line is not valid: {exc}.") from exc
+    if compaction.archive is None or compaction.created_at is None:
+        raise StorageError(f"{path}:{number}: the compaction's line names no archive or time.")
+    return Archive(
+        name=compaction.archive,
+        first_seq=compaction.first_seq,
+        last_seq=compaction.last_seq,
+        summary=compaction.content,
+        speakers=compaction.speakers,
+        created_at=utc(compaction.created_at),
+    )

@@ -8,6 +8,7 @@ meta files replaced atomically, and the directory's lock.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ import msgspec
 import pytest
 import trio
 from chinwag.protocol import Entry, ToolCallInfo
-from chinwag.storage import JsonlStorage, StorageError, open_store
+from chinwag.storage import Archive, JsonlStorage, StorageError, open_store
 from structlog.testing import capture_logs
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -588,3 +589,191 @@ async def test_what_was_acknowledged_survives_a_killed_process(tmp_path: Path, u
     last = len(seqs) // 2
     assert [e.content[: len(f"u{last}")] for e in history[-2:]] == [f"u{last}", f"a{last}"]
     assert item is not None and item.last_seq == len(seqs)
+
+
+# --- archives and notes -----------------------------------------------------------------
+
+
+def notes_file(root: Path) -> Path:
+    return root / "notes.jsonl"
+
+
+async def noted(url: str) -> None:
+    """Two notes, the first written twice."""
+    async with open_store(url) as store:
+        await store.put_note(AGENT, "pet", "a cat", updated_at=T0)
+        await store.put_note("helper", "pet", "a dog", updated_at=T0)
+        await store.put_note(AGENT, "pet", "a parrot", updated_at=T0 + timedelta(seconds=1))
+
+
+async def note_hits(url: str, query: str, agent: str = AGENT) -> list[tuple[str, str]]:
+    async with open_store(url) as store:
+        return [(hit.name, hit.snippet) for hit in await store.search_memory(agent, query)]
+
+
+async def test_a_compaction_is_one_line_that_carries_its_archive(url: str, root: Path) -> None:
+    archive = Archive(
+        name="archive-1-3",
+        first_seq=1,
+        last_seq=3,
+        summary="They set a title.",
+        speakers=["", "helper", "helper"],
+        created_at=T0,
+    )
+    await fill(url)
+    async with open_store(url) as store:
+        marker = await store.compact(AGENT, SENDER, archive)
+
+    lines = lines_of(history_file(root))
+    assert len(lines) == 4
+    assert lines[3] == {
+        **json.loads(msgspec.json.encode(marker)),
+        "first_seq": 1,
+        "last_seq": 3,
+        "speakers": ["", "helper", "helper"],
+    }
+    assert (lines[3]["kind"], lines[3]["content"], lines[3]["archive"]) == (
+        "compact",
+        "They set a title.",
+        "archive-1-3",
+    )
+    async with open_store(url) as store:
+        assert await store.get_archive(AGENT, SENDER, "archive-1-3") == archive
+
+
+async def test_notes_are_appended_one_line_each_and_the_last_one_wins(url: str, root: Path) -> None:
+    await noted(url)
+    assert lines_of(notes_file(root)) == [
+        {"agent": AGENT, "name": "pet", "content": "a cat", "updated_at": "2024-05-01T12:00:00Z"},
+        {
+            "agent": "helper",
+            "name": "pet",
+            "content": "a dog",
+            "updated_at": "2024-05-01T12:00:00Z",
+        },
+        {
+            "agent": AGENT,
+            "name": "pet",
+            "content": "a parrot",
+            "updated_at": "2024-05-01T12:00:01Z",
+        },
+    ]
+    assert await note_hits(url, "cat parrot dog") == [("pet", "pet a [parrot]")]
+    assert await note_hits(url, "cat parrot dog", "helper") == [("pet", "pet a [dog]")]
+
+
+@pytest.mark.parametrize(
+    ("tail", "reason"),
+    [
+        (b'{"agent":"assistant","name":"x","cont', "torn (no newline)"),
+        (b"garbage\n", "unparsable"),
+        (b"\n", "unparsable"),
+    ],
+)
+async def test_a_torn_last_note_is_truncated_on_disk_and_logged(
+    url: str, root: Path, tail: bytes, reason: str
+) -> None:
+    await noted(url)
+    path = notes_file(root)
+    good = path.read_bytes()
+    with path.open("ab") as f:
+        f.write(tail)
+
+    with capture_logs() as logs:
+        assert await note_hits(url, "parrot") == [("pet", "pet a [parrot]")]
+    (event,) = torn_events(logs)
+    assert (event["file"], event["line"], event["lines"]) == (str(path), 4, 1)
+    assert (event["bytes"], event["reason"]) == (len(tail), reason)
+    assert path.read_bytes() == good
+
+    async with open_store(url) as store:  # and a new note follows the good ones
+        await store.put_note(AGENT, "plant", "a fern", updated_at=T0)
+    assert [line["name"] for line in lines_of(path)] == ["pet", "pet", "pet", "plant"]
+
+
+async def test_a_bad_note_in_the_middle_names_the_file_and_line(url: str, root: Path) -> None:
+    await noted(url)
+    path = notes_file(root)
+    lines = path.read_bytes().splitlines(keepends=True)
+    damaged = lines[0] + b'{"agent": "oops\n' + lines[2]
+    path.write_bytes(damaged)
+
+    async with open_store(url) as store:  # opening does not read the notes
+        assert await store.get_conversation(AGENT, SENDER) is None
+        with pytest.raises(StorageError, match=rf"{path}:2: "):
+            await store.search_memory(AGENT, "parrot")
+        with pytest.raises(StorageError, match=rf"{path}:2: "):
+            await store.put_note(AGENT, "plant", "a fern", updated_at=T0)
+    assert path.read_bytes() == damaged  # left for a human to mend
+
+
+async def test_a_failed_note_write_leaves_nothing(
+    url: str, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chinwag.storage import _jsonl
+
+    await noted(url)
+    good = notes_file(root).read_bytes()
+    real = _jsonl._write_all
+
+    def half_then_full_disk(fd: int, data: bytes) -> None:
+        real(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "injected failure")
+
+    async with open_store(url) as store:
+        monkeypatch.setattr(_jsonl, "_write_all", half_then_full_disk)
+        with pytest.raises(StorageError, match="injected failure"):
+            await store.put_note(AGENT, "pet", "a zebra", updated_at=T0)
+        monkeypatch.undo()
+        assert notes_file(root).read_bytes() == good
+        assert await store.search_memory(AGENT, "zebra") == []
+        await store.put_note(AGENT, "plant", "a fern", updated_at=T0)
+    assert [line["content"] for line in lines_of(notes_file(root))][-2:] == ["a parrot", "a fern"]
+
+
+async def test_a_damaged_compaction_line_names_the_file_and_line(url: str, root: Path) -> None:
+    await fill(url)
+    path = history_file(root)
+    line = {**lines_of(path)[0], "seq": 4, "kind": "compact", "archive": "a", "first_seq": 1}
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")  # no last_seq, no speakers
+    async with open_store(url) as store:
+        assert [e.seq for e in await store.history(AGENT, SENDER)] == [4]
+        with pytest.raises(StorageError, match=rf"{path}:4: "):
+            await store.get_archive(AGENT, SENDER, "a")
+
+
+async def test_the_first_search_of_an_agent_reads_only_its_conversations(
+    url: str, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chinwag.storage import _jsonl
+
+    async with open_store(url) as store:
+        for agent in (AGENT, "helper"):
+            for sender in ("a", "b"):
+                await store.create_conversation(agent, sender, cwd=None, created_at=T0)
+                await store.append(agent, sender, [message(f"quince of {agent} {sender}")])
+                await store.compact(
+                    agent,
+                    sender,
+                    Archive(
+                        name="x", first_seq=1, last_seq=1, summary="s", speakers=[""], created_at=T0
+                    ),
+                )
+        await store.create_conversation(AGENT, "empty", cwd=None, created_at=T0)
+
+    reads: list[str] = []
+    real = _jsonl._read_history
+
+    def spy(path: Path, size: int, archives: Any = None) -> list[Entry]:
+        reads.append(path.name)
+        return real(path, size, archives)
+
+    monkeypatch.setattr(_jsonl, "_read_history", spy)
+    async with open_store(url) as store:
+        assert reads == []  # opening reads no history
+        hits = await store.search_memory(AGENT, "quince")
+        assert sorted(hit.sender or "" for hit in hits) == ["a", "b"]
+        assert sorted(reads) == ["1.jsonl", "2.jsonl"]  # not helper's, nor an empty one's
+        await store.search_memory(AGENT, "quince")
+        assert len(reads) == 2  # once per agent
