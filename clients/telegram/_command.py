@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -12,8 +13,10 @@ import click
 import structlog
 
 if TYPE_CHECKING:
-    # Only for the annotation: `chinwag.clients.cli` imports this package.
+    # Only for the annotations: `chinwag.clients.cli` imports this package, and
+    # python-telegram-bot is imported when the command runs.
     from ..cli import Settings
+    from ._bridge import BridgeConfig
 
 
 @click.command("telegram")
@@ -77,7 +80,7 @@ def command(
     daemon restarts.
     """
     from ..cli import Failure
-    from ._bridge import BridgeConfig, run_bridge
+    from ._bridge import BridgeConfig
     from ._webhook import Webhook
 
     token = os.environ.get(token_env, "").strip()
@@ -98,11 +101,25 @@ def command(
     from telegram.error import InvalidToken
 
     try:
-        anyio.run(run_bridge, config, backend="asyncio")
-    except KeyboardInterrupt:
-        pass
+        anyio.run(_serve_until_signalled, config, backend="asyncio")
     except InvalidToken as exc:
         raise Failure(f"Telegram refused the token in ${token_env}: {exc.message}") from exc
+
+
+async def _serve_until_signalled(config: BridgeConfig) -> None:
+    """Run the bridge until SIGTERM or SIGINT, then stop it cleanly: polling
+    confirms the updates already taken, so a restart does not take them again."""
+    from ._bridge import run_bridge
+
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run_bridge, config)
+            async for signum in signals:
+                structlog.get_logger().info(
+                    "telegram_bridge_stopping", signal=signal.Signals(signum).name
+                )
+                tasks.cancel_scope.cancel()
+                break
 
 
 def _configure_logging() -> None:

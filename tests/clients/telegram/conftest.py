@@ -1,4 +1,4 @@
-"""The bridge tests' fixtures: one daemon shared by a module, PTB_TIMEDELTA."""
+"""The bridge tests' fixtures: one daemon they share, PTB_TIMEDELTA."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def _root_conftest() -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_daemon() -> Iterator[Any]:
-    """A `chinwag serve` (tests/conftest.py's config) shared by a module's tests.
+    """A `chinwag serve` (tests/conftest.py's config) shared by the bridge tests.
 
     Starting one costs a second or more on a busy machine; the bridge tests
     would spend most of their time on it.

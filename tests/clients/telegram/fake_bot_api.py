@@ -133,6 +133,10 @@ class FakeBotAPI:
 
     # --- what tests use -----------------------------------------------------------
 
+    @property
+    def last_update_id(self) -> int:
+        return self._updates[-1]["update_id"]
+
     def refuse(self, method: str, *refusals: Refusal) -> None:
         self.refusals[method].extend(refusals)
 

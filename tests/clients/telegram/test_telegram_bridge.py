@@ -27,8 +27,10 @@ from fake_bot_api import FakeBotAPI, too_many_requests
 from structlog.testing import capture_logs
 
 USER = 1111
-#: The pacing tests use: short, so that tests are quick, long enough to see.
+#: The pacing of the test that measures it: short, but long enough to see.
 INTERVAL = 0.2
+#: The pacing of the others, which only need it not to hold them up.
+QUICK = 0.05
 
 _chat_ids = itertools.count(5000)
 
@@ -52,7 +54,7 @@ def config_for(daemon: Any, fake: FakeBotAPI, **changes: Any) -> BridgeConfig:
         socket_path=daemon.socket_path,
         api_url=fake.base_url,
         allowed_users=frozenset({USER}),
-        edit_interval_s=INTERVAL,
+        edit_interval_s=QUICK,
         poll_timeout_s=5,
         reconnect_ceiling_s=0.2,
     )
@@ -76,7 +78,7 @@ def test_a_reply_streams_into_one_message_edited_at_most_once_per_interval(share
     chat = fresh_chat()
 
     async def main() -> None:
-        async with bridge(shared_daemon) as fake:
+        async with bridge(shared_daemon, edit_interval_s=INTERVAL) as fake:
             fake.push_message(chat, USER, "/slow 12 50")
             final = " ".join(str(i) for i in range(1, 13))
             await fake.wait_for(lambda: fake.texts(chat) == [final])
@@ -112,7 +114,7 @@ def test_a_reply_over_4096_characters_is_split_into_messages(shared_daemon) -> N
     words = [f"word{i:04}" for i in range(600)]  # 5399 characters
 
     async def main() -> None:
-        async with bridge(shared_daemon, edit_interval_s=0.05) as fake:
+        async with bridge(shared_daemon) as fake:
             fake.push_message(chat, USER, " ".join(words))
             await fake.wait_for(lambda: " ".join(fake.texts(chat)) == " ".join(words))
             texts = fake.texts(chat)

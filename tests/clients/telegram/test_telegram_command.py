@@ -1,0 +1,65 @@
+"""`chinwag telegram` itself: its options, its environment, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import anyio
+from chinwag.clients.cli import cli
+from click.testing import CliRunner
+from fake_bot_api import FakeBotAPI
+
+USER = 1111
+
+
+def test_an_empty_token_variable_is_refused_in_one_line() -> None:
+    result = CliRunner().invoke(
+        cli, ["telegram", "--token-env", "CHINWAG_TEST_NO_TOKEN"], env={"CHINWAG_TEST_NO_TOKEN": ""}
+    )
+    assert result.exit_code == 1
+    assert "$CHINWAG_TEST_NO_TOKEN is empty" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_command_bridges_a_chat_and_stops_cleanly_on_sigterm(shared_daemon, short_tmp) -> None:
+    chat = 9001
+    log_path = short_tmp / "bridge.log"
+
+    async def main() -> None:
+        with anyio.fail_after(20):
+            await bridge_then_stop()
+
+    async def bridge_then_stop() -> None:
+        fake = FakeBotAPI()
+        env = dict(os.environ, BOT_TOKEN=fake.token, CHINWAG_TELEGRAM_ALLOW=f"2222 {USER}")
+        async with anyio.create_task_group() as server:
+            await server.start(fake.serve)
+            command = [
+                sys.executable,
+                "-m",
+                "chinwag.clients.cli",
+                "--socket",
+                str(shared_daemon.socket_path),
+                "telegram",
+                "--token-env",
+                "BOT_TOKEN",
+                "--api-url",
+                fake.base_url,
+            ]
+            with log_path.open("wb") as log:
+                process = await anyio.open_process(command, env=env, stdout=log, stderr=log)
+                async with process:
+                    fake.push_message(chat, USER, "hello from the command")
+                    await fake.wait_for(lambda: fake.texts(chat) == ["hello from the command"])
+                    process.send_signal(signal.SIGTERM)
+                    assert await process.wait() == 0, log_path.read_text()
+            # Stopping confirmed the update it had taken: a restart will not take it again.
+            last_poll = fake.calls_to("getUpdates")[-1]
+            assert int(last_poll.params["offset"]) > fake.last_update_id
+            assert last_poll.params["timeout"] == "0"
+            server.cancel_scope.cancel()
+        assert "telegram_bridge_stopping" in log_path.read_text()
+
+    anyio.run(main, backend="asyncio")
