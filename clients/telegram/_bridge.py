@@ -38,6 +38,8 @@ TELEGRAM_API_URL = "https://api.telegram.org"
 ALLOWED_UPDATES = ("message", "callback_query")
 #: The most a command waits for the daemon to be reachable before it says it is not.
 DAEMON_WAIT_S = 30.0
+#: The most the bridge waits, when stopping, for the Bot API to confirm the updates taken.
+STOP_TIMEOUT_S = 10.0
 _HISTORY_TURNS = 5
 _HISTORY_ENTRY_CHARS = 500
 
@@ -132,7 +134,9 @@ async def run_bridge(
                     task_status.started(None)
                     await bridge.dispatch(updates)
                 finally:
-                    with anyio.CancelScope(shield=True):
+                    # Stopping confirms the updates taken, so that a restart
+                    # does not take them again; bounded, for an unreachable API.
+                    with anyio.move_on_after(STOP_TIMEOUT_S, shield=True):
                         await updater.stop()
 
 

@@ -108,9 +108,7 @@ class Chat:
     async def present(self, ask: AskUser) -> None:
         """Show an ``ask_user``: its first question, with its options as buttons."""
         async with self._ask_lock:
-            if self._prompt is not None:
-                if self._prompt.ask_id == ask.ask_id:
-                    return  # replayed after a reconnection: already shown
+            if self._prompt is not None:  # an earlier run's, not withdrawn yet
                 await self._close(self._prompt)
             prompt = AskPrompt(ask, secrets.token_hex(4))
             self._prompt = prompt

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 
 import anyio
-import anyio.abc
 import structlog
 from chinwag.protocol import AskUser, End, ErrorInfo, Queued, Start, StreamEventMsg, TextDelta
 
