@@ -140,7 +140,8 @@ def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
     """Cut ``text`` into pieces of at most ``limit`` UTF-16 units each.
 
     A cut falls on a paragraph break in the second half of the room if there
-    is one, else on the last line break, else the last space, else anywhere.
+    is one, else on the last line break, else the last space (either past the
+    first quarter of the room), else anywhere.
     A fenced code block cut in two is closed at the end of one piece and
     opened again at the start of the next.
     """

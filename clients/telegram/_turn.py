@@ -157,9 +157,14 @@ class Turn:
             if entry.run_id == self._start.run_id and entry.kind == "message"
         ]
         text = "".join(entry.content for entry in entries if entry.role == "assistant")
-        self._live.replace(text.removeprefix(self._before))
-        log.info("run_recovered", sender=self._chat.sender, entries=len(entries))
-        if entries and entries[-1].role == "assistant" and not entries[-1].tool_calls:
+        text = text.removeprefix(self._before)
+        finished = bool(entries) and entries[-1].role == "assistant" and not entries[-1].tool_calls
+        log.info("run_recovered", sender=self._chat.sender, entries=len(entries), done=finished)
+        # Unfinished, the run kept only its completed steps: keep the text
+        # already streamed unless the history holds more.
+        if finished or len(text) > len(self._live.text):
+            self._live.replace(text)
+        if finished:
             return End(status="done", error=None, last_seq=history.last_seq)
         return End(
             status="error",

@@ -275,6 +275,32 @@ def test_a_daemon_restart_mid_run_loses_no_answer(daemon) -> None:
     on_asyncio(main)
 
 
+def test_a_daemon_crash_ends_the_run_in_flight_and_the_queued_message_is_sent_again(
+    daemon,
+) -> None:
+    chat = fresh_chat()
+
+    async def main() -> None:
+        async with bridge(daemon) as fake:
+            fake.push_message(chat, USER, "/slow 50 100")
+            await fake.wait_for(lambda: fake.texts(chat))
+            fake.push_message(chat, USER, "still there?")
+            await fake.wait_for(lambda: len(fake.texts(chat)) == 2)  # the queued notice
+            await anyio.to_thread.run_sync(daemon.kill9)
+            await anyio.to_thread.run_sync(daemon.start)
+            # The queued message was never stored: the bridge sends it again.
+            await fake.wait_for(lambda: fake.texts(chat)[-1] == "still there?")
+            # The run in flight died with the daemon, its step unfinished: the
+            # history has nothing more, and the chat is told so.
+            await fake.wait_for(lambda: "went away" in fake.texts(chat)[0])
+            assert fake.texts(chat)[0].startswith("1")
+            assert fake.texts(chat)[0].endswith(
+                "⚠️ Error 503: The daemon went away before the run finished."
+            )
+
+    on_asyncio(main)
+
+
 def test_after_a_lost_connection_runs_are_attached_again_or_read_from_history(
     shared_daemon, short_tmp
 ) -> None:
