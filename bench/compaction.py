@@ -46,6 +46,9 @@ class InstantSummary:
     async def aclose(self) -> None:
         pass
 
+    async def list_models(self) -> list[str] | None:
+        return None
+
 
 def turn(n: int) -> list[Entry]:
     now = datetime.now(UTC)

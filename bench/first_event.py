@@ -1,92 +1,45 @@
-"""First-event latency and sequential runs/s: the echo agent on sqlite, one connection.
+"""(a) First-event latency and sequential runs/s: the echo agent on sqlite, one connection.
 
-Baseline, measured in the same run: a bare trio Unix-socket server that answers
-each framed request with one framed reply, in its own process like the daemon.
-The client is the same thin framed-msgpack loop for both, so the ratio is what
-the daemon adds on top of a socket round trip.
+chinwag: a `stream` of "hello world" to the echo agent, timed from the write
+of the request to the arrival of its `start` (the user entry is durably
+stored by then); runs/s counts whole runs (through `end done`) back to back.
+The conversations rotate over 100 senders, as a bridge serving many chats does.
 
-    python -m bench.first_event [--runs 2000] [--warmup 200]
+Baselines, measured in the same run, each in its own process like the daemon:
+- a bare trio Unix-socket server that answers each frame with the same frame
+  (the client is the same thin framed-msgpack loop, so the ratio is what the
+  daemon adds on top of a socket round trip);
+- a bare Starlette endpoint under uvicorn, on a Unix socket, that streams the
+  same events as Server-Sent Events (POST, then `start`, the words, `usage`,
+  `end`); the client is a raw HTTP/1.1 keep-alive loop, timed to the first
+  `data:` of the response and, for runs/s, to the end of the chunked body.
+
+    python -m bench.first_event [--runs 2000] [--warmup 200] [--storage URL]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
-import sys
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import trio
-from chinwag.protocol import MSGPACK, End, FrameDecoder, Hello, Start, Stream
+from chinwag.protocol import MSGPACK, End, Start, Stream
 
-CONFIG = """
-[agents.assistant]
-provider = "echo"
-"""
+from ._processes import bare_server, chinwag_serve, echo_config, sse_server, storage_label
+from ._report import Baseline, Figure, Target, percentile, print_figures
+from ._wire import Framed, connect
+
+__all__ = ["Framed", "figures", "main", "percentile"]
 
 SENDERS = 100
-
-BASELINE_SERVER = r"""
-import sys, trio
-async def handle(stream):
-    buf = bytearray()
-    async with stream:
-        while data := await stream.receive_some(65536):
-            buf += data
-            while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
-                n = int.from_bytes(buf[:4], "big")
-                body = bytes(buf[4:4 + n]); del buf[:4 + n]
-                await stream.send_all(len(body).to_bytes(4, "big") + body)
-async def main(path):
-    sock = trio.socket.socket(trio.socket.AF_UNIX)
-    await sock.bind(path); sock.listen(16)
-    await trio.serve_listeners(handle, [trio.SocketListener(sock)])
-trio.run(main, sys.argv[1])
-"""
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(str(path))
-                return
-            except OSError:
-                time.sleep(0.02)
-    raise SystemExit(f"nothing listened on {path}")
-
-
-class Framed:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.decoder = FrameDecoder(1 << 30)
-
-    async def recv_body(self) -> bytes:
-        while (body := self.decoder.next_frame()) is None:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise EOFError
-            self.decoder.feed(data)
-        return body
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+CONTENT = "hello world"
 
 
 async def measure_daemon(path: Path, runs: int, warmup: int) -> tuple[list[float], float]:
-    stream = await trio.open_unix_socket(str(path))
-    conn = Framed(stream)
-    await stream.send_all(MSGPACK.encode_frame(Hello(protocol=1, client="bench")))
-    await conn.recv_body()
+    conn = await connect(path)
     firsts: list[float] = []
     started = 0.0
     for i in range(warmup + runs):
@@ -94,9 +47,9 @@ async def measure_daemon(path: Path, runs: int, warmup: int) -> tuple[list[float
             started = time.perf_counter()
         # Rotate over conversations, as a bridge serving many chats does, so that
         # no one context grows without bound (no compaction in this benchmark).
-        msg = Stream(id=1, agent="assistant", sender=f"bench-{i % SENDERS}", content="hello world")
+        msg = Stream(id=1, agent="assistant", sender=f"bench-{i % SENDERS}", content=CONTENT)
         t0 = time.perf_counter()
-        await stream.send_all(MSGPACK.encode_frame(msg))
+        await conn.send(msg)
         first = MSGPACK.decode_server(await conn.recv_body())
         assert isinstance(first, Start), first
         if i >= warmup:
@@ -107,29 +60,156 @@ async def measure_daemon(path: Path, runs: int, warmup: int) -> tuple[list[float
                 assert event.status == "done", event
                 break
     elapsed = time.perf_counter() - started
-    await stream.aclose()
+    await conn.aclose()
     return firsts, runs / elapsed
 
 
-async def measure_baseline(path: Path, runs: int, warmup: int) -> tuple[list[float], float]:
-    stream = await trio.open_unix_socket(str(path))
-    conn = Framed(stream)
-    frame = MSGPACK.encode_frame(
-        Stream(id=1, agent="assistant", sender="bench", content="hello world")
-    )
+async def measure_round_trip(path: Path, runs: int, warmup: int) -> tuple[list[float], float]:
+    conn = Framed(await trio.open_unix_socket(str(path)))
+    frame = MSGPACK.encode_frame(Stream(id=1, agent="assistant", sender="bench", content=CONTENT))
     samples: list[float] = []
     started = 0.0
     for i in range(warmup + runs):
         if i == warmup:
             started = time.perf_counter()
         t0 = time.perf_counter()
-        await stream.send_all(frame)
+        await conn.stream.send_all(frame)
         await conn.recv_body()
         if i >= warmup:
             samples.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - started
-    await stream.aclose()
+    await conn.aclose()
     return samples, runs / elapsed
+
+
+def sse_request(content: str) -> bytes:
+    body = b'{"content": "' + content.encode() + b'"}'
+    head = (
+        "POST /stream HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def measure_sse(path: Path, runs: int, warmup: int) -> tuple[list[float], float]:
+    stream = await trio.open_unix_socket(str(path))
+    request = sse_request(CONTENT)
+    firsts: list[float] = []
+    started = 0.0
+    for i in range(warmup + runs):
+        if i == warmup:
+            started = time.perf_counter()
+        t0 = time.perf_counter()
+        await stream.send_all(request)
+        received = b""
+        first = None
+        # The whole response: headers, then a chunk per event, then the last chunk.
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            data = await stream.receive_some(65536)
+            if not data:
+                raise EOFError("uvicorn closed the connection")
+            received += data
+            if first is None and b"data:" in received:
+                first = time.perf_counter() - t0
+        assert b"event: end" in received, received
+        if i >= warmup:
+            assert first is not None
+            firsts.append(first)
+    elapsed = time.perf_counter() - started
+    await stream.aclose()
+    return firsts, runs / elapsed
+
+
+async def check_sse(path: Path) -> None:
+    """With httpx, as a real client would: the endpoint speaks valid SSE, the same words."""
+    import httpx
+
+    transport = httpx.AsyncHTTPTransport(uds=str(path))
+    deltas: list[str] = []
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://bench") as client,
+        client.stream("POST", "/stream", json={"content": CONTENT}) as response,
+    ):
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: ") and kind == "text_delta":
+                deltas.append(json.loads(line.removeprefix("data: "))["delta"])
+    assert "".join(deltas) == CONTENT, deltas
+
+
+def sse_available() -> str | None:
+    """Why the SSE baseline cannot run, or None."""
+    try:
+        import httpx  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is not installed: pip install '.[bench]'"
+    return None
+
+
+def figures(root: Path, runs: int, warmup: int, storage: str | None = None) -> list[Figure]:
+    """Measure chinwag and its baselines, one after another, each over one connection."""
+    with chinwag_serve(root / "first-event", echo_config(), storage) as daemon:
+        d_first, d_rate = trio.run(measure_daemon, daemon.socket_path, runs, warmup)
+    with bare_server(root, "echo") as bare:
+        b_rtt, b_rate = trio.run(measure_round_trip, bare.socket_path, runs, warmup)
+    bases = {
+        "p50": [Baseline("bare trio socket round trip", percentile(b_rtt, 0.5) * 1e3)],
+        "p99": [Baseline("bare trio socket round trip", percentile(b_rtt, 0.99) * 1e3)],
+        "rate": [Baseline("bare trio socket round trip", b_rate)],
+    }
+    note = ""
+    if (missing := sse_available()) is None:
+        with sse_server(root) as sse:
+            trio.run(check_sse, sse.socket_path)
+            s_first, s_rate = trio.run(measure_sse, sse.socket_path, runs, warmup)
+        bases["p50"].append(
+            Baseline("Starlette SSE (uvicorn), first data", percentile(s_first, 0.5) * 1e3)
+        )
+        bases["p99"].append(
+            Baseline("Starlette SSE (uvicorn), first data", percentile(s_first, 0.99) * 1e3)
+        )
+        bases["rate"].append(Baseline("Starlette SSE (uvicorn), whole stream", s_rate))
+    else:
+        note = f"no SSE baseline: {missing}"
+    where = storage_label(storage)
+    return [
+        Figure(
+            "first_event_p50",
+            "a",
+            "first event p50",
+            "ms",
+            percentile(d_first, 0.5) * 1e3,
+            "lower",
+            bases["p50"],
+            Target("<=", 0.5),
+            note=f"stream -> `start` (user entry stored), echo on {where}, {runs} runs",
+        ),
+        Figure(
+            "first_event_p99",
+            "a",
+            "first event p99",
+            "ms",
+            percentile(d_first, 0.99) * 1e3,
+            "lower",
+            bases["p99"],
+        ),
+        Figure(
+            "runs_per_s",
+            "a",
+            "sequential runs/s, one connection",
+            "runs/s",
+            d_rate,
+            "higher",
+            bases["rate"],
+            Target(">=", 2000),
+            note=note,
+        ),
+    ]
 
 
 def main() -> None:
@@ -141,57 +221,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        root = Path(tmp)
-        (root / "config.toml").write_text(CONFIG)
-        storage = args.storage or f"sqlite:///{root / 'bench.db'}"
-        daemon_sock, base_sock = root / "d.sock", root / "b.sock"
-        env = dict(os.environ, CHINWAG_CONFIG=str(root / "config.toml"))
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "chinwag.daemon",
-                "--socket",
-                str(daemon_sock),
-                "--storage",
-                storage,
-                "--config",
-                str(root / "config.toml"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-        baseline = subprocess.Popen([sys.executable, "-c", BASELINE_SERVER, str(base_sock)])
-        try:
-            wait_for_socket(daemon_sock, daemon)
-            wait_for_socket(base_sock, baseline)
-            d_first, d_rate = trio.run(measure_daemon, daemon_sock, args.runs, args.warmup)
-            b_rtt, b_rate = trio.run(measure_baseline, base_sock, args.runs, args.warmup)
-        finally:
-            for proc in (daemon, baseline):
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(20)
-    rows = [
-        ("first event p50 (ms)", percentile(d_first, 0.5) * 1e3, percentile(b_rtt, 0.5) * 1e3, 0.5),
-        (
-            "first event p99 (ms)",
-            percentile(d_first, 0.99) * 1e3,
-            percentile(b_rtt, 0.99) * 1e3,
-            None,
-        ),
-        ("sequential runs/s", d_rate, b_rate, 2000),
-    ]
-    print(
-        f"echo agent on {storage.split(':')[0]}, {args.runs} runs over one connection "
-        f"(baseline: bare trio socket round trip)"
-    )
-    print(f"{'figure':<24}{'chinwag':>12}{'baseline':>12}{'ratio':>9}{'target':>10}")
-    for name, ours, base, target in rows:
-        print(
-            f"{name:<24}{ours:>12.3f}{base:>12.3f}{ours / base:>9.2f}"
-            f"{'' if target is None else format(target, 'g'):>10}"
-        )
+        found = figures(Path(tmp), args.runs, args.warmup, args.storage)
+    print_figures(__doc__.splitlines()[0], found)
 
 
 if __name__ == "__main__":

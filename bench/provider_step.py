@@ -26,7 +26,7 @@ from chinwag.protocol import MSGPACK, End, Hello, Stream, TextDelta
 
 # The fake server lives with the tests that pin its format; reuse it rather than copy it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "providers"))
-from fake_openai import answer, open_fake_openai
+from fake_openai import answer, open_fake_openai  # type: ignore[import-not-found]
 
 from .first_event import Framed, percentile
 

@@ -27,6 +27,8 @@ import trio
 from chinwag.protocol import MSGPACK, Entry, FrameDecoder, Hello, Ping, Pong, ToolCallInfo
 from chinwag.storage import open_store
 
+from ._report import Baseline, Figure, Target
+
 BASELINE_SERVER = r"""
 import socket, sys, trio
 async def main(path):
@@ -194,6 +196,46 @@ def raw_commit_cost(path: Path, synchronous: str, steps: int) -> float:
     return (time.perf_counter() - started) / steps
 
 
+def fill_url(url: str) -> str:
+    """The URL to fill a store through: sqlite without an fsync per commit, since
+    only the daemon's start-up over the result is measured."""
+    return f"{url}?synchronous=normal" if url.startswith("sqlite:") else url
+
+
+def startup_figures(root: Path, conversations: int, entries: int) -> list[Figure]:
+    """(d) for `python -m bench`: start-up and RSS over a filled sqlite store."""
+    base_s, base_rss = measure_baseline_startup(root)
+    url = f"sqlite:///{root / 'scale.db'}"
+    t0 = time.perf_counter()
+    trio.run(populate, fill_url(url), conversations, entries)
+    filled = time.perf_counter() - t0
+    seconds, rss = measure_startup(url, root)
+    label = "bare trio process answering a ping"
+    return [
+        Figure(
+            "startup_s",
+            "d",
+            f"start-up over {conversations:,} stored conversations",
+            "s",
+            seconds,
+            "lower",
+            [Baseline(label, base_s)],
+            Target("<=", 0.5),
+            note=f"spawn -> first `pong`; sqlite, {entries} entries each, filled in {filled:.0f} s",
+        ),
+        Figure(
+            "startup_rss",
+            "d",
+            "RSS after listing a page of them",
+            "MiB",
+            rss / 1024,
+            "lower",
+            [Baseline(label, base_rss / 1024)],
+            Target("<=", 100),
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=10_000)
@@ -218,7 +260,7 @@ def main() -> None:
                 "jsonl": f"jsonl:///{root / 'scale-jsonl'}",
             }[backend]
             t0 = time.perf_counter()
-            trio.run(populate, url, args.conversations, args.entries)
+            trio.run(populate, fill_url(url), args.conversations, args.entries)
             filled = time.perf_counter() - t0
             seconds, rss = measure_startup(url, root)
             print(

@@ -1,0 +1,216 @@
+"""`python -m bench`: every benchmark against a real `chinwag serve`, one table, one JSON file.
+
+Each figure is printed beside the same measurement of a baseline taken in the
+same run, with the ratio chinwag / baseline, and beside its target where the
+project set one. Needs `pip install '.[bench]'` for the Starlette SSE baseline
+(the rest runs without it, and says so).
+
+    python -m bench                       # everything, about 3 minutes on 2 cores
+    python -m bench --quick               # scaled down, under a minute
+    python -m bench --only a,c --repeat 3 # some benchmarks, best of 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import concurrency, delegation, first_event, slow_consumer, storage_scale, throughput
+from ._processes import storage_label
+from ._report import (
+    REPO,
+    Figure,
+    best_of,
+    describe_machine,
+    git_revision,
+    load_average,
+    machine,
+    table,
+    write_json,
+)
+
+DEFAULT_JSON = REPO / "bench" / "results.json"
+
+
+@dataclass(frozen=True)
+class Scale:
+    runs: int = 2000  # (a) sequential runs
+    warmup: int = 200
+    tokens: int = 10_000  # (b) tokens in the one run
+    tput_rounds: int = 5
+    conversations: int = 1000  # (c)
+    paced_tokens: int = 400  # (c) tokens per conversation, 20 ms apart
+    stored: int = 10_000  # (d) idle stored conversations
+    entries: int = 20
+    delegations: int = 300  # (e)
+    fast_tokens: int = 30_000  # slow consumer: the stalled client's run
+    steady_tokens: int = 300  # slow consumer: the other client's run, 20 ms apart
+
+
+QUICK = Scale(
+    runs=300,
+    warmup=50,
+    tput_rounds=2,
+    conversations=200,
+    paced_tokens=100,
+    stored=1000,
+    delegations=50,
+    fast_tokens=10_000,
+    steady_tokens=100,
+)
+
+Bench = Callable[[Path, Scale, "str | None"], list[Figure]]
+
+
+def diagnostic(figures: list[Figure], storage: str) -> list[Figure]:
+    """The same figures on another store, to tell storage's share from the daemon's."""
+    return [
+        replace(
+            fig,
+            key=f"{fig.key}_{storage.rstrip(':')}",
+            name=f"{fig.name}, {storage} storage",
+            target=None,
+            note="",
+        )
+        for fig in figures
+    ]
+
+
+def bench_a(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    found = first_event.figures(root / "sqlite", s.runs, s.warmup, storage)
+    if storage is None:
+        memory = first_event.figures(root / "memory", s.runs, s.warmup, "memory:")
+        found += diagnostic([f for f in memory if f.key != "first_event_p99"], "memory:")
+    return found
+
+
+def bench_b(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    found = throughput.figures(root / "sqlite", s.tokens, s.tput_rounds, storage)
+    if storage is None:
+        memory = throughput.figures(root / "memory", s.tokens, s.tput_rounds, "memory:")
+        found += diagnostic(memory[:1], "memory:")
+    return found
+
+
+def bench_c(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return concurrency.figures(root, s.conversations, s.paced_tokens, storage)
+
+
+def bench_d(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return storage_scale.startup_figures(root, s.stored, s.entries)
+
+
+def bench_e(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return delegation.figures(root, s.delegations, storage)
+
+
+def bench_slow(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return slow_consumer.figures(root, s.fast_tokens, s.steady_tokens, storage)
+
+
+BENCHES: dict[str, tuple[str, Bench]] = {
+    "a": ("first_event", bench_a),
+    "b": ("throughput", bench_b),
+    "c": ("concurrency", bench_c),
+    "d": ("startup", bench_d),
+    "e": ("delegation", bench_e),
+    "slow": ("slow_consumer", bench_slow),
+}
+
+
+def pick(only: str | None) -> list[str]:
+    if not only:
+        return list(BENCHES)
+    names = {name: key for key, (name, _) in BENCHES.items()}
+    chosen = []
+    for word in only.split(","):
+        word = word.strip()
+        key = word if word in BENCHES else names.get(word)
+        if key is None:
+            known = ", ".join(f"{k} ({n})" for k, (n, _) in BENCHES.items())
+            raise SystemExit(f"unknown benchmark {word!r}; known: {known}")
+        chosen.append(key)
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0].strip("`")
+    )
+    parser.add_argument(
+        "--only", help="comma-separated: a,b,c,d,e,slow (or first_event, throughput, ...)"
+    )
+    parser.add_argument("--quick", action="store_true", help="scaled down, under a minute")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run each benchmark N times, keep the best"
+    )
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"(default {DEFAULT_JSON})")
+    parser.add_argument(
+        "--storage",
+        help="storage URL for the daemon (default: sqlite in a temp dir, and memory: beside "
+        "it for (a) and (b)); (d) always uses sqlite",
+    )
+    args = parser.parse_args()
+    scale = QUICK if args.quick else Scale()
+    chosen = pick(args.only)
+    info = machine()
+    load_before = load_average()
+    started = time.perf_counter()
+    print(f"chinwag benchmarks at {git_revision()} on {describe_machine(info)}", file=sys.stderr)
+    print(f"load average before: {load_before}", file=sys.stderr)
+    figures: list[Figure] = []
+    timings: dict[str, float] = {}
+    for key in chosen:
+        name, bench = BENCHES[key]
+        rounds: list[list[Figure]] = []
+        t0 = time.perf_counter()
+        for attempt in range(args.repeat):
+            print(f"({key}) {name}, run {attempt + 1} of {args.repeat}...", file=sys.stderr)
+            with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
+                rounds.append(bench(Path(tmp), scale, args.storage))
+        timings[key] = round(time.perf_counter() - t0, 1)
+        print(f"({key}) {name}: {timings[key]} s", file=sys.stderr)
+        figures += best_of(rounds)
+    duration = time.perf_counter() - started
+    load_after = load_average()
+    missed = [f.key for f in figures if f.target is not None and not f.target.met(f.value)]
+    met = [f.key for f in figures if f.target is not None and f.target.met(f.value)]
+    print()
+    print(
+        f"chinwag {git_revision()}, echo model, storage {storage_label(args.storage)}; "
+        f"{'quick, ' if args.quick else ''}best of {args.repeat}; ratio = chinwag / baseline"
+    )
+    print(f"machine: {describe_machine(info)}")
+    print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
+    print()
+    print(table(figures))
+    print()
+    print(f"targets met: {len(met)}, missed: {len(missed)} ({', '.join(missed) or 'none'})")
+    report: dict[str, object] = {
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "revision": git_revision(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "duration_s": round(duration, 1),
+        "seconds_per_benchmark": timings,
+        "quick": args.quick,
+        "repeat": args.repeat,
+        "scale": asdict(scale),
+        "storage": storage_label(args.storage),
+        "machine": info,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "targets_met": met,
+        "targets_missed": missed,
+    }
+    write_json(args.json, report, figures)
+    print(f"written to {args.json} in {duration:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The processes a benchmark measures: a real `chinwag serve`, and the bare baselines.
+
+Each runs in its own process, as the daemon does, so that neither shares the
+client's interpreter or event loop; what a process costs is read from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from ._report import REPO
+
+ECHO_CONFIG = """
+[daemon]
+allowed_roots = ["/tmp"]
+
+[agents.assistant]
+provider = "echo"
+model = "echo"
+tools = {tools}
+
+[agents.helper]
+provider = "echo"
+model = "echo"
+"""
+
+
+def echo_config(tools: list[str] | None = None) -> str:
+    """Two echo agents, `assistant` (with ``tools``) and `helper`."""
+    return ECHO_CONFIG.format(tools="[" + ", ".join(f'"{t}"' for t in tools or []) + "]")
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Return once ``path`` accepts a connection; fail if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:
+                time.sleep(0.01)  # a child process's socket: there is no event to wait on
+    raise RuntimeError(f"nothing listened on {path} within {timeout:g} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+class Server:
+    """A child process serving on a Unix socket; a context manager that stops it."""
+
+    def __init__(self, argv: list[str], socket_path: Path, log_path: Path) -> None:
+        self.argv = argv
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+            )
+        try:
+            wait_for_socket(self.socket_path, self.proc)
+        except RuntimeError as exc:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{exc}\n{tail}") from None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def chinwag_serve(root: Path, config: str, storage: str | None = None) -> Server:
+    """A real `chinwag serve` (it execs `python -m chinwag.daemon`, keeping its pid).
+
+    Storage defaults to sqlite in ``root``; the log level is the default, info,
+    as a user runs it.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = root / "config.toml"
+    config_path.write_text(config)
+    sock = root / "d.sock"
+    argv = [
+        sys.executable,
+        "-m",
+        "chinwag.clients.cli",
+        "serve",
+        "--config",
+        str(config_path),
+        "--socket",
+        str(sock),
+        "--storage",
+        storage or f"sqlite:///{root / 'bench.db'}",
+    ]
+    return Server(argv, sock, root / "daemon.log")
+
+
+def bare_server(root: Path, mode: str) -> Server:
+    """One of `bench._bare_server`'s baselines, on its own socket in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    sock = root / f"bare-{mode}.sock"
+    argv = [sys.executable, "-m", "bench._bare_server", mode, str(sock)]
+    return Server(argv, sock, root / f"bare-{mode}.log")
+
+
+def sse_server(root: Path) -> Server:
+    """The Starlette SSE baseline under uvicorn, on a Unix socket."""
+    root.mkdir(parents=True, exist_ok=True)
+    sock = root / "sse.sock"
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench._sse_app:app",
+        "--uds",
+        str(sock),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    return Server(argv, sock, root / "sse.log")
+
+
+def storage_label(storage: str | None) -> str:
+    return "sqlite (temp dir, synchronous=full)" if storage is None else storage.split(":")[0]

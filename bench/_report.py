@@ -1,0 +1,215 @@
+"""Figures, each beside its baselines, and how they are printed and saved.
+
+A `Figure` is one measurement of chinwag with the same measurement of one or
+more baselines taken in the same run; `ratio` is always chinwag / baseline, so
+for a latency a ratio above 1 means chinwag is slower, for a rate below 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+REPO = Path(__file__).resolve().parent.parent
+
+Better = Literal["lower", "higher"]
+
+
+@dataclass
+class Baseline:
+    name: str
+    value: float
+
+    def ratio(self, ours: float) -> float | None:
+        return ours / self.value if self.value else None
+
+
+@dataclass
+class Target:
+    """A goal from the issue: ``value`` with ``<=`` (lower is better) or ``>=``."""
+
+    op: Literal["<=", ">="]
+    value: float
+
+    def met(self, ours: float) -> bool:
+        return ours <= self.value if self.op == "<=" else ours >= self.value
+
+
+@dataclass
+class Figure:
+    key: str  # stable across runs: picks the best of repeats, names the JSON entry
+    bench: str  # the section: "a" .. "e", "slow"
+    name: str
+    unit: str
+    value: float
+    better: Better
+    baselines: list[Baseline] = field(default_factory=list)
+    target: Target | None = None
+    note: str = ""
+
+    def beats(self, other: Figure) -> bool:
+        return self.value < other.value if self.better == "lower" else self.value > other.value
+
+    def as_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["baselines"] = [
+            {"name": b.name, "value": b.value, "ratio": b.ratio(self.value)} for b in self.baselines
+        ]
+        data["target"] = (
+            None
+            if self.target is None
+            else {
+                "op": self.target.op,
+                "value": self.target.value,
+                "met": self.target.met(self.value),
+            }
+        )
+        return data
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by nearest rank; what every figure here uses."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def best_of(rounds: Sequence[Sequence[Figure]]) -> list[Figure]:
+    """Per figure, the repeat where chinwag did best, with that repeat's baselines."""
+    best: dict[str, Figure] = {}
+    for figures in rounds:
+        for fig in figures:
+            if fig.key not in best or fig.beats(best[fig.key]):
+                best[fig.key] = fig
+    order = [fig.key for fig in rounds[0]] if rounds else []
+    order += [key for key in best if key not in order]
+    return [best[key] for key in order]
+
+
+def _fmt(value: float) -> str:
+    if value == int(value) and abs(value) < 10_000:
+        return str(int(value))
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 10_000:
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+NAME = 56  # widths of the table's name columns
+BASE = 44
+
+
+def table(figures: Sequence[Figure]) -> str:
+    """The figures as a fixed-width table, one line per baseline."""
+    head = (
+        f"{'figure':<{NAME}}{'chinwag':>10}  {'target':<10}{'':<7}"
+        f"{'baseline (same run)':<{BASE}}{'value':>10}{'ratio':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for fig in figures:
+        target, met = "", ""
+        if fig.target is not None:
+            target = f"{fig.target.op} {_fmt(fig.target.value)}"
+            met = "met" if fig.target.met(fig.value) else "MISSED"
+        name = f"({fig.bench}) {fig.name} ({fig.unit})"
+        left = f"{name:<{NAME}}{_fmt(fig.value):>10}  {target:<10}{met:<7}"
+        if not fig.baselines:
+            lines.append(left.rstrip())
+        for i, base in enumerate(fig.baselines):
+            ratio = base.ratio(fig.value)
+            lines.append(
+                f"{left if i == 0 else ' ' * len(left)}{base.name:<{BASE}}{_fmt(base.value):>10}"
+                f"{'-' if ratio is None else format(ratio, '.2f'):>8}"
+            )
+        if fig.note:
+            lines.append(f"{'':<4}{fig.note}")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, object]:
+    """What the figures were measured on, from /proc and platform."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": f"{platform.system()} {platform.release()}",
+    }
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def git_revision() -> str:
+    """The commit measured, with ``+dirty`` when the daemon's folders have changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "daemon", "protocol", "storage"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def describe_machine(info: dict[str, object]) -> str:
+    return (
+        f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
+        f"{info['implementation']} {info['python']}, {info['kernel']}"
+    )
+
+
+def write_json(path: Path, report: dict[str, object], figures: Sequence[Figure]) -> None:
+    data = dict(report, figures=[fig.as_json() for fig in figures])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def print_figures(title: str, figures: Sequence[Figure]) -> None:
+    """What a single benchmark's own command prints."""
+    print(title)
+    print("ratio = chinwag / baseline; " + describe_machine(machine()))
+    print(table(figures))
+    sys.stdout.flush()

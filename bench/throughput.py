@@ -1,0 +1,102 @@
+"""(b) Events/s through one connection: one run of 10,000 tokens.
+
+chinwag: `/slow 10000 0` to the echo agent (the words 1..10000 with no pause,
+one `text_delta` each), timed from the write of the request to the arrival of
+its `end` (so the two durable appends are inside); events counted are every
+frame of the run (`start`, the deltas, `usage`, `end`). Each round uses a new
+conversation. (The deltas alone are not timed: the echo model yields no
+checkpoint between words, so the daemon queues the whole run before its
+writer sends the first delta, and the deltas arrive in one burst.)
+
+Baseline, same run: a bare trio server (`bench._bare_server stream`) that
+answers the same request with the same frames, each encoded by msgspec, and
+nothing else: no runtime, no storage. The client is the same for both: it
+splits the frames by their length headers and decodes the first and the last,
+so that it outruns both servers (decoding every frame in Python would measure
+the client).
+
+    python -m bench.throughput [--tokens 10000] [--rounds 5] [--storage URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from chinwag.protocol import MSGPACK, End, Start, Stream
+
+from ._processes import bare_server, chinwag_serve, echo_config, storage_label
+from ._report import Baseline, Figure, Target, print_figures
+from ._wire import connect
+
+
+@dataclass
+class Round:
+    events: int
+    whole_s: float  # request written -> `end` read
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.whole_s
+
+
+async def measure(path: Path, tokens: int, rounds: int) -> list[Round]:
+    conn = await connect(path)
+    results: list[Round] = []
+    expected = tokens + 3  # start, the deltas, usage, end
+    for i in range(rounds + 1):  # the first round warms up
+        msg = Stream(id=1, agent="assistant", sender=f"tput-{i}", content=f"/slow {tokens} 0")
+        t0 = time.perf_counter()
+        await conn.send(msg)
+        (first, last), arrivals = await conn.frames(expected)
+        whole = arrivals[-1] - t0
+        start, end = MSGPACK.decode_server(first), MSGPACK.decode_server(last)
+        assert isinstance(start, Start), start
+        assert isinstance(end, End) and end.status == "done", end
+        if i:
+            results.append(Round(expected, whole))
+    await conn.aclose()
+    return results
+
+
+def figures(root: Path, tokens: int, rounds: int, storage: str | None = None) -> list[Figure]:
+    with chinwag_serve(root / "throughput", echo_config(), storage) as daemon:
+        ours = trio.run(measure, daemon.socket_path, tokens, rounds)
+    with bare_server(root, "stream") as bare:
+        base = trio.run(measure, bare.socket_path, tokens, rounds)
+    median = statistics.median
+    label = "bare trio server, same msgspec frames"
+    return [
+        Figure(
+            "events_per_s",
+            "b",
+            f"events/s, one {tokens:,}-token run",
+            "events/s",
+            median(r.events_per_s for r in ours),
+            "higher",
+            [Baseline(label, median(r.events_per_s for r in base))],
+            Target(">=", 250_000),
+            note=f"request -> `end`, all frames of the run; median of {rounds}, echo on "
+            f"{storage_label(storage)}",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--storage", default=None, help="storage URL (default: sqlite, temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
+        found = figures(Path(tmp), args.tokens, args.rounds, args.storage)
+    print_figures(__doc__.splitlines()[0], found)
+
+
+if __name__ == "__main__":
+    main()
