@@ -186,6 +186,8 @@ class Outbox:
             except NetworkError as exc:  # includes TimedOut; BadRequest is handled above
                 if not insist:
                     return None
+                # A send that timed out may have arrived all the same: sending
+                # again risks a duplicate, which beats losing the final text.
                 delay = delays.next()
                 log.warning(
                     "telegram_unreachable", chat_id=self.chat_id, error=str(exc), retry_in_s=delay

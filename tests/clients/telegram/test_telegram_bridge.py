@@ -84,12 +84,13 @@ def test_a_reply_streams_into_one_message_edited_at_most_once_per_interval(share
             await fake.wait_for(lambda: fake.texts(chat) == [final])
             calls = [c for c in fake.calls if c.method in ("sendMessage", "editMessageText")]
             assert [c.method for c in calls].count("sendMessage") == 1
-            edits = fake.calls_to("editMessageText", chat)
-            assert 1 <= len(edits) <= 6  # 0.6 s of words at one call per 0.2 s
-            assert fake.calls_to("sendMessage", chat)[0].text != final  # it streamed
-            starts = [c.at for c in calls]
-            gaps = [b - a for a, b in itertools.pairwise(starts)]
-            assert min(gaps) >= INTERVAL * 0.75, gaps
+            assert calls[0].text != final and len(calls) > 1  # it streamed, edited
+            # A word comes every 50 ms; without pacing, edits would too. (Arrival
+            # times jitter, so half the interval: the pacer itself is exact, see
+            # test_telegram_pacing.py.)
+            gaps = [b.at - a.at for a, b in itertools.pairwise(calls)]
+            assert min(gaps) >= INTERVAL / 2, gaps
+            assert len(calls) < 12
 
     on_asyncio(main)
 
