@@ -56,8 +56,11 @@ Entries themselves carry no tsvector, so appends stay as cheap as they can be.
 **Search** ORs the query's ``search_words``, each quoted, through
 ``websearch_to_tsquery('simple', ...)`` (a word is letters, digits and ``_``,
 so no user text is ever query syntax), ranks the agent's archives and notes
-together by ``ts_rank``, and runs ``ts_headline`` (``[``/``]`` around matches,
-one fragment of about 24 words) on the best ``limit`` only. ts_headline marks
+together by ``ts_rank`` over 1 + log of the document's length, times how many
+of the query's words the document holds (ts_rank alone knows no word's rarity,
+so a long archive repeating one word would beat a note holding them all), and
+runs ``ts_headline`` (``[``/``]`` around matches, one fragment of about 24
+words) on the best ``limit`` only. ts_headline marks
 no cut, so the snippet gets a "…" on a side where its words are not the ones
 the text starts or ends with.
 """
@@ -237,11 +240,19 @@ _INSERT_ARCHIVE = (
 _SEARCH = """
 WITH query AS MATERIALIZED (SELECT websearch_to_tsquery('simple', %(words)s) AS q),
 ranked AS (
-    SELECT 'archive' AS kind, a.conversation_id, a.name, ts_rank(a.search, query.q) AS rank
+    SELECT 'archive' AS kind, a.conversation_id, a.name,
+           ts_rank(a.search, query.q, 1) * (
+               SELECT count(*) FROM unnest(%(terms)s::text[]) t
+               WHERE a.search @@ plainto_tsquery('simple', t)
+           ) AS rank
     FROM archives a JOIN conversations c ON c.id = a.conversation_id, query
     WHERE c.agent = %(agent)s AND a.search @@ query.q
     UNION ALL
-    SELECT 'note', NULL, n.name, ts_rank(n.search, query.q)
+    SELECT 'note', NULL, n.name,
+           ts_rank(n.search, query.q, 1) * (
+               SELECT count(*) FROM unnest(%(terms)s::text[]) t
+               WHERE n.search @@ plainto_tsquery('simple', t)
+           )
     FROM notes n, query
     WHERE n.agent = %(agent)s AND n.search @@ query.q
     ORDER BY rank DESC, kind, conversation_id, name
@@ -675,6 +686,7 @@ class PostgresStorage:
             return []
         params = {
             "words": " or ".join(f'"{word}"' for word in words),  # \w+ holds no quote
+            "terms": words,
             "agent": agent,
             "limit": limit,
             "options": _HEADLINE_OPTIONS,
