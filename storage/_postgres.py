@@ -230,6 +230,16 @@ ORDER BY seq LIMIT %(limit)s
 """
 
 _ARCHIVE_COLUMNS = "name, first_seq, last_seq, summary, speakers::text, created_at"
+# The conversation, locked as an append locks it, its latest marker, and whether the
+# archive's name is taken.
+_LOCK_FOR_COMPACTION = """
+SELECT c.id, c.last_seq,
+       (SELECT coalesce(max(seq), 0) FROM entries
+        WHERE conversation_id = c.id AND kind = 'compact'),
+       EXISTS (SELECT FROM archives WHERE conversation_id = c.id AND name = %(name)s)
+FROM conversations c WHERE c.agent = %(agent)s AND c.sender = %(sender)s
+FOR UPDATE
+"""
 _INSERT_ARCHIVE = (
     "INSERT INTO archives"
     " (conversation_id, name, first_seq, last_seq, summary, speakers, created_at, body)"
@@ -590,30 +600,19 @@ class PostgresStorage:
         def compact(conn: psycopg.Connection[Any]) -> int:
             with conn.transaction():
                 row = conn.execute(
-                    "SELECT id, last_seq FROM conversations WHERE agent = %s AND sender = %s"
-                    " FOR UPDATE",
-                    (agent, sender),
+                    _LOCK_FOR_COMPACTION,
+                    {"agent": agent, "sender": sender, "name": archive.name},
                 ).fetchone()
                 if row is None:
                     raise ConversationNotFound(
                         f"No conversation is stored for ({agent}, {sender})."
                     )
-                id_, last_seq = row
-                marker_row = conn.execute(
-                    "SELECT coalesce(max(seq), 0) FROM entries"
-                    " WHERE conversation_id = %s AND kind = 'compact'",
-                    (id_,),
-                ).fetchone()
-                used = conn.execute(
-                    "SELECT name FROM archives WHERE conversation_id = %s AND name = %s",
-                    (id_, archive.name),
-                ).fetchall()
-                assert marker_row is not None
+                id_, last_seq, marker_seq, used = row
                 check_archive(
                     archive,
-                    marker_seq=marker_row[0],
+                    marker_seq=marker_seq,
                     last_seq=last_seq,
-                    names={name for (name,) in used},
+                    names={archive.name} if used else set(),
                 )
                 archived = conn.execute(
                     f"SELECT {_ENTRY_COLUMNS} FROM entries e"

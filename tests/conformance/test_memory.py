@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
 import pytest
+import trio
 from chinwag.protocol import Entry, MemoryHit
 from chinwag.storage import (
     MAX_SEARCH_LIMIT,
@@ -226,6 +227,35 @@ async def assert_unchanged(store: Storage, name: str, *, last_seq: int) -> None:
     assert all(e.kind == "message" for e in history)
     assert await store.get_archive(AGENT, SENDER, name) is None
     assert await search(store, "zebra") == []
+
+
+async def test_a_compaction_among_concurrent_appends_is_whole_or_refused(store: Storage) -> None:
+    await conversation(store, ["one", "two"])
+    outcomes: list[Entry | StorageError] = []
+
+    async def compact() -> None:
+        try:
+            outcomes.append(await store.compact(AGENT, SENDER, archive(1, 2, "zebra")))
+        except StorageError as exc:  # an append came first: the range is no longer right
+            outcomes.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(10):
+            nursery.start_soon(store.append, AGENT, SENDER, [message(f"m{n}")])
+            if n == 4:
+                nursery.start_soon(compact)
+
+    history = await store.history(AGENT, SENDER, include_archived=True)
+    assert [e.seq for e in history] == list(range(1, len(history) + 1))
+    (outcome,) = outcomes
+    if isinstance(outcome, StorageError):
+        assert len(history) == 12 and all(e.kind == "message" for e in history)
+        assert await store.get_archive(AGENT, SENDER, "archive-1-2") is None
+        assert await search(store, "zebra") == []
+    else:
+        assert len(history) == 13 and history[2] == outcome and outcome.seq == 3
+        assert [e.seq for e in history if e.kind == "compact"] == [3]
+        assert await names(store, "zebra") == ["archive-1-2"]
 
 
 async def test_an_unknown_conversation_is_not_found(store: Storage) -> None:
