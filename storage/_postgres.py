@@ -60,9 +60,9 @@ together by ``ts_rank`` over 1 + log of the document's length, times how many
 of the query's words the document holds (ts_rank alone knows no word's rarity,
 so a long archive repeating one word would beat a note holding them all), and
 runs ``ts_headline`` (``[``/``]`` around matches, one fragment of about 24
-words) on the best ``limit`` only. ts_headline marks
-no cut, so the snippet gets a "…" on a side where its words are not the ones
-the text starts or ends with.
+words) on the best ``limit`` only. ts_headline marks no cut, so the snippet
+gets a "…" on a side where its words are not the ones the text starts or ends
+with.
 """
 
 from __future__ import annotations
