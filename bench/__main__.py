@@ -6,7 +6,7 @@ project set one. Needs `pip install '.[bench]'` for the Starlette SSE baseline
 (the rest runs without it, and says so).
 
     python -m bench                       # everything, about 3 minutes on 2 cores
-    python -m bench --quick               # scaled down, under a minute
+    python -m bench --quick               # scaled down, about a minute
     python -m bench --only a,c --repeat 3 # some benchmarks, best of 3
 """
 
@@ -21,7 +21,16 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import concurrency, delegation, first_event, slow_consumer, storage_scale, throughput
+from . import (
+    _processes,
+    _profile,
+    concurrency,
+    delegation,
+    first_event,
+    slow_consumer,
+    storage_scale,
+    throughput,
+)
 from ._processes import storage_label
 from ._report import (
     REPO,
@@ -74,7 +83,7 @@ def diagnostic(figures: list[Figure], storage: str) -> list[Figure]:
         replace(
             fig,
             key=f"{fig.key}_{storage.rstrip(':')}",
-            name=f"{fig.name}, {storage} storage",
+            name=f"{fig.name} [{storage}]",
             target=None,
             note="",
         )
@@ -146,7 +155,7 @@ def main() -> None:
     parser.add_argument(
         "--only", help="comma-separated: a,b,c,d,e,slow (or first_event, throughput, ...)"
     )
-    parser.add_argument("--quick", action="store_true", help="scaled down, under a minute")
+    parser.add_argument("--quick", action="store_true", help="scaled down, about a minute")
     parser.add_argument(
         "--repeat", type=int, default=1, help="run each benchmark N times, keep the best"
     )
@@ -156,7 +165,18 @@ def main() -> None:
         help="storage URL for the daemon (default: sqlite in a temp dir, and memory: beside "
         "it for (a) and (b)); (d) always uses sqlite",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record every daemon with py-spy into DIR (collapsed stacks and a summary each); "
+        "slows the daemon a little, so its figures are not comparable",
+    )
     args = parser.parse_args()
+    if args.profile is not None:
+        if not _profile.available():
+            raise SystemExit("--profile needs py-spy on the PATH (pip install py-spy)")
+        _processes.profile_dir = args.profile.resolve()
     scale = QUICK if args.quick else Scale()
     chosen = pick(args.only)
     info = machine()
@@ -210,6 +230,9 @@ def main() -> None:
     }
     write_json(args.json, report, figures)
     print(f"written to {args.json} in {duration:.0f} s")
+    if args.profile is not None:
+        for summary in sorted(args.profile.glob("*.summary.txt")):
+            print(f"py-spy summary: {summary}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from . import _profile
 from ._report import REPO
+
+# Where `python -m bench --profile DIR` wants the daemons' py-spy samples (None: nowhere).
+profile_dir: Path | None = None
 
 ECHO_CONFIG = """
 [daemon]
@@ -70,11 +74,16 @@ def rss_kib(pid: int) -> int:
 class Server:
     """A child process serving on a Unix socket; a context manager that stops it."""
 
-    def __init__(self, argv: list[str], socket_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, argv: list[str], socket_path: Path, log_path: Path, profile_as: str | None = None
+    ) -> None:
         self.argv = argv
         self.socket_path = socket_path
         self.log_path = log_path
+        self.profile_as = profile_as  # the name of its samples, under --profile
         self.proc: subprocess.Popen[bytes] | None = None
+        self.recorder: subprocess.Popen[bytes] | None = None
+        self.samples = Path()
 
     @property
     def pid(self) -> int:
@@ -94,8 +103,17 @@ class Server:
             self.stop()
             tail = self.log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{exc}\n{tail}") from None
+        if profile_dir is not None and self.profile_as is not None:
+            self.samples = profile_dir / f"{self.profile_as}.txt"
+            self.recorder = _profile.start(self.pid, self.samples)
 
     def stop(self) -> None:
+        if self.recorder is not None:
+            _profile.stop(self.recorder)
+            self.recorder = None
+            if self.samples.exists():
+                summary = _profile.summarize(self.samples)
+                self.samples.with_suffix(".summary.txt").write_text(summary + "\n")
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -146,7 +164,8 @@ def chinwag_serve(root: Path, config: str, storage: str | None = None) -> Server
         "--storage",
         storage or f"sqlite:///{root / 'bench.db'}",
     ]
-    return Server(argv, sock, root / "daemon.log")
+    where = (storage or "sqlite").split(":")[0]
+    return Server(argv, sock, root / "daemon.log", profile_as=f"{root.name}-{where}")
 
 
 def bare_server(root: Path, mode: str) -> Server:

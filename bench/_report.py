@@ -107,14 +107,14 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}"
 
 
-NAME = 56  # widths of the table's name columns
+NAME = 60  # widths of the table's name columns
 BASE = 44
 
 
 def table(figures: Sequence[Figure]) -> str:
     """The figures as a fixed-width table, one line per baseline."""
     head = (
-        f"{'figure':<{NAME}}{'chinwag':>10}  {'target':<10}{'':<7}"
+        f"{'figure':<{NAME}}{'chinwag':>10}  {'target':<11}{'':<7}"
         f"{'baseline (same run)':<{BASE}}{'value':>10}{'ratio':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -124,7 +124,7 @@ def table(figures: Sequence[Figure]) -> str:
             target = f"{fig.target.op} {_fmt(fig.target.value)}"
             met = "met" if fig.target.met(fig.value) else "MISSED"
         name = f"({fig.bench}) {fig.name} ({fig.unit})"
-        left = f"{name:<{NAME}}{_fmt(fig.value):>10}  {target:<10}{met:<7}"
+        left = f"{name:<{NAME}}{_fmt(fig.value):>10}  {target:<11}{met:<7}"
         if not fig.baselines:
             lines.append(left.rstrip())
         for i, base in enumerate(fig.baselines):

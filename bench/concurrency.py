@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import errno
 import itertools
+import math
 import select
 import socket
 import tempfile
@@ -141,20 +142,23 @@ def drive(server: Server, conversations: int, tokens: int, timeout: float) -> Ou
             samples.append((now, server.cpu_seconds(), server.rss_kib()))
             next_sample = now + SAMPLE_EVERY_S
         if now > deadline:
-            raise TimeoutError(f"{open_count} runs still open after {timeout:g} s")
+            break  # the runs left unfinished are reported, not waited for
     samples.append((time.perf_counter(), server.cpu_seconds(), server.rss_kib()))
     wall = time.perf_counter() - started
     client_cpu = time.process_time() - cpu0
     poller.close()
     for c in convs:
         c.sock.close()
-    bad = [c for c in convs if c.status != "done" or len(c.tokens) != tokens]
+    # A run that ended must have ended `done` with every token; one still open is reported.
+    bad = [c for c in convs if c.status and (c.status != "done" or len(c.tokens) != tokens)]
     assert not bad, f"{len(bad)} runs went wrong, e.g. {bad[0].status} {len(bad[0].tokens)}"
     return Outcome(convs, samples, client_cpu, wall)
 
 
 @dataclass
 class Analysis:
+    finished: int  # runs that reached `end` before the deadline
+    first_event_ms: list[float]  # request -> `start`, per run that started
     delays_ms: list[float]
     lateness_ms: list[float]
     window: tuple[float, float]
@@ -170,11 +174,15 @@ class Analysis:
 def analyse(outcome: Outcome) -> Analysis:
     pace = PACE_MS / 1000
     convs = outcome.convs
-    lo = max(c.start for c in convs)
-    hi = min(c.tokens[-1] for c in convs)
-    full = hi > lo + 1.0
+    started = [c for c in convs if c.start]
+    finished = sum(1 for c in convs if c.status)
+    last = [c.tokens[-1] if c.status else math.inf for c in convs]
+    lo = max(c.start for c in started)
+    hi = min(last)
+    full = len(started) == len(convs) and hi > lo + 1.0
     if not full:  # never all at once: count the whole runs, and say so
-        lo, hi = min(c.start for c in convs), max(c.tokens[-1] for c in convs)
+        lo = min(c.start for c in started)
+        hi = max(t for c in started for t in c.tokens[-1:])
     delays: list[float] = []
     lateness: list[float] = []
     for c in convs:
@@ -185,7 +193,14 @@ def analyse(outcome: Outcome) -> Analysis:
                 lateness.append((t - c.start - k * pace) * 1e3)
             previous = t
     return Analysis(
-        delays, lateness, (lo, hi), full, cpu_between(outcome.samples, lo, hi), peak_rss(outcome)
+        finished,
+        [(c.start - c.sent) * 1e3 for c in started],
+        delays,
+        lateness,
+        (lo, hi),
+        full,
+        cpu_between(outcome.samples, lo, hi),
+        peak_rss(outcome),
     )
 
 
@@ -208,7 +223,8 @@ def peak_rss(outcome: Outcome) -> float:
 def figures(
     root: Path, conversations: int, tokens: int, storage: str | None = None
 ) -> list[Figure]:
-    timeout = 60 + tokens * PACE_MS / 1000 * 3
+    # A daemon that cannot keep the pace gets this long; what it sent by then is analysed.
+    timeout = 30 + tokens * PACE_MS / 1000 * 4
     with chinwag_serve(root / "concurrency", echo_config(), storage) as daemon:
         ours_raw = drive(daemon, conversations, tokens, timeout)
     with bare_server(root, "stream") as bare:
@@ -220,7 +236,12 @@ def figures(
         if ours.full
         else f"runs never all streamed at once; whole runs, {ours.window_s:.1f} s"
     )
-    head = f"{conversations} x `/slow {tokens} {PACE_MS}`, echo on {storage_label(storage)}"
+    head = (
+        f"{conversations} x `/slow {tokens} {PACE_MS}`, echo on {storage_label(storage)}; "
+        f"runs finished: {ours.finished} (baseline {base.finished}) of {conversations} in "
+        f"{timeout:g} s; first event p50/p99 {percentile(ours.first_event_ms, 0.5):.0f}/"
+        f"{percentile(ours.first_event_ms, 0.99):.0f} ms"
+    )
     return [
         Figure(
             "concurrent_delay_p50",

@@ -23,12 +23,13 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 from chinwag.protocol import MSGPACK, End, Start, Stream
 
-from ._processes import bare_server, chinwag_serve, echo_config, sse_server, storage_label
+from ._processes import Server, bare_server, chinwag_serve, echo_config, sse_server, storage_label
 from ._report import Baseline, Figure, Target, percentile, print_figures
 from ._wire import Framed, connect
 
@@ -151,29 +152,46 @@ def sse_available() -> str | None:
     return None
 
 
+Measurement = tuple[list[float], float, float]  # latencies (s), rate (/s), server CPU s per run
+
+
+def on(
+    server: Server,
+    measure: Callable[[Path, int, int], Awaitable[tuple[list[float], float]]],
+    runs: int,
+    warmup: int,
+) -> Measurement:
+    """Warm up, then measure, reading the server's CPU time around the measured runs."""
+    trio.run(measure, server.socket_path, warmup, 0)
+    cpu = server.cpu_seconds()
+    latencies, rate = trio.run(measure, server.socket_path, runs, 0)
+    return latencies, rate, (server.cpu_seconds() - cpu) / runs
+
+
 def figures(root: Path, runs: int, warmup: int, storage: str | None = None) -> list[Figure]:
     """Measure chinwag and its baselines, one after another, each over one connection."""
     with chinwag_serve(root / "first-event", echo_config(), storage) as daemon:
-        d_first, d_rate = trio.run(measure_daemon, daemon.socket_path, runs, warmup)
+        d_first, d_rate, d_cpu = on(daemon, measure_daemon, runs, warmup)
     with bare_server(root, "echo") as bare:
-        b_rtt, b_rate = trio.run(measure_round_trip, bare.socket_path, runs, warmup)
+        b_rtt, b_rate, b_cpu = on(bare, measure_round_trip, runs, warmup)
+    trio_rtt = "bare trio socket round trip"
     bases = {
-        "p50": [Baseline("bare trio socket round trip", percentile(b_rtt, 0.5) * 1e3)],
-        "p99": [Baseline("bare trio socket round trip", percentile(b_rtt, 0.99) * 1e3)],
-        "rate": [Baseline("bare trio socket round trip", b_rate)],
+        "p50": [Baseline(trio_rtt, percentile(b_rtt, 0.5) * 1e3)],
+        "p99": [Baseline(trio_rtt, percentile(b_rtt, 0.99) * 1e3)],
+        "rate": [Baseline(trio_rtt, b_rate)],
+        "cpu": [Baseline(trio_rtt, b_cpu * 1e6)],
     }
     note = ""
     if (missing := sse_available()) is None:
         with sse_server(root) as sse:
             trio.run(check_sse, sse.socket_path)
-            s_first, s_rate = trio.run(measure_sse, sse.socket_path, runs, warmup)
-        bases["p50"].append(
-            Baseline("Starlette SSE (uvicorn), first data", percentile(s_first, 0.5) * 1e3)
-        )
-        bases["p99"].append(
-            Baseline("Starlette SSE (uvicorn), first data", percentile(s_first, 0.99) * 1e3)
-        )
-        bases["rate"].append(Baseline("Starlette SSE (uvicorn), whole stream", s_rate))
+            s_first, s_rate, s_cpu = on(sse, measure_sse, runs, warmup)
+        sse_first = "Starlette SSE (uvicorn), first data"
+        sse_whole = "Starlette SSE (uvicorn), whole stream"
+        bases["p50"].append(Baseline(sse_first, percentile(s_first, 0.5) * 1e3))
+        bases["p99"].append(Baseline(sse_first, percentile(s_first, 0.99) * 1e3))
+        bases["rate"].append(Baseline(sse_whole, s_rate))
+        bases["cpu"].append(Baseline(sse_whole, s_cpu * 1e6))
     else:
         note = f"no SSE baseline: {missing}"
     where = storage_label(storage)
@@ -208,6 +226,16 @@ def figures(root: Path, runs: int, warmup: int, storage: str | None = None) -> l
             bases["rate"],
             Target(">=", 2000),
             note=note,
+        ),
+        Figure(
+            "cpu_per_run",
+            "a",
+            "server CPU per run",
+            "us",
+            d_cpu * 1e6,
+            "lower",
+            bases["cpu"],
+            note="user + system time of the server process (all its threads), from /proc",
         ),
     ]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 from chinwag.protocol import MSGPACK, End, Start, Stream
 
-from ._processes import bare_server, chinwag_serve, echo_config, storage_label
+from ._processes import Server, bare_server, chinwag_serve, echo_config, storage_label
 from ._report import Baseline, Figure, Target, print_figures
 from ._wire import connect
 
@@ -64,11 +64,18 @@ async def measure(path: Path, tokens: int, rounds: int) -> list[Round]:
     return results
 
 
+def on(server: Server, tokens: int, rounds: int) -> tuple[list[Round], float]:
+    """The rounds, and the server's CPU time per event over all of them (warm-up too)."""
+    cpu = server.cpu_seconds()
+    found = trio.run(measure, server.socket_path, tokens, rounds)
+    return found, (server.cpu_seconds() - cpu) / ((rounds + 1) * (tokens + 3))
+
+
 def figures(root: Path, tokens: int, rounds: int, storage: str | None = None) -> list[Figure]:
     with chinwag_serve(root / "throughput", echo_config(), storage) as daemon:
-        ours = trio.run(measure, daemon.socket_path, tokens, rounds)
+        ours, ours_cpu = on(daemon, tokens, rounds)
     with bare_server(root, "stream") as bare:
-        base = trio.run(measure, bare.socket_path, tokens, rounds)
+        base, base_cpu = on(bare, tokens, rounds)
     median = statistics.median
     label = "bare trio server, same msgspec frames"
     return [
@@ -83,6 +90,15 @@ def figures(root: Path, tokens: int, rounds: int, storage: str | None = None) ->
             Target(">=", 250_000),
             note=f"request -> `end`, all frames of the run; median of {rounds}, echo on "
             f"{storage_label(storage)}",
+        ),
+        Figure(
+            "cpu_per_event",
+            "b",
+            "server CPU per event",
+            "us",
+            ours_cpu * 1e6,
+            "lower",
+            [Baseline(label, base_cpu * 1e6)],
         ),
     ]
 
