@@ -18,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, NoReturn, TypeVar
+from typing import IO, Literal, NoReturn, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -31,6 +31,7 @@ import click
 import msgspec
 from chinwag.protocol import (
     JSON,
+    AgentItem,
     AskUser,
     Compaction,
     End,
@@ -47,6 +48,7 @@ from chinwag.protocol import (
     Usage,
     default_socket_path,
 )
+from click.shell_completion import CompletionItem
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -197,6 +199,36 @@ async def _connect(settings: Settings) -> AsyncIterator[Client]:
         if connected:
             raise
         raise Failure(f"cannot connect to {settings.socket}: {exc.strerror or exc}") from exc
+
+
+#: How long shell completion waits for the daemon before offering nothing.
+COMPLETE_TIMEOUT_S = 2.0
+
+
+def complete_agents(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Shell completion of agent names, from the running daemon's `list_agents`.
+
+    Nothing at all when no daemon answers: completion must never print errors.
+    """
+    given = ctx.find_root().params.get("socket_path")
+    path = given if isinstance(given, Path) else default_socket_path()
+
+    async def agents() -> list[AgentItem]:
+        with anyio.fail_after(COMPLETE_TIMEOUT_S):
+            async with connect(path, client=CLIENT_NAME) as client:
+                return await client.list_agents()
+
+    try:
+        items = anyio.run(agents, backend="asyncio")
+    except Exception:
+        return []
+    return [
+        CompletionItem(item.name, help=item.description or None)
+        for item in items
+        if item.name.startswith(incomplete)
+    ]
 
 
 # --- terminal input ------------------------------------------------------------------
@@ -443,10 +475,14 @@ def serve(
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agents)
 @click.argument("text")
 @click.option("--sender", help="Whose conversation (default: user).")
-@click.option("--guest", help="Let this agent answer instead, over the conversation's history.")
+@click.option(
+    "--guest",
+    help="Let this agent answer instead, over the conversation's history.",
+    shell_complete=complete_agents,
+)
 @click.option(
     "--cwd",
     type=click.Path(file_okay=False, path_type=Path),
@@ -565,29 +601,158 @@ class _ChatState:
     kill_sent: bool = False
     ask_scope: anyio.CancelScope | None = None
     title: str = ""
-    speaker: str = ""
     guest: str | None = None  # who answers, over the conversation's history
 
 
+class ChatView(Protocol):
+    """How `chat` shows a conversation: `PlainChat` lines, or `LiveChat`'s live Markdown."""
+
+    console: Console
+
+    def turn(
+        self, tasks: anyio.abc.TaskGroup, agent: str
+    ) -> contextlib.AbstractContextManager[None]:
+        """Around one run's events; ``tasks`` may host what animates the view meanwhile."""
+        ...
+
+    def show(self, event: StreamEventMsg) -> None:
+        """Every event of the run but ``ask_user`` (and ``title`` only when it changed)."""
+        ...
+
+    def before_ask(self) -> None: ...
+
+    def after_ask(self) -> None: ...
+
+    def failed(self, message: str) -> None:
+        """The run's request failed (after ``turn`` was left)."""
+        ...
+
+    def interrupted(self) -> None:
+        """Ctrl-C: the terminal has echoed ``^C`` where the cursor was."""
+        ...
+
+    def prompt(self) -> None: ...
+
+    def input_ended(self) -> None: ...
+
+
+class PlainChat:
+    """Line output for pipes and dumb terminals: text is written as it streams."""
+
+    def __init__(self) -> None:
+        self.console = line_console()
+        self.out = TextOut(sys.stdout)
+        self.speaker = ""
+        self.quiet = QuietCalls()
+
+    @contextlib.contextmanager
+    def turn(self, tasks: anyio.abc.TaskGroup, agent: str) -> Iterator[None]:
+        self.speaker = agent
+        self.quiet = QuietCalls()
+        yield
+
+    def show(self, event: StreamEventMsg) -> None:
+        console, out = self.console, self.out
+        match event:
+            case Start(agent=speaker):
+                self.speaker = speaker
+            case TextDelta(delta=delta):
+                if not out.mid_line:
+                    console.print(Text(f"{self.speaker}> ", style="bold blue"), end="")
+                out.write(delta)
+            case ThinkingDelta(delta=delta):
+                console.print(Text(delta, style="dim italic"), end="")
+                out.mid_line = True
+            case ToolCall() if not self.quiet.hides(event):
+                out.end_line()
+                console.print(_tool_call_text(event))
+            case ToolResult() if not self.quiet.hides(event):
+                out.end_line()
+                console.print(_tool_result_text(event))
+            case Title(title=title):
+                out.end_line()
+                console.print(Text(f"— {title} —", style="dim"))
+            case Queued(position=position):
+                console.print(Text(f"(queued: {position} ahead)", style="dim"))
+            case Compaction():
+                console.print(Text(f"({_compaction_note(event)})", style="dim"))
+            case End():
+                out.end_line()
+                problem = _end_problem(event)
+                if problem is not None:
+                    style = "yellow" if event.status == "killed" else "red"
+                    console.print(Text(problem, style=style))
+            case _:
+                pass
+
+    def before_ask(self) -> None:
+        self.out.end_line()
+
+    def after_ask(self) -> None:
+        pass
+
+    def failed(self, message: str) -> None:
+        self.out.end_line()
+        self.console.print(Text(message, style="red"))
+
+    def interrupted(self) -> None:
+        self.out.mid_line = True  # the terminal echoed ^C
+        self.out.end_line()
+
+    def prompt(self) -> None:
+        self.console.print(Text("you> ", style="bold green"), end="")
+        sys.stdout.flush()
+
+    def input_ended(self) -> None:
+        self.out.end_line()
+        self.console.print()
+
+
+def _live_terminal() -> bool:
+    """Whether stdout is a terminal that can redraw (not a pipe, not TERM=dumb)."""
+    return sys.stdout.isatty() and Console().is_interactive
+
+
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agents)
 @click.option("--sender", help="Whose conversation (default: user).")
-@click.option("--guest", help="Let this agent answer instead, over the conversation's history.")
+@click.option(
+    "--guest",
+    help="Let this agent answer instead, over the conversation's history.",
+    shell_complete=complete_agents,
+)
+@click.option(
+    "--plain",
+    is_flag=True,
+    help="Line output, no live Markdown (the default when stdout is not a terminal).",
+)
 @click.pass_context
-def chat(ctx: click.Context, agent: str, sender: str | None, guest: str | None) -> None:
+def chat(
+    ctx: click.Context, agent: str, sender: str | None, guest: str | None, plain: bool
+) -> None:
     """Talk with AGENT interactively.
 
-    Ctrl-C during a reply kills the run (twice quits); Ctrl-C or Ctrl-D at the
-    prompt quits.
+    On a terminal the reply is rendered as Markdown as it streams, with tool
+    calls and results one line each. Ctrl-C during a reply kills the run
+    (twice quits); Ctrl-C or Ctrl-D at the prompt quits.
     """
     settings = _settings(ctx)
     ensure_daemon(settings.socket)
-    _run(lambda: _chat(settings, agent, sender, guest))
+    view: ChatView
+    if plain or not _live_terminal():
+        view = PlainChat()
+    else:
+        # Imported here: only a live terminal pays for rich's Markdown and Live.
+        from ._live_chat import LiveChat
+
+        view = LiveChat()
+    _run(lambda: _chat(settings, agent, sender, guest, view))
 
 
-async def _chat(settings: Settings, agent: str, sender: str | None, guest: str | None) -> None:
-    console = line_console()
-    out = TextOut(sys.stdout)
+async def _chat(
+    settings: Settings, agent: str, sender: str | None, guest: str | None, view: ChatView
+) -> None:
+    console = view.console
     lines = LineReader()
     state = _ChatState(guest=guest)
     async with _connect(settings) as client:
@@ -607,19 +772,17 @@ async def _chat(settings: Settings, agent: str, sender: str | None, guest: str |
         async with anyio.create_task_group() as tasks:
             with anyio.open_signal_receiver(signal.SIGINT) as interrupts:
                 tasks.start_soon(
-                    _watch_interrupts, interrupts, state, client, agent, sender, console, out, tasks
+                    _watch_interrupts, interrupts, state, client, agent, sender, view, tasks
                 )
                 while True:
-                    console.print(Text("you> ", style="bold green"), end="")
-                    sys.stdout.flush()
+                    view.prompt()
                     line = await lines.readline()
                     if line is None:
-                        out.end_line()
-                        console.print()
+                        view.input_ended()
                         break
                     if not line.strip():
                         continue
-                    await _chat_turn(client, agent, sender, line, state, lines, console, out)
+                    await _chat_turn(client, agent, sender, line, state, lines, view, tasks)
             tasks.cancel_scope.cancel()
 
 
@@ -629,21 +792,18 @@ async def _watch_interrupts(
     client: Client,
     agent: str,
     sender: str | None,
-    console: Console,
-    out: TextOut,
+    view: ChatView,
     tasks: anyio.abc.TaskGroup,
 ) -> None:
     async for _ in interrupts:
-        out.mid_line = True  # the terminal echoed ^C
+        view.interrupted()
         if state.phase == "run" and not state.kill_sent:
             state.kill_sent = True
             if state.ask_scope is not None:
                 state.ask_scope.cancel()
-            out.end_line()
-            console.print(Text("killing the run (Ctrl-C again to quit)", style="yellow"))
-            tasks.start_soon(_kill_quietly, client, agent, sender, console)
+            view.console.print(Text("killing the run (Ctrl-C again to quit)", style="yellow"))
+            tasks.start_soon(_kill_quietly, client, agent, sender, view.console)
         else:
-            out.end_line()
             tasks.cancel_scope.cancel()
             return
 
@@ -662,57 +822,32 @@ async def _chat_turn(
     line: str,
     state: _ChatState,
     lines: LineReader,
-    console: Console,
-    out: TextOut,
+    view: ChatView,
+    tasks: anyio.abc.TaskGroup,
 ) -> None:
     state.phase = "run"
     state.kill_sent = False
-    state.speaker = agent
-    quiet = QuietCalls()
     try:
-        async with client.stream(agent, line, sender=sender, guest=state.guest) as events:
-            async for event in events:
-                match event:
-                    case Start(agent=speaker):
-                        state.speaker = speaker
-                    case TextDelta(delta=delta):
-                        if not out.mid_line:
-                            console.print(Text(f"{state.speaker}> ", style="bold blue"), end="")
-                        out.write(delta)
-                    case ThinkingDelta(delta=delta):
-                        console.print(Text(delta, style="dim italic"), end="")
-                        out.mid_line = True
-                    case ToolCall() if not quiet.hides(event):
-                        out.end_line()
-                        console.print(_tool_call_text(event))
-                    case ToolResult() if not quiet.hides(event):
-                        out.end_line()
-                        console.print(_tool_result_text(event))
-                    case Title(title=title):
-                        if title != state.title:
-                            state.title = title
-                            out.end_line()
-                            console.print(Text(f"— {title} —", style="dim"))
-                    case Queued(position=position):
-                        console.print(Text(f"(queued: {position} ahead)", style="dim"))
-                    case Compaction():
-                        console.print(Text(f"({_compaction_note(event)})", style="dim"))
-                    case AskUser():
-                        out.end_line()
-                        await _chat_ask(client, agent, sender, event, state, lines, console)
-                    case End():
-                        out.end_line()
-                        problem = _end_problem(event)
-                        if problem is not None:
-                            style = "yellow" if event.status == "killed" else "red"
-                            console.print(Text(problem, style=style))
-                    case Usage():
-                        pass
+        with view.turn(tasks, agent):
+            async with client.stream(agent, line, sender=sender, guest=state.guest) as events:
+                async for event in events:
+                    match event:
+                        case AskUser():
+                            view.before_ask()
+                            await _chat_ask(
+                                client, agent, sender, event, state, lines, view.console
+                            )
+                            view.after_ask()
+                        case Title(title=title):
+                            if title != state.title:
+                                state.title = title
+                                view.show(event)
+                        case _:
+                            view.show(event)
     except ConnectionLost:
         raise
     except ChinwagError as exc:
-        out.end_line()
-        console.print(Text(_describe(exc), style="red"))
+        view.failed(_describe(exc))
     finally:
         state.phase = "prompt"
 
@@ -744,7 +879,7 @@ async def _chat_ask(
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agents)
 @click.option("--sender", help="Whose conversation (default: user).")
 @click.option(
     "--all", "include_archived", is_flag=True, help="Include archived (compacted) entries."
@@ -797,7 +932,7 @@ def _entry_text(entry: Entry) -> Text:
 
 
 @cli.command(name="ls")
-@click.option("--agent", help="Only this agent's conversations.")
+@click.option("--agent", help="Only this agent's conversations.", shell_complete=complete_agents)
 @click.option("--json", "as_json", is_flag=True, help="Print every conversation as one JSON line.")
 @click.pass_context
 def list_conversations(ctx: click.Context, agent: str | None, as_json: bool) -> None:
@@ -857,7 +992,7 @@ def agents(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--agent", help="Only this agent's runs.")
+@click.option("--agent", help="Only this agent's runs.", shell_complete=complete_agents)
 @click.option("--sender", help="Only this sender's runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print every event frame as one JSON line.")
 @click.pass_context
@@ -941,7 +1076,7 @@ def _render_tail_event(frame: Event, last_run: str | None, out: TextOut, console
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agents)
 @click.option("--sender", help="Whose conversation (default: user).")
 @click.option("--all", "kill_all", is_flag=True, help="Also drop every run queued behind it.")
 @click.pass_context
@@ -961,7 +1096,7 @@ def kill(ctx: click.Context, agent: str, sender: str | None, kill_all: bool) -> 
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agents)
 @click.argument("text")
 @click.option("--sender", help="Whose conversation (default: user).")
 @click.option("--ask-id", help="The ask being answered (refused if another is pending).")
@@ -980,7 +1115,7 @@ def reply(
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agents)
 @click.option("--sender", help="Whose conversation (default: user).")
 @click.option("--instructions", help="What the summary must keep.")
 @click.pass_context
@@ -1001,7 +1136,7 @@ def compact(ctx: click.Context, agent: str, sender: str | None, instructions: st
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agents)
 @click.argument("query")
 @click.option("--limit", default=10, show_default=True, help="At most this many matches.")
 @click.option("--json", "as_json", is_flag=True, help="Print every match as one JSON line.")
