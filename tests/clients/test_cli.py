@@ -528,3 +528,32 @@ def test_chat_with_a_guest(daemon) -> None:
     history = chinwag(daemon.socket_path, "history", "--json", "--sender", sender, "assistant")
     entries = [msgspec.json.decode(line, type=Entry) for line in history.stdout.splitlines()]
     assert [(e.role, e.agent) for e in entries] == [("user", ""), ("assistant", "helper")]
+
+
+def complete(words: str, cword: int, socket_path: Path) -> subprocess.CompletedProcess[str]:
+    """What bash's completion asks of `chinwag` (click's protocol) for ``words``."""
+    env = dict(
+        os.environ,
+        _CHINWAG_COMPLETE="bash_complete",
+        COMP_WORDS=words,
+        COMP_CWORD=str(cword),
+        CHINWAG_SOCKET=str(socket_path),
+    )
+    return subprocess.run([CHINWAG], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_agent_names_complete_from_the_running_daemon(daemon, short_tmp: Path) -> None:
+    result = complete("chinwag send a", 2, daemon.socket_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["plain,assistant"]
+    assert complete("chinwag history ", 2, daemon.socket_path).stdout.splitlines() == [
+        "plain,assistant",
+        "plain,helper",
+    ]
+    # --socket on the command line wins over $CHINWAG_SOCKET; options complete too.
+    words = f"chinwag --socket {daemon.socket_path} chat --guest h"
+    result = complete(words, 5, short_tmp / "elsewhere.sock")
+    assert result.stdout.splitlines() == ["plain,helper"], result.stderr
+    # No daemon: no names, and not a word on stderr.
+    nothing = complete("chinwag send a", 2, short_tmp / "none.sock")
+    assert (nothing.returncode, nothing.stdout.strip(), nothing.stderr) == (0, "", "")
