@@ -175,18 +175,19 @@ class _Beside:
     Cheaper than a `Table.grid`, which renders its cells once more to measure them.
     """
 
-    def __init__(self, label: Text, body: RenderableType) -> None:
+    def __init__(self, label: str, style: str, body: RenderableType) -> None:
         self.label = label
+        self.style = style
         self.body = body
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        width = self.label.cell_len
+        width = cell_len(self.label)
         body_options = options.update_width(max(1, options.max_width - width))
         lines = console.render_lines(self.body, body_options, pad=False)
-        label = list(self.label.render(console))
-        blank = [Segment(" " * width)]
+        label = Segment(self.label, console.get_style(self.style))
+        blank = Segment(" " * width)
         for number, line in enumerate(lines):
-            yield from blank if number else label
+            yield blank if number else label
             yield from line
             yield Segment.line()
 
@@ -245,10 +246,10 @@ class LiveChat:
                 self._dirty = True
             case ToolCall() if not self._quiet.hides(event):
                 self._settle()
-                self._print(self._clipped(_tool_call_text(event)))
+                self._print(_tool_call_text(event), clip=True)
                 self._wait(f"running {event.name}")
             case ToolResult() if not self._quiet.hides(event):
-                self._print(self._clipped(_tool_result_text(event)))
+                self._print(_tool_result_text(event), clip=True)
                 self._wait(f"waiting for {self._speaker}")
             case Title(title=title):
                 self._settle()
@@ -321,8 +322,7 @@ class LiveChat:
             if self._blocks:
                 return body
             return Group(Text(label.rstrip(), style="bold blue"), body)
-        shown = Text(label if not self._blocks else " " * cell_len(label), style="bold blue")
-        return _Beside(shown, body)
+        return _Beside(label if not self._blocks else " " * cell_len(label), "bold blue", body)
 
     def _print_block(self, text: str) -> None:
         if self._blocks:
@@ -345,14 +345,16 @@ class LiveChat:
         self._markdown = None
         self._dirty = True
 
-    def _clipped(self, text: Text) -> Text:
-        text.no_wrap = True
-        text.overflow = "ellipsis"
-        return text
+    def _print(self, renderable: RenderableType, *, clip: bool = False) -> None:
+        """Print above the region (rich redraws the region below it).
 
-    def _print(self, renderable: RenderableType) -> None:
-        # While live, rich prints it above the region and redraws the region below.
-        self.console.print(renderable)
+        ``clip``: one line, cut with an ellipsis at the screen's edge. Said to
+        `print`, not set on the Text: `print` joins texts into a new one.
+        """
+        if clip:
+            self.console.print(renderable, no_wrap=True, overflow="ellipsis")
+        else:
+            self.console.print(renderable)
 
     def _wait(self, words: str) -> None:
         self._waiting = words

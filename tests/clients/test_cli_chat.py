@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import io
 import os
 import pty
 import re
@@ -17,9 +18,11 @@ import select
 import signal
 import time
 
+import anyio
 import msgspec
-from chinwag.clients._live_chat import SettledMarkdown
-from chinwag.protocol import Entry
+from chinwag.clients._live_chat import LiveChat, SettledMarkdown
+from chinwag.protocol import End, Entry, Start, TextDelta, ThinkingDelta, ToolCall, ToolResult
+from rich.console import Console, Group
 from test_cli import CHINWAG, chinwag, fresh_sender
 
 _CSI = re.compile(r"\x1b\[([0-9;?]*)([@-~])")
@@ -304,3 +307,50 @@ def test_markdown_settles_at_blank_lines_outside_code_fences() -> None:
     assert splitter.feed("  indented: still the same block\n\n") == ""
     assert splitter.feed("two") == "one\n\n  indented: still the same block"
     assert splitter.pending == "two"
+
+
+def test_live_chat_dims_thinking_and_redraws_only_the_end_of_a_tall_block() -> None:
+    out = io.StringIO()
+    console = Console(
+        file=out, force_terminal=True, force_interactive=True, width=60, height=10,
+        color_system="standard",
+    )  # fmt: skip
+    view = LiveChat(console)
+    code = [f"line {i}" for i in range(50)]
+
+    async def turn() -> list[str]:
+        async with anyio.create_task_group() as tasks:
+            with view.turn(tasks, "assistant"):
+                view.show(Start(id=1, run_id="r", agent="assistant", seq=1))
+                view.show(ThinkingDelta(id=1, delta="let me\nthink"))
+                view.show(TextDelta(id=1, delta="Intro.\n\n```\n"))
+                for line in code:
+                    view.show(TextDelta(id=1, delta=line + "\n"))
+                region = console.render_lines(Group(*view.region_parts()), console.options)
+                view.show(
+                    ToolCall(id=1, call_id="c", name="read_file", arguments="{" + "x" * 99 + "}")
+                )
+                view.show(
+                    ToolResult(id=1, call_id="c", output="done", is_error=False, duration_ms=3)
+                )
+                view.show(TextDelta(id=1, delta="After."))
+                view.show(End(id=1, status="done", error=None, last_seq=4))
+            tasks.cancel_scope.cancel()
+        return ["".join(segment.text for segment in line).rstrip() for line in region]
+
+    region = anyio.run(turn)
+    # While streaming, a block taller than the screen is redrawn from its end only.
+    # (A code block's padding adds a line above and below its source lines.)
+    assert len(region) <= 12 and any("line 49" in row for row in region[-2:]), region
+    assert not any("line 39" in row for row in region), region
+    screen = Screen()
+    screen.feed(out.getvalue().replace("\n", "\r\n"))
+    lines = screen.text().splitlines()
+    # Thinking is dimmed (SGR 2) and comes first; then the Markdown, each line once.
+    assert "\x1b[2;3mlet me" in out.getvalue()
+    assert lines[:3] == ["let me", "think", "assistant> Intro."]
+    assert [row.strip() for row in lines if row.strip().startswith("line ")] == code
+    # The tool call is clipped to the screen's width, on one line.
+    [call] = [row for row in lines if "⚙" in row]
+    assert call.startswith("  ⚙ read_file({xxx") and call.endswith("…") and len(call) == 60
+    assert lines[-1] == "assistant> After."
