@@ -1315,7 +1315,7 @@ def _config_checks(report: _CheckReport, settings: Settings, seen: _DaemonSeen) 
     checks: list[_Check] = []
     for finding in report.findings:
         label = finding.check if finding.check != "agent" else f"agent {finding.subject}"
-        detail = finding.detail
+        detail, hint = finding.detail, finding.hint
         status: CheckStatus
         if finding.status == "in_use":
             if seen.answers:
@@ -1323,12 +1323,12 @@ def _config_checks(report: _CheckReport, settings: Settings, seen: _DaemonSeen) 
             else:
                 status = "fail"
                 detail = f"{finding.subject}: {detail}, and no daemon answers on {settings.socket}"
-                finding.hint = "another daemon holds it: stop that one, or give this one its own"
+                hint = "another daemon holds it: stop that one, or give this one its own"
         else:
             status = finding.status
             if finding.check == "storage":
                 detail = f"{finding.subject}: {detail}"
-        checks.append(_Check(status, label, detail, finding.hint))
+        checks.append(_Check(status, label, detail, hint))
         if finding.check == "config" and report.socket_configured and report.socket:
             checks.append(_socket_match(report.socket, settings))
     return checks
