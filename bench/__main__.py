@@ -36,6 +36,7 @@ from ._report import (
     REPO,
     Figure,
     best_of,
+    calibration,
     describe_machine,
     git_revision,
     load_average,
@@ -54,7 +55,8 @@ class Scale:
     tokens: int = 10_000  # (b) tokens in the one run
     tput_rounds: int = 5
     conversations: int = 1000  # (c)
-    paced_tokens: int = 400  # (c) tokens per conversation, 20 ms apart
+    few_conversations: int = 100  # (c) again, at a scale a small machine sustains
+    paced_tokens: int = 150  # (c) tokens per conversation, 20 ms apart
     stored: int = 10_000  # (d) idle stored conversations
     entries: int = 20
     delegations: int = 300  # (e)
@@ -66,7 +68,8 @@ QUICK = Scale(
     runs=300,
     warmup=50,
     tput_rounds=2,
-    conversations=200,
+    conversations=300,
+    few_conversations=50,
     paced_tokens=100,
     stored=1000,
     delegations=50,
@@ -108,7 +111,10 @@ def bench_b(root: Path, s: Scale, storage: str | None) -> list[Figure]:
 
 
 def bench_c(root: Path, s: Scale, storage: str | None) -> list[Figure]:
-    return concurrency.figures(root, s.conversations, s.paced_tokens, storage)
+    found = concurrency.figures(root, s.conversations, s.paced_tokens, storage)
+    if s.few_conversations:
+        found += concurrency.figures(root, s.few_conversations, s.paced_tokens, storage, main=False)
+    return found
 
 
 def bench_d(root: Path, s: Scale, storage: str | None) -> list[Figure]:
@@ -180,6 +186,7 @@ def main() -> None:
     scale = QUICK if args.quick else Scale()
     chosen = pick(args.only)
     info = machine()
+    info["calibration"] = calibration()
     load_before = load_average()
     started = time.perf_counter()
     print(f"chinwag benchmarks at {git_revision()} on {describe_machine(info)}", file=sys.stderr)

@@ -93,6 +93,8 @@ class Server:
     def start(self) -> None:
         path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        # A server stopped by SIGTERM may leave its socket file behind (the bare ones do).
+        self.socket_path.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO

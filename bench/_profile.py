@@ -81,7 +81,7 @@ def _thread(label: str) -> str:
     return "main thread (the trio loop)" if "MainThread" in label else "worker threads"
 
 
-def summarize(path: Path, top: int = 25) -> str:
+def summarize(path: Path, top: int = 25, rate: int = RATE) -> str:
     """Per thread, the functions with the most samples, self and total, in %.
 
     The % are of a thread's busy samples: those not waiting (see ``IDLE``;
@@ -102,7 +102,7 @@ def summarize(path: Path, top: int = 25) -> str:
         if top_frame not in IDLE:
             for name in set(names):
                 total_counts[name] += count
-    out: list[str] = [f"profile {path} ({RATE} samples/s)"]
+    out: list[str] = [f"profile {path} ({rate} samples/s of GIL-holding threads)"]
     for thread, (self_counts, total_counts) in sorted(threads.items()):
         samples = sum(self_counts.values())
         busy = samples - sum(self_counts.pop(name, 0) for name in IDLE)

@@ -12,10 +12,13 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import trio
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,6 +168,26 @@ def machine() -> dict[str, object]:
     }
 
 
+def calibration() -> dict[str, float]:
+    """How fast this machine runs Python and trio, to compare runs across machines."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    loop_s = time.perf_counter() - started
+
+    async def checkpoints() -> float:
+        t0 = time.perf_counter()
+        for _ in range(20_000):
+            await trio.lowlevel.checkpoint()
+        return (time.perf_counter() - t0) / 20_000
+
+    return {
+        "python_loop_ns": round(loop_s / 2_000_000 * 1e9, 1),
+        "trio_checkpoint_us": round(trio.run(checkpoints) * 1e6, 2),
+    }
+
+
 def load_average() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -195,10 +218,16 @@ def git_revision() -> str:
 
 
 def describe_machine(info: dict[str, object]) -> str:
-    return (
+    text = (
         f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
         f"{info['implementation']} {info['python']}, {info['kernel']}"
     )
+    if isinstance(speed := info.get("calibration"), dict):
+        text += (
+            f"; a Python loop step {speed['python_loop_ns']} ns, "
+            f"a trio checkpoint {speed['trio_checkpoint_us']} us"
+        )
+    return text
 
 
 def write_json(path: Path, report: dict[str, object], figures: Sequence[Figure]) -> None:
