@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 import click
-import structlog
 
 if TYPE_CHECKING:
     # Only for the annotations: `chinwag.clients.cli` imports this package, and
@@ -109,6 +108,8 @@ def command(
 async def _serve_until_signalled(config: BridgeConfig) -> None:
     """Run the bridge until SIGTERM or SIGINT, then stop it cleanly: polling
     confirms the updates already taken, so a restart does not take them again."""
+    import structlog
+
     from ._bridge import run_bridge
 
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -124,6 +125,8 @@ async def _serve_until_signalled(config: BridgeConfig) -> None:
 
 def _configure_logging() -> None:
     """structlog to stderr: key-value on a terminal, JSON lines otherwise."""
+    import structlog  # here, not at the top: `chinwag` starts without it
+
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
