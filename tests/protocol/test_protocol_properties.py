@@ -197,6 +197,7 @@ TAGS = st.sampled_from(
     [typing.cast(str, t.__struct_config__.tag) for t in typing.get_args(ClientMsg)]
 )
 HUGE_STRINGS = st.integers(min_value=10_000, max_value=1_000_000).map(lambda n: "x" * n)
+HUGE_ARRAYS = st.integers(min_value=10_000, max_value=200_000).map(lambda n: [0] * n)
 
 
 def _nest(depth: int, leaf: Any, as_map: bool) -> Any:
@@ -207,6 +208,7 @@ def _nest(depth: int, leaf: Any, as_map: bool) -> Any:
 
 def _json_ish(ints: st.SearchStrategy[int]) -> st.SearchStrategy[Any]:
     scalars = st.none() | st.booleans() | ints | st.floats(allow_nan=False) | TEXT | HUGE_STRINGS
+    scalars |= HUGE_ARRAYS
     # Nesting the encoders can still produce; deeper nesting is built as raw bytes below.
     nested = st.builds(_nest, st.integers(min_value=1, max_value=100), scalars, st.booleans())
     values = st.recursive(
