@@ -60,7 +60,7 @@ class Scale:
     stored: int = 10_000  # (d) idle stored conversations
     entries: int = 20
     delegations: int = 300  # (e)
-    fast_tokens: int = 30_000  # slow consumer: the stalled client's run
+    fast_tokens: int = 6000  # slow consumer: the stalled client's run
     steady_tokens: int = 300  # slow consumer: the other client's run, 20 ms apart
 
 
@@ -73,7 +73,7 @@ QUICK = Scale(
     paced_tokens=100,
     stored=1000,
     delegations=50,
-    fast_tokens=10_000,
+    fast_tokens=4000,
     steady_tokens=100,
 )
 

@@ -24,6 +24,7 @@ profile_dir: Path | None = None
 ECHO_CONFIG = """
 [daemon]
 allowed_roots = ["/tmp"]
+{daemon}
 
 [agents.assistant]
 provider = "echo"
@@ -36,9 +37,11 @@ model = "echo"
 """
 
 
-def echo_config(tools: list[str] | None = None) -> str:
-    """Two echo agents, `assistant` (with ``tools``) and `helper`."""
-    return ECHO_CONFIG.format(tools="[" + ", ".join(f'"{t}"' for t in tools or []) + "]")
+def echo_config(tools: list[str] | None = None, daemon: str = "") -> str:
+    """Two echo agents, `assistant` (with ``tools``) and `helper`; ``daemon``: more settings."""
+    return ECHO_CONFIG.format(
+        tools="[" + ", ".join(f'"{t}"' for t in tools or []) + "]", daemon=daemon
+    )
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -1,10 +1,13 @@
 """Slow consumer: does a client that stops reading delay anyone else?
 
-Client A sends a fast run (`/slow N 0.1`: the words 1..N, 0.1 ms apart, a
-few thousand events a second) and, once its `start` arrives, stops reading
-without closing. The daemon's writes to it block, its frames pile up in its
-connection's bounded buffer (`outgoing_frames`), and once that is full the
-daemon drops the connection; the run goes on and is stored.
+Client A sends a fast run (`/slow N 0.1`: the words 1..N, as fast as the
+daemon's timers go, about 1,000 a second here) and, once its `start` arrives,
+stops reading without closing, until its run has ended and is stored. The
+daemon's writes to it block, its frames pile up in its connection's bounded
+buffer (`outgoing_frames`, set to 2,048 here so that it fills within seconds
+rather than the default 16,384's), and once that is full the daemon should
+drop the connection while the run goes on; what A finally reads says whether
+it did.
 
 Meanwhile client B, on its own connection, streams `/slow M 20` (50 tokens/s).
 B's event delay is defined as in (c): the gap since B's previous event minus
@@ -14,7 +17,7 @@ Baseline, same run, same daemon: the same two runs with A reading everything,
 so that the only difference is the stall, not the load A's run puts on the
 daemon.
 
-    python -m bench.slow_consumer [--fast-tokens 30000] [--tokens 200] [--storage URL]
+    python -m bench.slow_consumer [--fast-tokens 6000] [--tokens 200] [--storage URL]
 """
 
 from __future__ import annotations
@@ -108,13 +111,14 @@ async def trial(path: Path, fast_tokens: int, tokens: int, stall: bool, tag: str
 
             nursery.start_soon(read_a)
         delays = await steady(b, f"steady-{tag}", tokens)
+    words = 0
+    with trio.move_on_after(120):
+        # Stalled: A still reads nothing until its run has ended and been stored.
+        words = await answer_words(path, a_sender)
     if stall:
         with trio.move_on_after(60):
             more, a_dropped = await drain(a)
             a_frames += more
-    words = 0
-    with trio.move_on_after(120):
-        words = await answer_words(path, a_sender)
     await a.aclose()
     await b.aclose()
     return Trial(delays, a_frames, a_dropped, words)
@@ -127,8 +131,12 @@ async def measure(path: Path, fast_tokens: int, tokens: int) -> tuple[Trial, Tri
     return stalled, reading
 
 
+BUFFER = 2048  # outgoing_frames
+
+
 def figures(root: Path, fast_tokens: int, tokens: int, storage: str | None = None) -> list[Figure]:
-    with chinwag_serve(root / "slow-consumer", echo_config(), storage) as daemon:
+    config = echo_config(daemon=f"outgoing_frames = {BUFFER}")
+    with chinwag_serve(root / "slow-consumer", config, storage) as daemon:
         stalled, reading = trio.run(measure, daemon.socket_path, fast_tokens, tokens)
     label = "same, A reading everything"
     fate = (
@@ -150,8 +158,8 @@ def figures(root: Path, fast_tokens: int, tokens: int, storage: str | None = Non
             percentile(stalled.delays_ms, 0.5),
             "lower",
             [Baseline(label, percentile(reading.delays_ms, 0.5))],
-            note=f"A: `/slow {fast_tokens} 0.1`, B: `/slow {tokens} 20`, echo on "
-            f"{storage_label(storage)}; {fate}; {stored}",
+            note=f"A: `/slow {fast_tokens} 0.1`, B: `/slow {tokens} 20`, outgoing_frames "
+            f"{BUFFER}, echo on {storage_label(storage)}; {fate}; {stored}",
         ),
         Figure(
             "slow_consumer_p99",
@@ -167,7 +175,7 @@ def figures(root: Path, fast_tokens: int, tokens: int, storage: str | None = Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast-tokens", type=int, default=30_000)
+    parser.add_argument("--fast-tokens", type=int, default=6000)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--storage", default=None, help="storage URL (default: sqlite, temp dir)")
     args = parser.parse_args()
