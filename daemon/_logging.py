@@ -7,6 +7,7 @@ import sys
 
 import msgspec
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -28,7 +29,8 @@ def configure_logging(level: int = logging.INFO) -> None:
     structlog.configure(
         processors=[
             *shared,
-            structlog.processors.dict_tracebacks,
+            # No frame locals: they can hold tokens and users' text.
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
             structlog.processors.JSONRenderer(serializer=lambda event, **_: encoder.encode(event)),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

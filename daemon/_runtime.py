@@ -164,6 +164,7 @@ class Run:
         self.started = False
         self.shutting_down = False
         self.done = trio.Event()
+        self.end: End | None = None  # once finished
 
     # --- fan-out ---------------------------------------------------------
 
@@ -197,7 +198,7 @@ class Run:
         return True
 
     def finish(self, status: EndStatus, error: ErrorInfo | None) -> None:
-        end = End(status=status, error=error, last_seq=self.conversation.last_seq)
+        self.end = end = End(status=status, error=error, last_seq=self.conversation.last_seq)
         if self.started:
             self.publish(end)
         else:  # subscribers see runs from `start` on; a run that never started is not theirs
@@ -264,7 +265,7 @@ class Run:
         limit = runtime.config.daemon.delegate_depth
         if len(chain) > limit:
             raise ToolError(f"Delegation goes at most {limit} agents deep; answer without it.")
-        answer = RunOutcome()
+        answer = DelegateAnswer()
         try:
             run = runtime.submit(
                 agent=agent,
@@ -290,11 +291,8 @@ class Run:
         return answer.text
 
 
-class RunOutcome:
-    """A sink that shows nothing to any client: keeps the run's final text and its `end`.
-
-    A delegated run answers its caller with the text; a compaction, with the end.
-    """
+class DelegateAnswer:
+    """The sink of a delegated run: keeps its final text, shows nothing to any client."""
 
     def __init__(self) -> None:
         self._parts: list[str] = []
@@ -475,27 +473,31 @@ class Runtime:
         self._enqueue(run)
         return run
 
-    async def compact(self, agent: str, sender: str, instructions: str | None) -> Compaction:
-        """Compact the conversation once the runs queued before it are done.
+    def compact(self, agent: str, sender: str, instructions: str | None) -> Run:
+        """Queue a compaction behind the runs before it; synchronous, so it keeps arrival order.
+
+        ``compacted`` awaits its outcome.
+        """
+        if not self.accepting:
+            raise RequestError(503, "The daemon is shutting down; retry once it is back.")
+        primary = self.agent(agent)
+        check_sender(sender)
+        conv = self._conversation(agent, sender)
+        run = Run(conv, content=instructions or "", speaker=primary, cwd=None, compact=True)
+        self._enqueue(run)
+        return run
+
+    async def compacted(self, run: Run) -> Compaction:
+        """What the compaction ``run`` archived, once it ended.
 
         Raises ``RequestError``: 404 for an unknown conversation, 409 when
         nothing was added since the last compaction or the compaction was killed.
         """
-        if not self.accepting:
-            raise RequestError(503, "The daemon is shutting down; retry once it is back.")
-        conv = await self.existing(agent, sender)
-        run = Run(
-            conv, content=instructions or "", speaker=self.agents[agent], cwd=None, compact=True
-        )
-        outcome = RunOutcome()
-        run.add_sink(outcome)
-        self._enqueue(run)
         await run.done.wait()
         if run.compaction is not None:
             return run.compaction
-        end = outcome.end
-        if end is not None and end.error is not None:
-            raise RequestError(end.error.code, end.error.message)
+        if run.end is not None and run.end.error is not None:
+            raise RequestError(run.end.error.code, run.end.error.message)
         raise RequestError(409, "The compaction was killed before it stored anything.")
 
     def _enqueue(self, run: Run) -> None:
@@ -588,8 +590,14 @@ class Runtime:
 
     async def _perform(self, run: Run) -> None:
         """A compaction, or a turn (compacting first when the context has grown too big)."""
+        conv = run.conversation
         if run.compact:
-            run.compaction = await self._compact(run.conversation, run.content or None)
+            if conv.info is None:
+                raise RunFailed(
+                    404,
+                    f"No conversation ({conv.agent}, {conv.sender}) exists; a `stream` creates it.",
+                )
+            run.compaction = await self._compact(conv, run.content or None)
             return
         await self._compact_if_full(run)
         await self._begin(run)
@@ -610,6 +618,9 @@ class Runtime:
         except (RunFailed, ProviderError) as exc:
             # The turn still runs on its full context; the next fill tries again.
             log.warning("auto_compaction_failed", code=exc.code, message=exc.message)
+            return
+        except StorageError as exc:
+            log.error("auto_compaction_failed", code=500, message=str(exc))
             return
         log.info("auto_compacted", archive=compaction.archive)
         run._deliver(compaction)
@@ -652,6 +663,7 @@ class Runtime:
             marker = await self.storage.compact(conv.agent, conv.sender, archive)
         assert conv.info is not None
         conv.context = [marker]
+        conv.context_tokens = 0  # the next usage report tells how full it is again
         conv.info.last_seq = marker.seq
         conv.info.updated_at = marker.created_at
         log.info("compacted", archive=archive.name, entries=len(archived))
@@ -967,6 +979,10 @@ class Runtime:
     # --- lifecycle ------------------------------------------------------------
 
     def _became_idle(self, conv: Conversation) -> None:
+        if conv.loaded and conv.info is None:  # nothing stored: no placeholder to keep
+            if self.conversations.get(conv.key) is conv:
+                del self.conversations[conv.key]
+            return
         self._idle[conv.key] = None
         self._idle.move_to_end(conv.key)
         while len(self._idle) > self.config.daemon.idle_conversations:

@@ -438,7 +438,7 @@ class Connection:
             case ListConversations():
                 self._call(nursery, rid, lambda: self._list(msg))
             case Compact():
-                self._call(nursery, rid, lambda: self._compact(msg))
+                self._compact(msg, nursery)
             case SearchMemory():
                 self._call(nursery, rid, lambda: self._search(msg))
             case Subscribe():
@@ -589,14 +589,24 @@ class Connection:
             history.entries = history.entries[: len(history.entries) // 2]
         return history
 
-    async def _compact(self, msg: Compact) -> Compacted:
-        done = await self.runtime.compact(msg.agent, self._sender(msg.sender), msg.instructions)
-        return Compacted(
-            id=msg.id,
-            archive=done.archive,
-            summary=done.summary,
-            archived_entries=done.archived_entries,
-        )
+    def _compact(self, msg: Compact, nursery: trio.Nursery) -> None:
+        # Queued here and now, like a stream, so it keeps its place among them.
+        try:
+            run = self.runtime.compact(msg.agent, self._sender(msg.sender), msg.instructions)
+        except RequestError as exc:
+            self.send(Error(id=msg.id, code=exc.code, message=exc.message))
+            return
+
+        async def answer() -> Compacted:
+            done = await self.runtime.compacted(run)
+            return Compacted(
+                id=msg.id,
+                archive=done.archive,
+                summary=done.summary,
+                archived_entries=done.archived_entries,
+            )
+
+        self._call(nursery, msg.id, answer)
 
     async def _search(self, msg: SearchMemory) -> Memory:
         hits = await self.runtime.search_memory(msg.agent, msg.query, msg.limit)
@@ -730,6 +740,11 @@ def inherited_listener() -> trio.SocketListener | None:
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
         raise ServeError("The socket systemd passed is not a Unix stream socket.")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ServeError(
+            "The socket systemd passed is a connection, not a listener: use Accept=no."
+        )
     sock.set_inheritable(False)
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 

@@ -69,8 +69,12 @@ MAX_SEARCH_LIMIT = 100
 
 
 def search_words(query: str) -> list[str]:
-    """The words a memory search looks for: letters and digits, lowercased, deduplicated."""
-    return list(dict.fromkeys(re.findall(r"\w+", query.casefold())))
+    """The words a memory search looks for: letters and digits, deduplicated, lowercased.
+
+    Lowercased, not casefolded: FTS5 and postgres fold case that way ("Straße"
+    stays "straße"), and every backend must find the same words.
+    """
+    return list(dict.fromkeys(re.findall(r"\w+", query.lower())))
 
 
 class Storage(Protocol):

@@ -66,7 +66,7 @@ class MemoryIndex:
         index = self._agents.setdefault(agent, _AgentIndex())
         key: DocKey = (kind, sender, name)
         self._remove(index, key)
-        words = [word.casefold() for word in WORD.findall(text)]
+        words = [word.lower() for word in WORD.findall(text)]
         terms = Counter(words)
         index.documents[key] = _Document(
             hit=MemoryHit(kind=kind, name=name, sender=sender, snippet="", created_at=created_at),
@@ -148,11 +148,11 @@ def make_snippet(text: str, words: set[str]) -> str:
     spans = list(WORD.finditer(text))
     if not spans:
         return ""
-    hits = [i for i, m in enumerate(spans) if m.group().casefold() in words]
+    hits = [i for i, m in enumerate(spans) if m.group().lower() in words]
 
     def variety(start: int) -> int:
         window = spans[start : start + SNIPPET_WORDS]
-        return len({m.group().casefold() for m in window} & words)
+        return len({m.group().lower() for m in window} & words)
 
     starts = [max(0, i - _BEFORE) for i in hits] or [0]
     start = max(starts, key=variety)  # the first of the windows with the most distinct words
@@ -162,7 +162,7 @@ def make_snippet(text: str, words: set[str]) -> str:
     for match in spans[start:stop]:
         parts.append(text[cursor : match.start()])
         word = match.group()
-        parts.append(f"[{word}]" if word.casefold() in words else word)
+        parts.append(f"[{word}]" if word.lower() in words else word)
         cursor = match.end()
     parts.append("…" if stop < len(spans) else text[cursor:])
     return one_line("".join(parts))

@@ -120,7 +120,8 @@ class ChinwagTools:
                 include_archived=include_archived,
             )
         entries = history.entries
-        more = limit is not None and len(entries) == limit and entries[-1].seq < history.last_seq
+        # A page may be short of `limit` (the daemon halves one too big for a frame).
+        more = bool(entries) and entries[-1].seq < history.last_seq
         return _data(
             {
                 "agent": history.agent,

@@ -93,7 +93,7 @@ class AskPrompt:
             return Press.STALE
         index, action, option = parts
         question = self.question
-        if index != str(len(self.answers)) or not option.isdigit():
+        if index != str(len(self.answers)) or not (option.isdecimal() and option.isascii()):
             return Press.STALE
         number = int(option)
         if action == _PICK and number < len(question.options):

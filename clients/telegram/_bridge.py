@@ -329,7 +329,11 @@ class Bridge:
             await chat.say(f"📌 {page.items[0].title}")
 
     async def _history(self, chat: Chat, arguments: str) -> None:
-        turns = max(1, min(int(arguments), 50)) if arguments.isdigit() else _HISTORY_TURNS
+        turns = (
+            max(1, min(int(arguments), 50))
+            if arguments.isdecimal() and arguments.isascii()
+            else _HISTORY_TURNS
+        )
         client = await self._daemon(chat)
         if client is None:
             return

@@ -135,7 +135,12 @@ def _configure_logging() -> None:
     if sys.stderr.isatty():
         processors.append(structlog.dev.ConsoleRenderer())
     else:
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        # No frame locals in tracebacks: a Bot API URL local holds the bot's token.
+        no_locals = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        processors += [
+            structlog.processors.ExceptionRenderer(no_locals),
+            structlog.processors.JSONRenderer(),
+        ]
     structlog.configure(
         processors=processors, logger_factory=structlog.WriteLoggerFactory(sys.stderr)
     )

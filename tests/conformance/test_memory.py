@@ -473,6 +473,10 @@ async def test_unicode_words_are_found(store: Storage) -> None:
     assert await names(store, "délicieux") == ["french"]
     (hit,) = await search(store, "中文")
     assert hit.name == "chinese" and "[中文]" in hit.snippet
+    await store.put_note(AGENT, "street", "Die Straße heißt Lindenweg", updated_at=T0)
+    assert await names(store, "STRASSE") == [], "no backend folds ß into ss"
+    (hit,) = await search(store, "Straße heißt")
+    assert hit.name == "street" and "[Straße] [heißt]" in hit.snippet
 
 
 async def test_a_snippet_is_one_line_around_the_match(store: Storage) -> None:

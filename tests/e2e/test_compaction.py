@@ -12,7 +12,17 @@ import json
 import pytest
 import trio
 from chinwag.clients import ChinwagError, connect
-from chinwag.protocol import Compaction, End, Start, TextDelta, ToolResult
+from chinwag.protocol import (
+    JSON,
+    Compact,
+    Compacted,
+    Compaction,
+    End,
+    Start,
+    Stream,
+    TextDelta,
+    ToolResult,
+)
 from chinwag.storage import open_store
 
 CONFIG = """
@@ -192,10 +202,11 @@ async def test_kill_all_drops_a_queued_compaction_and_nothing_is_archived(daemon
                         outcome.append(exc)
 
                 nursery.start_soon(compact)
-                await trio.testing.wait_all_tasks_blocked()
                 async with connect(daemon.socket_path) as killer:
-                    stats = await killer.stats()
-                    assert stats.runs_queued == 1
+                    with trio.fail_after(10):
+                        # The daemon is another process: its queue is seen by asking.
+                        while (await killer.stats()).runs_queued < 1:  # noqa: ASYNC110
+                            await trio.sleep(0.01)
                     await killer.kill("assistant", all=True)
             assert (await events.collect())[-1].status == "killed"
         [refused] = outcome
@@ -262,3 +273,29 @@ async def test_auto_compaction_runs_before_the_next_turn_and_says_so(daemon_fact
         later = await turn(c, "short", agent="roomy")
         assert not any(isinstance(e, Compaction) for e in later)
         assert all(e.kind == "message" for e in (await c.history("roomy")).entries)
+
+
+async def test_a_compact_keeps_its_place_before_a_stream_sent_after_it(daemon, raw):
+    async with connect(daemon.socket_path) as c:
+        await turn(c, "before")
+    async with raw(daemon.socket_path) as conn:
+        both = JSON.encode_frame(Compact(id=1, agent="assistant")) + JSON.encode_frame(
+            Stream(id=2, agent="assistant", content="after")
+        )
+        await conn.send_bytes(both)  # one write: the daemon reads them together
+        frames = await conn.recv_until(lambda f: isinstance(f, End) and f.id == 2)
+        compacted = [f for f in frames if isinstance(f, Compacted)]
+        if not compacted:
+            compacted = [await conn.recv()]
+    assert (compacted[0].archive, compacted[0].archived_entries) == ("archive-1-2", 2)
+    start = next(f for f in frames if isinstance(f, Start))
+    assert start.seq == 4, "the stream's turn follows the marker at seq 3"
+
+
+async def test_compacting_a_conversation_never_created_leaves_no_trace(daemon):
+    async with connect(daemon.socket_path) as c:
+        with pytest.raises(ChinwagError) as unknown:
+            await c.compact("assistant", "ghost")
+        assert unknown.value.code == 404
+        assert (await c.stats()).conversations == 0
+        assert (await c.list_conversations()).items == []
