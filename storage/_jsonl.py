@@ -735,8 +735,16 @@ class JsonlStorage:
         if pending.error is not None:
             raise pending.error
         text = archive_text(archive.summary, entries[archive.first_seq - 1 :])
-        self._memory.put(
-            agent, "archive", archive.name, sender=sender, text=text, created_at=marker.created_at
+        await trio.to_thread.run_sync(
+            functools.partial(
+                self._memory.put,
+                agent,
+                "archive",
+                archive.name,
+                sender=sender,
+                text=text,
+                created_at=marker.created_at,
+            )
         )
         marker.seq = line.seq
         return marker
@@ -768,13 +776,16 @@ class JsonlStorage:
                         f"Writing a note to {self._notes.path}", self._notes.append, note
                     )
                     # Under the lock, so an index being built reads notes and index alike.
-                    self._memory.put(
-                        agent,
-                        "note",
-                        name,
-                        sender=None,
-                        text=note_text(name, content),
-                        created_at=note.updated_at,
+                    await trio.to_thread.run_sync(
+                        functools.partial(
+                            self._memory.put,
+                            agent,
+                            "note",
+                            name,
+                            sender=None,
+                            text=note_text(name, content),
+                            created_at=note.updated_at,
+                        )
                     )
         finally:
             self._end_write()
@@ -792,7 +803,7 @@ class JsonlStorage:
         self._check_open()
         if search_words(query):
             await self._index(agent)
-        return self._memory.search(agent, query, limit)
+        return await trio.to_thread.run_sync(self._memory.search, agent, query, limit)
 
     async def _index(self, agent: str) -> None:
         """Fill the index with the agent's archives and notes, once; concurrent calls wait."""
@@ -808,28 +819,13 @@ class JsonlStorage:
                     for conv in self._by_key.values()
                     if conv.item.agent == agent and conv.size
                 ]
-                read = functools.partial(_archives_in, self._dir)
-                for sender, archive, text in await _in_chunks(read, conversations, self._limiter):
-                    self._memory.put(
-                        agent,
-                        "archive",
-                        archive.name,
-                        sender=sender,
-                        text=text,
-                        created_at=archive.created_at,
-                    )
+                read = functools.partial(_archives_in, self._dir, self._memory, agent)
+                # Each chunk's archives go into the index in its worker thread.
+                await _in_chunks(read, conversations, self._limiter)
                 # A compaction since those reads has put its archive already: the same one.
                 async with self._notes.lock:
-                    for note in (await self._load_notes()).values():
-                        if note.agent == agent:
-                            self._memory.put(
-                                agent,
-                                "note",
-                                note.name,
-                                sender=None,
-                                text=note_text(note.name, note.content),
-                                created_at=note.updated_at,
-                            )
+                    notes = [n for n in (await self._load_notes()).values() if n.agent == agent]
+                    await trio.to_thread.run_sync(_index_notes, self._memory, agent, notes)
                 self._indexed.add(agent)
             finally:
                 del self._indexing[agent]
@@ -946,10 +942,13 @@ async def _in_chunks(
 
 
 def _archives_in(
-    directory: Path, conversations: list[tuple[int, str, int]]
-) -> list[tuple[str, Archive, str]]:
-    """``(sender, archive, its search text)`` for the archives in each ``(id, sender, size)``."""
-    found: list[tuple[str, Archive, str]] = []
+    directory: Path, memory: MemoryIndex, agent: str, conversations: list[tuple[int, str, int]]
+) -> list[str]:
+    """Put the archives in each ``(id, sender, size)`` into ``memory``; their names.
+
+    Runs in a worker thread: reading and tokenizing is the slow part.
+    """
+    indexed: list[str] = []
     for id_, sender, size in conversations:
         path = directory / f"{id_}{_HISTORY_SUFFIX}"
         archives: dict[str, Archive] = {}
@@ -959,8 +958,28 @@ def _archives_in(
             raise StorageError(f"Could not read {path}: {exc}.") from exc
         for archive in archives.values():
             archived = entries[archive.first_seq - 1 : archive.last_seq]
-            found.append((sender, archive, archive_text(archive.summary, archived)))
-    return found
+            memory.put(
+                agent,
+                "archive",
+                archive.name,
+                sender=sender,
+                text=archive_text(archive.summary, archived),
+                created_at=archive.created_at,
+            )
+            indexed.append(archive.name)
+    return indexed
+
+
+def _index_notes(memory: MemoryIndex, agent: str, notes: list[_Note]) -> None:
+    for note in notes:
+        memory.put(
+            agent,
+            "note",
+            note.name,
+            sender=None,
+            text=note_text(note.name, note.content),
+            created_at=note.updated_at,
+        )
 
 
 def _prepare_directory(path: Path) -> tuple[int, list[int], dict[int, _Cached]]:

@@ -7,6 +7,7 @@ at 1 and are never reused, and cursors page on ``(updated_at DESC, id DESC)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -185,13 +186,10 @@ class MemoryStorage:
         archived = [_decoder.decode(raw) for raw in conv.entries[archive.first_seq - 1 :]]
         (marker,) = self._append(conv, [archive.marker()])
         conv.archives[archive.name] = _archive_encoder.encode(archive)
-        self._memory.put(
-            agent,
-            "archive",
-            archive.name,
-            sender=sender,
-            text=archive_text(archive.summary, archived),
-            created_at=utc(archive.created_at),
+        text = archive_text(archive.summary, archived)
+        index = functools.partial(self._memory.put, agent, "archive", archive.name, sender=sender)
+        await trio.to_thread.run_sync(
+            functools.partial(index, text=text, created_at=utc(archive.created_at))
         )
         return marker
 
@@ -205,13 +203,16 @@ class MemoryStorage:
         if self._closed:
             raise StorageError("The store is closed.")
         text = note_text(name, content)
-        self._memory.put(agent, "note", name, sender=None, text=text, created_at=utc(updated_at))
+        index = functools.partial(self._memory.put, agent, "note", name, sender=None)
+        await trio.to_thread.run_sync(
+            functools.partial(index, text=text, created_at=utc(updated_at))
+        )
 
     async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise StorageError("The store is closed.")
-        return self._memory.search(agent, query, limit)
+        return await trio.to_thread.run_sync(self._memory.search, agent, query, limit)
 
     # --- claims: one process, so only this store's own claims refuse ------
 

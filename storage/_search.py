@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -48,10 +49,15 @@ class _AgentIndex:
 
 
 class MemoryIndex:
-    """Notes and archives by agent; `put` adds or replaces, `search` ranks by BM25."""
+    """Notes and archives by agent; `put` adds or replaces, `search` ranks by BM25.
+
+    Thread-safe, and meant to be called in worker threads: tokenizing an
+    archive or scoring a search can take long enough to stall an event loop.
+    """
 
     def __init__(self) -> None:
         self._agents: dict[str, _AgentIndex] = {}
+        self._lock = threading.Lock()
 
     def put(
         self,
@@ -63,20 +69,21 @@ class MemoryIndex:
         text: str,
         created_at: datetime | None,
     ) -> None:
-        index = self._agents.setdefault(agent, _AgentIndex())
-        key: DocKey = (kind, sender, name)
-        self._remove(index, key)
         words = [word.lower() for word in WORD.findall(text)]
-        terms = Counter(words)
-        index.documents[key] = _Document(
+        document = _Document(
             hit=MemoryHit(kind=kind, name=name, sender=sender, snippet="", created_at=created_at),
             text=text,
-            terms=terms,
+            terms=Counter(words),
             length=len(words),
         )
-        index.total_length += len(words)
-        for term in terms:
-            index.postings.setdefault(term, set()).add(key)
+        key: DocKey = (kind, sender, name)
+        with self._lock:
+            index = self._agents.setdefault(agent, _AgentIndex())
+            self._remove(index, key)
+            index.documents[key] = document
+            index.total_length += document.length
+            for term in document.terms:
+                index.postings.setdefault(term, set()).add(key)
 
     def _remove(self, index: _AgentIndex, key: DocKey) -> None:
         old = index.documents.pop(key, None)
@@ -91,8 +98,16 @@ class MemoryIndex:
 
     def search(self, agent: str, query: str, limit: int) -> list[MemoryHit]:
         check_search_limit(limit)
-        index = self._agents.get(agent)
         words = search_words(query)
+        with self._lock:
+            found = self._best(agent, words, limit)
+        return [
+            msgspec.structs.replace(doc.hit, snippet=make_snippet(doc.text, set(words)))
+            for doc in found
+        ]
+
+    def _best(self, agent: str, words: list[str], limit: int) -> list[_Document]:
+        index = self._agents.get(agent)
         if index is None or not index.documents or not words:
             return []
         count = len(index.documents)
@@ -109,12 +124,7 @@ class MemoryIndex:
                 norm = tf + _K1 * (1 - _B + _B * doc.length / average)
                 scores[key] += idf * tf * (_K1 + 1) / norm
         best = sorted(scores, key=lambda key: (-scores[key], key[0], key[1] or "", key[2]))
-        hits = []
-        for key in best[:limit]:
-            doc = index.documents[key]
-            snippet = make_snippet(doc.text, set(words))
-            hits.append(msgspec.structs.replace(doc.hit, snippet=snippet))
-        return hits
+        return [index.documents[key] for key in best[:limit]]
 
 
 def check_search_limit(limit: int) -> None:
@@ -143,12 +153,25 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+_SNIPPET_CANDIDATES = 50  # matches weighed for the best window; enough to find where words meet
+
+
 def make_snippet(text: str, words: set[str]) -> str:
-    """About `SNIPPET_WORDS` words of ``text`` where most of ``words`` meet, each in [brackets]."""
-    spans = list(WORD.finditer(text))
+    """About `SNIPPET_WORDS` words of ``text`` where most of ``words`` meet, each in [brackets].
+
+    Reads the text only as far as its first `_SNIPPET_CANDIDATES` matches (and a
+    window past them), so a common word in a long archive costs little.
+    """
+    spans: list[re.Match[str]] = []
+    hits: list[int] = []
+    for match in WORD.finditer(text):
+        spans.append(match)
+        if match.group().lower() in words:
+            hits.append(len(spans) - 1)
+        if len(hits) >= _SNIPPET_CANDIDATES and len(spans) > hits[-1] + SNIPPET_WORDS:
+            break
     if not spans:
         return ""
-    hits = [i for i, m in enumerate(spans) if m.group().lower() in words]
 
     def variety(start: int) -> int:
         window = spans[start : start + SNIPPET_WORDS]
@@ -164,5 +187,6 @@ def make_snippet(text: str, words: set[str]) -> str:
         word = match.group()
         parts.append(f"[{word}]" if word.lower() in words else word)
         cursor = match.end()
-    parts.append("…" if stop < len(spans) else text[cursor:])
+    more = stop < len(spans) or WORD.search(text, cursor) is not None
+    parts.append("…" if more else text[cursor:])
     return one_line("".join(parts))
