@@ -86,6 +86,10 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_steps: int = 16
     context_window: int = 32768
     compact_at: float | None = None
+    # What memory_search searches besides the agent's notes: the archives of all
+    # its conversations ("agent"), or only of the one it is in ("conversation":
+    # for an agent many people talk to, who must not read each other's past).
+    memory_scope: Literal["agent", "conversation"] = "agent"
     cwd: str | None = None
 
 

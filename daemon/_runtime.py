@@ -249,7 +249,10 @@ class Run:
 
     async def memory_search(self, query: str, limit: int) -> list[MemoryHit]:
         conv = self.conversation
-        return await conv.runtime.storage.search_memory(self.speaker.name, query, limit=limit)
+        mine = self.speaker.config.memory_scope == "conversation"
+        return await conv.runtime.storage.search_memory(
+            self.speaker.name, query, limit=limit, sender=conv.sender if mine else None
+        )
 
     async def memory_note(self, name: str, content: str) -> None:
         storage = self.conversation.runtime.storage

@@ -171,8 +171,14 @@ class Storage(Protocol):
         """Create or replace the agent's note ``name``; durable when it returns."""
         ...
 
-    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
-        """The agent's notes and archives (of all its conversations) matching ``query``, best first.
+    async def search_memory(
+        self, agent: str, query: str, *, limit: int = 10, sender: str | None = None
+    ) -> list[MemoryHit]:
+        """The agent's notes and archives matching ``query``, best first.
+
+        The archives of all the agent's conversations, or with ``sender`` only
+        those of its conversation with that sender (notes are the agent's own,
+        found either way).
 
         A document matches when it holds any of the query's ``search_words``;
         archives match on their summary and the text of the entries they

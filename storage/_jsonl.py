@@ -796,14 +796,16 @@ class JsonlStorage:
             return await self._run(f"Reading {self._notes.path}", self._notes.load)
         return self._notes.notes
 
-    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+    async def search_memory(
+        self, agent: str, query: str, *, limit: int = 10, sender: str | None = None
+    ) -> list[MemoryHit]:
         """The agent's notes and archives matching any word of ``query``, best BM25 first."""
         check_search_limit(limit)
         await trio.lowlevel.checkpoint()
         self._check_open()
         if search_words(query):
             await self._index(agent)
-        return await trio.to_thread.run_sync(self._memory.search, agent, query, limit)
+        return await trio.to_thread.run_sync(self._memory.search, agent, query, limit, sender)
 
     async def _index(self, agent: str) -> None:
         """Fill the index with the agent's archives and notes, once; concurrent calls wait."""

@@ -208,11 +208,13 @@ class MemoryStorage:
             functools.partial(index, text=text, created_at=utc(updated_at))
         )
 
-    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+    async def search_memory(
+        self, agent: str, query: str, *, limit: int = 10, sender: str | None = None
+    ) -> list[MemoryHit]:
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise StorageError("The store is closed.")
-        return await trio.to_thread.run_sync(self._memory.search, agent, query, limit)
+        return await trio.to_thread.run_sync(self._memory.search, agent, query, limit, sender)
 
     # --- claims: one process, so only this store's own claims refuse ------
 

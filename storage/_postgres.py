@@ -257,6 +257,7 @@ ranked AS (
            ) AS rank
     FROM archives a JOIN conversations c ON c.id = a.conversation_id, query
     WHERE c.agent = %(agent)s AND a.search @@ query.q
+        AND (%(sender)s::text IS NULL OR c.sender = %(sender)s::text)
     UNION ALL
     SELECT 'note', NULL, n.name,
            ts_rank(n.search, query.q, 1) * (
@@ -674,7 +675,9 @@ class PostgresStorage:
                 ),
             )
 
-    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+    async def search_memory(
+        self, agent: str, query: str, *, limit: int = 10, sender: str | None = None
+    ) -> list[MemoryHit]:
         """The agent's notes and archives matching any word of ``query``, best ``ts_rank`` first."""
         check_search_limit(limit)
         if self._closed:
@@ -687,6 +690,7 @@ class PostgresStorage:
             "words": " or ".join(f'"{word}"' for word in words),  # \w+ holds no quote
             "terms": words,
             "agent": agent,
+            "sender": sender,
             "limit": limit,
             "options": _HEADLINE_OPTIONS,
             "edge": _EDGE,

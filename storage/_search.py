@@ -96,17 +96,22 @@ class MemoryIndex:
             if not keys:
                 del index.postings[term]
 
-    def search(self, agent: str, query: str, limit: int) -> list[MemoryHit]:
+    def search(
+        self, agent: str, query: str, limit: int, sender: str | None = None
+    ) -> list[MemoryHit]:
+        """The best ``limit`` matches; with ``sender``, of archives only that conversation's."""
         check_search_limit(limit)
         words = search_words(query)
         with self._lock:
-            found = self._best(agent, words, limit)
+            found = self._best(agent, words, limit, sender)
         return [
             msgspec.structs.replace(doc.hit, snippet=make_snippet(doc.text, set(words)))
             for doc in found
         ]
 
-    def _best(self, agent: str, words: list[str], limit: int) -> list[_Document]:
+    def _best(
+        self, agent: str, words: list[str], limit: int, sender: str | None
+    ) -> list[_Document]:
         index = self._agents.get(agent)
         if index is None or not index.documents or not words:
             return []
@@ -119,6 +124,8 @@ class MemoryIndex:
                 continue
             idf = math.log(1 + (count - len(keys) + 0.5) / (len(keys) + 0.5))
             for key in keys:
+                if sender is not None and key[0] == "archive" and key[1] != sender:
+                    continue
                 doc = index.documents[key]
                 tf = doc.terms[word]
                 norm = tf + _K1 * (1 - _B + _B * doc.length / average)

@@ -160,9 +160,10 @@ FROM memory m
 LEFT JOIN archives a ON a.id = m.rowid
 LEFT JOIN conversations c ON c.id = a.conversation_id
 LEFT JOIN notes n ON n.id = -m.rowid
-WHERE memory MATCH ? AND m.agent = ?
+WHERE memory MATCH :match AND m.agent = :agent
+    AND (m.rowid < 0 OR :sender IS NULL OR c.sender = :sender)
 ORDER BY m.rank, m.rowid
-LIMIT ?
+LIMIT :limit
 """
 
 _tool_calls_encoder = msgspec.json.Encoder()
@@ -651,7 +652,9 @@ class SqliteStorage:
                 (-id_, note_text(name, content), agent),
             )
 
-    async def search_memory(self, agent: str, query: str, *, limit: int = 10) -> list[MemoryHit]:
+    async def search_memory(
+        self, agent: str, query: str, *, limit: int = 10, sender: str | None = None
+    ) -> list[MemoryHit]:
         """The agent's notes and archives matching any word of ``query``, best bm25 first."""
         check_search_limit(limit)
         if self._closed:
@@ -664,7 +667,9 @@ class SqliteStorage:
         match = " OR ".join('"{}"'.format(word.replace('"', '""')) for word in words)
         rows = await self._run(
             f"Searching the memory of {agent}",
-            lambda: self._conn.execute(_SEARCH, (match, agent, limit)).fetchall(),
+            lambda: self._conn.execute(
+                _SEARCH, {"match": match, "agent": agent, "sender": sender, "limit": limit}
+            ).fetchall(),
         )
         return [_hit(row) for row in rows]
 

@@ -396,6 +396,22 @@ async def test_hits_name_the_conversation_they_come_from(store: Storage) -> None
     assert all(hit.kind == "archive" for hit in hits)
 
 
+async def test_a_search_for_one_sender_sees_only_its_archives_and_every_note(
+    store: Storage,
+) -> None:
+    for sender in ("tg:1", "tg:2"):
+        await compacted(store, [f"kiwi from {sender}"], f"summary for {sender}", sender=sender)
+    await store.put_note(AGENT, "fruit", "kiwi is a fruit", updated_at=T0)
+
+    hits = await store.search_memory(AGENT, "kiwi", sender="tg:1")
+    assert sorted((hit.kind, hit.name) for hit in hits) == [
+        ("archive", "tg:1-1-1"),
+        ("note", "fruit"),
+    ]
+    stranger = await store.search_memory(AGENT, "kiwi", sender="tg:3")
+    assert [hit.kind for hit in stranger] == ["note"]
+
+
 async def test_documents_matching_more_query_words_rank_first(store: Storage) -> None:
     for name, content in [
         ("one-word", "I keep a small lantern by the door at night"),

@@ -299,3 +299,28 @@ async def test_compacting_a_conversation_never_created_leaves_no_trace(daemon):
         assert unknown.value.code == 404
         assert (await c.stats()).conversations == 0
         assert (await c.list_conversations()).items == []
+
+
+SCOPED_CONFIG = """
+[daemon]
+shutdown_grace_s = 0.5
+
+[agents.assistant]
+provider = "echo"
+tools = ["memory_search", "memory_note"]
+memory_scope = "conversation"
+"""
+
+
+async def test_a_conversation_scoped_agent_never_shows_one_sender_anothers_archive(
+    daemon_factory,
+):
+    daemon = daemon_factory(SCOPED_CONFIG)
+    async with connect(daemon.socket_path) as c:
+        await turn(c, CAR, sender="tg:alice")
+        await c.compact("assistant", "tg:alice")
+        search = '/tool memory_search {"query": "Bertha"}'
+        [alice] = [e for e in await turn(c, search, sender="tg:alice") if isinstance(e, ToolResult)]
+        [bob] = [e for e in await turn(c, search, sender="tg:bob") if isinstance(e, ToolResult)]
+    assert "[Bertha]" in alice.output
+    assert bob.output == "Nothing in memory matches 'Bertha'."
