@@ -661,7 +661,8 @@ def _expect(msg: ServerMsg, reply_type: type[_R]) -> _R:
 async def _handshake(
     stream: anyio.abc.ByteStream, codec: Codec, client: str, decoder: FrameDecoder
 ) -> Welcome:
-    hello = bytes(codec.encode_frame(Hello(protocol=PROTOCOL_VERSION, client=client)))
+    greeting = Hello(protocol=PROTOCOL_VERSION, client=client, features=["compaction"])
+    hello = bytes(codec.encode_frame(greeting))
     # If the daemon hung up (or refused us first), what it said, if anything, is read below.
     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
         await stream.send(hello)

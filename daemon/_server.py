@@ -24,6 +24,7 @@ import msgspec
 import structlog
 import trio
 from chinwag.protocol import (
+    FEATURES,
     HEADER_BYTES,
     JSON,
     PROTOCOL_VERSION,
@@ -33,6 +34,7 @@ from chinwag.protocol import (
     Codec,
     Compact,
     Compacted,
+    Compaction,
     Conversations,
     Encoding,
     End,
@@ -97,6 +99,8 @@ class RequestSink:
         if type(event) is End:
             self.open = False
             self.conn.close_request(self.request_id)
+        elif type(event) is Compaction and "compaction" not in self.conn.features:
+            return True  # an addition to v1 this client did not ask for
         return self.conn.send(msgspec.structs.replace(event, id=self.request_id))
 
     def detach(self) -> None:
@@ -192,6 +196,7 @@ class Connection:
         self.connected_at = self.last_active = trio.current_time()
         self.codec: Codec | None = None
         self.greeted = False
+        self.features: set[str] = set()  # the additions to v1 this client asked for
         self.closed = False
         self.linger = False  # drain the client's input before closing (after a fatal error)
         # request id -> the object a `cancel` detaches (None: not detachable)
@@ -471,6 +476,7 @@ class Connection:
             self.finish()
             return
         self.greeted = True
+        self.features = set(msg.features) & set(FEATURES)
         log.info("client_greeted", client=msg.client)
         self.send(
             Welcome(
@@ -478,6 +484,7 @@ class Connection:
                 server=SERVER_NAME,
                 agents=list(self.runtime.agents),
                 max_frame_bytes=self.max_frame_bytes,
+                features=list(FEATURES),
             )
         )
 

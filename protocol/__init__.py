@@ -9,6 +9,7 @@ from ._errors import ProtocolError
 from ._framing import HEADER_BYTES, FrameDecoder, frame
 from ._messages import (
     DEFAULT_MAX_FRAME_BYTES,
+    FEATURES,
     PROTOCOL_VERSION,
     AgentItem,
     Agents,
@@ -71,6 +72,7 @@ from ._paths import APP_NAME, default_socket_path
 __all__ = [
     "APP_NAME",
     "DEFAULT_MAX_FRAME_BYTES",
+    "FEATURES",
     "HEADER_BYTES",
     "JSON",
     "MSGPACK",

@@ -102,6 +102,9 @@ class Hello(ClientMessage, tag="hello"):
     protocol: int
     client: str
     token: str | None = None
+    # Additive server frames this client understands and wants (see FEATURES);
+    # a v1 client that names none never receives one.
+    features: list[str] = msgspec.field(default_factory=list)
 
 
 class Request(ClientMessage):
@@ -215,6 +218,12 @@ class Welcome(ServerMessage, tag="welcome"):
     server: str
     agents: list[str]
     max_frame_bytes: int
+    features: list[str] = msgspec.field(default_factory=list)  # what this daemon offers
+
+
+FEATURES = ("compaction", "search_memory")
+"""This daemon's additions to v1: the `compaction` event, sent only to a client
+whose `hello` names it, and the `search_memory` request."""
 
 
 class Error(ServerMessage, tag="error"):

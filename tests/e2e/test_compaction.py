@@ -324,3 +324,16 @@ async def test_a_conversation_scoped_agent_never_shows_one_sender_anothers_archi
         [bob] = [e for e in await turn(c, search, sender="tg:bob") if isinstance(e, ToolResult)]
     assert "[Bertha]" in alice.output
     assert bob.output == "Nothing in memory matches 'Bertha'."
+
+
+async def test_a_v1_client_that_did_not_ask_gets_no_compaction_event(daemon_factory, raw):
+    daemon = daemon_factory(AUTO_CONFIG)
+    words = " ".join(f"w{i}" for i in range(30))
+    async with raw(daemon.socket_path) as conn:  # its hello names no features
+        await conn.send(Stream(id=1, agent="assistant", content=words))
+        await conn.recv_until(lambda f: isinstance(f, End))
+        await conn.send(Stream(id=2, agent="assistant", content="short"))
+        frames = await conn.recv_until(lambda f: isinstance(f, End))
+    assert not any(isinstance(f, Compaction) for f in frames)
+    start = next(f for f in frames if isinstance(f, Start))
+    assert start.seq == 4, "compacted all the same: the marker took seq 3"

@@ -78,7 +78,9 @@ CREATED = datetime(2024, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
 UPDATED = datetime(2024, 5, 2, 9, 0, 1, 500000, tzinfo=timezone(timedelta(hours=2)))
 
 CLIENT_EXAMPLES: list[ClientMsg] = [
-    Hello(protocol=PROTOCOL_VERSION, client="chinwag-cli/0.1", token="s3cret"),
+    Hello(
+        protocol=PROTOCOL_VERSION, client="chinwag-cli/0.1", token="s3cret", features=["compaction"]
+    ),
     Stream(
         id=1,
         agent="assistant",
@@ -195,6 +197,7 @@ SERVER_EXAMPLES: list[ServerMsg] = [
         server="chinwag/0.1.0",
         agents=["assistant", "helper"],
         max_frame_bytes=16 * 1024 * 1024,
+        features=["compaction", "search_memory"],
     ),
     Error(id=3, code=404, message="No agent named 'nope'; list_agents shows the agents."),
     Error(id=None, code=413, message="Frame too large."),
@@ -408,7 +411,7 @@ def test_codecs_are_distinct_encodings() -> None:
 
 def test_hello_json_bytes() -> None:
     assert JSON.encode(Hello(protocol=1, client="cli")) == (
-        b'{"type":"hello","protocol":1,"client":"cli","token":null}'
+        b'{"type":"hello","protocol":1,"client":"cli","token":null,"features":[]}'
     )
 
 
