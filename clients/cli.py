@@ -1289,10 +1289,16 @@ async def _check_socket(settings: Settings) -> _DaemonSeen:
 
 
 async def _daemon_checks(
-    config: Path | None, storage: str | None
+    config: Path | None, storage: str | None, *, daemon_runs: bool
 ) -> tuple[_CheckReport | None, str]:
-    """Run `python -m chinwag.daemon --check`: its report, or None and why not."""
+    """Run `python -m chinwag.daemon --check`: its report, or None and why not.
+
+    With a daemon running, the store is left closed: opening it could migrate
+    or lock what that daemon uses.
+    """
     argv = [sys.executable, "-m", "chinwag.daemon", "--check"]
+    if daemon_runs:
+        argv.append("--store-in-use")
     if config is not None:
         argv += ["--config", str(config)]
     if storage is not None:
@@ -1379,17 +1385,11 @@ def doctor(ctx: click.Context, config: Path | None, storage: str | None) -> None
     settings = _settings(ctx)
 
     async def body() -> list[_Check]:
-        async with anyio.create_task_group() as tasks:
-            outcome: list[tuple[_CheckReport | None, str]] = []
-
-            async def daemon_side() -> None:
-                outcome.append(await _daemon_checks(config, storage))
-
-            tasks.start_soon(daemon_side)
-            seen = await _check_socket(settings)
-        report, problem = outcome[0]
+        seen = await _check_socket(settings)
+        report, problem = await _daemon_checks(config, storage, daemon_runs=seen.answers)
         if report is None:
-            return [_Check("fail", "config", problem, "run `chinwag serve` to see the error")]
+            failed = _Check("fail", "config", problem, "run `chinwag serve` to see the error")
+            return [failed, *seen.checks]
         checks = _config_checks(report, settings, seen)
         # The config first, then the socket and daemon, then storage and agents.
         first = [check for check in checks if check.label in ("config", "config socket")]

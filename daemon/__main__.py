@@ -54,11 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         help="check the config, the storage and each agent's provider, print a JSON report "
         "on stdout and exit (what `chinwag doctor` runs)",
     )
+    parser.add_argument(
+        "--store-in-use",
+        action="store_true",
+        help="with --check: a daemon serves on this storage, so leave it closed (opening "
+        "it could migrate or lock what that daemon uses)",
+    )
     args = parser.parse_args(argv)
     if args.check:
         # Only failures: a check opens the store and the providers like a daemon would.
         configure_logging(logging.ERROR)
-        report = run_check(args.config, args.storage)
+        report = run_check(args.config, args.storage, store_in_use=args.store_in_use)
         sys.stdout.buffer.write(msgspec.json.encode(report) + b"\n")
         sys.stdout.flush()
         return 0

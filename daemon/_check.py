@@ -63,7 +63,9 @@ class CheckReport(msgspec.Struct, kw_only=True):
     findings: list[Finding]
 
 
-def run_check(config_arg: Path | None, storage_arg: str | None) -> CheckReport:
+def run_check(
+    config_arg: Path | None, storage_arg: str | None, *, store_in_use: bool = False
+) -> CheckReport:
     """Every check: the config here, then storage and the providers concurrently, on trio."""
     source, path = _config_location(config_arg)
     config_path = str(path) if source != "embedded defaults" else None
@@ -91,7 +93,11 @@ def run_check(config_arg: Path | None, storage_arg: str | None) -> CheckReport:
         findings = [Finding(check="config", subject=str(path), status="ok", detail=detail)]
     storage_url = storage_arg or config.daemon.storage or default_storage_url()
     # Looked at before trio runs: these are blocking file system calls.
-    storage = _check_local_store(storage_url)
+    storage = (
+        _storage_finding(storage_url, "in_use", "served by the running daemon")
+        if store_in_use
+        else _check_local_store(storage_url)
+    )
     findings += trio.run(_check_services, config, storage_url, storage)
     socket = config.daemon.socket
     return CheckReport(

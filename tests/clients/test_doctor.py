@@ -81,7 +81,7 @@ async def test_everything_passes_against_a_running_echo_daemon(daemon_factory, s
     )
     assert line(lines, "✓ socket: ") == f"✓ socket: {d.socket_path} (from --socket)"
     assert line(lines, "✓ daemon: ").startswith("✓ daemon: chinwag/0.1.0, up ")
-    assert line(lines, "✓ storage: ") == f"✓ storage: {storage}: opens"
+    assert line(lines, "✓ storage: ") == f"✓ storage: {storage}: in use by the running daemon"
     for agent in ("assistant", "helper"):
         assert "echo (built in)" in line(lines, f"✓ agent {agent}: ")
 
