@@ -41,6 +41,7 @@ from ._report import (
     git_revision,
     load_average,
     machine,
+    markdown,
     table,
     write_json,
 )
@@ -172,6 +173,9 @@ def main() -> None:
         "it for (a) and (b)); (d) always uses sqlite",
     )
     parser.add_argument(
+        "--markdown", type=Path, metavar="PATH", help="also write the table as Markdown"
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
@@ -236,6 +240,8 @@ def main() -> None:
         "targets_missed": missed,
     }
     write_json(args.json, report, figures)
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(figures) + "\n")
     print(f"written to {args.json} in {duration:.0f} s")
     if args.profile is not None:
         for summary in sorted(args.profile.glob("*.summary.txt")):

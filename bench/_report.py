@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +56,7 @@ class Figure:
     baselines: list[Baseline] = field(default_factory=list)
     target: Target | None = None
     note: str = ""
+    repeats: list[float] = field(default_factory=list)  # chinwag's value in every repeat
 
     def beats(self, other: Figure) -> bool:
         return self.value < other.value if self.better == "lower" else self.value > other.value
@@ -84,15 +85,18 @@ def percentile(samples: Sequence[float], q: float) -> float:
 
 
 def best_of(rounds: Sequence[Sequence[Figure]]) -> list[Figure]:
-    """Per figure, the repeat where chinwag did best, with that repeat's baselines."""
+    """Per figure, the repeat where chinwag did best, with that repeat's baselines;
+    ``repeats`` keeps every repeat's value, to show the spread."""
     best: dict[str, Figure] = {}
+    seen: dict[str, list[float]] = {}
     for figures in rounds:
         for fig in figures:
+            seen.setdefault(fig.key, []).append(fig.value)
             if fig.key not in best or fig.beats(best[fig.key]):
                 best[fig.key] = fig
     order = [fig.key for fig in rounds[0]] if rounds else []
     order += [key for key in best if key not in order]
-    return [best[key] for key in order]
+    return [replace(best[key], repeats=seen[key]) for key in order]
 
 
 def _fmt(value: float) -> str:
@@ -107,7 +111,7 @@ def _fmt(value: float) -> str:
         return f"{value:.1f}"
     if magnitude >= 1:
         return f"{value:.2f}"
-    return f"{value:.3f}"
+    return f"{value:.3g}"
 
 
 NAME = 60  # widths of the table's name columns
@@ -139,6 +143,33 @@ def table(figures: Sequence[Figure]) -> str:
         if fig.note:
             lines.append(f"{'':<4}{fig.note}")
     return "\n".join(lines)
+
+
+def markdown(figures: Sequence[Figure]) -> str:
+    """The figures as a Markdown table, one row per baseline (for docs/benchmarks.md)."""
+    rows = [
+        "| figure | chinwag | repeats | target | | baseline (same run) | baseline | ratio |",
+        "|---|--:|--:|---|---|---|--:|--:|",
+    ]
+    for fig in figures:
+        spread = ""
+        if len(fig.repeats) > 1:
+            spread = f"{_fmt(min(fig.repeats))} to {_fmt(max(fig.repeats))}"
+        target, met = "", ""
+        if fig.target is not None:
+            target = f"{fig.target.op} {_fmt(fig.target.value)}"
+            met = "met" if fig.target.met(fig.value) else "**missed**"
+        name = f"({fig.bench}) {fig.name}, {fig.unit}".replace("|", "\\|")
+        for i, base in enumerate(fig.baselines or [Baseline("", 0.0)]):
+            ratio = base.ratio(fig.value)
+            first = i == 0
+            rows.append(
+                f"| {name if first else ''} | {_fmt(fig.value) if first else ''} "
+                f"| {spread if first else ''} | {target if first else ''} | {met if first else ''} "
+                f"| {base.name} | {_fmt(base.value) if base.name else ''} "
+                f"| {'' if ratio is None else format(ratio, '.2f')} |"
+            )
+    return "\n".join(rows)
 
 
 def machine() -> dict[str, object]:
