@@ -4,7 +4,10 @@ The summarizer is the agent's own provider and model, offered no tools. It
 reads the archived entries as a transcript in which every entry is headed by
 its seq and who wrote it (the user, an agent by name, a tool's result), so the
 summary can keep who said what even when guests spoke; the previous summary,
-if any, comes first, so facts survive any number of compactions.
+if any, comes first, so facts survive any number of compactions. A transcript
+longer than half the agent's context window is summarized in parts, each
+with the summary so far, so a conversation too long for its model can still
+be compacted.
 """
 
 from __future__ import annotations
@@ -58,6 +61,29 @@ def transcript(agent: str, entries: Sequence[Entry], previous_summary: str | Non
         lines += [f"(calls {call.name} {call.arguments})" for call in entry.tool_calls]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+CHARS_PER_TOKEN = 4  # a rough and cautious guess, for text of any model
+
+
+def transcript_parts(entries: Sequence[Entry], *, budget: int) -> list[list[Entry]]:
+    """``entries`` cut into whole turns of about ``budget`` tokens at most each.
+
+    A turn (a user entry and what answers it) is never cut, so one longer than
+    the budget makes a part of its own.
+    """
+    parts: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        cost = (len(entry.content) + sum(len(c.arguments) for c in entry.tool_calls)) // (
+            CHARS_PER_TOKEN
+        ) + 8  # its heading
+        if entry.role == "user" and parts[-1] and size + cost > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(entry)
+        size += cost
+    return parts
 
 
 def summary_request(

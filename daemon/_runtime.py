@@ -47,7 +47,7 @@ from chinwag.protocol import (
 )
 from chinwag.storage import MAX_SEARCH_LIMIT, Archive, Storage, StorageError
 
-from ._compaction import summary_request
+from ._compaction import summary_request, transcript_parts
 from ._config import AgentConfig, Config
 from ._errors import RequestError, ToolError
 from ._providers import (
@@ -638,21 +638,26 @@ class Runtime:
                 409, "Nothing was added since the last compaction, so there is nothing to compact."
             )
         agent = self.agents[conv.agent]
-        request = summary_request(
-            agent=agent.name,
-            model=agent.config.model,
-            entries=archived,
-            previous_summary=previous.content if previous is not None else None,
-            instructions=instructions,
-        )
-        parts: list[str] = []
-        async with aclosing(agent.provider.stream(request)) as chunks:
-            async for chunk in chunks:
-                if isinstance(chunk, TextChunk):
-                    parts.append(chunk.delta)
-        summary = "".join(parts).strip()
-        if not summary:
-            raise RunFailed(502, "The model returned an empty summary; nothing was archived.")
+        summary = previous.content if previous is not None else None
+        # A transcript too long for the model is summarized a part at a time, each
+        # part read with the summary of the parts before it.
+        for part in transcript_parts(archived, budget=agent.config.context_window // 2):
+            request = summary_request(
+                agent=agent.name,
+                model=agent.config.model,
+                entries=part,
+                previous_summary=summary,
+                instructions=instructions,
+            )
+            parts: list[str] = []
+            async with aclosing(agent.provider.stream(request)) as chunks:
+                async for chunk in chunks:
+                    if isinstance(chunk, TextChunk):
+                        parts.append(chunk.delta)
+            summary = "".join(parts).strip()
+            if not summary:
+                raise RunFailed(502, "The model returned an empty summary; nothing was archived.")
+        assert summary is not None
         first, last = archived[0].seq, archived[-1].seq
         archive = Archive(
             name=f"archive-{first}-{last}",

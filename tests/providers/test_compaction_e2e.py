@@ -173,3 +173,26 @@ async def test_kill_stops_a_compaction_in_flight_and_nothing_is_archived(fake, d
         assert refused[0].code == 409 and "killed" in refused[0].message
         entries = (await c.history("assistant", include_archived=True)).entries
         assert [e.kind for e in entries] == ["message", "message"], "no archive, no marker"
+
+
+async def test_a_transcript_too_long_for_the_model_is_summarized_in_parts(fake, daemon_factory):
+    config = config_for(fake).replace(
+        'model = "main-model"', 'model = "main-model"\ncontext_window = 200'
+    )
+    long_turns = [f"turn {n}: " + "word " * 70 for n in range(3)]  # ~90 tokens each
+    fake.script(
+        *(answer(f"ok {n}") for n in range(3)),
+        answer("S1"),
+        answer("S2"),
+        answer("S3"),
+    )
+    daemon = daemon_factory(config)
+    for content in long_turns:
+        await turn(daemon, content)
+    async with connect(daemon.socket_path) as c:
+        done = await c.compact("assistant")
+    assert (done.summary, done.archived_entries) == ("S3", 6)
+    first, second, third = (body["messages"][1]["content"] for body in fake.bodies[3:6])
+    assert "turn 0" in first and "turn 1" not in first and "## earlier" not in first
+    assert "## earlier · summary of what came before\nS1" in second and "turn 1" in second
+    assert "## earlier · summary of what came before\nS2" in third and "turn 2" in third
