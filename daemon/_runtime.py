@@ -45,7 +45,7 @@ from chinwag.protocol import (
     ToolResult,
     Usage,
 )
-from chinwag.storage import MAX_SEARCH_LIMIT, Archive, Storage, StorageError
+from chinwag.storage import Archive, Storage, StorageError
 
 from ._compaction import summary_request, transcript_parts
 from ._config import AgentConfig, Config
@@ -967,9 +967,10 @@ class Runtime:
 
     async def search_memory(self, agent: str, query: str, limit: int) -> list[MemoryHit]:
         self.agent(agent)
-        if not 1 <= limit <= MAX_SEARCH_LIMIT:
-            raise RequestError(400, f"limit must be between 1 and {MAX_SEARCH_LIMIT}.")
-        return await self.storage.search_memory(agent, query, limit=limit)
+        try:
+            return await self.storage.search_memory(agent, query, limit=limit)
+        except ValueError as exc:  # the limit
+            raise RequestError(400, str(exc)) from None
 
     def stats(self, request_id: int, connections: int) -> Stats:
         busy = [c for c in self.conversations.values() if c.busy]

@@ -94,9 +94,12 @@ async def _memory_search(ctx: ToolContext, args: dict[str, Any]) -> str:
     query, limit = args.get("query"), args.get("limit", 5)
     if not isinstance(query, str) or not query.strip():
         raise ToolError("memory_search needs a non-empty string `query`.")
-    if not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
+    if not isinstance(limit, int):
         raise ToolError(f"memory_search's `limit` must be an integer from 1 to {MAX_SEARCH_LIMIT}.")
-    hits = await ctx.memory_search(query, limit)
+    try:
+        hits = await ctx.memory_search(query, limit)
+    except ValueError as exc:  # the limit, out of range
+        raise ToolError(f"memory_search: {exc}") from None
     if not hits:
         return f"Nothing in memory matches {query!r}."
     lines = [f"{len(hits)} match{'es' if len(hits) > 1 else ''} for {query!r}, best first:"]
