@@ -117,6 +117,7 @@ def ping_when_up(path: Path, proc: subprocess.Popen[bytes], hello: bool) -> floa
 
 def measure_startup(url: str, root: Path) -> tuple[float, int]:
     sock = root / "d.sock"
+    sock.unlink(missing_ok=True)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -154,6 +155,7 @@ def measure_startup(url: str, root: Path) -> tuple[float, int]:
 
 def measure_baseline_startup(root: Path) -> tuple[float, int]:
     sock = root / "b.sock"
+    sock.unlink(missing_ok=True)  # a bare server stopped by SIGTERM leaves it behind
     proc = subprocess.Popen([sys.executable, "-c", BASELINE_SERVER, str(sock)])
     try:
         return ping_when_up(sock, proc, hello=False), rss_kib(proc.pid)
