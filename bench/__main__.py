@@ -189,6 +189,7 @@ def main() -> None:
         _processes.profile_dir = args.profile.resolve()
     scale = QUICK if args.quick else Scale()
     chosen = pick(args.only)
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     info = machine()
     info["calibration"] = calibration()
     load_before = load_average()
@@ -226,7 +227,7 @@ def main() -> None:
     report: dict[str, object] = {
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "revision": git_revision(),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "started_at": started_at,
         "duration_s": round(duration, 1),
         "seconds_per_benchmark": timings,
         "quick": args.quick,

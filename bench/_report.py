@@ -100,12 +100,10 @@ def best_of(rounds: Sequence[Sequence[Figure]]) -> list[Figure]:
 
 
 def _fmt(value: float) -> str:
-    if value == int(value) and abs(value) < 10_000:
-        return str(int(value))
     if value == 0:
         return "0"
     magnitude = abs(value)
-    if magnitude >= 10_000:
+    if magnitude >= 1000:
         return f"{value:,.0f}"
     if magnitude >= 100:
         return f"{value:.1f}"
@@ -128,7 +126,7 @@ def table(figures: Sequence[Figure]) -> str:
     for fig in figures:
         target, met = "", ""
         if fig.target is not None:
-            target = f"{fig.target.op} {_fmt(fig.target.value)}"
+            target = f"{fig.target.op} {fig.target.value:,g}"
             met = "met" if fig.target.met(fig.value) else "MISSED"
         name = f"({fig.bench}) {fig.name} ({fig.unit})"
         left = f"{name:<{NAME}}{_fmt(fig.value):>10}  {target:<11}{met:<7}"
@@ -157,7 +155,7 @@ def markdown(figures: Sequence[Figure]) -> str:
             spread = f"{_fmt(min(fig.repeats))} to {_fmt(max(fig.repeats))}"
         target, met = "", ""
         if fig.target is not None:
-            target = f"{fig.target.op} {_fmt(fig.target.value)}"
+            target = f"{fig.target.op} {fig.target.value:,g}"
             met = "met" if fig.target.met(fig.value) else "**missed**"
         name = f"({fig.bench}) {fig.name}, {fig.unit}".replace("|", "\\|")
         for i, base in enumerate(fig.baselines or [Baseline("", 0.0)]):

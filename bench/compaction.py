@@ -80,7 +80,7 @@ async def compaction_ms(storage: Storage, sender: str) -> float:
     async with trio.open_nursery() as nursery:
         runtime = Runtime(config, storage, {"assistant": agent}, nursery)
         started = time.perf_counter()
-        done = await runtime.compact("assistant", sender, None)
+        done = await runtime.compacted(runtime.compact("assistant", sender, None))
         elapsed = (time.perf_counter() - started) * 1000
     assert done.summary == SUMMARY
     return elapsed
