@@ -152,6 +152,16 @@ class _Pending:
 
     async def next(self) -> ServerMsg:
         try:
+            # What is buffered comes without a scheduling round per frame, so a
+            # consumer drains a burst as fast as the reader buffers it.
+            return self.receive.receive_nowait()
+        except anyio.WouldBlock:
+            pass
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            if self.error is None:
+                raise ConnectionLost("The request ended without a reply.") from None
+            raise _again(self.error) from None
+        try:
             return await self.receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             if self.error is None:

@@ -72,7 +72,10 @@ Sink = Callable[[StreamEventMsg], bool]
 Key = tuple[str, str]
 
 MAX_SENDER_BYTES = 256
-CLAIM_POLL_S = 0.05  # how often a run waiting on another daemon's conversation retries
+CLAIM_POLL_S = 0.05
+# Chunks a run publishes before it lets other tasks run, when the model sends
+# them without pause: a burst never outgrows a connection's or a subscriber's buffer.
+BURST_CHUNKS = 256  # how often a run waiting on another daemon's conversation retries
 
 
 def now() -> datetime:
@@ -171,8 +174,10 @@ class Run:
     def publish(self, event: StreamEventMsg) -> None:
         self.events.append(event)
         self._deliver(event)
+        subscriptions = self.conversation.runtime.subscriptions
+        if not subscriptions:  # the common case, once per event: nothing to scan
+            return
         conv = self.conversation
-        subscriptions = conv.runtime.subscriptions
         gone = [
             sub
             for sub in subscriptions
@@ -183,9 +188,14 @@ class Run:
             subscriptions.remove(sub)
 
     def _deliver(self, event: StreamEventMsg) -> None:
-        gone = [sink for sink in self.sinks if not sink(event)]
+        sinks = self.sinks
+        if len(sinks) == 1:  # the common case, once per event: no list to build
+            if not sinks[0](event):
+                sinks.clear()
+            return
+        gone = [sink for sink in sinks if not sink(event)]
         for sink in gone:
-            self.sinks.remove(sink)
+            sinks.remove(sink)
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
@@ -334,6 +344,10 @@ class Conversation:
         self.queue: deque[Run] = deque()
         self.pending_ask: PendingAsk | None = None
         self.context_tokens = 0  # as the model last reported it; 0 until a run reports
+        # `primary_messages`' cache: the context list it converted, and what it made.
+        self._converted: list[Entry] | None = None
+        self._messages: list[ModelMessage] = []
+        self._authors: set[str] = set()
         self.loaded = False
         self._load_lock = trio.Lock()
 
@@ -348,6 +362,23 @@ class Conversation:
     @property
     def busy(self) -> bool:
         return self.current is not None
+
+    def primary_messages(
+        self, convert: Callable[[Entry], ModelMessage]
+    ) -> tuple[list[ModelMessage], set[str]]:
+        """The context as the primary's model messages, and who wrote its assistant entries.
+
+        Kept between runs: only entries appended since the last call are
+        converted; a context replaced (compaction, a reload) starts afresh.
+        """
+        context = self.context or []
+        if self._converted is not context:
+            self._converted, self._messages, self._authors = context, [], set()
+        for entry in context[len(self._messages) :]:  # one message per entry
+            self._messages.append(convert(entry))
+            if entry.role == "assistant":
+                self._authors.add(entry.agent or self.agent)
+        return self._messages, self._authors
 
     async def load(self) -> None:
         """Read the conversation's metadata from storage, once."""
@@ -372,6 +403,24 @@ class Conversation:
         """Stored, or about to be: a conversation whose first run is queued exists."""
         await self.load()
         return self.info is not None or self.busy
+
+
+def _model_message(entry: Entry, run: Run) -> ModelMessage:
+    """An entry as the model sees it in ``run``: another agent's words wrapped as theirs."""
+    if entry.kind == "compact":
+        return ModelMessage(role="system", content=_summary_message(entry, run))
+    content = entry.content
+    if entry.role == "assistant":
+        author = entry.agent or run.conversation.agent
+        if author != run.speaker.name:
+            content = f'<from agent="{author}">{content}</from>'
+    return ModelMessage(
+        role=entry.role,
+        content=content,
+        tool_calls=entry.tool_calls,
+        tool_call_id=entry.tool_call_id,
+        is_error=entry.is_error,
+    )
 
 
 def _summary_message(marker: Entry, run: Run) -> str:
@@ -718,7 +767,12 @@ class Runtime:
             text: list[str] = []
             calls: list[ToolCallInfo] = []
             async with aclosing(speaker.provider.stream(request)) as chunks:
+                burst = 0
                 async for chunk in chunks:
+                    burst += 1
+                    if burst == BURST_CHUNKS:  # let the writers drain a burst as it grows
+                        burst = 0
+                        await trio.lowlevel.checkpoint()
                     match chunk:
                         case TextChunk(delta):
                             text.append(delta)
@@ -802,16 +856,23 @@ class Runtime:
     def _context(self, run: Run) -> list[ModelMessage]:
         """System prompt, framing, summary, then the entries after the latest marker.
 
-        Framing and the summary are injected here and never stored.
+        Framing and the summary are injected here and never stored. The
+        primary's messages are kept with the conversation and extended as it
+        grows, so a step costs the same however long the conversation is; a
+        guest's are made afresh.
         """
         conv = run.conversation
         speaker = run.speaker
-        messages = [ModelMessage(role="system", content=speaker.config.system_prompt)]
-        entries = conv.context or []
-        others = {e.agent or conv.agent for e in entries if e.role == "assistant"}
-        others.discard(speaker.name)
         if run.is_guest:
-            messages.append(
+            entries = conv.context or []
+            body = [_model_message(entry, run) for entry in entries]
+            authors = {e.agent or conv.agent for e in entries if e.role == "assistant"}
+        else:
+            body, authors = conv.primary_messages(lambda entry: _model_message(entry, run))
+        head = [ModelMessage(role="system", content=speaker.config.system_prompt)]
+        others = authors - {speaker.name}
+        if run.is_guest:
+            head.append(
                 ModelMessage(
                     role="system",
                     content=(
@@ -823,7 +884,7 @@ class Runtime:
                 )
             )
         elif others:
-            messages.append(
+            head.append(
                 ModelMessage(
                     role="system",
                     content=(
@@ -833,25 +894,7 @@ class Runtime:
                     ),
                 )
             )
-        for entry in entries:
-            if entry.kind == "compact":
-                messages.append(ModelMessage(role="system", content=_summary_message(entry, run)))
-                continue
-            content = entry.content
-            if entry.role == "assistant":
-                author = entry.agent or conv.agent
-                if author != speaker.name:
-                    content = f'<from agent="{author}">{content}</from>'
-            messages.append(
-                ModelMessage(
-                    role=entry.role,
-                    content=content,
-                    tool_calls=entry.tool_calls,
-                    tool_call_id=entry.tool_call_id,
-                    is_error=entry.is_error,
-                )
-            )
-        return messages
+        return [*head, *body]
 
     # --- kill, attach, ask ---------------------------------------------------
 

@@ -20,12 +20,10 @@ import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import msgspec
 import structlog
 import trio
 from chinwag.protocol import (
     FEATURES,
-    HEADER_BYTES,
     JSON,
     PROTOCOL_VERSION,
     Agents,
@@ -101,7 +99,13 @@ class RequestSink:
             self.conn.close_request(self.request_id)
         elif type(event) is Compaction and "compaction" not in self.conn.features:
             return True  # an addition to v1 this client did not ask for
-        return self.conn.send(msgspec.structs.replace(event, id=self.request_id))
+        # Stamped for the encoding only, not copied: other sinks see the same event
+        # (a subscriber, an attach's replay), and it leaves here as it came.
+        event.id = self.request_id
+        try:
+            return self.conn.send(event)
+        finally:
+            event.id = None
 
     def detach(self) -> None:
         """End the request `detached`; the run goes on without it."""
@@ -172,6 +176,14 @@ class Subscriber:
         try:
             async for frame in self._receive:
                 await self.conn.send_waiting(frame)
+                # Then everything else already buffered, without a scheduling round
+                # for each: a burst must drain as fast as runs fill the buffer.
+                while True:
+                    try:
+                        frame = self._receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    await self.conn.send_waiting(frame)
         except trio.ClosedResourceError:  # detached: its end is already sent
             return
         if self._end is not None and self._end.status == "error":
@@ -201,9 +213,12 @@ class Connection:
         self.linger = False  # drain the client's input before closing (after a fatal error)
         # request id -> the object a `cancel` detaches (None: not detachable)
         self.open: dict[int, RequestSink | Subscriber | None] = {}
-        self._out_send, self._out_recv = trio.open_memory_channel[bytes | bytearray](
-            daemon.outgoing_frames
-        )
+        # Frames waiting for the writer, encoded one after the other into one buffer.
+        self._out = bytearray()
+        self._queued = 0  # frames in _out
+        self._limit = daemon.outgoing_frames
+        self._ready = trio.Event()  # _out has frames, or the connection is finishing
+        self._room = trio.Event()  # the writer took what was queued
         self._nursery: trio.Nursery | None = None
         self._writer_scope = trio.CancelScope()
         self.done = trio.Event()
@@ -214,50 +229,52 @@ class Connection:
         """Queue one frame without blocking; False (and the connection drops) if too slow."""
         if self.closed:
             return False
-        frame = (self.codec or JSON).encode_frame(msg)
-        if len(frame) - HEADER_BYTES > self.max_frame_bytes:
-            # Never send what the client was told it may refuse.
-            log.error("reply_too_large", type=type(msg).__name__, size=len(frame))
-            request_id = getattr(msg, "id", None)
-            frame = (self.codec or JSON).encode_frame(
-                Error(
-                    id=request_id,
-                    code=500,
-                    message=f"The reply would be {len(frame)} bytes, over max_frame_bytes.",
-                )
-            )
-        try:
-            self._out_send.send_nowait(frame)
-        except trio.WouldBlock:
-            log.warning(
-                "client_too_slow", buffered_frames=self.runtime.config.daemon.outgoing_frames
-            )
+        if self._queued >= self._limit:
+            log.warning("client_too_slow", buffered_frames=self._limit)
             self.abort()
             return False
-        except trio.ClosedResourceError:
-            return False
+        codec, out = self.codec or JSON, self._out
+        start = len(out)
+        size = codec.append_frame(msg, out)
+        if size > self.max_frame_bytes:
+            # Never send what the client was told it may refuse.
+            del out[start:]
+            log.error("reply_too_large", type=type(msg).__name__, size=size)
+            request_id = getattr(msg, "id", None)
+            refusal = Error(
+                id=request_id,
+                code=500,
+                message=f"The reply would be {size} bytes, over max_frame_bytes.",
+            )
+            codec.append_frame(refusal, out)
+        self._queued += 1
+        self._ready.set()
         return True
 
     async def send_waiting(self, msg: ServerMessage) -> None:
         """Queue one frame, waiting for room (subscriptions pace themselves this way)."""
-        if not self.closed:
-            with contextlib.suppress(trio.ClosedResourceError):
-                await self._out_send.send((self.codec or JSON).encode_frame(msg))
+        # Half the buffer at most: the rest stays free for the frames of runs,
+        # which never wait, so a busy subscription cannot get its connection dropped.
+        while not self.closed and self._queued >= self._limit // 2:
+            await self._room.wait()
+        self.send(msg)
 
     async def _writer(self) -> None:
-        receive = self._out_recv
         try:
-            async for frame in receive:
-                # Let the tasks that are ready run first: what they queue in this
-                # tick leaves in the same write, one wakeup of the client, not many.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                batch = [frame]
-                while True:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self.stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+            while True:
+                if not self._out:
+                    if self.closed:
+                        return  # finished, and everything queued is written
+                    await self._ready.wait()
+                    self._ready = trio.Event()
+                    # Let the tasks that are ready run first: what they queue in this
+                    # tick leaves in the same write, one wakeup of the client, not many.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    continue
+                data, self._out, self._queued = self._out, bytearray(), 0
+                self._room.set()
+                self._room = trio.Event()
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.abort()
 
@@ -317,7 +334,7 @@ class Connection:
         """Stop taking frames, flush what is queued (for a bounded time), then close."""
         if not self.closed:
             self.closed = True
-            self._out_send.close()
+            self._ready.set()  # the writer flushes what is queued, then returns
             self._writer_scope.deadline = trio.current_time() + FLUSH_TIMEOUT_S
 
     async def _read(self, nursery: trio.Nursery) -> None:

@@ -49,10 +49,21 @@ class Codec:
 
     def encode_frame(self, msg: msgspec.Struct) -> bytearray:
         """One message as a whole frame: the length prefix, then the body."""
-        buf = bytearray(HEADER_BYTES)
-        self._encoder.encode_into(msg, buf, HEADER_BYTES)
-        buf[:HEADER_BYTES] = (len(buf) - HEADER_BYTES).to_bytes(HEADER_BYTES, "big")
+        buf = bytearray()
+        self.append_frame(msg, buf)
         return buf
+
+    def append_frame(self, msg: msgspec.Struct, buf: bytearray) -> int:
+        """Encode one message as a frame at the end of ``buf``; its body's length.
+
+        Writers that queue many frames append them to one buffer this way,
+        instead of making a buffer per frame.
+        """
+        start = len(buf)
+        self._encoder.encode_into(msg, buf, start + HEADER_BYTES)
+        size = len(buf) - start - HEADER_BYTES
+        buf[start : start + HEADER_BYTES] = size.to_bytes(HEADER_BYTES, "big")
+        return size
 
     def decode_client(self, body: bytes) -> ClientMsg:
         """Decode a client message, or raise ``ProtocolError`` saying what is wrong."""

@@ -234,8 +234,18 @@ async def test_a_stalled_reader_is_dropped_without_stalling_others(daemon_factor
         '[agents.assistant]\nprovider = "echo"\n'
     )
     words = " ".join(["word"] * 20000)
+    stored = trio.Event()
+
+    async def watch_until_stored(watch) -> None:
+        async for frame in watch:  # read as it comes: this client is not the stalled one
+            if isinstance(frame.event, End):
+                assert frame.event.status == "done"
+                stored.set()
+                return
+
     async with connect(daemon.socket_path) as c:
-        async with c.subscribe(sender="stalled") as watch:
+        async with c.subscribe(sender="stalled") as watch, trio.open_nursery() as nursery:
+            nursery.start_soon(watch_until_stored, watch)
             stalled = socket.socket(socket.AF_UNIX)
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             stalled.connect(str(daemon.socket_path))
@@ -248,10 +258,7 @@ async def test_a_stalled_reader_is_dropped_without_stalling_others(daemon_factor
             # The stalled client never reads; others are served meanwhile.
             async with c.stream("assistant", "/slow 3 1", sender="other") as events:
                 assert [e async for e in events][-1].status == "done"
-            async for frame in watch:
-                if isinstance(frame.event, End):
-                    assert frame.event.status == "done"
-                    break
+            await stored.wait()
         history = await c.history("assistant", "stalled")
         assert [e.content for e in history.entries] == [words, words]
 

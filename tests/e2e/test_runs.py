@@ -426,3 +426,15 @@ async def test_sigterm_finishes_short_runs_and_cancels_long_ones(daemon_factory)
     async with connect(daemon.socket_path) as c:
         history = await c.history("assistant")
         assert [e.role for e in history.entries] == ["user"]
+
+
+async def test_a_burst_larger_than_the_buffer_reaches_a_reading_client(daemon_factory):
+    # 9,000 deltas with no pause between them, past outgoing_frames: a client that
+    # reads gets them all (the run lets the writer drain as the burst grows).
+    daemon = daemon_factory(
+        '[daemon]\noutgoing_frames = 2048\n[agents.assistant]\nprovider = "echo"\n'
+    )
+    async with connect(daemon.socket_path) as c, c.stream("assistant", "/slow 9000 0") as events:
+        got = await events.collect()
+    assert got[-1].status == "done"
+    assert sum(isinstance(e, TextDelta) for e in got) == 9000
