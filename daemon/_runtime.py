@@ -297,9 +297,10 @@ class Run:
         finally:
             if not run.done.is_set():
                 run.scope.cancel()  # the caller was killed, and its delegate with it
-        end = answer.end
-        if end is None or end.status != "done":
-            reason = end.error.message if end and end.error else (end.status if end else "gone")
+        end = run.end
+        assert end is not None  # set before `done`
+        if end.status != "done":
+            reason = end.error.message if end.error else end.status
             raise ToolError(f"{agent} gave no answer: {reason}")
         return answer.text
 
@@ -309,7 +310,6 @@ class DelegateAnswer:
 
     def __init__(self) -> None:
         self._parts: list[str] = []
-        self.end: End | None = None
 
     @property
     def text(self) -> str:
@@ -321,8 +321,6 @@ class DelegateAnswer:
                 self._parts.append(delta)
             case ToolResult():
                 self._parts.clear()  # text before a tool step is not the final answer
-            case End():
-                self.end = event
         return True
 
 
