@@ -7,13 +7,18 @@ baseline: a bare Python process that imports trio and answers on a Unix socket.
 `Storage.append`, against a raw sqlite3 INSERT + COMMIT of the same rows in the
 same run, with the same `synchronous` setting.
 
-    python -m bench.storage_scale [--conversations 10000] [--entries 20] [--backends sqlite]
+    python -m bench.storage_scale [--conversations 10000] [--entries 20]
+        [--backends sqlite,jsonl,postgres] [--postgres URL]
+
+postgres runs in a schema of its own on the server at ``--postgres`` (default
+``$CHINWAG_TEST_POSTGRES``, else the local test database), dropped afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import socket
 import sqlite3
 import subprocess
@@ -23,9 +28,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import trio
 from chinwag.protocol import MSGPACK, Entry, FrameDecoder, Hello, Ping, Pong, ToolCallInfo
 from chinwag.storage import open_store
+from psycopg import sql
 
 from ._report import Baseline, Figure, Target
 
@@ -238,13 +245,28 @@ def startup_figures(root: Path, conversations: int, entries: int) -> list[Figure
     ]
 
 
+def drop_schema(postgres: str, schema: str) -> None:
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=10_000)
     parser.add_argument("--entries", type=int, default=20)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--backends", default="sqlite", help="comma-separated: sqlite,jsonl")
+    parser.add_argument(
+        "--backends", default="sqlite", help="comma-separated: sqlite,jsonl,postgres"
+    )
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get(
+            "CHINWAG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+        help="the server for the postgres backend (a fresh schema in it is used and dropped)",
+    )
     args = parser.parse_args()
+    schema = f"chinwag_bench_{secrets.token_hex(6)}"
     with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
         root = Path(tmp)
         base_s, base_rss = measure_baseline_startup(root)
@@ -260,11 +282,16 @@ def main() -> None:
             url = {
                 "sqlite": f"sqlite:///{root / 'scale.db'}",
                 "jsonl": f"jsonl:///{root / 'scale-jsonl'}",
+                "postgres": f"{args.postgres}{'&' if '?' in args.postgres else '?'}schema={schema}",
             }[backend]
             t0 = time.perf_counter()
-            trio.run(populate, fill_url(url), args.conversations, args.entries)
-            filled = time.perf_counter() - t0
-            seconds, rss = measure_startup(url, root)
+            try:
+                trio.run(populate, fill_url(url), args.conversations, args.entries)
+                filled = time.perf_counter() - t0
+                seconds, rss = measure_startup(url, root)
+            finally:
+                if backend == "postgres":
+                    drop_schema(args.postgres, schema)
             print(
                 f"{backend:<10}{seconds:>12.3f}{base_s:>12.3f}{seconds / base_s:>8.1f}"
                 f"{rss / 1024:>10.1f}{base_rss / 1024:>10.1f}{rss / base_rss:>8.1f}"
