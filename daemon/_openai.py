@@ -5,9 +5,10 @@ LM Studio, OpenRouter. ``AsyncOpenAI`` does its I/O through httpx on anyio, so
 it runs unmodified under trio, and a kill's cancellation lands in its socket
 read (or in its retry back-off), which closes the HTTP connection.
 
-Every failure leaves as a ``ProviderError``: 502 for an error status after the
-SDK's retries, a broken or malformed stream, or an unreachable server; 504 when
-the server is silent for longer than the configured ``timeout_s``.
+Every failure leaves as a ``ProviderError`` with code 502, the protocol's "the
+model provider failed": an error status after the SDK's retries, a broken or
+malformed stream, an unreachable server, or one silent for longer than the
+configured ``timeout_s``; the message says which.
 """
 
 from __future__ import annotations
@@ -74,9 +75,7 @@ class OpenAIProvider:
         try:
             return [model.id async for model in client.models.list()]
         except openai.APITimeoutError as exc:
-            raise ProviderError(
-                f"The model provider did not answer within {timeout:g} s.", code=504
-            ) from exc
+            raise ProviderError(f"The model provider did not answer within {timeout:g} s.") from exc
         except openai.APIStatusError as exc:
             raise ProviderError(self._error(exc).message, status=exc.status_code) from exc
         except Exception as exc:
@@ -159,7 +158,7 @@ class OpenAIProvider:
                 return ProviderError(f"The model provider answered {exc.status_code}: {detail}")
             case openai.APITimeoutError():
                 return ProviderError(
-                    f"The model provider did not answer within {self.timeout_s:g} s.", code=504
+                    f"The model provider did not answer within {self.timeout_s:g} s."
                 )
             case openai.APIConnectionError():
                 cause = _sentence(str(exc.__cause__ or exc))

@@ -375,11 +375,11 @@ async def test_an_unreachable_server_is_502(fake, daemon_factory):
     )
 
 
-async def test_a_silent_server_times_out_504(fake, daemon_factory):
+async def test_a_silent_server_times_out_502(fake, daemon_factory):
     fake.script(SSE([text("then silence")], hang=True))
     daemon = daemon_factory(config_for(fake, timeout_s=0.5))
     events = await run_turn(daemon, "assistant", "hi")
-    await assert_failed_with_no_step(daemon, events, 504, "did not answer within 0.5 s")
+    await assert_failed_with_no_step(daemon, events, 502, "did not answer within 0.5 s")
 
 
 async def test_kill_mid_stream_closes_the_upstream_connection(fake, daemon_factory):

@@ -148,7 +148,7 @@ async def test_failures_are_provider_errors(fake, provider, reply, code, message
     assert message in err.value.message
 
 
-async def test_a_slow_server_times_out_504(fake):
+async def test_a_slow_server_times_out_502(fake):
     fake.script(SSE([text("x")], hang=True))
     config = ProviderConfig(kind="openai", base_url=fake.base_url, timeout_s=0.2, max_retries=0)
     provider = OpenAIProvider(config)
@@ -157,7 +157,7 @@ async def test_a_slow_server_times_out_504(fake):
             await chunks_of(provider)
     finally:
         await provider.aclose()
-    assert err.value.code == 504
+    assert err.value.code == 502
     assert err.value.message == "The model provider did not answer within 0.2 s."
 
 
