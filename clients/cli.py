@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -61,6 +62,8 @@ _T = TypeVar("_T")
 CLIENT_NAME = "chinwag-cli"
 #: How long `send` and `chat` wait for a daemon they started to listen.
 START_TIMEOUT_S = 15.0
+#: How long `stop` waits for the daemon to exit: its shutdown grace (10 s by default) and more.
+STOP_TIMEOUT_S = 30.0
 
 
 # --- failures ------------------------------------------------------------------
@@ -181,6 +184,47 @@ def ensure_daemon(socket_path: Path, timeout: float = START_TIMEOUT_S) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def daemon_pid(socket_path: Path) -> int:
+    """The pid of the process listening on ``socket_path`` (its SO_PEERCRED)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(socket_path))
+        except OSError:
+            raise _no_daemon(socket_path) from None
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, _uid, _gid = _PEERCRED.unpack(creds)
+    return int(pid)
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _is_daemon(pid: int) -> bool:
+    """Whether ``pid`` runs `chinwag serve` or `python -m chinwag.daemon`."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    head = argv[:3]  # the interpreter, -m, the module; or the console script
+    return "chinwag.daemon" in head or any(Path(arg).name == "chinwag" for arg in head)
+
+
+def _program(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: a zombie, exited but not yet reaped, does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"  # the state, after "(command)"
 
 
 @contextlib.asynccontextmanager
@@ -602,6 +646,7 @@ class _ChatState:
     ask_scope: anyio.CancelScope | None = None
     title: str = ""
     guest: str | None = None  # who answers, over the conversation's history
+    cwd: str | None = None  # the runs' working directory, when given
 
 
 class ChatView(Protocol):
@@ -722,13 +767,23 @@ def _live_terminal() -> bool:
     shell_complete=complete_agents,
 )
 @click.option(
+    "--cwd",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Working directory for the runs' tools.",
+)
+@click.option(
     "--plain",
     is_flag=True,
     help="Line output, no live Markdown (the default when stdout is not a terminal).",
 )
 @click.pass_context
 def chat(
-    ctx: click.Context, agent: str, sender: str | None, guest: str | None, plain: bool
+    ctx: click.Context,
+    agent: str,
+    sender: str | None,
+    guest: str | None,
+    cwd: Path | None,
+    plain: bool,
 ) -> None:
     """Talk with AGENT interactively.
 
@@ -746,15 +801,16 @@ def chat(
         from ._live_chat import LiveChat
 
         view = LiveChat()
-    _run(lambda: _chat(settings, agent, sender, guest, view))
+    state = _ChatState(guest=guest, cwd=str(cwd.resolve()) if cwd is not None else None)
+    _run(lambda: _chat(settings, agent, sender, state, view))
 
 
 async def _chat(
-    settings: Settings, agent: str, sender: str | None, guest: str | None, view: ChatView
+    settings: Settings, agent: str, sender: str | None, state: _ChatState, view: ChatView
 ) -> None:
     console = view.console
     lines = LineReader()
-    state = _ChatState(guest=guest)
+    guest = state.guest
     async with _connect(settings) as client:
         for name in (agent, guest):
             if name is not None and name not in client.welcome.agents:
@@ -829,7 +885,9 @@ async def _chat_turn(
     state.kill_sent = False
     try:
         with view.turn(tasks, agent):
-            async with client.stream(agent, line, sender=sender, guest=state.guest) as events:
+            async with client.stream(
+                agent, line, sender=sender, guest=state.guest, cwd=state.cwd
+            ) as events:
                 async for event in events:
                     match event:
                         case AskUser():
@@ -1073,6 +1131,41 @@ def _render_tail_event(frame: Event, last_run: str | None, out: TextOut, console
 
 
 # --- acting on conversations --------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--timeout",
+    type=float,
+    default=STOP_TIMEOUT_S,
+    show_default=True,
+    help="Seconds to wait for the daemon to exit.",
+)
+@click.pass_context
+def stop(ctx: click.Context, timeout: float) -> None:
+    """Stop the daemon, as SIGTERM does: runs in flight get its shutdown grace.
+
+    The next `send` or `chat` starts a daemon again, with the config as it is then.
+    """
+    settings = _settings(ctx)
+    pid = daemon_pid(settings.socket)
+    if not _is_daemon(pid):
+        # Under socket activation the listener is systemd's, not the daemon's.
+        raise Failure(
+            f"{settings.socket} is held by pid {pid} ({_program(pid)}), not by a chinwag"
+            " daemon; stop it with its service manager, e.g. systemctl --user stop"
+            " chinwag.socket chinwag.service"
+        )
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise Failure(
+                f"the daemon (pid {pid}) is still running {timeout:g} s after SIGTERM; see its"
+                f" log at {daemon_log_path(settings.socket)}"
+            )
+        time.sleep(0.05)  # another process's exit: there is no event to wait on
+    print(f"chinwag: stopped the daemon (pid {pid})", file=sys.stderr)
 
 
 @cli.command()
