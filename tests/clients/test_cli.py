@@ -349,6 +349,36 @@ def test_send_starts_a_daemon_when_none_listens(short_tmp: Path, isolated_env) -
         _stop_pid(pid)
 
 
+def test_chat_starts_a_daemon_when_none_listens(short_tmp: Path, isolated_env) -> None:
+    socket_path = short_tmp / "run" / "chinwag.sock"
+    result = chinwag(
+        socket_path, "chat", "--plain", "assistant", input="wake up\n", env=isolated_env
+    )
+    match = re.search(
+        r"^chinwag: started a daemon in the background \(pid (\d+), log (.+)\)$",
+        result.stderr,
+        re.MULTILINE,
+    )
+    assert match, result.stderr
+    pid = int(match.group(1))
+    try:
+        # The pid is the daemon on our socket, so stopping it stops nothing else.
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert str(socket_path).encode() in argv, argv
+        assert result.returncode == 0, result.stderr
+        assert "assistant> wake up\n" in result.stdout
+        assert Path(match.group(2)) == socket_path.with_name("chinwag.log")
+
+        async def still_serving() -> list[tuple[str, str]]:
+            async with connect(socket_path) as c:
+                await c.ping()
+                return [(e.role, e.content) for e in (await c.history("assistant")).entries]
+
+        assert anyio.run(still_serving) == [("user", "wake up"), ("assistant", "wake up")]
+    finally:
+        _stop_pid(pid)
+
+
 class Terminal:
     """A command on a pseudo-terminal, for what only a terminal does: Ctrl-C."""
 

@@ -36,6 +36,24 @@ tools = ["set_title"]
 max_steps = 1
 """
 
+DELEGATE_CONFIG = """
+[agents.assistant]
+provider = "echo"
+tools = ["delegate"]
+
+[agents.helper]
+provider = "echo"
+"""
+
+# Long enough for a run of /slow 50 100 (5 s) to finish after the SIGTERM.
+PATIENT_CONFIG = """
+[daemon]
+shutdown_grace_s = 30.0
+
+[agents.assistant]
+provider = "echo"
+"""
+
 
 def text_of(events) -> str:
     return "".join(e.delta for e in events if isinstance(e, TextDelta))
@@ -426,6 +444,90 @@ async def test_sigterm_finishes_short_runs_and_cancels_long_ones(daemon_factory)
     async with connect(daemon.socket_path) as c:
         history = await c.history("assistant")
         assert [e.role for e in history.entries] == ["user"]
+
+
+async def test_sigterm_refuses_new_streams_503_while_a_run_in_flight_finishes(daemon_factory):
+    daemon = daemon_factory(PATIENT_CONFIG)
+    async with connect(daemon.socket_path) as c:
+        async with c.stream("assistant", "/slow 50 100") as events:
+            await next_of(events, TextDelta)
+            daemon.proc.terminate()
+            with trio.fail_after(10):
+                # The daemon's answers say when it has begun to shut down: ping until one
+                # is refused (each ping waits for its answer; there is no other event).
+                while True:
+                    try:
+                        await c.ping()
+                    except ChinwagError as err:
+                        assert err.code == 503, err
+                        break
+            with pytest.raises(ChinwagError) as refused:
+                async with c.stream("assistant", "too late", sender="late") as late:
+                    await late.collect()
+            assert refused.value.code == 503
+            assert refused.value.message == "The daemon is shutting down; retry later."
+            with trio.fail_after(20):
+                rest = await events.collect()
+        end = rest[-1]
+        assert isinstance(end, End) and end.status == "done", end
+        assert text_of(rest).split()[-1] == "50", "the run streamed on to its last word"
+    assert await trio.to_thread.run_sync(daemon.proc.wait, 10) == 0
+    daemon.start()
+    async with connect(daemon.socket_path) as c:
+        history = await c.history("assistant")
+        assert [e.role for e in history.entries] == ["user", "assistant"]
+        assert history.entries[1].content == " ".join(str(i) for i in range(1, 51))
+        with pytest.raises(ChinwagError) as err:
+            await c.history("assistant", "late")
+        assert err.value.code == 404, "the refused stream stored nothing"
+
+
+async def test_delegate_returns_the_helpers_answer_and_streams_none_of_its_text(
+    daemon_factory,
+):
+    daemon = daemon_factory(DELEGATE_CONFIG)
+    arguments = '{"agent": "helper", "message": "hi there"}'
+    async with connect(daemon.socket_path) as c, connect(daemon.socket_path) as watcher:
+        async with watcher.subscribe(agent="helper") as helper_run:
+            async with c.stream("assistant", f"/tool delegate {arguments}") as events:
+                got = await events.collect()
+            with trio.fail_after(10):
+                seen = []
+                async for frame in helper_run:
+                    seen.append(frame)
+                    if isinstance(frame.event, End):
+                        break
+
+        assert [type(e) for e in got if isinstance(e, Start | End)] == [Start, End]
+        assert got[0].agent == "assistant" and got[-1].status == "done"
+        (call,) = [e for e in got if isinstance(e, ToolCall)]
+        assert (call.name, call.arguments) == ("delegate", arguments)
+        (result,) = [e for e in got if isinstance(e, ToolResult)]
+        assert result.call_id == call.call_id
+        assert result.output == "hi there" and not result.is_error
+        # The helper's own deltas would come before the result: the only text is the
+        # assistant's echo of the result, after it.
+        at = got.index(result)
+        assert not any(isinstance(e, TextDelta) for e in got[:at])
+        assert [e.delta for e in got[at:] if isinstance(e, TextDelta)] == ["hi", " there"]
+
+        # The helper did stream its answer, to its own conversation only.
+        assert {(f.agent, f.sender) for f in seen} == {("helper", "agent:assistant")}
+        assert text_of(f.event for f in seen) == "hi there"
+
+        delegated = await c.history("helper", "agent:assistant")
+        assert [(e.role, e.content) for e in delegated.entries] == [
+            ("user", "hi there"),
+            ("assistant", "hi there"),
+        ]
+        mine = await c.history("assistant")
+        assert [(e.role, e.content) for e in mine.entries] == [
+            ("user", f"/tool delegate {arguments}"),
+            ("assistant", ""),
+            ("tool", "hi there"),
+            ("assistant", "hi there"),
+        ]
+        assert mine.entries[2].tool_call_id == call.call_id
 
 
 async def test_a_burst_larger_than_the_buffer_reaches_a_reading_client(daemon_factory):

@@ -9,6 +9,7 @@ the events it streamed, and the history it stored.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -409,3 +410,78 @@ async def test_a_key_variable_that_is_not_set_stops_serve_at_start(fake, daemon_
         daemon_factory(config)
     assert "[providers.fake] takes its key from $CW_UNSET_TEST_KEY" in str(err.value)
     assert "Traceback" not in str(err.value)
+
+
+async def test_a_steps_tool_calls_run_concurrently_and_are_stored_in_call_order(
+    fake, daemon_factory, short_tmp
+):
+    work = short_tmp / "work"
+    work.mkdir()
+    # The slow command waits on a FIFO the test holds open for writing, and the test
+    # writes to it only once the fast command's result has arrived: the fast result
+    # can only come first if the daemon runs both calls at once (run one after the
+    # other, the slow one would block the fast one until the test times out).
+    gate = work / "gate"
+    os.mkfifo(gate)
+    slow_args = json.dumps({"command": "read -r -t 30 word <> gate; echo slow $word"})
+    fast_args = json.dumps({"command": "echo fast"})
+    fake.script(
+        SSE(
+            [
+                chunk({"role": "assistant", "content": None}),
+                tool_delta(0, slow_args, call_id="call_slow", name="run_command"),
+                tool_delta(1, fast_args, call_id="call_fast", name="run_command"),
+                finish("tool_calls"),
+                usage(30, 12),
+            ]
+        ),
+        answer("Both commands ran.", prompt_tokens=60),
+    )
+    roots = f'[daemon]\nallowed_roots = ["{short_tmp}"]\n'
+    runner = '[agents.runner]\nprovider = "fake"\nmodel = "fake-model"\ntools = ["run_command"]\n'
+    daemon = daemon_factory(config_for(fake).replace("[daemon]\n", roots) + runner)
+
+    writer = os.open(gate, os.O_RDWR | os.O_NONBLOCK)  # both ends: never blocks on Linux
+    try:
+        events = []
+        async with (
+            connect(daemon.socket_path) as c,
+            c.stream("runner", "run both", cwd=str(work)) as stream,
+        ):
+            with trio.fail_after(20):
+                async for event in stream:
+                    events.append(event)
+                    if isinstance(event, ToolResult) and event.call_id == "call_fast":
+                        os.write(writer, b"go\n")
+    finally:
+        os.close(writer)
+
+    assert [c.call_id for c in events if isinstance(c, ToolCall)] == ["call_slow", "call_fast"]
+    results = [e for e in events if isinstance(e, ToolResult)]
+    assert [r.call_id for r in results] == ["call_fast", "call_slow"], "completion order"
+    outputs = {r.call_id: r.output for r in results}
+    assert outputs == {
+        "call_fast": "fast\n[exit code 0]",
+        "call_slow": "slow go\n[exit code 0]",
+    }
+    assert not any(r.is_error for r in results)
+    assert texts(events) == "Both commands ran." and events[-1].status == "done"
+
+    assert len(fake.requests) == 2
+    second = fake.bodies[1]["messages"]
+    assert [c["id"] for c in second[-3]["tool_calls"]] == ["call_slow", "call_fast"]
+    assert second[-2:] == [
+        {"role": "tool", "tool_call_id": "call_slow", "content": outputs["call_slow"]},
+        {"role": "tool", "tool_call_id": "call_fast", "content": outputs["call_fast"]},
+    ]
+
+    entries = await history_of(daemon, "runner")
+    assert [(e.role, e.tool_call_id) for e in entries] == [
+        ("user", None),
+        ("assistant", None),
+        ("tool", "call_slow"),
+        ("tool", "call_fast"),
+        ("assistant", None),
+    ]
+    assert [c.call_id for c in entries[1].tool_calls] == ["call_slow", "call_fast"]
+    assert [e.content for e in entries[2:4]] == [outputs["call_slow"], outputs["call_fast"]]
