@@ -17,10 +17,11 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import openai
 from chinwag.protocol import ToolCallInfo
 from openai import AsyncStream
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
 
 from ._config import ProviderConfig
 from ._providers import (
@@ -40,10 +41,6 @@ from ._providers import (
 
 # Local servers take no key, but the SDK insists on one; this one is never checked.
 PLACEHOLDER_KEY = "no-key"
-
-# Where servers put reasoning text: vLLM, DeepSeek and llama.cpp say
-# `reasoning_content`; Ollama and OpenRouter say `reasoning`.
-REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
 class OpenAIProvider:
@@ -109,7 +106,9 @@ class OpenAIProvider:
                 body=body,
                 cast_to=ChatCompletion,
                 stream=True,
-                stream_cls=AsyncStream[ChatCompletionChunk],
+                # Each event as the SDK decodes it, a dict, made a `_Chunk` below:
+                # its own pydantic models would cost 3x the CPU per streamed token.
+                stream_cls=AsyncStream[dict[str, Any]],
             )
         except Exception as exc:
             raise self._error(exc) from exc
@@ -118,20 +117,18 @@ class OpenAIProvider:
         finish: str | None = None
         async with response:
             try:
-                async for event in response:
+                async for data in response:
+                    event = msgspec.convert(data, _Chunk)
                     if event.usage is not None:
                         usage = UsageChunk(
                             event.usage.prompt_tokens or 0, event.usage.completion_tokens or 0
                         )
                     for choice in event.choices:
-                        if getattr(choice, "index", 0) not in (0, None):
+                        if choice.index not in (0, None):
                             continue  # we ask for one choice; a server may still number it
-                        delta = choice.delta
-                        for name in REASONING_FIELDS:
-                            thought = getattr(delta, name, None)  # not in the SDK's types
-                            if isinstance(thought, str) and thought:
-                                yield ThinkingChunk(thought)
-                                break
+                        delta = choice.delta or _NO_DELTA
+                        if thought := delta.reasoning_content or delta.reasoning:
+                            yield ThinkingChunk(thought)
                         if delta.content:
                             yield TextChunk(delta.content)
                         for fragment in delta.tool_calls or ():
@@ -177,6 +174,48 @@ class OpenAIProvider:
         )
 
 
+# The parts of a Chat Completions chunk this provider reads; the rest is ignored.
+# Where servers put reasoning text: vLLM, DeepSeek and llama.cpp say
+# `reasoning_content`; Ollama and OpenRouter say `reasoning`.
+
+
+class _FunctionDelta(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int | None = None
+    id: str | None = None
+    function: _FunctionDelta | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+
+
+_NO_DELTA = _Delta()
+
+
+class _Choice(msgspec.Struct):
+    index: int | None = 0
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+    usage: _Usage | None = None
+
+
 @dataclass
 class _PartialCall:
     call_id: str = ""
@@ -194,8 +233,8 @@ class _ToolCalls:
     def __init__(self) -> None:
         self.calls: dict[int, _PartialCall] = {}
 
-    def add(self, fragment: Any) -> None:
-        index = getattr(fragment, "index", None)
+    def add(self, fragment: _ToolCallDelta) -> None:
+        index = fragment.index
         if index is None:  # not to spec, but some servers leave it out: go by the id
             known = [i for i, c in self.calls.items() if fragment.id and c.call_id == fragment.id]
             if known:

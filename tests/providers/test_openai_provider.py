@@ -130,6 +130,13 @@ async def test_a_tool_call_without_a_name_is_a_provider_error(fake, provider):
         (Status(500, body="plain text"), 502, "answered 500: plain text."),
         (Status(429, body={"message": "slow down"}), 502, "answered 429: slow down."),
         (SSE([text("x"), "not json"]), 502, "malformed stream: JSONDecodeError"),
+        (
+            SSE([text("x"), {"choices": [{"delta": {"content": 5}}]}]),
+            502,
+            "malformed stream: ValidationError: Expected `str | null`, got `int`"
+            " - at `$.choices[0].delta.content`.",
+        ),
+        (SSE([text("x"), {"choices": "none"}]), 502, "malformed stream: ValidationError"),
         (SSE([text("x"), {"error": {"message": "boom"}}]), 502, "failed mid-answer: boom."),
         (SSE([text("x")], abort=True), 502, "connection to the model provider at http"),
         (SSE([text("x"), finish()], done=False), None, None),
