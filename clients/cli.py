@@ -953,8 +953,17 @@ def history(
     async def body() -> None:
         async with _connect(settings) as client:
             reply = await client.history(agent, sender, include_archived=include_archived)
+            # A history too long for one frame comes in pages: read on to its last entry.
+            entries = reply.entries
+            while entries and entries[-1].seq < reply.last_seq:
+                page = await client.history(
+                    agent, sender, after_seq=entries[-1].seq, include_archived=include_archived
+                )
+                if not page.entries:
+                    break
+                entries.extend(page.entries)
         if as_json:
-            for entry in reply.entries:
+            for entry in entries:
                 sys.stdout.buffer.write(JSON.encode(entry) + b"\n")
             sys.stdout.buffer.flush()
             return
@@ -963,7 +972,7 @@ def history(
         if reply.title:
             heading.append(f" — {reply.title}")
         console.print(heading)
-        for entry in reply.entries:
+        for entry in entries:
             console.print(_entry_text(entry))
 
     _run(body)

@@ -587,3 +587,21 @@ def test_agent_names_complete_from_the_running_daemon(daemon, short_tmp: Path) -
     # No daemon: no names, and not a word on stderr.
     nothing = complete("chinwag send a", 2, short_tmp / "none.sock")
     assert (nothing.returncode, nothing.stdout.strip(), nothing.stderr) == (0, "", "")
+
+
+def test_history_reads_every_page_of_a_history_longer_than_a_frame(daemon_factory) -> None:
+    daemon = daemon_factory(
+        config='[daemon]\nmax_frame_bytes = 4096\n[agents.assistant]\nprovider = "echo"\n'
+    )
+    sender = fresh_sender()
+    words = " ".join(["word"] * 100)  # about 500 bytes, twice per turn: 8 turns > 4096
+    for turn in range(8):
+        sent = chinwag(
+            daemon.socket_path, "send", "--sender", sender, "assistant", f"{turn} {words}"
+        )
+        assert sent.returncode == 0, sent.stderr
+    result = chinwag(daemon.socket_path, "history", "--json", "--sender", sender, "assistant")
+    assert result.returncode == 0, result.stderr
+    entries = [msgspec.json.decode(line, type=Entry) for line in result.stdout.splitlines()]
+    assert [e.seq for e in entries] == list(range(1, 17))
+    assert entries[-1].content == f"7 {words}"
