@@ -12,6 +12,13 @@ messages of one role merge, since the API wants the roles to alternate. A
 request without tools (a guest's turn) carries the history's calls and results
 as text instead, because the API refuses tool blocks in a request that defines
 no tools.
+
+Extended thinking is asked for when the provider sets ``thinking_budget``. The
+API then wants each tool-loop step sent back with its thinking blocks unchanged,
+signatures and all: the assembly hands them out as ``ProviderBlockChunk``s, the
+runtime keeps them with the step's message (``ModelMessage.provider_blocks``),
+and they lead that message's blocks in the next request, where the API puts
+them (this provider does not ask for interleaved thinking).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import AsyncGenerator
 from typing import Any, Literal, cast
 
 import anthropic
+import structlog
 import trio
 from anthropic import AsyncStream
 from anthropic.types import (
@@ -49,6 +57,7 @@ from ._providers import (
     FinishChunk,
     ModelMessage,
     ModelRequest,
+    ProviderBlockChunk,
     ProviderError,
     TextChunk,
     ThinkingChunk,
@@ -56,7 +65,8 @@ from ._providers import (
     UsageChunk,
 )
 
-Block = TextBlockParam | ToolUseBlockParam | ToolResultBlockParam
+# dict: a provider block (thinking, redacted_thinking) sent back as it came.
+Block = TextBlockParam | ToolUseBlockParam | ToolResultBlockParam | dict[str, Any]
 Role = Literal["user", "assistant"]
 
 _FINISH = {"tool_use": "tool_calls", "max_tokens": "length"}
@@ -65,6 +75,9 @@ _FINISH_LENGTH = {"model_context_window_exceeded"}
 _CLOSE_TIMEOUT_S = 5.0
 _DRAIN_EVENTS = 16
 _DRAIN_TIMEOUT_S = 1.0
+_THINKING = ("thinking", "redacted_thinking")
+
+log = structlog.get_logger("chinwag.anthropic")
 
 
 class AnthropicProvider:
@@ -72,6 +85,7 @@ class AnthropicProvider:
 
     def __init__(self, config: ProviderConfig) -> None:
         self._max_tokens = config.max_tokens
+        self._thinking_budget = config.thinking_budget
         self._timeout_s = config.timeout_s
         # With no key configured the SDK falls back on ANTHROPIC_API_KEY and its other sources.
         self._client = anthropic.AsyncAnthropic(
@@ -125,6 +139,18 @@ class AnthropicProvider:
             params["system"] = system
         if tools:
             params["tools"] = tools
+        if self._thinking_budget is not None:
+            if _unthought_tool_loop(messages):
+                # A step stored without its thinking blocks (a restart, or thinking
+                # switched on since) cannot go on with thinking: the API would refuse
+                # every request of the conversation. It says to disable thinking.
+                log.info("thinking_skipped", reason="tool loop step without its thinking blocks")
+            else:
+                # In the body, not as the SDK's `thinking` argument, which SDKs before
+                # 0.47 lack (pyproject allows 0.34).
+                params["extra_body"] = {
+                    "thinking": {"type": "enabled", "budget_tokens": self._thinking_budget}
+                }
         try:
             events = await self._client.messages.create(
                 model=request.model,
@@ -197,7 +223,8 @@ def build_messages(
                 if message.content.strip():
                     system.append(message.content)
             case "assistant":
-                blocks = _text(message.content)
+                # A step's thinking leads its message, as the API gave it.
+                blocks: list[Block] = [*message.provider_blocks, *_text(message.content)]
                 for call in message.tool_calls:
                     names[call.call_id] = call.name
                     if with_tools:
@@ -228,6 +255,15 @@ def build_messages(
             case _:
                 add("user", _text(message.content))
     return "\n\n".join(system), [{"role": role, "content": blocks} for role, blocks in turns]
+
+
+def _unthought_tool_loop(messages: list[dict[str, Any]]) -> bool:
+    """Whether the request goes on with a tool loop whose step lacks its thinking blocks."""
+    if len(messages) < 2 or messages[-1]["role"] != "user" or messages[-2]["role"] != "assistant":
+        return False
+    if not any(block["type"] == "tool_result" for block in messages[-1]["content"]):
+        return False
+    return messages[-2]["content"][0]["type"] not in _THINKING
 
 
 def _text(content: str) -> list[Block]:
@@ -262,11 +298,31 @@ class _ToolUse:
         return ToolCallInfo(call_id=self.call_id, name=self.name, arguments=arguments)
 
 
+class _Thinking:
+    """A thinking block (its text and signature) or a redacted one (its data) being read."""
+
+    def __init__(self, start: object) -> None:
+        self.type = getattr(start, "type", "thinking")
+        self.text = [getattr(start, "thinking", None) or ""]
+        self.signature = [getattr(start, "signature", None) or ""]
+        self.data = getattr(start, "data", None) or ""
+
+    def block(self) -> dict[str, Any] | None:
+        """The block to send back, or None when it came incomplete (the API would refuse it)."""
+        if self.type == "redacted_thinking":
+            return {"type": "redacted_thinking", "data": self.data} if self.data else None
+        signature = "".join(self.signature)
+        if not signature:
+            return None
+        return {"type": "thinking", "thinking": "".join(self.text), "signature": signature}
+
+
 class _Assembly:
     """Turns the API's stream events into chunks, holding tool_use blocks until complete."""
 
     def __init__(self) -> None:
-        self.blocks: dict[int, _ToolUse | None] = {}  # open blocks; None for text and thinking
+        # Open blocks by index; None for text and anything else we do not keep.
+        self.blocks: dict[int, _ToolUse | _Thinking | None] = {}
         self.input_tokens = 0
         self.output_tokens = 0
         self.stop_reason: str | None = None
@@ -290,21 +346,29 @@ class _Assembly:
             if isinstance(delta, TextDelta):
                 return [TextChunk(delta.text)] if delta.text else []
             if isinstance(delta, InputJSONDelta):
-                if block is None:
+                if not isinstance(block, _ToolUse):
                     raise ProviderError(
                         "The Anthropic stream is malformed: tool input arrived for a block "
                         "that is not a tool_use."
                     )
                 block.fragments.append(delta.partial_json)
                 return []
+            # Thinking by type and attribute: SDKs before 0.47 have no classes for it.
             if delta.type == "thinking_delta":
                 thinking = getattr(delta, "thinking", "")
+                if isinstance(block, _Thinking):
+                    block.text.append(thinking)
                 return [ThinkingChunk(thinking)] if thinking else []
-            return []  # signatures, citations: nothing we keep
+            if delta.type == "signature_delta" and isinstance(block, _Thinking):
+                block.signature.append(getattr(delta, "signature", ""))
+            return []  # citations: nothing we keep
         if isinstance(event, RawContentBlockStartEvent):
             start = event.content_block
             if isinstance(start, ToolUseBlock):
                 self.blocks[event.index] = _ToolUse(start.id, start.name, start.input)
+            elif start.type in _THINKING:
+                thinking = self.blocks[event.index] = _Thinking(start)
+                return [ThinkingChunk(thinking.text[0])] if thinking.text[0] else []
             else:
                 self.blocks[event.index] = None
                 text = getattr(start, "text", "")  # a text block may open with some text
@@ -314,7 +378,11 @@ class _Assembly:
         if isinstance(event, RawContentBlockStopEvent):
             block = self._open(event.index)
             del self.blocks[event.index]
-            return [ToolCallChunk(block.call())] if block is not None else []
+            if isinstance(block, _ToolUse):
+                return [ToolCallChunk(block.call())]
+            if isinstance(block, _Thinking) and (whole := block.block()) is not None:
+                return [ProviderBlockChunk(whole)]
+            return []
         if isinstance(event, RawMessageStartEvent):
             self.input_tokens = _prompt_tokens(event.message.usage)
             self.output_tokens = event.message.usage.output_tokens or 0
@@ -337,7 +405,7 @@ class _Assembly:
             return [UsageChunk(self.input_tokens, self.output_tokens), FinishChunk(finish)]
         return []  # ping, and event types newer than this code
 
-    def _open(self, index: int) -> _ToolUse | None:
+    def _open(self, index: int) -> _ToolUse | _Thinking | None:
         if index not in self.blocks:
             raise ProviderError(
                 f"The Anthropic stream is malformed: content block {index} was not started."

@@ -67,6 +67,9 @@ class ProviderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout_s: float = 600.0  # the longest wait for the provider's next byte
     max_retries: int = 2
     max_tokens: int = 4096  # the longest answer asked for, where the API needs a bound
+    # anthropic only: extended thinking, with this many tokens of it at most per
+    # step (they count against max_tokens); None (the default) asks for none.
+    thinking_budget: int | None = None
 
     def resolve_api_key(self) -> str | None:
         """``api_key``, else the value of ``api_key_env``; None when neither is set."""
@@ -100,6 +103,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 BUILTIN_PROVIDERS = {"echo": ProviderConfig(kind="echo")}
+#: The smallest ``thinking_budget`` the Anthropic API accepts.
+MIN_THINKING_BUDGET = 1024
 
 
 def default_config_path() -> Path:
@@ -231,3 +236,18 @@ def _check_provider(provider: ProviderConfig, where: str) -> None:
         raise ConfigError(f"{where} max_retries must not be negative.")
     if provider.max_tokens < 1:
         raise ConfigError(f"{where} max_tokens must be at least 1.")
+    if (budget := provider.thinking_budget) is not None:
+        if provider.kind != "anthropic":
+            raise ConfigError(f'{where} sets thinking_budget, which only kind = "anthropic" takes.')
+        if budget < MIN_THINKING_BUDGET:
+            raise ConfigError(
+                f"{where} thinking_budget must be at least {MIN_THINKING_BUDGET} "
+                "(the Anthropic API's minimum)."
+            )
+        if budget >= provider.max_tokens:
+            # The API refuses it: the thinking is part of the answer max_tokens bounds.
+            raise ConfigError(
+                f"{where} thinking_budget ({budget}) must be less than max_tokens "
+                f"({provider.max_tokens}), which bounds thinking and answer together; "
+                "raise max_tokens or lower thinking_budget."
+            )

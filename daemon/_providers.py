@@ -1,8 +1,9 @@
 """The model provider interface, and `echo`, the built-in deterministic model.
 
 A provider turns a ``ModelRequest`` into a stream of chunks: text, thinking,
-complete tool calls, usage, and a finish. Cancellation (kill) reaches it at
-its next checkpoint; a provider holds nothing that outlives the stream.
+complete tool calls, usage, and a finish, and blocks it needs sent back with
+the step (``ProviderBlockChunk``). Cancellation (kill) reaches it at its next
+checkpoint; a provider holds nothing that outlives the stream.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class ModelMessage(msgspec.Struct, kw_only=True):
     tool_calls: list[ToolCallInfo] = msgspec.field(default_factory=list)
     tool_call_id: str | None = None
     is_error: bool = False  # a tool result that reports a failure
+    # What the provider gave with this (assistant) message and needs back unchanged
+    # in later requests (Anthropic's signed thinking blocks, see ProviderBlockChunk).
+    # Opaque to everything else; a provider that sent none ignores it.
+    provider_blocks: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
 class ToolSchema(msgspec.Struct, kw_only=True):
@@ -56,6 +61,19 @@ class ToolCallChunk(msgspec.Struct):
     call: ToolCallInfo
 
 
+class ProviderBlockChunk(msgspec.Struct):
+    """A block of the answer the provider needs back, unchanged, when the run goes on.
+
+    The runtime keeps these with the step's assistant message and hands them
+    back as ``ModelMessage.provider_blocks`` in the run's later requests: the
+    Anthropic API refuses to continue a tool loop with thinking enabled unless
+    the step's thinking blocks come back with their signatures. Never shown to
+    clients (the thinking text streams as ``ThinkingChunk``) and never stored.
+    """
+
+    block: dict[str, Any]
+
+
 class UsageChunk(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
@@ -65,7 +83,7 @@ class FinishChunk(msgspec.Struct):
     reason: str  # stop, tool_calls, length
 
 
-Chunk = TextChunk | ThinkingChunk | ToolCallChunk | UsageChunk | FinishChunk
+Chunk = TextChunk | ThinkingChunk | ToolCallChunk | ProviderBlockChunk | UsageChunk | FinishChunk
 
 
 class ProviderError(Exception):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 import trio
@@ -55,6 +56,7 @@ from ._providers import (
     ModelMessage,
     ModelRequest,
     Provider,
+    ProviderBlockChunk,
     ProviderError,
     TextChunk,
     ThinkingChunk,
@@ -168,6 +170,10 @@ class Run:
         self.shutting_down = False
         self.done = trio.Event()
         self.end: End | None = None  # once finished
+        # The provider blocks of this run's tool steps, by the seq of the step's
+        # assistant entry: its later requests send them back (ModelMessage.provider_blocks).
+        # Kept in memory only; a step converted once keeps them in the primary's messages.
+        self.provider_blocks: dict[int, list[dict[str, Any]]] = {}
 
     # --- fan-out ---------------------------------------------------------
 
@@ -418,6 +424,7 @@ def _model_message(entry: Entry, run: Run) -> ModelMessage:
         tool_calls=entry.tool_calls,
         tool_call_id=entry.tool_call_id,
         is_error=entry.is_error,
+        provider_blocks=run.provider_blocks.get(entry.seq, []),
     )
 
 
@@ -764,6 +771,7 @@ class Runtime:
             )
             text: list[str] = []
             calls: list[ToolCallInfo] = []
+            provider_blocks: list[dict[str, Any]] = []
             async with aclosing(speaker.provider.stream(request)) as chunks:
                 burst = 0
                 async for chunk in chunks:
@@ -777,6 +785,8 @@ class Runtime:
                             run.publish(TextDelta(delta=delta))
                         case ThinkingChunk(delta):
                             run.publish(ThinkingDelta(delta=delta))
+                        case ProviderBlockChunk(block):
+                            provider_blocks.append(block)
                         case ToolCallChunk(call):
                             if run.is_guest:
                                 continue  # a guest speaks text only: its calls are ignored
@@ -811,7 +821,9 @@ class Runtime:
                 await self._append(conv, [assistant])
                 return
             results = await self._call_tools(run, calls, allowed)
-            await self._append(conv, [assistant, *results])
+            stored = await self._append(conv, [assistant, *results])
+            if provider_blocks:  # for the next step's request, which goes on with this one
+                run.provider_blocks[stored[0].seq] = provider_blocks
         raise RunFailed(
             500,
             f"The agent stopped after max_steps={speaker.config.max_steps} steps without a "

@@ -10,6 +10,16 @@ Each test scripts the replies in order (`FakeAnthropic.script`); a request
 beyond the script gets a plain text answer. Builders below make the usual
 streams: `text_stream`, `tool_stream`, and `message_events` for anything else.
 
+Extended thinking as the real API has it: a scripted stream's thinking blocks
+(`thinking_block`, `redacted_thinking_block`) are sent only to a request that
+enables `thinking`, and are cut from the stream otherwise. A thinking request is
+checked first, and refused with a 400 the way the API refuses it (the script
+is then left as it was): `budget_tokens` under 1024 or not under `max_tokens`;
+a thinking block whose signature is not the one the fake gave its text
+(`signature`); and a request that goes on with a tool loop (its last user
+message holds tool_results) whose last assistant message does not begin with
+the very thinking blocks the fake sent with that step's tool_use blocks.
+
 `GET /v1/models` is answered apart from the script, in the real paginated list
 format (`limit`, `after_id`), from `FakeAnthropic.models`, or fails with
 `FakeAnthropic.models_error` when that is set.
@@ -17,7 +27,10 @@ format (`limit`, `after_id`), from `FakeAnthropic.models`, or fails with
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import copy
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -71,6 +84,8 @@ class FakeAnthropic:
     models: list[str] = field(default_factory=lambda: ["claude-fake"])
     models_error: Status | None = None
     model_listings: list[Recorded] = field(default_factory=list)
+    # The thinking blocks sent with each tool_use id, as a step must bring them back.
+    thinking_sent: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -103,7 +118,16 @@ class FakeAnthropic:
                     await self._send_models(conn, request)
                 return
             self.requests.append(request)
-            reply = self.replies.pop(0) if self.replies else text_stream("ok")
+            refusal = thinking_refusal(request.body, self.thinking_sent)
+            if refusal is not None:
+                reply: Reply = refusal
+            else:
+                reply = self.replies.pop(0) if self.replies else text_stream("ok")
+            if isinstance(reply, Stream):
+                if _thinking_enabled(request.body):
+                    self._remember_thinking(reply.events)
+                else:
+                    reply = _without_thinking(reply)
             try:
                 match reply:
                     case Status():
@@ -112,6 +136,26 @@ class FakeAnthropic:
                         await _send_stream(conn, reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.client_left.set()
+
+    def _remember_thinking(self, events: list[Event]) -> None:
+        thinking: dict[int, dict[str, Any]] = {}
+        tool_ids: list[str] = []
+        for name, data in events:
+            if name == "content_block_start":
+                block = data["content_block"]
+                if block["type"] in THINKING_TYPES:
+                    thinking[data["index"]] = dict(block)
+                elif block["type"] == "tool_use":
+                    tool_ids.append(block["id"])
+            elif name == "content_block_delta" and data["index"] in thinking:
+                block, delta = thinking[data["index"]], data["delta"]
+                if delta["type"] == "thinking_delta":
+                    block["thinking"] += delta["thinking"]
+                elif delta["type"] == "signature_delta":
+                    block["signature"] += delta["signature"]
+        blocks = [thinking[index] for index in sorted(thinking)]
+        for tool_id in tool_ids:
+            self.thinking_sent[tool_id] = blocks
 
     async def _send_models(self, conn: trio.SocketStream, request: Recorded) -> None:
         if self.models_error is not None:
@@ -144,6 +188,100 @@ class FakeAnthropic:
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
             + body
         )
+
+
+# --- extended thinking, as the API checks it ---------------------------------------
+
+THINKING_TYPES = ("thinking", "redacted_thinking")
+
+
+def sign(thinking: str) -> str:
+    """The fake's signature for a thinking text: any change to the text shows."""
+    return base64.b64encode(hashlib.sha256(b"fake:" + thinking.encode()).digest()).decode()
+
+
+def _thinking_enabled(body: dict[str, Any]) -> bool:
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") == "enabled"
+
+
+def _invalid(message: str) -> Status:
+    return Status(400, message, "invalid_request_error")
+
+
+def thinking_refusal(
+    body: dict[str, Any], thinking_sent: dict[str, list[dict[str, Any]]]
+) -> Status | None:
+    """The 400 the API answers a request that gets extended thinking wrong, if any."""
+    messages = body.get("messages", [])
+    for i, message in enumerate(messages):
+        for j, block in enumerate(_blocks(message)):
+            if block["type"] == "thinking" and block.get("signature") != sign(block["thinking"]):
+                where = f"messages.{i}.content.{j}"
+                return _invalid(f"{where}: Invalid `signature` in `thinking` block.")
+    if not _thinking_enabled(body):
+        return None
+    budget = body["thinking"].get("budget_tokens", 0)
+    if budget < 1024:
+        return _invalid(
+            "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+        )
+    if body.get("max_tokens", 0) <= budget:
+        return _invalid("`max_tokens` must be greater than `thinking.budget_tokens`.")
+    if len(messages) < 2 or messages[-1]["role"] != "user":
+        return None
+    if not any(b["type"] == "tool_result" for b in _blocks(messages[-1])):
+        return None
+    step = len(messages) - 2
+    blocks = _blocks(messages[step])
+    leading = []
+    for block in blocks:
+        if block["type"] not in THINKING_TYPES:
+            break
+        leading.append(block)
+    tool_ids = [b["id"] for b in blocks if b["type"] == "tool_use"]
+    sent = thinking_sent.get(tool_ids[0], []) if tool_ids else []
+    if leading and leading != sent:
+        # Signed, but not this step's: the fake's own check, stricter than the API's may be.
+        return _invalid(
+            f"messages.{step}: the thinking blocks before its tool_use blocks are not the ones "
+            "sent with them"
+        )
+    if not leading:
+        found = blocks[len(leading)]["type"] if len(blocks) > len(leading) else "nothing"
+        return _invalid(
+            f"messages.{step}.content.{len(leading)}.type: Expected `thinking` or "
+            f"`redacted_thinking`, but found `{found}`. When `thinking` is enabled, a final "
+            "`assistant` message must start with a thinking block (preceeding the lastmost set "
+            "of `tool_use` and `tool_result` blocks). We recommend you include thinking blocks "
+            "from previous turns. To avoid this requirement, disable `thinking`."
+        )
+    return None
+
+
+def _blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message["content"]  # the API takes a string for a lone text block
+    return content if isinstance(content, list) else [{"type": "text", "text": content}]
+
+
+def _without_thinking(reply: Stream) -> Stream:
+    """``reply`` with its thinking blocks cut out and the other blocks renumbered."""
+    thinking = {
+        data["index"]
+        for name, data in reply.events
+        if name == "content_block_start" and data["content_block"]["type"] in THINKING_TYPES
+    }
+    if not thinking:
+        return reply
+    events: list[Event] = []
+    for name, data in reply.events:
+        if "index" in data:
+            if data["index"] in thinking:
+                continue
+            data = copy.deepcopy(data)
+            data["index"] -= sum(1 for index in thinking if index < data["index"])
+        events.append((name, data))
+    return Stream(events, reply.delay_s, reply.abort_after, reply.raw, reply.hold_s)
 
 
 async def _read_request(conn: trio.SocketStream) -> Recorded | None:
@@ -277,7 +415,11 @@ def text_block(index: int, pieces: Iterable[str]) -> list[Event]:
     ]
 
 
-def thinking_block(index: int, pieces: Iterable[str]) -> list[Event]:
+def thinking_block(
+    index: int, pieces: Iterable[str], *, signature: str | None = None
+) -> list[Event]:
+    """A thinking block, its text in ``pieces``, then its signature (the fake's, by default)."""
+    pieces = list(pieces)
     return [
         (
             "content_block_start",
@@ -303,7 +445,25 @@ def thinking_block(index: int, pieces: Iterable[str]) -> list[Event]:
             {
                 "type": "content_block_delta",
                 "index": index,
-                "delta": {"type": "signature_delta", "signature": "c2lnbmF0dXJl"},
+                "delta": {
+                    "type": "signature_delta",
+                    "signature": sign("".join(pieces)) if signature is None else signature,
+                },
+            },
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": index}),
+    ]
+
+
+def redacted_thinking_block(index: int, data: str) -> list[Event]:
+    """Thinking the API sends encrypted: one block, whole in its content_block_start."""
+    return [
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": index,
+                "content_block": {"type": "redacted_thinking", "data": data},
             },
         ),
         ("content_block_stop", {"type": "content_block_stop", "index": index}),
@@ -342,9 +502,11 @@ def text_stream(text: str, **kwargs: Any) -> Stream:
     return Stream(message_events([text_block(0, pieces)], **kwargs))
 
 
-def tool_stream(*calls: tuple[str, str, list[str]], text: str = "") -> Stream:
-    """Optional text, then one tool_use block per ``(id, name, argument fragments)``."""
-    blocks = [text_block(0, [text])] if text else []
+def tool_stream(*calls: tuple[str, str, list[str]], text: str = "", thinking: str = "") -> Stream:
+    """Optional thinking and text, then a tool_use block per ``(id, name, argument fragments)``."""
+    blocks = [thinking_block(0, [thinking])] if thinking else []
+    if text:
+        blocks.append(text_block(len(blocks), [text]))
     blocks += [tool_block(len(blocks) + i, *call) for i, call in enumerate(calls)]
     return Stream(message_events(blocks, stop_reason="tool_use"))
 

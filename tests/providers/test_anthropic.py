@@ -6,15 +6,19 @@ The daemon end to end is in test_anthropic_e2e.py.
 from __future__ import annotations
 
 import json
+import textwrap
+from pathlib import Path
 
 import pytest
 import trio
+from chinwag.daemon import ConfigError, load_config
 from chinwag.daemon._anthropic import AnthropicProvider, build_messages
 from chinwag.daemon._config import ProviderConfig
 from chinwag.daemon._providers import (
     FinishChunk,
     ModelMessage,
     ModelRequest,
+    ProviderBlockChunk,
     ProviderError,
     TextChunk,
     ThinkingChunk,
@@ -23,6 +27,7 @@ from chinwag.daemon._providers import (
     UsageChunk,
     make_provider,
 )
+from chinwag.daemon._tools import TOOL_NAMES
 from chinwag.protocol import ToolCallInfo
 from fake_anthropic import (
     FakeAnthropic,
@@ -30,10 +35,14 @@ from fake_anthropic import (
     Stream,
     error_event,
     message_events,
+    redacted_thinking_block,
+    sign,
     text_block,
     text_stream,
     thinking_block,
+    thinking_refusal,
     tool_block,
+    tool_stream,
 )
 
 
@@ -52,6 +61,23 @@ async def provider(fake: FakeAnthropic):
         )
     )
     assert isinstance(made, AnthropicProvider)
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+async def thinker(fake: FakeAnthropic):
+    """A provider that asks for extended thinking."""
+    made = AnthropicProvider(
+        ProviderConfig(
+            kind="anthropic",
+            base_url=fake.base_url,
+            api_key="test",
+            max_retries=0,
+            max_tokens=2000,
+            thinking_budget=1024,
+        )
+    )
     yield made
     await made.aclose()
 
@@ -218,16 +244,15 @@ async def test_fragmented_tool_input_is_assembled_per_block(fake, provider):
         Stream(
             message_events(
                 [
-                    thinking_block(0, ["Two calls", ", then stop."]),
-                    text_block(1, ["Looking"]),
-                    tool_block(2, "toolu_1", "set_title", ['{"ti', 'tle": "Tr', 'ip"}']),
+                    text_block(0, ["Looking"]),
+                    tool_block(1, "toolu_1", "set_title", ['{"ti', 'tle": "Tr', 'ip"}']),
                     # input in content_block_start, no deltas
                     [
                         (
                             "content_block_start",
                             {
                                 "type": "content_block_start",
-                                "index": 3,
+                                "index": 2,
                                 "content_block": {
                                     "type": "tool_use",
                                     "id": "toolu_2",
@@ -236,9 +261,9 @@ async def test_fragmented_tool_input_is_assembled_per_block(fake, provider):
                                 },
                             },
                         ),
-                        ("content_block_stop", {"type": "content_block_stop", "index": 3}),
+                        ("content_block_stop", {"type": "content_block_stop", "index": 2}),
                     ],
-                    tool_block(4, "toolu_3", "list_dir", ["", "{}"]),
+                    tool_block(3, "toolu_3", "list_dir", ["", "{}"]),
                 ],
                 stop_reason="tool_use",
             )
@@ -246,8 +271,6 @@ async def test_fragmented_tool_input_is_assembled_per_block(fake, provider):
     )
     chunks = await collect(provider, user("go"))
     assert chunks == [
-        ThinkingChunk("Two calls"),
-        ThinkingChunk(", then stop."),
         TextChunk("Looking"),
         ToolCallChunk(call("toolu_1", "set_title", '{"title": "Trip"}')),
         ToolCallChunk(call("toolu_2", "list_dir", '{"path": "."}')),
@@ -255,7 +278,7 @@ async def test_fragmented_tool_input_is_assembled_per_block(fake, provider):
         UsageChunk(10, 5),
         FinishChunk("tool_calls"),
     ]
-    assert json.loads(chunks[3].call.arguments) == {"title": "Trip"}
+    assert json.loads(chunks[1].call.arguments) == {"title": "Trip"}
 
 
 async def test_stop_reasons_and_cached_input_tokens(fake, provider):
@@ -401,3 +424,187 @@ async def test_the_api_key_and_extra_headers_are_sent(fake, monkeypatch):
     headers = fake.requests[0].headers
     assert headers["x-team"] == "chinwag"
     assert "from-env" in (headers.get("x-api-key", "") + headers.get("authorization", ""))
+
+
+# --- extended thinking -------------------------------------------------------------------
+
+SIGNED = {"type": "thinking", "thinking": "Title first.", "signature": sign("Title first.")}
+REDACTED = {"type": "redacted_thinking", "data": "ZW5jcnlwdGVk"}
+
+
+def test_a_step_s_provider_blocks_lead_its_message_unchanged():
+    _, messages = build_messages(
+        [
+            ModelMessage(role="user", content="name it"),
+            ModelMessage(
+                role="assistant",
+                content="Naming it.",
+                tool_calls=[call("toolu_a", "set_title", '{"title": "x"}')],
+                provider_blocks=[SIGNED, REDACTED],
+            ),
+            ModelMessage(role="tool", content="Title set.", tool_call_id="toolu_a"),
+        ],
+        with_tools=True,
+    )
+    assert messages[1]["content"] == [
+        SIGNED,
+        REDACTED,
+        {"type": "text", "text": "Naming it."},
+        {"type": "tool_use", "id": "toolu_a", "name": "set_title", "input": {"title": "x"}},
+    ]
+
+
+async def test_thinking_is_asked_for_only_when_configured(fake, provider, thinker):
+    blocks = [thinking_block(0, ["Hmm", ", easy."]), text_block(1, ["Hi"])]
+    fake.script(Stream(message_events(blocks)), Stream(message_events(blocks)))
+    plain = await collect(provider, user("hi"))
+    assert "thinking" not in fake.bodies[0]
+    # Unasked, the API sends no thinking (the fake cuts its scripted block).
+    assert plain == [TextChunk("Hi"), UsageChunk(10, 5), FinishChunk("stop")]
+
+    thought = await collect(thinker, user("hi"))
+    assert fake.bodies[1]["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert fake.bodies[1]["max_tokens"] == 2000
+    assert thought == [
+        ThinkingChunk("Hmm"),
+        ThinkingChunk(", easy."),
+        # the whole block, for the step's next request, once its signature is in
+        ProviderBlockChunk(
+            {"type": "thinking", "thinking": "Hmm, easy.", "signature": sign("Hmm, easy.")}
+        ),
+        TextChunk("Hi"),
+        UsageChunk(10, 5),
+        FinishChunk("stop"),
+    ]
+
+
+async def test_redacted_and_unsigned_thinking(fake, thinker):
+    fake.script(
+        Stream(
+            message_events(
+                [
+                    redacted_thinking_block(0, "ZW5jcnlwdGVk"),
+                    thinking_block(1, ["unsigned"], signature=""),
+                    tool_block(2, "toolu_1", "list_dir", ["{}"]),
+                ],
+                stop_reason="tool_use",
+            )
+        )
+    )
+    chunks = await collect(thinker, user("go"))
+    assert chunks[:3] == [
+        ProviderBlockChunk(REDACTED),  # as it came
+        # a block without its signature could not be sent back: none is kept
+        ThinkingChunk("unsigned"),
+        ToolCallChunk(call("toolu_1", "list_dir", "{}")),
+    ]
+
+
+def loop_request(provider_blocks: list[dict]) -> ModelRequest:
+    """The request that goes on after a set_title step (toolu_1) with these blocks."""
+    request = user("name it")
+    request.tools = [ToolSchema(name="set_title", description="Set.", parameters={})]
+    request.messages += [
+        ModelMessage(
+            role="assistant",
+            content="",
+            tool_calls=[call("toolu_1", "set_title", '{"title": "T"}')],
+            provider_blocks=provider_blocks,
+        ),
+        ModelMessage(role="tool", content="Title set.", tool_call_id="toolu_1"),
+    ]
+    return request
+
+
+async def test_a_tool_loop_goes_on_with_the_step_s_thinking(fake, thinker):
+    fake.script(
+        tool_stream(("toolu_1", "set_title", ['{"title": "T"}']), thinking="Title first."),
+        text_stream("Done."),
+    )
+    first = await collect(thinker, user("name it"))
+    (kept,) = [c.block for c in first if isinstance(c, ProviderBlockChunk)]
+    assert kept == SIGNED
+    assert (await collect(thinker, loop_request([kept])))[0] == TextChunk("Done.")
+    assert fake.bodies[1]["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert fake.bodies[1]["messages"][1]["content"][0] == SIGNED
+
+
+async def test_a_tool_loop_step_without_its_thinking_goes_on_without_thinking(fake, thinker):
+    """A step whose thinking was lost (a restart): the API's advice, disable thinking."""
+    fake.script(tool_stream(("toolu_1", "set_title", ['{"title": "T"}']), thinking="Title first."))
+    await collect(thinker, user("name it"))
+    assert (await collect(thinker, loop_request([])))[0] == TextChunk("ok")
+    assert "thinking" not in fake.bodies[1]
+    # A new user turn ends the loop: thinking again.
+    request = loop_request([])
+    request.messages.append(ModelMessage(role="assistant", content="Named."))
+    request.messages.append(ModelMessage(role="user", content="thanks"))
+    await collect(thinker, request)
+    assert fake.bodies[2]["thinking"]["type"] == "enabled"
+
+
+async def test_the_fake_refuses_what_the_api_refuses(fake, thinker):
+    fake.script(tool_stream(("toolu_1", "set_title", ['{"title": "T"}']), thinking="Title first."))
+    await collect(thinker, user("name it"))
+    other = {"type": "thinking", "thinking": "Other.", "signature": sign("Other.")}
+    tampered = {**SIGNED, "thinking": "Title first!"}
+    for blocks, fragment in [
+        ([other], "are not the ones sent with them"),  # signed, but not this step's
+        ([tampered], "Invalid `signature`"),
+    ]:
+        err = await expect_error(thinker, loop_request(blocks))
+        assert "HTTP 400 (invalid_request_error)" in err.message and fragment in err.message
+    # A request missing the step's thinking (the provider never sends one): refused too.
+    body = {
+        "max_tokens": 2000,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": build_messages(loop_request([]).messages, with_tools=True)[1],
+    }
+    refusal = fake_refusal(body, fake)
+    assert refusal is not None and "found `tool_use`" in refusal.message
+    assert fake_refusal({**body, "thinking": {"type": "enabled", "budget_tokens": 2000}}, fake)
+
+
+def fake_refusal(body: dict, fake: FakeAnthropic) -> Status | None:
+    return thinking_refusal(body, fake.thinking_sent)
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def load(tmp_path: Path, provider_table: str):
+    path = tmp_path / "config.toml"
+    path.write_text(textwrap.dedent(provider_table) + '\n[agents.a]\nprovider = "p"\nmodel = "m"\n')
+    return load_config(path, tool_names=TOOL_NAMES)
+
+
+def test_thinking_budget_is_off_by_default_and_read_when_set(tmp_path):
+    table = '[providers.p]\nkind = "anthropic"\napi_key = "k"\n'
+    assert load(tmp_path, table).providers["p"].thinking_budget is None
+    config = load(tmp_path, table + "max_tokens = 8192\nthinking_budget = 2048\n")
+    assert (config.providers["p"].thinking_budget, config.providers["p"].max_tokens) == (2048, 8192)
+
+
+@pytest.mark.parametrize(
+    ("table", "fragment"),
+    [
+        (
+            'kind = "anthropic"\nthinking_budget = 4096\n',  # max_tokens 4096 by default
+            "thinking_budget (4096) must be less than max_tokens (4096)",
+        ),
+        (
+            'kind = "anthropic"\nmax_tokens = 2000\nthinking_budget = 3000\n',
+            "thinking_budget (3000) must be less than max_tokens (2000)",
+        ),
+        ('kind = "anthropic"\nthinking_budget = 512\n', "thinking_budget must be at least 1024"),
+        (
+            'kind = "openai"\nbase_url = "http://h/v1"\nthinking_budget = 2048\n',
+            'thinking_budget, which only kind = "anthropic" takes',
+        ),
+        ('kind = "anthropic"\nthinking_budget = "lots"\n', "thinking_budget"),
+    ],
+)
+def test_bad_thinking_budgets_are_config_errors(tmp_path, table, fragment):
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, "[providers.p]\n" + table)
+    assert fragment in str(err.value) and "providers" in str(err.value)

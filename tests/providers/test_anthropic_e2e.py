@@ -29,9 +29,12 @@ from fake_anthropic import (
     Stream,
     error_event,
     message_events,
+    redacted_thinking_block,
+    sign,
     text_block,
     text_stream,
     thinking_block,
+    tool_block,
     tool_stream,
 )
 
@@ -57,6 +60,21 @@ context_window = 200000
 provider = "claude"
 model = "claude-helper"
 system_prompt = "You help."
+
+[providers.thinking]
+kind = "anthropic"
+base_url = "{base_url}"
+api_key = "test"
+max_retries = 0
+max_tokens = 2000
+thinking_budget = 1024
+
+[agents.thinker]
+provider = "thinking"
+model = "claude-test"
+system_prompt = "You are terse."
+tools = ["set_title", "ask_user"]
+context_window = 200000
 """
 
 
@@ -84,10 +102,10 @@ async def test_an_answer_streams_thinking_and_text_and_stores_the_text(fake, dae
     blocks = [thinking_block(0, ["Hmm", ", easy."]), text_block(1, ["Hello", " there"])]
     fake.script(Stream(message_events(blocks, input_tokens=30, output_tokens=2)))
     async with connect(daemon.socket_path) as c:
-        async with c.stream("assistant", "hi") as events:
+        async with c.stream("thinker", "hi") as events:
             got = await events.collect()
-        history = await c.history("assistant")
-    assert isinstance(got[0], Start) and got[0].agent == "assistant"
+        history = await c.history("thinker")
+    assert isinstance(got[0], Start) and got[0].agent == "thinker"
     assert [e.delta for e in got if isinstance(e, ThinkingDelta)] == ["Hmm", ", easy."]
     assert [e.delta for e in got if isinstance(e, TextDelta)] == ["Hello", " there"]
     (usage,) = [e for e in got if isinstance(e, Usage)]
@@ -101,7 +119,8 @@ async def test_an_answer_streams_thinking_and_text_and_stores_the_text(fake, dae
     (sent,) = fake.requests
     assert sent.path == "/v1/messages"
     body = sent.body
-    assert body["model"] == "claude-test" and body["max_tokens"] == 1000 and body["stream"]
+    assert body["model"] == "claude-test" and body["max_tokens"] == 2000 and body["stream"]
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
     assert body["system"] == "You are terse."
     assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     assert [t["name"] for t in body["tools"]] == ["set_title", "ask_user"], "exactly the whitelist"
@@ -132,6 +151,8 @@ async def test_the_tool_loop_with_fragmented_input_and_tool_errors(fake, daemon)
     assert not results["toolu_title"].is_error and results["toolu_read"].is_error
     assert [e.title for e in got if isinstance(e, Title)] == ["Trip to Lisbon"]
     assert text_of(got) == "Setting it.Done." and got[-1].status == "done"
+    assert not any(isinstance(e, ThinkingDelta) for e in got)
+    assert not any("thinking" in body for body in fake.bodies), "not configured: not asked"
     assert [(e.role, e.tool_call_id) for e in history.entries] == [
         ("user", None),
         ("assistant", None),
@@ -164,6 +185,128 @@ async def test_the_tool_loop_with_fragmented_input_and_tool_errors(fake, daemon)
     ]
     assert "not available" in results_message["content"][1]["content"]
     assert [t["name"] for t in second["tools"]] == ["set_title", "ask_user"]
+
+
+THOUGHT = "The user wants a title; set it, then say so."
+
+
+async def test_a_tool_loop_with_thinking_sends_each_step_s_thinking_back(fake, daemon):
+    first_step = message_events(
+        [
+            thinking_block(0, ["The user wants a title;", " set it, then say so."]),
+            redacted_thinking_block(1, "ZW5jcnlwdGVkIHRoaW5raW5n"),
+            text_block(2, ["Naming it."]),
+            tool_block(3, "toolu_title", "set_title", ['{"title": ', '"Lisbon"}']),
+        ],
+        stop_reason="tool_use",
+    )
+    fake.script(
+        Stream(first_step),
+        Stream(message_events([thinking_block(0, ["Done; tell them."]), text_block(1, ["Done."])])),
+        text_stream("You are welcome."),
+    )
+    async with connect(daemon.socket_path) as c:
+        async with c.stream("thinker", "name this chat") as events:
+            got = await events.collect()
+        async with c.stream("thinker", "thanks") as events:
+            later = await events.collect()
+        history = await c.history("thinker")
+    assert got[-1].status == "done" and later[-1].status == "done"
+    assert [e.delta for e in got if isinstance(e, ThinkingDelta)] == [
+        "The user wants a title;",
+        " set it, then say so.",
+        "Done; tell them.",
+    ]
+    assert [e.title for e in got if isinstance(e, Title)] == ["Lisbon"]
+    assert text_of(got) == "Naming it.Done."
+    # Thinking is streamed, never stored.
+    assert [(e.role, e.content) for e in history.entries] == [
+        ("user", "name this chat"),
+        ("assistant", "Naming it."),
+        ("tool", "Title set to 'Lisbon'."),
+        ("assistant", "Done."),
+        ("user", "thanks"),
+        ("assistant", "You are welcome."),
+    ]
+
+    first, second, third = fake.bodies
+    assert all(b["thinking"] == {"type": "enabled", "budget_tokens": 1024} for b in fake.bodies)
+    assert first["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "name this chat"}]}
+    ]
+    step = {
+        "role": "assistant",
+        "content": [
+            # the step's thinking first, as it came: the text whole, with its signature
+            {"type": "thinking", "thinking": THOUGHT, "signature": sign(THOUGHT)},
+            {"type": "redacted_thinking", "data": "ZW5jcnlwdGVkIHRoaW5raW5n"},
+            {"type": "text", "text": "Naming it."},
+            {
+                "type": "tool_use",
+                "id": "toolu_title",
+                "name": "set_title",
+                "input": {"title": "Lisbon"},
+            },
+        ],
+    }
+    assert second["messages"][1] == step
+    assert [b["type"] for b in second["messages"][2]["content"]] == ["tool_result"]
+    # The next turn still carries the step (the final answer's thinking is not needed).
+    assert third["messages"][1] == step
+    assert third["messages"][3] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "Done."}],
+    }
+
+
+async def test_a_tool_loop_cut_short_goes_on_with_its_thinking_or_after_a_restart_without(
+    fake, daemon
+):
+    """A run killed after its tool step: the next turn goes on with that step's loop.
+
+    In the same daemon the step's thinking is still at hand and is sent back; after
+    a restart it is gone (it is never stored), and that one request goes without
+    thinking, which the API accepts, instead of failing every turn after it.
+    """
+    slow = Stream(message_events([text_block(0, [f" w{i}" for i in range(200)])]), delay_s=0.05)
+
+    async def cut_short(c, sender: str, call_id: str) -> None:
+        fake.script(
+            tool_stream((call_id, "set_title", ['{"title": "T"}']), thinking=f"Title {sender}."),
+            slow,
+        )
+        async with c.stream("thinker", "title it", sender=sender) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):  # the step after the tool call is streaming
+                    await c.kill("thinker", sender=sender)
+                    break
+            rest = await events.collect()
+        assert rest[-1].status == "killed"
+
+    async with connect(daemon.socket_path) as c:
+        await cut_short(c, "a", "toolu_a")
+        await cut_short(c, "b", "toolu_b")
+        async with c.stream("thinker", "go on", sender="a") as events:
+            assert (await events.collect())[-1].status == "done"
+    went_on = fake.bodies[-1]
+    assert went_on["thinking"]["type"] == "enabled"
+    assert went_on["messages"][1]["content"][0] == {
+        "type": "thinking",
+        "thinking": "Title a.",
+        "signature": sign("Title a."),
+    }
+
+    await trio.to_thread.run_sync(daemon.restart)
+    async with connect(daemon.socket_path) as c:
+        async with c.stream("thinker", "go on", sender="b") as events:
+            assert (await events.collect())[-1].status == "done"
+        after_restart = fake.bodies[-1]
+        async with c.stream("thinker", "and now?", sender="b") as events:
+            assert (await events.collect())[-1].status == "done"
+    assert "thinking" not in after_restart
+    assert [b["type"] for b in after_restart["messages"][1]["content"]] == ["tool_use"]
+    assert [b["type"] for b in after_restart["messages"][2]["content"]] == ["tool_result", "text"]
+    assert fake.bodies[-1]["thinking"]["type"] == "enabled", "the loop is over: thinking again"
 
 
 async def test_a_guest_turn_carries_no_tools_and_its_calls_are_ignored(fake, daemon):
