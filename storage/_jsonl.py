@@ -663,6 +663,7 @@ class JsonlStorage:
         item = conv.item
         written = await trio.to_thread.run_sync(
             _write_group,
+            f"({item.agent}, {item.sender}) in {path}",
             path,
             group,
             conv.size,
@@ -1405,6 +1406,7 @@ def _encode_group(group: list[_PendingAppend], last_seq: int) -> tuple[bytes, in
 
 
 def _write_group(
+    what: str,
     path: Path,
     group: list[_PendingAppend],
     size: int,
@@ -1415,7 +1417,8 @@ def _write_group(
 ) -> _Written:
     """Append ``group``'s lines to ``path`` in one write, then fsync. Worker thread.
 
-    Sets each pending append's ``result`` or ``error``; no ``OSError`` escapes.
+    Sets each pending append's ``result`` or ``error``, naming the conversation
+    as ``what`` says; no ``OSError`` escapes.
     """
     data, new_last_seq = _encode_group(group, last_seq)
     good = [pending for pending in group if pending.error is None]
@@ -1431,7 +1434,7 @@ def _write_group(
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        fail(f"Appending to {path} failed: {exc}.", exc)
+        fail(f"Appending to {what} failed: {exc}.", exc)
         return _Written(None, exists, dirty, None)
     try:
         on_disk = os.fstat(fd).st_size
@@ -1455,11 +1458,11 @@ def _write_group(
                 dirty = True  # the next append truncates first
             else:
                 dirty = False
-            fail(f"Appending to {path} failed: {exc}.", exc)
+            fail(f"Appending to {what} failed: {exc}.", exc)
             return _Written(None, exists, dirty, None)
         new_stat = _stat_of(os.fstat(fd))
     except OSError as exc:  # fstat, ftruncate, the re-read
-        fail(f"Appending to {path} failed: {exc}.", exc)
+        fail(f"Appending to {what} failed: {exc}.", exc)
         return _Written(None, exists, True, None)
     except StorageError as exc:  # the re-read found corruption
         fail(str(exc), exc)

@@ -764,8 +764,25 @@ FAILURES["postgres", "commit"] = (  # a deferred constraint trigger raises at CO
 )
 
 
-def _ddl(url: str, statements: list[str]) -> None:
-    """Run ``statements`` on the store at ``url`` through a connection of our own."""
+# jsonl has no SQL to fail with: tests/crash/faults/sitecustomize.py, loaded by the
+# daemon, fails its writes (as a full disk) or its fsyncs (a dying disk) while the
+# file $CHINWAG_TEST_FAULTS names says so.
+FAULTS_DIR = Path(__file__).parent / "faults"
+FAILURES["jsonl", "insert"] = (["write"], [], "injected failure")
+FAILURES["jsonl", "commit"] = (["sync"], [], "injected failure")
+
+
+def _ddl(url: str, statements: list[str], faults: Path) -> None:
+    """Run ``statements`` on the store at ``url`` through a connection of our own.
+
+    For jsonl, write the fault they name to ``faults``, or with none clear it.
+    """
+    if url.startswith("jsonl:"):
+        if statements:
+            faults.write_text(statements[0])
+        else:
+            faults.unlink()
+        return
     if url.startswith("sqlite:"):
         conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None, timeout=10)
         try:
@@ -785,12 +802,21 @@ async def _run(c: Client, content: str, sender: str) -> list[Any]:
 
 
 @pytest.mark.parametrize("when", ["insert", "commit"])
-@pytest.mark.parametrize("storage_url", ["sqlite", "postgres"], indirect=True)
+@pytest.mark.parametrize("storage_url", ["sqlite", "postgres", "jsonl"], indirect=True)
 async def test_a_failed_append_ends_the_run_500_and_the_daemon_serves_on(
-    daemon_factory: Any, storage_url: str, when: str
+    daemon_factory: Any,
+    storage_url: str,
+    when: str,
+    short_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    backend = "sqlite" if storage_url.startswith("sqlite:") else "postgres"
+    backend = storage_url.partition(":")[0].replace("postgresql", "postgres")
     setup, teardown, cause = FAILURES[backend, when]
+    faults = short_tmp / "faults"
+    if backend == "jsonl":  # the daemon's environment, copied when it starts
+        path = os.pathsep.join(filter(None, [str(FAULTS_DIR), os.environ.get("PYTHONPATH")]))
+        monkeypatch.setenv("PYTHONPATH", path)
+        monkeypatch.setenv("CHINWAG_TEST_FAULTS", str(faults))
     daemon = daemon_factory(config=CONFIG, storage_url=storage_url, name="fail")
     async with connect(daemon.socket_path) as c, connect(daemon.socket_path) as answerer:
         assert (await _run(c, "before the failure", "other"))[-1].status == "done"
@@ -802,7 +828,7 @@ async def test_a_failed_append_ends_the_run_500_and_the_daemon_serves_on(
             ask = await anext(events)
             while not isinstance(ask, AskUser):
                 ask = await anext(events)
-            await trio.to_thread.run_sync(_ddl, storage_url, setup)
+            await trio.to_thread.run_sync(_ddl, storage_url, setup, faults)
             await answerer.reply_to_ask(AGENT, "this one", sender="victim", ask_id=ask.ask_id)
             rest = await events.collect()
         end = rest[-1]
@@ -829,7 +855,7 @@ async def test_a_failed_append_ends_the_run_500_and_the_daemon_serves_on(
         ]
 
         # Once the storage is healthy again, runs work on both, seqs carry on.
-        await trio.to_thread.run_sync(_ddl, storage_url, teardown)
+        await trio.to_thread.run_sync(_ddl, storage_url, teardown, faults)
         for sender in ("victim", "other"):
             healthy = await _run(c, "/title healthy again", sender)
             assert healthy[-1].status == "done", healthy
