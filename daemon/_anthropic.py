@@ -115,9 +115,7 @@ class AnthropicProvider:
         try:
             return [model.id async for model in client.models.list(limit=1000)]
         except anthropic.APITimeoutError as exc:
-            raise ProviderError(
-                f"The Anthropic API did not answer within {timeout:g} s.", code=504
-            ) from exc
+            raise ProviderError(f"The Anthropic API did not answer within {timeout:g} s.") from exc
         except anthropic.APIStatusError as exc:
             raise ProviderError(_provider_error(exc).message, status=exc.status_code) from exc
         except Exception as exc:
