@@ -509,6 +509,7 @@ class Runtime:
     ) -> Run:
         """Queue a run and attach ``sink`` to it; synchronous, so runs keep arrival order.
 
+        ``cwd`` must have passed ``cwd_problem`` (a delegate's is its caller's).
         ``chain`` names the agents whose `delegate` calls led here, outermost first.
         """
         if not self.accepting:
@@ -520,8 +521,6 @@ class Runtime:
             if guest == agent:
                 raise RequestError(400, "A guest must be an agent other than the primary.")
             speaker = self.agent(guest)
-        if cwd is not None and (problem := workdir_problem(cwd, self.config.daemon.roots)):
-            raise RequestError(400, problem)
         conv = self._conversation(agent, sender)
         if queue == "reject" and conv.busy:
             raise RequestError(409, "The conversation is busy with another run; retry later.")
@@ -529,6 +528,13 @@ class Runtime:
         run.add_sink(sink)
         self._enqueue(run)
         return run
+
+    async def cwd_problem(self, cwd: str) -> str | None:
+        """Why a stream's ``cwd`` cannot be its working directory, or None when it can.
+
+        The file system is asked in a worker thread, off the loop.
+        """
+        return await trio.to_thread.run_sync(workdir_problem, cwd, self.config.daemon.roots)
 
     def compact(self, agent: str, sender: str, instructions: str | None) -> Run:
         """Queue a compaction behind the runs before it; synchronous, so it keeps arrival order.

@@ -368,6 +368,16 @@ class Connection:
                             self.linger = True
                             return
                         continue
+                    # A stream's cwd is checked in a thread; the frames after it wait
+                    # for the answer, so this connection's requests keep their order.
+                    if (
+                        isinstance(msg, Stream)
+                        and msg.cwd is not None
+                        and self.greeted
+                        and (problem := await self.runtime.cwd_problem(msg.cwd))
+                    ):
+                        self.send(Error(id=msg.id, code=400, message=problem))
+                        continue
                     self._dispatch(msg, nursery)
                     if self.closed:
                         return
