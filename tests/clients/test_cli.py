@@ -322,15 +322,21 @@ def _stop_pid(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def test_send_starts_a_daemon_when_none_listens(short_tmp: Path, isolated_env) -> None:
-    socket_path = short_tmp / "run" / "chinwag.sock"
-    result = chinwag(socket_path, "send", "assistant", "wake up", env=isolated_env)
+def _started(result: subprocess.CompletedProcess[str]) -> re.Match[str]:
+    """The line saying a daemon was started: its pid is group 1, its log group 2."""
     match = re.search(
         r"^chinwag: started a daemon in the background \(pid (\d+), log (.+)\)$",
         result.stderr,
         re.MULTILINE,
     )
     assert match, result.stderr
+    return match
+
+
+def test_send_starts_a_daemon_when_none_listens(short_tmp: Path, isolated_env) -> None:
+    socket_path = short_tmp / "run" / "chinwag.sock"
+    result = chinwag(socket_path, "send", "assistant", "wake up", env=isolated_env)
+    match = _started(result)
     pid = int(match.group(1))
     try:
         assert result.returncode == 0, result.stderr
@@ -354,12 +360,7 @@ def test_chat_starts_a_daemon_when_none_listens(short_tmp: Path, isolated_env) -
     result = chinwag(
         socket_path, "chat", "--plain", "assistant", input="wake up\n", env=isolated_env
     )
-    match = re.search(
-        r"^chinwag: started a daemon in the background \(pid (\d+), log (.+)\)$",
-        result.stderr,
-        re.MULTILINE,
-    )
-    assert match, result.stderr
+    match = _started(result)
     pid = int(match.group(1))
     try:
         # The pid is the daemon on our socket, so stopping it stops nothing else.
