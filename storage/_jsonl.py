@@ -104,6 +104,9 @@ _META_SUFFIX = ".meta.json"
 _HISTORY_SUFFIX = ".jsonl"
 _TMP_SUFFIX = ".tmp"
 _THREADS = 16  # worker threads doing file I/O at once
+# notes.jsonl is rewritten with only the latest of each note when it loads with more
+# lines than this and than twice its notes (put_note appends; a name can recur).
+_NOTES_REWRITE_LINES = 256
 _LOAD_CHUNK = 256  # conversations read per worker-thread call when opening or indexing
 _TAIL_READ = 8192  # bytes read from the end of a history file to find its last line
 _MORE = b',"more":true}'  # how a line that is not its append's last one ends
@@ -384,7 +387,24 @@ class _Notes:
             _truncate(self.path, good)
             end = good
         self.notes, self.size, self.exists = notes, end, True
+        if len(lines) > max(_NOTES_REWRITE_LINES, 2 * len(notes)):
+            self._rewrite(len(lines))
         return notes
+
+    def _rewrite(self, lines: int) -> None:
+        """Replace the file with one line per note, dropping the lines later ones replaced.
+
+        Only to keep loading quick: a failure is logged and the file left as it is.
+        """
+        assert self.notes is not None
+        data = b"".join(_encoder.encode(note) + b"\n" for note in self.notes.values())
+        try:
+            _replace_atomically(self.path, data)
+        except OSError as exc:
+            _log().warning("notes_not_compacted", file=str(self.path), error=str(exc))
+            return
+        self.size = len(data)
+        _log().info("notes_compacted", file=str(self.path), lines=lines, notes=len(self.notes))
 
     def append(self, note: _Note) -> None:
         """Append ``note``'s line and fsync; on failure cut the file back. Loaded first."""

@@ -611,6 +611,23 @@ async def note_hits(url: str, query: str, agent: str = AGENT) -> list[tuple[str,
         return [(hit.name, hit.snippet) for hit in await store.search_memory(agent, query)]
 
 
+async def test_notes_rewritten_many_times_load_as_one_line_each(url: str, root: Path) -> None:
+    async with open_store(url) as store:
+        for n in range(300):
+            await store.put_note(AGENT, "counter", f"count {n}", updated_at=T0)
+        await store.put_note(AGENT, "pet", "a cat", updated_at=T0)
+    assert len(lines_of(notes_file(root))) == 301
+    assert await note_hits(url, "count") == [("counter", "counter [count] 299")]  # rewritten
+    assert [(line["name"], line["content"]) for line in lines_of(notes_file(root))] == [
+        ("counter", "count 299"),
+        ("pet", "a cat"),
+    ]
+    async with open_store(url) as store:  # and appends go on after the rewrite
+        await store.put_note(AGENT, "pet", "a dog", updated_at=T0)
+    assert await note_hits(url, "dog") == [("pet", "pet a [dog]")]
+    assert len(lines_of(notes_file(root))) == 3
+
+
 async def test_a_compaction_is_one_line_that_carries_its_archive(url: str, root: Path) -> None:
     archive = Archive(
         name="archive-1-3",
