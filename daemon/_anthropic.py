@@ -13,12 +13,14 @@ request without tools (a guest's turn) carries the history's calls and results
 as text instead, because the API refuses tool blocks in a request that defines
 no tools.
 
-Extended thinking is asked for when the provider sets ``thinking_budget``. The
-API then wants each tool-loop step sent back with its thinking blocks unchanged,
+Thinking is asked for when the provider sets ``thinking = "adaptive"`` (the
+model decides; current models) or ``thinking_budget`` (extended thinking with a
+fixed budget; older models), and ``effort`` goes out as ``output_config``. The
+API wants each tool-loop step sent back with its thinking blocks unchanged,
 signatures and all: the assembly hands them out as ``ProviderBlockChunk``s, the
 runtime keeps them with the step's message (``ModelMessage.provider_blocks``),
 and they lead that message's blocks in the next request, where the API puts
-them (this provider does not ask for interleaved thinking).
+them.
 """
 
 from __future__ import annotations
@@ -85,7 +87,12 @@ class AnthropicProvider:
 
     def __init__(self, config: ProviderConfig) -> None:
         self._max_tokens = config.max_tokens
-        self._thinking_budget = config.thinking_budget
+        self._thinking: dict[str, Any] | None = None
+        if config.thinking is not None:
+            self._thinking = {"type": config.thinking}
+        elif config.thinking_budget is not None:
+            self._thinking = {"type": "enabled", "budget_tokens": config.thinking_budget}
+        self._effort = config.effort
         self._timeout_s = config.timeout_s
         # With no key configured the SDK falls back on ANTHROPIC_API_KEY and its other sources.
         self._client = anthropic.AsyncAnthropic(
@@ -137,18 +144,21 @@ class AnthropicProvider:
             params["system"] = system
         if tools:
             params["tools"] = tools
-        if self._thinking_budget is not None:
-            if _unthought_tool_loop(messages):
-                # A step stored without its thinking blocks (a restart, or thinking
-                # switched on since) cannot go on with thinking: the API would refuse
-                # every request of the conversation. It says to disable thinking.
+        # In the body, not as the SDK's arguments, which older SDKs lack.
+        body: dict[str, Any] = {}
+        if self._thinking is not None:
+            if self._thinking["type"] == "enabled" and _unthought_tool_loop(messages):
+                # With a fixed budget the model always thinks, and the API refuses to
+                # go on with a step stored without its thinking blocks (a restart, or
+                # thinking switched on since): it says to disable thinking. Adaptive
+                # thinking may skip a step's thinking, so there it is never required.
                 log.info("thinking_skipped", reason="tool loop step without its thinking blocks")
             else:
-                # In the body, not as the SDK's `thinking` argument, which SDKs before
-                # 0.47 lack (pyproject allows 0.34).
-                params["extra_body"] = {
-                    "thinking": {"type": "enabled", "budget_tokens": self._thinking_budget}
-                }
+                body["thinking"] = self._thinking
+        if self._effort is not None:
+            body["output_config"] = {"effort": self._effort}
+        if body:
+            params["extra_body"] = body
         try:
             events = await self._client.messages.create(
                 model=request.model,

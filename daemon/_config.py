@@ -67,9 +67,15 @@ class ProviderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout_s: float = 600.0  # the longest wait for the provider's next byte
     max_retries: int = 2
     max_tokens: int = 4096  # the longest answer asked for, where the API needs a bound
-    # anthropic only: extended thinking, with this many tokens of it at most per
-    # step (they count against max_tokens); None (the default) asks for none.
+    # anthropic only. Thinking: "adaptive" lets the model decide when and how much
+    # to think (current models); thinking_budget asks for extended thinking of at
+    # most this many tokens a step, counted in max_tokens (older models, and the
+    # only way they think). Neither set (the default): no thinking is asked for.
+    thinking: Literal["adaptive"] | None = None
     thinking_budget: int | None = None
+    # anthropic only: output_config.effort ("low", "medium", "high", "max"), how much
+    # the model spends on an answer, thinking included; unset, the API's default.
+    effort: str | None = None
 
     def resolve_api_key(self) -> str | None:
         """``api_key``, else the value of ``api_key_env``; None when neither is set."""
@@ -236,9 +242,17 @@ def _check_provider(provider: ProviderConfig, where: str) -> None:
         raise ConfigError(f"{where} max_retries must not be negative.")
     if provider.max_tokens < 1:
         raise ConfigError(f"{where} max_tokens must be at least 1.")
+    for key in ("thinking", "thinking_budget", "effort"):
+        if getattr(provider, key) is not None and provider.kind != "anthropic":
+            raise ConfigError(f'{where} sets {key}, which only kind = "anthropic" takes.')
+    if provider.thinking is not None and provider.thinking_budget is not None:
+        raise ConfigError(
+            f'{where} sets both thinking = "{provider.thinking}" and thinking_budget; keep'
+            " thinking for a model that thinks adaptively, thinking_budget for one that does not."
+        )
+    if provider.effort is not None and not provider.effort.strip():
+        raise ConfigError(f'{where} effort is empty; give a level, such as "medium", or none.')
     if (budget := provider.thinking_budget) is not None:
-        if provider.kind != "anthropic":
-            raise ConfigError(f'{where} sets thinking_budget, which only kind = "anthropic" takes.')
         if budget < MIN_THINKING_BUDGET:
             raise ConfigError(
                 f"{where} thinking_budget must be at least {MIN_THINKING_BUDGET} "

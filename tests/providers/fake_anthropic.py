@@ -12,13 +12,15 @@ streams: `text_stream`, `tool_stream`, and `message_events` for anything else.
 
 Extended thinking as the real API has it: a scripted stream's thinking blocks
 (`thinking_block`, `redacted_thinking_block`) are sent only to a request that
-enables `thinking`, and are cut from the stream otherwise. A thinking request is
-checked first, and refused with a 400 the way the API refuses it (the script
-is then left as it was): `budget_tokens` under 1024 or not under `max_tokens`;
-a thinking block whose signature is not the one the fake gave its text
-(`signature`); and a request that goes on with a tool loop (its last user
-message holds tool_results) whose last assistant message does not begin with
-the very thinking blocks the fake sent with that step's tool_use blocks.
+enables `thinking` (`enabled` with a budget, or `adaptive`), and are cut from
+the stream otherwise. A thinking request is checked first, and refused with a
+400 the way the API refuses it (the script is then left as it was): a thinking
+block whose signature is not the one the fake gave its text (`signature`); and,
+with `enabled`, `budget_tokens` under 1024 or not under `max_tokens`, and a
+request that goes on with a tool loop (its last user message holds
+tool_results) whose last assistant message does not begin with the very
+thinking blocks the fake sent with that step's tool_use blocks (`adaptive`
+thinking may skip a step, so it requires none).
 
 `GET /v1/models` is answered apart from the script, in the real paginated list
 format (`limit`, `after_id`), from `FakeAnthropic.models`, or fails with
@@ -202,7 +204,7 @@ def sign(thinking: str) -> str:
 
 def _thinking_enabled(body: dict[str, Any]) -> bool:
     thinking = body.get("thinking")
-    return isinstance(thinking, dict) and thinking.get("type") == "enabled"
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
 
 
 def _invalid(message: str) -> Status:
@@ -221,6 +223,8 @@ def thinking_refusal(
                 return _invalid(f"{where}: Invalid `signature` in `thinking` block.")
     if not _thinking_enabled(body):
         return None
+    if body["thinking"]["type"] == "adaptive":
+        return None  # the model may skip thinking in a step: nothing to require back
     budget = body["thinking"].get("budget_tokens", 0)
     if budget < 1024:
         return _invalid(

@@ -572,6 +572,36 @@ def fake_refusal(body: dict, fake: FakeAnthropic) -> Status | None:
 # --- configuration ---------------------------------------------------------------------
 
 
+async def test_adaptive_thinking_and_effort(fake):
+    adaptive = AnthropicProvider(
+        ProviderConfig(
+            kind="anthropic",
+            base_url=fake.base_url,
+            api_key="test",
+            max_retries=0,
+            thinking="adaptive",
+            effort="medium",
+        )
+    )
+    try:
+        fake.script(
+            tool_stream(("toolu_1", "set_title", ['{"title": "T"}']), thinking="Title first."),
+            text_stream("Done."),
+            text_stream("ok"),
+        )
+        first = await collect(adaptive, user("name it"))
+        assert fake.bodies[0]["thinking"] == {"type": "adaptive"}
+        assert fake.bodies[0]["output_config"] == {"effort": "medium"}
+        (kept,) = [c.block for c in first if isinstance(c, ProviderBlockChunk)]
+        assert (await collect(adaptive, loop_request([kept])))[0] == TextChunk("Done.")
+        assert fake.bodies[1]["messages"][1]["content"][0] == kept
+        # A step without thinking (the model may skip it) goes on thinking adaptively.
+        assert (await collect(adaptive, loop_request([])))[0] == TextChunk("ok")
+        assert fake.bodies[2]["thinking"] == {"type": "adaptive"}
+    finally:
+        await adaptive.aclose()
+
+
 def load(tmp_path: Path, provider_table: str):
     path = tmp_path / "config.toml"
     path.write_text(textwrap.dedent(provider_table) + '\n[agents.a]\nprovider = "p"\nmodel = "m"\n')
@@ -583,6 +613,9 @@ def test_thinking_budget_is_off_by_default_and_read_when_set(tmp_path):
     assert load(tmp_path, table).providers["p"].thinking_budget is None
     config = load(tmp_path, table + "max_tokens = 8192\nthinking_budget = 2048\n")
     assert (config.providers["p"].thinking_budget, config.providers["p"].max_tokens) == (2048, 8192)
+    adaptive = load(tmp_path, table + 'thinking = "adaptive"\neffort = "high"\n').providers["p"]
+    assert (adaptive.thinking, adaptive.effort) == ("adaptive", "high")
+    assert adaptive.thinking_budget is None
 
 
 @pytest.mark.parametrize(
@@ -602,9 +635,23 @@ def test_thinking_budget_is_off_by_default_and_read_when_set(tmp_path):
             'thinking_budget, which only kind = "anthropic" takes',
         ),
         ('kind = "anthropic"\nthinking_budget = "lots"\n', "thinking_budget"),
+        (
+            'kind = "anthropic"\nthinking = "adaptive"\nthinking_budget = 2048\n',
+            'sets both thinking = "adaptive" and thinking_budget',
+        ),
+        ('kind = "anthropic"\nthinking = "always"\n', "thinking"),
+        ('kind = "anthropic"\neffort = " "\n', "effort is empty"),
+        (
+            'kind = "openai"\nbase_url = "http://h/v1"\neffort = "high"\n',
+            'effort, which only kind = "anthropic" takes',
+        ),
+        (
+            'kind = "openai"\nbase_url = "http://h/v1"\nthinking = "adaptive"\n',
+            'thinking, which only kind = "anthropic" takes',
+        ),
     ],
 )
-def test_bad_thinking_budgets_are_config_errors(tmp_path, table, fragment):
+def test_bad_thinking_settings_are_config_errors(tmp_path, table, fragment):
     with pytest.raises(ConfigError) as err:
         load(tmp_path, "[providers.p]\n" + table)
     assert fragment in str(err.value) and "providers" in str(err.value)
