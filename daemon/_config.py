@@ -73,8 +73,9 @@ class ProviderConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # only way they think). Neither set (the default): no thinking is asked for.
     thinking: Literal["adaptive"] | None = None
     thinking_budget: int | None = None
-    # anthropic only: output_config.effort ("low", "medium", "high", "max"), how much
-    # the model spends on an answer, thinking included; unset, the API's default.
+    # How much a reasoning model spends on an answer, thinking included: anthropic's
+    # output_config.effort ("low", "medium", "high", "max"), openai's reasoning_effort
+    # ("minimal", "low", "medium", "high"). Unset, the API's default.
     effort: str | None = None
 
     def resolve_api_key(self) -> str | None:
@@ -242,7 +243,7 @@ def _check_provider(provider: ProviderConfig, where: str) -> None:
         raise ConfigError(f"{where} max_retries must not be negative.")
     if provider.max_tokens < 1:
         raise ConfigError(f"{where} max_tokens must be at least 1.")
-    for key in ("thinking", "thinking_budget", "effort"):
+    for key in ("thinking", "thinking_budget"):
         if getattr(provider, key) is not None and provider.kind != "anthropic":
             raise ConfigError(f'{where} sets {key}, which only kind = "anthropic" takes.')
     if provider.thinking is not None and provider.thinking_budget is not None:
@@ -250,6 +251,8 @@ def _check_provider(provider: ProviderConfig, where: str) -> None:
             f'{where} sets both thinking = "{provider.thinking}" and thinking_budget; keep'
             " thinking for a model that thinks adaptively, thinking_budget for one that does not."
         )
+    if provider.effort is not None and provider.kind == "echo":
+        raise ConfigError(f'{where} sets effort, which kind = "echo" does not take.')
     if provider.effort is not None and not provider.effort.strip():
         raise ConfigError(f'{where} effort is empty; give a level, such as "medium", or none.')
     if (budget := provider.thinking_budget) is not None:

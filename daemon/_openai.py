@@ -49,6 +49,7 @@ class OpenAIProvider:
     def __init__(self, config: ProviderConfig) -> None:
         self.base_url = config.base_url
         self.timeout_s = config.timeout_s
+        self._effort = config.effort  # a reasoning model's `reasoning_effort`, when set
         # The SDK's own timeout, not a trio cancel scope: it bounds the wait for
         # each byte, so a long answer that keeps streaming is never cut off.
         self._client = openai.AsyncOpenAI(
@@ -89,6 +90,8 @@ class OpenAIProvider:
         options: dict[str, Any] = {}
         if request.tools:  # some servers reject an empty list
             options["tools"] = [_tool(t) for t in request.tools]
+        if self._effort is not None:
+            options["reasoning_effort"] = self._effort
         body = {
             "model": request.model,
             "messages": messages,

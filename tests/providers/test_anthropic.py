@@ -641,10 +641,7 @@ def test_thinking_budget_is_off_by_default_and_read_when_set(tmp_path):
         ),
         ('kind = "anthropic"\nthinking = "always"\n', "thinking"),
         ('kind = "anthropic"\neffort = " "\n', "effort is empty"),
-        (
-            'kind = "openai"\nbase_url = "http://h/v1"\neffort = "high"\n',
-            'effort, which only kind = "anthropic" takes',
-        ),
+        ('kind = "echo"\neffort = "high"\n', 'sets effort, which kind = "echo" does not take'),
         (
             'kind = "openai"\nbase_url = "http://h/v1"\nthinking = "adaptive"\n',
             'thinking, which only kind = "anthropic" takes',

@@ -215,6 +215,19 @@ async def test_the_key_comes_from_the_named_variable(fake, monkeypatch):
     assert fake.requests[0].headers["authorization"] == "Bearer from-env"
 
 
+async def test_effort_is_sent_as_reasoning_effort_only_when_configured(fake, provider):
+    fake.script(answer("hi"), answer("hi"))
+    await chunks_of(provider)
+    assert "reasoning_effort" not in fake.bodies[0]
+    config = ProviderConfig(kind="openai", base_url=fake.base_url, max_retries=0, effort="high")
+    reasoner = OpenAIProvider(config)
+    try:
+        await chunks_of(reasoner)
+    finally:
+        await reasoner.aclose()
+    assert fake.bodies[1]["reasoning_effort"] == "high"
+
+
 # --- configuration ----------------------------------------------------------------------
 
 
