@@ -5,11 +5,16 @@ backend, like the client library under it). Updates, from long polling or a
 webhook, land in one queue; ``Bridge.handle`` takes each in order and starts
 a task for it (a turn, a command, a button press), so that nothing one chat
 waits for holds up another.
+
+A message for the agent is written to the spool (``_spool.py``) as it enters
+the queue, before Telegram is told it was received, and stays there until the
+daemon has it; on start, the bridge first sends what the spool holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ from typing import NamedTuple, TypeVarTuple
 import anyio
 import anyio.abc
 import structlog
+from chinwag.protocol import Start
 from telegram import Bot, CallbackQuery, Message, Update
 from telegram.constants import ChatType
 from telegram.error import TelegramError
@@ -28,6 +34,7 @@ from .._client import ChinwagError, Client
 from ._chat import Chat
 from ._link import Backoff, DaemonLink
 from ._outbox import Outbox
+from ._spool import Spool, Spooled
 from ._turn import Turn
 from ._webhook import Webhook, serve_webhook
 
@@ -60,6 +67,8 @@ class BridgeConfig:
     token: str
     agent: str
     socket_path: Path
+    #: Where the spool is kept: one file per bot, `spool-<bot id>.jsonl`.
+    state_dir: Path
     api_url: str = TELEGRAM_API_URL
     #: Telegram user ids that may talk to the agent; nobody else can.
     allowed_users: frozenset[int] = frozenset()
@@ -99,57 +108,54 @@ async def run_bridge(
     """Run the bridge until cancelled (on asyncio).
 
     Reports started once updates flow in, with the webhook server's port (or
-    None when long polling). A token Telegram refuses raises ``InvalidToken``.
+    None when long polling); the messages the spool held are on their way by
+    then. A token Telegram refuses raises ``InvalidToken``, a spool that does
+    not parse ``SpoolCorrupt``.
     """
     api = config.api_url.rstrip("/")
     bot = Bot(config.token, base_url=f"{api}/bot", base_file_url=f"{api}/file/bot")
-    updates: asyncio.Queue[object] = asyncio.Queue()
     link = DaemonLink(config.socket_path, Backoff(ceiling=config.reconnect_ceiling_s))
-    async with bot, anyio.create_task_group() as tasks:
-        tasks.start_soon(link.run)
-        bridge = Bridge(config, bot, link, tasks)
-        if not config.allowed_users:
-            log.warning(
-                "telegram_nobody_allowed",
-                hint="every message is refused: pass --allow USER_ID (repeatable) or set "
-                "CHINWAG_TELEGRAM_ALLOW; a refused user is told their id",
-            )
-        log.info(
-            "telegram_bridge_started",
-            bot=bot.username,
-            agent=config.agent,
-            updates="webhook" if config.webhook else "long polling",
-        )
-        if config.webhook is not None:
-            port = await tasks.start(serve_webhook, bot, updates, config.webhook, ALLOWED_UPDATES)
-            task_status.started(port)
-            await bridge.dispatch(updates)
-        else:
-            async with Updater(bot, updates) as updater:
-                await updater.start_polling(
-                    timeout=dt.timedelta(seconds=config.poll_timeout_s),
-                    allowed_updates=ALLOWED_UPDATES,
-                )
-                try:
-                    task_status.started(None)
-                    await bridge.dispatch(updates)
-                finally:
-                    # Stopping confirms the updates taken, so that a restart
-                    # does not take them again; bounded, for an unreachable API.
-                    with anyio.move_on_after(STOP_TIMEOUT_S, shield=True):
-                        await updater.stop()
+    async with bot:
+        path = config.state_dir / f"spool-{bot.id}.jsonl"
+        spool = await anyio.to_thread.run_sync(Spool.open, path)
+        # Closed once every task has ended, their writes with them.
+        with contextlib.closing(spool):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(link.run)
+                await Bridge(config, bot, link, tasks, spool).serve(task_status)
+
+
+class Inbox(asyncio.Queue[object]):
+    """The queue updates arrive in. A message for the agent is spooled on its way in:
+    the Updater confirms an update to Telegram (by its next getUpdates) only once
+    ``put`` returns, and the webhook answers Telegram's post only then."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        super().__init__()
+        self._bridge = bridge
+
+    async def put(self, item: object) -> None:
+        if isinstance(item, Update) and not await self._bridge.take(item):
+            return
+        await super().put(item)
 
 
 class Bridge:
     """Routes each update to its chat: a turn for the agent, a command, a button press."""
 
     def __init__(
-        self, config: BridgeConfig, bot: Bot, link: DaemonLink, tasks: anyio.abc.TaskGroup
+        self,
+        config: BridgeConfig,
+        bot: Bot,
+        link: DaemonLink,
+        tasks: anyio.abc.TaskGroup,
+        spool: Spool,
     ) -> None:
         self._config = config
         self._bot = bot
         self._link = link
         self._tasks = tasks
+        self._spool = spool
         self._outboxes: dict[int, Outbox] = {}
         self._chats: dict[tuple[int, int | None], Chat] = {}
         self._commands: dict[str, Callable[[Chat, str], Awaitable[None]]] = {
@@ -159,8 +165,47 @@ class Bridge:
             "compact": self._compact,
             "title": self._title,
             "history": self._history,
-            "guest": self._guest,
         }
+
+    async def serve(self, task_status: anyio.abc.TaskStatus[int | None]) -> None:
+        """Start what the spool holds, then take updates (by webhook or long polling)
+        and handle them until cancelled."""
+        config = self._config
+        if not config.allowed_users:
+            log.warning(
+                "telegram_nobody_allowed",
+                hint="every message is refused: pass --allow USER_ID (repeatable) or set "
+                "CHINWAG_TELEGRAM_ALLOW; a refused user is told their id",
+            )
+        log.info(
+            "telegram_bridge_started",
+            bot=self._bot.username,
+            agent=config.agent,
+            updates="webhook" if config.webhook else "long polling",
+        )
+        self.replay()  # before any new update, so that each chat keeps its order
+        updates = Inbox(self)
+        if config.webhook is not None:
+            port = await self._tasks.start(
+                serve_webhook, self._bot, updates, config.webhook, ALLOWED_UPDATES
+            )
+            task_status.started(port)
+            await self.dispatch(updates)
+        else:
+            async with Updater(self._bot, updates) as updater:
+                await updater.start_polling(
+                    timeout=dt.timedelta(seconds=config.poll_timeout_s),
+                    allowed_updates=ALLOWED_UPDATES,
+                )
+                try:
+                    task_status.started(None)
+                    await self.dispatch(updates)
+                finally:
+                    # Stopping confirms the updates taken, so that a restart does
+                    # not take them again (the spool keeps those the daemon does
+                    # not have yet); bounded, for an unreachable API.
+                    with anyio.move_on_after(STOP_TIMEOUT_S, shield=True):
+                        await updater.stop()
 
     async def dispatch(self, updates: asyncio.Queue[object]) -> None:
         """Handle updates from ``updates`` in order, forever."""
@@ -168,6 +213,108 @@ class Bridge:
             update = await updates.get()
             if isinstance(update, Update):
                 self.handle(update)
+
+    # --- the spool ----------------------------------------------------------------
+
+    async def take(self, update: Update) -> bool:
+        """Spool the message ``update`` brings for the agent, if any; False for an
+        update taken before (Telegram sends one again when a crash lost its
+        confirmation), whose message the spool has or the daemon had."""
+        if self._spool.knows(update.update_id):
+            log.info("telegram_update_repeated", update_id=update.update_id)
+            return False
+        message = self.for_agent(update)
+        if message is not None:
+            await self._spool.add(message)
+        return True
+
+    def for_agent(self, update: Update) -> Spooled | None:
+        """The message ``update`` brings for the agent (a turn, or a question's answer)."""
+        message = update.message
+        if message is None or message.from_user is None or message.text is None:
+            return None
+        if message.from_user.id not in self._config.allowed_users:
+            return None
+        text, guest = message.text, None
+        command = parse_command(text, self._bot.username)
+        if command is not None:
+            if not command.ours or command.name in self._commands:
+                return None
+            if command.name == "guest":
+                guest, _, text = command.arguments.partition(" ")
+                text = text.strip()
+                if not guest or not text:
+                    return None
+        return Spooled(
+            update_id=update.update_id,
+            chat_id=message.chat.id,
+            thread_id=_thread_id(message),
+            text=text,
+            guest=guest,
+        )
+
+    def replay(self) -> None:
+        """Start a turn for each message the spool holds, in order, chat by chat."""
+        chats: dict[Chat, list[Spooled]] = {}
+        for message in self._spool.pending:
+            chats.setdefault(self._chat(message.chat_id, message.thread_id), []).append(message)
+        for chat, messages in chats.items():
+            log.info("telegram_spool_replayed", sender=chat.sender, messages=len(messages))
+            tickets = [chat.take_ticket() for _ in messages]
+            self._spawn(self._replay, chat, messages, tickets)
+
+    async def _replay(self, chat: Chat, messages: list[Spooled], tickets: list[int]) -> None:
+        runs = await self._delivered(chat, messages)
+        for message, ticket in zip(messages, tickets, strict=True):
+            turn = Turn(chat, self._link, self._config.agent, message, self._spool)
+            self._spawn(turn.run, ticket, runs.get(message.update_id))
+
+    async def _delivered(self, chat: Chat, messages: list[Spooled]) -> dict[int, Start]:
+        """By update id, the runs the daemon started for those of ``messages`` it
+        took from a bridge that stopped before hearing so.
+
+        Only a message whose `stream` request went out (``sent_at``) can have
+        reached the daemon. It did if the conversation holds a user entry with
+        its text stored since; messages and entries are matched in order, each
+        entry to one message at most.
+        """
+        sent = [message for message in messages if message.sent_at is not None]
+        if not sent:
+            return {}
+        retry = Backoff(first=0.2, ceiling=5.0)
+        while True:
+            client = await self._link.client()
+            try:
+                history = await client.history(self._config.agent, chat.sender)
+                break
+            except ChinwagError as exc:
+                if exc.code != 503:
+                    # 404: no conversation, so nothing reached it. Otherwise,
+                    # sending again risks a duplicate; not sending, a loss.
+                    if exc.code != 404:
+                        log.warning("telegram_spool_check_failed", error=str(exc))
+                    return {}
+                await anyio.sleep(retry.next())
+        entries = [entry for entry in history.entries if entry.role == "user" and entry.run_id]
+        runs: dict[int, Start] = {}
+        first = 0  # messages went out in order: a later one is stored after an earlier one
+        for message in sent:
+            assert message.sent_at is not None
+            for index in range(first, len(entries)):
+                entry = entries[index]
+                stored = entry.created_at
+                if entry.content == message.text and stored and stored >= message.sent_at:
+                    assert entry.run_id is not None
+                    speaker = message.guest or self._config.agent
+                    runs[message.update_id] = Start(
+                        run_id=entry.run_id, agent=speaker, seq=entry.seq
+                    )
+                    log.info("telegram_spool_already_delivered", update_id=message.update_id)
+                    first = index + 1
+                    break
+        return runs
+
+    # --- updates ------------------------------------------------------------------
 
     def handle(self, update: Update) -> None:
         """Start what ``update`` asks for; returns at once."""
@@ -180,21 +327,24 @@ class Bridge:
         if message.from_user.id not in self._config.allowed_users:
             self._spawn(self._refuse, message)
             return
-        thread_id = message.message_thread_id if message.is_topic_message else None
-        chat = self._chat(message.chat.id, thread_id)
-        text = message.text
-        if text is None:
+        chat = self._chat(message.chat.id, _thread_id(message))
+        spooled = self.for_agent(update)
+        if spooled is not None:
+            if chat.asking and spooled.guest is None:
+                self._spawn(self._answer, chat, spooled)
+            else:
+                self._start_turn(chat, spooled)
+            return
+        if message.text is None:
             self._spawn(chat.say, "I only read text messages.")
             return
-        command = parse_command(text, self._bot.username)
-        if command is not None and not command.ours:
-            return
-        if command is not None and command.name in self._commands:
-            self._spawn(self._commands[command.name], chat, command.arguments)
-        elif chat.asking:
-            self._spawn(self._answer, chat, text)
+        command = parse_command(message.text, self._bot.username)
+        if command is None or not command.ours:
+            return  # a command for another bot
+        if command.name == "guest":
+            self._spawn(chat.say, "Usage: /guest NAME your message")
         else:
-            self._start_turn(chat, text)
+            self._spawn(self._commands[command.name], chat, command.arguments)
 
     def _chat(self, chat_id: int, thread_id: int | None) -> Chat:
         chat = self._chats.get((chat_id, thread_id))
@@ -217,13 +367,18 @@ class Bridge:
         except Exception:
             log.exception("telegram_task_failed")
 
-    def _start_turn(self, chat: Chat, text: str, guest: str | None = None) -> None:
+    def _start_turn(self, chat: Chat, message: Spooled) -> None:
         ticket = chat.take_ticket()  # taken now, so that messages go out in arrival order
-        self._spawn(Turn(chat, self._link, self._config.agent, text, guest).run, ticket)
+        turn = Turn(chat, self._link, self._config.agent, message, self._spool)
+        self._spawn(turn.run, ticket)
 
-    async def _answer(self, chat: Chat, text: str) -> None:
-        if not await chat.typed(text):
-            self._start_turn(chat, text)  # the question closed meanwhile: a new message
+    async def _answer(self, chat: Chat, message: Spooled) -> None:
+        if await chat.typed(message.text):
+            # The question's run lives in the daemon alone: a stopped bridge
+            # could not give it the answer later.
+            await self._spool.done(message.update_id)
+        else:
+            self._start_turn(chat, message)  # the question closed meanwhile: a new message
 
     async def _refuse(self, message: Message) -> None:
         user = message.from_user
@@ -367,9 +522,6 @@ class Bridge:
             lines.append(f"**{who}:** {content}")
         await chat.say("\n\n".join(lines))
 
-    async def _guest(self, chat: Chat, arguments: str) -> None:
-        guest, _, text = arguments.partition(" ")
-        if not guest or not text.strip():
-            await chat.say("Usage: /guest NAME your message")
-            return
-        self._start_turn(chat, text.strip(), guest=guest)
+
+def _thread_id(message: Message) -> int | None:
+    return message.message_thread_id if message.is_topic_message else None

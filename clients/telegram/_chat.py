@@ -90,13 +90,17 @@ class Chat:
                 await served.wait()
             yield
         finally:
-            if ticket >= self._serving:
-                self._done.add(ticket)
-                while self._serving in self._done:
-                    self._done.discard(self._serving)
-                    self._serving += 1
-                self._served.set()
-                self._served = anyio.Event()
+            self.release(ticket)
+
+    def release(self, ticket: int) -> None:
+        """``ticket`` has had its turn, or needs none: the tickets after it may go."""
+        if ticket >= self._serving:
+            self._done.add(ticket)
+            while self._serving in self._done:
+                self._done.discard(self._serving)
+                self._serving += 1
+            self._served.set()
+            self._served = anyio.Event()
 
     # --- ask_user ---------------------------------------------------------------------
 

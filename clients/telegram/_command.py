@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -62,6 +63,14 @@ if TYPE_CHECKING:
     type=click.IntRange(0, 65535),
     help="With --webhook-url: the port the webhook server binds.",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="CHINWAG_TELEGRAM_STATE_DIR",
+    help="Where the bridge keeps the messages it took from Telegram until the daemon has "
+    "them [default: telegram/ in chinwag's state directory, e.g. "
+    "~/.local/state/chinwag/telegram].",
+)
 @click.pass_obj
 def command(
     settings: Settings,
@@ -72,14 +81,19 @@ def command(
     webhook_url: str | None,
     listen: str,
     port: int,
+    state_dir: Path | None,
 ) -> None:
     """Bridge Telegram chats to an agent: each chat is a conversation `tg:<chat id>`.
 
     It needs a running daemon (`chinwag serve`), and reconnects whenever the
     daemon restarts.
     """
+    import platformdirs
+    from chinwag.protocol import APP_NAME
+
     from ..cli import Failure
     from ._bridge import BridgeConfig
+    from ._spool import SpoolError
     from ._webhook import Webhook
 
     token = os.environ.get(token_env, "").strip()
@@ -89,6 +103,7 @@ def command(
         token=token,
         agent=agent,
         socket_path=settings.socket,
+        state_dir=state_dir or Path(platformdirs.user_state_dir(APP_NAME)) / "telegram",
         api_url=api_url,
         allowed_users=frozenset(allowed),
         webhook=Webhook(webhook_url, listen, port) if webhook_url else None,
@@ -99,15 +114,21 @@ def command(
     os.environ.setdefault("PTB_TIMEDELTA", "true")
     from telegram.error import InvalidToken
 
+    # except*: run_bridge runs in a task group, which wraps what it raises.
     try:
         anyio.run(_serve_until_signalled, config, backend="asyncio")
-    except InvalidToken as exc:
-        raise Failure(f"Telegram refused the token in ${token_env}: {exc.message}") from exc
+    except* InvalidToken as group:
+        refused = group.exceptions[0]
+        raise Failure(f"Telegram refused the token in ${token_env}: {refused.message}") from refused
+    except* SpoolError as group:
+        unusable = group.exceptions[0]
+        raise Failure(str(unusable)) from unusable
 
 
 async def _serve_until_signalled(config: BridgeConfig) -> None:
     """Run the bridge until SIGTERM or SIGINT, then stop it cleanly: polling
-    confirms the updates already taken, so a restart does not take them again."""
+    confirms the updates already taken, so a restart does not take them again
+    (the spool keeps the messages among them that the daemon does not have yet)."""
     import structlog
 
     from ._bridge import run_bridge

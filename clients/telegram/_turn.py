@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from datetime import UTC, datetime
 
 import anyio
 import structlog
@@ -12,6 +13,7 @@ from .._client import ChinwagError, Client, ConnectionLost, EventStream
 from ._chat import Chat
 from ._link import Backoff, DaemonLink
 from ._reply import LiveReply
+from ._spool import Spool, Spooled
 
 log = structlog.get_logger()
 
@@ -27,28 +29,43 @@ class Turn:
     those already shown are skipped) or, if it ended meanwhile, read back from
     the history. A run that had not started is sent again: a daemon that went
     away before starting it did not keep it.
+
+    The message stays in the spool until the daemon has taken it (`start` or
+    `queued`) or answered it (an `end` or an error), so that a bridge stopped
+    before then sends it on its next start.
     """
 
     def __init__(
-        self, chat: Chat, link: DaemonLink, agent: str, content: str, guest: str | None = None
+        self, chat: Chat, link: DaemonLink, agent: str, message: Spooled, spool: Spool
     ) -> None:
         self._chat = chat
         self._link = link
         self._agent = agent
-        self._content = content
-        self._guest = guest
+        self._content = message.text
+        self._guest = message.guest
+        self._update_id = message.update_id
+        self._spool = spool
         self._start: Start | None = None
         self._seen = 0  # events of the run handled so far, its `start` included
         self._before = ""  # the run's text already shown above a question it asked
         self._heading = ""
         self._asks: list[str] = []
 
-    async def run(self, ticket: int) -> None:
-        """Send the message when ``ticket`` comes up, and show the reply until the run ends."""
+    async def run(self, ticket: int, resume: Start | None = None) -> None:
+        """Send the message when ``ticket`` comes up, and show the reply until the run ends.
+
+        With ``resume``, the daemon already took the message (before the bridge
+        stopped) and started that run: it is followed, and the message not sent again.
+        """
+        if resume is not None:
+            self._chat.release(ticket)
+            self._start, self._seen = resume, 1
+            await self._spool.done(self._update_id)
         async with anyio.create_task_group() as painters:
             self._painters = painters
             self._live = self._new_reply()
             end = await self._follow(ticket)
+            await self._spool.done(self._update_id)
             await self._conclude(end)
         for ask_id in self._asks:
             await self._chat.withdraw(ask_id)
@@ -91,6 +108,7 @@ class Turn:
         """Send the message and relay its run; None when it must be sent again."""
         async with contextlib.AsyncExitStack() as stack:
             async with self._chat.in_order(ticket):
+                await self._spool.sent(self._update_id, datetime.now(UTC))
                 events = await stack.enter_async_context(
                     client.stream(
                         self._agent, self._content, sender=self._chat.sender, guest=self._guest
@@ -122,6 +140,8 @@ class Turn:
         raise ConnectionLost("The run's events ended without an `end`.")
 
     async def _show(self, event: StreamEventMsg) -> None:
+        if isinstance(event, Queued | Start):
+            await self._spool.done(self._update_id)  # the daemon has it
         match event:
             case Queued(position=position):
                 ahead = "1 message" if position == 1 else f"{position} messages"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,10 @@ import anyio.abc
 import httpx
 from chinwag.clients import connect
 from chinwag.clients.telegram._bridge import BridgeConfig, run_bridge
+from chinwag.clients.telegram._spool import Spool, Spooled
 from chinwag.clients.telegram._webhook import Webhook
 from chinwag.protocol import End
-from fake_bot_api import FakeBotAPI, too_many_requests
+from fake_bot_api import BOT_USER, FakeBotAPI, too_many_requests
 from structlog.testing import capture_logs
 
 USER = 1111
@@ -47,11 +50,12 @@ def on_asyncio(fn: Callable[[], Awaitable[Any]], timeout: float = 20) -> None:
     anyio.run(bounded, backend="asyncio")
 
 
-def config_for(daemon: Any, fake: FakeBotAPI, **changes: Any) -> BridgeConfig:
+def config_for(daemon: Any, fake: FakeBotAPI, state_dir: Path, **changes: Any) -> BridgeConfig:
     config = BridgeConfig(
         token=fake.token,
         agent="assistant",
         socket_path=daemon.socket_path,
+        state_dir=state_dir,
         api_url=fake.base_url,
         allowed_users=frozenset({USER}),
         edit_interval_s=QUICK,
@@ -62,16 +66,32 @@ def config_for(daemon: Any, fake: FakeBotAPI, **changes: Any) -> BridgeConfig:
 
 
 @asynccontextmanager
-async def bridge(daemon: Any, **changes: Any) -> AsyncIterator[FakeBotAPI]:
-    """A fake Bot API and a bridge polling it, talking to ``daemon``."""
-    fake = FakeBotAPI()
+async def serving(fake: FakeBotAPI) -> AsyncIterator[FakeBotAPI]:
+    """The fake Bot API, listening."""
     async with anyio.create_task_group() as server:
         await server.start(fake.serve)
-        async with anyio.create_task_group() as bridges:
-            await bridges.start(run_bridge, config_for(daemon, fake, **changes))
-            yield fake
-            bridges.cancel_scope.cancel()
+        yield fake
         server.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def polling(
+    daemon: Any, fake: FakeBotAPI, state_dir: Path, **changes: Any
+) -> AsyncIterator[None]:
+    """A bridge polling ``fake``, talking to ``daemon``, its spool in ``state_dir``;
+    stopped on leaving as SIGTERM stops `chinwag telegram` (cancelled)."""
+    async with anyio.create_task_group() as bridges:
+        await bridges.start(run_bridge, config_for(daemon, fake, state_dir, **changes))
+        yield
+        bridges.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def bridge(daemon: Any, **changes: Any) -> AsyncIterator[FakeBotAPI]:
+    """A fake Bot API and a bridge polling it, talking to ``daemon``."""
+    with tempfile.TemporaryDirectory(prefix="cw-tg-state-") as state_dir:
+        async with serving(FakeBotAPI()) as fake, polling(daemon, fake, Path(state_dir), **changes):
+            yield fake
 
 
 def test_a_reply_streams_into_one_message_edited_at_most_once_per_interval(shared_daemon) -> None:
@@ -369,7 +389,7 @@ def test_commands_in_a_forum_topic(shared_daemon) -> None:
     on_asyncio(main)
 
 
-def test_updates_can_come_by_webhook(shared_daemon) -> None:
+def test_updates_can_come_by_webhook(shared_daemon, short_tmp) -> None:
     chat = fresh_chat()
     url = "https://bot.example.invalid/telegram/hook"
 
@@ -378,7 +398,8 @@ def test_updates_can_come_by_webhook(shared_daemon) -> None:
         async with anyio.create_task_group() as server:
             await server.start(fake.serve)
             async with anyio.create_task_group() as bridges:
-                config = config_for(shared_daemon, fake, webhook=Webhook(url, "127.0.0.1", 0))
+                webhook = Webhook(url, "127.0.0.1", 0)
+                config = config_for(shared_daemon, fake, short_tmp, webhook=webhook)
                 port = await bridges.start(run_bridge, config)
                 (registered,) = fake.calls_to("setWebhook")
                 assert registered.params["url"] == url
@@ -451,3 +472,94 @@ async def _copy(
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass
     pipe.cancel()  # one side closed: close both
+
+
+def confirmed(fake: FakeBotAPI) -> bool:
+    """Whether a getUpdates has told Telegram the last update pushed was received."""
+    return any(
+        int(call.params.get("offset", 0)) > fake.last_update_id
+        for call in fake.calls_to("getUpdates")
+    )
+
+
+def test_a_message_taken_while_the_daemon_is_down_survives_a_bridge_restart(
+    daemon, short_tmp
+) -> None:
+    chat = fresh_chat()
+    state = short_tmp / "state"
+
+    async def main() -> None:
+        await anyio.to_thread.run_sync(daemon.stop)
+        async with serving(FakeBotAPI()) as fake:
+            async with polling(daemon, fake, state):
+                fake.push_message(chat, USER, "anyone home?")
+                await fake.wait_for(lambda: confirmed(fake))
+            # Stopped: Telegram was told the update arrived, and will not send it again.
+            assert int(fake.calls_to("getUpdates")[-1].params["offset"]) > fake.last_update_id
+            assert fake.texts(chat) == []
+            await anyio.to_thread.run_sync(daemon.start)
+            async with polling(daemon, fake, state):
+                await fake.wait_for(lambda: fake.texts(chat) == ["anyone home?"])
+                # A second copy would be queued ahead of this one in the daemon.
+                fake.push_message(chat, USER, "and now?")
+                await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["and now?"])
+                assert fake.texts(chat) == ["anyone home?", "and now?"]
+        async with connect(daemon.socket_path) as client:
+            history = await client.history("assistant", f"tg:{chat}")
+        users = [entry.content for entry in history.entries if entry.role == "user"]
+        assert users == ["anyone home?", "and now?"]
+        assert spooled(state) == []
+
+    on_asyncio(main, timeout=40)
+
+
+def test_a_spooled_message_the_daemon_already_took_is_not_sent_again(
+    shared_daemon, short_tmp
+) -> None:
+    chat = fresh_chat()
+    state = short_tmp / "state"
+
+    async def main() -> None:
+        async with serving(FakeBotAPI()) as fake:
+            # As a bridge that died before it heard the daemon take its first
+            # message, and before it confirmed either update to Telegram.
+            fake.push_message(chat, USER, "just once")
+            taken = fake.last_update_id
+            fake.push_message(chat, USER, "then this")
+            spool = await anyio.to_thread.run_sync(Spool.open, state / SPOOL)
+            for update_id, text in ((taken, "just once"), (fake.last_update_id, "then this")):
+                await spool.add(Spooled(update_id=update_id, chat_id=chat, text=text))
+            await spool.sent(taken, datetime.now(UTC))
+            spool.close()
+            async with (
+                connect(shared_daemon.socket_path) as client,
+                client.stream("assistant", "just once", sender=f"tg:{chat}") as answer,
+            ):
+                await answer.collect()
+            with capture_logs() as logs:
+                async with polling(shared_daemon, fake, state):
+                    await fake.wait_for(lambda: len(fake.texts(chat)) == 2)
+                    # Its answer, read back from the history; the other one, sent.
+                    assert sorted(fake.texts(chat)) == ["just once", "then this"]
+                    fake.push_message(chat, USER, "last")
+                    await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["last"])
+        async with connect(shared_daemon.socket_path) as client:
+            history = await client.history("assistant", f"tg:{chat}")
+        users = [entry.content for entry in history.entries if entry.role == "user"]
+        assert users == ["just once", "then this", "last"]
+        assert spooled(state) == []
+        events = [log["event"] for log in logs]
+        assert events.count("telegram_spool_already_delivered") == 1
+        assert events.count("telegram_update_repeated") == 2  # Telegram sent both again
+
+    on_asyncio(main)
+
+
+#: The spool of the fake Bot API's bot.
+SPOOL = f"spool-{BOT_USER['id']}.jsonl"
+
+
+def spooled(state: Path) -> list[Spooled]:
+    spool = Spool.open(state / SPOOL)
+    spool.close()
+    return spool.pending

@@ -9,7 +9,7 @@ import sys
 import anyio
 from chinwag.clients.cli import cli
 from click.testing import CliRunner
-from fake_bot_api import FakeBotAPI
+from fake_bot_api import BOT_USER, FakeBotAPI
 
 USER = 1111
 
@@ -47,6 +47,8 @@ def test_the_command_bridges_a_chat_and_stops_cleanly_on_sigterm(shared_daemon, 
                 "BOT_TOKEN",
                 "--api-url",
                 fake.base_url,
+                "--state-dir",
+                str(short_tmp / "state"),
             ]
             with log_path.open("wb") as log:
                 process = await anyio.open_process(command, env=env, stdout=log, stderr=log)
@@ -61,5 +63,43 @@ def test_the_command_bridges_a_chat_and_stops_cleanly_on_sigterm(shared_daemon, 
             assert last_poll.params["timeout"] == "0"
             server.cancel_scope.cancel()
         assert "telegram_bridge_stopping" in log_path.read_text()
+
+    anyio.run(main, backend="asyncio")
+
+
+def test_a_corrupt_spool_stops_the_command_in_one_line_naming_file_and_line(
+    shared_daemon, short_tmp
+) -> None:
+    spool = short_tmp / "state" / f"spool-{BOT_USER['id']}.jsonl"
+    spool.parent.mkdir()
+    spool.write_bytes(b'{"op":"done","update_id":1}\nnot json\n')
+
+    async def main() -> None:
+        fake = FakeBotAPI()
+        env = dict(os.environ, BOT_TOKEN=fake.token)
+        async with anyio.create_task_group() as server:
+            await server.start(fake.serve)
+            command = [
+                sys.executable,
+                "-m",
+                "chinwag.clients.cli",
+                "--socket",
+                str(shared_daemon.socket_path),
+                "telegram",
+                "--token-env",
+                "BOT_TOKEN",
+                "--api-url",
+                fake.base_url,
+                "--state-dir",
+                str(spool.parent),
+            ]
+            with anyio.fail_after(20):
+                result = await anyio.run_process(command, env=env, check=False)
+            server.cancel_scope.cancel()
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr
+        assert f"chinwag: {spool}:2: the spool does not parse" in stderr
+        assert "Traceback" not in stderr
+        assert not fake.calls_to("getUpdates")  # nothing was taken from Telegram
 
     anyio.run(main, backend="asyncio")

@@ -20,7 +20,9 @@ from chinwag.clients.telegram._outbox import Edit, Outbox, Pacer
 from chinwag.clients.telegram._reply import LiveReply
 from telegram.error import BadRequest, NetworkError, RetryAfter, TimedOut
 
-DEFAULT_INTERVAL = BridgeConfig(token="t", agent="a", socket_path=Path("s")).edit_interval_s
+DEFAULT_INTERVAL = BridgeConfig(
+    token="t", agent="a", socket_path=Path("s"), state_dir=Path("state")
+).edit_interval_s
 
 
 class StandInBot:
