@@ -8,7 +8,8 @@ waits for holds up another.
 
 A message for the agent is written to the spool (``_spool.py``) as it enters
 the queue, before Telegram is told it was received, and stays there until the
-daemon has it; on start, the bridge first sends what the spool holds.
+daemon has started its run (or answered it otherwise); on start, the bridge
+first sends what the spool holds.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import NamedTuple, TypeVarTuple
 import anyio
 import anyio.abc
 import structlog
-from chinwag.protocol import Start
+from chinwag.protocol import Entry, Start
 from telegram import Bot, CallbackQuery, Message, Update
 from telegram.constants import ChatType
 from telegram.error import TelegramError
@@ -48,6 +49,9 @@ DAEMON_WAIT_S = 30.0
 #: The most the bridge waits, when stopping, for the Bot API to confirm the updates taken.
 STOP_TIMEOUT_S = 10.0
 _HISTORY_TURNS = 5
+#: How many of a conversation's last entries the replay reads first, to find
+#: the messages it already took.
+_REPLAY_WINDOW = 64
 _HISTORY_ENTRY_CHARS = 500
 
 _Ts = TypeVarTuple("_Ts")
@@ -110,7 +114,8 @@ async def run_bridge(
     Reports started once updates flow in, with the webhook server's port (or
     None when long polling); the messages the spool held are on their way by
     then. A token Telegram refuses raises ``InvalidToken``, a spool that does
-    not parse ``SpoolCorrupt``.
+    not parse ``SpoolCorrupt``, one another bridge holds (or that cannot be
+    used) ``SpoolError``.
     """
     api = config.api_url.rstrip("/")
     bot = Bot(config.token, base_url=f"{api}/bot", base_file_url=f"{api}/file/bot")
@@ -118,7 +123,8 @@ async def run_bridge(
     async with bot:
         path = config.state_dir / f"spool-{bot.id}.jsonl"
         spool = await anyio.to_thread.run_sync(Spool.open, path)
-        # Closed once every task has ended, their writes with them.
+        # Closed, and its lock released, once every task has ended (and any
+        # write a cancelled task left its worker thread doing).
         with contextlib.closing(spool):
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(link.run)
@@ -264,10 +270,15 @@ class Bridge:
             self._spawn(self._replay, chat, messages, tickets)
 
     async def _replay(self, chat: Chat, messages: list[Spooled], tickets: list[int]) -> None:
-        runs = await self._delivered(chat, messages)
-        for message, ticket in zip(messages, tickets, strict=True):
-            turn = Turn(chat, self._link, self._config.agent, message, self._spool)
-            self._spawn(turn.run, ticket, runs.get(message.update_id))
+        runs: dict[int, Start] = {}
+        try:
+            runs = await self._delivered(chat, messages)
+        finally:
+            # Even when the check failed: the tickets are the chat's, and a
+            # ticket never released holds up every later message of the chat.
+            for message, ticket in zip(messages, tickets, strict=True):
+                turn = Turn(chat, self._link, self._config.agent, message, self._spool)
+                self._spawn(turn.run, ticket, runs.get(message.update_id))
 
     async def _delivered(self, chat: Chat, messages: list[Spooled]) -> dict[int, Start]:
         """By update id, the runs the daemon started for those of ``messages`` it
@@ -275,17 +286,18 @@ class Bridge:
 
         Only a message whose `stream` request went out (``sent_at``) can have
         reached the daemon. It did if the conversation holds a user entry with
-        its text stored since; messages and entries are matched in order, each
-        entry to one message at most.
+        its text stored since, archived by a compaction or not; messages and
+        entries are matched in order, each entry to one message at most.
         """
         sent = [message for message in messages if message.sent_at is not None]
         if not sent:
             return {}
+        since = min(message.sent_at for message in sent if message.sent_at is not None)
         retry = Backoff(first=0.2, ceiling=5.0)
         while True:
             client = await self._link.client()
             try:
-                history = await client.history(self._config.agent, chat.sender)
+                recent = await self._stored_since(client, chat.sender, since)
                 break
             except ChinwagError as exc:
                 if exc.code != 503:
@@ -295,7 +307,7 @@ class Bridge:
                         log.warning("telegram_spool_check_failed", error=str(exc))
                     return {}
                 await anyio.sleep(retry.next())
-        entries = [entry for entry in history.entries if entry.role == "user" and entry.run_id]
+        entries = [entry for entry in recent if entry.role == "user" and entry.run_id]
         runs: dict[int, Start] = {}
         first = 0  # messages went out in order: a later one is stored after an earlier one
         for message in sent:
@@ -313,6 +325,45 @@ class Bridge:
                     first = index + 1
                     break
         return runs
+
+    async def _stored_since(self, client: Client, sender: str, since: dt.datetime) -> list[Entry]:
+        """The conversation's entries, archived ones included, from its end back
+        to one stored before ``since`` (or to its start).
+
+        Read from the end in windows, each twice as wide as the one before, so
+        that a long conversation is not read whole.
+        """
+        probe = await client.history(self._config.agent, sender, limit=1, include_archived=True)
+        last = probe.last_seq
+        entries: list[Entry] = []
+        upper, window = last, _REPLAY_WINDOW
+        while upper > 0:
+            after = max(0, last - window)
+            entries[:0] = await self._entries_between(client, sender, after, upper)
+            upper, window = after, 2 * window
+            if entries and entries[0].created_at is not None and entries[0].created_at < since:
+                break
+        return entries
+
+    async def _entries_between(
+        self, client: Client, sender: str, after: int, upper: int
+    ) -> list[Entry]:
+        """The entries with ``after < seq <= upper``, archived ones included, in
+        pages (the daemon sends a history too long for one frame in several)."""
+        entries: list[Entry] = []
+        while after < upper:
+            page = await client.history(
+                self._config.agent,
+                sender,
+                after_seq=after,
+                limit=upper - after,
+                include_archived=True,
+            )
+            entries += [entry for entry in page.entries if entry.seq <= upper]
+            if not page.entries:
+                break
+            after = page.entries[-1].seq
+        return entries
 
     # --- updates ------------------------------------------------------------------
 

@@ -1,15 +1,22 @@
 """The spool: messages for the agent that Telegram was told the bridge received but
 that the daemon has not taken yet, kept on disk so that stopping the bridge loses none.
 
-One file per bot, JSON lines, each appended and fsynced before the bridge goes on:
+One file per bot, JSON lines, each appended before the bridge goes on:
 ``message`` before Telegram learns the update was received (the Updater's next
 getUpdates, the webhook's 200), ``sent`` before the message's first `stream`
-request, ``done`` once the daemon took it (`start` or `queued`) or answered it.
+request, both fsynced; ``done`` once the daemon started its run (`start`) or
+answered it (an `end` or an error other than 503), not fsynced: a `done` lost
+in a crash costs nothing, the message is found in its conversation. Not at
+`queued`: the daemon keeps its queue in memory, and drops it when it shuts down.
 Only the last line can be cut short, by a crash while it was written, and
 opening drops it: an update not confirmed comes again from Telegram, a message
 not marked sent was not sent, and one not marked done is looked for in its
 conversation before it is sent again. Any other line that does not parse stops
 the bridge, naming the file and line, rather than dropping the messages it holds.
+
+A bridge holds the file's lock, ``spool-<bot id>.lock`` beside it, for as long
+as the spool is open: a second bridge for the same bot and state directory
+would send the messages of the first again; it stops instead.
 
 A write that fails (a full disk) is logged and the bridge goes on: the message
 is still handled, it only loses its protection against a stop.
@@ -17,7 +24,10 @@ is still handled, it only loses its protection against a stop.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import threading
 from collections import deque
 from datetime import datetime
 from pathlib import Path
@@ -74,37 +84,59 @@ _decode = msgspec.json.Decoder(Spooled | _Sent | _Done).decode
 class Spool:
     """The spool file at ``path`` and what it holds.
 
-    ``open`` (blocking) reads it. ``add``, ``sent`` and ``done`` change what it
-    holds at once, then append their line in a worker thread, one line at a
-    time and in order, each fsynced before they return. What it holds is only
-    read and changed on the event loop.
+    ``open`` (blocking) locks and reads it. ``add``, ``sent`` and ``done``
+    change what it holds at once, then append their line in a worker thread,
+    one line at a time and in order (a `message` or `sent` line fsynced)
+    before they return. What it holds is only read and changed on the event
+    loop. ``close`` waits for a write in progress: a task cancelled while it
+    waited for its write (python-telegram-bot cancels its polling task
+    directly) leaves the worker thread writing.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.lock_path = path.with_suffix(".lock")
         self._pending: dict[int, Spooled] = {}
         self._done: deque[int] = deque(maxlen=_REMEMBERED)
         self._size = 0
         self._compacted = 0  # the size of the file when it was last rewritten
         self._fd = -1
-        self._lock = anyio.Lock()
+        self._lock_fd = -1
+        self._lock = anyio.Lock()  # one write at a time, in order
+        self._file_lock = threading.Lock()  # held by the worker thread writing, and by close
 
     @classmethod
     def open(cls, path: Path) -> Spool:
         """Read the spool at ``path``, creating it (and its directory) if need be.
 
         Raises ``SpoolCorrupt`` for a line, other than a torn last one, that
-        does not parse, and ``SpoolError`` when the file cannot be read or written.
+        does not parse, and ``SpoolError`` when another process holds its lock
+        or the file cannot be read or written.
         """
         spool = cls(path)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            spool._take_lock()
             data = path.read_bytes() if path.exists() else b""
             spool._open(data)
         except OSError as exc:
             spool.close()
             raise SpoolError(f"cannot use the spool {path}: {exc.strerror or exc}") from exc
+        except SpoolError:
+            spool.close()
+            raise
         return spool
+
+    def _take_lock(self) -> None:
+        # A file of its own: the spool itself is replaced when it is rewritten.
+        self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise SpoolError(
+                f"another bridge holds the spool's lock {self.lock_path}: stop it first, "
+                "or give this one another --state-dir"
+            ) from exc
 
     def _open(self, data: bytes) -> None:
         *lines, torn = data.split(b"\n")  # each complete line ends with a newline
@@ -126,9 +158,14 @@ class Spool:
         _sync_directory(self.path.parent)  # the file's name is durable too
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Close the file, once a write in progress has ended, and release its lock."""
+        with self._file_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # releases the lock
+                self._lock_fd = -1
 
     @property
     def pending(self) -> list[Spooled]:
@@ -150,7 +187,7 @@ class Spool:
             await self._record(_Sent(update_id=update_id, at=at))
 
     async def done(self, update_id: int) -> None:
-        """The daemon took the message, or answered it: nothing is left to do for it."""
+        """The daemon started the message's run, or answered it: nothing is left to do for it."""
         if update_id in self._pending:
             await self._record(_Done(update_id=update_id))
 
@@ -166,7 +203,10 @@ class Spool:
                     data = b"".join(_encode(line) + b"\n" for line in kept)
                     await anyio.to_thread.run_sync(self._rewrite, data)
                 else:
-                    await anyio.to_thread.run_sync(self._append, _encode(record) + b"\n")
+                    # A `done` lost in a crash is harmless: the message is found
+                    # in its conversation. The others, lost, lose the message.
+                    line, sync = _encode(record) + b"\n", not isinstance(record, _Done)
+                    await anyio.to_thread.run_sync(self._append, line, sync)
         except OSError as exc:
             log.error("telegram_spool_write_failed", path=str(self.path), error=str(exc))
 
@@ -182,29 +222,39 @@ class Spool:
                 self._pending.pop(update_id, None)
                 self._done.append(update_id)
 
-    def _append(self, line: bytes) -> None:
-        try:
-            written = 0
-            while written < len(line):
-                written += os.write(self._fd, line[written:])
-            os.fsync(self._fd)
-        except OSError:
-            os.ftruncate(self._fd, self._size)  # no torn line before the next one
-            raise
-        self._size += len(line)
+    def _append(self, line: bytes, sync: bool = True) -> None:
+        with self._file_lock:
+            self._check_open()
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(self._fd, line[written:])
+                if sync:
+                    os.fsync(self._fd)
+            except OSError:
+                os.ftruncate(self._fd, self._size)  # no torn line before the next one
+                raise
+            self._size += len(line)
 
     def _rewrite(self, data: bytes) -> None:
         """Replace the file with ``data`` (what it must keep), atomically."""
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with open(temporary, "wb", opener=lambda p, flags: os.open(p, flags, 0o600)) as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
-        _sync_directory(self.path.parent)
-        self.close()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        self._size = self._compacted = len(data)
+        with self._file_lock:
+            self._check_open()
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            with open(temporary, "wb", opener=lambda p, flags: os.open(p, flags, 0o600)) as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+            _sync_directory(self.path.parent)
+            os.close(self._fd)
+            self._fd = -1  # closed, should it not reopen
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._size = self._compacted = len(data)
+
+    def _check_open(self) -> None:
+        if self._fd < 0:  # closed: its lock may be another bridge's by now
+            raise OSError(errno.EBADF, "the spool is closed")
 
 
 def _sync_directory(directory: Path) -> None:

@@ -30,9 +30,10 @@ class Turn:
     the history. A run that had not started is sent again: a daemon that went
     away before starting it did not keep it.
 
-    The message stays in the spool until the daemon has taken it (`start` or
-    `queued`) or answered it (an `end` or an error), so that a bridge stopped
-    before then sends it on its next start.
+    The message stays in the spool until the daemon has started its run
+    (`start`) or answered it (an `end`, or an error other than 503), so that a
+    bridge stopped before then sends it on its next start. `queued` is not
+    enough: the daemon keeps its queue in memory, and drops it when it shuts down.
     """
 
     def __init__(
@@ -140,8 +141,8 @@ class Turn:
         raise ConnectionLost("The run's events ended without an `end`.")
 
     async def _show(self, event: StreamEventMsg) -> None:
-        if isinstance(event, Queued | Start):
-            await self._spool.done(self._update_id)  # the daemon has it
+        if isinstance(event, Start):
+            await self._spool.done(self._update_id)  # the daemon stored it
         match event:
             case Queued(position=position):
                 ahead = "1 message" if position == 1 else f"{position} messages"
@@ -170,7 +171,10 @@ class Turn:
     async def _recover(self, client: Client) -> End:
         """The run ended while the bridge was away: its answer, from the history."""
         assert self._start is not None
-        history = await client.history(self._agent, self._chat.sender, after_seq=self._start.seq)
+        # Archived entries too: a compaction since may have archived the run.
+        history = await client.history(
+            self._agent, self._chat.sender, after_seq=self._start.seq, include_archived=True
+        )
         entries = [
             entry
             for entry in history.entries

@@ -21,8 +21,10 @@ from typing import Any
 import anyio
 import anyio.abc
 import httpx
+import pytest
 from chinwag.clients import connect
-from chinwag.clients.telegram._bridge import BridgeConfig, run_bridge
+from chinwag.clients.telegram import _bridge
+from chinwag.clients.telegram._bridge import Bridge, BridgeConfig, run_bridge
 from chinwag.clients.telegram._spool import Spool, Spooled
 from chinwag.clients.telegram._webhook import Webhook
 from chinwag.protocol import End
@@ -551,6 +553,100 @@ def test_a_spooled_message_the_daemon_already_took_is_not_sent_again(
         events = [log["event"] for log in logs]
         assert events.count("telegram_spool_already_delivered") == 1
         assert events.count("telegram_update_repeated") == 2  # Telegram sent both again
+
+    on_asyncio(main)
+
+
+def test_a_message_queued_in_the_daemon_is_kept_until_its_run_starts(daemon, short_tmp) -> None:
+    chat = fresh_chat()
+    state = short_tmp / "state"
+
+    async def main() -> None:
+        async with serving(FakeBotAPI()) as fake:
+            async with polling(daemon, fake, state):
+                fake.push_message(chat, USER, "/slow 50 100")  # 5 s: past the daemon's grace
+                await fake.wait_for(lambda: fake.texts(chat))
+                fake.push_message(chat, USER, "still there?")
+                await fake.wait_for(lambda: len(fake.texts(chat)) == 2)  # the queued notice
+            # The daemon keeps its queue in memory: the spool keeps the message.
+            assert [message.text for message in spooled(state)] == ["still there?"]
+            await anyio.to_thread.run_sync(daemon.stop)  # the queue is dropped (503)
+            await anyio.to_thread.run_sync(daemon.start)
+            async with polling(daemon, fake, state):
+                await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["still there?"])
+        async with connect(daemon.socket_path) as client:
+            history = await client.history("assistant", f"tg:{chat}")
+        users = [entry.content for entry in history.entries if entry.role == "user"]
+        assert users == ["/slow 50 100", "still there?"]
+        assert spooled(state) == []
+
+    on_asyncio(main, timeout=40)
+
+
+def test_a_spooled_message_the_daemon_took_is_found_after_a_compaction(
+    shared_daemon, short_tmp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chat = fresh_chat()
+    state = short_tmp / "state"
+    # The history is read back from its end, a window of 1, 2, 4... entries at a time.
+    monkeypatch.setattr(_bridge, "_REPLAY_WINDOW", 1)
+
+    async def main() -> None:
+        async with serving(FakeBotAPI()) as fake:
+            async with (
+                connect(shared_daemon.socket_path) as client,
+                client.stream("assistant", "just once", sender=f"tg:{chat}") as answer,
+            ):
+                await answer.collect()  # the same text, said before: not the spooled message
+            fake.push_message(chat, USER, "just once")
+            spool = await anyio.to_thread.run_sync(Spool.open, state / SPOOL)
+            await spool.add(Spooled(update_id=fake.last_update_id, chat_id=chat, text="just once"))
+            await spool.sent(fake.last_update_id, datetime.now(UTC))
+            spool.close()
+            async with connect(shared_daemon.socket_path) as client:
+                async with client.stream("assistant", "just once", sender=f"tg:{chat}") as answer:
+                    await answer.collect()
+                await client.compact("assistant", f"tg:{chat}")  # archives their entries
+            with capture_logs() as logs:
+                async with polling(shared_daemon, fake, state):
+                    # Its answer, read back from the archived entries.
+                    await fake.wait_for(lambda: fake.texts(chat) == ["just once"])
+                    fake.push_message(chat, USER, "last")
+                    await fake.wait_for(lambda: fake.texts(chat) == ["just once", "last"])
+        async with connect(shared_daemon.socket_path) as client:
+            history = await client.history("assistant", f"tg:{chat}", include_archived=True)
+        users = [entry.content for entry in history.entries if entry.role == "user"]
+        assert users == ["just once", "just once", "last"]
+        events = [log["event"] for log in logs]
+        assert events.count("telegram_spool_already_delivered") == 1
+
+    on_asyncio(main)
+
+
+def test_a_replay_whose_check_fails_still_sends_and_holds_up_nothing(
+    shared_daemon, short_tmp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chat = fresh_chat()
+    state = short_tmp / "state"
+
+    async def broken(self: Bridge, *args: object) -> None:
+        raise RuntimeError("the check broke")
+
+    monkeypatch.setattr(Bridge, "_delivered", broken)
+
+    async def main() -> None:
+        async with serving(FakeBotAPI()) as fake:
+            fake.push_message(chat, USER, "spooled")
+            spool = await anyio.to_thread.run_sync(Spool.open, state / SPOOL)
+            await spool.add(Spooled(update_id=fake.last_update_id, chat_id=chat, text="spooled"))
+            await spool.sent(fake.last_update_id, datetime.now(UTC))
+            spool.close()
+            with capture_logs() as logs:
+                async with polling(shared_daemon, fake, state):
+                    await fake.wait_for(lambda: fake.texts(chat) == ["spooled"])
+                    fake.push_message(chat, USER, "next")  # its ticket comes after the replay's
+                    await fake.wait_for(lambda: fake.texts(chat) == ["spooled", "next"])
+        assert [log["event"] for log in logs].count("telegram_task_failed") == 1
 
     on_asyncio(main)
 

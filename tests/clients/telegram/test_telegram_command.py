@@ -5,13 +5,33 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 import anyio
 from chinwag.clients.cli import cli
+from chinwag.clients.telegram._spool import Spool
 from click.testing import CliRunner
 from fake_bot_api import BOT_USER, FakeBotAPI
 
 USER = 1111
+
+
+def bridge_command(socket_path: Path, fake: FakeBotAPI, state_dir: Path) -> list[str]:
+    """`chinwag telegram` against ``fake``, its token in $BOT_TOKEN."""
+    return [
+        sys.executable,
+        "-m",
+        "chinwag.clients.cli",
+        "--socket",
+        str(socket_path),
+        "telegram",
+        "--token-env",
+        "BOT_TOKEN",
+        "--api-url",
+        fake.base_url,
+        "--state-dir",
+        str(state_dir),
+    ]
 
 
 def test_an_empty_token_variable_is_refused_in_one_line() -> None:
@@ -36,20 +56,7 @@ def test_the_command_bridges_a_chat_and_stops_cleanly_on_sigterm(shared_daemon, 
         env = dict(os.environ, BOT_TOKEN=fake.token, CHINWAG_TELEGRAM_ALLOW=f"2222 {USER}")
         async with anyio.create_task_group() as server:
             await server.start(fake.serve)
-            command = [
-                sys.executable,
-                "-m",
-                "chinwag.clients.cli",
-                "--socket",
-                str(shared_daemon.socket_path),
-                "telegram",
-                "--token-env",
-                "BOT_TOKEN",
-                "--api-url",
-                fake.base_url,
-                "--state-dir",
-                str(short_tmp / "state"),
-            ]
+            command = bridge_command(shared_daemon.socket_path, fake, short_tmp / "state")
             with log_path.open("wb") as log:
                 process = await anyio.open_process(command, env=env, stdout=log, stderr=log)
                 async with process:
@@ -79,20 +86,7 @@ def test_a_corrupt_spool_stops_the_command_in_one_line_naming_file_and_line(
         env = dict(os.environ, BOT_TOKEN=fake.token)
         async with anyio.create_task_group() as server:
             await server.start(fake.serve)
-            command = [
-                sys.executable,
-                "-m",
-                "chinwag.clients.cli",
-                "--socket",
-                str(shared_daemon.socket_path),
-                "telegram",
-                "--token-env",
-                "BOT_TOKEN",
-                "--api-url",
-                fake.base_url,
-                "--state-dir",
-                str(spool.parent),
-            ]
+            command = bridge_command(shared_daemon.socket_path, fake, spool.parent)
             with anyio.fail_after(20):
                 result = await anyio.run_process(command, env=env, check=False)
             server.cancel_scope.cancel()
@@ -100,6 +94,35 @@ def test_a_corrupt_spool_stops_the_command_in_one_line_naming_file_and_line(
         assert result.returncode == 1, stderr
         assert f"chinwag: {spool}:2: the spool does not parse" in stderr
         assert "Traceback" not in stderr
+        assert not fake.calls_to("getUpdates")  # nothing was taken from Telegram
+
+    anyio.run(main, backend="asyncio")
+
+
+def test_a_second_bridge_on_the_same_spool_stops_in_one_line_naming_the_lock(
+    shared_daemon, short_tmp
+) -> None:
+    state = short_tmp / "state"
+    lock = state / f"spool-{BOT_USER['id']}.lock"
+
+    async def main() -> None:
+        fake = FakeBotAPI()
+        env = dict(os.environ, BOT_TOKEN=fake.token)
+        # As the bridge already running would: it holds the lock while it runs.
+        held = Spool.open(state / f"spool-{BOT_USER['id']}.jsonl")
+        try:
+            async with anyio.create_task_group() as server:
+                await server.start(fake.serve)
+                command = bridge_command(shared_daemon.socket_path, fake, state)
+                with anyio.fail_after(20):
+                    result = await anyio.run_process(command, env=env, check=False)
+                server.cancel_scope.cancel()
+        finally:
+            held.close()
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr
+        (line,) = stderr.splitlines()
+        assert line.startswith("chinwag: another bridge holds") and str(lock) in line
         assert not fake.calls_to("getUpdates")  # nothing was taken from Telegram
 
     anyio.run(main, backend="asyncio")

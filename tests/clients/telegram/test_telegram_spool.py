@@ -5,13 +5,17 @@ The spool is written against anyio, so these run under trio (pytest-trio).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import pytest
 from chinwag.clients.telegram import _spool
-from chinwag.clients.telegram._spool import Spool, SpoolCorrupt, Spooled
+from chinwag.clients.telegram._spool import Spool, SpoolCorrupt, Spooled, SpoolError
 from structlog.testing import capture_logs
 
 
@@ -111,3 +115,87 @@ async def test_the_file_is_rewritten_once_it_grows_keeping_what_is_pending(
     # Those done most recently are remembered, so that Telegram sending one again is noticed.
     assert spool.knows(299) and spool.knows(292) and not spool.knows(291)
     spool.close()
+
+
+async def test_message_and_sent_lines_are_fsynced_done_lines_only_appended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "spool-1.jsonl"
+    spool = Spool.open(path)
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def counted(fd: int) -> None:
+        synced.append(fd)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    await spool.add(message(10))
+    await spool.sent(10, datetime.now(UTC))
+    assert len(synced) == 2
+    await spool.done(10)
+    assert len(synced) == 2  # a lost `done` is harmless: replay finds the message
+    spool.close()
+    assert [json.loads(line)["op"] for line in path.read_text().splitlines()] == [
+        "message",
+        "sent",
+        "done",
+    ]
+
+
+def test_a_second_opening_is_refused_naming_the_lock_file(tmp_path: Path) -> None:
+    path = tmp_path / "spool-1.jsonl"
+    first = Spool.open(path)
+    # flock: the lock of another open file description, as another process's.
+    with pytest.raises(SpoolError) as raised:
+        Spool.open(path)
+    assert not isinstance(raised.value, SpoolCorrupt)
+    assert str(tmp_path / "spool-1.lock") in str(raised.value)
+    assert "\n" not in str(raised.value)
+    first.close()
+    Spool.open(path).close()  # released by close
+
+
+def test_close_waits_for_a_write_its_cancelled_task_abandoned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """python-telegram-bot cancels its polling task directly (asyncio), possibly
+    while `Inbox.put` waits for the spool's worker thread: the thread goes on
+    writing, and closing the spool must not pull the file from under it."""
+    path = tmp_path / "spool-1.jsonl"
+    spool = Spool.open(path)
+    writing, finish = threading.Event(), threading.Event()
+    failed: list[OSError] = []
+    fsync = os.fsync
+
+    def held(fd: int) -> None:
+        writing.set()
+        finish.wait(10)
+        try:
+            fsync(fd)
+        except OSError as exc:
+            failed.append(exc)
+            raise
+
+    monkeypatch.setattr(os, "fsync", held)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(spool.add(message(10, "in flight")))
+        await anyio.to_thread.run_sync(writing.wait)
+        task.cancel()  # as python-telegram-bot stops polling
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not finish.is_set()  # the worker thread still writes
+
+    anyio.run(main, backend="asyncio")
+    closing = threading.Thread(target=spool.close)
+    closing.start()
+    closing.join(0.2)  # not a synchronisation: close must not end before the write does
+    assert closing.is_alive()
+    finish.set()
+    closing.join(10)
+    assert not closing.is_alive() and not failed
+    monkeypatch.undo()
+    again = Spool.open(path)
+    assert again.pending == [message(10, "in flight")]
+    again.close()
