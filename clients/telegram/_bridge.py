@@ -7,9 +7,9 @@ a task for it (a turn, a command, a button press), so that nothing one chat
 waits for holds up another.
 
 A message for the agent is written to the spool (``_spool.py``) as it enters
-the queue, before Telegram is told it was received, and stays there until the
-daemon has started its run (or answered it otherwise); on start, the bridge
-first sends what the spool holds.
+the queue, before Telegram is told it was received, and stays there until its
+answer is shown in the chat; on start, the bridge first sends what the spool
+holds, or follows the run of a message the daemon already took.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """The spool: messages for the agent that Telegram was told the bridge received but
-that the daemon has not taken yet, kept on disk so that stopping the bridge loses none.
+whose answer the chat does not show yet, kept on disk so that stopping the bridge
+loses none (nor their answers).
 
 One file per bot, JSON lines, each appended before the bridge goes on:
 ``message`` before Telegram learns the update was received (the Updater's next
 getUpdates, the webhook's 200), ``sent`` before the message's first `stream`
-request, both fsynced; ``done`` once the daemon started its run (`start`) or
-answered it (an `end` or an error other than 503), not fsynced: a `done` lost
-in a crash costs nothing, the message is found in its conversation. Not at
-`queued`: the daemon keeps its queue in memory, and drops it when it shuts down.
+request, both fsynced; ``done`` once its answer is shown in the chat (its
+run's `end` handled), not fsynced: only a crash of the machine can lose a line
+written, and a `done` lost shows the answer again (the message is found in its
+conversation), it loses nothing. Not at `queued`: the daemon keeps its queue in
+memory, and drops it when it shuts down; nor at `start`: a bridge stopped while
+the run streams would not show its answer.
 Only the last line can be cut short, by a crash while it was written, and
 opening drops it: an update not confirmed comes again from Telegram, a message
 not marked sent was not sent, and one not marked done is looked for in its
@@ -187,7 +190,7 @@ class Spool:
             await self._record(_Sent(update_id=update_id, at=at))
 
     async def done(self, update_id: int) -> None:
-        """The daemon started the message's run, or answered it: nothing is left to do for it."""
+        """The message's answer is shown in its chat: nothing is left to do for it."""
         if update_id in self._pending:
             await self._record(_Done(update_id=update_id))
 

@@ -30,10 +30,13 @@ class Turn:
     the history. A run that had not started is sent again: a daemon that went
     away before starting it did not keep it.
 
-    The message stays in the spool until the daemon has started its run
-    (`start`) or answered it (an `end`, or an error other than 503), so that a
-    bridge stopped before then sends it on its next start. `queued` is not
-    enough: the daemon keeps its queue in memory, and drops it when it shuts down.
+    The message stays in the spool until its answer is shown in the chat (the
+    run's `end` handled: its final text, or its error, delivered), so that a
+    bridge stopped before then sends it on its next start or, if the daemon
+    took it, follows its run again (attached while it runs, read back from the
+    history once it ended) and shows its answer. `queued` is not enough, nor
+    `start`: the daemon keeps its queue in memory, and drops it when it shuts
+    down; a run started goes on without the bridge that was showing it.
     """
 
     def __init__(
@@ -57,17 +60,21 @@ class Turn:
 
         With ``resume``, the daemon already took the message (before the bridge
         stopped) and started that run: it is followed, and the message not sent again.
+        The message leaves the spool once the run's answer is shown.
         """
         if resume is not None:
             self._chat.release(ticket)
             self._start, self._seen = resume, 1
-            await self._spool.done(self._update_id)
+            if resume.agent != self._agent:
+                self._heading = f"**{resume.agent}:**\n"
         async with anyio.create_task_group() as painters:
             self._painters = painters
             self._live = self._new_reply()
             end = await self._follow(ticket)
-            await self._spool.done(self._update_id)
             await self._conclude(end)
+        # The answer is in the chat (or Telegram would not take it): nothing is
+        # left to do for the message.
+        await self._spool.done(self._update_id)
         for ask_id in self._asks:
             await self._chat.withdraw(ask_id)
 
@@ -141,8 +148,6 @@ class Turn:
         raise ConnectionLost("The run's events ended without an `end`.")
 
     async def _show(self, event: StreamEventMsg) -> None:
-        if isinstance(event, Start):
-            await self._spool.done(self._update_id)  # the daemon stored it
         match event:
             case Queued(position=position):
                 ahead = "1 message" if position == 1 else f"{position} messages"

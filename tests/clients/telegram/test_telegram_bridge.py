@@ -485,7 +485,7 @@ def confirmed(fake: FakeBotAPI) -> bool:
 
 
 def test_a_message_taken_while_the_daemon_is_down_survives_a_bridge_restart(
-    daemon, short_tmp
+    daemon, short_tmp, spool_watch: SpoolWatch
 ) -> None:
     chat = fresh_chat()
     state = short_tmp / "state"
@@ -506,6 +506,7 @@ def test_a_message_taken_while_the_daemon_is_down_survives_a_bridge_restart(
                 fake.push_message(chat, USER, "and now?")
                 await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["and now?"])
                 assert fake.texts(chat) == ["anyone home?", "and now?"]
+                await spool_watch.emptied()
         async with connect(daemon.socket_path) as client:
             history = await client.history("assistant", f"tg:{chat}")
         users = [entry.content for entry in history.entries if entry.role == "user"]
@@ -516,7 +517,7 @@ def test_a_message_taken_while_the_daemon_is_down_survives_a_bridge_restart(
 
 
 def test_a_spooled_message_the_daemon_already_took_is_not_sent_again(
-    shared_daemon, short_tmp
+    shared_daemon, short_tmp, spool_watch: SpoolWatch
 ) -> None:
     chat = fresh_chat()
     state = short_tmp / "state"
@@ -545,6 +546,7 @@ def test_a_spooled_message_the_daemon_already_took_is_not_sent_again(
                     assert sorted(fake.texts(chat)) == ["just once", "then this"]
                     fake.push_message(chat, USER, "last")
                     await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["last"])
+                    await spool_watch.emptied()
         async with connect(shared_daemon.socket_path) as client:
             history = await client.history("assistant", f"tg:{chat}")
         users = [entry.content for entry in history.entries if entry.role == "user"]
@@ -557,7 +559,9 @@ def test_a_spooled_message_the_daemon_already_took_is_not_sent_again(
     on_asyncio(main)
 
 
-def test_a_message_queued_in_the_daemon_is_kept_until_its_run_starts(daemon, short_tmp) -> None:
+def test_a_message_queued_in_the_daemon_is_kept_until_its_answer_is_shown(
+    daemon, short_tmp, spool_watch: SpoolWatch
+) -> None:
     chat = fresh_chat()
     state = short_tmp / "state"
 
@@ -568,12 +572,21 @@ def test_a_message_queued_in_the_daemon_is_kept_until_its_run_starts(daemon, sho
                 await fake.wait_for(lambda: fake.texts(chat))
                 fake.push_message(chat, USER, "still there?")
                 await fake.wait_for(lambda: len(fake.texts(chat)) == 2)  # the queued notice
-            # The daemon keeps its queue in memory: the spool keeps the message.
-            assert [message.text for message in spooled(state)] == ["still there?"]
+            # The daemon keeps its queue in memory: the spool keeps the message;
+            # and the run's answer is not shown yet: the spool keeps its message too.
+            assert [message.text for message in spooled(state)] == ["/slow 50 100", "still there?"]
             await anyio.to_thread.run_sync(daemon.stop)  # the queue is dropped (503)
             await anyio.to_thread.run_sync(daemon.start)
             async with polling(daemon, fake, state):
-                await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["still there?"])
+                # The run that streamed is read back (cut short by the stop),
+                # the queued message sent again.
+                await fake.wait_for(
+                    lambda: (
+                        "still there?" in fake.texts(chat)
+                        and any("went away" in text for text in fake.texts(chat)[2:])
+                    )
+                )
+                await spool_watch.emptied()
         async with connect(daemon.socket_path) as client:
             history = await client.history("assistant", f"tg:{chat}")
         users = [entry.content for entry in history.entries if entry.role == "user"]
@@ -581,6 +594,48 @@ def test_a_message_queued_in_the_daemon_is_kept_until_its_run_starts(daemon, sho
         assert spooled(state) == []
 
     on_asyncio(main, timeout=40)
+
+
+@pytest.mark.parametrize("still_running", [False, True], ids=["ended", "running"])
+def test_a_run_streaming_when_the_bridge_stops_is_shown_in_full_after_it_restarts(
+    shared_daemon, short_tmp, spool_watch: SpoolWatch, still_running: bool
+) -> None:
+    chat = fresh_chat()
+    state = short_tmp / "state"
+    full = " ".join(str(word) for word in range(1, 21))
+
+    async def main() -> None:
+        async with serving(FakeBotAPI()) as fake:
+            async with polling(shared_daemon, fake, state):
+                fake.push_message(chat, USER, "/slow 20 100")  # 2 s
+                await fake.wait_for(lambda: fake.texts(chat))
+            # Stopped as SIGTERM stops it, the answer half shown: the message stays.
+            assert fake.texts(chat)[0] != full
+            assert [message.text for message in spooled(state)] == ["/slow 20 100"]
+            if not still_running:
+                async with (
+                    connect(shared_daemon.socket_path) as client,
+                    client.attach("assistant", f"tg:{chat}") as events,
+                ):
+                    end = (await events.collect())[-1]
+                    assert isinstance(end, End) and end.status == "done"
+            with capture_logs() as logs:
+                async with polling(shared_daemon, fake, state):
+                    await fake.wait_for(lambda: fake.texts(chat)[-1:] == [full])
+                    await spool_watch.emptied()
+        assert fake.texts(chat).count(full) == 1
+        assert len(fake.texts(chat)) == 2  # the first bridge's, cut short, and the answer
+        async with connect(shared_daemon.socket_path) as client:
+            history = await client.history("assistant", f"tg:{chat}")
+        users = [entry.content for entry in history.entries if entry.role == "user"]
+        assert users == ["/slow 20 100"]
+        assert spooled(state) == []
+        events = [log["event"] for log in logs]
+        assert events.count("telegram_spool_already_delivered") == 1
+        # Attached while it ran (each word once), or read back once it ended.
+        assert events.count("run_recovered") == (0 if still_running else 1)
+
+    on_asyncio(main)
 
 
 def test_a_spooled_message_the_daemon_took_is_found_after_a_compaction(
@@ -653,6 +708,41 @@ def test_a_replay_whose_check_fails_still_sends_and_holds_up_nothing(
 
 #: The spool of the fake Bot API's bot.
 SPOOL = f"spool-{BOT_USER['id']}.jsonl"
+
+
+class SpoolWatch:
+    """The changes the bridges make to their spools, to wait for one: a message
+    leaves the spool only after its answer is shown, a call later than the one
+    the chat shows it by."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._last: Spool | None = None  # the spool changed last
+        self._writing = 0
+        self._changed: anyio.Event | None = None
+        record = Spool._record
+
+        async def recorded(spool: Spool, line: Any) -> None:
+            self._last = spool
+            self._writing += 1
+            try:
+                await record(spool, line)
+            finally:
+                self._writing -= 1
+                if self._changed is not None:
+                    self._changed.set()
+
+        monkeypatch.setattr(Spool, "_record", recorded)
+
+    async def emptied(self) -> None:
+        """Return once the spool changed last holds nothing, every line written."""
+        while self._last is None or self._last.pending or self._writing:
+            self._changed = anyio.Event()
+            await self._changed.wait()
+
+
+@pytest.fixture
+def spool_watch(monkeypatch: pytest.MonkeyPatch) -> SpoolWatch:
+    return SpoolWatch(monkeypatch)
 
 
 def spooled(state: Path) -> list[Spooled]:
