@@ -602,16 +602,17 @@ def test_a_run_streaming_when_the_bridge_stops_is_shown_in_full_after_it_restart
 ) -> None:
     chat = fresh_chat()
     state = short_tmp / "state"
-    full = " ".join(str(word) for word in range(1, 21))
+    full = " ".join(str(word) for word in range(1, 41))
 
     async def main() -> None:
         async with serving(FakeBotAPI()) as fake:
             async with polling(shared_daemon, fake, state):
-                fake.push_message(chat, USER, "/slow 20 100")  # 2 s
+                # 4 s: time enough, on a loaded machine too, to restart while it runs
+                fake.push_message(chat, USER, "/slow 40 100")
                 await fake.wait_for(lambda: fake.texts(chat))
             # Stopped as SIGTERM stops it, the answer half shown: the message stays.
             assert fake.texts(chat)[0] != full
-            assert [message.text for message in spooled(state)] == ["/slow 20 100"]
+            assert [message.text for message in spooled(state)] == ["/slow 40 100"]
             if not still_running:
                 async with (
                     connect(shared_daemon.socket_path) as client,
@@ -628,7 +629,7 @@ def test_a_run_streaming_when_the_bridge_stops_is_shown_in_full_after_it_restart
         async with connect(shared_daemon.socket_path) as client:
             history = await client.history("assistant", f"tg:{chat}")
         users = [entry.content for entry in history.entries if entry.role == "user"]
-        assert users == ["/slow 20 100"]
+        assert users == ["/slow 40 100"]
         assert spooled(state) == []
         events = [log["event"] for log in logs]
         assert events.count("telegram_spool_already_delivered") == 1
