@@ -40,6 +40,13 @@ QUICK = 0.05
 _chat_ids = itertools.count(5000)
 
 
+async def user_messages(daemon: Any, chat: int) -> list[str]:
+    """What the agent was sent from ``chat``, archived entries included."""
+    async with connect(daemon.socket_path) as client:
+        history = await client.history("assistant", f"tg:{chat}", include_archived=True)
+    return [entry.content for entry in history.entries if entry.role == "user"]
+
+
 def fresh_chat() -> int:
     return next(_chat_ids)
 
@@ -507,9 +514,7 @@ def test_a_message_taken_while_the_daemon_is_down_survives_a_bridge_restart(
                 await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["and now?"])
                 assert fake.texts(chat) == ["anyone home?", "and now?"]
                 await spool_watch.emptied()
-        async with connect(daemon.socket_path) as client:
-            history = await client.history("assistant", f"tg:{chat}")
-        users = [entry.content for entry in history.entries if entry.role == "user"]
+        users = await user_messages(daemon, chat)
         assert users == ["anyone home?", "and now?"]
         assert spooled(state) == []
 
@@ -547,9 +552,7 @@ def test_a_spooled_message_the_daemon_already_took_is_not_sent_again(
                     fake.push_message(chat, USER, "last")
                     await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["last"])
                     await spool_watch.emptied()
-        async with connect(shared_daemon.socket_path) as client:
-            history = await client.history("assistant", f"tg:{chat}")
-        users = [entry.content for entry in history.entries if entry.role == "user"]
+        users = await user_messages(shared_daemon, chat)
         assert users == ["just once", "then this", "last"]
         assert spooled(state) == []
         events = [log["event"] for log in logs]
@@ -587,9 +590,7 @@ def test_a_message_queued_in_the_daemon_is_kept_until_its_answer_is_shown(
                     )
                 )
                 await spool_watch.emptied()
-        async with connect(daemon.socket_path) as client:
-            history = await client.history("assistant", f"tg:{chat}")
-        users = [entry.content for entry in history.entries if entry.role == "user"]
+        users = await user_messages(daemon, chat)
         assert users == ["/slow 50 100", "still there?"]
         assert spooled(state) == []
 
@@ -626,9 +627,7 @@ def test_a_run_streaming_when_the_bridge_stops_is_shown_in_full_after_it_restart
                     await spool_watch.emptied()
         assert fake.texts(chat).count(full) == 1
         assert len(fake.texts(chat)) == 2  # the first bridge's, cut short, and the answer
-        async with connect(shared_daemon.socket_path) as client:
-            history = await client.history("assistant", f"tg:{chat}")
-        users = [entry.content for entry in history.entries if entry.role == "user"]
+        users = await user_messages(shared_daemon, chat)
         assert users == ["/slow 40 100"]
         assert spooled(state) == []
         events = [log["event"] for log in logs]
@@ -669,9 +668,7 @@ def test_a_spooled_message_the_daemon_took_is_found_after_a_compaction(
                     await fake.wait_for(lambda: fake.texts(chat) == ["just once"])
                     fake.push_message(chat, USER, "last")
                     await fake.wait_for(lambda: fake.texts(chat) == ["just once", "last"])
-        async with connect(shared_daemon.socket_path) as client:
-            history = await client.history("assistant", f"tg:{chat}", include_archived=True)
-        users = [entry.content for entry in history.entries if entry.role == "user"]
+        users = await user_messages(shared_daemon, chat)
         assert users == ["just once", "just once", "last"]
         events = [log["event"] for log in logs]
         assert events.count("telegram_spool_already_delivered") == 1
