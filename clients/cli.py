@@ -186,6 +186,9 @@ def ensure_daemon(socket_path: Path, timeout: float = START_TIMEOUT_S) -> None:
     )
 
 
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
 def daemon_pid(socket_path: Path) -> int:
     """The pid of the process listening on ``socket_path`` (its SO_PEERCRED)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -196,9 +199,6 @@ def daemon_pid(socket_path: Path) -> int:
         creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, _uid, _gid = _PEERCRED.unpack(creds)
     return int(pid)
-
-
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def _is_daemon(pid: int) -> bool:
@@ -221,10 +221,10 @@ def _program(pid: int) -> str:
 def _alive(pid: int) -> bool:
     """Whether ``pid`` still runs: a zombie, exited but not yet reaped, does not."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return False
-    return stat.rpartition(")")[2].split()[0] != "Z"  # the state, after "(command)"
+    return status.rpartition(")")[2].split()[0] != "Z"  # the state, after "(command)"
 
 
 @contextlib.asynccontextmanager
