@@ -275,6 +275,20 @@ def complete_agents(
     ]
 
 
+# Options several commands take, alike.
+sender_option = click.option("--sender", help="Whose conversation (default: user).")
+guest_option = click.option(
+    "--guest",
+    help="Let this agent answer instead, over the conversation's history.",
+    shell_complete=complete_agents,
+)
+cwd_option = click.option(
+    "--cwd",
+    type=click.Path(file_okay=False, resolve_path=True),
+    help="Working directory for the runs' tools.",
+)
+
+
 # --- terminal input ------------------------------------------------------------------
 
 
@@ -521,17 +535,9 @@ def serve(
 @cli.command()
 @click.argument("agent", shell_complete=complete_agents)
 @click.argument("text")
-@click.option("--sender", help="Whose conversation (default: user).")
-@click.option(
-    "--guest",
-    help="Let this agent answer instead, over the conversation's history.",
-    shell_complete=complete_agents,
-)
-@click.option(
-    "--cwd",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Working directory for the run's tools.",
-)
+@sender_option
+@guest_option
+@cwd_option
 @click.option(
     "--queue",
     type=click.Choice(["enqueue", "reject", "interrupt"]),
@@ -547,14 +553,13 @@ def send(
     text: str,
     sender: str | None,
     guest: str | None,
-    cwd: Path | None,
+    cwd: str | None,
     queue: Literal["enqueue", "reject", "interrupt"],
     as_json: bool,
 ) -> None:
     """Send TEXT to AGENT and stream the reply to stdout."""
     settings = _settings(ctx)
     ensure_daemon(settings.socket)
-    work_dir = str(cwd.resolve()) if cwd is not None else None
     err = line_console(stderr=True)
     out = TextOut(sys.stdout)
     view = _SendView(out, err)
@@ -563,9 +568,7 @@ def send(
     async def body() -> None:
         async with (
             _connect(settings) as client,
-            client.stream(
-                agent, text, sender=sender, guest=guest, cwd=work_dir, queue=queue
-            ) as events,
+            client.stream(agent, text, sender=sender, guest=guest, cwd=cwd, queue=queue) as events,
         ):
             async for event in events:
                 if as_json:
@@ -760,17 +763,9 @@ def _live_terminal() -> bool:
 
 @cli.command()
 @click.argument("agent", shell_complete=complete_agents)
-@click.option("--sender", help="Whose conversation (default: user).")
-@click.option(
-    "--guest",
-    help="Let this agent answer instead, over the conversation's history.",
-    shell_complete=complete_agents,
-)
-@click.option(
-    "--cwd",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Working directory for the runs' tools.",
-)
+@sender_option
+@guest_option
+@cwd_option
 @click.option(
     "--plain",
     is_flag=True,
@@ -782,7 +777,7 @@ def chat(
     agent: str,
     sender: str | None,
     guest: str | None,
-    cwd: Path | None,
+    cwd: str | None,
     plain: bool,
 ) -> None:
     """Talk with AGENT interactively.
@@ -801,7 +796,7 @@ def chat(
         from ._live_chat import LiveChat
 
         view = LiveChat()
-    state = _ChatState(guest=guest, cwd=str(cwd.resolve()) if cwd is not None else None)
+    state = _ChatState(guest=guest, cwd=cwd)
     _run(lambda: _chat(settings, agent, sender, state, view))
 
 
@@ -938,7 +933,7 @@ async def _chat_ask(
 
 @cli.command()
 @click.argument("agent", shell_complete=complete_agents)
-@click.option("--sender", help="Whose conversation (default: user).")
+@sender_option
 @click.option(
     "--all", "include_archived", is_flag=True, help="Include archived (compacted) entries."
 )
@@ -1179,7 +1174,7 @@ def stop(ctx: click.Context, timeout: float) -> None:
 
 @cli.command()
 @click.argument("agent", shell_complete=complete_agents)
-@click.option("--sender", help="Whose conversation (default: user).")
+@sender_option
 @click.option("--all", "kill_all", is_flag=True, help="Also drop every run queued behind it.")
 @click.pass_context
 def kill(ctx: click.Context, agent: str, sender: str | None, kill_all: bool) -> None:
@@ -1200,7 +1195,7 @@ def kill(ctx: click.Context, agent: str, sender: str | None, kill_all: bool) -> 
 @cli.command()
 @click.argument("agent", shell_complete=complete_agents)
 @click.argument("text")
-@click.option("--sender", help="Whose conversation (default: user).")
+@sender_option
 @click.option("--ask-id", help="The ask being answered (refused if another is pending).")
 @click.pass_context
 def reply(
@@ -1218,7 +1213,7 @@ def reply(
 
 @cli.command()
 @click.argument("agent", shell_complete=complete_agents)
-@click.option("--sender", help="Whose conversation (default: user).")
+@sender_option
 @click.option("--instructions", help="What the summary must keep.")
 @click.pass_context
 def compact(ctx: click.Context, agent: str, sender: str | None, instructions: str | None) -> None:
