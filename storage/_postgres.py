@@ -83,9 +83,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
-from ._base import Archive, ConversationNotFound, StorageError, check_archive, search_words
+from ._base import Archive, ConversationNotFound, StorageError, check_archive
 from ._cursor import decode_cursor, encode_cursor
-from ._search import SNIPPET_WORDS, WORD, archived_text, check_search_limit, one_line
+from ._search import SNIPPET_WORDS, WORD, archived_text, database_search_words, one_line
 from ._timestamps import from_text, to_text, utc
 
 _T = TypeVar("_T")
@@ -679,12 +679,8 @@ class PostgresStorage:
         self, agent: str, query: str, *, limit: int = 10, sender: str | None = None
     ) -> list[MemoryHit]:
         """The agent's notes and archives matching any word of ``query``, best ``ts_rank`` first."""
-        check_search_limit(limit)
-        if self._closed:
-            raise StorageError("The store is closed.")
-        words = search_words(query)
+        words = await database_search_words(query, limit, closed=self._closed)
         if not words:
-            await trio.lowlevel.checkpoint()
             return []
         params = {
             "words": " or ".join(f'"{word}"' for word in words),  # \w+ holds no quote

@@ -20,9 +20,10 @@ from datetime import datetime
 from typing import Literal
 
 import msgspec
+import trio
 from chinwag.protocol import Entry, MemoryHit
 
-from ._base import MAX_SEARCH_LIMIT, search_words
+from ._base import MAX_SEARCH_LIMIT, StorageError, search_words
 
 WORD = re.compile(r"\w+")  # what a snippet counts as a word
 _K1 = 1.2
@@ -138,6 +139,19 @@ def check_search_limit(limit: int) -> None:
     """Raise ``ValueError`` unless ``limit`` is one a memory search takes."""
     if not 1 <= limit <= MAX_SEARCH_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_SEARCH_LIMIT}, got {limit}.")
+
+
+async def database_search_words(query: str, limit: int, *, closed: bool) -> list[str]:
+    """The words a database backend searches ``query`` for: none, after a checkpoint,
+    when it has no word. ``ValueError`` for a bad ``limit``, then ``StorageError``
+    for a ``closed`` store."""
+    check_search_limit(limit)
+    if closed:
+        raise StorageError("The store is closed.")
+    words = search_words(query)
+    if not words:
+        await trio.lowlevel.checkpoint()
+    return words
 
 
 def archive_text(summary: str, archived: Iterable[Entry]) -> str:

@@ -48,9 +48,9 @@ import msgspec
 import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit, ToolCallInfo
 
-from ._base import Archive, ConversationNotFound, StorageError, check_archive, search_words
+from ._base import Archive, ConversationNotFound, StorageError, check_archive
 from ._cursor import decode_cursor, encode_cursor
-from ._search import SNIPPET_WORDS, archive_text, check_search_limit, note_text, one_line
+from ._search import SNIPPET_WORDS, archive_text, database_search_words, note_text, one_line
 from ._timestamps import from_text, to_text, utc
 
 Synchronous = Literal["full", "normal"]
@@ -656,12 +656,8 @@ class SqliteStorage:
         self, agent: str, query: str, *, limit: int = 10, sender: str | None = None
     ) -> list[MemoryHit]:
         """The agent's notes and archives matching any word of ``query``, best bm25 first."""
-        check_search_limit(limit)
-        if self._closed:
-            raise StorageError("The store is closed.")
-        words = search_words(query)
+        words = await database_search_words(query, limit, closed=self._closed)
         if not words:
-            await trio.lowlevel.checkpoint()
             return []
         # Each word an FTS5 string ("" escapes a quote), so no user text is FTS5 syntax.
         match = " OR ".join('"{}"'.format(word.replace('"', '""')) for word in words)
