@@ -126,6 +126,14 @@ class ConnectionLost(ChinwagError):
         super().__init__(503, message)
 
 
+class DaemonUnreachable(ConnectionLost):
+    """Nothing answers on the daemon's socket; the message says why, and what to do."""
+
+    @classmethod
+    def nobody_at(cls, path: Path) -> DaemonUnreachable:
+        return cls(f'no daemon is listening on {path}; start one with "chinwag serve"')
+
+
 def _again(error: ChinwagError) -> ChinwagError:
     """A fresh copy of an error shared by many requests, so that each raise has
     its own traceback."""
@@ -717,6 +725,27 @@ async def _connect_unix(path: Path) -> anyio.abc.SocketStream:
             continue
         return stream
     raise OSError(f"The daemon at {path} accepts no connection; its backlog stays full.")
+
+
+@asynccontextmanager
+async def connect_explained(path: Path, *, client: str) -> AsyncIterator[Client]:
+    """``connect``, failing to reach the daemon as ``DaemonUnreachable`` (one sentence).
+
+    Only a failure to connect is turned; what the block raises passes as it is.
+    """
+    connected = False
+    try:
+        async with connect(path, client=client) as conn:
+            connected = True
+            yield conn
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        if connected:
+            raise
+        raise DaemonUnreachable.nobody_at(path) from exc
+    except OSError as exc:
+        if connected:
+            raise
+        raise DaemonUnreachable(f"cannot connect to {path}: {exc.strerror or exc}") from exc
 
 
 @asynccontextmanager

@@ -55,7 +55,14 @@ from rich.table import Table
 from rich.text import Text
 
 from . import mcp, telegram
-from ._client import ChinwagError, Client, ConnectionLost, connect
+from ._client import (
+    ChinwagError,
+    Client,
+    ConnectionLost,
+    DaemonUnreachable,
+    connect,
+    connect_explained,
+)
 
 _T = TypeVar("_T")
 
@@ -127,7 +134,7 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def _no_daemon(path: Path) -> Failure:
-    return Failure(f'no daemon is listening on {path}; start one with "chinwag serve"')
+    return Failure(DaemonUnreachable.nobody_at(path).message)
 
 
 def _accepts(path: Path) -> bool:
@@ -230,19 +237,11 @@ def _alive(pid: int) -> bool:
 @contextlib.asynccontextmanager
 async def _connect(settings: Settings) -> AsyncIterator[Client]:
     """Connect, turning "nothing listens there" into one clear line."""
-    connected = False
     try:
-        async with connect(settings.socket, client=CLIENT_NAME) as client:
-            connected = True
+        async with connect_explained(settings.socket, client=CLIENT_NAME) as client:
             yield client
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        if connected:
-            raise
-        raise _no_daemon(settings.socket) from exc
-    except OSError as exc:
-        if connected:
-            raise
-        raise Failure(f"cannot connect to {settings.socket}: {exc.strerror or exc}") from exc
+    except DaemonUnreachable as exc:
+        raise Failure(exc.message) from exc
 
 
 #: How long shell completion waits for the daemon before offering nothing.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +25,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
-from .._client import ChinwagError, Client, ConnectionLost, connect
+from .._client import ChinwagError, Client, ConnectionLost, connect_explained
 from ._watch import RunReport, RunWatch, Watches
 
 CLIENT_NAME = "chinwag-mcp"
@@ -283,26 +283,9 @@ class ChinwagTools:
             raise ToolError(_describe(watch.failure))
         return _run_result(watch.report(), timeout_s)
 
-    @asynccontextmanager
-    async def _connect(self) -> AsyncIterator[Client]:
+    def _connect(self) -> AbstractAsyncContextManager[Client]:
         """A connection to the daemon; a daemon that is not there is ``ConnectionLost``."""
-        connected = False
-        try:
-            async with connect(self._socket, client=CLIENT_NAME) as client:
-                connected = True
-                yield client
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            if connected:
-                raise
-            raise ConnectionLost(
-                f'no daemon is listening on {self._socket}; start one with "chinwag serve"'
-            ) from exc
-        except OSError as exc:
-            if connected:
-                raise
-            raise ConnectionLost(
-                f"cannot connect to {self._socket}: {exc.strerror or exc}"
-            ) from exc
+        return connect_explained(self._socket, client=CLIENT_NAME)
 
     @asynccontextmanager
     async def _client(self) -> AsyncIterator[Client]:
