@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import itertools
 import os
@@ -383,51 +384,83 @@ def test_chat_starts_a_daemon_when_none_listens(short_tmp: Path, isolated_env) -
 class Terminal:
     """A command on a pseudo-terminal, for what only a terminal does: Ctrl-C."""
 
-    def __init__(self, argv: list[str]) -> None:
-        env = dict(os.environ, NO_COLOR="1", COLUMNS="200", TERM="dumb")
+    expect_timeout_s = 15.0
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        if env is None:
+            env = dict(os.environ, NO_COLOR="1", COLUMNS="200", TERM="dumb")
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: become the command, whatever happens
             try:
                 os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)
-        self.output = ""
+        self.raw = ""  # everything written, escapes and all
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._seen = 0
 
-    def expect(self, pattern: str, timeout: float = 15) -> None:
-        """Wait until ``pattern`` appears in the output after the last match."""
-        deadline = time.monotonic() + timeout
+    @property
+    def output(self) -> str:
+        """What was written, with the terminal's line ends made plain."""
+        return self.raw.replace("\r\n", "\n")
+
+    def _searched(self) -> str:
+        """What ``expect`` looks in."""
+        return self.output
+
+    def _shown(self) -> str:
+        """What a failure shows."""
+        return self.output
+
+    def _received(self, text: str) -> None:
+        """A hook for what the command wrote, as it comes."""
+
+    def _read(self, timeout: float) -> bool:
+        """Read what is there within ``timeout``; False once the command's terminal closed."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # the command exited and the terminal closed
+            return False
+        text = self._decoder.decode(data)
+        self.raw += text
+        self._received(text)
+        return True
+
+    def expect(self, pattern: str, timeout: float | None = None) -> None:
+        """Wait until ``pattern`` appears in the output after the last match.
+
+        Polls the pty with a deadline: output from another process has no event to await.
+        """
+        deadline = time.monotonic() + (timeout or self.expect_timeout_s)
         while True:
-            found = re.search(pattern, self.output[self._seen :])
+            found = re.search(pattern, self._searched()[self._seen :])
             if found:
                 self._seen += found.end()
                 return
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {pattern!r} in the terminal:\n{self.output}")
-            ready, _, _ = select.select([self.fd], [], [], remaining)
-            if ready:
-                try:
-                    data = os.read(self.fd, 4096)
-                except OSError:  # the command exited and the terminal closed
-                    raise AssertionError(f"no {pattern!r}; it exited:\n{self.output}") from None
-                self.output += data.decode(errors="replace").replace("\r\n", "\n")
+            if remaining <= 0 or not self._read(remaining):
+                raise AssertionError(f"no {pattern!r} in the terminal:\n{self._shown()}")
 
     def type(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
     def wait(self, timeout: float = 15) -> int:
-        """The command's exit status, once it exits by itself."""
+        """The command's exit status, once it exits by itself; what it wrote read to the end."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self.pid = 0
+                with contextlib.suppress(OSError):
+                    while self._read(0.05) and select.select([self.fd], [], [], 0)[0]:
+                        pass
                 return os.waitstatus_to_exitcode(status)
             with contextlib.suppress(OSError):  # keep the terminal drained
-                if select.select([self.fd], [], [], 0.05)[0]:
-                    self.output += os.read(self.fd, 4096).decode(errors="replace")
-        raise AssertionError(f"the command did not exit:\n{self.output}")
+                self._read(0.05)
+        raise AssertionError(f"the command did not exit:\n{self._shown()}")
 
     def close(self) -> None:
         if self.pid:

@@ -8,22 +8,16 @@ screen: what a person would see once the redraws have settled.
 
 from __future__ import annotations
 
-import codecs
-import contextlib
 import io
 import os
-import pty
 import re
-import select
-import signal
-import time
 
 import anyio
 import msgspec
 from chinwag.clients._live_chat import LiveChat, SettledMarkdown
 from chinwag.protocol import End, Entry, Start, TextDelta, ThinkingDelta, ToolCall, ToolResult
 from rich.console import Console, Group
-from test_cli import CHINWAG, chinwag, fresh_sender
+from test_cli import CHINWAG, Terminal, chinwag, fresh_sender
 
 _CSI = re.compile(r"\x1b\[([0-9;?]*)([@-~])")
 _OSC = re.compile(r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
@@ -110,79 +104,29 @@ class Screen:
         return "\n".join("".join(line).rstrip() for line in self.lines).rstrip("\n")
 
 
-class LiveTerminal:
+class LiveTerminal(Terminal):
     """`chinwag chat` on a pty that looks like a colour terminal, 100 columns by 40 lines."""
+
+    expect_timeout_s = 20.0
 
     def __init__(self, argv: list[str]) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
         env.update(TERM="xterm-256color", COLUMNS="100", LINES="40")
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: become the command, whatever happens
-            try:
-                os.execve(argv[0], argv, env)
-            finally:
-                os._exit(127)
-        self.raw = ""  # everything written, escapes and all
         self.screen = Screen()
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._seen = 0
+        super().__init__(argv, env)
 
     def plain(self) -> str:
         """What was written, its escape sequences removed (every redraw included)."""
         return _ESCAPES.sub("", self.raw)
 
-    def _read(self, timeout: float) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        if not ready:
-            return True
-        try:
-            data = os.read(self.fd, 65536)
-        except OSError:  # the command exited and the terminal closed
-            return False
-        text = self._decoder.decode(data)
-        self.raw += text
+    def _searched(self) -> str:
+        return self.plain()
+
+    def _shown(self) -> str:
+        return self.screen.text()
+
+    def _received(self, text: str) -> None:
         self.screen.feed(text)
-        return True
-
-    def expect(self, pattern: str, timeout: float = 20) -> None:
-        """Wait until ``pattern`` shows in the output (escapes removed) after the last match.
-
-        Polls the pty with a deadline: output from another process has no event to await.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.search(pattern, self.plain()[self._seen :])
-            if found:
-                self._seen += found.end()
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._read(remaining):
-                raise AssertionError(f"no {pattern!r} on the screen:\n{self.screen.text()}")
-
-    def type(self, keys: str) -> None:
-        os.write(self.fd, keys.encode())
-
-    def wait(self, timeout: float = 15) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.pid = 0
-                with contextlib.suppress(OSError):
-                    while self._read(0.05) and select.select([self.fd], [], [], 0)[0]:
-                        pass
-                return os.waitstatus_to_exitcode(status)
-            with contextlib.suppress(OSError):  # keep the terminal drained
-                self._read(0.05)
-        raise AssertionError(f"the command did not exit:\n{self.screen.text()}")
-
-    def close(self) -> None:
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-            self.pid = 0
-        os.close(self.fd)
 
 
 def screen_lines(term: LiveTerminal, start: str) -> list[str]:
