@@ -9,9 +9,8 @@ assert only what the ``Storage`` contract promises of all of them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
-from datetime import UTC, datetime, timedelta, timezone
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
 
 import msgspec
 import pytest
@@ -24,16 +23,7 @@ from chinwag.storage import (
     Storage,
     StorageError,
 )
-
-T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
-Reopen = Callable[[Storage], Awaitable[Storage]]  # the fixtures' shapes, see conftest.py
-FailingAppends = Callable[..., AbstractAsyncContextManager[None]]
-AGENT = "assistant"
-SENDER = "user"
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
+from test_storage import AGENT, SENDER, T0, FailingAppends, Reopen, at
 
 
 def message(content: str, *, role: str = "user", agent: str = "") -> Entry:
