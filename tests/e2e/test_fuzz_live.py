@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import random
 import struct
+from typing import get_args
 
 import msgspec
 import trio
 from chinwag.clients import connect
-from chinwag.protocol import Hello, TextDelta
+from chinwag.protocol import ClientMsg, Hello, TextDelta
 
 FRAMES = int(os.environ.get("CHINWAG_FUZZ_FRAMES", "10000"))
 SEED = int(os.environ.get("CHINWAG_FUZZ_SEED", "20261129"))
@@ -31,17 +32,8 @@ max_connections = 256
 provider = "echo"
 """
 
-TYPES = [
-    "stream",
-    "kill",
-    "attach",
-    "compact",
-    "reply_to_ask",
-    "get_history",
-    "subscribe",
-    "list_conversations",
-]
-TYPES += ["cancel", "ping", "stats", "search_memory", "hello", "nope", ""]
+# Every type a client may send, and two no daemon knows.
+TYPES = [msg.__struct_config__.tag for msg in get_args(ClientMsg)] + ["nope", ""]
 
 
 def frame(body: bytes) -> bytes:
