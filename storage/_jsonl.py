@@ -84,6 +84,7 @@ import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
 from ._base import Archive, ConversationNotFound, StorageError, check_archive, search_words
+from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._search import MemoryIndex, archive_text, check_search_limit, note_text
 from ._timestamps import from_text, to_text, utc
@@ -463,7 +464,7 @@ class JsonlStorage:
         self._by_key = {(c.item.agent, c.item.sender): c for c in conversations}
         self._next_id = max((c.id for c in conversations), default=0) + 1
         self._creating: dict[tuple[str, str], trio.Event] = {}
-        self._claims: set[tuple[str, str]] = set()
+        self._claims = LocalClaims()
         self._writers = 0  # mutations under way; close waits for them
         self._idle: trio.Event | None = None
         self._closed = False
@@ -864,17 +865,11 @@ class JsonlStorage:
 
     async def claim(self, agent: str, sender: str) -> bool:
         """Take the conversation for this store's runs; see ``Storage.claim``."""
-        await trio.lowlevel.checkpoint()
-        self._check_open()
-        if (agent, sender) in self._claims:
-            return False
-        self._claims.add((agent, sender))
-        return True
+        return await self._claims.claim(agent, sender)
 
     async def release(self, agent: str, sender: str) -> None:
         """Give up a claim; see ``Storage.release``."""
-        self._claims.discard((agent, sender))
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._claims.release(agent, sender)
 
     # --- lifetime -----------------------------------------------------------------
 
@@ -884,7 +879,7 @@ class JsonlStorage:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._closed = True
-        self._claims.clear()
+        self._claims.close()
         with trio.CancelScope(shield=True):
             while self._writers:
                 self._idle = trio.Event()

@@ -17,6 +17,7 @@ import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
 from ._base import Archive, ConversationNotFound, StorageError, check_archive
+from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._search import MemoryIndex, archive_text, note_text
 from ._timestamps import from_text, to_text, utc
@@ -46,7 +47,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         self._conversations: dict[tuple[str, str], _Conversation] = {}
         self._next_id = 1
-        self._claims: set[tuple[str, str]] = set()
+        self._claims = LocalClaims()
         self._closed = False
         self._memory = MemoryIndex()
 
@@ -220,22 +221,15 @@ class MemoryStorage:
 
     async def claim(self, agent: str, sender: str) -> bool:
         """Take the conversation for this store's runs; see ``Storage.claim``."""
-        await trio.lowlevel.checkpoint()
-        if self._closed:
-            raise StorageError("The store is closed.")
-        if (agent, sender) in self._claims:
-            return False
-        self._claims.add((agent, sender))
-        return True
+        return await self._claims.claim(agent, sender)
 
     async def release(self, agent: str, sender: str) -> None:
         """Give up a claim; see ``Storage.release``."""
-        self._claims.discard((agent, sender))
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._claims.release(agent, sender)
 
     async def close(self) -> None:
         self._closed = True
-        self._claims.clear()
+        self._claims.close()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
 

@@ -49,6 +49,7 @@ import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit, ToolCallInfo
 
 from ._base import Archive, ConversationNotFound, StorageError, check_archive
+from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._search import SNIPPET_WORDS, archive_text, database_search_words, note_text, one_line
 from ._timestamps import from_text, to_text, utc
@@ -241,7 +242,7 @@ class SqliteStorage:
         # The committed (id, last_seq) of recently used conversations. Only writes of
         # this store change them, so a hit spares the append a SELECT.
         self._cache: dict[tuple[str, str], tuple[int, int]] = {}
-        self._claims: set[tuple[str, str]] = set()
+        self._claims = LocalClaims()
         self._closed = False
 
     @classmethod
@@ -673,18 +674,11 @@ class SqliteStorage:
 
     async def claim(self, agent: str, sender: str) -> bool:
         """Take the conversation for this store's runs; see ``Storage.claim``."""
-        await trio.lowlevel.checkpoint()
-        if self._closed:
-            raise StorageError("The store is closed.")
-        if (agent, sender) in self._claims:
-            return False
-        self._claims.add((agent, sender))
-        return True
+        return await self._claims.claim(agent, sender)
 
     async def release(self, agent: str, sender: str) -> None:
         """Give up a claim; see ``Storage.release``."""
-        self._claims.discard((agent, sender))
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._claims.release(agent, sender)
 
     # --- lifetime -----------------------------------------------------------------
 
@@ -693,7 +687,7 @@ class SqliteStorage:
         if self._closed:
             return
         self._closed = True
-        self._claims.clear()
+        self._claims.close()
         with trio.CancelScope(shield=True):
             async with self._write_lock:  # behind every append already queued
                 await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
