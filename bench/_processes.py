@@ -6,6 +6,7 @@ client's interpreter or event loop; what a process costs is read from /proc.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -14,12 +15,16 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import parse_qs, urlsplit
 
 from . import _profile
 from ._report import REPO
 
 # Where `python -m bench --profile DIR` wants the daemons' py-spy samples (None: nowhere).
 profile_dir: Path | None = None
+# The interpreter that runs `chinwag serve` (`--daemon-python`): another one measures
+# another installed chinwag, e.g. a clean copy of a commit in its own virtualenv.
+daemon_python: str = sys.executable
 
 ECHO_CONFIG = """
 [daemon]
@@ -74,6 +79,50 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def bench_env() -> dict[str, str]:
+    """The environment of a child process: `bench` importable, from the repository."""
+    path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
+def in_daemon_python(code: str, *args: str) -> str:
+    """Run ``code`` in the daemon's interpreter, e.g. to fill a store with its chinwag;
+    what it printed."""
+    return subprocess.run(
+        [daemon_python, "-c", code, *args],
+        env=bench_env(),
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+
+
+# Where the daemon's chinwag comes from: installed, the folder pip recorded it was
+# installed from; editable, the repository its packages are folders of.
+SOURCE = """
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+import chinwag.protocol
+package = Path(chinwag.protocol.__file__).resolve().parent
+for info in package.parent.parent.glob("chinwag-*.dist-info"):
+    url = json.loads((info / "direct_url.json").read_text())["url"]
+    print(url2pathname(urlsplit(url).path))
+    break
+else:
+    print(package.parent)
+"""
+
+
+def daemon_source() -> Path:
+    """The source tree of the chinwag that `daemon_python` runs (the repository when
+    pip recorded none)."""
+    found = in_daemon_python(SOURCE).strip()
+    return Path(found) if found else REPO
+
+
 class Server:
     """A child process serving on a Unix socket; a context manager that stops it."""
 
@@ -94,8 +143,7 @@ class Server:
         return self.proc.pid
 
     def start(self) -> None:
-        path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        env = bench_env()
         # A server stopped by SIGTERM may leave its socket file behind (the bare ones do).
         self.socket_path.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
@@ -158,7 +206,7 @@ def chinwag_serve(root: Path, config: str, storage: str | None = None) -> Server
     config_path.write_text(config)
     sock = root / "d.sock"
     argv = [
-        sys.executable,
+        daemon_python,
         "-m",
         "chinwag.clients.cli",
         "serve",
@@ -181,6 +229,15 @@ def bare_server(root: Path, mode: str) -> Server:
     return Server(argv, sock, root / f"bare-{mode}.log")
 
 
+def raw_durable(root: Path, synchronous: str) -> Server:
+    """`bench._bare_server durable`: the bare server doing chinwag's sqlite commits inline."""
+    root.mkdir(parents=True, exist_ok=True)
+    sock = root / f"raw-durable-{synchronous}.sock"
+    db = root / f"raw-durable-{synchronous}.db"
+    argv = [sys.executable, "-m", "bench._bare_server", "durable", str(sock), str(db), synchronous]
+    return Server(argv, sock, root / f"raw-durable-{synchronous}.log")
+
+
 def sse_server(root: Path) -> Server:
     """The Starlette SSE baseline under uvicorn, on a Unix socket."""
     root.mkdir(parents=True, exist_ok=True)
@@ -199,5 +256,60 @@ def sse_server(root: Path) -> Server:
     return Server(argv, sock, root / "sse.log")
 
 
+def synchronous_of(storage: str | None) -> str | None:
+    """The `synchronous` of a sqlite store (None: the default, sqlite with full); None
+    for any other store."""
+    if storage is None:
+        return "full"
+    if not storage.startswith("sqlite:"):
+        return None
+    found = parse_qs(urlsplit(storage).query).get("synchronous", ["full"])
+    return found[-1].lower()
+
+
 def storage_label(storage: str | None) -> str:
-    return "sqlite (temp dir, synchronous=full)" if storage is None else storage.split(":")[0]
+    if storage is None:
+        return "sqlite (temp dir, synchronous=full)"
+    if (synchronous := synchronous_of(storage)) is not None:
+        return f"sqlite, synchronous={synchronous}"
+    return storage.split(":")[0]
+
+
+def storage_tag(storage: str | None) -> str:
+    """What tells a figure on this store from the default store's: '' for sqlite with
+    synchronous=full, else e.g. 'normal', 'memory', 'postgresql'."""
+    synchronous = synchronous_of(storage)
+    if synchronous is not None:
+        return "" if synchronous == "full" else synchronous
+    return storage.split(":")[0] if storage else ""
+
+
+def storage_short(storage: str | None) -> str:
+    """A store in a figure's name: 'sqlite full', 'sqlite normal', 'memory:', 'postgresql'."""
+    synchronous = synchronous_of(storage)
+    if synchronous is not None:
+        return f"sqlite {synchronous}"
+    return "memory:" if storage == "memory:" else (storage or "").split(":")[0]
+
+
+def add_daemon_options(parser: argparse.ArgumentParser, storage: bool = True) -> None:
+    """--storage (unless ``storage`` is False) and --daemon-python, for every
+    benchmark's own command."""
+    if storage:
+        parser.add_argument(
+            "--storage",
+            help="storage URL for the daemon (default: sqlite in a temp dir, synchronous=full)",
+        )
+    parser.add_argument(
+        "--daemon-python",
+        metavar="PATH",
+        default=os.environ.get("CHINWAG_BENCH_DAEMON_PYTHON"),
+        help="the Python that runs `chinwag serve` (and fills stores), e.g. a virtualenv with "
+        "another chinwag installed (default: $CHINWAG_BENCH_DAEMON_PYTHON, else this one)",
+    )
+
+
+def use_daemon_options(args: argparse.Namespace) -> None:
+    global daemon_python
+    if args.daemon_python:
+        daemon_python = args.daemon_python

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ Better = Literal["lower", "higher"]
 class Baseline:
     name: str
     value: float
+    repeats: list[float] = field(default_factory=list)  # its value in every repeat
 
     def ratio(self, ours: float) -> float | None:
         return ours / self.value if self.value else None
@@ -36,18 +38,29 @@ class Baseline:
 
 @dataclass
 class Target:
-    """A goal from the issue: ``value`` with ``<=`` (lower is better) or ``>=``."""
+    """A goal from the issue: ``value`` with ``<=`` (lower is better) or ``>=``.
+
+    With ``of``, the name of one of the figure's baselines, the goal is on the
+    ratio chinwag / that baseline (``<= 1.3`` reads "at most 1.3x the baseline").
+    """
 
     op: Literal["<=", ">="]
     value: float
+    of: str | None = None
 
-    def met(self, ours: float) -> bool:
+    def met(self, fig: Figure) -> bool:
+        ours = fig.value if self.of is None else fig.ratio_to(self.of)
+        if ours is None:
+            return False
         return ours <= self.value if self.op == "<=" else ours >= self.value
+
+    def text(self) -> str:
+        return f"{self.op} {self.value:,g}{'x' if self.of else ''}"
 
 
 @dataclass
 class Figure:
-    key: str  # stable across runs: picks the best of repeats, names the JSON entry
+    key: str  # stable across runs: matches a figure's repeats, names the JSON entry
     bench: str  # the section: "a" .. "e", "slow"
     name: str
     unit: str
@@ -58,13 +71,32 @@ class Figure:
     note: str = ""
     repeats: list[float] = field(default_factory=list)  # chinwag's value in every repeat
 
-    def beats(self, other: Figure) -> bool:
-        return self.value < other.value if self.better == "lower" else self.value > other.value
+    def ratio_to(self, baseline: str) -> float | None:
+        """chinwag / the baseline named so; None when it is missing or zero."""
+        for base in self.baselines:
+            if base.name == baseline:
+                return base.ratio(self.value)
+        return None
+
+    def met(self) -> bool | None:
+        """Whether the target is met; None without a target."""
+        return None if self.target is None else self.target.met(self)
 
     def as_json(self) -> dict[str, object]:
         data = asdict(self)
         data["baselines"] = [
-            {"name": b.name, "value": b.value, "ratio": b.ratio(self.value)} for b in self.baselines
+            {
+                "name": b.name,
+                "value": b.value,
+                "ratio": b.ratio(self.value),
+                "repeats": b.repeats,
+                # Each repeat's own ratio, chinwag's value over the baseline's of that repeat.
+                "ratio_repeats": [
+                    ours / theirs if theirs else None
+                    for ours, theirs in zip(self.repeats, b.repeats, strict=False)
+                ],
+            }
+            for b in self.baselines
         ]
         data["target"] = (
             None
@@ -72,7 +104,8 @@ class Figure:
             else {
                 "op": self.target.op,
                 "value": self.target.value,
-                "met": self.target.met(self.value),
+                "of": self.target.of,
+                "met": self.met(),
             }
         )
         return data
@@ -84,19 +117,38 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def best_of(rounds: Sequence[Sequence[Figure]]) -> list[Figure]:
-    """Per figure, the repeat where chinwag did best, with that repeat's baselines;
-    ``repeats`` keeps every repeat's value, to show the spread."""
-    best: dict[str, Figure] = {}
-    seen: dict[str, list[float]] = {}
+def median_of(rounds: Sequence[Sequence[Figure]]) -> list[Figure]:
+    """Per figure, the median over the repeats of chinwag's value and of each
+    baseline's value alike, the ratio taken between the two medians.
+
+    ``repeats`` (of the figure and of each baseline) keeps every repeat's value.
+    The note is the median repeat's (the lower middle one for an even count),
+    since some notes report what happened in their repeat.
+    """
+    seen: dict[str, list[Figure]] = {}
     for figures in rounds:
         for fig in figures:
-            seen.setdefault(fig.key, []).append(fig.value)
-            if fig.key not in best or fig.beats(best[fig.key]):
-                best[fig.key] = fig
-    order = [fig.key for fig in rounds[0]] if rounds else []
-    order += [key for key in best if key not in order]
-    return [replace(best[key], repeats=seen[key]) for key in order]
+            seen.setdefault(fig.key, []).append(fig)
+    merged: list[Figure] = []
+    for repeats in seen.values():
+        values = [fig.value for fig in repeats]
+        middle = sorted(repeats, key=lambda fig: fig.value)[(len(repeats) - 1) // 2]
+        baselines: dict[str, list[float]] = {}
+        for fig in repeats:
+            for base in fig.baselines:
+                baselines.setdefault(base.name, []).append(base.value)
+        merged.append(
+            replace(
+                middle,
+                value=statistics.median(values),
+                repeats=values,
+                baselines=[
+                    Baseline(name, statistics.median(found), found)
+                    for name, found in baselines.items()
+                ],
+            )
+        )
+    return merged
 
 
 def _fmt(value: float) -> str:
@@ -112,8 +164,13 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-NAME = 60  # widths of the table's name columns
+NAME = 66  # widths of the table's name columns
 BASE = 44
+
+
+def _aim(fig: Figure, base: Baseline) -> str:
+    """Marks the baseline a ratio target is measured against."""
+    return "  <- target" if fig.target is not None and fig.target.of == base.name else ""
 
 
 def table(figures: Sequence[Figure]) -> str:
@@ -126,8 +183,8 @@ def table(figures: Sequence[Figure]) -> str:
     for fig in figures:
         target, met = "", ""
         if fig.target is not None:
-            target = f"{fig.target.op} {fig.target.value:,g}"
-            met = "met" if fig.target.met(fig.value) else "MISSED"
+            target = fig.target.text()
+            met = "met" if fig.met() else "MISSED"
         name = f"({fig.bench}) {fig.name} ({fig.unit})"
         left = f"{name:<{NAME}}{_fmt(fig.value):>10}  {target:<11}{met:<7}"
         if not fig.baselines:
@@ -136,7 +193,7 @@ def table(figures: Sequence[Figure]) -> str:
             ratio = base.ratio(fig.value)
             lines.append(
                 f"{left if i == 0 else ' ' * len(left)}{base.name:<{BASE}}{_fmt(base.value):>10}"
-                f"{'-' if ratio is None else format(ratio, '.2f'):>8}"
+                f"{'-' if ratio is None else format(ratio, '.2f'):>8}{_aim(fig, base)}"
             )
         if fig.note:
             lines.append(f"{'':<4}{fig.note}")
@@ -155,8 +212,10 @@ def markdown(figures: Sequence[Figure]) -> str:
             spread = f"{_fmt(min(fig.repeats))} to {_fmt(max(fig.repeats))}"
         target, met = "", ""
         if fig.target is not None:
-            target = f"{fig.target.op} {fig.target.value:,g}"
-            met = "met" if fig.target.met(fig.value) else "**missed**"
+            target = fig.target.text()
+            if fig.target.of is not None:
+                target += f" {fig.target.of}"
+            met = "met" if fig.met() else "**missed**"
         name = f"({fig.bench}) {fig.name}, {fig.unit}".replace("|", "\\|")
         for i, base in enumerate(fig.baselines or [Baseline("", 0.0)]):
             ratio = base.ratio(fig.value)
@@ -224,19 +283,20 @@ def load_average() -> list[float]:
         return []
 
 
-def git_revision() -> str:
-    """The commit measured, with ``+dirty`` when the daemon's folders have changes."""
+def git_revision(tree: Path = REPO) -> str:
+    """The commit of ``tree`` measured, with ``+dirty`` when the daemon's folders have
+    changes."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
+            cwd=tree,
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "daemon", "protocol", "storage"],
-            cwd=REPO,
+            cwd=tree,
             capture_output=True,
             text=True,
             check=True,

@@ -27,7 +27,14 @@ from pathlib import Path
 import trio
 from chinwag.protocol import End, Stream, ToolCall, ToolResult
 
-from ._processes import bare_server, chinwag_serve, echo_config, storage_label
+from ._processes import (
+    add_daemon_options,
+    bare_server,
+    chinwag_serve,
+    echo_config,
+    storage_label,
+    use_daemon_options,
+)
 from ._report import Baseline, Figure, percentile, print_figures
 from ._wire import connect
 from .first_event import measure_round_trip
@@ -104,8 +111,9 @@ def figures(root: Path, rounds: int, storage: str | None = None) -> list[Figure]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--storage", default=None, help="storage URL (default: sqlite, temp dir)")
+    add_daemon_options(parser)
     args = parser.parse_args()
+    use_daemon_options(args)
     with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
         found = figures(Path(tmp), args.rounds, args.storage)
     print_figures(__doc__.splitlines()[0], found)

@@ -1,11 +1,17 @@
-"""(a) First-event latency and sequential runs/s: the echo agent on sqlite, one connection.
+"""(a) First-event latency and sequential runs/s: the echo agent, one connection.
 
 chinwag: a `stream` of "hello world" to the echo agent, timed from the write
 of the request to the arrival of its `start` (the user entry is durably
-stored by then); runs/s counts whole runs (through `end done`) back to back.
+stored by then); runs/s counts whole runs (through `end done`) back to back;
+server CPU per run is the daemon process's user + system time over them.
 The conversations rotate over 100 senders, as a bridge serving many chats does.
 
 Baselines, measured in the same run, each in its own process like the daemon:
+- raw-durable, on a sqlite store only (`bench._bare_server durable`): a bare
+  trio server answering the same frames that makes the same sqlite commits per
+  run as the daemon, with the same `synchronous`, inline on its loop: the
+  user entry committed before `start`, the answer before `end`. The floor of
+  the durable path;
 - a bare trio Unix-socket server that answers each frame with the same frame
   (the client is the same thin framed-msgpack loop, so the ratio is what the
   daemon adds on top of a socket round trip);
@@ -14,7 +20,11 @@ Baselines, measured in the same run, each in its own process like the daemon:
   `end`); the client is a raw HTTP/1.1 keep-alive loop, timed to the first
   `data:` of the response and, for runs/s, to the end of the chunked body.
 
-    python -m bench.first_event [--runs 2000] [--warmup 200] [--storage URL]
+Targets (issue 11): on sqlite with synchronous=full, first event p50 <= 1.3x
+raw-durable's and runs/s >= 0.7x; with synchronous=normal, p50 <= 0.45 ms and
+>= 1,500 runs/s; on `memory:`, p50 <= 2x the bare round trip and >= 2,500 runs/s.
+
+    python -m bench.first_event [--runs 2000] [--warmup 200] [--storage URL] [--no-sse]
 """
 
 from __future__ import annotations
@@ -29,7 +39,20 @@ from pathlib import Path
 import trio
 from chinwag.protocol import MSGPACK, End, Start, Stream
 
-from ._processes import Server, bare_server, chinwag_serve, echo_config, sse_server, storage_label
+from ._processes import (
+    Server,
+    add_daemon_options,
+    bare_server,
+    chinwag_serve,
+    echo_config,
+    raw_durable,
+    sse_server,
+    storage_label,
+    storage_short,
+    storage_tag,
+    synchronous_of,
+    use_daemon_options,
+)
 from ._report import Baseline, Figure, Target, percentile, print_figures
 from ._wire import Framed, connect
 
@@ -37,6 +60,25 @@ __all__ = ["Framed", "figures", "main", "percentile"]
 
 SENDERS = 100
 CONTENT = "hello world"
+ROUND_TRIP = "bare trio socket round trip"
+
+
+def raw_durable_label(synchronous: str) -> str:
+    return f"raw-durable: bare trio + sqlite {synchronous}"
+
+
+async def one_run(conn: Framed, sender: str) -> float:
+    """One run of CONTENT, read to its `end done`; seconds from the request to `start`."""
+    t0 = time.perf_counter()
+    await conn.send(Stream(id=1, agent="assistant", sender=sender, content=CONTENT))
+    first = MSGPACK.decode_server(await conn.recv_body())
+    latency = time.perf_counter() - t0
+    assert isinstance(first, Start), first
+    while True:
+        event = MSGPACK.decode_server(await conn.recv_body())
+        if isinstance(event, End):
+            assert event.status == "done", event
+            return latency
 
 
 async def measure_daemon(path: Path, runs: int, warmup: int) -> tuple[list[float], float]:
@@ -48,18 +90,9 @@ async def measure_daemon(path: Path, runs: int, warmup: int) -> tuple[list[float
             started = time.perf_counter()
         # Rotate over conversations, as a bridge serving many chats does, so that
         # no one context grows without bound (no compaction in this benchmark).
-        msg = Stream(id=1, agent="assistant", sender=f"bench-{i % SENDERS}", content=CONTENT)
-        t0 = time.perf_counter()
-        await conn.send(msg)
-        first = MSGPACK.decode_server(await conn.recv_body())
-        assert isinstance(first, Start), first
+        latency = await one_run(conn, f"bench-{i % SENDERS}")
         if i >= warmup:
-            firsts.append(time.perf_counter() - t0)
-        while True:
-            event = MSGPACK.decode_server(await conn.recv_body())
-            if isinstance(event, End):
-                assert event.status == "done", event
-                break
+            firsts.append(latency)
     elapsed = time.perf_counter() - started
     await conn.aclose()
     return firsts, runs / elapsed
@@ -168,69 +201,97 @@ def on(
     return latencies, rate, (server.cpu_seconds() - cpu) / runs
 
 
-def figures(root: Path, runs: int, warmup: int, storage: str | None = None) -> list[Figure]:
-    """Measure chinwag and its baselines, one after another, each over one connection."""
+def targets(storage: str | None) -> dict[str, Target]:
+    """Issue 11's targets for first event p50 ("p50") and runs/s ("rate") on this store."""
+    synchronous = synchronous_of(storage)
+    if synchronous == "full":
+        raw = raw_durable_label("full")
+        return {"p50": Target("<=", 1.3, of=raw), "rate": Target(">=", 0.7, of=raw)}
+    if synchronous == "normal":
+        return {"p50": Target("<=", 0.45), "rate": Target(">=", 1500)}
+    if storage == "memory:":
+        return {"p50": Target("<=", 2, of=ROUND_TRIP), "rate": Target(">=", 2500)}
+    return {}
+
+
+def figures(
+    root: Path, runs: int, warmup: int, storage: str | None = None, *, sse: bool = True
+) -> list[Figure]:
+    """Measure chinwag and its baselines, one after another, each over one connection.
+
+    Keys and names carry the store unless it is the default (sqlite, synchronous=full);
+    ``sse`` False leaves out the Starlette baseline.
+    """
     with chinwag_serve(root / "first-event", echo_config(), storage) as daemon:
         d_first, d_rate, d_cpu = on(daemon, measure_daemon, runs, warmup)
+    bases: dict[str, list[Baseline]] = {"p50": [], "p99": [], "rate": [], "cpu": []}
+
+    def baseline(name: str, found: Measurement) -> None:
+        latencies, rate, cpu = found
+        bases["p50"].append(Baseline(name, percentile(latencies, 0.5) * 1e3))
+        bases["p99"].append(Baseline(name, percentile(latencies, 0.99) * 1e3))
+        bases["rate"].append(Baseline(name, rate))
+        bases["cpu"].append(Baseline(name, cpu * 1e6))
+
+    if (synchronous := synchronous_of(storage)) is not None:
+        with raw_durable(root, synchronous) as durable:
+            baseline(raw_durable_label(synchronous), on(durable, measure_daemon, runs, warmup))
     with bare_server(root, "echo") as bare:
-        b_rtt, b_rate, b_cpu = on(bare, measure_round_trip, runs, warmup)
-    trio_rtt = "bare trio socket round trip"
-    bases = {
-        "p50": [Baseline(trio_rtt, percentile(b_rtt, 0.5) * 1e3)],
-        "p99": [Baseline(trio_rtt, percentile(b_rtt, 0.99) * 1e3)],
-        "rate": [Baseline(trio_rtt, b_rate)],
-        "cpu": [Baseline(trio_rtt, b_cpu * 1e6)],
-    }
+        baseline(ROUND_TRIP, on(bare, measure_round_trip, runs, warmup))
     note = ""
-    if (missing := sse_available()) is None:
-        with sse_server(root) as sse:
-            trio.run(check_sse, sse.socket_path)
-            s_first, s_rate, s_cpu = on(sse, measure_sse, runs, warmup)
+    if sse and (missing := sse_available()) is None:
+        with sse_server(root) as server:
+            trio.run(check_sse, server.socket_path)
+            s_first, s_rate, s_cpu = on(server, measure_sse, runs, warmup)
         sse_first = "Starlette SSE (uvicorn), first data"
         sse_whole = "Starlette SSE (uvicorn), whole stream"
         bases["p50"].append(Baseline(sse_first, percentile(s_first, 0.5) * 1e3))
         bases["p99"].append(Baseline(sse_first, percentile(s_first, 0.99) * 1e3))
         bases["rate"].append(Baseline(sse_whole, s_rate))
         bases["cpu"].append(Baseline(sse_whole, s_cpu * 1e6))
-    else:
+    elif sse:
         note = f"no SSE baseline: {missing}"
-    where = storage_label(storage)
+    tag = storage_tag(storage)
+    key = f"_{tag}" if tag else ""
+    where = f" [{storage_short(storage)}]" if tag else ""
+    aims = targets(storage)
     return [
         Figure(
-            "first_event_p50",
+            f"first_event_p50{key}",
             "a",
-            "first event p50",
+            f"first event p50{where}",
             "ms",
             percentile(d_first, 0.5) * 1e3,
             "lower",
             bases["p50"],
-            Target("<=", 0.5),
-            note=f"stream -> `start` (user entry stored), echo on {where}, {runs} runs",
+            aims.get("p50"),
+            note=f"stream -> `start` (user entry stored), echo on {storage_label(storage)}, "
+            f"{runs} runs",
         ),
         Figure(
-            "first_event_p99",
+            f"first_event_p99{key}",
             "a",
-            "first event p99",
+            f"first event p99{where}",
             "ms",
             percentile(d_first, 0.99) * 1e3,
             "lower",
             bases["p99"],
         ),
         Figure(
-            "runs_per_s",
+            f"runs_per_s{key}",
             "a",
-            "sequential runs/s, one connection",
+            f"sequential runs/s, one connection{where}",
             "runs/s",
             d_rate,
             "higher",
             bases["rate"],
-            Target(">=", 2000),
+            aims.get("rate"),
             note=note,
         ),
         Figure(
-            "cpu_per_run",
+            f"cpu_per_run{key}",
             "a",
-            "server CPU per run",
+            f"server CPU per run{where}",
             "us",
             d_cpu * 1e6,
             "lower",
@@ -244,12 +305,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument(
-        "--storage", default=None, help="storage URL (default: sqlite in a temp dir)"
-    )
+    parser.add_argument("--no-sse", action="store_true", help="leave out the Starlette baseline")
+    add_daemon_options(parser)
     args = parser.parse_args()
+    use_daemon_options(args)
     with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        found = figures(Path(tmp), args.runs, args.warmup, args.storage)
+        found = figures(Path(tmp), args.runs, args.warmup, args.storage, sse=not args.no_sse)
     print_figures(__doc__.splitlines()[0], found)
 
 

@@ -30,7 +30,13 @@ from pathlib import Path
 import trio
 from chinwag.protocol import End, GetHistory, History, Start, Stream, TextDelta
 
-from ._processes import chinwag_serve, echo_config, storage_label
+from ._processes import (
+    add_daemon_options,
+    chinwag_serve,
+    echo_config,
+    storage_label,
+    use_daemon_options,
+)
 from ._report import Baseline, Figure, percentile, print_figures
 from ._wire import Framed, connect
 
@@ -177,8 +183,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast-tokens", type=int, default=6000)
     parser.add_argument("--tokens", type=int, default=200)
-    parser.add_argument("--storage", default=None, help="storage URL (default: sqlite, temp dir)")
+    add_daemon_options(parser)
     args = parser.parse_args()
+    use_daemon_options(args)
     with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
         found = figures(Path(tmp), args.fast_tokens, args.tokens, args.storage)
     print_figures(__doc__.splitlines()[0], found)

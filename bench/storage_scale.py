@@ -34,7 +34,23 @@ from chinwag.protocol import MSGPACK, Entry, FrameDecoder, Hello, Ping, Pong, To
 from chinwag.storage import open_store
 from psycopg import sql
 
+from . import _processes
 from ._report import Baseline, Figure, Target
+
+# Fills a store in the daemon's interpreter, so that its own chinwag writes the schema
+# it reads: `fill(url, conversations, entries, prefix)`.
+FILL = """
+import sys, trio
+from bench.storage_scale import populate
+url, prefix = sys.argv[1], sys.argv[4]
+trio.run(populate, url, int(sys.argv[2]), int(sys.argv[3]), prefix)
+"""
+
+
+def fill(url: str, conversations: int, entries: int, prefix: str = "s") -> None:
+    """`populate`, run by the daemon's Python (see `_processes.daemon_python`)."""
+    _processes.in_daemon_python(FILL, url, str(conversations), str(entries), prefix)
+
 
 BASELINE_SERVER = r"""
 import socket, sys, trio
@@ -66,7 +82,9 @@ def step(n: int) -> list[Entry]:
     ]
 
 
-async def populate(url: str, conversations: int, entries: int) -> None:
+async def populate(url: str, conversations: int, entries: int, prefix: str = "s") -> None:
+    """``conversations`` of the agent `assistant`, senders ``prefix`` + n, of ``entries``
+    entries each (user and assistant turns), each written in one append."""
     async with open_store(url) as store:
         now = datetime.now(UTC)
         batch = [
@@ -82,8 +100,9 @@ async def populate(url: str, conversations: int, entries: int) -> None:
 
         async def one(n: int) -> None:
             async with limiter:
-                await store.create_conversation("assistant", f"s{n}", cwd=None, created_at=now)
-                await store.append("assistant", f"s{n}", batch)
+                sender = f"{prefix}{n}"
+                await store.create_conversation("assistant", sender, cwd=None, created_at=now)
+                await store.append("assistant", sender, batch)
 
         async with trio.open_nursery() as nursery:
             for n in range(conversations):
@@ -127,7 +146,7 @@ def measure_startup(url: str, root: Path) -> tuple[float, int]:
     sock.unlink(missing_ok=True)
     proc = subprocess.Popen(
         [
-            sys.executable,
+            _processes.daemon_python,
             "-m",
             "chinwag.daemon",
             "--socket",
@@ -208,7 +227,7 @@ def raw_commit_cost(path: Path, synchronous: str, steps: int) -> float:
 def fill_url(url: str) -> str:
     """The URL to fill a store through: sqlite without an fsync per commit, since
     only the daemon's start-up over the result is measured."""
-    return f"{url}?synchronous=normal" if url.startswith("sqlite:") else url
+    return f"{url.split('?')[0]}?synchronous=normal" if url.startswith("sqlite:") else url
 
 
 def startup_figures(root: Path, conversations: int, entries: int) -> list[Figure]:
@@ -216,7 +235,7 @@ def startup_figures(root: Path, conversations: int, entries: int) -> list[Figure
     base_s, base_rss = measure_baseline_startup(root)
     url = f"sqlite:///{root / 'scale.db'}"
     t0 = time.perf_counter()
-    trio.run(populate, fill_url(url), conversations, entries)
+    fill(fill_url(url), conversations, entries)
     filled = time.perf_counter() - t0
     seconds, rss = measure_startup(url, root)
     label = "bare trio process answering a ping"
@@ -265,7 +284,9 @@ def main() -> None:
         ),
         help="the server for the postgres backend (a fresh schema in it is used and dropped)",
     )
+    _processes.add_daemon_options(parser, storage=False)
     args = parser.parse_args()
+    _processes.use_daemon_options(args)
     schema = f"chinwag_bench_{secrets.token_hex(6)}"
     with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
         root = Path(tmp)
@@ -286,7 +307,7 @@ def main() -> None:
             }[backend]
             t0 = time.perf_counter()
             try:
-                trio.run(populate, fill_url(url), args.conversations, args.entries)
+                fill(fill_url(url), args.conversations, args.entries)
                 filled = time.perf_counter() - t0
                 seconds, rss = measure_startup(url, root)
             finally:
