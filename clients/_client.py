@@ -57,6 +57,7 @@ from chinwag.protocol import (
     Request,
     SearchMemory,
     ServerMsg,
+    Session,
     Stats,
     Stream,
     StreamEvent,
@@ -146,7 +147,6 @@ def _again(error: ChinwagError) -> ChinwagError:
 class _Pending:
     """One open request: where the reader puts its frames."""
 
-    streaming: bool
     send: MemoryObjectSendStream[ServerMsg]
     receive: MemoryObjectReceiveStream[ServerMsg]
     # Set when the request ends other than by its terminal frame; the consumer
@@ -185,11 +185,15 @@ class Client:
         stream: anyio.abc.ByteStream,
         codec: Codec,
         welcome: Welcome,
+        session: Session,
         decoder: FrameDecoder,
         task_group: anyio.abc.TaskGroup,
     ) -> None:
         self.welcome = welcome
         self.codec = codec
+        # The protocol's state (open ids, which frame ends which request) is the
+        # session's; `_pending` only says where each open request's frames go.
+        self._session = session
         self._stream = stream
         self._decoder = decoder
         self._task_group = task_group
@@ -216,7 +220,7 @@ class Client:
         request_id = self._new_id()
         buffer = STREAM_BUFFER if streaming else 1
         send, receive = anyio.create_memory_object_stream[ServerMsg](buffer)
-        pending = _Pending(streaming, send, receive)
+        pending = _Pending(send, receive)
         self._pending[request_id] = pending
         return request_id, pending
 
@@ -227,7 +231,7 @@ class Client:
         pending.send.close()
         pending.receive.close()
 
-    async def _send(self, msg: msgspec.Struct) -> None:
+    async def _send(self, msg: Request) -> None:
         if self._closed is not None:
             raise _again(self._closed)
         data = self.codec.encode_frame(msg)
@@ -237,6 +241,7 @@ class Client:
                 f"The request is {len(data) - 4} bytes, over the daemon's limit of "
                 f"{self.welcome.max_frame_bytes}; send less at once.",
             )
+        self._session.send_request(msg)
         # Shielded: a write cut short by cancellation would leave half a frame
         # on the socket and break every other request on this connection.
         with anyio.CancelScope(shield=True):
@@ -310,6 +315,7 @@ class Client:
                 # daemon's addition): skip it, the framing is intact.
                 return
             raise
+        terminal = self._session.receive_reply(msg)  # ProtocolError: the daemon broke it
         request_id = getattr(msg, "id", None)
         if request_id is None:
             if isinstance(msg, Error):
@@ -322,7 +328,6 @@ class Client:
         pending = self._pending.get(request_id)
         if pending is None:
             return  # a request this client stopped listening to
-        terminal = not pending.streaming or isinstance(msg, End | Error)
         try:
             pending.send.send_nowait(msg)
         except anyio.WouldBlock:
@@ -677,9 +682,14 @@ def _expect(msg: ServerMsg, reply_type: type[_R]) -> _R:
 
 
 async def _handshake(
-    stream: anyio.abc.ByteStream, codec: Codec, client: str, decoder: FrameDecoder
+    stream: anyio.abc.ByteStream,
+    codec: Codec,
+    client: str,
+    session: Session,
+    decoder: FrameDecoder,
 ) -> Welcome:
     greeting = Hello(protocol=PROTOCOL_VERSION, client=client, features=["compaction"])
+    session.send_request(greeting)
     hello = bytes(codec.encode_frame(greeting))
     # If the daemon hung up (or refused us first), what it said, if anything, is read below.
     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -702,6 +712,7 @@ async def _handshake(
         raise ChinwagError(reply.code, reply.message)
     if not isinstance(reply, Welcome):
         raise _unexpected(reply, "`welcome`")
+    session.receive_reply(reply)
     return reply
 
 
@@ -770,12 +781,13 @@ async def connect(
         # The daemon's `max_frame_bytes` bounds what it accepts; what it sends
         # (a long history) is only bounded by the 4-byte length, so be lenient.
         decoder = FrameDecoder(_MAX_INCOMING_FRAME)
-        welcome = await _handshake(stream, codec, client, decoder)
+        session = Session()
+        welcome = await _handshake(stream, codec, client, session, decoder)
         body_error: BaseException | None = None
         unwrapped: BaseException | None = None
         try:
             async with anyio.create_task_group() as task_group:
-                conn = Client(stream, codec, welcome, decoder, task_group)
+                conn = Client(stream, codec, welcome, session, decoder, task_group)
                 task_group.start_soon(conn._read)
                 try:
                     yield conn

@@ -26,7 +26,7 @@ them.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Literal, cast
 
 import anthropic
@@ -84,6 +84,8 @@ log = structlog.get_logger("chinwag.anthropic")
 
 class AnthropicProvider:
     """Streams a model's answer from an Anthropic Messages API endpoint."""
+
+    local = False  # a network model: a run overlaps its user entry's write with the request
 
     def __init__(self, config: ProviderConfig) -> None:
         self._max_tokens = config.max_tokens
@@ -210,7 +212,7 @@ async def _drain(events: AsyncStream[RawMessageStreamEvent]) -> None:
 
 
 def build_messages(
-    messages: list[ModelMessage], *, with_tools: bool
+    messages: Sequence[ModelMessage], *, with_tools: bool
 ) -> tuple[str, list[dict[str, Any]]]:
     """Our messages as the ``system`` parameter and the API's alternating turns."""
     system: list[str] = []

@@ -46,6 +46,8 @@ PLACEHOLDER_KEY = "no-key"
 class OpenAIProvider:
     """One ``AsyncOpenAI`` client (and its connection pool) per provider."""
 
+    local = False  # a network model: a run overlaps its user entry's write with the request
+
     def __init__(self, config: ProviderConfig) -> None:
         self.base_url = config.base_url
         self.timeout_s = config.timeout_s

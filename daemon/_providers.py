@@ -8,12 +8,13 @@ checkpoint; a provider holds nothing that outlives the stream.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Literal, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from typing import Any, Literal, Protocol, overload
 
 import msgspec
 import trio
@@ -34,6 +35,63 @@ class ModelMessage(msgspec.Struct, kw_only=True):
     provider_blocks: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
+def words(message: ModelMessage) -> int:
+    """The message's length as `echo` counts tokens: its words."""
+    return len(message.content.split())
+
+
+class Prompt(Sequence[ModelMessage]):
+    """A request's messages: a head made for this step, then a view of kept messages.
+
+    Built in O(1) however long the conversation: ``body`` is the conversation's
+    own list, not copied, seen up to its length when the prompt was made (the
+    list may grow while the request is out); ``tail`` holds what is not in it
+    yet (a user entry whose write is still in flight). ``words`` is the total
+    `echo` reports as prompt tokens, kept by the caller per message as the
+    conversation grows (``body_words`` covers ``body[:len]``).
+    """
+
+    __slots__ = ("_body", "_head", "_length", "_tail", "words")
+
+    def __init__(
+        self,
+        head: Sequence[ModelMessage],
+        body: list[ModelMessage],
+        body_words: int,
+        tail: Sequence[ModelMessage] = (),
+    ) -> None:
+        self._head = head
+        self._body = body
+        self._tail = tail
+        self._length = len(body)
+        self.words = body_words + sum(words(m) for m in head) + sum(words(m) for m in tail)
+
+    def __len__(self) -> int:
+        return len(self._head) + self._length + len(self._tail)
+
+    def __iter__(self) -> Iterator[ModelMessage]:
+        return itertools.chain(self._head, itertools.islice(self._body, self._length), self._tail)
+
+    @overload
+    def __getitem__(self, index: int) -> ModelMessage: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ModelMessage]: ...
+    def __getitem__(self, index: int | slice) -> ModelMessage | Sequence[ModelMessage]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        size = len(self)
+        if index < 0:
+            index += size
+        if not 0 <= index < size:
+            raise IndexError("prompt index out of range")
+        if index < len(self._head):
+            return self._head[index]
+        index -= len(self._head)
+        if index < self._length:
+            return self._body[index]
+        return self._tail[index - self._length]
+
+
 class ToolSchema(msgspec.Struct, kw_only=True):
     name: str
     description: str
@@ -42,7 +100,7 @@ class ToolSchema(msgspec.Struct, kw_only=True):
 
 class ModelRequest(msgspec.Struct, kw_only=True):
     model: str
-    messages: list[ModelMessage]
+    messages: Sequence[ModelMessage]  # a list, or a step's `Prompt`
     tools: list[ToolSchema] = msgspec.field(default_factory=list)
     # A summary request asks for a compaction summary (see _compaction.py);
     # real models read its prompt, `echo` answers it deterministically.
@@ -101,6 +159,11 @@ class ProviderError(Exception):
 
 
 class Provider(Protocol):
+    local: bool
+    """True when the model answers from this process, with no round trip to wait
+    for: a run then stores its user entry before the first request, since there
+    is nothing to overlap the write with."""
+
     def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
         """Stream the model's answer to ``request``; raises ``ProviderError``."""
         ...
@@ -137,6 +200,8 @@ class EchoProvider:
     are kept as they are). Usage counts words as tokens.
     """
 
+    local = True
+
     async def aclose(self) -> None:
         pass
 
@@ -144,7 +209,12 @@ class EchoProvider:
         return None  # echo answers whatever the model is called
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
-        prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+        messages = request.messages
+        # A step's Prompt keeps its count as the conversation grows: a run costs
+        # the same however long the conversation is.
+        prompt_tokens = (
+            messages.words if isinstance(messages, Prompt) else sum(words(m) for m in messages)
+        )
         last = request.messages[-1] if request.messages else ModelMessage(role="user", content="")
         if request.purpose == "summary":
             for chunk in _summary(last.content, prompt_tokens):

@@ -11,9 +11,10 @@ import structlog
 import trio
 from chinwag.storage import open_store
 
+from ._agent import Agent
 from ._config import BUILTIN_PROVIDERS, Config
 from ._providers import Provider, make_provider
-from ._runtime import Agent, Runtime
+from ._runtime import Runtime
 from ._server import Server, bind_unix, inherited_listener
 
 log = structlog.get_logger("chinwag.daemon")

@@ -19,6 +19,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import assert_never
 
 import structlog
 import trio
@@ -26,9 +27,11 @@ from chinwag.protocol import (
     FEATURES,
     JSON,
     PROTOCOL_VERSION,
+    AgentItem,
     Agents,
     Attach,
     Cancel,
+    ClientMsg,
     Codec,
     Compact,
     Compacted,
@@ -48,6 +51,7 @@ from chinwag.protocol import (
     Killed,
     ListAgents,
     ListConversations,
+    LocalProtocolError,
     Memory,
     Ok,
     Ping,
@@ -57,17 +61,22 @@ from chinwag.protocol import (
     Request,
     SearchMemory,
     ServerMessage,
+    Session,
+    Stats,
     Stream,
     StreamEventMsg,
     Subscribe,
     Subscribed,
+    TextDelta,
+    ThinkingDelta,
     Welcome,
     codec_for,
 )
 from chinwag.storage import StorageError
 
+from ._conversation import Run, Subscription
 from ._errors import RequestError
-from ._runtime import Run, Runtime, Subscription, check_sender
+from ._runtime import Runtime
 
 log = structlog.get_logger("chinwag.server")
 
@@ -75,6 +84,10 @@ SERVER_NAME = "chinwag/0.1.0"
 UNIX_SENDER = "user"
 READ_CHUNK = 65536
 FLUSH_TIMEOUT_S = 2.0
+ACCEPT_RETRY_S = 0.1
+# What `accept` fails with while the process or the system is short of a resource
+# that frees up as connections close.
+_OUT_OF_CAPACITY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ServeError(Exception):
@@ -96,8 +109,7 @@ class RequestSink:
             return False
         if type(event) is End:
             self.open = False
-            self.conn.close_request(self.request_id)
-        elif type(event) is Compaction and "compaction" not in self.conn.features:
+        elif type(event) is Compaction and "compaction" not in self.conn.session.features:
             return True  # an addition to v1 this client did not ask for
         # Stamped for the encoding only, not copied: other sinks see the same event
         # (a subscriber, an attach's replay), and it leaves here as it came.
@@ -112,9 +124,7 @@ class RequestSink:
         self.open = False
         if self.run is not None:
             self.run.remove_sink(self)
-        conv = self.conn.runtime.conversations.get(self.key)
-        last_seq = conv.last_seq if conv is not None else None
-        self.conn.close_request(self.request_id)
+        last_seq = self.conn.runtime.last_seq(*self.key)
         self.conn.send(End(id=self.request_id, status="detached", error=None, last_seq=last_seq))
 
 
@@ -126,14 +136,14 @@ class Subscriber:
     never the run or the connection.
     """
 
-    def __init__(self, conn: Connection, request_id: int, msg: Subscribe, size: int) -> None:
+    def __init__(self, conn: Connection, request_id: int, size: int) -> None:
         self.conn = conn
         self.request_id = request_id
         self._send, self._receive = trio.open_memory_channel[Event](size)
-        self.subscription = Subscription(msg.agent, msg.sender, self._deliver)
+        self.subscription: Subscription | None = None
         self._end: End | None = None  # the terminal frame, sent by `forward` once drained
 
-    def _deliver(self, agent: str, sender: str, run_id: str, event: StreamEventMsg) -> bool:
+    def deliver(self, agent: str, sender: str, run_id: str, event: StreamEventMsg) -> bool:
         """Called by runs; returning False makes the run drop the subscription."""
         if self._end is not None:
             return False
@@ -159,9 +169,8 @@ class Subscriber:
         if self._end is not None:
             return
         self._end = End(id=self.request_id, status="detached", error=None, last_seq=None)
-        subscriptions = self.conn.runtime.subscriptions
-        if self.subscription in subscriptions:
-            subscriptions.remove(self.subscription)
+        if self.subscription is not None:
+            self.conn.runtime.unsubscribe(self.subscription)
         self._send.close()
         while True:
             try:
@@ -169,7 +178,6 @@ class Subscriber:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         self._receive.close()
-        self.conn.close_request(self.request_id)
         self.conn.send(self._end)
 
     async def forward(self) -> None:
@@ -187,38 +195,51 @@ class Subscriber:
         except trio.ClosedResourceError:  # detached: its end is already sent
             return
         if self._end is not None and self._end.status == "error":
-            self.conn.close_request(self.request_id)
             self.conn.send(self._end)
 
 
-class Connection:
-    """One client: its reader, its writer, and its open requests."""
+Handle = RequestSink | Subscriber
+"""What a `cancel` detaches: an open `stream`, `attach` or `subscribe`."""
 
-    def __init__(self, server: Server, stream: trio.SocketStream, number: int) -> None:
+# A run's deltas and a subscription's events are worth batching; any other frame is
+# awaited by someone, and goes to the socket at once, with what is queued before it.
+_BATCHED = frozenset({TextDelta, ThinkingDelta, Event})
+_NO_DEADLINE = contextlib.nullcontext()
+
+
+class Connection:
+    """One client: its reader, its writer, its session and the requests it can cancel.
+
+    The `Session` (protocol/) holds the protocol's state: the handshake, the
+    open request ids, which frame ends which request; this class holds the
+    I/O, the limits and the dispatch.
+    """
+
+    def __init__(self, server: Server, stream: trio.abc.HalfCloseableStream, number: int) -> None:
         self.server = server
         self.runtime = server.runtime
         self.stream = stream
         self.number = number
         daemon = server.runtime.config.daemon
         self.max_frame_bytes = daemon.max_frame_bytes
-        self.max_open = daemon.max_open_requests
         self.max_content = daemon.max_content_bytes
         self.hello_timeout = daemon.hello_timeout_s
         self.idle_timeout = daemon.idle_timeout_s
         self.connected_at = self.last_active = trio.current_time()
+        self.session = Session(max_open=daemon.max_open_requests)
         self.codec: Codec | None = None
-        self.greeted = False
-        self.features: set[str] = set()  # the additions to v1 this client asked for
         self.closed = False
         self.linger = False  # drain the client's input before closing (after a fatal error)
-        # request id -> the object a `cancel` detaches (None: not detachable)
-        self.open: dict[int, RequestSink | Subscriber | None] = {}
+        self.handles: dict[int, Handle] = {}  # by request id
         # Frames waiting for the writer, encoded one after the other into one buffer.
         self._out = bytearray()
         self._queued = 0  # frames in _out
         self._limit = daemon.outgoing_frames
         self._ready = trio.Event()  # _out has frames, or the connection is finishing
         self._room = trio.Event()  # the writer took what was queued
+        self._writing = False  # the writer is in a send: nothing else may write
+        # A socket's descriptor, for frames written at once from the task that sends them.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._nursery: trio.Nursery | None = None
         self._writer_scope = trio.CancelScope()
         self.done = trio.Event()
@@ -226,9 +247,28 @@ class Connection:
     # --- output -----------------------------------------------------------------
 
     def send(self, msg: ServerMessage) -> bool:
-        """Queue one frame without blocking; False (and the connection drops) if too slow."""
+        """Queue one frame without blocking; False (and the connection drops) if too slow.
+
+        A frame that ends its request closes its id (the session says which).
+        """
         if self.closed:
             return False
+        try:
+            ended = self.session.send_reply(msg)
+        except LocalProtocolError as exc:  # a bug of ours: never put it on the wire
+            log.error("frame_refused", type=type(msg).__name__, reason=str(exc))
+            return False
+        if ended:
+            self.handles.pop(msg.id, None)  # type: ignore[attr-defined]
+            self.last_active = trio.current_time()
+        return self._queue(msg)
+
+    def _refuse(self, error: ProtocolError) -> None:
+        """Send the `error` for a message the session refused; it closes no request."""
+        if not self.closed:
+            self._queue(self.session.refusal(error))
+
+    def _queue(self, msg: ServerMessage) -> bool:
         if self._queued >= self._limit:
             log.warning("client_too_slow", buffered_frames=self._limit)
             self.abort()
@@ -240,14 +280,29 @@ class Connection:
             # Never send what the client was told it may refuse.
             del out[start:]
             log.error("reply_too_large", type=type(msg).__name__, size=size)
-            request_id = getattr(msg, "id", None)
             refusal = Error(
-                id=request_id,
+                id=getattr(msg, "id", None),
                 code=500,
                 message=f"The reply would be {size} bytes, over max_frame_bytes.",
             )
             codec.append_frame(refusal, out)
         self._queued += 1
+        if not self._writing and self._fd is not None and type(msg) not in _BATCHED:
+            # Someone awaits this frame and the writer is idle: write it, and what is
+            # queued before it, now, from here, and spare the writer's wake-up (what
+            # the socket does not take, the writer sends).
+            try:
+                sent = os.write(self._fd, out)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.abort()
+                return False
+            if sent == len(out):
+                out.clear()
+                self._queued = 0
+                return True
+            del out[:sent]
         self._ready.set()
         return True
 
@@ -274,13 +329,13 @@ class Connection:
                 data, self._out, self._queued = self._out, bytearray(), 0
                 self._room.set()
                 self._room = trio.Event()
-                await self.stream.send_all(data)
+                self._writing = True
+                try:
+                    await self.stream.send_all(data)
+                finally:
+                    self._writing = False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.abort()
-
-    def close_request(self, request_id: int) -> None:
-        self.open.pop(request_id, None)
-        self.last_active = trio.current_time()
 
     def abort(self) -> None:
         """Drop the connection now; its runs go on."""
@@ -306,12 +361,12 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             self.closed = True
-            for handle in list(self.open.values()):
+            for handle in list(self.handles.values()):
                 if isinstance(handle, RequestSink):
                     handle.open = False
-                elif isinstance(handle, Subscriber):
+                else:
                     handle.detach()
-            self.open.clear()
+            self.handles.clear()
             with trio.move_on_after(FLUSH_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
                 if self.linger:
@@ -341,7 +396,9 @@ class Connection:
         decoder = FrameDecoder(self.max_frame_bytes)
         while not self.closed:
             data: bytes | bytearray | None = None
-            with trio.move_on_at(self._quiet_until()):
+            quiet_until = self._quiet_until()
+            # A cancel scope only when a deadline applies: a read is once per request.
+            with trio.move_on_at(quiet_until) if quiet_until < math.inf else _NO_DEADLINE:
                 try:
                     data = await self.stream.receive_some(READ_CHUNK)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -363,147 +420,137 @@ class Connection:
                         msg = self.codec.decode_client(body)
                     except ProtocolError as exc:
                         log.info("bad_message", code=exc.code, message=exc.message)
-                        self.send(Error(id=exc.request_id, code=exc.code, message=exc.message))
+                        self._refuse(exc)
                         if exc.fatal:
                             self.linger = True
                             return
                         continue
-                    # A stream's cwd is checked in a thread; the frames after it wait
-                    # for the answer, so this connection's requests keep their order.
-                    if (
-                        isinstance(msg, Stream)
-                        and msg.cwd is not None
-                        and self.greeted
-                        and (problem := await self.runtime.cwd_problem(msg.cwd))
-                    ):
-                        self.send(Error(id=msg.id, code=400, message=problem))
-                        continue
-                    self._dispatch(msg, nursery)
+                    await self._take(msg, nursery)
                     if self.closed:
                         return
             except ProtocolError as exc:  # framing: the stream can no longer be trusted
                 log.info("bad_frame", code=exc.code, message=exc.message)
-                self.send(Error(id=None, code=exc.code, message=exc.message))
+                self._refuse(exc)
                 self.linger = True
                 return
 
     def _quiet_until(self) -> float:
         """When this connection's silence becomes a timeout (inf: it never does now)."""
-        if not self.greeted:
+        if not self.session.greeted:
             return self.connected_at + self.hello_timeout
         if self.idle_timeout is None:
             return math.inf
-        if self.open:  # busy: look again in a while, since requests end without a frame in
+        if self.session.open_requests:  # busy: look again later; requests end without a frame in
             return trio.current_time() + self.idle_timeout
         return self.last_active + self.idle_timeout
 
     def _time_out(self) -> None:
-        if self.greeted:
+        if self.session.greeted:
             why = f"sent nothing for {self.idle_timeout:g} s with no request open"
         else:
             why = f"sent no `hello` within {self.hello_timeout:g} s"
-        log.info("connection_timed_out", greeted=self.greeted)
+        log.info("connection_timed_out", greeted=self.session.greeted)
         self.send(Error(id=None, code=408, message=f"This connection {why}; it is closed."))
 
     # --- dispatch -----------------------------------------------------------------
 
-    def _dispatch(self, msg: Hello | Request, nursery: trio.Nursery) -> None:
-        if isinstance(msg, Hello):
-            self._hello(msg)
+    async def _take(self, msg: ClientMsg, nursery: trio.Nursery) -> None:
+        """Open ``msg``'s request (or refuse it), check what the session cannot, dispatch."""
+        try:
+            self.session.receive_request(msg)
+        except ProtocolError as exc:
+            self._refuse(exc)
+            if exc.fatal:
+                self.finish()
             return
-        rid = msg.id
-        if not self.greeted:
-            self.send(Error(id=rid, code=400, message="Say `hello` before any request."))
-            return
-        if rid in self.open:
-            self.send(
-                Error(
-                    id=rid,
-                    code=400,
-                    message=f"The id {rid} belongs to a request still open; use another id.",
-                )
-            )
-            return
-        if isinstance(msg, Cancel):
-            self._cancel(msg)
-            return
-        if len(self.open) >= self.max_open:
-            self.send(
-                Error(
-                    id=rid,
-                    code=429,
-                    message=f"This connection has {self.max_open} requests open, the limit; "
-                    "wait for some to end.",
-                )
-            )
-            return
+        if isinstance(msg, Request) and not isinstance(msg, Cancel):
+            problem = await self._problem(msg)
+            if problem is not None:
+                self.send(Error(id=msg.id, code=problem[0], message=problem[1]))
+                return
+        self._dispatch(msg, nursery)
+
+    async def _problem(self, msg: Request) -> tuple[int, str] | None:
+        """What is wrong with a request the session opened, as (code, sentence), or None."""
         if self.server.shutting_down:
-            self.send(Error(id=rid, code=503, message="The daemon is shutting down; retry later."))
-            return
+            return 503, "The daemon is shutting down; retry later."
         if (size := _text_bytes(msg)) > self.max_content:
-            self.send(
-                Error(
-                    id=rid,
-                    code=413,
-                    message=f"The request carries {size} bytes of text, over this daemon's "
-                    f"max_content_bytes of {self.max_content}.",
-                )
+            return 413, (
+                f"The request carries {size} bytes of text, over this daemon's "
+                f"max_content_bytes of {self.max_content}."
             )
-            return
+        # A stream's cwd is checked in a thread; the frames after it wait for the
+        # answer, so this connection's requests keep their order.
+        if isinstance(msg, Stream) and msg.cwd is not None:
+            problem = await self.runtime.cwd_problem(msg.cwd)
+            if problem is not None:
+                return 400, problem
+        return None
+
+    def _dispatch(self, msg: ClientMsg, nursery: trio.Nursery) -> None:
+        """Answer one opened request; every type of ``ClientMsg`` has its case."""
         runtime = self.runtime
         match msg:
+            case Hello():
+                self._welcome(msg)
+            case Cancel():
+                self._cancel(msg)
             case Stream():
                 self._stream(msg)
             case Attach():
-                sender = self._sender(msg.sender)
-                sink = RequestSink(self, rid, (msg.agent, sender))
-                self.open[rid] = sink
-                self._call(nursery, rid, lambda: self._attach(sink))
+                sink = RequestSink(self, msg.id, (msg.agent, self._sender(msg.sender)))
+                self.handles[msg.id] = sink
+                self._call(nursery, msg.id, lambda: self._attach(sink))
             case Kill():
                 sender = self._sender(msg.sender)
-                self._call(nursery, rid, lambda: self._kill(rid, msg.agent, sender, msg.all))
+                self._call(nursery, msg.id, lambda: self._kill(msg, sender))
             case ReplyToAsk():
                 sender = self._sender(msg.sender)
-                self._call(nursery, rid, lambda: self._reply(rid, msg, sender))
+                self._call(nursery, msg.id, lambda: self._reply(msg, sender))
             case GetHistory():
-                self._call(nursery, rid, lambda: self._history(msg))
+                self._call(nursery, msg.id, lambda: self._history(msg))
             case ListConversations():
-                self._call(nursery, rid, lambda: self._list(msg))
+                self._call(nursery, msg.id, lambda: self._list(msg))
             case Compact():
                 self._compact(msg, nursery)
             case SearchMemory():
-                self._call(nursery, rid, lambda: self._search(msg))
+                self._call(nursery, msg.id, lambda: self._search(msg))
             case Subscribe():
                 self._subscribe(msg, nursery)
             case ListAgents():
-                self.send(Agents(id=rid, items=[a.item for a in runtime.agents.values()]))
+                items = [
+                    AgentItem(
+                        name=agent.name,
+                        description=agent.config.description,
+                        model=agent.config.model,
+                        tools=list(agent.config.tools),
+                    )
+                    for agent in runtime.agents.values()
+                ]
+                self.send(Agents(id=msg.id, items=items))
             case Ping():
-                self.send(Pong(id=rid))
+                self.send(Pong(id=msg.id))
             case GetStats():
-                self.send(runtime.stats(rid, len(self.server.connections)))
+                stats = runtime.stats()
+                self.send(
+                    Stats(
+                        id=msg.id,
+                        uptime_s=stats.uptime_s,
+                        connections=len(self.server.connections),
+                        conversations=stats.conversations,
+                        runs_in_flight=stats.runs_in_flight,
+                        runs_queued=stats.runs_queued,
+                        runs_total=stats.runs_total,
+                        subscriptions=stats.subscriptions,
+                    )
+                )
+            case _:
+                assert_never(msg)
 
     def _sender(self, sender: str | None) -> str:
         return UNIX_SENDER if sender is None else sender
 
-    def _hello(self, msg: Hello) -> None:
-        if self.greeted:
-            self.send(
-                Error(id=None, code=400, message="`hello` was already sent on this connection.")
-            )
-            return
-        if msg.protocol != PROTOCOL_VERSION:
-            self.send(
-                Error(
-                    id=None,
-                    code=426,
-                    message=f"Protocol version {msg.protocol} is not supported; "
-                    f"this daemon speaks version {PROTOCOL_VERSION}.",
-                )
-            )
-            self.finish()
-            return
-        self.greeted = True
-        self.features = set(msg.features) & set(FEATURES)
+    def _welcome(self, msg: Hello) -> None:
         log.info("client_greeted", client=msg.client)
         self.send(
             Welcome(
@@ -518,7 +565,6 @@ class Connection:
     def _stream(self, msg: Stream) -> None:
         sender = self._sender(msg.sender)
         sink = RequestSink(self, msg.id, (msg.agent, sender))
-        self.open[msg.id] = sink
         try:
             sink.run = self.runtime.submit(
                 agent=msg.agent,
@@ -530,11 +576,13 @@ class Connection:
                 sink=sink,
             )
         except RequestError as exc:
-            self.close_request(msg.id)
             self.send(Error(id=msg.id, code=exc.code, message=exc.message))
+            return
+        if sink.open:  # not ended already (a run refused before it was queued)
+            self.handles[msg.id] = sink
 
     def _cancel(self, msg: Cancel) -> None:
-        handle = self.open.get(msg.target)
+        handle = self.handles.get(msg.target)
         if handle is None:
             self.send(
                 Error(
@@ -548,17 +596,15 @@ class Connection:
         self.send(Ok(id=msg.id))
 
     def _subscribe(self, msg: Subscribe, nursery: trio.Nursery) -> None:
+        subscriber = Subscriber(self, msg.id, self.runtime.config.daemon.subscription_events)
         try:
-            if msg.agent is not None:
-                self.runtime.agent(msg.agent)
-            if msg.sender is not None:
-                check_sender(msg.sender)
+            subscriber.subscription = self.runtime.subscribe(
+                msg.agent, msg.sender, subscriber.deliver
+            )
         except RequestError as exc:
             self.send(Error(id=msg.id, code=exc.code, message=exc.message))
             return
-        subscriber = Subscriber(self, msg.id, msg, self.runtime.config.daemon.subscription_events)
-        self.open[msg.id] = subscriber
-        self.runtime.subscriptions.append(subscriber.subscription)
+        self.handles[msg.id] = subscriber
         self.send(Subscribed(id=msg.id))
         nursery.start_soon(subscriber.forward)
 
@@ -569,8 +615,6 @@ class Connection:
         handler: Callable[[], Awaitable[ServerMessage | None]],
     ) -> None:
         """Run a request that awaits (storage, a kill) in its own task."""
-        if rid not in self.open:
-            self.open[rid] = None
 
         async def call() -> None:
             try:
@@ -584,37 +628,44 @@ class Connection:
                 log.exception("request_crashed", request_id=rid)
                 reply = Error(id=rid, code=500, message="The request failed on an internal error.")
             if reply is not None:
-                self.close_request(rid)
                 self.send(reply)
 
         nursery.start_soon(call)
 
     async def _attach(self, sink: RequestSink) -> None:
-        agent, sender = sink.key
         try:
-            sink.run = await self.runtime.attach(agent, sender, sink)
+            sink.run = await self.runtime.attach(*sink.key, sink)
         except RequestError:
             if not sink.open:
                 return  # cancelled before it resolved: its `end detached` was the answer
             sink.open = False
             raise
 
-    async def _kill(self, rid: int, agent: str, sender: str, everything: bool) -> Killed:
-        run_id = await self.runtime.kill(agent, sender, everything=everything)
-        return Killed(id=rid, run_id=run_id)
+    async def _kill(self, msg: Kill, sender: str) -> Killed:
+        run_id = await self.runtime.kill(msg.agent, sender, everything=msg.all)
+        return Killed(id=msg.id, run_id=run_id)
 
-    async def _reply(self, rid: int, msg: ReplyToAsk, sender: str) -> Ok:
+    async def _reply(self, msg: ReplyToAsk, sender: str) -> Ok:
         await self.runtime.reply_to_ask(msg.agent, sender, msg.content, msg.ask_id)
-        return Ok(id=rid)
+        return Ok(id=msg.id)
 
     async def _history(self, msg: GetHistory) -> History:
-        history = await self.runtime.history(
+        sender = self._sender(msg.sender)
+        page = await self.runtime.history(
             msg.agent,
-            self._sender(msg.sender),
-            request_id=msg.id,
+            sender,
             after_seq=msg.after_seq,
             limit=msg.limit,
             include_archived=msg.include_archived,
+        )
+        history = History(
+            id=msg.id,
+            agent=msg.agent,
+            sender=sender,
+            title=page.title,
+            cwd=page.cwd,
+            entries=page.entries,
+            last_seq=page.last_seq,
         )
         # A long history may not fit one frame: send the oldest entries that fit;
         # `last_seq` tells the client to page on with `after_seq`.
@@ -626,13 +677,13 @@ class Connection:
     def _compact(self, msg: Compact, nursery: trio.Nursery) -> None:
         # Queued here and now, like a stream, so it keeps its place among them.
         try:
-            run = self.runtime.compact(msg.agent, self._sender(msg.sender), msg.instructions)
+            job = self.runtime.compact(msg.agent, self._sender(msg.sender), msg.instructions)
         except RequestError as exc:
             self.send(Error(id=msg.id, code=exc.code, message=exc.message))
             return
 
         async def answer() -> Compacted:
-            done = await self.runtime.compacted(run)
+            done = await self.runtime.compacted(job)
             return Compacted(
                 id=msg.id,
                 archive=done.archive,
@@ -681,13 +732,21 @@ class Server:
                     stream = await listener.accept()
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     return
-                except OSError as exc:  # EMFILE and friends: keep serving who we have
+                except OSError as exc:
+                    if exc.errno not in _OUT_OF_CAPACITY:
+                        raise  # not a shortage that passes: fail loudly
+                    # Out of descriptors or memory for now: keep serving who we have.
                     log.warning("accept_failed", error=str(exc))
-                    await trio.sleep(0.1)
+                    await trio.sleep(ACCEPT_RETRY_S)
                     continue
-                nursery.start_soon(self._handle, stream)
+                nursery.start_soon(self.handle, stream)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:
+        """Serve one client on its own `Connection`, until it is done.
+
+        ``stream`` is an accepted socket, or any trio stream (the tests serve
+        `trio.testing.memory_stream_pair` this way, in process).
+        """
         number = next(self._numbers)
         structlog.contextvars.bind_contextvars(conn=number)
         uid = peer_uid(stream)
@@ -718,7 +777,7 @@ class Server:
             self.connections.discard(conn)
             log.debug("client_disconnected")
 
-    async def _refuse(self, stream: trio.SocketStream, refusal: Error) -> None:
+    async def _refuse(self, stream: trio.abc.HalfCloseableStream, refusal: Error) -> None:
         """Send one connection-level error (JSON, before any hello) and close."""
         with trio.move_on_after(FLUSH_TIMEOUT_S):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -739,9 +798,9 @@ class Server:
                 await conn.done.wait()
 
 
-def peer_uid(stream: trio.SocketStream) -> int | None:
-    """The connecting process's uid (SO_PEERCRED), where the platform tells it."""
-    if not hasattr(socket, "SO_PEERCRED"):
+def peer_uid(stream: trio.abc.HalfCloseableStream) -> int | None:
+    """The connecting process's uid (SO_PEERCRED), where the platform and stream tell it."""
+    if not hasattr(socket, "SO_PEERCRED") or not isinstance(stream, trio.SocketStream):
         return None
     creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)

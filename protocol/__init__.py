@@ -68,6 +68,7 @@ from ._messages import (
     Welcome,
 )
 from ._paths import APP_NAME, default_socket_path
+from ._session import REPLIES, LocalProtocolError, Session
 
 __all__ = [
     "APP_NAME",
@@ -77,6 +78,7 @@ __all__ = [
     "JSON",
     "MSGPACK",
     "PROTOCOL_VERSION",
+    "REPLIES",
     "AgentItem",
     "Agents",
     "AskOption",
@@ -108,6 +110,7 @@ __all__ = [
     "Killed",
     "ListAgents",
     "ListConversations",
+    "LocalProtocolError",
     "Memory",
     "MemoryHit",
     "Ok",
@@ -121,6 +124,7 @@ __all__ = [
     "SearchMemory",
     "ServerMessage",
     "ServerMsg",
+    "Session",
     "Start",
     "Stats",
     "Stream",

@@ -1,0 +1,169 @@
+"""The step loop of a turn: call the model, stream what it says, run its tool calls, store.
+
+It talks to four things only: the ``Turn`` it drives (a tool context that
+also builds each step's prompt, publishes events and stores entries) and the
+speaker's provider. Each step is stored whole, the assistant message with all
+its tool results in one append, or not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import aclosing
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import trio
+from chinwag.protocol import (
+    Entry,
+    StreamEventMsg,
+    TextDelta,
+    ThinkingDelta,
+    ToolCall,
+    ToolCallInfo,
+    ToolResult,
+    Usage,
+)
+
+from ._agent import Agent
+from ._providers import (
+    FinishChunk,
+    ModelMessage,
+    ModelRequest,
+    ProviderBlockChunk,
+    TextChunk,
+    ThinkingChunk,
+    ToolCallChunk,
+    UsageChunk,
+)
+from ._tools import ToolContext, call_tool
+
+# Chunks a run publishes before it lets other tasks run, when the model sends
+# them without pause: a burst never outgrows a connection's or a subscriber's buffer.
+BURST_CHUNKS = 256
+
+
+class StepsExhausted(Exception):
+    """The agent used up its ``max_steps`` without a final answer."""
+
+
+class Turn(ToolContext, Protocol):
+    """What the step loop may do to the run it drives."""
+
+    id: str
+    context_tokens: int  # as the model last reported it
+
+    def prompt(self) -> Sequence[ModelMessage]:
+        """The messages of the next step's request."""
+        ...
+
+    def publish(self, event: StreamEventMsg) -> None: ...
+
+    async def append(self, entries: list[Entry], blocks: list[dict[str, Any]]) -> None:
+        """Store one step whole (shielded); ``blocks`` go back with it in later requests."""
+        ...
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def run_steps(turn: Turn, speaker: Agent, *, guest: bool) -> None:
+    """Model steps until a final answer; ``StepsExhausted`` after ``max_steps``.
+
+    A guest speaks text only: it is offered no tools and its tool calls are
+    ignored (no events, nothing stored). Cancellation lands inside the
+    provider's read or a tool; the step in progress is then dropped.
+    """
+    config = speaker.config
+    attribution = speaker.name if guest else ""
+    allowed = [] if guest else config.tools
+    tools = [] if guest else speaker.tools
+    publish = turn.publish
+    for _ in range(config.max_steps):
+        request = ModelRequest(model=config.model, messages=turn.prompt(), tools=tools)
+        text: list[str] = []
+        calls: list[ToolCallInfo] = []
+        blocks: list[dict[str, Any]] = []
+        async with aclosing(speaker.provider.stream(request)) as chunks:
+            burst = 0
+            async for chunk in chunks:
+                burst += 1
+                if burst == BURST_CHUNKS:  # let the writers drain a burst as it grows
+                    burst = 0
+                    await trio.lowlevel.checkpoint()
+                match chunk:
+                    case TextChunk(delta):
+                        text.append(delta)
+                        publish(TextDelta(delta=delta))
+                    case ThinkingChunk(delta):
+                        publish(ThinkingDelta(delta=delta))
+                    case ProviderBlockChunk(block):
+                        blocks.append(block)
+                    case ToolCallChunk(call):
+                        if guest:
+                            continue
+                        calls.append(call)
+                        publish(
+                            ToolCall(call_id=call.call_id, name=call.name, arguments=call.arguments)
+                        )
+                    case UsageChunk(prompt_tokens, completion_tokens):
+                        turn.context_tokens = prompt_tokens + completion_tokens
+                        publish(
+                            Usage(
+                                prompt_tokens=prompt_tokens,
+                                completion_tokens=completion_tokens,
+                                context_tokens=prompt_tokens + completion_tokens,
+                                context_window=config.context_window,
+                            )
+                        )
+                    case FinishChunk():
+                        pass
+        assistant = Entry(
+            seq=0,
+            role="assistant",
+            content="".join(text),
+            agent=attribution,
+            tool_calls=calls,
+            run_id=turn.id,
+            created_at=now(),
+        )
+        if not calls:
+            await turn.append([assistant], [])
+            return
+        results = await _call_tools(turn, calls, allowed)
+        await turn.append([assistant, *results], blocks)
+    raise StepsExhausted
+
+
+async def _call_tools(turn: Turn, calls: list[ToolCallInfo], allowed: list[str]) -> list[Entry]:
+    """Run a step's tool calls concurrently; results in call order, for storage."""
+    results: dict[str, Entry] = {}
+
+    async def one(call: ToolCallInfo) -> None:
+        started = time.perf_counter()
+        output, is_error = await call_tool(turn, allowed, call)
+        duration_ms = (time.perf_counter() - started) * 1000
+        results[call.call_id] = Entry(
+            seq=0,
+            role="tool",
+            content=output,
+            tool_call_id=call.call_id,
+            is_error=is_error,
+            run_id=turn.id,
+            created_at=now(),
+        )
+        turn.publish(
+            ToolResult(
+                call_id=call.call_id,
+                output=output,
+                is_error=is_error,
+                duration_ms=round(duration_ms, 3),
+            )
+        )
+
+    async with trio.open_nursery() as nursery:
+        for call in calls:
+            nursery.start_soon(one, call)
+    return [results[call.call_id] for call in calls]
