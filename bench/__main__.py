@@ -163,7 +163,7 @@ def pick(only: str | None) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__.splitlines()[0].strip("`")
+        prog="python -m bench", description=__doc__.splitlines()[0].replace("`", "")
     )
     parser.add_argument(
         "--only", help="comma-separated: a,b,c,d,e,slow,f,g (or first_event, throughput, ...)"
@@ -176,7 +176,12 @@ def main() -> None:
         help="run each benchmark N times; each figure, and each baseline, is the median",
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"(default {DEFAULT_JSON})")
-    add_daemon_options(parser)
+    add_daemon_options(
+        parser,
+        storage_help="storage URL for the daemon (default: sqlite in a temp dir with "
+        "synchronous=full, and beside it for (a) sqlite normal and memory:, for (b) memory:); "
+        "(d) always uses sqlite, (g) sqlite unless the URL names a jsonl or postgres store",
+    )
     parser.add_argument(
         "--markdown", type=Path, metavar="PATH", help="also write the table as Markdown"
     )
@@ -210,6 +215,7 @@ def main() -> None:
     print(f"load average before: {load_before}", file=sys.stderr)
     figures: list[Figure] = []
     timings: dict[str, float] = {}
+    loads: dict[str, list[float]] = {}  # after each benchmark: the machine is shared
     for key in chosen:
         name, bench = BENCHES[key]
         rounds: list[list[Figure]] = []
@@ -221,7 +227,8 @@ def main() -> None:
         timings[key] = round(time.perf_counter() - t0, 1)
         print(f"({key}) {name}: {timings[key]} s", file=sys.stderr)
         figures += median_of(rounds)
-        print(f"load average: {load_average()}", file=sys.stderr)
+        loads[key] = load_average()
+        print(f"load average: {loads[key]}", file=sys.stderr)
     duration = time.perf_counter() - started
     load_after = load_average()
     missed = [f.key for f in figures if f.met() is False]
@@ -249,10 +256,12 @@ def main() -> None:
         "repeat": args.repeat,
         "scale": asdict(scale),
         "storage": storage_label(args.storage),
+        "python": sys.executable,
         "daemon_python": _processes.daemon_python,
         "machine": info,
         "load_average_before": load_before,
         "load_average_after": load_after,
+        "load_average_after_each": loads,
         "targets_met": met,
         "targets_missed": missed,
     }

@@ -73,7 +73,9 @@ class Ledger:
 
 
 # chinwag's two tables of schema version 1 (storage/_sqlite.py at commit ec5b901), with the
-# indexes every append moves: the floor must write what the daemon writes.
+# indexes every append moves: the floor must write what the daemon writes. A copy, not
+# an import: the baseline must stay put while the daemon's storage changes, and it runs
+# in the bench's interpreter, which need not hold the chinwag measured.
 SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS conversations (

@@ -12,13 +12,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
 from . import _profile
-from ._report import REPO
+from ._report import REPO, Figure, print_figures
 
 # Where `python -m bench --profile DIR` wants the daemons' py-spy samples (None: nowhere).
 profile_dir: Path | None = None
@@ -292,14 +294,16 @@ def storage_short(storage: str | None) -> str:
     return "memory:" if storage == "memory:" else (storage or "").split(":")[0]
 
 
-def add_daemon_options(parser: argparse.ArgumentParser, storage: bool = True) -> None:
+def add_daemon_options(
+    parser: argparse.ArgumentParser,
+    storage: bool = True,
+    storage_help: str = "storage URL for the daemon (default: sqlite in a temp dir, "
+    "synchronous=full)",
+) -> None:
     """--storage (unless ``storage`` is False) and --daemon-python, for every
     benchmark's own command."""
     if storage:
-        parser.add_argument(
-            "--storage",
-            help="storage URL for the daemon (default: sqlite in a temp dir, synchronous=full)",
-        )
+        parser.add_argument("--storage", help=storage_help)
     parser.add_argument(
         "--daemon-python",
         metavar="PATH",
@@ -313,3 +317,18 @@ def use_daemon_options(args: argparse.Namespace) -> None:
     global daemon_python
     if args.daemon_python:
         daemon_python = args.daemon_python
+
+
+def run_alone(
+    parser: argparse.ArgumentParser,
+    measure: Callable[[Path, argparse.Namespace], list[Figure]],
+) -> None:
+    """A benchmark's own command: ``parser`` (its options, its description the title)
+    gets --storage and --daemon-python; ``measure`` runs in a temporary directory and
+    its figures are printed."""
+    add_daemon_options(parser)
+    args = parser.parse_args()
+    use_daemon_options(args)
+    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
+        found = measure(Path(tmp), args)
+    print_figures(parser.description or "", found)

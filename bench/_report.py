@@ -200,16 +200,19 @@ def table(figures: Sequence[Figure]) -> str:
     return "\n".join(lines)
 
 
+def _spread(repeats: Sequence[float]) -> str:
+    return f"{_fmt(min(repeats))} to {_fmt(max(repeats))}" if len(repeats) > 1 else ""
+
+
 def markdown(figures: Sequence[Figure]) -> str:
-    """The figures as a Markdown table, one row per baseline (for docs/benchmarks.md)."""
+    """The figures as a Markdown table, one row per baseline (for docs/benchmarks.md);
+    with repeats, each baseline's value is followed by its spread."""
     rows = [
         "| figure | chinwag | repeats | target | | baseline (same run) | baseline | ratio |",
         "|---|--:|--:|---|---|---|--:|--:|",
     ]
     for fig in figures:
-        spread = ""
-        if len(fig.repeats) > 1:
-            spread = f"{_fmt(min(fig.repeats))} to {_fmt(max(fig.repeats))}"
+        spread = _spread(fig.repeats)
         target, met = "", ""
         if fig.target is not None:
             target = fig.target.text()
@@ -223,7 +226,8 @@ def markdown(figures: Sequence[Figure]) -> str:
             rows.append(
                 f"| {name if first else ''} | {_fmt(fig.value) if first else ''} "
                 f"| {spread if first else ''} | {target if first else ''} | {met if first else ''} "
-                f"| {base.name} | {_fmt(base.value) if base.name else ''} "
+                f"| {base.name} | {_fmt(base.value) if base.name else ''}"
+                f"{f' ({_spread(base.repeats)})' if len(base.repeats) > 1 else ''} "
                 f"| {'' if ratio is None else format(ratio, '.2f')} |"
             )
     return "\n".join(rows)

@@ -23,21 +23,19 @@ Target (issue 11): first event p99 <= 1 s.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from ._processes import (
     Server,
-    add_daemon_options,
     bare_server,
     chinwag_serve,
     echo_config,
     raw_durable,
+    run_alone,
     storage_label,
     synchronous_of,
-    use_daemon_options,
 )
-from ._report import Baseline, Figure, Target, percentile, print_figures
+from ._report import Baseline, Figure, Target, percentile
 from .concurrency import drive, first_events_ms
 from .first_event import CONTENT, raw_durable_label
 
@@ -92,12 +90,7 @@ def figures(root: Path, conversations: int, storage: str | None = None) -> list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=1000)
-    add_daemon_options(parser)
-    args = parser.parse_args()
-    use_daemon_options(args)
-    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        found = figures(Path(tmp), args.conversations, args.storage)
-    print_figures(__doc__.splitlines()[0], found)
+    run_alone(parser, lambda root, args: figures(root, args.conversations, args.storage))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import errno
 import itertools
 import select
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +43,13 @@ from chinwag.protocol import MSGPACK, End, FrameDecoder, Hello, Start, Stream, T
 
 from ._processes import (
     Server,
-    add_daemon_options,
     bare_server,
     chinwag_serve,
     echo_config,
+    run_alone,
     storage_label,
-    use_daemon_options,
 )
-from ._report import Baseline, Figure, Target, percentile, print_figures
+from ._report import Baseline, Figure, Target, percentile
 
 PACE_MS = 20
 SAMPLE_EVERY_S = 0.2
@@ -324,12 +322,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=150)
-    add_daemon_options(parser)
-    args = parser.parse_args()
-    use_daemon_options(args)
-    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        found = figures(Path(tmp), args.conversations, args.tokens, args.storage)
-    print_figures(__doc__.splitlines()[0], found)
+    run_alone(
+        parser, lambda root, args: figures(root, args.conversations, args.tokens, args.storage)
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,14 +27,13 @@ import trio
 from chinwag.protocol import End, Stream, ToolCall, ToolResult
 
 from ._processes import (
-    add_daemon_options,
     bare_server,
     chinwag_serve,
     echo_config,
+    run_alone,
     storage_label,
-    use_daemon_options,
 )
-from ._report import Baseline, Figure, percentile, print_figures
+from ._report import Baseline, Figure, percentile
 from ._wire import connect
 from .first_event import measure_round_trip
 
@@ -111,12 +109,7 @@ def figures(root: Path, rounds: int, storage: str | None = None) -> list[Figure]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300)
-    add_daemon_options(parser)
-    args = parser.parse_args()
-    use_daemon_options(args)
-    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        found = figures(Path(tmp), args.rounds, args.storage)
-    print_figures(__doc__.splitlines()[0], found)
+    run_alone(parser, lambda root, args: figures(root, args.rounds, args.storage))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,19 +40,18 @@ from chinwag.protocol import MSGPACK, End, Start, Stream
 
 from ._processes import (
     Server,
-    add_daemon_options,
     bare_server,
     chinwag_serve,
     echo_config,
     raw_durable,
+    run_alone,
     sse_server,
     storage_label,
     storage_short,
     storage_tag,
     synchronous_of,
-    use_daemon_options,
 )
-from ._report import Baseline, Figure, Target, percentile, print_figures
+from ._report import Baseline, Figure, Target, percentile
 from ._wire import Framed, connect
 
 __all__ = ["Framed", "figures", "main", "percentile"]
@@ -306,12 +304,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--no-sse", action="store_true", help="leave out the Starlette baseline")
-    add_daemon_options(parser)
-    args = parser.parse_args()
-    use_daemon_options(args)
-    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        found = figures(Path(tmp), args.runs, args.warmup, args.storage, sse=not args.no_sse)
-    print_figures(__doc__.splitlines()[0], found)
+    run_alone(
+        parser,
+        lambda root, args: figures(root, args.runs, args.warmup, args.storage, sse=not args.no_sse),
+    )
 
 
 if __name__ == "__main__":

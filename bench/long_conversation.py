@@ -33,21 +33,19 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from ._processes import (
-    add_daemon_options,
     chinwag_serve,
     echo_config,
+    run_alone,
     storage_label,
     synchronous_of,
-    use_daemon_options,
 )
-from ._report import Baseline, Figure, Target, percentile, print_figures
+from ._report import Baseline, Figure, Target, percentile
 from ._wire import connect
 from .first_event import one_run
 from .storage_scale import fill, fill_url
@@ -144,12 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=500)
-    add_daemon_options(parser)
-    args = parser.parse_args()
-    use_daemon_options(args)
-    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        found = figures(Path(tmp), args.entries, args.runs, args.storage)
-    print_figures(__doc__.splitlines()[0], found)
+    run_alone(parser, lambda root, args: figures(root, args.entries, args.runs, args.storage))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ daemon.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +30,12 @@ import trio
 from chinwag.protocol import End, GetHistory, History, Start, Stream, TextDelta
 
 from ._processes import (
-    add_daemon_options,
     chinwag_serve,
     echo_config,
+    run_alone,
     storage_label,
-    use_daemon_options,
 )
-from ._report import Baseline, Figure, percentile, print_figures
+from ._report import Baseline, Figure, percentile
 from ._wire import Framed, connect
 
 PACE_MS = 20
@@ -183,12 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast-tokens", type=int, default=6000)
     parser.add_argument("--tokens", type=int, default=200)
-    add_daemon_options(parser)
-    args = parser.parse_args()
-    use_daemon_options(args)
-    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        found = figures(Path(tmp), args.fast_tokens, args.tokens, args.storage)
-    print_figures(__doc__.splitlines()[0], found)
+    run_alone(parser, lambda root, args: figures(root, args.fast_tokens, args.tokens, args.storage))
 
 
 if __name__ == "__main__":

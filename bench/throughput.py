@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +33,14 @@ from chinwag.protocol import MSGPACK, End, Start, Stream
 
 from ._processes import (
     Server,
-    add_daemon_options,
     bare_server,
     chinwag_serve,
     echo_config,
+    run_alone,
     storage_label,
     storage_short,
-    use_daemon_options,
 )
-from ._report import Baseline, Figure, Target, print_figures
+from ._report import Baseline, Figure, Target
 from ._wire import connect
 
 
@@ -122,12 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=5)
-    add_daemon_options(parser)
-    args = parser.parse_args()
-    use_daemon_options(args)
-    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        found = figures(Path(tmp), args.tokens, args.rounds, args.storage)
-    print_figures(__doc__.splitlines()[0], found)
+    run_alone(parser, lambda root, args: figures(root, args.tokens, args.rounds, args.storage))
 
 
 if __name__ == "__main__":
