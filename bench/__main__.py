@@ -248,7 +248,7 @@ def main() -> None:
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "revision": revision,
         "daemon_source": str(source),
-        "bench_revision": git_revision(),
+        "bench_revision": git_revision(REPO, ["bench"]),
         "started_at": started_at,
         "duration_s": round(duration, 1),
         "seconds_per_benchmark": timings,

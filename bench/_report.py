@@ -287,9 +287,11 @@ def load_average() -> list[float]:
         return []
 
 
-def git_revision(tree: Path = REPO) -> str:
-    """The commit of ``tree`` measured, with ``+dirty`` when the daemon's folders have
-    changes."""
+def git_revision(
+    tree: Path = REPO, folders: Sequence[str] = ("daemon", "protocol", "storage")
+) -> str:
+    """The commit of ``tree``, with ``+dirty`` when ``folders`` (by default the
+    daemon's) have changes."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -299,7 +301,7 @@ def git_revision(tree: Path = REPO) -> str:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "daemon", "protocol", "storage"],
+            ["git", "status", "--porcelain", "--", *folders],
             cwd=tree,
             capture_output=True,
             text=True,

@@ -26,10 +26,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
+from chinwag.daemon._agent import Agent
 from chinwag.daemon._config import AgentConfig, Config
 from chinwag.daemon._logging import configure_logging
 from chinwag.daemon._providers import Chunk, FinishChunk, ModelRequest, TextChunk
-from chinwag.daemon._runtime import Agent, Runtime
+from chinwag.daemon._runtime import Runtime
 from chinwag.protocol import Entry, ToolCallInfo
 from chinwag.storage import Storage, open_store
 
@@ -38,6 +39,8 @@ SUMMARY = "The user and the assistant titled things many times; nothing is open.
 
 class InstantSummary:
     """A provider that answers every request with `SUMMARY`, without waiting."""
+
+    local = True  # answers from this process
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
         yield TextChunk(SUMMARY)
@@ -82,6 +85,7 @@ async def compaction_ms(storage: Storage, sender: str) -> float:
         started = time.perf_counter()
         done = await runtime.compacted(runtime.compact("assistant", sender, None))
         elapsed = (time.perf_counter() - started) * 1000
+        nursery.cancel_scope.cancel()  # the conversation's task lives on otherwise
     assert done.summary == SUMMARY
     return elapsed
 
