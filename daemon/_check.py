@@ -15,12 +15,16 @@ import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Literal
 from urllib.parse import urlsplit
 
-import msgspec
 import trio
-from chinwag.protocol import default_socket_path
+from chinwag.protocol import (
+    CheckFinding,
+    CheckReport,
+    ConfigSource,
+    FindingStatus,
+    default_socket_path,
+)
 from chinwag.storage import StorageError, open_store
 
 from ._config import (
@@ -40,28 +44,6 @@ STORAGE_TIMEOUT_S = 15.0
 # How many of an endpoint's models a hint names.
 _MODELS_NAMED = 8
 
-Status = Literal["ok", "warn", "fail", "in_use"]
-ConfigSource = Literal["--config", "$CHINWAG_CONFIG", "default", "embedded defaults"]
-
-
-class Finding(msgspec.Struct, kw_only=True):
-    """One check's outcome; ``in_use`` is the storage's lock held by another process."""
-
-    check: Literal["config", "storage", "agent"]
-    subject: str  # the file, the URL, the agent's name
-    status: Status
-    detail: str
-    hint: str = ""
-
-
-class CheckReport(msgspec.Struct, kw_only=True):
-    config_path: str | None  # None: no file, the embedded defaults
-    config_source: ConfigSource
-    # The socket the config names, else the default one; None when the config did not load.
-    socket: str | None
-    socket_configured: bool  # the config names a socket
-    findings: list[Finding]
-
 
 def run_check(
     config_arg: Path | None, storage_arg: str | None, *, store_in_use: bool = False
@@ -72,7 +54,7 @@ def run_check(
     try:
         config = load_config(config_arg, tool_names=TOOL_NAMES)
     except ConfigError as exc:
-        failed = Finding(
+        failed = CheckFinding(
             check="config",
             subject=str(path),
             status="fail",
@@ -90,7 +72,7 @@ def run_check(
         findings = [_defaults_finding(path)]
     else:
         detail = f"{path} (from {source}) loads: agents {', '.join(config.agents)}"
-        findings = [Finding(check="config", subject=str(path), status="ok", detail=detail)]
+        findings = [CheckFinding(check="config", subject=str(path), status="ok", detail=detail)]
     storage_url = storage_arg or config.daemon.storage or default_storage_url()
     # Looked at before trio runs: these are blocking file system calls.
     storage = (
@@ -110,11 +92,11 @@ def run_check(
 
 
 async def _check_services(
-    config: Config, storage_url: str, storage: list[Finding] | None
-) -> list[Finding]:
+    config: Config, storage_url: str, storage: list[CheckFinding] | None
+) -> list[CheckFinding]:
     """The storage (unless already judged) and every provider, concurrently."""
-    opened: list[Finding] = []
-    agents: list[Finding] = []
+    opened: list[CheckFinding] = []
+    agents: list[CheckFinding] = []
     async with trio.open_nursery() as nursery:
         if storage is None:
             nursery.start_soon(_into, opened, partial(_open_store, storage_url))
@@ -123,7 +105,9 @@ async def _check_services(
     return [*(storage or opened), *sorted(agents, key=lambda finding: finding.subject)]
 
 
-async def _into(out: list[Finding], checking: Callable[[], Awaitable[list[Finding]]]) -> None:
+async def _into(
+    out: list[CheckFinding], checking: Callable[[], Awaitable[list[CheckFinding]]]
+) -> None:
     out.extend(await checking())
 
 
@@ -137,9 +121,9 @@ def _config_location(config_arg: Path | None) -> tuple[ConfigSource, Path]:
     return ("default" if path.exists() else "embedded defaults"), path
 
 
-def _defaults_finding(path: Path) -> Finding:
+def _defaults_finding(path: Path) -> CheckFinding:
     if os.environ.get("CHINWAG_CONFIG"):
-        return Finding(
+        return CheckFinding(
             check="config",
             subject=str(path),
             status="warn",
@@ -147,7 +131,7 @@ def _defaults_finding(path: Path) -> Finding:
             "the daemon runs on the embedded defaults",
             hint="create that file, or unset CHINWAG_CONFIG",
         )
-    return Finding(
+    return CheckFinding(
         check="config",
         subject=str(path),
         status="ok",
@@ -161,11 +145,13 @@ def _defaults_finding(path: Path) -> Finding:
 _STORAGE_HINT = "fix storage in [daemon] of the config, or pass --storage URL"
 
 
-def _storage_finding(url: str, status: Status, detail: str, hint: str = "") -> list[Finding]:
-    return [Finding(check="storage", subject=url, status=status, detail=detail, hint=hint)]
+def _storage_finding(
+    url: str, status: FindingStatus, detail: str, hint: str = ""
+) -> list[CheckFinding]:
+    return [CheckFinding(check="storage", subject=url, status=status, detail=detail, hint=hint)]
 
 
-def _check_local_store(url: str) -> list[Finding] | None:
+def _check_local_store(url: str) -> list[CheckFinding] | None:
     """A sqlite or jsonl store that does not exist yet, or is locked; None: open it to see."""
     path = _local_path(url)
     if path is None:
@@ -181,7 +167,7 @@ def _check_local_store(url: str) -> list[Finding] | None:
     return None
 
 
-async def _open_store(url: str) -> list[Finding]:
+async def _open_store(url: str) -> list[CheckFinding]:
     try:
         with trio.fail_after(STORAGE_TIMEOUT_S):
             async with open_store(url):
@@ -230,7 +216,7 @@ def _jsonl_locked(directory: Path) -> bool:
 # --- providers ---------------------------------------------------------------------------
 
 
-async def _check_provider(config: Config, name: str) -> list[Finding]:
+async def _check_provider(config: Config, name: str) -> list[CheckFinding]:
     """List the provider's models once, then judge each agent on it."""
     table = (BUILTIN_PROVIDERS | config.providers)[name]
     agents = {agent: c for agent, c in config.agents.items() if c.provider == name}
@@ -252,9 +238,9 @@ async def _check_provider(config: Config, name: str) -> list[Finding]:
     for agent, agent_config in agents.items():
         model = agent_config.model
 
-        def found(status: Status, detail: str, hint: str = "", agent: str = agent) -> None:
+        def found(status: FindingStatus, detail: str, hint: str = "", agent: str = agent) -> None:
             findings.append(
-                Finding(check="agent", subject=agent, status=status, detail=detail, hint=hint)
+                CheckFinding(check="agent", subject=agent, status=status, detail=detail, hint=hint)
             )
 
         if table.kind == "echo":

@@ -4,6 +4,7 @@ Pure: no sockets, no event loop, no storage. Feed bytes to a ``FrameDecoder``,
 decode bodies with a ``Codec``, encode replies with the same ``Codec``.
 """
 
+from ._check_report import CheckFinding, CheckReport, ConfigSource, FindingStatus
 from ._codec import JSON, MSGPACK, Codec, Encoding, codec_for
 from ._errors import ProtocolError
 from ._framing import HEADER_BYTES, FrameDecoder, frame
@@ -86,12 +87,15 @@ __all__ = [
     "AskUser",
     "Attach",
     "Cancel",
+    "CheckFinding",
+    "CheckReport",
     "ClientMessage",
     "ClientMsg",
     "Codec",
     "Compact",
     "Compacted",
     "Compaction",
+    "ConfigSource",
     "ConversationItem",
     "Conversations",
     "Encoding",
@@ -101,6 +105,7 @@ __all__ = [
     "Error",
     "ErrorInfo",
     "Event",
+    "FindingStatus",
     "FrameDecoder",
     "GetHistory",
     "GetStats",
