@@ -39,7 +39,7 @@ from rich.segment import Segment
 from rich.spinner import Spinner
 from rich.text import Text
 
-from .cli import QuietCalls, _compaction_note, _end_problem, _tool_call_text, _tool_result_text
+from ._render import QuietCalls, compaction_note, end_problem, tool_call_text, tool_result_text
 
 #: Redraws of the live region per second, at most.
 REFRESH_HZ = 12.5
@@ -246,20 +246,20 @@ class LiveChat:
                 self._dirty = True
             case ToolCall() if not self._quiet.hides(event):
                 self._settle()
-                self._print(_tool_call_text(event), clip=True)
+                self._print(tool_call_text(event), clip=True)
                 self._wait(f"running {event.name}")
             case ToolResult() if not self._quiet.hides(event):
-                self._print(_tool_result_text(event), clip=True)
+                self._print(tool_result_text(event), clip=True)
                 self._wait(f"waiting for {self._speaker}")
             case Title(title=title):
                 self._settle()
                 self._print(Text(f"— {title} —", style="dim"))
             case Compaction():
-                self._print(Text(f"({_compaction_note(event)})", style="dim"))
+                self._print(Text(f"({compaction_note(event)})", style="dim"))
             case End():
                 self._waiting = None
                 self._stop()  # the last block's render stays where it is
-                problem = _end_problem(event)
+                problem = end_problem(event)
                 if problem is not None:
                     style = "yellow" if event.status == "killed" else "red"
                     self.console.print(Text(problem, style=style))

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import anyio
 import click
 
-if TYPE_CHECKING:
-    # Only for the annotation: `chinwag.clients.cli` imports this package.
-    from ..cli import Settings
+from .._settings import Settings
 
 
 @click.command("mcp")

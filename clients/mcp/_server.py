@@ -25,7 +25,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
-from .._client import ChinwagError, Client, ConnectionLost, connect_explained
+from .._client import ChinwagError, Client, connect_explained
+from .._settings import describe
 from ._watch import RunReport, RunWatch, Watches
 
 CLIENT_NAME = "chinwag-mcp"
@@ -280,7 +281,7 @@ class ChinwagTools:
         if watch.over:
             self._watches.forget(watch)
         if watch.failure is not None:
-            raise ToolError(_describe(watch.failure))
+            raise ToolError(describe(watch.failure))
         return _run_result(watch.report(), timeout_s)
 
     def _connect(self) -> AbstractAsyncContextManager[Client]:
@@ -294,13 +295,7 @@ class ChinwagTools:
             async with self._connect() as client:
                 yield client
         except ChinwagError as exc:
-            raise ToolError(_describe(exc)) from None
-
-
-def _describe(exc: ChinwagError) -> str:
-    if isinstance(exc, ConnectionLost):
-        return exc.message
-    return f"error {exc.code}: {exc.message}"
+            raise ToolError(describe(exc)) from None
 
 
 def _lean(entry: Entry) -> dict[str, Any]:

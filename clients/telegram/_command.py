@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import anyio
 import click
 
+from .._settings import Failure, Settings
+
 if TYPE_CHECKING:
-    # Only for the annotations: `chinwag.clients.cli` imports this package, and
-    # python-telegram-bot is imported when the command runs.
-    from ..cli import Settings
+    # Only for the annotation: python-telegram-bot is imported when the command runs.
     from ._bridge import BridgeConfig
 
 
@@ -91,7 +91,6 @@ def command(
     import platformdirs
     from chinwag.protocol import APP_NAME
 
-    from ..cli import Failure
     from ._bridge import BridgeConfig
     from ._spool import SpoolError
     from ._webhook import Webhook

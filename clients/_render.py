@@ -1,0 +1,203 @@
+"""Runs and conversations as lines of text: what `send`, `chat`, `tail` and
+`history` print, and the pieces the live chat shares with them.
+
+``rich`` styles every line; none is hard-wrapped, so a pipe gets it whole.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO
+
+from chinwag.protocol import (
+    AskUser,
+    Compaction,
+    End,
+    Entry,
+    Event,
+    Queued,
+    Start,
+    StreamEventMsg,
+    TextDelta,
+    ThinkingDelta,
+    Title,
+    ToolCall,
+    ToolResult,
+    Usage,
+)
+from rich.console import Console
+from rich.text import Text
+
+
+def compaction_note(event: Compaction) -> str:
+    return f"the context was full: {event.archived_entries} entries compacted into {event.archive}"
+
+
+def _clip(text: str, width: int = 100) -> str:
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
+
+
+def line_console(*, stderr: bool = False) -> Console:
+    """A console for line output: lines are never hard-wrapped, so a pipe or a
+    narrow terminal gets them whole."""
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def tool_call_text(event: ToolCall, indent: str = "  ") -> Text:
+    text = Text(f"{indent}⚙ ", style="dim cyan")
+    text.append(event.name, style="cyan")
+    text.append(f"({_clip(event.arguments, 80)})", style="dim")
+    return text
+
+
+def tool_result_text(event: ToolResult, indent: str = "  ") -> Text:
+    style = "red" if event.is_error else "dim"
+    text = Text(f"{indent}↳ ", style=style)
+    text.append(_clip(event.output, 100) or "(no output)", style=style)
+    text.append(f"  {event.duration_ms:.0f} ms", style="dim")
+    return text
+
+
+def end_problem(end: End) -> str | None:
+    """Why a run did not finish, in one line; None when it ended `done`."""
+    if end.status == "done":
+        return None
+    if end.status == "error" and end.error is not None:
+        return f"the run failed: error {end.error.code}: {end.error.message}"
+    if end.status == "killed":
+        return "the run was killed"
+    return f"the run ended {end.status}"
+
+
+class QuietCalls:
+    """Tool calls a terminal shows in its own way (``ask_user`` as a prompt), not as calls."""
+
+    def __init__(self) -> None:
+        self._call_ids: set[str] = set()
+
+    def hides(self, event: ToolCall | ToolResult) -> bool:
+        if isinstance(event, ToolCall) and event.name == "ask_user":
+            self._call_ids.add(event.call_id)
+        return event.call_id in self._call_ids
+
+
+class TextOut:
+    """Streams assistant text to a file, remembering whether a line is open."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self.file = file
+        self.mid_line = False
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        self.file.write(text)
+        self.file.flush()
+        self.mid_line = not text.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.mid_line:
+            self.file.write("\n")
+            self.file.flush()
+            self.mid_line = False
+
+
+class SendView:
+    """`send` keeps stdout for the reply's text; everything else goes to stderr."""
+
+    def __init__(self, out: TextOut, err: Console) -> None:
+        self.out = out
+        self.err = err
+        self.thinking = False
+        self.quiet = QuietCalls()
+
+    def show(self, event: StreamEventMsg) -> None:
+        if self.thinking and not isinstance(event, ThinkingDelta):
+            self.err.print()
+            self.thinking = False
+        match event:
+            case TextDelta(delta=delta):
+                self.out.write(delta)
+            case ThinkingDelta(delta=delta):
+                self.out.end_line()
+                self.err.print(Text(delta, style="dim italic"), end="")
+                self.thinking = True
+            case ToolCall() if not self.quiet.hides(event):
+                self.out.end_line()
+                self.err.print(tool_call_text(event))
+            case ToolResult() if not self.quiet.hides(event):
+                self.err.print(tool_result_text(event))
+            case Title(title=title):
+                self.out.end_line()
+                self.err.print(Text(f"title: {title}", style="dim"))
+            case Queued(position=position):
+                self.err.print(Text(f"queued: {position} ahead", style="dim"))
+            case Compaction():
+                self.err.print(Text(compaction_note(event), style="dim"))
+            case _:
+                pass
+
+
+def entry_text(entry: Entry) -> Text:
+    seq = Text(f"#{entry.seq} ", style="dim")
+    if entry.kind == "compact":
+        seq.append(f"── compacted into {entry.archive or '?'} ──\n", style="magenta")
+        seq.append(entry.content, style="dim")
+        return seq
+    speaker = entry.role if not entry.agent else f"{entry.role} ({entry.agent})"
+    style = {"user": "bold green", "assistant": "bold blue", "tool": "cyan"}.get(entry.role, "bold")
+    seq.append(f"{speaker}: ", style=style)
+    if entry.role == "tool":
+        seq.append(_clip(entry.content, 200), style="red" if entry.is_error else "dim")
+    else:
+        seq.append(entry.content)
+    for call in entry.tool_calls:
+        seq.append("\n    ⚙ ", style="dim cyan")
+        seq.append(call.name, style="cyan")
+        seq.append(f"({_clip(call.arguments, 80)})", style="dim")
+    return seq
+
+
+def show_tail_event(frame: Event, last_run: str | None, out: TextOut, console: Console) -> str:
+    """Text of one run continues on its line while no other run interleaves."""
+    event = frame.event
+    prefix = Text(f"[{frame.agent}/{frame.sender}] ", style="bold blue")
+    if isinstance(event, TextDelta):
+        if frame.run_id != last_run or not out.mid_line:
+            out.end_line()
+            console.print(prefix, end="")
+            sys.stdout.flush()
+        out.write(event.delta)
+        return frame.run_id
+    out.end_line()
+    line = prefix
+    match event:
+        case Start(agent=speaker, seq=seq):
+            line.append(f"start {speaker} run {frame.run_id} at seq {seq}", style="dim")
+        case ToolCall():
+            line.append_text(tool_call_text(event, indent=""))
+        case ToolResult():
+            line.append_text(tool_result_text(event, indent=""))
+        case Title(title=title):
+            line.append(f"title: {title}", style="dim")
+        case AskUser(questions=questions):
+            asked = "; ".join(q.question for q in questions)
+            line.append(f"asks ({event.ask_id}): {asked}", style="magenta")
+        case Queued(position=position):
+            line.append(f"queued: {position} ahead", style="dim")
+        case Usage():
+            line.append(
+                f"usage: {event.prompt_tokens} in, {event.completion_tokens} out, "
+                f"context {event.context_tokens}/{event.context_window}",
+                style="dim",
+            )
+        case ThinkingDelta(delta=delta):
+            line.append(delta, style="dim italic")
+        case End(status=status):
+            problem = end_problem(event)
+            line.append(f"end {status}" + (f": {problem}" if problem else ""), style="dim")
+        case _:
+            pass
+    console.print(line)
+    return frame.run_id

@@ -1,0 +1,91 @@
+"""What every `chinwag` command shares: its settings, failing in one line,
+running its async body, and connecting to the daemon.
+
+The commands in `cli.py`, `chinwag telegram` and `chinwag mcp` all take these
+from here, so that none of them imports the module that gathers the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TypeVar
+
+import anyio
+import click
+
+from ._client import ChinwagError, Client, ConnectionLost, DaemonUnreachable, connect_explained
+
+_T = TypeVar("_T")
+
+CLIENT_NAME = "chinwag-cli"
+
+
+class Failure(click.ClickException):
+    """An expected failure: one line on stderr, exit status 1, no traceback."""
+
+    exit_code = 1
+
+    def show(self, file: IO[str] | None = None) -> None:
+        print(f"chinwag: {self.message}", file=file or sys.stderr, flush=True)
+
+
+def describe(exc: ChinwagError) -> str:
+    """A refusal as the CLI says it: ``error CODE: MESSAGE``; a lost connection, its message."""
+    if isinstance(exc, ConnectionLost):
+        return exc.message
+    return f"error {exc.code}: {exc.message}"
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def run_command(fn: Callable[[], Awaitable[_T]]) -> _T:
+    """Run one command's async body on asyncio, turning expected errors into `Failure`."""
+
+    async def body() -> _T:
+        return await fn()
+
+    try:
+        return anyio.run(body, backend="asyncio")
+    except ChinwagError as exc:
+        raise Failure(describe(exc)) from exc
+    except BaseExceptionGroup as group:
+        # Task groups wrap what their tasks raise; an expected failure inside
+        # one is still an expected failure.
+        for leaf in _leaves(group):
+            if isinstance(leaf, click.ClickException):
+                raise leaf from None
+            if isinstance(leaf, ChinwagError):
+                raise Failure(describe(leaf)) from None
+        raise
+
+
+@dataclass
+class Settings:
+    """The `chinwag` group's options, which every command finds on its click context."""
+
+    socket: Path
+    socket_given: bool
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    settings = ctx.find_object(Settings)
+    assert settings is not None, "the `chinwag` group sets it up"
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def connect_or_fail(settings: Settings) -> AsyncIterator[Client]:
+    """Connect, turning "nothing listens there" into one clear line."""
+    try:
+        async with connect_explained(settings.socket, client=CLIENT_NAME) as client:
+            yield client
+    except DaemonUnreachable as exc:
+        raise Failure(exc.message) from exc
