@@ -14,7 +14,7 @@ from typing import Any
 from chinwag.protocol import Entry
 
 from ._agent import Agent
-from ._providers import ModelMessage, Prompt, words
+from ._providers import ModelMessage, Prompt, word_count
 
 ProviderBlocks = dict[int, list[dict[str, Any]]]
 """A run's provider blocks, by the seq of the step's assistant entry they came with."""
@@ -55,11 +55,11 @@ class Context:
         if guest:
             body = [_message(entry, self.primary, speaker, blocks) for entry in self.entries]
             head = [speaker.system, _guest_framing(speaker.name, self.primary)]
-            return Prompt(head, body, sum(words(m) for m in body), tail)
+            return Prompt(head, body, sum(word_count(m) for m in body), tail)
         for entry in self.entries[len(self._messages) :]:  # one message per entry
             message = _message(entry, self.primary, speaker, blocks)
             self._messages.append(message)
-            self._words += words(message)
+            self._words += word_count(message)
             if entry.role == "assistant":
                 self._authors.add(entry.agent or self.primary)
         others = self._authors - {speaker.name}

@@ -300,7 +300,8 @@ class Run(Job):
                     ),
                 )
             except Exception as exc:
-                status, error = "error", self._outcome(exc)
+                if exc is not self._write_error:  # that one is told below, once
+                    status, error = "error", self._outcome(exc)
             finally:
                 writing = self._writing
                 if writing is not None and not writing.is_set():

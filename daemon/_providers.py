@@ -35,7 +35,7 @@ class ModelMessage(msgspec.Struct, kw_only=True):
     provider_blocks: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
-def words(message: ModelMessage) -> int:
+def word_count(message: ModelMessage) -> int:
     """The message's length as `echo` counts tokens: its words."""
     return len(message.content.split())
 
@@ -64,7 +64,9 @@ class Prompt(Sequence[ModelMessage]):
         self._body = body
         self._tail = tail
         self._length = len(body)
-        self.words = body_words + sum(words(m) for m in head) + sum(words(m) for m in tail)
+        self.words = (
+            body_words + sum(word_count(m) for m in head) + sum(word_count(m) for m in tail)
+        )
 
     def __len__(self) -> int:
         return len(self._head) + self._length + len(self._tail)
@@ -213,7 +215,7 @@ class EchoProvider:
         # A step's Prompt keeps its count as the conversation grows: a run costs
         # the same however long the conversation is.
         prompt_tokens = (
-            messages.words if isinstance(messages, Prompt) else sum(words(m) for m in messages)
+            messages.words if isinstance(messages, Prompt) else sum(word_count(m) for m in messages)
         )
         last = request.messages[-1] if request.messages else ModelMessage(role="user", content="")
         if request.purpose == "summary":

@@ -119,6 +119,10 @@ class RequestSink:
         finally:
             event.id = None
 
+    def drop(self) -> None:
+        """Take no more events; the run drops the sink at its next one."""
+        self.open = False
+
     def detach(self) -> None:
         """End the request `detached`; the run goes on without it."""
         self.open = False
@@ -169,6 +173,11 @@ class Subscriber:
         if self._end is not None:
             return
         self._end = End(id=self.request_id, status="detached", error=None, last_seq=None)
+        self.drop()
+        self.conn.send(self._end)
+
+    def drop(self) -> None:
+        """Leave the runs and drop what is buffered, sending nothing."""
         if self.subscription is not None:
             self.conn.runtime.unsubscribe(self.subscription)
         self._send.close()
@@ -178,7 +187,6 @@ class Subscriber:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         self._receive.close()
-        self.conn.send(self._end)
 
     async def forward(self) -> None:
         try:
@@ -269,6 +277,7 @@ class Connection:
             self._queue(self.session.refusal(error))
 
     def _queue(self, msg: ServerMessage) -> bool:
+        """Encode ``msg`` for the writer; False when it did not go (nor will its request's next)."""
         if self._queued >= self._limit:
             log.warning("client_too_slow", buffered_frames=self._limit)
             self.abort()
@@ -276,16 +285,22 @@ class Connection:
         codec, out = self.codec or JSON, self._out
         start = len(out)
         size = codec.append_frame(msg, out)
+        kept = True
         if size > self.max_frame_bytes:
-            # Never send what the client was told it may refuse.
+            # Never send what the client was told it may refuse: an `error` in its
+            # place, which ends its request, here as on the wire.
             del out[start:]
             log.error("reply_too_large", type=type(msg).__name__, size=size)
+            rid: int | None = getattr(msg, "id", None)
             refusal = Error(
-                id=getattr(msg, "id", None),
-                code=500,
-                message=f"The reply would be {size} bytes, over max_frame_bytes.",
+                id=rid, code=500, message=f"The reply would be {size} bytes, over max_frame_bytes."
             )
             codec.append_frame(refusal, out)
+            if rid is not None and self.session.is_open(rid):
+                self.session.send_reply(refusal)
+                if (handle := self.handles.pop(rid, None)) is not None:
+                    handle.drop()
+                kept = False
         self._queued += 1
         if not self._writing and self._fd is not None and type(msg) not in _BATCHED:
             # Someone awaits this frame and the writer is idle: write it, and what is
@@ -301,10 +316,10 @@ class Connection:
             if sent == len(out):
                 out.clear()
                 self._queued = 0
-                return True
+                return kept
             del out[:sent]
         self._ready.set()
-        return True
+        return kept
 
     async def send_waiting(self, msg: ServerMessage) -> None:
         """Queue one frame, waiting for room (subscriptions pace themselves this way)."""

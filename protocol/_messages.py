@@ -221,9 +221,10 @@ class Welcome(ServerMessage, tag="welcome"):
     features: list[str] = msgspec.field(default_factory=list)  # what this daemon offers
 
 
-FEATURES = ("compaction", "search_memory")
+FEATURES = ("compaction", "search_memory", "history_pages")
 """This daemon's additions to v1: the `compaction` event, sent only to a client
-whose `hello` names it, and the `search_memory` request."""
+whose `hello` names it, the `search_memory` request, and `history_pages`: a
+`get_history` without `limit` answers one page (200 entries at most)."""
 
 
 class Error(ServerMessage, tag="error"):
