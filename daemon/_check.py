@@ -36,7 +36,8 @@ from ._config import (
     default_storage_url,
     load_config,
 )
-from ._providers import LIST_MODELS_TIMEOUT_S, ProviderError, make_provider
+from ._provider_kinds import make_provider
+from ._providers import LIST_MODELS_TIMEOUT_S, ProviderError
 from ._tools import TOOL_NAMES
 
 #: The longest the storage check may take (a PostgreSQL server that does not answer).

@@ -13,7 +13,8 @@ from chinwag.storage import open_store
 
 from ._agent import Agent
 from ._config import BUILTIN_PROVIDERS, Config
-from ._providers import Provider, make_provider
+from ._provider_kinds import make_provider
+from ._providers import Provider
 from ._runtime import Runtime
 from ._server import Server, bind_unix, inherited_listener
 

@@ -14,6 +14,7 @@ import trio
 from chinwag.daemon import ConfigError, load_config
 from chinwag.daemon._anthropic import AnthropicProvider, build_messages
 from chinwag.daemon._config import ProviderConfig
+from chinwag.daemon._provider_kinds import make_provider
 from chinwag.daemon._providers import (
     FinishChunk,
     ModelMessage,
@@ -25,7 +26,6 @@ from chinwag.daemon._providers import (
     ToolCallChunk,
     ToolSchema,
     UsageChunk,
-    make_provider,
 )
 from chinwag.daemon._tools import TOOL_NAMES
 from chinwag.protocol import ToolCallInfo

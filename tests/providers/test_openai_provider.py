@@ -10,6 +10,7 @@ import pytest
 import trio
 from chinwag.daemon._config import ConfigError, ProviderConfig, load_config
 from chinwag.daemon._openai import OpenAIProvider
+from chinwag.daemon._provider_kinds import make_provider
 from chinwag.daemon._providers import (
     FinishChunk,
     ModelMessage,
@@ -19,7 +20,6 @@ from chinwag.daemon._providers import (
     ThinkingChunk,
     ToolCallChunk,
     UsageChunk,
-    make_provider,
 )
 from chinwag.daemon._tools import TOOL_NAMES
 from fake_openai import (
