@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from os import PathLike
@@ -35,6 +35,7 @@ from chinwag.protocol import (
     Conversations,
     Encoding,
     End,
+    Entry,
     Error,
     Event,
     FrameDecoder,
@@ -455,6 +456,39 @@ class Client:
             ),
             History,
         )
+
+    async def iter_history(
+        self,
+        agent: str,
+        sender: str | None = None,
+        *,
+        after_seq: int = 0,
+        include_archived: bool = False,
+        page_size: int = 200,
+    ) -> AsyncGenerator[Entry, None]:
+        """Every entry with ``seq > after_seq``, oldest first, read ``page_size`` at a time.
+
+        Each page asks for the entries after the last one seen, until that one
+        is the reply's ``last_seq``. Entries are compared by seq, never counted:
+        a page may come back shorter than asked (the daemon cuts a history to
+        fit a frame), and entries before the latest compact marker are skipped
+        unless ``include_archived``.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {page_size}")
+        while True:
+            page = await self.history(
+                agent,
+                sender,
+                after_seq=after_seq,
+                limit=page_size,
+                include_archived=include_archived,
+            )
+            for entry in page.entries:
+                yield entry
+            if not page.entries or page.entries[-1].seq >= page.last_seq:
+                return
+            after_seq = page.entries[-1].seq
 
     async def list_conversations(
         self,

@@ -266,28 +266,21 @@ def history(
 
     async def body() -> None:
         async with connect_or_fail(settings) as client:
-            reply = await client.history(agent, sender, include_archived=include_archived)
-            # A history too long for one frame comes in pages: read on to its last entry.
-            entries = reply.entries
-            while entries and entries[-1].seq < reply.last_seq:
-                page = await client.history(
-                    agent, sender, after_seq=entries[-1].seq, include_archived=include_archived
-                )
-                if not page.entries:
-                    break
-                entries.extend(page.entries)
-        if as_json:
-            for entry in entries:
-                sys.stdout.buffer.write(JSON.encode(entry) + b"\n")
-            sys.stdout.buffer.flush()
-            return
-        console = line_console()
-        heading = Text(f"{reply.agent}/{reply.sender}", style="bold")
-        if reply.title:
-            heading.append(f" — {reply.title}")
-        console.print(heading)
-        for entry in entries:
-            console.print(entry_text(entry))
+            entries = client.iter_history(agent, sender, include_archived=include_archived)
+            if as_json:
+                async for entry in entries:
+                    sys.stdout.buffer.write(JSON.encode(entry) + b"\n")
+                sys.stdout.buffer.flush()
+                return
+            # limit 0: the conversation's title (and its sender, named), no entries.
+            about = await client.history(agent, sender, limit=0)
+            console = line_console()
+            heading = Text(f"{about.agent}/{about.sender}", style="bold")
+            if about.title:
+                heading.append(f" — {about.title}")
+            console.print(heading)
+            async for entry in entries:
+                console.print(entry_text(entry))
 
     run_command(body)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any
@@ -98,7 +99,8 @@ class ChinwagTools:
             int, Field(ge=0, description="Only entries after this seq (default 0: from the first).")
         ] = 0,
         limit: Annotated[
-            int | None, Field(ge=1, description="At most this many, oldest first (default 50).")
+            int | None,
+            Field(ge=1, description="At most this many, oldest first (default 50; null: all)."),
         ] = 50,
         include_archived: Annotated[
             bool, Field(description="Also the entries a compaction archived.")
@@ -112,24 +114,32 @@ class ChinwagTools:
         pass after_seq = last_seq - N.
         """
         sender = self._sender_for(sender, ctx)
+        entries: list[Entry] = []
         async with self._client() as client:
-            history = await client.history(
+            # Paged: the daemon may send fewer entries than asked (what fits a frame).
+            read = partial(
+                client.iter_history,
                 agent,
                 sender,
                 after_seq=after_seq,
-                limit=limit,
                 include_archived=include_archived,
             )
-        entries = history.entries
-        # A page may be short of `limit` (the daemon halves one too big for a frame).
-        more = bool(entries) and entries[-1].seq < history.last_seq
+            pages = read() if limit is None else read(page_size=limit)
+            async with aclosing(pages):
+                async for entry in pages:
+                    entries.append(entry)
+                    if len(entries) == limit:
+                        break
+            # Asked after the entries, so that its last_seq is at least theirs.
+            about = await client.history(agent, sender, limit=0)
+        more = bool(entries) and entries[-1].seq < about.last_seq
         return _data(
             {
-                "agent": history.agent,
-                "sender": history.sender,
-                "title": history.title,
-                "cwd": history.cwd,
-                "last_seq": history.last_seq,
+                "agent": about.agent,
+                "sender": about.sender,
+                "title": about.title,
+                "cwd": about.cwd,
+                "last_seq": about.last_seq,
                 "entries": [_lean(entry) for entry in entries],
                 "next_after_seq": entries[-1].seq if more else None,
             }

@@ -333,8 +333,8 @@ class Bridge:
         Read from the end in windows, each twice as wide as the one before, so
         that a long conversation is not read whole.
         """
-        probe = await client.history(self._config.agent, sender, limit=1, include_archived=True)
-        last = probe.last_seq
+        # limit 0: no entries, only the conversation's newest seq.
+        last = (await client.history(self._config.agent, sender, limit=0)).last_seq
         entries: list[Entry] = []
         upper, window = last, _REPLAY_WINDOW
         while upper > 0:
@@ -348,21 +348,20 @@ class Bridge:
     async def _entries_between(
         self, client: Client, sender: str, after: int, upper: int
     ) -> list[Entry]:
-        """The entries with ``after < seq <= upper``, archived ones included, in
-        pages (the daemon sends a history too long for one frame in several)."""
+        """The entries with ``after < seq <= upper``, archived ones included, paged."""
         entries: list[Entry] = []
-        while after < upper:
-            page = await client.history(
-                self._config.agent,
-                sender,
-                after_seq=after,
-                limit=upper - after,
-                include_archived=True,
-            )
-            entries += [entry for entry in page.entries if entry.seq <= upper]
-            if not page.entries:
-                break
-            after = page.entries[-1].seq
+        pages = client.iter_history(
+            self._config.agent,
+            sender,
+            after_seq=after,
+            include_archived=True,
+            page_size=upper - after,
+        )
+        async with contextlib.aclosing(pages):
+            async for entry in pages:
+                if entry.seq > upper:
+                    break
+                entries.append(entry)
         return entries
 
     # --- updates ------------------------------------------------------------------
@@ -550,15 +549,16 @@ class Bridge:
                 return
             # A turn is a few entries, more with tool calls: read a window, not everything.
             after = max(0, page.items[0].last_seq - 20 * turns)
-            history = await client.history(self._config.agent, chat.sender, after_seq=after)
+            messages = [
+                entry
+                async for entry in client.iter_history(
+                    self._config.agent, chat.sender, after_seq=after
+                )
+                if entry.kind == "message" and entry.role in ("user", "assistant") and entry.content
+            ]
         except ChinwagError as exc:
             await chat.say(f"⚠️ {exc.message} (error {exc.code})")
             return
-        messages = [
-            entry
-            for entry in history.entries
-            if entry.kind == "message" and entry.role in ("user", "assistant") and entry.content
-        ]
         starts = [index for index, entry in enumerate(messages) if entry.role == "user"]
         shown = messages[starts[-turns] if len(starts) >= turns else 0 :]
         if not shown:

@@ -7,7 +7,16 @@ from datetime import UTC, datetime
 
 import anyio
 import structlog
-from chinwag.protocol import AskUser, End, ErrorInfo, Queued, Start, StreamEventMsg, TextDelta
+from chinwag.protocol import (
+    AskUser,
+    End,
+    Entry,
+    ErrorInfo,
+    Queued,
+    Start,
+    StreamEventMsg,
+    TextDelta,
+)
 
 from .._client import ChinwagError, Client, ConnectionLost, EventStream
 from ._chat import Chat
@@ -177,14 +186,15 @@ class Turn:
         """The run ended while the bridge was away: its answer, from the history."""
         assert self._start is not None
         # Archived entries too: a compaction since may have archived the run.
-        history = await client.history(
+        # Read to the end, paged: the last entry's seq is then the conversation's newest.
+        last_seq = self._start.seq
+        entries: list[Entry] = []
+        async for entry in client.iter_history(
             self._agent, self._chat.sender, after_seq=self._start.seq, include_archived=True
-        )
-        entries = [
-            entry
-            for entry in history.entries
-            if entry.run_id == self._start.run_id and entry.kind == "message"
-        ]
+        ):
+            last_seq = entry.seq
+            if entry.run_id == self._start.run_id and entry.kind == "message":
+                entries.append(entry)
         text = "".join(entry.content for entry in entries if entry.role == "assistant")
         text = text.removeprefix(self._before)
         finished = bool(entries) and entries[-1].role == "assistant" and not entries[-1].tool_calls
@@ -194,11 +204,11 @@ class Turn:
         if finished or len(text) > len(self._live.text):
             self._live.replace(text)
         if finished:
-            return End(status="done", error=None, last_seq=history.last_seq)
+            return End(status="done", error=None, last_seq=last_seq)
         return End(
             status="error",
             error=ErrorInfo(code=_GONE, message="The daemon went away before the run finished."),
-            last_seq=history.last_seq,
+            last_seq=last_seq,
         )
 
     async def _conclude(self, end: End) -> None:

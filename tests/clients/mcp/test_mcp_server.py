@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -28,7 +29,11 @@ ME = f"mcp:{CLIENT}"  # the sender a tool call that names none gets
 async def mcp_server(socket_path: Path, *options: str) -> AsyncIterator[ClientSession]:
     """`chinwag --socket PATH mcp OPTIONS`, initialized; its stderr goes beside the socket."""
     params = StdioServerParameters(
-        command=CHINWAG, args=["--socket", str(socket_path), "mcp", *options]
+        command=CHINWAG,
+        args=["--socket", str(socket_path), "mcp", *options],
+        # The SDK passes on only a few variables by default; PYTHONPATH among ours
+        # decides which chinwag the server runs.
+        env=dict(os.environ),
     )
     with socket_path.with_name("mcp.log").open("a") as errlog:
         async with (
@@ -191,6 +196,34 @@ async def test_send_message_runs_a_turn_and_what_was_said_reads_in_pages(daemon)
             )
             assert [e["content"] for e in rest["entries"]] == ["three", "three"]
             assert rest["next_after_seq"] is None
+
+
+async def test_read_history_reads_on_past_the_pages_the_daemon_cuts_to_fit_a_frame(
+    daemon_factory,
+) -> None:
+    # 1 KiB frames: the daemon sends this conversation's history a few entries at a time.
+    daemon = daemon_factory(
+        config='[daemon]\nmax_frame_bytes = 1024\n[agents.assistant]\nprovider = "echo"\n'
+    )
+    said = [f"turn {n}: " + " ".join(["words"] * 12) for n in range(6)]
+    with anyio.fail_after(20):
+        async with connect(daemon.socket_path) as client:
+            for text in said:
+                async with client.stream("assistant", text, sender="paged") as events:
+                    await events.collect()
+            first = await client.history("assistant", "paged")
+            assert 0 < len(first.entries) < 2 * len(said)  # it does come in pages
+        async with mcp_server(daemon.socket_path) as session:
+            everything = await call(
+                session, "read_history", agent="assistant", sender="paged", limit=None
+            )
+            assert [e["content"] for e in everything["entries"]] == [
+                text for text in said for _ in ("user", "assistant")
+            ]
+            assert (everything["last_seq"], everything["next_after_seq"]) == (12, None)
+            some = await call(session, "read_history", agent="assistant", sender="paged", limit=9)
+            assert [e["seq"] for e in some["entries"]] == list(range(1, 10))
+            assert (some["last_seq"], some["next_after_seq"]) == (12, 9)
 
 
 async def test_the_sender_option_and_an_explicit_sender(daemon) -> None:

@@ -43,8 +43,8 @@ _chat_ids = itertools.count(5000)
 async def user_messages(daemon: Any, chat: int) -> list[str]:
     """What the agent was sent from ``chat``, archived entries included."""
     async with connect(daemon.socket_path) as client:
-        history = await client.history("assistant", f"tg:{chat}", include_archived=True)
-    return [entry.content for entry in history.entries if entry.role == "user"]
+        history = client.iter_history("assistant", f"tg:{chat}", include_archived=True)
+        return [entry.content async for entry in history if entry.role == "user"]
 
 
 def fresh_chat() -> int:
@@ -398,6 +398,33 @@ def test_commands_in_a_forum_topic(shared_daemon) -> None:
     on_asyncio(main)
 
 
+#: A daemon that sends a history a few entries at a time: as many as fit 1 KiB.
+PAGED_CONFIG = '[daemon]\nmax_frame_bytes = 1024\n[agents.assistant]\nprovider = "echo"\n'
+
+
+def test_history_shows_the_last_turns_of_a_history_sent_in_pages(daemon_factory) -> None:
+    daemon = daemon_factory(config=PAGED_CONFIG)
+    chat = fresh_chat()
+    said = [f"turn {n}: " + " ".join(["words"] * 12) for n in range(6)]
+
+    async def main() -> None:
+        async with connect(daemon.socket_path) as client:
+            for text in said:
+                async with client.stream("assistant", text, sender=f"tg:{chat}") as events:
+                    await events.collect()
+            first = await client.history("assistant", f"tg:{chat}")
+            assert 0 < len(first.entries) < 2 * len(said)  # it does come in pages
+        async with bridge(daemon) as fake:
+            fake.push_message(chat, USER, "/history 4")
+            await fake.wait_for(lambda: len(fake.texts(chat)) >= 1)
+        [shown] = fake.texts(chat)
+        assert shown.split("\n\n") == [
+            line for text in said[-4:] for line in (f"You: {text}", f"assistant: {text}")
+        ]
+
+    on_asyncio(main)
+
+
 def test_updates_can_come_by_webhook(shared_daemon, short_tmp) -> None:
     chat = fresh_chat()
     url = "https://bot.example.invalid/telegram/hook"
@@ -558,6 +585,39 @@ def test_a_spooled_message_the_daemon_already_took_is_not_sent_again(
         events = [log["event"] for log in logs]
         assert events.count("telegram_spool_already_delivered") == 1
         assert events.count("telegram_update_repeated") == 2  # Telegram sent both again
+
+    on_asyncio(main)
+
+
+def test_an_answer_read_back_from_a_history_sent_in_pages_is_whole(
+    daemon_factory, short_tmp
+) -> None:
+    daemon = daemon_factory(config=PAGED_CONFIG)
+    chat = fresh_chat()
+    state = short_tmp / "state"
+    # A tool call whose arguments fill a page alone: the run's result and answer
+    # come on the next page.
+    text = "/tool nothing " + json.dumps({"pad": "x" * 600})
+
+    async def main() -> None:
+        async with serving(FakeBotAPI()) as fake:
+            # As a bridge that died after sending the message, before it showed the answer.
+            fake.push_message(chat, USER, text)
+            spool = await anyio.to_thread.run_sync(Spool.open, state / SPOOL)
+            await spool.add(Spooled(update_id=fake.last_update_id, chat_id=chat, text=text))
+            await spool.sent(fake.last_update_id, datetime.now(UTC))
+            spool.close()
+            async with connect(daemon.socket_path) as client:
+                async with client.stream("assistant", text, sender=f"tg:{chat}") as answer:
+                    await answer.collect()
+                page = await client.history("assistant", f"tg:{chat}", after_seq=1)
+                assert [e.tool_calls != [] for e in page.entries] == [True]  # the call alone
+                [*_, last] = [e async for e in client.iter_history("assistant", f"tg:{chat}")]
+            assert last.role == "assistant" and last.content and not last.tool_calls
+            with capture_logs() as logs:
+                async with polling(daemon, fake, state):
+                    await fake.wait_for(lambda: fake.texts(chat) == [last.content])
+        assert any(log["event"] == "run_recovered" and log["done"] for log in logs)
 
     on_asyncio(main)
 
