@@ -13,7 +13,14 @@ passes tests/conformance.
 
 from typing import TYPE_CHECKING
 
-from ._base import MAX_SEARCH_LIMIT, Archive, ConversationNotFound, Storage, StorageError
+from ._base import (
+    MAX_SEARCH_LIMIT,
+    Archive,
+    ConversationNotFound,
+    NewConversation,
+    Storage,
+    StorageError,
+)
 from ._jsonl import JsonlStorage
 from ._memory import MemoryStorage
 from ._sqlite import SqliteStorage
@@ -28,6 +35,7 @@ __all__ = [
     "ConversationNotFound",
     "JsonlStorage",
     "MemoryStorage",
+    "NewConversation",
     "PostgresStorage",
     "SqliteStorage",
     "Storage",

@@ -19,6 +19,15 @@ class ConversationNotFound(StorageError):
     """The `(agent, sender)` pair names no stored conversation."""
 
 
+class NewConversation(msgspec.Struct, kw_only=True, frozen=True):
+    """What ``append(..., create=...)`` gives a conversation it creates.
+
+    Its ``created_at`` is the first appended entry's; only the rest is given here.
+    """
+
+    cwd: str | None = None
+
+
 class Archive(msgspec.Struct, kw_only=True, frozen=True):
     """What one compaction archived: the entries ``first_seq..last_seq``, summarized.
 
@@ -103,12 +112,42 @@ class Storage(Protocol):
         """Create the conversation if it does not exist; return it either way."""
         ...
 
-    async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
+    async def append(
+        self,
+        agent: str,
+        sender: str,
+        entries: Sequence[Entry],
+        *,
+        create: NewConversation | None = None,
+    ) -> list[Entry]:
         """Append entries atomically, assigning consecutive seqs after the last one.
 
-        The given entries' ``seq`` is ignored; the stored copies are returned.
+        The store takes the given entries over instead of copying them: it sets
+        each one's ``seq`` (whatever it held), stamps a missing ``created_at``
+        with the time of the call, gives every ``created_at`` in UTC, and returns
+        the same objects. It keeps no reference to them once it returns, so a
+        change made to them afterwards changes nothing stored; until it returns
+        the caller must not touch them. When it raises, their ``seq`` means nothing.
+
         Updates the conversation's ``last_seq`` and ``updated_at`` (the newest
-        entry's ``created_at``). Raises ``ConversationNotFound``.
+        entry's ``created_at``). Without ``create``, a conversation that does not
+        exist raises ``ConversationNotFound``. With it, such a conversation is
+        created in the same atomic write as the entries (so an append that fails
+        creates nothing), with ``create.cwd`` and the first entry's
+        ``created_at`` (the time of the call when there is no entry); one that
+        exists is left as it is, its cwd unchanged.
+        """
+        ...
+
+    async def load_context(
+        self, agent: str, sender: str
+    ) -> tuple[ConversationItem, list[Entry]] | None:
+        """The conversation's metadata and its working context, read together in one step.
+
+        The working context is every entry from the latest compact marker on (the
+        marker first), or every entry when there is no marker; the metadata's
+        ``last_seq`` is that of the last of them. None when the conversation was
+        never created. What a run needs to begin, at the cost of one read.
         """
         ...
 

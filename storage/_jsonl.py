@@ -38,6 +38,18 @@ restart costs one read and a stat per file; the cache is never the only copy of
 anything and is ignored when unreadable. A history file is read whole only when
 its history is asked for.
 
+An append that creates its conversation (``create=``) writes the meta file
+first (made durable, name and all), then the history file with the append's
+lines; if those cannot be written, it removes both again, so a failed append
+creates nothing. A crash between the two leaves the conversation created with
+no entries, as ``create_conversation`` would have, never a history without its
+meta file. Appends (and creations) of a conversation being created wait for it.
+
+``load_context`` reads the history file from the line of its latest compact
+marker on: a marker's line is the last holding the bytes ``"kind":"compact"``
+outside a string (a string escapes its quotes), so it is found without
+decoding the lines before it.
+
 On load, a last line that is torn (no newline) or unparsable, and the lines of an
 append cut short before it, are truncated away on disk and logged
 (``torn_line_dropped``). A bad line anywhere else is corruption and raises
@@ -83,7 +95,14 @@ import structlog
 import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
-from ._base import Archive, ConversationNotFound, StorageError, check_archive, search_words
+from ._base import (
+    Archive,
+    ConversationNotFound,
+    NewConversation,
+    StorageError,
+    check_archive,
+    search_words,
+)
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._search import MemoryIndex, archive_text, check_search_limit, note_text
@@ -112,6 +131,7 @@ _LOAD_CHUNK = 256  # conversations read per worker-thread call when opening or i
 _TAIL_READ = 8192  # bytes read from the end of a history file to find its last line
 _MORE = b',"more":true}'  # how a line that is not its append's last one ends
 _ARCHIVED = b'"first_seq":'  # a key only a compaction's line has (a string escapes its ")
+_COMPACT_KIND = b'"kind":"compact"'  # in a marker's line only, for the same reason
 
 
 class _Meta(msgspec.Struct, kw_only=True):
@@ -255,7 +275,7 @@ class _PendingAppend:
     __slots__ = ("entries", "error", "result")
 
     def __init__(self, entries: list[Entry]) -> None:
-        self.entries = entries  # stored copies, seq still to assign
+        self.entries = entries  # the caller's, created_at stamped, seq still to assign
         self.result: list[Entry] | None = None
         self.error: StorageError | None = None
 
@@ -551,29 +571,29 @@ class JsonlStorage:
     ) -> ConversationItem:
         created_at = utc(created_at)
         await trio.lowlevel.checkpoint()
-        key = (agent, sender)
-        while True:
-            self._check_open()
-            conv = self._by_key.get(key)
-            if conv is not None:
-                return msgspec.structs.replace(conv.item)
-            creating = self._creating.get(key)
-            if creating is None:
-                break
-            await creating.wait()  # another task is creating it; then it exists, or not
+        self._begin_write()  # from here on, close waits for it
+        try:
+            return await self._create((agent, sender), cwd, created_at)
+        finally:
+            self._end_write()
+
+    async def _create(
+        self, key: tuple[str, str], cwd: str | None, created_at: datetime
+    ) -> ConversationItem:
+        """``create_conversation``, for a caller that counts as a writer."""
+        conv = await self._settled(key)
+        if conv is not None:
+            return msgspec.structs.replace(conv.item)
+        agent, sender = key
         done = self._creating[key] = trio.Event()
         try:
             meta = _Meta(
                 id=self._next_id, agent=agent, sender=sender, cwd=cwd, created_at=created_at
             )
             self._next_id += 1  # taken even if the write fails: never two pairs for one id
-            self._begin_write()
-            try:
-                meta_stat = await self._run(
-                    f"Creating the conversation ({agent}, {sender})", _write_meta, self._dir, meta
-                )
-            finally:
-                self._end_write()
+            meta_stat = await self._run(
+                f"Creating the conversation ({agent}, {sender})", _write_meta, self._dir, meta
+            )
             item = ConversationItem(
                 agent=agent, sender=sender, cwd=cwd, created_at=created_at, updated_at=created_at
             )
@@ -582,6 +602,17 @@ class JsonlStorage:
             del self._creating[key]
             done.set()
         return msgspec.structs.replace(item)
+
+    async def _settled(self, key: tuple[str, str]) -> _Conversation | None:
+        """The conversation, or None; first waits for a creation of it under way to end."""
+        while True:
+            conv = self._by_key.get(key)
+            if conv is not None:
+                return conv
+            creating = self._creating.get(key)
+            if creating is None:
+                return None
+            await creating.wait()  # another task is creating it; then it exists, or not
 
     async def set_title(self, agent: str, sender: str, title: str) -> None:
         await self._set_meta(agent, sender, "title", title)
@@ -647,36 +678,97 @@ class JsonlStorage:
 
     # --- entries ----------------------------------------------------------------
 
-    async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
+    async def append(
+        self,
+        agent: str,
+        sender: str,
+        entries: Sequence[Entry],
+        *,
+        create: NewConversation | None = None,
+    ) -> list[Entry]:
         """Append atomically and durably; see ``Storage.append``.
 
         Not cancellable: once called, the append completes or fails, and a
         cancellation lands at the caller's next checkpoint.
         """
         await trio.lowlevel.cancel_shielded_checkpoint()
-        conv = self._get(agent, sender)
-        if not entries:
-            return []
-        pending = _PendingAppend(_prepare(entries))
-        self._begin_write()
+        self._begin_write()  # from here on, close waits for it
         try:
+            pending = _PendingAppend(_prepare(entries))
+            key = (agent, sender)
             with trio.CancelScope(shield=True):
-                conv.queue.append(pending)
-                async with conv.lock:  # fair: groups go out in arrival order
-                    if pending.result is None and pending.error is None:
-                        group, conv.queue = conv.queue, []
-                        try:
-                            await self._write_group(conv, group)
-                        finally:
-                            for other in group:
-                                if other.result is None and other.error is None:
-                                    other.error = StorageError("The append was not written.")
+                conv = await self._settled(key)
+                if conv is None:
+                    if create is None:
+                        raise ConversationNotFound(
+                            f"No conversation is stored for ({agent}, {sender})."
+                        )
+                    if not entries:
+                        await self._create(key, create.cwd, datetime.now(UTC))
+                        return []
+                    await self._create_with(key, create, pending)
+                elif entries:
+                    await self._append_to(conv, pending)
+                else:
+                    return []
         finally:
             self._end_write()
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
         return pending.result
+
+    async def _append_to(self, conv: _Conversation, pending: _PendingAppend) -> None:
+        """Queue ``pending`` for the conversation's next group and wait until it is written."""
+        conv.queue.append(pending)
+        async with conv.lock:  # fair: groups go out in arrival order
+            if pending.result is None and pending.error is None:
+                group, conv.queue = conv.queue, []
+                try:
+                    await self._write_group(conv, group)
+                finally:
+                    for other in group:
+                        if other.result is None and other.error is None:
+                            other.error = StorageError("The append was not written.")
+
+    async def _create_with(
+        self, key: tuple[str, str], create: NewConversation, pending: _PendingAppend
+    ) -> None:
+        """Create the conversation ``key`` with ``pending`` as its first append, or neither.
+
+        For a conversation neither stored nor being created, by a caller that
+        counts as a writer; sets ``pending``'s result or error.
+        """
+        agent, sender = key
+        first = pending.entries[0].created_at
+        assert first is not None  # _prepare stamped it
+        done = self._creating[key] = trio.Event()
+        try:
+            meta = _Meta(
+                id=self._next_id, agent=agent, sender=sender, cwd=create.cwd, created_at=first
+            )
+            self._next_id += 1  # taken even if the write fails: never two pairs for one id
+            item = ConversationItem(
+                agent=agent, sender=sender, cwd=create.cwd, created_at=first, updated_at=first
+            )
+            conv = _Conversation(meta.id, item)
+            path = self._history_path(conv)
+            written, meta_stat = await trio.to_thread.run_sync(
+                _create_with_history,
+                self._dir,
+                meta,
+                f"({agent}, {sender}) in {path}",
+                path,
+                pending,
+                limiter=self._limiter,
+            )
+            if meta_stat is not None:  # created, or could not be taken back
+                conv.meta_stat = meta_stat
+                self._apply(conv, written)
+                self._by_key[key] = conv
+        finally:
+            del self._creating[key]
+            done.set()
 
     async def _write_group(self, conv: _Conversation, group: list[_PendingAppend]) -> None:
         """Write ``group`` with one write and one fsync; sets each one's result or error."""
@@ -695,11 +787,31 @@ class JsonlStorage:
             limiter=self._limiter,
         )
         # Back on the trio side, with no checkpoint until the state is updated.
+        self._apply(conv, written)
+
+    def _apply(self, conv: _Conversation, written: _Written) -> None:
+        """Make ``conv`` say what a write of its history did."""
         conv.exists, conv.dirty, conv.history_stat = written.exists, written.dirty, written.stat
         if written.tail is not None:
             conv.size = written.tail.size
-            item.last_seq = written.tail.last_seq
-            item.updated_at = written.tail.updated_at or item.created_at
+            conv.item.last_seq = written.tail.last_seq
+            conv.item.updated_at = written.tail.updated_at or conv.item.created_at
+
+    async def load_context(
+        self, agent: str, sender: str
+    ) -> tuple[ConversationItem, list[Entry]] | None:
+        """The metadata and the entries from the latest marker on; see ``Storage.load_context``."""
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        conv = self._by_key.get((agent, sender))
+        if conv is None:
+            return None
+        item = msgspec.structs.replace(conv.item)  # as of conv.size: no checkpoint between
+        if conv.size == 0:
+            return item, []
+        path = self._history_path(conv)
+        entries = await self._run(f"Reading {path}", _read_context, path, conv.size)
+        return item, entries
 
     async def history(
         self,
@@ -923,16 +1035,11 @@ def _key(conv: _Conversation) -> tuple[datetime, int]:
 
 
 def _prepare(entries: Sequence[Entry]) -> list[Entry]:
-    """The copies to store, stamped; raises ``ValueError`` (a naive time) before anything."""
+    """The entries to store, ``created_at`` stamped in place (UTC); a naive time raises first."""
     now = datetime.now(UTC)
-    return [
-        msgspec.structs.replace(
-            entry,
-            created_at=now if entry.created_at is None else utc(entry.created_at),
-            tool_calls=[msgspec.structs.replace(call) for call in entry.tool_calls],
-        )
-        for entry in entries
-    ]
+    for entry in entries:
+        entry.created_at = now if entry.created_at is None else utc(entry.created_at)
+    return list(entries)
 
 
 async def _in_chunks(
@@ -1436,6 +1543,21 @@ def _write_group(
     as ``what`` says; no ``OSError`` escapes.
     """
     data, new_last_seq = _encode_group(group, last_seq)
+    return _write_encoded(what, path, group, data, new_last_seq, size, exists, dirty, stat)
+
+
+def _write_encoded(
+    what: str,
+    path: Path,
+    group: list[_PendingAppend],
+    data: bytes,
+    new_last_seq: int,
+    size: int,
+    exists: bool,
+    dirty: bool,
+    stat: _Stat | None,
+) -> _Written:
+    """``_write_group`` once ``_encode_group`` made ``data``, the lines of its good appends."""
     good = [pending for pending in group if pending.error is None]
     if not good:
         return _Written(None, exists, dirty, stat)
@@ -1491,7 +1613,55 @@ def _write_group(
     return _Written(tail, True, False, new_stat)
 
 
-def _read_history(path: Path, size: int, archives: dict[str, Archive] | None = None) -> list[Entry]:
+def _create_with_history(
+    directory: Path, meta: _Meta, what: str, path: Path, pending: _PendingAppend
+) -> tuple[_Written, _Stat | None]:
+    """Create a conversation: its meta file, then its history holding ``pending``. Worker thread.
+
+    All or nothing: when the lines cannot be written, the meta file and the
+    history file are removed again. Sets ``pending``'s result or error; returns
+    what the history write did and the meta file's stat, None when nothing
+    was created.
+    """
+    nothing = _Written(None, False, False, None)
+    data, last_seq = _encode_group([pending], 0)
+    if pending.error is not None:  # an entry did not encode: nothing touched the disk
+        return nothing, None
+    try:
+        meta_stat = _write_meta(directory, meta)
+    except (OSError, StorageError) as exc:
+        pending.error = StorageError(f"Creating {what} failed: {exc}.")
+        pending.error.__cause__ = exc
+        return nothing, None
+    written = _write_encoded(what, path, [pending], data, last_seq, 0, False, False, None)
+    if pending.error is None:
+        return written, meta_stat
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.unlink(directory / f"{meta.id}{_META_SUFFIX}")
+        _sync_dir(directory)
+    except OSError:
+        # The disk refuses even this: the conversation stays, with what the failed
+        # write left (the next append truncates it), as create_conversation leaves one.
+        return written, meta_stat
+    return nothing, None
+
+
+def _read_context(path: Path, size: int) -> list[Entry]:
+    """The entries of ``path``'s first ``size`` bytes from its latest compact marker on."""
+    entries = _read_history(path, size, from_latest_marker=True)
+    markers = [n for n, entry in enumerate(entries) if entry.kind == "compact"]
+    return entries[markers[-1] :] if markers else entries  # a marker edited by hand, too
+
+
+def _read_history(
+    path: Path,
+    size: int,
+    archives: dict[str, Archive] | None = None,
+    *,
+    from_latest_marker: bool = False,
+) -> list[Entry]:
     """Every entry in the first ``size`` bytes of ``path``, checked line by line.
 
     Given ``archives``, puts in it the archive of every compaction's line, by name.
@@ -1501,11 +1671,15 @@ def _read_history(path: Path, size: int, archives: dict[str, Archive] | None = N
         data = _pread(fd, size, 0)
     finally:
         os.close(fd)
-    lines = data.split(b"\n")
+    start = 0
+    if from_latest_marker and (at := data.rfind(_COMPACT_KIND)) >= 0:
+        start = data.rfind(b"\n", 0, at) + 1
+    lines = data[start:].split(b"\n")
+    first = data.count(b"\n", 0, start) + 1
     if lines[-1]:
-        raise StorageError(f"{path}:{len(lines)}: the line has no end.")
+        raise StorageError(f"{path}:{first + len(lines) - 1}: the line has no end.")
     entries: list[Entry] = []
-    for number, line in enumerate(lines[:-1], 1):
+    for number, line in enumerate(lines[:-1], first):
         try:
             entry = _entry_decoder.decode(line)
         except msgspec.DecodeError as exc:

@@ -3,6 +3,8 @@
 Its semantics are sqlite's: entries are encoded when appended (so an entry
 sqlite could not store fails here too), reads return fresh copies, seqs start
 at 1 and are never reused, and cursors page on ``(updated_at DESC, id DESC)``.
+Like every backend, ``append`` takes the given entries over (their ``seq`` and
+``created_at`` set in place) and keeps only their encoding.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import msgspec
 import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
-from ._base import Archive, ConversationNotFound, StorageError, check_archive
+from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._search import MemoryIndex, archive_text, note_text
@@ -82,35 +84,75 @@ class MemoryStorage:
             self._next_id += 1
         return msgspec.structs.replace(conv.item)
 
-    async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
+    async def append(
+        self,
+        agent: str,
+        sender: str,
+        entries: Sequence[Entry],
+        *,
+        create: NewConversation | None = None,
+    ) -> list[Entry]:
         """Not cancellable, like sqlite's: once called it completes or fails."""
         await trio.lowlevel.cancel_shielded_checkpoint()
-        return self._append(self._get(agent, sender), entries)
+        if self._closed:
+            raise StorageError("The store is closed.")
+        conv = self._conversations.get((agent, sender))
+        if conv is None and create is None:
+            raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+        return self._append(agent, sender, conv, entries, create)
 
-    def _append(self, conv: _Conversation, entries: Sequence[Entry]) -> list[Entry]:
+    def _append(
+        self,
+        agent: str,
+        sender: str,
+        conv: _Conversation | None,
+        entries: Sequence[Entry],
+        create: NewConversation | None = None,
+    ) -> list[Entry]:
+        """Encode every entry, then store them all, creating ``conv`` when it is None."""
         now = datetime.now(UTC)
-        stored: list[Entry] = []
+        last_seq = 0 if conv is None else conv.item.last_seq
         encoded: list[bytes] = []
-        for seq, entry in enumerate(entries, conv.item.last_seq + 1):
-            copy = msgspec.structs.replace(
-                entry,
-                seq=seq,
-                created_at=now if entry.created_at is None else utc(entry.created_at),
-            )
+        for seq, entry in enumerate(entries, last_seq + 1):
+            entry.created_at = now if entry.created_at is None else utc(entry.created_at)
+            entry.seq = seq
             try:
-                encoded.append(_encoder.encode(copy))
+                encoded.append(_encoder.encode(entry))
             except (UnicodeEncodeError, TypeError) as exc:
                 raise StorageError(f"Entry {seq} could not be encoded: {exc}.") from exc
-            stored.append(copy)
         # Every entry encoded: now commit.
-        for copy in stored:
-            if copy.kind == "compact":
-                conv.marker_seq = copy.seq
+        if conv is None:
+            assert create is not None
+            created_at = entries[0].created_at if entries else now
+            item = ConversationItem(
+                agent=agent,
+                sender=sender,
+                cwd=create.cwd,
+                created_at=created_at,
+                updated_at=created_at,
+            )
+            conv = self._conversations[agent, sender] = _Conversation(id=self._next_id, item=item)
+            self._next_id += 1
+        for entry in entries:
+            if entry.kind == "compact":
+                conv.marker_seq = entry.seq
         conv.entries.extend(encoded)
-        if stored:
-            conv.item.last_seq = stored[-1].seq
-            conv.item.updated_at = stored[-1].created_at
-        return [_decoder.decode(raw) for raw in encoded]
+        if entries:
+            conv.item.last_seq = entries[-1].seq
+            conv.item.updated_at = entries[-1].created_at
+        return list(entries)
+
+    async def load_context(
+        self, agent: str, sender: str
+    ) -> tuple[ConversationItem, list[Entry]] | None:
+        """The metadata and the entries from the latest marker on; see ``Storage.load_context``."""
+        await trio.lowlevel.checkpoint()
+        try:
+            conv = self._get(agent, sender)
+        except ConversationNotFound:
+            return None
+        context = [_decoder.decode(raw) for raw in conv.entries[max(conv.marker_seq, 1) - 1 :]]
+        return msgspec.structs.replace(conv.item), context
 
     async def set_title(self, agent: str, sender: str, title: str) -> None:
         await trio.lowlevel.checkpoint()
@@ -185,7 +227,7 @@ class MemoryStorage:
             archive, marker_seq=conv.marker_seq, last_seq=conv.item.last_seq, names=conv.archives
         )
         archived = [_decoder.decode(raw) for raw in conv.entries[archive.first_seq - 1 :]]
-        (marker,) = self._append(conv, [archive.marker()])
+        (marker,) = self._append(agent, sender, conv, [archive.marker()])
         conv.archives[archive.name] = _archive_encoder.encode(archive)
         text = archive_text(archive.summary, archived)
         index = functools.partial(self._memory.put, agent, "archive", archive.name, sender=sender)

@@ -20,7 +20,15 @@ table in that schema (created if missing) through the connections'
 UPDATE of the conversation row takes that row's lock (what ``SELECT ... FOR
 UPDATE`` would) and moves ``last_seq`` and ``updated_at``; its INSERT numbers
 the entries after the old ``last_seq``. Appends to one conversation, from this
-daemon or another, queue on the row lock, so seqs stay gapless and unique.
+daemon or another, queue on the row lock, so seqs stay gapless and unique. An
+append that may create its conversation (``create=``) is one statement too: it
+first inserts the conversation row, already moved past its entries (``ON
+CONFLICT DO NOTHING``), and updates the existing row only when that inserted
+nothing. A row another daemon inserted while the statement ran is in neither
+(the UPDATE reads the statement's snapshot, taken before that row was
+committed): nothing is appended, and the statement runs again, once, on a
+snapshot that holds it. ``load_context`` is one statement too, so the
+conversation and its entries come from one snapshot.
 PostgreSQL text cannot hold NUL, so an entry's ``content`` is stored with each
 NUL shown as U+FFFD, and its exact UTF-8 goes in ``content_bytes``, only for
 the rare entry that has one. A NUL in any other text is a ``StorageError``.
@@ -83,7 +91,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
-from ._base import Archive, ConversationNotFound, StorageError, check_archive
+from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._cursor import decode_cursor, encode_cursor
 from ._search import SNIPPET_WORDS, WORD, archived_text, database_search_words, one_line
 from ._timestamps import from_text, to_text, utc
@@ -208,6 +216,44 @@ FROM conv, unnest(
 ) WITH ORDINALITY AS e(kind, role, content, content_bytes, agent, tool_calls,
                        tool_call_id, is_error, run_id, created_at, archive, n)
 RETURNING seq
+"""
+
+# The same, for an append that may create its conversation: the row is inserted already
+# past its entries, or, when it exists, updated as _APPEND does.
+_APPEND_CREATING = _APPEND.replace(
+    """WITH conv AS (
+    UPDATE conversations SET last_seq = last_seq + %(count)s, updated_at = %(updated_at)s
+    WHERE agent = %(agent)s AND sender = %(sender)s
+    RETURNING id, last_seq - %(count)s AS base
+)""",
+    """WITH created AS (
+    INSERT INTO conversations (agent, sender, cwd, created_at, updated_at, last_seq)
+    VALUES (%(agent)s, %(sender)s, %(cwd)s, %(first_created_at)s, %(updated_at)s, %(count)s)
+    ON CONFLICT (sender, agent) DO NOTHING
+    RETURNING id, 0::bigint AS base
+), updated AS (
+    UPDATE conversations SET last_seq = last_seq + %(count)s, updated_at = %(updated_at)s
+    WHERE agent = %(agent)s AND sender = %(sender)s AND NOT EXISTS (SELECT FROM created)
+    RETURNING id, last_seq - %(count)s AS base
+), conv AS (
+    SELECT id, base FROM created UNION ALL SELECT id, base FROM updated
+)""",
+)
+assert _APPEND_CREATING != _APPEND
+
+# The conversation and the entries from its latest compact marker on, in one snapshot:
+# one row per entry, or one with NULL entry columns when it has none.
+_LOAD_CONTEXT = f"""
+SELECT c.agent, c.sender, c.title, c.cwd, c.created_at, c.updated_at, c.last_seq, c.id,
+       {_ENTRY_COLUMNS}
+FROM conversations c
+CROSS JOIN LATERAL (
+    SELECT coalesce(max(seq), 0) AS seq FROM entries
+    WHERE conversation_id = c.id AND kind = 'compact'
+) m
+LEFT JOIN entries e ON e.conversation_id = c.id AND e.seq >= m.seq
+WHERE c.agent = %(agent)s AND c.sender = %(sender)s
+ORDER BY e.seq
 """
 
 # Everything after after_seq; the earlier markers (through the partial index,
@@ -521,7 +567,14 @@ class PostgresStorage:
 
     # --- entries ----------------------------------------------------------------
 
-    async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
+    async def append(
+        self,
+        agent: str,
+        sender: str,
+        entries: Sequence[Entry],
+        *,
+        create: NewConversation | None = None,
+    ) -> list[Entry]:
         """Append atomically and durably; see ``Storage.append``.
 
         Not cancellable: once called, the append completes or fails, and a
@@ -530,20 +583,48 @@ class PostgresStorage:
         if self._closed:
             raise StorageError("The store is closed.")
         if not entries:
-            await self._conversation_id(agent, sender)
+            if create is None:
+                await self._conversation_id(agent, sender)
+            else:
+                await self.create_conversation(
+                    agent, sender, cwd=create.cwd, created_at=datetime.now(UTC)
+                )
             return []
-        copies, params = _prepare(entries)
+        params = _prepare(entries)
         params.update(agent=agent, sender=sender)
+        statement = _APPEND
+        if create is not None:
+            statement = _APPEND_CREATING
+            params.update(cwd=create.cwd, first_created_at=entries[0].created_at)
+
+        def append(conn: psycopg.Connection[Any]) -> list[int]:
+            seqs = [row[0] for row in conn.execute(statement, params).fetchall()]
+            if not seqs and create is not None:
+                # Created by another daemon while the statement ran: visible to the next.
+                seqs = [row[0] for row in conn.execute(statement, params).fetchall()]
+            return seqs
+
         with trio.CancelScope(shield=True):
-            seqs = await self._run(
-                f"Appending to ({agent}, {sender})",
-                lambda conn: [row[0] for row in conn.execute(_APPEND, params).fetchall()],
-            )
+            seqs = await self._run(f"Appending to ({agent}, {sender})", append)
         if not seqs:
             raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
-        for copy, seq in zip(copies, sorted(seqs), strict=True):
-            copy.seq = seq
-        return copies
+        for entry, seq in zip(entries, sorted(seqs), strict=True):
+            entry.seq = seq
+        return list(entries)
+
+    async def load_context(
+        self, agent: str, sender: str
+    ) -> tuple[ConversationItem, list[Entry]] | None:
+        """The metadata and the entries from the latest marker on; see ``Storage.load_context``."""
+        rows = await self._run(
+            f"Reading the conversation ({agent}, {sender})",
+            lambda conn: conn.execute(_LOAD_CONTEXT, {"agent": agent, "sender": sender}).fetchall(),
+        )
+        if not rows:
+            return None
+        self._remember((agent, sender), rows[0][7])
+        entries = [_entry(row[8:]) for row in rows if row[8] is not None]
+        return _conversation(rows[0]), entries
 
     async def _conversation_id(self, agent: str, sender: str) -> int:
         """Its id, from the cache or the database; raises ``ConversationNotFound``."""
@@ -591,7 +672,8 @@ class PostgresStorage:
         """
         if self._closed:
             raise StorageError("The store is closed.")
-        (marker,), params = _prepare([archive.marker()])
+        marker = archive.marker()
+        params = _prepare([marker])
         params.update(agent=agent, sender=sender)
         try:
             speakers = _speakers_encoder.encode(archive.speakers).decode()
@@ -936,10 +1018,9 @@ def _open_pool(conninfo: str, pool_size: int) -> ConnectionPool[psycopg.Connecti
     return pool
 
 
-def _prepare(entries: Sequence[Entry]) -> tuple[list[Entry], dict[str, Any]]:
-    """The stored copies (seq still to assign) and ``_APPEND``'s column arrays."""
+def _prepare(entries: Sequence[Entry]) -> dict[str, Any]:
+    """``_APPEND``'s column arrays; stamps each entry's ``created_at`` (UTC) in place."""
     now = datetime.now(UTC)
-    copies: list[Entry] = []
     columns: dict[str, list[Any]] = {
         name: []
         for name in (
@@ -957,7 +1038,7 @@ def _prepare(entries: Sequence[Entry]) -> tuple[list[Entry], dict[str, Any]]:
         )
     }
     for entry in entries:
-        created_at = now if entry.created_at is None else utc(entry.created_at)
+        created_at = entry.created_at = now if entry.created_at is None else utc(entry.created_at)
         try:
             tool_calls = (
                 _tool_calls_encoder.encode(entry.tool_calls).decode() if entry.tool_calls else None
@@ -976,16 +1057,9 @@ def _prepare(entries: Sequence[Entry]) -> tuple[list[Entry], dict[str, Any]]:
         columns["run_id"].append(entry.run_id)
         columns["created_at"].append(created_at)
         columns["archive"].append(entry.archive)
-        copies.append(
-            msgspec.structs.replace(
-                entry,
-                created_at=created_at,
-                tool_calls=[msgspec.structs.replace(call) for call in entry.tool_calls],
-            )
-        )
     params: dict[str, Any] = dict(columns)
-    params.update(count=len(copies), updated_at=copies[-1].created_at)
-    return copies, params
+    params.update(count=len(entries), updated_at=columns["created_at"][-1])
+    return params
 
 
 def _body(archived: list[Entry]) -> str:

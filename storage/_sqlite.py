@@ -1,21 +1,59 @@
-"""The sqlite backend: one WAL database file, one connection, one worker thread at a time.
+"""The sqlite backend: one WAL database file, one writer, readers beside it.
 
-Every use of the connection goes through ``trio.to_thread.run_sync`` with a
-``CapacityLimiter(1)``, so the trio loop never blocks on the disk and the
-connection is never used by two threads at once.
+**Writes** (``append``, ``compact``, ``create_conversation``, ``set_title``,
+``set_cwd``, ``put_note``) all go through one write connection, each in a
+transaction of its own or in a savepoint of a group's, so each stays all or
+nothing. How they reach it depends on ``synchronous``, for what a commit costs:
 
-Appends commit in groups: an append that arrives while another group is being
-written waits for it, then writes in one transaction every append queued
-meanwhile, each inside its own savepoint. An append stays all or nothing (a
-failing one rolls back to its savepoint and only it fails), and none returns
-before the COMMIT that made it durable; the thread hop and the fsync, which
-dominate the cost of an append, are paid once per group instead of once per
-append.
+- ``normal``: a COMMIT writes the WAL without an fsync (20-30 µs), less than a
+  thread hop (50-70 µs), so writes run **inline on the trio loop**, one
+  transaction each, with no hop at all. The connection's ``busy_timeout`` is 0,
+  so the loop never sleeps on a lock: nothing else should write the file, and
+  should something (a person with the sqlite shell) hold its write lock, the
+  write waits its turn asynchronously, retrying for up to ``_BUSY_TIMEOUT``
+  seconds, and the writes after it queue behind it in order.
+- ``full``: a COMMIT fsyncs (150-200 µs), so writes go to **one long-lived
+  writer thread**, fed by a queue, that commits in groups: every write queued
+  while a commit is in flight goes into the next transaction, each in its own
+  savepoint (a failing one rolls back to its savepoint and fails alone), and
+  the fsync is paid once per group. The thread hands results back with a
+  ``TrioToken.run_sync_soon`` wake-up, cheaper than a ``trio.to_thread`` hop.
+
+Either way a write returns only after the COMMIT that made it durable (under
+``full`` against power loss, under ``normal`` against a crash of the process),
+and is shielded from cancellation once called. ``close`` waits for the writes
+already made.
+
+**Reads** go to ``_READERS`` read-only connections of their own, each used by
+one worker thread at a time (``trio.to_thread`` behind a ``CapacityLimiter``),
+so a long read blocks neither the loop nor the writer; WAL lets them read
+beside it. A read that several statements make (``history``, ``load_context``)
+runs in one read transaction, so it sees one snapshot. Each statement of a read
+sees every transaction committed before it began, so a read after an
+acknowledged write sees that write.
+
+**Checkpoints** run in a thread of their own, on a connection of their own:
+the write connection has ``wal_autocheckpoint=0``, so no COMMIT ever pays for
+one. The thread runs a PASSIVE checkpoint, which takes no lock a writer needs,
+every ``_CHECKPOINT_INTERVAL`` seconds when something was written, sooner when
+the writers count ``_CHECKPOINT_PAGES`` pages written since the last, and a
+last one on close. Sustained writes can keep a PASSIVE checkpoint from ever
+catching up with the WAL, which then never starts over and grows without end;
+so when the WAL holds more than ``_WAL_HIGH_WATER`` frames, the thread holds
+the writers off (the ``_Gate``) for one more checkpoint, which then backfills
+every frame, and the next write starts the WAL over from its beginning.
 
 A compaction is an append of one marker that also stores its archive: it joins
 a group like any append, and inside its savepoint checks the archive against
 the conversation as committed so far (``check_archive``), inserts the marker,
-the archive row and its search document, so it is all or nothing too.
+the archive row and its search document, so it is all or nothing too. An append
+with ``create=`` inserts its conversation, already moved past its entries,
+when the conversation is missing, in the same transaction (or savepoint).
+
+The writer keeps the ``(id, last_seq)`` of recently used conversations: only
+its own writes change them, so a hit spares an append a SELECT. Should anything
+else write the file anyway, the stale ``last_seq`` makes the next append fail on
+the primary key, which drops the entry: the append after reads the truth back.
 
 **Memory search** (migration 2). ``archives`` holds one row per archive
 (speakers as a JSON array), ``notes`` one per ``(agent, name)``, and ``memory``
@@ -36,7 +74,10 @@ with ``snippet()``.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -45,10 +86,11 @@ from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
+import structlog
 import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit, ToolCallInfo
 
-from ._base import Archive, ConversationNotFound, StorageError, check_archive
+from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._search import SNIPPET_WORDS, archive_text, database_search_words, note_text, one_line
@@ -59,6 +101,13 @@ Synchronous = Literal["full", "normal"]
 _T = TypeVar("_T")
 _CURSOR_TAG = "sqlite"
 _CACHE_SIZE = 65_536  # (agent, sender) -> (id, last_seq) pairs kept for appends
+_READERS = 2  # read connections: a long read leaves another free
+_BUSY_TIMEOUT = 5.0  # seconds a write waits for another connection's write lock
+_CHECKPOINT_INTERVAL = 1.0  # seconds between checkpoints, while anything is written
+_CHECKPOINT_PAGES = 1000  # pages written that call for a checkpoint before the interval ends
+_WAL_HIGH_WATER = 4000  # WAL frames past which a checkpoint holds the writers off to catch up
+_PAGES_PER_WRITE = 4  # pages a small write dirties: a row and its indexes
+_JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is cut back to when it starts over
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
 # Append new ones; never edit one that has shipped.
@@ -202,10 +251,47 @@ def parse_sqlite_url(url: str) -> tuple[Path, Synchronous]:
     return Path(path), synchronous  # type: ignore[return-value]  # checked just above
 
 
-class _PendingAppend:
-    """One caller's append, waiting for the group that writes it."""
+class _Busy(Exception):
+    """Another connection holds the write lock; nothing of the write was done."""
 
-    __slots__ = ("agent", "archive", "entries", "error", "result", "rows", "sender", "updated_at")
+
+class _Write:
+    """One caller's write, waiting for the transaction that commits it.
+
+    ``apply`` runs it on the write connection inside that transaction (and,
+    in a group, inside a savepoint of its own); ``finish`` runs once the
+    transaction committed. Either may run in the writer thread.
+    """
+
+    __slots__ = ("done", "error", "key", "result", "what")
+
+    def __init__(self, what: str, key: tuple[str, str] | None) -> None:
+        self.what = what  # "Appending to (a, s)": what a failure message starts with
+        self.key = key  # the conversation it writes, if any
+        self.result: Any = None
+        self.error: StorageError | None = None
+        self.done: trio.Event | None = None  # set when the writer thread is done with it
+
+    def apply(self, store: SqliteStorage, staged: _Staged) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """The transaction committed: make ``result`` what the caller gets."""
+
+    @property
+    def pages(self) -> int:
+        """About how many pages the write dirties, for the checkpoint thread."""
+        return _PAGES_PER_WRITE
+
+
+# The (id, last_seq) of the conversations a transaction wrote, as its COMMIT will leave them.
+_Staged = dict[tuple[str, str], tuple[int, int]]
+
+
+class _Append(_Write):
+    """An append, a compaction (an append of its marker, with ``archive``), or both."""
+
+    __slots__ = ("archive", "base", "create", "entries", "rows", "updated_at")
 
     def __init__(
         self,
@@ -213,17 +299,296 @@ class _PendingAppend:
         sender: str,
         entries: list[Entry],
         rows: list[_RowTail],
-        updated_at: str,
+        create: NewConversation | None,
     ) -> None:
-        self.agent = agent
-        self.sender = sender
-        self.entries = entries  # stored copies, seq still to assign
+        super().__init__(f"Appending to ({agent}, {sender})", (agent, sender))
+        self.entries = entries  # the caller's, created_at stamped; seqs set by finish
         self.rows = rows
-        self.updated_at = updated_at
+        self.updated_at = rows[-1][8]  # the newest entry's created_at, as text
+        self.create = create
         # A compaction's archive, stored with its marker (the one entry), and its row.
         self.archive: tuple[Archive, _ArchiveRow] | None = None
-        self.result: list[Entry] | None = None
-        self.error: StorageError | None = None
+        self.base = 0  # the last seq before the entries
+
+    def apply(self, store: SqliteStorage, staged: _Staged) -> None:
+        conn = store._conn
+        assert self.key is not None
+        state = staged.get(self.key) or store._cache.get(self.key)
+        count = len(self.rows)
+        if state is None and self.create is not None:
+            # Created already past its entries, so no UPDATE follows.
+            row = conn.execute(
+                "INSERT INTO conversations (agent, sender, cwd, created_at, updated_at, last_seq)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sender, agent) DO NOTHING RETURNING id",
+                (*self.key, self.create.cwd, self.rows[0][8], self.updated_at, count),
+            ).fetchone()
+            if row is not None:
+                conn.executemany(
+                    _INSERT_ENTRY, [(row[0], seq, *tail) for seq, tail in enumerate(self.rows, 1)]
+                )
+                staged[self.key] = (row[0], count)
+                self.base = 0
+                return
+        conv_id, last_seq = state if state is not None else store._select(*self.key)
+        if self.archive is not None:
+            store._store_archive(conv_id, last_seq, self.key[0], *self.archive)
+        conn.executemany(
+            _INSERT_ENTRY,
+            [(conv_id, seq, *tail) for seq, tail in enumerate(self.rows, last_seq + 1)],
+        )
+        conn.execute(
+            "UPDATE conversations SET last_seq = ?, updated_at = ? WHERE id = ?",
+            (last_seq + count, self.updated_at, conv_id),
+        )
+        staged[self.key] = (conv_id, last_seq + count)
+        self.base = last_seq
+
+    def finish(self) -> None:
+        for seq, entry in enumerate(self.entries, self.base + 1):
+            entry.seq = seq
+        self.result = self.entries
+
+    @property
+    def pages(self) -> int:
+        return _PAGES_PER_WRITE + len(self.rows) // 4
+
+
+class _Create(_Write):
+    """``create_conversation``: insert it unless it exists; the result is it, either way."""
+
+    __slots__ = ("created_at", "cwd")
+
+    def __init__(self, agent: str, sender: str, cwd: str | None, created_at: str) -> None:
+        super().__init__(f"Creating the conversation ({agent}, {sender})", (agent, sender))
+        self.cwd = cwd
+        self.created_at = created_at
+
+    def apply(self, store: SqliteStorage, staged: _Staged) -> None:
+        assert self.key is not None
+        conn = store._conn
+        conn.execute(
+            "INSERT INTO conversations (agent, sender, cwd, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sender, agent) DO NOTHING",
+            (*self.key, self.cwd, self.created_at, self.created_at),
+        )
+        row = conn.execute(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE agent = ? AND sender = ?",
+            self.key,
+        ).fetchone()
+        staged[self.key] = (row[7], row[6])
+        self.result = _conversation(row)
+
+
+class _Update(_Write):
+    """``set_title`` or ``set_cwd``."""
+
+    __slots__ = ("column", "value")
+
+    def __init__(self, agent: str, sender: str, column: str, value: str | None) -> None:
+        super().__init__(f"Setting the {column} of ({agent}, {sender})", (agent, sender))
+        self.column = column
+        self.value = value
+
+    def apply(self, store: SqliteStorage, staged: _Staged) -> None:
+        assert self.key is not None
+        cursor = store._conn.execute(
+            f"UPDATE conversations SET {self.column} = ? WHERE agent = ? AND sender = ?",
+            (self.value, *self.key),
+        )
+        if cursor.rowcount == 0:
+            raise ConversationNotFound(f"No conversation is stored for {_pair(self.key)}.")
+
+
+class _PutNote(_Write):
+    """``put_note``: the note's row and its search document."""
+
+    __slots__ = ("agent", "content", "name", "updated_at")
+
+    def __init__(self, agent: str, name: str, content: str, updated_at: str) -> None:
+        super().__init__(f"Writing the note {name!r} of {agent}", None)
+        self.agent = agent
+        self.name = name
+        self.content = content
+        self.updated_at = updated_at
+
+    def apply(self, store: SqliteStorage, staged: _Staged) -> None:
+        conn = store._conn
+        (id_,) = conn.execute(
+            "INSERT INTO notes (agent, name, content, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (agent, name)"
+            " DO UPDATE SET content = excluded.content, updated_at = excluded.updated_at"
+            " RETURNING id",
+            (self.agent, self.name, self.content, self.updated_at),
+        ).fetchone()
+        conn.execute("DELETE FROM memory WHERE rowid = ?", (-id_,))
+        conn.execute(
+            "INSERT INTO memory (rowid, text, agent) VALUES (?, ?, ?)",
+            (-id_, note_text(self.name, self.content), self.agent),
+        )
+
+
+class _Gate:
+    """Lets the checkpoint thread hold the writers off for one checkpoint.
+
+    A writer passes it around each transaction: the loop only ever tries
+    (``try_enter``, never waiting), the writer thread waits (``enter``). The
+    checkpoint thread asks for it (``holding``), which turns new writers away
+    at once, and has it when the transaction under way ends. Nothing depends
+    on it for correctness (a PASSIVE checkpoint is safe beside a writer), only
+    for the checkpoint to catch up: so the writers' side takes no lock, and a
+    writer slipping past a request at the very moment it is made does no harm.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._writing = False
+        self._wanted = False  # by the checkpoint thread, from asking until done
+
+    def try_enter(self) -> bool:
+        if self._wanted:
+            return False
+        self._writing = True
+        return True
+
+    def enter(self) -> None:
+        if self._wanted:
+            with self._changed:
+                self._changed.wait_for(lambda: not self._wanted)
+        self._writing = True
+
+    def leave(self) -> None:
+        self._writing = False
+        if self._wanted:
+            with self._changed:
+                self._changed.notify_all()
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        with self._changed:
+            self._wanted = True
+            self._changed.wait_for(lambda: not self._writing, timeout=_BUSY_TIMEOUT)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._wanted = False
+                self._changed.notify_all()
+
+
+class _Writer:
+    """The thread that commits the writes of a ``synchronous=full`` store, a group at a time."""
+
+    def __init__(self, store: SqliteStorage, token: trio.lowlevel.TrioToken) -> None:
+        self._store = store
+        self._token = token
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        # A daemon thread: a store never closed must not keep the process alive.
+        self._thread = threading.Thread(target=self._run, name="chinwag-sqlite-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, write: _Write) -> None:
+        self._queue.put(write)
+
+    def stop(self) -> None:
+        """Let the writes queued so far be written, then end. Call ``join`` to wait for it."""
+        self._queue.put(None)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        store = self._store
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            group = [first]
+            while True:  # everything queued while the last group committed
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                group.append(more)
+            try:
+                store._gate.enter()
+                try:
+                    store._commit(group)
+                finally:
+                    store._gate.leave()
+            except _Busy as exc:  # busy_timeout ran out
+                _fail(group, exc.__cause__ or exc)
+            except BaseException as exc:  # a bug: its callers must hear of it all the same
+                _fail(group, exc)
+            with contextlib.suppress(trio.RunFinishedError):  # nobody is waiting any more
+                self._token.run_sync_soon(_wake, group)
+
+
+def _wake(group: list[_Write]) -> None:
+    """On the trio loop: tell the callers of ``group`` that it was written."""
+    for write in group:
+        assert write.done is not None
+        write.done.set()
+
+
+def _fail(group: list[_Write], exc: BaseException) -> None:
+    """Every write of ``group`` failed with ``exc``, none of it stored."""
+    for write in group:
+        write.result = None
+        write.error = StorageError(f"{write.what} failed: {exc}.")
+        write.error.__cause__ = exc
+
+
+class _Checkpointer:
+    """The thread that checkpoints the WAL into the database; see the module's docstring."""
+
+    def __init__(self, conn: sqlite3.Connection, store: SqliteStorage) -> None:
+        self._conn = conn
+        self._store = store
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name="chinwag-sqlite-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def nudge(self) -> None:
+        """Many pages were written: checkpoint now rather than at the next interval."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Checkpoint one last time, close the connection and end; blocks until it has."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        checkpointed = 0  # the store's page count at the last checkpoint
+        try:
+            while not self._stopping:
+                self._wake.wait(_CHECKPOINT_INTERVAL)
+                self._wake.clear()
+                written = self._store._pages
+                if written != checkpointed and not self._stopping:
+                    checkpointed = written
+                    self._checkpoint()
+            self._checkpoint(final=True)
+        finally:
+            self._conn.close()
+
+    def _checkpoint(self, *, final: bool = False) -> None:
+        try:
+            _, frames, _ = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames > _WAL_HIGH_WATER and not final:
+                with self._store._gate.holding():
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:  # the next one tries again; the WAL keeps everything
+            structlog.get_logger("chinwag.storage").warning(
+                "checkpoint_failed", database=str(self._store.path), error=str(exc)
+            )
 
 
 class SqliteStorage:
@@ -231,118 +596,244 @@ class SqliteStorage:
 
     shared = False
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, synchronous: Synchronous) -> None:
-        """Wrap an open, migrated connection; ``open`` is the way to get one."""
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        readers: list[sqlite3.Connection],
+        checkpoints: sqlite3.Connection,
+        path: Path,
+        synchronous: Synchronous,
+    ) -> None:
+        """Wrap open, configured connections and start the store's threads; use ``open``.
+
+        Runs in trio: the writer thread wakes this trio run's tasks.
+        """
         self.path = path
         self.synchronous = synchronous
-        self._conn = conn
-        self._limiter = trio.CapacityLimiter(1)
-        self._write_lock = trio.Lock()
-        self._queue: list[_PendingAppend] = []
-        # The committed (id, last_seq) of recently used conversations. Only writes of
-        # this store change them, so a hit spares the append a SELECT.
+        self._conn = conn  # writes only: inline on the loop (normal) or the writer thread (full)
+        self._readers = readers  # the ones free; a worker thread takes one, then puts it back
+        self._read_limiter = trio.CapacityLimiter(len(readers))
+        # Read side: (agent, sender) -> id, which never changes.
+        self._ids: dict[tuple[str, str], int] = {}
+        # Write side, touched only by whoever writes (loop or writer thread): the
+        # committed (id, last_seq) of recently used conversations.
         self._cache: dict[tuple[str, str], tuple[int, int]] = {}
+        self._gate = _Gate()
+        self._pages = 0  # about how many pages were written, for the checkpoint thread
+        self._pages_nudged = 0
+        self._later = trio.Lock()  # normal: writes that could not go inline, in arrival order
+        self._waiting = 0  # normal: writes waiting for _later or in it
         self._claims = LocalClaims()
         self._closed = False
+        self._checkpointer = _Checkpointer(checkpoints, self)
+        self._writer: _Writer | None = None
+        if synchronous == "full":
+            self._writer = _Writer(self, trio.lowlevel.current_trio_token())
 
     @classmethod
     async def open(cls, path: Path | str, *, synchronous: Synchronous = "full") -> SqliteStorage:
-        """Open (creating the file and its directory if missing) and migrate the database."""
+        """Open (creating the file and its directory if missing) and migrate the database.
+
+        Starts the store's threads: ``close`` it to end them.
+        """
         path = Path(path)
-        conn = await trio.to_thread.run_sync(_connect, path, synchronous)
-        return cls(conn, path, synchronous)
+        conn, readers, checkpoints = await trio.to_thread.run_sync(_connect, path, synchronous)
+        return cls(conn, readers, checkpoints, path, synchronous)
 
-    # --- plumbing -------------------------------------------------------------
+    # --- writing --------------------------------------------------------------
 
-    async def _run(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn(*args)`` on the worker thread; ``what`` failing becomes a StorageError.
+    async def _write(self, write: _Write) -> Any:
+        """Commit ``write`` and return its result; raises its error. Shielded: it completes."""
+        if self._closed:
+            raise StorageError("The store is closed.")
+        with trio.CancelScope(shield=True):
+            if self._writer is not None:
+                write.done = trio.Event()
+                self._writer.put(write)
+                await write.done.wait()
+            elif self._waiting or not self._inline_now(write):
+                await self._write_later(write)  # behind the writes already waiting
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        if write.error is not None:
+            raise write.error
+        return write.result
 
-        Cancellable only while waiting for the thread: once running, ``fn`` completes.
+    def _inline_now(self, write: _Write) -> bool:
+        """Commit ``write`` on the loop, now; False, having done nothing, if it cannot."""
+        try:
+            return self._try_inline(write)
+        except _Busy:
+            return False
+
+    def _try_inline(self, write: _Write) -> bool:
+        """Commit ``write`` on the loop, now; False, having done nothing, if the gate is held.
+
+        Raises ``_Busy`` when another connection holds the write lock.
+        """
+        if not self._gate.try_enter():
+            return False
+        try:
+            self._commit([write])
+        finally:
+            self._gate.leave()
+        return True
+
+    async def _write_later(self, write: _Write) -> None:
+        """Commit ``write`` on the loop once the gate and the write lock are free, in turn."""
+        self._waiting += 1
+        try:
+            async with self._later:
+                delay, deadline = 0.0005, trio.current_time() + _BUSY_TIMEOUT
+                while True:
+                    try:
+                        if self._try_inline(write):
+                            return
+                    except _Busy as exc:
+                        if trio.current_time() >= deadline:
+                            _fail([write], exc.__cause__ or exc)
+                            return
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, 0.05)
+        finally:
+            self._waiting -= 1
+
+    def _commit(self, group: list[_Write]) -> None:
+        """Write ``group`` in one transaction, each write in a savepoint when there are several.
+
+        Sets each write's ``result`` or ``error``; no sqlite error escapes, but
+        ``_Busy`` when the transaction could not begin (then nothing was done).
+        Runs wherever writes run: the loop (normal) or the writer thread (full).
+        """
+        conn = self._conn
+        alone = len(group) == 1
+        staged: _Staged = {}  # what COMMIT will make true
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                raise _Busy from exc
+            _fail(group, exc)
+            return
+        try:
+            try:
+                for write in group:
+                    if not alone:
+                        conn.execute("SAVEPOINT write")
+                    try:
+                        write.apply(self, staged)
+                    except StorageError as exc:  # not found, or an archive check_archive refused
+                        write.error = exc
+                    except Exception as exc:  # a lone surrogate, a constraint, a full disk
+                        if write.key is not None:
+                            self._cache.pop(write.key, None)
+                        _fail([write], exc)
+                    if not alone:
+                        if write.error is not None:
+                            conn.execute("ROLLBACK TO write")
+                        conn.execute("RELEASE write")
+                if alone and group[0].error is not None:
+                    conn.execute("ROLLBACK")
+                    return
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            # A COMMIT that failed in its fsync may still be seen by the next read:
+            # forget what the cache believes and read it back next time.
+            for key in staged:
+                self._cache.pop(key, None)
+            _fail(group, exc)
+            return
+        for key, state in staged.items():
+            self._remember(key, state)
+        pages = self._pages
+        for write in group:
+            if write.error is None:
+                write.finish()
+                pages += write.pages
+        self._pages = pages
+        if pages - self._pages_nudged >= _CHECKPOINT_PAGES:
+            self._pages_nudged = pages
+            self._checkpointer.nudge()
+
+    def _select(self, agent: str, sender: str) -> tuple[int, int]:
+        """(id, last_seq) of the conversation, read on the write connection.
+
+        Raises ``ConversationNotFound``.
+        """
+        row = self._conn.execute(
+            "SELECT id, last_seq FROM conversations WHERE agent = ? AND sender = ?", (agent, sender)
+        ).fetchone()
+        if row is None:
+            raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+        return row[0], row[1]
+
+    def _remember(self, key: tuple[str, str], state: tuple[int, int]) -> None:
+        if key not in self._cache and len(self._cache) >= _CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]  # the oldest insertion
+        self._cache[key] = state
+
+    # --- reading --------------------------------------------------------------
+
+    async def _read(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(reader, *args)`` in a worker thread; ``what`` failing becomes a StorageError.
+
+        Cancellable only while waiting for a reader: once running, ``fn`` completes.
         """
         if self._closed:
             raise StorageError("The store is closed.")
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await trio.to_thread.run_sync(
+                self._with_reader, fn, *args, limiter=self._read_limiter
+            )
         except sqlite3.Error as exc:
             raise StorageError(f"{what} failed: {exc}.") from exc
 
-    def _lookup(self, agent: str, sender: str) -> tuple[int, int]:
-        """(id, last_seq) of the conversation, from the cache or the database. Worker thread."""
+    def _with_reader(self, fn: Callable[..., _T], *args: Any) -> _T:
+        # The limiter lets no more threads in than there are readers: one is free.
+        conn = self._readers.pop()
+        try:
+            return fn(conn, *args)
+        finally:
+            self._readers.append(conn)
+
+    def _conversation_id(self, conn: sqlite3.Connection, agent: str, sender: str) -> int:
+        """The conversation's id, from the cache or the reader; raises ``ConversationNotFound``."""
         key = (agent, sender)
-        state = self._cache.get(key)
-        if state is None:
-            row = self._conn.execute(
-                "SELECT id, last_seq FROM conversations WHERE agent = ? AND sender = ?", key
+        id_ = self._ids.get(key)
+        if id_ is None:
+            row = conn.execute(
+                "SELECT id FROM conversations WHERE agent = ? AND sender = ?", key
             ).fetchone()
             if row is None:
                 raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
-            state = self._remember(key, (row[0], row[1]))
-        return state
-
-    def _remember(self, key: tuple[str, str], state: tuple[int, int]) -> tuple[int, int]:
-        if key not in self._cache and len(self._cache) >= _CACHE_SIZE:
-            del self._cache[next(iter(self._cache))]  # the oldest insertion
-        self._cache[key] = state
-        return state
+            id_ = row[0]
+            if len(self._ids) >= _CACHE_SIZE:
+                self._ids.clear()  # ids are one SELECT away; no need to age them one by one
+            self._ids[key] = id_
+        return id_
 
     # --- conversations ----------------------------------------------------------
 
     async def get_conversation(self, agent: str, sender: str) -> ConversationItem | None:
-        return await self._run(
-            f"Reading the conversation ({agent}, {sender})", self._get_conversation, agent, sender
+        return await self._read(
+            f"Reading the conversation ({agent}, {sender})", _get_conversation, agent, sender
         )
-
-    def _get_conversation(self, agent: str, sender: str) -> ConversationItem | None:
-        row = self._conn.execute(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE agent = ? AND sender = ?",
-            (agent, sender),
-        ).fetchone()
-        if row is None:
-            return None
-        self._remember((agent, sender), (row[7], row[6]))
-        return _conversation(row)
 
     async def create_conversation(
         self, agent: str, sender: str, *, cwd: str | None, created_at: datetime
     ) -> ConversationItem:
-        return await self._run(
-            f"Creating the conversation ({agent}, {sender})",
-            self._create_conversation,
-            agent,
-            sender,
-            cwd,
-            to_text(created_at),
-        )
-
-    def _create_conversation(
-        self, agent: str, sender: str, cwd: str | None, created_at: str
-    ) -> ConversationItem:
-        self._conn.execute(
-            "INSERT INTO conversations (agent, sender, cwd, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sender, agent) DO NOTHING",
-            (agent, sender, cwd, created_at, created_at),
-        )
-        item = self._get_conversation(agent, sender)
-        assert item is not None  # inserted or already there, and nothing deletes
+        item: ConversationItem = await self._write(_Create(agent, sender, cwd, to_text(created_at)))
         return item
 
     async def set_title(self, agent: str, sender: str, title: str) -> None:
-        await self._run(
-            f"Setting the title of ({agent}, {sender})", self._update, agent, sender, "title", title
-        )
+        await self._write(_Update(agent, sender, "title", title))
 
     async def set_cwd(self, agent: str, sender: str, cwd: str | None) -> None:
-        await self._run(
-            f"Setting the cwd of ({agent}, {sender})", self._update, agent, sender, "cwd", cwd
-        )
-
-    def _update(self, agent: str, sender: str, column: str, value: str | None) -> None:
-        cursor = self._conn.execute(
-            f"UPDATE conversations SET {column} = ? WHERE agent = ? AND sender = ?",
-            (value, agent, sender),
-        )
-        if cursor.rowcount == 0:
-            raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
+        await self._write(_Update(agent, sender, "cwd", cwd))
 
     async def list_conversations(
         self,
@@ -355,8 +846,8 @@ class SqliteStorage:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}.")
         position = None if cursor is None else decode_cursor(_CURSOR_TAG, cursor)
-        rows = await self._run(
-            "Listing conversations", self._list_conversations, agent, sender, limit + 1, position
+        rows = await self._read(
+            "Listing conversations", _list_conversations, agent, sender, limit + 1, position
         )
         next_cursor = None
         if len(rows) > limit:
@@ -364,34 +855,16 @@ class SqliteStorage:
             next_cursor = encode_cursor(_CURSOR_TAG, last[5], last[7])
         return [_conversation(row) for row in rows[:limit]], next_cursor
 
-    def _list_conversations(
-        self,
-        agent: str | None,
-        sender: str | None,
-        limit: int,
-        position: tuple[str, int] | None,
-    ) -> list[tuple[Any, ...]]:
-        where: list[str] = []
-        params: list[Any] = []
-        if agent is not None:
-            where.append("agent = ?")
-            params.append(agent)
-        if sender is not None:
-            where.append("sender = ?")
-            params.append(sender)
-        if position is not None:
-            where.append("(updated_at, id) < (?, ?)")
-            params.extend(position)
-        sql = f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
-        params.append(limit)
-        return self._conn.execute(sql, params).fetchall()
-
     # --- entries ----------------------------------------------------------------
 
-    async def append(self, agent: str, sender: str, entries: Sequence[Entry]) -> list[Entry]:
+    async def append(
+        self,
+        agent: str,
+        sender: str,
+        entries: Sequence[Entry],
+        *,
+        create: NewConversation | None = None,
+    ) -> list[Entry]:
         """Append atomically and durably; see ``Storage.append``.
 
         Not cancellable: once called, the append completes or fails, and a
@@ -399,104 +872,34 @@ class SqliteStorage:
         """
         if self._closed:
             raise StorageError("The store is closed.")
-        if not entries:
-            await self._run(f"Reading ({agent}, {sender})", self._lookup, agent, sender)
-            return []
-        return await self._write(_prepare(agent, sender, entries))
+        if entries:
+            stored: list[Entry] = await self._write(_prepare(agent, sender, entries, create))
+            return stored
+        if create is not None:
+            await self._write(_Create(agent, sender, create.cwd, to_text(datetime.now(UTC))))
+        else:
+            await self._read(
+                f"Reading the conversation ({agent}, {sender})",
+                self._conversation_id,
+                agent,
+                sender,
+            )
+        return []
 
-    async def _write(self, pending: _PendingAppend) -> list[Entry]:
-        """Queue ``pending`` for the next group and wait until it is written. Shielded."""
-        with trio.CancelScope(shield=True):
-            self._queue.append(pending)
-            async with self._write_lock:  # fair: groups go out in arrival order
-                if pending.result is None and pending.error is None:
-                    group, self._queue = self._queue, []
-                    try:
-                        await trio.to_thread.run_sync(
-                            self._write_group, group, limiter=self._limiter
-                        )
-                    finally:
-                        for other in group:
-                            if other.result is None and other.error is None:
-                                other.error = StorageError("The append was not written.")
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
-
-    def _write_group(self, group: list[_PendingAppend]) -> None:
-        """Write every append of ``group`` in one transaction, each in a savepoint. Worker thread.
-
-        Sets each pending append's ``result`` or ``error``; no sqlite error escapes.
-        """
-        conn = self._conn
-        staged: dict[tuple[str, str], tuple[int, int]] = {}  # what COMMIT will make true
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for pending in group:
-                    conn.execute("SAVEPOINT append")
-                    try:
-                        pending.result = self._write_one(pending, staged)
-                    except StorageError as exc:  # not found, or an archive check_archive refused
-                        pending.error = exc
-                    except Exception as exc:  # a lone surrogate, a constraint, a full disk
-                        self._cache.pop((pending.agent, pending.sender), None)
-                        pending.error = StorageError(
-                            f"Appending to ({pending.agent}, {pending.sender}) failed: {exc}."
-                        )
-                        pending.error.__cause__ = exc
-                    if pending.error is not None:
-                        conn.execute("ROLLBACK TO append")
-                    conn.execute("RELEASE append")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            # A COMMIT that failed in its fsync may still be seen by the next read:
-            # forget what the cache believes and read it back next time.
-            for key in staged:
-                self._cache.pop(key, None)
-            for pending in group:
-                pending.result = None
-                pending.error = StorageError(
-                    f"Appending to ({pending.agent}, {pending.sender}) failed: {exc}."
-                )
-                pending.error.__cause__ = exc
-            return
-        for key, state in staged.items():
-            self._remember(key, state)
-
-    def _write_one(
-        self, pending: _PendingAppend, staged: dict[tuple[str, str], tuple[int, int]]
-    ) -> list[Entry]:
-        key = (pending.agent, pending.sender)
-        state = staged.get(key)
-        conv_id, last_seq = state if state is not None else self._lookup(*key)
-        if pending.archive is not None:
-            self._store_archive(conv_id, last_seq, pending.agent, *pending.archive)
-        self._conn.executemany(
-            _INSERT_ENTRY,
-            [(conv_id, seq, *row) for seq, row in enumerate(pending.rows, last_seq + 1)],
+    async def load_context(
+        self, agent: str, sender: str
+    ) -> tuple[ConversationItem, list[Entry]] | None:
+        """The metadata and the entries from the latest marker on; see ``Storage.load_context``."""
+        return await self._read(
+            f"Reading the conversation ({agent}, {sender})", _load_context, agent, sender
         )
-        last_seq += len(pending.rows)
-        self._conn.execute(
-            "UPDATE conversations SET last_seq = ?, updated_at = ? WHERE id = ?",
-            (last_seq, pending.updated_at, conv_id),
-        )
-        staged[key] = (conv_id, last_seq)
-        for seq, entry in enumerate(pending.entries, last_seq - len(pending.entries) + 1):
-            entry.seq = seq
-        return pending.entries
 
     def _store_archive(
         self, conv_id: int, last_seq: int, agent: str, archive: Archive, row: _ArchiveRow
     ) -> None:
         """Check ``archive`` against the conversation, then store it and its search document.
 
-        Inside the savepoint of its marker's append, before the marker is inserted.
+        Inside the transaction of its marker's append, before the marker is inserted.
         """
         conn = self._conn
         used = conn.execute(
@@ -505,7 +908,7 @@ class SqliteStorage:
         ).fetchall()
         check_archive(
             archive,
-            marker_seq=self._marker_seq(conv_id),
+            marker_seq=_marker_seq(conn, conv_id),
             last_seq=last_seq,
             names={name for (name,) in used},
         )
@@ -524,15 +927,6 @@ class SqliteStorage:
             (cursor.lastrowid, archive_text(archive.summary, map(_entry, archived)), agent),
         )
 
-    def _marker_seq(self, conv_id: int) -> int:
-        """The seq of the conversation's latest compact marker, 0 when none. Worker thread."""
-        (seq,) = self._conn.execute(
-            "SELECT coalesce(max(seq), 0) FROM entries"
-            " WHERE conversation_id = ? AND kind = 'compact'",
-            (conv_id,),
-        ).fetchone()
-        return int(seq)
-
     async def history(
         self,
         agent: str,
@@ -544,7 +938,7 @@ class SqliteStorage:
     ) -> list[Entry]:
         if limit is not None and limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}.")
-        rows = await self._run(
+        return await self._read(
             f"Reading the history of ({agent}, {sender})",
             self._history,
             agent,
@@ -553,29 +947,37 @@ class SqliteStorage:
             -1 if limit is None else limit,
             include_archived,
         )
-        return [_entry(row) for row in rows]
 
     def _history(
-        self, agent: str, sender: str, after_seq: int, limit: int, include_archived: bool
-    ) -> list[tuple[Any, ...]]:
-        conv_id, _ = self._lookup(agent, sender)
-        marker_seq = 0 if include_archived else self._marker_seq(conv_id)
-        if marker_seq <= after_seq + 1:  # nothing to hide after after_seq
-            return self._conn.execute(
-                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = ? AND seq > ?"
-                " ORDER BY seq LIMIT ?",
-                (conv_id, after_seq, limit),
-            ).fetchall()
-        # The earlier markers (through the partial index, without reading what they
-        # archived), then everything from the latest marker on.
-        return self._conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = :id"
-            " AND kind = 'compact' AND seq > :after AND seq < :marker"
-            f" UNION ALL SELECT {_ENTRY_COLUMNS} FROM entries"
-            " WHERE conversation_id = :id AND seq >= :marker"
-            " ORDER BY seq LIMIT :limit",
-            {"id": conv_id, "after": after_seq, "marker": marker_seq, "limit": limit},
-        ).fetchall()
+        self,
+        conn: sqlite3.Connection,
+        agent: str,
+        sender: str,
+        after_seq: int,
+        limit: int,
+        include_archived: bool,
+    ) -> list[Entry]:
+        conv_id = self._conversation_id(conn, agent, sender)
+        with _snapshot(conn):
+            marker_seq = 0 if include_archived else _marker_seq(conn, conv_id)
+            if marker_seq <= after_seq + 1:  # nothing to hide after after_seq
+                rows = conn.execute(
+                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = ? AND seq > ?"
+                    " ORDER BY seq LIMIT ?",
+                    (conv_id, after_seq, limit),
+                ).fetchall()
+            else:
+                # The earlier markers (through the partial index, without reading what
+                # they archived), then everything from the latest marker on.
+                rows = conn.execute(
+                    f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = :id"
+                    " AND kind = 'compact' AND seq > :after AND seq < :marker"
+                    f" UNION ALL SELECT {_ENTRY_COLUMNS} FROM entries"
+                    " WHERE conversation_id = :id AND seq >= :marker"
+                    " ORDER BY seq LIMIT :limit",
+                    {"id": conv_id, "after": after_seq, "marker": marker_seq, "limit": limit},
+                ).fetchall()
+        return [_entry(row) for row in rows]
 
     # --- archives and notes -------------------------------------------------------
 
@@ -586,7 +988,7 @@ class SqliteStorage:
         """
         if self._closed:
             raise StorageError("The store is closed.")
-        pending = _prepare(agent, sender, [archive.marker()])
+        write = _prepare(agent, sender, [archive.marker()], None)
         try:
             speakers = _speakers_encoder.encode(archive.speakers).decode()
         except (UnicodeEncodeError, TypeError) as exc:
@@ -597,14 +999,14 @@ class SqliteStorage:
             archive.last_seq,
             archive.summary,
             speakers,
-            pending.updated_at,  # the marker's created_at, which is the archive's
+            write.updated_at,  # the marker's created_at, which is the archive's
         )
-        pending.archive = (archive, row)
-        (marker,) = await self._write(pending)
-        return marker
+        write.archive = (archive, row)
+        stored: list[Entry] = await self._write(write)
+        return stored[0]
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
-        row = await self._run(
+        row = await self._read(
             f"Reading the archive {name!r} of ({agent}, {sender})",
             self._get_archive,
             agent,
@@ -622,9 +1024,11 @@ class SqliteStorage:
             created_at=from_text(row[5]),
         )
 
-    def _get_archive(self, agent: str, sender: str, name: str) -> tuple[Any, ...] | None:
-        conv_id, _ = self._lookup(agent, sender)
-        row: tuple[Any, ...] | None = self._conn.execute(
+    def _get_archive(
+        self, conn: sqlite3.Connection, agent: str, sender: str, name: str
+    ) -> tuple[Any, ...] | None:
+        conv_id = self._conversation_id(conn, agent, sender)
+        row: tuple[Any, ...] | None = conn.execute(
             f"SELECT {_ARCHIVE_COLUMNS} FROM archives WHERE conversation_id = ? AND name = ?",
             (conv_id, name),
         ).fetchone()
@@ -632,26 +1036,7 @@ class SqliteStorage:
 
     async def put_note(self, agent: str, name: str, content: str, *, updated_at: datetime) -> None:
         """Create or replace the note; see ``Storage.put_note``. Shielded: it completes."""
-        when = to_text(updated_at)
-        with trio.CancelScope(shield=True):
-            await self._run(
-                f"Writing the note {name!r} of {agent}", self._put_note, agent, name, content, when
-            )
-
-    def _put_note(self, agent: str, name: str, content: str, updated_at: str) -> None:
-        with _transaction(self._conn) as conn:
-            (id_,) = conn.execute(
-                "INSERT INTO notes (agent, name, content, updated_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (agent, name)"
-                " DO UPDATE SET content = excluded.content, updated_at = excluded.updated_at"
-                " RETURNING id",
-                (agent, name, content, updated_at),
-            ).fetchone()
-            conn.execute("DELETE FROM memory WHERE rowid = ?", (-id_,))
-            conn.execute(
-                "INSERT INTO memory (rowid, text, agent) VALUES (?, ?, ?)",
-                (-id_, note_text(name, content), agent),
-            )
+        await self._write(_PutNote(agent, name, content, to_text(updated_at)))
 
     async def search_memory(
         self, agent: str, query: str, *, limit: int = 10, sender: str | None = None
@@ -662,11 +1047,10 @@ class SqliteStorage:
             return []
         # Each word an FTS5 string ("" escapes a quote), so no user text is FTS5 syntax.
         match = " OR ".join('"{}"'.format(word.replace('"', '""')) for word in words)
-        rows = await self._run(
+        params = {"match": match, "agent": agent, "sender": sender, "limit": limit}
+        rows = await self._read(
             f"Searching the memory of {agent}",
-            lambda: self._conn.execute(
-                _SEARCH, {"match": match, "agent": agent, "sender": sender, "limit": limit}
-            ).fetchall(),
+            lambda conn: conn.execute(_SEARCH, params).fetchall(),
         )
         return [_hit(row) for row in rows]
 
@@ -683,41 +1067,85 @@ class SqliteStorage:
     # --- lifetime -----------------------------------------------------------------
 
     async def close(self) -> None:
-        """Let queued appends finish, then close the connection. Idempotent; shielded."""
+        """Let the writes and reads already made finish, checkpoint, close. Idempotent; shielded."""
         if self._closed:
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._closed = True
         self._claims.close()
         with trio.CancelScope(shield=True):
-            async with self._write_lock:  # behind every append already queued
-                await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+            if self._writer is not None:
+                self._writer.stop()
+                await trio.to_thread.run_sync(self._writer.join)
+            else:
+                async with self._later:  # behind every write waiting its turn
+                    pass
+            # The limiter is fair: taking every token waits behind the reads queued.
+            for borrower in [object() for _ in range(int(self._read_limiter.total_tokens))]:
+                await self._read_limiter.acquire_on_behalf_of(borrower)
+            await trio.to_thread.run_sync(self._checkpointer.stop)
+            await trio.to_thread.run_sync(self._close_connections)
+
+    def _close_connections(self) -> None:
+        for conn in self._readers:
+            conn.close()
+        self._conn.close()  # the last: it checkpoints what is left and removes the WAL
 
 
-def _connect(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
-    """Open, configure and migrate the database. Worker thread."""
+def _connect(
+    path: Path, synchronous: Synchronous
+) -> tuple[sqlite3.Connection, list[sqlite3.Connection], sqlite3.Connection]:
+    """Open, configure and migrate the database: (writer, readers, checkpointer). Worker thread."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"Could not create the directory of {path}: {exc}.") from exc
-    try:
+    opened: list[sqlite3.Connection] = []
+
+    def connect() -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions, ours are explicit.
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-    except sqlite3.Error as exc:
-        raise StorageError(f"Could not open the sqlite database {path}: {exc}.") from exc
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT
+        )
+        opened.append(conn)
+        return conn
+
     try:
+        conn = connect()
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode.lower() != "wal":
             raise StorageError(f"The sqlite database {path} cannot use WAL (it is in {mode}).")
         conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         conn.execute("PRAGMA foreign_keys = ON")
         _migrate(conn, path)
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpoint thread does it
+        conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        if synchronous == "normal":
+            conn.execute("PRAGMA busy_timeout = 0")  # used on the loop: never sleep there
+        readers = [connect() for _ in range(_READERS)]
+        for reader in readers:
+            reader.execute("PRAGMA query_only = ON")
+        checkpoints = connect()
+        checkpoints.execute(f"PRAGMA synchronous = {synchronous.upper()}")
     except sqlite3.Error as exc:
-        conn.close()
-        raise StorageError(f"Could not prepare the sqlite database {path}: {exc}.") from exc
+        for conn in opened:
+            conn.close()
+        raise StorageError(f"Could not open the sqlite database {path}: {exc}.") from exc
     except BaseException:
-        conn.close()
+        for conn in opened:
+            conn.close()
         raise
-    return conn
+    return conn, readers, checkpoints
+
+
+@contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction, so that the statements inside see one snapshot."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
 
 
 @contextmanager
@@ -755,18 +1183,17 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             )
 
 
-def _prepare(agent: str, sender: str, entries: Sequence[Entry]) -> _PendingAppend:
-    """The stored copies and their rows; raises before anything is queued."""
+def _prepare(
+    agent: str, sender: str, entries: Sequence[Entry], create: NewConversation | None
+) -> _Append:
+    """The append's write: each entry's ``created_at`` stamped (UTC) in place, and its row.
+
+    Raises (a naive time, tool calls that do not encode) before anything is queued.
+    """
     now = datetime.now(UTC)
-    copies: list[Entry] = []
     rows: list[_RowTail] = []
     for entry in entries:
-        created_at = now if entry.created_at is None else utc(entry.created_at)
-        copy = msgspec.structs.replace(
-            entry,
-            created_at=created_at,
-            tool_calls=[msgspec.structs.replace(call) for call in entry.tool_calls],
-        )
+        created_at = entry.created_at = now if entry.created_at is None else utc(entry.created_at)
         try:
             tool_calls = (
                 _tool_calls_encoder.encode(entry.tool_calls).decode() if entry.tool_calls else None
@@ -787,8 +1214,75 @@ def _prepare(agent: str, sender: str, entries: Sequence[Entry]) -> _PendingAppen
                 entry.archive,
             )
         )
-        copies.append(copy)
-    return _PendingAppend(agent, sender, copies, rows, rows[-1][8])
+    return _Append(agent, sender, list(entries), rows, create)
+
+
+# --- reads, in a worker thread on a reader ----------------------------------------------
+
+
+def _get_conversation(conn: sqlite3.Connection, agent: str, sender: str) -> ConversationItem | None:
+    row = conn.execute(
+        f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE agent = ? AND sender = ?",
+        (agent, sender),
+    ).fetchone()
+    return None if row is None else _conversation(row)
+
+
+def _load_context(
+    conn: sqlite3.Connection, agent: str, sender: str
+) -> tuple[ConversationItem, list[Entry]] | None:
+    with _snapshot(conn):
+        row = conn.execute(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE agent = ? AND sender = ?",
+            (agent, sender),
+        ).fetchone()
+        if row is None:
+            return None
+        entries = conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE conversation_id = ? AND seq >= ?"
+            " ORDER BY seq",
+            (row[7], _marker_seq(conn, row[7])),
+        ).fetchall()
+    return _conversation(row), [_entry(entry) for entry in entries]
+
+
+def _list_conversations(
+    conn: sqlite3.Connection,
+    agent: str | None,
+    sender: str | None,
+    limit: int,
+    position: tuple[str, int] | None,
+) -> list[tuple[Any, ...]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if agent is not None:
+        where.append("agent = ?")
+        params.append(agent)
+    if sender is not None:
+        where.append("sender = ?")
+        params.append(sender)
+    if position is not None:
+        where.append("(updated_at, id) < (?, ?)")
+        params.extend(position)
+    sql = f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
+    params.append(limit)
+    return conn.execute(sql, params).fetchall()
+
+
+def _marker_seq(conn: sqlite3.Connection, conv_id: int) -> int:
+    """The seq of the conversation's latest compact marker, 0 when none."""
+    (seq,) = conn.execute(
+        "SELECT coalesce(max(seq), 0) FROM entries WHERE conversation_id = ? AND kind = 'compact'",
+        (conv_id,),
+    ).fetchone()
+    return int(seq)
+
+
+def _pair(key: tuple[str, str]) -> str:
+    return f"({key[0]}, {key[1]})"
 
 
 def _conversation(row: tuple[Any, ...]) -> ConversationItem:

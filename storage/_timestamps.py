@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 
 def utc(moment: datetime) -> datetime:
     """The same instant with ``tzinfo=UTC``; a naive datetime raises ``ValueError``."""
+    if moment.tzinfo is UTC:  # what the daemon gives: every append takes this path
+        return moment
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"Timestamps must be timezone-aware, got the naive {moment!r}.")
     return moment.astimezone(UTC)
@@ -18,7 +20,8 @@ def utc(moment: datetime) -> datetime:
 
 def to_text(moment: datetime) -> str:
     """RFC 3339 in UTC with exactly six fractional digits and a ``Z``."""
-    return utc(moment).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    # isoformat of a UTC datetime ends "+00:00": swap that for "Z".
+    return utc(moment).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def from_text(text: str) -> datetime:

@@ -56,7 +56,7 @@ async def _sqlite_failing_appends(url: str, content: str, when: FailAt) -> Async
     ``insert`` aborts the INSERT itself; ``commit`` lets it through but leaves a
     deferred foreign key violation behind, so the COMMIT after it fails.
     """
-    path = url.removeprefix("sqlite:///")
+    path = url.removeprefix("sqlite:///").partition("?")[0]
 
     def ddl(*statements: str) -> None:
         conn = sqlite3.connect(path, isolation_level=None)
@@ -212,6 +212,14 @@ BACKENDS = {
         Backend(
             name="sqlite",
             url=lambda tmp: f"sqlite:///{tmp / 'data' / 'chinwag.db'}",  # absolute: 4 slashes
+            durable=True,
+            failing_appends=_sqlite_failing_appends,
+        ),
+        # synchronous=normal writes inline on the trio loop, full in a writer thread:
+        # two ways to the file, so the suite runs on both.
+        Backend(
+            name="sqlite-normal",
+            url=lambda tmp: f"sqlite:///{tmp / 'data' / 'chinwag.db'}?synchronous=normal",
             durable=True,
             failing_appends=_sqlite_failing_appends,
         ),

@@ -18,7 +18,13 @@ import trio
 import trio.lowlevel
 import trio.testing
 from chinwag.protocol import ConversationItem, Entry, ToolCallInfo
-from chinwag.storage import ConversationNotFound, Storage, StorageError, open_store
+from chinwag.storage import (
+    ConversationNotFound,
+    NewConversation,
+    Storage,
+    StorageError,
+    open_store,
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 Reopen = Callable[[Storage], Awaitable[Storage]]  # the fixtures' shapes, see conftest.py
@@ -92,6 +98,10 @@ async def test_naive_timestamps_are_refused(store: Storage) -> None:
     with pytest.raises(ValueError):
         await store.create_conversation(AGENT, SENDER, cwd=None, created_at=datetime(2024, 1, 1))
     assert await store.get_conversation(AGENT, SENDER) is None
+    naive_first = Entry(seq=0, role="user", content="x", created_at=datetime(2024, 1, 1))
+    with pytest.raises(ValueError):
+        await store.append(AGENT, SENDER, [naive_first], create=NewConversation())
+    assert await store.get_conversation(AGENT, SENDER) is None
 
     await create(store)
     naive = Entry(seq=0, role="user", content="x", created_at=datetime(2024, 1, 1))
@@ -128,6 +138,7 @@ async def test_unknown_pairs_raise_conversation_not_found(store: Storage) -> Non
     with pytest.raises(ConversationNotFound):
         await store.set_cwd(AGENT, "unknown", "/tmp")
     assert await store.get_conversation(AGENT, "unknown") is None
+    assert await store.load_context(AGENT, "unknown") is None
     items, _ = await store.list_conversations()
     assert [item.sender for item in items] == ["known"]
 
@@ -219,24 +230,41 @@ async def test_a_missing_created_at_is_stamped_with_the_time_of_the_append(
     assert await store.history(AGENT, SENDER) == [stored]
 
 
-async def test_stored_data_is_not_shared_with_callers(store: Storage) -> None:
+async def test_append_takes_the_entries_over_and_keeps_no_reference(store: Storage) -> None:
     await create(store)
     call = ToolCallInfo(call_id="c1", name="n", arguments="{}")
-    given = Entry(seq=0, role="assistant", tool_calls=[call], created_at=T0)
-    (returned,) = await store.append(AGENT, SENDER, [given])
-    given.content = "changed after the append"
-    given.tool_calls.append(call)
-    assert returned.tool_calls == [call] and returned.content == ""
-    returned.content = "changed the result"
-    (read,) = await store.history(AGENT, SENDER)
+    plus_two = timezone(timedelta(hours=2))
+    given = [
+        Entry(seq=42, role="assistant", tool_calls=[call], created_at=T0.astimezone(plus_two)),
+        Entry(seq=0, role="user", content="no time given"),
+    ]
+    before = datetime.now(UTC)
+    returned = await store.append(AGENT, SENDER, given)
+    after = datetime.now(UTC)
+
+    # The same objects come back, seq set and created_at stamped, in UTC, in place.
+    assert len(returned) == 2 and all(r is g for r, g in zip(returned, given, strict=True))
+    assert [entry.seq for entry in given] == [1, 2]
+    assert given[0].created_at == T0 and given[0].created_at.utcoffset() == timedelta(0)
+    assert given[1].created_at is not None and before <= given[1].created_at <= after
+    assert given[1].created_at.utcoffset() == timedelta(0)
+    assert await store.history(AGENT, SENDER) == given
+
+    # Once it returned, the store holds none of them, and hands out fresh copies.
+    given[0].content = "changed after the append"
+    given[0].tool_calls.append(call)
+    read, _ = await store.history(AGENT, SENDER)
     read.tool_calls.clear()
     item = await store.get_conversation(AGENT, SENDER)
     assert item is not None
     item.title = "changed"
+    loaded = await store.load_context(AGENT, SENDER)
+    assert loaded is not None
+    loaded[0].title = "changed too"
+    loaded[1][0].content = "changed as well"
 
-    (again,) = await store.history(AGENT, SENDER)
+    (again, _) = await store.history(AGENT, SENDER)
     assert again == Entry(seq=1, role="assistant", tool_calls=[call], created_at=T0)
-    assert given.seq == 0
     item = await store.get_conversation(AGENT, SENDER)
     assert item is not None and item.title == ""
 
@@ -420,6 +448,264 @@ async def test_cancelled_appends_are_whole_or_absent(store: Storage) -> None:
     assert all(len(p) == 2 and p[0].content[1:] == p[1].content[1:] for p in pairs)
     for stored in returned:
         assert history[stored[0].seq - 1 : stored[1].seq] == stored
+
+
+# --- append(create=...) -------------------------------------------------------------
+
+
+async def test_append_with_create_creates_the_conversation_in_the_same_write(
+    store: Storage,
+) -> None:
+    stored = await store.append(
+        AGENT,
+        SENDER,
+        [message("hi", when=at(5)), message("there", when=at(7))],
+        create=NewConversation(cwd="/work"),
+    )
+    assert [entry.seq for entry in stored] == [1, 2]
+    expected = ConversationItem(
+        agent=AGENT, sender=SENDER, cwd="/work", created_at=at(5), updated_at=at(7), last_seq=2
+    )
+    assert await store.get_conversation(AGENT, SENDER) == expected
+    assert await store.list_conversations() == ([expected], None)
+    assert await store.history(AGENT, SENDER) == stored
+    assert NewConversation().cwd is None
+
+
+async def test_append_with_create_leaves_an_existing_conversation_as_it_is(
+    store: Storage,
+) -> None:
+    await store.create_conversation(AGENT, SENDER, cwd="/first", created_at=T0)
+    await store.set_title(AGENT, SENDER, "kept")
+    await store.append(AGENT, SENDER, [message("a", when=at(1))])
+    stored = await store.append(
+        AGENT, SENDER, [message("b", when=at(9))], create=NewConversation(cwd="/other")
+    )
+    assert [entry.seq for entry in stored] == [2]
+    assert await store.get_conversation(AGENT, SENDER) == ConversationItem(
+        agent=AGENT,
+        sender=SENDER,
+        title="kept",
+        cwd="/first",
+        created_at=T0,
+        updated_at=at(9),
+        last_seq=2,
+    )
+    again = await store.append(AGENT, SENDER, [message("c", when=at(10))], create=NewConversation())
+    assert [entry.seq for entry in again] == [3]
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item is not None and item.cwd == "/first"
+
+
+async def test_appending_nothing_with_create_creates_the_conversation(store: Storage) -> None:
+    before = datetime.now(UTC)
+    assert await store.append(AGENT, SENDER, [], create=NewConversation(cwd="/w")) == []
+    after = datetime.now(UTC)
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item is not None and (item.cwd, item.last_seq) == ("/w", 0)
+    assert item.created_at is not None and before <= item.created_at <= after
+    assert item.updated_at == item.created_at
+    assert await store.append(AGENT, SENDER, [], create=NewConversation(cwd="/x")) == []
+    assert await store.get_conversation(AGENT, SENDER) == item
+
+
+async def test_a_failing_append_with_create_creates_nothing(store: Storage) -> None:
+    # A lone surrogate is a valid Python str but not UTF-8: the second entry fails.
+    with pytest.raises(StorageError):
+        await store.append(
+            AGENT, SENDER, [message("fine"), message("\ud800")], create=NewConversation(cwd="/w")
+        )
+    assert await store.get_conversation(AGENT, SENDER) is None
+    assert await store.load_context(AGENT, SENDER) is None
+    assert await store.list_conversations() == ([], None)
+    with pytest.raises(ConversationNotFound):
+        await store.append(AGENT, SENDER, [message("no create")])
+
+    (first,) = await store.append(
+        AGENT, SENDER, [message("again", when=at(3))], create=NewConversation()
+    )
+    assert first.seq == 1
+    item = await store.get_conversation(AGENT, SENDER)
+    assert item is not None and item.created_at == at(3) and item.cwd is None
+
+
+@pytest.mark.parametrize("when", ["insert", "commit"])
+async def test_an_append_with_create_that_fails_mid_write_creates_nothing(
+    store: Storage, failing_appends: FailingAppends, reopen: Reopen, when: str
+) -> None:
+    async with failing_appends("boom", when=when):
+        with pytest.raises(StorageError):
+            await store.append(
+                AGENT, SENDER, [message("one"), message("boom")], create=NewConversation(cwd="/w")
+            )
+        assert await store.get_conversation(AGENT, SENDER) is None
+    store = await reopen(store)  # nothing of it reached the disk either
+    assert await store.get_conversation(AGENT, SENDER) is None
+    assert await store.list_conversations() == ([], None)
+    (stored,) = await store.append(
+        AGENT, SENDER, [message("one", when=at(1))], create=NewConversation(cwd="/w")
+    )
+    assert stored.seq == 1
+
+
+async def test_concurrent_appends_with_create_create_each_conversation_once(
+    store: Storage,
+) -> None:
+    senders = [f"tg:{n}" for n in range(40)]
+    returned: dict[str, list[Entry]] = {sender: [] for sender in senders}
+
+    async def writer(sender: str, n: int) -> None:
+        stored = await store.append(
+            AGENT, sender, [message(f"m{n}", when=at(n))], create=NewConversation(cwd=f"/{n}")
+        )
+        returned[sender].extend(stored)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(5):  # five appends to each new conversation, all at once
+            for sender in senders:
+                nursery.start_soon(writer, sender, n)
+
+    items, _ = await store.list_conversations(limit=100)
+    assert sorted(item.sender for item in items) == sorted(senders)
+    for sender in senders:
+        history = await store.history(AGENT, sender)
+        assert [entry.seq for entry in history] == [1, 2, 3, 4, 5]
+        assert sorted(returned[sender], key=lambda e: e.seq) == history
+        item = await store.get_conversation(AGENT, sender)
+        assert item is not None and item.last_seq == 5
+        # Created by whichever append came first, with that one's cwd and time.
+        assert item.created_at == history[0].created_at
+        assert item.cwd == f"/{history[0].content[1:]}"
+
+
+async def test_a_failing_append_with_create_among_concurrent_ones_fails_alone(
+    store: Storage,
+) -> None:
+    senders = [f"c{n}" for n in range(12)]
+    outcomes: dict[str, object] = {}
+
+    async def append(sender: str) -> None:
+        last = "\ud800" if sender == "c5" else "second"  # c5's cannot be stored
+        try:
+            outcomes[sender] = await store.append(
+                AGENT, sender, [message("first"), message(last)], create=NewConversation()
+            )
+        except StorageError as exc:
+            outcomes[sender] = exc
+
+    async with trio.open_nursery() as nursery:
+        for sender in senders:
+            nursery.start_soon(append, sender)
+
+    for sender in senders:
+        if sender == "c5":
+            assert isinstance(outcomes[sender], StorageError)
+            assert await store.get_conversation(AGENT, sender) is None
+        else:
+            assert [entry.seq for entry in outcomes[sender]] == [1, 2]  # type: ignore[attr-defined]
+            contents = [entry.content for entry in await store.history(AGENT, sender)]
+            assert contents == ["first", "second"]
+
+
+async def test_a_conversation_created_by_an_append_survives_reopening(
+    store: Storage, reopen: Reopen
+) -> None:
+    stored = await store.append(
+        AGENT, SENDER, [message("hi", when=at(2))], create=NewConversation(cwd="/w")
+    )
+    item = await store.get_conversation(AGENT, SENDER)
+    store = await reopen(store)
+    assert await store.get_conversation(AGENT, SENDER) == item
+    assert await store.history(AGENT, SENDER) == stored
+    (more,) = await store.append(AGENT, SENDER, [message("more")], create=NewConversation())
+    assert more.seq == 2
+
+
+# --- load_context ------------------------------------------------------------------
+
+
+async def test_load_context_is_none_for_a_conversation_never_created(store: Storage) -> None:
+    assert await store.load_context(AGENT, SENDER) is None
+    assert await store.claim(AGENT, SENDER)  # a claim creates nothing either
+    assert await store.load_context(AGENT, SENDER) is None
+    await create(store, "helper", SENDER)
+    await create(store, AGENT, "other")
+    assert await store.load_context(AGENT, SENDER) is None
+
+
+async def test_load_context_without_a_marker_is_every_entry(store: Storage) -> None:
+    await store.create_conversation(AGENT, SENDER, cwd="/w", created_at=T0)
+    assert await store.load_context(AGENT, SENDER) == (
+        await store.get_conversation(AGENT, SENDER),
+        [],
+    )
+
+    await store.set_title(AGENT, SENDER, "a title")
+    await store.append(AGENT, SENDER, [message("1", when=at(1)), message("2", role="assistant")])
+    await store.append(AGENT, SENDER, [message("3", when=at(3))])
+    loaded = await store.load_context(AGENT, SENDER)
+    assert loaded is not None
+    item, entries = loaded
+    assert item == await store.get_conversation(AGENT, SENDER)
+    assert (item.title, item.cwd, item.last_seq, item.updated_at) == ("a title", "/w", 3, at(3))
+    assert entries == await store.history(AGENT, SENDER) and [e.seq for e in entries] == [1, 2, 3]
+
+
+async def test_load_context_starts_at_the_latest_compact_marker(store: Storage) -> None:
+    await create(store)
+    await store.append(AGENT, SENDER, [message("1"), message("2"), message("3")])
+    await store.append(AGENT, SENDER, [marker("arch-1", "first summary")])  # seq 4
+    await store.append(AGENT, SENDER, [message("5"), message("6")])
+    loaded = await store.load_context(AGENT, SENDER)
+    assert loaded is not None
+    assert [(e.seq, e.kind) for e in loaded[1]] == [(4, "compact"), (5, "message"), (6, "message")]
+
+    await store.append(AGENT, SENDER, [marker("arch-2", "second summary", when=at(7))])  # seq 7
+    loaded = await store.load_context(AGENT, SENDER)
+    assert loaded is not None
+    item, entries = loaded
+    assert [(e.seq, e.kind, e.content) for e in entries] == [(7, "compact", "second summary")]
+    assert (item.last_seq, item.updated_at) == (7, at(7))
+    history = await store.history(AGENT, SENDER)
+    assert entries == history[-1:]  # history keeps the earlier markers; the context does not
+
+    await store.append(AGENT, SENDER, [message("8"), message("9")])
+    loaded = await store.load_context(AGENT, SENDER)
+    assert loaded is not None
+    assert [e.seq for e in loaded[1]] == [7, 8, 9] and loaded[0].last_seq == 9
+
+
+async def test_load_context_after_a_compaction_and_reopening(
+    store: Storage, reopen: Reopen
+) -> None:
+    stored = await store.append(
+        AGENT, SENDER, [message("a"), message("b")], create=NewConversation(cwd="/w")
+    )
+    await store.append(AGENT, SENDER, [marker("arch-1", "a and b", when=at(4))])
+    tail = await store.append(AGENT, SENDER, [message("c", when=at(5))])
+    before = await store.load_context(AGENT, SENDER)
+    store = await reopen(store)
+    after = await store.load_context(AGENT, SENDER)
+    assert after == before
+    assert after is not None and [e.seq for e in after[1]] == [3, 4]
+    assert after[1][1] == tail[0] and stored[0].seq == 1
+
+
+async def test_load_context_sees_every_append_acknowledged_before_it(store: Storage) -> None:
+    async def writer(sender: str) -> None:
+        for n in range(15):
+            (stored,) = await store.append(
+                AGENT, sender, [message(f"{sender}-{n}")], create=NewConversation()
+            )
+            loaded = await store.load_context(AGENT, sender)
+            assert loaded is not None
+            item, entries = loaded
+            assert item.last_seq == stored.seq == n + 1
+            assert entries[-1] == stored and len(entries) == n + 1
+
+    async with trio.open_nursery() as nursery:
+        for k in range(6):
+            nursery.start_soon(writer, f"s{k}")
 
 
 # --- history -------------------------------------------------------------------
@@ -662,3 +948,32 @@ async def test_a_closed_store_refuses_work(store: Storage) -> None:
         await store.append(AGENT, SENDER, [message("late")])
     with pytest.raises(StorageError):
         await store.history(AGENT, SENDER)
+    with pytest.raises(StorageError):
+        await store.load_context(AGENT, SENDER)
+    with pytest.raises(StorageError):
+        await store.append(AGENT, "new", [message("late")], create=NewConversation())
+
+
+async def test_close_lets_the_appends_already_made_finish(store: Storage, reopen: Reopen) -> None:
+    await create(store)
+    returned: list[list[Entry]] = []
+
+    async def writer(n: int) -> None:
+        if n % 2:
+            returned.append(await store.append(AGENT, SENDER, [message(f"m{n}")]))
+        else:  # and some create their conversation
+            batch = [message(f"m{n}")]
+            returned.append(
+                await store.append(AGENT, f"new{n % 3}", batch, create=NewConversation())
+            )
+
+    async with trio.open_nursery() as nursery:
+        for n in range(60):
+            nursery.start_soon(writer, n)
+        await trio.testing.wait_all_tasks_blocked()  # each one's append is under way
+        await store.close()
+    assert len(returned) == 60  # closing failed none of them
+
+    store = await reopen(store)
+    for sender, count in [(SENDER, 30), ("new0", 10), ("new1", 10), ("new2", 10)]:
+        assert await seqs(store, AGENT, sender) == list(range(1, count + 1))
