@@ -568,12 +568,20 @@ def _show(entry: Entry) -> str:
 
 
 async def _history(c: Client, sender: str) -> History | None:
+    """The whole history, every page of it: the daemon sends a page per request."""
     try:
-        return await c.history(AGENT, sender, include_archived=True)
+        first = await c.history(AGENT, sender, include_archived=True)
     except ChinwagError as exc:
         if exc.code == 404:
             return None
         raise
+    entries = list(first.entries)
+    while entries and entries[-1].seq < first.last_seq:
+        page = await c.history(AGENT, sender, after_seq=entries[-1].seq, include_archived=True)
+        if not page.entries:
+            break
+        entries.extend(page.entries)
+    return msgspec.structs.replace(first, entries=entries)
 
 
 # --- the clients ------------------------------------------------------------------
