@@ -444,7 +444,11 @@ class Client:
         limit: int | None = None,
         include_archived: bool = False,
     ) -> History:
-        """The conversation's entries with ``seq > after_seq``, oldest first."""
+        """One page of the conversation's entries with ``seq > after_seq``, oldest first.
+
+        Without ``limit`` the daemon picks the page (200 entries at most, fewer
+        when they would not fit one frame); ``iter_history`` reads them all.
+        """
         return await self._request(
             lambda rid: GetHistory(
                 id=rid,
@@ -835,21 +839,18 @@ async def connect(
         except BaseExceptionGroup as group:
             # The caller's block runs inside our task group, which wraps what it
             # raises in a group; hand the caller back its own exception.
-            if body_error is None or _leaves(group) != [body_error]:
+            if body_error is None or leaves(group) != [body_error]:
                 raise
             unwrapped = body_error
         if unwrapped is not None:
             raise unwrapped
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            leaves.extend(_leaves(exc))
-        else:
-            leaves.append(exc)
-    return leaves
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions an exception group holds, at any depth; ``[exc]`` for any other."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
 
 
 async def wait_for_socket(path: _StrPath) -> None:

@@ -17,7 +17,14 @@ from typing import IO, TypeVar
 import anyio
 import click
 
-from ._client import ChinwagError, Client, ConnectionLost, DaemonUnreachable, connect_explained
+from ._client import (
+    ChinwagError,
+    Client,
+    ConnectionLost,
+    DaemonUnreachable,
+    connect_explained,
+    leaves,
+)
 
 _T = TypeVar("_T")
 
@@ -40,12 +47,6 @@ def describe(exc: ChinwagError) -> str:
     return f"error {exc.code}: {exc.message}"
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
 def run_command(fn: Callable[[], Awaitable[_T]]) -> _T:
     """Run one command's async body on asyncio, turning expected errors into `Failure`."""
 
@@ -59,7 +60,7 @@ def run_command(fn: Callable[[], Awaitable[_T]]) -> _T:
     except BaseExceptionGroup as group:
         # Task groups wrap what their tasks raise; an expected failure inside
         # one is still an expected failure.
-        for leaf in _leaves(group):
+        for leaf in leaves(group):
             if isinstance(leaf, click.ClickException):
                 raise leaf from None
             if isinstance(leaf, ChinwagError):
