@@ -1665,6 +1665,8 @@ def _read_history(
     """Every entry in the first ``size`` bytes of ``path``, checked line by line.
 
     Given ``archives``, puts in it the archive of every compaction's line, by name.
+    With ``from_latest_marker``, only the entries from the last line that holds
+    ``_COMPACT_KIND`` on (all of them when none does).
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -53,7 +53,7 @@ when the conversation is missing, in the same transaction (or savepoint).
 The writer keeps the ``(id, last_seq)`` of recently used conversations: only
 its own writes change them, so a hit spares an append a SELECT. Should anything
 else write the file anyway, the stale ``last_seq`` makes the next append fail on
-the primary key, which drops the entry: the append after reads the truth back.
+the primary key, which drops it from the cache: the append after reads the truth.
 
 **Memory search** (migration 2). ``archives`` holds one row per archive
 (speakers as a JSON array), ``notes`` one per ``(agent, name)``, and ``memory``
@@ -101,7 +101,7 @@ Synchronous = Literal["full", "normal"]
 _T = TypeVar("_T")
 _CURSOR_TAG = "sqlite"
 _CACHE_SIZE = 65_536  # (agent, sender) -> (id, last_seq) pairs kept for appends
-_READERS = 2  # read connections: a long read leaves another free
+_READERS = 4  # read connections: a long read leaves others free, and hops overlap
 _BUSY_TIMEOUT = 5.0  # seconds a write waits for another connection's write lock
 _CHECKPOINT_INTERVAL = 1.0  # seconds between checkpoints, while anything is written
 _CHECKPOINT_PAGES = 1000  # pages written that call for a checkpoint before the interval ends
