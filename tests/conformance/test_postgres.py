@@ -23,7 +23,14 @@ import pytest
 import trio
 import trio.testing
 from chinwag.protocol import Entry
-from chinwag.storage import Archive, PostgresStorage, Storage, StorageError, open_store
+from chinwag.storage import (
+    Archive,
+    NewConversation,
+    PostgresStorage,
+    Storage,
+    StorageError,
+    open_store,
+)
 from chinwag.storage._postgres import MIGRATIONS, parse_postgres_url
 from psycopg import sql
 
@@ -350,6 +357,37 @@ async def test_daemons_appending_to_one_conversation_interleave_without_gaps(
     for store in daemons:
         item = await store.get_conversation(AGENT, SENDER)
         assert item is not None and item.last_seq == len(history)
+
+
+@on_postgres
+async def test_daemons_creating_conversations_by_appending_at_once_create_each_once(
+    store_url: str, stores: Any
+) -> None:
+    # An INSERT that meets a row another daemon inserted, but committed only after
+    # the statement began, leaves that row out of the statement's UPDATE too:
+    # the append runs its statement again rather than report it not found.
+    daemons = [await stores(store_url) for _ in range(3)]
+    senders = [f"s{n}" for n in range(20)]
+    returned: dict[str, list[Entry]] = {sender: [] for sender in senders}
+
+    async def writer(store: Storage, name: str) -> None:
+        for sender in senders:
+            batch = [Entry(seq=0, content=name), Entry(seq=0, content=name)]
+            stored = await store.append(AGENT, sender, batch, create=NewConversation(cwd=name))
+            returned[sender].extend(stored)
+
+    async with trio.open_nursery() as nursery:
+        for d, store in enumerate(daemons):
+            for w in range(2):
+                nursery.start_soon(writer, store, f"d{d}w{w}")
+
+    for sender in senders:
+        history = await daemons[0].history(AGENT, sender)
+        assert [entry.seq for entry in history] == list(range(1, 13))
+        assert sorted(returned[sender], key=lambda e: e.seq) == history
+        item = await daemons[2].get_conversation(AGENT, sender)
+        assert item is not None and item.cwd == history[0].content  # the first append's
+    assert len(query(store_url, "SELECT id FROM conversations")) == len(senders)
 
 
 @on_postgres
