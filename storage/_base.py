@@ -90,9 +90,13 @@ class Storage(Protocol):
     """Durable home of conversations and their history.
 
     Every method is async and safe to call from many trio tasks at once.
-    An ``append`` is all or nothing and is durable when it returns. A caller
-    that must not be interrupted mid-write shields the call; backends never
-    leave a half-written append behind, even when the process dies.
+    An ``append`` is all or nothing and is durable when it returns; backends
+    never leave a half-written append behind, even when the process dies.
+    ``append`` and ``compact`` are not cancelled once under way: cancelled
+    before it begins, a write stores nothing and raises ``trio.Cancelled``;
+    once it has begun, it returns what it stored (or raises its error) and the
+    cancellation lands at the caller's next checkpoint. So a caller never
+    loses track of what it wrote, and needs no shield of its own.
     """
 
     shared: bool

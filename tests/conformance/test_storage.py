@@ -448,6 +448,7 @@ async def test_cancelled_appends_are_whole_or_absent(store: Storage) -> None:
     assert all(len(p) == 2 and p[0].content[1:] == p[1].content[1:] for p in pairs)
     for stored in returned:
         assert history[stored[0].seq - 1 : stored[1].seq] == stored
+    assert sum(len(stored) for stored in returned) == len(history), "stored, yet not returned"
 
 
 # --- append(create=...) -------------------------------------------------------------
