@@ -315,11 +315,17 @@ class Connection:
                 return False
             if sent == len(out):
                 out.clear()
-                self._queued = 0
+                self._emptied()
                 return kept
             del out[:sent]
         self._ready.set()
         return kept
+
+    def _emptied(self) -> None:
+        """Everything queued was taken: wake whoever waits for room."""
+        self._queued = 0
+        self._room.set()
+        self._room = trio.Event()
 
     async def send_waiting(self, msg: ServerMessage) -> None:
         """Queue one frame, waiting for room (subscriptions pace themselves this way)."""
@@ -341,9 +347,8 @@ class Connection:
                     # tick leaves in the same write, one wakeup of the client, not many.
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     continue
-                data, self._out, self._queued = self._out, bytearray(), 0
-                self._room.set()
-                self._room = trio.Event()
+                data, self._out = self._out, bytearray()
+                self._emptied()
                 self._writing = True
                 try:
                     await self.stream.send_all(data)

@@ -22,7 +22,7 @@ import trio
 import trio.testing
 from chinwag.daemon._config import AgentConfig, Config, DaemonConfig
 from chinwag.daemon._runtime import Runtime
-from chinwag.daemon._server import Server
+from chinwag.daemon._server import Connection, Server
 from chinwag.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     JSON,
@@ -60,6 +60,7 @@ from chinwag.protocol import (
     Subscribe,
     Subscribed,
     TextDelta,
+    Title,
     Welcome,
     frame,
 )
@@ -723,3 +724,42 @@ async def test_a_client_that_pauses_for_fewer_frames_than_the_limit_keeps_them_a
         frames = await paused.answer(1)
         assert text_of(frames) == "1 2 3"
         assert frames[-1] == End(id=1, status="done", error=None, last_seq=2)
+
+
+async def test_a_frame_written_at_once_wakes_a_subscription_waiting_for_room(autojump_clock):
+    """A reply goes straight to the socket with everything queued before it; a
+    subscription that was waiting for room in the buffer must then go on.
+
+    Over a real socket pair (frames are written at once only to a socket), and
+    with no writer task running, so that the frames stay queued until the reply
+    takes them: the subscription once waited forever here.
+    """
+    async with open_daemon(outgoing_frames=8) as daemon:
+        peer, ours = trio.socket.socketpair()
+        conn = Connection(daemon.server, trio.SocketStream(ours), 1)
+        conn.session.receive_request(Hello(protocol=PROTOCOL_VERSION, client="t"))
+        conn.session.send_reply(Welcome(protocol=1, server="s", agents=[], max_frame_bytes=1))
+        conn.session.receive_request(Subscribe(id=1))
+        conn.session.receive_request(Ping(id=2))
+        event = Event(id=1, agent="assistant", sender="user", run_id="r", event=Title(title="t"))
+        for _ in range(4):  # half of outgoing_frames: a subscription now waits for room
+            conn.send(event)
+        sent = trio.Event()
+
+        async def subscription() -> None:
+            await conn.send_waiting(event)
+            sent.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(subscription)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not sent.is_set()
+            assert conn.send(Pong(id=2))  # written at once, with the four events before it
+            with trio.fail_after(1):
+                await sent.wait()
+        decoder = FrameDecoder(DEFAULT_MAX_FRAME_BYTES)
+        decoder.feed(await peer.recv(65536))
+        frames = [JSON.decode_server(body) for body in decoder]
+        assert [type(f) for f in frames] == [Event] * 4 + [Pong]
+        peer.close()
+        ours.close()
