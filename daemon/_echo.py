@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 import trio
 from chinwag.protocol import ToolCallInfo
@@ -46,54 +46,53 @@ class EchoProvider:
         return None  # echo answers whatever the model is called
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[Chunk, None]:
-        messages = request.messages
-        # A step's Prompt keeps its count as the conversation grows: a run costs
-        # the same however long the conversation is.
-        prompt_tokens = (
-            messages.words if isinstance(messages, Prompt) else sum(word_count(m) for m in messages)
-        )
-        last = request.messages[-1] if request.messages else ModelMessage(role="user", content="")
-        if request.purpose == "summary":
-            for chunk in _summary(last.content, prompt_tokens):
-                yield chunk
-            return
-        if last.role == "tool":
-            # Echo every result of the step that just ran, in call order.
-            results: list[str] = []
-            for message in reversed(request.messages):
-                if message.role != "tool":
-                    break
-                results.append(message.content)
-            words = " ".join(reversed(results)).split()
-            async for chunk in _words(words, prompt_tokens):
-                yield chunk
-            return
-        text = last.content.strip()
-        directive, _, rest = text.partition(" ")
-        match directive:
-            case "/slow":
-                count, delay_ms = _slow_args(rest)
-                async for chunk in _words(
-                    [str(i) for i in range(1, count + 1)], prompt_tokens, delay_ms / 1000
-                ):
-                    yield chunk
-            case "/fail":
-                raise ProviderError(rest.strip() or "echo was asked to fail")
-            case "/title":
-                for chunk in _call("set_title", json.dumps({"title": rest.strip()}), prompt_tokens):
-                    yield chunk
-            case "/ask":
-                question = {"question": rest.strip(), "header": "", "options": []}
-                arguments = json.dumps({"questions": [question]})
-                for chunk in _call("ask_user", arguments, prompt_tokens):
-                    yield chunk
-            case "/tool":
-                name, _, arguments = rest.strip().partition(" ")
-                for chunk in _call(name, arguments.strip() or "{}", prompt_tokens):
-                    yield chunk
-            case _:
-                async for chunk in _words(text.split(), prompt_tokens):
-                    yield chunk
+        delay_s, chunks = _answer(request)
+        for chunk in chunks:
+            if delay_s and type(chunk) is TextChunk:
+                await trio.sleep(delay_s)
+            yield chunk
+
+
+def _answer(request: ModelRequest) -> tuple[float, list[Chunk]]:
+    """The whole answer at once, and the pause before each word (for `/slow`).
+
+    Made in one go, not word by word: a long answer streams at the cost of one
+    generator, as a network model's chunks would.
+    """
+    messages = request.messages
+    # A step's Prompt keeps its count as the conversation grows: a run costs
+    # the same however long the conversation is.
+    prompt_tokens = (
+        messages.words if isinstance(messages, Prompt) else sum(word_count(m) for m in messages)
+    )
+    last = messages[-1] if messages else ModelMessage(role="user", content="")
+    if request.purpose == "summary":
+        return 0.0, _summary(last.content, prompt_tokens)
+    if last.role == "tool":
+        # Echo every result of the step that just ran, in call order.
+        results: list[str] = []
+        for message in reversed(messages):
+            if message.role != "tool":
+                break
+            results.append(message.content)
+        return 0.0, _words(" ".join(reversed(results)).split(), prompt_tokens)
+    text = last.content.strip()
+    directive, _, rest = text.partition(" ")
+    match directive:
+        case "/slow":
+            count, delay_ms = _slow_args(rest)
+            return delay_ms / 1000, _words([str(i) for i in range(1, count + 1)], prompt_tokens)
+        case "/fail":
+            raise ProviderError(rest.strip() or "echo was asked to fail")
+        case "/title":
+            return 0.0, _call("set_title", json.dumps({"title": rest.strip()}), prompt_tokens)
+        case "/ask":
+            question = {"question": rest.strip(), "header": "", "options": []}
+            return 0.0, _call("ask_user", json.dumps({"questions": [question]}), prompt_tokens)
+        case "/tool":
+            name, _, arguments = rest.strip().partition(" ")
+            return 0.0, _call(name, arguments.strip() or "{}", prompt_tokens)
+    return 0.0, _words(text.split(), prompt_tokens)
 
 
 SUMMARY_WORDS = 8
@@ -131,12 +130,10 @@ def _call(name: str, arguments: str, prompt_tokens: int) -> list[Chunk]:
     return [ToolCallChunk(call), UsageChunk(prompt_tokens, 1), FinishChunk("tool_calls")]
 
 
-async def _words(
-    words: list[str], prompt_tokens: int, delay_s: float = 0.0
-) -> AsyncIterator[Chunk]:
-    for i, word in enumerate(words):
-        if delay_s:
-            await trio.sleep(delay_s)
-        yield TextChunk(word if i == 0 else " " + word)
-    yield UsageChunk(prompt_tokens, len(words))
-    yield FinishChunk("stop")
+def _words(words: list[str], prompt_tokens: int) -> list[Chunk]:
+    """One text chunk per word (each but the first after a space), then usage and finish."""
+    chunks: list[Chunk] = [TextChunk(word) for word in words[:1]]
+    chunks.extend(TextChunk(" " + word) for word in words[1:])
+    chunks.append(UsageChunk(prompt_tokens, len(words)))
+    chunks.append(FinishChunk("stop"))
+    return chunks

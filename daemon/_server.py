@@ -211,7 +211,10 @@ Handle = RequestSink | Subscriber
 
 # A run's deltas and a subscription's events are worth batching; any other frame is
 # awaited by someone, and goes to the socket at once, with what is queued before it.
+# So does a delta that comes alone (nothing queued, none written in the last LONE_S):
+# a model's paced tokens cost no writer wake-up each, a burst is still batched.
 _BATCHED = frozenset({TextDelta, ThinkingDelta, Event})
+LONE_S = 0.001
 _NO_DEADLINE = contextlib.nullcontext()
 
 
@@ -246,6 +249,7 @@ class Connection:
         self._ready = trio.Event()  # _out has frames, or the connection is finishing
         self._room = trio.Event()  # the writer took what was queued
         self._writing = False  # the writer is in a send: nothing else may write
+        self._written_at = -math.inf  # when a frame was last written straight to the socket
         # A socket's descriptor, for frames written at once from the task that sends them.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._nursery: trio.Nursery | None = None
@@ -302,10 +306,14 @@ class Connection:
                     handle.drop()
                 kept = False
         self._queued += 1
-        if not self._writing and self._fd is not None and type(msg) not in _BATCHED:
-            # Someone awaits this frame and the writer is idle: write it, and what is
-            # queued before it, now, from here, and spare the writer's wake-up (what
-            # the socket does not take, the writer sends).
+        if (
+            not self._writing
+            and self._fd is not None
+            and (type(msg) not in _BATCHED or (start == 0 and self._lone()))
+        ):
+            # The writer is idle and the frame should not wait for it: write it (and
+            # what is queued before it) now, from here, and spare the writer's
+            # wake-up; what the socket does not take, the writer sends.
             try:
                 sent = os.write(self._fd, out)
             except BlockingIOError:
@@ -320,6 +328,14 @@ class Connection:
             del out[:sent]
         self._ready.set()
         return kept
+
+    def _lone(self) -> bool:
+        """No frame was written straight to the socket in the last ``LONE_S``."""
+        now = trio.current_time()
+        if now - self._written_at < LONE_S:
+            return False
+        self._written_at = now
+        return True
 
     def _emptied(self) -> None:
         """Everything queued was taken: wake whoever waits for room."""

@@ -28,7 +28,6 @@ from chinwag.protocol import (
 
 from ._agent import Agent
 from ._providers import (
-    FinishChunk,
     ModelMessage,
     ModelRequest,
     ProviderBlockChunk,
@@ -93,33 +92,34 @@ async def run_steps(turn: Turn, speaker: Agent, *, guest: bool) -> None:
                 if burst == BURST_CHUNKS:  # let the writers drain a burst as it grows
                     burst = 0
                     await trio.lowlevel.checkpoint()
-                match chunk:
-                    case TextChunk(delta):
-                        text.append(delta)
-                        publish(TextDelta(delta=delta))
-                    case ThinkingChunk(delta):
-                        publish(ThinkingDelta(delta=delta))
-                    case ProviderBlockChunk(block):
-                        blocks.append(block)
-                    case ToolCallChunk(call):
-                        if guest:
-                            continue
-                        calls.append(call)
-                        publish(
-                            ToolCall(call_id=call.call_id, name=call.name, arguments=call.arguments)
+                # By type, most frequent first: a `match` on class patterns costs more
+                # than the rest of a text chunk's way to the socket.
+                if type(chunk) is TextChunk:
+                    text.append(chunk.delta)
+                    publish(TextDelta(delta=chunk.delta))
+                elif type(chunk) is ThinkingChunk:
+                    publish(ThinkingDelta(delta=chunk.delta))
+                elif isinstance(chunk, ProviderBlockChunk):
+                    blocks.append(chunk.block)
+                elif isinstance(chunk, ToolCallChunk):
+                    if guest:
+                        continue
+                    call = chunk.call
+                    calls.append(call)
+                    publish(
+                        ToolCall(call_id=call.call_id, name=call.name, arguments=call.arguments)
+                    )
+                elif isinstance(chunk, UsageChunk):
+                    tokens = chunk.prompt_tokens + chunk.completion_tokens
+                    turn.context_tokens = tokens
+                    publish(
+                        Usage(
+                            prompt_tokens=chunk.prompt_tokens,
+                            completion_tokens=chunk.completion_tokens,
+                            context_tokens=tokens,
+                            context_window=config.context_window,
                         )
-                    case UsageChunk(prompt_tokens, completion_tokens):
-                        turn.context_tokens = prompt_tokens + completion_tokens
-                        publish(
-                            Usage(
-                                prompt_tokens=prompt_tokens,
-                                completion_tokens=completion_tokens,
-                                context_tokens=prompt_tokens + completion_tokens,
-                                context_window=config.context_window,
-                            )
-                        )
-                    case FinishChunk():
-                        pass
+                    )
         assistant = Entry(
             seq=0,
             role="assistant",

@@ -196,12 +196,12 @@ class Session:
             raise ProtocolError(
                 400, f"The daemon sent `{_tag(msg)}` for request {rid}, which is not open."
             )
-        ends = _ends(row, msg)
-        if ends is None:
-            raise ProtocolError(400, f"The daemon sent {_misplaced(row, msg)}")
-        if ends:
+        if type(msg) in row[1]:
+            return False
+        if type(msg) in row[2]:
             del self._open[rid]
-        return ends
+            return True
+        raise ProtocolError(400, f"The daemon sent {_misplaced(row, msg)}")
 
     # --- what goes out -----------------------------------------------------------
 
@@ -225,40 +225,32 @@ class Session:
 
         A frame without an id (`welcome`, an `error` of the whole connection)
         returns False. ``LocalProtocolError`` for a frame no open request can have.
+        On every event of every run: the common case (a frame that passes) first.
         """
-        if type(msg) is Welcome:
-            if not self.hello_sent or self.greeted:
-                raise LocalProtocolError("`welcome` answers `hello`, once.")
-            self.greeted = True
-            self.features &= frozenset(msg.features)
-            return False
         rid: int | None = getattr(msg, "id", None)
         if rid is None:
+            if type(msg) is Welcome:
+                if not self.hello_sent or self.greeted:
+                    raise LocalProtocolError("`welcome` answers `hello`, once.")
+                self.greeted = True
+                self.features &= frozenset(msg.features)
+                return False
             if type(msg) is Error:
                 return False
             raise LocalProtocolError(f"`{_tag(msg)}` needs the id of its request.")
         row = self._open.get(rid)
         if row is None:
             raise LocalProtocolError(f"`{_tag(msg)}` answers request {rid}, which is not open.")
-        ends = _ends(row, msg)
-        if ends is None:
-            raise LocalProtocolError(_misplaced(row, msg))
-        if ends:
+        if type(msg) in row[1]:
+            return False
+        if type(msg) in row[2]:
             del self._open[rid]
-        return ends
+            return True
+        raise LocalProtocolError(_misplaced(row, msg))
 
     def refusal(self, error: ProtocolError) -> Error:
         """The `error` frame for a message ``receive_request`` refused; it closes nothing."""
         return Error(id=error.request_id, code=error.code, message=error.message)
-
-
-def _ends(row: _Row, msg: ServerMessage) -> bool | None:
-    """Whether ``msg`` ends the request of ``row``; None when it cannot answer it at all."""
-    if type(msg) in row[2]:
-        return True
-    if type(msg) in row[1]:
-        return False
-    return None
 
 
 def _misplaced(row: _Row, msg: ServerMessage) -> str:
