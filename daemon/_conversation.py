@@ -230,7 +230,12 @@ class Run(Job):
             held.append(event)
             return
         self.events.append(event)
-        self.tell(event)
+        sinks = self.sinks
+        if len(sinks) == 1:  # the common case, once per event: `tell` without its call
+            if not sinks[0](event):
+                sinks.clear()
+        else:
+            self.tell(event)
         subscriptions = self.conversation.subscriptions
         if not subscriptions:  # the common case, once per event: nothing to scan
             return

@@ -238,7 +238,8 @@ class Connection:
         self.idle_timeout = daemon.idle_timeout_s
         self.connected_at = self.last_active = trio.current_time()
         self.session = Session(max_open=daemon.max_open_requests)
-        self.codec: Codec | None = None
+        self.codec: Codec | None = None  # fixed by the first frame
+        self._append_frame = JSON.append_frame  # the codec's, once it is fixed
         self.closed = False
         self.linger = False  # drain the client's input before closing (after a fatal error)
         self.handles: dict[int, Handle] = {}  # by request id
@@ -286,48 +287,59 @@ class Connection:
             log.warning("client_too_slow", buffered_frames=self._limit)
             self.abort()
             return False
-        codec, out = self.codec or JSON, self._out
+        out = self._out
         start = len(out)
-        size = codec.append_frame(msg, out)
-        kept = True
-        if size > self.max_frame_bytes:
-            # Never send what the client was told it may refuse: an `error` in its
-            # place, which ends its request, here as on the wire.
-            del out[start:]
-            log.error("reply_too_large", type=type(msg).__name__, size=size)
-            rid: int | None = getattr(msg, "id", None)
-            refusal = Error(
-                id=rid, code=500, message=f"The reply would be {size} bytes, over max_frame_bytes."
-            )
-            codec.append_frame(refusal, out)
-            if rid is not None and self.session.is_open(rid):
-                self.session.send_reply(refusal)
-                if (handle := self.handles.pop(rid, None)) is not None:
-                    handle.drop()
-                kept = False
+        size = self._append_frame(msg, out)
         self._queued += 1
+        kept = size <= self.max_frame_bytes or self._too_large(msg, start, size)
         if (
             not self._writing
             and self._fd is not None
             and (type(msg) not in _BATCHED or (start == 0 and self._lone()))
         ):
             # The writer is idle and the frame should not wait for it: write it (and
-            # what is queued before it) now, from here, and spare the writer's
-            # wake-up; what the socket does not take, the writer sends.
-            try:
-                sent = os.write(self._fd, out)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.abort()
-                return False
-            if sent == len(out):
-                out.clear()
-                self._emptied()
-                return kept
-            del out[:sent]
+            # what is queued before it) now, from here, and spare the writer's wake-up.
+            return self._write_now() and kept
         self._ready.set()
         return kept
+
+    def _too_large(self, msg: ServerMessage, start: int, size: int) -> bool:
+        """Put an `error` in place of the frame just queued; it ends its request, here as
+        on the wire. Never send what the client was told it may refuse. False when
+        the request was open (and is no more)."""
+        del self._out[start:]
+        log.error("reply_too_large", type=type(msg).__name__, size=size)
+        rid: int | None = getattr(msg, "id", None)
+        refusal = Error(
+            id=rid, code=500, message=f"The reply would be {size} bytes, over max_frame_bytes."
+        )
+        self._append_frame(refusal, self._out)
+        if rid is None or not self.session.is_open(rid):
+            return True
+        self.session.send_reply(refusal)
+        if (handle := self.handles.pop(rid, None)) is not None:
+            handle.drop()
+        return False
+
+    def _write_now(self) -> bool:
+        """Write what is queued from this task; the writer sends what the socket does not
+        take. False when the connection broke."""
+        assert self._fd is not None
+        out = self._out
+        try:
+            sent = os.write(self._fd, out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return False
+        if sent == len(out):
+            out.clear()
+            self._emptied()
+        else:
+            del out[:sent]
+            self._ready.set()
+        return True
 
     def _lone(self) -> bool:
         """No frame was written straight to the socket in the last ``LONE_S``."""
@@ -452,6 +464,7 @@ class Connection:
                 for body in decoder:
                     if self.codec is None:
                         self.codec = codec_for(Encoding.of(body))
+                        self._append_frame = self.codec.append_frame
                     try:
                         msg = self.codec.decode_client(body)
                     except ProtocolError as exc:

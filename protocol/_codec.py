@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Any
 
 import msgspec
@@ -15,6 +16,7 @@ from ._messages import ClientMsg, ServerMsg
 # lets UnicodeDecodeError through for a string that is not UTF-8, and
 # RecursionError for nesting past the interpreter's recursion limit.
 _UNREADABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+_pack_header = struct.Struct(">I").pack_into  # a frame's 4-byte big-endian length
 
 
 def _unreadable_reason(exc: Exception) -> str:
@@ -62,7 +64,7 @@ class Codec:
         start = len(buf)
         self._encoder.encode_into(msg, buf, start + HEADER_BYTES)
         size = len(buf) - start - HEADER_BYTES
-        buf[start : start + HEADER_BYTES] = size.to_bytes(HEADER_BYTES, "big")
+        _pack_header(buf, start, size)
         return size
 
     def decode_client(self, body: bytes) -> ClientMsg:
