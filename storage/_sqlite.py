@@ -263,14 +263,15 @@ class _Write:
     transaction committed. Either may run in the writer thread.
     """
 
-    __slots__ = ("done", "error", "key", "result", "what")
+    __slots__ = ("error", "key", "result", "waiter", "what")
 
     def __init__(self, what: str, key: tuple[str, str] | None) -> None:
         self.what = what  # "Appending to (a, s)": what a failure message starts with
         self.key = key  # the conversation it writes, if any
         self.result: Any = None
         self.error: StorageError | None = None
-        self.done: trio.Event | None = None  # set when the writer thread is done with it
+        # The task waiting for the writer thread, rescheduled once the thread is done with it.
+        self.waiter: trio.lowlevel.Task | None = None
 
     def apply(self, store: SqliteStorage, staged: _Staged) -> None:
         raise NotImplementedError
@@ -527,11 +528,15 @@ class _Writer:
                 self._token.run_sync_soon(_wake, group)
 
 
+def _refuse_abort(_: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
 def _wake(group: list[_Write]) -> None:
     """On the trio loop: tell the callers of ``group`` that it was written."""
     for write in group:
-        assert write.done is not None
-        write.done.set()
+        assert write.waiter is not None
+        trio.lowlevel.reschedule(write.waiter)
 
 
 def _fail(group: list[_Write], exc: BaseException) -> None:
@@ -646,15 +651,19 @@ class SqliteStorage:
         """Commit ``write`` and return its result; raises its error. Shielded: it completes."""
         if self._closed:
             raise StorageError("The store is closed.")
-        with trio.CancelScope(shield=True):
-            if self._writer is not None:
-                write.done = trio.Event()
-                self._writer.put(write)
-                await write.done.wait()
-            elif self._waiting or not self._inline_now(write):
-                await self._write_later(write)  # behind the writes already waiting
-            else:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+        if self._writer is not None:
+            write.waiter = trio.lowlevel.current_task()
+            self._writer.put(write)
+            # Uncancellable, and cheaper than a shielded scope around an Event: a
+            # cancellation waits until the thread is done, then lands at the next
+            # checkpoint.
+            await trio.lowlevel.wait_task_rescheduled(_refuse_abort)
+        else:
+            with trio.CancelScope(shield=True):
+                if self._waiting or not self._inline_now(write):
+                    await self._write_later(write)  # behind the writes already waiting
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
         if write.error is not None:
             raise write.error
         return write.result
