@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
 import trio
+import trio.testing
+from chinwag.daemon._agent import Agent
 from chinwag.daemon._config import AgentConfig, Config, DaemonConfig
 from chinwag.daemon._errors import RequestError
+from chinwag.daemon._providers import FinishChunk, TextChunk, UsageChunk
 from chinwag.daemon._runtime import Runtime
-from chinwag.protocol import AskUser, End, Start, TextDelta, ToolResult
+from chinwag.protocol import AskUser, End, Start, TextDelta, ToolResult, Usage
+from chinwag.storage import MemoryStorage, StorageError
 from runtime_harness import open_runtime, submit
 
 
@@ -144,4 +149,114 @@ async def test_killing_the_caller_kills_its_delegate(autojump_clock):
         await delegate.done.wait()
         assert sink.end.status == "killed"
         entries = await rt.storage.history("helper", "agent:assistant")
+        assert [e.role for e in entries] == ["user"]
+
+
+# --- a network model: its request goes out while the user entry is written ---------
+
+
+class GatedStorage(MemoryStorage):
+    """Memory storage whose appends wait at a gate, to see what happens meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.waiting = 0  # appends held at the gate
+        self.failure: StorageError | None = None  # what the held appends fail with, if set
+
+    async def append(self, agent, sender, entries, *, create=None):
+        self.waiting += 1
+        await self.gate.wait()
+        self.waiting -= 1
+        if self.failure is not None:
+            raise self.failure
+        return await super().append(agent, sender, entries, create=create)
+
+
+class NetworkModel:
+    """A provider that is not `local`: it records its first request and answers 'hi'."""
+
+    local = False
+
+    def __init__(self, *, pause_s: float = 0.0) -> None:
+        self.pause_s = pause_s  # before the answer: a model's time to first token
+        self.asked = trio.Event()
+        self.last_message = ""
+
+    async def stream(self, request):
+        self.last_message = request.messages[-1].content
+        self.asked.set()
+        await trio.sleep(self.pause_s)
+        yield TextChunk("hi")
+        yield UsageChunk(1, 1)
+        yield FinishChunk("stop")
+
+    async def aclose(self) -> None:
+        pass
+
+    async def list_models(self) -> list[str] | None:
+        return None
+
+
+@asynccontextmanager
+async def network_runtime(storage: MemoryStorage, model: NetworkModel) -> AsyncIterator[Runtime]:
+    config = Config(agents={"assistant": AgentConfig(provider="net")})
+    agent = Agent(name="assistant", config=config.agents["assistant"], provider=model)
+    async with trio.open_nursery() as nursery:
+        yield Runtime(config, storage, {"assistant": agent}, nursery)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_network_model_is_asked_while_the_user_entry_is_written(autojump_clock):
+    storage, model = GatedStorage(), NetworkModel()
+    async with network_runtime(storage, model) as rt:
+        sink = submit(rt, "hello there")
+        with trio.fail_after(5):
+            await model.asked.wait()
+        assert storage.waiting == 1, "the model was asked before the user entry was stored"
+        assert model.last_message == "hello there", "the entry in flight is in the prompt"
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.events == [], "what the model said is held until `start`"
+        storage.gate.set()
+        with trio.fail_after(5):
+            await sink.ended.wait()
+        assert [type(e) for e in sink.events] == [Start, TextDelta, Usage, End]
+        assert sink.events[0].seq == 1 and sink.end.status == "done"
+        entries = await storage.history("assistant", "user")
+        assert [(e.role, e.content) for e in entries] == [
+            ("user", "hello there"),
+            ("assistant", "hi"),
+        ]
+
+
+async def test_a_failed_user_entry_ends_the_run_500_with_nothing_shown(autojump_clock):
+    storage, model = GatedStorage(), NetworkModel(pause_s=10)
+    async with network_runtime(storage, model) as rt:
+        sink = submit(rt, "hello")
+        with trio.fail_after(5):
+            await model.asked.wait()
+        storage.failure = StorageError("the disk is full")
+        storage.gate.set()
+        with trio.fail_after(5):  # not the model's 10 s: the run stops when the write fails
+            await sink.ended.wait()
+        assert [type(e) for e in sink.events] == [End]
+        assert sink.end.status == "error" and sink.end.error.code == 500
+        assert "the disk is full" in sink.end.error.message
+        assert await storage.get_conversation("assistant", "user") is None
+
+
+async def test_a_run_killed_while_its_user_entry_is_written_keeps_it_and_starts(autojump_clock):
+    storage, model = GatedStorage(), NetworkModel(pause_s=10)
+    async with network_runtime(storage, model) as rt:
+        sink = submit(rt, "hello")
+        with trio.fail_after(5):
+            await model.asked.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(rt.kill, "assistant", "user", everything=False))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not sink.ended.is_set(), "the end waits for the write under way"
+            storage.gate.set()
+        assert [type(e) for e in sink.events] == [Start, End]
+        assert sink.end.status == "killed"
+        entries = await storage.history("assistant", "user")
         assert [e.role for e in entries] == ["user"]
