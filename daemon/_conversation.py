@@ -153,8 +153,45 @@ class Job:
         """The job waits behind ``position`` others (the one in flight included)."""
 
     async def execute(self) -> None:
-        """Run the job to its end; never raises but for the daemon's own cancellation."""
+        """Run the job to its end, which ``finish`` tells; never raises but for the
+        daemon's own cancellation. A job stopped while queued ends without a start."""
+        structlog.contextvars.bind_contextvars(run_id=self.id)
+        self.state = "running"
+        if self.stopped is not None:  # stopped while queued: it stores nothing
+            self.finish(*self._stopped_outcome())
+            return
+        failure: Exception | None = None
+        with self.scope:
+            try:
+                await self._work()
+            except Exception as exc:
+                failure = exc
+            finally:
+                await self._settle()
+        failure = self._failed_beside() or failure
+        status: EndStatus = "done"
+        error: ErrorInfo | None = None
+        if failure is not None:
+            status, error = "error", self._outcome(failure)
+        elif self.scope.cancelled_caught and not self._completed():
+            status, error = self._stopped_outcome()
+        log.debug("run_ended", status=status, code=error.code if error else None)
+        self.finish(status, error)
+
+    async def _work(self) -> None:
+        """What the job does, in its scope; raises why it could not."""
         raise NotImplementedError
+
+    async def _settle(self) -> None:
+        """Wait, shielded, for what the job began beside its scope (nothing by default)."""
+
+    def _failed_beside(self) -> Exception | None:
+        """What failed beside the job's scope, and ends it whatever it did (nothing by default)."""
+        return None
+
+    def _completed(self) -> bool:
+        """Whether the job did its work although it was stopped."""
+        return False
 
     def finish(self, status: EndStatus, error: ErrorInfo | None) -> None:
         """The one way a job ends, queued or running."""
@@ -277,47 +314,31 @@ class Run(Job):
 
     # --- the job -------------------------------------------------------------
 
-    async def execute(self) -> None:
+    async def _work(self) -> None:
         conv = self.conversation
-        structlog.contextvars.bind_contextvars(run_id=self.id)
-        self.state = "running"
-        if self.stopped is not None:  # stopped while queued: it stores nothing
-            self.finish(*self._stopped_outcome())
-            return
-        status: EndStatus = "done"
-        error: ErrorInfo | None = None
-        with self.scope:
-            try:
-                await conv.load_context()
-                if conv.storage.shared:
-                    async with conv.claimed(self, self.policy):
-                        await self._turn()
-                else:
+        await conv.load_context()
+        try:
+            if conv.storage.shared:
+                async with conv.claimed(self, self.policy):
                     await self._turn()
-            except StepsExhausted:
-                steps = self.speaker.config.max_steps
-                status, error = (
-                    "error",
-                    ErrorInfo(
-                        code=500,
-                        message=f"The agent stopped after max_steps={steps} steps without a final "
-                        "answer; its completed steps are stored.",
-                    ),
-                )
-            except Exception as exc:
-                if exc is not self._write_error:  # that one is told below, once
-                    status, error = "error", self._outcome(exc)
-            finally:
-                writing = self._writing
-                if writing is not None and not writing.is_set():
-                    with trio.CancelScope(shield=True):  # `start` (or the write's failure) first
-                        await writing.wait()
-        if self._write_error is not None:
-            status, error = "error", self._outcome(self._write_error)
-        elif self.scope.cancelled_caught:
-            status, error = self._stopped_outcome()
-        log.debug("run_ended", status=status, code=error.code if error else None)
-        self.finish(status, error)
+            else:
+                await self._turn()
+        except StepsExhausted:
+            steps = self.speaker.config.max_steps
+            raise RunFailed(
+                500,
+                f"The agent stopped after max_steps={steps} steps without a final answer; "
+                "its completed steps are stored.",
+            ) from None
+
+    async def _settle(self) -> None:
+        writing = self._writing
+        if writing is not None and not writing.is_set():
+            with trio.CancelScope(shield=True):  # `start` (or the write's failure) first
+                await writing.wait()
+
+    def _failed_beside(self) -> Exception | None:
+        return self._write_error
 
     async def _turn(self) -> None:
         conv = self.conversation
@@ -508,34 +529,21 @@ class Compacting(Job):
         self.result: Compaction | None = None
         self.error: RequestError | None = None
 
-    async def execute(self) -> None:
+    async def _work(self) -> None:
         conv = self.conversation
-        structlog.contextvars.bind_contextvars(run_id=self.id)
-        self.state = "running"
-        if self.stopped is not None:
-            self.finish(*self._stopped_outcome())
-            return
-        status: EndStatus = "done"
-        error: ErrorInfo | None = None
-        with self.scope:
-            try:
-                await conv.load_context()
-                if conv.info is None:
-                    raise RunFailed(
-                        404,
-                        f"No conversation ({conv.agent}, {conv.sender}) exists; "
-                        "a `stream` creates it.",
-                    )
-                if conv.storage.shared:
-                    async with conv.claimed(self, "enqueue"):
-                        self.result = await conv.compact(self.instructions)
-                else:
-                    self.result = await conv.compact(self.instructions)
-            except Exception as exc:
-                status, error = "error", self._outcome(exc)
-        if self.scope.cancelled_caught and self.result is None:
-            status, error = self._stopped_outcome()
-        self.finish(status, error)
+        await conv.load_context()
+        if conv.info is None:
+            raise RunFailed(
+                404, f"No conversation ({conv.agent}, {conv.sender}) exists; a `stream` creates it."
+            )
+        if conv.storage.shared:
+            async with conv.claimed(self, "enqueue"):
+                self.result = await conv.compact(self.instructions)
+        else:
+            self.result = await conv.compact(self.instructions)
+
+    def _completed(self) -> bool:
+        return self.result is not None
 
     def finish(self, status: EndStatus, error: ErrorInfo | None) -> None:
         self.state = "ended"
