@@ -12,6 +12,8 @@ arrives.
 
 from __future__ import annotations
 
+import errno
+import os
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -768,3 +770,36 @@ async def test_a_frame_written_at_once_wakes_a_subscription_waiting_for_room(aut
         assert [type(f) for f in frames] == [Event] * 5 + [Pong]
         peer.close()
         ours.close()
+
+
+class FailingListener:
+    """A listener whose `accept` fails as told, then is closed."""
+
+    def __init__(self, *failures: int) -> None:
+        self.failures = list(failures)
+        self.tried = 0
+
+    async def accept(self) -> trio.abc.HalfCloseableStream:
+        await trio.lowlevel.checkpoint()
+        self.tried += 1
+        if self.failures:
+            code = self.failures.pop(0)
+            raise OSError(code, os.strerror(code))
+        raise trio.ClosedResourceError
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
+async def test_accept_retries_while_out_of_a_resource(autojump_clock, code):
+    async with open_daemon() as daemon:
+        listener = FailingListener(code, code)
+        with trio.fail_after(5):
+            await daemon.server.accept(listener)  # type: ignore[arg-type]
+        assert listener.tried == 3, "two shortages waited out, then the listener closed"
+
+
+async def test_accept_fails_loudly_on_anything_else(autojump_clock):
+    async with open_daemon() as daemon:
+        listener = FailingListener(errno.EBADF)
+        with pytest.RaisesGroup(pytest.RaisesExc(OSError, check=lambda e: e.errno == errno.EBADF)):
+            await daemon.server.accept(listener)  # type: ignore[arg-type]
+        assert listener.tried == 1
