@@ -211,11 +211,11 @@ async def test_a_network_model_is_asked_while_the_user_entry_is_written(autojump
     storage, model = GatedStorage(), NetworkModel()
     async with network_runtime(storage, model) as rt:
         sink = submit(rt, "hello there")
-        with trio.fail_after(5):
+        with trio.fail_after(5):  # asked while the gate holds the user entry's write
             await model.asked.wait()
-        assert storage.waiting == 1, "the model was asked before the user entry was stored"
         assert model.last_message == "hello there", "the entry in flight is in the prompt"
         await trio.testing.wait_all_tasks_blocked()
+        assert storage.waiting == 1, "the user entry's write is under way"
         assert sink.events == [], "what the model said is held until `start`"
         storage.gate.set()
         with trio.fail_after(5):
