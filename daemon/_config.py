@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -189,6 +190,12 @@ def load_config(path: Path | None, *, tool_names: frozenset[str]) -> Config:
 
 
 def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None:
+    # First, so that no range check below compares a NaN (every comparison is False).
+    tables: list[tuple[str, msgspec.Struct]] = [("[daemon]", config.daemon)]
+    tables += [(f"[providers.{name}]", table) for name, table in config.providers.items()]
+    tables += [(f"[agents.{name}]", table) for name, table in config.agents.items()]
+    for where, table in tables:
+        _check_finite(table, f"{path}: {where}")
     for name, provider in config.providers.items():
         _check_provider(provider, f"{path}: [providers.{name}]")
     providers = BUILTIN_PROVIDERS | config.providers
@@ -211,6 +218,8 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
             )
         if agent.max_steps < 1:
             raise ConfigError(f"{where} max_steps must be at least 1.")
+        if agent.context_window < 1:
+            raise ConfigError(f"{where} context_window must be at least 1.")
         if agent.compact_at is not None and not 0 < agent.compact_at <= 1:
             raise ConfigError(f"{where} compact_at must be a fraction in (0, 1].")
         if agent.cwd is not None and (problem := workdir_problem(agent.cwd, roots)):
@@ -218,12 +227,35 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
     daemon = config.daemon
     if daemon.max_frame_bytes < 1024:
         raise ConfigError(f"{path}: [daemon] max_frame_bytes must be at least 1024.")
-    for key in ("max_open_requests", "max_connections", "max_content_bytes", "outgoing_frames"):
+    for key in (
+        "max_open_requests",
+        "max_connections",
+        "max_content_bytes",
+        "outgoing_frames",
+        "subscription_events",
+    ):
         if getattr(daemon, key) < 1:
             raise ConfigError(f"{path}: [daemon] {key} must be at least 1.")
-    for key in ("hello_timeout_s", "idle_timeout_s"):
+    for key in ("hello_timeout_s", "idle_timeout_s", "ask_timeout_s"):
         if (value := getattr(daemon, key)) is not None and value <= 0:
             raise ConfigError(f"{path}: [daemon] {key} must be positive.")
+    # 0 means none: no grace, no delegation, no idle conversation kept in memory.
+    for key in ("shutdown_grace_s", "delegate_depth", "idle_conversations"):
+        if getattr(daemon, key) < 0:
+            raise ConfigError(f"{path}: [daemon] {key} must not be negative.")
+    if negative := [uid for uid in daemon.allowed_uids if uid < 0]:
+        raise ConfigError(f"{path}: [daemon] allowed_uids holds {negative}, which no user has.")
+
+
+def _check_finite(table: msgspec.Struct, where: str) -> None:
+    """Refuse NaN and infinities in any float key of ``table``, today's and those to come.
+
+    TOML reads ``nan`` and ``inf`` as floats, and the daemon would take them for
+    durations: a NaN deadline crashes trio where it is first used.
+    """
+    for key, value in msgspec.structs.asdict(table).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where} {key} must be a finite number, not {value}.")
 
 
 def _check_provider(provider: ProviderConfig, where: str) -> None:

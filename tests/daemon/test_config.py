@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
+import msgspec
 import pytest
 from chinwag.daemon import ConfigError, load_config
+from chinwag.daemon._config import AgentConfig, DaemonConfig, ProviderConfig
 from chinwag.daemon._tools import TOOL_NAMES
 
 MISSING = Path("/nonexistent/chinwag/config.toml")
@@ -63,3 +66,77 @@ def test_config_mistakes_name_the_file_and_the_key(tmp_path: Path) -> None:
         assert needle in str(err.value) and str(path) in str(err.value), text
     with pytest.raises(ConfigError):
         load_config(tmp_path / "absent.toml", tool_names=TOOL_NAMES)
+
+
+def _float_keys(struct: type) -> list[str]:
+    """The struct's keys that hold a float (alone or beside None)."""
+    return [
+        field.name
+        for field in msgspec.structs.fields(struct)
+        if float in (field.type, *typing.get_args(field.type))
+    ]
+
+
+def _config_setting(table: str, key: str, value: str) -> str:
+    """A config whose ``table`` (daemon, a provider or an agent) sets ``key`` to ``value``."""
+    if table == "daemon":
+        return f"[daemon]\n{key} = {value}\n"
+    if table == "provider":
+        local = 'kind = "openai"\nbase_url = "http://127.0.0.1:1/v1"'
+        return f"[providers.p]\n{local}\n{key} = {value}\n"
+    return f'[agents.a]\nprovider = "echo"\n{key} = {value}\n'
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [("daemon", key) for key in _float_keys(DaemonConfig)]
+    + [("provider", key) for key in _float_keys(ProviderConfig)]
+    + [("agent", key) for key in _float_keys(AgentConfig)],
+)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_number_that_is_not_finite_is_refused_naming_file_and_key(
+    tmp_path: Path, table: str, key: str, value: str
+) -> None:
+    # idle_timeout_s = nan crashed the daemon on the first hello, shutdown_grace_s = nan at
+    # shutdown: every float key, today's and tomorrow's, is checked.
+    path = tmp_path / "config.toml"
+    path.write_text(_config_setting(table, key, value))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, tool_names=TOOL_NAMES)
+    message = str(err.value)
+    assert str(path) in message and key in message, message
+    assert "finite" in message, message
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        ("daemon", "shutdown_grace_s", "-1.0"),
+        ("daemon", "ask_timeout_s", "0"),
+        ("daemon", "ask_timeout_s", "-5"),
+        ("daemon", "subscription_events", "0"),
+        ("daemon", "delegate_depth", "-1"),
+        ("daemon", "idle_conversations", "-1"),
+        ("daemon", "allowed_uids", "[1000, -1]"),
+        ("agent", "context_window", "0"),
+    ],
+)
+def test_a_number_out_of_its_range_is_refused_naming_file_and_key(
+    tmp_path: Path, table: str, key: str, value: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(_config_setting(table, key, value))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, tool_names=TOOL_NAMES)
+    assert str(path) in str(err.value) and key in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("shutdown_grace_s", "0"), ("delegate_depth", "0"), ("idle_conversations", "0")],
+)
+def test_zero_is_fine_where_it_means_none(tmp_path: Path, key: str, value: str) -> None:
+    # No grace (cancel runs at once), no delegation, no idle conversation kept in memory.
+    path = tmp_path / "config.toml"
+    path.write_text(f"[daemon]\n{key} = {value}\n")
+    assert getattr(load_config(path, tool_names=TOOL_NAMES).daemon, key) == 0
