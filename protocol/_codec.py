@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -17,6 +17,23 @@ from ._messages import ClientMsg, ServerMsg
 # RecursionError for nesting past the interpreter's recursion limit.
 _UNREADABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 _pack_header = struct.Struct(">I").pack_into  # a frame's 4-byte big-endian length
+
+
+# After a schema error, a body up to this size is read whole as Python objects (at
+# most a few MB of them); a larger one only at its top level.
+WHOLE_BODY_BYTES = 16 * 1024
+
+
+class _Envelope(msgspec.Struct):
+    """What a refusal needs of a message: its id and type, left encoded."""
+
+    id: msgspec.Raw = msgspec.Raw()
+    type: msgspec.Raw = msgspec.Raw()
+
+
+class _TopLevel(NamedTuple):
+    id: object
+    type: object
 
 
 def _unreadable_reason(exc: Exception) -> str:
@@ -43,6 +60,9 @@ class Codec:
         self._client_decoder = mod.Decoder(ClientMsg)
         self._server_decoder = mod.Decoder(ServerMsg)
         self._any_decoder = mod.Decoder()
+        self._envelope_decoder = mod.Decoder(_Envelope)
+        self._skim_decoder = mod.Decoder(msgspec.Raw)
+        self._scalar_decoders = {kind: mod.Decoder(kind) for kind in (int, str)}
 
     def encode(self, msg: msgspec.Struct) -> bytes:
         """One message as a body, without its length prefix."""
@@ -81,10 +101,40 @@ class Codec:
         # the rest of the body is still unchecked: it may be truncated or garbage,
         # and that closes the connection like any other undecodable body.
         try:
-            raw = self._any_decoder.decode(body)
+            top = self._top_level(body)
         except _UNREADABLE as exc:
             raise self._malformed(exc) from exc
-        raise self._invalid(raw, schema_error) from schema_error
+        raise self._invalid(top, schema_error) from schema_error
+
+    def _top_level(self, body: bytes) -> _TopLevel | None:
+        """The `id` and `type` of a body that broke the schema; None if it is no map.
+
+        A small body is read whole, which also finds bad bytes in the fields the
+        typed decoder did not reach (and a msgpack map with keys that are not
+        strings). A larger one is read only as far as the envelope: its other
+        values are checked, as ignored fields are, for structure, and none becomes
+        an object: 16 MiB of empty arrays would be 16M lists, over a gigabyte.
+        """
+        if len(body) <= WHOLE_BODY_BYTES:
+            raw = self._any_decoder.decode(body)
+            if not isinstance(raw, dict):
+                return None
+            return _TopLevel(id=raw.get("id"), type=raw.get("type"))
+        try:
+            envelope = self._envelope_decoder.decode(body)
+        except msgspec.ValidationError:  # not a map, or a key that is not a string
+            self._skim_decoder.decode(body)  # stopped at once: check the rest's structure
+            return None
+        return _TopLevel(id=self._value(envelope.id, int), type=self._value(envelope.type, str))
+
+    def _value(self, raw: msgspec.Raw, kind: type) -> object:
+        """``raw`` decoded as ``kind``, or None when it is absent or something else."""
+        if not raw:
+            return None
+        try:
+            return self._scalar_decoders[kind].decode(raw)
+        except (msgspec.ValidationError, *_UNREADABLE):
+            return None
 
     def decode_server(self, body: bytes) -> ServerMsg:
         """Decode a server frame (client side); ``ProtocolError`` if it is malformed."""
@@ -103,15 +153,13 @@ class Codec:
             "the connection is closed.",
         )
 
-    def _invalid(self, raw: Any, exc: msgspec.ValidationError) -> ProtocolError:
+    def _invalid(self, top: _TopLevel | None, exc: msgspec.ValidationError) -> ProtocolError:
         # The body decodes but does not fit the schema: the framing is intact,
         # so the connection stays open and the error names the request if it can.
-        if not isinstance(raw, dict):
+        if top is None:
             return ProtocolError(400, "A message must be a map with a `type` field.", fatal=False)
-        request_id = raw.get("id")
-        if type(request_id) is not int:
-            request_id = None
-        kind = raw.get("type")
+        request_id = top.id if type(top.id) is int else None
+        kind = top.type
         what = f"`{kind}` message" if isinstance(kind, str) else "message"
         reason = str(exc)
         if not isinstance(kind, str):

@@ -6,12 +6,14 @@ the way a client in another language would produce them.
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import pytest
 from chinwag.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
     JSON,
     MSGPACK,
     Codec,
@@ -379,3 +381,93 @@ def test_decode_server_rejects_malformed_frames(codec: Codec, body: bytes) -> No
     with pytest.raises(ProtocolError) as info:
         codec.decode_server(body)
     assert info.value.code == 400
+
+
+# --- a schema error in a body of millions of values -----------------------------------
+
+FLOOD_VALUES = DEFAULT_MAX_FRAME_BYTES - 64  # as many empty arrays as fit one frame
+# What refusing such a body may allocate: a handful of small objects, nothing per value.
+FLOOD_PEAK_BYTES = 64 * 1024
+
+
+def _flood(codec: Codec, head: dict[str, Any] | None) -> bytes:
+    """A body of ~16 MiB whose bulk is empty arrays: alone (``head`` None), or as the
+    value of one more field `x` of the map ``head``. Built by hand: encoding 16M
+    Python lists to make it would cost what the test checks the decoder does not."""
+    if codec is JSON:
+        arrays = b"[" + b"[]," * (FLOOD_VALUES // 3 - 1) + b"[]]"
+        if head is None:
+            return arrays
+        return msgspec.json.encode(head)[:-1] + b',"x":' + arrays + b"}"
+    count = FLOOD_VALUES
+    arrays = b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count  # array32 of fixarray(0)
+    if head is None:
+        return arrays
+    encoded = msgspec.msgpack.encode(head)
+    assert 0x80 <= encoded[0] < 0x8F, "a fixmap with room for one more pair"
+    return bytes([encoded[0] + 1]) + encoded[1:] + b"\xa1x" + arrays
+
+
+def _refused_within(codec: Codec, body: bytes, peak: int) -> ProtocolError:
+    """The error for ``body``, checking that decoding it allocated at most ``peak`` bytes."""
+    tracemalloc.start()
+    try:
+        err = _error(codec, body)
+        _, used = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert used <= peak, f"refusing the body allocated {used:,} bytes at its peak"
+    return err
+
+
+@pytest.mark.parametrize(("codec", "encode"), CODECS)
+@pytest.mark.parametrize(
+    "head",
+    [
+        {"type": "teleport", "id": 7},  # refused at its tag, before the flood is read
+        {"id": 7, "type": "stream", "agent": "a"},  # refused after it: `content` is missing
+        {"type": "ping", "id": "7"},  # an id that is not an integer: no id to answer with
+    ],
+    ids=["unknown-type", "missing-field", "string-id"],
+)
+def test_a_body_of_millions_of_values_is_refused_without_reading_them_into_memory(
+    codec: Codec, encode: Encode, head: dict[str, Any]
+) -> None:
+    # Regression: after the schema error the whole body was decoded again as Python
+    # objects to find its id: 16M empty lists, a 1.5 GB peak and seconds of stall.
+    body = _flood(codec, head)
+    assert len(body) <= DEFAULT_MAX_FRAME_BYTES
+    err = _refused_within(codec, body, FLOOD_PEAK_BYTES)
+    assert not err.fatal
+    assert err.request_id == (head["id"] if type(head["id"]) is int else None)
+    small = _error(codec, encode(head))  # the same message without the flood
+    assert err.message == small.message
+
+
+@pytest.mark.parametrize(("codec", "encode"), CODECS)
+def test_a_body_that_is_millions_of_values_and_no_map_is_refused_cheaply(
+    codec: Codec, encode: Encode
+) -> None:
+    err = _refused_within(codec, _flood(codec, None), FLOOD_PEAK_BYTES)
+    assert (err.request_id, err.fatal) == (None, False)
+    assert err.message == _error(codec, encode([[]])).message
+
+
+@pytest.mark.parametrize(("codec", "encode"), CODECS)
+def test_a_flood_cut_short_after_a_schema_error_still_closes_the_connection(
+    codec: Codec, encode: Encode
+) -> None:
+    body = _flood(codec, {"type": "teleport", "id": 7})
+    assert _refused_within(codec, body[:-1], FLOOD_PEAK_BYTES).fatal
+
+
+@pytest.mark.parametrize(
+    ("codec", "tail"), [(JSON, b"]"), (MSGPACK, b"\xc1")], ids=["json", "msgpack"]
+)
+def test_a_large_body_that_is_no_map_and_is_malformed_closes_the_connection(
+    codec: Codec, tail: bytes
+) -> None:
+    # Past the size read whole, the envelope stops at the first byte of a body that
+    # is no map: the rest must still be read for its structure.
+    body = _flood(codec, None)[: 64 * 1024] + tail
+    assert _error(codec, body).fatal
