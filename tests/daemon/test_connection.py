@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tracemalloc
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -607,6 +608,40 @@ async def test_a_schema_error_gets_400_with_its_id_and_the_connection_stays_open
         error = await client.next()
         assert isinstance(error, Error) and (error.id, error.code) == (6, 400)
         assert await client.ask(Ping(id=5)) == Pong(id=5)
+
+
+async def test_a_huge_frame_with_a_schema_error_gets_400_with_its_id_at_a_small_cost(
+    autojump_clock,
+):
+    # Regression: refusing it decoded the body again as Python objects to find its
+    # id: 16M empty lists, a peak of over a gigabyte, and every client stalled.
+    head = MSGPACK.encode(Stream(id=7, agent="assistant", content="hi"))
+    count = DEFAULT_MAX_FRAME_BYTES - len(head) - 16  # empty arrays, one byte each
+    # `teleport` is no message type; then one more field, "x", holds the arrays.
+    body = (
+        bytes([head[0] + 1])
+        + head[1:].replace(b"\xa6stream", b"\xa8teleport")
+        + b"\xa1x\xdd"
+        + count.to_bytes(4, "big")
+        + b"\x90" * count
+    )
+    async with open_daemon() as daemon:
+        other = await daemon.connected()
+        flooder = await daemon.connected(codec=MSGPACK, check=False)
+        tracemalloc.start()
+        try:
+            await flooder.send_bytes(frame(body))
+            error = await flooder.next()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert isinstance(error, Error) and (error.id, error.code) == (7, 400), error
+        assert "teleport" in error.message
+        # The frame's bytes are held a few times over on their way (the stream, the
+        # decoder, the body); nothing is made of each of the 16M values in it.
+        assert peak < 4 * len(body), f"{peak:,} bytes at the peak for a {len(body):,}-byte body"
+        assert await flooder.ask(Ping(id=8)) == Pong(id=8)
+        assert await other.ask(Ping(id=1)) == Pong(id=1)
 
 
 TEXTS: dict[type, Callable[[int, str], Request]] = {
