@@ -37,6 +37,9 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Frames waiting to be written to one client; a client that lets more pile
     # up is too slow and is disconnected (its runs go on).
     outgoing_frames: int = 16384
+    # Bytes waiting to be written to one client, the same way. Past a quarter of it,
+    # the daemon reads no more of that client's requests until the client catches up.
+    outgoing_bytes: int = 8 * 1024 * 1024
     # Events buffered for one subscription before it is dropped as too slow.
     subscription_events: int = 4096
     shutdown_grace_s: float = 10.0
@@ -44,6 +47,9 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # How many agents deep `delegate` may go (A asks B asks C: 2).
     delegate_depth: int = 3
     allowed_uids: list[int] = msgspec.field(default_factory=list)
+    # Serve the daemon's own descendants (a run_command's processes) on its socket;
+    # refused by default (401), since they could read every conversation.
+    allow_descendants: bool = False
     # Idle conversations kept in memory; older idle ones are dropped and reload lazily.
     idle_conversations: int = 1024
     # Directories a conversation's cwd must lie under (None: the user's home).
@@ -232,6 +238,7 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
         "max_connections",
         "max_content_bytes",
         "outgoing_frames",
+        "outgoing_bytes",
         "subscription_events",
     ):
         if getattr(daemon, key) < 1:
