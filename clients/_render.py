@@ -2,12 +2,15 @@
 `history` print, and the pieces the live chat shares with them.
 
 ``rich`` styles every line; none is hard-wrapped, so a pipe gets it whole.
+It is imported on first use (``styled``, ``line_console``): `send` of a reply
+that is only text prints none of it, and rich is a sixth of its start-up.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import IO
+from functools import cached_property
+from typing import IO, TYPE_CHECKING
 
 from chinwag.protocol import (
     AskUser,
@@ -25,8 +28,10 @@ from chinwag.protocol import (
     ToolResult,
     Usage,
 )
-from rich.console import Console
-from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
 
 def compaction_note(event: Compaction) -> str:
@@ -41,11 +46,20 @@ def _clip(text: str, width: int = 100) -> str:
 def line_console(*, stderr: bool = False) -> Console:
     """A console for line output: lines are never hard-wrapped, so a pipe or a
     narrow terminal gets them whole."""
+    from rich.console import Console
+
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
+def styled(text: str = "", style: str = "") -> Text:
+    """``rich.text.Text``, rich imported only once something is styled."""
+    from rich.text import Text
+
+    return Text(text, style=style)
+
+
 def tool_call_text(event: ToolCall, indent: str = "  ") -> Text:
-    text = Text(f"{indent}⚙ ", style="dim cyan")
+    text = styled(f"{indent}⚙ ", style="dim cyan")
     text.append(event.name, style="cyan")
     text.append(f"({_clip(event.arguments, 80)})", style="dim")
     return text
@@ -53,7 +67,7 @@ def tool_call_text(event: ToolCall, indent: str = "  ") -> Text:
 
 def tool_result_text(event: ToolResult, indent: str = "  ") -> Text:
     style = "red" if event.is_error else "dim"
-    text = Text(f"{indent}↳ ", style=style)
+    text = styled(f"{indent}↳ ", style=style)
     text.append(_clip(event.output, 100) or "(no output)", style=style)
     text.append(f"  {event.duration_ms:.0f} ms", style="dim")
     return text
@@ -106,11 +120,15 @@ class TextOut:
 class SendView:
     """`send` keeps stdout for the reply's text; everything else goes to stderr."""
 
-    def __init__(self, out: TextOut, err: Console) -> None:
+    def __init__(self, out: TextOut) -> None:
         self.out = out
-        self.err = err
         self.thinking = False
         self.quiet = QuietCalls()
+
+    @cached_property
+    def err(self) -> Console:
+        """stderr's console, made when first needed: a reply of plain text needs none."""
+        return line_console(stderr=True)
 
     def show(self, event: StreamEventMsg) -> None:
         if self.thinking and not isinstance(event, ThinkingDelta):
@@ -121,7 +139,7 @@ class SendView:
                 self.out.write(delta)
             case ThinkingDelta(delta=delta):
                 self.out.end_line()
-                self.err.print(Text(delta, style="dim italic"), end="")
+                self.err.print(styled(delta, style="dim italic"), end="")
                 self.thinking = True
             case ToolCall() if not self.quiet.hides(event):
                 self.out.end_line()
@@ -130,17 +148,17 @@ class SendView:
                 self.err.print(tool_result_text(event))
             case Title(title=title):
                 self.out.end_line()
-                self.err.print(Text(f"title: {title}", style="dim"))
+                self.err.print(styled(f"title: {title}", style="dim"))
             case Queued(position=position):
-                self.err.print(Text(f"queued: {position} ahead", style="dim"))
+                self.err.print(styled(f"queued: {position} ahead", style="dim"))
             case Compaction():
-                self.err.print(Text(compaction_note(event), style="dim"))
+                self.err.print(styled(compaction_note(event), style="dim"))
             case _:
                 pass
 
 
 def entry_text(entry: Entry) -> Text:
-    seq = Text(f"#{entry.seq} ", style="dim")
+    seq = styled(f"#{entry.seq} ", style="dim")
     if entry.kind == "compact":
         seq.append(f"── compacted into {entry.archive or '?'} ──\n", style="magenta")
         seq.append(entry.content, style="dim")
@@ -162,7 +180,7 @@ def entry_text(entry: Entry) -> Text:
 def show_tail_event(frame: Event, last_run: str | None, out: TextOut, console: Console) -> str:
     """Text of one run continues on its line while no other run interleaves."""
     event = frame.event
-    prefix = Text(f"[{frame.agent}/{frame.sender}] ", style="bold blue")
+    prefix = styled(f"[{frame.agent}/{frame.sender}] ", style="bold blue")
     if isinstance(event, TextDelta):
         if frame.run_id != last_run or not out.mid_line:
             out.end_line()

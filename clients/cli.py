@@ -10,31 +10,36 @@ connecting) is in `_settings`; starting and stopping the daemon's process in
 `_daemon_process`; lines of output in `_render`; reading the terminal in
 `_terminal_input`; the chat loop in `_chat` (`_live_chat` on a terminal that
 redraws); the doctor's checks in `_doctor`.
+
+A command imports what only it uses in its own body, and the bridges
+(`telegram`, `mcp`) are imported once named: `chinwag send` loads neither rich
+nor another command's modules, so that it starts fast (`bench/cli_start.py`).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import anyio
 import click
 from chinwag.protocol import JSON, AgentItem, AskUser, End, default_socket_path
-from click.shell_completion import CompletionItem
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from . import mcp, telegram
-from ._chat import chat_session, chat_view
-from ._client import connect
 from ._daemon_process import STOP_TIMEOUT_S, ensure_daemon, stop_daemon
-from ._doctor import examine, show_checks
-from ._render import SendView, TextOut, end_problem, entry_text, line_console, show_tail_event
+from ._render import (
+    SendView,
+    TextOut,
+    end_problem,
+    entry_text,
+    line_console,
+    show_tail_event,
+    styled,
+)
 from ._settings import (
     CLIENT_NAME,
     Failure,
@@ -43,7 +48,11 @@ from ._settings import (
     run_command,
     settings_of,
 )
-from ._terminal_input import LineReader, ask_on_terminal
+
+if TYPE_CHECKING:
+    from click.shell_completion import CompletionItem
+
+    from ._terminal_input import LineReader
 
 #: How long shell completion waits for the daemon before offering nothing.
 COMPLETE_TIMEOUT_S = 2.0
@@ -56,6 +65,10 @@ def complete_agents(
 
     Nothing at all when no daemon answers: completion must never print errors.
     """
+    from click.shell_completion import CompletionItem
+
+    from ._client import connect
+
     given = ctx.find_root().params.get("socket_path")
     path = given if isinstance(given, Path) else default_socket_path()
 
@@ -92,7 +105,22 @@ cwd_option = click.option(
 # --- the command group ----------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group; the bridges' commands are imported only when named (or listed)."""
+
+    bridges = {"telegram": "chinwag.clients.telegram", "mcp": "chinwag.clients.mcp"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.bridges])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.bridges:
+            command: click.Command = importlib.import_module(self.bridges[cmd_name]).command
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--socket",
     "socket_path",
@@ -110,33 +138,25 @@ def cli(ctx: click.Context, socket_path: Path | None) -> None:
     )
 
 
-@cli.command()
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="config.toml")
-@click.option(
-    "--socket",
-    "serve_socket",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The Unix socket to listen on.",
+# The daemon's own options (`python -m chinwag.daemon --help`), passed on unread: one
+# list of them, argparse's, which says what is wrong with a bad one.
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    add_help_option=False,
 )
-@click.option("--storage", help="Storage URL: sqlite:////abs/path.db, jsonl:////dir, memory:, ...")
+@click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def serve(
-    ctx: click.Context, config: Path | None, serve_socket: Path | None, storage: str | None
-) -> NoReturn:
-    """Run the daemon in the foreground (replaces this process)."""
+def serve(ctx: click.Context, daemon_args: tuple[str, ...]) -> NoReturn:
+    """Run the daemon in the foreground (this process becomes it).
+
+    Its options are the daemon's own: `chinwag serve --help` lists them.
+    """
     settings = settings_of(ctx)
-    args: list[str] = []
-    if config is not None:
-        args += ["--config", str(config)]
-    if serve_socket is None and settings.socket_given:
-        serve_socket = settings.socket
-    if serve_socket is not None:
-        args += ["--socket", str(serve_socket)]
-    if storage is not None:
-        args += ["--storage", storage]
+    # `chinwag --socket S serve`: first, so that `serve --socket` after it wins.
+    given = ["--socket", str(settings.socket)] if settings.socket_given else []
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "chinwag.daemon", *args])
+    os.execv(sys.executable, [sys.executable, "-m", "chinwag.daemon", *given, *daemon_args])
 
 
 # --- send ------------------------------------------------------------------------------
@@ -170,12 +190,12 @@ def send(
     """Send TEXT to AGENT and stream the reply to stdout."""
     settings = settings_of(ctx)
     ensure_daemon(settings.socket)
-    err = line_console(stderr=True)
     out = TextOut(sys.stdout)
-    view = SendView(out, err)
-    lines = LineReader()
+    view = SendView(out)
+    lines: LineReader | None = None  # made at the first question: most runs ask none
 
     async def body() -> None:
+        nonlocal lines
         async with (
             connect_or_fail(settings) as client,
             client.stream(agent, text, sender=sender, guest=guest, cwd=cwd, queue=queue) as events,
@@ -187,8 +207,11 @@ def send(
                 else:
                     view.show(event)
                 if isinstance(event, AskUser):
+                    from ._terminal_input import LineReader, ask_on_terminal
+
                     out.end_line()
-                    answer = await ask_on_terminal(event, lines, err)
+                    lines = lines or LineReader()
+                    answer = await ask_on_terminal(event, lines, view.err)
                     if answer is None:
                         raise Failure(
                             "the agent asked a question but input ended; answer it with "
@@ -241,6 +264,8 @@ def chat(
     calls and results one line each. Ctrl-C during a reply kills the run
     (twice quits); Ctrl-C or Ctrl-D at the prompt quits.
     """
+    from ._chat import chat_session, chat_view
+
     settings = settings_of(ctx)
     ensure_daemon(settings.socket)
     view = chat_view(plain)
@@ -275,7 +300,7 @@ def history(
             # limit 0: the conversation's title (and its sender, named), no entries.
             about = await client.history(agent, sender, limit=0)
             console = line_console()
-            heading = Text(f"{about.agent}/{about.sender}", style="bold")
+            heading = styled(f"{about.agent}/{about.sender}", style="bold")
             if about.title:
                 heading.append(f" — {about.title}")
             console.print(heading)
@@ -301,26 +326,21 @@ def list_conversations(ctx: click.Context, agent: str | None, as_json: bool) -> 
                 sys.stdout.buffer.write(JSON.encode(item) + b"\n")
             sys.stdout.buffer.flush()
             return
-        console = Console(highlight=False)
         if not items:
-            console.print("no conversations")
+            print("no conversations")
             return
-        table = Table(box=None, header_style="bold")
-        for column in ("agent", "sender", "title", "updated", "seq", "running"):
-            table.add_column(column, overflow="fold")
-        for item in items:
-            updated = (
-                item.updated_at.astimezone().strftime("%Y-%m-%d %H:%M") if item.updated_at else ""
-            )
-            table.add_row(
+        rows = [
+            (
                 item.agent,
                 item.sender,
                 item.title,
-                updated,
+                item.updated_at.astimezone().strftime("%Y-%m-%d %H:%M") if item.updated_at else "",
                 str(item.last_seq),
                 "yes" if item.running else "",
             )
-        console.print(table)
+            for item in items
+        ]
+        _print_table(("agent", "sender", "title", "updated", "seq", "running"), rows)
 
     run_command(body)
 
@@ -334,15 +354,23 @@ def agents(ctx: click.Context) -> None:
     async def body() -> None:
         async with connect_or_fail(settings) as client:
             items = await client.list_agents()
-        console = Console(highlight=False)
-        table = Table(box=None, header_style="bold")
-        for column in ("name", "model", "tools", "description"):
-            table.add_column(column, overflow="fold")
-        for item in items:
-            table.add_row(item.name, item.model, ", ".join(item.tools), item.description)
-        console.print(table)
+        rows = [(item.name, item.model, ", ".join(item.tools), item.description) for item in items]
+        _print_table(("name", "model", "tools", "description"), rows)
 
     run_command(body)
+
+
+def _print_table(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    """Rows under their columns' names, a long cell folded, never cut."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console(highlight=False).print(table)
 
 
 @cli.command()
@@ -456,9 +484,9 @@ def compact(ctx: click.Context, agent: str, sender: str | None, instructions: st
             done = await client.compact(agent, sender, instructions=instructions)
         console = line_console()
         console.print(
-            Text(f"archived {done.archived_entries} entries as {done.archive}", style="bold")
+            styled(f"archived {done.archived_entries} entries as {done.archive}", style="bold")
         )
-        console.print(Text(done.summary))
+        console.print(styled(done.summary))
 
     run_command(body)
 
@@ -482,15 +510,15 @@ def search(ctx: click.Context, agent: str, query: str, limit: int, as_json: bool
             return
         console = line_console()
         if not hits:
-            console.print(Text(f"nothing in {agent}'s memory matches {query!r}", style="dim"))
+            console.print(styled(f"nothing in {agent}'s memory matches {query!r}", style="dim"))
         for number, hit in enumerate(hits, 1):
-            line = Text(f"{number}. {hit.kind} {hit.name}", style="bold")
+            line = styled(f"{number}. {hit.kind} {hit.name}", style="bold")
             about = [hit.sender] if hit.sender else []
             if hit.created_at is not None:
                 about.append(f"{hit.created_at:%Y-%m-%d %H:%M}")
             line.append(f" ({', '.join(about)})" if about else "", style="dim")
             console.print(line)
-            console.print(Text(f"   {hit.snippet}"))
+            console.print(styled(f"   {hit.snippet}"))
 
     run_command(body)
 
@@ -511,14 +539,12 @@ def doctor(ctx: click.Context, config: Path | None, storage: str | None) -> None
 
     Exits 1 when a check fails (✗); warnings (!) do not count.
     """
+    from ._doctor import examine, show_checks
+
     settings = settings_of(ctx)
     checks = run_command(lambda: examine(settings, config, storage))
     if not show_checks(checks):
         ctx.exit(1)
-
-
-cli.add_command(telegram.command)
-cli.add_command(mcp.command)
 
 
 def main() -> None:

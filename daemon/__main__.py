@@ -18,6 +18,7 @@ import msgspec
 import structlog
 import trio
 from chinwag.protocol import default_socket_path
+from chinwag.storage import StorageError
 
 from ._check import run_check
 from ._config import ConfigError, default_storage_url, load_config
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 serve, config, socket_path=socket_path, storage_url=storage_url, handle_signals=True
             )
         )
-    except ServeError as exc:
+    except (ServeError, StorageError) as exc:  # StorageError: the store would not open
         print(f"chinwag: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

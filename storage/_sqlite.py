@@ -1139,6 +1139,11 @@ def _connect(
     except sqlite3.Error as exc:
         for conn in opened:
             conn.close()
+        if exc.sqlite_errorcode in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            raise StorageError(
+                f"The sqlite database {path} is damaged ({exc}): restore it from a backup, "
+                "or move it aside for the daemon to start a new one."
+            ) from exc
         raise StorageError(f"Could not open the sqlite database {path}: {exc}.") from exc
     except BaseException:
         for conn in opened:
