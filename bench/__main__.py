@@ -26,6 +26,7 @@ from . import (
     _processes,
     _profile,
     burst,
+    cli_start,
     concurrency,
     delegation,
     first_event,
@@ -69,6 +70,7 @@ class Scale:
     burst: int = 1000  # (f) new conversations started at once
     long_entries: int = 10_000  # (g) entries of the long conversation
     long_runs: int = 500  # (g) runs in it, and in the short ones
+    cli_runs: int = 30  # (h) `chinwag send` processes, and as many of each baseline
 
 
 QUICK = Scale(
@@ -84,6 +86,7 @@ QUICK = Scale(
     steady_tokens=100,
     burst=300,
     long_runs=200,
+    cli_runs=10,
 )
 
 Bench = Callable[[Path, Scale, "str | None"], list[Figure]]
@@ -134,6 +137,10 @@ def bench_g(root: Path, s: Scale, storage: str | None) -> list[Figure]:
     return long_conversation.figures(root, s.long_entries, s.long_runs, storage)
 
 
+def bench_h(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return cli_start.figures(root, s.cli_runs, storage)
+
+
 BENCHES: dict[str, tuple[str, Bench]] = {
     "a": ("first_event", bench_a),
     "b": ("throughput", bench_b),
@@ -143,6 +150,7 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "slow": ("slow_consumer", bench_slow),
     "f": ("burst", bench_f),
     "g": ("long_conversation", bench_g),
+    "h": ("cli_start", bench_h),
 }
 
 
@@ -166,7 +174,7 @@ def main() -> None:
         prog="python -m bench", description=__doc__.splitlines()[0].replace("`", "")
     )
     parser.add_argument(
-        "--only", help="comma-separated: a,b,c,d,e,slow,f,g (or first_event, throughput, ...)"
+        "--only", help="comma-separated: a,b,c,d,e,slow,f,g,h (or first_event, throughput, ...)"
     )
     parser.add_argument("--quick", action="store_true", help="scaled down, about a minute")
     parser.add_argument(
