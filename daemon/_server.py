@@ -4,7 +4,9 @@ A connection has one reader task that decodes frames and dispatches them, and
 one writer task that drains a bounded buffer of encoded frames, coalescing
 whatever is ready into one write. Nothing on the hot path blocks: events are
 encoded and queued synchronously, and a client that lets the buffer fill up
-is disconnected without touching its runs.
+(in frames or in bytes) is disconnected without touching its runs. A client
+whose answers pile up is not read until they drain, so its requests cannot
+fill the buffer.
 """
 
 from __future__ import annotations
@@ -246,9 +248,15 @@ class Connection:
         # Frames waiting for the writer, encoded one after the other into one buffer.
         self._out = bytearray()
         self._queued = 0  # frames in _out
+        self._sending = 0  # bytes the writer took from _out and is sending
         self._limit = daemon.outgoing_frames
+        self._byte_limit = daemon.outgoing_bytes
+        # (frames, bytes) from which the buffer counts as busy: subscriptions wait for
+        # room from half of it, the reader from a quarter; never from zero.
+        self._half = (max(1, self._limit // 2), max(1, self._byte_limit // 2))
+        self._quarter = (max(1, self._limit // 4), max(1, self._byte_limit // 4))
         self._ready = trio.Event()  # _out has frames, or the connection is finishing
-        self._room = trio.Event()  # the writer took what was queued
+        self._room = trio.Event()  # the writer took what was queued, or sent it
         self._writing = False  # the writer is in a send: nothing else may write
         self._written_at = -math.inf  # when a frame was last written straight to the socket
         # A socket's descriptor, for frames written at once from the task that sends them.
@@ -281,14 +289,26 @@ class Connection:
         if not self.closed:
             self._queue(self.session.refusal(error))
 
+    @property
+    def buffered_bytes(self) -> int:
+        """What the client has yet to be sent: queued, or in the writer's hands."""
+        return len(self._out) + self._sending
+
     def _queue(self, msg: ServerMessage) -> bool:
-        """Encode ``msg`` for the writer; False when it did not go (nor will its request's next)."""
-        if self._queued >= self._limit:
-            log.warning("client_too_slow", buffered_frames=self._limit)
-            self.abort()
-            return False
+        """Encode ``msg`` for the writer; False when it did not go (nor will its request's next).
+
+        The buffer is full at ``outgoing_frames`` or ``outgoing_bytes``: a frame never
+        waits for room (a run must not stall on a client), so it drops the client.
+        The frame that crosses ``outgoing_bytes`` still goes: one reply may be larger.
+        """
         out = self._out
         start = len(out)
+        if self._queued >= self._limit or start + self._sending >= self._byte_limit:
+            log.warning(
+                "client_too_slow", buffered_frames=self._queued, buffered_bytes=self.buffered_bytes
+            )
+            self.abort()
+            return False
         size = self._append_frame(msg, out)
         self._queued += 1
         kept = size <= self.max_frame_bytes or self._too_large(msg, start, size)
@@ -352,16 +372,34 @@ class Connection:
     def _emptied(self) -> None:
         """Everything queued was taken: wake whoever waits for room."""
         self._queued = 0
+        self._made_room()
+
+    def _made_room(self) -> None:
         self._room.set()
         self._room = trio.Event()
+
+    def _holds(self, mark: tuple[int, int]) -> bool:
+        """The buffer holds at least ``mark``'s frames or its bytes."""
+        frames, size = mark
+        return self._queued >= frames or len(self._out) + self._sending >= size
 
     async def send_waiting(self, msg: ServerMessage) -> None:
         """Queue one frame, waiting for room (subscriptions pace themselves this way)."""
         # Half the buffer at most: the rest stays free for the frames of runs,
         # which never wait, so a busy subscription cannot get its connection dropped.
-        while not self.closed and self._queued >= self._limit // 2:
+        while not self.closed and self._holds(self._half):
             await self._room.wait()
         self.send(msg)
+
+    async def _caught_up(self) -> None:
+        """Return once the writer has less than a quarter of the buffer left to send.
+
+        The reader waits here before each request: a client that does not read its
+        answers stops being read, so its requests stop making answers nobody takes,
+        and its own writes block, rather than the daemon's memory growing.
+        """
+        while not self.closed and self._holds(self._quarter):
+            await self._room.wait()
 
     async def _writer(self) -> None:
         try:
@@ -376,12 +414,15 @@ class Connection:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     continue
                 data, self._out = self._out, bytearray()
+                self._sending = len(data)
                 self._emptied()
                 self._writing = True
                 try:
                     await self.stream.send_all(data)
                 finally:
                     self._writing = False
+                self._sending = 0
+                self._made_room()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.abort()
 
@@ -462,6 +503,8 @@ class Connection:
             decoder.feed(data)
             try:
                 for body in decoder:
+                    if self._holds(self._quarter):
+                        await self._caught_up()
                     if self.codec is None:
                         self.codec = codec_for(Encoding.of(body))
                         self._append_frame = self.codec.append_frame

@@ -231,8 +231,8 @@ def text_of(frames: list[ServerMsg]) -> str:
 CONVERSATION_ID = 100  # the request that prepares what a sample acts on
 
 
-async def stream_once(client: Client) -> None:
-    await client.send(Stream(id=CONVERSATION_ID, agent="assistant", content="red and blue"))
+async def stream_once(client: Client, content: str = "red and blue") -> None:
+    await client.send(Stream(id=CONVERSATION_ID, agent="assistant", content=content))
     end = (await client.answer(CONVERSATION_ID))[-1]
     assert isinstance(end, End) and end.status == "done", end
 
@@ -745,6 +745,24 @@ async def test_a_client_that_stops_reading_is_dropped_and_the_others_stream_on(
         assert history.entries[-1].content == " ".join(str(n) for n in range(1, 41))
 
 
+async def test_a_run_that_fills_outgoing_bytes_drops_its_client_and_goes_on(autojump_clock):
+    # As the test above, with the bytes limit reached long before the frames limit.
+    words = " ".join(f"{n:040d}" for n in range(200))  # ~10 KB of deltas
+    async with open_daemon(outgoing_bytes=4096) as daemon:
+        stalled = daemon.connect(trio.testing.lockstep_stream_pair)
+        await stalled.greet()
+        reader = await daemon.connected()
+        with capture_logs() as logs:
+            await stalled.send(Stream(id=1, agent="assistant", sender="stalled", content=words))
+            await served_within(stalled, WAIT_S)
+        (slow,) = [e for e in logs if e["event"] == "client_too_slow"]
+        assert slow["buffered_bytes"] >= 4096 and slow["buffered_frames"] < 16384
+        await reader.send(Attach(id=2, agent="assistant", sender="stalled"))
+        assert (await reader.answer(2))[-1].status in ("done", "idle")  # type: ignore[union-attr]
+        history = await reader.ask(GetHistory(id=3, agent="assistant", sender="stalled"))
+        assert isinstance(history, History) and history.entries[-1].content == words
+
+
 async def test_a_client_that_pauses_for_fewer_frames_than_the_limit_keeps_them_all(
     autojump_clock,
 ):
@@ -805,6 +823,46 @@ async def test_a_frame_written_at_once_wakes_a_subscription_waiting_for_room(aut
         assert [type(f) for f in frames] == [Event] * 5 + [Pong]
         peer.close()
         ours.close()
+
+
+async def test_a_client_that_never_reads_is_not_read_either_and_holds_at_most_the_cap(
+    autojump_clock,
+):
+    """A client sends `get_history` after `get_history` and reads nothing. Past a
+    quarter of outgoing_bytes buffered for it, the daemon takes none of its requests
+    until the writer catches up, so the client's sends block instead of the daemon's
+    memory growing; it is not dropped, and other clients are served meanwhile."""
+    cap = 64 * 1024
+    requests = 200  # within max_open_requests; their replies would be ~800 KB
+    async with open_daemon(outgoing_bytes=cap) as daemon:
+        reader = await daemon.connected()
+        await stream_once(reader, "x" * 2000)  # each history then takes ~4 KB
+        hog = daemon.connect(trio.testing.lockstep_stream_pair, check=False)  # see above
+        await hog.greet()
+        conn = max(daemon.server.connections, key=lambda c: c.number)  # the hog's
+        sent = 0
+
+        async def ask_for_history() -> None:
+            nonlocal sent
+            for rid in range(1, requests + 1):
+                # No deadline: it is meant to block, and the autojump clock would fire one.
+                await hog.stream.send_all(JSON.encode_frame(GetHistory(id=rid, agent="assistant")))
+                sent = rid
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_for_history)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent < requests, "the daemon took every request of a client that reads none"
+            assert conn.buffered_bytes <= cap
+            assert await reader.ask(Ping(id=2)) == Pong(id=2)
+            assert not hog.served.is_set(), "held back, not dropped"
+            # Once it reads, it gets every answer, and the daemon reads it again.
+            answered: set[int] = set()
+            while len(answered) < requests:
+                msg = await hog.next()
+                assert isinstance(msg, History), msg
+                answered.add(msg.id)
+            assert sent == requests
 
 
 class FailingListener:
