@@ -30,6 +30,7 @@ from . import (
     concurrency,
     delegation,
     first_event,
+    hog,
     long_conversation,
     slow_consumer,
     storage_scale,
@@ -71,6 +72,7 @@ class Scale:
     long_entries: int = 10_000  # (g) entries of the long conversation
     long_runs: int = 500  # (g) runs in it, and in the short ones
     cli_runs: int = 30  # (h) `chinwag send` processes, and as many of each baseline
+    hog_s: float = 3.0  # (i) how long the client that never reads writes requests
 
 
 QUICK = Scale(
@@ -87,6 +89,7 @@ QUICK = Scale(
     burst=300,
     long_runs=200,
     cli_runs=10,
+    hog_s=1.5,
 )
 
 Bench = Callable[[Path, Scale, "str | None"], list[Figure]]
@@ -141,6 +144,10 @@ def bench_h(root: Path, s: Scale, storage: str | None) -> list[Figure]:
     return cli_start.figures(root, s.cli_runs, storage)
 
 
+def bench_i(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return hog.figures(root, s.hog_s, storage)
+
+
 BENCHES: dict[str, tuple[str, Bench]] = {
     "a": ("first_event", bench_a),
     "b": ("throughput", bench_b),
@@ -151,6 +158,7 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "f": ("burst", bench_f),
     "g": ("long_conversation", bench_g),
     "h": ("cli_start", bench_h),
+    "i": ("hog", bench_i),
 }
 
 
@@ -174,7 +182,7 @@ def main() -> None:
         prog="python -m bench", description=__doc__.splitlines()[0].replace("`", "")
     )
     parser.add_argument(
-        "--only", help="comma-separated: a,b,c,d,e,slow,f,g,h (or first_event, throughput, ...)"
+        "--only", help="comma-separated: a,b,c,d,e,slow,f,g,h,i (or first_event, throughput, ...)"
     )
     parser.add_argument("--quick", action="store_true", help="scaled down, about a minute")
     parser.add_argument(

@@ -217,6 +217,8 @@ Handle = RequestSink | Subscriber
 # a model's paced tokens cost no writer wake-up each, a burst is still batched.
 _BATCHED = frozenset({TextDelta, ThinkingDelta, Event})
 LONE_S = 0.001
+# Answers to reads (history, conversations, memory) one connection makes at once.
+READS_AT_ONCE = 4
 _NO_DEADLINE = contextlib.nullcontext()
 
 
@@ -261,6 +263,7 @@ class Connection:
         self._written_at = -math.inf  # when a frame was last written straight to the socket
         # A socket's descriptor, for frames written at once from the task that sends them.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self._reads = trio.Semaphore(READS_AT_ONCE)  # see _call's `paced`
         self._nursery: trio.Nursery | None = None
         self._writer_scope = trio.CancelScope()
         self.done = trio.Event()
@@ -600,13 +603,13 @@ class Connection:
                 sender = self._sender(msg.sender)
                 self._call(nursery, msg.id, lambda: self._reply(msg, sender))
             case GetHistory():
-                self._call(nursery, msg.id, lambda: self._history(msg))
+                self._call(nursery, msg.id, lambda: self._history(msg), paced=True)
             case ListConversations():
-                self._call(nursery, msg.id, lambda: self._list(msg))
+                self._call(nursery, msg.id, lambda: self._list(msg), paced=True)
             case Compact():
                 self._compact(msg, nursery)
             case SearchMemory():
-                self._call(nursery, msg.id, lambda: self._search(msg))
+                self._call(nursery, msg.id, lambda: self._search(msg), paced=True)
             case Subscribe():
                 self._subscribe(msg, nursery)
             case ListAgents():
@@ -705,12 +708,20 @@ class Connection:
         nursery: trio.Nursery,
         rid: int,
         handler: Callable[[], Awaitable[ServerMessage | None]],
+        *,
+        paced: bool = False,
     ) -> None:
-        """Run a request that awaits (storage, a kill) in its own task."""
+        """Run a request that awaits (storage, a kill) in its own task.
+
+        ``paced``: a read whose answer may be large (a page of history) is made only
+        while the client has room for it, and a few at a time, since the reader may
+        take many of them at once before any answer is queued. Never a request that
+        may wait long (a kill, a compaction), which would hold the others up.
+        """
 
         async def call() -> None:
             try:
-                reply = await handler()
+                reply = await (self._paced(handler) if paced else handler())
             except RequestError as exc:
                 reply = Error(id=rid, code=exc.code, message=exc.message)
             except StorageError as exc:
@@ -723,6 +734,13 @@ class Connection:
                 self.send(reply)
 
         nursery.start_soon(call)
+
+    async def _paced(
+        self, handler: Callable[[], Awaitable[ServerMessage | None]]
+    ) -> ServerMessage | None:
+        async with self._reads:
+            await self._caught_up()
+            return await handler()
 
     async def _attach(self, sink: RequestSink) -> None:
         try:

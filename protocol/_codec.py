@@ -127,7 +127,7 @@ class Codec:
             return None
         return _TopLevel(id=self._value(envelope.id, int), type=self._value(envelope.type, str))
 
-    def _value(self, raw: msgspec.Raw, kind: type) -> object:
+    def _value(self, raw: msgspec.Raw, kind: type[int] | type[str]) -> object:
         """``raw`` decoded as ``kind``, or None when it is absent or something else."""
         if not raw:
             return None

@@ -825,13 +825,13 @@ async def test_a_frame_written_at_once_wakes_a_subscription_waiting_for_room(aut
         ours.close()
 
 
-async def test_a_client_that_never_reads_is_not_read_either_and_holds_at_most_the_cap(
-    autojump_clock,
-):
+@pytest.mark.parametrize("per_write", [1, 200], ids=["one-by-one", "all-at-once"])
+async def test_a_client_that_never_reads_is_held_back_at_most_the_cap(per_write, autojump_clock):
     """A client sends `get_history` after `get_history` and reads nothing. Past a
     quarter of outgoing_bytes buffered for it, the daemon takes none of its requests
-    until the writer catches up, so the client's sends block instead of the daemon's
-    memory growing; it is not dropped, and other clients are served meanwhile."""
+    until the writer catches up (the client's writes block), and answers those it
+    took only as the client makes room for them; the client is not dropped, the
+    daemon holds at most the cap for it, and other clients are served meanwhile."""
     cap = 64 * 1024
     requests = 200  # within max_open_requests; their replies would be ~800 KB
     async with open_daemon(outgoing_bytes=cap) as daemon:
@@ -840,22 +840,24 @@ async def test_a_client_that_never_reads_is_not_read_either_and_holds_at_most_th
         hog = daemon.connect(trio.testing.lockstep_stream_pair, check=False)  # see above
         await hog.greet()
         conn = max(daemon.server.connections, key=lambda c: c.number)  # the hog's
+        frames = [JSON.encode_frame(GetHistory(id=rid, agent="assistant")) for rid in range(1, 201)]
         sent = 0
 
         async def ask_for_history() -> None:
             nonlocal sent
-            for rid in range(1, requests + 1):
+            for at in range(0, requests, per_write):
                 # No deadline: it is meant to block, and the autojump clock would fire one.
-                await hog.stream.send_all(JSON.encode_frame(GetHistory(id=rid, agent="assistant")))
-                sent = rid
+                await hog.stream.send_all(b"".join(frames[at : at + per_write]))
+                sent = at + per_write
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask_for_history)
             await trio.testing.wait_all_tasks_blocked()
-            assert sent < requests, "the daemon took every request of a client that reads none"
+            if per_write == 1:
+                assert sent < requests, "the daemon took every request of a client that reads none"
+            assert not hog.served.is_set(), "held back, not dropped"
             assert conn.buffered_bytes <= cap
             assert await reader.ask(Ping(id=2)) == Pong(id=2)
-            assert not hog.served.is_set(), "held back, not dropped"
             # Once it reads, it gets every answer, and the daemon reads it again.
             answered: set[int] = set()
             while len(answered) < requests:
