@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import msgspec
 import trio
 from chinwag.protocol import (
     CheckFinding,
@@ -36,6 +37,7 @@ from ._config import (
     default_storage_url,
     load_config,
 )
+from ._logging import without_credentials
 from ._provider_kinds import make_provider
 from ._providers import LIST_MODELS_TIMEOUT_S, ProviderError
 from ._tools import TOOL_NAMES
@@ -67,7 +69,7 @@ def run_check(
             config_source=source,
             socket=None,
             socket_configured=False,
-            findings=[failed],
+            findings=_shown([failed]),
         )
     if source == "embedded defaults":
         findings = [_defaults_finding(path)]
@@ -88,8 +90,22 @@ def run_check(
         config_source=source,
         socket=str(Path(socket).expanduser()) if socket else str(default_socket_path()),
         socket_configured=socket is not None,
-        findings=findings,
+        findings=_shown(findings),
     )
+
+
+def _shown(findings: list[CheckFinding]) -> list[CheckFinding]:
+    """The findings as the report shows them: no URL with its credentials (a provider's
+    `base_url`, a PostgreSQL store's URL), whichever check wrote it and wherever."""
+    return [
+        msgspec.structs.replace(
+            finding,
+            subject=without_credentials(finding.subject),
+            detail=without_credentials(finding.detail),
+            hint=without_credentials(finding.hint),
+        )
+        for finding in findings
+    ]
 
 
 async def _check_services(

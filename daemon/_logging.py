@@ -1,13 +1,49 @@
-"""structlog set up once by the entry point: key-value on a terminal, JSON lines otherwise."""
+"""structlog set up once by the entry point: key-value on a terminal, JSON lines otherwise.
+
+Neither shows a traceback's frame locals: a provider's frames hold its API key,
+a run's the users' text. A URL's credentials (``https://user:key@host``, a
+``postgresql://user:password@host`` store) are hidden in every line, wherever
+a URL is logged; ``without_credentials`` does the same for what the daemon
+says elsewhere (a run's error, `chinwag doctor`'s report).
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from typing import Any
 
 import msgspec
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
+
+# What follows a scheme's `//` up to the authority's last `@`: the user and password.
+_URL_CREDENTIALS = re.compile(r"(?<=//)[^/?#\s]*@")
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``."""
+    return _URL_CREDENTIALS.sub("***@", text) if "@" in text else text
+
+
+def _hide_url_credentials(value: Any) -> Any:
+    if isinstance(value, str):
+        return without_credentials(value)
+    if isinstance(value, list | tuple):
+        return [_hide_url_credentials(item) for item in value]
+    if isinstance(value, dict):  # a rendered exception: its messages, its frames
+        return {key: _hide_url_credentials(item) for key, item in value.items()}
+    return value
+
+
+def hide_url_credentials(
+    logger: Any, method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """The structlog processor: ``without_credentials`` on every value of the line."""
+    for key, value in event_dict.items():
+        event_dict[key] = _hide_url_credentials(value)
+    return event_dict
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -17,8 +53,13 @@ def configure_logging(level: int = logging.INFO) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if sys.stderr.isatty():
+        no_locals = structlog.dev.RichTracebackFormatter(show_locals=False)
         structlog.configure(
-            processors=[*shared, structlog.dev.ConsoleRenderer()],
+            processors=[
+                *shared,
+                hide_url_credentials,
+                structlog.dev.ConsoleRenderer(exception_formatter=no_locals),
+            ],
             wrapper_class=structlog.make_filtering_bound_logger(level),
             logger_factory=structlog.WriteLoggerFactory(sys.stderr),
             cache_logger_on_first_use=True,
@@ -29,8 +70,8 @@ def configure_logging(level: int = logging.INFO) -> None:
     structlog.configure(
         processors=[
             *shared,
-            # No frame locals: they can hold tokens and users' text.
             structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+            hide_url_credentials,  # after the exception is rendered: its messages too
             structlog.processors.JSONRenderer(serializer=lambda event, **_: encoder.encode(event)),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

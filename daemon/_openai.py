@@ -24,6 +24,7 @@ from openai import AsyncStream
 from openai.types.chat import ChatCompletion
 
 from ._config import ProviderConfig
+from ._logging import without_credentials
 from ._providers import (
     LIST_MODELS_TIMEOUT_S,
     Chunk,
@@ -164,7 +165,7 @@ class OpenAIProvider:
                 )
             case openai.APIConnectionError():
                 cause = _sentence(str(exc.__cause__ or exc))
-                where = self.base_url or "api.openai.com"
+                where = without_credentials(self.base_url or "api.openai.com")
                 return ProviderError(
                     f"The connection to the model provider at {where} failed: {cause}"
                 )

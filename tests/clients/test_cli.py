@@ -429,6 +429,10 @@ class Terminal:
         self._received(text)
         return True
 
+    def drain(self, timeout: float) -> None:
+        """Read what the command wrote within ``timeout``: a full pty would block its writes."""
+        self._read(timeout)
+
     def expect(self, pattern: str, timeout: float | None = None) -> None:
         """Wait until ``pattern`` appears in the output after the last match.
 
