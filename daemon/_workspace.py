@@ -16,12 +16,15 @@ on kill, and when the command exits, so nothing it started outlives the call.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import errno
 import os
+import platform
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -45,6 +48,64 @@ _BINARY_SNIFF = 8192
 _SHELL = shutil.which("bash") or "/bin/sh"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Linux's PATH_MAX; and deeper than any real tree, shallow enough that a path can
+# never have write_file make a directory per character.
+PATH_BYTES_CAP = 4096
+PATH_DEPTH_CAP = 64
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+
+
+def _bind_openat2() -> Callable[[int, str, int], int] | None:
+    """openat2(2) resolving beneath a directory, following no symlink; None where absent.
+
+    The kernel (5.6 and later) resolves the whole path under those rules, so no
+    swap between two steps can lead it out. ``os`` has no binding: it is called
+    through ``syscall``, whose number is 437 on every architecture but alpha and
+    ia64. A seccomp filter (some container runtimes) may refuse it: then the walk.
+    """
+    if sys.platform != "linux" or platform.machine() in ("alpha", "ia64"):
+        return None
+    syscall = ctypes.CDLL(None, use_errno=True).syscall
+    syscall.restype = ctypes.c_long
+    syscall.argtypes = [
+        ctypes.c_long,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.POINTER(_OpenHow),
+        ctypes.c_size_t,
+    ]
+
+    def openat2(dir_fd: int, path: str, flags: int) -> int:
+        how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+        fd = int(syscall(437, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)))
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+        return fd
+
+    try:
+        slash = os.open("/", _DIR_FLAGS)
+        try:
+            os.close(openat2(slash, ".", _DIR_FLAGS))
+        finally:
+            os.close(slash)
+    except OSError:
+        return None
+    return openat2
+
+
+_openat2 = _bind_openat2()
 
 
 @dataclass(frozen=True)
@@ -71,14 +132,29 @@ def workdir_problem(cwd: str, allowed_roots: list[str] | tuple[str, ...]) -> str
     It must be absolute, an existing directory, and resolve (symlinks
     followed) inside one of ``allowed_roots``. Blocks on the file system.
     """
-    if not os.path.isabs(cwd):
-        return f"The cwd {cwd!r} is not an absolute path."
-    if not os.path.isdir(cwd):
-        return f"The cwd {cwd!r} is not an existing directory."
-    real = os.path.realpath(cwd)
-    if not any(_inside(real, os.path.realpath(root)) for root in allowed_roots):
-        return f"The cwd {cwd!r} is outside the allowed roots ({', '.join(allowed_roots)})."
+    try:
+        _resolve_workdir(cwd, allowed_roots)
+    except ToolError as exc:
+        return str(exc)
     return None
+
+
+def _resolve_workdir(cwd: str, allowed_roots: list[str] | tuple[str, ...]) -> str:
+    """``cwd`` resolved, once: the text checked is the text the tools then open."""
+    if not os.path.isabs(cwd):
+        raise ToolError(f"The cwd {cwd!r} is not an absolute path.")
+    if not os.path.isdir(cwd):
+        raise ToolError(f"The cwd {cwd!r} is not an existing directory.")
+    try:
+        real = os.path.realpath(cwd)
+        roots = [os.path.realpath(root) for root in allowed_roots]
+    except OSError:  # a symlink on the way changed while it was being read
+        raise ToolError(f"The cwd {cwd!r} changed while it was being checked.") from None
+    if not any(_inside(real, root) for root in roots):
+        raise ToolError(
+            f"The cwd {cwd!r} is outside the allowed roots ({', '.join(allowed_roots)})."
+        )
+    return real
 
 
 def _root(ctx: HasWorkspace) -> tuple[Workspace, str]:
@@ -89,51 +165,122 @@ def _root(ctx: HasWorkspace) -> tuple[Workspace, str]:
             "This conversation has no working directory: start it with a cwd, "
             "or give the agent a cwd in the config."
         )
-    if problem := workdir_problem(ws.root, ws.allowed_roots):
-        raise ToolError(problem)
-    return ws, os.path.realpath(ws.root)
+    return ws, _resolve_workdir(ws.root, ws.allowed_roots)
 
 
 def _relative(root: str, path: object, tool: str) -> str:
-    """``path`` resolved, relative to ``root``; refused unless it stays inside."""
+    """``path`` resolved, relative to ``root``; refused unless it stays inside.
+
+    Symlinks inside are followed here, as text; the result is then opened
+    following none, so one swapped in after this check is refused, not followed.
+    """
     if not isinstance(path, str) or not path or "\0" in path:
         raise ToolError(f"{tool} needs `path`, a path relative to the working directory.")
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeEncodeError:
+        raise ToolError(f"{tool}: the path is not valid UTF-8 text.") from None
+    if size > PATH_BYTES_CAP:
+        raise ToolError(f"{tool}: the path is {size} bytes long; the limit is {PATH_BYTES_CAP}.")
+    _check_depth(path, tool)
     if os.path.isabs(path) or path.startswith("~"):
         raise ToolError(
             f"The path {path!r} is absolute; give a path relative to the working directory."
         )
-    full = os.path.realpath(os.path.join(root, path))
+    try:
+        full = os.path.realpath(os.path.join(root, path))
+    except OSError:  # a symlink on the way changed while it was being read
+        raise ToolError(
+            f"The path {path!r} changed while it was being resolved; refused."
+        ) from None
     if not _inside(full, root):
         raise ToolError(f"The path {path!r} leads outside the working directory; refused.")
-    return os.path.relpath(full, root)
+    rel = os.path.relpath(full, root)
+    _check_depth(rel, tool)  # symlinks inside may lead deeper than the path looks
+    return rel
+
+
+def _check_depth(path: str, tool: str) -> None:
+    depth = sum(1 for part in path.split(os.sep) if part not in ("", "."))
+    if depth > PATH_DEPTH_CAP:
+        raise ToolError(
+            f"{tool}: the path is {depth} directories deep; the limit is {PATH_DEPTH_CAP}."
+        )
 
 
 def _parts(rel: str) -> list[str]:
     return [] if rel in ("", ".") else rel.split(os.sep)
 
 
+def _walk(dir_fd: int, rel: str, flags: int) -> int:
+    """``rel`` opened under ``dir_fd`` one component at a time, following no symlink."""
+    *dirs, last = _parts(rel) or ["."]
+    fd = os.dup(dir_fd)
+    try:
+        for part in dirs:
+            child = _open_component(fd, part, _DIR_FLAGS)
+            os.close(fd)
+            fd = child
+        return _open_component(fd, last, flags | os.O_NOFOLLOW)
+    finally:
+        os.close(fd)
+
+
+def _open_component(dir_fd: int, name: str, flags: int) -> int:
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except NotADirectoryError:
+        # Linux reports a symlink met with O_DIRECTORY | O_NOFOLLOW as ENOTDIR.
+        if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, "a symlink where a directory was") from None
+        raise
+
+
+def _open_beneath(dir_fd: int, rel: str, flags: int) -> int:
+    """``rel`` opened under ``dir_fd``; a symlink anywhere on the way is refused (ELOOP)."""
+    if _openat2 is not None:
+        # Without O_NOFOLLOW, a symlink last is refused like any other (ELOOP), not
+        # met as a non-directory (ENOTDIR) where O_DIRECTORY asks for one.
+        return _openat2(dir_fd, rel, flags & ~os.O_NOFOLLOW)
+    return _walk(dir_fd, rel, flags)
+
+
+def _open_root(root: str) -> int:
+    """A descriptor of the resolved ``root``, opened from ``/`` following no symlink.
+
+    ``root`` was checked as text (``realpath``, inside an allowed root); opened
+    so, what is opened is what lies at that text now: a symlink swapped in for
+    it, or for any directory above it, is refused, not followed. No inode check
+    against the earlier ``realpath`` is needed: a directory renamed into place
+    is at that path, which is all the check promised.
+    """
+    slash = os.open("/", _DIR_FLAGS)
+    try:
+        return _open_beneath(slash, root.lstrip(os.sep) or ".", _DIR_FLAGS)
+    finally:
+        os.close(slash)
+
+
 def _open_dir(root: str, rel: str, *, create: bool = False) -> int:
-    """A descriptor of ``root/rel``, walked from ``root`` without following symlinks.
+    """A descriptor of ``root/rel``, opened from ``/`` without following symlinks.
 
     With ``create``, missing directories are made on the way, each inside one
     already opened, so none is ever made outside ``root``.
     """
-    fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    fd = _open_root(root)
+    if not create and rel not in ("", "."):
+        try:
+            return _open_beneath(fd, rel, _DIR_FLAGS)
+        finally:
+            os.close(fd)
     try:
         for part in _parts(rel):
             try:
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except NotADirectoryError:
-                # Linux reports a symlink met with O_DIRECTORY | O_NOFOLLOW as ENOTDIR.
-                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
-                    raise OSError(errno.ELOOP, "a symlink where a directory was") from None
-                raise
+                child = _open_beneath(fd, part, _DIR_FLAGS)
             except FileNotFoundError:
-                if not create:
-                    raise
                 with suppress(FileExistsError):
                     os.mkdir(part, dir_fd=fd)
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                child = _open_beneath(fd, part, _DIR_FLAGS)
             os.close(fd)
             fd = child
     except BaseException:
@@ -144,7 +291,7 @@ def _open_dir(root: str, rel: str, *, create: bool = False) -> int:
 
 def _explain(exc: OSError, path: str) -> ToolError:
     """An OSError as the sentence the model sees."""
-    if exc.errno == errno.ELOOP:
+    if exc.errno in (errno.ELOOP, errno.EXDEV):
         return ToolError(f"The path {path!r} changed into a symlink while being opened; refused.")
     if isinstance(exc, FileNotFoundError):
         return ToolError(f"{path!r} does not exist.")
@@ -185,11 +332,18 @@ def _read(ctx: HasWorkspace, args: dict[str, Any]) -> str:
         finally:
             os.close(dir_fd)
         with os.fdopen(fd, "rb") as file:
-            mode = os.fstat(fd).st_mode
+            info = os.fstat(fd)
+            mode = info.st_mode
             if stat.S_ISDIR(mode):
                 raise ToolError(f"{rel!r} is a directory; list_dir shows what it holds.")
             if not stat.S_ISREG(mode):
                 raise ToolError(f"{rel!r} is not a regular file.")
+            # A hard link is the one way to put a file from outside the cwd inside it.
+            if info.st_nlink > 1:
+                links = info.st_nlink
+                raise ToolError(
+                    f"{rel!r} has {links} hard links; read_file reads only files linked once."
+                )
             if b"\0" in file.read(_BINARY_SNIFF):
                 raise ToolError(f"{rel!r} is a binary file; read_file reads text only.")
             file.seek(0)

@@ -6,79 +6,51 @@ every command out. Timeouts are short real ones instead.
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import json
 import os
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
-from chinwag.daemon._config import AgentConfig, Config, ConfigError, DaemonConfig, load_config
+from chinwag.daemon import _workspace
+from chinwag.daemon._config import ConfigError, DaemonConfig, load_config
 from chinwag.daemon._errors import ToolError
-from chinwag.daemon._runtime import Runtime
 from chinwag.daemon._tools import TOOL_NAMES
-from chinwag.daemon._workspace import LIST_CAP, OUTPUT_CAP, READ_CAP, _open_dir, _relative
+from chinwag.daemon._workspace import (
+    LIST_CAP,
+    OUTPUT_CAP,
+    READ_CAP,
+    Workspace,
+    _open_dir,
+    _read,
+    _relative,
+    _write,
+)
 from chinwag.protocol import ToolResult
-from runtime_harness import open_runtime, submit
-
-WORKSPACE = ["read_file", "write_file", "list_dir", "run_command"]
+from runtime_harness import submit
+from workspace_harness import WORKSPACE, alive, call, runtime, temporary_area, tool, until
 
 
 @pytest.fixture
 def area() -> Iterator[Path]:
-    """A temporary tree: `root/ws` is the working directory, `root/outside` is not."""
-    with tempfile.TemporaryDirectory(prefix="cw-ws-") as d:
-        root = Path(d).resolve()
-        (root / "ws").mkdir()
-        (root / "outside").mkdir()
-        (root / "outside" / "secret.txt").write_text("top secret\n")
+    with temporary_area() as root:
         yield root
 
 
-@asynccontextmanager
-async def runtime(area: Path, **daemon: object) -> AsyncIterator[Runtime]:
-    daemon.setdefault("allowed_roots", [str(area / "ws")])
-    config = Config(
-        daemon=DaemonConfig(**daemon),  # type: ignore[arg-type]
-        agents={
-            "assistant": AgentConfig(provider="echo", tools=WORKSPACE),
-            "placed": AgentConfig(provider="echo", tools=WORKSPACE, cwd=str(area / "ws")),
-            "bare": AgentConfig(provider="echo", tools=["set_title"]),
-        },
-    )
-    async with open_runtime(config) as rt:
-        yield rt
-
-
-def tool(name: str, **args: object) -> str:
-    return f"/tool {name} {json.dumps(args)}"
-
-
-async def call(rt: Runtime, area: Path, name: str, **args: object) -> ToolResult:
-    """One tool call in a run whose cwd is `area/ws`; its result."""
-    sink = submit(rt, tool(name, **args), cwd=str(area / "ws"))
-    with trio.fail_after(30):
-        await sink.ended.wait()
-    assert sink.end.status == "done", sink.end
-    return sink.result
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie (killed, not yet reaped by init) counts as gone."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(10):
-        while not condition():  # noqa: ASYNC110 -- a child process's state: no event to await
-            await trio.sleep(0.01)
+@pytest.fixture(params=["openat2", "walk"])
+def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way of opening a path without following symlinks: the kernel's, and the walk."""
+    if request.param == "walk":
+        monkeypatch.setattr(_workspace, "_openat2", None, raising=False)
+    elif getattr(_workspace, "_openat2", "") is None:
+        pytest.skip("this kernel has no openat2")
+    return str(request.param)
 
 
 # --- happy paths ---------------------------------------------------------------
@@ -298,7 +270,7 @@ async def test_a_symlinked_parent_directory_pointing_outside_is_refused(area):
     assert sorted(os.listdir(area / "outside")) == ["secret.txt"]
 
 
-def test_a_component_swapped_for_a_symlink_after_the_check_is_not_followed(area):
+def test_a_component_swapped_for_a_symlink_after_the_check_is_not_followed(area, resolver):
     ws = str(area / "ws")
     (area / "ws" / "sub").mkdir()
     rel = _relative(ws, "sub/new.txt", "write_file")
@@ -309,6 +281,136 @@ def test_a_component_swapped_for_a_symlink_after_the_check_is_not_followed(area)
     assert err.value.errno == errno.ELOOP, "O_NOFOLLOW refused the symlink"
     with pytest.raises(ToolError, match="leads outside"):
         _relative(ws, "sub/new.txt", "write_file")
+
+
+@dataclass
+class _Run:
+    """What the file tools read of the run that calls them."""
+
+    workspace: Workspace
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_RENAME_EXCHANGE = 2
+
+
+class Swapper:
+    """A thread turning ``parent/name`` between a directory and a symlink to ``target``.
+
+    Each flip is one ``renameat2(RENAME_EXCHANGE)``: the directory and the symlink
+    trade names atomically, so a tool sees one or the other, never nothing.
+    """
+
+    def __init__(self, parent: Path, name: str, target: Path) -> None:
+        self.name, self.other = os.fsencode(name), os.fsencode(f".{name}-other")
+        (parent / f".{name}-other").symlink_to(target)
+        # The directory itself moves (the root's swapper moves the component's); its fd stays.
+        self.fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        self.swaps = 0
+        self.error: OSError | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            if _libc.renameat2(self.fd, self.name, self.fd, self.other, _RENAME_EXCHANGE):
+                self.error = OSError(ctypes.get_errno(), "renameat2")
+                return
+            self.swaps += 1
+
+    def __enter__(self) -> Swapper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        os.close(self.fd)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def test_the_root_and_a_component_swapped_for_symlinks_never_let_a_tool_out(tmp_path, resolver):
+    """The issue's attack: 36 of 1,500 reads got the outside file, 272 of 1,000 writes landed
+    outside, while the root flipped between a directory and a symlink out."""
+    jail, outside = tmp_path / "jail", tmp_path / "outside"
+    ws = jail / "ws"
+    (ws / "sub").mkdir(parents=True)
+    (outside / "sub").mkdir(parents=True)
+    for d, words in [(ws, "inside"), (ws / "sub", "inside"), (outside, "SECRET"),
+                     (outside / "sub", "SECRET")]:  # fmt: skip
+        (d / "f.txt").write_text(f"{words}\n")
+    planted = set(outside.rglob("*"))
+    run = _Run(Workspace(root=str(ws), allowed_roots=(str(jail),), command_timeout_s=1.0))
+    reads, writes = 1500, 1000
+    outcomes: list[str] = []
+
+    def read(n: int) -> None:
+        try:
+            text = _read(run, {"path": "sub/f.txt" if n % 2 else "f.txt"})
+        except ToolError:
+            outcomes.append("refused")
+        except OSError:  # call_tool would make it an error result; still a bug
+            outcomes.append("crashed")
+        else:
+            outcomes.append("escaped" if "SECRET" in text else "read")
+
+    def write(n: int) -> None:
+        try:
+            _write(run, {"path": f"sub/n{n}.txt" if n % 2 else f"n{n}.txt", "content": "x"})
+        except ToolError:
+            outcomes.append("refused")
+        except OSError:
+            outcomes.append("crashed")
+        else:
+            outcomes.append("wrote")
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave between any two bytecodes: races show
+    # Both made before either starts: the second opens `ws`, which the first swaps.
+    root_swapper, sub_swapper = Swapper(jail, "ws", outside), Swapper(ws, "sub", outside / "sub")
+    with root_swapper, sub_swapper, ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(read, n) for n in range(reads)]
+        jobs += [pool.submit(write, n) for n in range(writes)]
+        for job in jobs:
+            job.result(timeout=60)  # a tool's own exception fails the test here
+    sys.setswitchinterval(switch)
+    written_outside = sorted(str(p) for p in set(outside.rglob("*")) - planted)
+    escapes = {"reads": outcomes.count("escaped"), "writes": len(written_outside)}
+    assert escapes == {"reads": 0, "writes": 0}, f"of {reads} reads, {writes} writes: {escapes}"
+    assert outcomes.count("crashed") == 0, "every failure is a refusal the model can read"
+    assert root_swapper.swaps > 0 and sub_swapper.swaps > 0
+    assert outcomes.count("read") > 0 and outcomes.count("wrote") > 0, "the tools still worked"
+
+
+async def test_a_hard_link_to_a_file_outside_is_not_read(area):
+    os.link(area / "outside" / "secret.txt", area / "ws" / "hard.txt")
+    async with runtime(area) as rt:
+        read = await call(rt, area, "read_file", path="hard.txt")
+        write = await call(rt, area, "write_file", path="hard.txt", content="mine\n")
+        again = await call(rt, area, "read_file", path="hard.txt")
+    assert read.is_error and "secret" not in read.output
+    assert read.output == "'hard.txt' has 2 hard links; read_file reads only files linked once."
+    assert not write.is_error, "a write replaces the link with a file of its own"
+    assert (again.is_error, again.output) == (False, "mine\n")
+    assert (area / "outside" / "secret.txt").read_text() == "top secret\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "words"),
+    [
+        ("a/" * 100_000 + "f.txt", "bytes long"),  # the issue's: 100,000 directories made
+        ("a/" * 200 + "f.txt", "directories deep"),
+    ],
+    ids=["100000-deep", "200-deep"],
+)
+async def test_a_path_too_long_or_too_deep_is_refused_before_anything_is_made(area, path, words):
+    async with runtime(area) as rt:
+        result = await call(rt, area, "write_file", path=path, content="x")
+    assert result.is_error and words in result.output
+    assert len(result.output) < 200, "the refusal does not echo the path"
+    assert os.listdir(area / "ws") == []
 
 
 # --- who may use them, and where -----------------------------------------------
