@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,12 +21,49 @@ from ._server import Server, bind_unix, inherited_listener
 
 log = structlog.get_logger("chinwag.daemon")
 
+# Open files kept for what is not a client: storage, the providers' HTTP connections
+# (httpx keeps up to 100 per provider), workspace tools and their commands' pipes,
+# the runtime itself. A quarter of the limit, and at least this many.
+RESERVED_FILES = 64
+
 
 def make_providers(config: Config) -> dict[str, Provider]:
     """A client for each provider some agent uses; agents on one provider share it."""
     tables = BUILTIN_PROVIDERS | config.providers
     used = sorted({agent.provider for agent in config.agents.values()})
     return {name: make_provider(tables[name]) for name in used}
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit of open files to the hard one; the limit now in force.
+
+    A common soft limit is 1,024, which a daemon with a thousand clients, its
+    storage and its tools' files runs out of; the hard limit is what the system
+    lets it take.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # Linux refuses an infinite soft limit
+        try:
+            hard = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            return soft
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("open_file_limit_kept", limit=soft, error=str(exc))
+            return soft
+        return hard
+    return soft
+
+
+def connection_limit(configured: int, open_files: int) -> int:
+    """How many clients the daemon serves at once: ``configured``, unless ``open_files``
+    cannot hold that many beside the files kept for everything else."""
+    if open_files == resource.RLIM_INFINITY:
+        return configured
+    reserve = max(RESERVED_FILES, open_files // 4)
+    return max(1, min(configured, open_files - reserve))
 
 
 def build_agents(config: Config, providers: dict[str, Provider]) -> dict[str, Agent]:
@@ -54,6 +92,15 @@ async def serve(
     """
     if stop is None:
         stop = trio.Event()
+    open_files = await trio.to_thread.run_sync(raise_open_file_limit)
+    max_connections = connection_limit(config.daemon.max_connections, open_files)
+    if max_connections < config.daemon.max_connections:
+        log.warning(
+            "max_connections_lowered",
+            configured=config.daemon.max_connections,
+            effective=max_connections,
+            open_files=open_files,
+        )
     providers = make_providers(config)
     agents = build_agents(config, providers)
     # Signals are caught before the socket listens: a client that has just
@@ -71,7 +118,7 @@ async def serve(
             if received is not None:
                 root.start_soon(_stop_on_signal, received, stop)
             runtime = Runtime(config, storage, agents, root)
-            server = Server(runtime)
+            server = Server(runtime, max_connections=max_connections)
             root.start_soon(server.accept, listener)
             log.info(
                 "daemon_started",
@@ -79,6 +126,8 @@ async def serve(
                 activated=activated is not None,
                 storage=storage_url,
                 agents=list(agents),
+                open_files=open_files,
+                max_connections=max_connections,
             )
             task_status.started(server)
             await stop.wait()

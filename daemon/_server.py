@@ -827,8 +827,10 @@ def _text_bytes(msg: Request) -> int:
 class Server:
     """Accepts clients on a Unix socket and serves each on its own `Connection`."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, max_connections: int | None = None) -> None:
         self.runtime = runtime
+        # Fewer than configured when the open file limit cannot hold that many.
+        self.max_connections = max_connections or runtime.config.daemon.max_connections
         self.connections: set[Connection] = set()
         self.shutting_down = False
         self._numbers = itertools.count(1)
@@ -836,6 +838,7 @@ class Server:
         self._allowed_uids = {os.getuid(), *allowed}
 
     async def accept(self, listener: trio.SocketListener) -> None:
+        short_since: float | None = None  # when accepting began to fail for want of a resource
         async with trio.open_nursery() as nursery:
             while True:
                 try:
@@ -845,10 +848,16 @@ class Server:
                 except OSError as exc:
                     if exc.errno not in _OUT_OF_CAPACITY:
                         raise  # not a shortage that passes: fail loudly
-                    # Out of descriptors or memory for now: keep serving who we have.
-                    log.warning("accept_failed", error=str(exc))
+                    # Out of descriptors or memory for now: keep serving who we have,
+                    # and say so once, not at every retry.
+                    if short_since is None:
+                        short_since = trio.current_time()
+                        log.warning("accept_failed", error=str(exc))
                     await trio.sleep(ACCEPT_RETRY_S)
                     continue
+                if short_since is not None:
+                    log.info("accept_resumed", after_s=round(trio.current_time() - short_since, 1))
+                    short_since = None
                 nursery.start_soon(self.handle, stream)
 
     async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:
@@ -867,7 +876,7 @@ class Server:
             )
             await self._refuse(stream, refusal)
             return
-        limit = self.runtime.config.daemon.max_connections
+        limit = self.max_connections
         if len(self.connections) >= limit:
             log.warning("connection_refused", connections=len(self.connections))
             refusal = Error(

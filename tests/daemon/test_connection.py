@@ -892,6 +892,16 @@ async def test_accept_retries_while_out_of_a_resource(autojump_clock, code):
         assert listener.tried == 3, "two shortages waited out, then the listener closed"
 
 
+async def test_a_shortage_is_logged_once_however_long_it_lasts(autojump_clock):
+    # Regression: the accept loop warned at every retry, ten times a second.
+    async with open_daemon() as daemon:
+        listener = FailingListener(*[errno.EMFILE] * 50)
+        with capture_logs() as logs, trio.fail_after(30):
+            await daemon.server.accept(listener)  # type: ignore[arg-type]
+        assert listener.tried == 51
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["accept_failed"]
+
+
 async def test_accept_fails_loudly_on_anything_else(autojump_clock):
     async with open_daemon() as daemon:
         listener = FailingListener(errno.EBADF)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
+import resource
 import signal
 import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -35,6 +39,7 @@ from chinwag.protocol import (
     Subscribe,
     Subscribed,
     TextDelta,
+    ToolResult,
     Welcome,
 )
 
@@ -412,3 +417,77 @@ async def test_text_over_max_content_bytes_is_refused_413_and_the_connection_liv
         await conn.send(Stream(id=2, agent="assistant", content="x" * 100))
         frames = await conn.recv_until(lambda f: isinstance(f, End))
         assert frames[-1].status == "done"
+
+
+# --- open files ----------------------------------------------------------------------
+
+FD_CONFIG = """
+[daemon]
+allowed_roots = ["/tmp"]
+
+[agents.assistant]
+provider = "echo"
+tools = ["run_command", "read_file"]
+"""
+
+
+def logged(daemon, event: str) -> list[dict]:
+    """The daemon's log lines (JSON, since its stderr is no terminal) for ``event``."""
+    lines = daemon.log_path.read_text().splitlines()
+    found = [json.loads(line) for line in lines if line.startswith("{")]
+    return [line for line in found if line.get("event") == event]
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    """A process's (soft, hard) limit of open files, as /proc shows it."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open files limit for {pid}")
+
+
+async def test_under_a_low_open_file_limit_extra_clients_get_503_and_tools_still_work(
+    daemon_factory, raw, monkeypatch, short_tmp
+):
+    # The daemon starts with 48 open files allowed (a hard limit of 160), and the
+    # default max_connections of 1024, far more than it could hold.
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 160))
+
+    monkeypatch.setattr(
+        subprocess, "Popen", functools.partial(subprocess.Popen, preexec_fn=low_limit)
+    )
+    daemon = daemon_factory(FD_CONFIG)
+    monkeypatch.undo()
+    assert open_files_limit(daemon.proc.pid) == (160, 160), "the soft limit is raised to the hard"
+    (lowered,) = logged(daemon, "max_connections_lowered")
+    assert lowered["configured"] == 1024 and lowered["open_files"] == 160
+    effective = lowered["effective"]
+    assert 0 < effective < 160
+    ws = short_tmp / "ws"
+    ws.mkdir()
+    (ws / "note.txt").write_text("kept\n")
+    async with contextlib.AsyncExitStack() as stack:
+        c = await stack.enter_async_context(connect(daemon.socket_path))
+        held = 1
+        while True:
+            conn = await stack.enter_async_context(raw(daemon.socket_path, hello=False))
+            await conn.send(Hello(protocol=1, client="many"))
+            with trio.fail_after(5):  # at once: an accept that fails would leave it hanging
+                reply = await conn.recv()
+            if not isinstance(reply, Welcome):
+                break
+            held += 1
+            assert held <= effective, "served past the effective max_connections"
+        assert held == effective
+        assert isinstance(reply, Error) and (reply.id, reply.code) == (None, 503), reply
+        assert "max_connections" in reply.message
+        # What is kept for tools is still there.
+        async with c.stream(
+            "assistant", '/tool run_command {"command": "cat note.txt"}', cwd=str(ws)
+        ) as events:
+            got = await events.collect()
+        (result,) = [e for e in got if isinstance(e, ToolResult)]
+        assert (result.output, result.is_error) == ("kept\n[exit code 0]", False)
+    assert logged(daemon, "accept_failed") == []
