@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import anyio
 import click
@@ -91,6 +92,7 @@ def command(
     import platformdirs
     from chinwag.protocol import APP_NAME
 
+    from .._client import leaves
     from ._bridge import BridgeConfig
     from ._spool import SpoolError
     from ._webhook import Webhook
@@ -111,7 +113,7 @@ def command(
     # Opt in to python-telegram-bot's coming type for durations (RetryAfter's
     # retry_after a timedelta), rather than a deprecation warning on each 429.
     os.environ.setdefault("PTB_TIMEDELTA", "true")
-    from telegram.error import InvalidToken
+    from telegram.error import BadRequest, InvalidToken, NetworkError
 
     # except*: run_bridge runs in a task group, which wraps what it raises.
     try:
@@ -122,6 +124,19 @@ def command(
     except* SpoolError as group:
         unusable = group.exceptions[0]
         raise Failure(str(unusable)) from unusable
+    except* BadRequest as group:  # a NetworkError to python-telegram-bot, but Telegram answered
+        denied = next(leaf for leaf in leaves(group) if isinstance(leaf, BadRequest))
+        raise Failure(f"the Telegram Bot API refused a request: {denied.message}") from denied
+    except* NetworkError as group:
+        # Before the bridge started: polling retries by itself once it runs. Said and
+        # left, not retried: a person at the terminal learns of a wrong --api-url or no
+        # network at once, and a service manager restarts the bridge (Restart=on-failure).
+        unreachable = next(leaf for leaf in leaves(group) if isinstance(leaf, NetworkError))
+        reason = unreachable.message.replace(token, "<token>")
+        raise Failure(
+            f"cannot reach the Telegram Bot API at {_without_credentials(api_url)}: {reason}"
+            " (check the network, or --api-url)"
+        ) from unreachable
 
 
 async def _serve_until_signalled(config: BridgeConfig) -> None:
@@ -143,8 +158,18 @@ async def _serve_until_signalled(config: BridgeConfig) -> None:
                 break
 
 
+def _without_credentials(url: str) -> str:
+    """``url`` without its user and password (a self-hosted Bot API's), to be shown."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _configure_logging() -> None:
-    """structlog to stderr: key-value on a terminal, JSON lines otherwise."""
+    """structlog to stderr: key-value on a terminal, JSON lines otherwise.
+
+    No frame locals in tracebacks, on a terminal or not: a Bot API URL local
+    holds the bot's token.
+    """
     import structlog  # here, not at the top: `chinwag` starts without it
 
     processors: list[structlog.typing.Processor] = [
@@ -153,12 +178,13 @@ def _configure_logging() -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if sys.stderr.isatty():
-        processors.append(structlog.dev.ConsoleRenderer())
+        no_locals = structlog.dev.RichTracebackFormatter(show_locals=False)
+        processors.append(structlog.dev.ConsoleRenderer(exception_formatter=no_locals))
     else:
-        # No frame locals in tracebacks: a Bot API URL local holds the bot's token.
-        no_locals = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         processors += [
-            structlog.processors.ExceptionRenderer(no_locals),
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             structlog.processors.JSONRenderer(),
         ]
     structlog.configure(
