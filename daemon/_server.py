@@ -21,7 +21,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import assert_never
+from typing import NamedTuple, assert_never
 
 import structlog
 import trio
@@ -836,6 +836,7 @@ class Server:
         self._numbers = itertools.count(1)
         allowed = runtime.config.daemon.allowed_uids
         self._allowed_uids = {os.getuid(), *allowed}
+        self._allow_descendants = runtime.config.daemon.allow_descendants
 
     async def accept(self, listener: trio.SocketListener) -> None:
         short_since: float | None = None  # when accepting began to fail for want of a resource
@@ -868,11 +869,23 @@ class Server:
         """
         number = next(self._numbers)
         structlog.contextvars.bind_contextvars(conn=number)
-        uid = peer_uid(stream)
-        if uid is not None and uid not in self._allowed_uids:
-            log.warning("peer_refused", uid=uid)
+        peer = peer_credentials(stream)
+        if peer is not None and peer.uid not in self._allowed_uids:
+            log.warning("peer_refused", uid=peer.uid)
             refusal = Error(
                 id=None, code=401, message="This daemon serves only its own user's processes."
+            )
+            await self._refuse(stream, refusal)
+            return
+        if peer is not None and await self._is_descendant(peer):
+            # A command an agent runs could otherwise read every conversation here,
+            # whatever the agent's memory_scope.
+            log.warning("descendant_refused", pid=peer.pid)
+            refusal = Error(
+                id=None,
+                code=401,
+                message="This daemon does not serve the processes its own commands start; "
+                "set [daemon] allow_descendants = true to let them in.",
             )
             await self._refuse(stream, refusal)
             return
@@ -896,6 +909,13 @@ class Server:
             self.connections.discard(conn)
             log.debug("client_disconnected")
 
+    async def _is_descendant(self, peer: PeerCredentials) -> bool:
+        """Whether the peer is a process this daemon started, or one of theirs; a peer
+        of another user never is (no descendant can change its user)."""
+        if self._allow_descendants or peer.uid != os.getuid() or peer.pid == 0:
+            return False  # pid 0: a pid namespace this daemon cannot see, none of its own
+        return await trio.to_thread.run_sync(descends_from, peer.pid, os.getpid())
+
     async def _refuse(self, stream: trio.abc.HalfCloseableStream, refusal: Error) -> None:
         """Send one connection-level error (JSON, before any hello) and close."""
         with trio.move_on_after(FLUSH_TIMEOUT_S):
@@ -917,13 +937,49 @@ class Server:
                 await conn.done.wait()
 
 
-def peer_uid(stream: trio.abc.HalfCloseableStream) -> int | None:
-    """The connecting process's uid (SO_PEERCRED), where the platform and stream tell it."""
+class PeerCredentials(NamedTuple):
+    pid: int
+    uid: int
+
+
+def peer_credentials(stream: trio.abc.HalfCloseableStream) -> PeerCredentials | None:
+    """The connecting process (SO_PEERCRED), where the platform and stream tell it."""
     if not hasattr(socket, "SO_PEERCRED") or not isinstance(stream, trio.SocketStream):
         return None
     creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return PeerCredentials(pid=pid, uid=uid)
+
+
+# The generations walked up from a peer to find the daemon among its ancestors.
+MAX_GENERATIONS = 256
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process ``pid`` descends from ``ancestor``, by the parents /proc shows.
+
+    Blocking (it reads /proc). What cannot be told counts as a descendant: a peer
+    gone since it connected may have handed its socket to a child of its own (which
+    a command can do to hide where it comes from), and a chain longer than
+    ``MAX_GENERATIONS`` is one a command can build on purpose. Without /proc
+    (not Linux), nothing can be told and nobody counts as one.
+    """
+    if not os.path.exists("/proc/self/stat"):
+        return False
+    for _ in range(MAX_GENERATIONS):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read()
+        except OSError:
+            return True
+        # After "pid (comm) ": the state, then the parent's pid. comm may hold anything,
+        # parentheses and spaces too, so split after its last ")".
+        pid = int(fields.rsplit(b")", 1)[1].split()[1])
+        if pid == ancestor:
+            return True
+        if pid <= 1:  # init (or the kernel): the chain ends without the daemon
+            return False
+    return True
 
 
 SD_LISTEN_FDS_START = 3  # systemd's first passed file descriptor

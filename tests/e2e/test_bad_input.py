@@ -491,3 +491,63 @@ async def test_under_a_low_open_file_limit_extra_clients_get_503_and_tools_still
         (result,) = [e for e in got if isinstance(e, ToolResult)]
         assert (result.output, result.is_error) == ("kept\n[exit code 0]", False)
     assert logged(daemon, "accept_failed") == []
+
+
+# --- the daemon's own descendants ---------------------------------------------------------
+
+DESCENDANTS_CONFIG = """
+[daemon]
+allowed_roots = ["/tmp"]
+{setting}
+
+[agents.assistant]
+provider = "echo"
+tools = ["run_command"]
+"""
+
+# What a command could do with the daemon's socket: connect with the client library,
+# and list every conversation. It prints how that went.
+PEEK = """
+import sys
+
+import trio
+from chinwag.clients import ChinwagError, connect
+
+
+async def main() -> None:
+    try:
+        async with connect(sys.argv[1], client="peek") as c:
+            listed = await c.list_conversations()
+            print("served", len(listed.items))
+    except ChinwagError as exc:
+        print("refused", exc.code, exc.message)
+
+
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("allowed", [False, True], ids=["default", "allow_descendants"])
+async def test_a_command_the_daemon_runs_cannot_use_its_socket_unless_allowed(
+    daemon_factory, short_tmp, allowed
+):
+    setting = "allow_descendants = true" if allowed else ""
+    daemon = daemon_factory(DESCENDANTS_CONFIG.format(setting=setting))
+    ws = short_tmp / "ws"
+    ws.mkdir()
+    (ws / "peek.py").write_text(PEEK)
+    command = f"{sys.executable} peek.py {daemon.socket_path}"
+    # This test's own client is the daemon's parent, not its child: it is served.
+    async with connect(daemon.socket_path) as c:
+        content = "/tool run_command " + json.dumps({"command": command})
+        async with c.stream("assistant", content, cwd=str(ws)) as events:
+            got = await events.collect()
+    (result,) = [e for e in got if isinstance(e, ToolResult)]
+    assert result.output.endswith("[exit code 0]"), result.output
+    said = result.output.splitlines()[0]
+    if allowed:
+        assert said == "served 1"
+    else:
+        assert said.startswith("refused 401 ") and said.endswith("."), said
+        assert "allow_descendants" in said
+        assert len(logged(daemon, "descendant_refused")) == 1
