@@ -71,3 +71,14 @@ def test_the_bridges_load_when_named(command: str, module: str) -> None:
     code, modules = loaded_by(command, "--help")
     assert code == 0
     assert f"chinwag.clients.{module}" in modules
+
+
+def test_importing_the_cli_leaves_the_collector_as_it_was() -> None:
+    # The CLI pauses the collector while it imports; a program that imports it as a
+    # library (the tests do) must get it back running, or paused if it was.
+    check = "import gc, sys; {}; import chinwag.clients.cli; print(gc.isenabled())"
+    for before, expected in (("pass", "True"), ("gc.disable()", "False")):
+        done = subprocess.run(
+            [sys.executable, "-c", check.format(before)], capture_output=True, text=True, timeout=60
+        )
+        assert done.stdout.strip() == expected, done
