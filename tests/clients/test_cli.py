@@ -11,6 +11,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +59,28 @@ def chinwag(
         env=env,
         timeout=timeout,
     )
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Return once ``proc`` listens on the Unix socket ``path``; fail if it exits first.
+
+    Polls: another process's socket has no event to await.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(str(path)) == 0:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"nothing listened on {path} within {timeout:g} s")
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess[str]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,19 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_cli import CHINWAG, Terminal
+from test_cli import CHINWAG, Terminal, closed_port, wait_listening
 
 FAULTS = Path(__file__).resolve().parent / "provider_bug"
 
 KEY = f"sk-test-{secrets.token_hex(12)}"
 URL_KEY = f"urlkey{secrets.token_hex(12)}"
-
-
-def closed_port() -> int:
-    """A local port nothing listens on (it was free a moment ago)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def config(root: Path) -> Path:
@@ -101,17 +93,6 @@ class Served:
         return self.log_path.read_text()
 
 
-def _listening(path: Path, alive: bool, timeout: float = 15.0) -> None:
-    """Polls: another process's socket has no event to await."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX) as probe:
-            if probe.connect_ex(str(path)) == 0:
-                return
-        time.sleep(0.02)
-    raise AssertionError(f"nothing listened on {path} within {timeout:g} s (alive: {alive})")
-
-
 @pytest.fixture(params=["terminal", "pipe"])
 def served(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Served]:
     config_path = config(short_tmp)
@@ -130,7 +111,7 @@ def served(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Served]:
         served.log_path = short_tmp / "daemon.log"
         with served.log_path.open("ab") as log:
             served.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _listening(sock, served.proc.poll() is None)
+        wait_listening(sock, served.proc)
     try:
         yield served
     finally:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from test_cli import CHINWAG, chinwag
+from test_cli import CHINWAG, chinwag, wait_listening
 
 CONFIG = """
 [daemon]
@@ -64,18 +62,6 @@ def test_a_corrupt_sqlite_file_is_one_line_naming_it(short_tmp: Path, damage) ->
     assert not (short_tmp / "s.sock").exists()
 
 
-def _listening(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """Polls: another process's socket has no event to await."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "chinwag serve exited early"
-        with socket.socket(socket.AF_UNIX) as probe:
-            if probe.connect_ex(str(path)) == 0:
-                return
-        time.sleep(0.02)
-    raise AssertionError(f"nothing listened on {path} within {timeout:g} s")
-
-
 def _serve_and_send(root: Path, *serve_args: str) -> str:
     """Serve with ``serve_args``, run one turn, stop; what the daemon wrote."""
     root.mkdir()
@@ -87,7 +73,7 @@ def _serve_and_send(root: Path, *serve_args: str) -> str:
     with log_path.open("ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        _listening(sock, proc)
+        wait_listening(sock, proc)
         sent = chinwag(sock, "send", "assistant", "hello")
         assert sent.returncode == 0, sent
     finally:

@@ -6,25 +6,17 @@ The rest of the bridge is tested in `tests/clients/telegram/`.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import anyio
-from test_cli import CHINWAG, Terminal
+from test_cli import CHINWAG, Terminal, closed_port
 
 # The fake Bot API lives with the bridge's tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "telegram"))
 
 TOKEN = "123456789:AAchinwagTestTokenNeverSentAnywhere0"
-
-
-def closed_port() -> int:
-    """A local port nothing listens on (it was free a moment ago)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_an_unreachable_bot_api_is_one_line_and_a_failure(short_tmp: Path) -> None:
