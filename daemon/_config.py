@@ -12,6 +12,7 @@ import msgspec
 import platformdirs
 from chinwag.protocol import APP_NAME, DEFAULT_MAX_FRAME_BYTES
 
+from ._command import env_problem, sandbox_problem
 from ._workspace import workdir_problem
 
 
@@ -108,6 +109,13 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # for an agent many people talk to, who must not read each other's past).
     memory_scope: Literal["agent", "conversation"] = "agent"
     cwd: str | None = None
+    # run_command: variables a command gets besides the allowlisted ones (PATH, HOME,
+    # the locale...); and "bwrap" to run it in bubblewrap (cwd writable, system
+    # read-only, no network unless sandbox_network; sandbox_read: more readable paths).
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    sandbox: Literal["none", "bwrap"] = "none"
+    sandbox_network: bool = False
+    sandbox_read: list[str] = msgspec.field(default_factory=list)
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -230,6 +238,7 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
             raise ConfigError(f"{where} compact_at must be a fraction in (0, 1].")
         if agent.cwd is not None and (problem := workdir_problem(agent.cwd, roots)):
             raise ConfigError(f"{where}: {problem}")
+        _check_commands(agent, where, providers)
     daemon = config.daemon
     if daemon.max_frame_bytes < 1024:
         raise ConfigError(f"{path}: [daemon] max_frame_bytes must be at least 1024.")
@@ -263,6 +272,27 @@ def _check_finite(table: msgspec.Struct, where: str) -> None:
     for key, value in msgspec.structs.asdict(table).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where} {key} must be a finite number, not {value}.")
+
+
+def _check_commands(agent: AgentConfig, where: str, providers: dict[str, ProviderConfig]) -> None:
+    """An agent's run_command keys: an env that gives away nothing, a sandbox that works here."""
+    key_names = {p.api_key_env for p in providers.values() if p.api_key_env}
+    keys = {key for p in providers.values() if (key := p.resolve_api_key())}
+    for name, value in agent.env.items():
+        if problem := env_problem(name, key_names):
+            raise ConfigError(f"{where} env sets {name}, {problem}.")
+        if value in keys:
+            raise ConfigError(
+                f"{where} env sets {name} to a provider's key, which commands never see."
+            )
+    if agent.sandbox == "none":
+        for key in ("sandbox_network", "sandbox_read"):
+            if getattr(agent, key):
+                raise ConfigError(f'{where} sets {key}, which only sandbox = "bwrap" takes.')
+    elif problem := sandbox_problem(agent.sandbox):
+        raise ConfigError(f'{where} sets sandbox = "{agent.sandbox}", but {problem}.')
+    if relative := [p for p in agent.sandbox_read if not os.path.isabs(os.path.expanduser(p))]:
+        raise ConfigError(f"{where} sandbox_read must list absolute paths, not {relative}.")
 
 
 def _check_provider(provider: ProviderConfig, where: str) -> None:

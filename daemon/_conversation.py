@@ -418,15 +418,14 @@ class Run(Job):
     def workspace(self) -> Workspace | None:
         """The stream's cwd, else the conversation's stored one, else the agent's."""
         conv = self.conversation
+        agent = conv.agents[conv.agent].config
         stored = conv.info.cwd if conv.info is not None else None
-        root = self.cwd or stored or conv.agents[conv.agent].config.cwd
+        root = self.cwd or stored or agent.cwd
         if root is None:
             return None
         daemon = conv.config.daemon
-        return Workspace(
-            root=root,
-            allowed_roots=tuple(daemon.roots),
-            command_timeout_s=daemon.command_timeout_s,
+        return Workspace.for_agent(
+            root, agent, allowed_roots=daemon.roots, command_timeout_s=daemon.command_timeout_s
         )
 
     async def set_title(self, title: str) -> None:

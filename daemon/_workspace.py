@@ -2,15 +2,16 @@
 
 A path the model gives is relative to the working directory. It is resolved
 (`os.path.realpath`) and must land inside the resolved directory: `..`,
-absolute paths and symlinks that lead outside are refused. The resolved path is
-then opened one component at a time from a descriptor of the root, with
-``O_NOFOLLOW``, so a component swapped for a symlink after the check (by a
-concurrent `run_command`, say) is refused rather than followed.
+absolute paths and symlinks that lead outside are refused. What was checked is
+then opened from `/` following no symlink (`openat2` with `RESOLVE_BENEATH |
+RESOLVE_NO_SYMLINKS` where the kernel has it, else one component at a time with
+``O_NOFOLLOW``): the root or a component swapped for a symlink after the check
+(by a concurrent `run_command`, say) is refused rather than followed. A file
+with more than one hard link is not read: a hard link is how a file from
+outside gets inside.
 
-`run_command` is not a sandbox: it runs `bash -c COMMAND` (so pipes, `&&` and
-redirections work as a model expects) in the working directory with the
-daemon's user and environment. Its whole process group is killed on timeout,
-on kill, and when the command exits, so nothing it started outlives the call.
+`run_command` runs `bash -c COMMAND` (so pipes, `&&` and redirections work as a
+model expects) in the working directory; `_command.py` says what confines it.
 """
 
 from __future__ import annotations
@@ -21,27 +22,23 @@ import errno
 import os
 import platform
 import shutil
-import signal
 import stat
-import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 import trio
 
+from ._command import Sandbox, Tail, bwrap_argv, command_env, run_contained
 from ._errors import ToolError
 
 READ_CAP = 256 * 1024  # bytes of a file one read_file returns
 LIST_CAP = 1000  # entries one list_dir returns
 OUTPUT_CAP = 64 * 1024  # bytes of a command's output kept (the tail)
 COMMAND_TIMEOUT_S = 60.0  # when the call names none
-KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL when a command is cancelled
-_DRAIN_S = 1.0  # how long output is read after the command exits
 _BINARY_SNIFF = 8192
 
 # bash where there is one: models write bash (pipes, `&&`, `[[`, brace expansion).
@@ -108,6 +105,19 @@ def _bind_openat2() -> Callable[[int, str, int], int] | None:
 _openat2 = _bind_openat2()
 
 
+class CommandSettings(Protocol):
+    """What an agent's config says about its commands (an ``AgentConfig``)."""
+
+    @property
+    def env(self) -> Mapping[str, str]: ...
+    @property
+    def sandbox(self) -> str: ...
+    @property
+    def sandbox_network(self) -> bool: ...
+    @property
+    def sandbox_read(self) -> Sequence[str]: ...
+
+
 @dataclass(frozen=True)
 class Workspace:
     """A run's working directory and the limits its tools work within."""
@@ -115,6 +125,30 @@ class Workspace:
     root: str
     allowed_roots: tuple[str, ...]
     command_timeout_s: float
+    env: Mapping[str, str] = field(default_factory=dict)  # a command's, beyond the allowlist
+    sandbox: Sandbox | None = None  # None: commands run unconfined
+
+    @classmethod
+    def for_agent(
+        cls,
+        root: str,
+        agent: CommandSettings,
+        *,
+        allowed_roots: Sequence[str],
+        command_timeout_s: float,
+    ) -> Workspace:
+        """The workspace of a run of ``agent`` in ``root``."""
+        sandbox = None
+        if agent.sandbox == "bwrap":
+            read_only = tuple(os.path.expanduser(path) for path in agent.sandbox_read)
+            sandbox = Sandbox(network=agent.sandbox_network, read_only=read_only)
+        return cls(
+            root=root,
+            allowed_roots=tuple(allowed_roots),
+            command_timeout_s=command_timeout_s,
+            env=dict(agent.env),
+            sandbox=sandbox,
+        )
 
 
 class HasWorkspace(Protocol):
@@ -472,42 +506,8 @@ def _list(ctx: HasWorkspace, args: dict[str, Any]) -> str:
 # --- run_command -------------------------------------------------------------
 
 
-def _signal_group(pgid: int, signum: int) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
-async def _stop(proc: trio.Process) -> None:
-    """run_process's deliver_cancel: SIGTERM the command's group, SIGKILL after a grace."""
-    _signal_group(proc.pid, signal.SIGTERM)
-    await trio.sleep(KILL_GRACE_S)
-    _signal_group(proc.pid, signal.SIGKILL)
-
-
-class _Tail:
-    """The last ``cap`` bytes of a stream, and how many came in all."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.data = bytearray()
-        self.total = 0
-
-    def add(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        self.data += chunk
-        if len(self.data) > self.cap:
-            del self.data[: len(self.data) - self.cap]
-
-
-async def _drain(stream: trio.lowlevel.FdStream, tail: _Tail, scope: trio.CancelScope) -> None:
-    with scope:
-        async with stream:
-            while chunk := await stream.receive_some(65536):
-                tail.add(chunk)
-
-
 async def _run_command(ctx: HasWorkspace, args: dict[str, Any]) -> str:
-    """Cancelled (killed run), the command's process group is killed before this returns."""
+    """Cancelled (killed run), the command and all it started are killed before this returns."""
     ws, root = await trio.to_thread.run_sync(_root, ctx)
     command = args.get("command")
     if not isinstance(command, str) or not command.strip():
@@ -516,39 +516,12 @@ async def _run_command(ctx: HasWorkspace, args: dict[str, Any]) -> str:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise ToolError("run_command: `timeout_s` must be a positive number of seconds.")
     timeout = min(float(timeout), ws.command_timeout_s)
-    tail = _Tail(OUTPUT_CAP)
-    read_fd, write_fd = os.pipe()
-    stream = trio.lowlevel.FdStream(read_fd)
-    pgid: int | None = None
-    try:
-        with trio.move_on_after(timeout) as deadline:
-            async with trio.open_nursery() as nursery:
-                drain = trio.CancelScope()
-                nursery.start_soon(_drain, stream, tail, drain)
-                proc: trio.Process = await nursery.start(
-                    partial(
-                        trio.run_process,
-                        [_SHELL, "-c", command],
-                        cwd=root,
-                        stdin=subprocess.DEVNULL,
-                        stdout=write_fd,
-                        stderr=write_fd,
-                        check=False,
-                        start_new_session=True,
-                        deliver_cancel=_stop,
-                    )
-                )
-                pgid = proc.pid
-                os.close(write_fd)
-                write_fd = -1
-                await proc.wait()
-                _signal_group(pgid, signal.SIGKILL)  # what it left in the background
-                drain.deadline = trio.current_time() + _DRAIN_S
-    finally:
-        if write_fd >= 0:
-            os.close(write_fd)
-        if pgid is not None:
-            _signal_group(pgid, signal.SIGKILL)
+    argv = [_SHELL, "-c", command]
+    if ws.sandbox is not None:
+        argv = bwrap_argv(root, network=ws.sandbox.network, read_only=ws.sandbox.read_only) + argv
+    tail = Tail(OUTPUT_CAP)
+    with trio.move_on_after(timeout) as deadline:
+        code = await run_contained(argv, cwd=root, env=command_env(ws.env), tail=tail)
     output = tail.data.decode("utf-8", "replace")
     if tail.total > len(tail.data):
         output = (
@@ -558,8 +531,6 @@ async def _run_command(ctx: HasWorkspace, args: dict[str, Any]) -> str:
         output += "\n"
     if deadline.cancelled_caught:
         raise ToolError(f"{output}[timed out after {timeout:g} s; the command was killed]")
-    code = proc.returncode
-    assert code is not None
     if code < 0:
         raise ToolError(f"{output}[killed by signal {-code}]")
     if code:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+from contextlib import suppress
+from pathlib import Path
 
 import pytest
 import trio
 from chinwag.clients import ChinwagError, connect
-from chinwag.protocol import End, Start, ToolCall, ToolResult
+from chinwag.protocol import End, Start, Stream, ToolCall, ToolResult
 
 CONFIG = """
 [daemon]
@@ -93,3 +96,62 @@ async def test_killing_a_run_kills_its_command(daemon_factory, short_tmp):
         assert rest[-1].status == "killed"
         with pytest.raises(ProcessLookupError):  # killed and reaped before the `end`
             os.kill(int(pid_file.read_text()), 0)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (killed, not yet reaped) counts as gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+async def _until(condition) -> None:
+    with trio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 -- another process's state: no event to await
+            await trio.sleep(0.01)
+
+
+async def test_a_commands_processes_die_with_the_daemon_after_kill_9(
+    daemon_factory, short_tmp, raw
+):
+    ws = short_tmp / "ws"
+    ws.mkdir()
+    daemon = daemon_factory(CONFIG.format(root=ws))
+    # The shell, and a child that left its session: neither may outlive the daemon.
+    command = (
+        "setsid sh -c 'echo $$ > child; exec sleep 300' </dev/null >/dev/null 2>&1 & "
+        "until [ -s child ]; do sleep 0.01; done; echo $$ > shell; sleep 300"
+    )
+    request = Stream(
+        id=1, agent="worker", content=tool("run_command", command=command), cwd=str(ws)
+    )
+    shell = ws / "shell"
+    pids: list[int] = []
+    try:
+        async with raw(daemon.socket_path) as conn:
+            await conn.send(request)
+            await _until(lambda: shell.exists() and shell.read_text().endswith("\n"))
+            pids = [int((ws / name).read_text()) for name in ("child", "shell")]
+            assert all(_alive(pid) for pid in pids)
+            daemon.kill9()
+        await _until(lambda: not any(_alive(pid) for pid in pids))
+    finally:
+        for pid in pids:  # a failed test must not leave them for 300 s
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_command_sees_the_agents_env_and_not_the_daemons(daemon_factory, short_tmp):
+    ws = short_tmp / "ws"
+    ws.mkdir()
+    config = CONFIG.format(root=ws).replace(
+        "[agents.talker]", 'env = { GREETING = "hi" }\n\n[agents.talker]'
+    )
+    daemon = daemon_factory(config)
+    async with connect(daemon.socket_path) as c:
+        ran = await result_of(c, tool("run_command", command="env"), cwd=str(ws))
+    seen = dict(line.split("=", 1) for line in ran.output.splitlines() if "=" in line)
+    assert seen["GREETING"] == "hi"
+    assert not [name for name in seen if name.startswith("CHINWAG_")], seen
