@@ -1,4 +1,4 @@
-"""(i) Hog: one client asks for history and never reads; what does it cost the daemon and the others?
+"""(i) Hog: a client asks for history, never reads: what it costs the daemon and the others.
 
 The daemon runs with its default `[daemon]` (so `outgoing_bytes` is 8 MiB) and
 holds one conversation of 200 entries of 1,500 characters, so that a
