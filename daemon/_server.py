@@ -508,6 +508,8 @@ class Connection:
                 for body in decoder:
                     if self._holds(self._quarter):
                         await self._caught_up()
+                        if self.closed:
+                            return
                     if self.codec is None:
                         self.codec = codec_for(Encoding.of(body))
                         self._append_frame = self.codec.append_frame
