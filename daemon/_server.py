@@ -912,8 +912,9 @@ class Server:
             log.debug("client_disconnected")
 
     async def _is_descendant(self, peer: PeerCredentials) -> bool:
-        """Whether the peer is a process this daemon started, or one of theirs; a peer
-        of another user never is (no descendant can change its user)."""
+        """Whether the peer is a process this daemon started, or one of theirs. Only the
+        daemon's own user's are looked at: another user's are let in or refused by
+        allowed_uids alone."""
         if self._allow_descendants or peer.uid != os.getuid() or peer.pid == 0:
             return False  # pid 0: a pid namespace this daemon cannot see, none of its own
         return await trio.to_thread.run_sync(descends_from, peer.pid, os.getpid())
