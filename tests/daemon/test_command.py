@@ -11,12 +11,16 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
 import pytest
 import trio
+from chinwag.daemon import _command, _reaper
 from chinwag.daemon._config import ConfigError, load_config
 from chinwag.daemon._tools import TOOL_NAMES
 from runtime_harness import submit
@@ -83,6 +87,41 @@ async def test_a_command_that_kills_its_keeper_leaves_nothing_behind(area):
         await until(lambda: not alive(child_of(area)))
 
 
+def test_the_commands_shell_dies_with_its_reaper(tmp_path):
+    """PR_SET_PDEATHSIG: the reaper killed outright, its command is killed by the kernel."""
+    reaper = subprocess.Popen(
+        [sys.executable, "-I", "-S", _reaper.__file__, str(os.getpid()), "2",
+         "sh", "-c", "echo $$ > shell; exec sleep 300"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    shell = tmp_path / "shell"
+    try:
+        deadline = time.monotonic() + 10
+        while not written(shell):
+            assert time.monotonic() < deadline, "the command did not start"
+            time.sleep(0.01)  # another process's file: no event to await
+        command = int(shell.read_text())
+        reaper.kill()
+        reaper.wait(10)
+        while alive(command):
+            assert time.monotonic() < deadline + 10, "the command outlived its reaper"
+            time.sleep(0.01)
+    finally:
+        reaper.kill()
+        reaper.wait(10)
+        with suppress(FileNotFoundError, ProcessLookupError):
+            os.kill(int(shell.read_text()), signal.SIGKILL)
+
+
+async def test_without_a_reaper_the_process_group_is_killed(area, monkeypatch):
+    """Where there are no child subreapers (not Linux), the command's group is what ends."""
+    monkeypatch.setattr(_command._keeper, "subreaper", False)
+    async with runtime(area) as rt:
+        result = await call(rt, area, "run_command", command="sleep 30 & echo $! > child")
+        assert result.output == "[exit code 0]"
+        await until(lambda: not alive(child_of(area)))
+
+
 # --- the environment -------------------------------------------------------------
 
 PLANTED = {
@@ -132,6 +171,21 @@ env = {{ {name} = "x" }}
     with pytest.raises(ConfigError, match=rf"\[agents.worker\] env sets {name}, which") as err:
         load_config(config, tool_names=TOOL_NAMES)
     assert str(err.value).endswith(".") and "\n" not in str(err.value)
+
+
+def test_an_agents_env_may_not_hand_out_a_providers_key(area):
+    config = area / "config.toml"
+    config.write_text("""
+[providers.gpt]
+kind = "openai"
+api_key = "sk-configured-key"
+
+[agents.worker]
+provider = "echo"
+env = { HELPER_TOKEN = "sk-configured-key" }
+""")
+    with pytest.raises(ConfigError, match=r"env sets HELPER_TOKEN to a provider's key, which"):
+        load_config(config, tool_names=TOOL_NAMES)
 
 
 # --- the sandbox -------------------------------------------------------------------
