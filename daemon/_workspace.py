@@ -45,8 +45,8 @@ _BINARY_SNIFF = 8192
 _SHELL = shutil.which("bash") or "/bin/sh"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# Linux's PATH_MAX; and deeper than any real tree, shallow enough that a path can
-# never have write_file make a directory per character.
+# Linux's PATH_MAX; and deeper than any real tree, yet few enough that one write_file
+# never makes more directories than that (a 100,000-deep path made 100,000).
 PATH_BYTES_CAP = 4096
 PATH_DEPTH_CAP = 64
 
