@@ -570,7 +570,28 @@ def main() -> None:
         cli(prog_name="chinwag")
     except KeyboardInterrupt:
         print(file=sys.stderr)
-        sys.exit(130)
+        code: int | str | None = 130
+    except SystemExit as exit:  # click ends every command with one
+        code = exit.code
+    else:
+        code = 0
+    # The command is done: its files and connections are closed, its event loop
+    # and threads are finished. The interpreter's teardown (finalising some
+    # 25,000 objects) would only spend a twentieth of `send` before the exit.
+    _exit_now(code)
+
+
+def _exit_now(code: int | str | None) -> NoReturn:
+    """Exit with ``code`` as `sys.exit` would, flushing stdout and stderr first."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone, or the stream closed
+            code = code or 1
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

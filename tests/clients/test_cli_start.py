@@ -14,16 +14,20 @@ import sys
 import pytest
 from test_cli import CHINWAG
 
-# Run as the console script runs the CLI, in a fresh interpreter; then list what was loaded.
+# Run as the console script runs the CLI, in a fresh interpreter; then list what was
+# loaded, as `main` exits (with os._exit, which skips the interpreter's teardown).
 LOADED = """
-import json, sys
+import json, os, sys
 from chinwag.clients.cli import main
 sys.argv = ["chinwag", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as exit:
-    code = exit.code
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+exit_now = os._exit
+
+def report(code):
+    print(json.dumps({"code": code, "modules": sorted(sys.modules)}), flush=True)
+    exit_now(code)
+
+os._exit = report
+main()
 """
 
 #: Libraries and modules that only other commands, or other kinds of replies, use.
