@@ -25,6 +25,7 @@ from chinwag.protocol import (
     ThinkingDelta,
     Title,
     ToolCall,
+    ToolCallInfo,
     ToolResult,
     Usage,
 )
@@ -58,11 +59,21 @@ def styled(text: str = "", style: str = "") -> Text:
     return Text(text, style=style)
 
 
-def tool_call_text(event: ToolCall, indent: str = "  ") -> Text:
-    text = styled(f"{indent}⚙ ", style="dim cyan")
-    text.append(event.name, style="cyan")
-    text.append(f"({_clip(event.arguments, 80)})", style="dim")
+def tool_call_summary(call: ToolCall | ToolCallInfo) -> str:
+    """A tool call in one line, as every client shows it: its name, then its
+    arguments on one line, clipped (`read_file({"path": "notes.md"})`)."""
+    return f"{call.name}({_clip(call.arguments, 80)})"
+
+
+def _tool_call_styled(call: ToolCall | ToolCallInfo, text: Text) -> Text:
+    summary = tool_call_summary(call)
+    text.append(summary[: len(call.name)], style="cyan")
+    text.append(summary[len(call.name) :], style="dim")
     return text
+
+
+def tool_call_text(event: ToolCall, indent: str = "  ") -> Text:
+    return _tool_call_styled(event, styled(f"{indent}⚙ ", style="dim cyan"))
 
 
 def tool_result_text(event: ToolResult, indent: str = "  ") -> Text:
@@ -172,8 +183,7 @@ def entry_text(entry: Entry) -> Text:
         seq.append(entry.content)
     for call in entry.tool_calls:
         seq.append("\n    ⚙ ", style="dim cyan")
-        seq.append(call.name, style="cyan")
-        seq.append(f"({_clip(call.arguments, 80)})", style="dim")
+        _tool_call_styled(call, seq)
     return seq
 
 
