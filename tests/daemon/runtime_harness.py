@@ -12,6 +12,7 @@ from chinwag.daemon._runtime import Runtime
 from chinwag.daemon._serve import build_agents, make_providers
 from chinwag.protocol import End, StreamEventMsg, ToolResult
 from chinwag.storage import MemoryStorage
+from deadlines import RUN_S, deadline, describe
 
 
 class Recorder:
@@ -26,6 +27,12 @@ class Recorder:
         if isinstance(event, End):
             self.ended.set()
         return True
+
+    async def finished(self, *, within: float = RUN_S) -> End:
+        """The run's end, awaited; fails naming the events so far when it does not come."""
+        with deadline(within, "the run's end", lambda: describe(self.events)):
+            await self.ended.wait()
+        return self.end
 
     @property
     def end(self) -> End:

@@ -23,8 +23,9 @@ import trio
 from chinwag.daemon import _command, _reaper
 from chinwag.daemon._config import ConfigError, load_config
 from chinwag.daemon._tools import TOOL_NAMES
+from deadlines import until
 from runtime_harness import submit
-from workspace_harness import alive, call, runtime, temporary_area, tool, until, written
+from workspace_harness import alive, call, runtime, temporary_area, tool, written
 
 # A child that leaves the command's session and process group: killing the group misses it.
 # It writes its own pid (`$$` of the shell that then becomes `sleep`) before it sleeps.
@@ -54,26 +55,26 @@ async def test_a_setsid_child_is_gone_once_the_command_ends(area):
     async with runtime(area) as rt:
         result = await call(rt, area, "run_command", command=ESCAPEE)
         assert (result.is_error, result.output) == (False, "[exit code 0]")
-        await until(lambda: not alive(child_of(area)))
+        await until(lambda: not alive(child_of(area)), "the command's child to die")
 
 
 async def test_a_setsid_child_is_gone_after_a_timeout(area):
     async with runtime(area) as rt:
         result = await call(rt, area, "run_command", command=f"{ESCAPEE}; sleep 30", timeout_s=1)
         assert result.is_error and "timed out after 1 s" in result.output
-        await until(lambda: not alive(child_of(area)))
+        await until(lambda: not alive(child_of(area)), "the command's child to die")
 
 
 async def test_a_setsid_child_is_gone_after_a_kill(area):
     async with runtime(area) as rt:
         sink = submit(rt, tool("run_command", command=f"{ESCAPEE}; echo > ready; sleep 30"),
                       cwd=str(area / "ws"))  # fmt: skip
-        await until(lambda: written(area / "ws" / "ready"))
+        await until(lambda: written(area / "ws" / "ready"), "the command to say it is ready")
         child = child_of(area)
         assert alive(child)
         await rt.kill("assistant", "user", everything=False)
         assert sink.end.status == "killed"
-        await until(lambda: not alive(child))
+        await until(lambda: not alive(child), "the command's child to die")
 
 
 async def test_a_command_that_kills_its_keeper_leaves_nothing_behind(area):
@@ -84,7 +85,7 @@ async def test_a_command_that_kills_its_keeper_leaves_nothing_behind(area):
         with trio.fail_after(10):
             result = await call(rt, area, "run_command", command=command)
         assert result.is_error
-        await until(lambda: not alive(child_of(area)))
+        await until(lambda: not alive(child_of(area)), "the command's child to die")
 
 
 def test_the_commands_shell_dies_with_its_reaper(tmp_path):
@@ -119,7 +120,7 @@ async def test_without_a_reaper_the_process_group_is_killed(area, monkeypatch):
     async with runtime(area) as rt:
         result = await call(rt, area, "run_command", command="sleep 30 & echo $! > child")
         assert result.output == "[exit code 0]"
-        await until(lambda: not alive(child_of(area)))
+        await until(lambda: not alive(child_of(area)), "the command's child to die")
 
 
 # --- the environment -------------------------------------------------------------
@@ -244,11 +245,10 @@ async def test_a_sandboxed_commands_setsid_child_is_gone_once_it_ends(area, bwra
     command = f"setsid sleep {marker} </dev/null >/dev/null 2>&1 & sleep 0.2; echo started"
     async with runtime(area, assistant={"sandbox": "bwrap"}) as rt:
         sink = submit(rt, tool("run_command", command=command), cwd=str(area / "ws"))
-        await until(lambda: running(marker) or sink.ended.is_set())
-        with trio.fail_after(30):
-            await sink.ended.wait()
+        await until(lambda: running(marker) or sink.ended.is_set(), "the sandboxed child to run")
+        await sink.finished(within=30)
     assert sink.result.output == "started\n[exit code 0]"
-    await until(lambda: not running(marker))
+    await until(lambda: not running(marker), "the sandboxed child to be gone")
 
 
 def test_the_bwrap_command_line(tmp_path, monkeypatch):

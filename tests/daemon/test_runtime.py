@@ -17,6 +17,7 @@ from chinwag.daemon._providers import FinishChunk, TextChunk, UsageChunk
 from chinwag.daemon._runtime import Runtime
 from chinwag.protocol import AskUser, End, Start, TextDelta, ToolResult, Usage
 from chinwag.storage import MemoryStorage, StorageError
+from deadlines import RUN_S, deadline
 from runtime_harness import open_runtime, submit
 
 
@@ -39,7 +40,7 @@ async def test_an_unanswered_ask_times_out_into_an_error_result(autojump_clock):
     async with runtime(ask_timeout_s=30.0) as rt:
         sink = submit(rt, "/ask Anyone there?")
         started = trio.current_time()
-        await sink.ended.wait()
+        await sink.finished(within=60)  # on the autojump clock: an ignored timeout fails at once
         assert trio.current_time() - started == pytest.approx(30.0, abs=0.5)
         result = next(e for e in sink.events if isinstance(e, ToolResult))
         assert result.is_error and "did not answer within 30 s" in result.output
@@ -52,9 +53,10 @@ async def test_an_ask_waits_as_long_as_it_takes_by_default(autojump_clock):
         sink = submit(rt, "/ask Take your time")
         with trio.move_on_after(3600):
             await sink.ended.wait()
+        assert not sink.ended.is_set(), "an hour on, the ask still waits"
         ask = next(e for e in sink.events if isinstance(e, AskUser))
         await rt.reply_to_ask("assistant", "user", "an hour later", ask.ask_id)
-        await sink.ended.wait()
+        await sink.finished()
         assert "".join(e.delta for e in sink.events if isinstance(e, TextDelta)) == "an hour later"
 
 
@@ -79,10 +81,10 @@ async def test_idle_conversations_are_dropped_and_reload_from_storage(autojump_c
     async with runtime(idle_conversations=2) as rt:
         for n in range(4):
             sink = submit(rt, f"hello {n}", sender=f"s{n}")
-            await sink.ended.wait()
+            await sink.finished()
         assert set(rt.conversations) == {("assistant", "s2"), ("assistant", "s3")}
         again = submit(rt, "back again", sender="s0")
-        await again.ended.wait()
+        await again.finished()
         start = next(e for e in again.events if isinstance(e, Start))
         assert start.seq == 3, "the dropped conversation's history was reloaded"
 
@@ -91,7 +93,7 @@ async def test_runs_of_one_conversation_never_overlap(autojump_clock):
     async with runtime() as rt:
         sinks = [submit(rt, f"/slow 3 {10 * (5 - n)}") for n in range(5)]
         for sink in sinks:
-            await sink.ended.wait()
+            await sink.finished()
         starts = [next(e for e in s.events if isinstance(e, Start)).seq for s in sinks]
         assert starts == [1, 3, 5, 7, 9], "in submission order, each after the previous ended"
 
@@ -112,7 +114,7 @@ def delegation(agent: str, message: str) -> str:
 async def test_delegate_runs_a_turn_of_the_other_agent_and_returns_its_answer(autojump_clock):
     async with runtime() as rt:
         sink = submit(rt, delegation("helper", "two words"))
-        await sink.ended.wait()
+        await sink.finished()
         result = next(e for e in sink.events if isinstance(e, ToolResult))
         assert (result.output, result.is_error) == ("two words", False)
         assert sink.end.status == "done"
@@ -128,13 +130,13 @@ async def test_delegation_cycles_and_depth_are_refused(autojump_clock):
         loop = submit(
             rt, delegation("helper", delegation("assistant", "back to you")), sender="loop"
         )
-        await loop.ended.wait()
+        await loop.finished()
         result = next(e for e in loop.events if isinstance(e, ToolResult))
         assert "would loop: assistant -> helper -> assistant" in result.output
         deep = submit(
             rt, delegation("helper", delegation("third", delegation("fourth", "x"))), sender="deep"
         )
-        await deep.ended.wait()
+        await deep.finished()
         result = next(e for e in deep.events if isinstance(e, ToolResult))
         assert "at most 2 agents deep" in result.output
 
@@ -146,7 +148,8 @@ async def test_killing_the_caller_kills_its_delegate(autojump_clock):
         delegate = rt.conversations[("helper", "agent:assistant")].current
         assert delegate is not None and delegate.started
         assert await rt.kill("assistant", "user", everything=False) is not None
-        await delegate.done.wait()
+        with deadline(RUN_S, "the killed caller's delegate to end"):
+            await delegate.done.wait()
         assert sink.end.status == "killed"
         entries = await rt.storage.history("helper", "agent:assistant")
         assert [e.role for e in entries] == ["user"]
@@ -218,8 +221,7 @@ async def test_a_network_model_is_asked_while_the_user_entry_is_written(autojump
         assert storage.waiting == 1, "the user entry's write is under way"
         assert sink.events == [], "what the model said is held until `start`"
         storage.gate.set()
-        with trio.fail_after(5):
-            await sink.ended.wait()
+        await sink.finished(within=5)
         assert [type(e) for e in sink.events] == [Start, TextDelta, Usage, End]
         assert sink.events[0].seq == 1 and sink.end.status == "done"
         entries = await storage.history("assistant", "user")
@@ -237,8 +239,8 @@ async def test_a_failed_user_entry_ends_the_run_500_with_nothing_shown(autojump_
             await model.asked.wait()
         storage.failure = StorageError("the disk is full")
         storage.gate.set()
-        with trio.fail_after(5):  # not the model's 10 s: the run stops when the write fails
-            await sink.ended.wait()
+        # Not the model's 10 s: the run stops when the write fails.
+        await sink.finished(within=5)
         assert [type(e) for e in sink.events] == [End]
         assert sink.end.status == "error" and sink.end.error.code == 500
         assert "the disk is full" in sink.end.error.message

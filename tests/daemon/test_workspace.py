@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trio
 from chinwag.daemon import _workspace
 from chinwag.daemon._config import ConfigError, DaemonConfig, load_config
 from chinwag.daemon._errors import ToolError
@@ -33,8 +32,9 @@ from chinwag.daemon._workspace import (
     _write,
 )
 from chinwag.protocol import ToolResult
+from deadlines import deadline, until
 from runtime_harness import submit
-from workspace_harness import WORKSPACE, alive, call, runtime, temporary_area, tool, until
+from workspace_harness import WORKSPACE, alive, call, runtime, temporary_area, tool, written
 
 
 @pytest.fixture
@@ -153,14 +153,16 @@ async def test_run_command_keeps_the_tail_of_long_output(area):
     assert len(result.output.encode()) < OUTPUT_CAP + 200
 
 
+# The commands sleep 30 s: a run that ends within 10 s was ended by the timeout or the
+# kill. How soon it ends is a figure of bench/kill_latency.py, not a test's outcome.
+
+
 async def test_run_command_times_out_and_kills_the_command(area):
     async with runtime(area) as rt:
-        started = trio.current_time()
         result = await call(
             rt, area, "run_command", command="echo $$ > pid; echo begun; exec sleep 30",
-            timeout_s=0.5,
+            timeout_s=0.5, within=10,
         )  # fmt: skip
-        assert trio.current_time() - started < 5
         assert result.is_error
         assert result.output == "begun\n[timed out after 0.5 s; the command was killed]"
         assert not alive(int((area / "ws" / "pid").read_text()))
@@ -168,9 +170,7 @@ async def test_run_command_times_out_and_kills_the_command(area):
 
 async def test_the_configured_maximum_caps_a_commands_timeout(area):
     async with runtime(area, command_timeout_s=0.5) as rt:
-        started = trio.current_time()
-        result = await call(rt, area, "run_command", command="sleep 30", timeout_s=3600)
-        assert trio.current_time() - started < 5
+        result = await call(rt, area, "run_command", command="sleep 30", timeout_s=3600, within=10)
         assert result.is_error and "timed out after 0.5 s" in result.output
 
 
@@ -179,7 +179,7 @@ async def test_what_a_command_leaves_in_the_background_is_killed_when_it_exits(a
         result = await call(rt, area, "run_command", command="sleep 30 & echo $! > child")
         assert result.output == "[exit code 0]"
         child = int((area / "ws" / "child").read_text())
-        await until(lambda: not alive(child))
+        await until(lambda: not alive(child), "the background child to be killed")
 
 
 async def test_kill_during_a_command_ends_the_run_killed_and_the_processes_are_gone(area):
@@ -187,16 +187,16 @@ async def test_kill_during_a_command_ends_the_run_killed_and_the_processes_are_g
         command = "sleep 30 & echo $! > child; echo $$ > pid; wait"
         sink = submit(rt, tool("run_command", command=command), cwd=str(area / "ws"))
         pid_file = area / "ws" / "pid"
-        await until(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"))
+        await until(lambda: written(pid_file), "the command to write its pid")
         shell, child = int(pid_file.read_text()), int((area / "ws" / "child").read_text())
         assert alive(shell) and alive(child)
-        started = trio.current_time()
-        await rt.kill("assistant", "user", everything=False)
-        assert trio.current_time() - started < 3
-        assert sink.end.status == "killed"
+        with deadline(10, "the kill to end the run and its command"):
+            await rt.kill("assistant", "user", everything=False)
+        assert sink.ended.is_set() and sink.end.status == "killed"
         assert not any(isinstance(e, ToolResult) for e in sink.events)
         assert not alive(shell), "run_process reaped the shell before the run ended"
-        await until(lambda: not alive(child))  # signalled; it dies when next scheduled
+        # Signalled; it dies when next scheduled.
+        await until(lambda: not alive(child), "the command's child to die")
         entries = await rt.storage.history("assistant", "user")
         assert [e.role for e in entries] == ["user"], "the killed step is not stored"
 
@@ -419,7 +419,7 @@ async def test_a_path_too_long_or_too_deep_is_refused_before_anything_is_made(ar
 async def test_tools_outside_the_whitelist_are_refused(area):
     async with runtime(area) as rt:
         sink = submit(rt, tool("read_file", path="x"), cwd=str(area / "ws"), agent="bare")
-        await sink.ended.wait()
+        await sink.finished()
     assert sink.result.is_error
     assert sink.result.output == "The tool 'read_file' is not available to this agent."
     assert set(WORKSPACE) <= TOOL_NAMES
@@ -428,7 +428,7 @@ async def test_tools_outside_the_whitelist_are_refused(area):
 async def test_no_working_directory_means_no_workspace(area):
     async with runtime(area) as rt:
         sink = submit(rt, tool("list_dir"), cwd=None)
-        await sink.ended.wait()
+        await sink.finished()
     assert sink.result.is_error and "has no working directory" in sink.result.output
 
 
@@ -437,11 +437,11 @@ async def test_the_workdir_is_the_streams_then_the_stored_then_the_agents(area):
     (area / "ws" / "first" / "here").write_text("")
     async with runtime(area) as rt:
         first = submit(rt, tool("list_dir"), cwd=str(area / "ws" / "first"))
-        await first.ended.wait()
+        await first.finished()
         again = submit(rt, tool("list_dir"), cwd=None)
-        await again.ended.wait()
+        await again.finished()
         placed = submit(rt, tool("list_dir"), cwd=None, agent="placed")
-        await placed.ended.wait()
+        await placed.finished()
     assert first.result.output == again.result.output == "here"
     assert placed.result.output == "first/"
 

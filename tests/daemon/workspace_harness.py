@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
-import trio
 from chinwag.daemon._config import AgentConfig, Config, DaemonConfig
 from chinwag.daemon._runtime import Runtime
 from chinwag.protocol import ToolResult
@@ -51,11 +50,12 @@ def tool(name: str, **args: object) -> str:
     return f"/tool {name} {json.dumps(args)}"
 
 
-async def call(rt: Runtime, area: Path, name: str, **args: object) -> ToolResult:
-    """One tool call in a run whose cwd is `area/ws`; its result."""
+async def call(
+    rt: Runtime, area: Path, name: str, *, within: float = 30.0, **args: object
+) -> ToolResult:
+    """One tool call in a run whose cwd is `area/ws`; its result, within ``within`` s."""
     sink = submit(rt, tool(name, **args), cwd=str(area / "ws"))
-    with trio.fail_after(30):
-        await sink.ended.wait()
+    await sink.finished(within=within)
     assert sink.end.status == "done", sink.end
     return sink.result
 
@@ -67,12 +67,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(10):
-        while not condition():  # noqa: ASYNC110 -- a child process's state: no event to await
-            await trio.sleep(0.01)
 
 
 def written(path: Path) -> bool:

@@ -19,6 +19,7 @@ from chinwag.protocol import (
     ServerMsg,
     Welcome,
 )
+from deadlines import FRAME_S, RUN_S, deadline, describe
 
 
 class RawConnection:
@@ -35,8 +36,12 @@ class RawConnection:
     async def send_bytes(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
-    async def recv(self) -> ServerMsg:
+    async def recv(self, *, within: float = FRAME_S) -> ServerMsg:
         """The next frame; raises EOFError when the daemon closed the connection."""
+        with deadline(within, "a frame from the daemon"):
+            return await self._next_frame()
+
+    async def _next_frame(self) -> ServerMsg:
         while True:
             body = self.decoder.next_frame()
             if body is not None:
@@ -46,21 +51,37 @@ class RawConnection:
                 raise EOFError
             self.decoder.feed(data)
 
-    async def recv_until(self, done: Callable[[Any], bool]) -> list[ServerMsg]:
-        frames = []
-        while True:
-            frame = await self.recv()
-            frames.append(frame)
-            if done(frame):
-                return frames
-
-    async def closed_by_peer(self) -> bool:
-        """Drain frames until EOF; True when the daemon closes the connection."""
-        try:
+    async def recv_until(
+        self, done: Callable[[Any], bool], *, within: float = RUN_S, what: str = ""
+    ) -> list[ServerMsg]:
+        """Frames up to and including the first that is ``done``, within ``within`` s."""
+        frames: list[ServerMsg] = []
+        what = what or "the frame a test awaits"
+        with deadline(within, what, lambda: describe(frames)):
             while True:
-                await self.recv()
-        except (EOFError, trio.BrokenResourceError):
-            return True
+                try:
+                    frame = await self._next_frame()
+                except EOFError:
+                    raise AssertionError(
+                        f"the daemon closed the connection before {what}: {describe(frames)}"
+                    ) from None
+                frames.append(frame)
+                if done(frame):
+                    return frames
+
+    async def closed_by_peer(self, *, within: float = FRAME_S) -> bool:
+        """Drain frames until EOF: True once the daemon closes the connection.
+
+        Fails, naming the frames that came instead, when it has not closed it
+        within ``within`` seconds.
+        """
+        frames: list[ServerMsg] = []
+        with deadline(within, "the daemon to close the connection", lambda: describe(frames)):
+            try:
+                while True:
+                    frames.append(await self._next_frame())
+            except (EOFError, trio.BrokenResourceError):
+                return True
 
 
 @asynccontextmanager
@@ -73,7 +94,7 @@ async def raw_connection(
         if hello:
             await conn.send(Hello(protocol=1, client="raw-test"))
             welcome = await conn.recv()
-            assert isinstance(welcome, Welcome)
+            assert isinstance(welcome, Welcome), welcome
         yield conn
 
 

@@ -42,6 +42,7 @@ from chinwag.protocol import (
     ToolResult,
     Welcome,
 )
+from deadlines import FRAME_S, RUN_S, collect, deadline, describe
 
 LIMITS_CONFIG = """
 [daemon]
@@ -77,7 +78,7 @@ async def test_bad_frames_close_only_their_own_connection(daemon, raw):
                     assert (error.id, error.code) == (None, code)
                     assert error.message.endswith(".")
                     assert await bad.closed_by_peer()
-            rest = [e async for e in events]
+            rest = await collect(events)
         assert "".join(e.delta for e in rest if isinstance(e, TextDelta)).endswith("29 30")
         assert rest[-1].status == "done"
 
@@ -212,6 +213,7 @@ def test_peers_of_another_uid_are_refused(daemon):
             os.setgid(65534)
             os.setuid(65534)
             with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(FRAME_S)  # a daemon that serves it fails the test, not hangs it
                 s.connect(str(daemon.socket_path))
                 hello = msgspec.json.encode(Hello(protocol=1, client="intruder"))
                 with contextlib.suppress(BrokenPipeError):  # refused before the hello landed
@@ -242,11 +244,15 @@ async def test_a_stalled_reader_is_dropped_without_stalling_others(daemon_factor
     stored = trio.Event()
 
     async def watch_until_stored(watch) -> None:
-        async for frame in watch:  # read as it comes: this client is not the stalled one
-            if isinstance(frame.event, End):
-                assert frame.event.status == "done"
-                stored.set()
-                return
+        frames = []
+        # Read as it comes: this client is not the stalled one.
+        with deadline(RUN_S, "the stalled client's run to end", lambda: describe(frames)):
+            async for frame in watch:
+                frames.append(frame.event)
+                if isinstance(frame.event, End):
+                    assert frame.event.status == "done"
+                    stored.set()
+                    return
 
     async with connect(daemon.socket_path) as c:
         async with c.subscribe(sender="stalled") as watch, trio.open_nursery() as nursery:
@@ -262,8 +268,9 @@ async def test_a_stalled_reader_is_dropped_without_stalling_others(daemon_factor
                 stalled.sendall(len(body).to_bytes(4, "big") + body)
             # The stalled client never reads; others are served meanwhile.
             async with c.stream("assistant", "/slow 3 1", sender="other") as events:
-                assert [e async for e in events][-1].status == "done"
-            await stored.wait()
+                assert (await collect(events))[-1].status == "done"
+            with deadline(RUN_S, "the stalled client's run to be stored"):
+                await stored.wait()
         history = await c.history("assistant", "stalled")
         assert [e.content for e in history.entries] == [words, words]
 
@@ -288,7 +295,7 @@ async def test_a_slow_subscriber_loses_only_its_subscription(daemon_factory, raw
         assert await watcher.recv() == Subscribed(id=1)
         # The watcher reads nothing while a run publishes far more than 2 events at once.
         async with c.stream("assistant", " ".join(["w"] * 50)) as events:
-            got = [e async for e in events]
+            got = await collect(events)
         assert got[-1].status == "done"
         assert len((await c.history("assistant")).entries) == 2
         frames = await watcher.recv_until(lambda f: isinstance(f, End) and f.id == 1)
@@ -324,11 +331,11 @@ async def test_a_history_larger_than_a_frame_is_sent_in_pages(daemon_factory, ra
     async with connect(daemon.socket_path) as c:
         for n in range(20):
             async with c.stream("assistant", f"turn {n} " + "x" * 200) as events:
-                await events.collect()
+                await collect(events)
     async with raw(daemon.socket_path) as conn:
         seen = []
         after = 0
-        while True:
+        for _ in range(40):  # a page holds one entry at least
             await conn.send(GetHistory(id=1, agent="assistant", after_seq=after))
             history = await conn.recv()
             assert isinstance(history, History) and history.entries, history
@@ -365,8 +372,7 @@ provider = "echo"
 async def test_a_connection_that_never_says_hello_is_closed_408(daemon_factory, raw):
     daemon = daemon_factory(TIMEOUTS_CONFIG)
     async with raw(daemon.socket_path, hello=False) as silent:
-        with trio.fail_after(10):
-            error = await silent.recv()
+        error = await silent.recv()
         assert isinstance(error, Error) and (error.id, error.code) == (None, 408)
         assert "hello" in error.message
         assert await silent.closed_by_peer()
@@ -377,11 +383,9 @@ async def test_an_idle_connection_is_closed_but_not_while_a_request_is_open(daem
     async with raw(daemon.socket_path) as conn:
         # A run three times longer than the idle timeout: the connection is busy, not idle.
         await conn.send(Stream(id=1, agent="assistant", content="/slow 3 500"))
-        with trio.fail_after(10):
-            frames = await conn.recv_until(lambda f: isinstance(f, End))
+        frames = await conn.recv_until(lambda f: isinstance(f, End), what="the run's end")
         assert frames[-1].status == "done"
-        with trio.fail_after(10):
-            error = await conn.recv()
+        error = await conn.recv()
         assert isinstance(error, Error) and (error.id, error.code) == (None, 408)
         assert "nothing for 0.5 s" in error.message
         assert await conn.closed_by_peer()
@@ -397,7 +401,7 @@ async def test_connections_past_max_connections_are_refused_503(daemon_factory, 
             assert await fourth.closed_by_peer()
         await assert_usable(first)
     # Room again once they closed (the daemon sees each close as it happens).
-    with trio.fail_after(10):
+    with deadline(FRAME_S, "room for a connection once three closed"):
         while True:
             async with raw(daemon.socket_path, hello=False) as again:
                 await again.send(Hello(protocol=1, client="again"))
@@ -474,8 +478,8 @@ async def test_under_a_low_open_file_limit_extra_clients_get_503_and_tools_still
         while True:
             conn = await stack.enter_async_context(raw(daemon.socket_path, hello=False))
             await conn.send(Hello(protocol=1, client="many"))
-            with trio.fail_after(5):  # at once: an accept that fails would leave it hanging
-                reply = await conn.recv()
+            # At once: an accept that fails would leave it hanging.
+            reply = await conn.recv(within=5)
             if not isinstance(reply, Welcome):
                 break
             held += 1
@@ -487,7 +491,7 @@ async def test_under_a_low_open_file_limit_extra_clients_get_503_and_tools_still
         async with c.stream(
             "assistant", '/tool run_command {"command": "cat note.txt"}', cwd=str(ws)
         ) as events:
-            got = await events.collect()
+            got = await collect(events)
         (result,) = [e for e in got if isinstance(e, ToolResult)]
         assert (result.output, result.is_error) == ("kept\n[exit code 0]", False)
     assert logged(daemon, "accept_failed") == []
@@ -541,7 +545,7 @@ async def test_a_command_the_daemon_runs_cannot_use_its_socket_unless_allowed(
     async with connect(daemon.socket_path) as c:
         content = "/tool run_command " + json.dumps({"command": command})
         async with c.stream("assistant", content, cwd=str(ws)) as events:
-            got = await events.collect()
+            got = await collect(events)
     (result,) = [e for e in got if isinstance(e, ToolResult)]
     assert result.output.endswith("[exit code 0]"), result.output
     said = result.output.splitlines()[0]

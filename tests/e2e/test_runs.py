@@ -18,6 +18,7 @@ from chinwag.protocol import (
     ToolResult,
     Usage,
 )
+from deadlines import FRAME_S, collect, deadline, next_event, next_of, watch_until_end
 
 SLOW_CONFIG = """
 [daemon]
@@ -59,17 +60,10 @@ def text_of(events) -> str:
     return "".join(e.delta for e in events if isinstance(e, TextDelta))
 
 
-async def next_of(events, kind):
-    async for event in events:
-        if isinstance(event, kind):
-            return event
-    raise AssertionError(f"the stream ended without {kind.__name__}")
-
-
 async def test_stream_echoes_word_by_word_and_stores_the_turn(daemon):
     async with connect(daemon.socket_path) as c:
         async with c.stream("assistant", "hello there  world") as events:
-            got = await events.collect()
+            got = await collect(events)
         assert isinstance(got[0], Start) and got[0].seq == 1 and got[0].agent == "assistant"
         assert [e.delta for e in got if isinstance(e, TextDelta)] == ["hello", " there", " world"]
         usage = next(e for e in got if isinstance(e, Usage))
@@ -103,11 +97,11 @@ async def test_two_clients_on_one_conversation_are_serialized(daemon):
         async with a.stream("assistant", "/slow 5 20") as first:
             await next_of(first, Start)
             async with b.stream("assistant", "second") as second:
-                queued = await anext(second)
+                queued = await next_event(second)
                 assert isinstance(queued, Queued) and queued.position == 1
-                rest = await first.collect()
+                rest = await collect(first)
                 assert rest[-1].status == "done" and rest[-1].last_seq == 2
-                later = await second.collect()
+                later = await collect(second)
         assert isinstance(later[0], Start) and later[0].seq == 3
         assert later[-1].status == "done"
 
@@ -117,9 +111,9 @@ async def test_reject_policy_gets_409_on_a_busy_conversation(daemon):
         await next_of(first, Start)
         with pytest.raises(ChinwagError) as err:
             async with c.stream("assistant", "no", queue="reject") as second:
-                await second.collect()
+                await collect(second)
         assert err.value.code == 409
-        assert (await first.collect())[-1].status == "done"
+        assert (await collect(first))[-1].status == "done"
 
 
 async def test_interrupt_kills_the_run_in_flight_and_goes_next(daemon):
@@ -127,9 +121,9 @@ async def test_interrupt_kills_the_run_in_flight_and_goes_next(daemon):
         async with c.stream("assistant", "/slow 100 20") as first:
             await next_of(first, TextDelta)
             async with c.stream("assistant", "urgent", queue="interrupt") as second:
-                killed = (await first.collect())[-1]
+                killed = (await collect(first))[-1]
                 assert killed.status == "killed"
-                events = await second.collect()
+                events = await collect(second)
         assert [type(e) for e in events][:2] == [Queued, Start]
         assert text_of(events) == "urgent" and events[-1].status == "done"
         history = await c.history("assistant")
@@ -142,7 +136,7 @@ async def test_kill_mid_stream_keeps_the_user_entry_only(daemon):
             start = await next_of(events, Start)
             await next_of(events, TextDelta)
             killed = await killer.kill("assistant")
-            rest = await events.collect()
+            rest = await collect(events)
         assert killed == Killed(id=killed.id, run_id=start.run_id)
         assert rest[-1].status == "killed" and rest[-1].last_seq == 1
         history = await c.history("assistant")
@@ -157,10 +151,10 @@ async def test_kill_all_drops_the_queued_runs(daemon):
             c.stream("assistant", "queued one") as second,
         ):
             await next_of(first, Start)
-            assert isinstance(await anext(second), Queued)
+            assert isinstance(await next_event(second), Queued)
             await c.kill("assistant", all=True)
-            assert (await first.collect())[-1].status == "killed"
-            ends = await second.collect()
+            assert (await collect(first))[-1].status == "killed"
+            ends = await collect(second)
             assert [type(e) for e in ends] == [End] and ends[0].status == "killed"
         history = await c.history("assistant")
         assert [e.content for e in history.entries] == ["/slow 100 20"]
@@ -187,7 +181,7 @@ async def test_detach_and_disconnect_lose_nothing(daemon):
     async with connect(daemon.socket_path) as c:
         for sender in ("detach", "gone"):
             async with c.attach("assistant", sender) as events:
-                await events.collect()
+                await collect(events)
             history = await c.history("assistant", sender)
             assert [e.content for e in history.entries] == ["/slow 5 20", "1 2 3 4 5"]
 
@@ -217,12 +211,12 @@ async def test_attach_replays_the_run_in_flight(daemon):
             await next_of(events, TextDelta)
             await next_of(events, TextDelta)
             async with b.attach("assistant") as replay:
-                seen = await replay.collect()
-            await events.collect()
+                seen = await collect(replay)
+            await collect(events)
         assert seen[0] == start and text_of(seen) == "1 2 3 4 5 6 7 8 9 10"
         assert seen[-1].status == "done"
         async with b.attach("assistant") as idle:
-            (end,) = await idle.collect()
+            (end,) = await collect(idle)
         assert end.status == "idle" and end.last_seq == 2
 
 
@@ -236,7 +230,7 @@ async def test_ask_user_round_trips_from_a_second_connection(daemon):
                 await b.reply_to_ask("assistant", "blue", ask_id="not-it")
             assert err.value.code == 409
             await b.reply_to_ask("assistant", "deep blue", ask_id=ask.ask_id)
-            rest = await events.collect()
+            rest = await collect(events)
         result = next(e for e in rest if isinstance(e, ToolResult))
         assert result.output == "deep blue" and not result.is_error
         assert text_of(rest) == "deep blue" and rest[-1].status == "done"
@@ -253,7 +247,7 @@ async def test_kill_clears_a_pending_ask(daemon):
         async with c.stream("assistant", "/ask Still there?") as events:
             await next_of(events, AskUser)
             await c.kill("assistant")
-            assert (await events.collect())[-1].status == "killed"
+            assert (await collect(events))[-1].status == "killed"
         with pytest.raises(ChinwagError) as err:
             await c.reply_to_ask("assistant", "yes")
         assert err.value.code == 404
@@ -264,7 +258,7 @@ async def test_kill_clears_a_pending_ask(daemon):
 async def test_title_tool_sets_the_title(daemon):
     async with connect(daemon.socket_path) as c:
         async with c.stream("assistant", "/title Trip   to Lisbon") as events:
-            got = await events.collect()
+            got = await collect(events)
         titles = [e.title for e in got if isinstance(e, Title)]
         assert titles == ["Trip to Lisbon"]
         assert (await c.history("assistant")).title == "Trip to Lisbon"
@@ -275,7 +269,7 @@ async def test_title_tool_sets_the_title(daemon):
 async def test_tools_outside_the_whitelist_get_an_error_result(daemon):
     async with connect(daemon.socket_path) as c:
         async with c.stream("helper", '/tool set_title {"title": "x"}') as events:
-            got = await events.collect()
+            got = await collect(events)
         result = next(e for e in got if isinstance(e, ToolResult))
         assert result.is_error and "not available" in result.output
         assert got[-1].status == "done"
@@ -287,11 +281,11 @@ async def test_provider_failure_and_max_steps_end_in_errors(daemon_factory):
     daemon = daemon_factory(SLOW_CONFIG)
     async with connect(daemon.socket_path) as c:
         async with c.stream("assistant", "/fail upstream said no") as events:
-            end = (await events.collect())[-1]
+            end = (await collect(events))[-1]
         assert end.status == "error" and end.error.code == 502
         assert end.error.message == "upstream said no"
         async with c.stream("brief", "/title Once") as events:
-            end = (await events.collect())[-1]
+            end = (await collect(events))[-1]
         assert end.status == "error" and end.error.code == 500 and "max_steps" in end.error.message
         history = await c.history("brief")
         assert [e.role for e in history.entries] == ["user", "assistant", "tool"]
@@ -300,9 +294,9 @@ async def test_provider_failure_and_max_steps_end_in_errors(daemon_factory):
 async def test_guest_turn_is_attributed_to_the_guest(daemon):
     async with connect(daemon.socket_path) as c:
         async with c.stream("assistant", "first") as events:
-            await events.collect()
+            await collect(events)
         async with c.stream("assistant", "/title guests use no tools", guest="helper") as events:
-            got = await events.collect()
+            got = await collect(events)
         assert got[0].agent == "helper"
         assert not any(isinstance(e, ToolCall | ToolResult) for e in got)
         history = await c.history("assistant")
@@ -317,12 +311,12 @@ async def test_guest_turn_is_attributed_to_the_guest(daemon):
 async def test_kill_stops_a_guest_turn_and_keeps_only_its_user_entry(daemon):
     async with connect(daemon.socket_path) as c:
         async with c.stream("assistant", "/slow 100 50", guest="helper") as events:
-            start = await anext(events)
+            start = await next_event(events)
             assert isinstance(start, Start) and start.agent == "helper"
             await next_of(events, TextDelta)
             killed = await c.kill("assistant")
             assert killed.run_id == start.run_id
-            rest = await events.collect()
+            rest = await collect(events)
         assert rest[-1].status == "killed"
         history = await c.history("assistant")
         assert [(e.role, e.agent, e.content) for e in history.entries] == [
@@ -344,7 +338,7 @@ async def test_bad_requests_get_clear_codes(daemon, short_tmp):
         for kwargs, code in cases:
             with pytest.raises(ChinwagError) as err:
                 async with c.stream(**kwargs) as events:
-                    await events.collect()
+                    await collect(events)
             assert err.value.code == code, kwargs
             assert err.value.message.endswith("."), "one clear sentence"
         with pytest.raises(ChinwagError) as err:
@@ -352,14 +346,14 @@ async def test_bad_requests_get_clear_codes(daemon, short_tmp):
         assert err.value.code == 404
         # The connection stays usable after every refusal.
         async with c.stream("assistant", "still fine", sender="x" * 256) as events:
-            assert (await events.collect())[-1].status == "done"
+            assert (await collect(events))[-1].status == "done"
 
 
 async def test_list_conversations_pages_most_recent_first(daemon):
     async with connect(daemon.socket_path) as c:
         for n in range(5):
             async with c.stream("assistant", f"hi {n}", sender=f"s{n}") as events:
-                await events.collect()
+                await collect(events)
         page = await c.list_conversations(limit=2)
         senders = [i.sender for i in page.items]
         while page.next_cursor is not None:
@@ -383,7 +377,7 @@ async def test_agents_stats_and_ping(daemon):
             await next_of(events, Start)
             stats = await c.stats()
             assert stats.runs_in_flight == 1 and stats.connections >= 1
-            await events.collect()
+            await collect(events)
         assert c.welcome.agents == ["assistant", "helper"]
 
 
@@ -391,14 +385,10 @@ async def test_subscribe_sees_runs_from_other_connections(daemon):
     async with connect(daemon.socket_path) as watcher, connect(daemon.socket_path) as c:
         async with watcher.subscribe(agent="assistant") as sub:
             async with c.stream("helper", "not this one") as events:
-                await events.collect()
+                await collect(events)
             async with c.stream("assistant", "watch me", sender="w") as events:
-                mine = await events.collect()
-            seen = []
-            async for frame in sub:
-                seen.append(frame)
-                if isinstance(frame.event, End):
-                    break
+                mine = await collect(events)
+            seen = await watch_until_end(sub)
         assert {f.agent for f in seen} == {"assistant"} and {f.sender for f in seen} == {"w"}
         assert [f.event for f in seen] == [
             type(e)(**{**{k: getattr(e, k) for k in e.__struct_fields__}, "id": None}) for e in mine
@@ -409,12 +399,12 @@ async def test_a_run_survives_kill_9_of_the_daemon_without_a_torn_turn(daemon):
     async with connect(daemon.socket_path) as c:
         for word in ("one", "two"):
             async with c.stream("assistant", word) as events:
-                await events.collect()
+                await collect(events)
         with pytest.raises(ChinwagError):
             async with c.stream("assistant", "/slow 100 20") as events:
                 await next_of(events, TextDelta)
                 daemon.kill9()
-                await events.collect()
+                await collect(events)
     daemon.start()
     async with connect(daemon.socket_path) as c:
         history = await c.history("assistant")
@@ -426,7 +416,7 @@ async def test_a_run_survives_kill_9_of_the_daemon_without_a_torn_turn(daemon):
             (5, "user", "/slow 100 20"),
         ]
         async with c.stream("assistant", "three") as events:
-            got = await events.collect()
+            got = await collect(events)
         assert got[0].seq == 6 and got[-1].status == "done"
 
 
@@ -436,7 +426,7 @@ async def test_sigterm_finishes_short_runs_and_cancels_long_ones(daemon_factory)
         async with c.stream("assistant", "/slow 1000 20") as events:
             await next_of(events, TextDelta)
             daemon.proc.terminate()
-            end = (await events.collect())[-1]
+            end = (await collect(events))[-1]
         assert end.status == "error" and end.error.code == 503
     assert await trio.to_thread.run_sync(daemon.proc.wait, 10) == 0
     assert not daemon.socket_path.exists()
@@ -452,7 +442,7 @@ async def test_sigterm_refuses_new_streams_503_while_a_run_in_flight_finishes(da
         async with c.stream("assistant", "/slow 50 100") as events:
             await next_of(events, TextDelta)
             daemon.proc.terminate()
-            with trio.fail_after(10):
+            with deadline(FRAME_S, "a ping refused 503 once the daemon shuts down"):
                 # The daemon's answers say when it has begun to shut down: ping until one
                 # is refused (each ping waits for its answer; there is no other event).
                 while True:
@@ -463,11 +453,10 @@ async def test_sigterm_refuses_new_streams_503_while_a_run_in_flight_finishes(da
                         break
             with pytest.raises(ChinwagError) as refused:
                 async with c.stream("assistant", "too late", sender="late") as late:
-                    await late.collect()
+                    await collect(late)
             assert refused.value.code == 503
             assert refused.value.message == "The daemon is shutting down; retry later."
-            with trio.fail_after(20):
-                rest = await events.collect()
+            rest = await collect(events, what="the run in flight to finish")
         end = rest[-1]
         assert isinstance(end, End) and end.status == "done", end
         assert text_of(rest).split()[-1] == "50", "the run streamed on to its last word"
@@ -490,13 +479,8 @@ async def test_delegate_returns_the_helpers_answer_and_streams_none_of_its_text(
     async with connect(daemon.socket_path) as c, connect(daemon.socket_path) as watcher:
         async with watcher.subscribe(agent="helper") as helper_run:
             async with c.stream("assistant", f"/tool delegate {arguments}") as events:
-                got = await events.collect()
-            with trio.fail_after(10):
-                seen = []
-                async for frame in helper_run:
-                    seen.append(frame)
-                    if isinstance(frame.event, End):
-                        break
+                got = await collect(events)
+            seen = await watch_until_end(helper_run)
 
         assert [type(e) for e in got if isinstance(e, Start | End)] == [Start, End]
         assert got[0].agent == "assistant" and got[-1].status == "done"
@@ -537,6 +521,6 @@ async def test_a_burst_larger_than_the_buffer_reaches_a_reading_client(daemon_fa
         '[daemon]\noutgoing_frames = 2048\n[agents.assistant]\nprovider = "echo"\n'
     )
     async with connect(daemon.socket_path) as c, c.stream("assistant", "/slow 9000 0") as events:
-        got = await events.collect()
+        got = await collect(events)
     assert got[-1].status == "done"
     assert sum(isinstance(e, TextDelta) for e in got) == 9000

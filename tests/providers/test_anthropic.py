@@ -29,6 +29,7 @@ from chinwag.daemon._providers import (
 )
 from chinwag.daemon._tools import TOOL_NAMES
 from chinwag.protocol import ToolCallInfo
+from deadlines import deadline
 from fake_anthropic import (
     FakeAnthropic,
     Status,
@@ -403,7 +404,8 @@ async def test_cancellation_propagates_and_drops_the_connection(fake, provider):
                 if len(got) == 3:
                     scope.cancel()
         assert scope.cancelled_caught, "Cancelled went through the provider, not ProviderError"
-        await fake.client_left.wait()
+        with deadline(5, "the provider to close its connection to the fake"):
+            await fake.client_left.wait()
     assert not outer.cancelled_caught, "the fake server never saw the client leave"
     assert len(got) == 3
 

@@ -8,7 +8,6 @@ well as the events and the history it produced.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import trio
@@ -23,6 +22,7 @@ from chinwag.protocol import (
     ToolResult,
     Usage,
 )
+from deadlines import collect, deadline, next_of
 from fake_anthropic import (
     FakeAnthropic,
     Status,
@@ -103,7 +103,7 @@ async def test_an_answer_streams_thinking_and_text_and_stores_the_text(fake, dae
     fake.script(Stream(message_events(blocks, input_tokens=30, output_tokens=2)))
     async with connect(daemon.socket_path) as c:
         async with c.stream("thinker", "hi") as events:
-            got = await events.collect()
+            got = await collect(events)
         history = await c.history("thinker")
     assert isinstance(got[0], Start) and got[0].agent == "thinker"
     assert [e.delta for e in got if isinstance(e, ThinkingDelta)] == ["Hmm", ", easy."]
@@ -140,7 +140,7 @@ async def test_the_tool_loop_with_fragmented_input_and_tool_errors(fake, daemon)
     )
     async with connect(daemon.socket_path) as c:
         async with c.stream("assistant", "name this chat") as events:
-            got = await events.collect()
+            got = await collect(events)
         history = await c.history("assistant")
     calls = [e for e in got if isinstance(e, ToolCall)]
     assert [(e.call_id, e.name, json.loads(e.arguments)) for e in calls] == [
@@ -207,9 +207,9 @@ async def test_a_tool_loop_with_thinking_sends_each_step_s_thinking_back(fake, d
     )
     async with connect(daemon.socket_path) as c:
         async with c.stream("thinker", "name this chat") as events:
-            got = await events.collect()
+            got = await collect(events)
         async with c.stream("thinker", "thanks") as events:
-            later = await events.collect()
+            later = await collect(events)
         history = await c.history("thinker")
     assert got[-1].status == "done" and later[-1].status == "done"
     assert [e.delta for e in got if isinstance(e, ThinkingDelta)] == [
@@ -276,18 +276,16 @@ async def test_a_tool_loop_cut_short_goes_on_with_its_thinking_or_after_a_restar
             slow,
         )
         async with c.stream("thinker", "title it", sender=sender) as events:
-            async for event in events:
-                if isinstance(event, TextDelta):  # the step after the tool call is streaming
-                    await c.kill("thinker", sender=sender)
-                    break
-            rest = await events.collect()
+            await next_of(events, TextDelta)  # the step after the tool call is streaming
+            await c.kill("thinker", sender=sender)
+            rest = await collect(events)
         assert rest[-1].status == "killed"
 
     async with connect(daemon.socket_path) as c:
         await cut_short(c, "a", "toolu_a")
         await cut_short(c, "b", "toolu_b")
         async with c.stream("thinker", "go on", sender="a") as events:
-            assert (await events.collect())[-1].status == "done"
+            assert (await collect(events))[-1].status == "done"
     went_on = fake.bodies[-1]
     assert went_on["thinking"]["type"] == "enabled"
     assert went_on["messages"][1]["content"][0] == {
@@ -299,10 +297,10 @@ async def test_a_tool_loop_cut_short_goes_on_with_its_thinking_or_after_a_restar
     await trio.to_thread.run_sync(daemon.restart)
     async with connect(daemon.socket_path) as c:
         async with c.stream("thinker", "go on", sender="b") as events:
-            assert (await events.collect())[-1].status == "done"
+            assert (await collect(events))[-1].status == "done"
         after_restart = fake.bodies[-1]
         async with c.stream("thinker", "and now?", sender="b") as events:
-            assert (await events.collect())[-1].status == "done"
+            assert (await collect(events))[-1].status == "done"
     assert "thinking" not in after_restart
     assert [b["type"] for b in after_restart["messages"][1]["content"]] == ["tool_use"]
     assert [b["type"] for b in after_restart["messages"][2]["content"]] == ["tool_result", "text"]
@@ -317,9 +315,9 @@ async def test_a_guest_turn_carries_no_tools_and_its_calls_are_ignored(fake, dae
     )
     async with connect(daemon.socket_path) as c:
         async with c.stream("assistant", "title it") as events:
-            await events.collect()
+            await collect(events)
         async with c.stream("assistant", "what do you think?", guest="helper") as events:
-            got = await events.collect()
+            got = await collect(events)
         history = await c.history("assistant")
     assert got[0].agent == "helper" and got[-1].status == "done"
     assert not any(isinstance(e, ToolCall | ToolResult | Title) for e in got)
@@ -355,13 +353,13 @@ async def test_provider_errors_end_the_run_502_and_store_no_half_step(fake, daem
     async with connect(daemon.socket_path) as c:
         for n in range(5):
             async with c.stream("assistant", f"try {n}") as events:
-                got = await events.collect()
+                got = await collect(events)
             end = got[-1]
             assert end.status == "error" and end.error.code == 502, end
             messages.append(end.error.message)
         assert not any(isinstance(e, ToolResult | Title) for e in got)
         async with c.stream("assistant", "again") as events:
-            got = await events.collect()
+            got = await collect(events)
         assert text_of(got) == "Still here." and got[-1].status == "done"
         history = await c.history("assistant")
     assert messages[0] == "The Anthropic API answered HTTP 529 (overloaded_error): Overloaded."
@@ -389,14 +387,14 @@ async def test_kill_mid_stream_is_quick_and_drops_the_upstream_connection(fake, 
             await anext(events)  # start
             first = await anext(events)
             assert isinstance(first, TextDelta)
-            began = time.monotonic()
             await killer.kill("assistant")
-            rest = await events.collect()
-            took = time.monotonic() - began
+            # The fake streams for 20 s: ended within 10, the kill ended it (how soon is a
+            # figure of bench/kill_latency.py).
+            rest = await collect(events, within=10, what="the killed run's end")
         history = await c.history("assistant")
-    assert rest[-1].status == "killed" and took < 2.0
+    assert rest[-1].status == "killed"
     assert len([e for e in rest if isinstance(e, TextDelta)]) < 100
-    with trio.fail_after(5):
+    with deadline(5, "the daemon to drop its upstream connection"):
         await fake.client_left.wait()
     assert [e.role for e in history.entries] == ["user"], "the step in progress is discarded"
 
@@ -408,7 +406,7 @@ async def test_connection_refused_is_a_502(daemon_factory):
     daemon = daemon_factory(CONFIG.format(base_url=f"http://127.0.0.1:{port}"))
     async with connect(daemon.socket_path) as c:
         async with c.stream("assistant", "anyone?") as events:
-            end = (await events.collect())[-1]
+            end = (await collect(events))[-1]
         assert end.status == "error" and end.error.code == 502
         assert "cannot be reached" in end.error.message
         assert [e.role for e in (await c.history("assistant")).entries] == ["user"]

@@ -10,6 +10,7 @@ import trio
 from chinwag.clients import ChinwagError, connect
 from chinwag.daemon._compaction import SUMMARY_PROMPT
 from chinwag.protocol import End
+from deadlines import collect, deadline
 from fake_openai import (
     SSE,
     FakeOpenAI,
@@ -54,8 +55,7 @@ system_prompt = "You are the helper."
 
 async def turn(daemon, content: str, **kwargs) -> list:
     async with connect(daemon.socket_path) as c, c.stream("assistant", content, **kwargs) as ev:
-        with trio.fail_after(20):
-            events = await ev.collect()
+        events = await collect(ev, within=20)
     assert isinstance(events[-1], End) and events[-1].status == "done", events[-1]
     return events
 
@@ -166,8 +166,8 @@ async def test_kill_stops_a_compaction_in_flight_and_nothing_is_archived(fake, d
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(compact)
-            with trio.fail_after(20):
-                await fake.wait_for_requests(2)  # the summary request reached the model
+            with deadline(20, "the summary request to reach the model"):
+                await fake.wait_for_requests(2)
             killed = await c.kill("assistant")
         assert killed.run_id is not None
         assert refused[0].code == 409 and "killed" in refused[0].message

@@ -22,6 +22,7 @@ from chinwag.daemon._providers import (
     UsageChunk,
 )
 from chinwag.daemon._tools import TOOL_NAMES
+from deadlines import deadline
 from fake_openai import (
     SSE,
     FakeOpenAI,
@@ -176,7 +177,7 @@ async def test_cancellation_propagates_and_closes_the_connection(fake, provider)
             got.append(c)
     assert scope.cancelled_caught, "trio.Cancelled is not turned into a ProviderError"
     assert got and all(isinstance(c, TextChunk) for c in got)
-    with trio.fail_after(2):
+    with deadline(2, "the provider to close its connection to the fake"):
         await fake.client_left.wait()
 
 
