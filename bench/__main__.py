@@ -31,6 +31,7 @@ from . import (
     delegation,
     first_event,
     hog,
+    kill_latency,
     long_conversation,
     slow_consumer,
     storage_scale,
@@ -73,6 +74,7 @@ class Scale:
     long_runs: int = 500  # (g) runs in it, and in the short ones
     cli_runs: int = 30  # (h) `chinwag send` processes, and as many of each baseline
     hog_s: float = 3.0  # (i) how long the client that never reads writes requests
+    kill_runs: int = 10  # (j) kills of each kind, and command timeouts
 
 
 QUICK = Scale(
@@ -90,6 +92,7 @@ QUICK = Scale(
     long_runs=200,
     cli_runs=10,
     hog_s=1.5,
+    kill_runs=4,
 )
 
 Bench = Callable[[Path, Scale, "str | None"], list[Figure]]
@@ -148,6 +151,11 @@ def bench_i(root: Path, s: Scale, storage: str | None) -> list[Figure]:
     return hog.figures(root, s.hog_s, storage)
 
 
+def bench_j(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    del storage  # a kill's latency is the run's and the reaper's, not the store's
+    return kill_latency.figures(root, s.kill_runs)
+
+
 BENCHES: dict[str, tuple[str, Bench]] = {
     "a": ("first_event", bench_a),
     "b": ("throughput", bench_b),
@@ -159,6 +167,7 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "g": ("long_conversation", bench_g),
     "h": ("cli_start", bench_h),
     "i": ("hog", bench_i),
+    "j": ("kill_latency", bench_j),
 }
 
 
