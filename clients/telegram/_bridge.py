@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 import structlog
 from chinwag.protocol import Entry, Start
-from telegram import Bot, CallbackQuery, Message, Update
+from telegram import Bot, BotCommand, CallbackQuery, Message, Update
 from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import Updater
@@ -56,14 +56,33 @@ _HISTORY_ENTRY_CHARS = 500
 
 _Ts = TypeVarTuple("_Ts")
 
-HELP = """I pass this chat on to the chinwag agent **{agent}**. Write, and the answer streams in.
 
-/kill: stop the answer being written (/kill all also drops queued messages)
-/compact [what to keep]: summarise the conversation so far, to free the agent's context
-/title: the conversation's title
-/history [N]: the last N turns (default 5)
-/guest NAME text: ask another agent, in this conversation
-/help: this message"""
+class CommandHelp(NamedTuple):
+    name: str
+    usage: str
+    description: str  # one line: Telegram's command menu shows it too
+
+
+#: The bridge's commands, as /help lists them and Telegram's "/" menu offers them.
+COMMANDS = (
+    CommandHelp(
+        "kill", "/kill", "stop the answer being written (/kill all also drops queued messages)"
+    ),
+    CommandHelp(
+        "compact",
+        "/compact [what to keep]",
+        "summarise the conversation so far, to free the agent's context",
+    ),
+    CommandHelp("title", "/title", "the conversation's title"),
+    CommandHelp("history", "/history [N]", "the last N turns (default 5)"),
+    CommandHelp("guest", "/guest NAME text", "ask another agent, in this conversation"),
+    CommandHelp("help", "/help", "what this bot does, and its commands"),
+)
+
+HELP = (
+    "I pass this chat on to the chinwag agent **{agent}**. Write, and the answer streams in."
+    "\n\n" + "\n".join(f"{command.usage}: {command.description}" for command in COMMANDS)
+)
 
 
 @dataclass(frozen=True)
@@ -164,6 +183,8 @@ class Bridge:
         self._spool = spool
         self._outboxes: dict[int, Outbox] = {}
         self._chats: dict[tuple[int, int | None], Chat] = {}
+        # Those of COMMANDS the bridge answers itself (`/guest` goes to the agent),
+        # and /start, which Telegram sends when someone opens the chat.
         self._commands: dict[str, Callable[[Chat, str], Awaitable[None]]] = {
             "start": self._help,
             "help": self._help,
@@ -189,6 +210,7 @@ class Bridge:
             agent=config.agent,
             updates="webhook" if config.webhook else "long polling",
         )
+        await self.offer_commands()
         self.replay()  # before any new update, so that each chat keeps its order
         updates = Inbox(self)
         if config.webhook is not None:
@@ -212,6 +234,15 @@ class Bridge:
                     # not have yet); bounded, for an unreachable API.
                     with anyio.move_on_after(STOP_TIMEOUT_S, shield=True):
                         await updater.stop()
+
+    async def offer_commands(self) -> None:
+        """Have Telegram offer the bridge's commands when "/" is typed (best effort:
+        the commands work without the menu)."""
+        menu = [BotCommand(command.name, command.description) for command in COMMANDS]
+        try:
+            await self._bot.set_my_commands(menu)
+        except TelegramError as exc:
+            log.warning("telegram_commands_not_offered", error=str(exc))
 
     async def dispatch(self, updates: asyncio.Queue[object]) -> None:
         """Handle updates from ``updates`` in order, forever."""
@@ -251,12 +282,15 @@ class Bridge:
                 text = text.strip()
                 if not guest or not text:
                     return None
+        in_group = message.chat.type in (ChatType.GROUP, ChatType.SUPERGROUP)
         return Spooled(
             update_id=update.update_id,
             chat_id=message.chat.id,
             thread_id=_thread_id(message),
             text=text,
             guest=guest,
+            # In a group, the answer goes as a reply, to say which message it answers.
+            reply_to=message.message_id if in_group else None,
         )
 
     def replay(self) -> None:

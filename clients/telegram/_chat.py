@@ -28,6 +28,10 @@ _TOASTS = {
 }
 
 
+#: What a message waiting for the daemon to come back is answered, once per outage.
+OUTAGE_NOTICE = "🔄 The agent is restarting; your message is kept, and answered once it is back."
+
+
 def sender_for(chat_id: int, thread_id: int | None) -> str:
     """The conversation's sender: `tg:<chat id>`, or `tg:<chat id>:<topic id>` in a forum."""
     return f"tg:{chat_id}" if thread_id is None else f"tg:{chat_id}:{thread_id}"
@@ -52,12 +56,19 @@ class Chat:
         self._serving = 0  # the ticket whose message goes to the daemon next
         self._done: set[int] = set()
         self._served = anyio.Event()
+        self._outage_told = 0  # the last outage of the daemon the chat was told of
 
     async def say(
-        self, text: str, *, markup: InlineKeyboardMarkup | None = None, insist: bool = True
+        self,
+        text: str,
+        *,
+        markup: InlineKeyboardMarkup | None = None,
+        insist: bool = True,
+        reply_to: int | None = None,
     ) -> int | None:
         """Send Markdown ``text`` to the chat, in several messages if it is long (the
-        keyboard on the last); the last message's id, or None if it was not sent."""
+        keyboard on the last, the first a reply to ``reply_to``); the last message's
+        id, or None if it was not sent."""
         pieces = split_message(text)
         message_id: int | None = None
         for number, piece in enumerate(pieces, 1):
@@ -66,8 +77,15 @@ class Chat:
                 thread_id=self.thread_id,
                 markup=markup if number == len(pieces) else None,
                 insist=insist,
+                reply_to=reply_to if number == 1 else None,
             )
         return message_id
+
+    async def tell_outage(self, outage: int) -> None:
+        """Say that messages are kept while the daemon is away: once for each ``outage``."""
+        if outage != self._outage_told:
+            self._outage_told = outage
+            await self.say(OUTAGE_NOTICE)
 
     # --- message order ---------------------------------------------------------------
 

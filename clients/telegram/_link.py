@@ -37,6 +37,7 @@ class DaemonLink:
     ``run`` is the owner task. ``client`` hands out the live connection,
     waiting while there is none; a caller that finds the connection closed
     (its requests raised ``ConnectionLost``) makes the owner connect again.
+    ``outage`` tells when the daemon cannot be reached.
     """
 
     def __init__(self, socket_path: Path, backoff: Backoff) -> None:
@@ -45,6 +46,16 @@ class DaemonLink:
         self._client: Client | None = None
         self._changed = anyio.Event()
         self._lost = anyio.Event()
+        self._down = False  # the last attempt to connect failed
+        self._outages = 0
+
+    async def outage(self) -> int:
+        """Wait until an attempt to connect has failed, and none succeeded since;
+        the number of that outage (1 for the first, and so on)."""
+        while not self._down:
+            changed = self._changed
+            await changed.wait()
+        return self._outages
 
     async def client(self) -> Client:
         """The connection to the daemon, once there is a live one."""
@@ -74,11 +85,15 @@ class DaemonLink:
                         server=client.welcome.server,
                     )
                     self._backoff.reset()
+                    self._down = False
                     self._publish(client)
                     await self._lost.wait()
                     # Reconnect at once; only failed attempts back off.
                     log.warning("daemon_connection_lost", socket=str(self.socket_path))
             except (OSError, ChinwagError) as exc:
+                if not self._down:
+                    self._down = True
+                    self._outages += 1
                 delay = self._backoff.next()
                 log.warning(
                     "daemon_unreachable",

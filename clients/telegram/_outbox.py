@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import anyio
 import structlog
-from telegram import Bot, InlineKeyboardMarkup
+from telegram import Bot, InlineKeyboardMarkup, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
 
@@ -81,13 +81,20 @@ class Outbox:
         thread_id: int | None,
         markup: InlineKeyboardMarkup | None = None,
         insist: bool = True,
+        reply_to: int | None = None,
     ) -> int | None:
         """Send Markdown ``text`` as a new message; its id, or None if it was not sent.
 
         With ``insist`` it retries through flood waits and network errors until
         Telegram has it; without, those give up at once (a streaming edit that
-        a later one will supersede).
+        a later one will supersede). With ``reply_to``, it goes as a reply to
+        that message, or as a plain message once that one is deleted.
         """
+        reply = (
+            None
+            if reply_to is None
+            else ReplyParameters(reply_to, allow_sending_without_reply=True)
+        )
 
         async def call(formatted: str, parse_mode: str | None) -> int:
             message = await self.bot.send_message(
@@ -96,6 +103,7 @@ class Outbox:
                 parse_mode=parse_mode,
                 message_thread_id=thread_id,
                 reply_markup=markup,
+                reply_parameters=reply,
             )
             return message.message_id
 

@@ -10,7 +10,11 @@ run's `end` handled), not fsynced: only a crash of the machine can lose a line
 written, and a `done` lost shows the answer again (the message is found in its
 conversation), it loses nothing. Not at `queued`: the daemon keeps its queue in
 memory, and drops it when it shuts down; nor at `start`: a bridge stopped while
-the run streams would not show its answer.
+the run streams would not show its answer. ``answer`` each time the answer
+streaming into the chat takes one more Telegram message, with the ids of them
+all, so that a restarted bridge completes those messages by editing them
+rather than leave them stale beside new ones; not fsynced either: lost, the
+answer is shown in new messages.
 Only the last line can be cut short, by a crash while it was written, and
 opening drops it: an update not confirmed comes again from Telegram, a message
 not marked sent was not sent, and one not marked done is looked for in its
@@ -70,6 +74,10 @@ class Spooled(_Record, tag="message", kw_only=True, frozen=True):
     guest: str | None = None  # `/guest NAME text`: the agent who answers
     #: When its `stream` request was first sent: since then, the daemon may have it.
     sent_at: datetime | None = None
+    #: The Telegram message it came in, when its answer goes as a reply to it (in a group).
+    reply_to: int | None = None
+    #: The Telegram messages its answer is being shown in, edited as it streams.
+    answer_ids: tuple[int, ...] = ()
 
 
 class _Sent(_Record, tag="sent", kw_only=True, frozen=True):
@@ -80,8 +88,13 @@ class _Done(_Record, tag="done", frozen=True):
     pass
 
 
+class _Answer(_Record, tag="answer", kw_only=True, frozen=True):
+    message_ids: tuple[int, ...]
+
+
+_Line = Spooled | _Sent | _Done | _Answer
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(Spooled | _Sent | _Done).decode
+_decode = msgspec.json.Decoder(_Line).decode
 
 
 class Spool:
@@ -189,12 +202,18 @@ class Spool:
         if message is not None and message.sent_at is None:
             await self._record(_Sent(update_id=update_id, at=at))
 
+    async def answer(self, update_id: int, message_ids: tuple[int, ...]) -> None:
+        """The message's answer streams into the Telegram messages ``message_ids``."""
+        message = self._pending.get(update_id)
+        if message is not None and message.answer_ids != message_ids:
+            await self._record(_Answer(update_id=update_id, message_ids=message_ids))
+
     async def done(self, update_id: int) -> None:
         """The message's answer is shown in its chat: nothing is left to do for it."""
         if update_id in self._pending:
             await self._record(_Done(update_id=update_id))
 
-    async def _record(self, record: Spooled | _Sent | _Done) -> None:
+    async def _record(self, record: _Line) -> None:
         # Memory first: a write that fails or is cancelled leaves it ahead of
         # the file, never behind (a line appended after a rewrite that already
         # has its effect changes nothing: applying a line is idempotent).
@@ -207,13 +226,15 @@ class Spool:
                     await anyio.to_thread.run_sync(self._rewrite, data)
                 else:
                     # A `done` lost in a crash is harmless: the message is found
-                    # in its conversation. The others, lost, lose the message.
-                    line, sync = _encode(record) + b"\n", not isinstance(record, _Done)
+                    # in its conversation; an `answer`, the answer is shown anew.
+                    # The others, lost, lose the message.
+                    line = _encode(record) + b"\n"
+                    sync = isinstance(record, Spooled | _Sent)
                     await anyio.to_thread.run_sync(self._append, line, sync)
         except OSError as exc:
             log.error("telegram_spool_write_failed", path=str(self.path), error=str(exc))
 
-    def _apply(self, record: Spooled | _Sent | _Done) -> None:
+    def _apply(self, record: _Line) -> None:
         match record:
             case Spooled():
                 self._pending[record.update_id] = record
@@ -221,6 +242,12 @@ class Spool:
                 message = self._pending.get(update_id)
                 if message is not None:
                     self._pending[update_id] = msgspec.structs.replace(message, sent_at=at)
+            case _Answer(update_id=update_id, message_ids=message_ids):
+                message = self._pending.get(update_id)
+                if message is not None:
+                    self._pending[update_id] = msgspec.structs.replace(
+                        message, answer_ids=message_ids
+                    )
             case _Done(update_id=update_id):
                 self._pending.pop(update_id, None)
                 self._done.append(update_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from datetime import UTC, datetime
+from functools import partial
+from typing import Any
 
 import anyio
 import structlog
@@ -16,11 +18,15 @@ from chinwag.protocol import (
     Start,
     StreamEventMsg,
     TextDelta,
+    ToolCall,
+    ToolResult,
 )
 
 from .._client import ChinwagError, Client, ConnectionLost, EventStream
+from .._render import QuietCalls, tool_call_summary
 from ._chat import Chat
 from ._link import Backoff, DaemonLink
+from ._outbox import Outbox
 from ._reply import LiveReply
 from ._spool import Spool, Spooled
 
@@ -28,6 +34,43 @@ log = structlog.get_logger()
 
 # The daemon's code for "going away": it is shutting down, or the connection broke.
 _GONE = 503
+#: How often "typing…" is sent again while a run works: Telegram shows it for 5 s.
+TYPING_EVERY_S = 4.0
+
+
+class Typing:
+    """Keeps "typing…" showing in a chat (or topic) while ``on``.
+
+    ``run`` is its task: it sends the chat action when turned on, then again
+    every ``every`` seconds until turned off (or cancelled).
+    """
+
+    def __init__(self, outbox: Outbox, thread_id: int | None, every: float = TYPING_EVERY_S):
+        self.every = every
+        self._outbox = outbox
+        self._thread_id = thread_id
+        self._on = False
+        self._changed = anyio.Event()
+
+    def turn(self, on: bool) -> None:
+        if on != self._on:
+            self._on = on
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def run(self) -> None:
+        """Show it while on, until cancelled."""
+        while True:
+            while not self._on:
+                await self._change()
+            await self._outbox.typing(self._thread_id)
+            with anyio.move_on_after(self.every):
+                while self._on:
+                    await self._change()
+
+    async def _change(self) -> None:
+        changed = self._changed
+        await changed.wait()
 
 
 class Turn:
@@ -38,6 +81,11 @@ class Turn:
     those already shown are skipped) or, if it ended meanwhile, read back from
     the history. A run that had not started is sent again: a daemon that went
     away before starting it did not keep it.
+
+    While the run is queued or works (thinking, writing, in a tool), the chat
+    shows "typing…"; not while it waits for an answer to a question. A message
+    that waits for the daemon to come back is answered at once, once per outage
+    and chat, that it is kept.
 
     The message stays in the spool until its answer is shown in the chat (the
     run's `end` handled: its final text, or its error, delivered), so that a
@@ -57,7 +105,11 @@ class Turn:
         self._content = message.text
         self._guest = message.guest
         self._update_id = message.update_id
+        self._reply_to = message.reply_to
+        self._answer_ids = message.answer_ids
         self._spool = spool
+        self._typing = Typing(chat.outbox, chat.thread_id)
+        self._quiet = QuietCalls()  # ask_user is shown as its question, not as a call
         self._start: Start | None = None
         self._seen = 0  # events of the run handled so far, its `start` included
         self._before = ""  # the run's text already shown above a question it asked
@@ -78,8 +130,17 @@ class Turn:
                 self._heading = f"**{resume.agent}:**\n"
         async with anyio.create_task_group() as painters:
             self._painters = painters
-            self._live = self._new_reply()
-            end = await self._follow(ticket)
+            # The first reply answers the message (a reply to it, in a group), in
+            # the messages an earlier bridge began to show it in, if any.
+            self._live = self._new_reply(
+                reply_to=self._reply_to,
+                shown=self._answer_ids,
+                on_shown=partial(self._spool.answer, self._update_id),
+            )
+            async with anyio.create_task_group() as typing:
+                typing.start_soon(self._typing.run)
+                end = await self._follow(ticket)
+                typing.cancel_scope.cancel()
             await self._conclude(end)
         # The answer is in the chat (or Telegram would not take it): nothing is
         # left to do for the message.
@@ -87,15 +148,16 @@ class Turn:
         for ask_id in self._asks:
             await self._chat.withdraw(ask_id)
 
-    def _new_reply(self) -> LiveReply:
-        reply = LiveReply(self._chat.outbox, self._chat.thread_id, self._heading)
+    def _new_reply(self, **options: Any) -> LiveReply:
+        reply = LiveReply(self._chat.outbox, self._chat.thread_id, self._heading, **options)
         self._painters.start_soon(reply.paint)
         return reply
 
     async def _follow(self, ticket: int) -> End:
         retry = Backoff(first=0.2, ceiling=5.0)
         while True:
-            client = await self._link.client()
+            self._typing.turn(False)
+            client = await self._connected()
             try:
                 if self._start is None:
                     end = await self._send(client, ticket)
@@ -121,6 +183,21 @@ class Turn:
                 return end
             await anyio.sleep(retry.next())
 
+    async def _connected(self) -> Client:
+        """The connection to the daemon, once there is one. A message not sent yet
+        that waits for the daemon to come back is answered that it is kept."""
+        if self._start is not None:
+            return await self._link.client()
+        async with anyio.create_task_group() as waiting:
+            waiting.start_soon(self._tell_outage)
+            client = await self._link.client()
+            waiting.cancel_scope.cancel()
+        return client
+
+    async def _tell_outage(self) -> None:
+        outage = await self._link.outage()
+        await self._chat.tell_outage(outage)
+
     async def _send(self, client: Client, ticket: int) -> End | None:
         """Send the message and relay its run; None when it must be sent again."""
         async with contextlib.AsyncExitStack() as stack:
@@ -131,6 +208,7 @@ class Turn:
                         self._agent, self._content, sender=self._chat.sender, guest=self._guest
                     )
                 )
+            self._typing.turn(True)
             end = await self._relay(events)
         if self._start is None and end.error is not None and end.error.code == _GONE:
             return None  # the daemon shut down before the run started
@@ -142,6 +220,7 @@ class Turn:
         async with client.attach(self._agent, self._chat.sender) as events:
             first = await anext(events)
             if isinstance(first, Start) and first.run_id == self._start.run_id:
+                self._typing.turn(True)
                 return await self._relay(events, skip=self._seen - 1)
         return await self._recover(client)
 
@@ -153,6 +232,7 @@ class Turn:
             if skip:
                 skip -= 1
             else:
+                self._typing.turn(not isinstance(event, AskUser))
                 await self._show(event)
         raise ConnectionLost("The run's events ended without an `end`.")
 
@@ -163,14 +243,18 @@ class Turn:
                 await self._chat.say(
                     f"⏳ Queued behind {ahead}; I'll answer when the agent is free.",
                     insist=False,
+                    reply_to=self._reply_to,
                 )
             case Start(agent=speaker):
                 self._start = event
                 if speaker != self._agent:
                     self._heading = self._live.heading = f"**{speaker}:**\n"
-                await self._chat.outbox.typing(self._chat.thread_id)
             case TextDelta(delta=delta):
                 self._live.add(delta)
+            case ToolCall() if not self._quiet.hides(event):
+                self._live.tool_started(event.call_id, tool_call_summary(event))
+            case ToolResult() if not self._quiet.hides(event):
+                self._live.tool_ended(event.call_id)
             case AskUser():
                 # The question goes below what the run said so far; what it
                 # says after the answer, below the question.
@@ -200,7 +284,10 @@ class Turn:
         finished = bool(entries) and entries[-1].role == "assistant" and not entries[-1].tool_calls
         log.info("run_recovered", sender=self._chat.sender, entries=len(entries), done=finished)
         # Unfinished, the run kept only its completed steps: keep the text
-        # already streamed unless the history holds more.
+        # already streamed unless the history holds more; and what an earlier
+        # bridge showed, which may be more than that, in its messages.
+        if not finished:
+            self._live.leave_earlier()
         if finished or len(text) > len(self._live.text):
             self._live.replace(text)
         if finished:

@@ -96,6 +96,7 @@ class Shown:
     parse_mode: str | None
     reply_markup: Any = None
     thread_id: int | None = None
+    reply_parameters: Any = None  # as sent: the message it replies to, and how
 
     @property
     def visible(self) -> str:
@@ -142,17 +143,20 @@ class FakeBotAPI:
 
     def push_message(
         self, chat_id: int, user_id: int, text: str, *, thread_id: int | None = None
-    ) -> None:
+    ) -> int:
+        """Send the bot a message (in a private chat if ``chat_id`` is positive, else
+        in a supergroup); its message id."""
         message: dict[str, Any] = {
             "message_id": self._new_id(),
             "date": int(time.time()),
-            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
+            "chat": {"id": chat_id, "type": _chat_type(chat_id)},
             "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
             "text": text,
         }
         if thread_id is not None:
             message |= {"message_thread_id": thread_id, "is_topic_message": True}
         self._push({"message": message})
+        return message["message_id"]
 
     def push_press(self, chat_id: int, user_id: int, message_id: int, data: str) -> None:
         shown = self.chats[chat_id][message_id]
@@ -258,7 +262,13 @@ class FakeBotAPI:
         match call.method:
             case "getMe":
                 return BOT_USER
-            case "deleteWebhook" | "setWebhook" | "answerCallbackQuery" | "sendChatAction":
+            case (
+                "deleteWebhook"
+                | "setWebhook"
+                | "answerCallbackQuery"
+                | "sendChatAction"
+                | "setMyCommands"
+            ):
                 return True
             case "getUpdates":
                 return await self._poll(call)
@@ -270,6 +280,7 @@ class FakeBotAPI:
                     call.parse_mode,
                     call.json("reply_markup") if "reply_markup" in call.params else None,
                     int(thread) if thread else None,
+                    call.json("reply_parameters") if "reply_parameters" in call.params else None,
                 )
                 self.chats[call.chat_id][shown.message_id] = shown
                 self._notify()
@@ -315,7 +326,7 @@ class FakeBotAPI:
         message: dict[str, Any] = {
             "message_id": shown.message_id,
             "date": int(time.time()),
-            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
+            "chat": {"id": chat_id, "type": _chat_type(chat_id)},
             "from": BOT_USER,
             "text": shown.visible,
         }
@@ -324,6 +335,10 @@ class FakeBotAPI:
         if shown.reply_markup:
             message["reply_markup"] = shown.reply_markup
         return message
+
+
+def _chat_type(chat_id: int) -> str:
+    return "private" if chat_id > 0 else "supergroup"
 
 
 class _Refused(Exception):
@@ -398,12 +413,17 @@ def render(text: str) -> str:
     """The text a MarkdownV2 message shows: markers dropped, escapes resolved, link labels kept."""
     out: list[str] = []
     index = 0
-    in_pre = False
+    in_pre = in_code = False
     while index < len(text):
         char = text[index]
         if char == "\\" and index + 1 < len(text):
             out.append(text[index + 1])
             index += 2
+        elif in_code:  # inside `code`, only escapes are markup
+            in_code = char != "`"
+            if in_code:
+                out.append(char)
+            index += 1
         elif text.startswith("```", index):
             index += 3
             if in_pre and out and out[-1] == "\n":
@@ -416,12 +436,15 @@ def render(text: str) -> str:
         elif in_pre:
             out.append(char)
             index += 1
+        elif char == "`":
+            in_code = True
+            index += 1
         elif char == "]" and text.startswith("(", index + 1):
             close = text.find(")", index + 2)
             while close != -1 and text[close - 1] == "\\":
                 close = text.find(")", close + 1)
             index = close + 1
-        elif char in "*_~|`[" or (char == ">" and (index == 0 or text[index - 1] == "\n")):
+        elif char in "*_~|[" or (char == ">" and (index == 0 or text[index - 1] == "\n")):
             index += 1
         else:
             out.append(char)

@@ -25,6 +25,7 @@ import pytest
 from chinwag.clients import connect
 from chinwag.clients.telegram import _bridge
 from chinwag.clients.telegram._bridge import Bridge, BridgeConfig, run_bridge
+from chinwag.clients.telegram._chat import OUTAGE_NOTICE
 from chinwag.clients.telegram._spool import Spool, Spooled
 from chinwag.clients.telegram._webhook import Webhook
 from chinwag.protocol import End
@@ -120,6 +121,72 @@ def test_a_reply_streams_into_one_message_edited_at_most_once_per_interval(share
             gaps = [b.at - a.at for a, b in itertools.pairwise(calls)]
             assert min(gaps) >= INTERVAL / 2, gaps
             assert len(calls) < 12
+
+    on_asyncio(main)
+
+
+def test_telegram_offers_the_bridges_commands_when_slash_is_typed(shared_daemon) -> None:
+    chat = fresh_chat()
+
+    async def main() -> None:
+        async with bridge(shared_daemon) as fake:
+            (offered,) = fake.calls_to("setMyCommands")  # set by the time the bridge started
+            commands = offered.json("commands")
+            assert commands == [
+                {
+                    "command": "kill",
+                    "description": "stop the answer being written "
+                    "(/kill all also drops queued messages)",
+                },
+                {
+                    "command": "compact",
+                    "description": "summarise the conversation so far, to free the agent's context",
+                },
+                {"command": "title", "description": "the conversation's title"},
+                {"command": "history", "description": "the last N turns (default 5)"},
+                {"command": "guest", "description": "ask another agent, in this conversation"},
+                {"command": "help", "description": "what this bot does, and its commands"},
+            ]
+            fake.push_message(chat, USER, "/help")
+            await fake.wait_for(lambda: fake.texts(chat))
+            # /help lists the same commands, each with the same line.
+            listed = fake.texts(chat)[0].split("\n\n", 1)[1].splitlines()
+            assert [line.partition(": ")[2] for line in listed] == [
+                command["description"] for command in commands
+            ]
+            assert [line.split(":")[0].split()[0] for line in listed] == [
+                f"/{command['command']}" for command in commands
+            ]
+
+    on_asyncio(main)
+
+
+def test_in_a_group_the_answer_replies_to_the_message_it_answers(shared_daemon) -> None:
+    group, private = -fresh_chat(), fresh_chat()
+
+    async def main() -> None:
+        async with bridge(shared_daemon) as fake:
+            first = fake.push_message(group, USER, "/slow 5 100")
+            await fake.wait_for(lambda: fake.texts(group))
+            second = fake.push_message(group, USER, "and this")
+            await fake.wait_for(lambda: fake.texts(group)[::2] == ["1 2 3 4 5", "and this"])
+            answer, queued, answer_2 = sorted(
+                fake.chats[group].values(), key=lambda m: m.message_id
+            )
+            assert queued.visible.startswith("⏳ Queued")
+            assert [message.reply_parameters for message in (answer, queued, answer_2)] == [
+                {"message_id": first, "allow_sending_without_reply": True},
+                {"message_id": second, "allow_sending_without_reply": True},
+                {"message_id": second, "allow_sending_without_reply": True},
+            ]
+            # In a private chat, the answer follows the message as before.
+            fake.push_message(private, USER, "hello")
+            await fake.wait_for(lambda: fake.texts(private) == ["hello"])
+            assert fake.last(private).reply_parameters is None
+            assert all(
+                "reply_parameters" not in call.params
+                for call in fake.calls_to("sendMessage", private)
+            )
 
     on_asyncio(main)
 
@@ -529,21 +596,73 @@ def test_a_message_taken_while_the_daemon_is_down_survives_a_bridge_restart(
         async with serving(FakeBotAPI()) as fake:
             async with polling(daemon, fake, state):
                 fake.push_message(chat, USER, "anyone home?")
-                await fake.wait_for(lambda: confirmed(fake))
+                await fake.wait_for(lambda: confirmed(fake) and fake.texts(chat))
             # Stopped: Telegram was told the update arrived, and will not send it again.
             assert int(fake.calls_to("getUpdates")[-1].params["offset"]) > fake.last_update_id
-            assert fake.texts(chat) == []
+            assert fake.texts(chat) == [OUTAGE_NOTICE]
             await anyio.to_thread.run_sync(daemon.start)
             async with polling(daemon, fake, state):
-                await fake.wait_for(lambda: fake.texts(chat) == ["anyone home?"])
+                await fake.wait_for(lambda: fake.texts(chat)[1:] == ["anyone home?"])
                 # A second copy would be queued ahead of this one in the daemon.
                 fake.push_message(chat, USER, "and now?")
                 await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["and now?"])
-                assert fake.texts(chat) == ["anyone home?", "and now?"]
+                assert fake.texts(chat) == [OUTAGE_NOTICE, "anyone home?", "and now?"]
                 await spool_watch.emptied()
         users = await user_messages(daemon, chat)
         assert users == ["anyone home?", "and now?"]
         assert spooled(state) == []
+
+    on_asyncio(main, timeout=40)
+
+
+def test_while_the_daemon_is_down_a_chat_is_told_once_that_its_messages_are_kept(
+    daemon, short_tmp
+) -> None:
+    chat, other = fresh_chat(), fresh_chat()
+    state = short_tmp / "state"
+
+    def kept() -> list[str]:
+        """The messages the spool holds, from its file (the bridge holds its lock)."""
+        lines = [json.loads(line) for line in (state / SPOOL).read_text().splitlines()]
+        done = {line["update_id"] for line in lines if line["op"] == "done"}
+        return [
+            line["text"]
+            for line in lines
+            if line["op"] == "message" and line["update_id"] not in done
+        ]
+
+    def shown(fake: FakeBotAPI) -> list[str]:
+        """What the chat shows but the notes that a message queues in the daemon."""
+        return [text for text in fake.texts(chat) if not text.startswith("⏳ Queued")]
+
+    async def main() -> None:
+        await anyio.to_thread.run_sync(daemon.stop)
+        async with serving(FakeBotAPI()) as fake, polling(daemon, fake, state):
+            fake.push_message(chat, USER, "one")
+            await fake.wait_for(lambda: fake.texts(chat) == [OUTAGE_NOTICE])
+            # More messages in the same outage: no other notice; another chat gets its own.
+            fake.push_message(chat, USER, "two")
+            fake.push_message(chat, USER, "three")
+            fake.push_message(other, USER, "elsewhere")
+            await fake.wait_for(lambda: confirmed(fake) and fake.texts(other) == [OUTAGE_NOTICE])
+            assert kept() == ["one", "two", "three", "elsewhere"]
+            await anyio.to_thread.run_sync(daemon.start)
+            # (The first messages of answers given at once may swap: each reply
+            # waits for the chat's next free slot on its own.)
+            await fake.wait_for(lambda: sorted(shown(fake)[1:]) == ["one", "three", "two"])
+            assert shown(fake)[0] == OUTAGE_NOTICE
+            await fake.wait_for(lambda: fake.texts(other) == [OUTAGE_NOTICE, "elsewhere"])
+            # A new outage: told again, once.
+            await anyio.to_thread.run_sync(daemon.stop)
+            fake.push_message(chat, USER, "four")
+            await fake.wait_for(lambda: shown(fake)[4:] == [OUTAGE_NOTICE])
+            fake.push_message(chat, USER, "five")
+            await fake.wait_for(lambda: confirmed(fake))
+            await anyio.to_thread.run_sync(daemon.start)
+            await fake.wait_for(lambda: sorted(shown(fake)[5:]) == ["five", "four"])
+            assert shown(fake)[4] == OUTAGE_NOTICE
+            assert fake.texts(chat).count(OUTAGE_NOTICE) == 2
+        assert await user_messages(daemon, chat) == ["one", "two", "three", "four", "five"]
 
     on_asyncio(main, timeout=40)
 
@@ -649,6 +768,9 @@ def test_a_message_queued_in_the_daemon_is_kept_until_its_answer_is_shown(
                         and any("went away" in text for text in fake.texts(chat)[2:])
                     )
                 )
+                # What the first bridge showed of it stays: the history holds less.
+                assert fake.texts(chat)[0].startswith("1")
+                assert "went away" not in fake.texts(chat)[0]
                 await spool_watch.emptied()
         users = await user_messages(daemon, chat)
         assert users == ["/slow 50 100", "still there?"]
@@ -658,7 +780,7 @@ def test_a_message_queued_in_the_daemon_is_kept_until_its_answer_is_shown(
 
 
 @pytest.mark.parametrize("still_running", [False, True], ids=["ended", "running"])
-def test_a_run_streaming_when_the_bridge_stops_is_shown_in_full_after_it_restarts(
+def test_a_run_streaming_when_the_bridge_stops_is_completed_in_its_message_after_a_restart(
     shared_daemon, short_tmp, spool_watch: SpoolWatch, still_running: bool
 ) -> None:
     chat = fresh_chat()
@@ -670,10 +792,14 @@ def test_a_run_streaming_when_the_bridge_stops_is_shown_in_full_after_it_restart
             async with polling(shared_daemon, fake, state):
                 # 4 s: time enough, on a loaded machine too, to restart while it runs
                 fake.push_message(chat, USER, "/slow 40 100")
-                await fake.wait_for(lambda: fake.texts(chat))
-            # Stopped as SIGTERM stops it, the answer half shown: the message stays.
-            assert fake.texts(chat)[0] != full
-            assert [message.text for message in spooled(state)] == ["/slow 40 100"]
+                # An edit: the answer's message was sent, and its id kept.
+                await fake.wait_for(lambda: fake.calls_to("editMessageText", chat))
+            # Stopped as SIGTERM stops it, the answer half shown: the message stays,
+            # with the message its answer was being shown in.
+            [(answer_id, half)] = fake.chats[chat].items()
+            assert half.visible != full
+            [message] = spooled(state)
+            assert (message.text, message.answer_ids) == ("/slow 40 100", (answer_id,))
             if not still_running:
                 async with (
                     connect(shared_daemon.socket_path) as client,
@@ -685,8 +811,10 @@ def test_a_run_streaming_when_the_bridge_stops_is_shown_in_full_after_it_restart
                 async with polling(shared_daemon, fake, state):
                     await fake.wait_for(lambda: fake.texts(chat)[-1:] == [full])
                     await spool_watch.emptied()
-        assert fake.texts(chat).count(full) == 1
-        assert len(fake.texts(chat)) == 2  # the first bridge's, cut short, and the answer
+        # Completed in the message the first bridge left half written: edited, none sent.
+        assert fake.texts(chat) == [full]
+        assert len(fake.calls_to("sendMessage", chat)) == 1
+        assert fake.calls_to("editMessageText", chat)[-1].params["message_id"] == str(answer_id)
         users = await user_messages(shared_daemon, chat)
         assert users == ["/slow 40 100"]
         assert spooled(state) == []

@@ -29,15 +29,19 @@ async def test_what_is_written_reads_back(tmp_path: Path) -> None:
     spool = Spool.open(path)
     await spool.add(message(10, "first"))
     await spool.add(message(11, "in a topic, to a guest", thread_id=7, guest="helper"))
-    await spool.add(message(12, "third"))
+    await spool.add(message(12, "third", reply_to=99))
     await spool.sent(10, at)
     await spool.sent(10, datetime.now(UTC))  # only the first sending counts
+    await spool.answer(10, (500,))
+    await spool.answer(10, (500,))  # the same messages: nothing to write
+    await spool.answer(10, (500, 501))
     await spool.done(11)
     await spool.done(11)  # nothing more to write
     spool.close()
 
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [line["op"] for line in lines] == ["message"] * 3 + ["sent", "done"]
+    ops = ["message"] * 3 + ["sent", "answer", "answer", "done"]
+    assert [line["op"] for line in lines] == ops
     assert lines[1] == {
         "op": "message",
         "update_id": 11,
@@ -46,9 +50,15 @@ async def test_what_is_written_reads_back(tmp_path: Path) -> None:
         "text": "in a topic, to a guest",
         "guest": "helper",
         "sent_at": None,
+        "reply_to": None,
+        "answer_ids": [],
     }
+    assert lines[5] == {"op": "answer", "update_id": 10, "message_ids": [500, 501]}
     again = Spool.open(path)
-    assert again.pending == [message(10, "first", sent_at=at), message(12, "third")]
+    assert again.pending == [
+        message(10, "first", sent_at=at, answer_ids=(500, 501)),
+        message(12, "third", reply_to=99),
+    ]
     assert again.knows(11) and again.knows(12) and not again.knows(13)
     again.close()
     assert path.stat().st_mode & 0o777 == 0o600
@@ -105,19 +115,20 @@ async def test_the_file_is_rewritten_once_it_grows_keeping_what_is_pending(
     path = tmp_path / "spool-1.jsonl"
     spool = Spool.open(path)
     await spool.add(message(1, "still pending"))
+    await spool.answer(1, (7, 8))
     for update_id in range(2, 300):
         await spool.add(message(update_id))
         await spool.done(update_id)
     assert path.stat().st_size < 2000 + 200  # 300 messages: 40 kB were it never rewritten
     spool.close()
     spool = Spool.open(path)
-    assert spool.pending == [message(1, "still pending")]
+    assert spool.pending == [message(1, "still pending", answer_ids=(7, 8))]
     # Those done most recently are remembered, so that Telegram sending one again is noticed.
     assert spool.knows(299) and spool.knows(292) and not spool.knows(291)
     spool.close()
 
 
-async def test_message_and_sent_lines_are_fsynced_done_lines_only_appended(
+async def test_message_and_sent_lines_are_fsynced_answer_and_done_lines_only_appended(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "spool-1.jsonl"
@@ -133,12 +144,16 @@ async def test_message_and_sent_lines_are_fsynced_done_lines_only_appended(
     await spool.add(message(10))
     await spool.sent(10, datetime.now(UTC))
     assert len(synced) == 2
+    await spool.answer(10, (500,))
     await spool.done(10)
-    assert len(synced) == 2  # a lost `done` is harmless: replay finds the message
+    # A lost `done` is harmless: replay finds the message; a lost `answer` shows
+    # the answer in a new message.
+    assert len(synced) == 2
     spool.close()
     assert [json.loads(line)["op"] for line in path.read_text().splitlines()] == [
         "message",
         "sent",
+        "answer",
         "done",
     ]
 
