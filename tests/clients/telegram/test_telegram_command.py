@@ -126,3 +126,42 @@ def test_a_second_bridge_on_the_same_spool_stops_in_one_line_naming_the_lock(
         assert not fake.calls_to("getUpdates")  # nothing was taken from Telegram
 
     anyio.run(main, backend="asyncio")
+
+
+def test_after_a_kill_9_mid_answer_the_next_start_completes_the_same_message(
+    shared_daemon, short_tmp
+) -> None:
+    chat = 9002
+    full = " ".join(str(word) for word in range(1, 41))
+    log_path = short_tmp / "bridge.log"
+
+    async def main() -> None:
+        with anyio.fail_after(30):
+            await kill_then_restart()
+
+    async def kill_then_restart() -> None:
+        fake = FakeBotAPI()
+        env = dict(os.environ, BOT_TOKEN=fake.token, CHINWAG_TELEGRAM_ALLOW=str(USER))
+        async with anyio.create_task_group() as server:
+            await server.start(fake.serve)
+            command = bridge_command(shared_daemon.socket_path, fake, short_tmp / "state")
+            with log_path.open("wb") as log:
+                async with await anyio.open_process(command, env=env, stderr=log) as process:
+                    fake.push_message(chat, USER, "/slow 40 100")  # 4 s
+                    # An edit: the answer's message was sent, and its id spooled.
+                    await fake.wait_for(lambda: fake.calls_to("editMessageText", chat))
+                    process.kill()
+                    await process.wait()
+                [(answer_id, half)] = fake.chats[chat].items()
+                assert half.visible != full
+                async with await anyio.open_process(command, env=env, stderr=log) as process:
+                    await fake.wait_for(lambda: fake.texts(chat)[-1:] == [full])
+                    process.send_signal(signal.SIGTERM)
+                    assert await process.wait() == 0, log_path.read_text()
+            server.cancel_scope.cancel()
+        # Completed in the message the killed bridge left half written: edited, none sent.
+        assert fake.texts(chat) == [full]
+        assert len(fake.calls_to("sendMessage", chat)) == 1
+        assert fake.calls_to("editMessageText", chat)[-1].params["message_id"] == str(answer_id)
+
+    anyio.run(main, backend="asyncio")
