@@ -14,6 +14,8 @@ conftest's folder there), so any test imports it as ``from deadlines import ...`
 
 from __future__ import annotations
 
+import subprocess
+import threading
 from collections.abc import AsyncIterable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -98,3 +100,28 @@ async def watch_until_end(subscription: AsyncIterable[Any], *, within: float = R
             if isinstance(frame.event, End):
                 return seen
     raise AssertionError(f"the subscription ended before {what}")
+
+
+@contextmanager
+def killed_after(proc: subprocess.Popen[Any], seconds: float, what: str) -> Iterator[None]:
+    """For a blocking read from a child process: kill it if the block is not done within
+    ``seconds``, so that the read ends, and fail naming ``what`` the block waited for."""
+    fired = threading.Event()
+
+    def kill() -> None:
+        fired.set()
+        proc.kill()
+
+    timer = threading.Timer(seconds, kill)
+    timer.start()
+    failure = AssertionError(f"waited {seconds:g} s for {what}, in vain; the process was killed")
+    try:
+        yield
+    except Exception:
+        if fired.is_set():
+            raise failure from None
+        raise
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        raise failure

@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 Runner = Callable[[Callable[[], Awaitable[Any]]], Any]
+BODY_S = 30.0
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -26,9 +27,15 @@ def run(backend: str) -> Runner:
     def run_on_backend(fn: Callable[[], Awaitable[Any]]) -> Any:
         async def bounded() -> Any:
             # A hung test fails instead of stalling the suite.
-            with anyio.fail_after(30):
+            with anyio.fail_after(BODY_S):
                 return await fn()
 
-        return anyio.run(bounded, backend=backend)
+        try:
+            return anyio.run(bounded, backend=backend)
+        except TimeoutError:
+            raise AssertionError(
+                f"the test's body did not finish within {BODY_S:g} s on {backend}: a wait in it"
+                " (a frame, a run's end, the fake daemon's reply) never ended"
+            ) from None
 
     return run_on_backend

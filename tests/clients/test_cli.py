@@ -32,6 +32,7 @@ from chinwag.protocol import (
     Start,
     TextDelta,
 )
+from deadlines import killed_after
 
 _installed = Path(sys.executable).with_name("chinwag")
 # The console script next to this interpreter, else whatever `chinwag` is on PATH.
@@ -210,7 +211,8 @@ def test_kill_stops_a_running_send(daemon) -> None:
     )  # fmt: skip
     try:
         assert send.stdout is not None
-        assert send.stdout.read(1) == "1"  # the run is streaming
+        with killed_after(send, 15, "the first word of the run"):
+            assert send.stdout.read(1) == "1"  # the run is streaming
         killed = chinwag(daemon.socket_path, "kill", "--sender", sender, "assistant")
         assert killed.returncode == 0, killed.stderr
         assert re.fullmatch(r"killed run \S+\n", killed.stdout)
@@ -254,10 +256,11 @@ def test_tail_prints_events_until_interrupted(daemon) -> None:
         assert sent.returncode == 0, sent.stderr
         assert tail.stdout is not None
         frames: list[Event] = []
-        while not (frames and isinstance(frames[-1].event, End)):
-            frame = msgspec.json.decode(tail.stdout.readline(), type=ServerMsg)
-            assert isinstance(frame, Event)
-            frames.append(frame)
+        with killed_after(tail, 30, "tail to print the run's end"):
+            while not (frames and isinstance(frames[-1].event, End)):
+                frame = msgspec.json.decode(tail.stdout.readline(), type=ServerMsg)
+                assert isinstance(frame, Event)
+                frames.append(frame)
         tail.send_signal(signal.SIGINT)
         _, err = tail.communicate(timeout=15)
     finally:

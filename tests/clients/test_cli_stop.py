@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from deadlines import killed_after
 from test_cli import assert_clean_failure, chinwag
 
 
@@ -44,7 +45,9 @@ def test_stop_refuses_a_socket_held_by_another_program(tmp_path) -> None:
         stdout=subprocess.PIPE,
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"\n"
+        assert holder.stdout is not None
+        with killed_after(holder, 15, "the other program to listen"):
+            assert holder.stdout.readline() == b"\n"
         result = chinwag(path, "stop")
         assert_clean_failure(result)
         assert f"is held by pid {holder.pid} (python" in result.stderr

@@ -23,6 +23,7 @@ import pytest
 import trio
 from chinwag.protocol import Entry, ToolCallInfo
 from chinwag.storage import Archive, JsonlStorage, StorageError, open_store
+from deadlines import deadline
 from structlog.testing import capture_logs
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -568,7 +569,7 @@ async def test_what_was_acknowledged_survives_a_killed_process(tmp_path: Path, u
     try:
         assert proc.stdout is not None
         acknowledged, pending = 0, b""
-        with trio.fail_after(30):
+        with deadline(30, "the writer to acknowledge 200 appends"):
             while acknowledged < 200:
                 chunk = await proc.stdout.receive_some()
                 assert chunk, "the writer died on its own"

@@ -33,6 +33,7 @@ from chinwag.storage import (
 )
 from chinwag.storage._sqlite import MIGRATIONS
 from chinwag.storage._timestamps import to_text
+from deadlines import deadline
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -267,7 +268,7 @@ async def test_what_was_acknowledged_survives_a_killed_process(tmp_path: Path, q
     try:
         assert proc.stdout is not None
         acknowledged, pending = 0, b""
-        with trio.fail_after(30):
+        with deadline(30, "the writer to acknowledge 200 appends"):
             while acknowledged < 200:
                 chunk = await proc.stdout.receive_some()
                 assert chunk, "the writer died on its own"

@@ -32,6 +32,7 @@ from chinwag.storage import (
     open_store,
 )
 from chinwag.storage._postgres import MIGRATIONS, parse_postgres_url
+from deadlines import deadline
 from psycopg import sql
 
 on_postgres = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
@@ -290,7 +291,7 @@ async def test_a_killed_daemon_frees_its_claims(
     )
     try:
         assert proc.stdout is not None
-        with trio.fail_after(30):
+        with deadline(30, "the other process to claim the conversation"):
             assert b"claimed" in await proc.stdout.receive_some()
         assert not await store.claim(AGENT, SENDER)
     finally:

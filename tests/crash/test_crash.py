@@ -58,6 +58,7 @@ from chinwag.protocol import (
     ToolResult,
 )
 from chinwag.storage import open_store
+from deadlines import collect, next_event, next_of
 
 AGENT = "assistant"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -812,7 +813,7 @@ def _ddl(url: str, statements: list[str], faults: Path) -> None:
 
 async def _run(c: Client, content: str, sender: str) -> list[Any]:
     async with c.stream(AGENT, content, sender=sender) as events:
-        return await events.collect()
+        return await collect(events)
 
 
 @pytest.mark.parametrize("when", ["insert", "commit"])
@@ -839,14 +840,12 @@ async def test_a_failed_append_ends_the_run_500_and_the_daemon_serves_on(
 
         # A step (assistant tool call + its result) fails to append: nothing of it is kept.
         async with c.stream(AGENT, "/ask which one?", sender="victim") as events:
-            start = await anext(events)
+            start = await next_event(events)
             assert isinstance(start, Start)
-            ask = await anext(events)
-            while not isinstance(ask, AskUser):
-                ask = await anext(events)
+            ask = await next_of(events, AskUser)
             await trio.to_thread.run_sync(_ddl, storage_url, setup, faults)
             await answerer.reply_to_ask(AGENT, "this one", sender="victim", ask_id=ask.ask_id)
-            rest = await events.collect()
+            rest = await collect(events)
         end = rest[-1]
         assert isinstance(end, End) and end.status == "error", rest
         assert end.error is not None and end.error.code == 500, end

@@ -67,6 +67,7 @@ from chinwag.protocol import (
     Welcome,
     frame,
 )
+from deadlines import deadline
 from runtime_harness import open_runtime
 from structlog.testing import capture_logs
 
@@ -114,12 +115,12 @@ class Client:
         await self.send_bytes(self.codec.encode_frame(msg))
 
     async def send_bytes(self, data: bytes | bytearray) -> None:
-        with trio.fail_after(self.wait_s):
+        with deadline(self.wait_s, "the daemon to take what the client sends"):
             await self.stream.send_all(data)
 
     async def next(self) -> ServerMsg | None:
         """The next frame, or None once the daemon closed the connection."""
-        with trio.fail_after(self.wait_s):
+        with deadline(self.wait_s, "a frame from the daemon"):
             while (body := self._decoder.next_frame()) is None:
                 data = await self.stream.receive_some(65536)
                 if not data:
@@ -218,7 +219,7 @@ async def open_daemon(**daemon: object) -> AsyncIterator[Daemon]:
 
 async def served_within(client: Client, seconds: float) -> None:
     """The daemon let go of ``client``'s connection within ``seconds``."""
-    with trio.fail_after(seconds):
+    with deadline(seconds, "the daemon to let go of the connection"):
         await client.served.wait()
 
 

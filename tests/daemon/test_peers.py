@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 from chinwag.daemon._server import descends_from
+from deadlines import killed_after
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 
@@ -20,7 +21,8 @@ def child(*argv: str) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
-        proc.stdout.readline()  # it is running what it was told
+        with killed_after(proc, 15, "the child to say it runs"):
+            assert proc.stdout.readline() == b"\n"  # it is running what it was told
         yield proc
     finally:
         assert proc.stdin is not None

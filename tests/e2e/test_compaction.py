@@ -24,6 +24,7 @@ from chinwag.protocol import (
     ToolResult,
 )
 from chinwag.storage import open_store
+from deadlines import FRAME_S, collect, deadline, next_event
 
 CONFIG = """
 [daemon]
@@ -61,8 +62,7 @@ CAR = "my first car was a red Volvo and its name was Bertha"
 
 async def turn(client, content: str, *, agent: str = "assistant", **kwargs) -> list:
     async with client.stream(agent, content, **kwargs) as events:
-        with trio.fail_after(20):
-            got = await events.collect()
+        got = await collect(events, within=20)
     assert isinstance(got[-1], End) and got[-1].status == "done", got[-1]
     return got
 
@@ -172,7 +172,7 @@ async def test_a_compaction_waits_for_the_run_before_it_and_archives_it(daemon):
     async with connect(daemon.socket_path) as c:
         await turn(c, "first")
         async with c.stream("assistant", "/slow 3 100") as events:
-            assert isinstance(await anext(events), Start)
+            assert isinstance(await next_event(events), Start)
             compacted = []
             async with trio.open_nursery() as nursery:
 
@@ -180,7 +180,7 @@ async def test_a_compaction_waits_for_the_run_before_it_and_archives_it(daemon):
                     compacted.append(await c.compact("assistant"))
 
                 nursery.start_soon(compact)
-                rest = await events.collect()
+                rest = await collect(events)
                 assert not compacted, "the compaction waited for the run in flight"
         assert rest[-1].status == "done"
         assert compacted[0].archived_entries == 4
@@ -191,7 +191,7 @@ async def test_kill_all_drops_a_queued_compaction_and_nothing_is_archived(daemon
     async with connect(daemon.socket_path) as c:
         await turn(c, "first")
         async with c.stream("assistant", "/slow 50 100") as events:
-            assert isinstance(await anext(events), Start)
+            assert isinstance(await next_event(events), Start)
             outcome: list[BaseException] = []
             async with trio.open_nursery() as nursery:
 
@@ -203,12 +203,12 @@ async def test_kill_all_drops_a_queued_compaction_and_nothing_is_archived(daemon
 
                 nursery.start_soon(compact)
                 async with connect(daemon.socket_path) as killer:
-                    with trio.fail_after(10):
+                    with deadline(FRAME_S, "the compaction to wait in the queue"):
                         # The daemon is another process: its queue is seen by asking.
                         while (await killer.stats()).runs_queued < 1:  # noqa: ASYNC110
                             await trio.sleep(0.01)
                     await killer.kill("assistant", all=True)
-            assert (await events.collect())[-1].status == "killed"
+            assert (await collect(events))[-1].status == "killed"
         [refused] = outcome
         assert isinstance(refused, ChinwagError) and refused.code == 409
         assert "killed" in refused.message

@@ -14,13 +14,16 @@ import struct
 from typing import get_args
 
 import msgspec
+import pytest
 import trio
 from chinwag.clients import connect
 from chinwag.protocol import ClientMsg, Hello, TextDelta
+from deadlines import deadline
 
 FRAMES = int(os.environ.get("CHINWAG_FUZZ_FRAMES", "10000"))
 SEED = int(os.environ.get("CHINWAG_FUZZ_SEED", "20261129"))
 CONNECTIONS = 32  # fuzzing connections at once
+FUZZ_S = 240
 MAX_FRAME = 65536
 
 CONFIG = f"""
@@ -127,6 +130,7 @@ async def fuzz_connection(path, rng: random.Random, budget: list[int], answers: 
             answers[0] += received.count(b'"type":"error"')
 
 
+@pytest.mark.timeout(FUZZ_S + 60)  # past the suite's default; its own deadline says more
 async def test_ten_thousand_malformed_frames_leave_the_daemon_and_a_good_client_unharmed(
     daemon_factory,
 ):
@@ -145,7 +149,7 @@ async def test_ten_thousand_malformed_frames_leave_the_daemon_and_a_good_client_
                 assert "".join(e.delta for e in got if isinstance(e, TextDelta)).split() == words
                 good_runs += 1
 
-    with trio.fail_after(240):
+    with deadline(FUZZ_S, f"{FRAMES} malformed frames sent and the good client's runs"):
         done = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(good_client, done)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 from chinwag.clients import connect
 from chinwag.protocol import End, TextDelta
+from deadlines import deadline
 
 CLIENTS = int(os.environ.get("CHINWAG_LOAD_CLIENTS", "100"))
 RUNS = int(os.environ.get("CHINWAG_LOAD_RUNS", "10"))
+LOAD_S = 300
 
 CONFIG = f"""
 [daemon]
@@ -25,6 +28,7 @@ provider = "echo"
 """
 
 
+@pytest.mark.timeout(LOAD_S + 60)  # past the suite's default; its own deadline says more
 async def test_many_clients_many_runs_zero_errors_every_turn_stored(daemon_factory):
     daemon = daemon_factory(CONFIG)
     failures: list[str] = []
@@ -40,7 +44,7 @@ async def test_many_clients_many_runs_zero_errors_every_turn_stored(daemon_facto
                 if not isinstance(end, End) or end.status != "done" or text != words:
                     failures.append(f"client {n} run {run}: {end} {text!r}")
 
-    with trio.fail_after(300):
+    with deadline(LOAD_S, f"{CLIENTS} clients' {RUNS} runs each to end"):
         async with trio.open_nursery() as nursery:
             for n in range(CLIENTS):
                 nursery.start_soon(client, n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from chinwag.clients import connect
 from chinwag.protocol import End, Queued, Start, TextDelta
+from deadlines import collect, next_event
 
 
 async def test_a_conversation_busy_on_one_daemon_waits_on_the_other(daemon_factory, postgres_url):
@@ -11,16 +12,16 @@ async def test_a_conversation_busy_on_one_daemon_waits_on_the_other(daemon_facto
     second = daemon_factory(storage_url=postgres_url, name="second")
     async with connect(first.socket_path) as a, connect(second.socket_path) as b:
         async with a.stream("assistant", "/slow 20 20") as running:
-            assert isinstance(await anext(running), Start)
-            assert isinstance(await anext(running), TextDelta)
+            assert isinstance(await next_event(running), Start)
+            assert isinstance(await next_event(running), TextDelta)
             async with b.stream("assistant", "rejected", queue="reject") as refused:
-                (end,) = [e async for e in refused]
+                (end,) = await collect(refused)
             assert end.status == "error" and end.error.code == 409
             async with b.stream("assistant", "after you") as waiting:
-                assert isinstance(await anext(waiting), Queued)
-                rest = [e async for e in running]
+                assert isinstance(await next_event(waiting), Queued)
+                rest = await collect(running)
                 assert rest[-1].status == "done" and rest[-1].last_seq == 2
-                later = [e async for e in waiting]
+                later = await collect(waiting)
         start = next(e for e in later if isinstance(e, Start))
         assert start.seq == 3, "the second daemon re-read what the first one stored"
         assert isinstance(later[-1], End) and later[-1].status == "done"
@@ -40,10 +41,10 @@ async def test_a_dead_daemon_frees_its_conversations(daemon_factory, postgres_ur
         connect(first.socket_path) as a,
         a.stream("assistant", "/slow 1000 20") as running,
     ):
-        await anext(running)
+        await next_event(running)
         first.kill9()
     async with connect(second.socket_path) as b, b.stream("assistant", "mine now") as events:
-        got = [e async for e in events]
+        got = await collect(events)
     assert got[-1].status == "done"
     start = next(e for e in got if isinstance(e, Start))
     assert start.seq == 2, "the killed run kept its user entry, nothing torn"
