@@ -32,9 +32,56 @@ _TOASTS = {
 OUTAGE_NOTICE = "🔄 The agent is restarting; your message is kept, and answered once it is back."
 
 
+#: How often "typing…" is sent again while a run works: Telegram shows it for 5 s.
+TYPING_EVERY_S = 4.0
+
+
 def sender_for(chat_id: int, thread_id: int | None) -> str:
     """The conversation's sender: `tg:<chat id>`, or `tg:<chat id>:<topic id>` in a forum."""
     return f"tg:{chat_id}" if thread_id is None else f"tg:{chat_id}:{thread_id}"
+
+
+class Typing:
+    """Keeps "typing…" showing in a chat (or topic) while any of its turns wants it.
+
+    ``run`` sends the chat action when it is wanted, then again every ``every``
+    seconds until it no longer is; each turn runs it while it lives, and one
+    at a time sends, so that a chat gets one indicator however many turns it has.
+    """
+
+    def __init__(self, outbox: Outbox, thread_id: int | None, every: float = TYPING_EVERY_S):
+        self.every = every
+        self._outbox = outbox
+        self._thread_id = thread_id
+        self._wanted: set[object] = set()  # the turns that want it
+        self._changed = anyio.Event()
+        self._sending = anyio.Lock()
+
+    def want(self, turn: object, wanted: bool) -> None:
+        before = bool(self._wanted)
+        if wanted:
+            self._wanted.add(turn)
+        else:
+            self._wanted.discard(turn)
+        if bool(self._wanted) != before:
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def run(self) -> None:
+        """Show it while it is wanted, until cancelled (waiting while another
+        turn's ``run`` sends)."""
+        async with self._sending:
+            while True:
+                while not self._wanted:
+                    await self._change()
+                await self._outbox.typing(self._thread_id)
+                with anyio.move_on_after(self.every):
+                    while self._wanted:
+                        await self._change()
+
+    async def _change(self) -> None:
+        changed = self._changed
+        await changed.wait()
 
 
 class Chat:
@@ -48,6 +95,7 @@ class Chat:
         self.outbox = outbox
         self.thread_id = thread_id
         self.sender = sender_for(outbox.chat_id, thread_id)
+        self.typing = Typing(outbox, thread_id)
         self._link = link
         self._agent = agent
         self._prompt: AskPrompt | None = None

@@ -26,7 +26,6 @@ from .._client import ChinwagError, Client, ConnectionLost, EventStream
 from .._render import QuietCalls, tool_call_summary
 from ._chat import Chat
 from ._link import Backoff, DaemonLink
-from ._outbox import Outbox
 from ._reply import LiveReply
 from ._spool import Spool, Spooled
 
@@ -34,43 +33,6 @@ log = structlog.get_logger()
 
 # The daemon's code for "going away": it is shutting down, or the connection broke.
 _GONE = 503
-#: How often "typing…" is sent again while a run works: Telegram shows it for 5 s.
-TYPING_EVERY_S = 4.0
-
-
-class Typing:
-    """Keeps "typing…" showing in a chat (or topic) while ``on``.
-
-    ``run`` is its task: it sends the chat action when turned on, then again
-    every ``every`` seconds until turned off (or cancelled).
-    """
-
-    def __init__(self, outbox: Outbox, thread_id: int | None, every: float = TYPING_EVERY_S):
-        self.every = every
-        self._outbox = outbox
-        self._thread_id = thread_id
-        self._on = False
-        self._changed = anyio.Event()
-
-    def turn(self, on: bool) -> None:
-        if on != self._on:
-            self._on = on
-            self._changed.set()
-            self._changed = anyio.Event()
-
-    async def run(self) -> None:
-        """Show it while on, until cancelled."""
-        while True:
-            while not self._on:
-                await self._change()
-            await self._outbox.typing(self._thread_id)
-            with anyio.move_on_after(self.every):
-                while self._on:
-                    await self._change()
-
-    async def _change(self) -> None:
-        changed = self._changed
-        await changed.wait()
 
 
 class Turn:
@@ -108,7 +70,7 @@ class Turn:
         self._reply_to = message.reply_to
         self._answer_ids = message.answer_ids
         self._spool = spool
-        self._typing = Typing(chat.outbox, chat.thread_id)
+        self._typing = chat.typing
         self._quiet = QuietCalls()  # ask_user is shown as its question, not as a call
         self._start: Start | None = None
         self._seen = 0  # events of the run handled so far, its `start` included
@@ -139,7 +101,10 @@ class Turn:
             )
             async with anyio.create_task_group() as typing:
                 typing.start_soon(self._typing.run)
-                end = await self._follow(ticket)
+                try:
+                    end = await self._follow(ticket)
+                finally:
+                    self._typing.want(self, False)  # before another turn's run takes over
                 typing.cancel_scope.cancel()
             await self._conclude(end)
         # The answer is in the chat (or Telegram would not take it): nothing is
@@ -156,7 +121,7 @@ class Turn:
     async def _follow(self, ticket: int) -> End:
         retry = Backoff(first=0.2, ceiling=5.0)
         while True:
-            self._typing.turn(False)
+            self._typing.want(self, False)
             client = await self._connected()
             try:
                 if self._start is None:
@@ -208,7 +173,7 @@ class Turn:
                         self._agent, self._content, sender=self._chat.sender, guest=self._guest
                     )
                 )
-            self._typing.turn(True)
+            self._typing.want(self, True)
             end = await self._relay(events)
         if self._start is None and end.error is not None and end.error.code == _GONE:
             return None  # the daemon shut down before the run started
@@ -220,7 +185,7 @@ class Turn:
         async with client.attach(self._agent, self._chat.sender) as events:
             first = await anext(events)
             if isinstance(first, Start) and first.run_id == self._start.run_id:
-                self._typing.turn(True)
+                self._typing.want(self, True)
                 return await self._relay(events, skip=self._seen - 1)
         return await self._recover(client)
 
@@ -232,7 +197,7 @@ class Turn:
             if skip:
                 skip -= 1
             else:
-                self._typing.turn(not isinstance(event, AskUser))
+                self._typing.want(self, not isinstance(event, AskUser))
                 await self._show(event)
         raise ConnectionLost("The run's events ended without an `end`.")
 
