@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import signal
@@ -15,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-POSTGRES_URL = os.environ.get("CHINWAG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+import worker_database
 
 DEFAULT_CONFIG = """
 [daemon]
@@ -135,37 +133,31 @@ def daemon(daemon_factory) -> DaemonProcess:  # type: ignore[no-untyped-def]
     return daemon_factory()  # type: ignore[operator,no-any-return]
 
 
-@functools.cache
-def postgres_unreachable() -> str | None:
-    """Why the test PostgreSQL cannot be used, or None when it can; asked once."""
-    try:
-        import psycopg
-
-        psycopg.connect(POSTGRES_URL, connect_timeout=5).close()
-    except Exception as exc:  # ImportError or any connection failure
-        return " ".join(str(exc).split())
-    return None
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    worker_database.drop()
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A storage URL on the test PostgreSQL in a fresh schema, dropped afterwards.
+    """A storage URL on this worker's own PostgreSQL database, in a fresh schema dropped
+    afterwards (tests/worker_database.py).
 
     Skips when the server is unreachable, except under CI=true, where it fails.
     """
-    problem = postgres_unreachable()
+    problem = worker_database.unreachable()
     if problem is not None:
-        reason = f"no PostgreSQL at CHINWAG_TEST_POSTGRES={POSTGRES_URL}: {problem}"
+        reason = f"no PostgreSQL at CHINWAG_TEST_POSTGRES={worker_database.SERVER_URL}: {problem}"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
     import psycopg
     from psycopg import sql
 
+    database = worker_database.database_url()
     schema = f"chinwag_test_{secrets.token_hex(8)}"
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{separator}schema={schema}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+    separator = "&" if "?" in database else "?"
+    yield f"{database}{separator}schema={schema}"
+    with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 

@@ -5,16 +5,16 @@ backend that needs a server, like postgres, skips in ``url`` when none is
 configured).
 
 Postgres runs on the server ``CHINWAG_TEST_POSTGRES`` names (default
-``postgresql://postgres@127.0.0.1:5432/test``), each store URL in a fresh schema
-(``?schema=chinwag_test_<random>``) dropped after its test, so runs on one
-server never see each other's data. An unreachable server skips the postgres
+``postgresql://postgres@127.0.0.1:5432/test``), in a database of the test
+process's own (tests/worker_database.py: one per xdist worker), each store URL
+in a fresh schema (``?schema=chinwag_test_<random>``) dropped after its test,
+so runs on one server never see each other's data. An unreachable server skips the postgres
 tests, or fails them under ``CI=true``.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import secrets
 import sqlite3
@@ -28,6 +28,7 @@ import msgspec
 import psycopg
 import pytest
 import trio
+import worker_database
 from chinwag.storage import Storage, _jsonl, open_store
 from chinwag.storage._postgres import parse_postgres_url
 from psycopg import sql
@@ -127,28 +128,16 @@ async def _jsonl_failing_appends(url: str, content: str, when: FailAt) -> AsyncI
         _jsonl._write_all, _jsonl._sync = real_write, real_sync
 
 
-POSTGRES_URL = os.environ.get("CHINWAG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-@functools.cache
-def _postgres_unreachable() -> str | None:
-    """Why the test server cannot be used, or None if it can; asked once per session."""
-    try:
-        psycopg.connect(POSTGRES_URL, connect_timeout=5).close()
-    except psycopg.Error as exc:
-        return " ".join(str(exc).split())
-    return None
-
-
 def _postgres_url(tmp: Path) -> str:
-    problem = _postgres_unreachable()
+    problem = worker_database.unreachable()
     if problem is not None:
-        reason = f"no PostgreSQL at CHINWAG_TEST_POSTGRES={POSTGRES_URL}: {problem}"
+        reason = f"no PostgreSQL at CHINWAG_TEST_POSTGRES={worker_database.SERVER_URL}: {problem}"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    return f"{POSTGRES_URL}{separator}schema=chinwag_test_{secrets.token_hex(8)}"
+    database = worker_database.database_url()
+    separator = "&" if "?" in database else "?"
+    return f"{database}{separator}schema=chinwag_test_{secrets.token_hex(8)}"
 
 
 def postgres_connect(url: str) -> psycopg.Connection:

@@ -43,6 +43,7 @@ import anyio
 import msgspec
 import pytest
 import trio
+import worker_database
 from chinwag.clients import ChinwagError, Client, EventStream, connect
 from chinwag.protocol import (
     AskUser,
@@ -61,7 +62,6 @@ from chinwag.storage import open_store
 from deadlines import collect, next_event, next_of
 
 AGENT = "assistant"
-DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 CONFIG = f"""
 [daemon]
@@ -97,13 +97,13 @@ class Backend:
     needs_server: bool = False
 
 
-POSTGRES_URL = os.environ.get("CHINWAG_TEST_POSTGRES", DEFAULT_POSTGRES)
-
-
 def _postgres_url(root: Path) -> str:
-    """The test server, in a fresh schema (``?schema=``) that the fixture drops after."""
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    return f"{POSTGRES_URL}{separator}schema=chinwag_crash_{uuid.uuid4().hex[:16]}"
+    """The worker's test database, in a fresh schema (``?schema=``) the fixture drops after."""
+    if worker_database.unreachable() is not None:
+        return worker_database.SERVER_URL + "?schema=unreachable"  # for _probe to say so
+    database = worker_database.database_url()
+    separator = "&" if "?" in database else "?"
+    return f"{database}{separator}schema=chinwag_crash_{uuid.uuid4().hex[:16]}"
 
 
 def _postgres_connect(url: str) -> Any:
@@ -156,7 +156,8 @@ def _probe(backend: Backend, url: str) -> None:
     except Exception as exc:
         if not backend.needs_server:
             raise
-        reason = f"{backend.name} at {POSTGRES_URL} is unusable: {type(exc).__name__}: {exc}"
+        server = worker_database.SERVER_URL
+        reason = f"{backend.name} at {server} is unusable: {type(exc).__name__}: {exc}"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason} (under CI=true a missing server is a failure)")
         pytest.skip(reason)
