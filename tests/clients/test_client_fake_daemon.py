@@ -43,6 +43,7 @@ from chinwag.protocol import (
 Runner = Callable[[Callable[[], Awaitable[object]]], object]
 
 WELCOME = Welcome(protocol=1, server="fake", agents=["assistant"], max_frame_bytes=4096)
+CLOSED = r"The daemon closed the connection\. \(503\)"
 
 
 class FakeConnection:
@@ -186,9 +187,9 @@ def test_dropped_connection_raises_connection_lost_everywhere(run: Runner, sock:
             async with c.stream("assistant", "hi") as events:
                 first = await events.__anext__()
                 assert isinstance(first, Start)
-                with pytest.raises(ConnectionLost):
+                with pytest.raises(ConnectionLost, match=CLOSED):
                     await c.ping()
-                with pytest.raises(ConnectionLost):
+                with pytest.raises(ConnectionLost, match=CLOSED):
                     await events.__anext__()
             with pytest.raises(ConnectionLost) as info:
                 await c.ping()
@@ -299,7 +300,7 @@ def test_the_callers_exception_comes_out_unwrapped(run: Runner, sock: Path) -> N
 
     async def main() -> None:
         async with fake_daemon(sock, handler):
-            with pytest.raises(KeyError):
+            with pytest.raises(KeyError, match=r"^'mine'$"):
                 async with connect(sock):
                     raise KeyError("mine")
 
@@ -327,7 +328,7 @@ def test_json_encoding_is_spoken_when_asked(run: Runner, sock: Path) -> None:
 
 def test_connect_without_a_daemon_raises_oserror(run: Runner, sock: Path) -> None:
     async def main() -> None:
-        with pytest.raises(OSError):
+        with pytest.raises(FileNotFoundError, match="No such file or directory"):
             async with connect(sock):
                 pass
 

@@ -337,9 +337,9 @@ def test_dropped_daemon_raises_connection_lost(daemon, run: Runner) -> None:
             async with c.stream("assistant", "/slow 50 20", sender=sender) as events:
                 await next_of(events, TextDelta)
                 await anyio.to_thread.run_sync(daemon.kill9)
-                with pytest.raises(ConnectionLost):
+                with pytest.raises(ConnectionLost, match=r"daemon closed the connection\. \(503\)"):
                     await events.collect()
-            with pytest.raises(ConnectionLost):
+            with pytest.raises(ConnectionLost, match=r"daemon closed the connection\. \(503\)"):
                 await c.ping()
 
     run(main)

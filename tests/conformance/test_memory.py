@@ -23,7 +23,16 @@ from chinwag.storage import (
     Storage,
     StorageError,
 )
-from test_storage import AGENT, SENDER, T0, FailingAppends, Reopen, at
+from test_storage import (
+    AGENT,
+    SENDER,
+    STORE_CLOSED,
+    T0,
+    FailingAppends,
+    Reopen,
+    at,
+    failure_of,
+)
 
 
 def message(content: str, *, role: str = "user", agent: str = "") -> Entry:
@@ -134,10 +143,14 @@ async def test_history_hides_what_was_archived_and_shows_the_marker(store: Stora
 async def test_compacting_twice_leaves_two_markers_and_two_archives(store: Storage) -> None:
     await conversation(store, ["apple one", "apple two"])
     first = await store.compact(AGENT, SENDER, archive(1, 2, "first summary"))
-    with pytest.raises(StorageError):  # nothing came after the marker yet
+    with pytest.raises(
+        StorageError, match="must cover at least one entry"
+    ):  # nothing came after the marker yet
         await store.compact(AGENT, SENDER, archive(4, 3, "empty", name="empty", speakers=[]))
     await store.append(AGENT, SENDER, [message("banana four"), message("banana five")])
-    with pytest.raises(StorageError):  # the second covers only what came after the first
+    with pytest.raises(
+        StorageError, match=r"must cover seq 4 to 5, .* this one covers 1 to 5"
+    ):  # the second covers only what came after the first
         await store.compact(AGENT, SENDER, archive(1, 5, "wrong", name="wrong"))
     second = await store.compact(AGENT, SENDER, archive(4, 5, "second summary"))
 
@@ -168,10 +181,21 @@ async def test_the_archive_may_follow_a_marker_appended_directly(store: Storage)
     await conversation(store, ["one"])
     marker = Entry(seq=0, kind="compact", content="older", archive="elsewhere", created_at=T0)
     await store.append(AGENT, SENDER, [marker, message("three")])  # seqs 2 and 3
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=r"must cover seq 3 to 3, .* this one covers 1 to 3"):
         await store.compact(AGENT, SENDER, archive(1, 3))
     await store.compact(AGENT, SENDER, archive(3, 3))
     assert await store.get_archive(AGENT, SENDER, "elsewhere") is None  # a marker, no archive
+
+
+RANGE = "An archive must cover seq 1 to 3, the entries after the latest compact marker;"
+REFUSED = {  # what each wrong archive below is refused with
+    "late-start": f"{RANGE} this one covers 2 to 3",
+    "early-end": f"{RANGE} this one covers 1 to 2",
+    "past-the-end": f"{RANGE} this one covers 1 to 4",
+    "from-zero": f"{RANGE} this one covers 0 to 3",
+    "too-few-speakers": "An archive needs one speaker per archived entry",
+    "too-many-speakers": "An archive needs one speaker per archived entry",
+}
 
 
 @pytest.mark.parametrize(
@@ -188,7 +212,7 @@ async def test_the_archive_may_follow_a_marker_appended_directly(store: Storage)
 )
 async def test_a_wrong_archive_is_refused_and_stores_nothing(store: Storage, bad: Archive) -> None:
     await conversation(store, ["one", "two", "three"])
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=REFUSED[bad.name]):
         await store.compact(AGENT, SENDER, msgspec.structs.replace(bad, summary="zebra"))
     await assert_unchanged(store, bad.name, last_seq=3)
 
@@ -197,7 +221,7 @@ async def test_a_name_the_conversation_used_is_refused(store: Storage) -> None:
     await conversation(store, ["one", "two"])
     await store.compact(AGENT, SENDER, archive(1, 2, "first", name="same"))
     await store.append(AGENT, SENDER, [message("four")])
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match="already has an archive named 'same'"):
         await store.compact(AGENT, SENDER, archive(4, 4, "zebra", name="same"))
     stored = await store.get_archive(AGENT, SENDER, "same")
     assert stored is not None and stored.summary == "first"
@@ -250,17 +274,23 @@ async def test_a_compaction_among_concurrent_appends_is_whole_or_refused(store: 
 
 async def test_an_unknown_conversation_is_not_found(store: Storage) -> None:
     await conversation(store, ["one"])
-    with pytest.raises(ConversationNotFound):
+    with pytest.raises(
+        ConversationNotFound, match=r"No conversation is stored for \(assistant, nobody\)"
+    ):
         await store.compact(AGENT, "nobody", archive(1, 1))
-    with pytest.raises(ConversationNotFound):
+    with pytest.raises(
+        ConversationNotFound, match=r"No conversation is stored for \(ghost, user\)"
+    ):
         await store.compact("ghost", SENDER, archive(1, 1))
-    with pytest.raises(ConversationNotFound):
+    with pytest.raises(
+        ConversationNotFound, match=r"No conversation is stored for \(assistant, nobody\)"
+    ):
         await store.get_archive(AGENT, "nobody", "archive-1-1")
 
 
 async def test_a_naive_archive_time_is_refused(store: Storage) -> None:
     await conversation(store, ["one"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Timestamps must be timezone-aware"):
         await store.compact(AGENT, SENDER, archive(1, 1, when=datetime(2024, 5, 1)))
     assert [e.kind for e in await store.history(AGENT, SENDER)] == ["message"]
 
@@ -271,7 +301,7 @@ async def test_a_compaction_that_fails_mid_write_leaves_neither_archive_nor_mark
 ) -> None:
     await conversation(store, ["one", "two"])
     async with failing_appends("zebra", when=when):
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageError, match=failure_of(AGENT, SENDER)):
             await store.compact(AGENT, SENDER, archive(1, 2, "zebra", name="doomed"))
         await assert_unchanged(store, "doomed", last_seq=2)
 
@@ -426,7 +456,9 @@ async def test_search_returns_at_most_limit_hits(store: Storage) -> None:
 
 @pytest.mark.parametrize("limit", [0, -1, MAX_SEARCH_LIMIT + 1])
 async def test_a_limit_out_of_range_is_a_value_error(store: Storage, limit: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError, match=rf"limit must be between 1 and {MAX_SEARCH_LIMIT}, got {limit}"
+    ):
         await search(store, "anything", limit=limit)
 
 
@@ -436,38 +468,45 @@ async def test_a_query_without_words_finds_nothing(store: Storage, query: str) -
     assert await search(store, query) == []
 
 
+ANIMALS, LOGIC = ["animals"], ["logic"]
+BOTH = ["animals", "logic"]
+
+
+# Each query's operators are taken as plain text: only its words are looked up, any of
+# them matching ("near", "or", "and", "not", "text" are words of the `logic` note).
 @pytest.mark.parametrize(
-    "query",
+    ("query", "found"),
     [
-        '"',
-        '"unterminated',
-        "*",
-        "hedgehog*",
-        "NEAR(hedgehog ant, 2)",
-        "NEAR(",
-        "hedgehog OR",
-        "OR hedgehog",
-        "AND NOT",
-        "-hedgehog",
-        "text:hedgehog",
-        ":",
-        "'",
-        "hedgehog's",
-        "^hedgehog",
-        "(hedgehog",
-        "hedgehog) (",
-        "{text}: hedgehog",
-        "hedgehog & | ! <-> ant",
-        "\\hedgehog",
-        "hedgehog\x00",
+        ('"', []),
+        ('"unterminated', []),
+        ("*", []),
+        ("hedgehog*", ANIMALS),
+        ("NEAR(hedgehog ant, 2)", BOTH),
+        ("NEAR(", LOGIC),
+        ("hedgehog OR", BOTH),
+        ("OR hedgehog", BOTH),
+        ("AND NOT", LOGIC),
+        ("-hedgehog", ANIMALS),
+        ("text:hedgehog", BOTH),
+        (":", []),
+        ("'", []),
+        ("hedgehog's", ANIMALS),
+        ("^hedgehog", ANIMALS),
+        ("(hedgehog", ANIMALS),
+        ("hedgehog) (", ANIMALS),
+        ("{text}: hedgehog", BOTH),
+        ("hedgehog & | ! <-> ant", ANIMALS),
+        ("\\hedgehog", ANIMALS),
+        ("hedgehog\x00", ANIMALS),
+        ("zebra-crossing", []),
     ],
 )
-async def test_query_syntax_is_only_ever_words(store: Storage, query: str) -> None:
+async def test_query_syntax_is_only_ever_words(
+    store: Storage, query: str, found: list[str]
+) -> None:
     await store.put_note(AGENT, "animals", "a hedgehog met an ant", updated_at=T0)
     await store.put_note(AGENT, "logic", "near or and not text", updated_at=T0)
-    hits = await search(store, query)
-    if "hedgehog" in query:
-        assert "animals" in [hit.name for hit in hits]
+    assert sorted(await names(store, query)) == found
 
 
 async def test_unicode_words_are_found(store: Storage) -> None:
@@ -504,9 +543,9 @@ async def test_a_snippet_is_one_line_around_the_match(store: Storage) -> None:
 async def test_a_closed_store_refuses_memory_work(store: Storage) -> None:
     await conversation(store, ["one"])
     await store.close()
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=STORE_CLOSED):
         await store.compact(AGENT, SENDER, archive(1, 1))
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=STORE_CLOSED):
         await store.put_note(AGENT, "n", "c", updated_at=T0)
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=STORE_CLOSED):
         await search(store, "one")

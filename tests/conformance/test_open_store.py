@@ -7,6 +7,7 @@ a URL or a database file decides.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -59,25 +60,25 @@ async def test_an_unknown_scheme_names_the_supported_ones(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url",
+    ("url", "words"),
     [
-        "",
-        "memory",
-        "memory:/tmp/x",
-        "sqlite://host/x.db",
-        "sqlite:///",
-        "sqlite:////",
-        "sqlite:///dir/",
-        "sqlite:x.db",
-        "sqlite:///x.db?synchronous=off",
-        "sqlite:///x.db?journal_mode=delete",
+        ("", "'' is not a storage URL; use memory:, sqlite:///relative/path.db"),
+        ("memory", "'memory' is not a storage URL; use memory:"),
+        ("memory:/tmp/x", "The memory store takes no path or options, got 'memory:/tmp/x'"),
+        ("sqlite://host/x.db", "'sqlite://host/x.db' is not a sqlite URL; write sqlite:///"),
+        ("sqlite:///", "The sqlite URL 'sqlite:///' names no database file"),
+        ("sqlite:////", "The sqlite URL 'sqlite:////' names no database file"),
+        ("sqlite:///dir/", "The sqlite URL 'sqlite:///dir/' names no database file"),
+        ("sqlite:x.db", "'sqlite:x.db' is not a sqlite URL"),
+        ("sqlite:///x.db?synchronous=off", "synchronous must be full or normal in .* not 'off'"),
+        ("sqlite:///x.db?journal_mode=delete", "has the unknown parameter 'journal_mode'"),
     ],
 )
 async def test_malformed_urls_are_value_errors(
-    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    url: str, words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=words if ".*" in words else re.escape(words)):
         async with open_store(url):
             pass
     assert await trio.to_thread.run_sync(os.listdir, tmp_path) == []  # nothing created
@@ -126,7 +127,7 @@ async def test_synchronous_comes_from_the_url(
 
 
 async def test_open_store_closes_the_store_when_the_body_raises(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"^boom$"):
         async with open_store(f"sqlite:///{tmp_path}/x.db") as store:
             raise RuntimeError("boom")
     with pytest.raises(StorageError, match="closed"):
@@ -195,7 +196,7 @@ async def test_a_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
 
 async def test_a_path_that_cannot_be_created_is_a_storage_error(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=r"Could not create the directory of .*a-file/x\.db"):
         async with open_store(f"sqlite:///{tmp_path}/a-file/x.db"):
             pass
 
@@ -227,7 +228,8 @@ async def test_an_append_after_an_outside_writer_fails_once_then_recovers(
             conn.close()
 
         await trio.to_thread.run_sync(outside_write)
-        with pytest.raises(StorageError):
+        unique = r"Appending to \(a, s\) failed: UNIQUE constraint failed: entries"
+        with pytest.raises(StorageError, match=unique):
             await store.append("a", "s", [Entry(seq=0, content="three", created_at=T0)])
         (stored,) = await store.append("a", "s", [Entry(seq=0, content="three", created_at=T0)])
         assert stored.seq == 3

@@ -9,6 +9,7 @@ conftest.py), pinned to postgres.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,7 @@ from chinwag.storage._postgres import MIGRATIONS, parse_postgres_url
 from deadlines import deadline
 from psycopg import sql
 
+SCHEMA_RULE = "schema must be 1 to 63 lowercase letters, digits or _, not starting with a digit"
 on_postgres = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 AGENT, SENDER = "assistant", "user"
@@ -92,22 +94,22 @@ def test_our_url_parameters_are_taken_out_and_the_rest_left_to_libpq() -> None:
 
 
 @pytest.mark.parametrize(
-    "url",
+    ("url", "words"),
     [
-        "postgresql://h/db?schema=Upper",
-        "postgresql://h/db?schema=1st",
-        "postgresql://h/db?schema=",
-        "postgresql://h/db?schema=a;drop",
-        f"postgresql://h/db?schema={'x' * 64}",
-        "postgresql://h/db?schema=a&schema=b",
-        "postgresql://h/db?pool_size=0",
-        "postgresql://h/db?pool_size=many",
-        "postgresql://h/db?bogus=1",
-        "postgresql:h/db",
+        ("postgresql://h/db?schema=Upper", f"{SCHEMA_RULE}; got 'Upper'"),
+        ("postgresql://h/db?schema=1st", f"{SCHEMA_RULE}; got '1st'"),
+        ("postgresql://h/db?schema=", f"{SCHEMA_RULE}; got ''"),
+        ("postgresql://h/db?schema=a;drop", f"{SCHEMA_RULE}; got 'a;drop'"),
+        (f"postgresql://h/db?schema={'x' * 64}", f"{SCHEMA_RULE}; got 'xxxx"),
+        ("postgresql://h/db?schema=a&schema=b", "The postgres URL gives schema twice."),
+        ("postgresql://h/db?pool_size=0", "pool_size must be at least 1, got 0."),
+        ("postgresql://h/db?pool_size=many", "pool_size must be a whole number, not 'many'."),
+        ("postgresql://h/db?bogus=1", "The postgres URL is not one libpq takes: invalid URI"),
+        ("postgresql:h/db", "'postgresql:h/db' is not a postgresql://... URL."),
     ],
 )
-async def test_malformed_postgres_urls_are_value_errors(url: str) -> None:
-    with pytest.raises(ValueError):
+async def test_malformed_postgres_urls_are_value_errors(url: str, words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
         async with open_store(url):
             pass
 

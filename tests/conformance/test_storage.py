@@ -32,6 +32,20 @@ FailingAppends = Callable[..., AbstractAsyncContextManager[None]]
 AGENT = "assistant"
 SENDER = "user"
 
+# What each refusal says, on every backend (each pytest.raises matches one).
+NAIVE = "Timestamps must be timezone-aware, got the naive"
+NOT_FOUND = r"No conversation is stored for \(assistant, unknown\)"
+NOT_UTF8 = r"'utf-8' codec can't encode character '\\ud800'"
+BAD_CURSOR = "The cursor is not one this store issued"
+STORE_CLOSED = "The store is closed"
+
+
+def failure_of(agent: str, sender: str) -> str:
+    """What a write failed by ``failing_appends`` says: the conversation and the cause
+    (jsonl names its file, and a sqlite commit the deferred foreign key)."""
+    cause = "(?:injected failure|FOREIGN KEY constraint failed)"
+    return rf"\({agent}, {sender}\)(?: in \S+)? failed: .*{cause}"
+
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
@@ -95,17 +109,17 @@ async def test_conversation_times_come_back_as_the_same_instant_in_utc(store: St
 
 
 async def test_naive_timestamps_are_refused(store: Storage) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=NAIVE):
         await store.create_conversation(AGENT, SENDER, cwd=None, created_at=datetime(2024, 1, 1))
     assert await store.get_conversation(AGENT, SENDER) is None
     naive_first = Entry(seq=0, role="user", content="x", created_at=datetime(2024, 1, 1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=NAIVE):
         await store.append(AGENT, SENDER, [naive_first], create=NewConversation())
     assert await store.get_conversation(AGENT, SENDER) is None
 
     await create(store)
     naive = Entry(seq=0, role="user", content="x", created_at=datetime(2024, 1, 1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=NAIVE):
         await store.append(AGENT, SENDER, [message("ok"), naive])
     assert await store.history(AGENT, SENDER) == []
 
@@ -127,15 +141,15 @@ async def test_title_and_cwd_are_stored(store: Storage) -> None:
 async def test_unknown_pairs_raise_conversation_not_found(store: Storage) -> None:
     await create(store, AGENT, "known")
     assert issubclass(ConversationNotFound, StorageError)
-    with pytest.raises(ConversationNotFound):
+    with pytest.raises(ConversationNotFound, match=NOT_FOUND):
         await store.append(AGENT, "unknown", [message("hi")])
-    with pytest.raises(ConversationNotFound):
+    with pytest.raises(ConversationNotFound, match=NOT_FOUND):
         await store.append(AGENT, "unknown", [])
-    with pytest.raises(ConversationNotFound):
+    with pytest.raises(ConversationNotFound, match=NOT_FOUND):
         await store.history(AGENT, "unknown")
-    with pytest.raises(ConversationNotFound):
+    with pytest.raises(ConversationNotFound, match=NOT_FOUND):
         await store.set_title(AGENT, "unknown", "t")
-    with pytest.raises(ConversationNotFound):
+    with pytest.raises(ConversationNotFound, match=NOT_FOUND):
         await store.set_cwd(AGENT, "unknown", "/tmp")
     assert await store.get_conversation(AGENT, "unknown") is None
     assert await store.load_context(AGENT, "unknown") is None
@@ -274,7 +288,7 @@ async def test_an_entry_that_cannot_be_encoded_leaves_nothing(store: Storage) ->
     await store.append(AGENT, SENDER, [message("one", when=at(1)), message("two", when=at(2))])
     # A lone surrogate is a valid Python str but not UTF-8: the third entry fails.
     bad = [message("three", when=at(3)), message("four", when=at(4)), message("\ud800")]
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=NOT_UTF8):
         await store.append(AGENT, SENDER, bad)
 
     assert await seqs(store, include_archived=True) == [1, 2]
@@ -290,7 +304,7 @@ async def test_a_failure_mid_append_leaves_nothing(
     await create(store)
     await store.append(AGENT, SENDER, [message("one", when=at(1))])
     async with failing_appends("boom"):
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageError, match=failure_of(AGENT, SENDER)):
             await store.append(
                 AGENT, SENDER, [message("two"), message("three"), message("boom"), message("x")]
             )
@@ -322,7 +336,7 @@ async def test_a_failed_commit_fails_every_append_it_held(
             outcomes[sender] = exc
 
     async with failing_appends("doomed", when="commit"):
-        with pytest.raises(StorageError):  # alone
+        with pytest.raises(StorageError, match=failure_of(AGENT, "c3")):  # alone
             await store.append(AGENT, "c3", [message("doomed")])
         async with trio.open_nursery() as nursery:  # and among others
             nursery.start_soon(append, conversations[0])
@@ -512,14 +526,16 @@ async def test_appending_nothing_with_create_creates_the_conversation(store: Sto
 
 async def test_a_failing_append_with_create_creates_nothing(store: Storage) -> None:
     # A lone surrogate is a valid Python str but not UTF-8: the second entry fails.
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=NOT_UTF8):
         await store.append(
             AGENT, SENDER, [message("fine"), message("\ud800")], create=NewConversation(cwd="/w")
         )
     assert await store.get_conversation(AGENT, SENDER) is None
     assert await store.load_context(AGENT, SENDER) is None
     assert await store.list_conversations() == ([], None)
-    with pytest.raises(ConversationNotFound):
+    with pytest.raises(
+        ConversationNotFound, match=r"No conversation is stored for \(assistant, user\)"
+    ):
         await store.append(AGENT, SENDER, [message("no create")])
 
     (first,) = await store.append(
@@ -535,7 +551,7 @@ async def test_an_append_with_create_that_fails_mid_write_creates_nothing(
     store: Storage, failing_appends: FailingAppends, reopen: Reopen, when: str
 ) -> None:
     async with failing_appends("boom", when=when):
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageError, match=failure_of(AGENT, SENDER)):
             await store.append(
                 AGENT, SENDER, [message("one"), message("boom")], create=NewConversation(cwd="/w")
             )
@@ -724,7 +740,7 @@ async def test_history_after_seq_and_limit(store: Storage) -> None:
     assert await seqs(store, after_seq=10) == []
     assert await seqs(store, after_seq=1000) == []
     assert await seqs(store, limit=0) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="limit must not be negative, got -1"):
         await store.history(AGENT, SENDER, limit=-1)
 
 
@@ -842,7 +858,7 @@ async def test_list_conversations_sorts_by_updated_at_then_newest_id(store: Stor
 )
 async def test_a_bad_cursor_is_a_value_error(store: Storage, cursor: str) -> None:
     await create(store)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=BAD_CURSOR):
         await store.list_conversations(cursor=cursor)
 
 
@@ -856,12 +872,12 @@ async def test_a_cursor_from_another_backend_is_a_value_error(
             await create(foreign, AGENT, f"s{n}", when=at(n))
         _, cursor = await foreign.list_conversations(limit=1)
     assert cursor is not None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=BAD_CURSOR):
         await store.list_conversations(cursor=cursor)
 
 
 async def test_list_conversations_rejects_a_limit_below_one(store: Storage) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
         await store.list_conversations(limit=0)
 
 
@@ -933,7 +949,7 @@ async def test_claims_end_with_the_store(store: Storage, reopen: Reopen) -> None
 async def test_a_closed_store_takes_no_claims(store: Storage) -> None:
     assert await store.claim(AGENT, SENDER)
     await store.close()
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=STORE_CLOSED):
         await store.claim(AGENT, "other")
     await store.release(AGENT, SENDER)  # close released it; releasing again is harmless
 
@@ -945,13 +961,13 @@ async def test_a_closed_store_refuses_work(store: Storage) -> None:
     await create(store)
     await store.close()
     await store.close()  # idempotent
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=STORE_CLOSED):
         await store.append(AGENT, SENDER, [message("late")])
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=STORE_CLOSED):
         await store.history(AGENT, SENDER)
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=STORE_CLOSED):
         await store.load_context(AGENT, SENDER)
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=STORE_CLOSED):
         await store.append(AGENT, "new", [message("late")], create=NewConversation())
 
 

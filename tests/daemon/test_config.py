@@ -64,7 +64,7 @@ def test_config_mistakes_name_the_file_and_the_key(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             load_config(path, tool_names=TOOL_NAMES)
         assert needle in str(err.value) and str(path) in str(err.value), text
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"The config file .*absent\.toml does not exist\."):
         load_config(tmp_path / "absent.toml", tool_names=TOOL_NAMES)
 
 

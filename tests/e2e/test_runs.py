@@ -400,11 +400,12 @@ async def test_a_run_survives_kill_9_of_the_daemon_without_a_torn_turn(daemon):
         for word in ("one", "two"):
             async with c.stream("assistant", word) as events:
                 await collect(events)
-        with pytest.raises(ChinwagError):
+        with pytest.raises(ChinwagError, match="The daemon closed the connection") as lost:
             async with c.stream("assistant", "/slow 100 20") as events:
                 await next_of(events, TextDelta)
                 daemon.kill9()
                 await collect(events)
+        assert lost.value.code == 503
     daemon.start()
     async with connect(daemon.socket_path) as c:
         history = await c.history("assistant")

@@ -90,7 +90,8 @@ async def test_killing_a_run_kills_its_command(daemon_factory, short_tmp):
             # (how soon is a figure of bench/kill_latency.py).
             rest = await collect(events, within=10, what="the killed run's end")
         assert rest[-1].status == "killed"
-        with pytest.raises(ProcessLookupError):  # killed and reaped before the `end`
+        # Killed and reaped before the `end`.
+        with pytest.raises(ProcessLookupError, match="No such process"):
             os.kill(int(pid_file.read_text()), 0)
 
 

@@ -180,8 +180,9 @@ def test_partial_header_is_not_an_error_yet() -> None:
     decoder.feed(b"\xff\xff\xff")
     assert decoder.next_frame() is None
     decoder.feed(b"\xff")
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="A frame of 4294967295 bytes exceeds") as info:
         decoder.next_frame()
+    assert info.value.code == 413
 
 
 def test_length_exactly_the_limit_is_accepted() -> None:
@@ -211,8 +212,9 @@ def test_after_an_error_it_keeps_raising(bad: bytes, code: int) -> None:
         with pytest.raises(ProtocolError) as again:
             decoder.next_frame()
         assert again.value.code == code
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError) as iterated:
         list(decoder)
+    assert iterated.value.code == code
 
 
 # --- codecs produce frames ---------------------------------------------------------

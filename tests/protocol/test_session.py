@@ -145,6 +145,11 @@ def reply(kind: type, rid: int) -> ServerMessage:
     return FRAMES[kind](rid)
 
 
+def tag(kind: type) -> str:
+    """A message type's name on the wire (``text_delta``), as the session's errors say it."""
+    return str(kind.__struct_config__.tag)
+
+
 def to_server(msg: msgspec.Struct) -> ClientMsg:
     return JSON.decode_client(JSON.encode(msg))
 
@@ -270,25 +275,26 @@ def test_welcome_before_hello_is_refused_on_both_ends() -> None:
         wire.client.receive_reply(to_client(welcome()))
     assert caught.value.code == 400
     assert not wire.client.greeted
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="`welcome` answers `hello`, once"):
         wire.server.send_reply(welcome())
     assert not wire.server.greeted
 
 
 def test_a_second_welcome_is_refused_on_both_ends() -> None:
     wire = greeted()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="The daemon sent `welcome` out of turn") as caught:
         wire.client.receive_reply(to_client(welcome()))
-    with pytest.raises(LocalProtocolError):
+    assert caught.value.code == 400
+    with pytest.raises(LocalProtocolError, match="`welcome` answers `hello`, once"):
         wire.server.send_reply(welcome())
 
 
 def test_the_client_cannot_send_a_request_before_hello_nor_hello_twice() -> None:
     client = Session()
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="A request cannot go out before `hello`"):
         client.send_request(Ping(id=1))
     client.send_request(hello())
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="`hello` was already sent on this connection"):
         client.send_request(hello())
 
 
@@ -344,7 +350,7 @@ def test_an_id_still_open_is_refused_400_and_the_open_request_is_untouched(kind)
     assert wire.server.refusal(error) == Error(id=1, code=400, message=error.message)
     assert wire.server.open_requests == 1
     # Still the kill's: what a kill cannot have is still refused, and `killed` ends it.
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="`text_delta` where a `kill` request cannot"):
         wire.server.send_reply(TextDelta(id=1, delta="x"))
     assert wire.reply(Killed(id=1, run_id=None)) is True
     assert not wire.is_open(1)
@@ -389,7 +395,7 @@ def test_cancel_before_hello_is_refused_400() -> None:
 def test_the_client_cannot_reuse_an_id_still_open() -> None:
     wire = greeted()
     wire.request(Ping(id=1))
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="The id 1 belongs to a request still open"):
         wire.client.send_request(GetStats(id=1))
     assert wire.client.open_requests == 1
     assert wire.reply(Pong(id=1)) is True  # still the ping's
@@ -435,7 +441,8 @@ def test_a_frame_its_request_cannot_have_is_refused_on_both_ends(kind) -> None:
     wire = greeted()
     wire.request(request(kind, 3))
     for frame in misplaced:
-        with pytest.raises(LocalProtocolError):
+        where = f"`{tag(frame)}` where a `{tag(kind)}` request cannot have it."
+        with pytest.raises(LocalProtocolError, match=where):
             wire.server.send_reply(reply(frame, 3))
         with pytest.raises(ProtocolError) as caught:
             wire.client.receive_reply(to_client(reply(frame, 3)))
@@ -459,7 +466,8 @@ def test_pong_cannot_answer_a_kill() -> None:
 def test_a_frame_for_an_id_never_opened_is_refused_on_both_ends(frame) -> None:
     wire = greeted()
     wire.request(Ping(id=1))
-    with pytest.raises(LocalProtocolError):
+    never = f"`{tag(frame)}` answers request 99, which is not open."
+    with pytest.raises(LocalProtocolError, match=never):
         wire.server.send_reply(reply(frame, 99))
     with pytest.raises(ProtocolError) as caught:
         wire.client.receive_reply(to_client(reply(frame, 99)))
@@ -473,9 +481,10 @@ def test_nothing_may_follow_a_terminal_frame() -> None:
     assert wire.reply(TextDelta(id=1, delta="hi")) is False
     assert wire.reply(End(id=1, status="done", error=None, last_seq=2)) is True
     for late in (End(id=1, status="done", error=None, last_seq=2), TextDelta(id=1, delta="!")):
-        with pytest.raises(LocalProtocolError):
+        name = tag(type(late))
+        with pytest.raises(LocalProtocolError, match=f"`{name}` answers request 1, which is not"):
             wire.server.send_reply(late)
-        with pytest.raises(ProtocolError):
+        with pytest.raises(ProtocolError, match=f"sent `{name}` for request 1, which is not open"):
             wire.client.receive_reply(to_client(late))
 
 
@@ -510,8 +519,8 @@ def test_an_event_without_an_id_is_refused_on_both_ends(frame) -> None:
     wire.request(Stream(id=1, agent="assistant", content="one"))
     bare = reply(frame, 1)
     bare.id = None  # type: ignore[attr-defined]
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match=f"`{tag(frame)}` needs the id of its request."):
         wire.server.send_reply(bare)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=f"The daemon sent `{tag(frame)}` with no request id."):
         wire.client.receive_reply(to_client(bare))
     assert wire.is_open(1)
