@@ -131,3 +131,15 @@ def test_every_pytest_raises_names_the_errors_code_or_message() -> None:
     assert unnamed == [], (
         "pytest.raises with neither match= nor a check of the caught error: " + ", ".join(unnamed)
     )
+
+
+def test_every_mutation_of_the_mutation_check_still_applies() -> None:
+    # Its edits are text: code that moved would make the check fail to run, not pass.
+    from mutation_check import MUTATIONS
+
+    assert len(MUTATIONS) == 9
+    for mutation in MUTATIONS:
+        source = (ROOT / mutation.path).read_text()
+        assert source.count(mutation.old) == 1, f"{mutation.key}: {mutation.path} changed"
+        for test in mutation.tests:
+            assert (ROOT / test).is_file(), f"{mutation.key}: no {test}"
