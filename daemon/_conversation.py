@@ -402,12 +402,16 @@ class Run(Job):
         assert context is not None  # loaded before the turn
         return context.prompt(self.speaker, blocks=self.blocks, pending=self._pending)
 
-    async def append(self, entries: list[Entry], blocks: list[dict[str, Any]]) -> None:
+    async def _user_entry_written(self) -> None:
+        """Wait for the user entry's write in flight, if any; raise what it failed with."""
         writing = self._writing
         if writing is not None and not writing.is_set():
             await writing.wait()
         if self._write_error is not None:
             raise self._write_error
+
+    async def append(self, entries: list[Entry], blocks: list[dict[str, Any]]) -> None:
+        await self._user_entry_written()
         stored = await self.conversation.append(entries)
         if blocks:  # for the next step's request, which goes on with this one
             self.blocks[stored[0].seq] = blocks
@@ -430,6 +434,9 @@ class Run(Job):
 
     async def set_title(self, title: str) -> None:
         conv = self.conversation
+        # A first run's conversation is created by its user entry's write, which a
+        # network model's tool call can overtake.
+        await self._user_entry_written()
         with trio.CancelScope(shield=True):
             await conv.storage.set_title(conv.agent, conv.sender, title)
         if conv.info is not None:

@@ -13,9 +13,9 @@ import trio.testing
 from chinwag.daemon._agent import Agent
 from chinwag.daemon._config import AgentConfig, Config, DaemonConfig
 from chinwag.daemon._errors import RequestError
-from chinwag.daemon._providers import FinishChunk, TextChunk, UsageChunk
+from chinwag.daemon._providers import FinishChunk, TextChunk, ToolCallChunk, UsageChunk
 from chinwag.daemon._runtime import Runtime
-from chinwag.protocol import AskUser, End, Start, TextDelta, ToolResult, Usage
+from chinwag.protocol import AskUser, End, Start, TextDelta, ToolCallInfo, ToolResult, Usage
 from chinwag.storage import MemoryStorage, StorageError
 from deadlines import RUN_S, deadline
 from runtime_harness import open_runtime, submit
@@ -202,8 +202,10 @@ class NetworkModel:
 
 
 @asynccontextmanager
-async def network_runtime(storage: MemoryStorage, model: NetworkModel) -> AsyncIterator[Runtime]:
-    config = Config(agents={"assistant": AgentConfig(provider="net")})
+async def network_runtime(
+    storage: MemoryStorage, model: NetworkModel, tools: list[str] | None = None
+) -> AsyncIterator[Runtime]:
+    config = Config(agents={"assistant": AgentConfig(provider="net", tools=tools or [])})
     agent = Agent(name="assistant", config=config.agents["assistant"], provider=model)
     async with trio.open_nursery() as nursery:
         yield Runtime(config, storage, {"assistant": agent}, nursery)
@@ -262,3 +264,35 @@ async def test_a_run_killed_while_its_user_entry_is_written_keeps_it_and_starts(
         assert sink.end.status == "killed"
         entries = await storage.history("assistant", "user")
         assert [e.role for e in entries] == ["user"]
+
+
+class TitlingModel(NetworkModel):
+    """A network model whose first step calls set_title at once; then it answers."""
+
+    async def stream(self, request):
+        self.asked.set()
+        if request.messages[-1].role == "tool":
+            yield TextChunk("titled")
+            yield FinishChunk("stop")
+            return
+        call = ToolCallInfo(call_id="call_t", name="set_title", arguments='{"title": "Pets"}')
+        yield ToolCallChunk(call)
+        yield FinishChunk("tool_calls")
+
+
+async def test_a_tool_called_while_the_user_entry_is_written_waits_for_it(autojump_clock):
+    # Regression: set_title ran before the new conversation was stored, and failed
+    # with ConversationNotFound (seen under the parallel suite's load).
+    storage, model = GatedStorage(), TitlingModel()
+    async with network_runtime(storage, model, tools=["set_title"]) as rt:
+        sink = submit(rt, "name this")
+        with deadline(5, "the model to be asked"):
+            await model.asked.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert storage.waiting == 1, "the user entry's write is held at the gate"
+        storage.gate.set()
+        await sink.finished(within=5)
+    result = sink.result
+    assert (result.output, result.is_error) == ("Title set to 'Pets'.", False)
+    item = await storage.get_conversation("assistant", "user")
+    assert item is not None and item.title == "Pets"
