@@ -216,7 +216,7 @@ async def test_a_network_model_is_asked_while_the_user_entry_is_written(autojump
     storage, model = GatedStorage(), NetworkModel()
     async with network_runtime(storage, model) as rt:
         sink = submit(rt, "hello there")
-        with trio.fail_after(5):  # asked while the gate holds the user entry's write
+        with deadline(5, "the model to be asked while the write is held"):
             await model.asked.wait()
         assert model.last_message == "hello there", "the entry in flight is in the prompt"
         await trio.testing.wait_all_tasks_blocked()
@@ -237,7 +237,7 @@ async def test_a_failed_user_entry_ends_the_run_500_with_nothing_shown(autojump_
     storage, model = GatedStorage(), NetworkModel(pause_s=10)
     async with network_runtime(storage, model) as rt:
         sink = submit(rt, "hello")
-        with trio.fail_after(5):
+        with deadline(5, "the model to be asked"):
             await model.asked.wait()
         storage.failure = StorageError("the disk is full")
         storage.gate.set()
@@ -253,7 +253,7 @@ async def test_a_run_killed_while_its_user_entry_is_written_keeps_it_and_starts(
     storage, model = GatedStorage(), NetworkModel(pause_s=10)
     async with network_runtime(storage, model) as rt:
         sink = submit(rt, "hello")
-        with trio.fail_after(5):
+        with deadline(5, "the model to be asked"):
             await model.asked.wait()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(rt.kill, "assistant", "user", everything=False))
