@@ -183,7 +183,7 @@ class AnthropicProvider:
                         "The Anthropic stream ended before its message_stop event."
                     ) from None
                 except Exception as exc:
-                    raise _provider_error(exc) from exc
+                    raise _provider_error(_unwrapped(exc)) from exc
                 for chunk in assembly.feed(event):
                     yield chunk
             with trio.move_on_after(_DRAIN_TIMEOUT_S):  # the answer is whole: wait little more
@@ -452,6 +452,15 @@ def _provider_error(exc: Exception) -> ProviderError:
     if isinstance(exc, ValueError):  # undecodable JSON in an event's data
         return ProviderError(_sentence(f"The Anthropic stream is malformed: {exc}"))
     return ProviderError(_sentence(f"The Anthropic stream broke off: {type(exc).__name__}: {exc}"))
+
+
+def _unwrapped(exc: Exception) -> Exception:
+    """What broke a stream that had begun: newer SDKs (2.17) wrap httpx's error in
+    their connection error, which would read as "cannot be reached"; older ones
+    let it through. Either way it is said as the stream breaking off."""
+    if isinstance(exc, anthropic.APIConnectionError) and isinstance(exc.__cause__, Exception):
+        return exc.__cause__
+    return exc
 
 
 def _error_body(body: object) -> tuple[str, str]:
