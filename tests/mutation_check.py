@@ -126,7 +126,10 @@ async def _late(turn, entry):  # the mutation: the answer is stored after `end d
         "clients/telegram/_formatting.py",
         '    return len(text.encode("utf-16-le")) // 2\n',
         "    return len(text)  # the mutation: characters, not UTF-16 code units\n",
-        ["tests/clients/telegram/test_telegram_formatting.py"],
+        [
+            "tests/clients/telegram/test_telegram_formatting.py",
+            "tests/clients/telegram/test_telegram_bridge.py",
+        ],
     ),
     Mutation(
         "dot-dot-allowed",

@@ -5,9 +5,13 @@ python-telegram-bot is pointed at it with ``base_url``. It records every call
 would show them, serves scripted updates to ``getUpdates`` (long polling:
 a poll waits until an update is pushed or its timeout passes), and answers
 with scripted failures: a 429 with ``retry_after``, or the 400 Telegram gives
-for MarkdownV2 it cannot parse. It also checks MarkdownV2 the way Telegram
-does for the reserved characters that are never markup (`.`, `!`, `-`, ...),
-so an escaping bug fails a test the way it would fail in production.
+for MarkdownV2 it cannot parse.
+
+It refuses what Telegram refuses, with Telegram's errors, so a bug of the
+bridge fails a test the way it would fail in production: MarkdownV2 that
+Telegram's own parser refuses (markdown_v2.py, a port of tdlib's), a text
+that shows nothing, a text that shows more than 4096 UTF-16 code units once
+its entities are parsed, and an edit that changes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import h11
+from markdown_v2 import MarkdownV2Error, parse_markdown_v2
 
 TOKEN = "123456:TEST-token"
 BOT_USER = {"id": 123456, "is_bot": True, "first_name": "Chinwag", "username": "chinwag_test_bot"}
@@ -31,8 +36,10 @@ NOT_MODIFIED = (
     "are exactly the same as a current content and reply markup of the message"
 )
 
-# Reserved in MarkdownV2 and never markup: unescaped, Telegram refuses the text.
-_NEVER_MARKUP = frozenset(".!-=+#{}")
+#: The most a message's text may show, in UTF-16 code units, once its entities are parsed.
+MESSAGE_LIMIT = 4096
+TOO_LONG = "Bad Request: message is too long"
+EMPTY = "Bad Request: message text is empty"
 
 
 def cannot_parse(char: str) -> str:
@@ -47,6 +54,7 @@ class Call:
     method: str
     params: dict[str, str]  # form values as sent: JSON text for non-string values
     at: float  # anyio.current_time() when it arrived
+    refusal: Refusal | None = None  # the error it was answered with, if any
 
     @property
     def chat_id(self) -> int:
@@ -100,7 +108,7 @@ class Shown:
 
     @property
     def visible(self) -> str:
-        return render(self.text) if self.parse_mode == "MarkdownV2" else self.text
+        return visible(self.text, self.parse_mode)
 
     @property
     def buttons(self) -> list[tuple[str, str]]:
@@ -189,6 +197,14 @@ class FakeBotAPI:
     def last(self, chat_id: int) -> Shown:
         return self.chats[chat_id][max(self.chats[chat_id])]
 
+    def refused(self, *methods: str) -> list[Call]:
+        """The calls (to ``methods``, or any) answered with an error, in order."""
+        return [
+            call
+            for call in self.calls
+            if call.refusal is not None and (not methods or call.method in methods)
+        ]
+
     # --- the server -------------------------------------------------------------------
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -243,20 +259,31 @@ class FakeBotAPI:
         call = Call(method, params, anyio.current_time())
         self.calls.append(call)
         self._notify()
-        if self.refusals[method]:
-            refusal = self.refusals[method].popleft()
-            return refusal.status, refusal.body()
-        if call.parse_mode == "MarkdownV2":
-            problem = markdown_v2_problem(call.text)
-            if self.reject_markdown:
-                problem = problem or cannot_parse("!")
-            if problem is not None:
-                return 400, Refusal(400, problem).body()
         try:
+            if self.refusals[method]:
+                raise _Refused(self.refusals[method].popleft())
+            if method in ("sendMessage", "editMessageText"):
+                self._check_text(call)
             result = await self._result(call)
         except _Refused as refused:
+            call.refusal = refused.refusal
+            self._notify()
             return refused.refusal.status, refused.refusal.body()
         return 200, {"ok": True, "result": result}
+
+    def _check_text(self, call: Call) -> None:
+        """Refuse a message text as Telegram would: MarkdownV2 it cannot parse, then
+        a text that shows nothing, then one that shows more than MESSAGE_LIMIT."""
+        if call.parse_mode == "MarkdownV2" and self.reject_markdown:
+            raise _Refused(Refusal(400, cannot_parse("!")))
+        try:
+            shows = visible(call.text, call.parse_mode)
+        except MarkdownV2Error as exc:
+            raise _Refused(Refusal(400, str(exc))) from None
+        if not shows.strip():
+            raise _Refused(Refusal(400, EMPTY))
+        if utf16_length(shows) > MESSAGE_LIMIT:
+            raise _Refused(Refusal(400, TOO_LONG))
 
     async def _result(self, call: Call) -> Any:
         match call.method:
@@ -368,85 +395,14 @@ async def _read(conn: h11.Connection, stream: anyio.abc.SocketStream) -> tuple[s
             return None
 
 
-def markdown_v2_problem(text: str) -> str | None:
-    """Telegram's error for MarkdownV2 with a reserved character left bare, if any.
-
-    Code spans and blocks are skipped (only `` ` `` and ``\\`` are escaped
-    there); ``(`` and ``)`` are allowed only as a link's URL part.
-    """
-    index = 0
-    in_pre = in_code = False
-    while index < len(text):
-        char = text[index]
-        if char == "\\":
-            index += 2
-            continue
-        if text.startswith("```", index):
-            in_pre = not in_pre
-            index += 3
-            continue
-        if in_pre:
-            index += 1
-            continue
-        if char == "`":
-            in_code = not in_code
-        elif not in_code:
-            if char == "]" and text.startswith("(", index + 1):
-                close = text.find(")", index + 2)
-                while close != -1 and text[close - 1] == "\\":
-                    close = text.find(")", close + 1)
-                if close == -1:
-                    return cannot_parse("(")
-                index = close + 1
-                continue
-            if char in _NEVER_MARKUP or char in "()":
-                return cannot_parse(char)
-            if char == ">" and index > 0 and text[index - 1] != "\n":
-                return cannot_parse(">")
-        index += 1
-    if in_pre or in_code:
-        return "Bad Request: can't parse entities: Can't find end of the entity"
-    return None
+def utf16_length(text: str) -> int:
+    """How Telegram counts a message's length: UTF-16 code units (2 for an emoji)."""
+    return len(text.encode("utf-16-le")) // 2
 
 
-def render(text: str) -> str:
-    """The text a MarkdownV2 message shows: markers dropped, escapes resolved, link labels kept."""
-    out: list[str] = []
-    index = 0
-    in_pre = in_code = False
-    while index < len(text):
-        char = text[index]
-        if char == "\\" and index + 1 < len(text):
-            out.append(text[index + 1])
-            index += 2
-        elif in_code:  # inside `code`, only escapes are markup
-            in_code = char != "`"
-            if in_code:
-                out.append(char)
-            index += 1
-        elif text.startswith("```", index):
-            index += 3
-            if in_pre and out and out[-1] == "\n":
-                out.pop()  # the line break before a closing fence
-            elif not in_pre:
-                while index < len(text) and text[index] != "\n":
-                    index += 1  # the language after an opening fence
-                index += 1
-            in_pre = not in_pre
-        elif in_pre:
-            out.append(char)
-            index += 1
-        elif char == "`":
-            in_code = True
-            index += 1
-        elif char == "]" and text.startswith("(", index + 1):
-            close = text.find(")", index + 2)
-            while close != -1 and text[close - 1] == "\\":
-                close = text.find(")", close + 1)
-            index = close + 1
-        elif char in "*_~|[" or (char == ">" and (index == 0 or text[index - 1] == "\n")):
-            index += 1
-        else:
-            out.append(char)
-            index += 1
-    return "".join(out)
+def visible(text: str, parse_mode: str | None) -> str:
+    """The text a message shows: a MarkdownV2 text as Telegram parses it (raising
+    MarkdownV2Error, with Telegram's message, for text it refuses), else ``text``."""
+    if parse_mode == "MarkdownV2":
+        return parse_markdown_v2(text).text
+    return text

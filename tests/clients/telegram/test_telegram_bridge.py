@@ -29,7 +29,7 @@ from chinwag.clients.telegram._chat import OUTAGE_NOTICE
 from chinwag.clients.telegram._spool import Spool, Spooled
 from chinwag.clients.telegram._webhook import Webhook
 from chinwag.protocol import End
-from fake_bot_api import BOT_USER, FakeBotAPI, too_many_requests
+from fake_bot_api import BOT_USER, MESSAGE_LIMIT, FakeBotAPI, too_many_requests, utf16_length
 from structlog.testing import capture_logs
 
 USER = 1111
@@ -206,18 +206,37 @@ def test_a_flood_wait_is_honoured_and_the_final_text_still_arrives(shared_daemon
     on_asyncio(main)
 
 
-def test_a_reply_over_4096_characters_is_split_into_messages(shared_daemon) -> None:
+# Telegram counts a message's length in UTF-16 code units of the text it shows,
+# once its MarkdownV2 is parsed; the fake Bot API refuses a longer one as it does.
+LONG_REPLIES = {
+    # 5399 characters, one unit each.
+    "ascii": [f"word{i:04}" for i in range(600)],
+    # 4049 characters but 4499 units: each parrot is two (a surrogate pair), so a
+    # split that counts characters sends it whole. Its MarkdownV2, with `.`, `-` and
+    # `!` escaped, is 5849 units: a limit counted on that would refuse it too.
+    "emoji, CJK and escapes": [f"\N{PARROT}{i:03}.漢-!" for i in range(450)],
+}
+
+
+@pytest.mark.parametrize("words", LONG_REPLIES.values(), ids=LONG_REPLIES.keys())
+def test_a_reply_over_4096_utf16_units_is_split_into_messages(
+    shared_daemon, words: list[str]
+) -> None:
     chat = fresh_chat()
-    words = [f"word{i:04}" for i in range(600)]  # 5399 characters
+    reply = " ".join(words)
+    assert utf16_length(reply) > MESSAGE_LIMIT
 
     async def main() -> None:
         async with bridge(shared_daemon) as fake:
-            fake.push_message(chat, USER, " ".join(words))
-            await fake.wait_for(lambda: " ".join(fake.texts(chat)) == " ".join(words))
+            fake.push_message(chat, USER, reply)
+            with anyio.move_on_after(15):
+                await fake.wait_for(lambda: " ".join(fake.texts(chat)) == reply or fake.refused())
+            assert [(c.method, c.refusal) for c in fake.refused()] == []
             texts = fake.texts(chat)
+            assert " ".join(texts) == reply
             assert len(texts) == 2
-            assert all(len(text) <= 4096 for text in texts)
-            assert len(texts[0]) > 4000  # filled up to the limit, cut at a space
+            assert all(utf16_length(text) <= MESSAGE_LIMIT for text in texts)
+            assert utf16_length(texts[0]) > 4000  # filled up to the limit, cut at a space
 
     on_asyncio(main)
 

@@ -31,7 +31,7 @@ from chinwag.protocol import (
     ToolCall,
     ToolResult,
 )
-from fake_bot_api import render
+from fake_bot_api import visible
 
 CHAT = 5000
 
@@ -40,15 +40,15 @@ class RecordingBot:
     """Records (virtual time, method, text) of each call."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[float, str, str]] = []
+        self.calls: list[tuple[float, str, str]] = []  # text: as the chat shows it
         self._ids = itertools.count(1)
 
     async def send_message(self, chat_id: int, text: str, **options: Any) -> Any:
-        self.calls.append((trio.current_time(), "send", text))
+        self.calls.append((trio.current_time(), "send", visible(text, options["parse_mode"])))
         return SimpleNamespace(message_id=next(self._ids))
 
     async def edit_message_text(self, text: str, **options: Any) -> bool:
-        self.calls.append((trio.current_time(), "edit", text))
+        self.calls.append((trio.current_time(), "edit", visible(text, options["parse_mode"])))
         return True
 
     async def delete_message(self, chat_id: int, message_id: int) -> bool:
@@ -64,7 +64,7 @@ class RecordingBot:
 
     def shown(self) -> list[str]:
         """Every text sent or edited in, as the chat shows it."""
-        return [render(text) for _, method, text in self.calls if method in ("send", "edit")]
+        return [text for _, method, text in self.calls if method in ("send", "edit")]
 
 
 class ScriptedRun:
