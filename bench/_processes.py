@@ -20,7 +20,7 @@ from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
 from . import _profile
-from ._report import REPO, Figure, print_figures
+from ._report import REPO, Figure, median_of, print_figures
 
 # Where `python -m bench --profile DIR` wants the daemons' py-spy samples (None: nowhere).
 profile_dir: Path | None = None
@@ -322,13 +322,23 @@ def use_daemon_options(args: argparse.Namespace) -> None:
 def run_alone(
     parser: argparse.ArgumentParser,
     measure: Callable[[Path, argparse.Namespace], list[Figure]],
+    *,
+    daemon: bool = True,
 ) -> None:
     """A benchmark's own command: ``parser`` (its options, its description the title)
-    gets --storage and --daemon-python; ``measure`` runs in a temporary directory and
-    its figures are printed."""
-    add_daemon_options(parser)
+    gets --repeat, and --storage and --daemon-python unless it runs no ``daemon``;
+    ``measure`` runs in a temporary directory of its own each time, and the median
+    of its figures is printed."""
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds, each figure their median (default 1)"
+    )
+    if daemon:
+        add_daemon_options(parser)
     args = parser.parse_args()
-    use_daemon_options(args)
-    with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
-        found = measure(Path(tmp), args)
-    print_figures(parser.description or "", found)
+    if daemon:
+        use_daemon_options(args)
+    rounds = []
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="cwb-", dir="/tmp") as tmp:
+            rounds.append(measure(Path(tmp).resolve(), args))
+    print_figures(parser.description or "", median_of(rounds))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +32,8 @@ import trio
 from chinwag.clients import connect
 from chinwag.protocol import End, TextDelta, ToolCall, ToolResult
 
-from ._processes import chinwag_serve
-from ._report import Baseline, Figure, Target, median_of, table
+from ._processes import chinwag_serve, run_alone
+from ._report import Baseline, Figure, Target
 
 CONFIG = """
 [daemon]
@@ -133,14 +132,7 @@ def figures(root: Path, runs: int) -> list[Figure]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="of each kind (default 10)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds, medians taken (default 3)")
-    args = parser.parse_args()
-    rounds = []
-    for _ in range(args.repeat):
-        with tempfile.TemporaryDirectory(prefix="cwb-kill-", dir="/tmp") as tmp:
-            rounds.append(figures(Path(tmp).resolve(), args.runs))
-    print(parser.description)
-    print(table(median_of(rounds)))
+    run_alone(parser, lambda root, args: figures(root, args.runs))
 
 
 if __name__ == "__main__":

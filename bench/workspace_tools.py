@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from chinwag.daemon import _command, _workspace
 from chinwag.daemon._command import Sandbox, bwrap_argv, sandbox_problem
 from chinwag.daemon._workspace import Workspace
 
-from ._report import Baseline, Figure, median_of, table
+from ._processes import run_alone
+from ._report import Baseline, Figure
 
 
 @dataclass
@@ -177,14 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40, help="commands per mode (default 40)")
     parser.add_argument("--reads", type=int, default=2000, help="reads per mode (default 2000)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds, medians taken (default 3)")
-    args = parser.parse_args()
-    rounds = []
-    for _ in range(args.repeat):
-        with tempfile.TemporaryDirectory(prefix="cwb-ws-", dir="/tmp") as tmp:
-            rounds.append(figures(Path(tmp).resolve(), args.runs, args.reads))
-    print(parser.description)
-    print(table(median_of(rounds)))
+    run_alone(parser, lambda root, args: figures(root, args.runs, args.reads), daemon=False)
 
 
 if __name__ == "__main__":
