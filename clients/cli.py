@@ -571,8 +571,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         code: int | str | None = 130
-    except SystemExit as exit:  # click ends every command with one
-        code = exit.code
+    except SystemExit as ended:  # click ends every command with one
+        code = ended.code
     else:
         code = 0
     # The command is done: its files and connections are closed, its event loop
