@@ -25,6 +25,7 @@ from chinwag.protocol import (
     ConfigSource,
     FindingStatus,
     default_socket_path,
+    without_credentials,
 )
 from chinwag.storage import StorageError, open_store
 
@@ -37,7 +38,6 @@ from ._config import (
     default_storage_url,
     load_config,
 )
-from ._logging import without_credentials
 from ._provider_kinds import make_provider
 from ._providers import LIST_MODELS_TIMEOUT_S, ProviderError
 from ._tools import TOOL_NAMES

@@ -10,21 +10,13 @@ says elsewhere (a run's error, `chinwag doctor`'s report).
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from typing import Any
 
 import msgspec
 import structlog
+from chinwag.protocol import without_credentials
 from structlog.tracebacks import ExceptionDictTransformer
-
-# What follows a scheme's `//` up to the authority's last `@`: the user and password.
-_URL_CREDENTIALS = re.compile(r"(?<=//)[^/?#\s]*@")
-
-
-def without_credentials(text: str) -> str:
-    """``text`` with the credentials of every URL in it replaced by ``***``."""
-    return _URL_CREDENTIALS.sub("***@", text) if "@" in text else text
 
 
 def _hide_url_credentials(value: Any) -> Any:

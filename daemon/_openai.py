@@ -19,12 +19,11 @@ from typing import Any
 
 import msgspec
 import openai
-from chinwag.protocol import ToolCallInfo
+from chinwag.protocol import ToolCallInfo, without_credentials
 from openai import AsyncStream
 from openai.types.chat import ChatCompletion
 
 from ._config import ProviderConfig
-from ._logging import without_credentials
 from ._providers import (
     LIST_MODELS_TIMEOUT_S,
     Chunk,

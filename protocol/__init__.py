@@ -6,6 +6,7 @@ decode bodies with a ``Codec``, encode replies with the same ``Codec``.
 
 from ._check_report import CheckFinding, CheckReport, ConfigSource, FindingStatus
 from ._codec import JSON, MSGPACK, Codec, Encoding, codec_for
+from ._credentials import without_credentials
 from ._errors import ProtocolError
 from ._framing import HEADER_BYTES, FrameDecoder, frame
 from ._messages import (
@@ -148,4 +149,5 @@ __all__ = [
     "codec_for",
     "default_socket_path",
     "frame",
+    "without_credentials",
 ]

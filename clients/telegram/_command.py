@@ -8,7 +8,6 @@ import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import anyio
 import click
@@ -90,7 +89,7 @@ def command(
     daemon restarts.
     """
     import platformdirs
-    from chinwag.protocol import APP_NAME
+    from chinwag.protocol import APP_NAME, without_credentials
 
     from .._client import leaves
     from ._bridge import BridgeConfig
@@ -134,7 +133,7 @@ def command(
         unreachable = next(leaf for leaf in leaves(group) if isinstance(leaf, NetworkError))
         reason = unreachable.message.replace(token, "<token>")
         raise Failure(
-            f"cannot reach the Telegram Bot API at {_without_credentials(api_url)}: {reason}"
+            f"cannot reach the Telegram Bot API at {without_credentials(api_url)}: {reason}"
             " (check the network, or --api-url)"
         ) from unreachable
 
@@ -156,12 +155,6 @@ async def _serve_until_signalled(config: BridgeConfig) -> None:
                 )
                 tasks.cancel_scope.cancel()
                 break
-
-
-def _without_credentials(url: str) -> str:
-    """``url`` without its user and password (a self-hosted Bot API's), to be shown."""
-    parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _configure_logging() -> None:

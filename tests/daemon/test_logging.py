@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
-from chinwag.daemon._logging import configure_logging, without_credentials
+from chinwag.daemon._logging import configure_logging
+from chinwag.protocol import without_credentials
 
 
 @pytest.mark.parametrize(
