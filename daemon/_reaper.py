@@ -48,6 +48,15 @@ def prctl(option: int, value: int) -> bool:
     return int(call(option, value, 0, 0, 0)) == 0
 
 
+def stat_fields(pid: int | str) -> list[bytes]:
+    """The fields of ``/proc/PID/stat`` after the command name, the state first (so
+    the parent's pid is ``[1]``); OSError once the process is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as file:
+        stat = file.read()
+    # The command name, in parentheses, may hold anything: the fields follow the last ')'.
+    return stat.rpartition(b")")[2].split()
+
+
 def process_table() -> dict[int, tuple[int, int]]:
     """Every process's ``(parent pid, start time in clock ticks since boot)``, from /proc."""
     table = {}
@@ -55,12 +64,9 @@ def process_table() -> dict[int, tuple[int, int]]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as file:
-                stat = file.read()
+            fields = stat_fields(name)
         except OSError:  # it has just exited
             continue
-        # The command name, in parentheses, may hold anything: the fields follow the last ')'.
-        fields = stat.rpartition(b")")[2].split()
         table[int(name)] = (int(fields[1]), int(fields[19]))
     return table
 

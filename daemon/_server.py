@@ -78,6 +78,7 @@ from chinwag.storage import StorageError
 
 from ._conversation import Run, Subscription
 from ._errors import RequestError
+from ._reaper import stat_fields
 from ._runtime import Runtime
 
 log = structlog.get_logger("chinwag.server")
@@ -384,7 +385,7 @@ class Connection:
     def _holds(self, mark: tuple[int, int]) -> bool:
         """The buffer holds at least ``mark``'s frames or its bytes."""
         frames, size = mark
-        return self._queued >= frames or len(self._out) + self._sending >= size
+        return self._queued >= frames or self.buffered_bytes >= size
 
     async def send_waiting(self, msg: ServerMessage) -> None:
         """Queue one frame, waiting for room (subscriptions pace themselves this way)."""
@@ -971,13 +972,9 @@ def descends_from(pid: int, ancestor: int) -> bool:
         return False
     for _ in range(MAX_GENERATIONS):
         try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                fields = stat.read()
+            pid = int(stat_fields(pid)[1])
         except OSError:
             return True
-        # After "pid (comm) ": the state, then the parent's pid. comm may hold anything,
-        # parentheses and spaces too, so split after its last ")".
-        pid = int(fields.rsplit(b")", 1)[1].split()[1])
         if pid == ancestor:
             return True
         if pid <= 1:  # init (or the kernel): the chain ends without the daemon
