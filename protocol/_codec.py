@@ -10,7 +10,7 @@ import msgspec
 
 from ._errors import ProtocolError
 from ._framing import HEADER_BYTES
-from ._messages import ClientMsg, ServerMsg
+from ._unions import ClientMsg, ServerMsg
 
 # What msgspec raises for a body it cannot read at all. Besides DecodeError it
 # lets UnicodeDecodeError through for a string that is not UTF-8, and

@@ -188,24 +188,6 @@ class SearchMemory(Request, tag="search_memory", kw_only=True):
     limit: int = 10
 
 
-ClientMsg = (
-    Hello
-    | Stream
-    | Kill
-    | Attach
-    | Compact
-    | ReplyToAsk
-    | GetHistory
-    | ListConversations
-    | ListAgents
-    | Subscribe
-    | Cancel
-    | Ping
-    | GetStats
-    | SearchMemory
-)
-
-
 # --- server -> client ---------------------------------------------------------
 
 
@@ -221,10 +203,11 @@ class Welcome(ServerMessage, tag="welcome"):
     features: list[str] = msgspec.field(default_factory=list)  # what this daemon offers
 
 
-FEATURES = ("compaction", "search_memory", "history_pages")
+FEATURES = ("compaction", "search_memory", "history_pages", "mail")
 """This daemon's additions to v1: the `compaction` event, sent only to a client
 whose `hello` names it, the `search_memory` request, and `history_pages`: a
-`get_history` without `limit` answers one page (200 entries at most)."""
+`get_history` without `limit` answers one page (200 entries at most), and `mail`
+(agents and people messaging each other, protocol/_mail.py)."""
 
 
 class Error(ServerMessage, tag="error"):
@@ -382,31 +365,3 @@ class Stats(ServerMessage, tag="stats"):
     runs_queued: int = 0
     runs_total: int = 0
     subscriptions: int = 0
-
-
-ServerMsg = (
-    Welcome
-    | Error
-    | Queued
-    | Start
-    | TextDelta
-    | ThinkingDelta
-    | ToolCall
-    | ToolResult
-    | AskUser
-    | Title
-    | Usage
-    | Compaction
-    | End
-    | Killed
-    | Compacted
-    | Ok
-    | History
-    | Conversations
-    | Agents
-    | Subscribed
-    | Event
-    | Memory
-    | Pong
-    | Stats
-)

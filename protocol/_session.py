@@ -17,6 +17,27 @@ from __future__ import annotations
 from typing import Final
 
 from ._errors import ProtocolError
+from ._mail import (
+    GetContext,
+    GetMessage,
+    GetThread,
+    Heartbeat,
+    Inbox,
+    ListParticipants,
+    Mail,
+    MailContext,
+    MarkRead,
+    MessageReply,
+    Messages,
+    Participants,
+    Post,
+    Posted,
+    Register,
+    Registered,
+    Sent,
+    Watch,
+    Watching,
+)
 from ._messages import (
     FEATURES,
     PROTOCOL_VERSION,
@@ -24,7 +45,6 @@ from ._messages import (
     AskUser,
     Attach,
     Cancel,
-    ClientMsg,
     Compact,
     Compacted,
     Compaction,
@@ -49,7 +69,6 @@ from ._messages import (
     Request,
     SearchMemory,
     ServerMessage,
-    ServerMsg,
     Start,
     Stats,
     Stream,
@@ -63,6 +82,7 @@ from ._messages import (
     Usage,
     Welcome,
 )
+from ._unions import ClientMsg, ServerMsg
 
 
 class LocalProtocolError(Exception):
@@ -90,6 +110,17 @@ REPLIES: Final[dict[type[Request], tuple[frozenset[type], frozenset[type]]]] = {
     Ping: (frozenset(), frozenset({Pong, Error})),
     GetStats: (frozenset(), frozenset({Stats, Error})),
     SearchMemory: (frozenset(), frozenset({Memory, Error})),
+    Register: (frozenset(), frozenset({Registered, Error})),
+    Heartbeat: (frozenset(), frozenset({Ok, Error})),
+    ListParticipants: (frozenset(), frozenset({Participants, Error})),
+    Post: (frozenset(), frozenset({Posted, Error})),
+    Inbox: (frozenset(), frozenset({Messages, Error})),
+    Sent: (frozenset(), frozenset({Messages, Error})),
+    GetThread: (frozenset(), frozenset({Messages, Error})),
+    MarkRead: (frozenset(), frozenset({Ok, Error})),
+    GetMessage: (frozenset(), frozenset({MessageReply, Error})),
+    Watch: (frozenset({Watching, Mail}), frozenset({End, Error})),
+    GetContext: (frozenset(), frozenset({MailContext, Error})),
 }
 """Which frames answer which request; every request type of ``ClientMsg`` has a row."""
 

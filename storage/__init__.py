@@ -22,6 +22,14 @@ from ._base import (
     StorageError,
 )
 from ._jsonl import JsonlStorage
+from ._mail import (
+    InboxQuery,
+    MailStore,
+    ParentChange,
+    StateChange,
+    msg_id_of,
+    number_of,
+)
 from ._memory import MemoryStorage
 from ._sqlite import SqliteStorage
 from ._url import open_store
@@ -33,13 +41,19 @@ __all__ = [
     "MAX_SEARCH_LIMIT",
     "Archive",
     "ConversationNotFound",
+    "InboxQuery",
     "JsonlStorage",
+    "MailStore",
     "MemoryStorage",
     "NewConversation",
+    "ParentChange",
     "PostgresStorage",
     "SqliteStorage",
+    "StateChange",
     "Storage",
     "StorageError",
+    "msg_id_of",
+    "number_of",
     "open_store",
 ]
 

@@ -10,6 +10,8 @@ from typing import Protocol
 import msgspec
 from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
+from ._mail import MailStore
+
 
 class StorageError(Exception):
     """Storage failed (disk full, database gone, corrupt data). The one error root."""
@@ -98,6 +100,9 @@ class Storage(Protocol):
     cancellation lands at the caller's next checkpoint. So a caller never
     loses track of what it wrote, and needs no shield of its own.
     """
+
+    mail: MailStore
+    """Participants, messages and deliveries (storage/_mail.py), kept with the conversations."""
 
     shared: bool
     """True when other processes may append to this store's conversations (postgres).

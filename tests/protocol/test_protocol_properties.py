@@ -62,6 +62,15 @@ def _values(t: mi.Type) -> st.SearchStrategy[Any]:
             return st.sampled_from(t.values)
         case mi.ListType():
             return st.lists(_values(t.item_type), max_size=3)
+        case mi.DictType():
+            return st.dictionaries(_values(t.key_type), _values(t.value_type), max_size=3)
+        case mi.AnyType():  # free JSON: what both encodings give back as they got it
+            return st.recursive(
+                st.none() | st.booleans() | INT64 | TEXT,
+                lambda inner: st.lists(inner, max_size=3)
+                | st.dictionaries(TEXT, inner, max_size=3),
+                max_leaves=6,
+            )
         case mi.UnionType():
             return st.one_of([_values(member) for member in t.types])
         case mi.StructType():
