@@ -116,6 +116,10 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sandbox: Literal["none", "bwrap"] = "none"
     sandbox_network: bool = False
     sandbox_read: list[str] = msgspec.field(default_factory=list)
+    # Which mail starts a run of this agent: mail whose `to` names it or that
+    # @-mentions it ("direct"), only @-mentions ("mentions"), or none ("never").
+    # @role and @everyone never do.
+    mail: Literal["direct", "mentions", "never"] = "direct"
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -47,14 +47,22 @@ class Context:
         self.entries.extend(stored)
 
     def prompt(
-        self, speaker: Agent, *, blocks: ProviderBlocks, pending: Entry | None = None
+        self,
+        speaker: Agent,
+        *,
+        blocks: ProviderBlocks,
+        pending: Entry | None = None,
+        framing: str | None = None,
     ) -> Prompt:
-        """The messages of ``speaker``'s next step, with ``pending`` (not stored yet) last."""
+        """The messages of ``speaker``'s next step, with ``pending`` (not stored yet) last,
+        and ``framing`` (the run's own, never stored) after the system prompt."""
         guest = speaker.name != self.primary
         tail = () if pending is None else (_message(pending, self.primary, speaker, blocks),)
         if guest:
             body = [_message(entry, self.primary, speaker, blocks) for entry in self.entries]
             head = [speaker.system, _guest_framing(speaker.name, self.primary)]
+            if framing is not None:
+                head.append(ModelMessage(role="system", content=framing))
             return Prompt(head, body, sum(word_count(m) for m in body), tail)
         for entry in self.entries[len(self._messages) :]:  # one message per entry
             message = _message(entry, self.primary, speaker, blocks)
@@ -66,6 +74,8 @@ class Context:
         head = (
             [speaker.system, _others_framing(speaker.name, others)] if others else [speaker.system]
         )
+        if framing is not None:
+            head = [*head, ModelMessage(role="system", content=framing)]
         return Prompt(head, self._messages, self._words, tail)
 
 

@@ -234,9 +234,11 @@ class Run(Job):
         cwd: str | None,
         chain: tuple[str, ...] = (),
         policy: QueuePolicy = "enqueue",
+        framing: str | None = None,
     ) -> None:
         super().__init__(conversation)
         self.content = content
+        self.framing = framing
         self.speaker = speaker
         self.is_guest = speaker.name != conversation.agent
         self.cwd = cwd
@@ -400,7 +402,9 @@ class Run(Job):
     def prompt(self) -> Prompt:
         context = self.conversation.context
         assert context is not None  # loaded before the turn
-        return context.prompt(self.speaker, blocks=self.blocks, pending=self._pending)
+        return context.prompt(
+            self.speaker, blocks=self.blocks, pending=self._pending, framing=self.framing
+        )
 
     async def _user_entry_written(self) -> None:
         """Wait for the user entry's write in flight, if any; raise what it failed with."""

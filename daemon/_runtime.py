@@ -140,11 +140,14 @@ class Runtime:
         queue: QueuePolicy,
         sink: Sink,
         chain: tuple[str, ...] = (),
+        framing: str | None = None,
     ) -> Run:
         """Queue a run and attach ``sink`` to it; synchronous, so runs keep arrival order.
 
         ``cwd`` must have passed ``cwd_problem`` (a delegate's is its caller's).
         ``chain`` names the agents whose `delegate` calls led here, outermost first.
+        ``framing`` is a system message the model sees before this run's steps, never
+        stored (what mail says of the message it answers).
         """
         self._check_accepting()
         primary = self.agent(agent)
@@ -157,7 +160,15 @@ class Runtime:
         conv = self._conversation(agent, sender)
         if queue == "reject" and conv.busy:
             raise RequestError(409, "The conversation is busy with another run; retry later.")
-        run = Run(conv, content=content, speaker=speaker, cwd=cwd, chain=chain, policy=queue)
+        run = Run(
+            conv,
+            content=content,
+            speaker=speaker,
+            cwd=cwd,
+            chain=chain,
+            policy=queue,
+            framing=framing,
+        )
         run.add_sink(sink)
         self._enqueue(conv, run, interrupt=queue == "interrupt")
         return run

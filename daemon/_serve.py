@@ -119,6 +119,7 @@ async def serve(
                 root.start_soon(_stop_on_signal, received, stop)
             runtime = Runtime(config, storage, agents, root)
             server = Server(runtime, max_connections=max_connections)
+            await server.post_office.start()
             root.start_soon(server.accept, listener)
             log.info(
                 "daemon_started",

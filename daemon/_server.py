@@ -20,6 +20,7 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple, assert_never
 
@@ -45,23 +46,42 @@ from chinwag.protocol import (
     ErrorInfo,
     Event,
     FrameDecoder,
+    GetContext,
     GetHistory,
+    GetMessage,
     GetStats,
+    GetThread,
+    Heartbeat,
     Hello,
     History,
+    Inbox,
     Kill,
     Killed,
     ListAgents,
     ListConversations,
+    ListParticipants,
     LocalProtocolError,
+    Mail,
+    MailContext,
+    MailMessage,
+    MarkRead,
     Memory,
+    MessageReply,
+    Messages,
     Ok,
+    Participants,
     Ping,
     Pong,
+    Post,
+    Posted,
     ProtocolError,
+    Ref,
+    Register,
+    Registered,
     ReplyToAsk,
     Request,
     SearchMemory,
+    Sent,
     ServerMessage,
     Session,
     Stats,
@@ -71,13 +91,16 @@ from chinwag.protocol import (
     Subscribed,
     TextDelta,
     ThinkingDelta,
+    Watch,
+    Watching,
     Welcome,
     codec_for,
 )
-from chinwag.storage import StorageError
+from chinwag.storage import InboxQuery, StorageError
 
 from ._conversation import Run, Subscription
 from ._errors import RequestError
+from ._post_office import Page, PostOffice, Watcher, parse_since
 from ._reaper import stat_fields
 from ._runtime import Runtime
 
@@ -209,8 +232,86 @@ class Subscriber:
             self.conn.send(self._end)
 
 
-Handle = RequestSink | Subscriber
-"""What a `cancel` detaches: an open `stream`, `attach` or `subscribe`."""
+class MailWatch:
+    """A `watch` request: what the reader missed since ``after``, then each new message.
+
+    Like a `Subscriber`, it has its own bounded buffer drained by its own task; a
+    watcher that falls behind by more than the buffer is dropped with `end` 429,
+    never slowing the author or the other watchers.
+    """
+
+    def __init__(self, conn: Connection, request_id: int, size: int) -> None:
+        self.conn = conn
+        self.request_id = request_id
+        self._send, self._receive = trio.open_memory_channel[MailMessage](size)
+        self.watcher: Watcher | None = None
+        self._end: End | None = None
+
+    def deliver(self, message: MailMessage) -> bool:
+        """Called by the post office; False makes it drop this watch."""
+        if self._end is not None:
+            return False
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            log.warning("watcher_too_slow", request_id=self.request_id)
+            self._end = End(
+                id=self.request_id,
+                status="error",
+                error=ErrorInfo(
+                    code=429,
+                    message="The watch fell too far behind and was dropped; watch again "
+                    "with `after` set to the last msg_id you got.",
+                ),
+                last_seq=None,
+            )
+            self._send.close()
+            return False
+        return True
+
+    def detach(self) -> None:
+        if self._end is not None:
+            return
+        self._end = End(id=self.request_id, status="detached", error=None, last_seq=None)
+        self.drop()
+        self.conn.send(self._end)
+
+    def drop(self) -> None:
+        if self.watcher is not None:
+            self.conn.server.post_office.unwatch(self.watcher)
+        self._send.close()
+        self._receive.close()
+
+    def _frame(self, message: MailMessage) -> Mail:
+        return Mail(id=self.request_id, msg_id=message.msg_id, message=message)
+
+    async def forward(self, name: str, after: str | None, cursor: str | None) -> None:
+        office = self.conn.server.post_office
+        try:
+            while after is not None:  # the replay, page by page, up to the cursor
+                page = await office.replay(name, after, cursor)
+                for message in page:
+                    await self.conn.send_waiting(self._frame(message))
+                after = page[-1].msg_id if page else None
+            async for message in self._receive:
+                await self.conn.send_waiting(self._frame(message))
+        except (trio.ClosedResourceError, trio.EndOfChannel):
+            pass
+        except StorageError as exc:
+            log.error("storage_failed", error=str(exc))
+            self._end = End(
+                id=self.request_id,
+                status="error",
+                error=ErrorInfo(code=500, message=f"Storage failed: {exc}"),
+                last_seq=None,
+            )
+            self.drop()
+        if self._end is not None and self._end.status == "error":
+            self.conn.send(self._end)
+
+
+Handle = RequestSink | Subscriber | MailWatch
+"""What a `cancel` detaches: an open `stream`, `attach`, `subscribe` or `watch`."""
 
 # A run's deltas and a subscription's events are worth batching; any other frame is
 # awaited by someone, and goes to the socket at once, with what is queued before it.
@@ -460,6 +561,7 @@ class Connection:
                 else:
                     handle.detach()
             self.handles.clear()
+            self.server.post_office.leave(self)
             with trio.move_on_after(FLUSH_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
                 if self.linger:
@@ -642,6 +744,21 @@ class Connection:
                         subscriptions=stats.subscriptions,
                     )
                 )
+            case Watch():
+                self._watch(msg, nursery)
+            case (
+                Register()
+                | Heartbeat()
+                | ListParticipants()
+                | Post()
+                | Inbox()
+                | Sent()
+                | GetThread()
+                | MarkRead()
+                | GetMessage()
+                | GetContext()
+            ):
+                self._call(nursery, msg.id, lambda: self._mail(msg), paced=True)
             case _:
                 assert_never(msg)
 
@@ -810,6 +927,134 @@ class Connection:
         hits = await self.runtime.search_memory(msg.agent, msg.query, msg.limit)
         return Memory(id=msg.id, items=hits)
 
+    async def _mail(
+        self,
+        msg: Register
+        | Heartbeat
+        | ListParticipants
+        | Post
+        | Inbox
+        | Sent
+        | GetThread
+        | MarkRead
+        | GetMessage
+        | GetContext,
+    ) -> ServerMessage:
+        office = self.server.post_office
+        rid = msg.id
+        match msg:
+            case Register():
+                participant = await office.register(
+                    self,
+                    msg.name,
+                    kind=msg.kind,
+                    roles=msg.roles,
+                    info=msg.info,
+                    takeover=msg.takeover,
+                )
+                return Registered(id=rid, participant=participant)
+            case Heartbeat():
+                await office.heartbeat(msg.name, msg.status)
+                return Ok(id=rid)
+            case ListParticipants():
+                items = await office.participants(online_only=msg.online_only, role=msg.role)
+                return Participants(id=rid, items=items)
+            case Post():
+                result = await office.post(
+                    sender=msg.sender,
+                    to=msg.to,
+                    content=msg.content,
+                    format=msg.format,
+                    structured=msg.structured,
+                    priority=msg.priority,
+                    channel=msg.channel,
+                    reply_to=msg.reply_to,
+                    scopes=msg.scopes,
+                    refs=msg.refs,
+                    metadata=msg.metadata,
+                    mentions=msg.mentions,
+                    idempotency_key=msg.idempotency_key,
+                )
+                stored = result.message
+                return Posted(
+                    id=rid,
+                    msg_id=stored.msg_id,
+                    thread_id=stored.thread_id,
+                    recipients=stored.recipients,
+                    created_at=stored.created_at,
+                    warnings=result.warnings,
+                )
+            case Inbox():
+                query = InboxQuery(
+                    unread_only=msg.unread_only,
+                    mentions_only=msg.mentions_only,
+                    thread_id=msg.thread_id,
+                    channel=msg.channel,
+                    scope=_scope(msg.scope),
+                    priority_min=msg.priority_min,
+                    since=None if msg.since is None else parse_since(msg.since, _utcnow()),
+                )
+                page = await office.inbox(
+                    msg.reader, query, limit=msg.limit, cursor=msg.cursor, mark_read=msg.mark_read
+                )
+                return _messages(rid, page)
+            case Sent():
+                return _messages(
+                    rid, await office.sent(msg.reader, limit=msg.limit, cursor=msg.cursor)
+                )
+            case GetThread():
+                return _messages(rid, await office.thread(msg.reader, msg.thread_id))
+            case MarkRead():
+                await office.mark_read(
+                    msg.reader, msg_ids=msg.msg_ids, thread_id=msg.thread_id, everything=msg.all
+                )
+                return Ok(id=rid)
+            case GetMessage():
+                message, mine = await office.get_message(msg.reader, msg.msg_id)
+                return MessageReply(
+                    id=rid, message=message, state=mine.state if mine is not None else None
+                )
+            case GetContext():
+                view = await office.context(msg.reader)
+                return MailContext(
+                    id=rid,
+                    name=view.name,
+                    unread=sum(view.unread_by_priority.values()),
+                    unread_by_priority=view.unread_by_priority,
+                    threads=view.threads,
+                    participant=view.participant,
+                )
+        assert_never(msg)
+
+    def _watch(self, msg: Watch, nursery: trio.Nursery) -> None:
+        watch = MailWatch(self, msg.id, self.runtime.config.daemon.subscription_events)
+        self.handles[msg.id] = watch
+
+        async def start() -> None:
+            try:
+                watch.watcher, cursor = await self.server.post_office.watch(
+                    msg.reader, watch.deliver
+                )
+                if msg.after is not None:
+                    self.server.post_office.check_cursor(msg.after)
+            except (RequestError, StorageError) as exc:
+                watch.drop()
+                code, text = (
+                    (exc.code, exc.message)
+                    if isinstance(exc, RequestError)
+                    else (500, f"Storage failed: {exc}")
+                )
+                if self.handles.pop(msg.id, None) is not None:
+                    self.send(Error(id=msg.id, code=code, message=text))
+                return
+            if watch._end is not None:  # cancelled while it started
+                watch.drop()
+                return
+            self.send(Watching(id=msg.id, cursor=cursor))
+            await watch.forward(watch.watcher.name, msg.after, cursor)
+
+        nursery.start_soon(start)
+
     async def _list(self, msg: ListConversations) -> Conversations:
         items, cursor = await self.runtime.list_conversations(
             agent=msg.agent, sender=msg.sender, limit=msg.limit, cursor=msg.cursor
@@ -817,10 +1062,33 @@ class Connection:
         return Conversations(id=msg.id, items=items, next_cursor=cursor)
 
 
+def _messages(rid: int, page: Page) -> Messages:
+    return Messages(id=rid, items=page.items, next_cursor=page.next_cursor, unread=page.unread)
+
+
+def _scope(text: str | None) -> Ref | None:
+    """An inbox's ``scope`` filter, written ``type:value``."""
+    if text is None:
+        return None
+    kind, colon, value = text.partition(":")
+    if not colon or not kind or not value:
+        raise RequestError(400, f"scope is written type:value, such as module:auth; not {text!r}.")
+    return Ref(type=kind, value=value)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 def _text_bytes(msg: Request) -> int:
     """The size of the free text a request carries, in UTF-8 bytes."""
     match msg:
-        case Stream(content=text) | ReplyToAsk(content=text) | SearchMemory(query=text):
+        case (
+            Stream(content=text)
+            | ReplyToAsk(content=text)
+            | SearchMemory(query=text)
+            | Post(content=text)
+        ):
             return len(text.encode())
         case Compact(instructions=str(text)):
             return len(text.encode())
@@ -832,6 +1100,7 @@ class Server:
 
     def __init__(self, runtime: Runtime, *, max_connections: int | None = None) -> None:
         self.runtime = runtime
+        self.post_office = PostOffice(runtime, runtime.storage.mail)
         # Fewer than configured when the open file limit cannot hold that many.
         self.max_connections = max_connections or runtime.config.daemon.max_connections
         self.connections: set[Connection] = set()

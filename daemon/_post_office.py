@@ -1,0 +1,756 @@
+"""The post office: participants, addressing, fan-out, delivery states and watchers.
+
+It knows neither sockets nor encodings: the server hands it requests' fields
+and turns what it returns into frames. A message is pushed only once
+``MailStore.post`` has returned, so only what is durable is ever seen; posts
+and the start of a watch take one lock, so every watcher receives its mail in
+msg_id order, and a watch that begins sees every message either in its replay
+or pushed, never both. A hosted agent's answer to mail is an ordinary run of
+its conversation: the post office only queues the run and posts its final text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+import trio
+from chinwag.protocol import (
+    Delivery,
+    DeliveryState,
+    End,
+    MailItem,
+    MailMessage,
+    Participant,
+    ParticipantKind,
+    Ref,
+    Start,
+    StreamEventMsg,
+    ThreadSummary,
+)
+from chinwag.storage import InboxQuery, MailStore, ParentChange, StateChange, number_of
+
+from ._conversation import DelegateAnswer
+from ._errors import RequestError
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+log = structlog.get_logger("chinwag.mail")
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
+RESERVED = frozenset({"everyone", "all", "daemon", "system", "chinwag"})
+PRIORITIES = range(4)
+TAKEOVER_WINDOW_S = 30 * 60  # a registration silent for longer may be taken without asking
+MAX_ADDRESSES = 256  # entries of `to` plus `mentions`
+MAX_PAGE = 500
+REPLAY_PAGE = 200
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def participant_name(raw: str, what: str = "A participant's name") -> str:
+    """``raw`` case-folded, if it is a valid name that is not reserved; else 400."""
+    name = raw.casefold()
+    if not NAME.fullmatch(name):
+        raise RequestError(
+            400,
+            f"{what} must be 1-64 characters of a-z, 0-9, _ . : -, starting with a letter or "
+            f"digit; {raw!r} is not.",
+        )
+    if name in RESERVED:
+        raise RequestError(400, f"{name!r} is reserved and cannot be a participant's name.")
+    return name
+
+
+def parse_since(text: str, moment: datetime) -> datetime:
+    """An RFC 3339 time, or a duration back from ``moment`` (``30m``, ``2h``, ``1d``)."""
+    if match := _DURATION.fullmatch(text.strip()):
+        return moment - timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise RequestError(
+            400, f"since must be a time (RFC 3339) or a duration such as 30m, 2h or 1d: {text!r}."
+        ) from None
+    if parsed.tzinfo is None:
+        raise RequestError(400, f"since must name its timezone (a Z or an offset): {text!r}.")
+    return parsed.astimezone(UTC)
+
+
+@dataclass
+class Registration:
+    """A participant announced on a live connection (``owner``)."""
+
+    owner: object
+    participant: Participant
+    session: object  # info["session"], compared for conflicts
+    seen_at: float  # trio time of the registration or its latest heartbeat
+
+
+@dataclass(eq=False)
+class Watcher:
+    """One `watch`: ``deliver`` takes each new message for ``name`` (False: drop it)."""
+
+    name: str
+    deliver: Callable[[MailMessage], bool]
+
+
+@dataclass
+class PostResult:
+    message: MailMessage
+    created: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Page:
+    items: list[MailItem]
+    next_cursor: str | None
+    unread: int
+
+
+@dataclass
+class MailContextView:
+    name: str
+    unread_by_priority: dict[int, int]
+    threads: list[ThreadSummary]
+    participant: Participant | None
+
+
+@dataclass
+class _Addressed:
+    recipients: dict[str, bool] = field(default_factory=dict)  # name -> mentioned
+    new: list[str] = field(default_factory=list)  # names never seen before
+    direct: set[str] = field(default_factory=set)  # named in `to` (a DM to them)
+    at_named: set[str] = field(default_factory=set)  # `@name`d, in `to` or `mentions`
+
+
+class PostOffice:
+    """Mail for one daemon: the participants it knows, who is online, who watches."""
+
+    def __init__(self, runtime: Runtime, store: MailStore) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.known: dict[str, Participant] = {}
+        self.registrations: dict[str, Registration] = {}
+        self.watchers: dict[str, list[Watcher]] = {}
+        self._posting = trio.Lock()
+
+    # --- start ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the participants, make the configured agents ones, answer waiting mail."""
+        for participant in await self.store.participants():
+            self.known[participant.name] = participant
+        for name in self.runtime.agents:
+            folded = name.casefold()
+            if not NAME.fullmatch(folded) or folded in RESERVED:
+                log.warning("agent_not_a_mail_address", agent=name)
+                continue
+            known = self.known.get(folded)
+            if known is None or known.kind != "agent":
+                participant = Participant(name=folded, kind="agent", last_seen=now())
+                await self.store.put_participant(participant)
+                self.known[folded] = participant
+        for name, agent in self.runtime.agents.items():
+            if agent.config.mail == "never" or name.casefold() not in self.known:
+                continue
+            waiting = await self.store.received(
+                name.casefold(), after=None, limit=10_000, pending_only=True
+            )
+            for message, _ in waiting:
+                if self._starts_run(name, message):
+                    self._answer(name, message)
+
+    # --- participants ----------------------------------------------------------------
+
+    def hosted_agent(self, name: str) -> str | None:
+        """The configured agent a mail address names, or None."""
+        for agent in self.runtime.agents:
+            if agent.casefold() == name:
+                return agent
+        return None
+
+    def _online(self, name: str) -> bool:
+        return name in self.registrations or self.hosted_agent(name) is not None
+
+    async def _view(self, participant: Participant, unread: int | None = None) -> Participant:
+        if unread is None:
+            unread = sum((await self.store.unread_counts(participant.name)).values())
+        registration = self.registrations.get(participant.name)
+        shown = registration.participant if registration is not None else participant
+        return msgspec.structs.replace(shown, online=self._online(participant.name), unread=unread)
+
+    async def register(
+        self,
+        owner: object,
+        name: str,
+        *,
+        kind: ParticipantKind,
+        roles: Sequence[str],
+        info: dict[str, Any],
+        takeover: bool,
+    ) -> Participant:
+        """Announce ``name`` on the connection ``owner``; 409 when another live one holds it."""
+        name = participant_name(name)
+        folded_roles = sorted({participant_name(role, "A role") for role in roles})
+        if kind == "agent" and self.hosted_agent(name) is None:
+            raise RequestError(
+                400, f"Kind `agent` is for the daemon's configured agents; {name} is not one."
+            )
+        clash = [role for role in folded_roles if role in self.known or role == name]
+        if clash:
+            raise RequestError(409, f"A role may not be a participant's name: {clash[0]!r} is one.")
+        if name in self._roles():
+            raise RequestError(409, f"{name!r} is a role; a participant cannot take its name.")
+        session = info.get("session")
+        held = self.registrations.get(name)
+        if held is not None and held.owner is not owner and not takeover:
+            fresh = trio.current_time() - held.seen_at < TAKEOVER_WINDOW_S
+            if fresh and held.session != session:
+                about = ", ".join(
+                    f"{key} {held.participant.info[key]}"
+                    for key in ("session", "vendor", "pid", "cwd")
+                    if key in held.participant.info
+                )
+                raise RequestError(
+                    409,
+                    f"{name} is registered by another live session"
+                    f"{f' ({about})' if about else ''}; register with takeover to replace it, "
+                    "or pick another name.",
+                )
+        moment = now()
+        previous = self.known.get(name)
+        participant = Participant(
+            name=name,
+            kind=kind,
+            roles=folded_roles,
+            last_seen=moment,
+            status=previous.status if previous is not None else "",
+            info=info,
+        )
+        await self.store.put_participant(participant)
+        self.known[name] = participant
+        self.registrations[name] = Registration(owner, participant, session, trio.current_time())
+        log.info("participant_registered", name=name, kind=kind, takeover=held is not None)
+        return await self._view(participant)
+
+    def leave(self, owner: object) -> None:
+        """The connection ``owner`` closed: its registrations end (their mail stays)."""
+        for name, registration in list(self.registrations.items()):
+            if registration.owner is owner:
+                del self.registrations[name]
+
+    async def heartbeat(self, name: str, status: str | None) -> None:
+        name = participant_name(name)
+        participant = self.known.get(name)
+        if participant is None:
+            raise RequestError(404, f"No participant is named {name}; register it first.")
+        if status is not None and len(status) > 500:
+            raise RequestError(400, "A status line is at most 500 characters.")
+        participant = msgspec.structs.replace(
+            participant, last_seen=now(), status=participant.status if status is None else status
+        )
+        await self.store.put_participant(participant)
+        self.known[name] = participant
+        if (registration := self.registrations.get(name)) is not None:
+            registration.participant = participant
+            registration.seen_at = trio.current_time()
+
+    async def participants(self, *, online_only: bool, role: str | None) -> list[Participant]:
+        if role is not None:
+            role = role.casefold().removeprefix("@")
+        totals = await self.store.unread_totals()
+        shown = []
+        for name in sorted(self.known):
+            participant = self.known[name]
+            if online_only and not self._online(name):
+                continue
+            if role is not None and role not in participant.roles:
+                continue
+            shown.append(await self._view(participant, totals.get(name, 0)))
+        return shown
+
+    def _roles(self) -> set[str]:
+        return {role for p in self.known.values() for role in p.roles}
+
+    # --- posting -------------------------------------------------------------------------
+
+    async def post(
+        self,
+        *,
+        sender: str,
+        to: Sequence[str],
+        content: str,
+        format: str,
+        structured: Any,
+        priority: int,
+        channel: str | None,
+        reply_to: str | None,
+        scopes: Sequence[Ref],
+        refs: Sequence[Ref],
+        metadata: dict[str, Any],
+        mentions: Sequence[str],
+        idempotency_key: str | None,
+        run_id: str | None = None,
+        answers: bool = False,
+    ) -> PostResult:
+        """Store one message and push it to its recipients' watchers; then queue the runs of
+        the hosted agents it asks. Raises ``RequestError`` (400, 404) storing nothing."""
+        sender = participant_name(sender, "`from`")
+        if priority not in PRIORITIES:
+            raise RequestError(400, f"priority must be 0, 1, 2 or 3, not {priority}.")
+        if format == "json":
+            try:
+                json.loads(content)
+            except ValueError as exc:
+                raise RequestError(400, f"format is json but content is not JSON: {exc}.") from None
+        if not content.strip() and structured is None:
+            raise RequestError(400, "A message needs content.")
+        if not to and reply_to is None:
+            raise RequestError(400, "`to` must name at least one recipient (or set reply_to).")
+        if len(to) + len(mentions) > MAX_ADDRESSES:
+            raise RequestError(400, f"A message has at most {MAX_ADDRESSES} addresses.")
+        if channel is not None and not 1 <= len(channel) <= 64:
+            raise RequestError(400, "A channel is 1 to 64 characters.")
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+            raise RequestError(400, "An idempotency_key is 1 to 200 characters.")
+        for ref in (*scopes, *refs):
+            if not ref.type or not ref.value:
+                raise RequestError(400, "Each scope and ref needs a non-empty type and value.")
+
+        parent = None
+        if reply_to is not None:
+            parent = await self.store.get_message(reply_to)
+            if parent is None or not _may_read(parent, sender):
+                raise RequestError(404, f"No message {reply_to} is yours to reply to.")
+            if not to:  # the parent's author, or when that is us, the parent's recipients
+                to = [parent.sender] if parent.sender != sender else parent.recipients
+        addressed = self._address(sender, to, mentions)
+        recipients = [name for name in addressed.recipients if name != sender]
+        warnings = [
+            f"{name} is not registered: it will get this when it does."
+            for name in addressed.new
+            if name != sender
+        ]
+        if not recipients:
+            warnings.append("It reaches nobody: its only recipient is its author.")
+        mention_refs = [Ref(type="mention", value=name) for name in addressed.at_named]
+        thread_id = None
+        change = None
+        if parent is not None:
+            thread_id = parent.thread_id or parent.msg_id
+            change = ParentChange(
+                msg_id=parent.msg_id,
+                start_thread=parent.thread_id is None,
+                read_by=sender if sender in parent.recipients else None,
+                answered=answers,
+            )
+        fresh = [
+            Participant(name=name, kind="session", last_seen=None)
+            for name in [*addressed.new, sender]
+            if name not in self.known
+        ]
+        async with self._posting:
+            moment = now()
+            live = {name for name in recipients if self.watchers.get(name)}
+            message = MailMessage(
+                msg_id="",
+                sender=sender,
+                to=list(to),
+                recipients=recipients,
+                content=content,
+                created_at=moment,
+                thread_id=thread_id,
+                format=format,  # type: ignore[arg-type]  # checked by the wire type
+                structured=structured,
+                priority=priority,
+                channel=channel,
+                reply_to=parent.msg_id if parent is not None else None,
+                scopes=list(scopes),
+                refs=[*refs, *(r for r in mention_refs if r not in refs)],
+                metadata=metadata,
+                mentions=[m.casefold().removeprefix("@") for m in mentions],
+                idempotency_key=idempotency_key,
+                run_id=run_id,
+            )
+            deliveries = [
+                Delivery(
+                    name=name,
+                    state="delivered" if name in live else "pending",
+                    delivered_at=moment if name in live else None,
+                    mentioned=addressed.recipients[name],
+                )
+                for name in recipients
+            ]
+            stored, created = await self.store.post(
+                message, deliveries, parent=change, new_participants=fresh
+            )
+            for participant in fresh:
+                self.known.setdefault(participant.name, participant)
+            if created:
+                self._push(stored)
+        if created:
+            log.info("mail_posted", msg_id=stored.msg_id, sender=sender, recipients=len(recipients))
+            for name in stored.recipients:
+                agent = self.hosted_agent(name)
+                if agent is not None and self._starts_run(agent, stored, direct=addressed.direct):
+                    self._answer(agent, stored)
+        return PostResult(stored, created, warnings if created else [])
+
+    def _address(self, sender: str, to: Sequence[str], mentions: Sequence[str]) -> _Addressed:
+        addressed = _Addressed()
+        roles = self._roles()
+
+        def add(name: str, mentioned: bool) -> None:
+            addressed.recipients[name] = addressed.recipients.get(name, False) or mentioned
+
+        for entry, is_mention in [*((e, False) for e in to), *((m, True) for m in mentions)]:
+            raw = entry.strip()
+            if raw.startswith("#"):
+                raise RequestError(404, f"No space is named {raw}.")
+            if raw.casefold() == "@everyone":
+                if is_mention:
+                    raise RequestError(400, "@everyone goes in `to`, not in mentions.")
+                for name in self.known:
+                    add(name, False)
+                continue
+            at = raw.startswith("@") or is_mention
+            name = raw.removeprefix("@").casefold()
+            if at and name in roles:
+                for participant in self.known.values():
+                    if name in participant.roles:
+                        add(participant.name, True)
+                continue
+            if at and name not in self.known:
+                raise RequestError(
+                    404, f"No participant or role is named @{name}; nothing was sent."
+                )
+            name = participant_name(name, "A recipient")
+            if name not in self.known and name not in addressed.new:
+                addressed.new.append(name)
+            add(name, at)
+            if at:
+                addressed.at_named.add(name)
+            if not is_mention:
+                addressed.direct.add(name)
+        addressed.recipients.pop(sender, None)
+        return addressed
+
+    def _push(self, message: MailMessage) -> None:
+        """Hand ``message`` to every watcher of its recipients; drop those that cannot take it."""
+        for name in message.recipients:
+            watchers = self.watchers.get(name)
+            if not watchers:
+                continue
+            gone = [w for w in watchers if not w.deliver(message)]
+            for watcher in gone:
+                watchers.remove(watcher)
+
+    # --- hosted agents ---------------------------------------------------------------------
+
+    def _starts_run(
+        self, agent: str, message: MailMessage, *, direct: set[str] | None = None
+    ) -> bool:
+        """Whether ``message`` asks the hosted ``agent`` for an answer (never @role/@everyone)."""
+        name = agent.casefold()
+        if message.sender == name or message.answered_by is not None:
+            return False
+        if message.run_id is not None and message.reply_to is not None:
+            return False  # an agent's answer: answering it back would never end
+        mode = self.runtime.agents[agent].config.mail
+        named = name in message.mentions or Ref(type="mention", value=name) in message.refs
+        if direct is None:  # read back from the store: `to` as the author wrote it
+            direct = {e.casefold().removeprefix("@") for e in message.to if not e.startswith("#")}
+            direct.discard("everyone")
+            direct &= {name}
+        if mode == "never":
+            return False
+        if mode == "mentions":
+            return named
+        return named or name in direct
+
+    def _answer(self, agent: str, message: MailMessage) -> None:
+        """Queue a run of ``agent`` in its conversation with the author; post its answer."""
+        answer = MailAnswer(self, agent, message)
+        try:
+            answer.run = self.runtime.submit(
+                agent=agent,
+                sender=message.sender,
+                content=message.content,
+                guest=None,
+                cwd=None,
+                queue="enqueue",
+                sink=answer,
+                framing=_framing(agent, message),
+            )
+        except RequestError as exc:
+            log.warning("mail_run_refused", agent=agent, msg_id=message.msg_id, error=exc.message)
+            return
+        self._later(
+            self._advance, [StateChange(message.msg_id, agent.casefold(), "delivered", now())]
+        )
+
+    def _later(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.runtime.nursery.start_soon(fn, *args)
+
+    async def _advance(self, changes: list[StateChange]) -> None:
+        try:
+            await self.store.advance(changes)
+        except Exception:
+            log.exception("mail_state_not_stored")
+
+    async def _reply_for(self, answer: MailAnswer, end: End) -> None:
+        agent = answer.agent.casefold()
+        message = answer.message
+        if end.status == "done":
+            content = answer.text.strip() or "(no text)"
+        else:
+            why = end.error.message if end.error is not None else end.status
+            content = f"{answer.agent} could not answer ({end.status}): {why}"
+        try:
+            await self.post(
+                sender=agent,
+                to=[],
+                content=content,
+                format="markdown",
+                structured=None,
+                priority=message.priority,
+                channel=message.channel,
+                reply_to=message.msg_id,
+                scopes=message.scopes,
+                refs=[],
+                metadata={},
+                mentions=[],
+                idempotency_key=f"answer:{message.msg_id}",
+                run_id=answer.run.id if answer.run is not None else None,
+                answers=True,
+            )
+        except Exception:
+            log.exception("mail_answer_not_posted", agent=agent, msg_id=message.msg_id)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _reader(self, name: str) -> str:
+        return participant_name(name, "`as`")
+
+    async def inbox(
+        self,
+        reader: str,
+        query: InboxQuery,
+        *,
+        limit: int,
+        cursor: str | None,
+        mark_read: bool,
+    ) -> Page:
+        name = self._reader(reader)
+        limit = _limit(limit)
+        before = _cursor(cursor)
+        rows = await self.store.inbox(name, query, limit=limit + 1, before=before)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        moment = now()
+        state: DeliveryState = "read" if mark_read else "delivered"
+        changes = [
+            StateChange(m.msg_id, name, state, moment)
+            for m, d in rows
+            if d.state == "pending" or (mark_read and d.state != "read")
+        ]
+        if changes:
+            await self.store.advance(changes)
+        items = [_item(m, _moved(d, state, moment)) for m, d in rows]
+        unread = sum((await self.store.unread_counts(name)).values())
+        return Page(items, rows[-1][0].msg_id if more and rows else None, unread)
+
+    async def sent(self, reader: str, *, limit: int, cursor: str | None) -> Page:
+        name = self._reader(reader)
+        limit = _limit(limit)
+        messages = await self.store.sent(name, limit=limit + 1, before=_cursor(cursor))
+        more = len(messages) > limit
+        messages = messages[:limit]
+        deliveries = await self.store.deliveries([m.msg_id for m in messages])
+        items = [MailItem(message=m, deliveries=deliveries.get(m.msg_id, [])) for m in messages]
+        return Page(items, messages[-1].msg_id if more and messages else None, 0)
+
+    async def thread(self, reader: str, thread_id: str) -> Page:
+        name = self._reader(reader)
+        messages = [m for m in await self.store.thread(thread_id) if _may_read(m, name)]
+        if not messages:
+            raise RequestError(404, f"No thread {thread_id} holds mail of yours.")
+        deliveries = await self.store.deliveries([m.msg_id for m in messages])
+        items = []
+        for message in messages:
+            mine = next((d for d in deliveries.get(message.msg_id, []) if d.name == name), None)
+            items.append(_item(message, mine))
+        unread = sum((await self.store.unread_counts(name)).values())
+        return Page(items, None, unread)
+
+    async def mark_read(
+        self, reader: str, *, msg_ids: Sequence[str] | None, thread_id: str | None, everything: bool
+    ) -> int:
+        name = self._reader(reader)
+        chosen = sum(x is not None for x in (msg_ids, thread_id)) + everything
+        if chosen != 1:
+            raise RequestError(400, "mark_read takes exactly one of msg_ids, thread_id or all.")
+        return await self.store.mark_read(name, now(), msg_ids=msg_ids, thread_id=thread_id)
+
+    async def get_message(self, reader: str, msg_id: str) -> tuple[MailMessage, Delivery | None]:
+        name = self._reader(reader)
+        message = await self.store.get_message(msg_id)
+        if message is None or not _may_read(message, name):
+            raise RequestError(404, f"No message {msg_id} is yours to read.")
+        mine = None
+        if name in message.recipients:
+            await self.store.advance([StateChange(msg_id, name, "read", now())])
+            every = (await self.store.deliveries([msg_id]))[msg_id]
+            mine = next((d for d in every if d.name == name), None)
+        return message, mine
+
+    async def context(self, reader: str) -> MailContextView:
+        name = self._reader(reader)
+        unread = await self.store.unread_counts(name)
+        rows = await self.store.inbox(
+            name, InboxQuery(unread_only=True), limit=MAX_PAGE, before=None
+        )
+        threads: dict[str, ThreadSummary] = {}
+        for message, _ in rows:
+            key = message.thread_id or message.msg_id
+            summary = threads.get(key)
+            if summary is None:
+                threads[key] = ThreadSummary(
+                    thread_id=key, last_msg_id=message.msg_id, last_from=message.sender, unread=1
+                )
+            else:
+                summary.unread += 1
+        participant = self.known.get(name)
+        view = await self._view(participant) if participant is not None else None
+        return MailContextView(name, unread, list(threads.values()), view)
+
+    # --- watching ----------------------------------------------------------------------------
+
+    async def watch(
+        self, reader: str, deliver: Callable[[MailMessage], bool]
+    ) -> tuple[Watcher, str | None]:
+        """Start pushing ``reader``'s new mail to ``deliver``; returns the watcher and the
+        newest msg_id the reader had received before it (what a replay runs up to)."""
+        name = self._reader(reader)
+        watcher = Watcher(name, deliver)
+        async with self._posting:  # no post is between its write and its push
+            cursor = await self.store.newest_received(name)
+            self.watchers.setdefault(name, []).append(watcher)
+        return watcher, cursor
+
+    def check_cursor(self, cursor: str) -> None:
+        """400 unless ``cursor`` is a msg_id (a watch's ``after``)."""
+        _cursor(cursor)
+
+    def unwatch(self, watcher: Watcher) -> None:
+        watchers = self.watchers.get(watcher.name)
+        if watchers is not None and watcher in watchers:
+            watchers.remove(watcher)
+            if not watchers:
+                del self.watchers[watcher.name]
+
+    async def replay(self, name: str, after: str, until: str | None) -> list[MailMessage]:
+        """One page of what ``name`` received after ``after`` up to ``until``, marked delivered."""
+        _cursor(after)
+        if until is None or after >= until:
+            return []
+        rows = await self.store.received(name, after=after, limit=REPLAY_PAGE)
+        rows = [(m, d) for m, d in rows if m.msg_id <= until]
+        moment = now()
+        pending = [
+            StateChange(m.msg_id, name, "delivered", moment)
+            for m, d in rows
+            if d.state == "pending"
+        ]
+        if pending:
+            await self.store.advance(pending)
+        return [m for m, _ in rows]
+
+    def stats(self) -> tuple[int, int]:
+        """(participants online, watchers)."""
+        return len(self.registrations), sum(len(w) for w in self.watchers.values())
+
+
+class MailAnswer(DelegateAnswer):
+    """The sink of a run that answers mail: marks it read at `start`, posts the answer at `end`."""
+
+    def __init__(self, office: PostOffice, agent: str, message: MailMessage) -> None:
+        super().__init__()
+        self.office = office
+        self.agent = agent
+        self.message = message
+        self.run: Any = None
+
+    def __call__(self, event: StreamEventMsg) -> bool:
+        if type(event) is Start:
+            change = StateChange(self.message.msg_id, self.agent.casefold(), "read", now())
+            self.office._later(self.office._advance, [change])
+        elif type(event) is End:
+            self.office._later(self.office._reply_for, self, event)
+            return False
+        return super().__call__(event)
+
+
+def _framing(agent: str, message: MailMessage) -> str:
+    about = [f"from {message.sender}", f"priority {message.priority}", f"msg_id {message.msg_id}"]
+    if message.channel:
+        about.append(f"channel {message.channel}")
+    if message.reply_to:
+        about.append(f"in reply to {message.reply_to}")
+    if message.scopes:
+        about.append("about " + ", ".join(f"{s.type}:{s.value}" for s in message.scopes))
+    return (
+        f"You are {agent}. The user's latest message is mail ({'; '.join(about)}). "
+        "Your final answer is sent back to its author as a reply."
+    )
+
+
+def _may_read(message: MailMessage, name: str) -> bool:
+    return message.sender == name or name in message.recipients
+
+
+def _limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_PAGE:
+        raise RequestError(400, f"limit must be between 1 and {MAX_PAGE}.")
+    return limit
+
+
+def _cursor(cursor: str | None) -> str | None:
+    if cursor is not None and number_of(cursor) is None:
+        raise RequestError(400, "The cursor is not one this daemon issued; start again without it.")
+    return cursor
+
+
+def _moved(delivery: Delivery, state: DeliveryState, moment: datetime) -> Delivery:
+    if delivery.state == "pending" or (state == "read" and delivery.state != "read"):
+        return msgspec.structs.replace(
+            delivery,
+            state=state,
+            delivered_at=delivery.delivered_at or moment,
+            read_at=moment if state == "read" else delivery.read_at,
+        )
+    return delivery
+
+
+def _item(message: MailMessage, delivery: Delivery | None) -> MailItem:
+    if delivery is None:
+        return MailItem(message=message)
+    return MailItem(
+        message=message,
+        state=delivery.state,
+        delivered_at=delivery.delivered_at,
+        read_at=delivery.read_at,
+    )
