@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 import trio
@@ -54,6 +54,9 @@ from ._errors import RequestError, ToolError
 from ._providers import Prompt, ProviderError, TextChunk
 from ._steps import StepsExhausted, now, run_steps
 from ._workspace import Workspace
+
+if TYPE_CHECKING:
+    from ._post_office import PostOffice
 
 log = structlog.get_logger("chinwag.runtime")
 
@@ -96,6 +99,7 @@ class Host(Protocol):
     storage: Storage
     agents: dict[str, Agent]
     nursery: trio.Nursery
+    post_office: PostOffice | None
 
     def submit(
         self,
@@ -108,6 +112,7 @@ class Host(Protocol):
         queue: QueuePolicy,
         sink: Sink,
         chain: tuple[str, ...] = (),
+        framing: str | None = None,
     ) -> Run: ...
 
     def became_idle(self, conv: Conversation) -> None: ...
@@ -475,6 +480,14 @@ class Run(Job):
             await self.conversation.storage.put_note(
                 self.speaker.name, name, content, updated_at=now()
             )
+
+    @property
+    def mail(self) -> tuple[PostOffice, str] | None:
+        office = self.conversation.host.post_office
+        me = self.speaker.name.casefold()
+        if office is None or me not in office.known:
+            return None
+        return office, me
 
     async def delegate(self, agent: str, message: str) -> str:
         host = self.conversation.host

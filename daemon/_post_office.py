@@ -146,6 +146,7 @@ class PostOffice:
         self.registrations: dict[str, Registration] = {}
         self.watchers: dict[str, list[Watcher]] = {}
         self._posting = trio.Lock()
+        runtime.post_office = self
 
     # --- start ----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -32,6 +33,9 @@ from ._config import Config
 from ._conversation import Compacting, Conversation, Job, Run, Sink, Subscription
 from ._errors import RequestError
 from ._workspace import workdir_problem
+
+if TYPE_CHECKING:
+    from ._post_office import PostOffice
 
 log = structlog.get_logger("chinwag.runtime")
 
@@ -89,6 +93,7 @@ class Runtime:
         self.accepting = True
         self.started_at = time.monotonic()
         self.runs_total = 0
+        self.post_office: PostOffice | None = None  # set by the post office, when mail is on
 
     # --- lookups --------------------------------------------------------------
 

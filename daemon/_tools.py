@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from chinwag.protocol import AskQuestion, MemoryHit, ToolCallInfo
-from chinwag.storage import MAX_SEARCH_LIMIT
+from chinwag.storage import MAX_SEARCH_LIMIT, InboxQuery
 
-from ._errors import ToolError
+from ._errors import RequestError, ToolError
 from ._providers import ToolSchema
 from ._workspace import WORKSPACE_TOOLS, Workspace
+
+if TYPE_CHECKING:
+    from ._post_office import PostOffice
 
 
 class ToolContext(Protocol):
@@ -40,6 +43,11 @@ class ToolContext(Protocol):
     @property
     def workspace(self) -> Workspace | None:
         """The run's working directory and limits; None: the run has none."""
+        ...
+
+    @property
+    def mail(self) -> tuple[PostOffice, str] | None:
+        """The daemon's post office and the speaking agent's mail address; None: no mail."""
         ...
 
 
@@ -121,6 +129,104 @@ async def _memory_note(ctx: ToolContext, args: dict[str, Any]) -> str:
     name = " ".join(name.split())
     await ctx.memory_note(name, content)
     return f"Saved the note {name!r}; memory_search finds it."
+
+
+MAIL_LIMIT = 20
+
+
+def _office(ctx: ToolContext) -> tuple[PostOffice, str]:
+    if ctx.mail is None:
+        raise ToolError("Mail is not available to this agent (its name is not a mail address).")
+    return ctx.mail
+
+
+def _recipients(args: dict[str, Any]) -> list[str]:
+    to = args.get("to")
+    if isinstance(to, str):
+        to = [to]
+    if not isinstance(to, list) or not to or not all(isinstance(t, str) for t in to):
+        raise ToolError("`to` must name at least one recipient: a name, @role or @everyone.")
+    return to
+
+
+def _text(args: dict[str, Any], tool: str) -> str:
+    content = args.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise ToolError(f"{tool} needs a non-empty `content`.")
+    return content
+
+
+async def _post(
+    ctx: ToolContext, args: dict[str, Any], *, to: list[str], reply_to: str | None
+) -> str:
+    office, me = _office(ctx)
+    priority = args.get("priority", 1)
+    if not isinstance(priority, int):
+        raise ToolError("`priority` must be 0 (routine), 1 (normal), 2 (high) or 3 (critical).")
+    try:
+        result = await office.post(
+            sender=me,
+            to=to,
+            content=_text(args, "send_mail" if reply_to is None else "reply_mail"),
+            format="markdown",
+            structured=None,
+            priority=priority,
+            channel=None,
+            reply_to=reply_to,
+            scopes=(),
+            refs=(),
+            metadata={},
+            mentions=(),
+            idempotency_key=None,
+        )
+    except RequestError as exc:
+        raise ToolError(exc.message) from None
+    sent = result.message
+    line = f"Sent {sent.msg_id} to {', '.join(sent.recipients) or 'nobody'}"
+    if sent.thread_id is not None:
+        line += f" (thread {sent.thread_id})"
+    return " ".join([line + ".", *result.warnings])
+
+
+async def _send_mail(ctx: ToolContext, args: dict[str, Any]) -> str:
+    return await _post(ctx, args, to=_recipients(args), reply_to=None)
+
+
+async def _reply_mail(ctx: ToolContext, args: dict[str, Any]) -> str:
+    msg_id = args.get("msg_id")
+    if not isinstance(msg_id, str) or not msg_id:
+        raise ToolError("reply_mail needs the `msg_id` of the message it answers.")
+    return await _post(ctx, args, to=[], reply_to=msg_id)
+
+
+async def _check_mail(ctx: ToolContext, args: dict[str, Any]) -> str:
+    office, me = _office(ctx)
+    unread_only = args.get("unread_only", True)
+    limit = args.get("limit", 10)
+    if (
+        not isinstance(unread_only, bool)
+        or not isinstance(limit, int)
+        or not 1 <= limit <= MAIL_LIMIT
+    ):
+        raise ToolError(
+            f"check_mail takes `unread_only` (true/false) and a `limit` of 1 to {MAIL_LIMIT}."
+        )
+    try:
+        page = await office.inbox(
+            me, InboxQuery(unread_only=unread_only), limit=limit, cursor=None, mark_read=True
+        )
+    except RequestError as exc:
+        raise ToolError(exc.message) from None
+    if not page.items:
+        return "No unread mail." if unread_only else "No mail."
+    lines = [f"{len(page.items)} message(s), newest first:"]
+    for item in page.items:
+        m = item.message
+        about = [f"from {m.sender}", f"{m.created_at:%Y-%m-%d %H:%M} UTC", f"priority {m.priority}"]
+        if m.thread_id is not None:
+            about.append(f"thread {m.thread_id}")
+        lines.append(f"- {m.msg_id} ({', '.join(about)}): {m.content}")
+    return "\n".join(lines)
 
 
 _OPTION = {
@@ -222,6 +328,58 @@ TOOLS: dict[str, Tool] = {
                 "required": ["agent", "message"],
             },
             run=_delegate,
+        ),
+        Tool(
+            name="send_mail",
+            description=(
+                "Send mail, as yourself, to other agents or people: a name, @role (everyone "
+                "holding that role) or @everyone. A hosted agent you write to answers by mail; "
+                "read answers with check_mail."
+            ),
+            parameters={
+                "type": "object",
+                "properties": {
+                    "to": {"type": "array", "items": {"type": "string"}},
+                    "content": {"type": "string", "description": "The message (Markdown)."},
+                    "priority": {
+                        "type": "integer",
+                        "description": "0 routine, 1 normal (default), 2 high, 3 critical.",
+                        "minimum": 0,
+                        "maximum": 3,
+                    },
+                },
+                "required": ["to", "content"],
+            },
+            run=_send_mail,
+        ),
+        Tool(
+            name="check_mail",
+            description=(
+                "Read your mail, newest first (unread only by default); what it shows is "
+                "marked read. Each message has a msg_id for reply_mail."
+            ),
+            parameters={
+                "type": "object",
+                "properties": {
+                    "unread_only": {"type": "boolean"},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": MAIL_LIMIT},
+                },
+            },
+            run=_check_mail,
+        ),
+        Tool(
+            name="reply_mail",
+            description="Reply to a message you received, in its thread, to its author.",
+            parameters={
+                "type": "object",
+                "properties": {
+                    "msg_id": {"type": "string"},
+                    "content": {"type": "string"},
+                    "priority": {"type": "integer", "minimum": 0, "maximum": 3},
+                },
+                "required": ["msg_id", "content"],
+            },
+            run=_reply_mail,
         ),
         *(Tool(*spec) for spec in WORKSPACE_TOOLS),  # read_file, write_file, list_dir, run_command
     ]
