@@ -206,10 +206,12 @@ class PostOffice:
         """Announce ``name`` on the connection ``owner``; 409 when another live one holds it."""
         name = participant_name(name)
         folded_roles = sorted({participant_name(role, "A role") for role in roles})
-        if kind == "agent" and self.hosted_agent(name) is None:
+        if self.hosted_agent(name) is not None:
             raise RequestError(
-                400, f"Kind `agent` is for the daemon's configured agents; {name} is not one."
+                409, f"{name} is an agent this daemon hosts; its mail is answered by its runs."
             )
+        if kind == "agent":
+            raise RequestError(400, "Kind `agent` is for the daemon's configured agents.")
         clash = [role for role in folded_roles if role in self.known or role == name]
         if clash:
             raise RequestError(409, f"A role may not be a participant's name: {clash[0]!r} is one.")
