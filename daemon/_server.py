@@ -732,6 +732,7 @@ class Connection:
                 self.send(Pong(id=msg.id))
             case GetStats():
                 stats = runtime.stats()
+                online, watches = self.server.post_office.stats()
                 self.send(
                     Stats(
                         id=msg.id,
@@ -742,6 +743,8 @@ class Connection:
                         runs_queued=stats.runs_queued,
                         runs_total=stats.runs_total,
                         subscriptions=stats.subscriptions,
+                        participants_online=online,
+                        watches=watches,
                     )
                 )
             case Watch():

@@ -365,3 +365,5 @@ class Stats(ServerMessage, tag="stats"):
     runs_queued: int = 0
     runs_total: int = 0
     subscriptions: int = 0
+    participants_online: int = 0  # mail: names registered on live connections
+    watches: int = 0  # mail: open `watch` requests
