@@ -6,6 +6,7 @@ Layout of ``jsonl:///DIR``::
     DIR/lock                          flock()ed by the one process that has the store open
     DIR/cache.msgpack                 what opening would read, as of the last close
     DIR/notes.jsonl                   every agent's notes: one put_note per line
+    DIR/mail.jsonl                    the mail: one write per line (storage/_jsonl_mail.py)
     DIR/conversations/<id>.meta.json  id, agent, sender, title, cwd, created_at
     DIR/conversations/<id>.jsonl      the history: one entry per line, seq N on line N
 
@@ -105,6 +106,8 @@ from ._base import (
 )
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
+from ._jsonl_mail import JsonlMail
+from ._mail import MailStore
 from ._search import MemoryIndex, archive_text, check_search_limit, note_text
 from ._timestamps import from_text, to_text, utc
 
@@ -119,6 +122,7 @@ _LOCK = "lock"
 _CACHE = "cache.msgpack"
 _CACHE_VERSION = 1
 _NOTES = "notes.jsonl"
+_MAIL = "mail.jsonl"
 _CONVERSATIONS = "conversations"
 _META_SUFFIX = ".meta.json"
 _HISTORY_SUFFIX = ".jsonl"
@@ -354,47 +358,54 @@ class _Written:
     stat: _Stat | None  # the history file's now, None if not known
 
 
-class _Notes:
-    """``notes.jsonl`` and the notes it holds; loaded on first use.
+class _ChangedOutside(StorageError):
+    """A ``_LineFile`` is not as this store left it: someone else wrote to it."""
 
-    ``load`` and ``append`` run in a worker thread, one at a time: the caller
-    holds ``lock``.
+
+class _LineFile:
+    """An append-only file of JSON lines, such as ``notes.jsonl`` and ``mail.jsonl``.
+
+    ``read`` loads it whole, truncating a torn or unparsable last line away (and
+    logging it); ``append`` adds lines with one write and an fsync, cutting the
+    file back when that fails. Both run in a worker thread, one at a time: the
+    caller holds a lock.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.lock = trio.Lock()
-        self.notes: dict[tuple[str, str], _Note] | None = None  # None until loaded
-        self.size = 0  # bytes of the file that hold acknowledged notes
+        self.size = 0  # bytes of the file that hold acknowledged lines
         self.exists = False  # the file exists and its name is durable
         self.dirty = False  # a failed append may have left bytes after ``size``
 
-    def load(self) -> dict[tuple[str, str], _Note]:
-        """Read the file, truncating a torn or unparsable last line; every note by key."""
+    def read(self, decode: Callable[[bytes], _T], what: str) -> list[_T]:
+        """Every line ``decode``d, after truncating a torn or unparsable last line.
+
+        ``decode`` raises ``msgspec.DecodeError`` or ``ValueError`` for a line that
+        is not ``what`` (say "a note"); such a line before the last is a
+        ``StorageError`` naming the file and line. No file reads as no lines.
+        """
         try:
             data, _ = _read_file(str(self.path))
         except FileNotFoundError:
-            self.notes = {}
-            return self.notes
+            self.size, self.exists, self.dirty = 0, False, False
+            return []
         lines = data.split(b"\n")
         end = len(data)
         reason = "torn (no newline)" if lines[-1] else ""
         lines.pop()  # what follows the last newline: nothing, or a torn line
-        notes: dict[tuple[str, str], _Note] = {}
+        items: list[_T] = []
         for number, line in enumerate(lines, 1):
             try:
-                note = _note_decoder.decode(line)
-                note.updated_at = utc(note.updated_at)
+                items.append(decode(line))
             except (msgspec.DecodeError, ValueError) as exc:
                 if number < len(lines) or reason:
                     raise StorageError(
-                        f"{self.path}:{number}: the line is not a note ({exc}), and it is not"
+                        f"{self.path}:{number}: the line is not {what} ({exc}), and it is not"
                         " the last line; fix or remove it by hand."
                     ) from exc
                 reason = "unparsable"
                 lines.pop()
                 break
-            notes[note.agent, note.name] = note
         if reason:
             good = sum(len(line) + 1 for line in lines)
             _log().warning(
@@ -407,41 +418,21 @@ class _Notes:
             )
             _truncate(self.path, good)
             end = good
-        self.notes, self.size, self.exists = notes, end, True
-        if len(lines) > max(_NOTES_REWRITE_LINES, 2 * len(notes)):
-            self._rewrite(len(lines))
-        return notes
+        self.size, self.exists, self.dirty = end, True, False
+        return items
 
-    def _rewrite(self, lines: int) -> None:
-        """Replace the file with one line per note, dropping the lines later ones replaced.
+    def append(self, data: bytes) -> None:
+        """Append ``data`` (whole lines) and fsync; on failure cut the file back. Read first.
 
-        Only to keep loading quick: a failure is logged and the file left as it is.
+        Raises ``_ChangedOutside`` when the file is not as this store left it.
         """
-        assert self.notes is not None
-        data = b"".join(_encoder.encode(note) + b"\n" for note in self.notes.values())
-        try:
-            _replace_atomically(self.path, data)
-        except OSError as exc:
-            _log().warning("notes_not_compacted", file=str(self.path), error=str(exc))
-            return
-        self.size = len(data)
-        _log().info("notes_compacted", file=str(self.path), lines=lines, notes=len(self.notes))
-
-    def append(self, note: _Note) -> None:
-        """Append ``note``'s line and fsync; on failure cut the file back. Loaded first."""
-        assert self.notes is not None
-        try:
-            data = _encoder.encode(note) + b"\n"
-        except (UnicodeEncodeError, TypeError) as exc:
-            raise StorageError(f"The note could not be encoded: {exc}.") from exc
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (0 if self.exists else os.O_CREAT)
         fd = os.open(self.path, flags, 0o644)
         try:
             on_disk = os.fstat(fd).st_size
             if on_disk != self.size:
                 if not (self.dirty and on_disk > self.size):
-                    self.notes = None  # read it again next time
-                    raise StorageError(f"{self.path} changed outside the store.")
+                    raise _ChangedOutside(f"{self.path} changed outside the store.")
                 os.ftruncate(fd, self.size)  # what a failed append of ours left
             try:
                 _write_all(fd, data)
@@ -461,6 +452,62 @@ class _Notes:
             os.close(fd)
         self.exists, self.dirty = True, False
         self.size += len(data)
+
+
+def _decode_note(line: bytes) -> _Note:
+    note = _note_decoder.decode(line)
+    note.updated_at = utc(note.updated_at)
+    return note
+
+
+class _Notes(_LineFile):
+    """``notes.jsonl`` and the notes it holds; loaded on first use.
+
+    ``load`` and ``append`` run in a worker thread, one at a time: the caller
+    holds ``lock``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lock = trio.Lock()
+        self.notes: dict[tuple[str, str], _Note] | None = None  # None until loaded
+
+    def load(self) -> dict[tuple[str, str], _Note]:
+        """Read the file, truncating a torn or unparsable last line; every note by key."""
+        read = self.read(_decode_note, "a note")
+        notes = {(note.agent, note.name): note for note in read}
+        self.notes = notes
+        if len(read) > max(_NOTES_REWRITE_LINES, 2 * len(notes)):
+            self._rewrite(len(read))
+        return notes
+
+    def _rewrite(self, lines: int) -> None:
+        """Replace the file with one line per note, dropping the lines later ones replaced.
+
+        Only to keep loading quick: a failure is logged and the file left as it is.
+        """
+        assert self.notes is not None
+        data = b"".join(_encoder.encode(note) + b"\n" for note in self.notes.values())
+        try:
+            _replace_atomically(self.path, data)
+        except OSError as exc:
+            _log().warning("notes_not_compacted", file=str(self.path), error=str(exc))
+            return
+        self.size = len(data)
+        _log().info("notes_compacted", file=str(self.path), lines=lines, notes=len(self.notes))
+
+    def append_note(self, note: _Note) -> None:
+        """Append ``note``'s line and fsync; on failure cut the file back. Loaded first."""
+        assert self.notes is not None
+        try:
+            data = _encoder.encode(note) + b"\n"
+        except (UnicodeEncodeError, TypeError) as exc:
+            raise StorageError(f"The note could not be encoded: {exc}.") from exc
+        try:
+            self.append(data)
+        except _ChangedOutside:
+            self.notes = None  # read it again next time
+            raise
         self.notes[note.agent, note.name] = note
 
 
@@ -475,9 +522,12 @@ class JsonlStorage:
         lock_fd: int,
         conversations: list[_Conversation],
         limiter: trio.CapacityLimiter,
+        mail: JsonlMail,
     ) -> None:
         """Wrap a loaded store; ``open`` is the way to get one."""
         self.path = path
+        self.mail: MailStore = mail
+        self._mail = mail  # the same, for close
         self._dir = path / _CONVERSATIONS
         self._lock_fd = lock_fd
         self._limiter = limiter
@@ -519,10 +569,11 @@ class JsonlStorage:
                         f" are both ({key[0]}, {key[1]}); remove one."
                     )
                 seen[key] = conv.id
+            mail = await JsonlMail.open(_LineFile(path / _MAIL), limiter)
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(path, lock_fd, conversations, limiter)
+        return cls(path, lock_fd, conversations, limiter, mail)
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -913,7 +964,7 @@ class JsonlStorage:
                 async with self._notes.lock:
                     await self._load_notes()
                     await self._run(
-                        f"Writing a note to {self._notes.path}", self._notes.append, note
+                        f"Writing a note to {self._notes.path}", self._notes.append_note, note
                     )
                     # Under the lock, so an index being built reads notes and index alike.
                     await trio.to_thread.run_sync(
@@ -993,6 +1044,7 @@ class JsonlStorage:
         self._closed = True
         self._claims.close()
         with trio.CancelScope(shield=True):
+            await self._mail.close()
             while self._writers:
                 self._idle = trio.Event()
                 await self._idle.wait()

@@ -280,7 +280,8 @@ class MailIndex:
         return [self._message(n) for n in self._threads.get(thread_id, ())]
 
     def participants(self) -> list[Participant]:
-        return [msgspec.structs.replace(p) for _, p in sorted(self.participants_by_name.items())]
+        # Deep copies (roles, info): the caller's to change.
+        return [_stored(p) for _, p in sorted(self.participants_by_name.items())]
 
 
 def _stored(participant: Participant) -> Participant:

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from chinwag.protocol import Entry, ToolCallInfo
+from chinwag.protocol import Delivery, Entry, MailMessage, Participant, ToolCallInfo
 from chinwag.storage import Archive, JsonlStorage, StorageError, open_store
 from deadlines import deadline
 from structlog.testing import capture_logs
@@ -795,3 +795,165 @@ async def test_the_first_search_of_an_agent_reads_only_its_conversations(
         assert sorted(reads) == ["1.jsonl", "2.jsonl"]  # not helper's, nor an empty one's
         await store.search_memory(AGENT, "quince")
         assert len(reads) == 2  # once per agent
+
+
+# --- mail ---------------------------------------------------------------------------------
+
+
+def mail_file(root: Path) -> Path:
+    return root / "mail.jsonl"
+
+
+def mail(n: int) -> tuple[MailMessage, list[Delivery]]:
+    """Message ``n``, from ana to bob."""
+    posted = MailMessage(
+        msg_id="",
+        sender="ana",
+        to=["bob"],
+        recipients=["bob"],
+        content=f"note {n}\nsecond line",
+        created_at=T0 + timedelta(seconds=n),
+        idempotency_key=f"k{n}",
+    )
+    return posted, [Delivery(name="bob")]
+
+
+async def post_mail(url: str, numbers: range) -> None:
+    async with open_store(url) as store:
+        for n in numbers:
+            await store.mail.post(*mail(n))
+
+
+async def received_contents(url: str) -> list[tuple[str, str]]:
+    async with open_store(url) as store:
+        page = await store.mail.received("bob", after=None, limit=100)
+    return [(message.msg_id, message.content) for message, _ in page]
+
+
+async def test_a_store_from_before_mail_opens_unchanged_with_no_mail(url: str, root: Path) -> None:
+    await fill(url)  # today's layout: no mail.jsonl
+    assert not mail_file(root).exists()
+    conversations = {p.name: p.read_bytes() for p in (root / "conversations").iterdir()}
+
+    async with open_store(url) as store:
+        assert await store.mail.participants() == []
+        assert await store.mail.received("bob", after=None, limit=10) == []
+        assert await store.mail.newest_received("bob") is None
+    assert not mail_file(root).exists()  # reading mail writes nothing
+    assert {p.name: p.read_bytes() for p in (root / "conversations").iterdir()} == conversations
+    assert await contents(url) == ["hello", "", "Title set."]
+
+    await post_mail(url, range(1, 3))  # the first mail starts the log
+    assert [line["type"] for line in lines_of(mail_file(root))] == ["post", "post"]
+    assert await received_contents(url) == [
+        ("m000000000001", "note 1\nsecond line"),
+        ("m000000000002", "note 2\nsecond line"),
+    ]
+    assert await contents(url) == ["hello", "", "Title set."]
+
+
+async def test_mail_lines_are_plain_json_one_write_each(url: str, root: Path) -> None:
+    async with open_store(url) as store:
+        await store.mail.put_participant(Participant(name="ana", roles=["dev"], online=True))
+        first, _ = await store.mail.post(*mail(1))
+        await store.mail.post(*mail(1))  # the same key again: no line
+        await store.mail.mark_read("bob", T0)
+    lines = lines_of(mail_file(root))
+    assert [line["type"] for line in lines] == ["participant", "post", "advance"]
+    assert lines[0]["participant"]["online"] is False  # not stored
+    assert lines[1]["message"]["from"] == "ana"
+    assert lines[1]["message"]["msg_id"] == first.msg_id == "m000000000001"
+    assert lines[2]["changes"] == [["m000000000001", "bob", "read", "2024-05-01T12:00:00Z"]]
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "cut",  # the first half of the line the next post would have written
+        b'{"type":"post","message":{"msg_id":"m0000000',
+        b"garbage\n",
+        b"\n",
+    ],
+)
+async def test_a_torn_last_mail_line_is_dropped_on_reopen(
+    url: str, root: Path, tail: bytes | str
+) -> None:
+    await post_mail(url, range(1, 4))
+    path = mail_file(root)
+    good = path.read_bytes()
+    if tail == "cut":
+        await post_mail(url, range(4, 5))
+        whole = path.read_bytes()
+        tail = whole[len(good) : len(good) + (len(whole) - len(good)) // 2]
+        path.write_bytes(good)
+    assert isinstance(tail, bytes)
+    with path.open("ab") as f:
+        f.write(tail)
+
+    with capture_logs() as logs:
+        assert await received_contents(url) == [
+            (f"m00000000000{n}", f"note {n}\nsecond line") for n in (1, 2, 3)
+        ]
+    (event,) = torn_events(logs)
+    assert (event["file"], event["line"], event["lines"]) == (str(path), 4, 1)
+    assert event["bytes"] == len(tail)
+    assert path.read_bytes() == good  # truncated on disk
+
+    await post_mail(url, range(4, 5))  # the next message follows the good ones
+    assert [msg_id for msg_id, _ in await received_contents(url)][-1] == "m000000000004"
+    assert len(lines_of(path)) == 4
+
+
+async def test_a_bad_mail_line_in_the_middle_names_the_file_and_line(url: str, root: Path) -> None:
+    await post_mail(url, range(1, 4))
+    path = mail_file(root)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + b'{"type": "post", "mess\n' + lines[2])
+    with pytest.raises(StorageError, match=rf"{path}:2: "):
+        async with open_store(url):
+            pass
+
+    path.write_bytes(lines[0] + lines[0])  # whole, but numbered twice
+    with pytest.raises(StorageError, match=rf"{path}:2: .*m000000000001 does not come after"):
+        async with open_store(url):
+            pass
+
+
+async def test_a_failed_mail_write_leaves_nothing(
+    url: str, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chinwag.storage import _jsonl
+
+    await post_mail(url, range(1, 3))
+    good = mail_file(root).read_bytes()
+    real = _jsonl._write_all
+
+    def half_then_full_disk(fd: int, data: bytes) -> None:
+        real(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "injected failure")
+
+    async with open_store(url) as store:
+        monkeypatch.setattr(_jsonl, "_write_all", half_then_full_disk)
+        with pytest.raises(StorageError, match="injected failure"):
+            await store.mail.post(*mail(3))
+        monkeypatch.undo()
+        assert mail_file(root).read_bytes() == good
+        assert await store.mail.get_message("m000000000003") is None
+        posted, _ = await store.mail.post(*mail(4))
+        assert posted.msg_id == "m000000000003"  # the failed write took no number
+    assert [line["message"]["content"] for line in lines_of(mail_file(root))] == [
+        "note 1\nsecond line",
+        "note 2\nsecond line",
+        "note 4\nsecond line",
+    ]
+
+
+async def test_a_cancelled_mail_write_completes(url: str) -> None:
+    async with open_store(url) as store:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            posted, stored = await store.mail.post(*mail(1))
+            await trio.lowlevel.checkpoint()  # where the cancellation lands
+        assert scope.cancelled_caught
+        assert stored and posted.msg_id == "m000000000001"
+    assert await received_contents(url) == [("m000000000001", "note 1\nsecond line")]
