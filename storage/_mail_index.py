@@ -211,8 +211,8 @@ class MailIndex:
         for msg_id in msg_ids:
             number = number_of(msg_id)
             if number is not None and number in self._deliveries:
-                found[msg_id] = [
-                    msgspec.structs.replace(d) for d in self._deliveries[number].values()
+                found[msg_id] = [  # by recipient name, as the protocol lists them
+                    msgspec.structs.replace(d) for _, d in sorted(self._deliveries[number].items())
                 ]
         return found
 
