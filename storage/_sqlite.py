@@ -70,6 +70,10 @@ archive's id, or minus the note's id. The tokenizer is ``unicode61`` with
 ``search_words``' words. A search quotes each word as an FTS5 string (no user
 text is ever FTS5 syntax), ORs them, ranks by ``bm25`` and cuts the snippet
 with ``snippet()``.
+
+**Mail** (migration 3): ``self.mail`` keeps participants, messages and
+deliveries in tables of their own (storage/_sqlite_mail.py), written through
+``_write_call`` as every write here is and read on the read connections.
 """
 
 from __future__ import annotations
@@ -93,7 +97,9 @@ from chinwag.protocol import ConversationItem, Entry, MemoryHit, ToolCallInfo
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
+from ._mail import MailStore
 from ._search import SNIPPET_WORDS, archive_text, database_search_words, note_text, one_line
+from ._sqlite_mail import MAIL_MIGRATION, SqliteMail
 from ._timestamps import from_text, to_text, utc
 
 Synchronous = Literal["full", "normal"]
@@ -189,6 +195,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    MAIL_MIGRATION,  # participants, messages, deliveries: storage/_sqlite_mail.py
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
@@ -428,6 +435,19 @@ class _PutNote(_Write):
         )
 
 
+class _Call(_Write):
+    """A write that is a function of the write connection: the mail's (``_write_call``)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, what: str, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        super().__init__(what, None)
+        self.fn = fn
+
+    def apply(self, store: SqliteStorage, staged: _Staged) -> None:
+        self.result = self.fn(store._conn)
+
+
 class _Gate:
     """Lets the checkpoint thread hold the writers off for one checkpoint.
 
@@ -634,6 +654,7 @@ class SqliteStorage:
         self._writer: _Writer | None = None
         if synchronous == "full":
             self._writer = _Writer(self, trio.lowlevel.current_trio_token())
+        self.mail: MailStore = SqliteMail(self._write_call, self._read)
 
     @classmethod
     async def open(cls, path: Path | str, *, synchronous: Synchronous = "full") -> SqliteStorage:
@@ -667,6 +688,11 @@ class SqliteStorage:
         if write.error is not None:
             raise write.error
         return write.result
+
+    async def _write_call(self, what: str, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``fn(write connection)`` committed as a write of its own; see ``_write``."""
+        result: _T = await self._write(_Call(what, fn))
+        return result
 
     def _inline_now(self, write: _Write) -> bool:
         """Commit ``write`` on the loop, now; False, having done nothing, if it cannot."""
