@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 import trio
@@ -53,10 +53,8 @@ from ._context import Context, ProviderBlocks
 from ._errors import RequestError, ToolError
 from ._providers import Prompt, ProviderError, TextChunk
 from ._steps import StepsExhausted, now, run_steps
+from ._tools import Mailbox, Mailboxes
 from ._workspace import Workspace
-
-if TYPE_CHECKING:
-    from ._post_office import PostOffice
 
 log = structlog.get_logger("chinwag.runtime")
 
@@ -99,7 +97,7 @@ class Host(Protocol):
     storage: Storage
     agents: dict[str, Agent]
     nursery: trio.Nursery
-    post_office: PostOffice | None
+    post_office: Mailboxes | None
 
     def submit(
         self,
@@ -482,12 +480,9 @@ class Run(Job):
             )
 
     @property
-    def mail(self) -> tuple[PostOffice, str] | None:
+    def mail(self) -> Mailbox | None:
         office = self.conversation.host.post_office
-        me = self.speaker.name.casefold()
-        if office is None or me not in office.known:
-            return None
-        return office, me
+        return office.mailbox(self.speaker.name) if office is not None else None
 
     async def delegate(self, agent: str, message: str) -> str:
         host = self.conversation.host

@@ -682,9 +682,52 @@ class PostOffice:
             await self.store.advance(pending)
         return [m for m, _ in rows]
 
+    def mailbox(self, name: str) -> AgentMailbox | None:
+        """The mail of the hosted agent ``name``, for its tools; None without an address."""
+        folded = name.casefold()
+        return AgentMailbox(self, folded) if folded in self.known else None
+
     def stats(self) -> tuple[int, int]:
         """(participants online, watchers)."""
         return len(self.registrations), sum(len(w) for w in self.watchers.values())
+
+
+@dataclass
+class AgentMailbox:
+    """A hosted agent's mail, as its tools write and read it (``Mailbox`` of _tools)."""
+
+    office: PostOffice
+    name: str
+
+    async def send(
+        self, to: Sequence[str], content: str, *, priority: int, reply_to: str | None
+    ) -> tuple[MailMessage, list[str]]:
+        result = await self.office.post(
+            sender=self.name,
+            to=to,
+            content=content,
+            format="markdown",
+            structured=None,
+            priority=priority,
+            channel=None,
+            reply_to=reply_to,
+            scopes=(),
+            refs=(),
+            metadata={},
+            mentions=(),
+            idempotency_key=None,
+        )
+        return result.message, result.warnings
+
+    async def check(self, *, unread_only: bool, limit: int) -> list[MailItem]:
+        page = await self.office.inbox(
+            self.name,
+            InboxQuery(unread_only=unread_only),
+            limit=limit,
+            cursor=None,
+            mark_read=True,
+        )
+        return page.items
 
 
 class MailAnswer(DelegateAnswer):

@@ -13,7 +13,6 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -32,10 +31,8 @@ from ._agent import Agent
 from ._config import Config
 from ._conversation import Compacting, Conversation, Job, Run, Sink, Subscription
 from ._errors import RequestError
+from ._tools import Mailboxes
 from ._workspace import workdir_problem
-
-if TYPE_CHECKING:
-    from ._post_office import PostOffice
 
 log = structlog.get_logger("chinwag.runtime")
 
@@ -93,7 +90,7 @@ class Runtime:
         self.accepting = True
         self.started_at = time.monotonic()
         self.runs_total = 0
-        self.post_office: PostOffice | None = None  # set by the post office, when mail is on
+        self.post_office: Mailboxes | None = None  # set by the post office, when mail is on
 
     # --- lookups --------------------------------------------------------------
 

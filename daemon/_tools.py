@@ -3,20 +3,39 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import msgspec
-from chinwag.protocol import AskQuestion, MemoryHit, ToolCallInfo
-from chinwag.storage import MAX_SEARCH_LIMIT, InboxQuery
+from chinwag.protocol import AskQuestion, MailItem, MailMessage, MemoryHit, ToolCallInfo
+from chinwag.storage import MAX_SEARCH_LIMIT
 
 from ._errors import RequestError, ToolError
 from ._providers import ToolSchema
 from ._workspace import WORKSPACE_TOOLS, Workspace
 
-if TYPE_CHECKING:
-    from ._post_office import PostOffice
+
+class Mailbox(Protocol):
+    """One agent's mail, as the mail tools use it. Raises ``RequestError`` as a request would."""
+
+    async def send(
+        self, to: Sequence[str], content: str, *, priority: int, reply_to: str | None
+    ) -> tuple[MailMessage, list[str]]:
+        """Post as this agent; the stored message and the post's warnings."""
+        ...
+
+    async def check(self, *, unread_only: bool, limit: int) -> list[MailItem]:
+        """This agent's mail, newest first, marked read."""
+        ...
+
+
+class Mailboxes(Protocol):
+    """Where runs find their agent's mail (the post office)."""
+
+    def mailbox(self, name: str) -> Mailbox | None:
+        """The mail of the agent ``name``; None when it has no mail address."""
+        ...
 
 
 class ToolContext(Protocol):
@@ -46,8 +65,8 @@ class ToolContext(Protocol):
         ...
 
     @property
-    def mail(self) -> tuple[PostOffice, str] | None:
-        """The daemon's post office and the speaking agent's mail address; None: no mail."""
+    def mail(self) -> Mailbox | None:
+        """The speaking agent's mail; None: it has none."""
         ...
 
 
@@ -134,7 +153,7 @@ async def _memory_note(ctx: ToolContext, args: dict[str, Any]) -> str:
 MAIL_LIMIT = 20
 
 
-def _office(ctx: ToolContext) -> tuple[PostOffice, str]:
+def _mailbox(ctx: ToolContext) -> Mailbox:
     if ctx.mail is None:
         raise ToolError("Mail is not available to this agent (its name is not a mail address).")
     return ctx.mail
@@ -149,43 +168,24 @@ def _recipients(args: dict[str, Any]) -> list[str]:
     return to
 
 
-def _text(args: dict[str, Any], tool: str) -> str:
-    content = args.get("content")
-    if not isinstance(content, str) or not content.strip():
-        raise ToolError(f"{tool} needs a non-empty `content`.")
-    return content
-
-
 async def _post(
     ctx: ToolContext, args: dict[str, Any], *, to: list[str], reply_to: str | None
 ) -> str:
-    office, me = _office(ctx)
+    mailbox = _mailbox(ctx)
+    content = args.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise ToolError("A message needs a non-empty `content`.")
     priority = args.get("priority", 1)
     if not isinstance(priority, int):
         raise ToolError("`priority` must be 0 (routine), 1 (normal), 2 (high) or 3 (critical).")
     try:
-        result = await office.post(
-            sender=me,
-            to=to,
-            content=_text(args, "send_mail" if reply_to is None else "reply_mail"),
-            format="markdown",
-            structured=None,
-            priority=priority,
-            channel=None,
-            reply_to=reply_to,
-            scopes=(),
-            refs=(),
-            metadata={},
-            mentions=(),
-            idempotency_key=None,
-        )
+        sent, warnings = await mailbox.send(to, content, priority=priority, reply_to=reply_to)
     except RequestError as exc:
         raise ToolError(exc.message) from None
-    sent = result.message
     line = f"Sent {sent.msg_id} to {', '.join(sent.recipients) or 'nobody'}"
     if sent.thread_id is not None:
         line += f" (thread {sent.thread_id})"
-    return " ".join([line + ".", *result.warnings])
+    return " ".join([line + ".", *warnings])
 
 
 async def _send_mail(ctx: ToolContext, args: dict[str, Any]) -> str:
@@ -200,7 +200,7 @@ async def _reply_mail(ctx: ToolContext, args: dict[str, Any]) -> str:
 
 
 async def _check_mail(ctx: ToolContext, args: dict[str, Any]) -> str:
-    office, me = _office(ctx)
+    mailbox = _mailbox(ctx)
     unread_only = args.get("unread_only", True)
     limit = args.get("limit", 10)
     if (
@@ -212,15 +212,13 @@ async def _check_mail(ctx: ToolContext, args: dict[str, Any]) -> str:
             f"check_mail takes `unread_only` (true/false) and a `limit` of 1 to {MAIL_LIMIT}."
         )
     try:
-        page = await office.inbox(
-            me, InboxQuery(unread_only=unread_only), limit=limit, cursor=None, mark_read=True
-        )
+        items = await mailbox.check(unread_only=unread_only, limit=limit)
     except RequestError as exc:
         raise ToolError(exc.message) from None
-    if not page.items:
+    if not items:
         return "No unread mail." if unread_only else "No mail."
-    lines = [f"{len(page.items)} message(s), newest first:"]
-    for item in page.items:
+    lines = [f"{len(items)} message(s), newest first:"]
+    for item in items:
         m = item.message
         about = [f"from {m.sender}", f"{m.created_at:%Y-%m-%d %H:%M} UTC", f"priority {m.priority}"]
         if m.thread_id is not None:

@@ -21,6 +21,7 @@ from chinwag.protocol import ConversationItem, Entry, MemoryHit
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
+from ._mail import MailStore
 from ._mail_index import MemoryMail
 from ._search import MemoryIndex, archive_text, note_text
 from ._timestamps import from_text, to_text, utc
@@ -53,7 +54,7 @@ class MemoryStorage:
         self._claims = LocalClaims()
         self._closed = False
         self._memory = MemoryIndex()
-        self.mail = MemoryMail(lambda: self._closed)
+        self.mail: MailStore = MemoryMail(lambda: self._closed)
 
     def _get(self, agent: str, sender: str) -> _Conversation:
         if self._closed:
