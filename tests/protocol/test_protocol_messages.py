@@ -32,28 +32,51 @@ from chinwag.protocol import (
     Compaction,
     ConversationItem,
     Conversations,
+    Delivery,
     Encoding,
     End,
     Entry,
     Error,
     ErrorInfo,
     Event,
+    GetContext,
     GetHistory,
+    GetMessage,
     GetStats,
+    GetThread,
+    Heartbeat,
     Hello,
     History,
+    Inbox,
     Kill,
     Killed,
     ListAgents,
     ListConversations,
+    ListParticipants,
+    Mail,
+    MailContext,
+    MailItem,
+    MailMessage,
+    MarkRead,
     Memory,
     MemoryHit,
+    MessageReply,
+    Messages,
     Ok,
+    Participant,
+    Participants,
     Ping,
     Pong,
+    Post,
+    Posted,
     Queued,
+    Reaction,
+    Ref,
+    Register,
+    Registered,
     ReplyToAsk,
     SearchMemory,
+    Sent,
     ServerMsg,
     Start,
     Stats,
@@ -63,11 +86,14 @@ from chinwag.protocol import (
     Subscribed,
     TextDelta,
     ThinkingDelta,
+    ThreadSummary,
     Title,
     ToolCall,
     ToolCallInfo,
     ToolResult,
     Usage,
+    Watch,
+    Watching,
     Welcome,
     codec_for,
 )
@@ -104,6 +130,53 @@ CLIENT_EXAMPLES: list[ClientMsg] = [
     Ping(id=11),
     GetStats(id=12),
     SearchMemory(id=13, agent="assistant", query="favourite colour", limit=5),
+    # mail (additive, docs/protocol.md section 14)
+    Register(
+        id=20,
+        name="codex-41200",
+        kind="person",
+        roles=["reviewer", "ops"],
+        info={"session": "s-1", "vendor": "openai", "pid": 41200, "cwd": "/home/ana/src"},
+        takeover=True,
+    ),
+    Heartbeat(id=21, name="codex-41200", status="reviewing auth module"),
+    ListParticipants(id=22, online_only=True, role="reviewer"),
+    Post(
+        id=23,
+        sender="codex-41200",
+        to=["ana", "@reviewer", "@everyone"],
+        content='{"build": "green"}',
+        format="json",
+        structured={"build": "green", "tests": [1, 2]},
+        priority=3,
+        channel="coordination",
+        reply_to="m000000000007",
+        scopes=[Ref(type="module", value="auth")],
+        refs=[Ref(type="pr", value="7")],
+        metadata={"branch": "main", "working_dir": "/home/ana/src"},
+        mentions=["@ops"],
+        idempotency_key="retry-1",
+    ),
+    Inbox(
+        id=24,
+        reader="ana",
+        unread_only=True,
+        mentions_only=True,
+        thread_id="m000000000007",
+        channel="coordination",
+        scope="module:auth",
+        priority_min=2,
+        since="30m",
+        limit=20,
+        cursor="m000000000042",
+        mark_read=True,
+    ),
+    Sent(id=25, reader="codex-41200", limit=10, cursor="m000000000042"),
+    GetThread(id=26, reader="ana", thread_id="m000000000007"),
+    MarkRead(id=27, reader="ana", msg_ids=["m000000000008"], thread_id="m000000000007", all=True),
+    GetMessage(id=28, reader="ana", msg_id="m000000000008"),
+    Watch(id=29, reader="ana", after="m000000000008"),
+    GetContext(id=30, reader="ana"),
 ]
 
 ASK = AskUser(
@@ -190,6 +263,46 @@ STREAM_EVENT_EXAMPLES: list[StreamEventMsg] = [
     Compaction(id=1, archive="archive-1-40", summary="user: hello there", archived_entries=40),
     End(id=1, status="done", error=None, last_seq=45),
 ]
+
+PARTICIPANT = Participant(
+    name="codex-41200",
+    kind="person",
+    roles=["reviewer"],
+    online=True,
+    last_seen=UPDATED,
+    status="reviewing auth module",
+    info={"session": "s-1", "pid": 41200},
+    unread=3,
+)
+
+MAIL_MESSAGE = MailMessage(
+    msg_id="m000000000008",
+    sender="codex-41200",
+    to=["ana", "@reviewer"],
+    recipients=["ana", "bob"],
+    content='{"build": "green"}',
+    created_at=CREATED,
+    thread_id="m000000000007",
+    format="json",
+    structured={"build": "green"},
+    priority=2,
+    channel="coordination",
+    reply_to="m000000000007",
+    scopes=[Ref(type="module", value="auth")],
+    refs=[Ref(type="pr", value="7"), Ref(type="mention", value="bob")],
+    metadata={"branch": "main"},
+    mentions=["bob"],
+    idempotency_key="retry-1",
+    space="ops",
+    edited_at=UPDATED,
+    version=2,
+    deleted=True,
+    delete_reason="sent twice",
+    reactions=[Reaction(emoji="+1", by=["ana", "bob"])],
+    pinned=True,
+    run_id="run-1",
+    answered_by="m000000000009",
+)
 
 SERVER_EXAMPLES: list[ServerMsg] = [
     Welcome(
@@ -290,6 +403,63 @@ SERVER_EXAMPLES: list[ServerMsg] = [
         runs_queued=2,
         runs_total=99,
         subscriptions=1,
+        participants_online=2,
+        watches=1,
+    ),
+    # mail (additive, docs/protocol.md section 14)
+    Registered(id=20, participant=PARTICIPANT),
+    Participants(id=22, items=[PARTICIPANT, Participant(name="assistant", kind="agent")]),
+    Posted(
+        id=23,
+        msg_id="m000000000008",
+        thread_id="m000000000007",
+        recipients=["ana", "bob"],
+        created_at=CREATED,
+        warnings=["bob is not registered: it will get this when it does."],
+    ),
+    Messages(
+        id=24,
+        items=[
+            MailItem(
+                message=MAIL_MESSAGE,
+                state="read",
+                delivered_at=CREATED,
+                read_at=UPDATED,
+            ),
+            MailItem(
+                message=MAIL_MESSAGE,
+                deliveries=[
+                    Delivery(
+                        name="ana",
+                        state="read",
+                        delivered_at=CREATED,
+                        read_at=UPDATED,
+                        mentioned=False,
+                    ),
+                    Delivery(name="bob", state="pending", mentioned=True),
+                ],
+            ),
+        ],
+        next_cursor="m000000000008",
+        unread=4,
+    ),
+    MessageReply(id=28, message=MAIL_MESSAGE, state="delivered"),
+    Watching(id=29, cursor="m000000000008"),
+    Mail(id=29, msg_id="m000000000008", message=MAIL_MESSAGE),
+    MailContext(
+        id=30,
+        name="ana",
+        unread=5,
+        unread_by_priority={1: 2, 3: 3},
+        threads=[
+            ThreadSummary(
+                thread_id="m000000000007",
+                last_msg_id="m000000000008",
+                last_from="codex-41200",
+                unread=2,
+            )
+        ],
+        participant=PARTICIPANT,
     ),
 ]
 
@@ -336,6 +506,18 @@ def test_client_tags_are_the_protocol_names() -> None:
         "ping",
         "stats",
         "search_memory",  # additive, docs/protocol.md
+        # mail, additive: docs/protocol.md section 14
+        "register",
+        "heartbeat",
+        "participants",
+        "post",
+        "inbox",
+        "sent",
+        "thread",
+        "mark_read",
+        "get_message",
+        "watch",
+        "context",
     }
 
 
@@ -365,6 +547,15 @@ def test_server_tags_are_the_protocol_names() -> None:
         "stats",
         "compaction",  # additive, docs/protocol.md
         "memory",  # additive, docs/protocol.md
+        # mail, additive: docs/protocol.md section 14
+        "registered",
+        "participants",
+        "posted",
+        "messages",
+        "message",
+        "watching",
+        "mail",
+        "context",
     }
 
 
@@ -426,6 +617,48 @@ def test_stream_json_bytes() -> None:
 def test_minimal_stream_json_from_a_foreign_client_decodes() -> None:
     msg = JSON.decode_client(b'{"id": 7, "content": "hi", "type": "stream", "agent": "a"}')
     assert msg == Stream(id=7, agent="a", content="hi")
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_mail_names_its_author_from_and_its_reader_as_on_the_wire(codec: Codec) -> None:
+    # `from` and `as` are Python keywords: the structs say sender/reader, the wire must not.
+    post = _raw(codec, codec.encode(Post(id=1, sender="ana", to=["bob"], content="hi")))
+    assert post["from"] == "ana" and "sender" not in post
+    for request in (
+        Inbox(id=2, reader="bob"),
+        Watch(id=3, reader="bob"),
+        GetContext(id=4, reader="bob"),
+    ):
+        raw = _raw(codec, codec.encode(request))
+        assert raw["as"] == "bob" and "reader" not in raw
+    pushed = _raw(codec, codec.encode(Mail(id=3, msg_id=MAIL_MESSAGE.msg_id, message=MAIL_MESSAGE)))
+    assert pushed["message"]["from"] == "codex-41200" and "sender" not in pushed["message"]
+
+
+def test_minimal_mail_requests_from_a_foreign_client_decode() -> None:
+    post = JSON.decode_client(b'{"type":"post","id":1,"from":"Ana","to":["bob"],"content":"hi"}')
+    assert post == Post(id=1, sender="Ana", to=["bob"], content="hi")
+    assert (post.format, post.priority, post.reply_to) == ("markdown", 1, None)
+    watch = JSON.decode_client(b'{"type":"watch","id":2,"as":"bob"}')
+    assert watch == Watch(id=2, reader="bob", after=None)
+    register = JSON.decode_client(b'{"type":"register","id":3,"name":"bob"}')
+    assert register == Register(id=3, name="bob", kind="session", roles=[], info={})
+
+
+def test_a_mail_item_leaves_out_what_it_does_not_say() -> None:
+    # An inbox item has the reader's state and no deliveries; a sent item the reverse.
+    message = MailMessage(
+        msg_id="m000000000001",
+        sender="ana",
+        to=["bob"],
+        recipients=["bob"],
+        content="hi",
+        created_at=CREATED,
+    )
+    inbox = msgspec.json.decode(JSON.encode(MailItem(message=message, state="pending")))
+    assert set(inbox) == {"message", "state"}
+    sent = msgspec.json.decode(JSON.encode(MailItem(message=message, deliveries=[])))
+    assert set(sent) == {"message", "deliveries"}
 
 
 def test_error_without_id_encodes_null_id() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
@@ -31,25 +32,45 @@ from chinwag.protocol import (
     Conversations,
     End,
     Error,
+    ErrorInfo,
     Event,
+    GetContext,
     GetHistory,
+    GetMessage,
     GetStats,
+    GetThread,
+    Heartbeat,
     Hello,
     History,
+    Inbox,
     Kill,
     Killed,
     ListAgents,
     ListConversations,
+    ListParticipants,
     LocalProtocolError,
+    Mail,
+    MailContext,
+    MailMessage,
+    MarkRead,
     Memory,
+    MessageReply,
+    Messages,
     Ok,
+    Participant,
+    Participants,
     Ping,
     Pong,
+    Post,
+    Posted,
     ProtocolError,
     Queued,
+    Register,
+    Registered,
     ReplyToAsk,
     Request,
     SearchMemory,
+    Sent,
     ServerMessage,
     ServerMsg,
     Session,
@@ -65,6 +86,8 @@ from chinwag.protocol import (
     ToolCall,
     ToolResult,
     Usage,
+    Watch,
+    Watching,
     Welcome,
 )
 
@@ -84,7 +107,27 @@ REQUESTS: dict[type, Callable[[int], Request]] = {
     Ping: lambda rid: Ping(id=rid),
     GetStats: lambda rid: GetStats(id=rid),
     SearchMemory: lambda rid: SearchMemory(id=rid, agent="assistant", query="colour"),
+    Register: lambda rid: Register(id=rid, name="ana"),
+    Heartbeat: lambda rid: Heartbeat(id=rid, name="ana", status="reviewing"),
+    ListParticipants: lambda rid: ListParticipants(id=rid),
+    Post: lambda rid: Post(id=rid, sender="ana", to=["bob"], content="hi"),
+    Inbox: lambda rid: Inbox(id=rid, reader="bob"),
+    Sent: lambda rid: Sent(id=rid, reader="ana"),
+    GetThread: lambda rid: GetThread(id=rid, reader="bob", thread_id="m000000000001"),
+    MarkRead: lambda rid: MarkRead(id=rid, reader="bob", all=True),
+    GetMessage: lambda rid: GetMessage(id=rid, reader="bob", msg_id="m000000000001"),
+    Watch: lambda rid: Watch(id=rid, reader="bob"),
+    GetContext: lambda rid: GetContext(id=rid, reader="bob"),
 }
+
+WHEN = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def mail_message(msg_id: str = "m000000000001") -> MailMessage:
+    return MailMessage(
+        msg_id=msg_id, sender="ana", to=["bob"], recipients=["bob"], content="hi", created_at=WHEN
+    )
+
 
 # One frame of each type that carries a request id; `welcome` is the handshake's.
 FRAMES: dict[type, Callable[[int], ServerMessage]] = {
@@ -128,6 +171,18 @@ FRAMES: dict[type, Callable[[int], ServerMessage]] = {
     Pong: lambda rid: Pong(id=rid),
     Stats: lambda rid: Stats(
         id=rid, uptime_s=1.0, connections=1, conversations=0, runs_in_flight=0
+    ),
+    Registered: lambda rid: Registered(id=rid, participant=Participant(name="ana")),
+    Participants: lambda rid: Participants(id=rid, items=[Participant(name="ana")]),
+    Posted: lambda rid: Posted(
+        id=rid, msg_id="m000000000001", thread_id=None, recipients=["bob"], created_at=WHEN
+    ),
+    Messages: lambda rid: Messages(id=rid, items=[], next_cursor=None, unread=0),
+    MessageReply: lambda rid: MessageReply(id=rid, message=mail_message(), state="read"),
+    Watching: lambda rid: Watching(id=rid, cursor=None),
+    Mail: lambda rid: Mail(id=rid, msg_id="m000000000001", message=mail_message()),
+    MailContext: lambda rid: MailContext(
+        id=rid, name="bob", unread=0, unread_by_priority={}, threads=[]
     ),
 }
 FRAME_TYPES = [kind for kind in typing.get_args(ServerMsg) if kind is not Welcome]
@@ -524,3 +579,95 @@ def test_an_event_without_an_id_is_refused_on_both_ends(frame) -> None:
     with pytest.raises(ProtocolError, match=f"The daemon sent `{tag(frame)}` with no request id."):
         wire.client.receive_reply(to_client(bare))
     assert wire.is_open(1)
+
+
+# --- watch: a long-lived request, like subscribe -------------------------------------------
+
+
+def test_a_watch_passes_watching_and_its_mail_until_its_end() -> None:
+    wire = greeted()
+    wire.request(Watch(id=4, reader="bob", after="m000000000001"))
+    assert wire.reply(Watching(id=4, cursor="m000000000003")) is False
+    for number in (2, 3, 4):  # the replay up to the cursor, then live mail: all alike
+        msg_id = f"m{number:012d}"
+        assert wire.reply(Mail(id=4, msg_id=msg_id, message=mail_message(msg_id))) is False
+        assert wire.is_open(4)
+    assert wire.reply(End(id=4, status="detached", error=None, last_seq=None)) is True
+    assert not wire.is_open(4)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        Error(id=4, code=400, message="`as` must be 1-64 characters."),
+        End(
+            id=4,
+            status="error",
+            error=ErrorInfo(code=429, message="The watch fell too far behind and was dropped."),
+            last_seq=None,
+        ),
+    ],
+    ids=["error", "end-429"],
+)
+def test_an_error_or_an_end_ends_a_watch_and_no_mail_may_follow(ending) -> None:
+    wire = greeted()
+    wire.request(Watch(id=4, reader="bob"))
+    # A watch refused at its start (`error`) never says `watching`; one dropped as too
+    # slow (`end` 429) had been watching.
+    if isinstance(ending, End):
+        assert wire.reply(Watching(id=4, cursor=None)) is False
+        assert wire.reply(Mail(id=4, msg_id="m000000000001", message=mail_message())) is False
+    assert wire.reply(ending) is True
+    assert not wire.is_open(4)
+    late = Mail(id=4, msg_id="m000000000002", message=mail_message("m000000000002"))
+    with pytest.raises(LocalProtocolError, match="`mail` answers request 4, which is not open"):
+        wire.server.send_reply(late)
+    with pytest.raises(ProtocolError, match="sent `mail` for request 4, which is not open"):
+        wire.client.receive_reply(to_client(late))
+
+
+def test_a_watch_is_ended_by_cancel_and_requests_beside_it_end_on_their_own() -> None:
+    wire = greeted()
+    wire.request(Watch(id=1, reader="bob"))
+    assert wire.reply(Watching(id=1, cursor=None)) is False
+    wire.request(Post(id=2, sender="bob", to=["ana"], content="hi"))
+    assert (
+        wire.reply(
+            Posted(
+                id=2, msg_id="m000000000002", thread_id=None, recipients=["ana"], created_at=WHEN
+            )
+        )
+        is True
+    )
+    assert (
+        wire.reply(Mail(id=1, msg_id="m000000000003", message=mail_message("m000000000003")))
+        is False
+    )
+    wire.request(Cancel(id=3, target=1))
+    assert wire.reply(End(id=1, status="detached", error=None, last_seq=None)) is True
+    assert wire.reply(Ok(id=3)) is True
+    assert wire.server.open_requests == wire.client.open_requests == 0
+
+
+@pytest.mark.parametrize("kind", [Subscribe, Post, Inbox], ids=lambda k: k.__name__)
+def test_mail_and_watching_belong_to_a_watch_only(kind) -> None:
+    wire = greeted()
+    wire.request(request(kind, 6))
+    for frame in (
+        Mail(id=6, msg_id="m000000000001", message=mail_message()),
+        Watching(id=6, cursor=None),
+    ):
+        with pytest.raises(LocalProtocolError, match=f"`{tag(type(frame))}` where a `{tag(kind)}`"):
+            wire.server.send_reply(frame)
+        with pytest.raises(ProtocolError):
+            wire.client.receive_reply(to_client(frame))
+    assert wire.is_open(6)
+
+
+def test_a_mail_frame_cannot_lack_its_watch_id() -> None:
+    # Unlike a run's events, `mail` is never nested: its id is required, so a frame
+    # without one is malformed before any session sees it.
+    message = msgspec.to_builtins(mail_message())
+    bare = msgspec.json.encode({"type": "mail", "msg_id": "m000000000001", "message": message})
+    with pytest.raises(ProtocolError, match="missing required field `id`"):
+        JSON.decode_server(bare)
