@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -39,24 +39,47 @@ from chinwag.protocol import (
     Error,
     Event,
     FrameDecoder,
+    GetContext,
     GetHistory,
+    GetMessage,
     GetStats,
+    GetThread,
+    Heartbeat,
     Hello,
     History,
+    Inbox,
     Kill,
     Killed,
     ListAgents,
     ListConversations,
+    ListParticipants,
+    Mail,
+    MailContext,
+    MailFormat,
+    MailItem,
+    MailMessage,
+    MarkRead,
     Memory,
     MemoryHit,
+    MessageReply,
+    Messages,
     Ok,
+    Participant,
+    ParticipantKind,
+    Participants,
     Ping,
     Pong,
+    Post,
+    Posted,
     ProtocolError,
     QueuePolicy,
+    Ref,
+    Register,
+    Registered,
     ReplyToAsk,
     Request,
     SearchMemory,
+    Sent,
     ServerMsg,
     Session,
     Stats,
@@ -65,6 +88,8 @@ from chinwag.protocol import (
     StreamEventMsg,
     Subscribe,
     Subscribed,
+    Watch,
+    Watching,
     Welcome,
     codec_for,
     default_socket_path,
@@ -76,6 +101,7 @@ __all__ = [
     "Client",
     "ConnectionLost",
     "EventStream",
+    "MailWatch",
     "Subscription",
     "connect",
     "wait_for_socket",
@@ -86,6 +112,9 @@ __all__ = [
 #: detached and raises ``ChinwagError`` 429, as the daemon does to a subscriber
 #: that falls behind) rather than stalling the whole connection.
 STREAM_BUFFER = 10_000
+
+#: The additions to protocol v1 this client asks for in `hello`.
+CLIENT_FEATURES = ("compaction", "mail")
 
 _READ_CHUNK = 65_536
 _MAX_INCOMING_FRAME = (1 << 32) - 1
@@ -560,6 +589,231 @@ class Client:
         """The daemon's counters."""
         return await self._request(lambda rid: GetStats(id=rid), Stats)
 
+    # --- mail ---------------------------------------------------------------------
+    #
+    # Agents and people writing to each other (docs/protocol.md section 14). The
+    # acting name is the first argument: `from` of a post, `as` of a read.
+
+    async def register(
+        self,
+        name: str,
+        *,
+        kind: ParticipantKind = "session",
+        roles: Iterable[str] = (),
+        info: Mapping[str, Any] | None = None,
+        takeover: bool = False,
+    ) -> Participant:
+        """Announce ``name`` as a participant for as long as this connection lives.
+
+        ``ChinwagError`` 409 when another live session holds the name (unless
+        ``takeover``), or when it is a hosted agent's.
+        """
+        reply = await self._request(
+            lambda rid: Register(
+                id=rid,
+                name=name,
+                kind=kind,
+                roles=list(roles),
+                info=dict(info or {}),
+                takeover=takeover,
+            ),
+            Registered,
+        )
+        return reply.participant
+
+    async def heartbeat(self, name: str, status: str | None = None) -> None:
+        """Refresh ``name``'s presence, and set its status line when ``status`` is given."""
+        await self._request(lambda rid: Heartbeat(id=rid, name=name, status=status), Ok)
+
+    async def participants(
+        self, *, online_only: bool = False, role: str | None = None
+    ) -> list[Participant]:
+        """Everyone with a mail address, by name, with presence, status and unread count."""
+        reply = await self._request(
+            lambda rid: ListParticipants(id=rid, online_only=online_only, role=role),
+            Participants,
+        )
+        return reply.items
+
+    async def post(
+        self,
+        sender: str,
+        content: str,
+        *,
+        to: str | Iterable[str] = (),
+        format: MailFormat = "markdown",
+        structured: Any = None,
+        priority: int = 1,
+        channel: str | None = None,
+        reply_to: str | None = None,
+        scopes: Iterable[Ref | str] = (),
+        refs: Iterable[Ref | str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        mentions: Iterable[str] = (),
+        idempotency_key: str | None = None,
+    ) -> Posted:
+        """Send one message from ``sender``; returns once it is durably stored.
+
+        ``to`` holds names, ``@role``s, ``@everyone`` (one string is one
+        recipient); it may be empty only for a reply, which then goes to the
+        parent's author. ``scopes`` and ``refs`` are ``Ref``s or ``"type:value"``
+        strings (``ValueError`` for a string without both halves).
+        """
+        recipients = [to] if isinstance(to, str) else list(to)
+        about = [_ref(item) for item in scopes]
+        pointing = [_ref(item) for item in refs]
+        return await self._request(
+            lambda rid: Post(
+                id=rid,
+                sender=sender,
+                content=content,
+                to=recipients,
+                format=format,
+                structured=structured,
+                priority=priority,
+                channel=channel,
+                reply_to=reply_to,
+                scopes=about,
+                refs=pointing,
+                metadata=dict(metadata or {}),
+                mentions=list(mentions),
+                idempotency_key=idempotency_key,
+            ),
+            Posted,
+        )
+
+    async def inbox(
+        self,
+        reader: str,
+        *,
+        unread_only: bool = False,
+        mentions_only: bool = False,
+        thread_id: str | None = None,
+        channel: str | None = None,
+        scope: str | None = None,
+        priority_min: int = 0,
+        since: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        mark_read: bool = False,
+    ) -> Messages:
+        """One page of ``reader``'s mail, newest first, each item with ``reader``'s state.
+
+        ``scope`` is ``"type:value"``; ``since`` an RFC 3339 time or a duration
+        back from now (``30m``, ``2h``, ``1d``). Pass ``next_cursor`` as
+        ``cursor`` for the next page (``iter_inbox`` does). What it returns is
+        ``delivered`` for ``reader`` from then on, ``read`` with ``mark_read``.
+        """
+        return await self._request(
+            lambda rid: Inbox(
+                id=rid,
+                reader=reader,
+                unread_only=unread_only,
+                mentions_only=mentions_only,
+                thread_id=thread_id,
+                channel=channel,
+                scope=scope,
+                priority_min=priority_min,
+                since=since,
+                limit=limit,
+                cursor=cursor,
+                mark_read=mark_read,
+            ),
+            Messages,
+        )
+
+    async def iter_inbox(
+        self,
+        reader: str,
+        *,
+        unread_only: bool = False,
+        mentions_only: bool = False,
+        thread_id: str | None = None,
+        channel: str | None = None,
+        scope: str | None = None,
+        priority_min: int = 0,
+        since: str | None = None,
+        mark_read: bool = False,
+        page_size: int = 100,
+    ) -> AsyncIterator[MailItem]:
+        """Every matching message of ``reader``'s, newest first, following ``next_cursor``."""
+        cursor: str | None = None
+        while True:
+            page = await self.inbox(
+                reader,
+                unread_only=unread_only,
+                mentions_only=mentions_only,
+                thread_id=thread_id,
+                channel=channel,
+                scope=scope,
+                priority_min=priority_min,
+                since=since,
+                limit=page_size,
+                cursor=cursor,
+                mark_read=mark_read,
+            )
+            for item in page.items:
+                yield item
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def sent(self, reader: str, *, limit: int = 50, cursor: str | None = None) -> Messages:
+        """One page of what ``reader`` wrote, newest first, each item with its
+        ``deliveries``: every recipient's state."""
+        return await self._request(
+            lambda rid: Sent(id=rid, reader=reader, limit=limit, cursor=cursor), Messages
+        )
+
+    async def thread(self, reader: str, thread_id: str) -> Messages:
+        """The thread's messages ``reader`` wrote or received, oldest first (404: none)."""
+        return await self._request(
+            lambda rid: GetThread(id=rid, reader=reader, thread_id=thread_id), Messages
+        )
+
+    async def mark_read(
+        self,
+        reader: str,
+        *,
+        msg_ids: Iterable[str] | None = None,
+        thread_id: str | None = None,
+        all: bool = False,
+    ) -> None:
+        """Mark ``reader``'s copies read: these messages, this thread, or ``all``.
+
+        Exactly one of the three (else ``ChinwagError`` 400).
+        """
+        ids = None if msg_ids is None else list(msg_ids)
+        await self._request(
+            lambda rid: MarkRead(id=rid, reader=reader, msg_ids=ids, thread_id=thread_id, all=all),
+            Ok,
+        )
+
+    async def get_message(self, reader: str, msg_id: str) -> MessageReply:
+        """One message, with ``reader``'s state; marks it read for ``reader``.
+
+        404 unless ``reader`` wrote or received it.
+        """
+        return await self._request(
+            lambda rid: GetMessage(id=rid, reader=reader, msg_id=msg_id), MessageReply
+        )
+
+    async def mail_context(self, reader: str) -> MailContext:
+        """What ``reader`` needs at the start of a session: unread counts by
+        priority, the threads with unread mail, and itself as a participant."""
+        return await self._request(lambda rid: GetContext(id=rid, reader=reader), MailContext)
+
+    def watch(self, reader: str, *, after: str | None = None) -> MailWatch:
+        """Follow ``reader``'s new mail: ``async with c.watch("ana") as mail: async for m in mail``.
+
+        Entering waits for the daemon's ``watching``; its ``cursor`` is then the
+        newest msg_id ``reader`` had received. With ``after`` (a msg_id, or an
+        earlier watch's ``last_msg_id``) what came since is replayed first, so
+        a reconnecting watcher sees each message once. Leaving the block
+        cancels the watch.
+        """
+        return MailWatch(self, reader, after=after)
+
 
 class _OpenRequest:
     """Shared by ``EventStream`` and ``Subscription``: one streaming request."""
@@ -604,6 +858,18 @@ class _OpenRequest:
         if isinstance(msg, Error):
             self._finish()
             raise ChinwagError(msg.code, msg.message)
+        return msg
+
+    async def _opened(self, reply_type: type[_R]) -> _R:
+        """The first frame of a long-lived request, which says it stands."""
+        try:
+            msg = await self._next_frame()
+        except BaseException:
+            await self._close()  # cancelled while waiting: still detach
+            raise
+        if not isinstance(msg, reply_type):
+            self._finish()
+            raise _unexpected(msg, f"`{reply_type.__struct_config__.tag}`")
         return msg
 
     async def _close(self) -> None:
@@ -662,14 +928,7 @@ class Subscription(_OpenRequest):
     """The ``Event`` frames of one ``subscribe`` request, until the context exits."""
 
     async def __aenter__(self) -> Subscription:
-        try:
-            msg = await self._next_frame()
-        except BaseException:
-            await self._close()  # cancelled while waiting: still detach
-            raise
-        if not isinstance(msg, Subscribed):
-            self._finish()
-            raise _unexpected(msg, "`subscribed`")
+        await self._opened(Subscribed)
         return self
 
     async def __aexit__(
@@ -700,6 +959,77 @@ class Subscription(_OpenRequest):
         return msg
 
 
+class MailWatch(_OpenRequest):
+    """The messages of one ``watch`` request, in msg_id order, until the context exits.
+
+    ``cursor`` is the daemon's ``watching`` cursor (the newest msg_id the reader
+    had received when the watch began); ``last_msg_id`` moves on with every
+    message yielded, and is what to pass as ``after`` to watch again without
+    a gap or a repeat. A watch the daemon drops (it fell too far behind)
+    raises ``ChinwagError`` 429.
+    """
+
+    def __init__(self, client: Client, reader: str, *, after: str | None) -> None:
+        super().__init__(client, lambda rid: Watch(id=rid, reader=reader, after=after))
+        self._after = after
+        self._cursor: str | None = None
+        self._last: str | None = None
+
+    @property
+    def cursor(self) -> str | None:
+        """The newest msg_id the reader had received before this watch began."""
+        return self._cursor
+
+    @property
+    def last_msg_id(self) -> str | None:
+        """The msg_id of the last message yielded, else ``cursor``, else ``after``."""
+        return self._last
+
+    async def __aenter__(self) -> MailWatch:
+        watching = await self._opened(Watching)
+        self._cursor = watching.cursor
+        # The replay starts after `after`; without one, what is pushed after the cursor.
+        self._last = self._after if self._after is not None else watching.cursor
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    def __aiter__(self) -> MailWatch:
+        return self
+
+    async def __anext__(self) -> MailMessage:
+        if self._finished:
+            raise StopAsyncIteration
+        msg = await self._next_frame()
+        if isinstance(msg, End):
+            # Detached by us, or dropped by the daemon.
+            self._finish()
+            if msg.error is not None:
+                raise ChinwagError(msg.error.code, msg.error.message)
+            raise StopAsyncIteration
+        if not isinstance(msg, Mail):
+            self._finish()
+            raise _unexpected(msg, "a `mail` frame")
+        self._last = msg.msg_id
+        return msg.message
+
+
+def _ref(item: Ref | str) -> Ref:
+    """A scope or ref, given as a ``Ref`` or written ``type:value``."""
+    if isinstance(item, Ref):
+        return item
+    kind, colon, value = item.partition(":")
+    if not colon or not kind or not value:
+        raise ValueError(f"a scope or ref is written type:value, such as pr:7; not {item!r}")
+    return Ref(type=kind, value=value)
+
+
 def _type_name(msg: msgspec.Struct) -> str:
     tag = msg.__struct_config__.tag
     return str(tag) if tag is not None else type(msg).__name__
@@ -726,7 +1056,7 @@ async def _handshake(
     session: Session,
     decoder: FrameDecoder,
 ) -> Welcome:
-    greeting = Hello(protocol=PROTOCOL_VERSION, client=client, features=["compaction"])
+    greeting = Hello(protocol=PROTOCOL_VERSION, client=client, features=list(CLIENT_FEATURES))
     session.send_request(greeting)
     hello = bytes(codec.encode_frame(greeting))
     # If the daemon hung up (or refused us first), what it said, if anything, is read below.

@@ -113,7 +113,7 @@ def test_handshake_sends_hello_and_keeps_welcome(run: Runner, sock: Path) -> Non
             assert c.welcome == WELCOME
 
     run(main)
-    assert hellos == [Hello(protocol=1, client="tester", features=["compaction"])]
+    assert hellos == [Hello(protocol=1, client="tester", features=["compaction", "mail"])]
 
 
 def test_refused_hello_raises_its_code(run: Runner, sock: Path) -> None:
