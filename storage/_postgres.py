@@ -61,6 +61,10 @@ latest marker and ``last_seq`` (``check_archive``), reads the archived
 entries, inserts the archive, then the marker through the append statement.
 Entries themselves carry no tsvector, so appends stay as cheap as they can be.
 
+**Mail** (``store.mail``, the ``MailStore``) runs on the same pool and threads;
+its tables (participants, messages, deliveries...) are migration 3, and
+storage/_postgres_mail.py says how it stores and numbers mail.
+
 **Search** ORs the query's ``search_words``, each quoted, through
 ``websearch_to_tsquery('simple', ...)`` (a word is letters, digits and ``_``,
 so no user text is ever query syntax), ranks the agent's archives and notes
@@ -93,6 +97,8 @@ from psycopg_pool import ConnectionPool
 
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._cursor import decode_cursor, encode_cursor
+from ._mail import MailStore
+from ._postgres_mail import MAIL_MIGRATION, PostgresMail
 from ._search import SNIPPET_WORDS, WORD, archived_text, database_search_words, one_line
 from ._timestamps import from_text, to_text, utc
 
@@ -189,6 +195,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX notes_search ON notes USING gin (search)",
     ),
+    MAIL_MIGRATION,  # participants, messages, deliveries: storage/_postgres_mail.py
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
@@ -419,6 +426,7 @@ class PostgresStorage:
         self._locked: set[int] = set()
         self._locks_limiter = trio.CapacityLimiter(1)
         self._closed = False
+        self.mail: MailStore = PostgresMail(self._run, lambda: self._closed, schema)
 
     @classmethod
     async def open(

@@ -1,0 +1,287 @@
+"""What the postgres backend's mail promises beyond the shared suite (test_mail.py).
+
+A database from before mail opens with mail: version 2 is the schema every
+chinwag before mail created (db9c294 and earlier), made here the way that
+code made it, by opening a store whose ``MIGRATIONS`` stop at version 2 (the
+shipped migrations are pinned below, so they are the ones it ran) and filling
+it through the store; opened again with today's code, it gains the mail
+tables (migration 3), its conversations, entries, archives and notes read back
+as before, and mail works.
+
+Several daemons share one database: two stores on one schema stand for two
+daemons. Posts racing with one idempotency key store one message, numbered
+as if they had not raced, and every racer gets it back; posts, replies, moves
+and marks from both at once neither deadlock nor miscount the unread.
+
+Each test runs in a fresh schema of the worker's own database (conftest.py's
+``store_url``), so parallel workers never meet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+import trio
+from chinwag.protocol import Delivery, Entry, MailMessage, Participant
+from chinwag.storage import (
+    Archive,
+    InboxQuery,
+    NewConversation,
+    ParentChange,
+    StateChange,
+    Storage,
+    _postgres,
+    msg_id_of,
+    open_store,
+)
+from chinwag.storage._postgres import MIGRATIONS, parse_postgres_url
+
+on_postgres = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+BEFORE_MAIL = 2  # the schema version of every chinwag before mail
+OLD_TABLES = ["archives", "conversations", "entries", "notes", "schema_version"]
+MAIL_TABLES = ["deliveries", "message_scopes", "messages", "participants", "unread_counts"]
+# sha256 of json.dumps(MIGRATIONS[:2]) as shipped (db9c294): a migration that has
+# shipped is never edited, or databases made by it would not match the code.
+SHIPPED = "a6e5a9889449c8eeb8183aba1cff53a59c55dd8934c3e38d4586bc7c9dbf2633"
+
+
+def query(url: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    conninfo, schema, _ = parse_postgres_url(url)
+    with psycopg.connect(conninfo, autocommit=True, options=f"-c search_path={schema}") as conn:
+        cursor = conn.execute(statement, params or None)
+        return cursor.fetchall() if cursor.description else []
+
+
+@pytest.fixture
+async def daemons(store_url: str) -> AsyncIterator[Callable[[], Awaitable[Storage]]]:
+    """``await daemons()`` opens another store on ``store_url``, closed after the test."""
+    async with AsyncExitStack() as stack:
+
+        async def open_one() -> Storage:
+            return await stack.enter_async_context(open_store(store_url))
+
+        yield open_one
+
+
+def mail(sender: str, to: list[str], content: str, when: datetime, **fields: Any) -> MailMessage:
+    return MailMessage(
+        msg_id="", sender=sender, to=to, recipients=to, content=content, created_at=when, **fields
+    )
+
+
+def tables(url: str) -> list[str]:
+    _, schema, _ = parse_postgres_url(url)
+    rows = query(url, "SELECT tablename FROM pg_tables WHERE schemaname = %s ORDER BY 1", schema)
+    return [row[0] for row in rows]
+
+
+async def everything(store: Storage) -> Any:
+    """What the old store holds, as builtins: conversations, histories, the archive, notes."""
+    conversations, _ = await store.list_conversations(limit=100)
+    histories = [
+        await store.history(c.agent, c.sender, include_archived=True) for c in conversations
+    ]
+    return msgspec.to_builtins(
+        {
+            "conversations": conversations,
+            "histories": histories,
+            "visible": await store.history("assistant", "ana"),
+            "archive": await store.get_archive("assistant", "ana", "first"),
+            "hits": await store.search_memory("assistant", "quokka"),
+        }
+    )
+
+
+def test_the_shipped_migrations_are_unchanged() -> None:
+    shipped = json.dumps([list(migration) for migration in MIGRATIONS[:BEFORE_MAIL]])
+    assert hashlib.sha256(shipped.encode()).hexdigest() == SHIPPED
+    assert len(MIGRATIONS) == BEFORE_MAIL + 1
+
+
+@on_postgres
+async def test_a_store_from_before_mail_gains_mail_and_keeps_its_conversations(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as old_code:
+        old_code.setattr(_postgres, "MIGRATIONS", MIGRATIONS[:BEFORE_MAIL])
+        async with open_store(store_url) as old:
+            for sender in ("ana", "bob"):
+                await old.append(
+                    "assistant",
+                    sender,
+                    [
+                        Entry(seq=0, role="user", content=f"hello from {sender}", created_at=T0),
+                        Entry(seq=0, role="assistant", content="a quokka", created_at=T0),
+                    ],
+                    create=NewConversation(cwd="/tmp"),
+                )
+            await old.set_title("assistant", "ana", "Quokkas")
+            archive = Archive(
+                name="first",
+                first_seq=1,
+                last_seq=2,
+                summary="they spoke of a quokka",
+                speakers=["", ""],
+                created_at=T0,
+            )
+            await old.compact("assistant", "ana", archive)
+            await old.put_note("assistant", "quokka facts", "small", updated_at=T0)
+            before = await everything(old)
+    assert tables(store_url) == OLD_TABLES
+    assert query(store_url, "SELECT max(version) FROM schema_version") == [(BEFORE_MAIL,)]
+
+    async with open_store(store_url) as store:
+        assert await everything(store) == before
+        assert query(store_url, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS),)]
+        assert tables(store_url) == sorted(OLD_TABLES + MAIL_TABLES)
+
+        # Mail works in the migrated schema, beside the conversations.
+        await store.mail.put_participant(Participant(name="ana", kind="person"))
+        first, created = await store.mail.post(
+            MailMessage(
+                msg_id="",
+                sender="ana",
+                to=["bob"],
+                recipients=["bob"],
+                content="hi",
+                created_at=T0,
+            ),
+            [Delivery(name="bob")],
+            new_participants=[Participant(name="bob")],
+        )
+        assert (first.msg_id, created) == ("m000000000001", True)
+        reply, _ = await store.mail.post(
+            MailMessage(
+                msg_id="",
+                sender="bob",
+                to=["ana"],
+                recipients=["ana"],
+                content="hello",
+                created_at=T0 + timedelta(seconds=1),
+                thread_id=first.msg_id,
+                reply_to=first.msg_id,
+            ),
+            [Delivery(name="ana")],
+            parent=ParentChange(msg_id=first.msg_id, start_thread=True, read_by="bob"),
+        )
+        assert [p.name for p in await store.mail.participants()] == ["ana", "bob"]
+        assert [m.msg_id for m in await store.mail.thread(first.msg_id)] == [
+            first.msg_id,
+            reply.msg_id,
+        ]
+        [(message, delivery)] = await store.mail.inbox("bob", InboxQuery(), limit=50)
+        assert (message.msg_id, delivery.state) == (first.msg_id, "read")
+        assert await store.mail.unread_totals() == {"ana": 1}
+        assert await everything(store) == before
+
+    async with open_store(store_url) as again:  # already migrated: opens as it is
+        assert await again.mail.newest_received("ana") == reply.msg_id
+    assert query(store_url, "SELECT version FROM schema_version ORDER BY 1") == [
+        (version,) for version in range(1, len(MIGRATIONS) + 1)
+    ]
+
+
+# --- two daemons on one database ----------------------------------------------------------
+
+
+@on_postgres
+async def test_daemons_racing_with_one_key_store_one_message_and_take_one_number(
+    daemons: Callable[[], Awaitable[Storage]],
+) -> None:
+    stores = [await daemons() for _ in range(3)]
+
+    async def attempt(
+        store: Storage, n: int, key: str, outcomes: list[tuple[MailMessage, bool]]
+    ) -> None:
+        given = mail("alice", ["bob"], f"attempt {n}", T0, idempotency_key=key)
+        outcomes.append(await store.mail.post(given, [Delivery(name="bob")]))
+
+    for round_ in range(1, 21):
+        outcomes: list[tuple[MailMessage, bool]] = []
+        async with trio.open_nursery() as nursery:
+            for n in range(6):
+                nursery.start_soon(attempt, stores[n % 3], n, f"key-{round_}", outcomes)
+        assert sorted(created for _, created in outcomes) == [False] * 5 + [True]
+        assert len({msgspec.json.encode(message) for message, _ in outcomes}) == 1
+        assert outcomes[0][0].msg_id == msg_id_of(round_)  # the losers took no number
+    received = await stores[1].mail.received("bob", after=None, limit=100)
+    assert [message.msg_id for message, _ in received] == [msg_id_of(n) for n in range(1, 21)]
+    assert await stores[2].mail.unread_counts("bob") == {1: 20}
+
+
+@on_postgres
+async def test_daemons_writing_at_once_neither_deadlock_nor_miscount(
+    daemons: Callable[[], Awaitable[Storage]], store_url: str
+) -> None:
+    """Fan-outs, replies that mark their parent read, moves and marks, from two stores."""
+    names = [f"n{i}" for i in range(5)]
+    stores = [await daemons(), await daemons()]
+    posted: list[str] = []
+
+    async def writer(store: Storage, seed: int) -> None:
+        rnd = random.Random(seed)
+        for i in range(60):
+            choice = rnd.random()
+            if choice < 0.5 or not posted:
+                sender = rnd.choice(names)
+                to = rnd.sample([n for n in names if n != sender], rnd.randint(1, 4))
+                parent = None
+                if posted and rnd.random() < 0.5:
+                    parent = ParentChange(
+                        msg_id=rnd.choice(posted),
+                        start_thread=True,
+                        read_by=sender,
+                        answered=rnd.random() < 0.5,
+                    )
+                stored, _ = await store.mail.post(
+                    mail(sender, to, f"{seed}.{i}", T0 + timedelta(seconds=i), priority=i % 4),
+                    [Delivery(name=name) for name in to],
+                    parent=parent,
+                    new_participants=[Participant(name=n) for n in rnd.sample(names, 3)],
+                )
+                posted.append(stored.msg_id)
+            elif choice < 0.8:
+                states = ["delivered", "read"]
+                await store.mail.advance(
+                    [
+                        StateChange(rnd.choice(posted), rnd.choice(names), rnd.choice(states), T0)
+                        for _ in range(rnd.randint(1, 8))
+                    ]
+                )
+            elif choice < 0.9:
+                await store.mail.mark_read(rnd.choice(names), T0)
+            else:
+                await store.mail.mark_read(rnd.choice(names), T0, msg_ids=posted[-5:])
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for seed in range(6):
+                nursery.start_soon(writer, stores[seed % 2], seed)
+
+    assert sorted(posted) == [msg_id_of(n) for n in range(1, len(posted) + 1)]
+    recount = query(
+        store_url,
+        "SELECT name, priority, count(*) FROM deliveries WHERE state <> 'read' GROUP BY 1, 2",
+    )
+    expected: dict[str, dict[int, int]] = {}
+    for name, priority, count in recount:
+        expected.setdefault(name, {})[priority] = count
+    for store in stores:
+        assert await store.mail.unread_totals() == {
+            name: sum(counts.values()) for name, counts in expected.items()
+        }
+        for name in names:
+            assert await store.mail.unread_counts(name) == expected.get(name, {})
+            unread = await store.mail.inbox(name, InboxQuery(unread_only=True), limit=1000)
+            assert len(unread) == sum(expected.get(name, {}).values())
+    assert [p.name for p in await stores[0].mail.participants()] == names
