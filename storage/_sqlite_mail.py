@@ -269,9 +269,13 @@ class SqliteMail:
             if (number := number_of(change.msg_id)) is not None
         ]
         if moves:
-            await self._write(
-                "Moving deliveries forward", lambda conn: conn.executemany(_ADVANCE, moves)
-            )
+
+            def move(conn: sqlite3.Connection) -> None:
+                # Returns nothing: a cursor handed back to the loop and finalized there
+                # would touch the connection while the writer thread uses it.
+                conn.executemany(_ADVANCE, moves).close()
+
+            await self._write("Moving deliveries forward", move)
 
     async def mark_read(
         self,
