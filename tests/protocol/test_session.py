@@ -659,7 +659,7 @@ def test_mail_and_watching_belong_to_a_watch_only(kind) -> None:
     ):
         with pytest.raises(LocalProtocolError, match=f"`{tag(type(frame))}` where a `{tag(kind)}`"):
             wire.server.send_reply(frame)
-        with pytest.raises(ProtocolError):
+        with pytest.raises(ProtocolError, match="where a `"):
             wire.client.receive_reply(to_client(frame))
     assert wire.is_open(6)
 
