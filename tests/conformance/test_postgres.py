@@ -144,9 +144,14 @@ async def test_either_scheme_opens_a_shared_store_in_the_named_schema(
     assert tables == [
         ("archives",),
         ("conversations",),
+        ("deliveries",),
         ("entries",),
+        ("message_scopes",),
+        ("messages",),
         ("notes",),
+        ("participants",),
         ("schema_version",),
+        ("unread_counts",),
     ]
 
 
