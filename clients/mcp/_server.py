@@ -4,13 +4,15 @@ Built on the official SDK's ``MCPServer``. Each tool call, and each run the
 server follows (see ``_watch``), opens its own connection to the daemon, so a
 daemon restarted between calls is simply found again. A daemon's refusal
 becomes a tool error (``isError``) reading ``error CODE: MESSAGE``, the way the
-CLI says it.
+CLI says it. With the mail tools (``_mail``; ``mail_wanted`` says when), the
+session also takes part in chinwag's mail as one participant.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from functools import partial
 from importlib.metadata import version
@@ -28,6 +30,7 @@ from pydantic import Field
 
 from .._client import ChinwagError, Client, connect_explained
 from .._settings import describe
+from ._mail import MAIL_INSTRUCTIONS, MailTools
 from ._watch import RunReport, RunWatch, Watches
 
 CLIENT_NAME = "chinwag-mcp"
@@ -62,6 +65,9 @@ class ChinwagTools:
         self._socket = socket
         self._sender = sender
         self._watches = Watches(tasks, self._connect)
+        #: With the mail tools, the session's mail identity: the default sender, since
+        #: a hosted agent answers that identity's mail in the conversation with it.
+        self.identity: Callable[[Context], str] | None = None
 
     # --- reading ------------------------------------------------------------------
 
@@ -282,6 +288,8 @@ class ChinwagTools:
             return given
         if self._sender:
             return self._sender
+        if self.identity is not None:
+            return self.identity(ctx)
         params = ctx.request_context.session.client_params
         return f"mcp:{params.client_info.name if params is not None else 'client'}"
 
@@ -381,11 +389,14 @@ def _run_note(report: RunReport, timeout_s: float | None) -> str:
             return note
 
 
-def build_server(tools: ChinwagTools) -> MCPServer:
+def build_server(tools: ChinwagTools, mail: MailTools | None = None) -> MCPServer:
+    """The server with the conversation tools; with ``mail``, the mail tools instead of
+    the conversation's send_message and the two tools that follow its turns (mail's
+    send_message takes that name, and a turn is asked for by mail there)."""
     server = MCPServer(
         "chinwag",
         version=version("chinwag"),
-        instructions=INSTRUCTIONS,
+        instructions=INSTRUCTIONS if mail is None else MAIL_INSTRUCTIONS,
         log_level="WARNING",
     )
     reading = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -393,22 +404,41 @@ def build_server(tools: ChinwagTools) -> MCPServer:
     server.add_tool(tools.list_agents, annotations=reading)
     server.add_tool(tools.list_conversations, annotations=reading)
     server.add_tool(tools.read_history, annotations=reading)
-    server.add_tool(tools.send_message, annotations=running)
-    server.add_tool(tools.wait_for_reply, annotations=reading)
-    server.add_tool(tools.reply_to_ask, annotations=running)
+    if mail is None:
+        server.add_tool(tools.send_message, annotations=running)
+        server.add_tool(tools.wait_for_reply, annotations=reading)
+        server.add_tool(tools.reply_to_ask, annotations=running)
     server.add_tool(
         tools.kill,
         annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False),
     )
     server.add_tool(tools.compact, annotations=running)
+    if mail is not None:
+        mail.add_to(server)
     return server
 
 
-async def serve(socket: Path, sender: str | None) -> None:
-    """Serve MCP on stdin/stdout until the client closes stdin.
+def mail_wanted() -> bool:
+    """Whether to serve the mail tools: ``$CHINWAG_MCP_MAIL`` (1 or 0) says so; unset,
+    a ``$CHINWAG_NAME`` (the identity to write as) asks for them."""
+    wanted = os.environ.get("CHINWAG_MCP_MAIL", "").strip().casefold()
+    if wanted:
+        return wanted not in ("0", "false", "no", "off")
+    return bool(os.environ.get("CHINWAG_NAME", "").strip())
 
-    Runs still followed then are left to the daemon, which finishes them.
+
+async def serve(socket: Path, sender: str | None, mail: bool | None = None) -> None:
+    """Serve MCP on stdin/stdout until the client closes stdin; ``mail`` None: as
+    ``mail_wanted`` says.
+
+    Runs still followed then are left to the daemon, which finishes them; the
+    mail identity's registration ends with the server.
     """
     async with anyio.create_task_group() as tasks:
-        await build_server(ChinwagTools(socket, sender, tasks)).run_stdio_async()
+        tools = ChinwagTools(socket, sender, tasks)
+        mail_tools = None
+        if mail_wanted() if mail is None else mail:
+            mail_tools = MailTools(tasks, tools._connect)
+            tools.identity = mail_tools.identity
+        await build_server(tools, mail_tools).run_stdio_async()
         tasks.cancel_scope.cancel()
