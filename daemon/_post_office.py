@@ -400,9 +400,9 @@ class PostOffice:
             stored, created = await self.store.post(
                 message, deliveries, parent=change, new_participants=fresh
             )
-            for participant in fresh:
-                self.known.setdefault(participant.name, participant)
-            if created:
+            if created:  # a retry stored nothing: no participant is new either
+                for participant in fresh:
+                    self.known.setdefault(participant.name, participant)
                 self._push(stored)
         if created:
             log.info("mail_posted", msg_id=stored.msg_id, sender=sender, recipients=len(recipients))
@@ -665,13 +665,19 @@ class PostOffice:
             if not watchers:
                 del self.watchers[watcher.name]
 
-    async def replay(self, name: str, after: str, until: str | None) -> list[MailMessage]:
-        """One page of what ``name`` received after ``after`` up to ``until``, marked delivered."""
+    async def replay(
+        self, name: str, after: str, until: str | None
+    ) -> list[tuple[MailMessage, Delivery]]:
+        """One page of what ``name`` received after ``after`` up to ``until``, oldest first;
+        ``pushed`` then marks what was sent of it delivered."""
         _cursor(after)
         if until is None or after >= until:
             return []
         rows = await self.store.received(name, after=after, limit=REPLAY_PAGE)
-        rows = [(m, d) for m, d in rows if m.msg_id <= until]
+        return [(m, d) for m, d in rows if m.msg_id <= until]
+
+    async def pushed(self, name: str, rows: Sequence[tuple[MailMessage, Delivery]]) -> None:
+        """``name``'s copies of replayed messages went to its watch: mark them delivered."""
         moment = now()
         pending = [
             StateChange(m.msg_id, name, "delivered", moment)
@@ -680,7 +686,6 @@ class PostOffice:
         ]
         if pending:
             await self.store.advance(pending)
-        return [m for m, _ in rows]
 
     def mailbox(self, name: str) -> AgentMailbox | None:
         """The mail of the hosted agent ``name``, for its tools; None without an address."""

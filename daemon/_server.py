@@ -285,14 +285,25 @@ class MailWatch:
     def _frame(self, message: MailMessage) -> Mail:
         return Mail(id=self.request_id, msg_id=message.msg_id, message=message)
 
+    def _detached(self) -> bool:
+        return self._end is not None and self._end.status == "detached"
+
     async def forward(self, name: str, after: str | None, cursor: str | None) -> None:
         office = self.conn.server.post_office
         try:
-            while after is not None:  # the replay, page by page, up to the cursor
+            # The replay, page by page, up to the cursor. A watch dropped as too slow
+            # meanwhile still sends all of it and then what it buffered, so what the
+            # client got has no gap; one cancelled (or whose connection closed) stops.
+            while after is not None and not self._detached():
                 page = await office.replay(name, after, cursor)
-                for message in page:
-                    await self.conn.send_waiting(self._frame(message))
-                after = page[-1].msg_id if page else None
+                sent = []
+                for row in page:
+                    if self._detached():
+                        break
+                    await self.conn.send_waiting(self._frame(row[0]))
+                    sent.append(row)
+                await office.pushed(name, sent)
+                after = page[-1][0].msg_id if page else None
             async for message in self._receive:
                 await self.conn.send_waiting(self._frame(message))
         except (trio.ClosedResourceError, trio.EndOfChannel):
@@ -366,6 +377,8 @@ class Connection:
         # A socket's descriptor, for frames written at once from the task that sends them.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._reads = trio.Semaphore(READS_AT_ONCE)  # see _call's `paced`
+        self._last_post = trio.Event()  # set once this connection's latest `post` is done
+        self._last_post.set()
         self._nursery: trio.Nursery | None = None
         self._writer_scope = trio.CancelScope()
         self.done = trio.Event()
@@ -749,11 +762,12 @@ class Connection:
                 )
             case Watch():
                 self._watch(msg, nursery)
+            case Post():
+                self._post(msg, nursery)
             case (
                 Register()
                 | Heartbeat()
                 | ListParticipants()
-                | Post()
                 | Inbox()
                 | Sent()
                 | GetThread()
@@ -1028,6 +1042,22 @@ class Connection:
                     participant=view.participant,
                 )
         assert_never(msg)
+
+    def _post(self, msg: Post, nursery: trio.Nursery) -> None:
+        # A connection's posts are stored in the order it sent them, as its streams'
+        # runs are queued in theirs: each waits for the one before (the post office
+        # stores one at a time anyway). Not paced: `posted` is small.
+        before, done = self._last_post, trio.Event()
+        self._last_post = done
+
+        async def post() -> ServerMessage:
+            try:
+                await before.wait()
+                return await self._mail(msg)
+            finally:
+                done.set()
+
+        self._call(nursery, msg.id, post)
 
     def _watch(self, msg: Watch, nursery: trio.Nursery) -> None:
         watch = MailWatch(self, msg.id, self.runtime.config.daemon.subscription_events)
