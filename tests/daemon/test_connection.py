@@ -42,20 +42,32 @@ from chinwag.protocol import (
     Error,
     Event,
     FrameDecoder,
+    GetContext,
     GetHistory,
+    GetMessage,
     GetStats,
+    GetThread,
+    Heartbeat,
     Hello,
     History,
+    Inbox,
     Kill,
     Killed,
     ListAgents,
     ListConversations,
+    ListParticipants,
+    MarkRead,
     Ok,
     Ping,
     Pong,
+    Post,
+    Posted,
+    Register,
+    Registered,
     ReplyToAsk,
     Request,
     SearchMemory,
+    Sent,
     ServerMsg,
     Session,
     Start,
@@ -64,6 +76,7 @@ from chinwag.protocol import (
     Subscribed,
     TextDelta,
     Title,
+    Watch,
     Welcome,
     frame,
 )
@@ -210,10 +223,17 @@ class Daemon:
 
 
 @asynccontextmanager
-async def open_daemon(**daemon: object) -> AsyncIterator[Daemon]:
-    config = Config(daemon=DaemonConfig(**daemon), agents=AGENTS)  # type: ignore[arg-type]
+async def open_daemon(
+    *, agents: dict[str, AgentConfig] | None = None, **daemon: object
+) -> AsyncIterator[Daemon]:
+    """A daemon as `chinwag serve` makes one, on memory storage: the post office started
+    (the agents are mail participants, mail waiting for them is answered), no listener."""
+    settings = DaemonConfig(**daemon)  # type: ignore[arg-type]
+    config = Config(daemon=settings, agents=AGENTS if agents is None else agents)
     async with open_runtime(config) as runtime, trio.open_nursery() as nursery:
-        yield Daemon(runtime, Server(runtime), nursery)
+        server = Server(runtime)
+        await server.post_office.start()
+        yield Daemon(runtime, server, nursery)
         nursery.cancel_scope.cancel()
 
 
@@ -257,6 +277,26 @@ async def cancel_it(client: Client, rid: int) -> None:
     await client.send(Cancel(id=rid + 1, target=rid))
 
 
+async def cancel_once_watching(client: Client, rid: int) -> None:
+    await client.until(lambda m: _id(m) == rid)  # `watching`: the watch is on
+    await cancel_it(client, rid)
+
+
+async def registered(client: Client) -> None:
+    reply = await client.ask(Register(id=CONVERSATION_ID, name="ana"))
+    assert isinstance(reply, Registered), reply
+
+
+async def posted(client: Client) -> None:
+    """Mail from ana to bob, then bob's reply: m000000000001 starts a thread."""
+    first = await client.ask(Post(id=CONVERSATION_ID, sender="ana", to=["bob"], content="hi"))
+    assert isinstance(first, Posted) and first.msg_id == "m000000000001", first
+    reply = await client.ask(
+        Post(id=CONVERSATION_ID, sender="bob", content="hello", reply_to=first.msg_id)
+    )
+    assert isinstance(reply, Posted) and reply.thread_id == first.msg_id, reply
+
+
 @dataclass
 class Sample:
     make: Callable[[int], Request]
@@ -280,6 +320,21 @@ SAMPLES: dict[type, Sample] = {
     Ping: Sample(lambda rid: Ping(id=rid)),
     GetStats: Sample(lambda rid: GetStats(id=rid)),
     SearchMemory: Sample(lambda rid: SearchMemory(id=rid, agent="assistant", query="blue")),
+    Register: Sample(lambda rid: Register(id=rid, name="ana", roles=["reviewer"])),
+    Heartbeat: Sample(lambda rid: Heartbeat(id=rid, name="ana", status="busy"), before=registered),
+    ListParticipants: Sample(lambda rid: ListParticipants(id=rid), before=registered),
+    Post: Sample(lambda rid: Post(id=rid, sender="ana", to=["assistant", "bob"], content="hi")),
+    Inbox: Sample(lambda rid: Inbox(id=rid, reader="bob"), before=posted),
+    Sent: Sample(lambda rid: Sent(id=rid, reader="ana"), before=posted),
+    GetThread: Sample(
+        lambda rid: GetThread(id=rid, reader="bob", thread_id="m000000000001"), before=posted
+    ),
+    MarkRead: Sample(lambda rid: MarkRead(id=rid, reader="bob", all=True), before=posted),
+    GetMessage: Sample(
+        lambda rid: GetMessage(id=rid, reader="bob", msg_id="m000000000001"), before=posted
+    ),
+    Watch: Sample(lambda rid: Watch(id=rid, reader="bob"), then=cancel_once_watching),
+    GetContext: Sample(lambda rid: GetContext(id=rid, reader="bob"), before=posted),
 }
 
 REQUEST_TYPES = [kind for kind in typing.get_args(ClientMsg) if kind is not Hello]
@@ -650,6 +705,7 @@ TEXTS: dict[type, Callable[[int, str], Request]] = {
     ReplyToAsk: lambda rid, text: ReplyToAsk(id=rid, agent="assistant", content=text),
     Compact: lambda rid, text: Compact(id=rid, agent="assistant", instructions=text),
     SearchMemory: lambda rid, text: SearchMemory(id=rid, agent="assistant", query=text),
+    Post: lambda rid, text: Post(id=rid, sender="ana", to=["bob"], content=text),
 }
 
 
