@@ -12,8 +12,9 @@ connecting) is in `_settings`; starting and stopping the daemon's process in
 redraws); the doctor's checks in `_doctor`.
 
 A command imports what only it uses in its own body, and the bridges
-(`telegram`, `mcp`) are imported once named: `chinwag send` loads neither rich
-nor another command's modules, so that it starts fast (`bench/cli_start.py`).
+(`telegram`, `mcp`) and mail (`mail`, `inbox`: `_mail_cli`) are imported once
+named: `chinwag send` loads neither rich nor another command's modules, so
+that it starts fast (`bench/cli_start.py`).
 """
 
 from __future__ import annotations
@@ -119,16 +120,24 @@ cwd_option = click.option(
 
 
 class _Commands(click.Group):
-    """The command group; the bridges' commands are imported only when named (or listed)."""
+    """The command group; the bridges' commands and mail's are imported only when named
+    (or listed)."""
 
-    bridges = {"telegram": "chinwag.clients.telegram", "mcp": "chinwag.clients.mcp"}
+    # command name -> (module, attribute): `chinwag inbox` is `chinwag mail inbox`.
+    lazy = {
+        "telegram": ("chinwag.clients.telegram", "command"),
+        "mcp": ("chinwag.clients.mcp", "command"),
+        "mail": ("chinwag.clients._mail_cli", "mail"),
+        "inbox": ("chinwag.clients._mail_cli", "inbox"),
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self.bridges])
+        return sorted([*super().list_commands(ctx), *self.lazy])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.bridges:
-            command: click.Command = importlib.import_module(self.bridges[cmd_name]).command
+        if cmd_name in self.lazy:
+            module, attribute = self.lazy[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), attribute)
             return command
         return super().get_command(ctx, cmd_name)
 
