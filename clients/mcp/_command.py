@@ -12,11 +12,12 @@ from .._settings import Settings
 @click.option(
     "--sender",
     help="The conversations' sender when a tool call names none "
-    "(default: mcp:<the MCP client's name>).",
+    "(default: mcp:<the MCP client's name>). Mail goes under another name: "
+    "$CHINWAG_NAME, else the MCP client's name.",
 )
 @click.pass_obj
 def command(settings: Settings, sender: str | None) -> None:
-    """Serve chinwag's agents to MCP clients (Claude Code, Codex, ...) over stdio.
+    """Serve chinwag's agents and mail to MCP clients (Claude Code, Codex, ...) over stdio.
 
     It needs a running daemon (`chinwag serve`); a tool called while none
     listens on the socket fails with a message saying so.

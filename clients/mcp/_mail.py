@@ -1,16 +1,17 @@
 """Mail tools: an outside agent (Claude Code, Codex, ...) taking part in chinwag's mail.
 
 The MCP session is one participant, its identity: ``$CHINWAG_NAME``, else the
-MCP client's name folded to the participant alphabet. The first mail tool
+MCP client's name folded to the participant alphabet. The first mail tool (any
+tool here, or the server's send_message with ``to``, which calls ``send``)
 registers it on a connection the server keeps while the identity lasts (a
 registration lives as long as its connection: that is the identity's
-presence), and the same connection watches the identity's mail into a log
-the tools read. So no message arriving between two tool calls goes unseen,
-and the answer to a message sent with ``wait`` cannot come before anyone
-watches for it: the watch runs before the message is posted. When the
-connection drops (the daemon restarted), the next tool call registers again
-and watches with ``after`` set to the last msg_id it got, and the daemon
-replays what came meanwhile.
+presence), and the same connection watches the identity's mail into a log the
+tools read (a session that never uses mail registers nothing). So no message
+arriving between two tool calls goes unseen, and the answer to a message sent
+with ``wait`` cannot come before anyone watches for it: the watch runs before
+the message is posted. When the connection drops (the daemon restarted), the
+next tool call registers again and watches with ``after`` set to the last
+msg_id it got, and the daemon replays what came meanwhile.
 
 ``wait_for_message`` hands out the log in msg_id order, one message a call:
 first the mail still unread when the identity was registered, then what
@@ -41,18 +42,6 @@ from pydantic import Field
 from .._client import ChinwagError, Client
 from .._settings import describe
 
-MAIL_INSTRUCTIONS = """\
-chinwag hosts LLM agents, and its mail lets agents and people write to each
-other. In this session you are one participant: the tools tell you your name.
-send_message writes to a participant, to `@role` (everyone holding the role)
-or to `@everyone`; list_participants says who is there. A hosted agent (kind
-`agent`) always answers mail addressed to it: with wait=true, send_message
-returns its reply. read_messages shows your inbox; reply answers a message in
-its thread; wait_for_message blocks until the next message to you arrives.
-register_agent sets your name and roles, heartbeat your status line.
-read_history and list_conversations read your conversations with hosted
-agents (the mail you exchange with an agent is one of them)."""
-
 NAME_ALPHABET = re.compile(r"[^a-z0-9_.:-]+")
 RESERVED = frozenset({"everyone", "all", "daemon", "system", "chinwag"})
 # The identity's arrived mail kept for wait_for_message and waiting senders;
@@ -61,15 +50,10 @@ LOG_SIZE = 1000
 # Unread mail from before the identity was registered taken into the log.
 UNREAD_SEED = 200
 PRIORITY_NAMES = {0: "routine", 1: "normal", 2: "high", 3: "critical"}
+# How long a send or reply with wait waits for the reply unless told.
+MAIL_WAIT_S = 120.0
 
-Text = Annotated[str, Field(description="The message (markdown).")]
-Recipients = Annotated[
-    str | list[str],
-    Field(
-        description="Who gets it: a participant's name, `@role`, `@everyone`, "
-        "or a list of them (a string may also list several, comma-separated)."
-    ),
-]
+Content = Annotated[str, Field(description="The message (markdown).")]
 Wait = Annotated[
     bool,
     Field(
@@ -175,7 +159,7 @@ class MailTools:
         writing = ToolAnnotations(
             read_only_hint=False, destructive_hint=False, open_world_hint=False
         )
-        server.add_tool(self.send_message, annotations=writing)
+        # send_message with `to` is the server's send_message, which calls `send`.
         server.add_tool(self.read_messages, annotations=writing)  # it marks them read
         server.add_tool(self.reply, annotations=writing)
         server.add_tool(self.mark_read, annotations=writing)
@@ -374,35 +358,33 @@ class MailTools:
         text = "\n".join(lines) if lines else "Nobody."
         return _result(text, {"you": name, "participants": [_participant(p) for p in participants]})
 
-    async def send_message(
+    async def send(
         self,
-        to: Recipients,
-        text: Text,
         ctx: Context,
-        wait: Wait = False,
-        timeout_s: WaitTimeout = 120.0,
-        priority: Priority = 1,
+        to: list[str],
+        content: str,
+        *,
+        wait: bool = False,
+        timeout_s: float = MAIL_WAIT_S,
+        priority: int = 1,
     ) -> CallToolResult:
-        """Send a message: to a participant, `@role` or `@everyone`. Returns its msg_id and
-        thread; with wait=true, the first reply to it (a hosted agent's answer) as well.
-
-        A reply that has not come within timeout_s is not lost: wait_for_message
-        returns it when it comes.
-        """
-        return await self._post(ctx, _addresses(to), text, None, wait, timeout_s, priority)
+        """send_message with ``to`` (addresses as ``addresses`` splits them): the message's
+        msg_id and thread; with ``wait``, the first reply to it (a hosted agent's answer)
+        as well, or a note that none came within ``timeout_s`` (wait_for_message gets it)."""
+        return await self._post(ctx, to, content, None, wait, timeout_s, priority)
 
     async def reply(
         self,
         msg_id: Annotated[str, Field(description="The message answered (its msg_id).")],
-        text: Text,
+        content: Content,
         ctx: Context,
         wait: Wait = False,
-        timeout_s: WaitTimeout = 120.0,
+        timeout_s: WaitTimeout = MAIL_WAIT_S,
         priority: Priority = 1,
     ) -> CallToolResult:
         """Reply to a message, in its thread, to its author (to its recipients when you
         wrote it). It marks that message read. wait=true returns the reply to your reply."""
-        return await self._post(ctx, [], text, msg_id, wait, timeout_s, priority)
+        return await self._post(ctx, [], content, msg_id, wait, timeout_s, priority)
 
     async def read_messages(
         self,
@@ -506,7 +488,7 @@ class MailTools:
         self,
         ctx: Context,
         to: list[str],
-        text: str,
+        content: str,
         reply_to: str | None,
         wait: bool,
         timeout_s: float,
@@ -515,7 +497,7 @@ class MailTools:
         # The watch is up before the post: no reply can come unseen.
         name, _ = await self._ready(ctx)
         async with self._client() as client:
-            posted = await client.post(name, text, to=to, reply_to=reply_to, priority=priority)
+            posted = await client.post(name, content, to=to, reply_to=reply_to, priority=priority)
         summary = _posted_text(posted, reply_to)
         data: dict[str, Any] = {"you": name, "posted": _posted(posted)}
         if not wait:
@@ -556,7 +538,10 @@ async def _seed(client: Client, log: _Log, cursor: str | None) -> None:
             log.add(item.message)
 
 
-def _addresses(to: str | list[str]) -> list[str]:
+def addresses(to: str | list[str] | None) -> list[str]:
+    """Recipients as given (one string, comma- or space-separated, or a list): each one."""
+    if to is None:
+        return []
     entries = [to] if isinstance(to, str) else to
     return [part for entry in entries for part in re.split(r"[,\s]+", entry) if part]
 

@@ -4,15 +4,14 @@ Built on the official SDK's ``MCPServer``. Each tool call, and each run the
 server follows (see ``_watch``), opens its own connection to the daemon, so a
 daemon restarted between calls is simply found again. A daemon's refusal
 becomes a tool error (``isError``) reading ``error CODE: MESSAGE``, the way the
-CLI says it. With the mail tools (``_mail``; ``mail_wanted`` says when), the
-session also takes part in chinwag's mail as one participant.
+CLI says it. The session also takes part in chinwag's mail as one participant
+(``_mail``), registered only once a mail tool is first used.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from functools import partial
 from importlib.metadata import version
@@ -30,22 +29,34 @@ from pydantic import Field
 
 from .._client import ChinwagError, Client, connect_explained
 from .._settings import describe
-from ._mail import MAIL_INSTRUCTIONS, MailTools
+from ._mail import MAIL_WAIT_S, MailTools, addresses
 from ._watch import RunReport, RunWatch, Watches
 
 CLIENT_NAME = "chinwag-mcp"
 
 INSTRUCTIONS = """\
-chinwag hosts LLM agents and their conversations. A conversation is named by an
-agent and a sender; yours default to the sender `mcp:<your client's name>`, so
-each tool finds the same conversation again without being told.
+chinwag hosts LLM agents. You can talk with them in conversations, and write
+mail to them and to the other participants (people, other agents' sessions).
 
-Talk to an agent with send_message: it runs one turn and returns the reply.
-If the agent asks you a question on the way (status `asking`, with an ask_id),
-answer it with reply_to_ask and then call wait_for_reply for the rest of the
-turn. A turn still going when send_message's timeout_s passes keeps running:
-wait_for_reply collects it, kill stops it. list_agents says who is there;
-read_history and list_conversations read what was said."""
+Conversations: send_message with `agent` runs one turn of your conversation
+with that agent and returns its reply. A conversation is named by an agent and
+a sender; yours default to the sender `mcp:<your client's name>`, so each tool
+finds the same conversation again without being told. If the agent asks you a
+question on the way (status `asking`, with an ask_id), answer it with
+reply_to_ask and then call wait_for_reply for the rest of the turn. A turn
+still going when send_message's timeout_s passes keeps running: wait_for_reply
+collects it, kill stops it. list_agents says who is there; read_history and
+list_conversations read what was said.
+
+Mail: send_message with `to` writes to a participant, to `@role` (everyone
+holding the role) or to `@everyone`; with wait=true it returns the first reply
+(a hosted agent always answers mail addressed to it). You write mail as one
+participant, under a name the mail tools tell you; list_participants says who
+is there. read_messages shows your inbox, reply answers a message in its
+thread, wait_for_message blocks until the next message to you arrives.
+register_agent sets your name and roles, heartbeat your status line. The mail
+you exchange with a hosted agent is your conversation with it under your mail
+name: read_history with that name as sender reads it."""
 
 Agent = Annotated[str, Field(description="The agent's name, as list_agents gives it.")]
 Sender = Annotated[
@@ -54,6 +65,40 @@ Sender = Annotated[
         description="Whose conversation with the agent (default: yours, "
         "`mcp:<your client's name>` unless the server sets another); "
         "`user` is the person at the chinwag CLI."
+    ),
+]
+# send_message's two uses: a conversation's turn (agent) or mail (to).
+TurnAgent = Annotated[
+    str | None,
+    Field(
+        description="Conversation: the agent to run a turn with, as list_agents names it "
+        "(give this or `to`)."
+    ),
+]
+Recipients = Annotated[
+    str | list[str] | None,
+    Field(
+        description="Mail: who gets it: a participant's name, `@role`, `@everyone`, or a "
+        "list of them (a string may also list several, comma-separated) (give this or `agent`)."
+    ),
+]
+SendTimeout = Annotated[
+    float | None,
+    Field(
+        ge=0,
+        description="With `agent`: return after this long even if the turn goes on "
+        "(default: wait for its end). With `to` and wait: give up waiting for the reply "
+        f"after this long (default {MAIL_WAIT_S:g}).",
+    ),
+]
+MailPriority = Annotated[
+    int, Field(ge=0, le=3, description="With `to`: 0 routine, 1 normal, 2 high, 3 critical.")
+]
+MailWait = Annotated[
+    bool,
+    Field(
+        description="With `to`: wait for the first reply to this message and return it. "
+        "A hosted agent always answers mail to it; people and other sessions may not."
     ),
 ]
 
@@ -65,9 +110,8 @@ class ChinwagTools:
         self._socket = socket
         self._sender = sender
         self._watches = Watches(tasks, self._connect)
-        #: With the mail tools, the session's mail identity: the default sender, since
-        #: a hosted agent answers that identity's mail in the conversation with it.
-        self.identity: Callable[[Context], str] | None = None
+        #: The mail tools; they connect (and register) only when first used.
+        self.mail = MailTools(tasks, self._connect)
 
     # --- reading ------------------------------------------------------------------
 
@@ -155,32 +199,68 @@ class ChinwagTools:
 
     async def send_message(
         self,
-        agent: Agent,
-        content: Annotated[str, Field(description="The message.")],
+        content: Annotated[str, Field(description="The message (markdown for mail).")],
         ctx: Context,
+        agent: TurnAgent = None,
+        to: Recipients = None,
         sender: Sender = None,
-        timeout_s: Annotated[
-            float | None,
-            Field(
-                ge=0,
-                description="Return after this long even if the turn goes on "
-                "(default: wait for its end).",
-            ),
-        ] = None,
+        timeout_s: SendTimeout = None,
+        wait: MailWait = False,
+        priority: MailPriority = 1,
     ) -> CallToolResult:
-        """Send a message to an agent and return its reply: the text, then a line with the
-        status, run_id, last_seq and the tools it called (all also in structured content).
+        """Send a message: give `agent` to talk with a hosted agent in your conversation
+        with it, or `to` to send mail. Exactly one of the two.
 
-        The status is `done`, `killed` or `error` when the turn ended. It is
-        `asking` when the agent asked you a question: the question and its ask_id
-        come with it, the turn waits; answer with reply_to_ask, then call
-        wait_for_reply for the rest. It is `running` (or `queued`, behind another
-        turn of the conversation) when timeout_s passed first: the turn goes on;
-        wait_for_reply collects it, kill stops it. Cancelling this call never
-        stops the turn.
+        With `agent` (and optionally `sender`, `timeout_s`): runs one turn and returns
+        the agent's reply: the text, then a line with the status, run_id, last_seq
+        and the tools it called (all also in structured content). The status is
+        `done`, `killed` or `error` when the turn ended. It is `asking` when the
+        agent asked you a question: the question and its ask_id come with it, the
+        turn waits; answer with reply_to_ask, then call wait_for_reply for the rest.
+        It is `running` (or `queued`, behind another turn of the conversation) when
+        timeout_s passed first: the turn goes on; wait_for_reply collects it, kill
+        stops it. Cancelling this call never stops the turn.
+
+        With `to` (and optionally `wait`, `timeout_s`, `priority`): sends mail under
+        your participant name and returns its msg_id and thread; with wait=true, the
+        first reply to it as well (a hosted agent's answer). A reply that has not
+        come within timeout_s is not lost: wait_for_message returns it when it comes.
         """
-        watch = self._watches.send(agent, self._sender_for(sender, ctx), content)
-        return await self._outcome(watch, timeout_s)
+        recipients = addresses(to)
+        turn_with = agent if agent is not None and agent.strip() else None
+        if turn_with is not None and recipients:
+            raise ToolError(
+                "send_message takes `agent` or `to`, not both: `agent` runs a turn of your "
+                "conversation with that agent and returns its reply; `to` sends mail "
+                "(to the agent's name with wait=true returns its answer by mail)."
+            )
+        if turn_with is None and not recipients:
+            raise ToolError(
+                "send_message needs `agent` or `to`: `agent` (an agent's name, as list_agents "
+                "gives it) runs a turn of your conversation with it; `to` (a participant's "
+                "name, `@role` or `@everyone`) sends mail."
+            )
+        if turn_with is not None:
+            if wait or priority != 1:
+                raise ToolError(
+                    "`wait` and `priority` go with `to` (mail); with `agent` the turn's reply "
+                    "comes back anyway (timeout_s bounds the wait)."
+                )
+            watch = self._watches.send(turn_with, self._sender_for(sender, ctx), content)
+            return await self._outcome(watch, timeout_s)
+        if sender:
+            raise ToolError(
+                "`sender` goes with `agent` (a conversation); mail goes under your "
+                "participant name (register_agent changes it)."
+            )
+        return await self.mail.send(
+            ctx,
+            recipients,
+            content,
+            wait=wait,
+            timeout_s=MAIL_WAIT_S if timeout_s is None else timeout_s,
+            priority=priority,
+        )
 
     async def wait_for_reply(
         self,
@@ -288,8 +368,6 @@ class ChinwagTools:
             return given
         if self._sender:
             return self._sender
-        if self.identity is not None:
-            return self.identity(ctx)
         params = ctx.request_context.session.client_params
         return f"mcp:{params.client_info.name if params is not None else 'client'}"
 
@@ -389,14 +467,12 @@ def _run_note(report: RunReport, timeout_s: float | None) -> str:
             return note
 
 
-def build_server(tools: ChinwagTools, mail: MailTools | None = None) -> MCPServer:
-    """The server with the conversation tools; with ``mail``, the mail tools instead of
-    the conversation's send_message and the two tools that follow its turns (mail's
-    send_message takes that name, and a turn is asked for by mail there)."""
+def build_server(tools: ChinwagTools) -> MCPServer:
+    """The server with every tool: the conversations' and the mail's."""
     server = MCPServer(
         "chinwag",
         version=version("chinwag"),
-        instructions=INSTRUCTIONS if mail is None else MAIL_INSTRUCTIONS,
+        instructions=INSTRUCTIONS,
         log_level="WARNING",
     )
     reading = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -404,41 +480,24 @@ def build_server(tools: ChinwagTools, mail: MailTools | None = None) -> MCPServe
     server.add_tool(tools.list_agents, annotations=reading)
     server.add_tool(tools.list_conversations, annotations=reading)
     server.add_tool(tools.read_history, annotations=reading)
-    if mail is None:
-        server.add_tool(tools.send_message, annotations=running)
-        server.add_tool(tools.wait_for_reply, annotations=reading)
-        server.add_tool(tools.reply_to_ask, annotations=running)
+    server.add_tool(tools.send_message, annotations=running)
+    server.add_tool(tools.wait_for_reply, annotations=reading)
+    server.add_tool(tools.reply_to_ask, annotations=running)
     server.add_tool(
         tools.kill,
         annotations=ToolAnnotations(destructive_hint=True, open_world_hint=False),
     )
     server.add_tool(tools.compact, annotations=running)
-    if mail is not None:
-        mail.add_to(server)
+    tools.mail.add_to(server)
     return server
 
 
-def mail_wanted() -> bool:
-    """Whether to serve the mail tools: ``$CHINWAG_MCP_MAIL`` (1 or 0) says so; unset,
-    a ``$CHINWAG_NAME`` (the identity to write as) asks for them."""
-    wanted = os.environ.get("CHINWAG_MCP_MAIL", "").strip().casefold()
-    if wanted:
-        return wanted not in ("0", "false", "no", "off")
-    return bool(os.environ.get("CHINWAG_NAME", "").strip())
-
-
-async def serve(socket: Path, sender: str | None, mail: bool | None = None) -> None:
-    """Serve MCP on stdin/stdout until the client closes stdin; ``mail`` None: as
-    ``mail_wanted`` says.
+async def serve(socket: Path, sender: str | None) -> None:
+    """Serve MCP on stdin/stdout until the client closes stdin.
 
     Runs still followed then are left to the daemon, which finishes them; the
-    mail identity's registration ends with the server.
+    mail identity's registration, if a mail tool made one, ends with the server.
     """
     async with anyio.create_task_group() as tasks:
-        tools = ChinwagTools(socket, sender, tasks)
-        mail_tools = None
-        if mail_wanted() if mail is None else mail:
-            mail_tools = MailTools(tasks, tools._connect)
-            tools.identity = mail_tools.identity
-        await build_server(tools, mail_tools).run_stdio_async()
+        await build_server(ChinwagTools(socket, sender, tasks)).run_stdio_async()
         tasks.cancel_scope.cancel()

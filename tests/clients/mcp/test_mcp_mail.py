@@ -1,6 +1,6 @@
 """The MCP server's mail tools, driven by the mcp SDK's own client over stdio against a
 real daemon: two servers with their own identities write to each other and to the
-echo agent `assistant`."""
+echo agent `assistant`, and the conversation tools keep working beside them."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ _installed = Path(sys.executable).with_name("chinwag")
 CHINWAG = str(_installed) if _installed.exists() else (shutil.which("chinwag") or "chinwag")
 
 MAIL_TOOLS = {
-    "send_message",
+    "send_message",  # with `to`; with `agent` it runs a conversation's turn
     "read_messages",
     "reply",
     "mark_read",
@@ -85,26 +85,29 @@ def text_of(result: CallToolResult) -> str:
     return block.text
 
 
-async def test_mail_tools_replace_the_conversation_send_message(daemon) -> None:
+async def test_mail_tools_are_served_beside_the_conversation_tools(daemon) -> None:
     with anyio.fail_after(20):
         async with mail_server(daemon.socket_path, "codex-1") as codex:
             listed = {tool.name: tool for tool in (await codex.list_tools()).tools}
             assert set(listed) >= MAIL_TOOLS
-            # The conversation tools that do not follow turns stay.
-            assert {"list_agents", "read_history", "list_conversations", "kill", "compact"} <= set(
-                listed
-            )
-            assert not {"wait_for_reply", "reply_to_ask"} & set(listed)
+            # $CHINWAG_NAME takes no conversation tool away.
+            conversation = {"list_agents", "read_history", "list_conversations", "kill", "compact"}
+            assert conversation | {"wait_for_reply", "reply_to_ask"} <= set(listed)
             send = listed["send_message"].input_schema
-            assert set(send["properties"]) == {"to", "text", "wait", "timeout_s", "priority"}
-            assert set(send["required"]) == {"to", "text"}
-            assert set(listed["reply"].input_schema["required"]) == {"msg_id", "text"}
+            assert {"agent", "to", "content", "wait", "timeout_s", "priority"} <= set(
+                send["properties"]
+            )
+            assert "text" not in send["properties"]
+            assert set(send["required"]) == {"content"}
+            assert set(listed["reply"].input_schema["required"]) == {"msg_id", "content"}
             assert listed["list_participants"].annotations is not None
             assert listed["list_participants"].annotations.read_only_hint is True
 
-            unknown = await refused(codex, "send_message", to="@nobody", text="hi")
+            unknown = await refused(codex, "send_message", to="@nobody", content="hi")
             assert "error 404" in unknown and "@nobody" in unknown
-            assert "error 404" in await refused(codex, "reply", msg_id="m000000999999", text="hi")
+            assert "error 404" in await refused(
+                codex, "reply", msg_id="m000000999999", content="hi"
+            )
             assert "error 400" in await refused(codex, "mark_read")
             assert "error 409" in await refused(codex, "register_agent", name="assistant")
             # The refused name changed nothing: the session is still codex-1.
@@ -112,25 +115,19 @@ async def test_mail_tools_replace_the_conversation_send_message(daemon) -> None:
 
             # A second session under a name a live one holds is told so, and may pick another.
             async with mail_server(daemon.socket_path, "codex-1", client="twin") as twin:
-                clash = await refused(twin, "send_message", to="codex-1", text="hi")
+                clash = await refused(twin, "send_message", to="codex-1", content="hi")
                 assert "error 409" in clash and "vendor pytest-client" in clash
                 assert "register_agent" in clash
                 renamed = await call(twin, "register_agent", name="Codex-2")
                 assert renamed["participant"]["name"] == "codex-2"
-                sent = await call(twin, "send_message", to="codex-1", text="from your twin")
+                sent = await call(twin, "send_message", to="codex-1", content="from your twin")
                 got = await call(codex, "wait_for_message", timeout_s=10)
                 assert got["message"]["msg_id"] == sent["posted"]["msg_id"]
                 assert got["message"]["from"] == "codex-2"
 
-            # CHINWAG_MCP_MAIL=0 keeps the conversation tools alone, whatever the name.
-            async with mail_server(daemon.socket_path, "codex-1", CHINWAG_MCP_MAIL="0") as plain:
-                tools = {tool.name: tool for tool in (await plain.list_tools()).tools}
-                assert not (set(tools) & MAIL_TOOLS) - {"send_message"}
-                assert "agent" in tools["send_message"].input_schema["properties"]
-
             # Without $CHINWAG_NAME the identity is the client's name, folded.
             async with mail_server(
-                daemon.socket_path, None, client="Codex CLI ✨ Édition", CHINWAG_MCP_MAIL="1"
+                daemon.socket_path, None, client="Codex CLI ✨ Édition"
             ) as other:
                 text, who = await called(other, "list_participants", online_only=True)
                 assert who["you"] == "codex-cli-edition"
@@ -147,7 +144,7 @@ async def test_one_session_writes_and_the_other_waits_for_it(daemon) -> None:
     with anyio.fail_after(30):
         async with mail_server(daemon.socket_path, "codex-1") as codex:
             # Written before claude-code's session exists: it waits for it.
-            early = await call(codex, "send_message", to="claude-code", text="are you there?")
+            early = await call(codex, "send_message", to="claude-code", content="are you there?")
             assert early["posted"]["recipients"] == ["claude-code"]
             assert "not registered" in early["posted"]["warnings"][0]
 
@@ -163,8 +160,8 @@ async def test_one_session_writes_and_the_other_waits_for_it(daemon) -> None:
                 assert text_of(nothing) == "No message for claude-code within 0.2 s."
 
                 # Sent between two calls, two in a row: each comes, in order, once.
-                first = await call(codex, "send_message", to=["claude-code"], text="one")
-                second = await call(codex, "send_message", to="claude-code", text="two")
+                first = await call(codex, "send_message", to=["claude-code"], content="one")
+                second = await call(codex, "send_message", to="claude-code", content="two")
                 text, one = await called(claude, "wait_for_message", timeout_s=10)
                 assert one["message"]["msg_id"] == first["posted"]["msg_id"]
                 assert text.startswith(
@@ -183,7 +180,7 @@ async def test_one_session_writes_and_the_other_waits_for_it(daemon) -> None:
                         waited.update(await call(claude, "wait_for_message", timeout_s=20))
 
                     tasks.start_soon(wait)
-                    sent = await call(codex, "send_message", to="@everyone", text="all hands")
+                    sent = await call(codex, "send_message", to="@everyone", content="all hands")
                 assert waited["message"]["msg_id"] == sent["posted"]["msg_id"]
                 assert waited["message"]["to"] == ["@everyone"]
 
@@ -203,7 +200,7 @@ async def test_one_session_writes_and_the_other_waits_for_it(daemon) -> None:
                 assert reviewer["name"] == "claude-code"
                 assert reviewer["status"] == "reviewing the auth module"
                 assert reviewer["info"]["model"] == "x"
-                to_role = await call(codex, "send_message", to="@reviewer", text="please review")
+                to_role = await call(codex, "send_message", to="@reviewer", content="please review")
                 assert to_role["posted"]["recipients"] == ["claude-code"]
                 got = await call(claude, "wait_for_message", timeout_s=10)
                 assert got["message"]["content"] == "please review"
@@ -221,9 +218,9 @@ async def test_read_reply_and_mark_read(daemon) -> None:
             mail_server(daemon.socket_path, "claude-code") as claude,
         ):
             await call(claude, "register_agent")
-            first = (await call(codex, "send_message", to="claude-code", text="first"))["posted"]
+            first = (await call(codex, "send_message", to="claude-code", content="first"))["posted"]
             second = (
-                await call(codex, "send_message", to="claude-code", text="second", priority=3)
+                await call(codex, "send_message", to="claude-code", content="second", priority=3)
             )["posted"]
 
             text, unread = await called(claude, "read_messages", mark_read=False)
@@ -249,7 +246,7 @@ async def test_read_reply_and_mark_read(daemon) -> None:
             waited = await claude.call_tool("wait_for_message", {"timeout_s": 0.2})
             assert "No message" in text_of(waited)
 
-            answer = await call(claude, "reply", msg_id=second["msg_id"], text="on it")
+            answer = await call(claude, "reply", msg_id=second["msg_id"], content="on it")
             assert answer["posted"]["recipients"] == ["codex-1"]
             assert answer["posted"]["thread_id"] == second["msg_id"]
             # Replying read the message answered.
@@ -263,10 +260,10 @@ async def test_read_reply_and_mark_read(daemon) -> None:
             assert (await call(codex, "read_messages"))["messages"] == []
 
             # A whole thread, or everything, at once.
-            third = (await call(codex, "reply", msg_id=answer["posted"]["msg_id"], text="3"))[
+            third = (await call(codex, "reply", msg_id=answer["posted"]["msg_id"], content="3"))[
                 "posted"
             ]
-            fourth = (await call(codex, "send_message", to="claude-code", text="4"))["posted"]
+            fourth = (await call(codex, "send_message", to="claude-code", content="4"))["posted"]
             await call(claude, "mark_read", thread_id=second["msg_id"])
             left = await call(claude, "read_messages", mark_read=False)
             assert [m["msg_id"] for m in left["messages"]] == [fourth["msg_id"]]
@@ -279,7 +276,7 @@ async def test_send_message_with_wait_returns_the_hosted_agents_reply(daemon) ->
     with anyio.fail_after(30):
         async with mail_server(daemon.socket_path, "codex-1") as codex:
             text, sent = await called(
-                codex, "send_message", to="assistant", text="hello by mail", wait=True
+                codex, "send_message", to="assistant", content="hello by mail", wait=True
             )
             posted, reply = sent["posted"], sent["reply"]
             assert posted["recipients"] == ["assistant"]
@@ -296,12 +293,15 @@ async def test_send_message_with_wait_returns_the_hosted_agents_reply(daemon) ->
             assert (await call(codex, "read_messages"))["messages"] == []
 
             # A reply to the answer goes on in the thread, and the agent answers it.
-            again = await call(codex, "reply", msg_id=reply["msg_id"], text="and again", wait=True)
+            again = await call(
+                codex, "reply", msg_id=reply["msg_id"], content="and again", wait=True
+            )
             assert again["reply"]["content"] == "and again"
             assert again["reply"]["thread_id"] == posted["msg_id"]
 
-            # The mail is the conversation (assistant, codex-1): read_history's default.
-            history = await call(codex, "read_history", agent="assistant")
+            # The mail is the conversation (assistant, codex-1); read_history's default
+            # sender stays the conversation tools' own, mcp:<client name>.
+            history = await call(codex, "read_history", agent="assistant", sender="codex-1")
             assert history["sender"] == "codex-1"
             assert [e["content"] for e in history["entries"]] == [
                 "hello by mail",
@@ -312,7 +312,12 @@ async def test_send_message_with_wait_returns_the_hosted_agents_reply(daemon) ->
 
             # With no answer in time the reply is not lost: wait_for_message returns it.
             slow = await call(
-                codex, "send_message", to="assistant", text="/slow 2 300", wait=True, timeout_s=0.05
+                codex,
+                "send_message",
+                to="assistant",
+                content="/slow 2 300",
+                wait=True,
+                timeout_s=0.05,
             )
             assert slow["reply"] is None
             late = await call(codex, "wait_for_message", timeout_s=10)
@@ -327,15 +332,80 @@ async def test_a_restarted_daemon_loses_no_mail(daemon) -> None:
             mail_server(daemon.socket_path, "claude-code") as claude,
         ):
             await call(claude, "register_agent")
-            await call(codex, "send_message", to="claude-code", text="before")
+            await call(codex, "send_message", to="claude-code", content="before")
             assert (await call(claude, "wait_for_message", timeout_s=10))["message"][
                 "content"
             ] == "before"
 
             await anyio.to_thread.run_sync(daemon.restart)
             # Sent while claude-code's session had no connection: replayed to it.
-            await call(codex, "send_message", to="claude-code", text="meanwhile")
+            await call(codex, "send_message", to="claude-code", content="meanwhile")
             got = await call(claude, "wait_for_message", timeout_s=10)
             assert got["message"]["content"] == "meanwhile"
             online = await call(codex, "list_participants", online_only=True)
             assert "claude-code" in {p["name"] for p in online["participants"]}
+
+
+async def test_send_message_runs_a_turn_with_agent_and_mails_with_to(daemon) -> None:
+    with anyio.fail_after(30):
+        async with mail_server(daemon.socket_path, "codex-1") as codex:
+            # With $CHINWAG_NAME set, `agent` is still a turn of the conversation, as the
+            # conversation tools' default sender, and returns the run's report.
+            turn = await codex.call_tool(
+                "send_message", {"agent": "assistant", "content": "a turn"}
+            )
+            assert not turn.is_error, text_of(turn)
+            assert text_of(turn).startswith("a turn\n\n[done")
+            report = turn.structured_content
+            assert report is not None
+            assert (report["status"], report["sender"], report["text"]) == (
+                "done",
+                "mcp:pytest-client",
+                "a turn",
+            )
+            asked = await call(codex, "send_message", agent="assistant", content="/ask colour?")
+            assert asked["status"] == "asking"
+            await call(codex, "reply_to_ask", agent="assistant", content="blue")
+            answered = await call(codex, "wait_for_reply", agent="assistant", timeout_s=10)
+            assert (answered["status"], answered["text"]) == ("done", "blue")
+            history = await call(codex, "read_history", agent="assistant")
+            assert history["sender"] == "mcp:pytest-client"
+            assert [e.get("content") for e in history["entries"][:2]] == ["a turn", "a turn"]
+
+            # Neither or both of agent and to, or the other use's options: tool errors
+            # that say what to give, before anything is sent.
+            neither = await refused(codex, "send_message", content="hi")
+            assert "needs `agent` or `to`" in neither
+            assert "needs `agent` or `to`" in await refused(
+                codex, "send_message", content="hi", to=[]
+            )
+            both = await refused(
+                codex, "send_message", content="hi", agent="assistant", to="assistant"
+            )
+            assert "`agent` or `to`, not both" in both
+            assert "`sender` goes with `agent`" in await refused(
+                codex, "send_message", content="hi", to="assistant", sender="alice"
+            )
+            assert "`wait` and `priority` go with `to`" in await refused(
+                codex, "send_message", content="hi", agent="assistant", wait=True
+            )
+            # The message is `content`, for mail too.
+            assert "content" in await refused(codex, "send_message", to="assistant", text="hi")
+            after = await call(codex, "read_history", agent="assistant")
+            assert after["last_seq"] == history["last_seq"]  # no turn ran
+
+            # Conversation tools alone registered nobody: codex-1 is not a participant.
+            async with mail_server(daemon.socket_path, None, client="observer") as observer:
+                names = {
+                    p["name"] for p in (await call(observer, "list_participants"))["participants"]
+                }
+                assert names == {"assistant", "helper", "observer"}
+
+                # `to` is mail, under $CHINWAG_NAME, registered on first use.
+                sent = await call(
+                    codex, "send_message", to="assistant", content="by mail", wait=True
+                )
+                assert sent["you"] == "codex-1"
+                assert sent["reply"]["content"] == "by mail"
+                online = await call(observer, "list_participants", online_only=True)
+                assert "codex-1" in {p["name"] for p in online["participants"]}

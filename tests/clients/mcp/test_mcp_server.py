@@ -82,22 +82,46 @@ async def test_tools_are_listed_with_schemas_and_failures_are_tool_errors(daemon
                 "compact",
                 "reply_to_ask",
                 "wait_for_reply",
+                # mail: always served, registering nobody until one is used
+                "read_messages",
+                "reply",
+                "mark_read",
+                "wait_for_message",
+                "list_participants",
+                "register_agent",
+                "heartbeat",
             }
             required = {
                 name: set(tool.input_schema.get("required", [])) for name, tool in listed.items()
             }
             assert required == {
                 "list_agents": set(),
-                "send_message": {"agent", "content"},
+                "send_message": {"content"},  # and `agent` or `to`
                 "read_history": {"agent"},
                 "list_conversations": set(),
                 "kill": {"agent"},
                 "compact": {"agent"},
                 "reply_to_ask": {"agent", "content"},
                 "wait_for_reply": {"agent", "timeout_s"},
+                "read_messages": set(),
+                "reply": {"msg_id", "content"},
+                "mark_read": set(),
+                "wait_for_message": set(),
+                "list_participants": set(),
+                "register_agent": set(),
+                "heartbeat": set(),
             }
             send = listed["send_message"].input_schema["properties"]
-            assert set(send) == {"agent", "content", "sender", "timeout_s"}  # no context leaks in
+            # No context leaks in: a turn's agent, sender, timeout_s; mail's to, wait, priority.
+            assert set(send) == {
+                "agent",
+                "to",
+                "content",
+                "sender",
+                "timeout_s",
+                "wait",
+                "priority",
+            }
             assert "reply_to_ask" in (listed["send_message"].description or "")
             assert set(listed["read_history"].input_schema["properties"]) == {
                 "agent",
