@@ -436,7 +436,7 @@ class PostOffice:
                     if name in participant.roles:
                         add(participant.name, True)
                 continue
-            if at and name not in self.known:
+            if at and name not in self.known and name not in addressed.recipients:
                 raise RequestError(
                     404, f"No participant or role is named @{name}; nothing was sent."
                 )
@@ -668,16 +668,16 @@ class PostOffice:
     async def replay(
         self, name: str, after: str, until: str | None
     ) -> list[tuple[MailMessage, Delivery]]:
-        """One page of what ``name`` received after ``after`` up to ``until``, oldest first;
-        ``pushed`` then marks what was sent of it delivered."""
+        """One page of what ``name`` received after ``after`` up to ``until``, oldest first
+        (``replayed`` marks it delivered when it is sent)."""
         _cursor(after)
         if until is None or after >= until:
             return []
         rows = await self.store.received(name, after=after, limit=REPLAY_PAGE)
         return [(m, d) for m, d in rows if m.msg_id <= until]
 
-    async def pushed(self, name: str, rows: Sequence[tuple[MailMessage, Delivery]]) -> None:
-        """``name``'s copies of replayed messages went to its watch: mark them delivered."""
+    async def replayed(self, name: str, rows: Sequence[tuple[MailMessage, Delivery]]) -> None:
+        """``name``'s copies of a replay's page are being pushed to its watch: delivered."""
         moment = now()
         pending = [
             StateChange(m.msg_id, name, "delivered", moment)

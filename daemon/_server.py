@@ -294,15 +294,16 @@ class MailWatch:
             # The replay, page by page, up to the cursor. A watch dropped as too slow
             # meanwhile still sends all of it and then what it buffered, so what the
             # client got has no gap; one cancelled (or whose connection closed) stops.
-            while after is not None and not self._detached():
+            # Each page is stored delivered before it goes, as live mail is.
+            while after is not None:
                 page = await office.replay(name, after, cursor)
-                sent = []
-                for row in page:
+                if self._detached():
+                    break
+                await office.replayed(name, page)
+                for message, _ in page:
                     if self._detached():
                         break
-                    await self.conn.send_waiting(self._frame(row[0]))
-                    sent.append(row)
-                await office.pushed(name, sent)
+                    await self.conn.send_waiting(self._frame(message))
                 after = page[-1][0].msg_id if page else None
             async for message in self._receive:
                 await self.conn.send_waiting(self._frame(message))
