@@ -431,7 +431,12 @@ class PostOffice:
                 continue
             at = raw.startswith("@") or is_mention
             name = raw.removeprefix("@").casefold()
-            if at and name in roles:
+            if name in roles:
+                if not at:  # else it would become a participant named as the role
+                    raise RequestError(
+                        409,
+                        f"{name} is a role: write @{name} to reach its holders; nothing was sent.",
+                    )
                 for participant in self.known.values():
                     if name in participant.roles:
                         add(participant.name, True)

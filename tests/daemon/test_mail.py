@@ -275,7 +275,12 @@ async def test_a_role_may_not_be_a_name_nor_a_name_a_role(autojump_clock):
         # A hosted agent's name is its own; kind agent is for hosted agents only.
         assert (await bob.refused(Register, name="assistant")).code == 409
         assert (await bob.refused(Register, name="bob", kind="agent")).code == 400
+        # Nor does mail to a role written without its @ make a participant of that name.
+        error = await bob.refused(Post, sender="bob", to=["Reviewer"], content="hi")
+        assert error.code == 409 and "@reviewer" in error.message
         assert set(await ana.participants()) == {"ana", "assistant"}
+        assert (await bob.register(roles=["reviewer"])).roles == ["reviewer"]
+        assert (await bob.post(["@reviewer"], "hi")).recipients == ["ana"]
 
 
 async def test_heartbeat_sets_the_status_line_and_last_seen(autojump_clock):
