@@ -100,10 +100,12 @@ class Registration:
 
 @dataclass(eq=False)
 class Watcher:
-    """One `watch`: ``deliver`` takes each new message for ``name`` (False: drop it)."""
+    """One `watch`: ``deliver`` takes each new message for ``name`` (False: drop it);
+    ``room`` says whether it would take one more now."""
 
     name: str
     deliver: Callable[[MailMessage], bool]
+    room: Callable[[], bool]
 
 
 @dataclass
@@ -367,7 +369,13 @@ class PostOffice:
         ]
         async with self._posting:
             moment = now()
-            live = {name for name in recipients if self.watchers.get(name)}
+            # Stored `delivered` where a watch will take it: under this lock nothing else
+            # fills a watch's buffer, so one with room now takes the push below.
+            live = {
+                name
+                for name in recipients
+                if any(watcher.room() for watcher in self.watchers.get(name, ()))
+            }
             message = MailMessage(
                 msg_id="",
                 sender=sender,
@@ -648,12 +656,12 @@ class PostOffice:
     # --- watching ----------------------------------------------------------------------------
 
     async def watch(
-        self, reader: str, deliver: Callable[[MailMessage], bool]
+        self, reader: str, deliver: Callable[[MailMessage], bool], room: Callable[[], bool]
     ) -> tuple[Watcher, str | None]:
         """Start pushing ``reader``'s new mail to ``deliver``; returns the watcher and the
         newest msg_id the reader had received before it (what a replay runs up to)."""
         name = self._reader(reader)
-        watcher = Watcher(name, deliver)
+        watcher = Watcher(name, deliver, room)
         async with self._posting:  # no post is between its write and its push
             cursor = await self.store.newest_received(name)
             self.watchers.setdefault(name, []).append(watcher)

@@ -247,6 +247,11 @@ class MailWatch:
         self.watcher: Watcher | None = None
         self._end: End | None = None
 
+    def room(self) -> bool:
+        """Whether ``deliver`` would take one more message now."""
+        stats = self._send.statistics()
+        return self._end is None and stats.current_buffer_used < stats.max_buffer_size
+
     def deliver(self, message: MailMessage) -> bool:
         """Called by the post office; False makes it drop this watch."""
         if self._end is not None:
@@ -1067,7 +1072,7 @@ class Connection:
         async def start() -> None:
             try:
                 watch.watcher, cursor = await self.server.post_office.watch(
-                    msg.reader, watch.deliver
+                    msg.reader, watch.deliver, watch.room
                 )
                 if msg.after is not None:
                     self.server.post_office.check_cursor(msg.after)

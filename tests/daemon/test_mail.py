@@ -827,6 +827,23 @@ async def test_a_watcher_that_never_reads_is_dropped_with_429_and_slows_nobody(a
         assert await stalled.mails(again, 40 - len(got)) == posted[len(got) :]
 
 
+async def test_only_mail_a_watch_took_is_stored_delivered(autojump_clock):
+    # The one watcher of bob reads nothing: its buffer fills, the post that finds it
+    # full drops it (429). `delivered` means handed to a live watch, so exactly the
+    # messages the watcher gets are delivered; the rest wait, pending, for an `after`.
+    async with open_daemon(subscription_events=4, outgoing_frames=8) as daemon:
+        stalled = Party(daemon.connect(trio.testing.lockstep_stream_pair), "bob")
+        await stalled.client.greet("mail")
+        await stalled.watch()
+        ana = await party(daemon, "ana")
+        posted = [(await ana.post(["bob"], f"n{n}")).msg_id for n in range(20)]
+        frames = await stalled.client.until(lambda m: isinstance(m, End))
+        got = [m.msg_id for m in frames if isinstance(m, Mail)]
+        assert got == posted[: len(got)] and 0 < len(got) < 20
+        states = [(await ana.deliveries(msg_id))["bob"].state for msg_id in posted]
+        assert states == ["delivered"] * len(got) + ["pending"] * (20 - len(got))
+
+
 async def test_watches_end_with_their_connection(autojump_clock):
     async with open_daemon() as daemon:
         bob = await party(daemon, "bob")
