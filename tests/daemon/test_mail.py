@@ -844,6 +844,16 @@ async def test_only_mail_a_watch_took_is_stored_delivered(autojump_clock):
         assert states == ["delivered"] * len(got) + ["pending"] * (20 - len(got))
 
 
+async def test_a_name_new_in_to_may_be_mentioned_in_the_same_post(autojump_clock):
+    async with open_daemon() as daemon:
+        ana = await party(daemon, "ana")
+        posted = await ana.post(["newcomer"], "welcome", mentions=["@newcomer"])
+        assert posted.recipients == ["newcomer"]
+        assert (await ana.deliveries(posted.msg_id))["newcomer"].mentioned
+        refused = await ana.refused(Post, sender="ana", to=["bob"], content="x", mentions=["@zed"])
+        assert refused.code == 404
+
+
 async def test_watches_end_with_their_connection(autojump_clock):
     async with open_daemon() as daemon:
         bob = await party(daemon, "bob")
