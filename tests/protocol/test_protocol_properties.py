@@ -67,8 +67,9 @@ def _values(t: mi.Type) -> st.SearchStrategy[Any]:
         case mi.AnyType():  # free JSON: what both encodings give back as they got it
             return st.recursive(
                 st.none() | st.booleans() | INT64 | TEXT,
-                lambda inner: st.lists(inner, max_size=3)
-                | st.dictionaries(TEXT, inner, max_size=3),
+                lambda inner: (
+                    st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3)
+                ),
                 max_leaves=6,
             )
         case mi.UnionType():
