@@ -33,6 +33,7 @@ from . import (
     hog,
     kill_latency,
     long_conversation,
+    mail,
     slow_consumer,
     storage_scale,
     throughput,
@@ -75,6 +76,11 @@ class Scale:
     cli_runs: int = 30  # (h) `chinwag send` processes, and as many of each baseline
     hog_s: float = 3.0  # (i) how long the client that never reads writes requests
     kill_runs: int = 10  # (j) kills of each kind, and command timeouts
+    mail_posts: int = 1000  # (m) sequential DMs to one watcher, on each store
+    mail_watchers: int = 100  # (m) watchers an @everyone post reaches
+    mail_fanout_posts: int = 50  # (m) @everyone posts (and as many DMs)
+    mail_stored: int = 100_000  # (m) messages in the inbox read
+    mail_inbox_calls: int = 200  # (m) inbox first pages (and as many pings)
 
 
 QUICK = Scale(
@@ -93,6 +99,10 @@ QUICK = Scale(
     cli_runs=10,
     hog_s=1.5,
     kill_runs=4,
+    mail_posts=300,
+    mail_fanout_posts=30,
+    mail_stored=20_000,
+    mail_inbox_calls=100,
 )
 
 Bench = Callable[[Path, Scale, "str | None"], list[Figure]]
@@ -156,6 +166,18 @@ def bench_j(root: Path, s: Scale, storage: str | None) -> list[Figure]:
     return kill_latency.figures(root, s.kill_runs)
 
 
+def bench_m(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return mail.figures(
+        root,
+        s.mail_posts,
+        s.mail_watchers,
+        s.mail_fanout_posts,
+        s.mail_stored,
+        s.mail_inbox_calls,
+        storage,
+    )
+
+
 BENCHES: dict[str, tuple[str, Bench]] = {
     "a": ("first_event", bench_a),
     "b": ("throughput", bench_b),
@@ -168,6 +190,7 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "h": ("cli_start", bench_h),
     "i": ("hog", bench_i),
     "j": ("kill_latency", bench_j),
+    "m": ("mail", bench_m),
 }
 
 
@@ -191,7 +214,8 @@ def main() -> None:
         prog="python -m bench", description=__doc__.splitlines()[0].replace("`", "")
     )
     parser.add_argument(
-        "--only", help="comma-separated: a,b,c,d,e,slow,f,g,h,i (or first_event, throughput, ...)"
+        "--only",
+        help="comma-separated: a,b,c,d,e,slow,f,g,h,i,j,m (or first_event, throughput, mail, ...)",
     )
     parser.add_argument("--quick", action="store_true", help="scaled down, about a minute")
     parser.add_argument(
@@ -205,7 +229,8 @@ def main() -> None:
         parser,
         storage_help="storage URL for the daemon (default: sqlite in a temp dir with "
         "synchronous=full, and beside it for (a) sqlite normal and memory:, for (b) memory:); "
-        "(d) always uses sqlite, (g) sqlite unless the URL names a jsonl or postgres store",
+        "(d) always uses sqlite, (g) sqlite unless the URL names a jsonl or postgres store; "
+        "(m) delivery on sqlite full and normal, fan-out on full, inbox on normal",
     )
     parser.add_argument(
         "--markdown", type=Path, metavar="PATH", help="also write the table as Markdown"
