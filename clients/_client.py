@@ -924,12 +924,8 @@ class EventStream(_OpenRequest):
         return [event async for event in self]
 
 
-class Subscription(_OpenRequest):
-    """The ``Event`` frames of one ``subscribe`` request, until the context exits."""
-
-    async def __aenter__(self) -> Subscription:
-        await self._opened(Subscribed)
-        return self
+class _Feed(_OpenRequest):
+    """A long-lived request's frames of one kind, until its `end` or the context exits."""
 
     async def __aexit__(
         self,
@@ -939,27 +935,38 @@ class Subscription(_OpenRequest):
     ) -> None:
         await self._close()
 
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Event:
+    async def _next_of(self, kind: type[_R], what: str) -> _R:
+        """The next ``kind`` frame; StopAsyncIteration at the `end` (ChinwagError when it
+        carries an error: the daemon dropped a consumer that fell behind)."""
         if self._finished:
             raise StopAsyncIteration
         msg = await self._next_frame()
-        if isinstance(msg, End):
-            # The daemon ended the subscription (we detached it, or it dropped
-            # a subscriber that fell behind).
+        if isinstance(msg, End):  # detached by us, or dropped by the daemon
             self._finish()
             if msg.error is not None:
                 raise ChinwagError(msg.error.code, msg.error.message)
             raise StopAsyncIteration
-        if not isinstance(msg, Event):
+        if not isinstance(msg, kind):
             self._finish()
-            raise _unexpected(msg, "an `event` frame")
+            raise _unexpected(msg, what)
         return msg
 
 
-class MailWatch(_OpenRequest):
+class Subscription(_Feed):
+    """The ``Event`` frames of one ``subscribe`` request, until the context exits."""
+
+    async def __aenter__(self) -> Subscription:
+        await self._opened(Subscribed)
+        return self
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._next_of(Event, "an `event` frame")
+
+
+class MailWatch(_Feed):
     """The messages of one ``watch`` request, in msg_id order, until the context exits.
 
     ``cursor`` is the daemon's ``watching`` cursor (the newest msg_id the reader
@@ -992,30 +999,11 @@ class MailWatch(_OpenRequest):
         self._last = self._after if self._after is not None else watching.cursor
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._close()
-
     def __aiter__(self) -> MailWatch:
         return self
 
     async def __anext__(self) -> MailMessage:
-        if self._finished:
-            raise StopAsyncIteration
-        msg = await self._next_frame()
-        if isinstance(msg, End):
-            # Detached by us, or dropped by the daemon.
-            self._finish()
-            if msg.error is not None:
-                raise ChinwagError(msg.error.code, msg.error.message)
-            raise StopAsyncIteration
-        if not isinstance(msg, Mail):
-            self._finish()
-            raise _unexpected(msg, "a `mail` frame")
+        msg = await self._next_of(Mail, "a `mail` frame")
         self._last = msg.msg_id
         return msg.message
 
