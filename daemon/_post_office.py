@@ -413,7 +413,9 @@ class PostOffice:
                     self.known.setdefault(participant.name, participant)
                 self._push(stored)
         if created:
-            log.info("mail_posted", msg_id=stored.msg_id, sender=sender, recipients=len(recipients))
+            log.debug(
+                "mail_posted", msg_id=stored.msg_id, sender=sender, recipients=len(recipients)
+            )
             for name in stored.recipients:
                 agent = self.hosted_agent(name)
                 if agent is not None and self._starts_run(agent, stored, direct=addressed.direct):

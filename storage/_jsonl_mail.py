@@ -32,8 +32,8 @@ import trio
 from chinwag.protocol import Delivery, MailMessage, Participant
 
 from ._base import StorageError
-from ._mail import InboxQuery, ParentChange, StateChange, number_of
-from ._mail_index import Advance, MailChange, MailIndex, PostMail, PutParticipant
+from ._mail import ParentChange, StateChange, number_of
+from ._mail_index import Advance, IndexedMail, MailChange, MailIndex, PostMail, PutParticipant
 
 _T = TypeVar("_T")
 
@@ -55,7 +55,7 @@ class LineLog(Protocol):
         ...
 
 
-class JsonlMail:
+class JsonlMail(IndexedMail):
     """A ``MailStore`` kept as ``mail.jsonl`` and served from a ``MailIndex``."""
 
     def __init__(self, log: LineLog, index: MailIndex, limiter: trio.CapacityLimiter) -> None:
@@ -161,42 +161,6 @@ class JsonlMail:
                 return 0
             await self._commit(change)
         return len(change.changes)
-
-    # --- reads ----------------------------------------------------------------------
-
-    async def participants(self) -> list[Participant]:
-        return (await self._ready()).participants()
-
-    async def get_message(self, msg_id: str) -> MailMessage | None:
-        return (await self._ready()).get_message(msg_id)
-
-    async def deliveries(self, msg_ids: Sequence[str]) -> dict[str, list[Delivery]]:
-        return (await self._ready()).deliveries(msg_ids)
-
-    async def inbox(
-        self, name: str, query: InboxQuery, *, limit: int, before: str | None = None
-    ) -> list[tuple[MailMessage, Delivery]]:
-        return (await self._ready()).inbox(name, query, limit, before)
-
-    async def received(
-        self, name: str, *, after: str | None, limit: int, pending_only: bool = False
-    ) -> list[tuple[MailMessage, Delivery]]:
-        return (await self._ready()).received(name, after, limit, pending_only)
-
-    async def newest_received(self, name: str) -> str | None:
-        return (await self._ready()).newest_received(name)
-
-    async def unread_counts(self, name: str) -> dict[int, int]:
-        return (await self._ready()).unread_counts(name)
-
-    async def unread_totals(self) -> dict[str, int]:
-        return (await self._ready()).unread_totals()
-
-    async def sent(self, name: str, *, limit: int, before: str | None = None) -> list[MailMessage]:
-        return (await self._ready()).sent(name, limit, before)
-
-    async def thread(self, thread_id: str) -> list[MailMessage]:
-        return (await self._ready()).thread(thread_id)
 
 
 # --- replay (worker thread) ------------------------------------------------------------

@@ -302,64 +302,21 @@ def _matches(message: MailMessage, query: InboxQuery) -> bool:
     return query.since is None or message.created_at >= query.since
 
 
-class MemoryMail:
-    """The memory backend's ``MailStore``: a ``MailIndex`` and nothing more."""
-
-    def __init__(self, closed: Callable[[], bool]) -> None:
-        self.index = MailIndex()
-        self._closed = closed
+class IndexedMail:
+    """The reads of a ``MailStore`` served from a ``MailIndex`` (memory's and jsonl's)."""
 
     async def _ready(self) -> MailIndex:
-        await trio.lowlevel.checkpoint()
-        if self._closed():
-            raise StorageError("The store is closed.")
-        return self.index
-
-    async def put_participant(self, participant: Participant) -> None:
-        (await self._ready()).apply(PutParticipant(participant=participant))
+        """The index, once the store is known to be open; a checkpoint."""
+        raise NotImplementedError
 
     async def participants(self) -> list[Participant]:
         return (await self._ready()).participants()
-
-    async def post(
-        self,
-        message: MailMessage,
-        deliveries: Sequence[Delivery],
-        *,
-        parent: ParentChange | None = None,
-        new_participants: Sequence[Participant] = (),
-    ) -> tuple[MailMessage, bool]:
-        index = await self._ready()
-        stored, change = index.plan_post(message, deliveries, parent, new_participants)
-        if change is not None:
-            index.apply(change)
-        return stored, change is not None
 
     async def get_message(self, msg_id: str) -> MailMessage | None:
         return (await self._ready()).get_message(msg_id)
 
     async def deliveries(self, msg_ids: Sequence[str]) -> dict[str, list[Delivery]]:
         return (await self._ready()).deliveries(msg_ids)
-
-    async def advance(self, changes: Sequence[StateChange]) -> None:
-        index = await self._ready()
-        if (change := index.plan_advance(changes)) is not None:
-            index.apply(change)
-
-    async def mark_read(
-        self,
-        name: str,
-        at: datetime,
-        *,
-        msg_ids: Sequence[str] | None = None,
-        thread_id: str | None = None,
-    ) -> int:
-        index = await self._ready()
-        change = index.plan_mark_read(name, at, msg_ids, thread_id)
-        if change is None:
-            return 0
-        index.apply(change)
-        return len(change.changes)
 
     async def inbox(
         self, name: str, query: InboxQuery, *, limit: int, before: str | None = None
@@ -385,3 +342,54 @@ class MemoryMail:
 
     async def thread(self, thread_id: str) -> list[MailMessage]:
         return (await self._ready()).thread(thread_id)
+
+
+class MemoryMail(IndexedMail):
+    """The memory backend's ``MailStore``: a ``MailIndex`` and nothing more."""
+
+    def __init__(self, closed: Callable[[], bool]) -> None:
+        self.index = MailIndex()
+        self._closed = closed
+
+    async def _ready(self) -> MailIndex:
+        await trio.lowlevel.checkpoint()
+        if self._closed():
+            raise StorageError("The store is closed.")
+        return self.index
+
+    async def put_participant(self, participant: Participant) -> None:
+        (await self._ready()).apply(PutParticipant(participant=participant))
+
+    async def post(
+        self,
+        message: MailMessage,
+        deliveries: Sequence[Delivery],
+        *,
+        parent: ParentChange | None = None,
+        new_participants: Sequence[Participant] = (),
+    ) -> tuple[MailMessage, bool]:
+        index = await self._ready()
+        stored, change = index.plan_post(message, deliveries, parent, new_participants)
+        if change is not None:
+            index.apply(change)
+        return stored, change is not None
+
+    async def advance(self, changes: Sequence[StateChange]) -> None:
+        index = await self._ready()
+        if (change := index.plan_advance(changes)) is not None:
+            index.apply(change)
+
+    async def mark_read(
+        self,
+        name: str,
+        at: datetime,
+        *,
+        msg_ids: Sequence[str] | None = None,
+        thread_id: str | None = None,
+    ) -> int:
+        index = await self._ready()
+        change = index.plan_mark_read(name, at, msg_ids, thread_id)
+        if change is None:
+            return 0
+        index.apply(change)
+        return len(change.changes)
