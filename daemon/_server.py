@@ -22,7 +22,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple, assert_never
+from typing import Generic, NamedTuple, TypeVar, assert_never
 
 import structlog
 import trio
@@ -116,6 +116,9 @@ ACCEPT_RETRY_S = 0.1
 _OUT_OF_CAPACITY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+_T = TypeVar("_T")
+
+
 class ServeError(Exception):
     """The daemon cannot start serving (socket in use, unusable path)."""
 
@@ -158,36 +161,36 @@ class RequestSink:
         self.conn.send(End(id=self.request_id, status="detached", error=None, last_seq=last_seq))
 
 
-class Subscriber:
-    """A `subscribe` request: its own bounded buffer, drained by its own task.
+class _Buffered(Generic[_T]):
+    """A long-lived request fed through its own bounded buffer, drained by its own task.
 
-    A subscriber that falls behind by more than the buffer loses its
-    subscription (an `end` with `error` 429 after what it had buffered),
-    never the run or the connection.
+    One that falls behind by more than the buffer is dropped: its `end` with
+    `error` 429 (``too_slow`` the sentence) follows what it had buffered, and
+    nothing else is slowed.
     """
 
-    def __init__(self, conn: Connection, request_id: int, size: int) -> None:
+    #: The log event of a drop: ``subscriber_too_slow``, ``watcher_too_slow``.
+    too_slow_event = ""
+
+    def __init__(self, conn: Connection, request_id: int, size: int, too_slow: str) -> None:
         self.conn = conn
         self.request_id = request_id
-        self._send, self._receive = trio.open_memory_channel[Event](size)
-        self.subscription: Subscription | None = None
+        self._send, self._receive = trio.open_memory_channel[_T](size)
+        self._too_slow = too_slow
         self._end: End | None = None  # the terminal frame, sent by `forward` once drained
 
-    def deliver(self, agent: str, sender: str, run_id: str, event: StreamEventMsg) -> bool:
-        """Called by runs; returning False makes the run drop the subscription."""
+    def _offer(self, item: _T) -> bool:
+        """Buffer ``item``; False (and the request is dropped) when it is ended or full."""
         if self._end is not None:
             return False
-        frame = Event(id=self.request_id, agent=agent, sender=sender, run_id=run_id, event=event)
         try:
-            self._send.send_nowait(frame)
+            self._send.send_nowait(item)
         except trio.WouldBlock:
-            log.warning("subscriber_too_slow", request_id=self.request_id)
+            log.warning(self.too_slow_event, request_id=self.request_id)
             self._end = End(
                 id=self.request_id,
                 status="error",
-                error=ErrorInfo(
-                    code=429, message="The subscription fell too far behind and was dropped."
-                ),
+                error=ErrorInfo(code=429, message=self._too_slow),
                 last_seq=None,
             )
             self._send.close()
@@ -202,10 +205,13 @@ class Subscriber:
         self.drop()
         self.conn.send(self._end)
 
+    def _leave(self) -> None:
+        """Stop being fed (by runs, by the post office)."""
+        raise NotImplementedError
+
     def drop(self) -> None:
-        """Leave the runs and drop what is buffered, sending nothing."""
-        if self.subscription is not None:
-            self.conn.runtime.unsubscribe(self.subscription)
+        """Stop being fed and drop what is buffered, sending nothing."""
+        self._leave()
         self._send.close()
         while True:
             try:
@@ -213,6 +219,29 @@ class Subscriber:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         self._receive.close()
+
+
+class Subscriber(_Buffered[Event]):
+    """A `subscribe` request: the events of the runs it matches, never slowing them."""
+
+    too_slow_event = "subscriber_too_slow"
+
+    def __init__(self, conn: Connection, request_id: int, size: int) -> None:
+        super().__init__(
+            conn, request_id, size, "The subscription fell too far behind and was dropped."
+        )
+        self.subscription: Subscription | None = None
+
+    def _leave(self) -> None:
+        if self.subscription is not None:
+            self.conn.runtime.unsubscribe(self.subscription)
+
+    def deliver(self, agent: str, sender: str, run_id: str, event: StreamEventMsg) -> bool:
+        """Called by runs; returning False makes the run drop the subscription."""
+        if self._end is not None:
+            return False
+        frame = Event(id=self.request_id, agent=agent, sender=sender, run_id=run_id, event=event)
+        return self._offer(frame)
 
     async def forward(self) -> None:
         try:
@@ -232,20 +261,21 @@ class Subscriber:
             self.conn.send(self._end)
 
 
-class MailWatch:
-    """A `watch` request: what the reader missed since ``after``, then each new message.
+class MailWatch(_Buffered[MailMessage]):
+    """A `watch` request: what the reader missed since ``after``, then each new message,
+    never slowing the author or the other watchers."""
 
-    Like a `Subscriber`, it has its own bounded buffer drained by its own task; a
-    watcher that falls behind by more than the buffer is dropped with `end` 429,
-    never slowing the author or the other watchers.
-    """
+    too_slow_event = "watcher_too_slow"
 
     def __init__(self, conn: Connection, request_id: int, size: int) -> None:
-        self.conn = conn
-        self.request_id = request_id
-        self._send, self._receive = trio.open_memory_channel[MailMessage](size)
+        super().__init__(
+            conn,
+            request_id,
+            size,
+            "The watch fell too far behind and was dropped; watch again with `after` set "
+            "to the last msg_id you got.",
+        )
         self.watcher: Watcher | None = None
-        self._end: End | None = None
 
     def room(self) -> bool:
         """Whether ``deliver`` would take one more message now."""
@@ -254,38 +284,11 @@ class MailWatch:
 
     def deliver(self, message: MailMessage) -> bool:
         """Called by the post office; False makes it drop this watch."""
-        if self._end is not None:
-            return False
-        try:
-            self._send.send_nowait(message)
-        except trio.WouldBlock:
-            log.warning("watcher_too_slow", request_id=self.request_id)
-            self._end = End(
-                id=self.request_id,
-                status="error",
-                error=ErrorInfo(
-                    code=429,
-                    message="The watch fell too far behind and was dropped; watch again "
-                    "with `after` set to the last msg_id you got.",
-                ),
-                last_seq=None,
-            )
-            self._send.close()
-            return False
-        return True
+        return self._offer(message)
 
-    def detach(self) -> None:
-        if self._end is not None:
-            return
-        self._end = End(id=self.request_id, status="detached", error=None, last_seq=None)
-        self.drop()
-        self.conn.send(self._end)
-
-    def drop(self) -> None:
+    def _leave(self) -> None:
         if self.watcher is not None:
             self.conn.server.post_office.unwatch(self.watcher)
-        self._send.close()
-        self._receive.close()
 
     def _frame(self, message: MailMessage) -> Mail:
         return Mail(id=self.request_id, msg_id=message.msg_id, message=message)
