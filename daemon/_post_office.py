@@ -51,6 +51,7 @@ TAKEOVER_WINDOW_S = 30 * 60  # a registration silent for longer may be taken wit
 MAX_ADDRESSES = 256  # entries of `to` plus `mentions`
 MAX_PAGE = 500
 REPLAY_PAGE = 200
+RERUN_WINDOW = 1000  # an agent's newest mail looked at, at start, for a run cut short
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -169,10 +170,17 @@ class PostOffice:
         for name, agent in self.runtime.agents.items():
             if agent.config.mail == "never" or name.casefold() not in self.known:
                 continue
+            address = name.casefold()
+            # Mail the daemon stopped before queueing its run, and mail whose run it died
+            # in (taken, never answered; the newest RERUN_WINDOW of it): answered now.
             waiting = await self.store.received(
-                name.casefold(), after=None, limit=10_000, pending_only=True
+                address, after=None, limit=10_000, pending_only=True
             )
-            for message, _ in waiting:
+            taken = await self.store.inbox(address, InboxQuery(), limit=RERUN_WINDOW)
+            unanswered = {m.msg_id: m for m, d in taken if d.state != "pending"}
+            unanswered |= {m.msg_id: m for m, _ in waiting}
+            for msg_id in sorted(unanswered):
+                message = unanswered[msg_id]
                 if self._starts_run(name, message):
                     self._answer(name, message)
 

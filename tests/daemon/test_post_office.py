@@ -1022,3 +1022,42 @@ async def test_mail_waiting_for_an_agent_is_answered_when_the_daemon_starts(auto
         assert answer.content == "answer me after a restart"
         await office.start()  # answered: a second start asks for no second run
         assert daemon.runtime.stats().runs_total == 1
+
+
+async def test_mail_whose_run_the_daemon_died_in_is_answered_when_it_starts(autojump_clock):
+    async with open_daemon() as daemon:
+        ana = await party(daemon, "ana")
+        rid, _ = await ana.watch()
+        office = daemon.server.post_office
+        # As if the daemon had died mid-run: the agent's copy read (its run started),
+        # no answer posted. Beside it, mail the agent answered and mail to everyone.
+        now = datetime.now(UTC)
+        cut, _ = await office.store.post(
+            MailMessage(
+                msg_id="",
+                sender="ana",
+                to=["assistant"],
+                recipients=["assistant"],
+                content="cut short",
+                created_at=now,
+            ),
+            [Delivery(name="assistant", state="read", delivered_at=now, read_at=now)],
+        )
+        await office.store.post(
+            MailMessage(
+                msg_id="",
+                sender="ana",
+                to=["@everyone"],
+                recipients=["assistant"],
+                content="to all",
+                created_at=now,
+            ),
+            [Delivery(name="assistant", state="delivered", delivered_at=now)],
+        )
+        await office.start()
+        answer = (await ana.mail(rid)).message
+        assert (answer.reply_to, answer.content) == (cut.msg_id, "cut short")
+        await office.start()
+        assert daemon.runtime.stats().runs_total == 1, (
+            "one run: the answered and @everyone mail ask none"
+        )
