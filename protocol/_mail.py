@@ -20,6 +20,8 @@ from ._messages import Request, ServerMessage
 MailFormat = Literal["markdown", "plain", "json"]
 DeliveryState = Literal["pending", "delivered", "read"]
 ParticipantKind = Literal["agent", "session", "person"]
+LockMode = Literal["advisory", "exclusive"]
+ChangeKind = Literal["edit", "delete", "react", "pin"]
 
 DELIVERY_ORDER: dict[str, int] = {"pending": 0, "delivered": 1, "read": 2}
 """A delivery state's rank: a state only ever moves to a higher one."""
@@ -67,6 +69,8 @@ class MailMessage(msgspec.Struct, kw_only=True):
     delete_reason: str | None = None
     reactions: list[Reaction] = msgspec.field(default_factory=list)
     pinned: bool = False
+    pinned_by: str | None = None
+    pinned_at: datetime | None = None
     run_id: str | None = None  # the hosted agent's run that answered it, or that it answers
     answered_by: str | None = None  # the msg_id of a hosted agent's answer to it
 
@@ -101,6 +105,62 @@ class Participant(msgspec.Struct, kw_only=True):
     status: str = ""
     info: dict[str, Any] = msgspec.field(default_factory=dict)
     unread: int = 0
+    focus: str | None = None  # the project its inbox, spaces and search are narrowed to
+
+
+class MessageVersion(msgspec.Struct, kw_only=True):
+    """A message's text as it was before an edit: ``version`` n held it until ``replaced_at``."""
+
+    version: int
+    content: str
+    structured: Any = None
+    created_at: datetime  # when this version was written (the post, or the edit before)
+    replaced_at: datetime
+
+
+class Space(msgspec.Struct, kw_only=True):
+    """A broadcast group: mail to ``#name`` reaches every member but the author."""
+
+    name: str
+    description: str = ""
+    parent: str | None = None  # nesting at most 3 deep
+    project: str | None = None
+    private: bool = False  # by invitation: only members post to it, read it, or list it
+    archived: bool = False  # takes no more mail; still readable
+    created_by: str
+    created_at: datetime
+    members: int = 0  # counts, filled in by the daemon's replies (a store keeps them 0)
+    messages: int = 0
+
+
+class SpaceMember(msgspec.Struct, kw_only=True):
+    name: str
+    joined_at: datetime
+    online: bool = False  # filled in by the daemon
+
+
+class Project(msgspec.Struct, kw_only=True):
+    name: str
+    description: str = ""
+    path: str | None = None
+    repository: str | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+    status: str = "active"
+    settings: dict[str, Any] = msgspec.field(default_factory=dict)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class LockHolder(msgspec.Struct, kw_only=True):
+    """One holder of a lock on ``resource``, until ``expires_at`` unless renewed."""
+
+    resource: str
+    holder: str
+    mode: LockMode
+    acquired_at: datetime
+    expires_at: datetime
 
 
 class ThreadSummary(msgspec.Struct, kw_only=True):
@@ -159,6 +219,10 @@ class Inbox(Request, tag="inbox", kw_only=True):
     limit: int = 50
     cursor: str | None = None
     mark_read: bool = False
+    pinned_only: bool = False
+    space: str | None = None  # the space's mail the reader may read, received or not
+    project: str | None = None  # mail in the project's spaces; default: the reader's focus
+    include_deleted: bool = False
 
 
 class Sent(Request, tag="sent", kw_only=True):
@@ -176,12 +240,14 @@ class MarkRead(Request, tag="mark_read", kw_only=True):
     reader: str = msgspec.field(name="as")
     msg_ids: list[str] | None = None
     thread_id: str | None = None
+    space: str | None = None
     all: bool = False
 
 
 class GetMessage(Request, tag="get_message", kw_only=True):
     reader: str = msgspec.field(name="as")
     msg_id: str
+    history: bool = False  # also every earlier version (`versions`)
 
 
 class Watch(Request, tag="watch", kw_only=True):
@@ -191,6 +257,144 @@ class Watch(Request, tag="watch", kw_only=True):
 
 class GetContext(Request, tag="context", kw_only=True):
     reader: str = msgspec.field(name="as")
+
+
+class Edit(Request, tag="edit", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    msg_id: str
+    content: str
+    structured: Any = None
+
+
+class Delete(Request, tag="delete", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    msg_id: str
+    reason: str | None = None
+
+
+class React(Request, tag="react", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    msg_id: str
+    emoji: str
+    remove: bool = False
+
+
+class Pin(Request, tag="pin", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    msg_id: str
+    unpin: bool = False
+
+
+class SearchMail(Request, tag="search_mail", kw_only=True):
+    reader: str = msgspec.field(name="as")
+    query: str
+    limit: int = 20
+    project: str | None = None  # default: the reader's focus
+
+
+class SpaceCreate(Request, tag="space_create", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    name: str
+    description: str = ""
+    parent: str | None = None
+    project: str | None = None
+    private: bool = False
+
+
+class SpaceJoin(Request, tag="space_join", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    space: str
+
+
+class SpaceLeave(Request, tag="space_leave", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    space: str
+
+
+class SpaceInvite(Request, tag="space_invite", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    space: str
+    name: str
+
+
+class SpaceArchive(Request, tag="space_archive", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    space: str
+
+
+class SpaceMembers(Request, tag="space_members", kw_only=True):
+    space: str
+    reader: str | None = msgspec.field(default=None, name="as")  # needed for a private space
+
+
+class ListSpaces(Request, tag="spaces", kw_only=True):
+    reader: str | None = msgspec.field(default=None, name="as")
+    project: str | None = None  # default: the reader's focus
+    parent: str | None = None
+    top_level: bool = False
+    include_archived: bool = False
+
+
+class ProjectCreate(Request, tag="project_create", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    name: str
+    description: str = ""
+    path: str | None = None
+    repository: str | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+    status: str = "active"
+    settings: dict[str, Any] = msgspec.field(default_factory=dict)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ProjectGet(Request, tag="project_get", kw_only=True):
+    project: str
+
+
+class ListProjects(Request, tag="projects", kw_only=True):
+    status: str | None = None
+    tag: str | None = None
+
+
+class ProjectUpdate(Request, tag="project_update", kw_only=True):
+    """Each field given replaces the stored one; a field left out keeps it."""
+
+    sender: str = msgspec.field(name="from")
+    project: str
+    description: str | None = None
+    path: str | None = None
+    repository: str | None = None
+    tags: list[str] | None = None
+    status: str | None = None
+    settings: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class ProjectDelete(Request, tag="project_delete", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    project: str
+
+
+class Focus(Request, tag="focus", kw_only=True):
+    reader: str = msgspec.field(name="as")
+    project: str | None = None  # None clears it
+
+
+class Lock(Request, tag="lock", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    resource: str
+    mode: LockMode = "exclusive"
+    ttl_s: float = 300.0
+
+
+class Unlock(Request, tag="unlock", kw_only=True):
+    sender: str = msgspec.field(name="from")
+    resource: str
+
+
+class ListLocks(Request, tag="locks", kw_only=True):
+    resource: str | None = None
+    holder: str | None = None
 
 
 # --- replies ----------------------------------------------------------------------
@@ -226,6 +430,7 @@ class MessageReply(ServerMessage, tag="message"):
     id: int
     message: MailMessage
     state: DeliveryState | None = None  # the reader's, when it is a recipient
+    versions: list[MessageVersion] | None = None  # with `history`: the earlier ones, oldest first
 
 
 class Watching(ServerMessage, tag="watching"):
@@ -248,3 +453,52 @@ class MailContext(ServerMessage, tag="context"):
     unread_by_priority: dict[int, int]  # priority -> unread count, 0 to 3
     threads: list[ThreadSummary]  # threads with unread mail, newest first
     participant: Participant | None = None
+    spaces: list[str] = msgspec.field(default_factory=list)  # the spaces it is a member of
+    locks: list[LockHolder] = msgspec.field(default_factory=list)  # the locks it holds
+    focus: str | None = None
+
+
+class MailUpdate(ServerMessage, tag="mail_update"):
+    """A change to a message a `watch` received: ``message`` as it is now."""
+
+    id: int
+    msg_id: str
+    change: ChangeKind
+    message: MailMessage
+
+
+class Spaces(ServerMessage, tag="spaces"):
+    id: int
+    items: list[Space]
+
+
+class SpaceReply(ServerMessage, tag="space"):
+    id: int
+    space: Space
+
+
+class Members(ServerMessage, tag="members"):
+    id: int
+    items: list[SpaceMember]
+
+
+class Projects(ServerMessage, tag="projects"):
+    id: int
+    items: list[Project]
+
+
+class ProjectReply(ServerMessage, tag="project"):
+    id: int
+    project: Project
+
+
+class LockResult(ServerMessage, tag="lock_result"):
+    id: int
+    acquired: bool
+    holders: list[LockHolder]  # every live holder, the caller included when acquired
+    expires_at: datetime | None  # the caller's, when acquired
+
+
+class Locks(ServerMessage, tag="locks"):
+    id: int
+    items: list[LockHolder]

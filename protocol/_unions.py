@@ -3,23 +3,52 @@
 from __future__ import annotations
 
 from ._mail import (
+    Delete,
+    Edit,
+    Focus,
     GetContext,
     GetMessage,
     GetThread,
     Heartbeat,
     Inbox,
+    ListLocks,
     ListParticipants,
+    ListProjects,
+    ListSpaces,
+    Lock,
+    LockResult,
+    Locks,
     Mail,
     MailContext,
+    MailUpdate,
     MarkRead,
+    Members,
     MessageReply,
     Messages,
     Participants,
+    Pin,
     Post,
     Posted,
+    ProjectCreate,
+    ProjectDelete,
+    ProjectGet,
+    ProjectReply,
+    Projects,
+    ProjectUpdate,
+    React,
     Register,
     Registered,
+    SearchMail,
     Sent,
+    SpaceArchive,
+    SpaceCreate,
+    SpaceInvite,
+    SpaceJoin,
+    SpaceLeave,
+    SpaceMembers,
+    SpaceReply,
+    Spaces,
+    Unlock,
     Watch,
     Watching,
 )
@@ -90,6 +119,27 @@ ClientMsg = (
     | GetMessage
     | Watch
     | GetContext
+    | Edit
+    | Delete
+    | React
+    | Pin
+    | SearchMail
+    | SpaceCreate
+    | SpaceJoin
+    | SpaceLeave
+    | SpaceInvite
+    | SpaceArchive
+    | SpaceMembers
+    | ListSpaces
+    | ProjectCreate
+    | ProjectGet
+    | ListProjects
+    | ProjectUpdate
+    | ProjectDelete
+    | Focus
+    | Lock
+    | Unlock
+    | ListLocks
 )
 
 ServerMsg = (
@@ -125,4 +175,12 @@ ServerMsg = (
     | Watching
     | Mail
     | MailContext
+    | MailUpdate
+    | Spaces
+    | SpaceReply
+    | Members
+    | Projects
+    | ProjectReply
+    | LockResult
+    | Locks
 )

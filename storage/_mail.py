@@ -19,9 +19,16 @@ from chinwag.protocol import (
     DELIVERY_ORDER,
     Delivery,
     DeliveryState,
+    LockHolder,
+    LockMode,
     MailMessage,
+    MessageVersion,
     Participant,
+    Project,
+    Reaction,
     Ref,
+    Space,
+    SpaceMember,
 )
 
 _MSG_ID = re.compile(r"m(\d{12})")
@@ -48,6 +55,10 @@ class InboxQuery(msgspec.Struct, kw_only=True, frozen=True):
     scope: Ref | None = None  # among the message's scopes
     priority_min: int = 0
     since: datetime | None = None  # created at or after
+    pinned_only: bool = False
+    include_deleted: bool = False  # else a deleted message is left out
+    only_spaces: tuple[str, ...] | None = None  # a message in a space must be in one of
+    # these (a project's spaces); mail in no space passes
 
 
 class ParentChange(msgspec.Struct, kw_only=True, frozen=True):
@@ -58,6 +69,96 @@ class ParentChange(msgspec.Struct, kw_only=True, frozen=True):
     read_by: str | None = None  # the replier's delivery of the parent becomes `read`
     answered: bool = False  # the reply is a hosted agent's answer: set the parent's
     # ``answered_by`` to the reply's msg_id and its ``run_id`` to the reply's
+
+
+class EditChange(msgspec.Struct, tag="edit", kw_only=True, frozen=True):
+    """New text: the text before becomes a ``MessageVersion``."""
+
+    content: str
+    structured: object = None
+    at: datetime
+
+
+class DeleteChange(msgspec.Struct, tag="delete", kw_only=True, frozen=True):
+    reason: str | None = None
+    at: datetime
+
+
+class ReactChange(msgspec.Struct, tag="react", kw_only=True, frozen=True):
+    emoji: str
+    by: str
+    remove: bool = False
+
+
+class PinChange(msgspec.Struct, tag="pin", kw_only=True, frozen=True):
+    by: str
+    at: datetime
+    unpin: bool = False
+
+
+MessageChange = EditChange | DeleteChange | ReactChange | PinChange
+"""One change to a stored message, as ``MailStore.change_message`` takes it."""
+
+
+def changed(
+    message: MailMessage, change: MessageChange
+) -> tuple[MailMessage, MessageVersion | None]:
+    """``message`` with ``change`` made, and (for an edit) the version it replaced.
+
+    Every backend makes a change with this, so they agree on what one does: an
+    edit bumps ``version``; a reaction by someone who already reacted so (or a
+    removal of one never made) changes nothing; reactions keep the order they
+    were first made in, and each one's ``by`` the order of its reactors.
+    """
+    match change:
+        case EditChange(content=content, structured=structured, at=at):
+            before = MessageVersion(
+                version=message.version,
+                content=message.content,
+                structured=message.structured,
+                created_at=message.edited_at or message.created_at,
+                replaced_at=at,
+            )
+            after = msgspec.structs.replace(
+                message,
+                content=content,
+                structured=structured,
+                edited_at=at,
+                version=message.version + 1,
+            )
+            return after, before
+        case DeleteChange(reason=reason):
+            return msgspec.structs.replace(message, deleted=True, delete_reason=reason), None
+        case ReactChange(emoji=emoji, by=by, remove=remove):
+            reactions: list[Reaction] = []
+            found = False
+            for reaction in message.reactions:
+                names = list(reaction.by)
+                if reaction.emoji == emoji:
+                    found = True
+                    if remove and by in names:
+                        names.remove(by)
+                    elif not remove and by not in names:
+                        names.append(by)
+                if names:
+                    reactions.append(Reaction(emoji=reaction.emoji, by=names))
+            if not found and not remove:
+                reactions.append(Reaction(emoji=emoji, by=[by]))
+            return msgspec.structs.replace(message, reactions=reactions), None
+        case PinChange(by=by, at=at, unpin=unpin):
+            if unpin:
+                return msgspec.structs.replace(
+                    message, pinned=False, pinned_by=None, pinned_at=None
+                ), None
+            return msgspec.structs.replace(message, pinned=True, pinned_by=by, pinned_at=at), None
+
+
+def lock_allows(others: Sequence[LockHolder], mode: LockMode) -> bool:
+    """Whether a lock in ``mode`` may be held beside the live ``others`` (its taker left out):
+    advisory beside advisory ones, exclusive beside none."""
+    if mode == "exclusive":
+        return not others
+    return all(other.mode == "advisory" for other in others)
 
 
 class StateChange(NamedTuple):
@@ -166,6 +267,104 @@ class MailStore(Protocol):
 
     async def thread(self, thread_id: str) -> list[MailMessage]:
         """Every message of the thread, oldest first (empty for an unknown thread)."""
+        ...
+
+    async def messages_after(self, after: str | None, *, limit: int) -> list[MailMessage]:
+        """Every stored message with msg_id above ``after`` (all when None), oldest first, at
+        most ``limit``: what the webhooks' outbox reads its new mail from."""
+        ...
+
+    async def space_mail(
+        self, space: str, name: str, query: InboxQuery, *, limit: int, before: str | None = None
+    ) -> list[tuple[MailMessage, Delivery | None]]:
+        """The messages posted to ``space`` matching ``query``, newest first, below ``before``
+        when given, at most ``limit``, each with ``name``'s delivery of it (None when ``name``
+        is no recipient: ``unread_only`` and ``mentions_only`` then leave it out)."""
+        ...
+
+    # --- changes to messages ---------------------------------------------------------
+
+    async def change_message(self, msg_id: str, change: MessageChange) -> MailMessage | None:
+        """Make ``change`` (as ``changed`` makes it) and return the message as it is now;
+        None, changing nothing, when no such message is stored. An edit stores the version
+        it replaced, and searches match the new text (a deleted message matches none)."""
+        ...
+
+    async def versions(self, msg_id: str) -> list[MessageVersion]:
+        """The versions edits replaced, oldest first (empty for none, or no such message)."""
+        ...
+
+    async def search(
+        self,
+        name: str,
+        words: Sequence[str],
+        *,
+        readable_spaces: Sequence[str],
+        only_spaces: Sequence[str] | None = None,
+        limit: int,
+    ) -> list[MailMessage]:
+        """Messages whose content matches ``words`` (the words of ``search_words``: a
+        message matches if it has any of them, ranked by BM25, best first, the newer first
+        on a tie), at most ``limit``, among those ``name`` may read: it is a recipient, the
+        author, or the message's space is in ``readable_spaces``. A deleted message is left
+        out; ``only_spaces`` narrows as ``InboxQuery.only_spaces`` does. No words: none."""
+        ...
+
+    # --- spaces and projects -----------------------------------------------------------
+
+    async def put_space(self, space: Space) -> None:
+        """Create or replace the space of that name (its counts are not stored: they read
+        back 0); its members stay as they are."""
+        ...
+
+    async def spaces(self) -> list[Space]:
+        """Every stored space, by name."""
+        ...
+
+    async def set_member(self, space: str, name: str, at: datetime, *, member: bool) -> bool:
+        """Make ``name`` a member of ``space`` since ``at`` (kept as it is if it was one), or
+        no longer one. Returns whether anything changed."""
+        ...
+
+    async def members(self) -> dict[str, list[SpaceMember]]:
+        """Every space with members, and them, each list by name."""
+        ...
+
+    async def space_counts(self) -> dict[str, int]:
+        """Every space with messages, and how many it has (deleted ones included)."""
+        ...
+
+    async def put_project(self, project: Project) -> None:
+        """Create or replace the project of that name."""
+        ...
+
+    async def projects(self) -> list[Project]:
+        """Every stored project, by name."""
+        ...
+
+    async def delete_project(self, name: str) -> bool:
+        """Forget the project; False when there was none. (Refusing it while a space
+        refers to it is the post office's check, not the store's.)"""
+        ...
+
+    # --- locks ---------------------------------------------------------------------------
+
+    async def take_lock(self, lock: LockHolder, now: datetime) -> tuple[bool, list[LockHolder]]:
+        """Take or renew ``lock``, all in one write: holders of its resource that expired by
+        ``now`` are dropped; then, if ``lock_allows`` the others beside it, ``lock`` is
+        stored (replacing its holder's earlier row, whose ``acquired_at`` is kept). Returns
+        whether it was taken, and the resource's live holders after, by holder name."""
+        ...
+
+    async def release_lock(self, resource: str, holder: str, now: datetime) -> bool:
+        """Drop ``holder``'s lock on ``resource``; False when it held none live at ``now``."""
+        ...
+
+    async def locks(
+        self, now: datetime, *, resource: str | None = None, holder: str | None = None
+    ) -> list[LockHolder]:
+        """The live locks at ``now`` (expired ones are left out, and may be forgotten), of
+        ``resource`` and ``holder`` when given, by resource then holder."""
         ...
 
 

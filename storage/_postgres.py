@@ -98,7 +98,7 @@ from psycopg_pool import ConnectionPool
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
-from ._postgres_mail import MAIL_MIGRATION, PostgresMail
+from ._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, PostgresMail
 from ._search import SNIPPET_WORDS, WORD, archived_text, database_search_words, one_line
 from ._timestamps import from_text, to_text, utc
 
@@ -196,6 +196,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX notes_search ON notes USING gin (search)",
     ),
     MAIL_MIGRATION,  # participants, messages, deliveries: storage/_postgres_mail.py
+    MAIL_SPACES_MIGRATION,  # spaces, projects, versions, locks, search: storage/_postgres_mail.py
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"

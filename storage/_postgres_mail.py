@@ -88,6 +88,9 @@ class _Run(Protocol):
     async def __call__(self, what: str, fn: Callable[[psycopg.Connection[Any]], _T]) -> _T: ...
 
 
+MAIL_SPACES_MIGRATION: tuple[str, ...] = ()  # TODO(mail part 2): being written
+
+
 MAIL_MIGRATION: tuple[str, ...] = (
     """
     CREATE TABLE participants (

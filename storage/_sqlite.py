@@ -99,7 +99,7 @@ from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
 from ._search import SNIPPET_WORDS, archive_text, database_search_words, note_text, one_line
-from ._sqlite_mail import MAIL_MIGRATION, SqliteMail
+from ._sqlite_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, SqliteMail
 from ._timestamps import from_text, to_text, utc
 
 Synchronous = Literal["full", "normal"]
@@ -196,6 +196,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
     ),
     MAIL_MIGRATION,  # participants, messages, deliveries: storage/_sqlite_mail.py
+    MAIL_SPACES_MIGRATION,  # spaces, projects, versions, locks, search: storage/_sqlite_mail.py
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
