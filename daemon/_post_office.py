@@ -22,11 +22,14 @@ import msgspec
 import structlog
 import trio
 from chinwag.protocol import (
+    ChangeKind,
     Delivery,
     DeliveryState,
     End,
+    LockHolder,
     MailItem,
     MailMessage,
+    MessageVersion,
     Participant,
     ParticipantKind,
     Ref,
@@ -34,23 +37,37 @@ from chinwag.protocol import (
     StreamEventMsg,
     ThreadSummary,
 )
-from chinwag.storage import InboxQuery, MailStore, ParentChange, StateChange, number_of
+from chinwag.storage import (
+    DeleteChange,
+    EditChange,
+    InboxQuery,
+    MailStore,
+    MessageChange,
+    ParentChange,
+    PinChange,
+    ReactChange,
+    StateChange,
+    number_of,
+    search_words,
+)
 
+from ._addresses import NAME, RESERVED, participant_name
 from ._conversation import DelegateAnswer
 from ._errors import RequestError
+from ._locks import Locks
+from ._spaces import Spaces
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
 log = structlog.get_logger("chinwag.mail")
 
-NAME = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
-RESERVED = frozenset({"everyone", "all", "daemon", "system", "chinwag"})
 PRIORITIES = range(4)
 TAKEOVER_WINDOW_S = 30 * 60  # a registration silent for longer may be taken without asking
 MAX_ADDRESSES = 256  # entries of `to` plus `mentions`
 MAX_PAGE = 500
 REPLAY_PAGE = 200
+MARK_SPACE_LIMIT = 10_000  # a space's unread mail marked read by one request
 RERUN_WINDOW = 1000  # an agent's newest mail looked at, at start, for a run cut short
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -58,20 +75,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def participant_name(raw: str, what: str = "A participant's name") -> str:
-    """``raw`` case-folded, if it is a valid name that is not reserved; else 400."""
-    name = raw.casefold()
-    if not NAME.fullmatch(name):
-        raise RequestError(
-            400,
-            f"{what} must be 1-64 characters of a-z, 0-9, _ . : -, starting with a letter or "
-            f"digit; {raw!r} is not.",
-        )
-    if name in RESERVED:
-        raise RequestError(400, f"{name!r} is reserved and cannot be a participant's name.")
-    return name
 
 
 def parse_since(text: str, moment: datetime) -> datetime:
@@ -101,11 +104,12 @@ class Registration:
 
 @dataclass(eq=False)
 class Watcher:
-    """One `watch`: ``deliver`` takes each new message for ``name`` (False: drop it);
-    ``room`` says whether it would take one more now."""
+    """One `watch`: ``deliver`` takes each new message for ``name``, ``update`` each change
+    to one (False: drop the watch); ``room`` says whether it would take one more now."""
 
     name: str
     deliver: Callable[[MailMessage], bool]
+    update: Callable[[ChangeKind, MailMessage], bool]
     room: Callable[[], bool]
 
 
@@ -129,6 +133,8 @@ class MailContextView:
     unread_by_priority: dict[int, int]
     threads: list[ThreadSummary]
     participant: Participant | None
+    spaces: list[str]
+    locks: list[LockHolder]
 
 
 @dataclass
@@ -137,6 +143,7 @@ class _Addressed:
     new: list[str] = field(default_factory=list)  # names never seen before
     direct: set[str] = field(default_factory=set)  # named in `to` (a DM to them)
     at_named: set[str] = field(default_factory=set)  # `@name`d, in `to` or `mentions`
+    space: str | None = None  # the `#space` of `to`
 
 
 class PostOffice:
@@ -148,6 +155,8 @@ class PostOffice:
         self.known: dict[str, Participant] = {}
         self.registrations: dict[str, Registration] = {}
         self.watchers: dict[str, list[Watcher]] = {}
+        self.spaces = Spaces(store)
+        self.locks = Locks(store)
         self._posting = trio.Lock()
         runtime.post_office = self
 
@@ -157,6 +166,7 @@ class PostOffice:
         """Load the participants, make the configured agents ones, answer waiting mail."""
         for participant in await self.store.participants():
             self.known[participant.name] = participant
+        await self.spaces.load()
         for name in self.runtime.agents:
             folded = name.casefold()
             if not NAME.fullmatch(folded) or folded in RESERVED:
@@ -193,7 +203,7 @@ class PostOffice:
                 return agent
         return None
 
-    def _online(self, name: str) -> bool:
+    def online(self, name: str) -> bool:
         return name in self.registrations or self.hosted_agent(name) is not None
 
     async def _view(self, participant: Participant, unread: int | None = None) -> Participant:
@@ -201,7 +211,7 @@ class PostOffice:
             unread = sum((await self.store.unread_counts(participant.name)).values())
         registration = self.registrations.get(participant.name)
         shown = registration.participant if registration is not None else participant
-        return msgspec.structs.replace(shown, online=self._online(participant.name), unread=unread)
+        return msgspec.structs.replace(shown, online=self.online(participant.name), unread=unread)
 
     async def register(
         self,
@@ -288,7 +298,7 @@ class PostOffice:
         shown = []
         for name in sorted(self.known):
             participant = self.known[name]
-            if online_only and not self._online(name):
+            if online_only and not self.online(name):
                 continue
             if role is not None and role not in participant.roles:
                 continue
@@ -325,10 +335,7 @@ class PostOffice:
         if priority not in PRIORITIES:
             raise RequestError(400, f"priority must be 0, 1, 2 or 3, not {priority}.")
         if format == "json":
-            try:
-                json.loads(content)
-            except ValueError as exc:
-                raise RequestError(400, f"format is json but content is not JSON: {exc}.") from None
+            _check_json(content)
         if not content.strip() and structured is None:
             raise RequestError(400, "A message needs content.")
         if not to and reply_to is None:
@@ -346,10 +353,12 @@ class PostOffice:
         parent = None
         if reply_to is not None:
             parent = await self.store.get_message(reply_to)
-            if parent is None or not _may_read(parent, sender):
+            if parent is None or not self._may_read(parent, sender):
                 raise RequestError(404, f"No message {reply_to} is yours to reply to.")
             if not to:  # the parent's author, or when that is us, the parent's recipients
                 to = [parent.sender] if parent.sender != sender else parent.recipients
+                if parent.space is not None:  # and the space it went to
+                    to = [*to, f"#{parent.space}"]
         addressed = self._address(sender, to, mentions)
         recipients = [name for name in addressed.recipients if name != sender]
         warnings = [
@@ -403,6 +412,7 @@ class PostOffice:
                 mentions=[m.casefold().removeprefix("@") for m in mentions],
                 idempotency_key=idempotency_key,
                 run_id=run_id,
+                space=addressed.space,
             )
             deliveries = [
                 Delivery(
@@ -419,6 +429,8 @@ class PostOffice:
             if created:  # a retry stored nothing: no participant is new either
                 for participant in fresh:
                     self.known.setdefault(participant.name, participant)
+                if stored.space is not None:
+                    self.spaces.posted(stored.space)
                 self._push(stored)
         if created:
             log.debug(
@@ -440,7 +452,15 @@ class PostOffice:
         for entry, is_mention in [*((e, False) for e in to), *((m, True) for m in mentions)]:
             raw = entry.strip()
             if raw.startswith("#"):
-                raise RequestError(404, f"No space is named {raw}.")
+                if is_mention:
+                    raise RequestError(400, f"A space goes in `to`, not in mentions: {raw}.")
+                space = self.spaces.get(raw, sender)
+                if addressed.space not in (None, space.name):
+                    raise RequestError(400, "A message goes to at most one space.")
+                addressed.space = space.name
+                for name in self.spaces.recipients(space, sender):
+                    add(name, False)
+                continue
             if raw.casefold() == "@everyone":
                 if is_mention:
                     raise RequestError(400, "@everyone goes in `to`, not in mentions.")
@@ -513,7 +533,7 @@ class PostOffice:
         try:
             answer.run = self.runtime.submit(
                 agent=agent,
-                sender=message.sender,
+                sender=message.sender if message.space is None else f"#{message.space}",
                 content=message.content,
                 guest=None,
                 cwd=None,
@@ -579,11 +599,22 @@ class PostOffice:
         limit: int,
         cursor: str | None,
         mark_read: bool,
+        space: str | None = None,
+        project: str | None = None,
     ) -> Page:
+        """``reader``'s mail, newest first; with ``space``, that space's mail it may read
+        (received or not); narrowed to ``project`` (default: its focus) otherwise."""
         name = self._reader(reader)
         limit = _limit(limit)
         before = _cursor(cursor)
-        rows = await self.store.inbox(name, query, limit=limit + 1, before=before)
+        rows: Sequence[tuple[MailMessage, Delivery | None]]
+        if space is not None:
+            found = self.spaces.get(space, name).name
+            rows = await self.store.space_mail(found, name, query, limit=limit + 1, before=before)
+        else:
+            only = self.spaces.of_project(project or self.focus_of(name))
+            query = msgspec.structs.replace(query, only_spaces=only)
+            rows = await self.store.inbox(name, query, limit=limit + 1, before=before)
         more = len(rows) > limit
         rows = rows[:limit]
         moment = now()
@@ -591,11 +622,11 @@ class PostOffice:
         changes = [
             StateChange(m.msg_id, name, state, moment)
             for m, d in rows
-            if d.state == "pending" or (mark_read and d.state != "read")
+            if d is not None and (d.state == "pending" or (mark_read and d.state != "read"))
         ]
         if changes:
             await self.store.advance(changes)
-        items = [_item(m, _moved(d, state, moment)) for m, d in rows]
+        items = [_item(m, None if d is None else _moved(d, state, moment)) for m, d in rows]
         unread = sum((await self.store.unread_counts(name)).values())
         return Page(items, rows[-1][0].msg_id if more and rows else None, unread)
 
@@ -611,9 +642,29 @@ class PostOffice:
 
     async def thread(self, reader: str, thread_id: str) -> Page:
         name = self._reader(reader)
-        messages = [m for m in await self.store.thread(thread_id) if _may_read(m, name)]
+        messages = [m for m in await self.store.thread(thread_id) if self._may_read(m, name)]
         if not messages:
             raise RequestError(404, f"No thread {thread_id} holds mail of yours.")
+        return await self._page(name, messages)
+
+    async def search(self, reader: str, query: str, *, limit: int, project: str | None) -> Page:
+        """Mail ``reader`` may read whose text matches ``query``, best first."""
+        name = self._reader(reader)
+        limit = _limit(limit)
+        words = search_words(query)
+        if not words:
+            raise RequestError(400, "A search needs at least one word.")
+        messages = await self.store.search(
+            name,
+            words,
+            readable_spaces=self.spaces.readable(name),
+            only_spaces=self.spaces.of_project(project or self.focus_of(name)),
+            limit=limit,
+        )
+        return await self._page(name, messages)
+
+    async def _page(self, name: str, messages: Sequence[MailMessage]) -> Page:
+        """``messages`` as a page for ``name``: each with its delivery, when it has one."""
         deliveries = await self.store.deliveries([m.msg_id for m in messages])
         items = []
         for message in messages:
@@ -623,25 +674,59 @@ class PostOffice:
         return Page(items, None, unread)
 
     async def mark_read(
-        self, reader: str, *, msg_ids: Sequence[str] | None, thread_id: str | None, everything: bool
+        self,
+        reader: str,
+        *,
+        msg_ids: Sequence[str] | None,
+        thread_id: str | None,
+        everything: bool,
+        space: str | None = None,
     ) -> int:
         name = self._reader(reader)
-        chosen = sum(x is not None for x in (msg_ids, thread_id)) + everything
+        chosen = sum(x is not None for x in (msg_ids, thread_id, space)) + everything
         if chosen != 1:
-            raise RequestError(400, "mark_read takes exactly one of msg_ids, thread_id or all.")
+            raise RequestError(
+                400, "mark_read takes exactly one of msg_ids, thread_id, space or all."
+            )
+        if space is not None:
+            found = self.spaces.get(space, name).name
+            rows = await self.store.space_mail(
+                found, name, InboxQuery(unread_only=True), limit=MARK_SPACE_LIMIT
+            )
+            msg_ids = [m.msg_id for m, _ in rows]
+            if not msg_ids:
+                return 0
         return await self.store.mark_read(name, now(), msg_ids=msg_ids, thread_id=thread_id)
 
-    async def get_message(self, reader: str, msg_id: str) -> tuple[MailMessage, Delivery | None]:
+    async def get_message(
+        self, reader: str, msg_id: str, *, history: bool = False
+    ) -> tuple[MailMessage, Delivery | None, list[MessageVersion] | None]:
         name = self._reader(reader)
-        message = await self.store.get_message(msg_id)
-        if message is None or not _may_read(message, name):
-            raise RequestError(404, f"No message {msg_id} is yours to read.")
+        message = await self._readable(name, msg_id)
         mine = None
         if name in message.recipients:
             await self.store.advance([StateChange(msg_id, name, "read", now())])
             every = (await self.store.deliveries([msg_id]))[msg_id]
             mine = next((d for d in every if d.name == name), None)
-        return message, mine
+        versions = await self.store.versions(msg_id) if history else None
+        return message, mine, versions
+
+    async def _readable(self, name: str, msg_id: str) -> MailMessage:
+        message = await self.store.get_message(msg_id)
+        if message is None or not self._may_read(message, name):
+            raise RequestError(404, f"No message {msg_id} is yours to read.")
+        return message
+
+    def _may_read(self, message: MailMessage, name: str) -> bool:
+        """Its author, its recipients, and whoever may read its space."""
+        if message.sender == name or name in message.recipients:
+            return True
+        space = self.spaces.by_name.get(message.space) if message.space is not None else None
+        return space is not None and self.spaces.visible(space, name)
+
+    def focus_of(self, name: str) -> str | None:
+        participant = self.known.get(name)
+        return participant.focus if participant is not None else None
 
     async def context(self, reader: str) -> MailContextView:
         name = self._reader(reader)
@@ -661,17 +746,108 @@ class PostOffice:
                 summary.unread += 1
         participant = self.known.get(name)
         view = await self._view(participant) if participant is not None else None
-        return MailContextView(name, unread, list(threads.values()), view)
+        held = await self.locks.listed(None, name)
+        return MailContextView(
+            name, unread, list(threads.values()), view, self.spaces.joined(name), held
+        )
+
+    # --- changes to messages -----------------------------------------------------------------
+
+    async def edit(self, sender: str, msg_id: str, content: str, structured: Any) -> MailMessage:
+        name = participant_name(sender, "`from`")
+        message = await self._readable(name, msg_id)
+        if message.sender != name:
+            raise RequestError(403, f"Only {message.sender}, its author, edits {msg_id}.")
+        if message.deleted:
+            raise RequestError(409, f"{msg_id} is deleted; a deleted message is not edited.")
+        if not content.strip() and structured is None:
+            raise RequestError(400, "A message needs content.")
+        if message.format == "json":
+            _check_json(content)
+        return await self._change(
+            message, EditChange(content=content, structured=structured, at=now())
+        )
+
+    async def delete(self, sender: str, msg_id: str, reason: str | None) -> MailMessage:
+        name = participant_name(sender, "`from`")
+        message = await self._readable(name, msg_id)
+        if message.sender != name:
+            raise RequestError(403, f"Only {message.sender}, its author, deletes {msg_id}.")
+        if reason is not None and len(reason) > 500:
+            raise RequestError(400, "A reason is at most 500 characters.")
+        if message.deleted:
+            return message
+        return await self._change(message, DeleteChange(reason=reason, at=now()))
+
+    async def react(self, sender: str, msg_id: str, emoji: str, *, remove: bool) -> MailMessage:
+        name = participant_name(sender, "`from`")
+        message = await self._readable(name, msg_id)
+        if not emoji.strip() or len(emoji) > 32 or any(ch.isspace() for ch in emoji):
+            raise RequestError(400, "A reaction is 1 to 32 characters without spaces, such as 👍.")
+        if message.deleted:
+            raise RequestError(409, f"{msg_id} is deleted; nobody reacts to it.")
+        return await self._change(message, ReactChange(emoji=emoji, by=name, remove=remove))
+
+    async def pin(self, sender: str, msg_id: str, *, unpin: bool) -> MailMessage:
+        name = participant_name(sender, "`from`")
+        message = await self._readable(name, msg_id)
+        if name != message.sender and name not in message.recipients:
+            raise RequestError(403, f"Only {msg_id}'s author and recipients pin it.")
+        if message.pinned != unpin:  # already as asked
+            return message
+        return await self._change(message, PinChange(by=name, at=now(), unpin=unpin))
+
+    async def _change(self, message: MailMessage, change: MessageChange) -> MailMessage:
+        # Under the posting lock, so watchers get changes in the order they were stored.
+        async with self._posting:
+            changed = await self.store.change_message(message.msg_id, change)
+            if changed is None:  # pragma: no cover - messages are never removed
+                raise RequestError(404, f"No message {message.msg_id} is stored.")
+            kind: ChangeKind = change.__struct_config__.tag  # type: ignore[assignment]
+            for name in dict.fromkeys([changed.sender, *changed.recipients]):
+                watchers = self.watchers.get(name, [])
+                gone = [w for w in watchers if not w.update(kind, changed)]
+                for watcher in gone:
+                    watchers.remove(watcher)
+        return changed
+
+    # --- focus, spaces, locks -----------------------------------------------------------
+
+    async def focus(self, reader: str, project: str | None) -> None:
+        name = self._reader(reader)
+        focus = self.spaces.project(project).name if project is not None else None
+        participant = self.known.get(name) or Participant(name=name, kind="session")
+        participant = msgspec.structs.replace(participant, focus=focus)
+        await self.store.put_participant(participant)
+        self.known[name] = participant
+        if (registration := self.registrations.get(name)) is not None:
+            registration.participant = msgspec.structs.replace(
+                registration.participant, focus=focus
+            )
+
+    async def member(self, name: str) -> str:
+        """``name`` as a participant, made one (kind `session`) if it was never seen."""
+        name = participant_name(name)
+        if name not in self.known:
+            participant = Participant(name=name, kind="session")
+            await self.store.put_participant(participant)
+            self.known[name] = participant
+        return name
 
     # --- watching ----------------------------------------------------------------------------
 
     async def watch(
-        self, reader: str, deliver: Callable[[MailMessage], bool], room: Callable[[], bool]
+        self,
+        reader: str,
+        deliver: Callable[[MailMessage], bool],
+        update: Callable[[ChangeKind, MailMessage], bool],
+        room: Callable[[], bool],
     ) -> tuple[Watcher, str | None]:
-        """Start pushing ``reader``'s new mail to ``deliver``; returns the watcher and the
-        newest msg_id the reader had received before it (what a replay runs up to)."""
+        """Start pushing ``reader``'s new mail to ``deliver`` and changes to it to ``update``;
+        returns the watcher and the newest msg_id the reader had received before it (what a
+        replay runs up to)."""
         name = self._reader(reader)
-        watcher = Watcher(name, deliver, room)
+        watcher = Watcher(name, deliver, update, room)
         async with self._posting:  # no post is between its write and its push
             cursor = await self.store.newest_received(name)
             self.watchers.setdefault(name, []).append(watcher)
@@ -792,8 +968,11 @@ def _framing(agent: str, message: MailMessage) -> str:
     )
 
 
-def _may_read(message: MailMessage, name: str) -> bool:
-    return message.sender == name or name in message.recipients
+def _check_json(content: str) -> None:
+    try:
+        json.loads(content)
+    except ValueError as exc:
+        raise RequestError(400, f"format is json but content is not JSON: {exc}.") from None
 
 
 def _limit(limit: int) -> int:

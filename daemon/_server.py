@@ -20,7 +20,6 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Generic, NamedTuple, TypeVar, assert_never
 
@@ -34,17 +33,21 @@ from chinwag.protocol import (
     Agents,
     Attach,
     Cancel,
+    ChangeKind,
     ClientMsg,
     Codec,
     Compact,
     Compacted,
     Compaction,
     Conversations,
+    Delete,
+    Edit,
     Encoding,
     End,
     Error,
     ErrorInfo,
     Event,
+    Focus,
     FrameDecoder,
     GetContext,
     GetHistory,
@@ -59,31 +62,42 @@ from chinwag.protocol import (
     Killed,
     ListAgents,
     ListConversations,
+    ListLocks,
     ListParticipants,
+    ListProjects,
+    ListSpaces,
     LocalProtocolError,
+    Lock,
     Mail,
-    MailContext,
     MailMessage,
+    MailUpdate,
     MarkRead,
     Memory,
-    MessageReply,
-    Messages,
     Ok,
-    Participants,
+    Pin,
     Ping,
     Pong,
     Post,
-    Posted,
+    ProjectCreate,
+    ProjectDelete,
+    ProjectGet,
+    ProjectUpdate,
     ProtocolError,
-    Ref,
+    React,
     Register,
-    Registered,
     ReplyToAsk,
     Request,
+    SearchMail,
     SearchMemory,
     Sent,
     ServerMessage,
     Session,
+    SpaceArchive,
+    SpaceCreate,
+    SpaceInvite,
+    SpaceJoin,
+    SpaceLeave,
+    SpaceMembers,
     Stats,
     Stream,
     StreamEventMsg,
@@ -91,16 +105,18 @@ from chinwag.protocol import (
     Subscribed,
     TextDelta,
     ThinkingDelta,
+    Unlock,
     Watch,
     Watching,
     Welcome,
     codec_for,
 )
-from chinwag.storage import InboxQuery, StorageError
+from chinwag.storage import StorageError
 
 from ._conversation import Run, Subscription
 from ._errors import RequestError
-from ._post_office import Page, PostOffice, Watcher, parse_since
+from ._mail_requests import answer as answer_mail
+from ._post_office import PostOffice, Watcher
 from ._reaper import stat_fields
 from ._runtime import Runtime
 
@@ -261,7 +277,7 @@ class Subscriber(_Buffered[Event]):
             self.conn.send(self._end)
 
 
-class MailWatch(_Buffered[MailMessage]):
+class MailWatch(_Buffered[Mail | MailUpdate]):
     """A `watch` request: what the reader missed since ``after``, then each new message,
     never slowing the author or the other watchers."""
 
@@ -284,13 +300,19 @@ class MailWatch(_Buffered[MailMessage]):
 
     def deliver(self, message: MailMessage) -> bool:
         """Called by the post office; False makes it drop this watch."""
-        return self._offer(message)
+        return self._offer(self._mail(message))
+
+    def update(self, change: ChangeKind, message: MailMessage) -> bool:
+        """A change to a message the reader received; False makes the post office drop it."""
+        return self._offer(
+            MailUpdate(id=self.request_id, msg_id=message.msg_id, change=change, message=message)
+        )
 
     def _leave(self) -> None:
         if self.watcher is not None:
             self.conn.server.post_office.unwatch(self.watcher)
 
-    def _frame(self, message: MailMessage) -> Mail:
+    def _mail(self, message: MailMessage) -> Mail:
         return Mail(id=self.request_id, msg_id=message.msg_id, message=message)
 
     def _detached(self) -> bool:
@@ -311,10 +333,10 @@ class MailWatch(_Buffered[MailMessage]):
                 for message, _ in page:
                     if self._detached():
                         break
-                    await self.conn.send_waiting(self._frame(message))
+                    await self.conn.send_waiting(self._mail(message))
                 after = page[-1][0].msg_id if page else None
-            async for message in self._receive:
-                await self.conn.send_waiting(self._frame(message))
+            async for frame in self._receive:
+                await self.conn.send_waiting(frame)
         except (trio.ClosedResourceError, trio.EndOfChannel):
             pass
         except StorageError as exc:
@@ -783,8 +805,30 @@ class Connection:
                 | MarkRead()
                 | GetMessage()
                 | GetContext()
+                | Edit()
+                | Delete()
+                | React()
+                | Pin()
+                | SearchMail()
+                | SpaceCreate()
+                | SpaceJoin()
+                | SpaceLeave()
+                | SpaceInvite()
+                | SpaceArchive()
+                | SpaceMembers()
+                | ListSpaces()
+                | ProjectCreate()
+                | ProjectGet()
+                | ListProjects()
+                | ProjectUpdate()
+                | ProjectDelete()
+                | Focus()
+                | Lock()
+                | Unlock()
+                | ListLocks()
             ):
-                self._call(nursery, msg.id, lambda: self._mail(msg), paced=True)
+                office = self.server.post_office
+                self._call(nursery, msg.id, lambda: answer_mail(office, self, msg), paced=True)
             case _:
                 assert_never(msg)
 
@@ -953,105 +997,6 @@ class Connection:
         hits = await self.runtime.search_memory(msg.agent, msg.query, msg.limit)
         return Memory(id=msg.id, items=hits)
 
-    async def _mail(
-        self,
-        msg: Register
-        | Heartbeat
-        | ListParticipants
-        | Post
-        | Inbox
-        | Sent
-        | GetThread
-        | MarkRead
-        | GetMessage
-        | GetContext,
-    ) -> ServerMessage:
-        office = self.server.post_office
-        rid = msg.id
-        match msg:
-            case Register():
-                participant = await office.register(
-                    self,
-                    msg.name,
-                    kind=msg.kind,
-                    roles=msg.roles,
-                    info=msg.info,
-                    takeover=msg.takeover,
-                )
-                return Registered(id=rid, participant=participant)
-            case Heartbeat():
-                await office.heartbeat(msg.name, msg.status)
-                return Ok(id=rid)
-            case ListParticipants():
-                items = await office.participants(online_only=msg.online_only, role=msg.role)
-                return Participants(id=rid, items=items)
-            case Post():
-                result = await office.post(
-                    sender=msg.sender,
-                    to=msg.to,
-                    content=msg.content,
-                    format=msg.format,
-                    structured=msg.structured,
-                    priority=msg.priority,
-                    channel=msg.channel,
-                    reply_to=msg.reply_to,
-                    scopes=msg.scopes,
-                    refs=msg.refs,
-                    metadata=msg.metadata,
-                    mentions=msg.mentions,
-                    idempotency_key=msg.idempotency_key,
-                )
-                stored = result.message
-                return Posted(
-                    id=rid,
-                    msg_id=stored.msg_id,
-                    thread_id=stored.thread_id,
-                    recipients=stored.recipients,
-                    created_at=stored.created_at,
-                    warnings=result.warnings,
-                )
-            case Inbox():
-                query = InboxQuery(
-                    unread_only=msg.unread_only,
-                    mentions_only=msg.mentions_only,
-                    thread_id=msg.thread_id,
-                    channel=msg.channel,
-                    scope=_scope(msg.scope),
-                    priority_min=msg.priority_min,
-                    since=None if msg.since is None else parse_since(msg.since, _utcnow()),
-                )
-                page = await office.inbox(
-                    msg.reader, query, limit=msg.limit, cursor=msg.cursor, mark_read=msg.mark_read
-                )
-                return _messages(rid, page)
-            case Sent():
-                return _messages(
-                    rid, await office.sent(msg.reader, limit=msg.limit, cursor=msg.cursor)
-                )
-            case GetThread():
-                return _messages(rid, await office.thread(msg.reader, msg.thread_id))
-            case MarkRead():
-                await office.mark_read(
-                    msg.reader, msg_ids=msg.msg_ids, thread_id=msg.thread_id, everything=msg.all
-                )
-                return Ok(id=rid)
-            case GetMessage():
-                message, mine = await office.get_message(msg.reader, msg.msg_id)
-                return MessageReply(
-                    id=rid, message=message, state=mine.state if mine is not None else None
-                )
-            case GetContext():
-                view = await office.context(msg.reader)
-                return MailContext(
-                    id=rid,
-                    name=view.name,
-                    unread=sum(view.unread_by_priority.values()),
-                    unread_by_priority=view.unread_by_priority,
-                    threads=view.threads,
-                    participant=view.participant,
-                )
-        assert_never(msg)
-
     def _post(self, msg: Post, nursery: trio.Nursery) -> None:
         # A connection's posts are stored in the order it sent them, as its streams'
         # runs are queued in theirs: each waits for the one before (the post office
@@ -1062,7 +1007,7 @@ class Connection:
         async def post() -> ServerMessage:
             try:
                 await before.wait()
-                return await self._mail(msg)
+                return await answer_mail(self.server.post_office, self, msg)
             finally:
                 done.set()
 
@@ -1075,7 +1020,7 @@ class Connection:
         async def start() -> None:
             try:
                 watch.watcher, cursor = await self.server.post_office.watch(
-                    msg.reader, watch.deliver, watch.room
+                    msg.reader, watch.deliver, watch.update, watch.room
                 )
                 if msg.after is not None:
                     self.server.post_office.check_cursor(msg.after)
@@ -1104,24 +1049,6 @@ class Connection:
         return Conversations(id=msg.id, items=items, next_cursor=cursor)
 
 
-def _messages(rid: int, page: Page) -> Messages:
-    return Messages(id=rid, items=page.items, next_cursor=page.next_cursor, unread=page.unread)
-
-
-def _scope(text: str | None) -> Ref | None:
-    """An inbox's ``scope`` filter, written ``type:value``."""
-    if text is None:
-        return None
-    kind, colon, value = text.partition(":")
-    if not colon or not kind or not value:
-        raise RequestError(400, f"scope is written type:value, such as module:auth; not {text!r}.")
-    return Ref(type=kind, value=value)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def _text_bytes(msg: Request) -> int:
     """The size of the free text a request carries, in UTF-8 bytes."""
     match msg:
@@ -1130,6 +1057,7 @@ def _text_bytes(msg: Request) -> int:
             | ReplyToAsk(content=text)
             | SearchMemory(query=text)
             | Post(content=text)
+            | Edit(content=text)
         ):
             return len(text.encode())
         case Compact(instructions=str(text)):
