@@ -8,7 +8,6 @@ addressing a space never reads the store.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -71,12 +70,10 @@ class Spaces:
         return sorted(space for space, members in self.members.items() if name in members)
 
     def recipients(self, space: Space, sender: str) -> list[str]:
-        """Who mail from ``sender`` to ``space`` reaches (403 for a private space's outsider,
-        409 for an archived space)."""
+        """Who mail from ``sender`` to ``space`` (as ``get`` gave it) reaches; 409 for an
+        archived space."""
         if space.archived:
             raise RequestError(409, f"#{space.name} is archived and takes no more mail.")
-        if space.private and not self.is_member(space.name, sender):
-            raise RequestError(403, f"Only members post to the private space #{space.name}.")
         return [name for name in self.members.get(space.name, {}) if name != sender]
 
     def of_project(self, project: str | None) -> tuple[str, ...] | None:
@@ -271,8 +268,3 @@ def _check_project(project: Project) -> None:
         raise RequestError(400, "A project's status is 1 to 32 characters, such as active.")
     if any(not tag or len(tag) > 64 for tag in project.tags):
         raise RequestError(400, "A tag is 1 to 64 characters.")
-
-
-def space_of(to: Sequence[str]) -> list[str]:
-    """The `#space` entries of a `to`, without their ``#``."""
-    return [entry.strip()[1:].casefold() for entry in to if entry.strip().startswith("#")]
