@@ -1,7 +1,8 @@
 """The jsonl backend's ``MailStore``: the log ``mail.jsonl``, served by a ``MailIndex``.
 
 Each line of ``DIR/mail.jsonl`` is one write, a ``MailChange`` as msgspec JSON
-whose ``"type"`` says which (``participant``, ``post``, ``advance``), so ``jq``
+whose ``"type"`` says which (``participant``, ``post``, ``advance``, ``change``,
+``space``, ``member``, ``project``, ``project_deleted``, ``locks``), so ``jq``
 reads it. A write plans its change with the index (which fixes its numbers,
 times and moves), appends its line with one write and an fsync (the directory
 fsynced too when that created the file; cut back to what it held when the
@@ -33,7 +34,15 @@ from chinwag.protocol import Delivery, MailMessage, Participant
 
 from ._base import StorageError
 from ._mail import ParentChange, StateChange, number_of
-from ._mail_index import Advance, IndexedMail, MailChange, MailIndex, PostMail, PutParticipant
+from ._mail_index import (
+    Advance,
+    ChangeMessage,
+    IndexedMail,
+    MailChange,
+    MailIndex,
+    PostMail,
+    PutParticipant,
+)
 
 _T = TypeVar("_T")
 
@@ -117,6 +126,13 @@ class JsonlMail(IndexedMail):
 
     # --- writes ---------------------------------------------------------------------
 
+    async def _write(self, plan: Callable[[MailIndex], tuple[_T, MailChange | None]]) -> _T:
+        async with self._writing() as index:
+            result, change = plan(index)
+            if change is not None:
+                await self._commit(change)
+        return result
+
     async def put_participant(self, participant: Participant) -> None:
         stored = msgspec.structs.replace(participant, online=False, unread=0)
         async with self._writing():
@@ -196,6 +212,7 @@ def _problem(index: MailIndex, change: MailChange) -> str | None:
             for msg_id, _, _, _ in moves:
                 if number_of(msg_id) is None:
                     return f"{msg_id!r} is not a msg_id this store gives"
-        case PutParticipant():
-            pass
+        case ChangeMessage(msg_id=msg_id):
+            if index.get_message(msg_id) is None:
+                return f"the message it changes, {msg_id}, is not stored before it"
     return None

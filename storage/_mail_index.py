@@ -13,20 +13,37 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 import msgspec
 import trio
-from chinwag.protocol import Delivery, DeliveryState, MailMessage, Participant
+from chinwag.protocol import (
+    Delivery,
+    DeliveryState,
+    LockHolder,
+    MailMessage,
+    MessageVersion,
+    Participant,
+    Project,
+    Space,
+    SpaceMember,
+)
 
 from ._base import StorageError
 from ._mail import (
     InboxQuery,
+    MessageChange,
     ParentChange,
     StateChange,
     advanced,
+    changed,
+    lock_allows,
     msg_id_of,
     number_of,
 )
+from ._search import TextIndex
+
+_R = TypeVar("_R")
 
 
 class PutParticipant(msgspec.Struct, tag="participant", kw_only=True):
@@ -44,7 +61,46 @@ class Advance(msgspec.Struct, tag="advance", kw_only=True):
     changes: list[tuple[str, str, DeliveryState, datetime]]  # StateChange fields, each a move
 
 
-MailChange = PutParticipant | PostMail | Advance
+class ChangeMessage(msgspec.Struct, tag="change", kw_only=True):
+    msg_id: str
+    change: MessageChange
+
+
+class PutSpace(msgspec.Struct, tag="space", kw_only=True):
+    space: Space
+
+
+class SetMember(msgspec.Struct, tag="member", kw_only=True):
+    space: str
+    name: str
+    at: datetime
+    member: bool
+
+
+class PutProject(msgspec.Struct, tag="project", kw_only=True):
+    project: Project
+
+
+class DeleteProject(msgspec.Struct, tag="project_deleted", kw_only=True):
+    name: str
+
+
+class SetLocks(msgspec.Struct, tag="locks", kw_only=True):
+    resource: str
+    holders: list[LockHolder]  # every holder it keeps, live or not yet forgotten
+
+
+MailChange = (
+    PutParticipant
+    | PostMail
+    | Advance
+    | ChangeMessage
+    | PutSpace
+    | SetMember
+    | PutProject
+    | DeleteProject
+    | SetLocks
+)
 """One write of a ``MailIndex``, as a log would hold it."""
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -64,6 +120,14 @@ class MailIndex:
         self._keys: dict[tuple[str, str], int] = {}  # (sender, idempotency key) -> number
         self._unread: dict[str, dict[int, int]] = {}  # name -> priority -> count
         self._priority: dict[int, int] = {}
+        self._versions: dict[int, list[MessageVersion]] = {}
+        self._text: TextIndex[int] = TextIndex()  # content of messages not deleted
+        self._authors: dict[int, tuple[str, str | None]] = {}  # number -> (sender, space)
+        self._in_space: dict[str, list[int]] = {}  # ascending numbers
+        self.spaces: dict[str, Space] = {}
+        self.members: dict[str, dict[str, SpaceMember]] = {}
+        self.projects: dict[str, Project] = {}
+        self.locks: dict[str, list[LockHolder]] = {}
         self.last_number = 0
 
     # --- planning a change ----------------------------------------------------------
@@ -126,6 +190,37 @@ class MailIndex:
             numbers = iter(self._received.get(name, ()))
         return self.plan_advance([StateChange(msg_id_of(n), name, "read", at) for n in numbers])
 
+    def plan_change(self, msg_id: str, change: MessageChange) -> ChangeMessage | None:
+        return ChangeMessage(msg_id=msg_id, change=change) if self.get_message(msg_id) else None
+
+    def plan_member(self, space: str, name: str, at: datetime, member: bool) -> SetMember | None:
+        if (name in self.members.get(space, {})) == member:
+            return None
+        return SetMember(space=space, name=name, at=at, member=member)
+
+    def plan_lock(
+        self, lock: LockHolder, now: datetime
+    ) -> tuple[tuple[bool, list[LockHolder]], SetLocks | None]:
+        kept = self.locks.get(lock.resource, [])
+        live = [h for h in kept if h.expires_at > now]
+        others = [h for h in live if h.holder != lock.holder]
+        mine = next((h for h in live if h.holder == lock.holder), None)
+        if not lock_allows(others, lock.mode):  # expired holders are forgotten all the same
+            forget = SetLocks(resource=lock.resource, holders=live) if live != kept else None
+            return (False, _by_holder(live)), forget
+        if mine is not None:
+            lock = msgspec.structs.replace(lock, acquired_at=mine.acquired_at)
+        holders = _by_holder([*others, lock])
+        return (True, holders), SetLocks(resource=lock.resource, holders=holders)
+
+    def plan_unlock(
+        self, resource: str, holder: str, now: datetime
+    ) -> tuple[bool, SetLocks | None]:
+        kept = self.locks.get(resource, [])
+        held = any(h.holder == holder and h.expires_at > now for h in kept)
+        left = [h for h in kept if h.expires_at > now and h.holder != holder]
+        return held, SetLocks(resource=resource, holders=left) if left != kept else None
+
     # --- making it ---------------------------------------------------------------------
 
     def apply(self, change: MailChange) -> None:
@@ -139,6 +234,39 @@ class MailIndex:
                     number = number_of(msg_id)
                     assert number is not None
                     self._move(number, name, state, at)
+            case ChangeMessage(msg_id=msg_id, change=message_change):
+                self._change(msg_id, message_change)
+            case PutSpace(space=space):
+                self.spaces[space.name] = msgspec.structs.replace(space, members=0, messages=0)
+            case SetMember(space=space, name=name, at=at, member=member):
+                members = self.members.setdefault(space, {})
+                if member:
+                    members.setdefault(name, SpaceMember(name=name, joined_at=at))
+                else:
+                    members.pop(name, None)
+                    if not members:
+                        del self.members[space]
+            case PutProject(project=project):
+                self.projects[project.name] = project
+            case DeleteProject(name=name):
+                self.projects.pop(name, None)
+            case SetLocks(resource=resource, holders=holders):
+                if holders:
+                    self.locks[resource] = list(holders)
+                else:
+                    self.locks.pop(resource, None)
+
+    def _change(self, msg_id: str, change: MessageChange) -> None:
+        number = number_of(msg_id)
+        assert number is not None
+        message, replaced = changed(self._message(number), change)
+        self._messages[number] = _encode(message)
+        if replaced is not None:
+            self._versions.setdefault(number, []).append(replaced)
+        if message.deleted:
+            self._text.remove(number)
+        else:
+            self._text.put(number, message.content)
 
     def _post(self, change: PostMail) -> None:
         message = change.message
@@ -157,6 +285,11 @@ class MailIndex:
             if delivery.state != "read":
                 self._count_unread(delivery.name, message.priority, 1)
         self._written.setdefault(message.sender, []).append(number)
+        self._authors[number] = (message.sender, message.space)
+        if message.space is not None:
+            self._in_space.setdefault(message.space, []).append(number)
+        if not message.deleted:
+            self._text.put(number, message.content)
         if message.thread_id is not None:
             self._threads.setdefault(message.thread_id, []).append(number)
         if message.idempotency_key is not None:
@@ -279,6 +412,89 @@ class MailIndex:
     def thread(self, thread_id: str) -> list[MailMessage]:
         return [self._message(n) for n in self._threads.get(thread_id, ())]
 
+    def messages_after(self, after: str | None, limit: int) -> list[MailMessage]:
+        start = (number_of(after) or 0) + 1 if after is not None else 1
+        stop = min(self.last_number, start + limit - 1)
+        return [self._message(n) for n in range(start, stop + 1) if n in self._messages]
+
+    def space_mail(
+        self, space: str, name: str, query: InboxQuery, limit: int, before: str | None
+    ) -> list[tuple[MailMessage, Delivery | None]]:
+        numbers = self._in_space.get(space, [])
+        end = len(numbers)
+        if before is not None:
+            bound = number_of(before)
+            end = bisect.bisect_left(numbers, bound) if bound is not None else 0
+        page: list[tuple[MailMessage, Delivery | None]] = []
+        for number in reversed(numbers[:end]):
+            if len(page) >= limit:
+                break
+            delivery = self._deliveries[number].get(name)
+            if (query.unread_only or query.mentions_only) and delivery is None:
+                continue
+            if query.unread_only and delivery is not None and delivery.state == "read":
+                continue
+            if query.mentions_only and delivery is not None and not delivery.mentioned:
+                continue
+            if self._priority[number] < query.priority_min:
+                continue
+            message = self._message(number)
+            if _matches(message, query):
+                copy = msgspec.structs.replace(delivery) if delivery is not None else None
+                page.append((message, copy))
+        return page
+
+    def versions(self, msg_id: str) -> list[MessageVersion]:
+        number = number_of(msg_id)
+        found = self._versions.get(number, []) if number is not None else []
+        return [msgspec.structs.replace(v) for v in found]
+
+    def search(
+        self,
+        name: str,
+        words: Sequence[str],
+        readable_spaces: Sequence[str],
+        only_spaces: Sequence[str] | None,
+        limit: int,
+    ) -> list[MailMessage]:
+        readable = set(readable_spaces)
+        only = set(only_spaces) if only_spaces is not None else None
+
+        def keep(number: int) -> bool:
+            sender, space = self._authors[number]
+            if only is not None and space is not None and space not in only:
+                return False
+            return sender == name or name in self._deliveries[number] or space in readable
+
+        found = self._text.best(words, limit, keep=keep, order=lambda number: -number)
+        return [self._message(n) for n in found]
+
+    def space_list(self) -> list[Space]:
+        return [msgspec.structs.replace(self.spaces[n]) for n in sorted(self.spaces)]
+
+    def member_lists(self) -> dict[str, list[SpaceMember]]:
+        return {
+            space: [msgspec.structs.replace(m) for _, m in sorted(members.items())]
+            for space, members in self.members.items()
+        }
+
+    def space_counts(self) -> dict[str, int]:
+        return {space: len(numbers) for space, numbers in self._in_space.items()}
+
+    def project_list(self) -> list[Project]:
+        return [_copy(self.projects[n], Project) for n in sorted(self.projects)]
+
+    def live_locks(
+        self, now: datetime, resource: str | None, holder: str | None
+    ) -> list[LockHolder]:
+        return [
+            msgspec.structs.replace(h)
+            for name in sorted(self.locks)
+            if resource is None or name == resource
+            for h in self.locks[name]
+            if h.expires_at > now and (holder is None or h.holder == holder)
+        ]
+
     def participants(self) -> list[Participant]:
         # Deep copies (roles, info): the caller's to change.
         return [_stored(p) for _, p in sorted(self.participants_by_name.items())]
@@ -286,13 +502,29 @@ class MailIndex:
 
 def _stored(participant: Participant) -> Participant:
     """What a store keeps of a participant: presence and unread are the post office's."""
-    return msgspec.convert(
-        msgspec.to_builtins(msgspec.structs.replace(participant, online=False, unread=0)),
-        Participant,
-    )
+    return _copy(msgspec.structs.replace(participant, online=False, unread=0), Participant)
+
+
+def _copy(value: _R, kind: type[_R]) -> _R:
+    """A deep copy of a stored struct (its lists and dicts too): the caller's to change."""
+    return msgspec.convert(msgspec.to_builtins(value), kind)
+
+
+def _by_holder(holders: list[LockHolder]) -> list[LockHolder]:
+    return sorted(holders, key=lambda h: h.holder)
 
 
 def _matches(message: MailMessage, query: InboxQuery) -> bool:
+    if message.deleted and not query.include_deleted:
+        return False
+    if query.pinned_only and not message.pinned:
+        return False
+    if (
+        query.only_spaces is not None
+        and message.space is not None
+        and message.space not in query.only_spaces
+    ):
+        return False
     if query.thread_id is not None and message.thread_id != query.thread_id:
         return False
     if query.channel is not None and message.channel != query.channel:
@@ -343,6 +575,85 @@ class IndexedMail:
     async def thread(self, thread_id: str) -> list[MailMessage]:
         return (await self._ready()).thread(thread_id)
 
+    async def messages_after(self, after: str | None, *, limit: int) -> list[MailMessage]:
+        return (await self._ready()).messages_after(after, limit)
+
+    async def space_mail(
+        self, space: str, name: str, query: InboxQuery, *, limit: int, before: str | None = None
+    ) -> list[tuple[MailMessage, Delivery | None]]:
+        return (await self._ready()).space_mail(space, name, query, limit, before)
+
+    async def versions(self, msg_id: str) -> list[MessageVersion]:
+        return (await self._ready()).versions(msg_id)
+
+    async def search(
+        self,
+        name: str,
+        words: Sequence[str],
+        *,
+        readable_spaces: Sequence[str],
+        only_spaces: Sequence[str] | None = None,
+        limit: int,
+    ) -> list[MailMessage]:
+        index = await self._ready()
+        return index.search(name, words, readable_spaces, only_spaces, limit)
+
+    async def spaces(self) -> list[Space]:
+        return (await self._ready()).space_list()
+
+    async def members(self) -> dict[str, list[SpaceMember]]:
+        return (await self._ready()).member_lists()
+
+    async def space_counts(self) -> dict[str, int]:
+        return (await self._ready()).space_counts()
+
+    async def projects(self) -> list[Project]:
+        return (await self._ready()).project_list()
+
+    async def locks(
+        self, now: datetime, *, resource: str | None = None, holder: str | None = None
+    ) -> list[LockHolder]:
+        return (await self._ready()).live_locks(now, resource, holder)
+
+    # --- writes: each planned on the index, then made (``_write``) -----------------------
+
+    async def _write(self, plan: Callable[[MailIndex], tuple[_R, MailChange | None]]) -> _R:
+        """``plan``'s result, once the change it planned (if any) is made."""
+        raise NotImplementedError
+
+    async def change_message(self, msg_id: str, change: MessageChange) -> MailMessage | None:
+        def plan(index: MailIndex) -> tuple[None, MailChange | None]:
+            return None, index.plan_change(msg_id, change)
+
+        await self._write(plan)
+        return (await self._ready()).get_message(msg_id)
+
+    async def put_space(self, space: Space) -> None:
+        await self._write(lambda index: (None, PutSpace(space=space)))
+
+    async def set_member(self, space: str, name: str, at: datetime, *, member: bool) -> bool:
+        def plan(index: MailIndex) -> tuple[bool, MailChange | None]:
+            change = index.plan_member(space, name, at, member)
+            return change is not None, change
+
+        return await self._write(plan)
+
+    async def put_project(self, project: Project) -> None:
+        await self._write(lambda index: (None, PutProject(project=project)))
+
+    async def delete_project(self, name: str) -> bool:
+        def plan(index: MailIndex) -> tuple[bool, MailChange | None]:
+            found = name in index.projects
+            return found, DeleteProject(name=name) if found else None
+
+        return await self._write(plan)
+
+    async def take_lock(self, lock: LockHolder, now: datetime) -> tuple[bool, list[LockHolder]]:
+        return await self._write(lambda index: index.plan_lock(lock, now))
+
+    async def release_lock(self, resource: str, holder: str, now: datetime) -> bool:
+        return await self._write(lambda index: index.plan_unlock(resource, holder, now))
+
 
 class MemoryMail(IndexedMail):
     """The memory backend's ``MailStore``: a ``MailIndex`` and nothing more."""
@@ -356,6 +667,13 @@ class MemoryMail(IndexedMail):
         if self._closed():
             raise StorageError("The store is closed.")
         return self.index
+
+    async def _write(self, plan: Callable[[MailIndex], tuple[_R, MailChange | None]]) -> _R:
+        index = await self._ready()
+        result, change = plan(index)
+        if change is not None:
+            index.apply(change)
+        return result
 
     async def put_participant(self, participant: Participant) -> None:
         (await self._ready()).apply(PutParticipant(participant=participant))

@@ -4,20 +4,21 @@ Every backend searches the same text (``archive_text``, ``note_text``) and
 checks a search's ``limit`` and shapes its snippets the same way
 (``check_search_limit``, ``one_line``). sqlite has FTS5 and postgres its own
 full-text search; the two backends that keep no database index notes and
-archives in a ``MemoryIndex`` instead: an inverted index per agent, ranked by
-BM25 (the function FTS5 uses), with a snippet cut around the first matching word.
+archives in a ``MemoryIndex`` instead: an inverted index per agent (a
+``TextIndex``, which their mail search uses too), ranked by BM25 (the function
+FTS5 uses), with a snippet cut around the first matching word.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterable
 from datetime import datetime
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 import trio
@@ -32,21 +33,73 @@ SNIPPET_WORDS = 24  # words shown around the first match
 _BEFORE = 6  # of which before it
 
 DocKey = tuple[Literal["archive", "note"], str | None, str]  # kind, sender, name
+K = TypeVar("K", bound=Hashable)
 
 
-@dataclass(eq=False)
-class _Document:
-    hit: MemoryHit  # its snippet is filled in per search
-    text: str
-    terms: Counter[str]
-    length: int
+class TextIndex(Generic[K]):
+    """An inverted index of texts by key, ranked by BM25: what every in-process search uses.
 
+    Not thread-safe: its owner locks it, or keeps it to one thread.
+    """
 
-@dataclass(eq=False)
-class _AgentIndex:
-    documents: dict[DocKey, _Document] = field(default_factory=dict)
-    postings: dict[str, set[DocKey]] = field(default_factory=dict)
-    total_length: int = 0
+    def __init__(self) -> None:
+        self.terms: dict[K, Counter[str]] = {}
+        self.lengths: dict[K, int] = {}
+        self.postings: dict[str, set[K]] = {}
+        self.total_length = 0
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def put(self, key: K, text: str) -> None:
+        """Index ``text`` under ``key``, in place of what it held."""
+        self.remove(key)
+        words = [word.lower() for word in WORD.findall(text)]
+        terms = Counter(words)
+        self.terms[key] = terms
+        self.lengths[key] = len(words)
+        self.total_length += len(words)
+        for term in terms:
+            self.postings.setdefault(term, set()).add(key)
+
+    def remove(self, key: K) -> None:
+        terms = self.terms.pop(key, None)
+        if terms is None:
+            return
+        self.total_length -= self.lengths.pop(key)
+        for term in terms:
+            keys = self.postings[term]
+            keys.discard(key)
+            if not keys:
+                del self.postings[term]
+
+    def best(
+        self,
+        words: Iterable[str],
+        limit: int,
+        *,
+        keep: Callable[[K], bool],
+        order: Callable[[K], Any],
+    ) -> list[K]:
+        """The ``limit`` keys that ``keep`` keeps with the highest BM25 score for ``words``;
+        among equal scores, by ``order``."""
+        count = len(self.terms)
+        if not count:
+            return []
+        average = self.total_length / count or 1.0
+        scores: defaultdict[K, float] = defaultdict(float)
+        for word in words:
+            keys = self.postings.get(word)
+            if not keys:
+                continue
+            idf = math.log(1 + (count - len(keys) + 0.5) / (len(keys) + 0.5))
+            for key in keys:
+                if not keep(key):
+                    continue
+                tf = self.terms[key][word]
+                norm = tf + _K1 * (1 - _B + _B * self.lengths[key] / average)
+                scores[key] += idf * tf * (_K1 + 1) / norm
+        return heapq.nsmallest(limit, scores, key=lambda key: (-scores[key], order(key)))
 
 
 class MemoryIndex:
@@ -57,7 +110,8 @@ class MemoryIndex:
     """
 
     def __init__(self) -> None:
-        self._agents: dict[str, _AgentIndex] = {}
+        self._agents: dict[str, TextIndex[DocKey]] = {}
+        self._hits: dict[tuple[str, DocKey], tuple[MemoryHit, str]] = {}  # hit, text
         self._lock = threading.Lock()
 
     def put(
@@ -70,32 +124,11 @@ class MemoryIndex:
         text: str,
         created_at: datetime | None,
     ) -> None:
-        words = [word.lower() for word in WORD.findall(text)]
-        document = _Document(
-            hit=MemoryHit(kind=kind, name=name, sender=sender, snippet="", created_at=created_at),
-            text=text,
-            terms=Counter(words),
-            length=len(words),
-        )
         key: DocKey = (kind, sender, name)
+        hit = MemoryHit(kind=kind, name=name, sender=sender, snippet="", created_at=created_at)
         with self._lock:
-            index = self._agents.setdefault(agent, _AgentIndex())
-            self._remove(index, key)
-            index.documents[key] = document
-            index.total_length += document.length
-            for term in document.terms:
-                index.postings.setdefault(term, set()).add(key)
-
-    def _remove(self, index: _AgentIndex, key: DocKey) -> None:
-        old = index.documents.pop(key, None)
-        if old is None:
-            return
-        index.total_length -= old.length
-        for term in old.terms:
-            keys = index.postings[term]
-            keys.discard(key)
-            if not keys:
-                del index.postings[term]
+            self._agents.setdefault(agent, TextIndex()).put(key, text)
+            self._hits[(agent, key)] = (hit, text)
 
     def search(
         self, agent: str, query: str, limit: int, sender: str | None = None
@@ -104,35 +137,22 @@ class MemoryIndex:
         check_search_limit(limit)
         words = search_words(query)
         with self._lock:
-            found = self._best(agent, words, limit, sender)
+            index = self._agents.get(agent)
+            found = (
+                index.best(
+                    words,
+                    limit,
+                    keep=lambda key: sender is None or key[0] != "archive" or key[1] == sender,
+                    order=lambda key: (key[0], key[1] or "", key[2]),
+                )
+                if index is not None
+                else []
+            )
+            hits = [self._hits[(agent, key)] for key in found]
         return [
-            msgspec.structs.replace(doc.hit, snippet=make_snippet(doc.text, set(words)))
-            for doc in found
+            msgspec.structs.replace(hit, snippet=make_snippet(text, set(words)))
+            for hit, text in hits
         ]
-
-    def _best(
-        self, agent: str, words: list[str], limit: int, sender: str | None
-    ) -> list[_Document]:
-        index = self._agents.get(agent)
-        if index is None or not index.documents or not words:
-            return []
-        count = len(index.documents)
-        average = index.total_length / count or 1.0
-        scores: defaultdict[DocKey, float] = defaultdict(float)
-        for word in words:
-            keys = index.postings.get(word, set())
-            if not keys:
-                continue
-            idf = math.log(1 + (count - len(keys) + 0.5) / (len(keys) + 0.5))
-            for key in keys:
-                if sender is not None and key[0] == "archive" and key[1] != sender:
-                    continue
-                doc = index.documents[key]
-                tf = doc.terms[word]
-                norm = tf + _K1 * (1 - _B + _B * doc.length / average)
-                scores[key] += idf * tf * (_K1 + 1) / norm
-        best = sorted(scores, key=lambda key: (-scores[key], key[0], key[1] or "", key[2]))
-        return [index.documents[key] for key in best[:limit]]
 
 
 def check_search_limit(limit: int) -> None:
