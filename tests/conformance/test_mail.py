@@ -229,7 +229,7 @@ async def test_post_keeps_every_field(store: Storage) -> None:
     assert created
     assert stored == expected
     assert await store.mail.get_message(stored.msg_id) == expected
-    ((read, _),) = await store.mail.inbox("carol", InboxQuery(), limit=10)
+    ((read, _),) = await store.mail.inbox("carol", InboxQuery(include_deleted=True), limit=10)
     assert read == expected
     for time in (stored.created_at, stored.edited_at):
         assert time is not None and time.utcoffset() == timedelta(0)
