@@ -155,6 +155,12 @@ class MemoryIndex:
         ]
 
 
+def fts5_match(words: Iterable[str]) -> str:
+    """An FTS5 query for any of ``words``: each one a string ("" escapes a quote), so that
+    no user text is FTS5 syntax."""
+    return " OR ".join('"{}"'.format(word.replace('"', '""')) for word in words)
+
+
 def check_search_limit(limit: int) -> None:
     """Raise ``ValueError`` unless ``limit`` is one a memory search takes."""
     if not 1 <= limit <= MAX_SEARCH_LIMIT:

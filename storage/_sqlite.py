@@ -98,8 +98,15 @@ from ._base import Archive, ConversationNotFound, NewConversation, StorageError,
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
-from ._search import SNIPPET_WORDS, archive_text, database_search_words, note_text, one_line
-from ._sqlite_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, SqliteMail
+from ._search import (
+    SNIPPET_WORDS,
+    archive_text,
+    database_search_words,
+    fts5_match,
+    note_text,
+    one_line,
+)
+from ._sqlite_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, SqliteMail, body_field
 from ._timestamps import from_text, to_text, utc
 
 Synchronous = Literal["full", "normal"]
@@ -1081,9 +1088,7 @@ class SqliteStorage:
         words = await database_search_words(query, limit, closed=self._closed)
         if not words:
             return []
-        # Each word an FTS5 string ("" escapes a quote), so no user text is FTS5 syntax.
-        match = " OR ".join('"{}"'.format(word.replace('"', '""')) for word in words)
-        params = {"match": match, "agent": agent, "sender": sender, "limit": limit}
+        params = {"match": fts5_match(words), "agent": agent, "sender": sender, "limit": limit}
         rows = await self._read(
             f"Searching the memory of {agent}",
             lambda conn: conn.execute(_SEARCH, params).fetchall(),
@@ -1216,6 +1221,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
                 f" chinwag knows ({len(MIGRATIONS)}); upgrade chinwag."
             )
         now = to_text(datetime.now(UTC))
+        conn.create_function("mail_body_field", 2, body_field, deterministic=True)
         for version in range(current + 1, len(MIGRATIONS) + 1):
             for statement in MIGRATIONS[version - 1]:
                 conn.execute(statement)

@@ -44,10 +44,31 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import msgspec
-from chinwag.protocol import DELIVERY_ORDER, Delivery, MailMessage, Participant
+from chinwag.protocol import (
+    DELIVERY_ORDER,
+    Delivery,
+    LockHolder,
+    MailMessage,
+    MessageVersion,
+    Participant,
+    Project,
+    Space,
+    SpaceMember,
+)
 
 from ._base import StorageError
-from ._mail import InboxQuery, ParentChange, StateChange, msg_id_of, number_of
+from ._mail import (
+    EditChange,
+    InboxQuery,
+    MessageChange,
+    ParentChange,
+    StateChange,
+    changed,
+    lock_allows,
+    msg_id_of,
+    number_of,
+)
+from ._search import fts5_match
 from ._timestamps import from_text, to_text
 
 _T = TypeVar("_T")
@@ -57,9 +78,6 @@ class _Run(Protocol):
     """``SqliteStorage``'s ``_write_call`` or ``_read``: ``fn`` on one of its connections."""
 
     async def __call__(self, what: str, fn: Callable[[sqlite3.Connection], _T]) -> _T: ...
-
-
-MAIL_SPACES_MIGRATION: tuple[str, ...] = ()  # TODO(mail part 2): being written
 
 
 MAIL_MIGRATION: tuple[str, ...] = (
@@ -144,10 +162,70 @@ MAIL_MIGRATION: tuple[str, ...] = (
     """,
 )
 
+MAIL_SPACES_MIGRATION: tuple[str, ...] = (
+    # Part 1 never set these; a message's body is the truth, read by ``body_field``.
+    "ALTER TABLE mail_messages ADD COLUMN space TEXT",
+    "ALTER TABLE mail_messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE mail_messages ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0",
+    """
+    UPDATE mail_messages SET
+        space = mail_body_field(body, 'space'),
+        deleted = mail_body_field(body, 'deleted'),
+        pinned = mail_body_field(body, 'pinned')
+    """,
+    """
+    CREATE INDEX mail_messages_by_space
+        ON mail_messages (space, number) WHERE space IS NOT NULL
+    """,
+    """
+    CREATE TABLE mail_versions (
+        number INTEGER NOT NULL REFERENCES mail_messages (number),
+        version INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (number, version)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE VIRTUAL TABLE mail_text USING fts5 (
+        content,
+        tokenize = "unicode61 remove_diacritics 0 tokenchars '_'"
+    )
+    """,
+    """
+    INSERT INTO mail_text (rowid, content)
+    SELECT number, mail_body_field(body, 'content') FROM mail_messages WHERE NOT deleted
+    """,
+    "CREATE TABLE mail_spaces (name TEXT PRIMARY KEY, body TEXT NOT NULL) WITHOUT ROWID",
+    """
+    CREATE TABLE mail_members (
+        space TEXT NOT NULL,
+        name TEXT NOT NULL,
+        joined_at TEXT NOT NULL,
+        PRIMARY KEY (space, name)
+    ) WITHOUT ROWID
+    """,
+    "CREATE TABLE mail_projects (name TEXT PRIMARY KEY, body TEXT NOT NULL) WITHOUT ROWID",
+    """
+    CREATE TABLE mail_locks (
+        resource TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        acquired_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        PRIMARY KEY (resource, holder)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX mail_locks_by_holder ON mail_locks (holder)",
+)
 _encode_message = msgspec.msgpack.Encoder().encode
 _decode_message = msgspec.msgpack.Decoder(MailMessage).decode
 _encode_participant = msgspec.json.Encoder().encode
 _decode_participant = msgspec.json.Decoder(Participant).decode
+_encode_json = msgspec.json.Encoder().encode
+_decode_space = msgspec.json.Decoder(Space).decode
+_decode_project = msgspec.json.Decoder(Project).decode
+_decode_version = msgspec.msgpack.Decoder(MessageVersion).decode
+_LOCK_COLUMNS = "resource, holder, mode, acquired_at, expires_at"
 
 _DELIVERY_COLUMNS = "d.name, d.state, d.delivered_at, d.read_at, d.mentioned"
 _RANK = "CASE state WHEN 'pending' THEN 0 WHEN 'delivered' THEN 1 ELSE 2 END"
@@ -229,7 +307,8 @@ class SqliteMail:
                 _change_parent(conn, parent, stored, created_at)
             conn.execute(
                 "INSERT INTO mail_messages (number, sender, thread_id, channel, priority,"
-                " created_at, idempotency_key, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, idempotency_key, body, space, deleted, pinned)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     number,
                     message.sender,
@@ -239,8 +318,16 @@ class SqliteMail:
                     created_at,
                     key,
                     body,
+                    message.space,
+                    message.deleted,
+                    message.pinned,
                 ),
             )
+            if not message.deleted:
+                conn.execute(
+                    "INSERT INTO mail_text (rowid, content) VALUES (?, ?)",
+                    (number, message.content),
+                )
             conn.executemany(
                 "INSERT INTO mail_scopes (type, value, number) VALUES (?, ?, ?)",
                 [(type_, value, number) for type_, value in scopes],
@@ -305,6 +392,143 @@ class SqliteMail:
 
         moved: int = await self._write(f"Marking the mail of {name!r} read", mark)
         return moved
+
+    async def change_message(self, msg_id: str, change: MessageChange) -> MailMessage | None:
+        number = number_of(msg_id)
+        if number is None:
+            return None
+
+        def change_it(conn: sqlite3.Connection) -> MailMessage | None:
+            row = conn.execute(
+                "SELECT body FROM mail_messages WHERE number = ?", (number,)
+            ).fetchone()
+            if row is None:
+                return None
+            message, replaced = changed(_decode_message(row[0]), change)
+            body = _encode_message(message)
+            conn.execute(
+                "UPDATE mail_messages SET body = ?, deleted = ?, pinned = ? WHERE number = ?",
+                (body, message.deleted, message.pinned, number),
+            )
+            if replaced is not None:
+                conn.execute(
+                    "INSERT INTO mail_versions (number, version, body) VALUES (?, ?, ?)",
+                    (number, replaced.version, _encode_message(replaced)),
+                )
+            if message.deleted:
+                conn.execute("DELETE FROM mail_text WHERE rowid = ?", (number,))
+            elif isinstance(change, EditChange):
+                conn.execute(
+                    "UPDATE mail_text SET content = ? WHERE rowid = ?", (message.content, number)
+                )
+            return _decode_message(body)
+
+        return await self._write(f"Changing the message {msg_id}", change_it)
+
+    async def put_space(self, space: Space) -> None:
+        body = _json(msgspec.structs.replace(space, members=0, messages=0), "space")
+        await self._write(
+            f"Writing the space {space.name!r}",
+            lambda conn: conn.execute(
+                "INSERT INTO mail_spaces (name, body) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+                (space.name, body),
+            ).close(),
+        )
+
+    async def set_member(self, space: str, name: str, at: datetime, *, member: bool) -> bool:
+        when = to_text(at)
+
+        def set_it(conn: sqlite3.Connection) -> bool:
+            if member:
+                cursor = conn.execute(
+                    "INSERT INTO mail_members (space, name, joined_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (space, name, when),
+                )
+            else:
+                cursor = conn.execute(
+                    "DELETE FROM mail_members WHERE space = ? AND name = ?", (space, name)
+                )
+            moved: bool = cursor.rowcount > 0
+            cursor.close()
+            return moved
+
+        return await self._write(f"Changing the members of {space!r}", set_it)
+
+    async def put_project(self, project: Project) -> None:
+        body = _json(project, "project")
+        await self._write(
+            f"Writing the project {project.name!r}",
+            lambda conn: conn.execute(
+                "INSERT INTO mail_projects (name, body) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+                (project.name, body),
+            ).close(),
+        )
+
+    async def delete_project(self, name: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute("DELETE FROM mail_projects WHERE name = ?", (name,))
+            found: bool = cursor.rowcount > 0
+            cursor.close()
+            return found
+
+        return await self._write(f"Deleting the project {name!r}", delete)
+
+    async def take_lock(self, lock: LockHolder, now: datetime) -> tuple[bool, list[LockHolder]]:
+        when = to_text(now)
+
+        def take(conn: sqlite3.Connection) -> tuple[bool, list[LockHolder]]:
+            conn.execute(
+                "DELETE FROM mail_locks WHERE resource = ? AND expires_at <= ?",
+                (lock.resource, when),
+            ).close()
+            live = [
+                _lock(row)
+                for row in conn.execute(
+                    f"SELECT {_LOCK_COLUMNS} FROM mail_locks WHERE resource = ? ORDER BY holder",
+                    (lock.resource,),
+                ).fetchall()
+            ]
+            others = [h for h in live if h.holder != lock.holder]
+            if not lock_allows(others, lock.mode):
+                return False, live
+            mine = next((h for h in live if h.holder == lock.holder), None)
+            taken = (
+                lock
+                if mine is None
+                else msgspec.structs.replace(lock, acquired_at=mine.acquired_at)
+            )
+            conn.execute(
+                f"INSERT OR REPLACE INTO mail_locks ({_LOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (
+                    taken.resource,
+                    taken.holder,
+                    taken.mode,
+                    to_text(taken.acquired_at),
+                    to_text(taken.expires_at),
+                ),
+            ).close()
+            return True, sorted([*others, taken], key=lambda h: h.holder)
+
+        return await self._write(f"Taking the lock on {lock.resource!r}", take)
+
+    async def release_lock(self, resource: str, holder: str, now: datetime) -> bool:
+        when = to_text(now)
+
+        def release(conn: sqlite3.Connection) -> bool:
+            conn.execute(
+                "DELETE FROM mail_locks WHERE resource = ? AND expires_at <= ?", (resource, when)
+            ).close()
+            cursor = conn.execute(
+                "DELETE FROM mail_locks WHERE resource = ? AND holder = ?", (resource, holder)
+            )
+            held: bool = cursor.rowcount > 0
+            cursor.close()
+            return held
+
+        return await self._write(f"Releasing the lock on {resource!r}", release)
 
     # --- reads --------------------------------------------------------------------
 
@@ -435,6 +659,150 @@ class SqliteMail:
         )
         return [_decode_message(body) for (body,) in rows]
 
+    async def messages_after(self, after: str | None, *, limit: int) -> list[MailMessage]:
+        start = (None if after is None else number_of(after)) or 0
+        rows = await self._read(
+            "Reading new mail",
+            lambda conn: conn.execute(
+                "SELECT body FROM mail_messages WHERE number > ? ORDER BY number LIMIT ?",
+                (start, max(limit, 0)),
+            ).fetchall(),
+        )
+        return [_decode_message(body) for (body,) in rows]
+
+    async def space_mail(
+        self, space: str, name: str, query: InboxQuery, *, limit: int, before: str | None = None
+    ) -> list[tuple[MailMessage, Delivery | None]]:
+        bound = None if before is None else number_of(before)
+        if limit < 1 or (before is not None and bound is None):
+            return []
+        params: dict[str, Any] = {"name": name, "space": space, "limit": limit}
+        where = ["m.space = :space", *_filters(query, params)]
+        if bound is not None:
+            where.append("m.number < :before")
+            params["before"] = bound
+        sql = (
+            f"SELECT m.body, {_DELIVERY_COLUMNS} FROM mail_messages AS m"
+            " LEFT JOIN mail_deliveries AS d ON d.name = :name AND d.number = m.number"
+            f" WHERE {' AND '.join(where)} ORDER BY m.number DESC LIMIT :limit"
+        )
+        rows = await self._read(
+            f"Reading the mail of #{space}", lambda conn: conn.execute(sql, params).fetchall()
+        )
+        return [
+            (_decode_message(row[0]), None if row[1] is None else _delivery(row[1:]))
+            for row in rows
+        ]
+
+    async def versions(self, msg_id: str) -> list[MessageVersion]:
+        number = number_of(msg_id)
+        if number is None:
+            return []
+        rows = await self._read(
+            f"Reading the versions of {msg_id}",
+            lambda conn: conn.execute(
+                "SELECT body FROM mail_versions WHERE number = ? ORDER BY version", (number,)
+            ).fetchall(),
+        )
+        return [_decode_version(body) for (body,) in rows]
+
+    async def search(
+        self,
+        name: str,
+        words: Sequence[str],
+        *,
+        readable_spaces: Sequence[str],
+        only_spaces: Sequence[str] | None = None,
+        limit: int,
+    ) -> list[MailMessage]:
+        if not words or limit < 1:
+            return []
+        params = {
+            "match": fts5_match(words),
+            "name": name,
+            "readable": _json_list(readable_spaces),
+            "only": None if only_spaces is None else _json_list(only_spaces),
+            "limit": limit,
+        }
+        rows = await self._read(
+            f"Searching the mail of {name!r}",
+            lambda conn: conn.execute(_SEARCH, params).fetchall(),
+        )
+        return [_decode_message(body) for (body,) in rows]
+
+    async def spaces(self) -> list[Space]:
+        rows = await self._read(
+            "Reading the spaces",
+            lambda conn: conn.execute("SELECT body FROM mail_spaces ORDER BY name").fetchall(),
+        )
+        return [_decode_space(body) for (body,) in rows]
+
+    async def members(self) -> dict[str, list[SpaceMember]]:
+        rows = await self._read(
+            "Reading the spaces' members",
+            lambda conn: conn.execute(
+                "SELECT space, name, joined_at FROM mail_members ORDER BY space, name"
+            ).fetchall(),
+        )
+        found: dict[str, list[SpaceMember]] = {}
+        for space, name, joined_at in rows:
+            found.setdefault(space, []).append(
+                SpaceMember(name=name, joined_at=from_text(joined_at))
+            )
+        return found
+
+    async def space_counts(self) -> dict[str, int]:
+        rows = await self._read(
+            "Counting the spaces' mail",
+            lambda conn: conn.execute(
+                "SELECT space, count(*) FROM mail_messages INDEXED BY mail_messages_by_space"
+                " WHERE space IS NOT NULL GROUP BY space"
+            ).fetchall(),
+        )
+        return dict(rows)
+
+    async def projects(self) -> list[Project]:
+        rows = await self._read(
+            "Reading the projects",
+            lambda conn: conn.execute("SELECT body FROM mail_projects ORDER BY name").fetchall(),
+        )
+        return [_decode_project(body) for (body,) in rows]
+
+    async def locks(
+        self, now: datetime, *, resource: str | None = None, holder: str | None = None
+    ) -> list[LockHolder]:
+        rows = await self._read(
+            "Reading the locks",
+            lambda conn: conn.execute(
+                f"SELECT {_LOCK_COLUMNS} FROM mail_locks WHERE expires_at > ?"
+                " AND (? IS NULL OR resource = ?) AND (? IS NULL OR holder = ?)"
+                " ORDER BY resource, holder",
+                (to_text(now), resource, resource, holder, holder),
+            ).fetchall(),
+        )
+        return [_lock(row) for row in rows]
+
+
+# Best bm25 first (newer first on a tie), among what :name may read: its own mail, mail to
+# it, mail in a space it may read; none deleted (they are not in mail_text), and with :only,
+# space mail only of those spaces.
+_SEARCH = """
+SELECT m.body FROM mail_text AS t CROSS JOIN mail_messages AS m ON m.number = t.rowid
+WHERE mail_text MATCH :match
+    AND (m.sender = :name
+        OR m.space IN (SELECT value FROM json_each(:readable))
+        OR EXISTS (SELECT 1 FROM mail_deliveries AS d WHERE d.name = :name AND d.number = m.number))
+    AND (:only IS NULL OR m.space IS NULL OR m.space IN (SELECT value FROM json_each(:only)))
+ORDER BY t.rank, m.number DESC
+LIMIT :limit
+"""
+
+
+def body_field(body: bytes, field: str) -> Any:
+    """A field of a stored message's body, for SQL (``mail_body_field``, migration 4)."""
+    value = getattr(_decode_message(body), field)
+    return int(value) if isinstance(value, bool) else value
+
 
 # --- in the write's transaction ----------------------------------------------------------
 
@@ -522,6 +890,18 @@ def _inbox_sql(
             )
         params["scope_type"] = query.scope.type
         params["scope_value"] = query.scope.value
+    where.extend(_filters(query, params))
+    sql = (
+        f"SELECT m.body, {_DELIVERY_COLUMNS} FROM {source} WHERE {' AND '.join(where)}"
+        f" ORDER BY {key} DESC LIMIT :limit"
+    )
+    return sql, params
+
+
+def _filters(query: InboxQuery, params: dict[str, Any]) -> list[str]:
+    """The conditions of ``query`` on ``m`` (a message) and ``d`` (the reader's delivery)
+    that neither choose nor order the rows; their parameters go into ``params``."""
+    where = []
     if query.unread_only:
         where.append("d.state != 'read'")
     if query.mentions_only:
@@ -532,11 +912,35 @@ def _inbox_sql(
     if query.since is not None:
         where.append("m.created_at >= :since")
         params["since"] = to_text(query.since)
-    sql = (
-        f"SELECT m.body, {_DELIVERY_COLUMNS} FROM {source} WHERE {' AND '.join(where)}"
-        f" ORDER BY {key} DESC LIMIT :limit"
+    if not query.include_deleted:
+        where.append("NOT m.deleted")
+    if query.pinned_only:
+        where.append("m.pinned")
+    if query.only_spaces is not None:
+        where.append("(m.space IS NULL OR m.space IN (SELECT value FROM json_each(:only)))")
+        params["only"] = _json_list(query.only_spaces)
+    return where
+
+
+def _json_list(values: Sequence[str]) -> str:
+    return msgspec.json.encode(list(values)).decode()
+
+
+def _json(value: Space | Project, what: str) -> str:
+    try:
+        return _encode_json(value).decode()
+    except (TypeError, UnicodeEncodeError, OverflowError) as exc:
+        raise StorageError(f"The {what} {value.name!r} could not be encoded: {exc}.") from exc
+
+
+def _lock(row: Sequence[Any]) -> LockHolder:
+    return LockHolder(
+        resource=row[0],
+        holder=row[1],
+        mode=row[2],
+        acquired_at=from_text(row[3]),
+        expires_at=from_text(row[4]),
     )
-    return sql, params
 
 
 def _participant_body(participant: Participant) -> str:

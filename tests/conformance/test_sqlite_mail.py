@@ -13,9 +13,11 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 from chinwag.protocol import Delivery, Entry, MailMessage, Participant, Ref
 from chinwag.storage import (
+    EditChange,
     InboxQuery,
     ParentChange,
     SqliteStorage,
@@ -24,6 +26,7 @@ from chinwag.storage import (
     msg_id_of,
     open_store,
 )
+from chinwag.storage import _sqlite as sqlite_storage
 from chinwag.storage._sqlite import MIGRATIONS
 from chinwag.storage._sqlite_mail import _READ_ALL, _inbox_sql
 from chinwag.storage._timestamps import to_text
@@ -190,11 +193,46 @@ async def test_a_database_from_before_mail_gains_it_on_open(tmp_path: Path) -> N
     assert read_db(path, "SELECT version FROM schema_version ORDER BY 1") == [
         (version,) for version in range(1, len(MIGRATIONS) + 1)
     ]
-    assert len(MIGRATIONS) == 3
+    assert len(MIGRATIONS) == 4
     async with open_store(f"sqlite:///{path}") as store:  # migrates nothing twice
         rows = await store.mail.inbox("bob", InboxQuery(), limit=10)
         assert [m.content for m, _ in rows] == ["first mail"]
         assert [e.content for e in await store.history("a", "s")][-1] == "after mail"
+
+
+async def test_mail_from_schema_3_gains_search_versions_and_spaces_on_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "v3.db"
+    monkeypatch.setattr(sqlite_storage, "MIGRATIONS", MIGRATIONS[:3])
+    async with open_store(f"sqlite:///{path}"):
+        pass
+    monkeypatch.undo()
+    old = msgspec.structs.replace(message("ann", ["bob"], "an old wombat"), msg_id=msg_id_of(1))
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(
+            "INSERT INTO mail_messages (number, sender, priority, created_at, body)"
+            " VALUES (1, 'ann', 1, ?, ?)",
+            (to_text(old.created_at), msgspec.msgpack.encode(old)),
+        )
+        conn.execute(
+            "INSERT INTO mail_deliveries (name, number, state, mentioned)"
+            " VALUES ('bob', 1, 'pending', 0)"
+        )
+    conn.close()
+
+    async with open_store(f"sqlite:///{path}") as store:
+        found = await store.mail.search("bob", ["wombat"], readable_spaces=[], limit=5)
+        assert [m.msg_id for m in found] == [old.msg_id]
+        edited = await store.mail.change_message(
+            old.msg_id, EditChange(content="a new koala", at=old.created_at)
+        )
+        assert edited is not None and edited.version == 2
+        assert [v.content for v in await store.mail.versions(old.msg_id)] == ["an old wombat"]
+        assert await store.mail.search("bob", ["wombat"], readable_spaces=[], limit=5) == []
+        assert await store.mail.spaces() == [] and await store.mail.space_counts() == {}
+    assert read_db(path, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS),)]
 
 
 @pytest.mark.parametrize("synchronous", ["full", "normal"])
