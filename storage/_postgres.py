@@ -98,7 +98,7 @@ from psycopg_pool import ConnectionPool
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
-from ._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, PostgresMail
+from ._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, PostgresMail, websearch_words
 from ._search import SNIPPET_WORDS, WORD, archived_text, database_search_words, one_line
 from ._timestamps import from_text, to_text, utc
 
@@ -114,7 +114,7 @@ _POOL_TIMEOUT = 10.0  # seconds a call waits for the pool to (re)connect
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
 # Append new ones; never edit one that has shipped.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
+MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection[Any]], None], ...], ...] = (
     (
         """
         CREATE TABLE conversations (
@@ -774,7 +774,7 @@ class PostgresStorage:
         if not words:
             return []
         params = {
-            "words": " or ".join(f'"{word}"' for word in words),  # \w+ holds no quote
+            "words": websearch_words(words),
             "terms": words,
             "agent": agent,
             "sender": sender,
@@ -1001,7 +1001,10 @@ def _migrate(conn: psycopg.Connection[Any], schema: str | None, where: str) -> N
         now = datetime.now(UTC)
         for version in range(current + 1, len(MIGRATIONS) + 1):
             for statement in MIGRATIONS[version - 1]:
-                conn.execute(statement)
+                if isinstance(statement, str):
+                    conn.execute(statement)
+                else:  # a step SQL alone cannot take, such as reading encoded bodies
+                    statement(conn)
             conn.execute(
                 "INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)", (version, now)
             )

@@ -73,10 +73,28 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 import psycopg
 import trio
-from chinwag.protocol import Delivery, MailMessage, Participant
+from chinwag.protocol import (
+    Delivery,
+    LockHolder,
+    MailMessage,
+    MessageVersion,
+    Participant,
+    Project,
+    Space,
+    SpaceMember,
+)
 
 from ._base import StorageError
-from ._mail import InboxQuery, ParentChange, StateChange, msg_id_of, number_of
+from ._mail import (
+    InboxQuery,
+    MessageChange,
+    ParentChange,
+    StateChange,
+    changed,
+    lock_allows,
+    msg_id_of,
+    number_of,
+)
 from ._timestamps import utc
 
 _T = TypeVar("_T")
@@ -86,9 +104,6 @@ class _Run(Protocol):
     """``PostgresStorage._run``: ``fn`` on a pooled connection in a worker thread."""
 
     async def __call__(self, what: str, fn: Callable[[psycopg.Connection[Any]], _T]) -> _T: ...
-
-
-MAIL_SPACES_MIGRATION: tuple[str, ...] = ()  # TODO(mail part 2): being written
 
 
 MAIL_MIGRATION: tuple[str, ...] = (
@@ -156,6 +171,61 @@ MAIL_MIGRATION: tuple[str, ...] = (
 )
 """Migration 3 of ``PostgresStorage``'s schema: the mail tables."""
 
+
+def _index_old_mail(conn: psycopg.Connection[Any]) -> None:
+    """Fill ``search`` (and the columns part 1 never set) from each stored body."""
+    rows = conn.execute("SELECT number, body FROM messages").fetchall()
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            "UPDATE messages SET search = to_tsvector('simple', %s), space = %s, deleted = %s,"
+            " pinned = %s WHERE number = %s",
+            [
+                (_text(m.content), m.space, m.deleted, m.pinned, number)
+                for number, m in ((n, _decode_message(body)) for n, body in rows)
+            ],
+        )
+
+
+MAIL_SPACES_MIGRATION: tuple[str | Callable[[psycopg.Connection[Any]], None], ...] = (
+    "ALTER TABLE messages ADD COLUMN space text",
+    "ALTER TABLE messages ADD COLUMN deleted boolean NOT NULL DEFAULT false",
+    "ALTER TABLE messages ADD COLUMN pinned boolean NOT NULL DEFAULT false",
+    "ALTER TABLE messages ADD COLUMN search tsvector",
+    _index_old_mail,
+    "CREATE INDEX messages_search ON messages USING gin (search)",
+    "CREATE INDEX messages_by_space ON messages (space, number) WHERE space IS NOT NULL",
+    """
+    CREATE TABLE message_versions (
+        number bigint NOT NULL REFERENCES messages (number),
+        version integer NOT NULL,
+        body bytea NOT NULL,
+        PRIMARY KEY (number, version)
+    )
+    """,
+    "CREATE TABLE spaces (name text PRIMARY KEY, body bytea NOT NULL)",
+    """
+    CREATE TABLE space_members (
+        space text NOT NULL,
+        name text NOT NULL,
+        joined_at timestamptz NOT NULL,
+        PRIMARY KEY (space, name)
+    )
+    """,
+    "CREATE TABLE projects (name text PRIMARY KEY, body bytea NOT NULL)",
+    """
+    CREATE TABLE locks (
+        resource text NOT NULL,
+        holder text NOT NULL,
+        mode text NOT NULL,
+        acquired_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        PRIMARY KEY (resource, holder)
+    )
+    """,
+    "CREATE INDEX locks_by_holder ON locks (holder)",
+)
+"""Migration 4: spaces, projects, versions, locks, and each message's search vector."""
+
 _MESSAGE_COLUMNS = "m.number, m.body, m.thread_id, m.answered_by, m.answered_run_id"
 _DELIVERY_COLUMNS = "d.state, d.delivered_at, d.read_at, d.mentioned"
 
@@ -173,9 +243,11 @@ _COUNT = """
 # key of another's uncommitted message holds no other lock meanwhile.
 _POST = f"""
 WITH ins AS (
-    INSERT INTO messages (sender, idempotency_key, thread_id, channel, priority, created_at, body)
+    INSERT INTO messages (sender, idempotency_key, thread_id, channel, priority, created_at, body,
+                          space, deleted, pinned, search)
     SELECT %(sender)s, %(key)s, %(thread_id)s, %(channel)s, %(priority)s, %(created_at)s,
-           %(body)s
+           %(body)s, %(space)s, %(deleted)s, %(pinned)s,
+           CASE WHEN %(deleted)s THEN NULL ELSE to_tsvector('simple', %(content)s) END
     WHERE (%(parent)s::bigint IS NULL
            OR EXISTS (SELECT FROM messages WHERE number = %(parent)s::bigint))
       AND (%(key)s::text IS NULL OR NOT EXISTS (
@@ -270,6 +342,26 @@ _READ_ALL = _MOVE.format(
 _encode = msgspec.msgpack.Encoder().encode
 _decode_message = msgspec.msgpack.Decoder(MailMessage).decode
 _decode_participant = msgspec.msgpack.Decoder(Participant).decode
+_decode_space = msgspec.msgpack.Decoder(Space).decode
+_decode_project = msgspec.msgpack.Decoder(Project).decode
+_decode_version = msgspec.msgpack.Decoder(MessageVersion).decode
+_LOCK_COLUMNS = "resource, holder, mode, acquired_at, expires_at"
+
+# Best first among what %(name)s may read, ranked as memory search ranks (ts_rank over 1 +
+# log of the length, times how many of the words a message holds), newer first on a tie.
+_SEARCH = f"""
+WITH query AS MATERIALIZED (SELECT websearch_to_tsquery('simple', %(words)s) AS q)
+SELECT {_MESSAGE_COLUMNS} FROM messages m, query
+WHERE m.search @@ query.q AND NOT m.deleted
+  AND (m.sender = %(name)s OR m.space = ANY(%(readable)s)
+       OR EXISTS (SELECT FROM deliveries d WHERE d.name = %(name)s AND d.number = m.number))
+  AND (%(only)s::text[] IS NULL OR m.space IS NULL OR m.space = ANY(%(only)s::text[]))
+ORDER BY ts_rank(m.search, query.q, 1) * (
+             SELECT count(*) FROM unnest(%(terms)s::text[]) t
+             WHERE m.search @@ plainto_tsquery('simple', t)
+         ) DESC, m.number DESC
+LIMIT %(limit)s
+"""
 
 
 class PostgresMail:
@@ -345,6 +437,10 @@ class PostgresMail:
             "priority": message.priority,
             "created_at": created_at,
             "body": body,
+            "space": message.space,
+            "deleted": message.deleted,
+            "pinned": message.pinned,
+            "content": _text(message.content),
             "parent": parent_number,
             "parent_id": parent.msg_id if parent is not None else None,
             "start_thread": parent is not None and parent.start_thread,
@@ -453,6 +549,151 @@ class PostgresMail:
         assert row is not None
         return int(row[0])
 
+    # --- changes to messages, spaces, projects, locks -------------------------------------
+
+    async def change_message(self, msg_id: str, change: MessageChange) -> MailMessage | None:
+        number = number_of(msg_id)
+        if number is None:
+            await self._nothing()
+            return None
+
+        def change_it(conn: psycopg.Connection[Any]) -> MailMessage | None:
+            with conn.transaction():
+                row = conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.number = %s FOR UPDATE",
+                    (number,),
+                ).fetchone()
+                if row is None:
+                    return None
+                message, replaced = changed(_message(*row), change)
+                conn.execute(
+                    "UPDATE messages SET body = %s, deleted = %s, pinned = %s,"
+                    " search = CASE WHEN %s THEN NULL ELSE to_tsvector('simple', %s) END"
+                    " WHERE number = %s",
+                    (
+                        _encode(msgspec.structs.replace(message, msg_id="")),
+                        message.deleted,
+                        message.pinned,
+                        message.deleted,
+                        _text(message.content),
+                        number,
+                    ),
+                )
+                if replaced is not None:
+                    conn.execute(
+                        "INSERT INTO message_versions (number, version, body) VALUES (%s, %s, %s)",
+                        (number, replaced.version, _encode(replaced)),
+                    )
+                return message
+
+        return await self._write(f"Changing the message {msg_id}", change_it)
+
+    async def put_space(self, space: Space) -> None:
+        params = (space.name, _encode(msgspec.structs.replace(space, members=0, messages=0)))
+        await self._write(
+            f"Storing the space {space.name!r}",
+            lambda conn: conn.execute(
+                "INSERT INTO spaces (name, body) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body",
+                params,
+            ),
+        )
+
+    async def set_member(self, space: str, name: str, at: datetime, *, member: bool) -> bool:
+        if member:
+            statement = (
+                "INSERT INTO space_members (space, name, joined_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING"
+            )
+            params: tuple[Any, ...] = (space, name, utc(at))
+        else:
+            statement = "DELETE FROM space_members WHERE space = %s AND name = %s"
+            params = (space, name)
+        moved = await self._write(
+            f"Changing the members of {space!r}",
+            lambda conn: conn.execute(statement, params).rowcount,
+        )
+        return moved > 0
+
+    async def put_project(self, project: Project) -> None:
+        params = (project.name, _encode(project))
+        await self._write(
+            f"Storing the project {project.name!r}",
+            lambda conn: conn.execute(
+                "INSERT INTO projects (name, body) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body",
+                params,
+            ),
+        )
+
+    async def delete_project(self, name: str) -> bool:
+        deleted = await self._write(
+            f"Deleting the project {name!r}",
+            lambda conn: conn.execute("DELETE FROM projects WHERE name = %s", (name,)).rowcount,
+        )
+        return deleted > 0
+
+    async def take_lock(self, lock: LockHolder, now: datetime) -> tuple[bool, list[LockHolder]]:
+        key = _lock_key(self._schema, "lock", lock.resource)
+
+        def take(conn: psycopg.Connection[Any]) -> tuple[bool, list[LockHolder]]:
+            # One resource's takers take turns, on every daemon: a lock of the resource.
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+                conn.execute(
+                    "DELETE FROM locks WHERE resource = %s AND expires_at <= %s",
+                    (lock.resource, utc(now)),
+                )
+                live = [
+                    _lock(*row)
+                    for row in conn.execute(
+                        f"SELECT {_LOCK_COLUMNS} FROM locks WHERE resource = %s"
+                        ' ORDER BY holder COLLATE "C"',
+                        (lock.resource,),
+                    ).fetchall()
+                ]
+                others = [h for h in live if h.holder != lock.holder]
+                if not lock_allows(others, lock.mode):
+                    return False, live
+                conn.execute(
+                    f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (%s, %s, %s, %s, %s)"
+                    " ON CONFLICT (resource, holder) DO UPDATE SET mode = EXCLUDED.mode,"
+                    " expires_at = EXCLUDED.expires_at",
+                    (
+                        lock.resource,
+                        lock.holder,
+                        lock.mode,
+                        utc(lock.acquired_at),
+                        utc(lock.expires_at),
+                    ),
+                )
+                mine = next((h for h in live if h.holder == lock.holder), None)
+                taken = (
+                    lock
+                    if mine is None
+                    else msgspec.structs.replace(lock, acquired_at=mine.acquired_at)
+                )
+                return True, sorted([*others, taken], key=lambda h: h.holder)
+
+        return await self._write(f"Taking the lock on {lock.resource!r}", take)
+
+    async def release_lock(self, resource: str, holder: str, now: datetime) -> bool:
+        key = _lock_key(self._schema, "lock", resource)
+
+        def release(conn: psycopg.Connection[Any]) -> bool:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+                conn.execute(
+                    "DELETE FROM locks WHERE resource = %s AND expires_at <= %s",
+                    (resource, utc(now)),
+                )
+                deleted = conn.execute(
+                    "DELETE FROM locks WHERE resource = %s AND holder = %s", (resource, holder)
+                ).rowcount
+            return deleted > 0
+
+        return await self._write(f"Releasing the lock on {resource!r}", release)
+
     # --- reads ------------------------------------------------------------------------------
 
     async def get_message(self, msg_id: str) -> MailMessage | None:
@@ -511,18 +752,7 @@ class PostgresMail:
         if query.since is not None:
             where.append("d.created_at >= %(since)s")
             params["since"] = utc(query.since)
-        if query.thread_id is not None:
-            joined.append("m.thread_id = %(thread_id)s")
-            params["thread_id"] = query.thread_id
-        if query.channel is not None:
-            joined.append("m.channel = %(channel)s")
-            params["channel"] = query.channel
-        if query.scope is not None:
-            joined.append(
-                "EXISTS (SELECT FROM message_scopes s WHERE s.type = %(scope_type)s"
-                " AND s.value = %(scope_value)s AND s.number = d.number)"
-            )
-            params.update(scope_type=query.scope.type, scope_value=query.scope.value)
+        joined.extend(_message_filters(query, params))
         if joined and before is not None:
             # Bounds the messages' side of a merge join too: the planner does not carry
             # d.number < x over to m.number, and would start at the newest message.
@@ -604,6 +834,197 @@ class PostgresMail:
             ).fetchall(),
         )
         return [_message(*row) for row in rows]
+
+    async def messages_after(self, after: str | None, *, limit: int) -> list[MailMessage]:
+        start = (None if after is None else number_of(after)) or 0
+        rows = await self._run(
+            "Reading new mail",
+            lambda conn: conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.number > %s"
+                " ORDER BY m.number LIMIT %s",
+                (start, max(limit, 0)),
+            ).fetchall(),
+        )
+        return [_message(*row) for row in rows]
+
+    async def space_mail(
+        self, space: str, name: str, query: InboxQuery, *, limit: int, before: str | None = None
+    ) -> list[tuple[MailMessage, Delivery | None]]:
+        where = ["m.space = %(space)s", "m.priority >= %(priority_min)s"]
+        params: dict[str, Any] = {
+            "space": space,
+            "name": name,
+            "priority_min": query.priority_min,
+            "limit": max(limit, 0),
+        }
+        if before is not None:
+            where.append("m.number < %(before)s")
+            params["before"] = number_of(before) or 0
+        if query.unread_only:
+            where.append("d.state <> 'read'")
+        if query.mentions_only:
+            where.append("d.mentioned")
+        if query.since is not None:
+            where.append("m.created_at >= %(since)s")
+            params["since"] = utc(query.since)
+        where.extend(_message_filters(query, params))
+        rows = await self._run(
+            f"Reading the mail of #{space}",
+            lambda conn: conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS}, d.name, {_DELIVERY_COLUMNS} FROM messages m"
+                " LEFT JOIN deliveries d ON d.name = %(name)s AND d.number = m.number"
+                f" WHERE {' AND '.join(where)} ORDER BY m.number DESC LIMIT %(limit)s",
+                params,
+                prepare=False,
+            ).fetchall(),
+        )
+        return [
+            (_message(*row[:5]), None if row[5] is None else _delivery(*row[5:])) for row in rows
+        ]
+
+    async def versions(self, msg_id: str) -> list[MessageVersion]:
+        number = number_of(msg_id)
+        if number is None:
+            await self._nothing()
+            return []
+        rows = await self._run(
+            f"Reading the versions of {msg_id}",
+            lambda conn: conn.execute(
+                "SELECT body FROM message_versions WHERE number = %s ORDER BY version", (number,)
+            ).fetchall(),
+        )
+        return [_decode_version(row[0]) for row in rows]
+
+    async def search(
+        self,
+        name: str,
+        words: Sequence[str],
+        *,
+        readable_spaces: Sequence[str],
+        only_spaces: Sequence[str] | None = None,
+        limit: int,
+    ) -> list[MailMessage]:
+        if not words or limit < 1:
+            await self._nothing()
+            return []
+        params = {
+            "words": websearch_words(words),
+            "terms": list(words),
+            "name": name,
+            "readable": list(readable_spaces),
+            "only": None if only_spaces is None else list(only_spaces),
+            "limit": limit,
+        }
+        rows = await self._run(
+            f"Searching the mail of {name!r}",
+            lambda conn: conn.execute(_SEARCH, params, prepare=False).fetchall(),
+        )
+        return [_message(*row) for row in rows]
+
+    async def spaces(self) -> list[Space]:
+        rows = await self._run(
+            "Reading the spaces",
+            lambda conn: conn.execute(
+                'SELECT body FROM spaces ORDER BY name COLLATE "C"'
+            ).fetchall(),
+        )
+        return [_decode_space(row[0]) for row in rows]
+
+    async def members(self) -> dict[str, list[SpaceMember]]:
+        rows = await self._run(
+            "Reading the spaces' members",
+            lambda conn: conn.execute(
+                'SELECT space, name, joined_at FROM space_members ORDER BY space, name COLLATE "C"'
+            ).fetchall(),
+        )
+        found: dict[str, list[SpaceMember]] = {}
+        for space, member, joined_at in rows:
+            found.setdefault(space, []).append(
+                SpaceMember(name=member, joined_at=joined_at.astimezone(UTC))
+            )
+        return found
+
+    async def space_counts(self) -> dict[str, int]:
+        rows = await self._run(
+            "Counting the spaces' mail",
+            lambda conn: conn.execute(
+                "SELECT space, count(*) FROM messages WHERE space IS NOT NULL GROUP BY space"
+            ).fetchall(),
+        )
+        return {space: int(count) for space, count in rows}
+
+    async def projects(self) -> list[Project]:
+        rows = await self._run(
+            "Reading the projects",
+            lambda conn: conn.execute(
+                'SELECT body FROM projects ORDER BY name COLLATE "C"'
+            ).fetchall(),
+        )
+        return [_decode_project(row[0]) for row in rows]
+
+    async def locks(
+        self, now: datetime, *, resource: str | None = None, holder: str | None = None
+    ) -> list[LockHolder]:
+        rows = await self._run(
+            "Reading the locks",
+            lambda conn: conn.execute(
+                f"SELECT {_LOCK_COLUMNS} FROM locks WHERE expires_at > %(now)s"
+                " AND (%(resource)s::text IS NULL OR resource = %(resource)s::text)"
+                " AND (%(holder)s::text IS NULL OR holder = %(holder)s::text)"
+                ' ORDER BY resource COLLATE "C", holder COLLATE "C"',
+                {"now": utc(now), "resource": resource, "holder": holder},
+            ).fetchall(),
+        )
+        return [_lock(*row) for row in rows]
+
+
+def websearch_words(words: Sequence[str]) -> str:
+    """``websearch_to_tsquery`` text for any of ``words`` (each quoted; ``\\w+`` holds no
+    quote), so no user text is ever query syntax."""
+    return " or ".join(f'"{word}"' for word in words)
+
+
+def _text(content: str) -> str:
+    """What is searched of a message's content: PostgreSQL text holds no NUL."""
+    return content.replace("\x00", " ")
+
+
+def _message_filters(query: InboxQuery, params: dict[str, Any]) -> list[str]:
+    """The conditions of ``query`` on the message ``m`` that part 2 added, and the thread,
+    channel and scope filters; their parameters go into ``params``."""
+    where = []
+    if query.thread_id is not None:
+        where.append("m.thread_id = %(thread_id)s")
+        params["thread_id"] = query.thread_id
+    if query.channel is not None:
+        where.append("m.channel = %(channel)s")
+        params["channel"] = query.channel
+    if query.scope is not None:
+        where.append(
+            "EXISTS (SELECT FROM message_scopes s WHERE s.type = %(scope_type)s"
+            " AND s.value = %(scope_value)s AND s.number = m.number)"
+        )
+        params.update(scope_type=query.scope.type, scope_value=query.scope.value)
+    if not query.include_deleted:
+        where.append("NOT m.deleted")
+    if query.pinned_only:
+        where.append("m.pinned")
+    if query.only_spaces is not None:
+        where.append("(m.space IS NULL OR m.space = ANY(%(only)s::text[]))")
+        params["only"] = list(query.only_spaces)
+    return where
+
+
+def _lock(
+    resource: str, holder: str, mode: Any, acquired_at: datetime, expires_at: datetime
+) -> LockHolder:
+    return LockHolder(
+        resource=resource,
+        holder=holder,
+        mode=mode,
+        acquired_at=acquired_at.astimezone(UTC),
+        expires_at=expires_at.astimezone(UTC),
+    )
 
 
 def _page(where: list[str], joined: list[str], *, descending: bool) -> str:

@@ -146,11 +146,16 @@ async def test_either_scheme_opens_a_shared_store_in_the_named_schema(
         ("conversations",),
         ("deliveries",),
         ("entries",),
+        ("locks",),
         ("message_scopes",),
+        ("message_versions",),
         ("messages",),
         ("notes",),
         ("participants",),
+        ("projects",),
         ("schema_version",),
+        ("space_members",),
+        ("spaces",),
         ("unread_counts",),
     ]
 

@@ -34,6 +34,7 @@ import trio
 from chinwag.protocol import Delivery, Entry, MailMessage, Participant
 from chinwag.storage import (
     Archive,
+    EditChange,
     InboxQuery,
     NewConversation,
     ParentChange,
@@ -49,7 +50,18 @@ on_postgres = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 BEFORE_MAIL = 2  # the schema version of every chinwag before mail
 OLD_TABLES = ["archives", "conversations", "entries", "notes", "schema_version"]
-MAIL_TABLES = ["deliveries", "message_scopes", "messages", "participants", "unread_counts"]
+MAIL_TABLES = [
+    "deliveries",
+    "locks",
+    "message_scopes",
+    "message_versions",
+    "messages",
+    "participants",
+    "projects",
+    "space_members",
+    "spaces",
+    "unread_counts",
+]
 # sha256 of json.dumps(MIGRATIONS[:2]) as shipped (db9c294): a migration that has
 # shipped is never edited, or databases made by it would not match the code.
 SHIPPED = "a6e5a9889449c8eeb8183aba1cff53a59c55dd8934c3e38d4586bc7c9dbf2633"
@@ -105,7 +117,49 @@ async def everything(store: Storage) -> Any:
 def test_the_shipped_migrations_are_unchanged() -> None:
     shipped = json.dumps([list(migration) for migration in MIGRATIONS[:BEFORE_MAIL]])
     assert hashlib.sha256(shipped.encode()).hexdigest() == SHIPPED
-    assert len(MIGRATIONS) == BEFORE_MAIL + 1
+    assert len(MIGRATIONS) == BEFORE_MAIL + 2  # mail, then mail's part 2
+
+
+@on_postgres
+async def test_mail_from_schema_3_gains_search_and_versions_on_open(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as old_code:
+        old_code.setattr(_postgres, "MIGRATIONS", MIGRATIONS[: BEFORE_MAIL + 1])
+        async with open_store(store_url):
+            pass
+    old = MailMessage(
+        msg_id="",
+        sender="ann",
+        to=["bob"],
+        recipients=["bob"],
+        content="an old wombat",
+        created_at=T0,
+    )
+    query(
+        store_url,
+        "INSERT INTO messages (sender, priority, created_at, body) VALUES ('ann', 1, %s, %s)",
+        T0,
+        msgspec.msgpack.encode(old),
+    )
+    query(
+        store_url,
+        "INSERT INTO deliveries (name, number, state, mentioned, priority, created_at)"
+        " SELECT 'bob', number, 'pending', false, 1, %s FROM messages",
+        T0,
+    )
+    async with open_store(store_url) as store:
+        (found,) = await store.mail.search("bob", ["wombat"], readable_spaces=[], limit=5)
+        assert found.content == "an old wombat"
+        edited = await store.mail.change_message(
+            found.msg_id, EditChange(content="a new koala", at=T0)
+        )
+        assert edited is not None and edited.version == 2
+        assert [v.content for v in await store.mail.versions(found.msg_id)] == ["an old wombat"]
+        assert await store.mail.search("bob", ["wombat"], readable_spaces=[], limit=5) == []
+        assert [m.content for m, _ in await store.mail.inbox("bob", InboxQuery(), limit=5)] == [
+            "a new koala"
+        ]
 
 
 @on_postgres
