@@ -1,0 +1,374 @@
+"""The MailStore conformance suite, part 2: message changes and versions, search, space
+mail, spaces and members, projects, locks. Every backend passes it unchanged; the
+contract is the docstrings of storage/_mail.py. Helpers are test_mail.py's.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import msgspec
+import pytest
+from chinwag.protocol import Delivery, LockHolder, Project, Space
+from chinwag.storage import (
+    DeleteChange,
+    EditChange,
+    InboxQuery,
+    PinChange,
+    ReactChange,
+    Storage,
+    StorageError,
+    msg_id_of,
+)
+from test_mail import MANY, STORE_CLOSED, T0, Reopen, at, post
+
+
+def space(name: str, **fields: object) -> Space:
+    return Space(name=name, created_by="alice", created_at=T0, **fields)  # type: ignore[arg-type]
+
+
+def project(name: str, **fields: object) -> Project:
+    return Project(
+        name=name,
+        created_by="alice",
+        created_at=T0,
+        updated_at=T0,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def holder(resource: str, name: str, mode: str = "exclusive", *, ttl: float = 60) -> LockHolder:
+    return LockHolder(
+        resource=resource,
+        holder=name,
+        mode=mode,  # type: ignore[arg-type]
+        acquired_at=T0,
+        expires_at=T0 + timedelta(seconds=ttl),
+    )
+
+
+async def search(store: Storage, name: str, *words: str, **fields: object) -> list[str]:
+    fields.setdefault("readable_spaces", [])
+    fields.setdefault("limit", MANY)
+    found = await store.mail.search(name, list(words), **fields)  # type: ignore[arg-type]
+    return [m.content for m in found]
+
+
+# --- changes to messages ----------------------------------------------------------------
+
+
+async def test_an_edit_keeps_the_version_it_replaced_and_changes_what_search_finds(
+    store: Storage,
+) -> None:
+    posted = await post(store, content="the first wombat", structured={"n": 1})
+    edited = await store.mail.change_message(
+        posted.msg_id, EditChange(content="the second koala", structured={"n": 2}, at=at(10))
+    )
+    assert edited is not None
+    assert (edited.content, edited.structured, edited.version, edited.edited_at) == (
+        "the second koala",
+        {"n": 2},
+        2,
+        at(10),
+    )
+    await store.mail.change_message(posted.msg_id, EditChange(content="a third", at=at(20)))
+    versions = await store.mail.versions(posted.msg_id)
+    assert [(v.version, v.content, v.structured) for v in versions] == [
+        (1, "the first wombat", {"n": 1}),
+        (2, "the second koala", {"n": 2}),
+    ]
+    assert [(v.created_at, v.replaced_at) for v in versions] == [(T0, at(10)), (at(10), at(20))]
+    now = await store.mail.get_message(posted.msg_id)
+    assert now is not None and (now.content, now.version) == ("a third", 3)
+    assert await search(store, "bob", "wombat") == []
+    assert await search(store, "bob", "koala") == []
+    assert await search(store, "bob", "third") == ["a third"]
+    assert await store.mail.versions(msg_id_of(99)) == []
+    assert await store.mail.change_message(msg_id_of(99), DeleteChange(at=T0)) is None
+    assert await store.mail.change_message("nonsense", DeleteChange(at=T0)) is None
+
+
+async def test_a_delete_is_soft_and_leaves_inbox_and_search_unless_asked(store: Storage) -> None:
+    kept = await post(store, content="keep this apple")
+    gone = await post(store, content="drop this apple")
+    deleted = await store.mail.change_message(
+        gone.msg_id, DeleteChange(reason="wrong chat", at=at(5))
+    )
+    assert deleted is not None and (deleted.deleted, deleted.delete_reason) == (True, "wrong chat")
+    assert deleted.content == "drop this apple"
+    rows = await store.mail.inbox("bob", InboxQuery(), limit=MANY)
+    assert [m.msg_id for m, _ in rows] == [kept.msg_id]
+    rows = await store.mail.inbox("bob", InboxQuery(include_deleted=True), limit=MANY)
+    assert [m.msg_id for m, _ in rows] == [gone.msg_id, kept.msg_id]
+    assert await search(store, "bob", "apple") == ["keep this apple"]
+    assert [m.msg_id for m in await store.mail.thread(gone.msg_id)] == []  # no thread: none
+
+
+async def test_reactions_add_once_remove_and_keep_their_order(store: Storage) -> None:
+    posted = await post(store)
+    for by, emoji in [("bob", "👍"), ("carol", "🎉"), ("carol", "👍"), ("bob", "👍")]:
+        await store.mail.change_message(posted.msg_id, ReactChange(emoji=emoji, by=by))
+    now = await store.mail.get_message(posted.msg_id)
+    assert now is not None
+    assert [(r.emoji, r.by) for r in now.reactions] == [("👍", ["bob", "carol"]), ("🎉", ["carol"])]
+    await store.mail.change_message(posted.msg_id, ReactChange(emoji="🎉", by="carol", remove=True))
+    await store.mail.change_message(posted.msg_id, ReactChange(emoji="👀", by="dan", remove=True))
+    now = await store.mail.get_message(posted.msg_id)
+    assert now is not None and [(r.emoji, r.by) for r in now.reactions] == [
+        ("👍", ["bob", "carol"])
+    ]
+
+
+async def test_pins_are_kept_with_who_and_when_and_filter_the_inbox(store: Storage) -> None:
+    first = await post(store, content="one")
+    await post(store, content="two")
+    pinned = await store.mail.change_message(first.msg_id, PinChange(by="bob", at=at(3)))
+    assert pinned is not None and (pinned.pinned, pinned.pinned_by, pinned.pinned_at) == (
+        True,
+        "bob",
+        at(3),
+    )
+    rows = await store.mail.inbox("bob", InboxQuery(pinned_only=True), limit=MANY)
+    assert [m.msg_id for m, _ in rows] == [first.msg_id]
+    unpinned = await store.mail.change_message(
+        first.msg_id, PinChange(by="bob", at=at(4), unpin=True)
+    )
+    assert unpinned is not None and (unpinned.pinned, unpinned.pinned_by) == (False, None)
+    assert await store.mail.inbox("bob", InboxQuery(pinned_only=True), limit=MANY) == []
+
+
+async def test_changes_survive_a_reopen(store: Storage, reopen: Reopen) -> None:
+    posted = await post(store, content="before")
+    await store.mail.change_message(posted.msg_id, EditChange(content="after", at=at(1)))
+    await store.mail.change_message(posted.msg_id, ReactChange(emoji="👍", by="bob"))
+    await store.mail.change_message(posted.msg_id, PinChange(by="bob", at=at(2)))
+    other = await post(store, content="to delete")
+    await store.mail.change_message(other.msg_id, DeleteChange(at=at(3)))
+    before = [await store.mail.get_message(m) for m in (posted.msg_id, other.msg_id)]
+    store = await reopen(store)
+    assert [await store.mail.get_message(m) for m in (posted.msg_id, other.msg_id)] == before
+    assert [v.content for v in await store.mail.versions(posted.msg_id)] == ["before"]
+    assert await search(store, "bob", "after") == ["after"]
+    assert await search(store, "bob", "delete") == []
+
+
+# --- search -------------------------------------------------------------------------------
+
+
+async def test_search_finds_only_what_the_name_may_read(store: Storage) -> None:
+    await post(store, "alice", ["bob"], "auth to bob")
+    await post(store, "bob", ["carol"], "auth from bob")
+    await post(store, "alice", ["carol"], "auth to carol")
+    await post(store, "alice", ["dan"], "auth in eng", space="eng")
+    await post(store, "alice", ["dan"], "auth in ops", space="ops")
+    assert sorted(await search(store, "bob", "auth")) == ["auth from bob", "auth to bob"]
+    assert sorted(await search(store, "bob", "auth", readable_spaces=["eng"])) == [
+        "auth from bob",
+        "auth in eng",
+        "auth to bob",
+    ]
+    assert sorted(await search(store, "dan", "auth", only_spaces=["ops"])) == ["auth in ops"]
+    assert sorted(await search(store, "alice", "auth", only_spaces=[])) == [
+        "auth to bob",
+        "auth to carol",
+    ]
+    assert await search(store, "bob") == []
+    assert await search(store, "nobody", "auth") == []
+
+
+async def test_search_ranks_best_first_newer_first_on_a_tie_and_keeps_its_limit(
+    store: Storage,
+) -> None:
+    await post(store, content="deploy")
+    await post(store, content="the deploy of the staging cluster")
+    both = await post(store, content="deploy the staging cluster")
+    tie = await post(store, content="deploy")
+    found = await store.mail.search("bob", ["staging", "deploy"], readable_spaces=[], limit=MANY)
+    assert found[0].msg_id == both.msg_id, [m.content for m in found]
+    assert len(found) == 4
+    only = await store.mail.search("bob", ["deploy"], readable_spaces=[], limit=2)
+    assert only[0].msg_id == tie.msg_id and len(only) == 2  # shortest first, the newer of two
+
+
+# --- space mail and new mail -------------------------------------------------------------------
+
+
+async def test_space_mail_lists_the_space_with_the_readers_delivery_or_none(
+    store: Storage,
+) -> None:
+    old = await post(store, "alice", ["bob"], "before carol", space="eng")
+    await post(store, "alice", ["bob"], "elsewhere", space="ops")
+    new = await post(
+        store,
+        "alice",
+        ["bob", "carol"],
+        "for carol",
+        space="eng",
+        deliveries=[Delivery(name="bob"), Delivery(name="carol", mentioned=True)],
+    )
+    rows = await store.mail.space_mail("eng", "carol", InboxQuery(), limit=MANY)
+    assert [(m.msg_id, d is None) for m, d in rows] == [(new.msg_id, False), (old.msg_id, True)]
+    rows = await store.mail.space_mail("eng", "carol", InboxQuery(unread_only=True), limit=MANY)
+    assert [m.msg_id for m, _ in rows] == [new.msg_id]
+    rows = await store.mail.space_mail("eng", "carol", InboxQuery(mentions_only=True), limit=MANY)
+    assert [m.msg_id for m, _ in rows] == [new.msg_id]
+    rows = await store.mail.space_mail("eng", "bob", InboxQuery(), limit=1, before=new.msg_id)
+    assert [m.msg_id for m, _ in rows] == [old.msg_id]
+    assert await store.mail.space_mail("nowhere", "bob", InboxQuery(), limit=MANY) == []
+
+
+async def test_only_spaces_narrows_space_mail_and_lets_other_mail_pass(store: Storage) -> None:
+    direct = await post(store, content="direct")
+    web = await post(store, content="web", space="web")
+    await post(store, content="db", space="db")
+    rows = await store.mail.inbox("bob", InboxQuery(only_spaces=("web",)), limit=MANY)
+    assert [m.msg_id for m, _ in rows] == [web.msg_id, direct.msg_id]
+
+
+async def test_messages_after_pages_every_message_in_order(store: Storage) -> None:
+    posted = [(await post(store, "alice", [f"r{n}"], f"m{n}")).msg_id for n in range(5)]
+    assert [m.msg_id for m in await store.mail.messages_after(None, limit=MANY)] == posted
+    assert [m.msg_id for m in await store.mail.messages_after(posted[1], limit=2)] == posted[2:4]
+    assert await store.mail.messages_after(posted[-1], limit=MANY) == []
+
+
+# --- spaces, members, projects ----------------------------------------------------------------
+
+
+async def test_spaces_are_created_replaced_and_read_back_without_counts(store: Storage) -> None:
+    await store.mail.put_space(space("eng", description="engineering", members=7, messages=9))
+    await store.mail.put_space(space("api", parent="eng", project="web", private=True))
+    await store.mail.put_space(space("eng", description="renamed"))
+    spaces = await store.mail.spaces()
+    assert [(s.name, s.description, s.members, s.messages) for s in spaces] == [
+        ("api", "", 0, 0),
+        ("eng", "renamed", 0, 0),
+    ]
+    assert (spaces[0].parent, spaces[0].project, spaces[0].private) == ("eng", "web", True)
+
+
+async def test_members_join_once_keep_their_time_and_leave(store: Storage) -> None:
+    assert await store.mail.set_member("eng", "bob", at(1), member=True)
+    assert await store.mail.set_member("eng", "alice", at(2), member=True)
+    assert not await store.mail.set_member("eng", "bob", at(3), member=True)
+    assert await store.mail.set_member("ops", "bob", at(4), member=True)
+    members = await store.mail.members()
+    assert {s: [(m.name, m.joined_at) for m in ms] for s, ms in members.items()} == {
+        "eng": [("alice", at(2)), ("bob", at(1))],
+        "ops": [("bob", at(4))],
+    }
+    assert await store.mail.set_member("ops", "bob", at(5), member=False)
+    assert not await store.mail.set_member("ops", "bob", at(6), member=False)
+    assert set(await store.mail.members()) == {"eng"}
+
+
+async def test_space_counts_count_each_spaces_messages(store: Storage) -> None:
+    for name in ("eng", "eng", "ops"):
+        await post(store, space=name)
+    await post(store)
+    assert await store.mail.space_counts() == {"eng": 2, "ops": 1}
+
+
+async def test_projects_are_put_listed_and_deleted(store: Storage) -> None:
+    await store.mail.put_project(project("web", tags=["ui"], settings={"a": [1]}))
+    await store.mail.put_project(project("db"))
+    await store.mail.put_project(project("web", status="paused"))
+    projects = await store.mail.projects()
+    assert [(p.name, p.status, p.tags) for p in projects] == [
+        ("db", "active", []),
+        ("web", "paused", []),
+    ]
+    projects[0].tags.append("changed")  # the caller's copy
+    assert (await store.mail.projects())[0].tags == []
+    assert await store.mail.delete_project("db")
+    assert not await store.mail.delete_project("db")
+    assert [p.name for p in await store.mail.projects()] == ["web"]
+
+
+async def test_spaces_members_and_projects_survive_a_reopen(store: Storage, reopen: Reopen) -> None:
+    await store.mail.put_space(space("eng", private=True))
+    await store.mail.set_member("eng", "bob", at(1), member=True)
+    await store.mail.put_project(project("web", metadata={"k": {"v": 1}}))
+    before = (await store.mail.spaces(), await store.mail.members(), await store.mail.projects())
+    store = await reopen(store)
+    after = (await store.mail.spaces(), await store.mail.members(), await store.mail.projects())
+    assert after == before
+
+
+# --- locks -----------------------------------------------------------------------------------
+
+
+async def test_an_exclusive_lock_refuses_everyone_else_until_released(store: Storage) -> None:
+    taken, holders = await store.mail.take_lock(holder("db", "alice"), T0)
+    assert taken and [h.holder for h in holders] == ["alice"]
+    for mode in ("exclusive", "advisory"):
+        taken, holders = await store.mail.take_lock(holder("db", "bob", mode), at(1))
+        assert not taken and [(h.holder, h.mode) for h in holders] == [("alice", "exclusive")]
+    assert not await store.mail.release_lock("db", "bob", at(2))
+    assert await store.mail.release_lock("db", "alice", at(2))
+    assert not await store.mail.release_lock("db", "alice", at(2))
+    assert (await store.mail.take_lock(holder("db", "bob"), at(3)))[0]
+
+
+async def test_advisory_locks_share_and_keep_an_exclusive_one_out(store: Storage) -> None:
+    assert (await store.mail.take_lock(holder("db", "bob", "advisory"), T0))[0]
+    taken, holders = await store.mail.take_lock(holder("db", "alice", "advisory"), T0)
+    assert taken and [h.holder for h in holders] == ["alice", "bob"]
+    assert not (await store.mail.take_lock(holder("db", "carol"), T0))[0]
+    # The only holder may make its lock exclusive; with another beside it, not.
+    assert not (await store.mail.take_lock(holder("db", "bob"), T0))[0]
+    await store.mail.release_lock("db", "alice", T0)
+    taken, holders = await store.mail.take_lock(holder("db", "bob"), T0)
+    assert taken and [(h.holder, h.mode) for h in holders] == [("bob", "exclusive")]
+
+
+async def test_a_renewal_keeps_when_the_lock_was_taken_and_moves_its_expiry(
+    store: Storage,
+) -> None:
+    await store.mail.take_lock(holder("db", "bob", ttl=60), T0)
+    renewal = msgspec.structs.replace(
+        holder("db", "bob", ttl=60), acquired_at=at(50), expires_at=at(110)
+    )
+    taken, (held,) = await store.mail.take_lock(renewal, at(50))
+    assert taken and (held.acquired_at, held.expires_at) == (T0, at(110))
+    (listed,) = await store.mail.locks(at(100))
+    assert (listed.acquired_at, listed.expires_at) == (T0, at(110))
+
+
+async def test_an_expired_lock_is_no_holder(store: Storage) -> None:
+    await store.mail.take_lock(holder("db", "alice", ttl=10), T0)
+    await store.mail.take_lock(holder("api", "alice", ttl=100), T0)
+    assert [h.resource for h in await store.mail.locks(at(9))] == ["api", "db"]
+    assert [h.resource for h in await store.mail.locks(at(10))] == ["api"]
+    assert not await store.mail.release_lock("db", "alice", at(10))
+    late = msgspec.structs.replace(holder("db", "bob"), acquired_at=at(10), expires_at=at(70))
+    taken, holders = await store.mail.take_lock(late, at(10))
+    assert taken and [h.holder for h in holders] == ["bob"]
+
+
+async def test_locks_filter_by_resource_and_holder(store: Storage) -> None:
+    await store.mail.take_lock(holder("a", "bob", "advisory"), T0)
+    await store.mail.take_lock(holder("a", "carol", "advisory"), T0)
+    await store.mail.take_lock(holder("b", "bob"), T0)
+    every = await store.mail.locks(T0)
+    assert [(h.resource, h.holder) for h in every] == [("a", "bob"), ("a", "carol"), ("b", "bob")]
+    assert [h.holder for h in await store.mail.locks(T0, resource="a")] == ["bob", "carol"]
+    assert [h.resource for h in await store.mail.locks(T0, holder="bob")] == ["a", "b"]
+    assert await store.mail.locks(T0, resource="a", holder="dan") == []
+
+
+async def test_locks_survive_a_reopen(store: Storage, reopen: Reopen) -> None:
+    await store.mail.take_lock(holder("db", "alice", ttl=3600), T0)
+    store = await reopen(store)
+    taken, holders = await store.mail.take_lock(holder("db", "bob"), at(1))
+    assert not taken and [h.holder for h in holders] == ["alice"]
+
+
+async def test_a_closed_store_refuses_part_two(store: Storage) -> None:
+    await store.close()
+    with pytest.raises(StorageError, match=STORE_CLOSED):
+        await store.mail.take_lock(holder("db", "alice"), T0)
+    with pytest.raises(StorageError, match=STORE_CLOSED):
+        await store.mail.spaces()
+    with pytest.raises(StorageError, match=STORE_CLOSED):
+        await store.mail.search("bob", ["x"], readable_spaces=[], limit=1)
