@@ -90,6 +90,7 @@ from chinwag.protocol import (
     Watching,
     Welcome,
 )
+from test_protocol_messages import CLIENT_EXAMPLES, SERVER_EXAMPLES
 
 REQUEST_TYPES = [kind for kind in typing.get_args(ClientMsg) if kind is not Hello]
 
@@ -185,6 +186,43 @@ FRAMES: dict[type, Callable[[int], ServerMessage]] = {
         id=rid, name="bob", unread=0, unread_by_priority={}, threads=[]
     ),
 }
+# Mail's part 2 takes its samples from the wire examples, each with the id asked for.
+PART_TWO = {
+    "edit",
+    "delete",
+    "react",
+    "pin",
+    "search_mail",
+    "space_create",
+    "space_join",
+    "space_leave",
+    "space_invite",
+    "space_archive",
+    "space_members",
+    "spaces",
+    "project_create",
+    "project_get",
+    "projects",
+    "project_update",
+    "project_delete",
+    "focus",
+    "lock",
+    "unlock",
+    "locks",
+    "mail_update",
+    "space",
+    "members",
+    "project",
+    "lock_result",
+}
+for _example in [*CLIENT_EXAMPLES, *SERVER_EXAMPLES]:
+    if type(_example).__struct_config__.tag in PART_TWO:
+        _samples: dict[type, Callable[[int], typing.Any]] = (
+            REQUESTS if isinstance(_example, Request) else FRAMES  # type: ignore[assignment]
+        )
+        _samples.setdefault(
+            type(_example), lambda rid, e=_example: msgspec.structs.replace(e, id=rid)
+        )
 FRAME_TYPES = [kind for kind in typing.get_args(ServerMsg) if kind is not Welcome]
 
 
