@@ -23,26 +23,16 @@ store from before mail) has no mail; the first write creates the file.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import msgspec
 import trio
-from chinwag.protocol import Delivery, MailMessage, Participant
 
 from ._base import StorageError
-from ._mail import ParentChange, StateChange, number_of
-from ._mail_index import (
-    Advance,
-    ChangeMessage,
-    IndexedMail,
-    MailChange,
-    MailIndex,
-    PostMail,
-    PutParticipant,
-)
+from ._mail import number_of
+from ._mail_index import Advance, ChangeMessage, IndexedMail, MailChange, MailIndex, PostMail
 
 _T = TypeVar("_T")
 
@@ -123,60 +113,6 @@ class JsonlMail(IndexedMail):
         except OSError as exc:
             raise StorageError(f"Writing to {self._log.path} failed: {exc}.") from exc
         self.index.apply(_decode_change(line))
-
-    # --- writes ---------------------------------------------------------------------
-
-    async def _write(self, plan: Callable[[MailIndex], tuple[_T, MailChange | None]]) -> _T:
-        async with self._writing() as index:
-            result, change = plan(index)
-            if change is not None:
-                await self._commit(change)
-        return result
-
-    async def put_participant(self, participant: Participant) -> None:
-        stored = msgspec.structs.replace(participant, online=False, unread=0)
-        async with self._writing():
-            await self._commit(PutParticipant(participant=stored))
-
-    async def post(
-        self,
-        message: MailMessage,
-        deliveries: Sequence[Delivery],
-        *,
-        parent: ParentChange | None = None,
-        new_participants: Sequence[Participant] = (),
-    ) -> tuple[MailMessage, bool]:
-        async with self._writing() as index:
-            try:
-                stored, change = index.plan_post(message, deliveries, parent, new_participants)
-            except (UnicodeEncodeError, TypeError, OverflowError) as exc:
-                raise StorageError(f"The message could not be encoded: {exc}.") from exc
-            if change is None:
-                return stored, False
-            await self._commit(change)
-            kept = index.get_message(change.message.msg_id)
-        assert kept is not None
-        return kept, True
-
-    async def advance(self, changes: Sequence[StateChange]) -> None:
-        async with self._writing() as index:
-            if (change := index.plan_advance(changes)) is not None:
-                await self._commit(change)
-
-    async def mark_read(
-        self,
-        name: str,
-        at: datetime,
-        *,
-        msg_ids: Sequence[str] | None = None,
-        thread_id: str | None = None,
-    ) -> int:
-        async with self._writing() as index:
-            change = index.plan_mark_read(name, at, msg_ids, thread_id)
-            if change is None:
-                return 0
-            await self._commit(change)
-        return len(change.changes)
 
 
 # --- replay (worker thread) ------------------------------------------------------------

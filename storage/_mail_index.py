@@ -11,7 +11,9 @@ Messages are kept encoded, as sqlite keeps them, so a read returns a fresh copy.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator, Sequence
+import contextlib
+import operator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -105,6 +107,7 @@ MailChange = (
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_message = msgspec.msgpack.Decoder(MailMessage).decode
+_decode_version = msgspec.msgpack.Decoder(MessageVersion).decode
 
 
 class MailIndex:
@@ -120,9 +123,8 @@ class MailIndex:
         self._keys: dict[tuple[str, str], int] = {}  # (sender, idempotency key) -> number
         self._unread: dict[str, dict[int, int]] = {}  # name -> priority -> count
         self._priority: dict[int, int] = {}
-        self._versions: dict[int, list[MessageVersion]] = {}
+        self._versions: dict[int, list[bytes]] = {}  # each encoded, oldest first
         self._text: TextIndex[int] = TextIndex()  # content of messages not deleted
-        self._authors: dict[int, tuple[str, str | None]] = {}  # number -> (sender, space)
         self._in_space: dict[str, list[int]] = {}  # ascending numbers
         self.spaces: dict[str, Space] = {}
         self.members: dict[str, dict[str, SpaceMember]] = {}
@@ -191,7 +193,9 @@ class MailIndex:
         return self.plan_advance([StateChange(msg_id_of(n), name, "read", at) for n in numbers])
 
     def plan_change(self, msg_id: str, change: MessageChange) -> ChangeMessage | None:
-        return ChangeMessage(msg_id=msg_id, change=change) if self.get_message(msg_id) else None
+        if self.get_message(msg_id) is None:
+            return None
+        return ChangeMessage(msg_id=msg_id, change=change)
 
     def plan_member(self, space: str, name: str, at: datetime, member: bool) -> SetMember | None:
         if (name in self.members.get(space, {})) == member:
@@ -208,10 +212,9 @@ class MailIndex:
         if not lock_allows(others, lock.mode):  # expired holders are forgotten all the same
             forget = SetLocks(resource=lock.resource, holders=live) if live != kept else None
             return (False, _by_holder(live)), forget
-        if mine is not None:
-            lock = msgspec.structs.replace(lock, acquired_at=mine.acquired_at)
-        holders = _by_holder([*others, lock])
-        return (True, holders), SetLocks(resource=lock.resource, holders=holders)
+        acquired_at = lock.acquired_at if mine is None else mine.acquired_at
+        holders = [*others, msgspec.structs.replace(lock, acquired_at=acquired_at)]
+        return (True, _by_holder(holders)), SetLocks(resource=lock.resource, holders=holders)
 
     def plan_unlock(
         self, resource: str, holder: str, now: datetime
@@ -247,12 +250,12 @@ class MailIndex:
                     if not members:
                         del self.members[space]
             case PutProject(project=project):
-                self.projects[project.name] = project
+                self.projects[project.name] = _copy(project, Project)
             case DeleteProject(name=name):
                 self.projects.pop(name, None)
             case SetLocks(resource=resource, holders=holders):
                 if holders:
-                    self.locks[resource] = list(holders)
+                    self.locks[resource] = [msgspec.structs.replace(h) for h in holders]
                 else:
                     self.locks.pop(resource, None)
 
@@ -262,7 +265,7 @@ class MailIndex:
         message, replaced = changed(self._message(number), change)
         self._messages[number] = _encode(message)
         if replaced is not None:
-            self._versions.setdefault(number, []).append(replaced)
+            self._versions.setdefault(number, []).append(_encode(replaced))
         if message.deleted:
             self._text.remove(number)
         else:
@@ -285,7 +288,6 @@ class MailIndex:
             if delivery.state != "read":
                 self._count_unread(delivery.name, message.priority, 1)
         self._written.setdefault(message.sender, []).append(number)
-        self._authors[number] = (message.sender, message.space)
         if message.space is not None:
             self._in_space.setdefault(message.space, []).append(number)
         if not message.deleted:
@@ -447,7 +449,7 @@ class MailIndex:
     def versions(self, msg_id: str) -> list[MessageVersion]:
         number = number_of(msg_id)
         found = self._versions.get(number, []) if number is not None else []
-        return [msgspec.structs.replace(v) for v in found]
+        return [_decode_version(v) for v in found]
 
     def search(
         self,
@@ -457,16 +459,15 @@ class MailIndex:
         only_spaces: Sequence[str] | None,
         limit: int,
     ) -> list[MailMessage]:
-        readable = set(readable_spaces)
-        only = set(only_spaces) if only_spaces is not None else None
-
-        def keep(number: int) -> bool:
-            sender, space = self._authors[number]
-            if only is not None and space is not None and space not in only:
-                return False
-            return sender == name or name in self._deliveries[number] or space in readable
-
-        found = self._text.best(words, limit, keep=keep, order=lambda number: -number)
+        readable = set(self._received.get(name, ()))
+        readable.update(self._written.get(name, ()))
+        for space in readable_spaces:
+            readable.update(self._in_space.get(space, ()))
+        if only_spaces is not None:
+            for space, numbers in self._in_space.items():
+                if space not in only_spaces:
+                    readable.difference_update(numbers)
+        found = self._text.best(words, limit, among=readable, order=operator.neg)
         return [self._message(n) for n in found]
 
     def space_list(self) -> list[Space]:
@@ -511,7 +512,8 @@ def _copy(value: _R, kind: type[_R]) -> _R:
 
 
 def _by_holder(holders: list[LockHolder]) -> list[LockHolder]:
-    return sorted(holders, key=lambda h: h.holder)
+    """Copies of ``holders``, by holder name."""
+    return sorted((msgspec.structs.replace(h) for h in holders), key=lambda h: h.holder)
 
 
 def _matches(message: MailMessage, query: InboxQuery) -> bool:
@@ -535,10 +537,24 @@ def _matches(message: MailMessage, query: InboxQuery) -> bool:
 
 
 class IndexedMail:
-    """The reads of a ``MailStore`` served from a ``MailIndex`` (memory's and jsonl's)."""
+    """A ``MailStore`` served from a ``MailIndex`` (memory's and jsonl's).
+
+    A subclass says how the store is reached (``_ready``, ``_writing``) and how a
+    change is made (``_commit``); every write plans its change on the index
+    under ``_writing``, and commits it.
+    """
 
     async def _ready(self) -> MailIndex:
         """The index, once the store is known to be open; a checkpoint."""
+        raise NotImplementedError
+
+    def _writing(self) -> contextlib.AbstractAsyncContextManager[MailIndex]:
+        """The index, to plan one change on and ``_commit`` it, with no other write between."""
+        raise NotImplementedError
+
+    async def _commit(self, change: MailChange) -> None:
+        """Make ``change``: apply it to the index (after logging it, for a log). Under
+        ``_writing``."""
         raise NotImplementedError
 
     async def participants(self) -> list[Participant]:
@@ -615,44 +631,96 @@ class IndexedMail:
     ) -> list[LockHolder]:
         return (await self._ready()).live_locks(now, resource, holder)
 
-    # --- writes: each planned on the index, then made (``_write``) -----------------------
+    # --- writes -------------------------------------------------------------------------
 
-    async def _write(self, plan: Callable[[MailIndex], tuple[_R, MailChange | None]]) -> _R:
-        """``plan``'s result, once the change it planned (if any) is made."""
-        raise NotImplementedError
+    async def put_participant(self, participant: Participant) -> None:
+        async with self._writing():
+            await self._commit(PutParticipant(participant=_stored(participant)))
+
+    async def post(
+        self,
+        message: MailMessage,
+        deliveries: Sequence[Delivery],
+        *,
+        parent: ParentChange | None = None,
+        new_participants: Sequence[Participant] = (),
+    ) -> tuple[MailMessage, bool]:
+        async with self._writing() as index:
+            try:
+                stored, change = index.plan_post(message, deliveries, parent, new_participants)
+            except (UnicodeEncodeError, TypeError, OverflowError) as exc:
+                raise StorageError(f"The message could not be encoded: {exc}.") from exc
+            if change is None:
+                return stored, False
+            await self._commit(change)
+            kept = index.get_message(change.message.msg_id)
+        assert kept is not None
+        return kept, True
+
+    async def advance(self, changes: Sequence[StateChange]) -> None:
+        async with self._writing() as index:
+            if (change := index.plan_advance(changes)) is not None:
+                await self._commit(change)
+
+    async def mark_read(
+        self,
+        name: str,
+        at: datetime,
+        *,
+        msg_ids: Sequence[str] | None = None,
+        thread_id: str | None = None,
+    ) -> int:
+        async with self._writing() as index:
+            change = index.plan_mark_read(name, at, msg_ids, thread_id)
+            if change is None:
+                return 0
+            await self._commit(change)
+        return len(change.changes)
 
     async def change_message(self, msg_id: str, change: MessageChange) -> MailMessage | None:
-        def plan(index: MailIndex) -> tuple[None, MailChange | None]:
-            return None, index.plan_change(msg_id, change)
-
-        await self._write(plan)
-        return (await self._ready()).get_message(msg_id)
+        async with self._writing() as index:
+            planned = index.plan_change(msg_id, change)
+            if planned is None:
+                return None
+            await self._commit(planned)
+            return index.get_message(msg_id)
 
     async def put_space(self, space: Space) -> None:
-        await self._write(lambda index: (None, PutSpace(space=space)))
+        async with self._writing():
+            await self._commit(PutSpace(space=space))
 
     async def set_member(self, space: str, name: str, at: datetime, *, member: bool) -> bool:
-        def plan(index: MailIndex) -> tuple[bool, MailChange | None]:
+        async with self._writing() as index:
             change = index.plan_member(space, name, at, member)
-            return change is not None, change
-
-        return await self._write(plan)
+            if change is None:
+                return False
+            await self._commit(change)
+        return True
 
     async def put_project(self, project: Project) -> None:
-        await self._write(lambda index: (None, PutProject(project=project)))
+        async with self._writing():
+            await self._commit(PutProject(project=project))
 
     async def delete_project(self, name: str) -> bool:
-        def plan(index: MailIndex) -> tuple[bool, MailChange | None]:
-            found = name in index.projects
-            return found, DeleteProject(name=name) if found else None
-
-        return await self._write(plan)
+        async with self._writing() as index:
+            if name not in index.projects:
+                return False
+            await self._commit(DeleteProject(name=name))
+        return True
 
     async def take_lock(self, lock: LockHolder, now: datetime) -> tuple[bool, list[LockHolder]]:
-        return await self._write(lambda index: index.plan_lock(lock, now))
+        async with self._writing() as index:
+            result, change = index.plan_lock(lock, now)
+            if change is not None:
+                await self._commit(change)
+        return result
 
     async def release_lock(self, resource: str, holder: str, now: datetime) -> bool:
-        return await self._write(lambda index: index.plan_unlock(resource, holder, now))
+        async with self._writing() as index:
+            held, change = index.plan_unlock(resource, holder, now)
+            if change is not None:
+                await self._commit(change)
+        return held
 
 
 class MemoryMail(IndexedMail):
@@ -668,46 +736,9 @@ class MemoryMail(IndexedMail):
             raise StorageError("The store is closed.")
         return self.index
 
-    async def _write(self, plan: Callable[[MailIndex], tuple[_R, MailChange | None]]) -> _R:
-        index = await self._ready()
-        result, change = plan(index)
-        if change is not None:
-            index.apply(change)
-        return result
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[MailIndex]:
+        yield await self._ready()  # a write makes no checkpoint: nothing comes between
 
-    async def put_participant(self, participant: Participant) -> None:
-        (await self._ready()).apply(PutParticipant(participant=participant))
-
-    async def post(
-        self,
-        message: MailMessage,
-        deliveries: Sequence[Delivery],
-        *,
-        parent: ParentChange | None = None,
-        new_participants: Sequence[Participant] = (),
-    ) -> tuple[MailMessage, bool]:
-        index = await self._ready()
-        stored, change = index.plan_post(message, deliveries, parent, new_participants)
-        if change is not None:
-            index.apply(change)
-        return stored, change is not None
-
-    async def advance(self, changes: Sequence[StateChange]) -> None:
-        index = await self._ready()
-        if (change := index.plan_advance(changes)) is not None:
-            index.apply(change)
-
-    async def mark_read(
-        self,
-        name: str,
-        at: datetime,
-        *,
-        msg_ids: Sequence[str] | None = None,
-        thread_id: str | None = None,
-    ) -> int:
-        index = await self._ready()
-        change = index.plan_mark_read(name, at, msg_ids, thread_id)
-        if change is None:
-            return 0
-        index.apply(change)
-        return len(change.changes)
+    async def _commit(self, change: MailChange) -> None:
+        self.index.apply(change)

@@ -15,8 +15,9 @@ import heapq
 import math
 import re
 import threading
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
@@ -43,63 +44,71 @@ class TextIndex(Generic[K]):
     """
 
     def __init__(self) -> None:
-        self.terms: dict[K, Counter[str]] = {}
-        self.lengths: dict[K, int] = {}
-        self.postings: dict[str, set[K]] = {}
-        self.total_length = 0
-
-    def __len__(self) -> int:
-        return len(self.terms)
+        self._terms: dict[K, tuple[str, ...]] = {}  # each text's distinct words
+        self._lengths: dict[K, int] = {}  # each text's number of words
+        self._postings: dict[str, dict[K, int]] = {}  # word -> key -> times in that text
+        self._total_length = 0
 
     def put(self, key: K, text: str) -> None:
         """Index ``text`` under ``key``, in place of what it held."""
         self.remove(key)
         words = [word.lower() for word in WORD.findall(text)]
-        terms = Counter(words)
-        self.terms[key] = terms
-        self.lengths[key] = len(words)
-        self.total_length += len(words)
-        for term in terms:
-            self.postings.setdefault(term, set()).add(key)
+        counts = Counter(words)
+        self._terms[key] = tuple(counts)
+        self._lengths[key] = len(words)
+        self._total_length += len(words)
+        for term, times in counts.items():
+            self._postings.setdefault(term, {})[key] = times
 
     def remove(self, key: K) -> None:
-        terms = self.terms.pop(key, None)
+        terms = self._terms.pop(key, None)
         if terms is None:
             return
-        self.total_length -= self.lengths.pop(key)
+        self._total_length -= self._lengths.pop(key)
         for term in terms:
-            keys = self.postings[term]
-            keys.discard(key)
+            keys = self._postings[term]
+            del keys[key]
             if not keys:
-                del self.postings[term]
+                del self._postings[term]
 
     def best(
         self,
         words: Iterable[str],
         limit: int,
         *,
-        keep: Callable[[K], bool],
         order: Callable[[K], Any],
+        among: AbstractSet[K] | None = None,
+        keep: Callable[[K], bool] | None = None,
     ) -> list[K]:
-        """The ``limit`` keys that ``keep`` keeps with the highest BM25 score for ``words``;
-        among equal scores, by ``order``."""
-        count = len(self.terms)
+        """The ``limit`` keys with the highest BM25 score for ``words``, among equal scores
+        by ``order``; only keys in ``among`` and that ``keep`` keeps, when given."""
+        count = len(self._lengths)
         if not count:
             return []
-        average = self.total_length / count or 1.0
-        scores: defaultdict[K, float] = defaultdict(float)
+        average = self._total_length / count or 1.0
+        lengths = self._lengths
+        scores: dict[K, float] = {}
         for word in words:
-            keys = self.postings.get(word)
-            if not keys:
+            posting = self._postings.get(word)
+            if not posting:
                 continue
-            idf = math.log(1 + (count - len(keys) + 0.5) / (len(keys) + 0.5))
-            for key in keys:
-                if not keep(key):
+            idf = math.log(1 + (count - len(posting) + 0.5) / (len(posting) + 0.5))
+            pairs: Iterable[tuple[K, int]] = posting.items()
+            if among is not None:
+                # Walk the shorter of the two: a reader's few messages, or a rare word's.
+                if len(among) < len(posting):
+                    pairs = ((key, posting[key]) for key in among if key in posting)
+                else:
+                    pairs = ((key, tf) for key, tf in posting.items() if key in among)
+            for key, tf in pairs:
+                if keep is not None and not keep(key):
                     continue
-                tf = self.terms[key][word]
-                norm = tf + _K1 * (1 - _B + _B * self.lengths[key] / average)
-                scores[key] += idf * tf * (_K1 + 1) / norm
-        return heapq.nsmallest(limit, scores, key=lambda key: (-scores[key], order(key)))
+                norm = tf + _K1 * (1 - _B + _B * lengths[key] / average)
+                scores[key] = scores.get(key, 0.0) + idf * tf * (_K1 + 1) / norm
+        if len(scores) > limit:  # only keys that tie with the last one kept need sorting
+            last = heapq.nlargest(limit, scores.values())[-1]
+            scores = {key: score for key, score in scores.items() if score >= last}
+        return sorted(scores, key=lambda key: (-scores[key], order(key)))[:limit]
 
 
 class MemoryIndex:
