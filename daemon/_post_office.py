@@ -109,7 +109,7 @@ class Watcher:
 
     name: str
     deliver: Callable[[MailMessage], bool]
-    update: Callable[[ChangeKind, MailMessage], bool]
+    update: Callable[[ChangeKind, MailMessage], bool] | None  # None: it asked for none
     room: Callable[[], bool]
 
 
@@ -806,7 +806,7 @@ class PostOffice:
             kind: ChangeKind = change.__struct_config__.tag  # type: ignore[assignment]
             for name in dict.fromkeys([changed.sender, *changed.recipients]):
                 watchers = self.watchers.get(name, [])
-                gone = [w for w in watchers if not w.update(kind, changed)]
+                gone = [w for w in watchers if w.update is not None and not w.update(kind, changed)]
                 for watcher in gone:
                     watchers.remove(watcher)
         return changed
@@ -840,7 +840,7 @@ class PostOffice:
         self,
         reader: str,
         deliver: Callable[[MailMessage], bool],
-        update: Callable[[ChangeKind, MailMessage], bool],
+        update: Callable[[ChangeKind, MailMessage], bool] | None,
         room: Callable[[], bool],
     ) -> tuple[Watcher, str | None]:
         """Start pushing ``reader``'s new mail to ``deliver`` and changes to it to ``update``;

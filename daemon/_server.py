@@ -1020,7 +1020,7 @@ class Connection:
         async def start() -> None:
             try:
                 watch.watcher, cursor = await self.server.post_office.watch(
-                    msg.reader, watch.deliver, watch.update, watch.room
+                    msg.reader, watch.deliver, watch.update if msg.updates else None, watch.room
                 )
                 if msg.after is not None:
                     self.server.post_office.check_cursor(msg.after)

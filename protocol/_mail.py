@@ -253,6 +253,7 @@ class GetMessage(Request, tag="get_message", kw_only=True):
 class Watch(Request, tag="watch", kw_only=True):
     reader: str = msgspec.field(name="as")
     after: str | None = None
+    updates: bool = False  # also push `mail_update` for each change to the reader's mail
 
 
 class GetContext(Request, tag="context", kw_only=True):

@@ -288,7 +288,7 @@ async def test_focus_narrows_inbox_spaces_and_search_to_a_project(autojump_clock
 async def test_an_edit_is_the_authors_keeps_every_version_and_reaches_watchers(autojump_clock):
     async with open_daemon() as daemon:
         ana, bob = await party(daemon, "ana"), await party(daemon, "bob")
-        rid, _ = await bob.watch()
+        rid, _ = await bob.watch(updates=True)
         posted = await ana.post(["bob"], "first draft")
         await bob.mail(rid)
         assert (
@@ -322,7 +322,7 @@ async def test_an_edit_is_the_authors_keeps_every_version_and_reaches_watchers(a
 async def test_a_delete_is_soft_hidden_from_inbox_and_search_unless_asked(autojump_clock):
     async with open_daemon() as daemon:
         ana, bob = await party(daemon, "ana"), await party(daemon, "bob")
-        rid, _ = await bob.watch()
+        rid, _ = await bob.watch(updates=True)
         posted = await ana.post(["bob"], "oops wrong pineapple")
         await ana.post(["bob"], "right one")
         await bob.mails(rid, 2)
@@ -345,7 +345,7 @@ async def test_reactions_are_summarised_and_pins_listed(autojump_clock):
         await space(ana, "eng")
         for who in (bob, cy):
             await who.ok(SpaceJoin, sender=who.name, space="eng")
-        rid, _ = await ana.watch()
+        rid, _ = await ana.watch(updates=True)
         posted = await ana.post(["#eng"], "ship it?")
         await ana.post(["#eng"], "unrelated")
         await message(bob, React, msg_id=posted.msg_id, emoji="👍")

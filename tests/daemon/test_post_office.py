@@ -141,15 +141,15 @@ class Party:
         reply = await self.ask(kind, **fields)
         assert isinstance(reply, Ok), reply
 
-    async def watch(self, after: str | None = None) -> tuple[int, Watching]:
-        rid = await self.start_watch(after)
+    async def watch(self, after: str | None = None, updates: bool = False) -> tuple[int, Watching]:
+        rid = await self.start_watch(after, updates)
         watching = await self.frame(lambda m: _id(m) == rid and isinstance(m, Watching))
         assert isinstance(watching, Watching)
         return rid, watching
 
-    async def start_watch(self, after: str | None = None) -> int:
+    async def start_watch(self, after: str | None = None, updates: bool = False) -> int:
         rid = self.rid()
-        await self.client.send(Watch(id=rid, reader=self.name, after=after))
+        await self.client.send(Watch(id=rid, reader=self.name, after=after, updates=updates))
         return rid
 
     async def mail(self, rid: int) -> Mail:

@@ -126,9 +126,9 @@ class Peer:
                 return {d.name: d for d in item.deliveries}
         raise AssertionError(f"{msg_id} is not among {self.name}'s sent mail")
 
-    async def watch(self, after: str | None = None) -> tuple[int, Watching]:
+    async def watch(self, after: str | None = None, updates: bool = False) -> tuple[int, Watching]:
         rid = next(self._ids)
-        await self.send(Watch(id=rid, reader=self.name, after=after))
+        await self.send(Watch(id=rid, reader=self.name, after=after, updates=updates))
         watching = await self.frame(lambda m: _id(m) == rid and isinstance(m, Watching))
         return rid, watching
 
