@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
@@ -33,11 +33,14 @@ from chinwag.protocol import (
     Compacted,
     ConversationItem,
     Conversations,
+    Delete,
+    Edit,
     Encoding,
     End,
     Entry,
     Error,
     Event,
+    Focus,
     FrameDecoder,
     GetContext,
     GetHistory,
@@ -52,13 +55,23 @@ from chinwag.protocol import (
     Killed,
     ListAgents,
     ListConversations,
+    ListLocks,
     ListParticipants,
+    ListProjects,
+    ListSpaces,
+    Lock,
+    LockHolder,
+    LockMode,
+    LockResult,
+    Locks,
     Mail,
     MailContext,
     MailFormat,
     MailItem,
     MailMessage,
+    MailUpdate,
     MarkRead,
+    Members,
     Memory,
     MemoryHit,
     MessageReply,
@@ -67,27 +80,48 @@ from chinwag.protocol import (
     Participant,
     ParticipantKind,
     Participants,
+    Pin,
     Ping,
     Pong,
     Post,
     Posted,
+    Project,
+    ProjectCreate,
+    ProjectDelete,
+    ProjectGet,
+    ProjectReply,
+    Projects,
+    ProjectUpdate,
     ProtocolError,
     QueuePolicy,
+    React,
     Ref,
     Register,
     Registered,
     ReplyToAsk,
     Request,
+    SearchMail,
     SearchMemory,
     Sent,
     ServerMsg,
     Session,
+    Space,
+    SpaceArchive,
+    SpaceCreate,
+    SpaceInvite,
+    SpaceJoin,
+    SpaceLeave,
+    SpaceMember,
+    SpaceMembers,
+    SpaceReply,
+    Spaces,
     Stats,
     Stream,
     StreamEvent,
     StreamEventMsg,
     Subscribe,
     Subscribed,
+    Unlock,
     Watch,
     Watching,
     Welcome,
@@ -123,6 +157,7 @@ _DETACH_TIMEOUT_S = 5.0
 # How long closing waits for the reader to see the socket shut down.
 _STOP_READER_TIMEOUT_S = 2.0
 
+_Item = TypeVar("_Item")  # what a MailWatch yields
 _R = TypeVar("_R", bound=msgspec.Struct)
 _StrPath = str | PathLike[str]
 
@@ -696,6 +731,10 @@ class Client:
         limit: int = 50,
         cursor: str | None = None,
         mark_read: bool = False,
+        pinned_only: bool = False,
+        space: str | None = None,
+        project: str | None = None,
+        include_deleted: bool = False,
     ) -> Messages:
         """One page of ``reader``'s mail, newest first, each item with ``reader``'s state.
 
@@ -703,6 +742,9 @@ class Client:
         back from now (``30m``, ``2h``, ``1d``). Pass ``next_cursor`` as
         ``cursor`` for the next page (``iter_inbox`` does). What it returns is
         ``delivered`` for ``reader`` from then on, ``read`` with ``mark_read``.
+        With ``space``, the space's mail ``reader`` may read, received or not;
+        ``project`` (default: ``reader``'s focus) narrows space mail to its spaces.
+        Deleted mail is left out unless ``include_deleted``.
         """
         return await self._request(
             lambda rid: Inbox(
@@ -718,6 +760,10 @@ class Client:
                 limit=limit,
                 cursor=cursor,
                 mark_read=mark_read,
+                pinned_only=pinned_only,
+                space=space,
+                project=project,
+                include_deleted=include_deleted,
             ),
             Messages,
         )
@@ -777,25 +823,30 @@ class Client:
         *,
         msg_ids: Iterable[str] | None = None,
         thread_id: str | None = None,
+        space: str | None = None,
         all: bool = False,
     ) -> None:
-        """Mark ``reader``'s copies read: these messages, this thread, or ``all``.
+        """Mark ``reader``'s copies read: these messages, this thread, this space's, or ``all``.
 
-        Exactly one of the three (else ``ChinwagError`` 400).
+        Exactly one of the four (else ``ChinwagError`` 400).
         """
         ids = None if msg_ids is None else list(msg_ids)
         await self._request(
-            lambda rid: MarkRead(id=rid, reader=reader, msg_ids=ids, thread_id=thread_id, all=all),
+            lambda rid: MarkRead(
+                id=rid, reader=reader, msg_ids=ids, thread_id=thread_id, space=space, all=all
+            ),
             Ok,
         )
 
-    async def get_message(self, reader: str, msg_id: str) -> MessageReply:
-        """One message, with ``reader``'s state; marks it read for ``reader``.
+    async def get_message(self, reader: str, msg_id: str, *, history: bool = False) -> MessageReply:
+        """One message, with ``reader``'s state; marks it read for ``reader``. With
+        ``history``, its ``versions`` before each edit, oldest first.
 
-        404 unless ``reader`` wrote or received it.
+        404 unless ``reader`` wrote or received it, or may read its space.
         """
         return await self._request(
-            lambda rid: GetMessage(id=rid, reader=reader, msg_id=msg_id), MessageReply
+            lambda rid: GetMessage(id=rid, reader=reader, msg_id=msg_id, history=history),
+            MessageReply,
         )
 
     async def mail_context(self, reader: str) -> MailContext:
@@ -803,16 +854,209 @@ class Client:
         priority, the threads with unread mail, and itself as a participant."""
         return await self._request(lambda rid: GetContext(id=rid, reader=reader), MailContext)
 
-    def watch(self, reader: str, *, after: str | None = None) -> MailWatch:
+    @overload
+    def watch(
+        self, reader: str, *, after: str | None = None, updates: Literal[False] = False
+    ) -> MailWatch[MailMessage]: ...
+
+    @overload
+    def watch(
+        self, reader: str, *, after: str | None = None, updates: Literal[True]
+    ) -> MailWatch[MailMessage | MailUpdate]: ...
+
+    def watch(
+        self, reader: str, *, after: str | None = None, updates: bool = False
+    ) -> MailWatch[Any]:
         """Follow ``reader``'s new mail: ``async with c.watch("ana") as mail: async for m in mail``.
 
         Entering waits for the daemon's ``watching``; its ``cursor`` is then the
         newest msg_id ``reader`` had received. With ``after`` (a msg_id, or an
         earlier watch's ``last_msg_id``) what came since is replayed first, so
-        a reconnecting watcher sees each message once. Leaving the block
-        cancels the watch.
+        a reconnecting watcher sees each message once. With ``updates``, each
+        edit, delete, reaction or pin of ``reader``'s mail comes too, as a
+        ``MailUpdate``. Leaving the block cancels the watch.
         """
-        return MailWatch(self, reader, after=after)
+        return MailWatch[Any](self, reader, after=after, updates=updates)
+
+    # --- mail, part 2: changes, search, spaces, projects, focus, locks ---------------
+
+    async def edit(
+        self, sender: str, msg_id: str, content: str, *, structured: Any = None
+    ) -> MailMessage:
+        """Replace the text of ``sender``'s own message (403 for anyone else's); the
+        earlier text stays readable as a version."""
+        reply = await self._request(
+            lambda rid: Edit(
+                id=rid, sender=sender, msg_id=msg_id, content=content, structured=structured
+            ),
+            MessageReply,
+        )
+        return reply.message
+
+    async def delete_message(
+        self, sender: str, msg_id: str, *, reason: str | None = None
+    ) -> MailMessage:
+        """Delete ``sender``'s own message, softly: it stays, marked deleted."""
+        reply = await self._request(
+            lambda rid: Delete(id=rid, sender=sender, msg_id=msg_id, reason=reason), MessageReply
+        )
+        return reply.message
+
+    async def react(
+        self, sender: str, msg_id: str, emoji: str, *, remove: bool = False
+    ) -> MailMessage:
+        """Add (or ``remove``) ``sender``'s reaction to a message it may read."""
+        reply = await self._request(
+            lambda rid: React(id=rid, sender=sender, msg_id=msg_id, emoji=emoji, remove=remove),
+            MessageReply,
+        )
+        return reply.message
+
+    async def pin(self, sender: str, msg_id: str, *, unpin: bool = False) -> MailMessage:
+        """Pin (or ``unpin``) a message; by its author or one of its recipients."""
+        reply = await self._request(
+            lambda rid: Pin(id=rid, sender=sender, msg_id=msg_id, unpin=unpin), MessageReply
+        )
+        return reply.message
+
+    async def search_mail(
+        self, reader: str, query: str, *, limit: int = 20, project: str | None = None
+    ) -> Messages:
+        """The mail ``reader`` may read that matches any word of ``query``, best first."""
+        return await self._request(
+            lambda rid: SearchMail(
+                id=rid, reader=reader, query=query, limit=limit, project=project
+            ),
+            Messages,
+        )
+
+    async def space_create(
+        self,
+        sender: str,
+        name: str,
+        *,
+        description: str = "",
+        parent: str | None = None,
+        project: str | None = None,
+        private: bool = False,
+    ) -> Space:
+        """A new space, ``sender`` its first member (nesting 3 deep at most)."""
+        reply = await self._request(
+            lambda rid: SpaceCreate(
+                id=rid,
+                sender=sender,
+                name=name,
+                description=description,
+                parent=parent,
+                project=project,
+                private=private,
+            ),
+            SpaceReply,
+        )
+        return reply.space
+
+    async def space_join(self, sender: str, space: str) -> None:
+        await self._request(lambda rid: SpaceJoin(id=rid, sender=sender, space=space), Ok)
+
+    async def space_leave(self, sender: str, space: str) -> None:
+        await self._request(lambda rid: SpaceLeave(id=rid, sender=sender, space=space), Ok)
+
+    async def space_invite(self, sender: str, space: str, name: str) -> None:
+        """Make ``name`` a member (the way into a private space); by a member."""
+        await self._request(
+            lambda rid: SpaceInvite(id=rid, sender=sender, space=space, name=name), Ok
+        )
+
+    async def space_archive(self, sender: str, space: str) -> None:
+        await self._request(lambda rid: SpaceArchive(id=rid, sender=sender, space=space), Ok)
+
+    async def space_members(self, space: str, *, reader: str | None = None) -> list[SpaceMember]:
+        reply = await self._request(
+            lambda rid: SpaceMembers(id=rid, space=space, reader=reader), Members
+        )
+        return reply.items
+
+    async def spaces(
+        self,
+        *,
+        reader: str | None = None,
+        project: str | None = None,
+        parent: str | None = None,
+        top_level: bool = False,
+        include_archived: bool = False,
+    ) -> list[Space]:
+        """The spaces ``reader`` may see, with member and message counts."""
+        reply = await self._request(
+            lambda rid: ListSpaces(
+                id=rid,
+                reader=reader,
+                project=project,
+                parent=parent,
+                top_level=top_level,
+                include_archived=include_archived,
+            ),
+            Spaces,
+        )
+        return reply.items
+
+    async def project_create(self, sender: str, name: str, **fields: Any) -> Project:
+        """A new project; ``fields`` are ``ProjectCreate``'s (description, path, tags...)."""
+        reply = await self._request(
+            lambda rid: ProjectCreate(id=rid, sender=sender, name=name, **fields), ProjectReply
+        )
+        return reply.project
+
+    async def project_get(self, project: str) -> Project:
+        reply = await self._request(lambda rid: ProjectGet(id=rid, project=project), ProjectReply)
+        return reply.project
+
+    async def projects(self, *, status: str | None = None, tag: str | None = None) -> list[Project]:
+        reply = await self._request(
+            lambda rid: ListProjects(id=rid, status=status, tag=tag), Projects
+        )
+        return reply.items
+
+    async def project_update(self, sender: str, project: str, **fields: Any) -> Project:
+        """Replace the ``fields`` given (description, path, tags, status...); keep the rest."""
+        reply = await self._request(
+            lambda rid: ProjectUpdate(id=rid, sender=sender, project=project, **fields),
+            ProjectReply,
+        )
+        return reply.project
+
+    async def project_delete(self, sender: str, project: str) -> None:
+        """Forget a project (409 while a space refers to it)."""
+        await self._request(lambda rid: ProjectDelete(id=rid, sender=sender, project=project), Ok)
+
+    async def focus(self, reader: str, project: str | None) -> None:
+        """Narrow ``reader``'s inbox, spaces and search to ``project``; None clears it."""
+        await self._request(lambda rid: Focus(id=rid, reader=reader, project=project), Ok)
+
+    async def lock(
+        self,
+        sender: str,
+        resource: str,
+        *,
+        mode: LockMode = "exclusive",
+        ttl_s: float = 300.0,
+    ) -> LockResult:
+        """Take or renew a lock; ``acquired`` False names the ``holders`` in the way."""
+        return await self._request(
+            lambda rid: Lock(id=rid, sender=sender, resource=resource, mode=mode, ttl_s=ttl_s),
+            LockResult,
+        )
+
+    async def unlock(self, sender: str, resource: str) -> None:
+        """Release ``sender``'s lock (403 when it holds none)."""
+        await self._request(lambda rid: Unlock(id=rid, sender=sender, resource=resource), Ok)
+
+    async def locks(
+        self, *, resource: str | None = None, holder: str | None = None
+    ) -> list[LockHolder]:
+        reply = await self._request(
+            lambda rid: ListLocks(id=rid, resource=resource, holder=holder), Locks
+        )
+        return reply.items
 
 
 class _OpenRequest:
@@ -966,8 +1210,9 @@ class Subscription(_Feed):
         return await self._next_of(Event, "an `event` frame")
 
 
-class MailWatch(_Feed):
-    """The messages of one ``watch`` request, in msg_id order, until the context exits.
+class MailWatch(_Feed, Generic[_Item]):
+    """The messages of one ``watch`` request, in msg_id order, until the context exits
+    (and, when it was asked for ``updates``, each ``MailUpdate``).
 
     ``cursor`` is the daemon's ``watching`` cursor (the newest msg_id the reader
     had received when the watch began); ``last_msg_id`` moves on with every
@@ -976,8 +1221,13 @@ class MailWatch(_Feed):
     raises ``ChinwagError`` 429.
     """
 
-    def __init__(self, client: Client, reader: str, *, after: str | None) -> None:
-        super().__init__(client, lambda rid: Watch(id=rid, reader=reader, after=after))
+    def __init__(
+        self, client: Client, reader: str, *, after: str | None, updates: bool = False
+    ) -> None:
+        super().__init__(
+            client, lambda rid: Watch(id=rid, reader=reader, after=after, updates=updates)
+        )
+        self._updates = updates
         self._after = after
         self._cursor: str | None = None
         self._last: str | None = None
@@ -992,20 +1242,23 @@ class MailWatch(_Feed):
         """The msg_id of the last message yielded, else ``cursor``, else ``after``."""
         return self._last
 
-    async def __aenter__(self) -> MailWatch:
+    async def __aenter__(self) -> MailWatch[_Item]:
         watching = await self._opened(Watching)
         self._cursor = watching.cursor
         # The replay starts after `after`; without one, what is pushed after the cursor.
         self._last = self._after if self._after is not None else watching.cursor
         return self
 
-    def __aiter__(self) -> MailWatch:
+    def __aiter__(self) -> MailWatch[_Item]:
         return self
 
-    async def __anext__(self) -> MailMessage:
-        msg = await self._next_of(Mail, "a `mail` frame")
+    async def __anext__(self) -> _Item:
+        kinds: Any = (Mail, MailUpdate) if self._updates else Mail
+        msg: Mail | MailUpdate = await self._next_of(kinds, "a `mail` frame")
+        if isinstance(msg, MailUpdate):
+            return cast(_Item, msg)
         self._last = msg.msg_id
-        return msg.message
+        return cast(_Item, msg.message)
 
 
 def _ref(item: Ref | str) -> Ref:
