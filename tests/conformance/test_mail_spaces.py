@@ -5,22 +5,27 @@ contract is the docstrings of storage/_mail.py. Helpers are test_mail.py's.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import msgspec
 import pytest
-from chinwag.protocol import Delivery, LockHolder, Project, Space
+import trio
+from chinwag.protocol import Delivery, LockHolder, MessageVersion, Project, Space, SpaceMember
 from chinwag.storage import (
     DeleteChange,
     EditChange,
     InboxQuery,
+    MessageChange,
     PinChange,
     ReactChange,
+    StateChange,
     Storage,
     StorageError,
     msg_id_of,
 )
-from test_mail import MANY, STORE_CLOSED, T0, Reopen, at, post
+from test_mail import AUTH, MANY, STORE_CLOSED, T0, Reopen, at, ids, post
 
 
 def space(name: str, **fields: object) -> Space:
@@ -119,6 +124,18 @@ async def test_reactions_add_once_remove_and_keep_their_order(store: Storage) ->
     ]
 
 
+async def test_changes_at_once_are_each_made(store: Storage) -> None:
+    posted = await post(store)
+    names = [f"r{n}" for n in range(8)]
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(
+                store.mail.change_message, posted.msg_id, ReactChange(emoji="👍", by=name)
+            )
+    now = await store.mail.get_message(posted.msg_id)
+    assert now is not None and [(r.emoji, sorted(r.by)) for r in now.reactions] == [("👍", names)]
+
+
 async def test_pins_are_kept_with_who_and_when_and_filter_the_inbox(store: Storage) -> None:
     first = await post(store, content="one")
     await post(store, content="two")
@@ -133,7 +150,8 @@ async def test_pins_are_kept_with_who_and_when_and_filter_the_inbox(store: Stora
     unpinned = await store.mail.change_message(
         first.msg_id, PinChange(by="bob", at=at(4), unpin=True)
     )
-    assert unpinned is not None and (unpinned.pinned, unpinned.pinned_by) == (False, None)
+    assert unpinned is not None
+    assert (unpinned.pinned, unpinned.pinned_by, unpinned.pinned_at) == (False, None, None)
     assert await store.mail.inbox("bob", InboxQuery(pinned_only=True), limit=MANY) == []
 
 
@@ -150,6 +168,50 @@ async def test_changes_survive_a_reopen(store: Storage, reopen: Reopen) -> None:
     assert [v.content for v in await store.mail.versions(posted.msg_id)] == ["before"]
     assert await search(store, "bob", "after") == ["after"]
     assert await search(store, "bob", "delete") == []
+
+
+async def test_what_is_given_or_read_back_stays_the_callers(store: Storage) -> None:
+    posted = await post(store, structured={"n": [1]})
+    edit = EditChange(content="new", structured={"n": [2]}, at=at(1))
+    await store.mail.change_message(posted.msg_id, edit)
+    edit.structured["n"].append(3)  # type: ignore[index]
+    (version,) = await store.mail.versions(posted.msg_id)
+    version.structured["n"].append(4)
+    assert await store.mail.versions(posted.msg_id) == [
+        MessageVersion(
+            version=1, content="hello", structured={"n": [1]}, created_at=T0, replaced_at=at(1)
+        )
+    ]
+    now = await store.mail.get_message(posted.msg_id)
+    assert now is not None and now.structured == {"n": [2]}
+
+    given = project("web", tags=["ui"], settings={"a": [1]})
+    await store.mail.put_project(given)
+    given.tags.append("given")
+    given.settings["a"].append(2)
+    (read,) = await store.mail.projects()
+    read.settings["a"].append(3)
+    assert await store.mail.projects() == [project("web", tags=["ui"], settings={"a": [1]})]
+
+    eng = space("eng")
+    await store.mail.put_space(eng)
+    eng.description = "given"
+    (listed,) = await store.mail.spaces()
+    listed.description = "read"
+    assert await store.mail.spaces() == [space("eng")]
+
+    await store.mail.set_member("eng", "bob", at(1), member=True)
+    (members,) = (await store.mail.members()).values()
+    members.clear()
+    assert [m.name for m in (await store.mail.members())["eng"]] == ["bob"]
+
+    lock = holder("db", "bob")
+    _, (held,) = await store.mail.take_lock(lock, T0)
+    lock.expires_at = at(1)
+    held.mode = "advisory"
+    (live,) = await store.mail.locks(T0)
+    live.holder = "mallory"
+    assert await store.mail.locks(at(30)) == [holder("db", "bob")]
 
 
 # --- search -------------------------------------------------------------------------------
@@ -184,10 +246,37 @@ async def test_search_ranks_best_first_newer_first_on_a_tie_and_keeps_its_limit(
     both = await post(store, content="deploy the staging cluster")
     tie = await post(store, content="deploy")
     found = await store.mail.search("bob", ["staging", "deploy"], readable_spaces=[], limit=MANY)
-    assert found[0].msg_id == both.msg_id, [m.content for m in found]
-    assert len(found) == 4
+    # Both words, the shorter text first; then the rarer word's absence puts the rest behind.
+    assert ids(found) == [both.msg_id, msg_id_of(2), tie.msg_id, msg_id_of(1)], [
+        m.content for m in found
+    ]
     only = await store.mail.search("bob", ["deploy"], readable_spaces=[], limit=2)
     assert only[0].msg_id == tie.msg_id and len(only) == 2  # shortest first, the newer of two
+
+
+async def test_search_matches_any_word_in_any_case_and_each_message_once(store: Storage) -> None:
+    await post(store, "alice", ["bob"], "Deploy the API", space="eng")
+    await post(store, "bob", ["alice"], "ROLLBACK now", space="eng")
+    await post(store, "alice", ["bob"], "nothing to see")
+    # bob may read both twice over (recipient or author, and the space's reader).
+    found = await search(store, "bob", "deploy", "rollback", readable_spaces=["eng", "eng"])
+    assert sorted(found) == ["Deploy the API", "ROLLBACK now"]
+    assert await search(store, "bob", "absent") == []
+
+
+async def test_search_of_a_space_reader_follows_edits_and_deletes(store: Storage) -> None:
+    first = await post(store, "alice", ["bob"], "rotate the keys", space="sec")
+    await post(store, "alice", ["bob"], "rotate the logs", space="sec")
+    assert sorted(await search(store, "carol", "rotate", readable_spaces=["sec"])) == [
+        "rotate the keys",
+        "rotate the logs",
+    ]
+    await store.mail.change_message(first.msg_id, EditChange(content="renew the keys", at=at(1)))
+    assert await search(store, "carol", "rotate", readable_spaces=["sec"]) == ["rotate the logs"]
+    assert await search(store, "carol", "renew", readable_spaces=["sec"]) == ["renew the keys"]
+    await store.mail.change_message(first.msg_id, DeleteChange(at=at(2)))
+    assert await search(store, "carol", "renew", "keys", readable_spaces=["sec"]) == []
+    assert await search(store, "alice", "renew") == []  # not even for its author
 
 
 # --- space mail and new mail -------------------------------------------------------------------
@@ -217,6 +306,56 @@ async def test_space_mail_lists_the_space_with_the_readers_delivery_or_none(
     assert await store.mail.space_mail("nowhere", "bob", InboxQuery(), limit=MANY) == []
 
 
+async def test_space_mail_filters_as_inbox_does_and_pages_every_match_once(
+    store: Storage,
+) -> None:
+    posted = [
+        (
+            await post(
+                store,
+                "alice",
+                ["bob"],
+                f"n{n}",
+                when=at(10 * n),
+                space="eng",
+                priority=n % 2,
+                channel="ops" if n % 3 == 0 else None,
+                scopes=[AUTH] if n % 2 == 0 else [],
+                thread_id="t" if n >= 4 else None,
+            )
+        ).msg_id
+        for n in range(6)
+    ]
+    await post(store, "alice", ["bob"], "not in eng")
+    await store.mail.advance([StateChange(posted[1], "bob", "read", at(1))])
+    await store.mail.change_message(posted[2], DeleteChange(at=at(2)))
+    await store.mail.change_message(posted[3], PinChange(by="bob", at=at(3)))
+
+    async def listed(query: InboxQuery, limit: int = MANY) -> list[str]:
+        return [m.msg_id for m, _ in await store.mail.space_mail("eng", "bob", query, limit=limit)]
+
+    n0, n1, n2, n3, n4, n5 = posted
+    assert await listed(InboxQuery()) == [n5, n4, n3, n1, n0]
+    assert await listed(InboxQuery(include_deleted=True)) == [n5, n4, n3, n2, n1, n0]
+    assert await listed(InboxQuery(unread_only=True)) == [n5, n4, n3, n0]
+    assert await listed(InboxQuery(pinned_only=True)) == [n3]
+    assert await listed(InboxQuery(priority_min=1)) == [n5, n3, n1]
+    assert await listed(InboxQuery(channel="ops")) == [n3, n0]
+    assert await listed(InboxQuery(scope=AUTH)) == [n4, n0]
+    assert await listed(InboxQuery(thread_id="t")) == [n5, n4]
+    assert await listed(InboxQuery(since=at(30))) == [n5, n4, n3]
+    assert await listed(InboxQuery(unread_only=True), limit=2) == [n5, n4]
+    pages: list[str] = []
+    before: str | None = None
+    while page := [
+        m.msg_id
+        for m, _ in await store.mail.space_mail("eng", "bob", InboxQuery(), limit=2, before=before)
+    ]:
+        pages += page
+        before = page[-1]
+    assert pages == [n5, n4, n3, n1, n0]
+
+
 async def test_only_spaces_narrows_space_mail_and_lets_other_mail_pass(store: Storage) -> None:
     direct = await post(store, content="direct")
     web = await post(store, content="web", space="web")
@@ -230,6 +369,9 @@ async def test_messages_after_pages_every_message_in_order(store: Storage) -> No
     assert [m.msg_id for m in await store.mail.messages_after(None, limit=MANY)] == posted
     assert [m.msg_id for m in await store.mail.messages_after(posted[1], limit=2)] == posted[2:4]
     assert await store.mail.messages_after(posted[-1], limit=MANY) == []
+    await store.mail.change_message(posted[2], DeleteChange(at=at(1)))
+    after = await store.mail.messages_after(posted[1], limit=1)
+    assert [(m.msg_id, m.deleted) for m in after] == [(posted[2], True)]  # deleted ones too
 
 
 # --- spaces, members, projects ----------------------------------------------------------------
@@ -247,6 +389,18 @@ async def test_spaces_are_created_replaced_and_read_back_without_counts(store: S
     assert (spaces[0].parent, spaces[0].project, spaces[0].private) == ("eng", "web", True)
 
 
+async def test_replacing_a_space_keeps_its_members(store: Storage) -> None:
+    await store.mail.put_space(space("eng"))
+    await store.mail.set_member("eng", "bob", at(1), member=True)
+    await store.mail.put_space(space("eng", description="renamed", archived=True))
+    members = await store.mail.members()
+    assert {s: [(m.name, m.joined_at) for m in ms] for s, ms in members.items()} == {
+        "eng": [("bob", at(1))]
+    }
+    (eng,) = await store.mail.spaces()
+    assert (eng.description, eng.archived, eng.members) == ("renamed", True, 0)
+
+
 async def test_members_join_once_keep_their_time_and_leave(store: Storage) -> None:
     assert await store.mail.set_member("eng", "bob", at(1), member=True)
     assert await store.mail.set_member("eng", "alice", at(2), member=True)
@@ -260,13 +414,18 @@ async def test_members_join_once_keep_their_time_and_leave(store: Storage) -> No
     assert await store.mail.set_member("ops", "bob", at(5), member=False)
     assert not await store.mail.set_member("ops", "bob", at(6), member=False)
     assert set(await store.mail.members()) == {"eng"}
+    assert await store.mail.set_member("ops", "bob", at(7), member=True)  # back: since now
+    assert [(m.name, m.joined_at) for m in (await store.mail.members())["ops"]] == [("bob", at(7))]
 
 
 async def test_space_counts_count_each_spaces_messages(store: Storage) -> None:
+    assert await store.mail.space_counts() == {}
     for name in ("eng", "eng", "ops"):
         await post(store, space=name)
     await post(store)
-    assert await store.mail.space_counts() == {"eng": 2, "ops": 1}
+    gone = await post(store, space="ops")
+    await store.mail.change_message(gone.msg_id, DeleteChange(at=at(1)))
+    assert await store.mail.space_counts() == {"eng": 2, "ops": 2}  # deleted ones included
 
 
 async def test_projects_are_put_listed_and_deleted(store: Storage) -> None:
@@ -333,6 +492,47 @@ async def test_a_renewal_keeps_when_the_lock_was_taken_and_moves_its_expiry(
     assert taken and (held.acquired_at, held.expires_at) == (T0, at(110))
     (listed,) = await store.mail.locks(at(100))
     assert (listed.acquired_at, listed.expires_at) == (T0, at(110))
+    # A renewal may change the mode too; the lock was still taken at T0.
+    advisory = msgspec.structs.replace(
+        holder("db", "bob", "advisory"), acquired_at=at(100), expires_at=at(200)
+    )
+    taken, (held,) = await store.mail.take_lock(advisory, at(100))
+    assert taken and (held.mode, held.acquired_at, held.expires_at) == ("advisory", T0, at(200))
+    assert await store.mail.locks(at(150)) == [held]
+    # Once its lock expired, taking it again is a new lock.
+    again = msgspec.structs.replace(holder("db", "bob"), acquired_at=at(300), expires_at=at(400))
+    taken, (held,) = await store.mail.take_lock(again, at(300))
+    assert taken and (held.mode, held.acquired_at, held.expires_at) == (
+        "exclusive",
+        at(300),
+        at(400),
+    )
+
+
+async def test_exclusive_takers_at_once_one_wins(store: Storage) -> None:
+    results: dict[str, bool] = {}
+
+    async def take(name: str) -> None:
+        results[name], _ = await store.mail.take_lock(holder("db", name), T0)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(8):
+            nursery.start_soon(take, f"t{n}")
+    (winner,) = [name for name, taken in results.items() if taken]
+    assert len(results) == 8
+    assert [h.holder for h in await store.mail.locks(T0)] == [winner]
+
+
+async def test_a_refusal_names_only_the_live_holders(store: Storage) -> None:
+    await store.mail.take_lock(holder("db", "alice", "advisory", ttl=10), T0)
+    await store.mail.take_lock(holder("db", "bob", "advisory", ttl=100), T0)
+    late = msgspec.structs.replace(holder("db", "carol"), acquired_at=at(20), expires_at=at(80))
+    taken, holders = await store.mail.take_lock(late, at(20))
+    assert not taken and holders == [holder("db", "bob", "advisory", ttl=100)]
+    assert [h.holder for h in await store.mail.locks(at(20))] == ["bob"]
+    # The refused taker holds nothing: once bob's lock expires, the resource is free.
+    assert await store.mail.locks(at(100)) == []
+    assert not await store.mail.release_lock("db", "carol", at(20))
 
 
 async def test_an_expired_lock_is_no_holder(store: Storage) -> None:
@@ -364,11 +564,140 @@ async def test_locks_survive_a_reopen(store: Storage, reopen: Reopen) -> None:
     assert not taken and [h.holder for h in holders] == ["alice"]
 
 
+async def fill_part_two(store: Storage) -> dict[str, str]:
+    """Every kind of part-two write; returns the msg_ids it posted, by name."""
+    posted = {
+        "edited": (await post(store, "alice", ["bob"], "alpha deploy", space="eng")).msg_id,
+        "reacted": (await post(store, "bob", ["alice"], "beta rollback")).msg_id,
+        "pinned": (
+            await post(store, "alice", ["bob", "carol"], "gamma deploy", space="ops")
+        ).msg_id,
+        "deleted": (await post(store, "carol", ["bob"], "delta deploy", space="eng")).msg_id,
+    }
+    changes: list[tuple[str, MessageChange]] = [
+        ("edited", EditChange(content="alpha again", structured={"k": [1]}, at=at(1))),
+        ("edited", EditChange(content="alpha final deploy", at=at(2))),
+        ("reacted", ReactChange(emoji="👍", by="alice")),
+        ("reacted", ReactChange(emoji="👀", by="carol")),
+        ("reacted", ReactChange(emoji="👀", by="alice")),
+        ("reacted", ReactChange(emoji="👍", by="alice", remove=True)),
+        ("pinned", PinChange(by="carol", at=at(3))),
+        ("reacted", PinChange(by="bob", at=at(3))),
+        ("reacted", PinChange(by="bob", at=at(4), unpin=True)),
+        ("deleted", DeleteChange(reason="oops", at=at(5))),
+    ]
+    for key, change in changes:
+        assert await store.mail.change_message(posted[key], change) is not None
+    await store.mail.put_space(space("eng", description="first"))
+    await store.mail.put_space(space("ops", private=True, project="web"))
+    await store.mail.put_space(space("eng", description="second"))
+    for name, joined, member in [("bob", 1, True), ("alice", 2, True), ("carol", 3, True)]:
+        await store.mail.set_member("eng", name, at(joined), member=member)
+    await store.mail.set_member("eng", "alice", at(4), member=False)
+    await store.mail.set_member("ops", "carol", at(5), member=True)
+    await store.mail.put_project(project("web", tags=["ui"]))
+    await store.mail.put_project(project("db"))
+    await store.mail.put_project(project("web", status="paused", settings={"a": {"b": 1}}))
+    await store.mail.delete_project("db")
+    await store.mail.take_lock(holder("db", "alice", ttl=3600), T0)
+    for name in ("bob", "carol", "dan"):
+        await store.mail.take_lock(holder("api", name, "advisory", ttl=3600), T0)
+    await store.mail.release_lock("api", "carol", at(1))
+    await store.mail.take_lock(holder("old", "bob", ttl=1), T0)
+    renewal = msgspec.structs.replace(holder("api", "dan", "advisory"), expires_at=at(7200))
+    await store.mail.take_lock(renewal, at(2))
+    return posted
+
+
+async def part_two(store: Storage) -> dict[str, Any]:
+    """What every part-two read returns, for comparing a store before and after a reopen."""
+    reads: dict[str, Any] = {}
+    messages = await store.mail.messages_after(None, limit=MANY)
+    reads["messages"] = messages
+    reads["versions"] = [await store.mail.versions(m.msg_id) for m in messages]
+    words = ["alpha", "again", "final", "deploy", "rollback", "gamma", "delta"]
+    for name in ("alice", "bob", "carol", "dan"):
+        for query in (InboxQuery(include_deleted=True), InboxQuery(pinned_only=True)):
+            reads[f"inbox {name} {query}"] = await store.mail.inbox(name, query, limit=MANY)
+        reads[f"search {name}"] = await store.mail.search(
+            name, words, readable_spaces=["eng"], limit=MANY
+        )
+        for space_name in ("eng", "ops"):
+            reads[f"space {space_name} {name}"] = await store.mail.space_mail(
+                space_name, name, InboxQuery(include_deleted=True), limit=MANY
+            )
+    reads["spaces"] = await store.mail.spaces()
+    reads["members"] = await store.mail.members()
+    reads["space counts"] = await store.mail.space_counts()
+    reads["projects"] = await store.mail.projects()
+    reads["locks"] = await store.mail.locks(at(60))
+    return reads
+
+
+async def test_part_two_reads_back_the_same_after_reopening(store: Storage, reopen: Reopen) -> None:
+    posted = await fill_part_two(store)
+    before = await part_two(store)
+    # The fill did what it says, so the comparison below is of something.
+    assert [len(v) for v in before["versions"]] == [2, 0, 0, 0]
+    assert before["space counts"] == {"eng": 2, "ops": 1}
+    assert [(h.resource, h.holder) for h in before["locks"]] == [
+        ("api", "bob"),
+        ("api", "dan"),
+        ("db", "alice"),
+    ]
+    assert before["members"] == {
+        "eng": [
+            SpaceMember(name="bob", joined_at=at(1)),
+            SpaceMember(name="carol", joined_at=at(3)),
+        ],
+        "ops": [SpaceMember(name="carol", joined_at=at(5))],
+    }
+    edited, reacted, pinned, deleted = before["messages"]
+    assert (edited.content, edited.version) == ("alpha final deploy", 3)
+    assert ([(r.emoji, r.by) for r in reacted.reactions], reacted.pinned) == (
+        [("👀", ["carol", "alice"])],
+        False,
+    )
+    assert (pinned.pinned_by, deleted.delete_reason) == ("carol", "oops")
+
+    store = await reopen(store)
+    assert await part_two(store) == before
+
+    # And it carries on from there.
+    edited = posted["edited"]
+    await store.mail.change_message(edited, EditChange(content="alpha last", at=at(9)))
+    assert [v.version for v in await store.mail.versions(edited)] == [1, 2, 3]
+    assert await search(store, "bob", "last") == ["alpha last"]
+    assert not (await store.mail.take_lock(holder("db", "bob"), at(9)))[0]
+    assert (await post(store, "alice", ["bob"], "next")).msg_id == msg_id_of(len(posted) + 1)
+
+
 async def test_a_closed_store_refuses_part_two(store: Storage) -> None:
+    posted = await post(store)
     await store.close()
-    with pytest.raises(StorageError, match=STORE_CLOSED):
-        await store.mail.take_lock(holder("db", "alice"), T0)
-    with pytest.raises(StorageError, match=STORE_CLOSED):
-        await store.mail.spaces()
-    with pytest.raises(StorageError, match=STORE_CLOSED):
-        await store.mail.search("bob", ["x"], readable_spaces=[], limit=1)
+    mail_store = store.mail
+    m = posted.msg_id
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: mail_store.messages_after(None, limit=5),
+        lambda: mail_store.space_mail("eng", "bob", InboxQuery(), limit=5),
+        lambda: mail_store.change_message(m, EditChange(content="x", at=T0)),
+        lambda: mail_store.change_message(m, DeleteChange(at=T0)),
+        lambda: mail_store.change_message(m, ReactChange(emoji="👍", by="bob")),
+        lambda: mail_store.change_message(m, PinChange(by="bob", at=T0)),
+        lambda: mail_store.versions(m),
+        lambda: mail_store.search("bob", ["hello"], readable_spaces=[], limit=5),
+        lambda: mail_store.put_space(space("eng")),
+        mail_store.spaces,
+        lambda: mail_store.set_member("eng", "bob", T0, member=True),
+        mail_store.members,
+        mail_store.space_counts,
+        lambda: mail_store.put_project(project("web")),
+        mail_store.projects,
+        lambda: mail_store.delete_project("web"),
+        lambda: mail_store.take_lock(holder("db", "alice"), T0),
+        lambda: mail_store.release_lock("db", "alice", T0),
+        lambda: mail_store.locks(T0),
+    ]
+    for call in calls:
+        with pytest.raises(StorageError, match=STORE_CLOSED):
+            await call()
