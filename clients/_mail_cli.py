@@ -158,6 +158,11 @@ def _full(message: MailMessage, state: str | None) -> Text:
         ("scopes", ", ".join(f"{r.type}:{r.value}" for r in message.scopes)),
         ("refs", ", ".join(f"{r.type}:{r.value}" for r in message.refs)),
         ("format", message.format if message.format != "markdown" else ""),
+        ("space", f"#{message.space}" if message.space else ""),
+        ("edited", _when(message.edited_at) if message.edited_at else ""),
+        ("deleted", (message.delete_reason or "yes") if message.deleted else ""),
+        ("pinned", f"by {message.pinned_by}" if message.pinned else ""),
+        ("reactions", "  ".join(f"{r.emoji} {', '.join(r.by)}" for r in message.reactions)),
         ("state", state or ""),
     ]
     for label, value in headers:
@@ -382,6 +387,10 @@ class _Filters:
     thread_id: str | None
     priority_min: int
     since: str | None
+    pinned: bool = False
+    deleted: bool = False
+    space: str | None = None
+    project: str | None = None
 
     def query(self) -> dict[str, Any]:
         return {
@@ -392,14 +401,30 @@ class _Filters:
             "thread_id": self.thread_id,
             "priority_min": self.priority_min,
             "since": self.since,
+            "pinned_only": self.pinned,
+            "include_deleted": self.deleted,
+            "space": self.space,
+            "project": self.project,
         }
 
-    def admits(self, message: MailMessage, mentioned_as: frozenset[str]) -> bool:
+    def admits(
+        self,
+        message: MailMessage,
+        mentioned_as: frozenset[str],
+        project_spaces: frozenset[str] | None = None,
+    ) -> bool:
         """Whether a message pushed to the watch belongs in the inbox as filtered.
 
-        It is new, so `--unread` and `--since` keep it. ``mentioned_as``: the
-        reader's name and roles, which an `@` mention may name.
+        It is new, so `--unread` and `--since` keep it, and `--pinned` none.
+        ``mentioned_as``: the reader's name and roles, which an `@` mention may
+        name; ``project_spaces``: the spaces of the project the inbox is narrowed to.
         """
+        if self.pinned:
+            return False
+        if self.space is not None and message.space != self.space.removeprefix("#"):
+            return False
+        if project_spaces is not None and message.space not in (None, *project_spaces):
+            return False
         if self.channel is not None and message.channel != self.channel:
             return False
         if self.thread_id is not None and message.thread_id != self.thread_id:
@@ -448,6 +473,10 @@ def _inbox_table(items: Sequence[MailItem]) -> None:
 @click.option(
     "--since", help="Only mail since this RFC 3339 time, or this long ago: 30m, 2h, 1d, 1w."
 )
+@click.option("--space", help="This space's mail you may read, whether or not it reached you.")
+@click.option("--project", help="Only space mail of this project's spaces (default: your focus).")
+@click.option("--pinned", is_flag=True, help="Only pinned mail.")
+@click.option("--deleted", is_flag=True, help="Deleted mail too.")
 @click.option(
     "--limit", type=click.IntRange(1, 500), default=20, show_default=True, help="At most this many."
 )
@@ -468,6 +497,10 @@ def inbox(
     thread_id: str | None,
     priority_min: int,
     since: str | None,
+    space: str | None,
+    project: str | None,
+    pinned: bool,
+    deleted: bool,
     limit: int,
     follow: bool,
     name: str,
@@ -479,7 +512,19 @@ def inbox(
     marks a message read.
     """
     settings = settings_of(ctx)
-    filters = _Filters(unread, mentions, channel, scope, thread_id, priority_min, since)
+    filters = _Filters(
+        unread,
+        mentions,
+        channel,
+        scope,
+        thread_id,
+        priority_min,
+        since,
+        pinned=pinned,
+        deleted=deleted,
+        space=space,
+        project=project,
+    )
 
     async def body() -> None:
         async with connect_or_fail(settings) as client:
@@ -521,6 +566,12 @@ async def _follow(client: Client, name: str, filters: _Filters, limit: int, as_j
         for participant in await client.participants():
             if participant.name == name.casefold():
                 mentioned_as |= frozenset(participant.roles)
+    narrowed = filters.project
+    if narrowed is None and filters.space is None:
+        narrowed = (await client.mail_context(name)).focus
+    project_spaces = None
+    if narrowed is not None:
+        project_spaces = frozenset(s.name for s in await client.spaces(project=narrowed))
     async with anyio.create_task_group() as tasks:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as interrupts:
             tasks.start_soon(_cancel_on_first, interrupts, tasks.cancel_scope)
@@ -539,7 +590,7 @@ async def _follow(client: Client, name: str, filters: _Filters, limit: int, as_j
                         styled(f"following the mail of {name}; Ctrl-C to stop", style="dim")
                     )
                 async for message in watch:
-                    if filters.admits(message, mentioned_as):
+                    if filters.admits(message, mentioned_as, project_spaces):
                         # Pushing it to the watch made it delivered.
                         show(MailItem(message=message, state="delivered"))
             tasks.cancel_scope.cancel()
@@ -612,15 +663,20 @@ def sent(ctx: click.Context, status: bool, limit: int, name: str, as_json: bool)
 
 @mail.command()
 @click.argument("msg_ids", nargs=-1, required=True)
+@click.option("--history", is_flag=True, help="Each earlier version too, before its edits.")
 @acting
 @click.pass_context
-def read(ctx: click.Context, msg_ids: tuple[str, ...], name: str, as_json: bool) -> None:
+def read(
+    ctx: click.Context, msg_ids: tuple[str, ...], history: bool, name: str, as_json: bool
+) -> None:
     """Show each message MSG_ID..., which marks it read for you."""
     settings = settings_of(ctx)
 
     async def body() -> None:
         async with connect_or_fail(settings) as client:
-            replies = [await client.get_message(name, msg_id) for msg_id in msg_ids]
+            replies = [
+                await client.get_message(name, msg_id, history=history) for msg_id in msg_ids
+            ]
         if as_json:
             _emit([_document(reply) for reply in replies])
             return
@@ -629,6 +685,14 @@ def read(ctx: click.Context, msg_ids: tuple[str, ...], name: str, as_json: bool)
             if number:
                 console.print()
             console.print(_full(reply.message, reply.state))
+            for version in reply.versions or ():
+                console.print(
+                    styled(
+                        f"\nversion {version.version}, until {_when(version.replaced_at)}:",
+                        style="dim",
+                    )
+                )
+                console.print(version.content)
 
     run_command(body)
 
@@ -711,6 +775,14 @@ def context(ctx: click.Context, name: str, as_json: bool) -> None:
         console.print(heading)
         if view.participant is not None and view.participant.status:
             console.print(styled(f"status: {view.participant.status}", style="dim"))
+        if view.focus:
+            console.print(styled(f"focus: {view.focus}", style="dim"))
+        if view.spaces:
+            console.print(
+                styled("spaces: ", style="dim") + styled(", ".join(f"#{s}" for s in view.spaces))
+            )
+        for held in view.locks:
+            console.print(f"holds {held.resource} ({held.mode}) until {_when(held.expires_at)}")
         if view.threads:
             console.print(styled("threads with unread mail:", style="bold"))
             for summary in view.threads:
@@ -720,3 +792,565 @@ def context(ctx: click.Context, name: str, as_json: bool) -> None:
                 )
 
     run_command(body)
+
+
+# --- part 2: changes to messages, search, spaces, projects, focus, locks -----------------
+
+
+def _call(
+    ctx: click.Context,
+    as_json: bool,
+    call: Callable[[Client], Any],
+    show: Callable[[Any], None],
+    *,
+    start: bool = False,
+) -> None:
+    """Run ``call`` on a connection; print its result as JSON, or with ``show``."""
+    settings = settings_of(ctx)
+    if start:
+        ensure_daemon(settings.socket)
+
+    async def body() -> None:
+        async with connect_or_fail(settings) as client:
+            result = await call(client)
+        if as_json:
+            _emit(_document(result) if isinstance(result, msgspec.Struct) else _listed(result))
+        else:
+            show(result)
+
+    run_command(body)
+
+
+def _listed(result: Any) -> Any:
+    return {"items": msgspec.to_builtins(result)} if isinstance(result, list) else result
+
+
+def _done(what: str) -> Callable[[Any], None]:
+    return lambda _: line_console().print(styled(what, style="bold"))
+
+
+def _changed(verb: str) -> Callable[[MailMessage], None]:
+    return lambda message: line_console().print(
+        styled(f"{verb} {message.msg_id}", style="bold")
+        + styled(f" (version {message.version})" if message.version > 1 else "", style="dim")
+    )
+
+
+@mail.command()
+@click.argument("msg_id")
+@click.argument("text")
+@acting
+@click.pass_context
+def edit(ctx: click.Context, msg_id: str, text: str, name: str, as_json: bool) -> None:
+    """Replace the text of your message MSG_ID with TEXT (`-`: from stdin); the earlier
+    text stays readable with `read --history`."""
+    content = sys.stdin.read() if text == "-" else text
+    _call(ctx, as_json, lambda c: c.edit(name, msg_id, content), _changed("edited"))
+
+
+@mail.command()
+@click.argument("msg_id")
+@click.option("--reason", help="Why, kept with the message.")
+@click.option("--force", is_flag=True, help="Delete without asking.")
+@acting
+@click.pass_context
+def delete(
+    ctx: click.Context, msg_id: str, reason: str | None, force: bool, name: str, as_json: bool
+) -> None:
+    """Delete your message MSG_ID: it stays, marked deleted, out of inboxes and search."""
+    if not force:
+        if not sys.stdin.isatty():
+            raise click.UsageError("deleting needs --force when nobody is at a terminal to ask")
+        click.confirm(f"Delete {msg_id}?", abort=True)
+    _call(
+        ctx, as_json, lambda c: c.delete_message(name, msg_id, reason=reason), _changed("deleted")
+    )
+
+
+@mail.command()
+@click.argument("msg_id")
+@click.argument("emoji")
+@click.option("--remove", is_flag=True, help="Take your reaction back.")
+@acting
+@click.pass_context
+def react(
+    ctx: click.Context, msg_id: str, emoji: str, remove: bool, name: str, as_json: bool
+) -> None:
+    """React to MSG_ID with EMOJI."""
+
+    def show(message: MailMessage) -> None:
+        summary = "  ".join(f"{r.emoji} {len(r.by)}" for r in message.reactions)
+        line_console().print(f"{message.msg_id}  {summary or 'no reactions'}")
+
+    _call(ctx, as_json, lambda c: c.react(name, msg_id, emoji, remove=remove), show)
+
+
+@mail.command()
+@click.argument("msg_id")
+@click.option("--unpin", is_flag=True, help="Unpin it instead.")
+@acting
+@click.pass_context
+def pin(ctx: click.Context, msg_id: str, unpin: bool, name: str, as_json: bool) -> None:
+    """Pin MSG_ID (in its space or thread: `inbox --pinned` lists them)."""
+    verb = "unpinned" if unpin else "pinned"
+    _call(ctx, as_json, lambda c: c.pin(name, msg_id, unpin=unpin), _changed(verb))
+
+
+@mail.command()
+@click.argument("query")
+@click.option(
+    "--limit", type=click.IntRange(1, 500), default=20, show_default=True, help="At most this many."
+)
+@click.option("--project", help="Only space mail of this project (default: your focus).")
+@acting
+@click.pass_context
+def search(
+    ctx: click.Context, query: str, limit: int, project: str | None, name: str, as_json: bool
+) -> None:
+    """The mail you may read that matches any word of QUERY, best first."""
+
+    def show(page: Any) -> None:
+        if page.items:
+            _inbox_table(page.items)
+        else:
+            line_console().print(styled(f"nothing matches {query!r}", style="dim"))
+
+    _call(ctx, as_json, lambda c: c.search_mail(name, query, limit=limit, project=project), show)
+
+
+@mail.command()
+@click.argument("since")
+@click.option(
+    "--limit", type=click.IntRange(1, 500), default=50, show_default=True, help="At most this many."
+)
+@acting
+@click.pass_context
+def since(ctx: click.Context, since: str, limit: int, name: str, as_json: bool) -> None:
+    """Your mail since SINCE: a duration back from now (30m, 2h, 1d) or an RFC 3339 time."""
+
+    def show(page: Any) -> None:
+        if page.items:
+            _inbox_table(page.items)
+        else:
+            line_console().print(styled(f"no mail for {name} since {since}", style="dim"))
+
+    _call(ctx, as_json, lambda c: c.inbox(name, since=since, limit=limit), show)
+
+
+@mail.command()
+@click.argument("project", required=False)
+@click.option("--clear", is_flag=True, help="Focus on nothing.")
+@acting
+@click.pass_context
+def focus(ctx: click.Context, project: str | None, clear: bool, name: str, as_json: bool) -> None:
+    """Narrow your inbox, spaces and search to PROJECT's spaces (mail outside spaces stays)."""
+    if (project is None) == (not clear):
+        raise click.UsageError("name a PROJECT, or --clear")
+    _call(
+        ctx,
+        as_json,
+        lambda c: c.focus(name, project),
+        _done(f"{name} focuses on {project}" if project else f"{name} focuses on nothing"),
+    )
+
+
+def _lock_rows(holders: Sequence[Any]) -> list[tuple[str, str, str, str]]:
+    return [(h.resource, h.holder, h.mode, _when(h.expires_at)) for h in holders]
+
+
+@mail.command()
+@click.argument("resource")
+@click.option(
+    "--advisory", "mode", flag_value="advisory", help="Shared with other advisory holders."
+)
+@click.option(
+    "--exclusive", "mode", flag_value="exclusive", default=True, help="Yours alone (default)."
+)
+@click.option("--ttl", default="5m", show_default=True, help="How long it holds: 90s, 5m, 2h.")
+@acting
+@click.pass_context
+def lock(ctx: click.Context, resource: str, mode: str, ttl: str, name: str, as_json: bool) -> None:
+    """Take (or renew) a lock on RESOURCE; exit status 1 when others hold it."""
+    seconds = _seconds(ttl)
+    settings = settings_of(ctx)
+
+    async def body() -> bool:
+        async with connect_or_fail(settings) as client:
+            result = await client.lock(name, resource, mode=mode, ttl_s=seconds)  # type: ignore[arg-type]
+        if as_json:
+            _emit(_document(result))
+        elif result.acquired:
+            line_console().print(
+                styled(f"{name} holds {resource} ({mode}) until {_when(result.expires_at)}")
+            )
+        else:
+            held = ", ".join(
+                f"{h.holder} ({h.mode}, until {_when(h.expires_at)})" for h in result.holders
+            )
+            line_console(stderr=True).print(styled(f"{resource} is held by {held}", style="red"))
+        return result.acquired
+
+    if not run_command(body):
+        sys.exit(1)
+
+
+def _seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isdigit():
+        raise click.BadParameter(f"write a duration such as 90s, 5m or 2h; not {text!r}")
+    return int(number) * units[unit]
+
+
+@mail.command()
+@click.argument("resource")
+@acting
+@click.pass_context
+def unlock(ctx: click.Context, resource: str, name: str, as_json: bool) -> None:
+    """Release your lock on RESOURCE."""
+    _call(ctx, as_json, lambda c: c.unlock(name, resource), _done(f"{name} released {resource}"))
+
+
+@mail.command()
+@click.option("--resource", help="Only this resource's.")
+@click.option("--holder", help="Only this holder's.")
+@acting
+@click.pass_context
+def locks(
+    ctx: click.Context, resource: str | None, holder: str | None, name: str, as_json: bool
+) -> None:
+    """The locks held now."""
+
+    def show(items: list[Any]) -> None:
+        if items:
+            _table(("resource", "holder", "mode", "until"), _lock_rows(items))
+        else:
+            line_console().print(styled("no locks are held", style="dim"))
+
+    _call(ctx, as_json, lambda c: c.locks(resource=resource, holder=holder), show)
+
+
+# --- spaces --------------------------------------------------------------------------
+
+
+@mail.group()
+def space() -> None:
+    """Spaces: broadcast groups, written #name in --to."""
+
+
+def _spaces_table(items: Sequence[Any]) -> None:
+    rows = [
+        (
+            s.name,
+            s.parent or "",
+            s.project or "",
+            "private" if s.private else "",
+            "archived" if s.archived else "",
+            str(s.members),
+            str(s.messages),
+            _one_line(s.description, 40),
+        )
+        for s in items
+    ]
+    _table(("name", "parent", "project", "", "", "members", "messages", "description"), rows)
+
+
+@space.command("create")
+@click.argument("space_name")
+@click.option("--description", default="", help="What it is for.")
+@click.option("--parent", help="The space it nests under (3 deep at most).")
+@click.option("--project", help="The project it belongs to.")
+@click.option("--private", is_flag=True, help="By invitation only.")
+@acting
+@click.pass_context
+def space_create(
+    ctx: click.Context,
+    space_name: str,
+    description: str,
+    parent: str | None,
+    project: str | None,
+    private: bool,
+    name: str,
+    as_json: bool,
+) -> None:
+    """Create SPACE_NAME; you are its first member."""
+    _call(
+        ctx,
+        as_json,
+        lambda c: c.space_create(
+            name,
+            space_name,
+            description=description,
+            parent=parent,
+            project=project,
+            private=private,
+        ),
+        lambda s: line_console().print(styled(f"created #{s.name}", style="bold")),
+        start=True,
+    )
+
+
+@space.command("list")
+@click.option("--project", help="Only this project's (default: your focus).")
+@click.option("--parent", help="Only those nested under this one.")
+@click.option("--top-level", is_flag=True, help="Only those nested under none.")
+@click.option("--archived", is_flag=True, help="Archived ones too.")
+@acting
+@click.pass_context
+def space_list(
+    ctx: click.Context,
+    project: str | None,
+    parent: str | None,
+    top_level: bool,
+    archived: bool,
+    name: str,
+    as_json: bool,
+) -> None:
+    """The spaces you may see, with their member and message counts."""
+    _call(
+        ctx,
+        as_json,
+        lambda c: c.spaces(
+            reader=name,
+            project=project,
+            parent=parent,
+            top_level=top_level,
+            include_archived=archived,
+        ),
+        _spaces_table,
+    )
+
+
+def _membership(verb: str, method: str, done: str) -> click.Command:
+    @acting
+    @click.argument("space_name")
+    @click.pass_context
+    def command(ctx: click.Context, space_name: str, name: str, as_json: bool) -> None:
+        _call(
+            ctx,
+            as_json,
+            lambda c: getattr(c, method)(name, space_name),
+            _done(f"{name} {done} #{space_name.removeprefix('#')}"),
+        )
+
+    command.__doc__ = f"{verb.capitalize()} SPACE_NAME."
+    return click.command(verb)(command)
+
+
+space.add_command(_membership("join", "space_join", "joined"))
+space.add_command(_membership("leave", "space_leave", "left"))
+space.add_command(_membership("archive", "space_archive", "archived"))
+
+
+@space.command("invite")
+@click.argument("space_name")
+@click.argument("invited")
+@acting
+@click.pass_context
+def space_invite(
+    ctx: click.Context, space_name: str, invited: str, name: str, as_json: bool
+) -> None:
+    """Make INVITED a member of SPACE_NAME (how one joins a private space)."""
+    _call(
+        ctx,
+        as_json,
+        lambda c: c.space_invite(name, space_name, invited),
+        _done(f"{invited} is a member of #{space_name.removeprefix('#')}"),
+    )
+
+
+@space.command("members")
+@click.argument("space_name")
+@acting
+@click.pass_context
+def space_members(ctx: click.Context, space_name: str, name: str, as_json: bool) -> None:
+    """SPACE_NAME's members, with presence."""
+
+    def show(items: list[Any]) -> None:
+        rows = [
+            (
+                m.name,
+                styled("online", style="green") if m.online else styled("offline", style="dim"),
+                _when(m.joined_at),
+            )
+            for m in items
+        ]
+        _table(("name", "presence", "joined"), rows)
+
+    _call(ctx, as_json, lambda c: c.space_members(space_name, reader=name), show)
+
+
+@space.command("send")
+@click.argument("space_name")
+@click.argument("text")
+@_writing
+@acting
+@click.pass_context
+def space_send(
+    ctx: click.Context,
+    space_name: str,
+    text: str,
+    priority: int,
+    channel: str | None,
+    format_: MailFormat,
+    structured: Any,
+    mentions: tuple[str, ...],
+    scopes: list[Ref],
+    refs: list[Ref],
+    idempotency_key: str | None,
+    name: str,
+    as_json: bool,
+) -> None:
+    """Send TEXT (`-`: from stdin) to every member of SPACE_NAME."""
+    _post(
+        ctx,
+        name,
+        as_json,
+        "sent",
+        text,
+        to=[f"#{space_name.removeprefix('#')}"],
+        priority=priority,
+        channel=channel,
+        format=format_,
+        structured=structured,
+        mentions=mentions,
+        scopes=scopes,
+        refs=refs,
+        idempotency_key=idempotency_key,
+    )
+
+
+@space.command("read")
+@click.argument("space_name")
+@click.option("--pinned", is_flag=True, help="Only its pinned mail.")
+@click.option(
+    "--limit", type=click.IntRange(1, 500), default=20, show_default=True, help="At most this many."
+)
+@acting
+@click.pass_context
+def space_read(
+    ctx: click.Context, space_name: str, pinned: bool, limit: int, name: str, as_json: bool
+) -> None:
+    """SPACE_NAME's mail, newest first (whether or not it reached you)."""
+
+    def show(page: Any) -> None:
+        if page.items:
+            _inbox_table(page.items)
+        else:
+            line_console().print(styled(f"no mail in #{space_name}", style="dim"))
+
+    _call(
+        ctx,
+        as_json,
+        lambda c: c.inbox(name, space=space_name, pinned_only=pinned, limit=limit),
+        show,
+    )
+
+
+# --- projects ------------------------------------------------------------------------
+
+
+@mail.group()
+def project() -> None:
+    """Projects: what groups spaces, and what `focus` narrows to."""
+
+
+def _project_fields(fn: _F) -> _F:
+    for option in reversed(
+        [
+            click.option("--description", help="What it is."),
+            click.option("--path", help="Where it lives on disk."),
+            click.option("--repository", help="Its repository."),
+            click.option("--tag", "tags", multiple=True, help="A tag (repeatable)."),
+            click.option("--status", help="active, paused, done...: yours to choose."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _show_project(p: Any) -> None:
+    text = styled(p.name, style="bold")
+    for label, value in (
+        ("status", p.status),
+        ("description", p.description),
+        ("path", p.path or ""),
+        ("repository", p.repository or ""),
+        ("tags", ", ".join(p.tags)),
+    ):
+        if value:
+            text.append(f"\n{label}: ", style="dim")
+            text.append(value)
+    line_console().print(text)
+
+
+@project.command("create")
+@click.argument("project_name")
+@_project_fields
+@acting
+@click.pass_context
+def project_create(
+    ctx: click.Context, /, project_name: str, name: str, as_json: bool, **fields: Any
+) -> None:
+    """Create PROJECT_NAME."""
+    given = {k: (list(v) if k == "tags" else v) for k, v in fields.items() if v not in (None, ())}
+    _call(
+        ctx,
+        as_json,
+        lambda c: c.project_create(name, project_name, **given),
+        _show_project,
+        start=True,
+    )
+
+
+@project.command("list")
+@click.option("--status", help="Only those with this status.")
+@click.option("--tag", help="Only those with this tag.")
+@acting
+@click.pass_context
+def project_list(
+    ctx: click.Context, status: str | None, tag: str | None, name: str, as_json: bool
+) -> None:
+    """The projects."""
+
+    def show(items: list[Any]) -> None:
+        rows = [(p.name, p.status, ", ".join(p.tags), _one_line(p.description, 50)) for p in items]
+        _table(("name", "status", "tags", "description"), rows)
+
+    _call(ctx, as_json, lambda c: c.projects(status=status, tag=tag), show)
+
+
+@project.command("show")
+@click.argument("project_name")
+@acting
+@click.pass_context
+def project_show(ctx: click.Context, project_name: str, name: str, as_json: bool) -> None:
+    """One project, with every field it has."""
+    _call(ctx, as_json, lambda c: c.project_get(project_name), _show_project)
+
+
+@project.command("update")
+@click.argument("project_name")
+@_project_fields
+@acting
+@click.pass_context
+def project_update(
+    ctx: click.Context, /, project_name: str, name: str, as_json: bool, **fields: Any
+) -> None:
+    """Change the fields given of PROJECT_NAME; keep the rest."""
+    given = {k: (list(v) if k == "tags" else v) for k, v in fields.items() if v not in (None, ())}
+    _call(ctx, as_json, lambda c: c.project_update(name, project_name, **given), _show_project)
+
+
+@project.command("delete")
+@click.argument("project_name")
+@acting
+@click.pass_context
+def project_delete(ctx: click.Context, project_name: str, name: str, as_json: bool) -> None:
+    """Forget PROJECT_NAME (refused while a space belongs to it)."""
+    _call(
+        ctx,
+        as_json,
+        lambda c: c.project_delete(name, project_name),
+        _done(f"deleted {project_name}"),
+    )
