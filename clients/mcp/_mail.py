@@ -167,6 +167,18 @@ class MailTools:
         server.add_tool(self.list_participants, annotations=reading)
         server.add_tool(self.register_agent, annotations=writing)
         server.add_tool(self.heartbeat, annotations=writing)
+        server.add_tool(self.search_messages, annotations=reading)
+        server.add_tool(self.edit_message, annotations=writing)
+        server.add_tool(self.react, annotations=writing)
+        server.add_tool(self.pin_message, annotations=writing)
+        server.add_tool(self.list_spaces, annotations=reading)
+        server.add_tool(self.create_space, annotations=writing)
+        server.add_tool(self.join_space, annotations=writing)
+        server.add_tool(self.leave_space, annotations=writing)
+        server.add_tool(self.space_members, annotations=reading)
+        server.add_tool(self.lock_resource, annotations=writing)
+        server.add_tool(self.unlock_resource, annotations=writing)
+        server.add_tool(self.list_locks, annotations=reading)
 
     # --- identity ----------------------------------------------------------------------
 
@@ -442,6 +454,180 @@ class MailTools:
         else:
             what = "all your mail"
         return _result(f"Marked read: {what}.", {"you": name, "marked": True})
+
+    # --- search, changes, spaces, locks ---------------------------------------------------
+
+    async def search_messages(
+        self,
+        ctx: Context,
+        query: Annotated[str, Field(description="Words to find (any of them).")],
+        limit: Annotated[int, Field(ge=1, le=100, description="At most this many.")] = 10,
+    ) -> CallToolResult:
+        """Search the mail you may read (yours, and your spaces'), best match first."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            page = await client.search_mail(name, query, limit=limit)
+        if not page.items:
+            text = f"No message of {name}'s matches {query!r}."
+        else:
+            blocks = [_message_text(item.message, item.state) for item in page.items]
+            text = f"{len(page.items)} match(es), best first:\n\n" + "\n\n".join(blocks)
+        return _result(text, {"you": name, "messages": [_item(i) for i in page.items]})
+
+    async def edit_message(
+        self,
+        ctx: Context,
+        msg_id: Annotated[str, Field(description="Your message's msg_id.")],
+        content: Content,
+    ) -> CallToolResult:
+        """Replace the text of a message you wrote; the earlier text is kept as a version."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            message = await client.edit(name, msg_id, content)
+        return _result(
+            f"Edited {msg_id} (now version {message.version}).", {"message": _message(message)}
+        )
+
+    async def react(
+        self,
+        ctx: Context,
+        msg_id: Annotated[str, Field(description="The message's msg_id.")],
+        emoji: Annotated[str, Field(description="The reaction, such as 👍.")],
+        remove: Annotated[bool, Field(description="Take your reaction back.")] = False,
+    ) -> CallToolResult:
+        """React to a message you may read."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            message = await client.react(name, msg_id, emoji, remove=remove)
+        summary = ", ".join(f"{r.emoji} {len(r.by)}" for r in message.reactions) or "none"
+        return _result(f"Reactions on {msg_id}: {summary}.", {"message": _message(message)})
+
+    async def pin_message(
+        self,
+        ctx: Context,
+        msg_id: Annotated[str, Field(description="The message's msg_id.")],
+        unpin: Annotated[bool, Field(description="Unpin it instead.")] = False,
+    ) -> CallToolResult:
+        """Pin a message you wrote or received (in its space or thread)."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            message = await client.pin(name, msg_id, unpin=unpin)
+        verb = "Pinned" if message.pinned else "Unpinned"
+        return _result(f"{verb} {msg_id}.", {"message": _message(message)})
+
+    async def list_spaces(self, ctx: Context) -> CallToolResult:
+        """The spaces you may see: each one's members and messages. Send to one with
+        send_message to "#name"."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            spaces = await client.spaces(reader=name)
+        lines = [
+            f"#{s.name}{' (private)' if s.private else ''}: {s.members} member(s), "
+            f"{s.messages} message(s){f' - {s.description}' if s.description else ''}"
+            for s in spaces
+        ]
+        text = "\n".join(lines) if lines else "No spaces yet: create_space makes one."
+        return _result(text, {"spaces": [_lean(s) for s in spaces]})
+
+    async def create_space(
+        self,
+        ctx: Context,
+        space: Annotated[str, Field(description="Its name, without #.")],
+        description: Annotated[str, Field(description="What it is for.")] = "",
+        private: Annotated[bool, Field(description="By invitation only.")] = False,
+        parent: Annotated[str | None, Field(description="A space to nest it under.")] = None,
+    ) -> CallToolResult:
+        """Create a space (a broadcast group); you become its first member."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            made = await client.space_create(
+                name, space, description=description, private=private, parent=parent
+            )
+        return _result(f"Created #{made.name}.", {"space": _lean(made)})
+
+    async def join_space(
+        self, ctx: Context, space: Annotated[str, Field(description="The space's name.")]
+    ) -> CallToolResult:
+        """Join a space: its mail reaches you from now on."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            await client.space_join(name, space)
+        return _result(f"{name} joined #{space.removeprefix('#')}.", {"joined": True})
+
+    async def leave_space(
+        self, ctx: Context, space: Annotated[str, Field(description="The space's name.")]
+    ) -> CallToolResult:
+        """Leave a space."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            await client.space_leave(name, space)
+        return _result(f"{name} left #{space.removeprefix('#')}.", {"left": True})
+
+    async def space_members(
+        self, ctx: Context, space: Annotated[str, Field(description="The space's name.")]
+    ) -> CallToolResult:
+        """Who is in a space, and who of them is online."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            members = await client.space_members(space, reader=name)
+        text = ", ".join(f"{m.name}{' (online)' if m.online else ''}" for m in members)
+        return _result(text or "Nobody.", {"members": [_lean(m) for m in members]})
+
+    async def lock_resource(
+        self,
+        ctx: Context,
+        resource: Annotated[str, Field(description="What to lock, such as a file path.")],
+        exclusive: Annotated[
+            bool, Field(description="Yours alone; false: shared with other advisory holders.")
+        ] = True,
+        ttl_s: Annotated[
+            float, Field(ge=1, description="It lapses after this many seconds unless renewed.")
+        ] = 300.0,
+    ) -> CallToolResult:
+        """Take (or renew, by taking again) a lock; if others hold it, says who."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            result = await client.lock(
+                name, resource, mode="exclusive" if exclusive else "advisory", ttl_s=ttl_s
+            )
+        if result.acquired:
+            text = f"{name} holds {resource} until {_when(result.expires_at)}."
+        else:
+            holders = ", ".join(
+                f"{h.holder} ({h.mode}, until {_when(h.expires_at)})" for h in result.holders
+            )
+            text = f"Not taken: {resource} is held by {holders}."
+        return _result(
+            text,
+            {
+                "acquired": result.acquired,
+                "holders": [_lean(h) for h in result.holders],
+                "expires_at": _when(result.expires_at) if result.expires_at else None,
+            },
+        )
+
+    async def unlock_resource(
+        self, ctx: Context, resource: Annotated[str, Field(description="What you locked.")]
+    ) -> CallToolResult:
+        """Release a lock you hold."""
+        name, _ = await self._ready(ctx)
+        async with self._client() as client:
+            await client.unlock(name, resource)
+        return _result(f"{name} released {resource}.", {"released": True})
+
+    async def list_locks(
+        self,
+        ctx: Context,
+        resource: Annotated[str | None, Field(description="Only this resource's.")] = None,
+    ) -> CallToolResult:
+        """The locks held now, by whom and until when."""
+        await self._ready(ctx)
+        async with self._client() as client:
+            held = await client.locks(resource=resource)
+        lines = [f"{h.resource}: {h.holder} ({h.mode}) until {_when(h.expires_at)}" for h in held]
+        return _result(
+            "\n".join(lines) or "No locks are held.", {"locks": [_lean(h) for h in held]}
+        )
 
     async def wait_for_message(
         self,

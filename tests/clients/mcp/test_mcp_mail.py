@@ -28,6 +28,18 @@ MAIL_TOOLS = {
     "list_participants",
     "register_agent",
     "heartbeat",
+    "search_messages",
+    "edit_message",
+    "react",
+    "pin_message",
+    "list_spaces",
+    "create_space",
+    "join_space",
+    "leave_space",
+    "space_members",
+    "lock_resource",
+    "unlock_resource",
+    "list_locks",
 }
 
 
