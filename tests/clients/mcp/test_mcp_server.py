@@ -90,6 +90,18 @@ async def test_tools_are_listed_with_schemas_and_failures_are_tool_errors(daemon
                 "list_participants",
                 "register_agent",
                 "heartbeat",
+                "search_messages",
+                "edit_message",
+                "react",
+                "pin_message",
+                "list_spaces",
+                "create_space",
+                "join_space",
+                "leave_space",
+                "space_members",
+                "lock_resource",
+                "unlock_resource",
+                "list_locks",
             }
             required = {
                 name: set(tool.input_schema.get("required", [])) for name, tool in listed.items()
@@ -110,6 +122,18 @@ async def test_tools_are_listed_with_schemas_and_failures_are_tool_errors(daemon
                 "list_participants": set(),
                 "register_agent": set(),
                 "heartbeat": set(),
+                "search_messages": {"query"},
+                "edit_message": {"msg_id", "content"},
+                "react": {"msg_id", "emoji"},
+                "pin_message": {"msg_id"},
+                "list_spaces": set(),
+                "create_space": {"space"},
+                "join_space": {"space"},
+                "leave_space": {"space"},
+                "space_members": {"space"},
+                "lock_resource": {"resource"},
+                "unlock_resource": {"resource"},
+                "list_locks": set(),
             }
             send = listed["send_message"].input_schema["properties"]
             # No context leaks in: a turn's agent, sender, timeout_s; mail's to, wait, priority.
