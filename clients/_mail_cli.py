@@ -1186,38 +1186,9 @@ def space_members(ctx: click.Context, space_name: str, name: str, as_json: bool)
 @_writing
 @acting
 @click.pass_context
-def space_send(
-    ctx: click.Context,
-    space_name: str,
-    text: str,
-    priority: int,
-    channel: str | None,
-    format_: MailFormat,
-    structured: Any,
-    mentions: tuple[str, ...],
-    scopes: list[Ref],
-    refs: list[Ref],
-    idempotency_key: str | None,
-    name: str,
-    as_json: bool,
-) -> None:
+def space_send(ctx: click.Context, /, space_name: str, **fields: Any) -> None:
     """Send TEXT (`-`: from stdin) to every member of SPACE_NAME."""
-    _post(
-        ctx,
-        name,
-        as_json,
-        "sent",
-        text,
-        to=[f"#{space_name.removeprefix('#')}"],
-        priority=priority,
-        channel=channel,
-        format=format_,
-        structured=structured,
-        mentions=mentions,
-        scopes=scopes,
-        refs=refs,
-        idempotency_key=idempotency_key,
-    )
+    ctx.invoke(send, to=(f"#{space_name.removeprefix('#')}",), reply_to=None, **fields)
 
 
 @space.command("read")
