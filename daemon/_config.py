@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -120,6 +122,22 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # @-mentions it ("direct"), only @-mentions ("mentions"), or none ("never").
     # @role and @everyone never do.
     mail: Literal["direct", "mentions", "never"] = "direct"
+    # Limits on each of this agent's conversations, counted over its live history
+    # (from its latest compaction on, so compacting lifts them); a stream that would
+    # start a run past one ends `error` 409. None: no limit.
+    max_messages: int | None = None  # user and assistant entries
+    max_tokens: int | None = None  # the entries' text, estimated as compaction does
+    expires_after: str | None = None  # a duration since the live history began: "12h", "7d"
+
+    @property
+    def expiry(self) -> timedelta | None:
+        """``expires_after`` as a timedelta; None when unset."""
+        return None if self.expires_after is None else parse_duration(self.expires_after)
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit is set on this agent's conversations."""
+        return (self.max_messages, self.max_tokens, self.expires_after) != (None, None, None)
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -129,6 +147,20 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 BUILTIN_PROVIDERS = {"echo": ProviderConfig(kind="echo")}
+#: The longest ``expires_after``: a century, which any conversation's date can add.
+MAX_EXPIRY = timedelta(days=36500)
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """A duration such as ``30s``, ``30m``, ``2h``, ``1d`` or ``1w``; None when ``text`` is none."""
+    if (match := _DURATION.fullmatch(text.strip())) is None:
+        return None
+    try:
+        return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    except OverflowError:  # more days than timedelta holds
+        return None
 #: The smallest ``thinking_budget`` the Anthropic API accepts.
 MIN_THINKING_BUDGET = 1024
 
@@ -240,6 +272,16 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
             raise ConfigError(f"{where} context_window must be at least 1.")
         if agent.compact_at is not None and not 0 < agent.compact_at <= 1:
             raise ConfigError(f"{where} compact_at must be a fraction in (0, 1].")
+        for key in ("max_messages", "max_tokens"):
+            if (limit := getattr(agent, key)) is not None and limit < 1:
+                raise ConfigError(f"{where} {key} must be at least 1.")
+        if agent.expires_after is not None and not (
+            (expiry := agent.expiry) is not None and timedelta(0) < expiry <= MAX_EXPIRY
+        ):
+            raise ConfigError(
+                f"{where} expires_after must be a duration such as \"12h\" or \"7d\" (a number"
+                f" of s, m, h, d or w) from 1s to 36500d, not {agent.expires_after!r}."
+            )
         if agent.cwd is not None and (problem := workdir_problem(agent.cwd, roots)):
             raise ConfigError(f"{where}: {problem}")
         _check_commands(agent, where, providers)

@@ -12,10 +12,9 @@ its conversation: the post office only queues the run and posts its final text.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -52,6 +51,7 @@ from chinwag.storage import (
 )
 
 from ._addresses import NAME, RESERVED, participant_name
+from ._config import parse_duration
 from ._conversation import DelegateAnswer
 from ._errors import RequestError
 from ._locks import Locks
@@ -69,8 +69,6 @@ MAX_PAGE = 500
 REPLAY_PAGE = 200
 MARK_SPACE_LIMIT = 10_000  # a space's unread mail marked read by one request
 RERUN_WINDOW = 1000  # an agent's newest mail looked at, at start, for a run cut short
-_DURATION = re.compile(r"(\d+)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def now() -> datetime:
@@ -79,8 +77,8 @@ def now() -> datetime:
 
 def parse_since(text: str, moment: datetime) -> datetime:
     """An RFC 3339 time, or a duration back from ``moment`` (``30m``, ``2h``, ``1d``)."""
-    if match := _DURATION.fullmatch(text.strip()):
-        return moment - timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    if (duration := parse_duration(text)) is not None:
+        return moment - duration
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
