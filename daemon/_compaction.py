@@ -66,6 +66,11 @@ def transcript(agent: str, entries: Sequence[Entry], previous_summary: str | Non
 CHARS_PER_TOKEN = 4  # a rough and cautious guess, for text of any model
 
 
+def estimated_tokens(entry: Entry) -> int:
+    """The entry's text and tool calls in tokens, as ``CHARS_PER_TOKEN`` guesses them."""
+    return (len(entry.content) + sum(len(c.arguments) for c in entry.tool_calls)) // CHARS_PER_TOKEN
+
+
 def transcript_parts(entries: Sequence[Entry], *, budget: int) -> list[list[Entry]]:
     """``entries`` cut into whole turns of about ``budget`` tokens at most each.
 
@@ -75,9 +80,7 @@ def transcript_parts(entries: Sequence[Entry], *, budget: int) -> list[list[Entr
     parts: list[list[Entry]] = [[]]
     size = 0
     for entry in entries:
-        cost = (len(entry.content) + sum(len(c.arguments) for c in entry.tool_calls)) // (
-            CHARS_PER_TOKEN
-        ) + 8  # its heading
+        cost = estimated_tokens(entry) + 8  # its heading
         if entry.role == "user" and parts[-1] and size + cost > budget:
             parts.append([])
             size = 0

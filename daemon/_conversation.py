@@ -51,6 +51,7 @@ from ._compaction import summary_request, transcript_parts
 from ._config import Config
 from ._context import Context, ProviderBlocks
 from ._errors import RequestError, ToolError
+from ._limits import refusal
 from ._providers import Prompt, ProviderError, TextChunk
 from ._steps import StepsExhausted, now, run_steps
 from ._tools import Mailbox, Mailboxes
@@ -348,6 +349,10 @@ class Run(Job):
     async def _turn(self) -> None:
         conv = self.conversation
         await conv.compact_if_full(self)
+        assert conv.context is not None  # loaded by `_work`
+        config = conv.agents[conv.agent].config
+        if problem := refusal(conv.agent, conv.sender, config, conv.context.entries, now()):
+            raise RunFailed(409, problem)  # before the user entry: a refused run stores nothing
         user = Entry(seq=0, role="user", content=self.content, run_id=self.id, created_at=now())
         if self.speaker.provider.local:  # no round trip to overlap the write with
             self._begin(await conv.store_user_entry(user, self.cwd))

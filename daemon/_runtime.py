@@ -31,6 +31,7 @@ from ._agent import Agent
 from ._config import Config
 from ._conversation import Compacting, Conversation, Job, Run, Sink, Subscription
 from ._errors import RequestError
+from ._limits import show_usage
 from ._tools import Mailboxes
 from ._workspace import workdir_problem
 
@@ -329,7 +330,20 @@ class Runtime:
         for item in items:
             conv = self.conversations.get((item.agent, item.sender))
             item.running = conv is not None and conv.busy
+            hosted = self.agents.get(item.agent)  # None: no longer configured
+            if hosted is not None and hosted.config.limited:
+                show_usage(item, hosted.config, await self._working_context(item, conv))
         return items, next_cursor
+
+    async def _working_context(
+        self, item: ConversationItem, conv: Conversation | None
+    ) -> list[Entry]:
+        """The listed conversation's entries from its latest marker on: those in memory,
+        unless other daemons may have added to them, else read from storage."""
+        if conv is not None and conv.context is not None and not self.storage.shared:
+            return conv.context.entries
+        loaded = await self.storage.load_context(item.agent, item.sender)
+        return loaded[1] if loaded is not None else []
 
     async def search_memory(self, agent: str, query: str, limit: int) -> list[MemoryHit]:
         self.agent(agent)

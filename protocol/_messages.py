@@ -61,6 +61,14 @@ class MemoryHit(msgspec.Struct, kw_only=True):
     created_at: datetime | None  # when archived, or when the note was last written
 
 
+class ConversationLimits(msgspec.Struct, kw_only=True):
+    """An agent's limits on each of its conversations' live history; null where unset."""
+
+    max_messages: int | None = None
+    max_tokens: int | None = None
+    expires_after: str | None = None  # a duration, as configured: "12h", "7d"
+
+
 class ConversationItem(msgspec.Struct, kw_only=True):
     agent: str
     sender: str
@@ -70,6 +78,12 @@ class ConversationItem(msgspec.Struct, kw_only=True):
     updated_at: datetime | None = None
     last_seq: int = 0
     running: bool = False
+    # Usage of the live history (since the latest compaction) against `limits`;
+    # all null when the agent sets no limit.
+    messages: int | None = None  # user and assistant entries
+    tokens: int | None = None  # estimated
+    expires_at: datetime | None = None  # with expires_after: when streams start being refused
+    limits: ConversationLimits | None = None
 
 
 class AgentItem(msgspec.Struct, kw_only=True):
