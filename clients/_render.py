@@ -9,12 +9,14 @@ that is only text prints none of it, and rich is a sixth of its start-up.
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from functools import cached_property
 from typing import IO, TYPE_CHECKING
 
 from chinwag.protocol import (
     AskUser,
     Compaction,
+    ConversationItem,
     End,
     Entry,
     Event,
@@ -33,6 +35,40 @@ from chinwag.protocol import (
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.text import Text
+
+
+def limits_usage(item: ConversationItem, moment: datetime) -> str:
+    """The conversation's usage against each limit its agent sets, as of ``moment``
+    (`12/200 msgs, 30k/100k tok, expires in 3d`); empty when it sets none."""
+    limits = item.limits
+    if limits is None:
+        return ""
+    parts = []
+    if limits.max_messages is not None:
+        parts.append(f"{item.messages or 0}/{limits.max_messages} msgs")
+    if limits.max_tokens is not None:
+        parts.append(f"{_amount(item.tokens or 0)}/{_amount(limits.max_tokens)} tok")
+    if item.expires_at is not None:
+        left = (item.expires_at - moment).total_seconds()
+        parts.append(f"expires in {_duration(left)}" if left > 0 else "expired")
+    return ", ".join(parts)
+
+
+def _amount(count: int) -> str:
+    """A count in at most four characters, never rounded up: 950, 1.5k, 30k, 2.1M."""
+    for unit, size in (("M", 1_000_000), ("k", 1000)):
+        if count >= size:
+            tenths = count * 10 // size
+            return f"{tenths / 10:g}{unit}" if tenths < 100 else f"{count // size}{unit}"
+    return str(count)
+
+
+def _duration(seconds: float) -> str:
+    """The largest whole unit of ``seconds``: 3d, 5h, 12m, 40s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(int(seconds), 1)}s"
 
 
 def compaction_note(event: Compaction) -> str:

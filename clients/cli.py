@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NoReturn
 
@@ -47,6 +48,7 @@ from ._render import (
     TextOut,
     end_problem,
     entry_text,
+    limits_usage,
     line_console,
     show_tail_event,
     styled,
@@ -351,7 +353,7 @@ def list_conversations(ctx: click.Context, agent: str | None, as_json: bool) -> 
         if not items:
             print("no conversations")
             return
-        rows = [
+        rows: list[tuple[str, ...]] = [
             (
                 item.agent,
                 item.sender,
@@ -362,7 +364,14 @@ def list_conversations(ctx: click.Context, agent: str | None, as_json: bool) -> 
             )
             for item in items
         ]
-        _print_table(("agent", "sender", "title", "updated", "seq", "running"), rows)
+        columns: tuple[str, ...] = ("agent", "sender", "title", "updated", "seq", "running")
+        if any(item.limits is not None for item in items):
+            moment = datetime.now(UTC)
+            columns += ("limits",)
+            rows = [
+                (*row, limits_usage(item, moment)) for row, item in zip(rows, items, strict=True)
+            ]
+        _print_table(columns, rows)
 
     run_command(body)
 
