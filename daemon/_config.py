@@ -147,6 +147,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 BUILTIN_PROVIDERS = {"echo": ProviderConfig(kind="echo")}
+#: The smallest ``thinking_budget`` the Anthropic API accepts.
+MIN_THINKING_BUDGET = 1024
 #: The longest ``expires_after``: a century, which any conversation's date can add.
 MAX_EXPIRY = timedelta(days=36500)
 _DURATION = re.compile(r"(\d+)([smhdw])")
@@ -161,8 +163,6 @@ def parse_duration(text: str) -> timedelta | None:
         return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
     except OverflowError:  # more days than timedelta holds
         return None
-#: The smallest ``thinking_budget`` the Anthropic API accepts.
-MIN_THINKING_BUDGET = 1024
 
 
 def default_config_path() -> Path:
@@ -279,7 +279,7 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
             (expiry := agent.expiry) is not None and timedelta(0) < expiry <= MAX_EXPIRY
         ):
             raise ConfigError(
-                f"{where} expires_after must be a duration such as \"12h\" or \"7d\" (a number"
+                f'{where} expires_after must be a duration such as "12h" or "7d" (a number'
                 f" of s, m, h, d or w) from 1s to 36500d, not {agent.expires_after!r}."
             )
         if agent.cwd is not None and (problem := workdir_problem(agent.cwd, roots)):
