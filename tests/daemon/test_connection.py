@@ -38,9 +38,12 @@ from chinwag.protocol import (
     ClientMsg,
     Codec,
     Compact,
+    Delete,
+    Edit,
     End,
     Error,
     Event,
+    Focus,
     FrameDecoder,
     GetContext,
     GetHistory,
@@ -55,27 +58,45 @@ from chinwag.protocol import (
     Killed,
     ListAgents,
     ListConversations,
+    ListLocks,
     ListParticipants,
+    ListProjects,
+    ListSpaces,
+    Lock,
     MarkRead,
     Ok,
+    Pin,
     Ping,
     Pong,
     Post,
     Posted,
+    ProjectCreate,
+    ProjectDelete,
+    ProjectGet,
+    ProjectUpdate,
+    React,
     Register,
     Registered,
     ReplyToAsk,
     Request,
+    SearchMail,
     SearchMemory,
     Sent,
     ServerMsg,
     Session,
+    SpaceArchive,
+    SpaceCreate,
+    SpaceInvite,
+    SpaceJoin,
+    SpaceLeave,
+    SpaceMembers,
     Start,
     Stream,
     Subscribe,
     Subscribed,
     TextDelta,
     Title,
+    Unlock,
     Watch,
     Welcome,
     frame,
@@ -297,6 +318,20 @@ async def posted(client: Client) -> None:
     assert isinstance(reply, Posted) and reply.thread_id == first.msg_id, reply
 
 
+async def mail_world(client: Client) -> None:
+    """``posted``, then project web (space eng, by ana) and project spare, and ana's lock
+    on paths.py."""
+    await posted(client)
+    for request in (
+        ProjectCreate(id=CONVERSATION_ID, sender="ana", name="web"),
+        ProjectCreate(id=CONVERSATION_ID, sender="ana", name="spare"),
+        SpaceCreate(id=CONVERSATION_ID, sender="ana", name="eng", project="web"),
+        Lock(id=CONVERSATION_ID, sender="ana", resource="paths.py"),
+    ):
+        reply = await client.ask(request)
+        assert not isinstance(reply, Error), reply
+
+
 @dataclass
 class Sample:
     make: Callable[[int], Request]
@@ -335,6 +370,45 @@ SAMPLES: dict[type, Sample] = {
     ),
     Watch: Sample(lambda rid: Watch(id=rid, reader="bob"), then=cancel_once_watching),
     GetContext: Sample(lambda rid: GetContext(id=rid, reader="bob"), before=posted),
+    Edit: Sample(
+        lambda rid: Edit(id=rid, sender="ana", msg_id="m000000000001", content="hey"),
+        before=posted,
+    ),
+    Delete: Sample(lambda rid: Delete(id=rid, sender="ana", msg_id="m000000000001"), before=posted),
+    React: Sample(
+        lambda rid: React(id=rid, sender="bob", msg_id="m000000000001", emoji="+1"), before=posted
+    ),
+    Pin: Sample(lambda rid: Pin(id=rid, sender="bob", msg_id="m000000000001"), before=posted),
+    SearchMail: Sample(lambda rid: SearchMail(id=rid, reader="bob", query="hi"), before=posted),
+    SpaceCreate: Sample(lambda rid: SpaceCreate(id=rid, sender="ana", name="ops")),
+    SpaceJoin: Sample(lambda rid: SpaceJoin(id=rid, sender="bob", space="eng"), before=mail_world),
+    SpaceLeave: Sample(
+        lambda rid: SpaceLeave(id=rid, sender="ana", space="eng"), before=mail_world
+    ),
+    SpaceInvite: Sample(
+        lambda rid: SpaceInvite(id=rid, sender="ana", space="eng", name="bob"), before=mail_world
+    ),
+    SpaceArchive: Sample(
+        lambda rid: SpaceArchive(id=rid, sender="ana", space="eng"), before=mail_world
+    ),
+    SpaceMembers: Sample(lambda rid: SpaceMembers(id=rid, space="eng"), before=mail_world),
+    ListSpaces: Sample(lambda rid: ListSpaces(id=rid), before=mail_world),
+    ProjectCreate: Sample(lambda rid: ProjectCreate(id=rid, sender="ana", name="site")),
+    ProjectGet: Sample(lambda rid: ProjectGet(id=rid, project="web"), before=mail_world),
+    ListProjects: Sample(lambda rid: ListProjects(id=rid), before=mail_world),
+    ProjectUpdate: Sample(
+        lambda rid: ProjectUpdate(id=rid, sender="ana", project="web", status="paused"),
+        before=mail_world,
+    ),
+    ProjectDelete: Sample(
+        lambda rid: ProjectDelete(id=rid, sender="ana", project="spare"), before=mail_world
+    ),
+    Focus: Sample(lambda rid: Focus(id=rid, reader="bob", project="web"), before=mail_world),
+    Lock: Sample(lambda rid: Lock(id=rid, sender="ana", resource="deploy")),
+    Unlock: Sample(
+        lambda rid: Unlock(id=rid, sender="ana", resource="paths.py"), before=mail_world
+    ),
+    ListLocks: Sample(lambda rid: ListLocks(id=rid), before=mail_world),
 }
 
 REQUEST_TYPES = [kind for kind in typing.get_args(ClientMsg) if kind is not Hello]
