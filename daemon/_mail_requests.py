@@ -294,7 +294,7 @@ async def answer(office: PostOffice, owner: object, msg: MailRequest) -> ServerM
             return ProjectReply(id=rid, project=updated)
         case ProjectDelete():
             participant_name(msg.sender)
-            await office.spaces.delete_project(msg.project)
+            await office.delete_project(msg.project)
             return Ok(id=rid)
         case Focus():
             await office.focus(msg.reader, msg.project)

@@ -365,7 +365,11 @@ class PostOffice:
             if name != sender
         ]
         if not recipients:
-            warnings.append("It reaches nobody: its only recipient is its author.")
+            warnings.append(
+                f"It reaches nobody: #{addressed.space} has no member but its author."
+                if addressed.space is not None
+                else "It reaches nobody: its only recipient is its author."
+            )
         mention_refs = [Ref(type="mention", value=name) for name in addressed.at_named]
         thread_id = None
         change = None
@@ -822,6 +826,15 @@ class PostOffice:
             registration.participant = msgspec.structs.replace(
                 registration.participant, focus=focus
             )
+
+    async def delete_project(self, project: str) -> None:
+        """Forget ``project`` (409 while a space refers to it); whoever focused on it
+        focuses on nothing."""
+        name = self.spaces.project(project).name
+        await self.spaces.delete_project(name)
+        for participant in list(self.known.values()):
+            if participant.focus == name:
+                await self.focus(participant.name, None)
 
     async def member(self, name: str) -> str:
         """``name`` as a participant, made one (kind `session`) if it was never seen."""

@@ -125,6 +125,9 @@ async def test_space_mail_reaches_every_member_but_the_author(autojump_clock):
         # Leaving stops the mail.
         await cy.ok(SpaceLeave, sender="cy", space="eng")
         assert (await ana.post(["#eng"], "after cy left")).recipients == ["bob"]
+        await bob.ok(SpaceLeave, sender="bob", space="eng")
+        alone = await ana.post(["#eng"], "anyone?")
+        assert alone.warnings == ["It reaches nobody: #eng has no member but its author."]
 
 
 async def test_an_unknown_space_is_404_and_nothing_is_stored(autojump_clock):
@@ -243,7 +246,12 @@ async def test_projects_group_spaces_and_cannot_be_deleted_while_used(autojump_c
         await ana.ok(SpaceArchive, sender="ana", space="site")
         assert (await ana.refused(ProjectDelete, sender="ana", project="web")).code == 409
         await ana.ask(ProjectCreate, sender="ana", name="empty")
+        await ana.ok(Focus, reader="ana", project="empty")
         await ana.ok(ProjectDelete, sender="ana", project="empty")
+        # Whoever focused on it focuses on nothing: its inbox still reads.
+        assert (await ana.inbox()).items == []
+        context = await ana.ask(GetContext, reader="ana")
+        assert isinstance(context, MailContext) and context.focus is None
         listed = await ana.ask(ListProjects)
         assert isinstance(listed, Projects) and [p.name for p in listed.items] == ["web"]
 
