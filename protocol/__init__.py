@@ -134,6 +134,7 @@ from ._messages import (
     ToolCallInfo,
     ToolResult,
     Usage,
+    WebhookBacklog,
     Welcome,
 )
 from ._paths import APP_NAME, default_socket_path
@@ -280,6 +281,7 @@ __all__ = [
     "Usage",
     "Watch",
     "Watching",
+    "WebhookBacklog",
     "Welcome",
     "codec_for",
     "default_socket_path",

@@ -370,6 +370,15 @@ class Pong(ServerMessage, tag="pong"):
     id: int
 
 
+class WebhookBacklog(msgspec.Struct, kw_only=True):
+    """One configured webhook's outbox, as the daemon last read it."""
+
+    name: str  # the webhook's `name`, or the one derived from its url, events and to
+    pending: int = 0  # deliveries still to make
+    retrying: int = 0  # of those, the ones that failed at least once
+    failed: int = 0  # deliveries given up after 24 hours of retries
+
+
 class Stats(ServerMessage, tag="stats"):
     id: int
     uptime_s: float
@@ -381,3 +390,4 @@ class Stats(ServerMessage, tag="stats"):
     subscriptions: int = 0
     participants_online: int = 0  # mail: names registered on live connections
     watches: int = 0  # mail: open `watch` requests
+    webhooks: list[WebhookBacklog] = msgspec.field(default_factory=list)  # mail: each outbox

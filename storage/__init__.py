@@ -39,6 +39,7 @@ from ._mail import (
     number_of,
 )
 from ._memory import MemoryStorage
+from ._outbox import Outbox, OutboxDelivery
 from ._sqlite import SqliteStorage
 from ._url import open_store
 
@@ -57,6 +58,8 @@ __all__ = [
     "MemoryStorage",
     "MessageChange",
     "NewConversation",
+    "Outbox",
+    "OutboxDelivery",
     "ParentChange",
     "PinChange",
     "PostgresStorage",

@@ -11,6 +11,7 @@ import msgspec
 from chinwag.protocol import ConversationItem, Entry, MemoryHit
 
 from ._mail import MailStore
+from ._outbox import Outbox
 
 
 class StorageError(Exception):
@@ -103,6 +104,9 @@ class Storage(Protocol):
 
     mail: MailStore
     """Participants, messages and deliveries (storage/_mail.py), kept with the conversations."""
+
+    outbox: Outbox
+    """The webhooks' deliveries and cursors (storage/_outbox.py), kept with the mail."""
 
     shared: bool
     """True when other processes may append to this store's conversations (postgres).

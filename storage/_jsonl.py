@@ -7,6 +7,7 @@ Layout of ``jsonl:///DIR``::
     DIR/cache.msgpack                 what opening would read, as of the last close
     DIR/notes.jsonl                   every agent's notes: one put_note per line
     DIR/mail.jsonl                    the mail: one write per line (storage/_jsonl_mail.py)
+    DIR/outbox.jsonl                  webhook deliveries: one write per line (_jsonl_outbox.py)
     DIR/conversations/<id>.meta.json  id, agent, sender, title, cwd, created_at
     DIR/conversations/<id>.jsonl      the history: one entry per line, seq N on line N
 
@@ -107,7 +108,9 @@ from ._base import (
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._jsonl_mail import JsonlMail
+from ._jsonl_outbox import JsonlOutbox
 from ._mail import MailStore
+from ._outbox import Outbox
 from ._search import MemoryIndex, archive_text, check_search_limit, note_text
 from ._timestamps import from_text, to_text, utc
 
@@ -123,6 +126,7 @@ _CACHE = "cache.msgpack"
 _CACHE_VERSION = 1
 _NOTES = "notes.jsonl"
 _MAIL = "mail.jsonl"
+_OUTBOX = "outbox.jsonl"
 _CONVERSATIONS = "conversations"
 _META_SUFFIX = ".meta.json"
 _HISTORY_SUFFIX = ".jsonl"
@@ -523,11 +527,14 @@ class JsonlStorage:
         conversations: list[_Conversation],
         limiter: trio.CapacityLimiter,
         mail: JsonlMail,
+        outbox: JsonlOutbox,
     ) -> None:
         """Wrap a loaded store; ``open`` is the way to get one."""
         self.path = path
         self.mail: MailStore = mail
         self._mail = mail  # the same, for close
+        self.outbox: Outbox = outbox
+        self._outbox = outbox  # the same, for close
         self._dir = path / _CONVERSATIONS
         self._lock_fd = lock_fd
         self._limiter = limiter
@@ -570,10 +577,11 @@ class JsonlStorage:
                     )
                 seen[key] = conv.id
             mail = await JsonlMail.open(_LineFile(path / _MAIL), limiter)
+            outbox = await JsonlOutbox.open(_LineFile(path / _OUTBOX), limiter)
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(path, lock_fd, conversations, limiter, mail)
+        return cls(path, lock_fd, conversations, limiter, mail, outbox)
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -1045,6 +1053,7 @@ class JsonlStorage:
         self._claims.close()
         with trio.CancelScope(shield=True):
             await self._mail.close()
+            await self._outbox.close()
             while self._writers:
                 self._idle = trio.Event()
                 await self._idle.wait()

@@ -23,6 +23,8 @@ from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
 from ._mail_index import MemoryMail
+from ._outbox import Outbox
+from ._outbox_index import MemoryOutbox
 from ._search import MemoryIndex, archive_text, note_text
 from ._timestamps import from_text, to_text, utc
 
@@ -55,6 +57,7 @@ class MemoryStorage:
         self._closed = False
         self._memory = MemoryIndex()
         self.mail: MailStore = MemoryMail(lambda: self._closed)
+        self.outbox: Outbox = MemoryOutbox(lambda: self._closed)
 
     def _get(self, agent: str, sender: str) -> _Conversation:
         if self._closed:

@@ -98,7 +98,9 @@ from psycopg_pool import ConnectionPool
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
+from ._outbox import Outbox
 from ._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, PostgresMail, websearch_words
+from ._postgres_outbox import OUTBOX_MIGRATION, PostgresOutbox
 from ._search import SNIPPET_WORDS, WORD, archived_text, database_search_words, one_line
 from ._timestamps import from_text, to_text, utc
 
@@ -197,6 +199,7 @@ MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection[Any]], None], ...], .
     ),
     MAIL_MIGRATION,  # participants, messages, deliveries: storage/_postgres_mail.py
     MAIL_SPACES_MIGRATION,  # spaces, projects, versions, locks, search: storage/_postgres_mail.py
+    OUTBOX_MIGRATION,  # webhook cursors and deliveries: storage/_postgres_outbox.py
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
@@ -428,6 +431,7 @@ class PostgresStorage:
         self._locks_limiter = trio.CapacityLimiter(1)
         self._closed = False
         self.mail: MailStore = PostgresMail(self._run, lambda: self._closed, schema)
+        self.outbox: Outbox = PostgresOutbox(self._run)
 
     @classmethod
     async def open(

@@ -98,6 +98,7 @@ from ._base import Archive, ConversationNotFound, NewConversation, StorageError,
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
+from ._outbox import Outbox
 from ._search import (
     SNIPPET_WORDS,
     archive_text,
@@ -107,6 +108,7 @@ from ._search import (
     one_line,
 )
 from ._sqlite_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, SqliteMail, body_field
+from ._sqlite_outbox import OUTBOX_MIGRATION, SqliteOutbox
 from ._timestamps import from_text, to_text, utc
 
 Synchronous = Literal["full", "normal"]
@@ -204,6 +206,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     MAIL_MIGRATION,  # participants, messages, deliveries: storage/_sqlite_mail.py
     MAIL_SPACES_MIGRATION,  # spaces, projects, versions, locks, search: storage/_sqlite_mail.py
+    OUTBOX_MIGRATION,  # webhook cursors and deliveries: storage/_sqlite_outbox.py
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
@@ -663,6 +666,7 @@ class SqliteStorage:
         if synchronous == "full":
             self._writer = _Writer(self, trio.lowlevel.current_trio_token())
         self.mail: MailStore = SqliteMail(self._write_call, self._read)
+        self.outbox: Outbox = SqliteOutbox(self._write_call, self._read)
 
     @classmethod
     async def open(cls, path: Path | str, *, synchronous: Synchronous = "full") -> SqliteStorage:
