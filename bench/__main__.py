@@ -34,6 +34,7 @@ from . import (
     kill_latency,
     long_conversation,
     mail,
+    mail_spaces,
     slow_consumer,
     storage_scale,
     throughput,
@@ -81,6 +82,11 @@ class Scale:
     mail_fanout_posts: int = 50  # (m) @everyone posts (and as many DMs)
     mail_stored: int = 100_000  # (m) messages in the inbox read
     mail_inbox_calls: int = 200  # (m) inbox first pages (and as many pings)
+    search_stored: int = 100_000  # (s) messages searched
+    searches: int = 300  # (s) search_mail calls (and as many pings)
+    space_watchers: int = 100  # (s) members of the space, each watching
+    space_posts: int = 50  # (s) posts to the space (and as many DMs)
+    lock_rounds: int = 1000  # (s) lock + unlock, on each store
 
 
 QUICK = Scale(
@@ -103,6 +109,10 @@ QUICK = Scale(
     mail_fanout_posts=30,
     mail_stored=20_000,
     mail_inbox_calls=100,
+    search_stored=20_000,
+    searches=100,
+    space_posts=30,
+    lock_rounds=300,
 )
 
 Bench = Callable[[Path, Scale, "str | None"], list[Figure]]
@@ -178,6 +188,18 @@ def bench_m(root: Path, s: Scale, storage: str | None) -> list[Figure]:
     )
 
 
+def bench_s(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return mail_spaces.figures(
+        root,
+        s.search_stored,
+        s.searches,
+        s.space_watchers,
+        s.space_posts,
+        s.lock_rounds,
+        storage,
+    )
+
+
 BENCHES: dict[str, tuple[str, Bench]] = {
     "a": ("first_event", bench_a),
     "b": ("throughput", bench_b),
@@ -191,6 +213,7 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "i": ("hog", bench_i),
     "j": ("kill_latency", bench_j),
     "m": ("mail", bench_m),
+    "s": ("mail_spaces", bench_s),
 }
 
 
@@ -215,7 +238,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        help="comma-separated: a,b,c,d,e,slow,f,g,h,i,j,m (or first_event, throughput, mail, ...)",
+        help="comma-separated: a,b,c,d,e,slow,f,g,h,i,j,m,s (or first_event, throughput, mail, "
+        "...)",
     )
     parser.add_argument("--quick", action="store_true", help="scaled down, about a minute")
     parser.add_argument(
@@ -230,7 +254,8 @@ def main() -> None:
         storage_help="storage URL for the daemon (default: sqlite in a temp dir with "
         "synchronous=full, and beside it for (a) sqlite normal and memory:, for (b) memory:); "
         "(d) always uses sqlite, (g) sqlite unless the URL names a jsonl or postgres store; "
-        "(m) delivery on sqlite full and normal, fan-out on full, inbox on normal",
+        "(m) delivery on sqlite full and normal, fan-out on full, inbox on normal; "
+        "(s) search on sqlite normal and memory:, fan-out on full, locks on full and normal",
     )
     parser.add_argument(
         "--markdown", type=Path, metavar="PATH", help="also write the table as Markdown"

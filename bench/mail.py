@@ -63,9 +63,10 @@ import select
 import socket
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 from chinwag.protocol import (
@@ -239,7 +240,12 @@ class RoundTrip:
         self.conn.close()
 
 
-Probe = Delivery | DurableFloor | RoundTrip
+class Probe(Protocol):
+    """What `alternate` samples: `once` takes one sample, in seconds."""
+
+    def once(self) -> float: ...
+
+    def close(self) -> None: ...
 
 
 def alternate(probes: dict[str, Probe], count: int, warmup: int) -> dict[str, list[float]]:
@@ -280,12 +286,22 @@ def split_cores(pids: list[int]) -> Iterator[str]:
         os.sched_setaffinity(0, cpus)
 
 
-def delivery_figures(root: Path, posts: int, warmup: int, storage: str | None) -> list[Figure]:
-    daemon_root = root / f"mail-delivery-{storage_tag(storage) or 'full'}"
+def against_floors(
+    root: Path,
+    daemon_root: Path,
+    storage: str | None,
+    probe: Callable[[Path], Probe],
+    count: int,
+    warmup: int,
+) -> tuple[list[float], dict[str, list[float]], str | None, str]:
+    """``probe`` (made on the socket of a daemon in ``daemon_root`` on ``storage``) taken by
+    `alternate` with the floors: raw-durable (on sqlite, the same `synchronous`) and the bare
+    round trip. Returns chinwag's samples, the floors' by name, raw-durable's name (None off
+    sqlite) and where the processes ran."""
     floor = None
     with contextlib.ExitStack() as servers:
         daemon = servers.enter_context(chinwag_serve(daemon_root, echo_config(), storage))
-        probes: dict[str, Probe] = {"chinwag": Delivery(daemon.socket_path)}
+        probes: dict[str, Probe] = {"chinwag": probe(daemon.socket_path)}
         if (synchronous := synchronous_of(storage)) is not None:
             floor = raw_durable_label(synchronous)
             durable = servers.enter_context(raw_durable(root, synchronous))
@@ -294,8 +310,15 @@ def delivery_figures(root: Path, posts: int, warmup: int, storage: str | None) -
         probes[ROUND_TRIP] = RoundTrip(bare.socket_path)
         pids = [daemon.pid, bare.pid] + ([durable.pid] if floor is not None else [])
         with split_cores(pids) as placement:
-            found = alternate(probes, posts, warmup)
-    ours = found.pop("chinwag")
+            found = alternate(probes, count, warmup)
+    return found.pop("chinwag"), found, floor, placement
+
+
+def delivery_figures(root: Path, posts: int, warmup: int, storage: str | None) -> list[Figure]:
+    daemon_root = root / f"mail-delivery-{storage_tag(storage) or 'full'}"
+    ours, found, floor, placement = against_floors(
+        root, daemon_root, storage, Delivery, posts, warmup
+    )
     tag = storage_tag(storage)
     key = f"_{tag}" if tag else ""
     where = f" [{storage_short(storage)}]"
@@ -392,13 +415,23 @@ class FanOut:
     one_cpu: list[float]
 
 
-def fan_out(server: Server, watchers: int, posts: int, warmup: int) -> FanOut:
-    """Each `@everyone` post and each DM to `w000`, alternating."""
+def fan_out(
+    server: Server,
+    watchers: int,
+    posts: int,
+    warmup: int,
+    address: str = "@everyone",
+    enrol: Callable[[Conn, str], None] | None = None,
+) -> FanOut:
+    """Each post to ``address`` (which must reach every watcher) and each DM to `w000`,
+    alternating; ``enrol``, when given, is called with each watcher once it watches."""
     path = server.socket_path
     crowd = []
     for i in range(watchers):
         conn = Conn(path)
         register(conn, f"w{i:03d}", watch=True)
+        if enrol is not None:
+            enrol(conn, f"w{i:03d}")
         conn.sock.setblocking(False)
         crowd.append(Watcher(conn))
     a = Conn(path)
@@ -413,7 +446,7 @@ def fan_out(server: Server, watchers: int, posts: int, warmup: int) -> FanOut:
     rid = 10
     for i in range(warmup + posts):
         for to, want, samples, cpu in (
-            (["@everyone"], everyone, found.everyone, found.everyone_cpu),
+            ([address], everyone, found.everyone, found.everyone_cpu),
             (["w000"], first, found.one, found.one_cpu),
         ):
             rid += 1
@@ -481,9 +514,9 @@ def fan_out_figures(
 # --- inbox ------------------------------------------------------------------------
 
 
-def fill(path: Path, stored: int) -> float:
-    """Post ``stored`` DMs to `reader` over FILL_CONNECTIONS pipelined connections;
-    posts/s."""
+def fill(path: Path, stored: int, letters: Iterator[tuple[list[str], str]] | None = None) -> float:
+    """Post ``stored`` messages over FILL_CONNECTIONS pipelined connections: each the next
+    of ``letters`` (its `to` and content), by default a DM to `reader`; posts/s."""
     conns = [Conn(path) for _ in range(FILL_CONNECTIONS)]
     for i, conn in enumerate(conns):
         register(conn, f"filler{i}")
@@ -497,8 +530,9 @@ def fill(path: Path, stored: int) -> float:
         frames = bytearray()
         for _ in range(count):
             rid += 1
+            to, content = (["reader"], f"message {rid}") if letters is None else next(letters)
             frames += MSGPACK.encode_frame(
-                Post(id=rid, sender=f"filler{i}", to=["reader"], content=f"message {rid}")
+                Post(id=rid, sender=f"filler{i}", to=to, content=content)
             )
         conns[i].sock.sendall(frames)
         left[i] -= count
