@@ -71,9 +71,10 @@ archive's id, or minus the note's id. The tokenizer is ``unicode61`` with
 text is ever FTS5 syntax), ORs them, ranks by ``bm25`` and cuts the snippet
 with ``snippet()``.
 
-**Mail** (migration 3): ``self.mail`` keeps participants, messages and
-deliveries in tables of their own (storage/_sqlite_mail.py), written through
-``_write_call`` as every write here is and read on the read connections.
+**Mail** (migrations 3 and 4): ``self.mail`` keeps participants, messages,
+deliveries, spaces, projects and locks in tables of their own
+(storage/_sqlite_mail.py), written through ``_write_call`` as every write here
+is and read on the read connections.
 """
 
 from __future__ import annotations

@@ -34,6 +34,20 @@ moves to `read`; so every write keeps it in its own transaction, whatever
 statement moved the delivery, and ``unread_counts``/``unread_totals`` read a
 handful of rows however long the inbox. ``mail_participants`` holds each
 participant as JSON (as ``MailIndex`` copies them: ``to_builtins``), by name.
+
+**Part 2** (migration 4, ``MAIL_SPACES_MIGRATION``). ``mail_messages`` gains
+``space``, ``deleted`` and ``pinned`` columns (a schema-3 database fills them
+from each body), a partial index by space for space mail and its counts, and
+``mail_messages_readers`` (number, sender, space), where search checks who may
+read a match. A change rewrites the body and these columns in one write,
+``changed()`` deciding it; an edit keeps the version it replaced in
+``mail_versions``. ``mail_text`` is an FTS5 table of each message's current
+content, by number, with memory search's tokenizer: an edit replaces its row, a
+delete removes it. Search ORs the quoted words, keeps the matches the reader may
+read, scores only those with ``bm25`` and reads the bodies of the page alone.
+Spaces and projects are JSON by name, members one row per (space, name), locks
+one row per (resource, holder), taken and released in the write's transaction
+as ``lock_allows`` decides.
 """
 
 from __future__ import annotations
@@ -177,6 +191,9 @@ MAIL_SPACES_MIGRATION: tuple[str, ...] = (
     CREATE INDEX mail_messages_by_space
         ON mail_messages (space, number) WHERE space IS NOT NULL
     """,
+    "CREATE INDEX mail_messages_pinned ON mail_messages (number) WHERE pinned",
+    # Who may read a match, for search: a seek here, not into the table's bodies.
+    "CREATE INDEX mail_messages_readers ON mail_messages (number, sender, space)",
     """
     CREATE TABLE mail_versions (
         number INTEGER NOT NULL REFERENCES mail_messages (number),
@@ -676,16 +693,7 @@ class SqliteMail:
         bound = None if before is None else number_of(before)
         if limit < 1 or (before is not None and bound is None):
             return []
-        params: dict[str, Any] = {"name": name, "space": space, "limit": limit}
-        where = ["m.space = :space", *_filters(query, params)]
-        if bound is not None:
-            where.append("m.number < :before")
-            params["before"] = bound
-        sql = (
-            f"SELECT m.body, {_DELIVERY_COLUMNS} FROM mail_messages AS m"
-            " LEFT JOIN mail_deliveries AS d ON d.name = :name AND d.number = m.number"
-            f" WHERE {' AND '.join(where)} ORDER BY m.number DESC LIMIT :limit"
-        )
+        sql, params = _space_mail_sql(space, name, query, limit, bound)
         rows = await self._read(
             f"Reading the mail of #{space}", lambda conn: conn.execute(sql, params).fetchall()
         )
@@ -783,18 +791,25 @@ class SqliteMail:
         return [_lock(row) for row in rows]
 
 
-# Best bm25 first (newer first on a tie), among what :name may read: its own mail, mail to
-# it, mail in a space it may read; none deleted (they are not in mail_text), and with :only,
-# space mail only of those spaces.
+# Best bm25 first (newer first on a tie), among what :name may read: mail to it (its
+# deliveries, gathered once: the unary + keeps FTS5 from seeking each one), its own mail,
+# mail in a space it may read; none deleted (they are not in mail_text), and with :only,
+# space mail only of those spaces. Each match is checked in mail_messages_readers, far
+# smaller than the table, and scored only when readable; bodies are read for the page only.
 _SEARCH = """
-SELECT m.body FROM mail_text AS t CROSS JOIN mail_messages AS m ON m.number = t.rowid
-WHERE mail_text MATCH :match
-    AND (m.sender = :name
-        OR m.space IN (SELECT value FROM json_each(:readable))
-        OR EXISTS (SELECT 1 FROM mail_deliveries AS d WHERE d.name = :name AND d.number = m.number))
-    AND (:only IS NULL OR m.space IS NULL OR m.space IN (SELECT value FROM json_each(:only)))
-ORDER BY t.rank, m.number DESC
-LIMIT :limit
+SELECT m.body FROM (
+    SELECT t.rowid AS number, bm25(mail_text) AS score
+    FROM mail_text AS t
+        CROSS JOIN mail_messages AS r INDEXED BY mail_messages_readers ON r.number = t.rowid
+    WHERE mail_text MATCH :match
+        AND (+t.rowid IN (SELECT number FROM mail_deliveries WHERE name = :name)
+            OR r.sender = :name
+            OR r.space IN (SELECT value FROM json_each(:readable)))
+        AND (:only IS NULL OR r.space IS NULL OR r.space IN (SELECT value FROM json_each(:only)))
+    ORDER BY score, number DESC
+    LIMIT :limit
+) AS best CROSS JOIN mail_messages AS m ON m.number = best.number
+ORDER BY best.score, best.number DESC
 """
 
 
@@ -843,16 +858,49 @@ def _change_parent(
 # --- building and reading rows -----------------------------------------------------------
 
 
+def _space_mail_sql(
+    space: str, name: str, query: InboxQuery, limit: int, bound: int | None
+) -> tuple[str, dict[str, Any]]:
+    """The space mail page's statement: the space's messages newest first, each with
+    ``name``'s delivery or none. Filtered by thread, it starts from the thread's
+    messages, else by pinned, from the pinned ones: either is mostly far shorter."""
+    params: dict[str, Any] = {"name": name, "space": space, "limit": limit}
+    where = ["m.space = :space", *_filters(query, params)]
+    if query.thread_id is not None:
+        where.append("m.thread_id = :thread")
+        params["thread"] = query.thread_id
+    if query.scope is not None:
+        where.append(_IN_SCOPE)
+        params["scope_type"] = query.scope.type
+        params["scope_value"] = query.scope.value
+    if bound is not None:
+        where.append("m.number < :before")
+        params["before"] = bound
+    if query.thread_id is not None:
+        index = "mail_messages_by_thread"
+    elif query.pinned_only:
+        index = "mail_messages_pinned"
+    else:
+        index = "mail_messages_by_space"
+    sql = (
+        f"SELECT m.body, {_DELIVERY_COLUMNS} FROM mail_messages AS m INDEXED BY {index}"
+        " LEFT JOIN mail_deliveries AS d ON d.name = :name AND d.number = m.number"
+        f" WHERE {' AND '.join(where)} ORDER BY m.number DESC LIMIT :limit"
+    )
+    return sql, params
+
+
 def _inbox_sql(
     name: str, query: InboxQuery, limit: int, bound: int | None
 ) -> tuple[str, dict[str, Any]]:
     """The inbox page's statement: a range scan of ``name``'s deliveries, newest first.
 
-    Filtered by thread, it starts from the thread's messages instead, and filtered
-    by scope (without a thread), from the scope's: either is mostly far shorter.
+    Filtered by thread, it starts from the thread's messages instead, else by pinned,
+    from the pinned messages, else by scope, from the scope's: each is mostly far
+    shorter.
     """
-    params: dict[str, Any] = {"name": name, "limit": limit, "priority": query.priority_min}
-    where = ["m.priority >= :priority"]
+    params: dict[str, Any] = {"name": name, "limit": limit}
+    where = []
     if query.thread_id is not None:
         source = (
             "mail_messages AS m CROSS JOIN mail_deliveries AS d"
@@ -860,6 +908,12 @@ def _inbox_sql(
         )
         where.append("m.thread_id = :thread")
         params["thread"] = query.thread_id
+        key = "m.number"
+    elif query.pinned_only:
+        source = (
+            "mail_messages AS m INDEXED BY mail_messages_pinned CROSS JOIN mail_deliveries AS d"
+            " ON d.name = :name AND d.number = m.number"
+        )
         key = "m.number"
     elif query.scope is not None:
         source = (
@@ -881,13 +935,10 @@ def _inbox_sql(
         where.append(f"{key} < :before")
         params["before"] = bound
     if query.scope is not None:
-        if query.thread_id is None:
+        if key == "s.number":
             where.append("s.type = :scope_type AND s.value = :scope_value")
         else:
-            where.append(
-                "EXISTS (SELECT 1 FROM mail_scopes AS s WHERE s.type = :scope_type"
-                " AND s.value = :scope_value AND s.number = m.number)"
-            )
+            where.append(_IN_SCOPE)
         params["scope_type"] = query.scope.type
         params["scope_value"] = query.scope.value
     where.extend(_filters(query, params))
@@ -898,10 +949,17 @@ def _inbox_sql(
     return sql, params
 
 
+_IN_SCOPE = (
+    "EXISTS (SELECT 1 FROM mail_scopes AS s WHERE s.type = :scope_type"
+    " AND s.value = :scope_value AND s.number = m.number)"
+)
+
+
 def _filters(query: InboxQuery, params: dict[str, Any]) -> list[str]:
     """The conditions of ``query`` on ``m`` (a message) and ``d`` (the reader's delivery)
     that neither choose nor order the rows; their parameters go into ``params``."""
-    where = []
+    where = ["m.priority >= :priority"]
+    params["priority"] = query.priority_min
     if query.unread_only:
         where.append("d.state != 'read'")
     if query.mentions_only:

@@ -9,13 +9,15 @@ an index, never a scan of a table or a sort.
 
 from __future__ import annotations
 
+import fnmatch
 import sqlite3
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 import pytest
-from chinwag.protocol import Delivery, Entry, MailMessage, Participant, Ref
+from chinwag.protocol import Delivery, DeliveryState, Entry, MailMessage, Participant, Ref
 from chinwag.storage import (
     EditChange,
     InboxQuery,
@@ -28,7 +30,7 @@ from chinwag.storage import (
 )
 from chinwag.storage import _sqlite as sqlite_storage
 from chinwag.storage._sqlite import MIGRATIONS
-from chinwag.storage._sqlite_mail import _READ_ALL, _inbox_sql
+from chinwag.storage._sqlite_mail import _READ_ALL, _SEARCH, _inbox_sql, _space_mail_sql
 from chinwag.storage._timestamps import to_text
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -193,7 +195,6 @@ async def test_a_database_from_before_mail_gains_it_on_open(tmp_path: Path) -> N
     assert read_db(path, "SELECT version FROM schema_version ORDER BY 1") == [
         (version,) for version in range(1, len(MIGRATIONS) + 1)
     ]
-    assert len(MIGRATIONS) == 4
     async with open_store(f"sqlite:///{path}") as store:  # migrates nothing twice
         rows = await store.mail.inbox("bob", InboxQuery(), limit=10)
         assert [m.content for m, _ in rows] == ["first mail"]
@@ -276,7 +277,7 @@ async def test_the_unread_counts_equal_a_count_of_the_deliveries(tmp_path: Path)
         for n in range(30):
             sender = names[n % 3]
             to = [name for name in names if name != sender]
-            initial = ["pending", "delivered", "read"][n % 3]
+            initial: DeliveryState = ("pending", "delivered", "read")[n % 3]
             parent = None
             if n % 4 == 3:
                 parent = ParentChange(msg_id=msg_id_of(n), start_thread=True, read_by=sender)
@@ -319,11 +320,15 @@ async def test_the_unread_counts_equal_a_count_of_the_deliveries(tmp_path: Path)
         (InboxQuery(thread_id=msg_id_of(1)), "SEARCH m USING INDEX mail_messages_by_thread"),
         (InboxQuery(scope=Ref(type="module", value="auth")), "SEARCH s USING PRIMARY KEY"),
         (
+            InboxQuery(pinned_only=True, scope=Ref(type="module", value="auth")),
+            "S* m USING INDEX mail_messages_pinned",
+        ),
+        (
             InboxQuery(unread_only=True, priority_min=2, channel="dev", since=T0),
             "SEARCH d USING INDEX mail_deliveries_unread (name=?",
         ),
     ],
-    ids=["plain", "unread", "mentions", "thread", "scope", "filters"],
+    ids=["plain", "unread", "mentions", "thread", "scope", "pinned", "filters"],
 )
 @pytest.mark.parametrize("before", [None, 7])
 async def test_an_inbox_page_is_a_range_scan(
@@ -334,9 +339,51 @@ async def test_an_inbox_page_is_a_range_scan(
     store = await SqliteStorage.open(path)
     await store.close()
     sql, params = _inbox_sql("ann", query, 50, before)
-    details = explain(path, sql, params)
-    assert details[0].startswith(first), details
-    assert not [d for d in details if d.startswith("SCAN") or "TEMP B-TREE" in d], details
+    assert_range_scan(explain(path, sql, params), first)
+
+
+@pytest.mark.parametrize(
+    ("query", "first"),
+    [
+        (InboxQuery(), "SEARCH m USING INDEX mail_messages_by_space (space=?"),
+        (InboxQuery(unread_only=True), "SEARCH m USING INDEX mail_messages_by_space (space=?"),
+        (InboxQuery(thread_id=msg_id_of(1)), "SEARCH m USING INDEX mail_messages_by_thread"),
+        (InboxQuery(pinned_only=True), "S* m USING INDEX mail_messages_pinned"),
+    ],
+    ids=["plain", "unread", "thread", "pinned"],
+)
+@pytest.mark.parametrize("before", [None, 7])
+async def test_a_space_mail_page_is_a_range_scan(
+    tmp_path: Path, query: InboxQuery, first: str, before: int | None
+) -> None:
+    path = tmp_path / "x.db"
+    store = await SqliteStorage.open(path)
+    await store.close()
+    sql, params = _space_mail_sql("eng", "ann", query, 50, before)
+    assert_range_scan(explain(path, sql, params), first)
+
+
+def assert_range_scan(details: list[str], first: str) -> None:
+    """``details`` begin with ``first`` (``S*`` is SEARCH or SCAN: the pinned index holds
+    only pins, so reading all of it is a short read), sort nothing and scan no table."""
+    assert fnmatch.fnmatchcase(details[0], first + "*"), details
+    assert not [d for d in details[1:] if d.startswith("SCAN")], details
+    assert not [d for d in details if "TEMP B-TREE" in d], details
+
+
+async def test_search_checks_readers_in_an_index_and_seeks_no_match_in_fts5(
+    tmp_path: Path,
+) -> None:
+    """FTS5 reads the words' matches once (a rowid constraint would make it seek each
+    delivery); who may read each is one seek into mail_messages_readers."""
+    path = tmp_path / "x.db"
+    store = await SqliteStorage.open(path)
+    await store.close()
+    params = {"match": '"x"', "name": "ann", "readable": "[]", "only": None, "limit": 5}
+    details = explain(path, _SEARCH, params)
+    assert "SCAN t VIRTUAL TABLE INDEX 0:M1" in details, details
+    assert "SEARCH r USING COVERING INDEX mail_messages_readers (number=?)" in details, details
+    assert "SEARCH m USING INTEGER PRIMARY KEY (rowid=?)" in details, details
 
 
 async def test_marking_everything_read_reads_only_what_is_not_read(tmp_path: Path) -> None:
@@ -348,7 +395,7 @@ async def test_marking_everything_read_reads_only_what_is_not_read(tmp_path: Pat
     ]
 
 
-def explain(path: Path, sql: str, params: dict[str, object]) -> list[str]:
+def explain(path: Path, sql: str, params: Mapping[str, object]) -> list[str]:
     conn = sqlite3.connect(path)
     try:
         return [str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
