@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import math
 import os
 import re
@@ -9,12 +12,16 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import platformdirs
+import standardwebhooks
 from chinwag.protocol import APP_NAME, DEFAULT_MAX_FRAME_BYTES
 
+from ._addresses import NAME, participant_name
 from ._command import env_problem, sandbox_problem
+from ._errors import RequestError
 from ._workspace import workdir_problem
 
 
@@ -140,10 +147,45 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return (self.max_messages, self.max_tokens, self.expires_after) != (None, None, None)
 
 
+WebhookEvent = Literal["dm", "mention", "space", "critical"]
+
+
+class WebhookConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A `[[webhooks]]` table: which mail to POST where (daemon/_webhooks.py)."""
+
+    url: str  # http or https
+    # dm: to a participant by name, in no space; mention: @name or @role of a recipient;
+    # space: posted to a space; critical: priority 3.
+    events: list[WebhookEvent]
+    to: str | None = None  # only mail this participant receives
+    # Signs each delivery the Standard Webhooks way: "whsec_" and base64 of 24 to 64
+    # random bytes. Never logged or shown.
+    secret: str | None = None
+    # Names the webhook's outbox, so a changed url, events or to keep its place in the
+    # mail; without it the name is derived from those three.
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        secret = "None" if self.secret is None else "'<hidden>'"
+        return (
+            f"WebhookConfig(url={self.url!r}, events={self.events!r}, to={self.to!r}, "
+            f"secret={secret}, name={self.name!r})"
+        )
+
+    @property
+    def id(self) -> str:
+        """``name``, else one derived from the url, events and to."""
+        if self.name is not None:
+            return self.name
+        key = "\n".join([self.url, ",".join(sorted(set(self.events))), self.to or ""])
+        return f"webhook-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
     agents: dict[str, AgentConfig] = msgspec.field(default_factory=dict)
+    webhooks: list[WebhookConfig] = msgspec.field(default_factory=list)
 
 
 BUILTIN_PROVIDERS = {"echo": ProviderConfig(kind="echo")}
@@ -307,6 +349,7 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
             raise ConfigError(f"{path}: [daemon] {key} must not be negative.")
     if negative := [uid for uid in daemon.allowed_uids if uid < 0]:
         raise ConfigError(f"{path}: [daemon] allowed_uids holds {negative}, which no user has.")
+    _check_webhooks(config.webhooks, path)
 
 
 def _check_finite(table: msgspec.Struct, where: str) -> None:
@@ -383,3 +426,55 @@ def _check_provider(provider: ProviderConfig, where: str) -> None:
                 f"({provider.max_tokens}), which bounds thinking and answer together; "
                 "raise max_tokens or lower thinking_budget."
             )
+
+
+#: How to make a webhook secret, for the message that refuses one.
+_NEW_SECRET = (
+    "python -c 'import base64, os; print(\"whsec_\" + base64.b64encode(os.urandom(32)).decode())'"
+)
+
+
+def _check_webhooks(webhooks: list[WebhookConfig], path: Path | str) -> None:
+    """Each `[[webhooks]]` table: an http(s) url, known events, a participant's name in
+    ``to`` (case-folded here), a secret the Standard Webhooks library takes, and an id of
+    its own. No message shows a secret."""
+    seen: dict[str, int] = {}
+    for number, webhook in enumerate(webhooks, 1):
+        where = f"{path}: [[webhooks]] number {number}"
+        parts = urlsplit(webhook.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where} url must be an http:// or https:// URL with a host.")
+        if not webhook.events:
+            raise ConfigError(
+                f'{where} events must name at least one of "dm", "mention", "space", "critical".'
+            )
+        if webhook.to is not None:
+            try:
+                webhook.to = participant_name(webhook.to, "to")
+            except RequestError as exc:
+                raise ConfigError(f"{where} {exc.message}") from None
+        if webhook.name is not None and not NAME.fullmatch(webhook.name):
+            raise ConfigError(
+                f"{where} name must be 1-64 characters of a-z, 0-9, _ . : -, starting with a"
+                " letter or digit."
+            )
+        if webhook.secret is not None and (problem := _secret_problem(webhook.secret)):
+            raise ConfigError(f"{where} secret {problem}; make one with {_NEW_SECRET}")
+        if (earlier := seen.setdefault(webhook.id, number)) != number:
+            raise ConfigError(
+                f"{where} is the same webhook as number {earlier} (url, events and to); give"
+                " each a different name."
+            )
+
+
+def _secret_problem(secret: str) -> str | None:
+    """Why ``secret`` cannot sign deliveries, without showing it; None when it can."""
+    encoded = secret.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return 'must be "whsec_" and base64 (or base64 alone)'
+    if not 24 <= len(key) <= 64:
+        return f"must hold 24 to 64 bytes once base64-decoded, not {len(key)}"
+    standardwebhooks.Webhook(secret)  # what the deliveries are signed with takes it
+    return None

@@ -56,6 +56,7 @@ from ._conversation import DelegateAnswer
 from ._errors import RequestError
 from ._locks import Locks
 from ._spaces import Spaces
+from ._webhooks import Webhooks
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -155,6 +156,7 @@ class PostOffice:
         self.watchers: dict[str, list[Watcher]] = {}
         self.spaces = Spaces(store)
         self.locks = Locks(store)
+        self.webhooks = Webhooks(runtime.config.webhooks, runtime.storage)  # run by serve
         self._posting = trio.Lock()
         runtime.post_office = self
 
@@ -434,6 +436,7 @@ class PostOffice:
                 if stored.space is not None:
                     self.spaces.posted(stored.space)
                 self._push(stored)
+                self.webhooks.wake()
         if created:
             log.debug(
                 "mail_posted", msg_id=stored.msg_id, sender=sender, recipients=len(recipients)

@@ -120,6 +120,7 @@ async def serve(
             runtime = Runtime(config, storage, agents, root)
             server = Server(runtime, max_connections=max_connections)
             await server.post_office.start()
+            await root.start(server.post_office.webhooks.run)
             root.start_soon(server.accept, listener)
             log.info(
                 "daemon_started",

@@ -789,6 +789,7 @@ class Connection:
                         subscriptions=stats.subscriptions,
                         participants_online=online,
                         watches=watches,
+                        webhooks=self.server.post_office.webhooks.backlog(),
                     )
                 )
             case Watch():

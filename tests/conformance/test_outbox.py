@@ -122,7 +122,7 @@ async def test_a_naive_time_is_refused_storing_nothing(store: Storage) -> None:
 
 async def test_a_body_that_cannot_be_stored_stores_nothing(store: Storage) -> None:
     broken = delivery(2, body="\ud800")  # a lone surrogate: a str, but no UTF-8
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match="surrogates not allowed"):
         await store.outbox.enqueue("ops", msg_id_of(2), [delivery(1), broken])
     assert await store.outbox.cursor("ops") is None
     assert await pending_ids(store) == []
