@@ -3,8 +3,10 @@
 A database from before mail (schema version 2, as the code at db9c294 made it)
 gains the mail tables on open, its conversations untouched; msg_ids go on after
 a reopen; the unread counts the triggers keep equal a count of the deliveries;
-and the reads that must stay fast whatever the inbox's length are range scans of
-an index, never a scan of a table or a sort.
+the reads that must stay fast whatever the inbox's length are range scans of an
+index, never a scan of a table or a sort. A database of schema 3 gains part 2 on
+open (search, versions, spaces) with its mail; the text index holds each
+message's current content once and finds the words every backend finds.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ import msgspec
 import pytest
 from chinwag.protocol import Delivery, DeliveryState, Entry, MailMessage, Participant, Ref
 from chinwag.storage import (
+    DeleteChange,
     EditChange,
     InboxQuery,
     ParentChange,
+    PinChange,
+    ReactChange,
     SqliteStorage,
     StateChange,
     StorageError,
     msg_id_of,
     open_store,
+    search_words,
 )
 from chinwag.storage import _sqlite as sqlite_storage
 from chinwag.storage._sqlite import MIGRATIONS
@@ -234,6 +240,52 @@ async def test_mail_from_schema_3_gains_search_versions_and_spaces_on_open(
         assert await store.mail.search("bob", ["wombat"], readable_spaces=[], limit=5) == []
         assert await store.mail.spaces() == [] and await store.mail.space_counts() == {}
     assert read_db(path, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS),)]
+
+
+async def test_the_text_index_holds_each_messages_current_content_once(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        posted = [
+            (await store.mail.post(message("ann", ["bob"], f"text {n}"), [Delivery(name="bob")]))[0]
+            for n in range(4)
+        ]
+        await store.mail.change_message(posted[0].msg_id, EditChange(content="edited", at=T0))
+        await store.mail.change_message(posted[0].msg_id, EditChange(content="again", at=T0))
+        await store.mail.change_message(posted[1].msg_id, DeleteChange(at=T0))
+        await store.mail.change_message(posted[2].msg_id, PinChange(by="bob", at=T0))
+        await store.mail.change_message(posted[2].msg_id, ReactChange(by="bob", emoji="+1"))
+        await store.mail.change_message(posted[1].msg_id, DeleteChange(at=T0))  # twice
+    assert read_db(path, "SELECT rowid, content FROM mail_text ORDER BY rowid") == [
+        (1, "again"),
+        (3, "text 2"),
+        (4, "text 3"),
+    ]
+    conn = sqlite3.connect(path)
+    try:  # raises when the index and its rows disagree
+        conn.execute("INSERT INTO mail_text (mail_text, rank) VALUES ('integrity-check', 1)")
+    finally:
+        conn.close()
+
+
+async def test_search_finds_the_words_the_in_process_index_finds(tmp_path: Path) -> None:
+    """The tokenizer is memory search's: a word is what ``search_words`` makes of the text
+    (underscores inside it, diacritics kept, case folded), and no word is FTS5 syntax."""
+    texts = ["snake_case names", "Café CRÈME", "NOT this NEAR that", 'say "hi" * ok']
+    async with open_store(f"sqlite:///{tmp_path / 'x.db'}") as store:
+        for text in texts:
+            await store.mail.post(message("ann", ["bob"], text), [Delivery(name="bob")])
+
+        async def found(*words: str) -> list[str]:
+            hits = await store.mail.search("bob", list(words), readable_spaces=[], limit=10)
+            return [m.content for m in hits]
+
+        for text in texts:
+            for word in search_words(text):
+                assert await found(word) == [text], word
+        for absent in ("snake", "case", "cafe", "creme", "and", "or"):
+            assert await found(absent) == [], absent
+        assert await found("*", '"', "(", "col:x", "x*", "AND") == []
+        assert await found("NOT", "NEAR") == ["NOT this NEAR that"]  # words, not operators
 
 
 @pytest.mark.parametrize("synchronous", ["full", "normal"])
