@@ -1,4 +1,4 @@
-"""What the postgres backend's mail promises beyond the shared suite (test_mail.py).
+"""What the postgres backend's mail promises beyond test_mail.py and test_mail_part2.py.
 
 A database from before mail opens with mail: version 2 is the schema every
 chinwag before mail created (db9c294 and earlier), made here the way that
@@ -6,12 +6,19 @@ code made it, by opening a store whose ``MIGRATIONS`` stop at version 2 (the
 shipped migrations are pinned below, so they are the ones it ran) and filling
 it through the store; opened again with today's code, it gains the mail
 tables (migration 3), its conversations, entries, archives and notes read back
-as before, and mail works.
+as before, and mail works. Mail as version 3 stored it gains part 2 (migration
+4): every message searchable, editable, in the inbox as it was.
+
+Search finds the words memory search finds, inside hosts, paths and addresses
+too (postgres's own parser would keep those whole), and a message longer than
+a tsvector holds is stored whole and found by its start.
 
 Several daemons share one database: two stores on one schema stand for two
 daemons. Posts racing with one idempotency key store one message, numbered
 as if they had not raced, and every racer gets it back; posts, replies, moves
-and marks from both at once neither deadlock nor miscount the unread.
+and marks from both at once neither deadlock nor miscount the unread; changes
+to one message from several at once each keep the others', and of exclusive
+takers of one lock one wins.
 
 Each test runs in a fresh schema of the worker's own database (conftest.py's
 ``store_url``), so parallel workers never meet.
@@ -31,7 +38,14 @@ import msgspec
 import psycopg
 import pytest
 import trio
-from chinwag.protocol import Delivery, DeliveryState, Entry, MailMessage, Participant
+from chinwag.protocol import (
+    Delivery,
+    DeliveryState,
+    Entry,
+    LockHolder,
+    MailMessage,
+    Participant,
+)
 from chinwag.storage import (
     Archive,
     EditChange,
@@ -405,3 +419,38 @@ async def test_daemons_writing_at_once_neither_deadlock_nor_miscount(
             unread = await store.mail.inbox(name, InboxQuery(unread_only=True), limit=1000)
             assert len(unread) == sum(expected.get(name, {}).values())
     assert [p.name for p in await stores[0].mail.participants()] == names
+
+
+@on_postgres
+async def test_daemons_changing_one_message_and_taking_one_lock_at_once_lose_nothing(
+    daemons: Callable[[], Awaitable[Storage]],
+) -> None:
+    stores = [await daemons() for _ in range(3)]
+    posted, _ = await stores[0].mail.post(mail("alice", ["bob"], "ship it", T0), [])
+    names = [f"reactor{n:02d}" for n in range(24)]
+    until = T0 + timedelta(minutes=5)
+    taken: list[str] = []
+
+    async def react_and_lock(n: int) -> None:
+        store = stores[n % len(stores)]
+        await store.mail.change_message(posted.msg_id, ReactChange(emoji="👍", by=names[n]))
+        lock = LockHolder(
+            resource="deploy", holder=names[n], mode="exclusive", acquired_at=T0, expires_at=until
+        )
+        won, holders = await store.mail.take_lock(lock, T0)
+        if won:
+            taken.append(names[n])
+        assert len(holders) == 1  # the winner, whoever asks
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for n in range(len(names)):
+                nursery.start_soon(react_and_lock, n)
+
+    # Each read-modify-write saw the one before it, on whichever daemon it ran.
+    message = await stores[1].mail.get_message(posted.msg_id)
+    assert message is not None
+    [reaction] = message.reactions
+    assert sorted(reaction.by) == names
+    assert len(taken) == 1
+    assert [h.holder for h in await stores[2].mail.locks(T0, resource="deploy")] == taken
