@@ -62,8 +62,9 @@ entries, inserts the archive, then the marker through the append statement.
 Entries themselves carry no tsvector, so appends stay as cheap as they can be.
 
 **Mail** (``store.mail``, the ``MailStore``) runs on the same pool and threads;
-its tables (participants, messages, deliveries...) are migration 3, and
-storage/_postgres_mail.py says how it stores and numbers mail.
+its tables (participants, messages, deliveries...) are migration 3, part 2's
+(spaces, projects, versions, locks, each message's search vector) migration
+4, and storage/_postgres_mail.py says how it stores, numbers and searches mail.
 
 **Search** ORs the query's ``search_words``, each quoted, through
 ``websearch_to_tsquery('simple', ...)`` (a word is letters, digits and ``_``,
