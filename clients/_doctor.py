@@ -1,6 +1,8 @@
 """`chinwag doctor`: the socket and the daemon checked from here, through the
-client library; the config, the storage and the providers by the daemon's own
-code, `python -m chinwag.daemon --check`, whose `CheckReport` it reads.
+client library; the config, the storage, the providers and the webhooks'
+receivers by the daemon's own code, `python -m chinwag.daemon --check`, whose
+`CheckReport` it reads. Each webhook's outbox comes from the running daemon's
+`stats`.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ import os
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import anyio
 import msgspec
-from chinwag.protocol import CheckReport
+from chinwag.protocol import CheckFinding, CheckReport, WebhookBacklog
 from rich.console import Console
 from rich.text import Text
 
@@ -52,6 +54,7 @@ class _DaemonSeen:
 
     answers: bool
     checks: list[Check]
+    webhooks: dict[str, WebhookBacklog] = field(default_factory=dict)  # the outboxes, by name
 
 
 def _socket_source(settings: Settings) -> str:
@@ -119,7 +122,8 @@ async def _check_socket(settings: Settings) -> _DaemonSeen:
         f"{server}, up {_uptime(stats.uptime_s)}, {_plural(stats.connections, 'connection')}, "
         f"{_plural(stats.runs_in_flight, 'run')} in flight"
     )
-    return _DaemonSeen(True, [Check("ok", "socket", where), Check("ok", "daemon", daemon)])
+    checks = [Check("ok", "socket", where), Check("ok", "daemon", daemon)]
+    return _DaemonSeen(True, checks, {backlog.name: backlog for backlog in stats.webhooks})
 
 
 async def _daemon_checks(
@@ -154,6 +158,9 @@ def _config_checks(report: CheckReport, settings: Settings, seen: _DaemonSeen) -
     """The report's findings as lines, with the socket comparison and the storage lock judged."""
     checks: list[Check] = []
     for finding in report.findings:
+        if finding.check == "webhook":
+            checks.append(_webhook_check(finding, seen))
+            continue
         label = finding.check if finding.check != "agent" else f"agent {finding.subject}"
         detail, hint = finding.detail, finding.hint
         status: CheckStatus
@@ -172,6 +179,31 @@ def _config_checks(report: CheckReport, settings: Settings, seen: _DaemonSeen) -
         if finding.check == "config" and report.socket_configured and report.socket:
             checks.append(_socket_match(report.socket, settings))
     return checks
+
+
+def _webhook_check(finding: CheckFinding, seen: _DaemonSeen) -> Check:
+    """A webhook's receiver as the daemon's check found it, and its outbox as the running
+    daemon has it: deliveries retrying or given up make a warning."""
+    status: CheckStatus = "ok" if finding.status == "ok" else "warn"  # deliveries wait
+    hint = finding.hint
+    backlog = seen.webhooks.get(finding.subject)
+    if not seen.answers:
+        outbox = "outbox unknown: no daemon answers"
+    elif backlog is None:  # a daemon that runs an older config, or an older daemon
+        outbox = "outbox unknown: the running daemon does not have this webhook"
+    elif backlog.pending == 0 and backlog.failed == 0:
+        outbox = "outbox empty"
+    else:
+        outbox = f"outbox: {backlog.pending} pending ({backlog.retrying} retrying)"
+        if backlog.failed:
+            outbox += f", {backlog.failed} given up"
+        if backlog.retrying or backlog.failed:
+            status = "warn"
+            hint = hint or (
+                "the daemon retries each delivery for 24 h, then gives it up: see"
+                " webhook_retry_scheduled and webhook_gave_up in its log"
+            )
+    return Check(status, f"webhook {finding.subject}", f"{finding.detail}; {outbox}", hint)
 
 
 def _socket_match(configured: str, settings: Settings) -> Check:

@@ -4,14 +4,15 @@ The CLI never imports the daemon, so the checks that need its code run here, in
 a process of their own, and print one JSON ``CheckReport`` on stdout for the
 CLI to render: which config file is used and whether it loads, whether the
 storage URL opens, and whether each agent's provider answers and lists its
-model. The socket and the running daemon are the CLI's to check, through the
-client library.
+model, and whether each webhook's receiver accepts a connection. The socket
+and the running daemon are the CLI's to check, through the client library.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -34,6 +35,7 @@ from ._config import (
     Config,
     ConfigError,
     ProviderConfig,
+    WebhookConfig,
     default_config_path,
     default_storage_url,
     load_config,
@@ -44,6 +46,8 @@ from ._tools import TOOL_NAMES
 
 #: The longest the storage check may take (a PostgreSQL server that does not answer).
 STORAGE_TIMEOUT_S = 15.0
+#: How long a webhook's receiver may take to accept a connection.
+WEBHOOK_CONNECT_TIMEOUT_S = 3.0
 # How many of an endpoint's models a hint names.
 _MODELS_NAMED = 8
 
@@ -111,15 +115,23 @@ def _shown(findings: list[CheckFinding]) -> list[CheckFinding]:
 async def _check_services(
     config: Config, storage_url: str, storage: list[CheckFinding] | None
 ) -> list[CheckFinding]:
-    """The storage (unless already judged) and every provider, concurrently."""
+    """The storage (unless already judged), every provider and every webhook, concurrently."""
     opened: list[CheckFinding] = []
     agents: list[CheckFinding] = []
+    webhooks: list[CheckFinding] = []
     async with trio.open_nursery() as nursery:
         if storage is None:
             nursery.start_soon(_into, opened, partial(_open_store, storage_url))
         for provider in sorted({agent.provider for agent in config.agents.values()}):
             nursery.start_soon(_into, agents, partial(_check_provider, config, provider))
-    return [*(storage or opened), *sorted(agents, key=lambda finding: finding.subject)]
+        for webhook in config.webhooks:
+            nursery.start_soon(_into, webhooks, partial(_check_webhook, webhook))
+    order = [webhook.id for webhook in config.webhooks]
+    return [
+        *(storage or opened),
+        *sorted(agents, key=lambda finding: finding.subject),
+        *sorted(webhooks, key=lambda finding: order.index(finding.subject)),
+    ]
 
 
 async def _into(
@@ -310,3 +322,53 @@ def _listed(model: str, models: list[str]) -> str | None:
     # Anthropic lists dated ids (claude-sonnet-4-5-20250929) and takes the alias.
     dated = sorted(m for m in models if m.startswith(f"{model}-") and m[len(model) + 1 :].isdigit())
     return dated[-1] if dated else None
+
+
+# --- webhooks ----------------------------------------------------------------------------
+
+
+async def _check_webhook(webhook: WebhookConfig) -> list[CheckFinding]:
+    """Whether the receiver's host resolves here and accepts a TCP connection. No request
+    is sent: any POST would be a delivery, and a HEAD is one a receiver may refuse."""
+    parts = urlsplit(webhook.url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    # Shown without credentials or query (a token may sit there), and never the secret.
+    where = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    hint = (
+        "deliveries wait in the outbox, retried for 24 h: start the receiver, or fix url"
+        " in [[webhooks]]"
+    )
+
+    def found(status: FindingStatus, detail: str) -> list[CheckFinding]:
+        return [
+            CheckFinding(
+                check="webhook",
+                subject=webhook.id,
+                status=status,
+                detail=f"{where}: {detail}",
+                hint=hint if status != "ok" else "",
+            )
+        ]
+
+    try:
+        with trio.fail_after(WEBHOOK_CONNECT_TIMEOUT_S):
+            stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        return found("warn", f"no connection within {WEBHOOK_CONNECT_TIMEOUT_S:g} s")
+    except socket.gaierror as exc:
+        return found("warn", f"{host} does not resolve from here ({exc.strerror})")
+    except OSError as exc:
+        return found("warn", f"nothing accepts connections at {host}:{port} ({_why(exc)})")
+    await stream.aclose()
+    return found("ok", f"accepts connections at {host}:{port}")
+
+
+def _why(exc: OSError) -> str:
+    """Why a connection failed: each address's reason (trio's own error only sums them)."""
+    cause = exc.__cause__
+    tried = cause.exceptions if isinstance(cause, BaseExceptionGroup) else [exc]
+    reasons = [
+        os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e) for e in tried
+    ]
+    return "; ".join(dict.fromkeys(reasons))

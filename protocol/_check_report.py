@@ -21,8 +21,8 @@ ConfigSource = Literal["--config", "$CHINWAG_CONFIG", "default", "embedded defau
 class CheckFinding(msgspec.Struct, kw_only=True):
     """One check's outcome."""
 
-    check: Literal["config", "storage", "agent"]
-    subject: str  # the file, the URL, the agent's name
+    check: Literal["config", "storage", "agent", "webhook"]
+    subject: str  # the file, the URL, the agent's name, the webhook's name
     status: FindingStatus
     detail: str
     hint: str = ""
