@@ -207,6 +207,7 @@ class Webhooks:
         ]
 
     def now(self) -> datetime:
+        """The wall clock's time, as trio's clock moves it on from ``run``'s start."""
         return self._wall + timedelta(seconds=trio.current_time() - self._start)
 
     def _trio_time(self, moment: datetime) -> float:
