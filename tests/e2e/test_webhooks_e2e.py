@@ -135,8 +135,7 @@ async def post_dms(socket_path: Any, *contents: str) -> dict[str, str]:
     """Post each as a DM from ana to bob; their msg_ids, by content."""
     async with connect(socket_path) as client:
         return {
-            content: (await client.post("ana", content, to="bob")).msg_id
-            for content in contents
+            content: (await client.post("ana", content, to="bob")).msg_id for content in contents
         }
 
 
