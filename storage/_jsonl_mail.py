@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import msgspec
 import trio
@@ -35,6 +35,7 @@ from ._mail import number_of
 from ._mail_index import Advance, ChangeMessage, IndexedMail, MailChange, MailIndex, PostMail
 
 _T = TypeVar("_T")
+_I = TypeVar("_I")  # the index a LogBacked keeps
 
 _encoder = msgspec.json.Encoder()
 _decode_change = msgspec.json.Decoder(MailChange).decode
@@ -54,22 +55,17 @@ class LineLog(Protocol):
         ...
 
 
-class JsonlMail(IndexedMail):
-    """A ``MailStore`` kept as ``mail.jsonl`` and served from a ``MailIndex``."""
+class LogBacked(Generic[_I]):
+    """An index kept as an append-only log (``mail.jsonl``, ``outbox.jsonl``): one write at
+    a time, appended durably before it is applied; reads from the index alone."""
 
-    def __init__(self, log: LineLog, index: MailIndex, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, log: LineLog, index: _I, limiter: trio.CapacityLimiter) -> None:
         """Wrap a replayed log; ``open`` is the way to get one."""
         self.index = index
         self._log = log
         self._limiter = limiter
         self._lock = trio.Lock()  # held by the write under way
         self._closed = False
-
-    @classmethod
-    async def open(cls, log: LineLog, limiter: trio.CapacityLimiter) -> JsonlMail:
-        """Replay ``log`` into a fresh index (none when there is no file yet)."""
-        index = await trio.to_thread.run_sync(_replay, log, limiter=limiter)
-        return cls(log, index, limiter)
 
     async def close(self) -> None:
         """Refuse what comes next, and wait for a write under way. Shielded."""
@@ -78,20 +74,18 @@ class JsonlMail(IndexedMail):
             async with self._lock:  # fair: every write that began goes first
                 pass
 
-    # --- plumbing -------------------------------------------------------------------
-
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError("The store is closed.")
 
-    async def _ready(self) -> MailIndex:
+    async def _ready(self) -> _I:
         await trio.lowlevel.checkpoint()
         self._check_open()
         return self.index
 
     @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[MailIndex]:
-        """The index, to plan a change and ``_commit`` it; one write at a time, not cancellable.
+    async def _writing(self) -> AsyncIterator[_I]:
+        """The index, to plan a change and append it; one write at a time, not cancellable.
 
         Once entered, the write completes or fails, and a cancellation lands at
         the caller's next checkpoint (as with ``Storage.append``).
@@ -102,16 +96,30 @@ class JsonlMail(IndexedMail):
             async with self._lock:
                 yield self.index
 
+    async def _append(self, line: bytes) -> None:
+        """Append ``line`` durably, in a worker thread. Under ``_writing``."""
+        try:
+            await trio.to_thread.run_sync(self._log.append, line, limiter=self._limiter)
+        except OSError as exc:
+            raise StorageError(f"Writing to {self._log.path} failed: {exc}.") from exc
+
+
+class JsonlMail(LogBacked[MailIndex], IndexedMail):
+    """A ``MailStore`` kept as ``mail.jsonl`` and served from a ``MailIndex``."""
+
+    @classmethod
+    async def open(cls, log: LineLog, limiter: trio.CapacityLimiter) -> JsonlMail:
+        """Replay ``log`` into a fresh index (none when there is no file yet)."""
+        index = await trio.to_thread.run_sync(_replay, log, limiter=limiter)
+        return cls(log, index, limiter)
+
     async def _commit(self, change: MailChange) -> None:
         """Append ``change``'s line durably, then apply it as the line says. Under ``_writing``."""
         try:
             line = _encoder.encode(change) + b"\n"
         except (UnicodeEncodeError, TypeError, OverflowError) as exc:
             raise StorageError(f"The mail could not be encoded: {exc}.") from exc
-        try:
-            await trio.to_thread.run_sync(self._log.append, line, limiter=self._limiter)
-        except OSError as exc:
-            raise StorageError(f"Writing to {self._log.path} failed: {exc}.") from exc
+        await self._append(line)
         self.index.apply(_decode_change(line))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import trio
 
 from ._base import StorageError
-from ._jsonl_mail import LineLog
+from ._jsonl_mail import LineLog, LogBacked
 from ._outbox_index import IndexedOutbox, OutboxChange, OutboxIndex, decode_change, encode_change
 
 
@@ -33,15 +33,8 @@ def _replay(log: LineLog) -> OutboxIndex:
     return index
 
 
-class JsonlOutbox(IndexedOutbox):
+class JsonlOutbox(LogBacked[OutboxIndex], IndexedOutbox):
     """An ``Outbox`` kept as ``outbox.jsonl``; ``open`` is the way to get one."""
-
-    def __init__(self, log: LineLog, index: OutboxIndex, limiter: trio.CapacityLimiter) -> None:
-        self.index = index
-        self._log = log
-        self._limiter = limiter
-        self._lock = trio.Lock()  # held by the write under way
-        self._closed = False
 
     @classmethod
     async def open(cls, log: LineLog, limiter: trio.CapacityLimiter) -> JsonlOutbox:
@@ -49,30 +42,8 @@ class JsonlOutbox(IndexedOutbox):
         index = await trio.to_thread.run_sync(_replay, log, limiter=limiter)
         return cls(log, index, limiter)
 
-    async def close(self) -> None:
-        """Refuse what comes next, and wait for a write under way. Shielded."""
-        self._closed = True
-        with trio.CancelScope(shield=True):
-            async with self._lock:  # fair: every write that began goes first
-                pass
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageError("The store is closed.")
-
-    async def _ready(self) -> OutboxIndex:
-        await trio.lowlevel.checkpoint()
-        self._check_open()
-        return self.index
-
     async def _commit(self, change: OutboxChange) -> None:
         line = encode_change(change)
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        self._check_open()
-        with trio.CancelScope(shield=True):
-            async with self._lock:
-                try:
-                    await trio.to_thread.run_sync(self._log.append, line, limiter=self._limiter)
-                except OSError as exc:
-                    raise StorageError(f"Writing to {self._log.path} failed: {exc}.") from exc
-                self.index.apply(decode_change(line))
+        async with self._writing():
+            await self._append(line)
+            self.index.apply(decode_change(line))
