@@ -132,7 +132,9 @@ class SqliteOutbox:
         return [_delivery(row) for row in rows]
 
     async def _change(self, what: str, statement: str, params: tuple[Any, ...]) -> None:
-        await self._write(what, lambda conn: conn.execute(statement, params))
+        # Closed in the write: a cursor handed back to the loop and finalized there would
+        # touch the connection while the writer thread uses it (as the mail's writes say).
+        await self._write(what, lambda conn: conn.execute(statement, params).close())
 
     async def delivered(self, id: str) -> None:
         await self._change(
