@@ -20,6 +20,7 @@ from chinwag.protocol import (
     StreamEventMsg,
     TextDelta,
     ThinkingDelta,
+    TokenUsage,
     ToolCall,
     ToolCallInfo,
     ToolResult,
@@ -85,6 +86,7 @@ async def run_steps(turn: Turn, speaker: Agent, *, guest: bool) -> None:
         text: list[str] = []
         calls: list[ToolCallInfo] = []
         blocks: list[dict[str, Any]] = []
+        used: TokenUsage | None = None
         async with aclosing(speaker.provider.stream(request)) as chunks:
             burst = 0
             async for chunk in chunks:
@@ -110,6 +112,9 @@ async def run_steps(turn: Turn, speaker: Agent, *, guest: bool) -> None:
                         ToolCall(call_id=call.call_id, name=call.name, arguments=call.arguments)
                     )
                 elif isinstance(chunk, UsageChunk):
+                    used = TokenUsage(
+                        input_tokens=chunk.prompt_tokens, output_tokens=chunk.completion_tokens
+                    )
                     tokens = chunk.prompt_tokens + chunk.completion_tokens
                     turn.context_tokens = tokens
                     publish(
@@ -128,6 +133,7 @@ async def run_steps(turn: Turn, speaker: Agent, *, guest: bool) -> None:
             tool_calls=calls,
             run_id=turn.id,
             created_at=now(),
+            usage=used,
         )
         if not calls:
             await turn.append([assistant], [])

@@ -9,7 +9,7 @@ other event field is required so that nothing else is ever dropped).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Literal
 
 import msgspec
@@ -35,6 +35,13 @@ class ToolCallInfo(msgspec.Struct, kw_only=True):
     arguments: str  # JSON text, as the model produced it
 
 
+class TokenUsage(msgspec.Struct, kw_only=True):
+    """The tokens one model call consumed, as its provider reported them."""
+
+    input_tokens: int
+    output_tokens: int
+
+
 class Entry(msgspec.Struct, kw_only=True):
     """One history entry of a conversation."""
 
@@ -49,6 +56,21 @@ class Entry(msgspec.Struct, kw_only=True):
     run_id: str | None = None
     created_at: datetime | None = None
     archive: str | None = None
+    # On an assistant entry (and a compaction's marker): its model call's tokens, where
+    # the provider reported them. The store adds them to the conversation's usage totals.
+    usage: TokenUsage | None = None
+
+
+class UsageTotal(msgspec.Struct, kw_only=True):
+    """A conversation's model tokens on one day (UTC), kept by the store for good:
+    compaction and restarts do not lower them."""
+
+    agent: str
+    sender: str
+    day: date
+    input_tokens: int = 0
+    output_tokens: int = 0
+    calls: int = 0  # model calls that reported usage
 
 
 class MemoryHit(msgspec.Struct, kw_only=True):
@@ -84,6 +106,9 @@ class ConversationItem(msgspec.Struct, kw_only=True):
     tokens: int | None = None  # estimated
     expires_at: datetime | None = None  # with expires_after: when streams start being refused
     limits: ConversationLimits | None = None
+    # Every model call's tokens since the conversation began (the `usage` feature).
+    tokens_in: int = 0
+    tokens_out: int = 0
 
 
 class AgentItem(msgspec.Struct, kw_only=True):
@@ -202,6 +227,14 @@ class SearchMemory(Request, tag="search_memory", kw_only=True):
     limit: int = 10
 
 
+class GetUsage(Request, tag="usage", kw_only=True):
+    """The stored usage totals, a row per conversation and day (the `usage` feature)."""
+
+    agent: str | None = None
+    sender: str | None = None
+    since: str | None = None  # a duration back from now ("7d", "12h") or a day ("2026-12-01")
+
+
 # --- server -> client ---------------------------------------------------------
 
 
@@ -217,11 +250,13 @@ class Welcome(ServerMessage, tag="welcome"):
     features: list[str] = msgspec.field(default_factory=list)  # what this daemon offers
 
 
-FEATURES = ("compaction", "search_memory", "history_pages", "mail")
+FEATURES = ("compaction", "search_memory", "history_pages", "mail", "usage")
 """This daemon's additions to v1: the `compaction` event, sent only to a client
 whose `hello` names it, the `search_memory` request, and `history_pages`: a
 `get_history` without `limit` answers one page (200 entries at most), and `mail`
-(agents and people messaging each other, protocol/_mail.py)."""
+(agents and people messaging each other, protocol/_mail.py), and `usage`: stored
+token totals, asked with the `usage` request and carried by `stats` and
+`list_conversations`."""
 
 
 class Error(ServerMessage, tag="error"):
@@ -391,3 +426,10 @@ class Stats(ServerMessage, tag="stats"):
     participants_online: int = 0  # mail: names registered on live connections
     watches: int = 0  # mail: open `watch` requests
     webhooks: list[WebhookBacklog] = msgspec.field(default_factory=list)  # mail: each outbox
+    tokens_in: int = 0  # usage: every model call's tokens the store holds, all conversations
+    tokens_out: int = 0
+
+
+class UsageTotals(ServerMessage, tag="usage_totals"):
+    id: int
+    items: list[UsageTotal]  # by day, then agent, then sender

@@ -83,6 +83,7 @@ from ._messages import (
     Event,
     GetHistory,
     GetStats,
+    GetUsage,
     Hello,
     History,
     Kill,
@@ -109,6 +110,7 @@ from ._messages import (
     ToolCall,
     ToolResult,
     Usage,
+    UsageTotals,
     Welcome,
 )
 from ._unions import ClientMsg, ServerMsg
@@ -138,6 +140,7 @@ REPLIES: Final[dict[type[Request], tuple[frozenset[type], frozenset[type]]]] = {
     Cancel: (frozenset(), frozenset({Ok, Error})),
     Ping: (frozenset(), frozenset({Pong, Error})),
     GetStats: (frozenset(), frozenset({Stats, Error})),
+    GetUsage: (frozenset(), frozenset({UsageTotals, Error})),
     SearchMemory: (frozenset(), frozenset({Memory, Error})),
     Register: (frozenset(), frozenset({Registered, Error})),
     Heartbeat: (frozenset(), frozenset({Ok, Error})),

@@ -66,6 +66,7 @@ from ._messages import (
     Event,
     GetHistory,
     GetStats,
+    GetUsage,
     Hello,
     History,
     Kill,
@@ -90,6 +91,7 @@ from ._messages import (
     ToolCall,
     ToolResult,
     Usage,
+    UsageTotals,
     Welcome,
 )
 
@@ -107,6 +109,7 @@ ClientMsg = (
     | Cancel
     | Ping
     | GetStats
+    | GetUsage
     | SearchMemory
     | Register
     | Heartbeat
@@ -167,6 +170,7 @@ ServerMsg = (
     | Memory
     | Pong
     | Stats
+    | UsageTotals
     | Registered
     | Participants
     | Posted

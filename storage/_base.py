@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Container, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Protocol
 
 import msgspec
-from chinwag.protocol import ConversationItem, Entry, MemoryHit
+from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, UsageTotal
 
 from ._mail import MailStore
 from ._outbox import Outbox
@@ -45,14 +45,16 @@ class Archive(msgspec.Struct, kw_only=True, frozen=True):
     speakers: list[str]
     created_at: datetime
 
-    def marker(self) -> Entry:
-        """The compact marker entry that stands for this archive in the history."""
+    def marker(self, usage: TokenUsage | None = None) -> Entry:
+        """The compact marker entry that stands for this archive in the history, carrying
+        ``usage``, the tokens of the model calls that wrote the summary."""
         return Entry(
             seq=0,
             kind="compact",
             content=self.summary,
             archive=self.name,
             created_at=self.created_at,
+            usage=usage,
         )
 
 
@@ -149,6 +151,10 @@ class Storage(Protocol):
         creates nothing), with ``create.cwd`` and the first entry's
         ``created_at`` (the time of the call when there is no entry); one that
         exists is left as it is, its cwd unchanged.
+
+        Each entry's ``usage`` (a model call's tokens) is added to the
+        conversation's usage total for the UTC day of the entry's ``created_at``,
+        in the same atomic write, so a total counts exactly the calls stored.
         """
         ...
 
@@ -204,15 +210,32 @@ class Storage(Protocol):
         """
         ...
 
-    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
-        """Store ``archive`` and append its marker (``archive.marker()``) in one atomic step.
+    async def compact(
+        self, agent: str, sender: str, archive: Archive, *, usage: TokenUsage | None = None
+    ) -> Entry:
+        """Store ``archive`` and append its marker (``archive.marker(usage)``) in one atomic step.
 
         The archive must cover exactly the entries after the latest marker up
         to the newest one (``first_seq`` = the marker's seq + 1, ``last_seq`` =
         the conversation's ``last_seq``, one speaker per entry): anything else,
         or a name this conversation already used, raises ``StorageError`` and
         stores nothing. Returns the stored marker. Raises ``ConversationNotFound``.
+        The marker carries ``usage`` (the summary's model calls), which counts as an
+        append's does.
         """
+        ...
+
+    async def usage(
+        self,
+        *,
+        agent: str | None = None,
+        sender: str | None = None,
+        since: date | None = None,
+    ) -> list[UsageTotal]:
+        """The usage totals, one per conversation and UTC day with any, by day, then
+        agent, then sender; only ``agent``'s, ``sender``'s, and days from ``since`` on
+        when given. Totals only grow: compaction does not lower them, and they are
+        as durable as the appends that made them."""
         ...
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:

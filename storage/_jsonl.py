@@ -75,6 +75,16 @@ first search: from the marker lines of its conversations' history files (each
 read whole, once) and the archived entries before them, and from its notes.
 ``compact`` and ``put_note`` keep it current from then on. Opening reads
 neither notes nor histories for it.
+
+**Usage totals** need no file of their own: a history file keeps every line
+ever appended (a compaction only appends its marker), so the ``usage`` its
+entries carry is the conversation's totals, per UTC day of their
+``created_at`` (``daily_usage``). The store holds them in memory: an append
+adds what its lines carry once they are durable, and ``cache.msgpack`` keeps
+them with the rest, so a clean restart reads no history for them. A
+conversation the cache cannot vouch for has its history file read whole on
+opening, decoding only the lines that hold ``"usage":{`` (a key only an entry
+with usage has; a string escapes its quotes).
 """
 
 from __future__ import annotations
@@ -86,8 +96,8 @@ import functools
 import heapq
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -95,7 +105,7 @@ from urllib.parse import urlsplit
 import msgspec
 import structlog
 import trio
-from chinwag.protocol import ConversationItem, Entry, MemoryHit
+from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, UsageTotal
 
 from ._base import (
     Archive,
@@ -113,6 +123,7 @@ from ._mail import MailStore
 from ._outbox import Outbox
 from ._search import MemoryIndex, archive_text, check_search_limit, note_text
 from ._timestamps import from_text, to_text, utc
+from ._usage import DailyUsage, add_daily, daily_usage, usage_totals
 
 FORMAT = "chinwag-jsonl"
 VERSION = 1
@@ -123,7 +134,7 @@ _CURSOR_TAG = "jsonl"
 _MARKER = "store.json"
 _LOCK = "lock"
 _CACHE = "cache.msgpack"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: with each conversation's usage totals
 _NOTES = "notes.jsonl"
 _MAIL = "mail.jsonl"
 _OUTBOX = "outbox.jsonl"
@@ -140,6 +151,7 @@ _TAIL_READ = 8192  # bytes read from the end of a history file to find its last 
 _MORE = b',"more":true}'  # how a line that is not its append's last one ends
 _ARCHIVED = b'"first_seq":'  # a key only a compaction's line has (a string escapes its ")
 _COMPACT_KIND = b'"kind":"compact"'  # in a marker's line only, for the same reason
+_USAGE = b'"usage":{'  # in the line of an entry with usage only, for the same reason
 
 
 class _Meta(msgspec.Struct, kw_only=True):
@@ -181,6 +193,7 @@ class _Cached(msgspec.Struct, array_like=True):
     size: int
     meta: _Stat
     history: _Stat | None  # None: there was no history file
+    usage: DailyUsage
 
 
 class _Cache(msgspec.Struct):
@@ -302,6 +315,7 @@ class _Conversation:
         "meta_stat",
         "queue",
         "size",
+        "usage",
     )
 
     def __init__(
@@ -313,9 +327,11 @@ class _Conversation:
         exists: bool = False,
         meta_stat: _Stat | None = None,
         history_stat: _Stat | None = None,
+        usage: DailyUsage | None = None,
     ) -> None:
         self.id = id
         self.item = item  # last_seq and updated_at kept current
+        self.usage: DailyUsage = {} if usage is None else usage  # what the history file holds
         self.size = size  # bytes of the history file that hold acknowledged appends
         self.exists = exists  # the history file exists and its name is durable
         self.dirty = False  # a failed append may have left bytes after ``size``
@@ -360,6 +376,8 @@ class _Written:
     exists: bool
     dirty: bool
     stat: _Stat | None  # the history file's now, None if not known
+    added: DailyUsage = field(default_factory=dict)  # the usage of the lines written
+    recounted: DailyUsage | None = None  # the file was read again: all the usage it holds
 
 
 class _ChangedOutside(StorageError):
@@ -851,6 +869,9 @@ class JsonlStorage:
     def _apply(self, conv: _Conversation, written: _Written) -> None:
         """Make ``conv`` say what a write of its history did."""
         conv.exists, conv.dirty, conv.history_stat = written.exists, written.dirty, written.stat
+        if written.recounted is not None:
+            conv.usage = written.recounted
+        add_daily(conv.usage, written.added)
         if written.tail is not None:
             conv.size = written.tail.size
             conv.item.last_seq = written.tail.last_seq
@@ -902,12 +923,14 @@ class JsonlStorage:
 
     # --- archives and notes -------------------------------------------------------
 
-    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
+    async def compact(
+        self, agent: str, sender: str, archive: Archive, *, usage: TokenUsage | None = None
+    ) -> Entry:
         """Store the archive and append its marker as one line; see ``Storage.compact``.
 
         Not cancellable, like ``append``.
         """
-        (marker,) = _prepare([archive.marker()])
+        (marker,) = _prepare([archive.marker(usage)])
         line = _CompactLine(
             **msgspec.structs.asdict(marker),
             first_seq=archive.first_seq,
@@ -947,6 +970,19 @@ class JsonlStorage:
         )
         marker.seq = line.seq
         return marker
+
+    async def usage(
+        self,
+        *,
+        agent: str | None = None,
+        sender: str | None = None,
+        since: date | None = None,
+    ) -> list[UsageTotal]:
+        """The usage totals by day, agent and sender; see ``Storage.usage``."""
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        conversations = ((a, s, conv.usage) for (a, s), conv in self._by_key.items())
+        return usage_totals(conversations, agent=agent, sender=sender, since=since)
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
         await trio.lowlevel.checkpoint()
@@ -1087,6 +1123,7 @@ def _cached(conv: _Conversation) -> _Cached:
         size=conv.size,
         meta=conv.meta_stat,
         history=conv.history_stat if conv.exists else None,
+        usage=conv.usage,
     )
 
 
@@ -1341,6 +1378,7 @@ def _load_conversations(
                 exists=record.history is not None,
                 meta_stat=record.meta,
                 history_stat=record.history,
+                usage=record.usage,
             )
         else:
             conv = _load_conversation(id_, meta_path, history)
@@ -1365,7 +1403,8 @@ def _still_valid(record: _Cached, meta_path: str, history: str) -> bool:
 
 
 def _load_conversation(id_: int, meta_path: str, history: str) -> _Conversation:
-    """Read the meta file and the last line of the history file of conversation ``id_``."""
+    """Read the meta file and the last line of the history file of conversation ``id_``,
+    and the history's usage."""
     try:
         raw, meta_stat = _read_file(meta_path)
     except OSError as exc:
@@ -1377,8 +1416,11 @@ def _load_conversation(id_: int, meta_path: str, history: str) -> _Conversation:
         raise StorageError(f"{meta_path} is not a conversation's metadata: {exc}.") from exc
     if meta.id != id_:
         raise StorageError(f"{meta_path} says it is conversation {meta.id}, not {id_}.")
+    usage: DailyUsage = {}
     try:
         tail = _load_tail(history)
+        if tail.size:
+            usage = _usage_in(history, tail.size)
     except FileNotFoundError:
         tail, exists = _Tail(0, 0, None), False
     except OSError as exc:
@@ -1395,7 +1437,13 @@ def _load_conversation(id_: int, meta_path: str, history: str) -> _Conversation:
         last_seq=tail.last_seq,
     )
     return _Conversation(
-        id_, item, size=tail.size, exists=exists, meta_stat=meta_stat, history_stat=tail.stat
+        id_,
+        item,
+        size=tail.size,
+        exists=exists,
+        meta_stat=meta_stat,
+        history_stat=tail.stat,
+        usage=usage,
     )
 
 
@@ -1638,10 +1686,11 @@ def _write_encoded(
         on_disk = os.fstat(fd).st_size
         if on_disk != size:
             if not (dirty and on_disk > size):
-                # Someone else changed the file: read its end again, and fail this once.
+                # Someone else changed the file: read it again, and fail this once.
                 tail = _load_tail(path)
+                recounted = _usage_in(path, tail.size)
                 fail(f"{path} changed outside the store; the append was not written.", None)
-                return _Written(tail, exists, False, tail.stat)
+                return _Written(tail, exists, False, tail.stat, recounted=recounted)
             os.ftruncate(fd, size)  # what a failed append of ours left
         try:
             _write_all(fd, data)
@@ -1671,7 +1720,8 @@ def _write_encoded(
         pending.result = pending.entries
     newest = good[-1].entries[-1].created_at
     tail = _Tail(size + len(data), new_last_seq, newest, new_stat)
-    return _Written(tail, True, False, new_stat)
+    added = daily_usage(entry for pending in good for entry in pending.entries)
+    return _Written(tail, True, False, new_stat, added=added)
 
 
 def _create_with_history(
@@ -1758,6 +1808,35 @@ def _read_history(
             archives[archive.name] = archive
         entries.append(entry)
     return entries
+
+
+def _usage_in(path: str | Path, size: int) -> DailyUsage:
+    """The usage totals the first ``size`` bytes (whole lines) of history file ``path`` hold.
+
+    Decodes only the lines that hold ``_USAGE``; raises ``StorageError`` for one
+    that is not a valid entry.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = _pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    used: list[Entry] = []
+    at = data.find(_USAGE)
+    while at >= 0:
+        start = data.rfind(b"\n", 0, at) + 1
+        end = data.find(b"\n", at)
+        try:
+            entry = _entry_decoder.decode(data[start:end])
+            if entry.created_at is None:
+                raise ValueError("it has no created_at")
+            entry.created_at = utc(entry.created_at)
+        except (msgspec.DecodeError, ValueError) as exc:
+            line = data.count(b"\n", 0, start) + 1
+            raise StorageError(f"{path}:{line}: the line is not a valid entry: {exc}.") from exc
+        used.append(entry)
+        at = data.find(_USAGE, end)
+    return daily_usage(used)
 
 
 def _archive_of(path: Path, number: int, line: bytes) -> Archive:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import msgspec
 import trio
-from chinwag.protocol import ConversationItem, Entry, MemoryHit
+from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, UsageTotal
 
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._claims import LocalClaims
@@ -27,6 +27,7 @@ from ._outbox import Outbox
 from ._outbox_index import MemoryOutbox
 from ._search import MemoryIndex, archive_text, note_text
 from ._timestamps import from_text, to_text, utc
+from ._usage import DailyUsage, add_daily, daily_usage, usage_totals
 
 _CURSOR_TAG = "memory"
 
@@ -43,6 +44,7 @@ class _Conversation:
     entries: list[bytes] = field(default_factory=list)  # entry seq N at index N - 1
     marker_seq: int = 0  # seq of the latest compact marker, 0 when none
     archives: dict[str, bytes] = field(default_factory=dict)
+    usage: DailyUsage = field(default_factory=dict)
 
 
 class MemoryStorage:
@@ -143,6 +145,7 @@ class MemoryStorage:
             if entry.kind == "compact":
                 conv.marker_seq = entry.seq
         conv.entries.extend(encoded)
+        add_daily(conv.usage, daily_usage(entries))
         if entries:
             conv.item.last_seq = entries[-1].seq
             conv.item.updated_at = entries[-1].created_at
@@ -225,7 +228,9 @@ class MemoryStorage:
 
     # --- archives and notes -------------------------------------------------
 
-    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
+    async def compact(
+        self, agent: str, sender: str, archive: Archive, *, usage: TokenUsage | None = None
+    ) -> Entry:
         """Store the archive and append its marker; see ``Storage.compact``."""
         await trio.lowlevel.cancel_shielded_checkpoint()
         conv = self._get(agent, sender)
@@ -233,7 +238,7 @@ class MemoryStorage:
             archive, marker_seq=conv.marker_seq, last_seq=conv.item.last_seq, names=conv.archives
         )
         archived = [_decoder.decode(raw) for raw in conv.entries[archive.first_seq - 1 :]]
-        (marker,) = self._append(agent, sender, conv, [archive.marker()])
+        (marker,) = self._append(agent, sender, conv, [archive.marker(usage)])
         conv.archives[archive.name] = _archive_encoder.encode(archive)
         text = archive_text(archive.summary, archived)
         index = functools.partial(self._memory.put, agent, "archive", archive.name, sender=sender)
@@ -241,6 +246,20 @@ class MemoryStorage:
             functools.partial(index, text=text, created_at=utc(archive.created_at))
         )
         return marker
+
+    async def usage(
+        self,
+        *,
+        agent: str | None = None,
+        sender: str | None = None,
+        since: date | None = None,
+    ) -> list[UsageTotal]:
+        """The usage totals by day, agent and sender; see ``Storage.usage``."""
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise StorageError("The store is closed.")
+        conversations = ((a, s, conv.usage) for (a, s), conv in self._conversations.items())
+        return usage_totals(conversations, agent=agent, sender=sender, since=since)
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
         await trio.lowlevel.checkpoint()

@@ -65,6 +65,15 @@ Entries themselves carry no tsvector, so appends stay as cheap as they can be.
 its tables (participants, messages, deliveries...) are migration 3, part 2's
 (spaces, projects, versions, locks, each message's search vector) migration
 4, and storage/_postgres_mail.py says how it stores, numbers and searches mail.
+Migration 5 is the webhooks' outbox (storage/_postgres_outbox.py).
+
+**Usage** (migration 6). An entry's ``usage`` is in its row (``input_tokens``,
+``output_tokens``, NULL when it has none, as in every row from before), and
+``usage`` holds the totals, one row per conversation and UTC day. The append
+statement adds the sums ``daily_usage`` gives to them in a CTE of its own (an
+``INSERT ... ON CONFLICT DO UPDATE`` from the conversation the UPDATE locked,
+so it runs after it and in the same transaction); a compaction's marker goes
+through that statement too. Nothing else writes the table.
 
 **Search** ORs the query's ``search_words``, each quoted, through
 ``websearch_to_tsquery('simple', ...)`` (a word is letters, digits and ``_``,
@@ -84,14 +93,21 @@ import contextlib
 import hashlib
 import re
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import msgspec
 import psycopg
 import trio
-from chinwag.protocol import ConversationItem, Entry, MemoryHit, ToolCallInfo
+from chinwag.protocol import (
+    ConversationItem,
+    Entry,
+    MemoryHit,
+    TokenUsage,
+    ToolCallInfo,
+    UsageTotal,
+)
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
@@ -104,6 +120,7 @@ from ._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, PostgresMail,
 from ._postgres_outbox import OUTBOX_MIGRATION, PostgresOutbox
 from ._search import SNIPPET_WORDS, WORD, archived_text, database_search_words, one_line
 from ._timestamps import from_text, to_text, utc
+from ._usage import daily_usage
 
 _T = TypeVar("_T")
 _CURSOR_TAG = "postgres"
@@ -201,32 +218,62 @@ MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection[Any]], None], ...], .
     MAIL_MIGRATION,  # participants, messages, deliveries: storage/_postgres_mail.py
     MAIL_SPACES_MIGRATION,  # spaces, projects, versions, locks, search: storage/_postgres_mail.py
     OUTBOX_MIGRATION,  # webhook cursors and deliveries: storage/_postgres_outbox.py
+    (
+        # Every entry stored before has no usage: NULL, as one without it has from now on.
+        "ALTER TABLE entries ADD COLUMN input_tokens bigint, ADD COLUMN output_tokens bigint",
+        """
+        CREATE TABLE usage (
+            conversation_id bigint NOT NULL REFERENCES conversations (id),
+            day date NOT NULL,
+            input_tokens bigint NOT NULL,
+            output_tokens bigint NOT NULL,
+            calls bigint NOT NULL,
+            PRIMARY KEY (conversation_id, day)
+        )
+        """,
+    ),
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
 _ENTRY_COLUMNS = (
     "e.seq, e.kind, e.role, e.content, e.content_bytes, e.agent, e.tool_calls::text,"
-    " e.tool_call_id, e.is_error, e.run_id, e.created_at, e.archive"
+    " e.tool_call_id, e.is_error, e.run_id, e.created_at, e.archive, e.input_tokens,"
+    " e.output_tokens"
 )
 
-# One statement: lock the row and move last_seq (UPDATE), then number and insert.
+# One statement: lock the row and move last_seq (UPDATE), add to the usage totals
+# (counted: it reads conv, so it runs after the lock is taken), then number and insert.
 _APPEND = """
 WITH conv AS (
     UPDATE conversations SET last_seq = last_seq + %(count)s, updated_at = %(updated_at)s
     WHERE agent = %(agent)s AND sender = %(sender)s
     RETURNING id, last_seq - %(count)s AS base
+), counted AS (
+    INSERT INTO usage (conversation_id, day, input_tokens, output_tokens, calls)
+    SELECT conv.id, u.day, u.input_tokens, u.output_tokens, u.calls
+    FROM conv, unnest(
+        %(usage_day)s::date[], %(usage_input)s::bigint[], %(usage_output)s::bigint[],
+        %(usage_calls)s::bigint[]
+    ) AS u(day, input_tokens, output_tokens, calls)
+    ON CONFLICT (conversation_id, day) DO UPDATE SET
+        input_tokens = usage.input_tokens + EXCLUDED.input_tokens,
+        output_tokens = usage.output_tokens + EXCLUDED.output_tokens,
+        calls = usage.calls + EXCLUDED.calls
 )
 INSERT INTO entries (conversation_id, seq, kind, role, content, content_bytes, agent,
-                     tool_calls, tool_call_id, is_error, run_id, created_at, archive)
+                     tool_calls, tool_call_id, is_error, run_id, created_at, archive,
+                     input_tokens, output_tokens)
 SELECT conv.id, conv.base + e.n, e.kind, e.role, e.content, e.content_bytes, e.agent,
-       e.tool_calls::jsonb, e.tool_call_id, e.is_error, e.run_id, e.created_at, e.archive
+       e.tool_calls::jsonb, e.tool_call_id, e.is_error, e.run_id, e.created_at, e.archive,
+       e.input_tokens, e.output_tokens
 FROM conv, unnest(
     %(kind)s::text[], %(role)s::text[], %(content)s::text[], %(content_bytes)s::bytea[],
     %(entry_agent)s::text[], %(tool_calls)s::text[], %(tool_call_id)s::text[],
     %(is_error)s::boolean[], %(run_id)s::text[], %(created_at)s::timestamptz[],
-    %(archive)s::text[]
+    %(archive)s::text[], %(input_tokens)s::bigint[], %(output_tokens)s::bigint[]
 ) WITH ORDINALITY AS e(kind, role, content, content_bytes, agent, tool_calls,
-                       tool_call_id, is_error, run_id, created_at, archive, n)
+                       tool_call_id, is_error, run_id, created_at, archive,
+                       input_tokens, output_tokens, n)
 RETURNING seq
 """
 
@@ -285,6 +332,15 @@ UNION ALL
 SELECT {_ENTRY_COLUMNS} FROM entries e, marker m
 WHERE e.conversation_id = %(id)s AND e.seq > %(after)s AND e.seq >= m.seq
 ORDER BY seq LIMIT %(limit)s
+"""
+
+_USAGE = """
+SELECT c.agent, c.sender, u.day, u.input_tokens, u.output_tokens, u.calls
+FROM usage u JOIN conversations c ON c.id = u.conversation_id
+WHERE (%(agent)s::text IS NULL OR c.agent = %(agent)s::text)
+    AND (%(sender)s::text IS NULL OR c.sender = %(sender)s::text)
+    AND (%(since)s::date IS NULL OR u.day >= %(since)s::date)
+ORDER BY u.day, c.agent COLLATE "C", c.sender COLLATE "C"
 """
 
 _ARCHIVE_COLUMNS = "name, first_seq, last_seq, summary, speakers::text, created_at"
@@ -679,14 +735,16 @@ class PostgresStorage:
 
     # --- archives and notes -------------------------------------------------------
 
-    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
+    async def compact(
+        self, agent: str, sender: str, archive: Archive, *, usage: TokenUsage | None = None
+    ) -> Entry:
         """Store the archive and append its marker in one transaction; see ``Storage.compact``.
 
         Not cancellable, like ``append``.
         """
         if self._closed:
             raise StorageError("The store is closed.")
-        marker = archive.marker()
+        marker = archive.marker(usage)
         params = _prepare([marker])
         params.update(agent=agent, sender=sender)
         try:
@@ -736,6 +794,30 @@ class PostgresStorage:
         with trio.CancelScope(shield=True):
             marker.seq = await self._run(f"Compacting ({agent}, {sender})", compact)
         return marker
+
+    async def usage(
+        self,
+        *,
+        agent: str | None = None,
+        sender: str | None = None,
+        since: date | None = None,
+    ) -> list[UsageTotal]:
+        """The usage totals by day, agent and sender; see ``Storage.usage``."""
+        params = {"agent": agent, "sender": sender, "since": since}
+        rows = await self._run(
+            "Reading the usage totals", lambda conn: conn.execute(_USAGE, params).fetchall()
+        )
+        return [
+            UsageTotal(
+                agent=row[0],
+                sender=row[1],
+                day=row[2],
+                input_tokens=row[3],
+                output_tokens=row[4],
+                calls=row[5],
+            )
+            for row in rows
+        ]
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
         id_ = await self._conversation_id(agent, sender)
@@ -1052,6 +1134,8 @@ def _prepare(entries: Sequence[Entry]) -> dict[str, Any]:
             "run_id",
             "created_at",
             "archive",
+            "input_tokens",
+            "output_tokens",
         )
     }
     for entry in entries:
@@ -1074,8 +1158,17 @@ def _prepare(entries: Sequence[Entry]) -> dict[str, Any]:
         columns["run_id"].append(entry.run_id)
         columns["created_at"].append(created_at)
         columns["archive"].append(entry.archive)
+        columns["input_tokens"].append(None if entry.usage is None else entry.usage.input_tokens)
+        columns["output_tokens"].append(None if entry.usage is None else entry.usage.output_tokens)
     params: dict[str, Any] = dict(columns)
     params.update(count=len(entries), updated_at=columns["created_at"][-1])
+    days = daily_usage(entries)
+    params.update(
+        usage_day=list(days),
+        usage_input=[total.input_tokens for total in days.values()],
+        usage_output=[total.output_tokens for total in days.values()],
+        usage_calls=[total.calls for total in days.values()],
+    )
     return params
 
 
@@ -1132,4 +1225,5 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         run_id=row[9],
         created_at=row[10].astimezone(UTC),
         archive=row[11],
+        usage=None if row[12] is None else TokenUsage(input_tokens=row[12], output_tokens=row[13]),
     )

@@ -74,7 +74,16 @@ with ``snippet()``.
 **Mail** (migrations 3 and 4): ``self.mail`` keeps participants, messages,
 deliveries, spaces, projects and locks in tables of their own
 (storage/_sqlite_mail.py), written through ``_write_call`` as every write here
-is and read on the read connections.
+is and read on the read connections. Migration 5 is the webhooks' outbox
+(storage/_sqlite_outbox.py).
+
+**Usage** (migration 6). An entry's ``usage`` is in its row (``input_tokens``,
+``output_tokens``, NULL when it has none, as in every row from before), and
+``usage`` holds the totals: one row per conversation and UTC day (``day`` as
+``YYYY-MM-DD`` text, which sorts as the days do). An append (a compaction's
+too) upserts the sums ``daily_usage`` gives, ``ON CONFLICT DO UPDATE``, in the
+transaction or savepoint of its entries, so a total counts exactly the calls
+stored. Nothing else writes the table: compaction leaves it as it is.
 """
 
 from __future__ import annotations
@@ -85,7 +94,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import parse_qsl, urlsplit
@@ -93,7 +102,14 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 import structlog
 import trio
-from chinwag.protocol import ConversationItem, Entry, MemoryHit, ToolCallInfo
+from chinwag.protocol import (
+    ConversationItem,
+    Entry,
+    MemoryHit,
+    TokenUsage,
+    ToolCallInfo,
+    UsageTotal,
+)
 
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
 from ._claims import LocalClaims
@@ -111,6 +127,7 @@ from ._search import (
 from ._sqlite_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, SqliteMail, body_field
 from ._sqlite_outbox import OUTBOX_MIGRATION, SqliteOutbox
 from ._timestamps import from_text, to_text, utc
+from ._usage import daily_usage
 
 Synchronous = Literal["full", "normal"]
 
@@ -208,18 +225,47 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     MAIL_MIGRATION,  # participants, messages, deliveries: storage/_sqlite_mail.py
     MAIL_SPACES_MIGRATION,  # spaces, projects, versions, locks, search: storage/_sqlite_mail.py
     OUTBOX_MIGRATION,  # webhook cursors and deliveries: storage/_sqlite_outbox.py
+    (
+        # Every entry stored before has no usage: NULL, as one without it has from now on.
+        "ALTER TABLE entries ADD COLUMN input_tokens INTEGER",
+        "ALTER TABLE entries ADD COLUMN output_tokens INTEGER",
+        """
+        CREATE TABLE usage (
+            conversation_id INTEGER NOT NULL REFERENCES conversations (id),
+            day TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            calls INTEGER NOT NULL,
+            PRIMARY KEY (conversation_id, day)
+        ) WITHOUT ROWID
+        """,
+    ),
 )
 
 _CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
 _ENTRY_COLUMNS = (
     "seq, kind, role, content, agent, tool_calls, tool_call_id, is_error, run_id,"
-    " created_at, archive"
+    " created_at, archive, input_tokens, output_tokens"
 )
 _INSERT_ENTRY = (
     "INSERT INTO entries (conversation_id, seq, kind, role, content, agent, tool_calls,"
-    " tool_call_id, is_error, run_id, created_at, archive)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " tool_call_id, is_error, run_id, created_at, archive, input_tokens, output_tokens)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_ADD_USAGE = (
+    "INSERT INTO usage (conversation_id, day, input_tokens, output_tokens, calls)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (conversation_id, day) DO UPDATE SET"
+    " input_tokens = input_tokens + excluded.input_tokens,"
+    " output_tokens = output_tokens + excluded.output_tokens,"
+    " calls = calls + excluded.calls"
+)
+_USAGE = """
+SELECT c.agent, c.sender, u.day, u.input_tokens, u.output_tokens, u.calls
+FROM usage u JOIN conversations c ON c.id = u.conversation_id
+WHERE (:agent IS NULL OR c.agent = :agent) AND (:sender IS NULL OR c.sender = :sender)
+    AND (:since IS NULL OR u.day >= :since)
+ORDER BY u.day, c.agent, c.sender
+"""
 
 _ARCHIVE_COLUMNS = "name, first_seq, last_seq, summary, speakers, created_at"
 _SEARCH = f"""
@@ -241,7 +287,22 @@ _speakers_encoder = msgspec.json.Encoder()
 _speakers_decoder = msgspec.json.Decoder(list[str])
 
 # An entry's row without its conversation id and seq, which the write assigns.
-_RowTail = tuple[str, str, str, str, str | None, str | None, int, str | None, str, str | None]
+_RowTail = tuple[
+    str,
+    str,
+    str,
+    str,
+    str | None,
+    str | None,
+    int,
+    str | None,
+    str,
+    str | None,
+    int | None,
+    int | None,
+]
+# What an append adds to its conversation's usage: (day, input, output, calls) per day.
+_UsageRow = tuple[str, int, int, int]
 # An archive's row from name on: name, first_seq, last_seq, summary, speakers, created_at.
 _ArchiveRow = tuple[str, int, int, str, str, str]
 
@@ -311,7 +372,7 @@ _Staged = dict[tuple[str, str], tuple[int, int]]
 class _Append(_Write):
     """An append, a compaction (an append of its marker, with ``archive``), or both."""
 
-    __slots__ = ("archive", "base", "create", "entries", "rows", "updated_at")
+    __slots__ = ("archive", "base", "create", "entries", "rows", "updated_at", "usage")
 
     def __init__(
         self,
@@ -319,11 +380,13 @@ class _Append(_Write):
         sender: str,
         entries: list[Entry],
         rows: list[_RowTail],
+        usage: list[_UsageRow],
         create: NewConversation | None,
     ) -> None:
         super().__init__(f"Appending to ({agent}, {sender})", (agent, sender))
         self.entries = entries  # the caller's, created_at stamped; seqs set by finish
         self.rows = rows
+        self.usage = usage
         self.updated_at = rows[-1][8]  # the newest entry's created_at, as text
         self.create = create
         # A compaction's archive, stored with its marker (the one entry), and its row.
@@ -346,6 +409,7 @@ class _Append(_Write):
                 conn.executemany(
                     _INSERT_ENTRY, [(row[0], seq, *tail) for seq, tail in enumerate(self.rows, 1)]
                 )
+                conn.executemany(_ADD_USAGE, [(row[0], *day) for day in self.usage])
                 staged[self.key] = (row[0], count)
                 self.base = 0
                 return
@@ -356,6 +420,7 @@ class _Append(_Write):
             _INSERT_ENTRY,
             [(conv_id, seq, *tail) for seq, tail in enumerate(self.rows, last_seq + 1)],
         )
+        conn.executemany(_ADD_USAGE, [(conv_id, *day) for day in self.usage])
         conn.execute(
             "UPDATE conversations SET last_seq = ?, updated_at = ? WHERE id = ?",
             (last_seq + count, self.updated_at, conv_id),
@@ -1029,14 +1094,16 @@ class SqliteStorage:
 
     # --- archives and notes -------------------------------------------------------
 
-    async def compact(self, agent: str, sender: str, archive: Archive) -> Entry:
+    async def compact(
+        self, agent: str, sender: str, archive: Archive, *, usage: TokenUsage | None = None
+    ) -> Entry:
         """Store the archive and append its marker; see ``Storage.compact``.
 
         Not cancellable, like ``append``.
         """
         if self._closed:
             raise StorageError("The store is closed.")
-        write = _prepare(agent, sender, [archive.marker()], None)
+        write = _prepare(agent, sender, [archive.marker(usage)], None)
         try:
             speakers = _speakers_encoder.encode(archive.speakers).decode()
         except (UnicodeEncodeError, TypeError) as exc:
@@ -1052,6 +1119,31 @@ class SqliteStorage:
         write.archive = (archive, row)
         stored: list[Entry] = await self._write(write)
         return stored[0]
+
+    async def usage(
+        self,
+        *,
+        agent: str | None = None,
+        sender: str | None = None,
+        since: date | None = None,
+    ) -> list[UsageTotal]:
+        """The usage totals by day, agent and sender; see ``Storage.usage``."""
+        day = None if since is None else since.isoformat()
+        params = {"agent": agent, "sender": sender, "since": day}
+        rows = await self._read(
+            "Reading the usage totals", lambda conn: conn.execute(_USAGE, params).fetchall()
+        )
+        return [
+            UsageTotal(
+                agent=row[0],
+                sender=row[1],
+                day=date.fromisoformat(row[2]),
+                input_tokens=row[3],
+                output_tokens=row[4],
+                calls=row[5],
+            )
+            for row in rows
+        ]
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
         row = await self._read(
@@ -1264,9 +1356,15 @@ def _prepare(
                 entry.run_id,
                 to_text(created_at),
                 entry.archive,
+                None if entry.usage is None else entry.usage.input_tokens,
+                None if entry.usage is None else entry.usage.output_tokens,
             )
         )
-    return _Append(agent, sender, list(entries), rows, create)
+    usage = [
+        (day.isoformat(), total.input_tokens, total.output_tokens, total.calls)
+        for day, total in daily_usage(entries).items()
+    ]
+    return _Append(agent, sender, list(entries), rows, usage, create)
 
 
 # --- reads, in a worker thread on a reader ----------------------------------------------
@@ -1378,4 +1476,5 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         run_id=row[8],
         created_at=from_text(row[9]),
         archive=row[10],
+        usage=None if row[11] is None else TokenUsage(input_tokens=row[11], output_tokens=row[12]),
     )

@@ -157,6 +157,7 @@ async def test_either_scheme_opens_a_shared_store_in_the_named_schema(
         ("space_members",),
         ("spaces",),
         ("unread_counts",),
+        ("usage",),
         ("webhook_cursors",),
         ("webhook_outbox",),
     ]

@@ -66,6 +66,7 @@ from chinwag.storage._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION
 on_postgres = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 BEFORE_MAIL = 2  # the schema version of every chinwag before mail
+USAGE = 6  # the migration that gave entries their usage, and the usage totals
 OLD_TABLES = ["archives", "conversations", "entries", "notes", "schema_version"]
 MAIL_TABLES = [
     "deliveries",
@@ -249,6 +250,11 @@ async def test_a_store_from_before_mail_gains_mail_and_keeps_its_conversations(
     with monkeypatch.context() as old_code:
         old_code.setattr(_postgres, "MIGRATIONS", MIGRATIONS[:BEFORE_MAIL])
         async with open_store(store_url) as old:
+            # Today's code writes and reads the entries' usage: lend the old schema what
+            # it needs for that (the usage migration) while it fills it, then take it back.
+            for statement in MIGRATIONS[USAGE - 1]:
+                assert isinstance(statement, str)  # plain SQL, no step in Python
+                query(store_url, statement)
             for sender in ("ana", "bob"):
                 await old.append(
                     "assistant",
@@ -271,6 +277,8 @@ async def test_a_store_from_before_mail_gains_mail_and_keeps_its_conversations(
             await old.compact("assistant", "ana", archive)
             await old.put_note("assistant", "quokka facts", "small", updated_at=T0)
             before = await everything(old)
+        query(store_url, "DROP TABLE usage")
+        query(store_url, "ALTER TABLE entries DROP COLUMN input_tokens, DROP COLUMN output_tokens")
     assert tables(store_url) == OLD_TABLES
     assert query(store_url, "SELECT max(version) FROM schema_version") == [(BEFORE_MAIL,)]
 

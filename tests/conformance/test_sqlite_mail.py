@@ -111,6 +111,12 @@ SCHEMA_AT_DB9C294 = (
     """,
 )
 
+# The columns of an entry's row in that schema (later versions add more).
+OLD_ENTRY_COLUMNS = (
+    "conversation_id, seq, kind, role, content, agent, tool_calls, tool_call_id, is_error,"
+    " run_id, created_at, archive"
+)
+
 MAIL_TABLES = {
     "mail_participants",
     "mail_messages",
@@ -177,7 +183,7 @@ async def test_a_database_from_before_mail_gains_it_on_open(tmp_path: Path) -> N
     path = tmp_path / "old.db"
     old_database(path)
     assert not tables(path) & MAIL_TABLES
-    before = read_db(path, "SELECT * FROM entries ORDER BY seq")
+    before = read_db(path, f"SELECT {OLD_ENTRY_COLUMNS} FROM entries ORDER BY seq")
 
     async with open_store(f"sqlite:///{path}") as store:
         assert tables(path) >= MAIL_TABLES
@@ -197,7 +203,8 @@ async def test_a_database_from_before_mail_gains_it_on_open(tmp_path: Path) -> N
         assert (stored.msg_id, created) == (msg_id_of(1), True)
         await store.append("a", "s", [Entry(seq=0, role="user", content="after mail")])
 
-    assert read_db(path, "SELECT * FROM entries WHERE seq <= 2 ORDER BY seq") == before
+    after = read_db(path, f"SELECT {OLD_ENTRY_COLUMNS} FROM entries WHERE seq <= 2 ORDER BY seq")
+    assert after == before
     assert read_db(path, "SELECT version FROM schema_version ORDER BY 1") == [
         (version,) for version in range(1, len(MIGRATIONS) + 1)
     ]
