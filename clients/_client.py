@@ -47,6 +47,7 @@ from chinwag.protocol import (
     GetMessage,
     GetStats,
     GetThread,
+    GetUsage,
     Heartbeat,
     Hello,
     History,
@@ -122,6 +123,8 @@ from chinwag.protocol import (
     Subscribe,
     Subscribed,
     Unlock,
+    UsageTotal,
+    UsageTotals,
     Watch,
     Watching,
     Welcome,
@@ -623,6 +626,17 @@ class Client:
     async def stats(self) -> Stats:
         """The daemon's counters."""
         return await self._request(lambda rid: GetStats(id=rid), Stats)
+
+    async def usage(
+        self, agent: str | None = None, sender: str | None = None, *, since: str | None = None
+    ) -> list[UsageTotal]:
+        """The stored token totals, one per conversation and UTC day, by day, then agent,
+        then sender; only ``agent``'s and ``sender``'s when given, and only the days from
+        ``since`` on: a duration back from now (``12h``, ``7d``) or a day (``2026-12-01``)."""
+        reply = await self._request(
+            lambda rid: GetUsage(id=rid, agent=agent, sender=sender, since=since), UsageTotals
+        )
+        return reply.items
 
     # --- mail ---------------------------------------------------------------------
     #

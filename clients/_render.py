@@ -54,6 +54,14 @@ def limits_usage(item: ConversationItem, moment: datetime) -> str:
     return ", ".join(parts)
 
 
+def tokens_used(item: ConversationItem) -> str:
+    """The model tokens the conversation used since it began (`30k in, 1.2k out`);
+    empty when it used none."""
+    if not (item.tokens_in or item.tokens_out):
+        return ""
+    return f"{_amount(item.tokens_in)} in, {_amount(item.tokens_out)} out"
+
+
 def _amount(count: int) -> str:
     """A count in at most four characters, never rounded up: 950, 1.5k, 30k, 2.1M."""
     for unit, size in (("M", 1_000_000), ("k", 1000)):

@@ -12,9 +12,9 @@ connecting) is in `_settings`; starting and stopping the daemon's process in
 redraws); the doctor's checks in `_doctor`.
 
 A command imports what only it uses in its own body, and the bridges
-(`telegram`, `mcp`) and mail (`mail`, `inbox`: `_mail_cli`) are imported once
-named: `chinwag send` loads neither rich nor another command's modules, so
-that it starts fast (`bench/cli_start.py`).
+(`telegram`, `mcp`), mail (`mail`, `inbox`: `_mail_cli`) and `usage`
+(`_usage_cli`) are imported once named: `chinwag send` loads neither rich nor
+another command's modules, so that it starts fast (`bench/cli_start.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from ._render import (
     line_console,
     show_tail_event,
     styled,
+    tokens_used,
 )
 from ._settings import (
     CLIENT_NAME,
@@ -131,6 +132,7 @@ class _Commands(click.Group):
         "mcp": ("chinwag.clients.mcp", "command"),
         "mail": ("chinwag.clients._mail_cli", "mail"),
         "inbox": ("chinwag.clients._mail_cli", "inbox"),
+        "usage": ("chinwag.clients._usage_cli", "usage"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -365,6 +367,9 @@ def list_conversations(ctx: click.Context, agent: str | None, as_json: bool) -> 
             for item in items
         ]
         columns: tuple[str, ...] = ("agent", "sender", "title", "updated", "seq", "running")
+        if any(item.tokens_in or item.tokens_out for item in items):
+            columns += ("tokens",)
+            rows = [(*row, tokens_used(item)) for row, item in zip(rows, items, strict=True)]
         if any(item.limits is not None for item in items):
             moment = datetime.now(UTC)
             columns += ("limits",)

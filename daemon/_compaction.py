@@ -7,16 +7,18 @@ summary can keep who said what even when guests spoke; the previous summary,
 if any, comes first, so facts survive any number of compactions. A transcript
 longer than half the agent's context window is summarized in parts, each
 with the summary so far, so a conversation too long for its model can still
-be compacted.
+be compacted. The tokens its calls take go on the compact marker, where the
+store counts them as it counts a run's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import aclosing
 
-from chinwag.protocol import Entry
+from chinwag.protocol import Entry, TokenUsage
 
-from ._providers import ModelMessage, ModelRequest
+from ._providers import ModelMessage, ModelRequest, Provider, TextChunk, UsageChunk
 
 SUMMARY_PROMPT = """\
 You compact a conversation so that it can go on from your summary instead of its \
@@ -110,3 +112,24 @@ def summary_request(
         ],
         purpose="summary",
     )
+
+
+async def summarize(
+    provider: Provider, request: ModelRequest, used: TokenUsage | None = None
+) -> tuple[str, TokenUsage | None]:
+    """What ``provider`` answers to the summary ``request``: its text, stripped, and
+    ``used`` with the tokens of this call added (``used`` as it was when the provider
+    reports none). Raises ``ProviderError``.
+    """
+    parts: list[str] = []
+    async with aclosing(provider.stream(request)) as chunks:
+        async for chunk in chunks:
+            if isinstance(chunk, TextChunk):
+                parts.append(chunk.delta)
+            elif isinstance(chunk, UsageChunk):
+                before = used or TokenUsage(input_tokens=0, output_tokens=0)
+                used = TokenUsage(
+                    input_tokens=before.input_tokens + chunk.prompt_tokens,
+                    output_tokens=before.output_tokens + chunk.completion_tokens,
+                )
+    return "".join(parts).strip(), used

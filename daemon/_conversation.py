@@ -20,7 +20,7 @@ import os
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -42,17 +42,18 @@ from chinwag.protocol import (
     StreamEventMsg,
     TextDelta,
     Title,
+    TokenUsage,
     ToolResult,
 )
 from chinwag.storage import Archive, NewConversation, Storage, StorageError
 
 from ._agent import Agent
-from ._compaction import summary_request, transcript_parts
+from ._compaction import summarize, summary_request, transcript_parts
 from ._config import Config
 from ._context import Context, ProviderBlocks
 from ._errors import RequestError, ToolError
 from ._limits import refusal
-from ._providers import Prompt, ProviderError, TextChunk
+from ._providers import Prompt, ProviderError
 from ._steps import StepsExhausted, now, run_steps
 from ._tools import Mailbox, Mailboxes
 from ._workspace import Workspace
@@ -115,6 +116,10 @@ class Host(Protocol):
     ) -> Run: ...
 
     def became_idle(self, conv: Conversation) -> None: ...
+
+    def count_usage(self, entries: list[Entry]) -> None:
+        """Count the model tokens of ``entries``, just stored, in the daemon's totals."""
+        ...
 
 
 class RunFailed(Exception):
@@ -765,6 +770,7 @@ class Conversation:
     async def append(self, entries: list[Entry]) -> list[Entry]:
         """Append to the history; like every storage write, once begun it completes."""
         stored = await self.storage.append(self.agent, self.sender, entries)
+        self.host.count_usage(stored)
         assert self.context is not None and self.info is not None
         self.context.extend(stored)
         self.info.last_seq = stored[-1].seq
@@ -829,6 +835,7 @@ class Conversation:
             )
         agent = self.agents[self.agent]
         summary = previous.content if previous is not None else None
+        used: TokenUsage | None = None  # the parts' calls summed: the store counts one
         # A transcript too long for the model is summarized a part at a time, each
         # part read with the summary of the parts before it.
         for part in transcript_parts(archived, budget=agent.config.context_window // 2):
@@ -839,12 +846,7 @@ class Conversation:
                 previous_summary=summary,
                 instructions=instructions,
             )
-            parts: list[str] = []
-            async with aclosing(agent.provider.stream(request)) as chunks:
-                async for chunk in chunks:
-                    if isinstance(chunk, TextChunk):
-                        parts.append(chunk.delta)
-            summary = "".join(parts).strip()
+            summary, used = await summarize(agent.provider, request, used)
             if not summary:
                 raise RunFailed(502, "The model returned an empty summary; nothing was archived.")
         assert summary is not None
@@ -858,7 +860,8 @@ class Conversation:
             created_at=now(),
         )
         with trio.CancelScope(shield=True):
-            marker = await self.storage.compact(self.agent, self.sender, archive)
+            marker = await self.storage.compact(self.agent, self.sender, archive, usage=used)
+        self.host.count_usage([marker])
         assert self.info is not None
         self.context = Context(self.agent, [marker])
         self.context_tokens = 0  # the next usage report tells how full it is again

@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 
 import structlog
 import trio
@@ -24,11 +25,12 @@ from chinwag.protocol import (
     MemoryHit,
     QueuePolicy,
     StreamEventMsg,
+    UsageTotal,
 )
 from chinwag.storage import Storage
 
 from ._agent import Agent
-from ._config import Config
+from ._config import Config, parse_duration
 from ._conversation import Compacting, Conversation, Job, Run, Sink, Subscription
 from ._errors import RequestError
 from ._limits import show_usage
@@ -49,6 +51,32 @@ def check_sender(sender: str) -> None:
         raise RequestError(400, "A sender must be 1 to 256 bytes of UTF-8.")
     if any(unicodedata.category(ch) == "Cc" for ch in sender):
         raise RequestError(400, "A sender must not contain control characters.")
+
+
+def first_day(since: str, moment: datetime) -> date:
+    """The first UTC day a `usage` request's ``since`` takes in: the one a duration back
+    from ``moment`` (UTC) falls on (``12h``, ``7d``), or the day it names (``2026-12-01``)."""
+    if (duration := parse_duration(since)) is not None:
+        try:
+            return (moment - duration).date()
+        except OverflowError:  # further back than any date: every day
+            return date.min
+    try:
+        return date.fromisoformat(since)
+    except ValueError:
+        raise RequestError(
+            400,
+            f"since must be a duration such as 12h or 7d, or a day such as 2026-12-01: {since!r}.",
+        ) from None
+
+
+def summed(totals: Iterable[UsageTotal]) -> tuple[int, int]:
+    """The input and output tokens of ``totals``, added up."""
+    tokens_in = tokens_out = 0
+    for total in totals:
+        tokens_in += total.input_tokens
+        tokens_out += total.output_tokens
+    return tokens_in, tokens_out
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,9 @@ class Runtime:
         self.started_at = time.monotonic()
         self.runs_total = 0
         self.post_office: Mailboxes | None = None  # set by the post office, when mail is on
+        # Every model call's tokens the store holds, on a store of this daemon's alone:
+        # summed once at start (`count_stored_usage`), then each stored call added.
+        self._tokens_in = self._tokens_out = 0
 
     # --- lookups --------------------------------------------------------------
 
@@ -333,7 +364,27 @@ class Runtime:
             hosted = self.agents.get(item.agent)  # None: no longer configured
             if hosted is not None and hosted.config.limited:
                 show_usage(item, hosted.config, await self._working_context(item, conv))
+        await self._show_tokens(items)
         return items, next_cursor
+
+    async def _show_tokens(self, items: list[ConversationItem]) -> None:
+        """Set each listed conversation's token totals, from one read of the store's for
+        the page: narrowed to its agent, or its sender, when it has only one."""
+        if not items:
+            return
+        agents = {item.agent for item in items}
+        senders = {item.sender for item in items}
+        totals = await self.storage.usage(
+            agent=agents.pop() if len(agents) == 1 else None,
+            sender=senders.pop() if len(senders) == 1 else None,
+        )
+        by_conversation: dict[Key, list[UsageTotal]] = {}
+        for total in totals:
+            by_conversation.setdefault((total.agent, total.sender), []).append(total)
+        for item in items:
+            item.tokens_in, item.tokens_out = summed(
+                by_conversation.get((item.agent, item.sender), [])
+            )
 
     async def _working_context(
         self, item: ConversationItem, conv: Conversation | None
@@ -351,6 +402,40 @@ class Runtime:
             return await self.storage.search_memory(agent, query, limit=limit)
         except ValueError as exc:  # the limit
             raise RequestError(400, str(exc)) from None
+
+    # --- usage ------------------------------------------------------------------
+
+    async def count_stored_usage(self) -> None:
+        """At start, before any job: take up the totals the store holds, which each
+        stored model call then adds to (`count_usage`)."""
+        if not self.storage.shared:
+            self._tokens_in, self._tokens_out = summed(await self.storage.usage())
+
+    def count_usage(self, entries: list[Entry]) -> None:
+        """Count the model tokens of ``entries``, just stored, in the daemon's totals."""
+        for entry in entries:
+            if entry.usage is not None:
+                self._tokens_in += entry.usage.input_tokens
+                self._tokens_out += entry.usage.output_tokens
+
+    async def tokens(self) -> tuple[int, int]:
+        """Every model call's tokens the store holds, in and out, all conversations."""
+        # Alone on its store, this daemon stored every call since it summed them at
+        # start, so `stats` costs no read. On a shared store the other daemons' calls
+        # count too and nothing tells this one of them: the store is read each time.
+        if self.storage.shared:
+            return summed(await self.storage.usage())
+        return self._tokens_in, self._tokens_out
+
+    async def usage(
+        self, *, agent: str | None, sender: str | None, since: str | None
+    ) -> list[UsageTotal]:
+        """The stored usage totals, a row per conversation and day. Any agent may be
+        named, configured or not: its totals outlive its config."""
+        if sender is not None:
+            check_sender(sender)
+        day = None if since is None else first_day(since, datetime.now(UTC))
+        return await self.storage.usage(agent=agent, sender=sender, since=day)
 
     def stats(self) -> RuntimeStats:
         busy = [c for c in self.conversations.values() if c.busy]

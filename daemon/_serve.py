@@ -119,6 +119,7 @@ async def serve(
                 root.start_soon(_stop_on_signal, received, stop)
             runtime = Runtime(config, storage, agents, root)
             server = Server(runtime, max_connections=max_connections)
+            await runtime.count_stored_usage()  # before mail may start a run
             await server.post_office.start()
             await root.start(server.post_office.webhooks.run)
             root.start_soon(server.accept, listener)

@@ -54,6 +54,7 @@ from chinwag.protocol import (
     GetMessage,
     GetStats,
     GetThread,
+    GetUsage,
     Heartbeat,
     Hello,
     History,
@@ -106,6 +107,7 @@ from chinwag.protocol import (
     TextDelta,
     ThinkingDelta,
     Unlock,
+    UsageTotals,
     Watch,
     Watching,
     Welcome,
@@ -775,23 +777,9 @@ class Connection:
             case Ping():
                 self.send(Pong(id=msg.id))
             case GetStats():
-                stats = runtime.stats()
-                online, watches = self.server.post_office.stats()
-                self.send(
-                    Stats(
-                        id=msg.id,
-                        uptime_s=stats.uptime_s,
-                        connections=len(self.server.connections),
-                        conversations=stats.conversations,
-                        runs_in_flight=stats.runs_in_flight,
-                        runs_queued=stats.runs_queued,
-                        runs_total=stats.runs_total,
-                        subscriptions=stats.subscriptions,
-                        participants_online=online,
-                        watches=watches,
-                        webhooks=self.server.post_office.webhooks.backlog(),
-                    )
-                )
+                self._call(nursery, msg.id, lambda: self._stats(msg))
+            case GetUsage():
+                self._call(nursery, msg.id, lambda: self._usage(msg), paced=True)
             case Watch():
                 self._watch(msg, nursery)
             case Post():
@@ -993,6 +981,30 @@ class Connection:
             )
 
         self._call(nursery, msg.id, answer)
+
+    async def _stats(self, msg: GetStats) -> Stats:
+        stats = self.runtime.stats()
+        online, watches = self.server.post_office.stats()
+        tokens_in, tokens_out = await self.runtime.tokens()
+        return Stats(
+            id=msg.id,
+            uptime_s=stats.uptime_s,
+            connections=len(self.server.connections),
+            conversations=stats.conversations,
+            runs_in_flight=stats.runs_in_flight,
+            runs_queued=stats.runs_queued,
+            runs_total=stats.runs_total,
+            subscriptions=stats.subscriptions,
+            participants_online=online,
+            watches=watches,
+            webhooks=self.server.post_office.webhooks.backlog(),
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+        )
+
+    async def _usage(self, msg: GetUsage) -> UsageTotals:
+        items = await self.runtime.usage(agent=msg.agent, sender=msg.sender, since=msg.since)
+        return UsageTotals(id=msg.id, items=items)
 
     async def _search(self, msg: SearchMemory) -> Memory:
         hits = await self.runtime.search_memory(msg.agent, msg.query, msg.limit)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import struct
 import typing
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import msgspec
 import pytest
@@ -47,6 +47,7 @@ from chinwag.protocol import (
     GetMessage,
     GetStats,
     GetThread,
+    GetUsage,
     Heartbeat,
     Hello,
     History,
@@ -121,11 +122,14 @@ from chinwag.protocol import (
     ThinkingDelta,
     ThreadSummary,
     Title,
+    TokenUsage,
     ToolCall,
     ToolCallInfo,
     ToolResult,
     Unlock,
     Usage,
+    UsageTotal,
+    UsageTotals,
     Watch,
     Watching,
     Welcome,
@@ -164,6 +168,7 @@ CLIENT_EXAMPLES: list[ClientMsg] = [
     Ping(id=11),
     GetStats(id=12),
     SearchMemory(id=13, agent="assistant", query="favourite colour", limit=5),
+    GetUsage(id=14, agent="assistant", sender="alice", since="7d"),  # additive: `usage`
     # mail (additive, docs/protocol.md section 14)
     Register(
         id=20,
@@ -300,6 +305,7 @@ ENTRIES = [
         ],
         run_id="run-1",
         created_at=CREATED + timedelta(seconds=1),
+        usage=TokenUsage(input_tokens=1200, output_tokens=34),
     ),
     Entry(
         seq=3,
@@ -318,6 +324,7 @@ ENTRIES = [
         content="The user asked about /tmp.",
         created_at=UPDATED,
         archive="archive-0001",
+        usage=TokenUsage(input_tokens=800, output_tokens=12),
     ),
 ]
 
@@ -460,6 +467,8 @@ SERVER_EXAMPLES: list[ServerMsg] = [
                 updated_at=UPDATED,
                 last_seq=4,
                 running=True,
+                tokens_in=2000,
+                tokens_out=46,
             ),
             ConversationItem(agent="helper", sender="bob", title="", cwd=None, last_seq=0),
         ],
@@ -510,6 +519,21 @@ SERVER_EXAMPLES: list[ServerMsg] = [
         subscriptions=1,
         participants_online=2,
         watches=1,
+        tokens_in=120_000,
+        tokens_out=3_400,
+    ),
+    UsageTotals(
+        id=14,
+        items=[
+            UsageTotal(
+                agent="assistant",
+                sender="alice",
+                day=date(2024, 5, 1),
+                input_tokens=2000,
+                output_tokens=46,
+                calls=2,
+            )
+        ],
     ),
     # mail (additive, docs/protocol.md section 14)
     Registered(id=20, participant=PARTICIPANT),
@@ -635,6 +659,7 @@ def test_client_tags_are_the_protocol_names() -> None:
         "ping",
         "stats",
         "search_memory",  # additive, docs/protocol.md
+        "usage",  # additive, docs/protocol.md
         # mail, additive: docs/protocol.md section 14
         "register",
         "heartbeat",
@@ -698,6 +723,7 @@ def test_server_tags_are_the_protocol_names() -> None:
         "stats",
         "compaction",  # additive, docs/protocol.md
         "memory",  # additive, docs/protocol.md
+        "usage_totals",  # additive, docs/protocol.md
         # mail, additive: docs/protocol.md section 14
         "registered",
         "participants",
@@ -912,7 +938,7 @@ def test_history_entry_json_shape() -> None:
         b'"entries":[{"seq":2,"kind":"message","role":"assistant","content":"x","agent":"",'
         b'"tool_calls":[{"call_id":"c1","name":"ls","arguments":"{}"}],'
         b'"tool_call_id":null,"is_error":false,"run_id":"r1",'
-        b'"created_at":"2024-05-01T12:00:00Z","archive":null}],"last_seq":2}'
+        b'"created_at":"2024-05-01T12:00:00Z","archive":null,"usage":null}],"last_seq":2}'
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import typing
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
@@ -58,6 +58,8 @@ def _values(t: mi.Type) -> st.SearchStrategy[Any]:
             return st.none()
         case mi.DateTimeType():
             return DATETIMES
+        case mi.DateType():
+            return st.dates(min_value=date(1, 1, 2), max_value=date(9999, 12, 30))
         case mi.LiteralType():
             return st.sampled_from(t.values)
         case mi.ListType():

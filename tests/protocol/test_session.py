@@ -39,6 +39,7 @@ from chinwag.protocol import (
     GetMessage,
     GetStats,
     GetThread,
+    GetUsage,
     Heartbeat,
     Hello,
     History,
@@ -86,6 +87,7 @@ from chinwag.protocol import (
     ToolCall,
     ToolResult,
     Usage,
+    UsageTotals,
     Watch,
     Watching,
     Welcome,
@@ -119,6 +121,7 @@ REQUESTS: dict[type, Callable[[int], Request]] = {
     GetMessage: lambda rid: GetMessage(id=rid, reader="bob", msg_id="m000000000001"),
     Watch: lambda rid: Watch(id=rid, reader="bob"),
     GetContext: lambda rid: GetContext(id=rid, reader="bob"),
+    GetUsage: lambda rid: GetUsage(id=rid, since="7d"),
 }
 
 WHEN = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -170,6 +173,7 @@ FRAMES: dict[type, Callable[[int], ServerMessage]] = {
     ),
     Memory: lambda rid: Memory(id=rid, items=[]),
     Pong: lambda rid: Pong(id=rid),
+    UsageTotals: lambda rid: UsageTotals(id=rid, items=[]),
     Stats: lambda rid: Stats(
         id=rid, uptime_s=1.0, connections=1, conversations=0, runs_in_flight=0
     ),
