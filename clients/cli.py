@@ -446,6 +446,28 @@ async def _cancel_on_first(
         return
 
 
+@cli.command()
+@click.option("--agent", help="Only this agent's runs.", shell_complete=complete_agents)
+@click.option(
+    "--refresh",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between redraws, and between `stats` requests.",
+)
+@click.pass_context
+def top(ctx: click.Context, agent: str | None, refresh: float) -> None:
+    """A live view of the daemon: runs in flight, queue, connections, recent errors.
+
+    q or Ctrl-C quits. When the daemon goes away it says so, and connects
+    again once the daemon is back.
+    """
+    from ._top import show_top
+
+    settings = settings_of(ctx)
+    run_command(lambda: show_top(settings, agent=agent, refresh=refresh))
+
+
 # --- acting on conversations --------------------------------------------------------------
 
 
