@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import math
 import os
 import re
@@ -22,6 +23,7 @@ from chinwag.protocol import APP_NAME, DEFAULT_MAX_FRAME_BYTES
 from ._addresses import NAME, participant_name
 from ._command import env_problem, sandbox_problem
 from ._errors import RequestError
+from ._tracing import tracing_problem
 from ._workspace import workdir_problem
 
 
@@ -66,6 +68,17 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_roots: list[str] | None = None
     # The longest a run_command may run, whatever timeout_s the call asks for.
     command_timeout_s: float = 600.0
+    # "HOST:PORT" to serve Prometheus metrics on, at /metrics; None (the default): no
+    # metrics, nothing listens. /metrics has no authentication: keep it on loopback
+    # ("127.0.0.1:9464", "[::1]:9464"); any other host (0.0.0.0, a LAN address) shows
+    # the daemon's counters to whoever can reach it, and is served only because this
+    # key names it.
+    metrics: str | None = None
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics`` as (host, port), brackets off an IPv6 host; None when unset."""
+        return None if self.metrics is None else listen_address(self.metrics)
 
     @property
     def roots(self) -> list[str]:
@@ -205,6 +218,22 @@ def parse_duration(text: str) -> timedelta | None:
         return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
     except OverflowError:  # more days than timedelta holds
         return None
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets) as (host, port); ``ValueError`` when not one."""
+    host, colon, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)  # ValueError when it is not one
+    elif not (colon and _HOST_NAME.fullmatch(host)):
+        raise ValueError(text)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(text)
+    return host, int(port)
 
 
 def default_config_path() -> Path:
@@ -349,6 +378,16 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
             raise ConfigError(f"{path}: [daemon] {key} must not be negative.")
     if negative := [uid for uid in daemon.allowed_uids if uid < 0]:
         raise ConfigError(f"{path}: [daemon] allowed_uids holds {negative}, which no user has.")
+    if daemon.metrics is not None:
+        try:
+            listen_address(daemon.metrics)
+        except ValueError:
+            raise ConfigError(
+                f'{path}: [daemon] metrics must be "HOST:PORT", such as "127.0.0.1:9464", '
+                f"not {daemon.metrics!r}."
+            ) from None
+    if problem := tracing_problem(os.environ):
+        raise ConfigError(f"{problem} (from the daemon's environment).")
     _check_webhooks(config.webhooks, path)
 
 

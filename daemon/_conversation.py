@@ -55,6 +55,7 @@ from ._errors import RequestError, ToolError
 from ._limits import refusal
 from ._providers import Prompt, ProviderError
 from ._steps import StepsExhausted, now, run_steps
+from ._telemetry import NO_RUN, RunTelemetry, Telemetry
 from ._tools import Mailbox, Mailboxes
 from ._workspace import Workspace
 
@@ -100,6 +101,7 @@ class Host(Protocol):
     agents: dict[str, Agent]
     nursery: trio.Nursery
     post_office: Mailboxes | None
+    telemetry: Telemetry
 
     def submit(
         self,
@@ -144,6 +146,9 @@ class PendingAsk:
 class Job:
     """What a conversation runs, one at a time and in arrival order."""
 
+    #: What it reports of itself (a run's metrics and span); nothing by default.
+    observed: RunTelemetry = NO_RUN
+
     def __init__(self, conversation: Conversation) -> None:
         self.id = new_run_id()
         self.conversation = conversation
@@ -169,23 +174,24 @@ class Job:
         if self.stopped is not None:  # stopped while queued: it stores nothing
             self.finish(*self._stopped_outcome())
             return
-        failure: Exception | None = None
-        with self.scope:
-            try:
-                await self._work()
-            except Exception as exc:
-                failure = exc
-            finally:
-                await self._settle()
-        failure = self._failed_beside() or failure
-        status: EndStatus = "done"
-        error: ErrorInfo | None = None
-        if failure is not None:
-            status, error = "error", self._outcome(failure)
-        elif self.scope.cancelled_caught and not self._completed():
-            status, error = self._stopped_outcome()
-        log.debug("run_ended", status=status, code=error.code if error else None)
-        self.finish(status, error)
+        with self.observed:  # its clock started and its span current, on this task
+            failure: Exception | None = None
+            with self.scope:
+                try:
+                    await self._work()
+                except Exception as exc:
+                    failure = exc
+                finally:
+                    await self._settle()
+            failure = self._failed_beside() or failure
+            status: EndStatus = "done"
+            error: ErrorInfo | None = None
+            if failure is not None:
+                status, error = "error", self._outcome(failure)
+            elif self.scope.cancelled_caught and not self._completed():
+                status, error = self._stopped_outcome()
+            log.debug("run_ended", status=status, code=error.code if error else None)
+            self.finish(status, error)
 
     async def _work(self) -> None:
         """What the job does, in its scope; raises why it could not."""
@@ -264,6 +270,8 @@ class Run(Job):
         self._pending: Entry | None = None  # the user entry while its write is in flight
         self._writing: trio.Event | None = None  # set once the write in flight is done
         self._write_error: Exception | None = None
+        # Made now: its span descends from the one current where it was asked for.
+        self.observed = conversation.telemetry.run(speaker, conversation.key, self.id)
 
     @property
     def started(self) -> bool:
@@ -394,6 +402,7 @@ class Run(Job):
 
     def finish(self, status: EndStatus, error: ErrorInfo | None) -> None:
         self.state = "ended"
+        self.observed.ended(status, error)
         self.end = end = End(status=status, error=error, last_seq=self.conversation.last_seq)
         if self.started:
             self.publish(end)
@@ -600,6 +609,7 @@ class Conversation:
         self.storage = host.storage
         self.config = host.config
         self.agents = host.agents
+        self.telemetry = host.telemetry
         self.agent = agent
         self.sender = sender
         self.subscriptions = subscriptions  # the runtime's, shared by every conversation
@@ -695,6 +705,7 @@ class Conversation:
 
     async def _serve(self) -> None:
         structlog.contextvars.bind_contextvars(agent=self.agent, sender=self.sender)
+        self.telemetry.untraced_task()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
@@ -752,9 +763,10 @@ class Conversation:
             (stored,) = await self.append([user])
             return stored
         cwd = cwd or self.agents[self.agent].config.cwd
-        (stored,) = await self.storage.append(
-            self.agent, self.sender, [user], create=NewConversation(cwd=cwd)
-        )
+        with self.telemetry.appending():
+            (stored,) = await self.storage.append(
+                self.agent, self.sender, [user], create=NewConversation(cwd=cwd)
+            )
         self.info = ConversationItem(
             agent=self.agent,
             sender=self.sender,
@@ -769,7 +781,8 @@ class Conversation:
 
     async def append(self, entries: list[Entry]) -> list[Entry]:
         """Append to the history; like every storage write, once begun it completes."""
-        stored = await self.storage.append(self.agent, self.sender, entries)
+        with self.telemetry.appending():
+            stored = await self.storage.append(self.agent, self.sender, entries)
         self.host.count_usage(stored)
         assert self.context is not None and self.info is not None
         self.context.extend(stored)

@@ -4,7 +4,9 @@ Neither shows a traceback's frame locals: a provider's frames hold its API key,
 a run's the users' text. A URL's credentials (``https://user:key@host``, a
 ``postgresql://user:password@host`` store) are hidden in every line, wherever
 a URL is logged; ``without_credentials`` does the same for what the daemon
-says elsewhere (a run's error, `chinwag doctor`'s report).
+says elsewhere (a run's error, `chinwag doctor`'s report). A line written
+while a span is current (a run's, when traces are on) carries its
+``trace_id`` and ``span_id``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import msgspec
 import structlog
 from chinwag.protocol import without_credentials
+from opentelemetry import trace
 from structlog.tracebacks import ExceptionDictTransformer
 
 
@@ -38,9 +41,22 @@ def hide_url_credentials(
     return event_dict
 
 
+def add_trace_ids(
+    logger: Any, method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """The structlog processor: the current span's trace and span ids, as OTLP shows them,
+    on a line written while one is current (none when traces are off)."""
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        event_dict["trace_id"] = trace.format_trace_id(span.trace_id)
+        event_dict["span_id"] = trace.format_span_id(span.span_id)
+    return event_dict
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

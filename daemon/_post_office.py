@@ -437,6 +437,7 @@ class PostOffice:
                     self.spaces.posted(stored.space)
                 self._push(stored)
                 self.webhooks.wake()
+                self.runtime.telemetry.mail_posted()
         if created:
             log.debug(
                 "mail_posted", msg_id=stored.msg_id, sender=sender, recipients=len(recipients)

@@ -34,6 +34,7 @@ from ._config import Config, parse_duration
 from ._conversation import Compacting, Conversation, Job, Run, Sink, Subscription
 from ._errors import RequestError
 from ._limits import show_usage
+from ._telemetry import Telemetry
 from ._tools import Mailboxes
 from ._workspace import workdir_problem
 
@@ -108,11 +109,13 @@ class Runtime:
         storage: Storage,
         agents: dict[str, Agent],
         nursery: trio.Nursery,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
         self.agents = agents
         self.nursery = nursery
+        self.telemetry = telemetry or Telemetry()  # metrics and traces; none by default
         self.conversations: dict[Key, Conversation] = {}
         self._idle: OrderedDict[Key, None] = OrderedDict()
         self._subscriptions: list[Subscription] = []

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
+from collections import Counter
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -14,10 +16,13 @@ from chinwag.storage import open_store
 
 from ._agent import Agent
 from ._config import BUILTIN_PROVIDERS, Config
+from ._metrics import DaemonState
 from ._provider_kinds import make_provider
 from ._providers import Provider
 from ._runtime import Runtime
-from ._server import Server, bind_unix, inherited_listener
+from ._server import ServeError, Server, bind_unix, inherited_listener
+from ._telemetry import Telemetry
+from ._tracing import Tracing
 
 log = structlog.get_logger("chinwag.daemon")
 
@@ -73,6 +78,41 @@ def build_agents(config: Config, providers: dict[str, Provider]) -> dict[str, Ag
     }
 
 
+@contextlib.asynccontextmanager
+async def open_telemetry(config: Config, tracing: Tracing | None) -> AsyncIterator[Telemetry]:
+    """The daemon's telemetry for the block: `/metrics` served where ``[daemon] metrics``
+    says, spans sent to ``tracing`` (else where the OTEL_* variables say), and both
+    stopped at the end, shielded, the batched spans sent. ``ServeError`` when `/metrics`
+    cannot listen."""
+    telemetry = Telemetry.configure(config, tracing=tracing)
+    try:
+        address = config.daemon.metrics_address
+        if telemetry.metrics is not None and address is not None:
+            try:
+                await telemetry.metrics.listen(*address)
+            except OSError as exc:
+                raise ServeError(
+                    f"Cannot serve metrics on {config.daemon.metrics}: {exc.strerror or exc}."
+                ) from exc
+        yield telemetry
+    finally:
+        with trio.CancelScope(shield=True):
+            await telemetry.aclose()
+
+
+def daemon_state(runtime: Runtime, server: Server) -> DaemonState:
+    """What the gauges show, read from the runtime and the server on the loop's thread."""
+    in_flight: Counter[str] = Counter()
+    queued: Counter[str] = Counter()
+    for conv in runtime.conversations.values():
+        if conv.busy:
+            in_flight[conv.agent] += 1
+            queued[conv.agent] += len(conv.queue)
+    connections = server.connections
+    open_requests = sum(conn.session.open_requests for conn in connections)
+    return DaemonState(in_flight, queued, len(connections), open_requests)
+
+
 async def serve(
     config: Config,
     *,
@@ -80,6 +120,7 @@ async def serve(
     storage_url: str,
     stop: trio.Event | None = None,
     handle_signals: bool = False,
+    tracing: Tracing | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT with ``handle_signals``).
@@ -88,7 +129,8 @@ async def serve(
     stop: refuse new requests (503), let runs finish for the configured grace
     period, cancel what is left, flush the clients, and return. Started by
     systemd socket activation, it serves the socket it was passed instead of
-    ``socket_path``, and leaves that socket's file to systemd.
+    ``socket_path``, and leaves that socket's file to systemd. Metrics and
+    traces: see ``open_telemetry``.
     """
     if stop is None:
         stop = trio.Event()
@@ -113,12 +155,15 @@ async def serve(
         async with (
             open_store(storage_url) as storage,
             activated or await bind_unix(socket_path) as listener,
+            open_telemetry(config, tracing) as telemetry,
             trio.open_nursery() as root,
         ):
             if received is not None:
                 root.start_soon(_stop_on_signal, received, stop)
-            runtime = Runtime(config, storage, agents, root)
+            runtime = Runtime(config, storage, agents, root, telemetry)
             server = Server(runtime, max_connections=max_connections)
+            if telemetry.metrics is not None:
+                telemetry.metrics.state = partial(daemon_state, runtime, server)
             await runtime.count_stored_usage()  # before mail may start a run
             await server.post_office.start()
             await root.start(server.post_office.webhooks.run)
@@ -131,6 +176,8 @@ async def serve(
                 agents=list(agents),
                 open_files=open_files,
                 max_connections=max_connections,
+                metrics=config.daemon.metrics,
+                traces=telemetry.tracing is not None,
             )
             task_status.started(server)
             await stop.wait()

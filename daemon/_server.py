@@ -189,6 +189,8 @@ class _Buffered(Generic[_T]):
 
     #: The log event of a drop: ``subscriber_too_slow``, ``watcher_too_slow``.
     too_slow_event = ""
+    #: What a drop counts as in the metrics: ``subscription``, ``watch``.
+    consumer = ""
 
     def __init__(self, conn: Connection, request_id: int, size: int, too_slow: str) -> None:
         self.conn = conn
@@ -205,6 +207,7 @@ class _Buffered(Generic[_T]):
             self._send.send_nowait(item)
         except trio.WouldBlock:
             log.warning(self.too_slow_event, request_id=self.request_id)
+            self.conn.runtime.telemetry.dropped(self.consumer)
             self._end = End(
                 id=self.request_id,
                 status="error",
@@ -243,6 +246,7 @@ class Subscriber(_Buffered[Event]):
     """A `subscribe` request: the events of the runs it matches, never slowing them."""
 
     too_slow_event = "subscriber_too_slow"
+    consumer = "subscription"
 
     def __init__(self, conn: Connection, request_id: int, size: int) -> None:
         super().__init__(
@@ -284,6 +288,7 @@ class MailWatch(_Buffered[Mail | MailUpdate]):
     never slowing the author or the other watchers."""
 
     too_slow_event = "watcher_too_slow"
+    consumer = "watch"
 
     def __init__(self, conn: Connection, request_id: int, size: int) -> None:
         super().__init__(
@@ -337,7 +342,9 @@ class MailWatch(_Buffered[Mail | MailUpdate]):
                         break
                     await self.conn.send_waiting(self._mail(message))
                 after = page[-1][0].msg_id if page else None
+            telemetry = self.conn.runtime.telemetry
             async for frame in self._receive:
+                telemetry.mail_delivered(frame)
                 await self.conn.send_waiting(frame)
         except (trio.ClosedResourceError, trio.EndOfChannel):
             pass
@@ -458,6 +465,7 @@ class Connection:
             log.warning(
                 "client_too_slow", buffered_frames=self._queued, buffered_bytes=self.buffered_bytes
             )
+            self.runtime.telemetry.dropped("connection")
             self.abort()
             return False
         size = self._append_frame(msg, out)

@@ -29,6 +29,7 @@ from chinwag.protocol import (
 
 from ._agent import Agent
 from ._providers import (
+    FinishChunk,
     ModelMessage,
     ModelRequest,
     ProviderBlockChunk,
@@ -37,6 +38,7 @@ from ._providers import (
     ToolCallChunk,
     UsageChunk,
 )
+from ._telemetry import ModelCall, RunTelemetry
 from ._tools import ToolContext, call_tool
 
 # Chunks a run publishes before it lets other tasks run, when the model sends
@@ -53,6 +55,7 @@ class Turn(ToolContext, Protocol):
 
     id: str
     context_tokens: int  # as the model last reported it
+    observed: RunTelemetry  # what the run reports of itself (metrics, spans)
 
     def prompt(self) -> Sequence[ModelMessage]:
         """The messages of the next step's request."""
@@ -81,76 +84,97 @@ async def run_steps(turn: Turn, speaker: Agent, *, guest: bool) -> None:
     allowed = [] if guest else config.tools
     tools = [] if guest else speaker.tools
     publish = turn.publish
+    observed = turn.observed
+    first = observed.awaits_first  # the run's first output is still to come
     for _ in range(config.max_steps):
         request = ModelRequest(model=config.model, messages=turn.prompt(), tools=tools)
         text: list[str] = []
         calls: list[ToolCallInfo] = []
         blocks: list[dict[str, Any]] = []
         used: TokenUsage | None = None
-        async with aclosing(speaker.provider.stream(request)) as chunks:
-            burst = 0
-            async for chunk in chunks:
-                burst += 1
-                if burst == BURST_CHUNKS:  # let the writers drain a burst as it grows
-                    burst = 0
-                    await trio.lowlevel.checkpoint()
-                # By type, most frequent first: a `match` on class patterns costs more
-                # than the rest of a text chunk's way to the socket.
-                if type(chunk) is TextChunk:
-                    text.append(chunk.delta)
-                    publish(TextDelta(delta=chunk.delta))
-                elif type(chunk) is ThinkingChunk:
-                    publish(ThinkingDelta(delta=chunk.delta))
-                elif isinstance(chunk, ProviderBlockChunk):
-                    blocks.append(chunk.block)
-                elif isinstance(chunk, ToolCallChunk):
-                    if guest:
-                        continue
-                    call = chunk.call
-                    calls.append(call)
-                    publish(
-                        ToolCall(call_id=call.call_id, name=call.name, arguments=call.arguments)
-                    )
-                elif isinstance(chunk, UsageChunk):
-                    used = TokenUsage(
-                        input_tokens=chunk.prompt_tokens, output_tokens=chunk.completion_tokens
-                    )
-                    tokens = chunk.prompt_tokens + chunk.completion_tokens
-                    turn.context_tokens = tokens
-                    publish(
-                        Usage(
-                            prompt_tokens=chunk.prompt_tokens,
-                            completion_tokens=chunk.completion_tokens,
-                            context_tokens=tokens,
-                            context_window=config.context_window,
+        with observed.model_call(request) as model_call:
+            async with aclosing(speaker.provider.stream(request)) as chunks:
+                burst = 0
+                async for chunk in chunks:
+                    burst += 1
+                    if burst == BURST_CHUNKS:  # let the writers drain a burst as it grows
+                        burst = 0
+                        await trio.lowlevel.checkpoint()
+                    # By type, most frequent first: a `match` on class patterns costs more
+                    # than the rest of a text chunk's way to the socket.
+                    if type(chunk) is TextChunk:
+                        if first:
+                            first = False
+                            observed.first_output()
+                        text.append(chunk.delta)
+                        publish(TextDelta(delta=chunk.delta))
+                    elif type(chunk) is ThinkingChunk:
+                        if first:
+                            first = False
+                            observed.first_output()
+                        publish(ThinkingDelta(delta=chunk.delta))
+                    elif isinstance(chunk, ProviderBlockChunk):
+                        blocks.append(chunk.block)
+                    elif isinstance(chunk, ToolCallChunk):
+                        if guest:
+                            continue
+                        if first:
+                            first = False
+                            observed.first_output()
+                        call = chunk.call
+                        calls.append(call)
+                        publish(
+                            ToolCall(call_id=call.call_id, name=call.name, arguments=call.arguments)
                         )
-                    )
-        assistant = Entry(
-            seq=0,
-            role="assistant",
-            content="".join(text),
-            agent=attribution,
-            tool_calls=calls,
-            run_id=turn.id,
-            created_at=now(),
-            usage=used,
-        )
+                    elif isinstance(chunk, UsageChunk):
+                        model_call.usage(chunk.prompt_tokens, chunk.completion_tokens)
+                        used = TokenUsage(
+                            input_tokens=chunk.prompt_tokens, output_tokens=chunk.completion_tokens
+                        )
+                        tokens = chunk.prompt_tokens + chunk.completion_tokens
+                        turn.context_tokens = tokens
+                        publish(
+                            Usage(
+                                prompt_tokens=chunk.prompt_tokens,
+                                completion_tokens=chunk.completion_tokens,
+                                context_tokens=tokens,
+                                context_window=config.context_window,
+                            )
+                        )
+                    elif isinstance(chunk, FinishChunk):
+                        model_call.finished(chunk.reason)
+            assistant = Entry(
+                seq=0,
+                role="assistant",
+                content="".join(text),
+                agent=attribution,
+                tool_calls=calls,
+                run_id=turn.id,
+                created_at=now(),
+                usage=used,
+            )
+            model_call.answered(assistant)
         if not calls:
             await turn.append([assistant], [])
             return
-        results = await _call_tools(turn, calls, allowed)
+        results = await _call_tools(turn, calls, allowed, model_call)
         await turn.append([assistant, *results], blocks)
     raise StepsExhausted
 
 
-async def _call_tools(turn: Turn, calls: list[ToolCallInfo], allowed: list[str]) -> list[Entry]:
-    """Run a step's tool calls concurrently; results in call order, for storage."""
+async def _call_tools(
+    turn: Turn, calls: list[ToolCallInfo], allowed: list[str], asked_by: ModelCall
+) -> list[Entry]:
+    """Run a step's tool calls concurrently, each reported under the model call that
+    ``asked_by`` them; results in call order, for storage."""
     results: dict[str, Entry] = {}
 
     async def one(call: ToolCallInfo) -> None:
-        started = time.perf_counter()
-        output, is_error = await call_tool(turn, allowed, call)
-        duration_ms = (time.perf_counter() - started) * 1000
+        with asked_by.tool(call) as observed:  # on the task that runs it
+            started = time.perf_counter()
+            output, is_error = await call_tool(turn, allowed, call)
+            duration_s = time.perf_counter() - started
+            observed.result(output, is_error, duration_s)
         results[call.call_id] = Entry(
             seq=0,
             role="tool",
@@ -165,7 +189,7 @@ async def _call_tools(turn: Turn, calls: list[ToolCallInfo], allowed: list[str])
                 call_id=call.call_id,
                 output=output,
                 is_error=is_error,
-                duration_ms=round(duration_ms, 3),
+                duration_ms=round(duration_s * 1000, 3),
             )
         )
 
