@@ -228,11 +228,14 @@ def listen_address(text: str) -> tuple[str, int]:
     host, colon, port = text.strip().rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-        ipaddress.IPv6Address(host)  # ValueError when it is not one
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            host = ""
     elif not (colon and _HOST_NAME.fullmatch(host)):
-        raise ValueError(text)
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(text)
+        host = ""
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
     return host, int(port)
 
 

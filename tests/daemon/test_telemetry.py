@@ -405,7 +405,7 @@ def test_a_metrics_address_is_host_and_port(text: str, address: tuple[str, int])
     "text", ["9464", ":9464", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "::1:9464", "[x]:1"]
 )
 def test_a_metrics_value_that_is_no_address_is_refused(text: str, tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not HOST:PORT"):
         listen_address(text)
     path = tmp_path / "config.toml"
     path.write_text(f'[daemon]\nmetrics = "{text}"\n')
