@@ -35,6 +35,7 @@ from . import (
     long_conversation,
     mail,
     mail_spaces,
+    observability,
     slow_consumer,
     storage_scale,
     throughput,
@@ -87,6 +88,7 @@ class Scale:
     space_watchers: int = 100  # (s) members of the space, each watching
     space_posts: int = 50  # (s) posts to the space (and as many DMs)
     lock_rounds: int = 1000  # (s) lock + unlock, on each store
+    observed_runs: int = 3000  # (o) runs on each of the three daemons, on each store
 
 
 QUICK = Scale(
@@ -113,6 +115,7 @@ QUICK = Scale(
     searches=100,
     space_posts=30,
     lock_rounds=300,
+    observed_runs=600,
 )
 
 Bench = Callable[[Path, Scale, "str | None"], list[Figure]]
@@ -200,6 +203,10 @@ def bench_s(root: Path, s: Scale, storage: str | None) -> list[Figure]:
     )
 
 
+def bench_o(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return observability.all_figures(root, s.observed_runs, storage)
+
+
 BENCHES: dict[str, tuple[str, Bench]] = {
     "a": ("first_event", bench_a),
     "b": ("throughput", bench_b),
@@ -214,6 +221,7 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "j": ("kill_latency", bench_j),
     "m": ("mail", bench_m),
     "s": ("mail_spaces", bench_s),
+    "o": ("observability", bench_o),
 }
 
 

@@ -129,9 +129,15 @@ class Server:
     """A child process serving on a Unix socket; a context manager that stops it."""
 
     def __init__(
-        self, argv: list[str], socket_path: Path, log_path: Path, profile_as: str | None = None
+        self,
+        argv: list[str],
+        socket_path: Path,
+        log_path: Path,
+        profile_as: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.argv = argv
+        self.env = env or {}  # added to bench_env()
         self.socket_path = socket_path
         self.log_path = log_path
         self.profile_as = profile_as  # the name of its samples, under --profile
@@ -145,7 +151,7 @@ class Server:
         return self.proc.pid
 
     def start(self) -> None:
-        env = bench_env()
+        env = bench_env() | self.env
         # A server stopped by SIGTERM may leave its socket file behind (the bare ones do).
         self.socket_path.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
@@ -197,21 +203,25 @@ class Server:
         self.stop()
 
 
-def chinwag_serve(root: Path, config: str, storage: str | None = None) -> Server:
+def chinwag_serve(
+    root: Path,
+    config: str,
+    storage: str | None = None,
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
+) -> Server:
     """A real `chinwag serve` (it execs `python -m chinwag.daemon`, keeping its pid).
 
     Storage defaults to sqlite in ``root``; the log level is the default, info,
-    as a user runs it.
+    as a user runs it. ``env``: variables added to its environment; ``command``:
+    what runs instead of `chinwag serve`, given the same options.
     """
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / "config.toml"
     config_path.write_text(config)
     sock = root / "d.sock"
     argv = [
-        daemon_python,
-        "-m",
-        "chinwag.clients.cli",
-        "serve",
+        *(command or [daemon_python, "-m", "chinwag.clients.cli", "serve"]),
         "--config",
         str(config_path),
         "--socket",
@@ -220,7 +230,7 @@ def chinwag_serve(root: Path, config: str, storage: str | None = None) -> Server
         storage or f"sqlite:///{root / 'bench.db'}",
     ]
     where = (storage or "sqlite").split(":")[0]
-    return Server(argv, sock, root / "daemon.log", profile_as=f"{root.name}-{where}")
+    return Server(argv, sock, root / "daemon.log", profile_as=f"{root.name}-{where}", env=env)
 
 
 def bare_server(root: Path, mode: str) -> Server:
