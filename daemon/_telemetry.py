@@ -32,14 +32,13 @@ from typing import Any
 import msgspec
 from chinwag.protocol import EndStatus, Entry, ErrorInfo, Mail, MailUpdate, ToolCallInfo
 from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._agent import Agent
 from ._config import BUILTIN_PROVIDERS, Config
 from ._metrics import Metrics
 from ._providers import ModelMessage, ModelRequest
-from ._tracing import Tracing
+from ._tracing import RecordedSpan, Tracing
 
 # GenAI semantic conventions (SEMCONV_VERSION in _tracing.py).
 OPERATION = "gen_ai.operation.name"
@@ -201,11 +200,10 @@ class _ObservedRun(RunTelemetry):
         # Its span descends from the one current where it was asked for (a tool call).
         self.parent = otel_context.get_current() if telemetry.tracing is not None else None
         self.about: dict[str, Any] = {}  # which agent on which model, for its spans
-        self.context: otel_context.Context | None = None  # with its span: its calls' parent
+        self.span: RecordedSpan | None = None  # its calls' parent
         self.input_tokens = 0
         self.output_tokens = 0
         self._started: float | None = None
-        self._span: Span | None = None
         self._token: Token[otel_context.Context] | None = None
 
     def __enter__(self) -> RunTelemetry:
@@ -218,14 +216,10 @@ class _ObservedRun(RunTelemetry):
                 CONVERSATION: self.conversation_id,
                 RUN_ID: self.run_id,
             }
-            self._span = span = telemetry.tracing.tracer.start_span(
-                f"invoke_agent {self.agent.name}",
-                context=self.parent,
-                kind=SpanKind.INTERNAL,
-                attributes=attributes,
+            self.span = span = telemetry.tracing.start(
+                f"invoke_agent {self.agent.name}", SpanKind.INTERNAL, attributes, self.parent
             )
-            self.context = trace.set_span_in_context(span, self.parent)
-            self._token = otel_context.attach(self.context)
+            self._token = otel_context.attach(span.current)
         return self
 
     def __exit__(
@@ -237,8 +231,8 @@ class _ObservedRun(RunTelemetry):
         if self._token is not None:
             otel_context.detach(self._token)
             self._token = None
-        span = self._span
-        if span is not None and span.is_recording():  # not ended: the daemon's cancellation
+        span = self.span
+        if span is not None and not span.ended:  # the daemon's cancellation
             if exc is not None:
                 _failed(span, exc)
             span.end()
@@ -261,18 +255,15 @@ class _ObservedRun(RunTelemetry):
             counter.inc()
             if self._started is not None:
                 series.run_seconds.observe(time.perf_counter() - self._started)
-        span = self._span
+        span = self.span
         if span is not None:
-            span.set_attributes(
-                {
-                    RUN_STATUS: status,
-                    INPUT_TOKENS: self.input_tokens,
-                    OUTPUT_TOKENS: self.output_tokens,
-                }
-            )
+            attributes = span.attributes
+            attributes[RUN_STATUS] = status
+            attributes[INPUT_TOKENS] = self.input_tokens
+            attributes[OUTPUT_TOKENS] = self.output_tokens
             if error is not None:
-                span.set_attribute(ERROR_TYPE, str(error.code))
-                span.set_status(Status(StatusCode.ERROR, error.message))
+                attributes[ERROR_TYPE] = str(error.code)
+                span.status = Status(StatusCode.ERROR, error.message)
             span.end()
 
 
@@ -315,8 +306,7 @@ class _ObservedCall(ModelCall):
         self._run = run
         self._request = request
         self._started = 0.0
-        self._span: Span | None = None
-        self._context: otel_context.Context | None = None  # with its span: its tools' parent
+        self._span: RecordedSpan | None = None  # its tools' parent
         self._token: Token[otel_context.Context] | None = None
         self._usage: tuple[int, int] | None = None
         self._reasons: list[str] = []
@@ -325,19 +315,15 @@ class _ObservedCall(ModelCall):
         self._started = time.perf_counter()
         run = self._run
         tracing = run.telemetry.tracing
-        if tracing is not None:
+        if tracing is not None and run.span is not None:
             attributes = run.about | {OPERATION: "chat", CONVERSATION: run.conversation_id}
             if tracing.capture_content:
                 system, messages = _input_messages(self._request.messages)
                 attributes |= {SYSTEM_INSTRUCTIONS: system, INPUT_MESSAGES: messages}
-            self._span = span = tracing.tracer.start_span(
-                f"chat {self._request.model}",
-                context=run.context,
-                kind=SpanKind.CLIENT,
-                attributes=attributes,
+            self._span = span = run.span.child(
+                f"chat {self._request.model}", SpanKind.CLIENT, attributes
             )
-            self._context = trace.set_span_in_context(span, run.context)
-            self._token = otel_context.attach(self._context)
+            self._token = otel_context.attach(span.current)
         return self
 
     def usage(self, input_tokens: int, output_tokens: int) -> None:
@@ -349,10 +335,10 @@ class _ObservedCall(ModelCall):
     def answered(self, entry: Entry) -> None:
         tracing = self._run.telemetry.tracing
         if self._span is not None and tracing is not None and tracing.capture_content:
-            self._span.set_attribute(OUTPUT_MESSAGES, _output_messages(entry, self._reasons))
+            self._span.attributes[OUTPUT_MESSAGES] = _output_messages(entry, self._reasons)
 
     def tool(self, call: ToolCallInfo) -> ToolTelemetry:
-        return _ObservedTool(self._run.telemetry, call, parent=self._context)
+        return _ObservedTool(self._run.telemetry, call, parent=self._span)
 
     def __exit__(
         self,
@@ -376,10 +362,11 @@ class _ObservedCall(ModelCall):
                 series.input_tokens.inc(input_tokens)
                 series.output_tokens.inc(output_tokens)
             if span is not None:
-                span.set_attributes({INPUT_TOKENS: input_tokens, OUTPUT_TOKENS: output_tokens})
+                span.attributes[INPUT_TOKENS] = input_tokens
+                span.attributes[OUTPUT_TOKENS] = output_tokens
         if span is not None:
             if self._reasons:
-                span.set_attribute(FINISH_REASONS, self._reasons)
+                span.attributes[FINISH_REASONS] = tuple(self._reasons)
             if exc is not None:
                 _failed(span, exc)
             span.end()
@@ -416,17 +403,17 @@ class _ObservedTool(ToolTelemetry):
         telemetry: Telemetry,
         call: ToolCallInfo,
         *,
-        parent: otel_context.Context | None,
+        parent: RecordedSpan | None,
     ) -> None:
         self._telemetry = telemetry
         self._call = call
         self._parent = parent
-        self._span: Span | None = None
+        self._span: RecordedSpan | None = None
         self._token: Token[otel_context.Context] | None = None
 
     def __enter__(self) -> ToolTelemetry:
         tracing = self._telemetry.tracing
-        if tracing is not None:
+        if tracing is not None and self._parent is not None:
             call = self._call
             attributes: dict[str, Any] = {
                 OPERATION: "execute_tool",
@@ -436,13 +423,10 @@ class _ObservedTool(ToolTelemetry):
             }
             if tracing.capture_content:
                 attributes[TOOL_ARGUMENTS] = call.arguments
-            self._span = span = tracing.tracer.start_span(
-                f"execute_tool {call.name}",
-                context=self._parent,
-                kind=SpanKind.INTERNAL,
-                attributes=attributes,
+            self._span = span = self._parent.child(
+                f"execute_tool {call.name}", SpanKind.INTERNAL, attributes
             )
-            self._token = otel_context.attach(trace.set_span_in_context(span, self._parent))
+            self._token = otel_context.attach(span.current)
         return self
 
     def result(self, output: str, is_error: bool, seconds: float) -> None:
@@ -455,12 +439,12 @@ class _ObservedTool(ToolTelemetry):
         tracing = self._telemetry.tracing
         if span is not None and tracing is not None:
             if tracing.capture_content:
-                span.set_attribute(TOOL_RESULT, output)
+                span.attributes[TOOL_RESULT] = output
             if is_error:
-                span.set_attribute(ERROR_TYPE, TOOL_ERROR)
+                span.attributes[ERROR_TYPE] = TOOL_ERROR
                 # The result is the tool's own text: shown only where content may be.
                 shown = output if tracing.capture_content else None
-                span.set_status(Status(StatusCode.ERROR, shown))
+                span.status = Status(StatusCode.ERROR, shown)
 
     def __exit__(
         self,
@@ -481,12 +465,12 @@ class _ObservedTool(ToolTelemetry):
 # --- helpers --------------------------------------------------------------------------
 
 
-def _failed(span: Span, exc: BaseException) -> None:
+def _failed(span: RecordedSpan, exc: BaseException) -> None:
     """Mark ``span`` failed with ``exc``: its type's full name as error.type, and the
     daemon's sentence (a ``ProviderError``'s) as the status; a cancellation has none."""
     kind = type(exc)
-    span.set_attribute(ERROR_TYPE, f"{kind.__module__}.{kind.__qualname__}")
-    span.set_status(Status(StatusCode.ERROR, str(exc) if isinstance(exc, Exception) else None))
+    span.attributes[ERROR_TYPE] = f"{kind.__module__}.{kind.__qualname__}"
+    span.status = Status(StatusCode.ERROR, str(exc) if isinstance(exc, Exception) else None)
 
 
 def _input_messages(messages: Iterable[ModelMessage]) -> tuple[str, str]:

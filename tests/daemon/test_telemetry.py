@@ -36,6 +36,7 @@ from chinwag.storage import MemoryStorage
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 from runtime_harness import Recorder, submit
 from structlog.testing import capture_logs
@@ -62,11 +63,11 @@ def exporter() -> InMemorySpanExporter:
 
 @asynccontextmanager
 async def traced(
-    exporter: InMemorySpanExporter, *, capture: bool | None = None
+    exporter: InMemorySpanExporter, *, capture: bool | None = None, sampler: Sampler | None = None
 ) -> AsyncIterator[Runtime]:
     """A runtime whose spans go to ``exporter``; content captured as ``capture`` says,
-    else as the environment does."""
-    provider = TracerProvider()
+    else as the environment does; sampled by ``sampler``, else as the environment says."""
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     telemetry = Telemetry(CONFIG, tracing=Tracing(provider, capture_content=capture))
     agents = build_agents(CONFIG, make_providers(CONFIG))
@@ -272,6 +273,19 @@ async def test_a_run_s_log_lines_carry_its_trace_id(exporter: InMemorySpanExport
     assert {line.get("span_id") for line in lines} == {format_span_id(agent.context.span_id)}
 
 
+async def test_a_run_the_sampler_drops_sends_no_span_but_its_lines_name_its_trace(
+    exporter: InMemorySpanExporter,
+) -> None:
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars, add_trace_ids]) as logs:
+        async with traced(exporter, sampler=ALWAYS_OFF) as rt:
+            sink = await run(rt, "/title Unsampled")
+    assert sink.end.status == "done"
+    assert exporter.get_finished_spans() == ()
+    run_id = next(e for e in sink.events if isinstance(e, Start)).run_id
+    lines = [line for line in logs if line.get("run_id") == run_id]
+    assert lines and all(len(str(line.get("trace_id"))) == 32 for line in lines)
+
+
 async def test_without_telemetry_a_run_reports_through_shared_no_ops() -> None:
     with capture_logs(processors=[add_trace_ids]) as logs:
         async with trio.open_nursery() as nursery:
@@ -382,8 +396,8 @@ async def test_tracing_from_the_environment_names_the_service(
     monkeypatch.setenv("OTEL_SERVICE_NAME", "chinwag-eu")
     named_service = Tracing.from_environment({"OTEL_TRACES_EXPORTER": "otlp"})
     assert plain is not None and named_service is not None
-    assert plain.tracer.resource.attributes["service.name"] == "chinwag"  # type: ignore[attr-defined]
-    assert named_service.tracer.resource.attributes["service.name"] == "chinwag-eu"  # type: ignore[attr-defined]
+    assert plain.resource.attributes["service.name"] == "chinwag"
+    assert named_service.resource.attributes["service.name"] == "chinwag-eu"
     for tracing in (plain, named_service):
         await tracing.aclose()  # its own provider: shut down, nothing batched to send
 
