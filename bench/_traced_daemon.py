@@ -2,9 +2,9 @@
 
     python -m bench._traced_daemon [chinwag serve's options]
 
-What tracing costs the daemon without any exporter's work: the spans are made,
-ended and batched by the SDK's BatchSpanProcessor as they are with OTLP, and the
-exporter then keeps nothing. The daemon takes a `Tracing` as a program that embeds
+What tracing costs the daemon without any exporter's work: the spans are recorded
+by the daemon and batched by the SDK's BatchSpanProcessor as they are with OTLP,
+and the exporter then keeps nothing. The daemon takes a `Tracing` as a program that embeds
 it would; `chinwag serve` builds its own from OTEL_*, so here the one it would
 build is replaced by this one.
 """
