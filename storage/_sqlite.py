@@ -259,13 +259,27 @@ _ADD_USAGE = (
     " output_tokens = output_tokens + excluded.output_tokens,"
     " calls = calls + excluded.calls"
 )
-_USAGE = """
+# The conditions of the filters given only: sqlite plans ``:agent IS NULL OR ...`` as a
+# scan of every total, where ``c.sender = :sender`` finds the conversation by its index.
+_USAGE_FILTERS = {
+    "agent": "c.agent = :agent",
+    "sender": "c.sender = :sender",
+    "since": "u.day >= :since",
+}
+
+
+def _usage_query(params: dict[str, str | None]) -> str:
+    """The statement that reads the totals matching ``params``' filters that are not None."""
+    where = " AND ".join(
+        _USAGE_FILTERS[name] for name, value in params.items() if value is not None
+    )
+    return f"""
 SELECT c.agent, c.sender, u.day, u.input_tokens, u.output_tokens, u.calls
-FROM usage u JOIN conversations c ON c.id = u.conversation_id
-WHERE (:agent IS NULL OR c.agent = :agent) AND (:sender IS NULL OR c.sender = :sender)
-    AND (:since IS NULL OR u.day >= :since)
+FROM conversations c JOIN usage u ON u.conversation_id = c.id
+WHERE {where or "true"}
 ORDER BY u.day, c.agent, c.sender
 """
+
 
 _ARCHIVE_COLUMNS = "name, first_seq, last_seq, summary, speakers, created_at"
 _SEARCH = f"""
@@ -1130,8 +1144,9 @@ class SqliteStorage:
         """The usage totals by day, agent and sender; see ``Storage.usage``."""
         day = None if since is None else since.isoformat()
         params = {"agent": agent, "sender": sender, "since": day}
+        query = _usage_query(params)
         rows = await self._read(
-            "Reading the usage totals", lambda conn: conn.execute(_USAGE, params).fetchall()
+            "Reading the usage totals", lambda conn: conn.execute(query, params).fetchall()
         )
         return [
             UsageTotal(

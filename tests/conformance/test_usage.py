@@ -404,6 +404,50 @@ async def test_a_sqlite_database_from_before_usage_gains_it_on_open(
         conn.close()
 
 
+@on_sqlite
+@pytest.mark.parametrize(
+    ("filters", "plan"),
+    [
+        (
+            {"agent": AGENT, "sender": SENDER},
+            [
+                "SEARCH c USING COVERING INDEX sqlite_autoindex_conversations_1"
+                " (sender=? AND agent=?)",
+                "SEARCH u USING PRIMARY KEY (conversation_id=?)",
+            ],
+        ),
+        (
+            {"sender": SENDER, "since": DAY.isoformat()},
+            [
+                "SEARCH c USING COVERING INDEX sqlite_autoindex_conversations_1 (sender=?)",
+                "SEARCH u USING PRIMARY KEY (conversation_id=? AND day>?)",
+                "USE TEMP B-TREE FOR ORDER BY",
+            ],
+        ),
+        (
+            {"agent": AGENT},
+            [
+                "SEARCH c USING INDEX conversations_by_agent (agent=?)",
+                "SEARCH u USING PRIMARY KEY (conversation_id=?)",
+                "USE TEMP B-TREE FOR ORDER BY",
+            ],
+        ),
+    ],
+)
+async def test_sqlite_reads_the_totals_of_the_conversations_named_not_every_total(
+    store: Storage, store_url: str, filters: dict[str, str], plan: list[str]
+) -> None:
+    await create(store)
+    await store.append(AGENT, SENDER, [reply("a", (1, 1))])
+    params: dict[str, str | None] = {"agent": None, "sender": None, "since": None, **filters}
+    conn = sqlite3.connect(Path(store_url.removeprefix("sqlite:///")))
+    try:
+        query = sqlite_storage._usage_query(params)
+        assert [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, params)] == plan
+    finally:
+        conn.close()
+
+
 @on_postgres
 async def test_a_postgres_database_from_before_usage_gains_it_on_open(
     store_url: str, monkeypatch: pytest.MonkeyPatch
