@@ -61,6 +61,9 @@ _CHARS_PER_TOKEN = 4
 # A run's tokens/s are shown from its first second on: over less, a model call
 # reported at once (a tool call's single token) reads as thousands a second.
 _RATE_AFTER_S = 1.0
+# On a short screen the runs in flight keep this many lines (or all of them, if fewer)
+# before the recent errors take any: what is running now matters more than what failed.
+_RUNS_KEPT = 3
 
 
 # --- the model --------------------------------------------------------------------------
@@ -231,7 +234,8 @@ class TopView:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         now = self.clock()
-        height = options.height or console.height
+        # Below the heading (3 lines), above the footer (a blank line and "q quits").
+        left = (options.height or console.height) - 5
         state = self.state
         stats = state.stats
         errors = list(state.errors)
@@ -245,14 +249,19 @@ class TopView:
                 )
             )
             yield Text()
-            yield Text(state.lost or "", style="red")  # why, wrapped: it names the socket
+            why = Text(state.lost or "", style="red")  # wrapped: it names the socket
+            yield why
+            errors = _fitting(errors, left - len(why.wrap(console, options.max_width)))
         else:
             yield _line(_counts(stats))
             yield Text()
-            # The heading (3 lines), the table's header, a blank line and the footer,
-            # and the errors' block: the runs take what is left, at least one line.
-            room = max(1, height - 6 - (len(errors) + 2 if errors else 0))
-            yield from _runs(state.rows(now), room)
+            # The runs' header and their first few come before the errors, which take
+            # what is left of the screen; the runs then take the rest, at least one line.
+            rows = state.rows(now)
+            kept = 1 + min(len(rows), _RUNS_KEPT) if rows else 1  # "no run ..." alone
+            errors = _fitting(errors, left - kept)
+            room = max(1, left - 1 - (len(errors) + 2 if errors else 0))
+            yield from _runs(rows, room)
         if errors:
             yield Text()
             yield _line(Text("recent errors", style="bold red"))
@@ -268,6 +277,12 @@ class TopView:
             text.append(f" · up {_duration(stats.uptime_s)}")
             text.append(f" · connections {stats.connections} · subscriptions {stats.subscriptions}")
         return text
+
+
+def _fitting(errors: list[RunFailure], lines: int) -> list[RunFailure]:
+    """The newest of ``errors`` that fit in ``lines``, their block's blank line and title
+    included: none when not even one does."""
+    return errors[: max(0, lines - 2)]
 
 
 def _counts(stats: Stats) -> Text:

@@ -227,3 +227,33 @@ def test_the_view_says_when_the_daemon_went_away() -> None:
     assert lines[1].startswith("the daemon went away at ")
     assert lines[1].endswith("; trying again every 2 s")
     assert "no daemon is listening on /run/chinwag.sock" in lines
+
+
+def test_on_a_short_screen_the_runs_in_flight_come_before_the_recent_errors() -> None:
+    state = DaemonState()
+    state.connected(stats(runs_queued=1))
+    for number in range(3):
+        start(state, f"r{number}", f"s{number}")
+    for number in range(5):
+        end(state, f"gone{number}", status="error", sender="bob",
+            error=ErrorInfo(code=502, message="boom"))  # fmt: skip
+    lines = draw(TopView(state, clock=lambda: T0 + 5), width=40, height=10)
+    assert len(lines) <= 10, "\n".join(lines)
+    assert [line.split()[1] for line in lines if line.startswith("assis")] == ["s0", "s1", "s2"]
+    assert lines[-1] == "q quits"
+    # With room for some of the errors, they take it, the newest first.
+    lines = draw(TopView(state, clock=lambda: T0 + 5), width=40, height=13)
+    assert len(lines) <= 13 and lines[-1] == "q quits", "\n".join(lines)
+    assert sum(line.startswith("assis") for line in lines) == 3
+    assert sum("502" in line for line in lines) == 2
+
+
+def test_while_the_daemon_is_away_the_errors_fit_below_why() -> None:
+    state = DaemonState()
+    for number in range(5):
+        end(state, f"gone{number}", status="error", sender="bob",
+            error=ErrorInfo(code=502, message="boom"))  # fmt: skip
+    state.disconnected("no daemon is listening on /run/user/1000/chinwag/chinwag.sock", T0)
+    lines = draw(TopView(state, clock=lambda: T0 + 10), width=40, height=10)
+    assert len(lines) <= 10 and lines[-1] == "q quits", "\n".join(lines)
+    assert "recent errors" in lines
