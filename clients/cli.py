@@ -133,6 +133,7 @@ class _Commands(click.Group):
         "mail": ("chinwag.clients._mail_cli", "mail"),
         "inbox": ("chinwag.clients._mail_cli", "inbox"),
         "usage": ("chinwag.clients._usage_cli", "usage"),
+        "dashboard": ("chinwag.clients.dashboard", "command"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

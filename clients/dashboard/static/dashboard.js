@@ -1,0 +1,259 @@
+// The chinwag dashboard's script: the page's event stream (the daemon's state for the
+// banner, run events, counters), its actions sent in place, and each page's live part.
+"use strict";
+(() => {
+  const meta = (name) => document.querySelector(`meta[name="${name}"]`).content;
+  const root = meta("root");
+  const csrf = meta("csrf-token");
+  const body = document.body;
+  const banner = document.getElementById("banner");
+  const onRun = []; // each live part's handler of run events
+  const onUp = []; // what to do when the daemon is back
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function folded(summary, content) {
+    const details = element("details", "tool-call");
+    details.append(element("summary", "", summary), element("pre", "", content));
+    return details;
+  }
+
+  async function post(path, fields) {
+    const response = await fetch(root + path, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      body: JSON.stringify(fields),
+    });
+    const answer = await response.json().catch(() => ({ error: response.statusText }));
+    if (!response.ok) throw new Error(answer.error || response.statusText);
+    return answer;
+  }
+
+  // --- actions: a form with data-post goes as JSON, and the page stays ----------------
+  for (const form of document.querySelectorAll("form[data-post]")) {
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const fields = Object.fromEntries(new FormData(form));
+      const status = form.querySelector("[data-status]");
+      status.textContent = "…";
+      status.classList.remove("error");
+      form.dispatchEvent(new CustomEvent("posting", { detail: fields }));
+      try {
+        const answer = await post(form.dataset.post, fields);
+        status.textContent = "";
+        if (form.dataset.reset !== undefined) form.querySelector("textarea").value = "";
+        form.dispatchEvent(new CustomEvent("posted", { detail: answer }));
+      } catch (error) {
+        status.textContent = error.message;
+        status.classList.add("error");
+      }
+    });
+  }
+
+  // --- the event stream ---------------------------------------------------------------
+  let wasUp = !body.hasAttribute("data-away");
+  const source = new EventSource(`${root}/events?${body.dataset.events || ""}`);
+  source.addEventListener("daemon", (event) => {
+    const state = JSON.parse(event.data);
+    banner.hidden = state.up;
+    banner.textContent = state.reason;
+    if (state.up && body.hasAttribute("data-away")) location.reload();
+    if (state.up && !wasUp) onUp.forEach((handler) => handler());
+    wasUp = state.up;
+  });
+  source.addEventListener("error", () => {
+    banner.hidden = false;
+    banner.textContent = "The dashboard's event stream broke; connecting again.";
+  });
+  source.addEventListener("run", (event) => {
+    const run = JSON.parse(event.data);
+    onRun.forEach((handler) => handler(run));
+  });
+  source.addEventListener("stats", (event) => {
+    const stats = JSON.parse(event.data);
+    for (const cell of document.querySelectorAll("[data-stat]")) {
+      const value = stats[cell.dataset.stat];
+      if (value === undefined) continue;
+      cell.textContent =
+        cell.dataset.stat === "uptime_s" ? duration(value) : Number(value).toLocaleString("en");
+    }
+  });
+
+  // The largest whole unit, as the CLI says it (clients/_render.py): 3d, 5h, 12m, 40s.
+  function duration(seconds) {
+    for (const [unit, size] of [["d", 86400], ["h", 3600], ["m", 60]]) {
+      if (seconds >= size) return `${Math.floor(seconds / size)}${unit}`;
+    }
+    return `${Math.max(Math.floor(seconds), 1)}s`;
+  }
+
+  // --- the conversations list: each row's state and title, live -----------------------
+  const list = document.getElementById("conversations");
+  if (list) {
+    onRun.push((run) => {
+      const row = [...list.querySelectorAll("tr[data-agent]")].find(
+        (tr) => tr.dataset.agent === run.agent && tr.dataset.sender === run.sender);
+      if (!row) return;
+      const event = run.event;
+      if (event.type === "start" || event.type === "end") {
+        const running = event.type === "start";
+        row.classList.toggle("running", running);
+        row.querySelector(".state").textContent = running ? "running" : "idle";
+      } else if (event.type === "title") {
+        row.querySelector(".title a").textContent = event.title;
+      }
+    });
+  }
+
+  // --- the live feed: one row a run ---------------------------------------------------
+  const feed = document.getElementById("feed");
+  if (feed) {
+    const rows = feed.tBodies[0];
+    onRun.push((run) => {
+      const event = run.event;
+      let row = [...rows.rows].find((tr) => tr.dataset.run === run.run_id);
+      if (!row) {
+        rows.querySelector(".empty")?.remove();
+        row = rows.insertRow(0);
+        row.dataset.run = run.run_id;
+        row.insertCell().textContent = new Date().toLocaleTimeString();
+        const link = element("a", "", `${run.agent} · ${run.sender}`);
+        link.href = `${root}/conversation?${new URLSearchParams({ agent: run.agent, sender: run.sender })}`;
+        row.insertCell().append(link);
+        row.insertCell().textContent = run.agent;
+        row.insertCell().className = "state";
+        row.insertCell().className = "text";
+        while (rows.rows.length > 100) rows.deleteRow(-1);
+      }
+      const state = row.cells[3];
+      const text = row.cells[4];
+      switch (event.type) {
+        case "queued": state.textContent = "queued"; break;
+        case "start": row.cells[2].textContent = event.agent; state.textContent = "running"; break;
+        case "text_delta": text.textContent = (text.textContent + event.delta).slice(-300); break;
+        case "tool_call": state.textContent = `tool ${event.name}`; break;
+        case "tool_result": state.textContent = "running"; break;
+        case "ask_user": state.textContent = "asking"; break;
+        case "end":
+          state.textContent = event.error ? `${event.status}: ${event.error.message}` : event.status;
+          row.classList.add(event.status);
+          break;
+      }
+    });
+  }
+
+  // --- one conversation: its run in flight, its ask, the history after each run --------
+  const history = document.getElementById("history");
+  if (history) {
+    const { agent, sender } = history.dataset;
+    const live = document.getElementById("live");
+    const ask = document.getElementById("ask");
+    const title = document.getElementById("title");
+    const runs = new Map(); // run_id -> its bubble's parts
+    let refreshing = Promise.resolve();
+
+    const lastSeq = () => Math.max(0, ...[...history.querySelectorAll("[data-seq]")].map(
+      (node) => Number(node.dataset.seq)));
+
+    // The entries stored since the last shown take the live bubbles' place.
+    function refresh() {
+      refreshing = refreshing.then(async () => {
+        const query = new URLSearchParams({ agent, sender, after_seq: lastSeq() });
+        const response = await fetch(`${root}/conversation/entries?${query}`);
+        if (!response.ok) return;
+        history.insertAdjacentHTML("beforeend", await response.text());
+        if (runs.size === 0) live.replaceChildren();
+      });
+    }
+    onUp.push(refresh);
+
+    function bubble(run) {
+      let parts = runs.get(run.run_id);
+      if (!parts) {
+        const node = element("div", "entry assistant live");
+        node.dataset.run = run.run_id;
+        parts = { node, speaker: element("div", "speaker", agent), text: element("div", "text") };
+        node.append(parts.speaker, parts.text);
+        live.append(node);
+        runs.set(run.run_id, parts);
+      }
+      return parts;
+    }
+
+    function answer(content) {
+      post("/conversation/reply", { agent, sender, content, ask_id: ask.dataset.ask })
+        .then(() => { ask.hidden = true; })
+        .catch((error) => { ask.querySelector(".status").textContent = error.message; });
+    }
+
+    function showAsk(run, event) {
+      ask.replaceChildren();
+      ask.dataset.ask = event.ask_id;
+      for (const question of event.questions) {
+        ask.append(element("p", "question", question.question));
+        const options = element("div", "options");
+        for (const option of question.options) {
+          const button = element("button", "option", option.label);
+          button.type = "button";
+          if (option.description) button.title = option.description;
+          button.addEventListener("click", () => answer(option.label));
+          options.append(button);
+        }
+        ask.append(options);
+      }
+      const form = element("form", "free");
+      const input = element("input");
+      input.name = "answer";
+      input.placeholder = "or write an answer";
+      form.append(input, element("button", "", "Answer"), element("span", "status"));
+      form.addEventListener("submit", (e) => { e.preventDefault(); answer(input.value); });
+      ask.append(form);
+      ask.hidden = false;
+    }
+
+    document.getElementById("send").addEventListener("posting", (event) => {
+      const mine = element("div", "entry user pending");
+      mine.append(element("div", "speaker", sender), element("div", "text", event.detail.content));
+      live.append(mine);
+    });
+
+    onRun.push((run) => {
+      const event = run.event;
+      switch (event.type) {
+        case "start": {
+          const parts = bubble(run);
+          parts.text.textContent = ""; // a replay from the start
+          parts.node.querySelectorAll("details").forEach((node) => node.remove());
+          parts.speaker.textContent = event.agent === agent ? agent : `${event.agent} (guest)`;
+          break;
+        }
+        case "text_delta": bubble(run).text.textContent += event.delta; break;
+        case "tool_call": {
+          const call = folded(`called ${event.name}`, event.arguments);
+          call.dataset.call = event.call_id;
+          bubble(run).node.append(call);
+          break;
+        }
+        case "tool_result": {
+          const call = bubble(run).node.querySelector(`[data-call="${CSS.escape(event.call_id)}"]`);
+          call?.append(element("pre", event.is_error ? "error" : "", event.output));
+          break;
+        }
+        case "ask_user": showAsk(run, event); break;
+        case "title": title.textContent = event.title; break;
+        case "end":
+          runs.delete(run.run_id);
+          ask.hidden = true;
+          if (event.error) bubble(run).text.append(element("div", "error", event.error.message));
+          refresh();
+          break;
+      }
+    });
+  }
+})();

@@ -1,0 +1,125 @@
+"""What the dashboard's tests share: logging in, a real `chinwag dashboard` process,
+and reading its event stream."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from starlette.testclient import TestClient
+
+TOKEN = "test-token-4f1c2a"
+#: How long the dashboard process has to print its address.
+START_S = 15.0
+#: How long one wait on the dashboard's event stream may take.
+EVENT_S = 15.0
+
+
+def logged_in(client: TestClient | httpx.Client) -> str:
+    """Log ``client`` in with the token; the session's CSRF token."""
+    page = client.get("/feed", params={"token": TOKEN}, follow_redirects=True)
+    assert page.status_code == 200, page.text
+    found = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+    assert found is not None, page.text
+    return found.group(1)
+
+
+# --- a real process -------------------------------------------------------------------
+
+
+@dataclass
+class DashboardProcess:
+    """A running `chinwag dashboard`; ``url`` is its address without the token."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    token: str = TOKEN
+    log: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_dashboard(socket_path: Path, *args: str) -> DashboardProcess:
+    env = dict(os.environ)
+    env.pop("CHINWAG_DASHBOARD_TOKEN", None)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chinwag.clients.cli",
+            "--socket",
+            str(socket_path),
+            "dashboard",
+            "--port",
+            "0",
+            "--token",
+            TOKEN,
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + START_S
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        found = re.search(r"chinwag dashboard on (\S+)", line)
+        if found:
+            return DashboardProcess(proc, found.group(1).rstrip("/"), log=seen)
+    proc.kill()
+    proc.wait(10)
+    raise AssertionError(f"chinwag dashboard printed no address within {START_S:g} s: {seen}")
+
+
+class EventStream:
+    """The dashboard's server-sent events, read one at a time, each within ``EVENT_S``."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._lines = response.iter_lines()
+
+    def next(self) -> tuple[str, str]:
+        kind, data = "message", ""
+        for line in self._lines:
+            if line.startswith("event:"):
+                kind = line.partition(":")[2].strip()
+            elif line.startswith("data:"):
+                data = line.partition(":")[2].strip()
+            elif not line and data:
+                return kind, data
+        raise AssertionError("the dashboard's event stream ended")
+
+    def until(self, done: Callable[[str, str], bool], what: str) -> list[tuple[str, str]]:
+        """Events up to and including the first that is ``done``."""
+        seen: list[tuple[str, str]] = []
+        try:
+            while True:
+                seen.append(self.next())
+                if done(*seen[-1]):
+                    return seen
+        except httpx.ReadTimeout:
+            raise AssertionError(f"waited {EVENT_S:g} s for {what}, in vain; saw {seen}") from None

@@ -1,0 +1,203 @@
+"""Each view renders what the real daemon holds, under the proxy's prefix when there is
+one, and nothing secret."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from chinwag.clients import connect
+from chinwag.clients.dashboard import create_app
+from dashboard_harness import TOKEN, logged_in
+from starlette.testclient import TestClient
+
+SECRET_KEY = "sk-dashboard-never-shows-this"
+
+CONFIG_WITH_A_KEY = f"""
+[daemon]
+shutdown_grace_s = 2.0
+
+[providers.remote]
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key = "{SECRET_KEY}"
+
+[agents.assistant]
+provider = "echo"
+description = "Echoes the user"
+tools = ["set_title", "ask_user"]
+
+[agents.helper]
+provider = "echo"
+description = "A second agent"
+
+[agents.remote]
+provider = "remote"
+model = "some-model"
+system_prompt = "The system prompt is config, never shown."
+"""
+
+
+def on_daemon(daemon: Any, body: Callable[[Any], Awaitable[None]]) -> None:
+    """Run ``body(client)`` against the daemon through the client library."""
+
+    async def main() -> None:
+        with anyio.fail_after(30):
+            async with connect(daemon.socket_path) as client:
+                await body(client)
+
+    anyio.run(main, backend="asyncio")
+
+
+async def talk(client: Any, sender: str, *lines: str, guest: str | None = None) -> None:
+    for line in lines:
+        async with client.stream("assistant", line, sender=sender, guest=guest) as events:
+            await events.collect()
+
+
+def test_agents_lists_each_agent_with_its_tools(app_client: TestClient) -> None:
+    page = app_client.get("/agents")
+    assert page.status_code == 200
+    rows = re.findall(r'<tr data-agent="([^"]+)">', page.text)
+    assert rows == ["assistant", "helper"]
+    assert "Echoes the user" in page.text
+    assert '<code class="tool">ask_user</code>' in page.text
+
+
+def test_conversations_show_titles_filtered_and_searched(
+    daemon: Any, app_client: TestClient
+) -> None:
+    async def fill(client: Any) -> None:
+        await talk(client, "ana", "/title Planning the garden")
+        await talk(client, "bob", "/title Fixing the roof")
+        async with client.stream("helper", "hi", sender="cid") as events:
+            await events.collect()
+
+    on_daemon(daemon, fill)
+    every = app_client.get("/").text
+    assert "Planning the garden" in every and "Fixing the roof" in every
+    assert 'data-agent="helper" data-sender="cid"' in every
+    only_helper = app_client.get("/", params={"agent": "helper"}).text
+    assert 'data-sender="cid"' in only_helper and "Planning the garden" not in only_helper
+    searched = app_client.get("/", params={"q": "ROOF"}).text
+    assert "Fixing the roof" in searched and "Planning the garden" not in searched
+    by_sender = app_client.get("/", params={"q": "ana"}).text
+    assert "Planning the garden" in by_sender and "Fixing the roof" not in by_sender
+    none = app_client.get("/", params={"q": "nothing like this"}).text
+    assert "No conversations match" in none
+
+
+def test_a_conversation_folds_tool_calls_and_names_its_guest(
+    daemon: Any, app_client: TestClient
+) -> None:
+    async def fill(client: Any) -> None:
+        await talk(client, "ana", "/title Garden")
+        await talk(client, "ana", "what do you think", guest="helper")
+
+    on_daemon(daemon, fill)
+    page = app_client.get("/conversation", params={"agent": "assistant", "sender": "ana"})
+    assert page.status_code == 200
+    assert '<h1 id="title">Garden</h1>' in page.text
+    # The call and its result are folded away, the result named after its tool.
+    assert "<summary>called set_title</summary>" in page.text
+    assert "<summary>result of set_title</summary>" in page.text
+    # The guest's reply is shown as the guest's.
+    guest_turn = re.search(
+        r'<div class="entry assistant guest"[^>]*>\s*<div class="speaker">helper '
+        r'<span class="badge">guest</span></div>\s*<div class="text">what do you think</div>',
+        page.text,
+    )
+    assert guest_turn is not None, page.text
+    assert '<option value="helper">helper (guest)</option>' in page.text
+
+
+def test_archived_entries_show_on_demand(daemon: Any, app_client: TestClient) -> None:
+    async def fill(client: Any) -> None:
+        await talk(client, "ana", "before the compaction")
+        await client.compact("assistant", "ana")
+        await talk(client, "ana", "after the compaction")
+
+    on_daemon(daemon, fill)
+    address = {"agent": "assistant", "sender": "ana"}
+    current = app_client.get("/conversation", params=address).text
+    assert "after the compaction" in current
+    assert '<div class="text">before the compaction</div>' not in current
+    assert 'class="entry compact"' in current
+    archived = app_client.get("/conversation", params={**address, "archived": "1"}).text
+    assert '<div class="text">before the compaction</div>' in archived
+    assert "hide archived entries" in archived
+
+
+def test_entries_after_a_seq_are_a_fragment(daemon: Any, app_client: TestClient) -> None:
+    on_daemon(daemon, lambda client: talk(client, "ana", "one", "two"))
+    fragment = app_client.get(
+        "/conversation/entries", params={"agent": "assistant", "sender": "ana", "after_seq": 2}
+    ).text
+    assert "<html" not in fragment
+    assert re.findall(r'data-seq="(\d+)"', fragment) == ["3", "4"]
+
+
+def test_feed_and_stats(daemon: Any, app_client: TestClient) -> None:
+    on_daemon(daemon, lambda client: talk(client, "ana", "one", "two"))
+    assert 'id="feed"' in app_client.get("/feed").text
+    stats = app_client.get("/stats").text
+    assert '<dd data-stat="runs_total">2</dd>' in stats
+    # The dashboard's own connection, holding its one subscription.
+    assert '<dd data-stat="subscriptions">1</dd>' in stats
+
+
+def test_a_refusal_of_the_daemon_is_its_sentence(app_client: TestClient) -> None:
+    page = app_client.get("/conversation", params={"agent": "nobody", "sender": "user"})
+    assert page.status_code == 404
+    assert "nobody" in page.text and 'class="refused"' in page.text
+    missing = app_client.get("/conversation", params={"agent": "assistant"})
+    assert missing.status_code == 400
+    assert "This page needs `sender` in its address." in missing.text
+
+
+def test_links_stay_under_the_proxys_prefix(daemon: Any) -> None:
+    app = create_app(daemon.socket_path, token=TOKEN, retry_s=0.1)
+    with TestClient(app, root_path="/cw") as client:
+        assert client.portal is not None
+        client.portal.call(app.state.link.until_up)
+        # As uvicorn hands it on: the path with the prefix, which the routes do without.
+        first = client.get(
+            "/cw/", params={"token": TOKEN, "agent": "helper"}, follow_redirects=False
+        )
+        assert first.headers["location"] == "/cw/?agent=helper"
+        assert "path=/cw" in first.headers["set-cookie"].lower()
+        page = client.get("/cw/agents").text
+    links = re.findall(r'(?:href|src|action)="([^"]+)"', page)
+    assert links, page
+    assert all(link.startswith("/cw/") for link in links), links
+    assert '<meta name="root" content="/cw">' in page
+    assert '<a href="/cw/conversation?agent=helper&amp;sender=user">talk</a>' in page
+
+
+def test_no_secret_is_rendered(daemon_factory: Any) -> None:
+    daemon = daemon_factory(CONFIG_WITH_A_KEY)
+    on_daemon(daemon, lambda client: talk(client, "ana", "/title Hello"))
+    app = create_app(daemon.socket_path, token=TOKEN, retry_s=0.1)
+    with TestClient(app) as client:
+        assert client.portal is not None
+        client.portal.call(app.state.link.until_up)
+        logged_in(client)
+        pages = [
+            client.get(path, params=params).text
+            for path, params in [
+                ("/", {}),
+                ("/agents", {}),
+                ("/feed", {}),
+                ("/stats", {}),
+                ("/conversation", {"agent": "assistant", "sender": "ana"}),
+                ("/conversation", {"agent": "remote", "sender": "ana"}),
+            ]
+        ]
+    assert all("chinwag" in text for text in pages)
+    for text in pages:
+        assert TOKEN not in text
+        assert SECRET_KEY not in text
+        assert "never shown" not in text
+        assert "127.0.0.1:9" not in text
