@@ -119,6 +119,12 @@ async def ask_on_terminal(ask: AskUser, lines: LineReader, console: Console) -> 
         answers.append(
             (question.question, _parse_choice(answer.strip(), labels, question.multi_select))
         )
+    return joined_answers(answers)
+
+
+def joined_answers(answers: list[tuple[str, str]]) -> str:
+    """One reply to an ``ask_user`` from its (question, answer) pairs: the answer alone
+    for one question, else a line per question."""
     if len(answers) == 1:
         return answers[0][1]
     return "\n".join(f"{question}: {answer}" for question, answer in answers)

@@ -133,6 +133,7 @@ class _Commands(click.Group):
         "mail": ("chinwag.clients._mail_cli", "mail"),
         "inbox": ("chinwag.clients._mail_cli", "inbox"),
         "usage": ("chinwag.clients._usage_cli", "usage"),
+        "tui": ("chinwag.clients.tui", "command"),
         "dashboard": ("chinwag.clients.dashboard", "command"),
     }
 

@@ -1,0 +1,147 @@
+"""The side panes: the conversations, and the participant's inbox."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from chinwag.protocol import ConversationItem, MailItem
+from textual.message import Message
+from textual.widgets import DataTable
+
+#: How many conversations the list shows: the most recently active.
+CONVERSATIONS_SHOWN = 200
+#: How many messages the inbox shows: the newest.
+INBOX_SHOWN = 100
+
+
+def _when(moment: datetime | None, now: datetime) -> str:
+    """Today's times as 14:05, older ones as their day."""
+    if moment is None:
+        return ""
+    local = moment.astimezone()
+    return local.strftime("%H:%M" if local.date() == now.date() else "%Y-%m-%d")
+
+
+def _key(agent: str, sender: str) -> str:
+    return f"{agent}\0{sender}"
+
+
+class ConversationList(DataTable[str]):
+    """Every conversation, most recently active first; Enter opens one."""
+
+    class Opened(Message):
+        def __init__(self, agent: str, sender: str) -> None:
+            super().__init__()
+            self.agent = agent
+            self.sender = sender
+
+    def __init__(self) -> None:
+        super().__init__(id="conversations", cursor_type="row", zebra_stripes=True)
+        self.border_title = "Conversations"
+        self.items: list[ConversationItem] = []
+
+    def on_mount(self) -> None:
+        self.add_column("agent", key="agent")
+        self.add_column("sender", key="sender")
+        self.add_column("title", key="title")
+        self.add_column("last", key="last")
+        self.add_column("run", key="running")
+
+    def show(self, items: list[ConversationItem], current: tuple[str, str] | None) -> None:
+        """The list as the daemon gave it; the cursor stays on the row it was on."""
+        self.items = items
+        selected = self._selected()
+        now = datetime.now().astimezone()
+        self.clear()
+        for item in items:
+            self.add_row(
+                item.agent,
+                item.sender,
+                item.title,
+                _when(item.updated_at, now),
+                "●" if item.running else "",
+                key=_key(item.agent, item.sender),
+            )
+        for key in (selected, _key(*current) if current else None):
+            if key is not None and key in self.rows:
+                self.move_cursor(row=self.get_row_index(key), scroll=False)
+                break
+
+    def _selected(self) -> str | None:
+        if not self.rows or self.cursor_row < 0 or self.cursor_row >= len(self.items):
+            return None
+        item = self.items[self.cursor_row]
+        return _key(item.agent, item.sender)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        item = self.items[event.cursor_row]
+        self.post_message(self.Opened(item.agent, item.sender))
+
+
+class InboxPane(DataTable[str]):
+    """``reader``'s mail, newest first, unread marked ●; Enter opens the thread."""
+
+    class Opened(Message):
+        def __init__(self, item: MailItem) -> None:
+            super().__init__()
+            self.item = item
+
+    def __init__(self, reader: str) -> None:
+        super().__init__(id="inbox", cursor_type="row")
+        self.reader = reader
+        self.items: list[MailItem] = []
+        self._title()
+
+    def on_mount(self) -> None:
+        self.add_column("", key="unread")
+        self.add_column("from", key="from")
+        self.add_column("message", key="message")
+        self.add_column("when", key="when")
+
+    @property
+    def unread(self) -> int:
+        return sum(1 for item in self.items if item.state != "read")
+
+    def _title(self) -> None:
+        unread = self.unread
+        self.border_title = f"Inbox · {self.reader}" + (f" · {unread} unread" if unread else "")
+
+    def show(self, items: list[MailItem]) -> None:
+        self.items = items[:INBOX_SHOWN]
+        self.clear()
+        now = datetime.now().astimezone()
+        for item in self.items:
+            self._add(item, now)
+        self._title()
+
+    def arrived(self, item: MailItem) -> None:
+        """A new message: on top."""
+        self.show([item, *self.items])
+
+    def read(self, msg_ids: set[str]) -> None:
+        """These messages are read now."""
+        for index, item in enumerate(self.items):
+            if item.message.msg_id in msg_ids and item.state != "read":
+                self.items[index] = MailItem(
+                    message=item.message,
+                    state="read",
+                    delivered_at=item.delivered_at,
+                    read_at=datetime.now().astimezone(),
+                )
+                self.update_cell(item.message.msg_id, "unread", "")
+        self._title()
+
+    def _add(self, item: MailItem, now: datetime) -> None:
+        message = item.message
+        self.add_row(
+            "●" if item.state != "read" else "",
+            message.sender,
+            " ".join(message.content.split())[:60],
+            _when(message.created_at, now),
+            key=message.msg_id,
+        )
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.post_message(self.Opened(self.items[event.cursor_row]))
