@@ -72,7 +72,7 @@ class ChinwagTui(App[None]):
         self.view = ConversationView(agent or "", sender or DEFAULT_SENDER)
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield Header(icon="≡")
         yield self.gone
         with Horizontal():
             with Vertical(id="side"):
@@ -152,8 +152,14 @@ class ChinwagTui(App[None]):
                 event = frame.event
                 if isinstance(event, Start | End | Title):
                     self._relist.set()
-                if isinstance(event, Start) and (frame.agent, frame.sender) == self.view.key:
+                if (frame.agent, frame.sender) != self.view.key:
+                    continue
+                if isinstance(event, Start):
                     self.view.run_started(frame.run_id)
+                elif isinstance(event, Title):
+                    # Here, not from the run's own events: a short run may end before
+                    # the view attaches to it.
+                    self.view.retitle(event.title)
         raise ConnectionLost("The daemon ended the subscription.")
 
     async def _keep_listed(self, client: Client) -> None:

@@ -21,7 +21,6 @@ from chinwag.protocol import (
     StreamEventMsg,
     TextDelta,
     ThinkingDelta,
-    Title,
     ToolCall,
     ToolCallInfo,
     ToolResult,
@@ -271,6 +270,10 @@ class ConversationView(Vertical):
                 else:
                     await self.transcript.mount(*widgets)
 
+    def retitle(self, title: str) -> None:
+        """A run of this conversation set its title."""
+        self._set_title(title)
+
     def _set_title(self, title: str) -> None:
         self.title = title
         self.post_message(self.TitleChanged(self.agent, self.sender, title))
@@ -347,8 +350,6 @@ class ConversationView(Vertical):
                     view.close_dialog()
             case AskUser():
                 self._ask(client, view, event)
-            case Title(title=title):
-                self._set_title(title)
             case Queued(position=position):
                 await view.add(Static(f"queued: {position} ahead", classes="note"))
             case Compaction():

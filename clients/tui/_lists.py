@@ -27,7 +27,7 @@ def _key(agent: str, sender: str) -> str:
 
 
 class ConversationList(DataTable[str]):
-    """Every conversation, most recently active first; Enter opens one."""
+    """Every conversation, most recently active first, ● while it runs; Enter opens one."""
 
     class Opened(Message):
         def __init__(self, agent: str, sender: str) -> None:
@@ -41,11 +41,11 @@ class ConversationList(DataTable[str]):
         self.items: list[ConversationItem] = []
 
     def on_mount(self) -> None:
+        self.add_column("", key="running")
         self.add_column("agent", key="agent")
         self.add_column("sender", key="sender")
-        self.add_column("title", key="title")
         self.add_column("last", key="last")
-        self.add_column("run", key="running")
+        self.add_column("title", key="title")
 
     def show(self, items: list[ConversationItem], current: tuple[str, str] | None) -> None:
         """The list as the daemon gave it; the cursor stays on the row it was on."""
@@ -55,11 +55,11 @@ class ConversationList(DataTable[str]):
         self.clear()
         for item in items:
             self.add_row(
+                "●" if item.running else "",
                 item.agent,
                 item.sender,
-                item.title,
                 _when(item.updated_at, now),
-                "●" if item.running else "",
+                item.title,
                 key=_key(item.agent, item.sender),
             )
         for key in (selected, _key(*current) if current else None):
@@ -95,9 +95,9 @@ class InboxPane(DataTable[str]):
 
     def on_mount(self) -> None:
         self.add_column("", key="unread")
+        self.add_column("when", key="when")
         self.add_column("from", key="from")
         self.add_column("message", key="message")
-        self.add_column("when", key="when")
 
     @property
     def unread(self) -> int:
@@ -136,9 +136,9 @@ class InboxPane(DataTable[str]):
         message = item.message
         self.add_row(
             "●" if item.state != "read" else "",
+            _when(message.created_at, now),
             message.sender,
             " ".join(message.content.split())[:60],
-            _when(message.created_at, now),
             key=message.msg_id,
         )
 

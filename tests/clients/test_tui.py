@@ -9,11 +9,14 @@ names what never came.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import cairosvg
 from chinwag.clients import connect
 from chinwag.clients.tui import ChinwagTui
 from chinwag.clients.tui._conversation import RunView
@@ -22,6 +25,7 @@ from test_cli import fresh_sender
 from textual.pilot import Pilot
 from textual.widgets import Button, DataTable, Input, Markdown
 
+DOCS = Path(__file__).parents[2] / "docs" / "screenshots"
 WAIT_S = 20.0
 BODY_S = 50.0
 
@@ -72,12 +76,19 @@ class Driver:
             if not markdown.has_class("prompt")
         )
 
-    def rows(self, table_id: str) -> list[list[str]]:
+    def rows(self, table_id: str, *columns: str) -> list[tuple[str, ...]]:
+        """The table's rows, top down: the cells of ``columns`` (by key), else all."""
         table = self.app.query_one(f"#{table_id}", DataTable)
-        return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+        keys = columns or tuple(column.value for column in table.columns)
+        return [tuple(str(table.get_cell(row.key, k)) for k in keys) for row in table.ordered_rows]
 
 
-def drive(socket: Path, body: Callable[[Driver], Awaitable[None]], **options: Any) -> None:
+def drive(
+    socket: Path,
+    body: Callable[[Driver], Awaitable[None]],
+    size: tuple[int, int] = (160, 50),
+    **options: Any,
+) -> None:
     """Run ``body`` against a `ChinwagTui` on ``socket`` (asyncio, as Textual runs)."""
 
     async def main() -> None:
@@ -90,7 +101,7 @@ def drive(socket: Path, body: Callable[[Driver], Awaitable[None]], **options: An
 
         app = ChinwagTui(socket, retry_s=0.2, **options)
         with anyio.fail_after(BODY_S):
-            async with app.run_test(size=(160, 50), message_hook=hook) as pilot:
+            async with app.run_test(size=size, message_hook=hook) as pilot:
                 await body(Driver(app, pilot, lambda: changed))
 
     anyio.run(main, backend="asyncio")
@@ -106,8 +117,8 @@ def test_the_list_shows_conversations_and_their_titles_live(daemon) -> None:
             await ui.until(
                 "the first conversation and its title",
                 lambda: (
-                    ["assistant", first, "Plans for May"]
-                    in [r[:3] for r in ui.rows("conversations")]
+                    ("assistant", first, "Plans for May")
+                    in ui.rows("conversations", "agent", "sender", "title")
                 ),
             )
             # Set while the app runs: the subscription has it listed again.
@@ -115,7 +126,10 @@ def test_the_list_shows_conversations_and_their_titles_live(daemon) -> None:
                 await ev.collect()
             await ui.until(
                 "the second conversation, listed first",
-                lambda: ui.rows("conversations")[0][:3] == ["assistant", second, "Budget"],
+                lambda: (
+                    ui.rows("conversations", "agent", "sender", "title")[0]
+                    == ("assistant", second, "Budget")
+                ),
             )
 
     drive(daemon.socket_path, body)
@@ -219,14 +233,17 @@ def test_the_inbox_shows_new_mail_and_marks_it_read_on_open(daemon) -> None:
             await client.post("bob", "Lunch at **noon**?", to=reader)
             await ui.until(
                 "the message, unread",
-                lambda: [r[:3] for r in ui.rows("inbox")] == [["●", "bob", "Lunch at **noon**?"]],
+                lambda: (
+                    ui.rows("inbox", "unread", "from", "message")
+                    == [("●", "bob", "Lunch at **noon**?")]
+                ),
             )
             assert ui.app.inbox.border_title == f"Inbox · {reader} · 1 unread"
             await ui.pilot.press("ctrl+t", "enter")
             await ui.until("the thread", lambda: isinstance(ui.app.screen, ThreadScreen))
             bodies = [m.source for m in ui.app.screen.query(Markdown)]
             assert bodies == ["Lunch at **noon**?"]
-            await ui.until("the message read", lambda: ui.rows("inbox")[0][0] == "")
+            await ui.until("the message read", lambda: ui.rows("inbox", "unread") == [("",)])
             assert ui.app.inbox.border_title == f"Inbox · {reader}"
             page = await client.inbox(reader)
             assert [item.state for item in page.items] == ["read"]
@@ -254,3 +271,41 @@ def test_a_daemon_restart_shows_a_banner_then_everything_again(daemon) -> None:
         await ui.until("the new run", lambda: ui.transcript().endswith("after the restart"))
 
     drive(daemon.socket_path, body, agent="assistant", sender=sender)
+
+
+def test_a_screenshot_of_the_app(daemon, tmp_path: Path) -> None:
+    """A conversation, the list and an inbox, saved as the PNG the README shows (replacing
+    docs/screenshots/tui.png with CHINWAG_UPDATE_SCREENSHOTS=1)."""
+    plan = "Steps for the **release**:\n\n1. tag `v0.2`\n2. publish the *notes*\n3. tell ana"
+    reply = "Steps for the **release**: 1. tag `v0.2` 2. publish the *notes* 3. tell ana"
+
+    async def conversations_and_mail() -> None:
+        async with connect(daemon.socket_path) as client:
+            for agent, sender, text in (
+                ("helper", "agent:assistant", "what changed since v0.1?"),
+                ("assistant", "tg:40211", "/title Groceries for the week"),
+                ("assistant", "ana", "/title Release checklist"),
+                ("assistant", "ana", plan),
+            ):
+                async with client.stream(agent, text, sender=sender) as events:
+                    await events.collect()
+            await client.post("bob", "Lunch on Friday?", to="user")
+            await client.post("ana", "Can you review the **release notes**?", to="user")
+
+    async def body(ui: Driver) -> None:
+        await ui.until("the reply", lambda: ui.transcript().endswith(reply))
+        await ui.until("the mail", lambda: len(ui.rows("inbox")) == 2)
+        await ui.until("the list", lambda: len(ui.rows("conversations")) == 3)
+        await ui.until("the title", lambda: ui.app.sub_title.endswith("Release checklist"))
+        await ui.pilot.pause()  # the last change drawn
+        ui.app.save_screenshot(path=str(tmp_path), filename="tui.svg")
+
+    anyio.run(conversations_and_mail)
+    drive(daemon.socket_path, body, agent="assistant", sender="ana", size=(120, 34))
+    # The SVG names Textual's web font, not installed here: a monospace font that is.
+    svg = (tmp_path / "tui.svg").read_text().replace("Fira Code", "DejaVu Sans Mono")
+    png = tmp_path / "tui.png"
+    cairosvg.svg2png(bytestring=svg.encode(), write_to=str(png))
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    if os.environ.get("CHINWAG_UPDATE_SCREENSHOTS") == "1":
+        shutil.copyfile(png, DOCS / "tui.png")
