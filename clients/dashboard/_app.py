@@ -47,7 +47,7 @@ def create_app(socket_path: Path, *, token: str, retry_s: float = 1.0) -> Starle
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(link.run)
+            await task_group.start(link.run)
             yield
             task_group.cancel_scope.cancel()
 

@@ -20,6 +20,7 @@ from .._settings import Failure, settings_of
 TOKEN_ENV = "CHINWAG_DASHBOARD_TOKEN"
 #: How long uvicorn lets open event streams finish when told to stop.
 GRACEFUL_S = 2
+BACKLOG = 2048  # uvicorn's own
 
 
 def is_loopback(host: str) -> bool:
@@ -74,6 +75,8 @@ def serve(socket_path: Path, host: str, port: int, root_path: str, token: str | 
     except OSError as exc:
         listener.close()
         raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    # Listening before the address is printed: a browser opening it at once is queued.
+    listener.listen(BACKLOG)
     bound = listener.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     address = f"http://{shown}:{bound}{root_path}/"
@@ -85,6 +88,7 @@ def serve(socket_path: Path, host: str, port: int, root_path: str, token: str | 
         root_path=root_path,
         log_level="warning",
         timeout_graceful_shutdown=GRACEFUL_S,
+        backlog=BACKLOG,
     )
     with listener:
         uvicorn.Server(config).run(sockets=[listener])

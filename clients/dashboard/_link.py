@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from chinwag.protocol import End, Event, TextDelta, ThinkingDelta
@@ -102,8 +103,12 @@ class DaemonLink:
             raise DaemonAway(self.state.reason)
         return self._client
 
-    async def run(self) -> None:
-        """Stay connected and subscribed until cancelled."""
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Stay connected and subscribed until cancelled; started (``task_group.start``)
+        once the first attempt has connected or failed, so that the first pages say which."""
+        starting = True
         while True:
             reason = "The daemon ended the dashboard's subscription."
             try:
@@ -111,6 +116,9 @@ class DaemonLink:
                     self._client = client
                     async with client.subscribe() as feed:
                         self._set_state(DaemonState(up=True))
+                        if starting:
+                            starting = False
+                            task_status.started()
                         async for event in feed:
                             self._publish(event)
             except ChinwagError as exc:
@@ -119,6 +127,9 @@ class DaemonLink:
                 self._client = None
                 self._runs.clear()
             self._set_state(DaemonState(up=False, reason=f"The daemon is unreachable: {reason}"))
+            if starting:
+                starting = False
+                task_status.started()
             await anyio.sleep(self.retry_s)
 
     async def until_up(self) -> None:

@@ -168,7 +168,9 @@
         const response = await fetch(`${root}/conversation/entries?${query}`);
         if (!response.ok) return;
         history.insertAdjacentHTML("beforeend", await response.text());
-        if (runs.size === 0) live.replaceChildren();
+        // Now stored and shown: the runs that ended done, and what was sent, once all ended.
+        live.querySelectorAll('[data-end="done"]').forEach((node) => node.remove());
+        if (runs.size === 0) live.querySelectorAll(".pending").forEach((node) => node.remove());
       });
     }
     onUp.push(refresh);
@@ -247,12 +249,19 @@
         }
         case "ask_user": showAsk(run, event); break;
         case "title": title.textContent = event.title; break;
-        case "end":
+        case "end": {
+          // A run that did not end done stays in view, saying how it ended.
+          const parts = bubble(run);
+          parts.node.dataset.end = event.status;
+          if (event.status !== "done") {
+            const how = event.error ? `${event.status}: ${event.error.message}` : event.status;
+            parts.node.append(element("div", "end-status", how));
+          }
           runs.delete(run.run_id);
           ask.hidden = true;
-          if (event.error) bubble(run).text.append(element("div", "error", event.error.message));
           refresh();
           break;
+        }
       }
     });
   }

@@ -27,8 +27,10 @@ async def conversation(request: Request) -> Response:
     sender = required(request, "sender")
     archived = bool(request.query_params.get("archived"))
     client = daemon(request).client
-    title, entries = await _entries(client, agent, sender, include_archived=archived)
     agents = await client.list_agents()
+    if agent not in {item.name for item in agents}:
+        raise ChinwagError(404, f"No agent is named {agent}.")
+    title, entries = await _entries(client, agent, sender, include_archived=archived)
     return page(
         request,
         "conversation.html",
@@ -62,13 +64,19 @@ async def entries(request: Request) -> Response:
 async def _entries(
     client: Client, agent: str, sender: str, *, after_seq: int = 0, include_archived: bool = False
 ) -> tuple[str, list[Entry]]:
-    """The conversation's title and every entry after ``after_seq``, oldest first."""
+    """The conversation's title and every entry after ``after_seq``, oldest first; none
+    for a conversation not begun yet (the first message sent begins it)."""
     title = ""
     found: list[Entry] = []
     while True:
-        history = await client.history(
-            agent, sender, after_seq=after_seq, include_archived=include_archived
-        )
+        try:
+            history = await client.history(
+                agent, sender, after_seq=after_seq, include_archived=include_archived
+            )
+        except ChinwagError as exc:
+            if exc.code == 404 and not found:
+                return title, found
+            raise
         title = history.title
         found.extend(history.entries)
         if not history.entries or history.entries[-1].seq >= history.last_seq:

@@ -4,17 +4,20 @@ and reading its event stream."""
 from __future__ import annotations
 
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
+from chinwag.clients import connect
 from starlette.testclient import TestClient
 
 TOKEN = "test-token-4f1c2a"
@@ -78,22 +81,28 @@ def start_dashboard(socket_path: Path, *args: str) -> DashboardProcess:
         env=env,
     )
     assert proc.stdout is not None
-    deadline = time.monotonic() + START_S
+    output = proc.stdout
     seen: list[str] = []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        found = re.search(r"chinwag dashboard on (\S+)", line)
-        if found:
-            return DashboardProcess(proc, found.group(1).rstrip("/"), log=seen)
-    proc.kill()
-    proc.wait(10)
-    raise AssertionError(f"chinwag dashboard printed no address within {START_S:g} s: {seen}")
+    address: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        # Read to the end, so that the process never blocks on a full pipe.
+        for line in output:
+            seen.append(line)
+            found = re.search(r"chinwag dashboard on (\S+)", line)
+            if found:
+                address.put(found.group(1).rstrip("/"))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        url = address.get(timeout=START_S)
+    except queue.Empty:
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(
+            f"chinwag dashboard printed no address within {START_S:g} s: {seen}"
+        ) from None
+    return DashboardProcess(proc, url, log=seen)
 
 
 class EventStream:
@@ -123,3 +132,21 @@ class EventStream:
                     return seen
         except httpx.ReadTimeout:
             raise AssertionError(f"waited {EVENT_S:g} s for {what}, in vain; saw {seen}") from None
+
+
+def on_daemon(daemon: Any, body: Callable[[Any], Awaitable[None]]) -> None:
+    """Run ``body(client)`` against the daemon through the client library (on trio:
+    Playwright's sync API holds an asyncio loop in this thread)."""
+
+    async def main() -> None:
+        with anyio.fail_after(30):
+            async with connect(daemon.socket_path) as client:
+                await body(client)
+
+    anyio.run(main, backend="trio")
+
+
+async def talk(client: Any, sender: str, *lines: str, guest: str | None = None) -> None:
+    for line in lines:
+        async with client.stream("assistant", line, sender=sender, guest=guest) as events:
+            await events.collect()

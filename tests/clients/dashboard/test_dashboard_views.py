@@ -4,13 +4,10 @@ one, and nothing secret."""
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
-from chinwag.clients import connect
 from chinwag.clients.dashboard import create_app
-from dashboard_harness import TOKEN, logged_in
+from dashboard_harness import TOKEN, logged_in, on_daemon, talk
 from starlette.testclient import TestClient
 
 SECRET_KEY = "sk-dashboard-never-shows-this"
@@ -38,23 +35,6 @@ provider = "remote"
 model = "some-model"
 system_prompt = "The system prompt is config, never shown."
 """
-
-
-def on_daemon(daemon: Any, body: Callable[[Any], Awaitable[None]]) -> None:
-    """Run ``body(client)`` against the daemon through the client library."""
-
-    async def main() -> None:
-        with anyio.fail_after(30):
-            async with connect(daemon.socket_path) as client:
-                await body(client)
-
-    anyio.run(main, backend="asyncio")
-
-
-async def talk(client: Any, sender: str, *lines: str, guest: str | None = None) -> None:
-    for line in lines:
-        async with client.stream("assistant", line, sender=sender, guest=guest) as events:
-            await events.collect()
 
 
 def test_agents_lists_each_agent_with_its_tools(app_client: TestClient) -> None:

@@ -1,0 +1,154 @@
+"""The dashboard in a real browser (Debian's Chromium through Playwright) against a real
+`chinwag dashboard` on a real daemon on the echo model.
+
+A failed test leaves a screenshot of its page in its output folder. One test saves a
+screenshot of each view; with CHINWAG_UPDATE_SCREENSHOTS=1 it also replaces the ones
+under docs/screenshots/ that the README shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chinwag.clients.dashboard._access import UNAUTHORIZED
+from dashboard_harness import TOKEN, DashboardProcess, on_daemon, talk
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.usefixtures("screenshot_on_failure")
+
+DOCS = Path(__file__).parents[3] / "docs" / "screenshots"
+PNG = b"\x89PNG\r\n\x1a\n"
+#: The views the README shows, by the name of their screenshot.
+SHOWN = ("conversations", "conversation", "feed", "agents", "stats")
+
+
+def open_page(page: Page, dashboard: DashboardProcess, path: str = "/", **query: str) -> None:
+    """Open ``path`` with the token, as the printed address does; it leaves the address."""
+    params = "&".join(f"{key}={value}" for key, value in {**query, "token": TOKEN}.items())
+    page.goto(f"{dashboard.url}{path}?{params}")
+    assert "token=" not in page.url
+
+
+def send(page: Page, text: str) -> None:
+    page.fill("#send textarea", text)
+    page.click("#send button")
+
+
+def test_the_conversation_list_shows_titles(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    on_daemon(daemon, lambda client: talk(client, "ana", "/title Planning the garden"))
+    open_page(page, dashboard)
+    row = page.locator('#conversations tr[data-sender="ana"]')
+    expect(row.locator(".title")).to_have_text("Planning the garden")
+    row.locator(".title a").click()
+    expect(page.locator("#title")).to_have_text("Planning the garden")
+
+
+def test_a_message_sent_streams_in_without_a_reload(
+    page: Page, dashboard: DashboardProcess
+) -> None:
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    page.evaluate("window.sameDocument = true")
+    send(page, "/slow 5 250")
+    # Word by word in the live bubble (some of the words, before the last), then the
+    # stored entry in the history.
+    live = page.locator("#live .entry.assistant .text")
+    expect(live).to_have_text(re.compile(r"^1( [234])*$"))
+    expect(page.locator("#history .entry.assistant .text")).to_have_text("1 2 3 4 5")
+    expect(page.locator("#history .entry.user .text")).to_have_text("/slow 5 250")
+    assert page.evaluate("window.sameDocument") is True
+
+
+def test_kill_stops_a_slow_run(page: Page, dashboard: DashboardProcess) -> None:
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    send(page, "/slow 100 200")
+    bubble = page.locator("#live .entry.assistant")
+    expect(bubble.locator(".text")).to_contain_text("1 2")
+    page.click("#kill button")
+    expect(bubble.locator(".end-status")).to_have_text("killed")
+    words = bubble.locator(".text").inner_text().split()
+    assert 2 <= len(words) < 100
+    expect(page.locator("#banner")).to_be_hidden()
+
+
+def test_an_ask_is_answered_with_a_button(page: Page, dashboard: DashboardProcess) -> None:
+    question = {
+        "question": "Which colour?",
+        "options": [{"label": "red"}, {"label": "blue", "description": "the sky's"}],
+    }
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    send(page, "/tool ask_user " + json.dumps({"questions": [question]}))
+    expect(page.locator("#ask .question")).to_have_text("Which colour?")
+    page.get_by_role("button", name="blue").click()
+    expect(page.locator("#ask")).to_be_hidden()
+    answered = page.locator("#history details.entry.tool")
+    expect(answered).to_contain_text("blue")
+
+
+def test_a_request_without_the_token_is_refused(page: Page, dashboard: DashboardProcess) -> None:
+    response = page.goto(f"{dashboard.url}/conversation?agent=assistant&sender=web")
+    assert response is not None and response.status == 401
+    expect(page.locator("body")).to_have_text(UNAUTHORIZED)
+
+
+def test_screenshots_of_each_view(
+    page: Page, daemon: Any, dashboard: DashboardProcess, output_path: str
+) -> None:
+    async def fill(client: Any) -> None:
+        await talk(client, "ana", "/title Planning the garden", "which plants like shade?")
+        await talk(client, "ana", "ferns and hostas, I would say", guest="helper")
+        await talk(client, "bob", "/title Fixing the roof", "how many tiles are missing")
+        await talk(client, "cid", "/title Weekly report", "summarise the week")
+
+    on_daemon(daemon, fill)
+    page.set_viewport_size({"width": 1200, "height": 760})
+    shots = Path(output_path)
+    shots.mkdir(parents=True, exist_ok=True)
+
+    def shoot(name: str) -> None:
+        page.screenshot(path=str(shots / f"dashboard-{name}.png"))
+
+    open_page(page, dashboard)
+    expect(page.locator("#conversations")).to_contain_text("Weekly report")
+    shoot("conversations")
+    page.goto(f"{dashboard.url}/agents")
+    shoot("agents")
+    # The feed, with runs going, started from other tabs.
+    page.goto(f"{dashboard.url}/feed")
+    others = []
+    for sender in ("ana", "bob"):
+        other = page.context.new_page()
+        other.goto(f"{dashboard.url}/conversation?agent=assistant&sender={sender}")
+        send(other, "/slow 40 100")
+        others.append(other)
+    expect(page.locator("#feed tbody tr")).to_have_count(2)
+    expect(page.locator("#feed tbody tr").first).to_contain_text("1 2 3")
+    shoot("feed")
+    for other in others:
+        other.click("#kill button")
+        other.close()
+    page.goto(f"{dashboard.url}/stats")
+    expect(page.locator('[data-stat="runs_total"]')).not_to_have_text("0")
+    shoot("stats")
+    # A conversation with a question waiting for its answer.
+    page.goto(f"{dashboard.url}/conversation?agent=assistant&sender=cid")
+    question = {"question": "Include the costs?", "options": [{"label": "yes"}, {"label": "no"}]}
+    send(page, "/tool ask_user " + json.dumps({"questions": [question]}))
+    expect(page.locator("#ask .question")).to_be_visible()
+    page.evaluate("window.scrollTo(0, 0)")
+    shoot("conversation")
+
+    for name in SHOWN:
+        taken = (shots / f"dashboard-{name}.png").read_bytes()
+        assert taken.startswith(PNG) and len(taken) > 10_000, name
+        if os.environ.get("CHINWAG_UPDATE_SCREENSHOTS") == "1":
+            shutil.copy(shots / f"dashboard-{name}.png", DOCS / f"dashboard-{name}.png")
+        # The README's copies are there, and PNGs.
+        assert (DOCS / f"dashboard-{name}.png").read_bytes().startswith(PNG), name
