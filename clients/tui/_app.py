@@ -189,9 +189,11 @@ class ChinwagTui(App[None]):
         self.open(event.agent, event.sender)
 
     def open(self, agent: str, sender: str) -> None:
-        """Show another conversation."""
+        """Show another conversation (once the daemon is back, while it is away)."""
         if self._tasks is not None and self.client is not None:
             self._tasks.start_soon(self.view.follow, self.client, agent, sender)
+        else:
+            self.view.agent, self.view.sender = agent, sender
         self.query_one("#message", Input).focus()
 
     def on_conversation_view_title_changed(self, event: ConversationView.TitleChanged) -> None:

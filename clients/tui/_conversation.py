@@ -181,10 +181,6 @@ class ConversationView(Vertical):
     def key(self) -> tuple[str, str]:
         return self.agent, self.sender
 
-    @property
-    def running(self) -> bool:
-        return bool(self._live)
-
     # --- following the conversation over one connection ----------------------------------------
 
     def close(self) -> None:

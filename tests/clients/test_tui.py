@@ -131,6 +131,14 @@ def test_the_list_shows_conversations_and_their_titles_live(daemon) -> None:
                     == ("assistant", second, "Budget")
                 ),
             )
+        # Opened from the list: the view and the heading follow.
+        await ui.pilot.press("ctrl+l")
+        ui.app.conversations.move_cursor(row=ui.rows("conversations", "sender").index((first,)))
+        await ui.pilot.press("enter")
+        await ui.until(
+            "the first conversation open", lambda: "/title Plans for May" in ui.transcript()
+        )
+        assert ui.app.sub_title == f"assistant/{first} — Plans for May"
 
     drive(daemon.socket_path, body)
 
