@@ -3,8 +3,11 @@
 ``create_app`` assembles a Starlette app from the views in ``views/``; its lifespan
 keeps the connection to the daemon (``DaemonLink``). Every page opens one
 server-sent event stream, ``/events``: the daemon's state (``daemon``: up or
-away, for the banner), the run events it asks for (``run``), and with ``stats``
-the daemon's counters every few seconds (``stats``).
+away, for the banner), the run events it asks for (``run``; none with
+``runs=0``), with ``stats`` the daemon's counters every few seconds (``stats``),
+with ``as=NAME`` that participant's mail (``watching`` once its watch is on, then
+``mail``: ``{change, message}``, ``change`` null for a new message), and with
+``roster`` which of presence, spaces and locks changed (``roster``: ``{changed}``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from starlette.templating import Jinja2Templates
 from .._client import ChinwagError
 from .._render import _duration
 from ._access import Access, AccessMiddleware
-from ._link import DaemonAway, DaemonLink, DaemonState, PageItem
+from ._link import (
+    DaemonAway,
+    DaemonLink,
+    DaemonState,
+    MailEvent,
+    MailFollowed,
+    PageItem,
+    RosterChanged,
+)
 from ._view import daemon, page
 from .views import VIEWS
 
@@ -40,9 +51,12 @@ STATS_EVERY_S = 2.0
 PING_S = 15.0
 
 
-def create_app(socket_path: Path, *, token: str, retry_s: float = 1.0) -> Starlette:
-    """The dashboard for the daemon at ``socket_path``, for the holder of ``token``."""
-    link = DaemonLink(socket_path, retry_s=retry_s)
+def create_app(
+    socket_path: Path, *, token: str, retry_s: float = 1.0, poll_s: float = 1.0
+) -> Starlette:
+    """The dashboard for the daemon at ``socket_path``, for the holder of ``token``;
+    presence, spaces and locks read every ``poll_s`` seconds while a page shows them."""
+    link = DaemonLink(socket_path, retry_s=retry_s, poll_s=poll_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -80,14 +94,20 @@ def _when(moment: datetime | None) -> str:
 
 
 async def events(request: Request) -> Response:
-    """The page's event stream: ``agent``, ``sender`` narrow the runs; ``stats`` adds counters."""
+    """The page's event stream: ``agent``, ``sender`` narrow the runs (``runs=0``: none);
+    ``stats`` adds counters, ``as`` a participant's mail, ``roster`` what changed of
+    presence, spaces and locks."""
     link = daemon(request)
-    agent = request.query_params.get("agent") or None
-    sender = request.query_params.get("sender") or None
-    with_stats = "stats" in request.query_params
+    query = request.query_params
+    agent = query.get("agent") or None
+    sender = query.get("sender") or None
+    with_stats = "stats" in query
+    runs = query.get("runs") != "0"
+    reader = (query.get("as") or "").strip().casefold() or None
+    roster = "roster" in query
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
-        with link.listen(agent, sender) as items:
+        with link.listen(agent, sender, runs=runs, reader=reader, roster=roster) as items:
             next_stats = anyio.current_time()
             while True:
                 item: PageItem | None = None
@@ -105,6 +125,14 @@ async def events(request: Request) -> Response:
                 elif isinstance(item, DaemonState):
                     state = msgspec.json.encode({"up": item.up, "reason": item.reason})
                     yield ServerSentEvent(state.decode(), event="daemon")
+                elif isinstance(item, MailFollowed):
+                    yield ServerSentEvent(item.reader, event="watching")
+                elif isinstance(item, MailEvent):
+                    mail = {"change": item.change, "message": item.message}
+                    yield ServerSentEvent(msgspec.json.encode(mail).decode(), event="mail")
+                elif isinstance(item, RosterChanged):
+                    changed = msgspec.json.encode({"changed": item.changed})
+                    yield ServerSentEvent(changed.decode(), event="roster")
                 else:
                     yield ServerSentEvent(msgspec.json.encode(item).decode(), event="run")
 

@@ -1,5 +1,5 @@
 """The dashboard's one connection to the daemon, kept up across restarts, and the fan-out
-of the daemon's run events to every open page.
+of the daemon's run events and mail to every open page.
 
 One `subscribe` request feeds every page's event stream, so that fifty open pages
 cost the daemon one subscriber, not fifty. Each page listens through a bounded
@@ -8,6 +8,13 @@ memory stream; one that falls behind loses its stream (the browser's
 
 The events of each run in flight are kept (consecutive text merged) so that a page
 opened in the middle of a run is shown the run from its `start`.
+
+Mail comes the same way: one `watch` (with `updates`) of each participant some open
+page reads as, held while any page does and shared by them all. The dashboard never
+registers: a watch needs no registration. Presence, spaces and locks have no push in
+the protocol, so while a page shows them the link reads `participants`, `spaces` and
+`locks` every ``poll_s`` seconds (once for every page) and tells the pages which of
+them changed.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import anyio
 import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from chinwag.protocol import End, Event, TextDelta, ThinkingDelta
+from chinwag.protocol import End, Event, MailMessage, MailUpdate, TextDelta, ThinkingDelta
 
 from .._client import ChinwagError, Client, connect_explained
 
@@ -47,7 +54,36 @@ class DaemonState:
     reason: str = ""
 
 
-PageItem = Event | DaemonState
+@dataclass(frozen=True)
+class MailFollowed:
+    """``reader``'s watch has begun (again): mail from now on comes as ``MailEvent``s,
+    and what came before it is what ``inbox`` reads."""
+
+    reader: str
+
+
+@dataclass(frozen=True)
+class MailEvent:
+    """A message ``reader`` received (``change`` None), or a change to one it wrote or
+    received (``change``: edit, delete, react or pin)."""
+
+    reader: str
+    message: MailMessage
+    change: str | None = None
+
+
+#: What the roster poll reads, each a part a page may show.
+ROSTER_PARTS = ("participants", "spaces", "locks")
+
+
+@dataclass(frozen=True)
+class RosterChanged:
+    """Which of ``ROSTER_PARTS`` read differently from the time before."""
+
+    changed: tuple[str, ...]
+
+
+PageItem = Event | DaemonState | MailFollowed | MailEvent | RosterChanged
 
 
 @dataclass(eq=False)
@@ -55,11 +91,22 @@ class _Listener:
     agent: str | None
     sender: str | None
     send: MemoryObjectSendStream[PageItem]
+    runs: bool = True
+    reader: str | None = None
+    roster: bool = False
 
-    def wants(self, event: Event) -> bool:
-        return (self.agent is None or event.agent == self.agent) and (
-            self.sender is None or event.sender == self.sender
-        )
+    def wants(self, item: PageItem) -> bool:
+        if isinstance(item, Event):
+            return (
+                self.runs
+                and (self.agent is None or item.agent == self.agent)
+                and (self.sender is None or item.sender == self.sender)
+            )
+        if isinstance(item, MailFollowed | MailEvent):
+            return item.reader == self.reader
+        if isinstance(item, RosterChanged):
+            return self.roster
+        return True
 
 
 @dataclass
@@ -88,13 +135,18 @@ class DaemonLink:
     one (``DaemonAway`` otherwise); ``listen`` gives a page the run events.
     """
 
-    def __init__(self, socket_path: Path, *, retry_s: float = 1.0) -> None:
+    def __init__(self, socket_path: Path, *, retry_s: float = 1.0, poll_s: float = 1.0) -> None:
         self.socket_path = socket_path
         self.retry_s = retry_s
+        self.poll_s = poll_s
         self._client: Client | None = None
         self.state = DaemonState(up=False, reason="The dashboard is connecting to the daemon.")
         self._listeners: set[_Listener] = set()
         self._runs: dict[str, _RunSoFar] = {}
+        # Mail: how many pages read as each participant, and the watch held for each.
+        self._readers: dict[str, int] = {}
+        self._watches: dict[str, anyio.CancelScope] = {}
+        self._tasks: anyio.abc.TaskGroup | None = None
 
     @property
     def client(self) -> Client:
@@ -112,19 +164,32 @@ class DaemonLink:
         while True:
             reason = "The daemon ended the dashboard's subscription."
             try:
-                async with connect_explained(self.socket_path, client=CLIENT_NAME) as client:
+                async with (
+                    connect_explained(self.socket_path, client=CLIENT_NAME) as client,
+                    anyio.create_task_group() as tasks,
+                ):
                     self._client = client
-                    async with client.subscribe() as feed:
-                        self._set_state(DaemonState(up=True))
-                        if starting:
-                            starting = False
-                            task_status.started()
-                        async for event in feed:
-                            self._publish(event)
+                    self._tasks = tasks
+                    tasks.start_soon(self._poll_roster, client)
+                    for reader in self._readers:
+                        self._follow(reader)
+                    try:
+                        async with client.subscribe() as feed:
+                            self._set_state(DaemonState(up=True))
+                            if starting:
+                                starting = False
+                                task_status.started()
+                            async for event in feed:
+                                self._publish(event)
+                    except ChinwagError as exc:
+                        reason = exc.message
+                    tasks.cancel_scope.cancel()
             except ChinwagError as exc:
                 reason = exc.message
             finally:
                 self._client = None
+                self._tasks = None
+                self._watches.clear()
                 self._runs.clear()
             self._set_state(DaemonState(up=False, reason=f"The daemon is unreachable: {reason}"))
             if starting:
@@ -141,34 +206,107 @@ class DaemonLink:
 
     @contextmanager
     def listen(
-        self, agent: str | None = None, sender: str | None = None
+        self,
+        agent: str | None = None,
+        sender: str | None = None,
+        *,
+        runs: bool = True,
+        reader: str | None = None,
+        roster: bool = False,
     ) -> Iterator[MemoryObjectReceiveStream[PageItem]]:
-        """The daemon's state, then each matching run in flight so far, then what comes.
+        """The daemon's state, then each matching run in flight so far, then what comes:
+        with ``runs``, run events (of ``agent``, ``sender``); with ``reader``, the mail of
+        that participant (``MailFollowed`` once its watch is on, then ``MailEvent``s);
+        with ``roster``, ``RosterChanged``.
 
         The stream ends when its reader falls ``PAGE_BUFFER`` items behind.
         """
         send, receive = anyio.create_memory_object_stream[PageItem](PAGE_BUFFER)
-        listener = _Listener(agent, sender, send)
+        listener = _Listener(agent, sender, send, runs=runs, reader=reader, roster=roster)
         # No await from here to the registration: nothing is missed, nothing doubled.
         send.send_nowait(self.state)
         for run in self._runs.values():
             for event in run.events:
                 if listener.wants(event):
                     send.send_nowait(event)
+        if reader is not None and reader in self._watches:
+            send.send_nowait(MailFollowed(reader))
         self._listeners.add(listener)
+        if reader is not None:
+            self._readers[reader] = self._readers.get(reader, 0) + 1
+            if reader not in self._watches and self._tasks is not None:
+                self._follow(reader)
         try:
             with receive:
                 yield receive
         finally:
             self._listeners.discard(listener)
             send.close()
+            if reader is not None:
+                self._readers[reader] -= 1
+                if not self._readers[reader]:
+                    del self._readers[reader]
+                    if (scope := self._watches.pop(reader, None)) is not None:
+                        scope.cancel()
+
+    # --- mail ---------------------------------------------------------------------------
+
+    def _follow(self, reader: str) -> None:
+        """Hold a watch of ``reader``'s mail on this connection until no page reads it."""
+        assert self._tasks is not None and self._client is not None
+        scope = anyio.CancelScope()
+        self._watches[reader] = scope
+        self._tasks.start_soon(self._watch, self._client, reader, scope)
+
+    async def _watch(self, client: Client, reader: str, scope: anyio.CancelScope) -> None:
+        after: str | None = None
+        with scope:
+            while True:
+                watch = client.watch(reader, after=after, updates=True)
+                try:
+                    async with watch:
+                        self._fan_out(MailFollowed(reader))
+                        async for item in watch:
+                            if isinstance(item, MailUpdate):
+                                self._fan_out(MailEvent(reader, item.message, item.change))
+                            else:
+                                self._fan_out(MailEvent(reader, item))
+                except ChinwagError as exc:
+                    if exc.code != 429:
+                        # A name the daemon refuses, or the connection gone (the link
+                        # connects again and watches anew).
+                        break
+                    after = watch.last_msg_id  # dropped for falling behind: on from there
+        if self._watches.get(reader) is scope:
+            del self._watches[reader]
+
+    async def _poll_roster(self, client: Client) -> None:
+        """While a page shows them, read presence, spaces and locks each ``poll_s``
+        seconds, and say which changed."""
+        seen: dict[str, bytes] = {}
+        while True:
+            if any(listener.roster for listener in self._listeners):
+                try:
+                    now = {
+                        "participants": msgspec.json.encode(await client.participants()),
+                        "spaces": msgspec.json.encode(await client.spaces(include_archived=True)),
+                        "locks": msgspec.json.encode(await client.locks()),
+                    }
+                except ChinwagError:
+                    return  # the connection is gone: the link connects again
+                changed = tuple(part for part in ROSTER_PARTS if seen.get(part) != now[part])
+                seen = now
+                if changed:
+                    self._fan_out(RosterChanged(changed))
+            else:
+                seen = {}
+            await anyio.sleep(self.poll_s)
 
     def _set_state(self, state: DaemonState) -> None:
         if state == self.state:
             return
         self.state = state
-        for listener in list(self._listeners):
-            self._offer(listener, state)
+        self._fan_out(state)
 
     def _publish(self, event: Event) -> None:
         run = self._runs.setdefault(event.run_id, _RunSoFar())
@@ -176,9 +314,12 @@ class DaemonLink:
             del self._runs[event.run_id]
         else:
             run.add(event)
+        self._fan_out(event)
+
+    def _fan_out(self, item: PageItem) -> None:
         for listener in list(self._listeners):
-            if listener.wants(event):
-                self._offer(listener, event)
+            if listener.wants(item):
+                self._offer(listener, item)
 
     def _offer(self, listener: _Listener, item: PageItem) -> None:
         try:

@@ -62,6 +62,12 @@ def page(request: Request, template: str, status_code: int = 200, **context: Any
     )
 
 
+def live_page(request: Request, template: str, part: str, **context: Any) -> HTMLResponse:
+    """``template``, or with ``fragment`` in the address only ``part``: the page's live
+    part (``data-fragment``), which its script fetches again when what it shows changes."""
+    return page(request, part if "fragment" in request.query_params else template, **context)
+
+
 def refusal(exc: ChinwagError | DaemonAway) -> JSONResponse:
     """An action's failure as its JSON answer: the daemon's code, or 503 while it is away."""
     if isinstance(exc, DaemonAway):

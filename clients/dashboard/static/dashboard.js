@@ -93,6 +93,48 @@
     return `${Math.max(Math.floor(seconds), 1)}s`;
   }
 
+  // --- mail views: each live part fetched again when what it shows changes ------------
+  // A part names what it shows in data-live (mail, participants, spaces, locks), and
+  // narrows mail to a thread, a space or a message; its address is data-fragment.
+  const liveParts = [...document.querySelectorAll("[data-fragment]")].map((part) => {
+    let fetching = null;
+    let again = false;
+    const refresh = () => {
+      if (fetching) { again = true; return; }
+      fetching = fetch(part.dataset.fragment, { credentials: "same-origin" })
+        .then(async (response) => { if (response.ok) part.innerHTML = await response.text(); })
+        .catch(() => {})
+        .finally(() => {
+          fetching = null;
+          if (again) { again = false; refresh(); }
+        });
+    };
+    const shows = new Set(part.dataset.live.split(" "));
+    return { part, shows, refresh };
+  });
+  const mailShown = (part, message) =>
+    (!part.dataset.thread || message.thread_id === part.dataset.thread) &&
+    (!part.dataset.space || message.space === part.dataset.space) &&
+    (!part.dataset.msg || message.msg_id === part.dataset.msg);
+  source.addEventListener("watching", (event) => {
+    body.dataset.watching = event.data;
+    // The watch is on: what came before it is read afresh, what comes after is pushed.
+    liveParts.filter(({ shows }) => shows.has("mail")).forEach(({ refresh }) => refresh());
+  });
+  source.addEventListener("mail", (event) => {
+    const { message } = JSON.parse(event.data);
+    liveParts
+      .filter(({ part, shows }) => shows.has("mail") && mailShown(part, message))
+      .forEach(({ refresh }) => refresh());
+  });
+  source.addEventListener("roster", (event) => {
+    const { changed } = JSON.parse(event.data);
+    liveParts
+      .filter(({ shows }) => changed.some((name) => shows.has(name)))
+      .forEach(({ refresh }) => refresh());
+  });
+  onUp.push(() => liveParts.forEach(({ refresh }) => refresh()));
+
   // --- the conversations list: each row's state and title, live -----------------------
   const list = document.getElementById("conversations");
   if (list) {

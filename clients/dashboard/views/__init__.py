@@ -7,7 +7,18 @@ the navigation bar; its templates are in ``templates/``, named after it.
 from __future__ import annotations
 
 from .._view import View
-from . import agents, conversation, conversations, feed, stats
+from . import (
+    agents,
+    conversation,
+    conversations,
+    feed,
+    inbox,
+    locks,
+    participants,
+    spaces,
+    stats,
+    thread,
+)
 
 #: In the navigation bar's order.
 VIEWS: tuple[View, ...] = (
@@ -15,7 +26,12 @@ VIEWS: tuple[View, ...] = (
     agents.view,
     feed.view,
     stats.view,
+    participants.view,
+    inbox.view,
+    spaces.view,
+    locks.view,
     conversation.view,
+    thread.view,
 )
 
 __all__ = ["VIEWS"]
