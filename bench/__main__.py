@@ -28,6 +28,7 @@ from . import (
     burst,
     cli_start,
     concurrency,
+    dashboard,
     delegation,
     first_event,
     hog,
@@ -89,6 +90,8 @@ class Scale:
     space_posts: int = 50  # (s) posts to the space (and as many DMs)
     lock_rounds: int = 1000  # (s) lock + unlock, on each store
     observed_runs: int = 3000  # (o) runs on each of the three daemons, on each store
+    dashboard_words: int = 200  # (w) words of each of the 10 runs streaming at once
+    dashboard_runs: int = 2000  # (w) runs with 50 dashboard event streams open, and with none
 
 
 QUICK = Scale(
@@ -116,6 +119,8 @@ QUICK = Scale(
     space_posts=30,
     lock_rounds=300,
     observed_runs=600,
+    dashboard_words=50,
+    dashboard_runs=400,
 )
 
 Bench = Callable[[Path, Scale, "str | None"], list[Figure]]
@@ -207,6 +212,10 @@ def bench_o(root: Path, s: Scale, storage: str | None) -> list[Figure]:
     return observability.all_figures(root, s.observed_runs, storage)
 
 
+def bench_w(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    return dashboard.figures(root, s.dashboard_words, s.dashboard_runs, storage)
+
+
 BENCHES: dict[str, tuple[str, Bench]] = {
     "a": ("first_event", bench_a),
     "b": ("throughput", bench_b),
@@ -222,6 +231,7 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "m": ("mail", bench_m),
     "s": ("mail_spaces", bench_s),
     "o": ("observability", bench_o),
+    "w": ("dashboard", bench_w),
 }
 
 
@@ -246,7 +256,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        help="comma-separated: a,b,c,d,e,slow,f,g,h,i,j,m,s (or first_event, throughput, mail, "
+        help="comma-separated: a,b,c,d,e,slow,f,g,h,i,j,m,s,o,w (or first_event, throughput, mail, "
         "...)",
     )
     parser.add_argument("--quick", action="store_true", help="scaled down, about a minute")
