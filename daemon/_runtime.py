@@ -412,7 +412,7 @@ class Runtime:
         """At start, before any job: take up the totals the store holds, which each
         stored model call then adds to (`count_usage`)."""
         if not self.storage.shared:
-            self._tokens_in, self._tokens_out = summed(await self.storage.usage())
+            self._tokens_in, self._tokens_out = await self.storage.total_tokens()
 
     def count_usage(self, entries: list[Entry]) -> None:
         """Count the model tokens of ``entries``, just stored, in the daemon's totals."""
@@ -425,9 +425,9 @@ class Runtime:
         """Every model call's tokens the store holds, in and out, all conversations."""
         # Alone on its store, this daemon stored every call since it summed them at
         # start, so `stats` costs no read. On a shared store the other daemons' calls
-        # count too and nothing tells this one of them: the store is read each time.
+        # count too and nothing tells this one of them: the store sums its totals each time.
         if self.storage.shared:
-            return summed(await self.storage.usage())
+            return await self.storage.total_tokens()
         return self._tokens_in, self._tokens_out
 
     async def usage(

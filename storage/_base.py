@@ -238,6 +238,12 @@ class Storage(Protocol):
         as durable as the appends that made them."""
         ...
 
+    async def total_tokens(self) -> tuple[int, int]:
+        """Every stored model call's tokens, ``(input, output)``: what the rows of
+        ``usage()`` add up to, summed by the store (``SUM`` in SQL) without handing
+        each row over. Costs a read of every total, not of every entry."""
+        ...
+
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
         """The conversation's archive named ``name``, or None. Raises ``ConversationNotFound``."""
         ...

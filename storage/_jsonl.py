@@ -123,7 +123,7 @@ from ._mail import MailStore
 from ._outbox import Outbox
 from ._search import MemoryIndex, archive_text, check_search_limit, note_text
 from ._timestamps import from_text, to_text, utc
-from ._usage import DailyUsage, add_daily, daily_usage, usage_totals
+from ._usage import DailyUsage, add_daily, daily_usage, tokens_of, usage_totals
 
 FORMAT = "chinwag-jsonl"
 VERSION = 1
@@ -983,6 +983,12 @@ class JsonlStorage:
         self._check_open()
         conversations = ((a, s, conv.usage) for (a, s), conv in self._by_key.items())
         return usage_totals(conversations, agent=agent, sender=sender, since=since)
+
+    async def total_tokens(self) -> tuple[int, int]:
+        """Every stored call's tokens; see ``Storage.total_tokens``."""
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        return tokens_of(conv.usage for conv in self._by_key.values())
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
         await trio.lowlevel.checkpoint()

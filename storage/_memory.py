@@ -27,7 +27,7 @@ from ._outbox import Outbox
 from ._outbox_index import MemoryOutbox
 from ._search import MemoryIndex, archive_text, note_text
 from ._timestamps import from_text, to_text, utc
-from ._usage import DailyUsage, add_daily, daily_usage, usage_totals
+from ._usage import DailyUsage, add_daily, daily_usage, tokens_of, usage_totals
 
 _CURSOR_TAG = "memory"
 
@@ -260,6 +260,13 @@ class MemoryStorage:
             raise StorageError("The store is closed.")
         conversations = ((a, s, conv.usage) for (a, s), conv in self._conversations.items())
         return usage_totals(conversations, agent=agent, sender=sender, since=since)
+
+    async def total_tokens(self) -> tuple[int, int]:
+        """Every stored call's tokens; see ``Storage.total_tokens``."""
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise StorageError("The store is closed.")
+        return tokens_of(conv.usage for conv in self._conversations.values())
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
         await trio.lowlevel.checkpoint()

@@ -73,7 +73,8 @@ Migration 5 is the webhooks' outbox (storage/_postgres_outbox.py).
 statement adds the sums ``daily_usage`` gives to them in a CTE of its own (an
 ``INSERT ... ON CONFLICT DO UPDATE`` from the conversation the UPDATE locked,
 so it runs after it and in the same transaction); a compaction's marker goes
-through that statement too. Nothing else writes the table.
+through that statement too. Nothing else writes the table. ``total_tokens`` is
+one ``SUM`` over it.
 
 **Search** ORs the query's ``search_words``, each quoted, through
 ``websearch_to_tsquery('simple', ...)`` (a word is letters, digits and ``_``,
@@ -342,6 +343,12 @@ WHERE (%(agent)s::text IS NULL OR c.agent = %(agent)s::text)
     AND (%(since)s::date IS NULL OR u.day >= %(since)s::date)
 ORDER BY u.day, c.agent COLLATE "C", c.sender COLLATE "C"
 """
+
+# sum(bigint) is numeric: cast back, so that psycopg gives ints, not Decimals.
+_TOTAL_TOKENS = (
+    "SELECT coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint"
+    " FROM usage"
+)
 
 _ARCHIVE_COLUMNS = "name, first_seq, last_seq, summary, speakers::text, created_at"
 # The conversation, locked as an append locks it, its latest marker, and whether the
@@ -818,6 +825,16 @@ class PostgresStorage:
             )
             for row in rows
         ]
+
+    async def total_tokens(self) -> tuple[int, int]:
+        """Every stored call's tokens; see ``Storage.total_tokens``."""
+
+        def total(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+            row = conn.execute(_TOTAL_TOKENS).fetchone()
+            assert row is not None  # an aggregate gives one row
+            return row[0], row[1]
+
+        return await self._run("Reading the usage totals", total)
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
         id_ = await self._conversation_id(agent, sender)

@@ -84,6 +84,7 @@ is and read on the read connections. Migration 5 is the webhooks' outbox
 too) upserts the sums ``daily_usage`` gives, ``ON CONFLICT DO UPDATE``, in the
 transaction or savepoint of its entries, so a total counts exactly the calls
 stored. Nothing else writes the table: compaction leaves it as it is.
+``total_tokens`` is one ``SUM`` over it.
 """
 
 from __future__ import annotations
@@ -280,6 +281,8 @@ WHERE {where or "true"}
 ORDER BY u.day, c.agent, c.sender
 """
 
+
+_TOTAL_TOKENS = "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) FROM usage"
 
 _ARCHIVE_COLUMNS = "name, first_seq, last_seq, summary, speakers, created_at"
 _SEARCH = f"""
@@ -1159,6 +1162,13 @@ class SqliteStorage:
             )
             for row in rows
         ]
+
+    async def total_tokens(self) -> tuple[int, int]:
+        """Every stored call's tokens; see ``Storage.total_tokens``."""
+        row = await self._read(
+            "Reading the usage totals", lambda conn: conn.execute(_TOTAL_TOKENS).fetchone()
+        )
+        return row[0], row[1]
 
     async def get_archive(self, agent: str, sender: str, name: str) -> Archive | None:
         row = await self._read(

@@ -4,8 +4,9 @@ An append adds the ``usage`` of each of its entries (a model call's tokens) to
 its conversation's total for the UTC day of the entry's ``created_at``, one
 call per entry that has any, in the same atomic write as the entries.
 ``daily_usage`` is what one write adds; the memory and jsonl backends keep the
-sums in dicts and answer ``usage`` with ``usage_totals``, the SQL backends
-upsert the same sums into a table and sort the same way.
+sums in dicts and answer ``usage`` with ``usage_totals`` and ``total_tokens``
+with ``tokens_of``, the SQL backends upsert the same sums into a table, sort the
+same way and sum with ``SUM``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def add_daily(totals: DailyUsage, more: Mapping[date, DayTotal]) -> None:
         total.input_tokens += extra.input_tokens
         total.output_tokens += extra.output_tokens
         total.calls += extra.calls
+
+
+def tokens_of(totals: Iterable[Mapping[date, DayTotal]]) -> tuple[int, int]:
+    """The input and output tokens of every day of ``totals``, added up."""
+    tokens_in = tokens_out = 0
+    for days in totals:
+        for total in days.values():
+            tokens_in += total.input_tokens
+            tokens_out += total.output_tokens
+    return tokens_in, tokens_out
 
 
 def usage_totals(

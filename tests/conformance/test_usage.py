@@ -76,9 +76,11 @@ def archive_of(first_seq: int, last_seq: int, name: str = "first") -> Archive:
 
 async def test_a_store_with_no_usage_has_no_totals(store: Storage) -> None:
     assert await store.usage() == []
+    assert await store.total_tokens() == (0, 0)
     await create(store)
     await store.append(AGENT, SENDER, [message("hello"), reply("hi", None)])
     assert await store.usage() == []
+    assert await store.total_tokens() == (0, 0)
 
 
 async def test_each_entry_with_usage_is_one_call_on_its_utc_day(store: Storage) -> None:
@@ -122,6 +124,24 @@ async def test_two_conversations_are_kept_apart(store: Storage) -> None:
         total(DAY, (10, 20, 1), AGENT, "bob"),
         total(DAY, (100, 200, 1), "helper", "ann"),
     ]
+    assert await store.total_tokens() == (114, 226)
+
+
+async def test_total_tokens_add_up_every_total_as_ints(store: Storage) -> None:
+    for n, (agent, sender) in enumerate([(AGENT, "ann"), (AGENT, "bob"), ("helper", "ann")]):
+        await create(store, agent, sender)
+        for days in range(3):
+            when = T0 + timedelta(days=days)
+            await store.append(agent, sender, [reply("x", (n + days, 10 * n + days), when)])
+    rows = await store.usage()
+    assert len(rows) == 9
+    tokens = await store.total_tokens()
+    assert tokens == (
+        sum(row.input_tokens for row in rows),
+        sum(row.output_tokens for row in rows),
+    )
+    assert tokens == (9 + 9, 90 + 9)
+    assert [type(n) for n in tokens] == [int, int]  # postgres's SUM is numeric
 
 
 async def test_an_append_that_creates_its_conversation_counts_its_usage(store: Storage) -> None:
@@ -224,6 +244,7 @@ async def test_compaction_lowers_no_total_and_its_summary_call_counts(store: Sto
     marker = await store.compact(AGENT, SENDER, archive_of(1, 4), usage=summary_call)
     assert marker.usage == summary_call
     assert await store.usage() == [total(DAY, (80, 11, 3))]
+    assert await store.total_tokens() == (80, 11)
     # The history keeps what was archived, with its usage, and the marker's.
     everything = await store.history(AGENT, SENDER, include_archived=True)
     assert [entry.usage for entry in everything if entry.usage] == [
@@ -297,10 +318,12 @@ async def test_an_append_that_fails_in_the_write_adds_nothing(
                 AGENT, "new", [reply("created?", (7, 7)), message("boom")], create=NewConversation()
             )
         assert await store.usage() == [total(DAY, (1, 1, 1))]
+        assert await store.total_tokens() == (1, 1)
     await store.append(AGENT, SENDER, [reply("after", (2, 2))])
     assert await store.usage() == [total(DAY, (3, 3, 2))]
     store = await reopen(store)
     assert await store.usage() == [total(DAY, (3, 3, 2))]
+    assert await store.total_tokens() == (3, 3)
 
 
 async def test_a_failed_commit_of_a_group_adds_nothing_for_any_of_it(
@@ -351,6 +374,7 @@ async def test_totals_survive_reopening(store: Storage, reopen: Reopen) -> None:
     await store.append(AGENT, SENDER, [reply("c", (5, 5))])  # and they go on from there
     store = await reopen(store)
     assert await store.usage() == [total(DAY, (45, 10, 3)), total(NEXT_DAY, (1, 1, 1))]
+    assert await store.total_tokens() == (46, 11)
 
 
 # --- each backend's own -------------------------------------------------------------------
@@ -528,6 +552,8 @@ async def test_a_closed_store_refuses_to_give_totals(store: Storage) -> None:
     await store.close()
     with pytest.raises(StorageError, match="The store is closed"):
         await store.usage()
+    with pytest.raises(StorageError, match="The store is closed"):
+        await store.total_tokens()
 
 
 def test_usage_totals_encode_their_day_as_a_date() -> None:
