@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -69,15 +69,6 @@ def first_day(since: str, moment: datetime) -> date:
             400,
             f"since must be a duration such as 12h or 7d, or a day such as 2026-12-01: {since!r}.",
         ) from None
-
-
-def summed(totals: Iterable[UsageTotal]) -> tuple[int, int]:
-    """The input and output tokens of ``totals``, added up."""
-    tokens_in = tokens_out = 0
-    for total in totals:
-        tokens_in += total.input_tokens
-        tokens_out += total.output_tokens
-    return tokens_in, tokens_out
 
 
 @dataclass(frozen=True)
@@ -367,27 +358,7 @@ class Runtime:
             hosted = self.agents.get(item.agent)  # None: no longer configured
             if hosted is not None and hosted.config.limited:
                 show_usage(item, hosted.config, await self._working_context(item, conv))
-        await self._show_tokens(items)
         return items, next_cursor
-
-    async def _show_tokens(self, items: list[ConversationItem]) -> None:
-        """Set each listed conversation's token totals, from one read of the store's for
-        the page: narrowed to its agent, or its sender, when it has only one."""
-        if not items:
-            return
-        agents = {item.agent for item in items}
-        senders = {item.sender for item in items}
-        totals = await self.storage.usage(
-            agent=agents.pop() if len(agents) == 1 else None,
-            sender=senders.pop() if len(senders) == 1 else None,
-        )
-        by_conversation: dict[Key, list[UsageTotal]] = {}
-        for total in totals:
-            by_conversation.setdefault((total.agent, total.sender), []).append(total)
-        for item in items:
-            item.tokens_in, item.tokens_out = summed(
-                by_conversation.get((item.agent, item.sender), [])
-            )
 
     async def _working_context(
         self, item: ConversationItem, conv: Conversation | None

@@ -102,6 +102,13 @@ class Storage(Protocol):
     once it has begun, it returns what it stored (or raises its error) and the
     cancellation lands at the caller's next checkpoint. So a caller never
     loses track of what it wrote, and needs no shield of its own.
+
+    Every ``ConversationItem`` a store returns (``get_conversation``,
+    ``create_conversation``, ``load_context``, ``list_conversations``) carries
+    the conversation's usage totals (see ``usage``) summed over all its days in
+    ``tokens_in`` and ``tokens_out``, as of the same read as the rest of it; the
+    fields the daemon fills (``running``, ``messages``, ``tokens``,
+    ``expires_at``, ``limits``) keep their defaults.
     """
 
     mail: MailStore
@@ -206,7 +213,10 @@ class Storage(Protocol):
         """A page of conversations, most recently updated first, and the next cursor.
 
         The cursor is opaque; None when this is the last page. A cursor that
-        this backend did not produce raises ``ValueError``.
+        this backend did not produce raises ``ValueError``. Each item carries its
+        conversation's usage totals in ``tokens_in``/``tokens_out``, read with the
+        page at a cost that grows with the page, not with the store (the SQL
+        backends sum each listed conversation's days by its key).
         """
         ...
 

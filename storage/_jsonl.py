@@ -123,7 +123,7 @@ from ._mail import MailStore
 from ._outbox import Outbox
 from ._search import MemoryIndex, archive_text, check_search_limit, note_text
 from ._timestamps import from_text, to_text, utc
-from ._usage import DailyUsage, add_daily, daily_usage, tokens_of, usage_totals
+from ._usage import DailyUsage, add_daily, daily_usage, tokens_of, usage_totals, with_tokens
 
 FORMAT = "chinwag-jsonl"
 VERSION = 1
@@ -641,7 +641,7 @@ class JsonlStorage:
             conv = self._get(agent, sender)
         except ConversationNotFound:
             return None
-        return msgspec.structs.replace(conv.item)
+        return with_tokens(conv.item, conv.usage)
 
     async def create_conversation(
         self, agent: str, sender: str, *, cwd: str | None, created_at: datetime
@@ -660,7 +660,7 @@ class JsonlStorage:
         """``create_conversation``, for a caller that counts as a writer."""
         conv = await self._settled(key)
         if conv is not None:
-            return msgspec.structs.replace(conv.item)
+            return with_tokens(conv.item, conv.usage)
         agent, sender = key
         done = self._creating[key] = trio.Event()
         try:
@@ -746,7 +746,7 @@ class JsonlStorage:
             and (position is None or _key(conv) < position)
         )
         top = heapq.nlargest(limit + 1, matching, key=_key)
-        page = [msgspec.structs.replace(conv.item) for conv in top[:limit]]
+        page = [with_tokens(conv.item, conv.usage) for conv in top[:limit]]
         next_cursor = None
         if len(top) > limit:
             updated_at, id_ = _key(top[limit - 1])
@@ -886,7 +886,7 @@ class JsonlStorage:
         conv = self._by_key.get((agent, sender))
         if conv is None:
             return None
-        item = msgspec.structs.replace(conv.item)  # as of conv.size: no checkpoint between
+        item = with_tokens(conv.item, conv.usage)  # as of conv.size: no checkpoint between
         if conv.size == 0:
             return item, []
         path = self._history_path(conv)

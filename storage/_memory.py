@@ -27,7 +27,7 @@ from ._outbox import Outbox
 from ._outbox_index import MemoryOutbox
 from ._search import MemoryIndex, archive_text, note_text
 from ._timestamps import from_text, to_text, utc
-from ._usage import DailyUsage, add_daily, daily_usage, tokens_of, usage_totals
+from ._usage import DailyUsage, add_daily, daily_usage, tokens_of, usage_totals, with_tokens
 
 _CURSOR_TAG = "memory"
 
@@ -75,7 +75,7 @@ class MemoryStorage:
             conv = self._get(agent, sender)
         except ConversationNotFound:
             return None
-        return msgspec.structs.replace(conv.item)
+        return with_tokens(conv.item, conv.usage)
 
     async def create_conversation(
         self, agent: str, sender: str, *, cwd: str | None, created_at: datetime
@@ -90,7 +90,7 @@ class MemoryStorage:
             )
             conv = self._conversations[agent, sender] = _Conversation(id=self._next_id, item=item)
             self._next_id += 1
-        return msgspec.structs.replace(conv.item)
+        return with_tokens(conv.item, conv.usage)
 
     async def append(
         self,
@@ -161,7 +161,7 @@ class MemoryStorage:
         except ConversationNotFound:
             return None
         context = [_decoder.decode(raw) for raw in conv.entries[max(conv.marker_seq, 1) - 1 :]]
-        return msgspec.structs.replace(conv.item), context
+        return with_tokens(conv.item, conv.usage), context
 
     async def set_title(self, agent: str, sender: str, title: str) -> None:
         await trio.lowlevel.checkpoint()
@@ -219,7 +219,7 @@ class MemoryStorage:
         if position is not None:
             matching = [conv for conv in matching if _key(conv) < position]
         matching.sort(key=_key, reverse=True)
-        page = [msgspec.structs.replace(conv.item) for conv in matching[:limit]]
+        page = [with_tokens(conv.item, conv.usage) for conv in matching[:limit]]
         next_cursor = None
         if len(matching) > limit:
             updated_at, id_ = _key(matching[limit - 1])

@@ -74,7 +74,9 @@ statement adds the sums ``daily_usage`` gives to them in a CTE of its own (an
 ``INSERT ... ON CONFLICT DO UPDATE`` from the conversation the UPDATE locked,
 so it runs after it and in the same transaction); a compaction's marker goes
 through that statement too. Nothing else writes the table. ``total_tokens`` is
-one ``SUM`` over it.
+one ``SUM`` over it; every read of a conversation's row sums that conversation's
+days on the primary key (``_CONVERSATION_COLUMNS``, and ``_LOAD_CONTEXT`` once
+for its rows), a few probes per listed conversation.
 
 **Search** ORs the query's ``search_words``, each quoted, through
 ``websearch_to_tsquery('simple', ...)`` (a word is letters, digits and ``_``,
@@ -235,7 +237,16 @@ MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection[Any]], None], ...], .
     ),
 )
 
-_CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
+# The conversation's row, then its usage totals summed over its days: each sum a
+# correlated subquery that reads the conversation's totals by usage's primary key
+# (sum(bigint) is numeric: cast back, so that psycopg gives ints, not Decimals).
+_CONVERSATION_COLUMNS = (
+    "agent, sender, title, cwd, created_at, updated_at, last_seq, id,"
+    " (SELECT coalesce(sum(u.input_tokens), 0)::bigint FROM usage u"
+    " WHERE u.conversation_id = conversations.id),"
+    " (SELECT coalesce(sum(u.output_tokens), 0)::bigint FROM usage u"
+    " WHERE u.conversation_id = conversations.id)"
+)
 _ENTRY_COLUMNS = (
     "e.seq, e.kind, e.role, e.content, e.content_bytes, e.agent, e.tool_calls::text,"
     " e.tool_call_id, e.is_error, e.run_id, e.created_at, e.archive, e.input_tokens,"
@@ -305,12 +316,17 @@ assert _APPEND_CREATING != _APPEND
 # one row per entry, or one with NULL entry columns when it has none.
 _LOAD_CONTEXT = f"""
 SELECT c.agent, c.sender, c.title, c.cwd, c.created_at, c.updated_at, c.last_seq, c.id,
-       {_ENTRY_COLUMNS}
+       t.tokens_in, t.tokens_out, {_ENTRY_COLUMNS}
 FROM conversations c
 CROSS JOIN LATERAL (
     SELECT coalesce(max(seq), 0) AS seq FROM entries
     WHERE conversation_id = c.id AND kind = 'compact'
 ) m
+CROSS JOIN LATERAL (  -- once for the conversation, not on each entry's row
+    SELECT coalesce(sum(input_tokens), 0)::bigint AS tokens_in,
+           coalesce(sum(output_tokens), 0)::bigint AS tokens_out
+    FROM usage WHERE conversation_id = c.id
+) t
 LEFT JOIN entries e ON e.conversation_id = c.id AND e.seq >= m.seq
 WHERE c.agent = %(agent)s AND c.sender = %(sender)s
 ORDER BY e.seq
@@ -700,7 +716,7 @@ class PostgresStorage:
         if not rows:
             return None
         self._remember((agent, sender), rows[0][7])
-        entries = [_entry(row[8:]) for row in rows if row[8] is not None]
+        entries = [_entry(row[10:]) for row in rows if row[10] is not None]
         return _conversation(rows[0]), entries
 
     async def _conversation_id(self, agent: str, sender: str) -> int:
@@ -1226,6 +1242,8 @@ def _conversation(row: tuple[Any, ...]) -> ConversationItem:
         created_at=row[4].astimezone(UTC),
         updated_at=row[5].astimezone(UTC),
         last_seq=row[6],
+        tokens_in=row[8],
+        tokens_out=row[9],
     )
 
 

@@ -84,7 +84,9 @@ is and read on the read connections. Migration 5 is the webhooks' outbox
 too) upserts the sums ``daily_usage`` gives, ``ON CONFLICT DO UPDATE``, in the
 transaction or savepoint of its entries, so a total counts exactly the calls
 stored. Nothing else writes the table: compaction leaves it as it is.
-``total_tokens`` is one ``SUM`` over it.
+``total_tokens`` is one ``SUM`` over it; every read of a conversation's row
+(``_CONVERSATION_COLUMNS``) sums that conversation's days in correlated
+subqueries on the primary key, a few probes per listed conversation.
 """
 
 from __future__ import annotations
@@ -243,7 +245,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-_CONVERSATION_COLUMNS = "agent, sender, title, cwd, created_at, updated_at, last_seq, id"
+# The conversation's row, then its usage totals summed over its days: each sum a
+# correlated subquery that reads the conversation's totals by usage's primary key.
+_CONVERSATION_COLUMNS = (
+    "agent, sender, title, cwd, created_at, updated_at, last_seq, id,"
+    " (SELECT coalesce(sum(u.input_tokens), 0) FROM usage u"
+    " WHERE u.conversation_id = conversations.id),"
+    " (SELECT coalesce(sum(u.output_tokens), 0) FROM usage u"
+    " WHERE u.conversation_id = conversations.id)"
+)
 _ENTRY_COLUMNS = (
     "seq, kind, role, content, agent, tool_calls, tool_call_id, is_error, run_id,"
     " created_at, archive, input_tokens, output_tokens"
@@ -1469,6 +1479,8 @@ def _conversation(row: tuple[Any, ...]) -> ConversationItem:
         created_at=from_text(row[4]),
         updated_at=from_text(row[5]),
         last_seq=row[6],
+        tokens_in=row[8],
+        tokens_out=row[9],
     )
 
 

@@ -5,8 +5,9 @@ its conversation's total for the UTC day of the entry's ``created_at``, one
 call per entry that has any, in the same atomic write as the entries.
 ``daily_usage`` is what one write adds; the memory and jsonl backends keep the
 sums in dicts and answer ``usage`` with ``usage_totals`` and ``total_tokens``
-with ``tokens_of``, the SQL backends upsert the same sums into a table, sort the
-same way and sum with ``SUM``.
+with ``tokens_of``, and hand out each conversation's metadata ``with_tokens``;
+the SQL backends upsert the same sums into a table, sort the same way and sum
+with ``SUM``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 
 import msgspec
-from chinwag.protocol import Entry, TokenUsage, UsageTotal
+from chinwag.protocol import ConversationItem, Entry, TokenUsage, UsageTotal
 
 from ._timestamps import utc
 
@@ -72,6 +73,12 @@ def tokens_of(totals: Iterable[Mapping[date, DayTotal]]) -> tuple[int, int]:
             tokens_in += total.input_tokens
             tokens_out += total.output_tokens
     return tokens_in, tokens_out
+
+
+def with_tokens(item: ConversationItem, totals: Mapping[date, DayTotal]) -> ConversationItem:
+    """A copy of ``item`` with its conversation's ``totals`` in ``tokens_in``/``tokens_out``."""
+    tokens_in, tokens_out = tokens_of([totals])
+    return msgspec.structs.replace(item, tokens_in=tokens_in, tokens_out=tokens_out)
 
 
 def usage_totals(

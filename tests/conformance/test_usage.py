@@ -230,6 +230,92 @@ async def test_history_and_context_give_each_entry_its_usage(store: Storage) -> 
     assert loaded is not None and loaded[1] == stored
 
 
+# --- each conversation's, with its metadata ----------------------------------------------
+
+
+Tokens = dict[tuple[str, str], tuple[int, int]]
+
+
+async def summed_by_conversation(store: Storage) -> Tokens:
+    """Each conversation's (input, output) as ``usage()``'s rows add up, over all days."""
+    sums: Tokens = {}
+    for row in await store.usage():
+        tokens_in, tokens_out = sums.get((row.agent, row.sender), (0, 0))
+        sums[row.agent, row.sender] = (tokens_in + row.input_tokens, tokens_out + row.output_tokens)
+    return sums
+
+
+PAIRS = [(AGENT, "ann"), (AGENT, "bob"), ("helper", "ann"), (AGENT, "quiet")]
+
+
+async def conversations_with_usage(store: Storage) -> Tokens:
+    """``PAIRS``' conversations, one compacted and one without model calls; their tokens."""
+    for agent, sender in PAIRS:
+        await create(store, agent, sender)
+    for n, (agent, sender) in enumerate(PAIRS[:3], 1):
+        for days in range(2):
+            when = T0 + timedelta(days=days)
+            await store.append(agent, sender, [message("q"), reply("a", (n + days, n), when)])
+    await store.append(AGENT, "quiet", [message("no model call")])
+    await store.compact(
+        AGENT, "ann", archive_of(1, 4), usage=TokenUsage(input_tokens=50, output_tokens=5)
+    )
+    expected = {**await summed_by_conversation(store), (AGENT, "quiet"): (0, 0)}
+    assert expected == {
+        (AGENT, "ann"): (1 + 2 + 50, 1 + 1 + 5),
+        (AGENT, "bob"): (2 + 3, 2 + 2),
+        ("helper", "ann"): (3 + 4, 3 + 3),
+        (AGENT, "quiet"): (0, 0),
+    }
+    return expected
+
+
+async def check_items_carry(store: Storage, expected: Tokens) -> None:
+    """Every ConversationItem ``store`` gives carries ``expected``'s tokens, as ints."""
+
+    async def shown(**filters: str) -> Tokens:
+        """Each listed conversation's tokens, one conversation a page, every page."""
+        tokens: Tokens = {}
+        cursor = None
+        while True:
+            page, cursor = await store.list_conversations(limit=1, cursor=cursor, **filters)
+            tokens.update({(i.agent, i.sender): (i.tokens_in, i.tokens_out) for i in page})
+            if cursor is None:
+                return tokens
+
+    page, _ = await store.list_conversations()
+    assert {(i.agent, i.sender): (i.tokens_in, i.tokens_out) for i in page} == expected
+    assert {type(n) for i in page for n in (i.tokens_in, i.tokens_out)} == {int}
+    assert await shown() == expected
+    assert await shown(agent=AGENT) == {k: v for k, v in expected.items() if k[0] == AGENT}
+    assert await shown(sender="ann") == {k: v for k, v in expected.items() if k[1] == "ann"}
+    for agent, sender in PAIRS:
+        tokens = expected[agent, sender]
+        got = await store.get_conversation(agent, sender)
+        assert got is not None and (got.tokens_in, got.tokens_out) == tokens
+        loaded = await store.load_context(agent, sender)
+        assert loaded is not None and (loaded[0].tokens_in, loaded[0].tokens_out) == tokens
+        again = await create(store, agent, sender)  # there already: returned as it is
+        assert (again.tokens_in, again.tokens_out) == tokens
+
+
+async def test_every_conversation_item_carries_its_totals(store: Storage) -> None:
+    expected = await conversations_with_usage(store)
+    await check_items_carry(store, expected)
+    new = await create(store, AGENT, "new")
+    assert (new.tokens_in, new.tokens_out) == (0, 0)
+    await store.append(AGENT, "new", [reply("first", (7, 8))])
+    await check_items_carry(store, {**expected, (AGENT, "new"): (7, 8)})
+
+
+async def test_conversation_items_carry_their_totals_when_reopened(
+    store: Storage, reopen: Reopen
+) -> None:
+    expected = await conversations_with_usage(store)
+    store = await reopen(store)
+    await check_items_carry(store, expected)
+
+
 # --- compaction ---------------------------------------------------------------------------
 
 
@@ -470,6 +556,31 @@ async def test_sqlite_reads_the_totals_of_the_conversations_named_not_every_tota
         assert [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, params)] == plan
     finally:
         conn.close()
+
+
+@on_sqlite
+@pytest.mark.parametrize("filters", [{}, {"agent": AGENT}, {"sender": SENDER}])
+async def test_sqlite_lists_each_conversations_totals_by_its_key(
+    store: Storage, store_url: str, filters: dict[str, str]
+) -> None:
+    """A page costs a few probes of usage's primary key per conversation, never a scan."""
+    await create(store)
+    await store.append(AGENT, SENDER, [reply("a", (1, 1))])
+    conn = sqlite3.connect(Path(store_url.removeprefix("sqlite:///")))
+    try:
+        plan = [
+            row[3]
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT"
+                f" {sqlite_storage._CONVERSATION_COLUMNS} FROM conversations"
+                + "".join(f" WHERE {name} = :{name}" for name in filters),
+                filters,
+            )
+        ]
+    finally:
+        conn.close()
+    reads_of_usage = [step for step in plan if " u " in step]
+    assert reads_of_usage == ["SEARCH u USING PRIMARY KEY (conversation_id=?)"] * 2, plan
 
 
 @on_postgres
