@@ -42,16 +42,17 @@ log = structlog.get_logger("chinwag.runtime")
 
 Key = tuple[str, str]
 
-MAX_SENDER_BYTES = 256
+MAX_NAME_BYTES = 256
 HISTORY_PAGE = 200  # entries in a `get_history` page when the client sets no limit
 
 
-def check_sender(sender: str) -> None:
-    """A sender is 1 to 256 bytes of UTF-8 without control characters."""
-    if not sender or len(sender.encode()) > MAX_SENDER_BYTES:
-        raise RequestError(400, "A sender must be 1 to 256 bytes of UTF-8.")
-    if any(unicodedata.category(ch) == "Cc" for ch in sender):
-        raise RequestError(400, "A sender must not contain control characters.")
+def check_name(name: str, what: str = "A sender") -> None:
+    """A sender, or an agent a request may name unconfigured (``what``: "An agent"), is
+    1 to 256 bytes of UTF-8 without control characters."""
+    if not name or len(name.encode()) > MAX_NAME_BYTES:
+        raise RequestError(400, f"{what} must be 1 to 256 bytes of UTF-8.")
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise RequestError(400, f"{what} must not contain control characters.")
 
 
 def first_day(since: str, moment: datetime) -> date:
@@ -139,7 +140,7 @@ class Runtime:
     async def existing(self, agent: str, sender: str) -> Conversation:
         """The named conversation; ``RequestError`` 404 if it was never created."""
         self.agent(agent)
-        check_sender(sender)
+        check_name(sender)
         conv = self._conversation(agent, sender)
         if not await conv.exists():
             self._forget(conv)  # no placeholder for what does not exist
@@ -179,7 +180,7 @@ class Runtime:
         """
         self._check_accepting()
         primary = self.agent(agent)
-        check_sender(sender)
+        check_name(sender)
         speaker = primary
         if guest is not None:
             if guest == agent:
@@ -215,7 +216,7 @@ class Runtime:
         """
         self._check_accepting()
         self.agent(agent)
-        check_sender(sender)
+        check_name(sender)
         conv = self._conversation(agent, sender)
         job = Compacting(conv, instructions or None)
         self._enqueue(conv, job)
@@ -300,7 +301,7 @@ class Runtime:
         if agent is not None:
             self.agent(agent)
         if sender is not None:
-            check_sender(sender)
+            check_name(sender)
         subscription = Subscription(agent, sender, deliver)
         self._subscriptions.append(subscription)
         return subscription
@@ -343,7 +344,7 @@ class Runtime:
         if agent is not None:
             self.agent(agent)
         if sender is not None:
-            check_sender(sender)
+            check_name(sender)
         try:
             items, next_cursor = await self.storage.list_conversations(
                 agent=agent, sender=sender, limit=limit, cursor=cursor
@@ -406,8 +407,10 @@ class Runtime:
     ) -> list[UsageTotal]:
         """The stored usage totals, a row per conversation and day. Any agent may be
         named, configured or not: its totals outlive its config."""
+        if agent is not None and agent not in self.agents:  # a configured one is a name
+            check_name(agent, "An agent")
         if sender is not None:
-            check_sender(sender)
+            check_name(sender)
         day = None if since is None else first_day(since, datetime.now(UTC))
         return await self.storage.usage(agent=agent, sender=sender, since=day)
 

@@ -38,7 +38,7 @@ from chinwag.protocol import (
     UsageTotal,
     UsageTotals,
 )
-from chinwag.storage import MemoryStorage, Storage
+from chinwag.storage import MemoryStorage, Storage, open_store
 from test_connection import Client, Daemon
 
 AGENTS = {"assistant": AgentConfig(provider="echo")}
@@ -179,6 +179,28 @@ async def test_since_takes_in_whole_days_and_a_bad_one_is_refused_400():
             assert repr(bad) in reply.message
         reply = await ask(client, GetUsage, sender="")
         assert isinstance(reply, Error) and reply.code == 400, reply
+
+
+async def test_usage_refuses_an_agent_or_sender_that_is_no_name_400(postgres_url: str):
+    """On postgres, where a NUL in a query parameter fails the statement (was 500)."""
+    async with open_store(postgres_url) as storage, serving(storage) as daemon:
+        client = await daemon.connected(wait_s=WAIT_S)
+        await turn(client, "red and blue")
+        refused = [
+            ({"agent": "a\x00b"}, "An agent must not contain control characters."),
+            ({"agent": "x" * 257}, "An agent must be 1 to 256 bytes of UTF-8."),
+            ({"agent": ""}, "An agent must be 1 to 256 bytes of UTF-8."),
+            ({"sender": "u\x00"}, "A sender must not contain control characters."),
+            ({"agent": "assistant", "sender": "\n"}, "A sender must not contain control"),
+        ]
+        for filters, message in refused:
+            reply = await ask(client, GetUsage, **filters)
+            assert isinstance(reply, Error) and reply.code == 400, (filters, reply)
+            assert reply.message.startswith(message), (filters, reply.message)
+        # Any name is taken, configured or not.
+        (row,) = await usage(client, agent="assistant")
+        assert await usage(client, agent="gone-now é" + "x" * 244) == []
+        assert await usage(client, agent=row.agent, sender=row.sender) == [row]
 
 
 async def test_a_compactions_summary_call_is_counted_on_its_marker():
