@@ -2,8 +2,8 @@
 `chinwag dashboard` process, each against a real `chinwag serve` on the echo model.
 
 The browser tests drive Debian's Chromium through Playwright, which cannot download
-browsers here: `browser_type_launch_args` points it at `chromium` on the PATH. When
-there is none they skip, except under CI=true, where they fail.
+browsers here: `browser` launches `chromium` from the PATH, for one test at a time.
+When there is none they skip, except under CI=true, where they fail.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from chinwag.clients.dashboard import create_app
 from dashboard_harness import TOKEN, DashboardProcess, logged_in, start_dashboard
-from playwright.sync_api import Page
+from playwright.sync_api import Browser, Page, sync_playwright
 from starlette.testclient import TestClient
 
 
@@ -55,16 +55,32 @@ def dashboard(daemon: Any, dashboard_factory: Callable[..., DashboardProcess]) -
 # --- the browser ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
-    """Playwright on Debian's Chromium, which `.ci/run` installs."""
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium (which `.ci/run` installs), launched for one test.
+
+    Not pytest-playwright's session-long browser: Playwright's sync API keeps an
+    asyncio loop running on this thread for as long as it is started, and the tests
+    a worker runs after it (anyio on asyncio, the Telegram bridge) must not find one.
+    """
     chromium = shutil.which("chromium")
     if chromium is None:
         reason = "no `chromium` on the PATH (apt-get install chromium) for the browser tests"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    return {**browser_type_launch_args, "executable_path": chromium}
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A page of its own browser context, closed after the test."""
+    context = browser.new_context()
+    yield context.new_page()
+    context.close()
 
 
 @pytest.hookimpl(wrapper=True)
