@@ -126,11 +126,11 @@ class Telemetry:
     def dropped(self, consumer: str) -> None:
         """A ``connection``, ``subscription`` or ``watch`` was dropped as too slow."""
         if self.metrics is not None:
-            self.metrics.dropped[consumer].inc()
+            self.metrics.dropped[consumer] += 1
 
     def mail_posted(self) -> None:
         if self.metrics is not None:
-            self.metrics.mail_posted.inc()
+            self.metrics.mail_posted += 1
 
     def mail_delivered(self, frame: Mail | MailUpdate) -> None:
         """``frame`` leaves a watch's buffer for its connection: a new message's delivery
@@ -248,11 +248,8 @@ class _ObservedRun(RunTelemetry):
     def ended(self, status: EndStatus, error: ErrorInfo | None) -> None:
         series = self.series
         if series is not None:
-            counter = series.runs.get(status)
-            if counter is None:  # not a status a run ends with today
-                assert self.telemetry.metrics is not None
-                counter = self.telemetry.metrics.runs.labels(self.agent.name, status)
-            counter.inc()
+            runs = series.runs
+            runs[status] = runs.get(status, 0) + 1
             if self._started is not None:
                 series.run_seconds.observe(time.perf_counter() - self._started)
         span = self.span
@@ -359,8 +356,8 @@ class _ObservedCall(ModelCall):
             run.input_tokens += input_tokens
             run.output_tokens += output_tokens
             if series is not None:
-                series.input_tokens.inc(input_tokens)
-                series.output_tokens.inc(output_tokens)
+                series.input_tokens += input_tokens
+                series.output_tokens += output_tokens
             if span is not None:
                 span.attributes[INPUT_TOKENS] = input_tokens
                 span.attributes[OUTPUT_TOKENS] = output_tokens
@@ -433,7 +430,10 @@ class _ObservedTool(ToolTelemetry):
         metrics = self._telemetry.metrics
         if metrics is not None:
             series = metrics.tool(self._call.name)
-            (series.error if is_error else series.ok).inc()
+            if is_error:
+                series.error += 1
+            else:
+                series.ok += 1
             series.seconds.observe(seconds)
         span = self._span
         tracing = self._telemetry.tracing
