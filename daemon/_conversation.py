@@ -402,13 +402,15 @@ class Run(Job):
 
     def finish(self, status: EndStatus, error: ErrorInfo | None) -> None:
         self.state = "ended"
-        self.observed.ended(status, error)
         self.end = end = End(status=status, error=error, last_seq=self.conversation.last_seq)
         if self.started:
             self.publish(end)
         else:  # subscribers see runs from `start` on; a run that never started is not theirs
             self.tell(end)
         self.sinks.clear()
+        # Once `end` has gone out: what the run reports (its spans emitted, its counts)
+        # is not on the client's way to it.
+        self.observed.ended(status, error)
         self.done.set()
 
     # --- Turn: what the step loop asks of the run ---------------------------------

@@ -16,7 +16,8 @@ OpenTelemetry's own GenAI instrumentations read.
 A span is recorded, then emitted: its start takes its ids (from the provider's
 id generator), its clock and, for a run's, the provider's sampler's decision
 (a model or tool call's follows its run's, as ``ParentBased`` would); its end
-builds one ``ReadableSpan`` and hands it to the provider's span processors.
+builds one ``ReadableSpan`` and hands it to the provider's span processors, a
+model or tool call's with its run's, after the run's `end` has gone out.
 The SDK's own spans cost several times as much to make, for what the daemon
 never uses: a lock per attribute set, checks of every value, a processor's
 ``on_start``. The attributes are few and the daemon's own, within the SDK's
@@ -272,7 +273,11 @@ class RecordedSpan(NonRecordingSpan):
         self.ended = False
         self.recorded = False  # set with its ids: whether the sampler said to record it
         self.parent: SpanContext | None = None  # set with its ids
+        self.end_time = 0
         self._above = parent
+        # The run's span, over its model and tool calls' spans: they are emitted with it.
+        self._root: RecordedSpan | None = None if parent is None else parent._root or parent
+        self._held: list[RecordedSpan] = []  # ended under this root, emitted when it ends
         self._parent_context = parent_context
         self._context: SpanContext | None = None  # type: ignore[assignment]
         self.current = trace.set_span_in_context(self, parent_context)
@@ -293,10 +298,26 @@ class RecordedSpan(NonRecordingSpan):
         return RecordedSpan(self._tracing, name, kind, attributes, self, self.current)
 
     def end(self, end_time: int | None = None) -> None:
-        """End it (now by default), unless it has ended."""
+        """End it (now by default), unless it has ended.
+
+        A span under a root that has not ended (a model or tool call's, under its
+        run's) is emitted with the root, once the run has sent its `end`: the ids,
+        the sampler and the span processors are not on the client's way to it.
+        """
         if self.ended:
             return
         self.ended = True
+        self.end_time = end_time or time.time_ns()
+        root = self._root
+        if root is not None and not root.ended:
+            root._held.append(self)
+            return
+        for span in self._held:  # in the order they ended, before their root, as the SDK's
+            span._emit()
+        self._held.clear()
+        self._emit()
+
+    def _emit(self) -> None:
         self.get_span_context()
         if self.recorded:
-            self._tracing.emit(self, end_time or time.time_ns())
+            self._tracing.emit(self, self.end_time)
