@@ -18,10 +18,17 @@ daemon is pinned to one CPU, alone; this client and the dashboard to the other.
   For this part the dashboard and the streams' reader run at nice 19 on the client's
   CPU, as on a machine with a core for them they would not share the client's: the
   figure is the daemon's latency, not the client's share of a busy CPU. Also the
-  daemon's CPU per run in each state, and how many run events the streams read.
+  daemon's and the dashboard's CPU in each state (the dashboard's per run event made),
+  and how many run events the streams read: at this rate (~2,000 runs/s) a niced
+  dashboard is not meant to keep up, and the streams read what it found the CPU for.
+- **Paced runs with open streams.** STREAMS streams open (read as above), RUNS runs at
+  once of PACED_WORDS words PACED_MS apart, a rate the streams must keep up with: the
+  share of the text deltas the slowest stream read (every one, when they keep up), and
+  each delta's delay at every stream after a direct subscriber's, p99 (the baseline: a
+  second direct subscriber).
 
 Targets (issue 16): delivery p99 <= 50 ms; run latency with STREAMS streams open
-<= 1.03x with none (first event p50).
+<= 1.03x with none (first event p50). The other figures have none.
 
     python -m bench.dashboard [--words 200] [--runs 2000] [--storage URL]
 """
@@ -58,6 +65,9 @@ WORD_MS = 20
 STREAMS = 50
 BLOCK = 200
 WARMUP = 200
+PACED_WORDS = 100
+PACED_MS = 50
+PACED_GRACE_S = 10.0
 START_S = 30.0
 SECOND = "a second direct socket subscriber, same run"
 NONE_OPEN = "no dashboard event stream open, same run"
@@ -147,9 +157,9 @@ async def browser(url: str, arrivals: Arrivals, ready: trio.Event) -> None:
                             return
 
 
-async def one_slow_run(path: Path, index: int, words: int) -> None:
+async def one_slow_run(path: Path, index: int, words: int, word_ms: int = WORD_MS) -> None:
     conn = await connect(path)
-    content = f"/slow {words} {WORD_MS}"
+    content = f"/slow {words} {word_ms}"
     await conn.send(Stream(id=1, agent="assistant", sender=f"bench-{index}", content=content))
     while not isinstance(msg := await conn.recv(), End):
         pass
@@ -184,10 +194,14 @@ async def delivery(path: Path, url: str, words: int) -> tuple[list[float], list[
 
 
 @contextlib.contextmanager
-def open_streams(url: str, root: Path) -> Iterator[Path]:
-    """STREAMS event streams of the dashboard, open and read; the report file."""
+def open_streams(
+    url: str, root: Path, ends: int | None = None
+) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """STREAMS event streams of the dashboard, open and read (with ``ends``, until that
+    many runs have ended; see bench._event_streams); the report file and the reader."""
     report = root / f"streams-{time.monotonic_ns()}.txt"
     argv = [sys.executable, "-m", "bench._event_streams", url, TOKEN, str(STREAMS), str(report)]
+    argv += [] if ends is None else [str(ends)]
     proc = subprocess.Popen(argv, env=bench_env(), preexec_fn=lambda: os.nice(19))
     try:
         deadline = time.monotonic() + START_S
@@ -195,7 +209,7 @@ def open_streams(url: str, root: Path) -> Iterator[Path]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{STREAMS} dashboard event streams did not open")
             time.sleep(0.05)
-        yield report
+        yield report, proc
     finally:
         proc.terminate()
         proc.wait(10)
@@ -211,10 +225,29 @@ class Taken:
     def __init__(self) -> None:
         self.latencies: list[float] = []
         self.cpu = 0.0
+        self.dashboard_cpu = 0.0
+
+
+async def run_events(path: Path) -> int:
+    """How many events one of bench/first_event's runs makes, as a subscriber reads them."""
+    conn = await connect(path)
+    await conn.send(Subscribe(id=1))
+    assert isinstance(await conn.recv(), Subscribed)
+    count = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(measure_daemon, path, 1, 0)
+        while True:
+            msg = await conn.recv()
+            if isinstance(msg, Event):
+                count += 1
+                if isinstance(msg.event, End):
+                    break
+    await conn.aclose()
+    return count
 
 
 def run_latency(
-    server: _processes.Server, url: str, runs: int, root: Path
+    server: _processes.Server, dashboard: int, url: str, runs: int, root: Path
 ) -> tuple[Taken, Taken, list[list[int]]]:
     """(none open, STREAMS open, per block they were open: the fewest and the most run
     events a stream read, and how many times streams were opened again)."""
@@ -229,15 +262,55 @@ def run_latency(
             with contextlib.ExitStack() as stack:
                 report = stack.enter_context(open_streams(url, root)) if state == "open" else None
                 cpu = server.cpu_seconds()
+                dashboard_cpu = _processes.cpu_seconds(dashboard)
                 latencies, _ = trio.run(measure_daemon, server.socket_path, block, 0)
                 taken = opened if state == "open" else none
                 taken.cpu += server.cpu_seconds() - cpu
                 taken.latencies += latencies
+            # After the streams have closed: what the dashboard still had to send them.
+            taken.dashboard_cpu += _processes.cpu_seconds(dashboard) - dashboard_cpu
             if report is not None:
-                read.append([int(n) for n in report.read_text().split()])
+                read.append([int(n) for n in report[0].read_text().split()])
         done += block
         turn += 1
     return none, opened, read
+
+
+async def paced_runs(path: Path, words: int) -> tuple[Arrivals, Arrivals]:
+    """RUNS runs of ``words`` words PACED_MS apart at once: the two direct subscribers'
+    arrivals of their text deltas."""
+    first: Arrivals = {}
+    second: Arrivals = {}
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            readies = [trio.Event() for _ in range(2)]
+            nursery.start_soon(subscriber, path, first, readies[0])
+            nursery.start_soon(subscriber, path, second, readies[1])
+            for ready in readies:
+                await ready.wait()
+            for index in range(RUNS):
+                nursery.start_soon(one_slow_run, path, index, words, PACED_MS)
+    return first, second
+
+
+class Paced:
+    """The paced block: each text delta's delay at every open stream (and at a second
+    direct subscriber) after the first subscriber, how many were made, the fewest a
+    stream read, and how many times a stream was opened again."""
+
+    def __init__(self, server: _processes.Server, url: str, words: int, root: Path) -> None:
+        with open_streams(url, root, ends=RUNS) as (report, proc):
+            first, second = trio.run(paced_runs, server.socket_path, words)
+            # Every stream done once it has read the RUNS ends; one that fell behind
+            # never is, and is stopped after this.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(PACED_GRACE_S)
+        read = json.loads(report.read_text())
+        self.made = len(first)
+        self.second = [second[key] - first[key] for key in first]
+        self.streams = [at - first[(run_id, n)] for s in read["arrivals"] for run_id, n, at in s]
+        self.fewest = min(len(arrivals) for arrivals in read["arrivals"])
+        self.reopened: int = read["reopened"]
 
 
 def figures(root: Path, words: int, runs: int, storage: str | None) -> list[Figure]:
@@ -249,7 +322,9 @@ def figures(root: Path, words: int, runs: int, storage: str | None) -> list[Figu
     ):
         second, sse = trio.run(delivery, server.socket_path, url, words)
         niced(pid)
-        none, opened, read = run_latency(server, url, runs, root)
+        none, opened, read = run_latency(server, pid, url, runs, root)
+        events_per_run = trio.run(run_events, server.socket_path)
+        paced = Paced(server, url, PACED_WORDS, root)
     dropped = server.log_path.read_text().count("subscriber_too_slow")
     ms = 1e3
     note = (
@@ -306,6 +381,43 @@ def figures(root: Path, words: int, runs: int, storage: str | None) -> list[Figu
             "lower",
             [Baseline(NONE_OPEN, none.cpu / runs * 1e6)],
             note="user + system time of the daemon process over its blocks, per run",
+        ),
+        Figure(
+            "dashboard_streams_cpu_per_event",
+            "w",
+            f"dashboard CPU per run event, {STREAMS} event streams open",
+            "us",
+            opened.dashboard_cpu / (runs * events_per_run) * 1e6,
+            "lower",
+            [Baseline(NONE_OPEN, none.dashboard_cpu / (runs * events_per_run) * 1e6)],
+            note=(
+                f"user + system time of the dashboard process over the blocks above (until "
+                f"the streams closed), per run event made ({events_per_run} a run)"
+            ),
+        ),
+        Figure(
+            "dashboard_paced_read",
+            "w",
+            f"text deltas read by the slowest of {STREAMS} event streams, paced runs",
+            "%",
+            paced.fewest / paced.made * 100,
+            "higher",
+            note=(
+                f"{RUNS} runs at once, {PACED_WORDS} words each {PACED_MS} ms apart "
+                f"({paced.made:,} text deltas), {STREAMS} dashboard event streams open and "
+                f"read (the reader and the dashboard at nice 19 on the client's CPU); "
+                f"streams ended for falling behind and opened again: {paced.reopened}"
+            ),
+        ),
+        Figure(
+            "dashboard_paced_delivery_p99",
+            "w",
+            f"a text delta, daemon to each of {STREAMS} event streams, paced runs, p99",
+            "ms",
+            percentile(paced.streams, 0.99) * ms,
+            "lower",
+            [Baseline(SECOND, percentile(paced.second, 0.99) * ms)],
+            note=f"{len(paced.streams):,} deliveries matched",
         ),
     ]
 
