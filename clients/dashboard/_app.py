@@ -8,6 +8,8 @@ away, for the banner), the run events it asks for (``run``; none with
 with ``as=NAME`` that participant's mail (``watching`` once its watch is on, then
 ``mail``: ``{change, message}``, ``change`` null for a new message), and with
 ``roster`` which of presence, spaces and locks changed (``roster``: ``{changed}``).
+The link encodes each once for every page; a page sent several at a time gets them in
+one write.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import anyio
 import jinja2
 import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -32,15 +35,7 @@ from starlette.templating import Jinja2Templates
 from .._client import ChinwagError
 from .._render import _duration
 from ._access import Access, AccessMiddleware
-from ._link import (
-    DaemonAway,
-    DaemonLink,
-    DaemonState,
-    MailEvent,
-    MailFollowed,
-    PageItem,
-    RosterChanged,
-)
+from ._link import DaemonAway, DaemonLink, Shown
 from ._view import daemon, page
 from .views import VIEWS
 
@@ -106,37 +101,42 @@ async def events(request: Request) -> Response:
     reader = (query.get("as") or "").strip().casefold() or None
     roster = "roster" in query
 
-    async def stream() -> AsyncIterator[ServerSentEvent]:
+    async def stream() -> AsyncIterator[bytes | ServerSentEvent]:
         with link.listen(agent, sender, runs=runs, reader=reader, roster=roster) as items:
             next_stats = anyio.current_time()
             while True:
-                item: PageItem | None = None
+                first: Shown | None = None
                 wait = next_stats - anyio.current_time() if with_stats else None
                 with anyio.move_on_after(wait):
                     try:
-                        item = await items.receive()
+                        first = await items.receive()
                     except anyio.EndOfStream:
                         return  # fell behind: the browser connects again
-                if item is None:
+                if first is None:
                     next_stats = anyio.current_time() + STATS_EVERY_S
                     counters = await _stats(link)
                     if counters is not None:
                         yield ServerSentEvent(counters, event="stats")
-                elif isinstance(item, DaemonState):
-                    state = msgspec.json.encode({"up": item.up, "reason": item.reason})
-                    yield ServerSentEvent(state.decode(), event="daemon")
-                elif isinstance(item, MailFollowed):
-                    yield ServerSentEvent(item.reader, event="watching")
-                elif isinstance(item, MailEvent):
-                    mail = {"change": item.change, "message": item.message}
-                    yield ServerSentEvent(msgspec.json.encode(mail).decode(), event="mail")
-                elif isinstance(item, RosterChanged):
-                    changed = msgspec.json.encode({"changed": item.changed})
-                    yield ServerSentEvent(changed.decode(), event="roster")
-                else:
-                    yield ServerSentEvent(msgspec.json.encode(item).decode(), event="run")
+                    continue
+                # What has come meanwhile goes in the same write.
+                frames = [first.frame]
+                ended = _take_waiting(items, frames)
+                yield b"".join(frames)
+                if ended:
+                    return
 
     return EventSourceResponse(stream(), ping=PING_S)
+
+
+def _take_waiting(items: MemoryObjectReceiveStream[Shown], frames: list[bytes]) -> bool:
+    """Add the frames waiting in ``items`` to ``frames``; whether ``items`` has ended."""
+    while True:
+        try:
+            frames.append(items.receive_nowait().frame)
+        except anyio.WouldBlock:
+            return False
+        except anyio.EndOfStream:
+            return True
 
 
 async def _stats(link: DaemonLink) -> str | None:

@@ -2,9 +2,15 @@
 of the daemon's run events and mail to every open page.
 
 One `subscribe` request feeds every page's event stream, so that fifty open pages
-cost the daemon one subscriber, not fifty. Each page listens through a bounded
+cost the daemon one subscriber, not fifty. Each item is encoded once, as the
+server-sent event every page that wants it is sent (``Shown``), and pages asking for
+the same items are matched once (``_Interest``). Each page listens through a bounded
 memory stream; one that falls behind loses its stream (the browser's
 `EventSource` connects again), never stalls the others.
+
+The events: ``daemon`` (``{up, reason}``, for the banner), ``run`` (a run event),
+``watching`` (the participant whose watch is on), ``mail`` (``{change, message}``,
+``change`` null for a new message) and ``roster`` (``{changed}``).
 
 The events of each run in flight are kept (consecutive text merged) so that a page
 opened in the middle of a run is shown the run from its `start`.
@@ -29,6 +35,7 @@ import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from chinwag.protocol import End, Event, MailMessage, MailUpdate, TextDelta, ThinkingDelta
+from sse_starlette import ServerSentEvent
 
 from .._client import ChinwagError, Client, connect_explained
 
@@ -86,14 +93,40 @@ class RosterChanged:
 PageItem = Event | DaemonState | MailFollowed | MailEvent | RosterChanged
 
 
-@dataclass(eq=False)
-class _Listener:
+@dataclass(frozen=True, slots=True)
+class Shown:
+    """``item`` and ``frame``, its server-sent event as sent to a page: encoded once,
+    the same bytes for every page."""
+
+    item: PageItem
+    frame: bytes
+
+    @classmethod
+    def of(cls, item: PageItem) -> Shown:
+        if isinstance(item, Event):
+            data, kind = msgspec.json.encode(item).decode(), "run"
+        elif isinstance(item, DaemonState):
+            state = {"up": item.up, "reason": item.reason}
+            data, kind = msgspec.json.encode(state).decode(), "daemon"
+        elif isinstance(item, MailFollowed):
+            data, kind = item.reader, "watching"
+        elif isinstance(item, MailEvent):
+            mail = {"change": item.change, "message": item.message}
+            data, kind = msgspec.json.encode(mail).decode(), "mail"
+        else:
+            data, kind = msgspec.json.encode({"changed": item.changed}).decode(), "roster"
+        return cls(item, ServerSentEvent(data, event=kind).encode())
+
+
+@dataclass(frozen=True)
+class _Interest:
+    """What a page asked for: pages asking the same are matched once per item."""
+
     agent: str | None
     sender: str | None
-    send: MemoryObjectSendStream[PageItem]
-    runs: bool = True
-    reader: str | None = None
-    roster: bool = False
+    runs: bool
+    reader: str | None
+    roster: bool
 
     def wants(self, item: PageItem) -> bool:
         if isinstance(item, Event):
@@ -123,7 +156,7 @@ class _RunSoFar:
             last.delta += new.delta
             return
         if isinstance(new, TextDelta | ThinkingDelta):
-            # A copy: the merge above changes it, and listeners hold the original.
+            # A copy: the merge above changes it, and pages hold the original.
             new = type(new)(delta=new.delta)
         self.events.append(msgspec.structs.replace(event, event=new))
 
@@ -141,7 +174,8 @@ class DaemonLink:
         self.poll_s = poll_s
         self._client: Client | None = None
         self.state = DaemonState(up=False, reason="The dashboard is connecting to the daemon.")
-        self._listeners: set[_Listener] = set()
+        # The open pages' streams, by what they asked for.
+        self._pages: dict[_Interest, set[MemoryObjectSendStream[Shown]]] = {}
         self._runs: dict[str, _RunSoFar] = {}
         # Mail: how many pages read as each participant, and the watch held for each.
         self._readers: dict[str, int] = {}
@@ -200,8 +234,8 @@ class DaemonLink:
     async def until_up(self) -> None:
         """Return once the daemon is connected (at once if it is)."""
         with self.listen() as items:
-            async for item in items:
-                if isinstance(item, DaemonState) and item.up:
+            async for shown in items:
+                if isinstance(shown.item, DaemonState) and shown.item.up:
                     return
 
     @contextmanager
@@ -213,7 +247,7 @@ class DaemonLink:
         runs: bool = True,
         reader: str | None = None,
         roster: bool = False,
-    ) -> Iterator[MemoryObjectReceiveStream[PageItem]]:
+    ) -> Iterator[MemoryObjectReceiveStream[Shown]]:
         """The daemon's state, then each matching run in flight so far, then what comes:
         with ``runs``, run events (of ``agent``, ``sender``); with ``reader``, the mail of
         that participant (``MailFollowed`` once its watch is on, then ``MailEvent``s);
@@ -221,17 +255,17 @@ class DaemonLink:
 
         The stream ends when its reader falls ``PAGE_BUFFER`` items behind.
         """
-        send, receive = anyio.create_memory_object_stream[PageItem](PAGE_BUFFER)
-        listener = _Listener(agent, sender, send, runs=runs, reader=reader, roster=roster)
+        send, receive = anyio.create_memory_object_stream[Shown](PAGE_BUFFER)
+        interest = _Interest(agent, sender, runs, reader, roster)
         # No await from here to the registration: nothing is missed, nothing doubled.
-        send.send_nowait(self.state)
+        send.send_nowait(Shown.of(self.state))
         for run in self._runs.values():
             for event in run.events:
-                if listener.wants(event):
-                    send.send_nowait(event)
+                if interest.wants(event):
+                    send.send_nowait(Shown.of(event))
         if reader is not None and reader in self._watches:
-            send.send_nowait(MailFollowed(reader))
-        self._listeners.add(listener)
+            send.send_nowait(Shown.of(MailFollowed(reader)))
+        self._pages.setdefault(interest, set()).add(send)
         if reader is not None:
             self._readers[reader] = self._readers.get(reader, 0) + 1
             if reader not in self._watches and self._tasks is not None:
@@ -240,7 +274,7 @@ class DaemonLink:
             with receive:
                 yield receive
         finally:
-            self._listeners.discard(listener)
+            self._forget(interest, send)
             send.close()
             if reader is not None:
                 self._readers[reader] -= 1
@@ -285,7 +319,7 @@ class DaemonLink:
         seconds, and say which changed."""
         seen: dict[str, bytes] = {}
         while True:
-            if any(listener.roster for listener in self._listeners):
+            if any(interest.roster for interest in self._pages):
                 try:
                     now = {
                         "participants": msgspec.json.encode(await client.participants()),
@@ -317,16 +351,24 @@ class DaemonLink:
         self._fan_out(event)
 
     def _fan_out(self, item: PageItem) -> None:
-        for listener in list(self._listeners):
-            if listener.wants(item):
-                self._offer(listener, item)
+        shown: Shown | None = None  # encoded once some page wants it
+        for interest, pages in list(self._pages.items()):
+            if not interest.wants(item):
+                continue
+            shown = shown or Shown.of(item)
+            for send in list(pages):
+                try:
+                    send.send_nowait(shown)
+                except anyio.WouldBlock:
+                    # Fallen behind: its page's stream ends, and the browser connects again.
+                    self._forget(interest, send)
+                    send.close()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    self._forget(interest, send)
 
-    def _offer(self, listener: _Listener, item: PageItem) -> None:
-        try:
-            listener.send.send_nowait(item)
-        except anyio.WouldBlock:
-            # Fallen behind: its page's stream ends, and the browser connects again.
-            self._listeners.discard(listener)
-            listener.send.close()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._listeners.discard(listener)
+    def _forget(self, interest: _Interest, send: MemoryObjectSendStream[Shown]) -> None:
+        pages = self._pages.get(interest)
+        if pages is not None:
+            pages.discard(send)
+            if not pages:
+                del self._pages[interest]

@@ -1,0 +1,57 @@
+"""The link's fan-out on a real daemon: each run event is encoded once, as its
+server-sent event, and the same bytes go to every page that asked for it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
+from chinwag.clients import connect
+from chinwag.clients.dashboard._link import DaemonLink, DaemonState, Shown
+from chinwag.protocol import End, Event
+from dashboard_harness import talk
+
+
+async def until_end(page: MemoryObjectReceiveStream[Shown]) -> list[Shown]:
+    """What the page is sent up to the end of a run, its state first."""
+    seen: list[Shown] = []
+    with anyio.fail_after(15):
+        async for shown in page:
+            seen.append(shown)
+            if isinstance(shown.item, Event) and isinstance(shown.item.event, End):
+                return seen
+    raise AssertionError(f"the page's stream ended before the run did: {seen}")
+
+
+def test_a_run_event_is_encoded_once_for_every_page(daemon: Any) -> None:
+    async def main() -> None:
+        link = DaemonLink(daemon.socket_path)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(link.run)
+            with (
+                link.listen(sender="ana") as first,
+                link.listen(sender="ana") as second,
+                link.listen(sender="bob") as other,
+            ):
+                async with connect(daemon.socket_path) as client:
+                    await talk(client, "ana", "hello there")
+                ones, twos = await until_end(first), await until_end(second)
+                assert isinstance(ones[0].item, DaemonState) and ones[0].item.up
+                runs = ones[1:]
+                assert (
+                    [type(shown.item) for shown in runs]
+                    == [Event] * len(runs)
+                    == [type(shown.item) for shown in twos[1:]]
+                )
+                # The same bytes, not equal ones: encoded once for both pages.
+                assert all(one.frame is two.frame for one, two in zip(runs, twos[1:], strict=True))
+                assert all(shown.frame.startswith(b"event: run\r\ndata: {") for shown in runs)
+                # bob's page was sent its state and nothing of ana's run.
+                assert isinstance(other.receive_nowait().item, DaemonState)
+                with pytest.raises(anyio.WouldBlock):
+                    other.receive_nowait()
+            tasks.cancel_scope.cancel()
+
+    anyio.run(main, backend="trio")
