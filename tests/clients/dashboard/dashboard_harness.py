@@ -10,13 +10,15 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from chinwag.clients import connect
 from starlette.testclient import TestClient
 
@@ -144,6 +146,16 @@ def on_daemon(daemon: Any, body: Callable[[Any], Awaitable[None]]) -> None:
                 await body(client)
 
     anyio.run(main, backend="trio")
+
+
+@contextmanager
+def held_client(daemon: Any) -> Iterator[tuple[BlockingPortal, Any]]:
+    """A connection to the daemon held open in a portal (presence lasts as long)."""
+    with (
+        start_blocking_portal(backend="trio") as portal,
+        portal.wrap_async_context_manager(connect(daemon.socket_path)) as client,
+    ):
+        yield portal, client
 
 
 async def talk(client: Any, sender: str, *lines: str, guest: str | None = None) -> None:

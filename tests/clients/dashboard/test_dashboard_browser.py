@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from chinwag.clients.dashboard._access import UNAUTHORIZED
-from dashboard_harness import TOKEN, DashboardProcess, on_daemon, talk
+from dashboard_harness import TOKEN, DashboardProcess, held_client, on_daemon, talk
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.usefixtures("screenshot_on_failure")
@@ -26,6 +26,8 @@ DOCS = Path(__file__).parents[3] / "docs" / "screenshots"
 PNG = b"\x89PNG\r\n\x1a\n"
 #: The views the README shows, by the name of their screenshot.
 SHOWN = ("conversations", "conversation", "feed", "agents", "stats")
+#: The mail views the README shows, likewise.
+SHOWN_MAIL = ("participants", "inbox", "space", "locks")
 
 
 def open_page(page: Page, dashboard: DashboardProcess, path: str = "/", **query: str) -> None:
@@ -145,10 +147,71 @@ def test_screenshots_of_each_view(
     page.evaluate("window.scrollTo(0, 0)")
     shoot("conversation")
 
-    for name in SHOWN:
+    kept(shots, SHOWN)
+
+
+def kept(shots: Path, names: tuple[str, ...]) -> None:
+    """Each of ``names`` was taken; with CHINWAG_UPDATE_SCREENSHOTS=1 it replaces the
+    README's copy, which is there in any case, and a PNG."""
+    for name in names:
         taken = (shots / f"dashboard-{name}.png").read_bytes()
         assert taken.startswith(PNG) and len(taken) > 10_000, name
         if os.environ.get("CHINWAG_UPDATE_SCREENSHOTS") == "1":
             shutil.copy(shots / f"dashboard-{name}.png", DOCS / f"dashboard-{name}.png")
-        # The README's copies are there, and PNGs.
         assert (DOCS / f"dashboard-{name}.png").read_bytes().startswith(PNG), name
+
+
+async def seed_mail(client: Any) -> None:
+    """A release being cut: maya and devin online (this connection), priya gone for
+    the day; a direct thread, #release with its mail, locks; maya has read some of it."""
+    await client.register("maya", kind="person", roles=["release", "review"])
+    await client.heartbeat("maya", status="cutting 2.4.0")
+    await client.register("devin", kind="session", roles=["backend"])
+    await client.heartbeat("devin", status="fixing the login redirect")
+    notes = await client.post("priya", "Can you review the release notes before 17:00?", to="maya")
+    await client.post("maya", "On it, after the freeze.", reply_to=notes.msg_id)
+    await client.post("priya", "Added the migration steps at the end.", reply_to=notes.msg_id)
+    await client.space_create("maya", "release", description="Shipping 2.4.0")
+    for member in ("devin", "priya"):
+        await client.space_join(member, "release")
+    await client.post("maya", "Code freeze at 17:00 UTC today.", to="#release")
+    changelog = await client.post("priya", "Changelog drafted in docs/CHANGELOG.md", to="#release")
+    await client.post("devin", "The login redirect fix is in review: PR 412", to="#release")
+    await client.post("devin", "Can I still merge the cache fix?", to="maya", priority=2)
+    await client.post("assistant", "Nightly build: all 1,284 tests passed.", to="maya")
+    await client.mark_read("maya", msg_ids=[notes.msg_id, changelog.msg_id])
+    await client.lock("devin", "src/app.py")
+    await client.lock("maya", "docs/CHANGELOG.md", mode="advisory")
+
+
+def test_screenshots_of_the_mail_views(
+    page: Page, daemon: Any, dashboard: DashboardProcess, output_path: str
+) -> None:
+    on_daemon(daemon, lambda client: client.register("priya", kind="person", roles=["docs"]))
+    page.set_viewport_size({"width": 1200, "height": 760})
+    shots = Path(output_path)
+    shots.mkdir(parents=True, exist_ok=True)
+
+    def shoot(name: str) -> None:
+        page.screenshot(path=str(shots / f"dashboard-{name}.png"))
+
+    with held_client(daemon) as (portal, client):
+        portal.call(seed_mail, client)
+        open_page(page, dashboard, "/mail")
+        expect(page.locator('#participants tr[data-name="maya"] .presence')).to_have_text("online")
+        expect(page.locator('#participants tr[data-name="priya"] .presence')).to_have_text(
+            "offline"
+        )
+        shoot("participants")
+        page.goto(f"{dashboard.url}/mail/inbox?as=maya")
+        expect(page.locator("#inbox tr[data-msg]")).to_have_count(6)
+        expect(page.locator("#inbox .state")).to_contain_text(["delivered", "read"])
+        shoot("inbox")
+        page.goto(f"{dashboard.url}/mail/space?name=release")
+        expect(page.locator("#members li")).to_have_count(3)
+        expect(page.locator("#space-mail")).to_contain_text("Code freeze at 17:00 UTC")
+        shoot("space")
+        page.goto(f"{dashboard.url}/mail/locks")
+        expect(page.locator("#locks")).to_contain_text("src/app.py")
+        shoot("locks")
+    kept(shots, SHOWN_MAIL)

@@ -13,13 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from anyio.from_thread import start_blocking_portal
-from chinwag.clients import connect
 from dashboard_harness import (
     EVENT_S,
     TOKEN,
     DashboardProcess,
     EventStream,
+    held_client,
     logged_in,
     on_daemon,
 )
@@ -148,16 +147,6 @@ def stream(dashboard: DashboardProcess, **query: str) -> Iterator[EventStream]:
         logged_in(client)
         with client.stream("GET", "/events", params={**query, "runs": "0"}) as response:
             yield EventStream(response)
-
-
-@contextmanager
-def held_client(daemon: Any) -> Iterator[tuple[Any, Any]]:
-    """A connection to the daemon held open in a portal (presence lasts as long)."""
-    with (
-        start_blocking_portal(backend="trio") as portal,
-        portal.wrap_async_context_manager(connect(daemon.socket_path)) as client,
-    ):
-        yield portal, client
 
 
 def test_mail_posted_after_the_page_opened_arrives(
