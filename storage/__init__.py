@@ -22,6 +22,7 @@ from ._base import (
     StorageError,
     search_words,
 )
+from ._bus import Bus, Node, Peer
 from ._jsonl import JsonlStorage
 from ._mail import (
     DeleteChange,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_SEARCH_LIMIT",
     "Archive",
+    "Bus",
     "ConversationNotFound",
     "DeleteChange",
     "EditChange",
@@ -58,9 +60,11 @@ __all__ = [
     "MemoryStorage",
     "MessageChange",
     "NewConversation",
+    "Node",
     "Outbox",
     "OutboxDelivery",
     "ParentChange",
+    "Peer",
     "PinChange",
     "PostgresStorage",
     "ReactChange",

@@ -10,6 +10,7 @@ from typing import Protocol
 import msgspec
 from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, UsageTotal
 
+from ._bus import Bus
 from ._mail import MailStore
 from ._outbox import Outbox
 
@@ -116,6 +117,10 @@ class Storage(Protocol):
 
     outbox: Outbox
     """The webhooks' deliveries and cursors (storage/_outbox.py), kept with the mail."""
+
+    bus: Bus | None
+    """How daemons sharing this store reach each other (storage/_bus.py); None when no
+    other daemon can share it (every backend but postgres)."""
 
     shared: bool
     """True when other processes may append to this store's conversations (postgres).

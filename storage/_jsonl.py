@@ -115,6 +115,7 @@ from ._base import (
     check_archive,
     search_words,
 )
+from ._bus import Bus
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._jsonl_mail import JsonlMail
@@ -537,6 +538,7 @@ class JsonlStorage:
     """A ``Storage`` in a directory of JSON-lines files; ``await JsonlStorage.open`` makes one."""
 
     shared = False  # the directory's lock keeps every other process out
+    bus: Bus | None = None  # alone on its store: no other daemon to hear
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, UsageTotal
 
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
+from ._bus import Bus
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
@@ -51,6 +52,7 @@ class MemoryStorage:
     """A ``Storage`` held in memory; ``open_store("memory:")`` makes one."""
 
     shared = False
+    bus: Bus | None = None  # alone on its store: no other daemon to hear
 
     def __init__(self) -> None:
         self._conversations: dict[tuple[str, str], _Conversation] = {}

@@ -67,6 +67,10 @@ its tables (participants, messages, deliveries...) are migration 3, part 2's
 4, and storage/_postgres_mail.py says how it stores, numbers and searches mail.
 Migration 5 is the webhooks' outbox (storage/_postgres_outbox.py).
 
+**Many daemons** (migration 7, ``daemons``): ``bus`` is the ``PostgresBus``
+(storage/_postgres_bus.py): LISTEN/NOTIFY between the daemons, a row of liveness
+each, and which daemon holds which conversation, read from ``pg_locks``.
+
 **Usage** (migration 6). An entry's ``usage`` is in its row (``input_tokens``,
 ``output_tokens``, NULL when it has none, as in every row from before), and
 ``usage`` holds the totals, one row per conversation and UTC day. The append
@@ -116,9 +120,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
+from ._bus import Bus
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
 from ._outbox import Outbox
+from ._postgres_bus import CLIENT_KEEPALIVES, DAEMONS_MIGRATION, TCP_SETTINGS, PostgresBus
 from ._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, PostgresMail, websearch_words
 from ._postgres_outbox import OUTBOX_MIGRATION, PostgresOutbox
 from ._search import SNIPPET_WORDS, WORD, archived_text, database_search_words, one_line
@@ -235,6 +241,7 @@ MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection[Any]], None], ...], .
         )
         """,
     ),
+    DAEMONS_MIGRATION,  # a row of liveness per daemon: storage/_postgres_bus.py
 )
 
 # The conversation's row, then its usage totals summed over its days: each sum a
@@ -512,6 +519,9 @@ class PostgresStorage:
         self._closed = False
         self.mail: MailStore = PostgresMail(self._run, lambda: self._closed, schema)
         self.outbox: Outbox = PostgresOutbox(self._run)
+        self.bus: Bus | None = PostgresBus(
+            conninfo, schema, run=self._run, lock_key=self._lock_key, claims_pid=self._claims_pid
+        )
 
     @classmethod
     async def open(
@@ -957,6 +967,11 @@ class PostgresStorage:
             finally:
                 self._claims.discard(key)
 
+    def _claims_pid(self) -> int | None:
+        """The server's pid for the claim connection, which holds the advisory locks."""
+        conn = self._locks
+        return None if conn is None or conn.closed else conn.info.backend_pid
+
     def _lock_key(self, agent: str, sender: str) -> int:
         return _advisory_key("claim", self.schema, agent, sender)
 
@@ -1051,14 +1066,18 @@ def _advisory_key(*parts: str) -> int:
 
 
 def _with_defaults(conninfo: str, schema: str | None) -> str:
-    """``conninfo`` with our search_path, a connect timeout and an application name."""
+    """``conninfo`` with our search_path, a connect timeout, an application name, and
+    keepalives on both ends of the connection (storage/_postgres_bus.py: a daemon the
+    network lost lets go of its claims within seconds)."""
     try:
         given = conninfo_to_dict(conninfo)
     except psycopg.Error as exc:
         raise ValueError(f"The postgres URL is not one libpq takes: {_one_line(exc)}.") from None
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {k: v for k, v in CLIENT_KEEPALIVES.items() if k not in given}
+    options = f"{given.get('options') or ''} {TCP_SETTINGS}"
     if schema is not None:
-        extra["options"] = f"{given.get('options') or ''} -c search_path={schema}".strip()
+        options += f" -c search_path={schema}"
+    extra["options"] = options.strip()
     if "connect_timeout" not in given:
         extra["connect_timeout"] = _CONNECT_TIMEOUT
     if "application_name" not in given:

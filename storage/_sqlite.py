@@ -115,6 +115,7 @@ from chinwag.protocol import (
 )
 
 from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
+from ._bus import Bus
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
@@ -724,6 +725,7 @@ class SqliteStorage:
     """A ``Storage`` in one sqlite database file; make one with ``await SqliteStorage.open``."""
 
     shared = False
+    bus: Bus | None = None  # alone on its store: no other daemon to hear
 
     def __init__(
         self,

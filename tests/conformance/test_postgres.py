@@ -144,6 +144,7 @@ async def test_either_scheme_opens_a_shared_store_in_the_named_schema(
     assert tables == [
         ("archives",),
         ("conversations",),
+        ("daemons",),
         ("deliveries",),
         ("entries",),
         ("locks",),
