@@ -250,13 +250,15 @@ class Welcome(ServerMessage, tag="welcome"):
     features: list[str] = msgspec.field(default_factory=list)  # what this daemon offers
 
 
-FEATURES = ("compaction", "search_memory", "history_pages", "mail", "usage")
+FEATURES = ("compaction", "search_memory", "history_pages", "mail", "usage", "daemons")
 """This daemon's additions to v1: the `compaction` event, sent only to a client
 whose `hello` names it, the `search_memory` request, and `history_pages`: a
 `get_history` without `limit` answers one page (200 entries at most), and `mail`
 (agents and people messaging each other, protocol/_mail.py), and `usage`: stored
 token totals, asked with the `usage` request and carried by `stats` and
-`list_conversations`."""
+`list_conversations`, and `daemons`: on a store several daemons share, control
+requests reach the daemon running the conversation, `attach` and `subscribe` see
+runs on every daemon, and `stats` lists the daemons."""
 
 
 class Error(ServerMessage, tag="error"):
@@ -414,6 +416,19 @@ class WebhookBacklog(msgspec.Struct, kw_only=True):
     failed: int = 0  # deliveries given up after 24 hours of retries
 
 
+class DaemonInfo(msgspec.Struct, kw_only=True):
+    """A daemon sharing the store, as its row of liveness says (the `daemons` feature)."""
+
+    id: str  # its id among the daemons, for logs and errors
+    host: str  # the machine it runs on
+    pid: int
+    address: str  # where clients reach it
+    started_at: datetime
+    beat_at: datetime  # its latest heartbeat
+    runs_in_flight: int = 0  # at that beat
+    this: bool = False  # the daemon that answered
+
+
 class Stats(ServerMessage, tag="stats"):
     id: int
     uptime_s: float
@@ -428,6 +443,8 @@ class Stats(ServerMessage, tag="stats"):
     webhooks: list[WebhookBacklog] = msgspec.field(default_factory=list)  # mail: each outbox
     tokens_in: int = 0  # usage: every model call's tokens the store holds, all conversations
     tokens_out: int = 0
+    # daemons: every live daemon on a shared store, this one included; empty when alone
+    daemons: list[DaemonInfo] = msgspec.field(default_factory=list)
 
 
 class UsageTotals(ServerMessage, tag="usage_totals"):
