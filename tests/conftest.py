@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -34,15 +34,26 @@ tools = []
 
 
 class DaemonProcess:
-    """A `chinwag serve` child process; restartable on the same socket and storage."""
+    """A `chinwag serve` child process; restartable on the same socket and storage.
 
-    def __init__(self, root: Path, config: str, storage_url: str | None = None) -> None:
+    ``prefix`` runs it through another command, e.g. ``ip netns exec NS`` for another
+    network namespace; the prefix must exec the daemon, so that signals reach it.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        config: str,
+        storage_url: str | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.root = root
         self.socket_path = root / "chinwag.sock"
         self.config_path = root / "config.toml"
         self.config_path.write_text(config)
         self.storage_url = storage_url or f"sqlite:///{root / 'chinwag.db'}"
         self.log_path = root / "daemon.log"
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> None:
@@ -50,6 +61,7 @@ class DaemonProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "chinwag.clients.cli",
@@ -111,11 +123,14 @@ def daemon_factory(short_tmp: Path) -> Iterator[object]:
     started: list[DaemonProcess] = []
 
     def make(
-        config: str = DEFAULT_CONFIG, storage_url: str | None = None, name: str = "d"
+        config: str = DEFAULT_CONFIG,
+        storage_url: str | None = None,
+        name: str = "d",
+        prefix: Sequence[str] = (),
     ) -> DaemonProcess:
         root = short_tmp / name
         root.mkdir()
-        d = DaemonProcess(root, config, storage_url)
+        d = DaemonProcess(root, config, storage_url, prefix)
         d.start()
         started.append(d)
         return d

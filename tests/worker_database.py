@@ -43,7 +43,7 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
-def _pid_runs(pid: int) -> bool:
+def pid_runs(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +74,7 @@ def database_url() -> str:
         ).fetchall()
         for (stale,) in rows:
             found = _NAME.fullmatch(stale)
-            if stale == name or (found and not _pid_runs(int(found.group(1)))):
+            if stale == name or (found and not pid_runs(int(found.group(1)))):
                 _drop(conn, stale)
         for attempt in range(10):
             try:
