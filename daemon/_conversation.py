@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 import trio
@@ -59,6 +59,9 @@ from ._telemetry import NO_RUN, RunTelemetry, Telemetry
 from ._tools import Mailbox, Mailboxes
 from ._workspace import Workspace
 
+if TYPE_CHECKING:
+    from ._cluster import Cluster
+
 log = structlog.get_logger("chinwag.runtime")
 
 Sink = Callable[[StreamEventMsg], bool]
@@ -67,7 +70,7 @@ Sink = Callable[[StreamEventMsg], bool]
 JobState = Literal["queued", "running", "ended"]
 Stop = Literal["killed", "shutdown"]
 
-CLAIM_POLL_S = 0.05  # how often a job waiting on another daemon's conversation retries
+CLAIM_POLL_S = 0.05  # how often a job waiting on another daemon's conversation retries, alone
 
 # A run id: this process's random prefix and a counter, as long as a uuid4's hex
 # and as unique across daemons and restarts, for a fraction of its cost.
@@ -102,6 +105,7 @@ class Host(Protocol):
     nursery: trio.Nursery
     post_office: Mailboxes | None
     telemetry: Telemetry
+    cluster: Cluster | None
 
     def submit(
         self,
@@ -621,6 +625,7 @@ class Conversation:
         self.current: Job | None = None  # in flight, or about to start
         self.queue: deque[Job] = deque()
         self.pending_ask: PendingAsk | None = None
+        self.holding = False  # on a shared store: this daemon holds its claim now
         self.context_tokens = 0  # as the model last reported it; 0 until a run reports
         self._load_lock = trio.Lock()
         self._serving = False  # its task is running
@@ -796,18 +801,27 @@ class Conversation:
     async def claimed(self, job: Job, policy: QueuePolicy) -> AsyncIterator[None]:
         """On a store other daemons share: hold the conversation while the job runs.
 
-        A conversation busy on another daemon makes the job wait (`queued`),
-        or under `reject` fail 409. Once claimed, the conversation is re-read,
-        since another daemon may have added to it.
+        A conversation busy on another daemon makes the job wait (`queued`,
+        counting the runs ahead of it there), or under `reject` fail 409. The
+        holder says when it lets go (daemon/_cluster.py); without a word the
+        claim is tried again now and then. Once claimed, the conversation is
+        re-read, since another daemon may have added to it.
         """
-        storage = self.storage
+        storage, cluster = self.storage, self.host.cluster
         if not await storage.claim(self.agent, self.sender):
             if policy == "reject":
                 raise RunFailed(409, "The conversation is busy on another daemon; retry later.")
-            job.queued(1)
-            # No trio.Event crosses daemons: the other one's release is seen by polling.
-            while not await storage.claim(self.agent, self.sender):  # noqa: ASYNC110
-                await trio.sleep(CLAIM_POLL_S)
+            if cluster is None:
+                job.queued(1)
+                while not await storage.claim(self.agent, self.sender):  # noqa: ASYNC110
+                    await trio.sleep(CLAIM_POLL_S)
+            else:
+                job.queued(await cluster.wait_for(self.agent, self.sender))
+                while not await storage.claim(self.agent, self.sender):
+                    await cluster.released(self.agent, self.sender)
+                    await cluster.wait_for(self.agent, self.sender)
+                cluster.claimed(self.agent, self.sender)
+        self.holding = True
         try:
             info = await storage.get_conversation(self.agent, self.sender)
             if info is not None and (self.info is None or info.last_seq != self.info.last_seq):
@@ -815,7 +829,10 @@ class Conversation:
                 await self.load_context()
             yield
         finally:
+            self.holding = False
             await storage.release(self.agent, self.sender)
+            if cluster is not None:
+                cluster.let_go(self.agent, self.sender)
 
     # --- compaction -----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import trio
 from chinwag.protocol import (
     Compaction,
     ConversationItem,
+    DaemonInfo,
     End,
     Entry,
     MemoryHit,
@@ -30,6 +31,7 @@ from chinwag.protocol import (
 from chinwag.storage import Storage
 
 from ._agent import Agent
+from ._cluster import Cluster, RemoteRun
 from ._config import Config, parse_duration
 from ._conversation import Compacting, Conversation, Job, Run, Sink, Subscription
 from ._errors import RequestError
@@ -115,6 +117,8 @@ class Runtime:
         self.started_at = time.monotonic()
         self.runs_total = 0
         self.post_office: Mailboxes | None = None  # set by the post office, when mail is on
+        # The other daemons on a shared store (daemon/_cluster.py); None when alone.
+        self.cluster: Cluster | None = None
         # Every model call's tokens the store holds, on a store of this daemon's alone:
         # summed once at start (`count_stored_usage`), then each stored call added.
         self._tokens_in = self._tokens_out = 0
@@ -200,6 +204,8 @@ class Runtime:
         )
         run.add_sink(sink)
         self._enqueue(conv, run, interrupt=queue == "interrupt")
+        if queue == "interrupt" and self.cluster is not None and not conv.holding:
+            self.nursery.start_soon(self.cluster.interrupt, agent, sender)
         return run
 
     async def cwd_problem(self, cwd: str) -> str | None:
@@ -246,26 +252,45 @@ class Runtime:
     # --- kill, attach, ask ---------------------------------------------------
 
     async def kill(self, agent: str, sender: str, *, everything: bool) -> str | None:
-        """Kill the job in flight (and with ``everything`` all queued behind it).
+        """Kill the job in flight (and with ``everything`` all queued behind it), on
+        whichever daemon runs it.
 
         Returns once every killed job has ended; the id of the one that was in
         flight, or None when nothing ran.
         """
         conv = await self.existing(agent, sender)
+        if self.cluster is not None and not conv.holding:
+            elsewhere, run_id = await self.cluster.kill(agent, sender, everything=everything)
+            if elsewhere:
+                if everything:  # and the runs waiting here for it
+                    await self._kill(conv, everything=True)
+                return run_id
+        return await self._kill(conv, everything=everything)
+
+    async def kill_here(self, agent: str, sender: str, *, everything: bool) -> str | None:
+        """``kill`` on this daemon only: another daemon asks, having found it the holder."""
+        return await self._kill(await self.existing(agent, sender), everything=everything)
+
+    async def _kill(self, conv: Conversation, *, everything: bool) -> str | None:
         current = conv.current
         stopped = conv.kill(everything=everything)
         for job in stopped:
             await job.done.wait()
         return current.id if current is not None else None
 
-    async def attach(self, agent: str, sender: str, sink: Sink) -> Run | None:
-        """Replay the run in flight from its `start` into ``sink``, then keep it attached.
+    async def attach(self, agent: str, sender: str, sink: Sink) -> Run | RemoteRun | None:
+        """Replay the run in flight from its `start` into ``sink``, then keep it attached;
+        the run may be on another daemon.
 
         When nothing has started, ``sink`` gets an `end` with status `idle`.
         """
         conv = await self.existing(agent, sender)
         run = conv.current
         if not isinstance(run, Run) or not run.started or run.state == "ended":
+            if self.cluster is not None and not conv.holding:
+                remote = await self.cluster.attach(agent, sender, sink)
+                if remote is not None:
+                    return remote
             sink(End(status="idle", error=None, last_seq=conv.last_seq))
             return None
         for event in run.events:
@@ -275,10 +300,25 @@ class Runtime:
         return run
 
     async def reply_to_ask(self, agent: str, sender: str, content: str, ask_id: str | None) -> None:
+        """Answer the pending question of the conversation's run, on whichever daemon runs it."""
         conv = await self.existing(agent, sender)
+        cluster = self.cluster
+        if conv.pending_ask is None and cluster is not None:
+            elsewhere = await cluster.answer(agent, sender, content, ask_id)
+            if elsewhere:
+                return
+        self._answer(conv, content, ask_id)
+
+    async def answer_here(self, agent: str, sender: str, content: str, ask_id: str | None) -> None:
+        """``reply_to_ask`` on this daemon only: another daemon asks, having found it the holder."""
+        self._answer(await self.existing(agent, sender), content, ask_id)
+
+    def _answer(self, conv: Conversation, content: str, ask_id: str | None) -> None:
         ask = conv.pending_ask
         if ask is None:
-            raise RequestError(404, f"No question is waiting for an answer in ({agent}, {sender}).")
+            raise RequestError(
+                404, f"No question is waiting for an answer in ({conv.agent}, {conv.sender})."
+            )
         if ask_id is not None and ask_id != ask.ask_id:
             raise RequestError(
                 409, f"The pending question is {ask.ask_id!r}, not {ask_id!r}; answer that one."
@@ -303,12 +343,29 @@ class Runtime:
         if sender is not None:
             check_name(sender)
         subscription = Subscription(agent, sender, deliver)
-        self._subscriptions.append(subscription)
+        self.add_subscription(subscription)
         return subscription
+
+    async def heard(self) -> None:
+        """Return once every other daemon knows what this one's subscribers want (at
+        once when alone): from then on their runs' events reach them too."""
+        if self.cluster is not None:
+            await self.cluster.heard(self.cluster.version)
+
+    def add_subscription(self, subscription: Subscription) -> None:
+        self._subscriptions.append(subscription)
+        if self.cluster is not None:
+            self.cluster.subscriptions_changed()
 
     def unsubscribe(self, subscription: Subscription) -> None:
         if subscription in self._subscriptions:
             self._subscriptions.remove(subscription)
+            if self.cluster is not None:
+                self.cluster.subscriptions_changed()
+
+    def subscriptions(self) -> list[Subscription]:
+        """Every subscription on this daemon: its clients', and other daemons' (the cluster's)."""
+        return self._subscriptions
 
     # --- reads ----------------------------------------------------------------
 
@@ -353,9 +410,13 @@ class Runtime:
             raise RequestError(
                 400, "The cursor is not one this daemon issued; start again without it."
             ) from None
+        elsewhere: dict[Key, str] = {}
+        if self.cluster is not None:
+            elsewhere = await self.cluster.holders([(item.agent, item.sender) for item in items])
         for item in items:
-            conv = self.conversations.get((item.agent, item.sender))
-            item.running = conv is not None and conv.busy
+            key = (item.agent, item.sender)
+            conv = self.conversations.get(key)
+            item.running = (conv is not None and conv.busy) or key in elsewhere
             hosted = self.agents.get(item.agent)  # None: no longer configured
             if hosted is not None and hosted.config.limited:
                 show_usage(item, hosted.config, await self._working_context(item, conv))
@@ -413,6 +474,10 @@ class Runtime:
             check_name(sender)
         day = None if since is None else first_day(since, datetime.now(UTC))
         return await self.storage.usage(agent=agent, sender=sender, since=day)
+
+    async def daemons(self) -> list[DaemonInfo]:
+        """Every live daemon on a shared store, this one included; none when alone."""
+        return [] if self.cluster is None else await self.cluster.daemons()
 
     def stats(self) -> RuntimeStats:
         busy = [c for c in self.conversations.values() if c.busy]

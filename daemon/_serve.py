@@ -15,6 +15,7 @@ import trio
 from chinwag.storage import open_store
 
 from ._agent import Agent
+from ._cluster import Cluster
 from ._config import BUILTIN_PROVIDERS, Config
 from ._metrics import DaemonState
 from ._provider_kinds import make_provider
@@ -165,6 +166,9 @@ async def serve(
             if telemetry.metrics is not None:
                 telemetry.metrics.state = partial(daemon_state, runtime, server)
             await runtime.count_stored_usage()  # before mail may start a run
+            if storage.bus is not None:  # other daemons share the store: join them
+                runtime.cluster = Cluster(runtime, storage.bus)
+                await root.start(runtime.cluster.serve, str(socket_path))
             await server.post_office.start()
             await root.start(server.post_office.webhooks.run)
             root.start_soon(server.accept, listener)

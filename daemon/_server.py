@@ -115,6 +115,7 @@ from chinwag.protocol import (
 )
 from chinwag.storage import StorageError
 
+from ._cluster import RemoteRun
 from ._conversation import Run, Subscription
 from ._errors import RequestError
 from ._mail_requests import answer as answer_mail
@@ -149,7 +150,7 @@ class RequestSink:
         self.request_id = request_id
         self.key = key
         self.open = True
-        self.run: Run | None = None
+        self.run: Run | RemoteRun | None = None
 
     def __call__(self, event: StreamEventMsg) -> bool:
         if not self.open:
@@ -887,8 +888,14 @@ class Connection:
             self.send(Error(id=msg.id, code=exc.code, message=exc.message))
             return
         self.handles[msg.id] = subscriber
-        self.send(Subscribed(id=msg.id))
-        nursery.start_soon(subscriber.forward)
+        nursery.start_soon(self._subscribed, subscriber)
+
+    async def _subscribed(self, subscriber: Subscriber) -> None:
+        """`subscribed` once every daemon sharing the store knows of it, then its events
+        (those of runs here are buffered meanwhile)."""
+        await self.runtime.heard()
+        self.send(Subscribed(id=subscriber.request_id))
+        await subscriber.forward()
 
     def _call(
         self,
@@ -1008,6 +1015,7 @@ class Connection:
             webhooks=self.server.post_office.webhooks.backlog(),
             tokens_in=tokens_in,
             tokens_out=tokens_out,
+            daemons=await self.runtime.daemons(),
         )
 
     async def _usage(self, msg: GetUsage) -> UsageTotals:

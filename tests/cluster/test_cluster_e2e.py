@@ -1,0 +1,172 @@
+"""Three daemons on one PostgreSQL database act as one: control requests reach the
+daemon running the conversation, its events reach the others' clients, and a daemon
+that dies frees its conversations for the others."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+from chinwag.clients import ChinwagError, connect
+from chinwag.protocol import AskUser, End, Queued, Start, TextDelta
+from deadlines import collect, next_event, next_of
+
+ASSISTANT = "assistant"
+
+
+@pytest.fixture
+def three(cluster):  # type: ignore[no-untyped-def]
+    """Hosts a, b and c: network namespaces where the machine allows (cluster.mode)."""
+    print(f"three daemons as {cluster.mode}")
+    return [cluster.start(name) for name in "abc"]
+
+
+async def test_kill_through_another_daemon_stops_the_run_within_a_second(three):
+    a, b, _ = three
+    async with connect(a.socket_path) as on_a, connect(b.socket_path) as on_b:
+        async with on_a.stream(ASSISTANT, "/slow 200 50") as running:
+            await next_of(running, TextDelta)
+            (item,) = (await on_b.list_conversations()).items
+            assert item.running, "b lists the run on a as running"
+            asked = time.monotonic()
+            killed = await on_b.kill(ASSISTANT)
+            events = await collect(running)
+            stopped = time.monotonic() - asked
+        assert isinstance(events[-1], End) and events[-1].status == "killed"
+        assert killed.run_id is not None
+        assert stopped < 1.0, f"the run ended {stopped:.2f} s after b was asked to kill it"
+        (item,) = (await on_b.list_conversations()).items
+        assert not item.running
+
+
+async def test_attach_through_another_daemon_replays_from_start(three):
+    a, b, _ = three
+    async with (
+        connect(a.socket_path) as on_a,
+        connect(b.socket_path) as on_b,
+        on_a.stream(ASSISTANT, "/slow 10 100") as running,
+    ):
+        first = await next_of(running, Start)
+        await next_of(running, TextDelta)
+        async with on_b.attach(ASSISTANT) as attached:
+            seen = await collect(attached)
+        mine = [first, *await collect(running)]
+    assert isinstance(seen[0], Start) and seen[0].run_id == first.run_id
+    words = [e.delta for e in seen if isinstance(e, TextDelta)]
+    assert "".join(words).split() == [str(n) for n in range(1, 11)]
+    assert seen[-1].status == "done" and mine[-1].status == "done"
+
+
+async def test_an_ask_on_one_daemon_is_answered_through_another(three):
+    a, _, c = three
+    async with (
+        connect(a.socket_path) as on_a,
+        connect(c.socket_path) as on_c,
+        on_a.stream(ASSISTANT, "/ask favourite colour?") as running,
+    ):
+        ask = await next_of(running, AskUser)
+        with pytest.raises(ChinwagError, match="not 'wrong'"):
+            await on_c.reply_to_ask(ASSISTANT, "red", ask_id="wrong")
+        await on_c.reply_to_ask(ASSISTANT, "deep blue", ask_id=ask.ask_id)
+        events = await collect(running)
+    text = "".join(e.delta for e in events if isinstance(e, TextDelta))
+    assert "deep blue" in text and events[-1].status == "done"
+
+
+async def test_subscribe_on_one_daemon_sees_the_runs_of_another(three):
+    a, _, c = three
+    async with (
+        connect(a.socket_path) as on_a,
+        connect(c.socket_path) as on_c,
+        on_c.subscribe(ASSISTANT) as subscription,
+    ):
+        async with on_a.stream(ASSISTANT, "three little words") as running:
+            mine = await collect(running)
+        seen = []
+        while not seen or not isinstance(seen[-1].event, End):
+            seen.append(await next_event(subscription))
+    assert [type(e.event) for e in seen] == [type(e) for e in mine]
+    assert {e.run_id for e in seen} == {mine[0].run_id}
+
+
+async def test_a_run_waiting_on_another_daemon_counts_the_runs_ahead_there(three):
+    a, b, _ = three
+    async with (
+        connect(a.socket_path) as on_a,
+        connect(b.socket_path) as on_b,
+        on_a.stream(ASSISTANT, "/slow 20 50") as first,
+        on_a.stream(ASSISTANT, "second on a") as second,
+    ):
+        await next_of(first, TextDelta)
+        queued = await next_event(second)
+        assert isinstance(queued, Queued) and queued.position == 1
+        async with on_b.stream(ASSISTANT, "third, on b") as third:
+            queued = await next_event(third)
+            assert isinstance(queued, Queued) and queued.position == 2
+            ends = [(await collect(s))[-1] for s in (first, second, third)]
+    assert [e.status for e in ends] == ["done"] * 3
+
+
+async def test_a_killed_daemon_frees_its_conversation_and_its_followers_get_503(cluster, three):
+    a, b, c = three
+    async with connect(b.socket_path) as on_b, connect(c.socket_path) as on_c:
+        async with connect(a.socket_path) as on_a, on_a.stream(ASSISTANT, "/slow 500 20") as run:
+            await next_of(run, TextDelta)
+            async with on_c.attach(ASSISTANT) as attached:
+                await next_of(attached, TextDelta)
+                cluster.kill9(a)
+                with trio.fail_after(10):
+                    ended = await collect(attached)
+        assert ended[-1].status == "error" and ended[-1].error.code == 503
+        async with on_b.stream(ASSISTANT, "mine now") as events:
+            got = await collect(events)
+        assert got[-1].status == "done"
+        start = next(e for e in got if isinstance(e, Start))
+        assert start.seq == 2, "the killed run kept its user entry and nothing torn"
+        history = await on_b.history(ASSISTANT)
+        assert [e.content for e in history.entries] == ["/slow 500 20", "mine now", "mine now"]
+
+
+async def test_stats_list_every_live_daemon(cluster, three):
+    a, b, c = three
+    async with connect(b.socket_path) as on_b:
+        await until_daemons(on_b, 3)
+        stats = await on_b.stats()
+        assert [d.address for d in stats.daemons] == [str(d.socket_path) for d in (a, b, c)]
+        assert [d.this for d in stats.daemons] == [False, True, False]
+        cluster.stop(c)
+        await until_daemons(on_b, 2)
+
+
+async def until_daemons(client, count: int) -> None:  # type: ignore[no-untyped-def]
+    """Other processes' rows of liveness: nothing to await but their beats."""
+    with trio.fail_after(10):
+        while len((await client.stats()).daemons) != count:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+
+
+async def test_a_daemon_cut_off_by_the_network_frees_its_conversation_within_seconds(
+    cluster, three
+):
+    """A silent network loss (its packets dropped, no reset): the server ends the lost
+    daemon's sessions once keepalives fail, which frees its claim; b then serves the
+    conversation, and c's client following the run gets `end` 503."""
+    a, b, c = three
+    async with connect(b.socket_path) as on_b, connect(c.socket_path) as on_c:
+        async with connect(a.socket_path) as on_a, on_a.stream(ASSISTANT, "/slow 2000 20") as run:
+            await next_of(run, TextDelta)
+            async with on_c.attach(ASSISTANT) as attached:
+                await next_of(attached, TextDelta)
+                cluster.cut(a)
+                cut_at = trio.current_time()
+                with trio.fail_after(15):
+                    ended = await collect(attached, within=15)
+            assert ended[-1].status == "error" and ended[-1].error.code == 503
+            async with on_b.stream(ASSISTANT, "mine now") as events:
+                got = await collect(events, within=30)
+            freed = trio.current_time() - cut_at
+        assert got[-1].status == "done"
+        assert freed < 15, f"b served the conversation {freed:.1f} s after a was cut off"
+        print(f"b served the conversation {freed:.1f} s after a was cut off")
+        cluster.heal(a)
