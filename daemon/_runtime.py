@@ -31,7 +31,7 @@ from chinwag.protocol import (
 from chinwag.storage import Storage
 
 from ._agent import Agent
-from ._cluster import Cluster, RemoteRun
+from ._cluster import Cluster, PeerInterest, RemoteRun
 from ._config import Config, parse_duration
 from ._conversation import Compacting, Conversation, Job, Run, Sink, Subscription
 from ._errors import RequestError
@@ -487,7 +487,7 @@ class Runtime:
             runs_in_flight=len(busy),
             runs_queued=sum(len(c.queue) for c in busy),
             runs_total=self.runs_total,
-            subscriptions=len(self._subscriptions),
+            subscriptions=sum(not isinstance(s, PeerInterest) for s in self._subscriptions),
         )
 
     # --- lifecycle ------------------------------------------------------------

@@ -58,6 +58,25 @@ async def test_attach_through_another_daemon_replays_from_start(three):
     assert seen[-1].status == "done" and mine[-1].status == "done"
 
 
+async def test_an_attach_through_another_daemon_detaches_on_cancel(three):
+    """Leaving the attach early cancels it there and on a; the run on a goes on, and a
+    second attach through b replays it from `start` again."""
+    a, b, _ = three
+    async with (
+        connect(a.socket_path) as on_a,
+        connect(b.socket_path) as on_b,
+        on_a.stream(ASSISTANT, "/slow 30 20") as running,
+    ):
+        await next_of(running, TextDelta)
+        async with on_b.attach(ASSISTANT) as attached:
+            await next_of(attached, TextDelta)
+        async with on_b.attach(ASSISTANT) as again:
+            replayed = await collect(again)
+        events = await collect(running)
+    assert isinstance(replayed[0], Start) and replayed[-1].status == "done"
+    assert events[-1].status == "done"
+
+
 async def test_an_ask_on_one_daemon_is_answered_through_another(three):
     a, _, c = three
     async with (
