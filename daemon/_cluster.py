@@ -49,6 +49,7 @@ log = structlog.get_logger("chinwag.cluster")
 Key = tuple[str, str]
 
 CALL_TIMEOUT_S = 5.0  # how long a call waits for the holder's reply
+TURN_S = 2.0  # how long a released conversation is kept for the daemons told, at most
 HEARD_TIMEOUT_S = 2.0  # how long a new subscription waits for every daemon to hear of it
 RECLAIM_S = 1.0  # how often a run waiting on another daemon tries the claim unprompted
 
@@ -107,6 +108,13 @@ class Released(msgspec.Struct, tag="released"):
     sender: str
 
 
+class Turned(msgspec.Struct, tag="turned"):
+    """A daemon told `released` took the conversation, or stopped waiting for it."""
+
+    agent: str
+    sender: str
+
+
 class Interest(msgspec.Struct, tag="interest"):
     version: int
     filters: list[tuple[str | None, str | None]]  # (agent, sender); None: any
@@ -129,7 +137,7 @@ class Relayed(msgspec.Struct, tag="relayed"):
     items: list[Item]
 
 
-Message = Call | Reply | Detach | Released | Interest | Heard | Relayed
+Message = Call | Reply | Detach | Released | Turned | Interest | Heard | Relayed
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Message).decode
@@ -232,6 +240,15 @@ class RemoteRun:
 
 
 @dataclass(eq=False)
+class _Turn:
+    """A conversation released here while other daemons waited for it."""
+
+    peers: set[str]  # the daemons told, until each took it or stopped waiting
+    since: float  # when the first of them began to wait
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
 class _Pending:
     peer: str
     what: str  # for the timeout's message
@@ -256,8 +273,11 @@ class Cluster:
         self.version = 0  # of ``_filters``, as last told
         self._heard: dict[str, int] = {}  # the version each daemon acknowledged
         self._heard_changed = trio.Event()
-        self._waiters: dict[Key, list[str]] = {}  # daemons waiting for conversations held here
+        # Daemons waiting for conversations held here, and since when (trio.current_time).
+        self._waiters: dict[Key, dict[str, float]] = {}
+        self._turns: dict[Key, _Turn] = {}  # released here, kept for the daemons told
         self._released: dict[Key, trio.Event] = {}  # conversations waited for here
+        self._releasers: dict[Key, str] = {}  # who said `released` of them
         self._seen: dict[str, tuple[str, str, str]] = {}  # relayed runs under way: id -> origin
 
     async def serve(self, address: str, *, task_status: trio.TaskStatus[None]) -> None:
@@ -295,7 +315,10 @@ class Cluster:
                     pending.reply = message
                     pending.done.set()
             case Released(agent, conv_sender):
+                self._releasers[(agent, conv_sender)] = sender
                 self._wake((agent, conv_sender))
+            case Turned(agent, conv_sender):
+                self._turned((agent, conv_sender), sender)
             case Interest(version, filters):
                 self._interested(sender, filters)
                 self.bus.send(sender, _text(Heard(version)))
@@ -343,6 +366,9 @@ class Cluster:
         self._heard_changed = trio.Event()
         for key in list(self._released):  # a conversation it held is free: try now
             self._wake(key)
+        for key, turn in list(self._turns.items()):
+            for peer in turn.peers & gone:
+                self._turned(key, peer)
 
     def runs_in_flight(self) -> int:
         return self.runtime.stats().runs_in_flight
@@ -452,15 +478,45 @@ class Cluster:
         with trio.move_on_after(RECLAIM_S):
             await event.wait()
 
-    def claimed(self, agent: str, sender: str) -> None:
-        """This daemon took the conversation: nothing to wait for any more."""
-        self._released.pop((agent, sender), None)
+    def done_waiting(self, agent: str, sender: str) -> None:
+        """This daemon took the conversation, or gave up waiting for it: tell the daemon
+        that let it go, which keeps it for us meanwhile (``turn``)."""
+        key = (agent, sender)
+        self._released.pop(key, None)
+        releaser = self._releasers.pop(key, None)
+        if releaser is not None:
+            self.bus.send(releaser, _text(Turned(agent, sender)))
 
     def let_go(self, agent: str, sender: str) -> None:
-        """This daemon released the conversation: tell whoever waits for it."""
-        for peer in self._waiters.pop((agent, sender), ()):
-            if peer in self.live:
-                self.bus.send(peer, _text(Released(agent, sender)))
+        """This daemon released the conversation: tell whoever waits for it, and keep it
+        for them (``turn``) until they took it."""
+        key = (agent, sender)
+        waiting = {p: t for p, t in self._waiters.pop(key, {}).items() if p in self.live}
+        if not waiting:
+            return
+        self._turns[key] = _Turn(set(waiting), min(waiting.values()))
+        for peer in waiting:
+            self.bus.send(peer, _text(Released(agent, sender)))
+
+    async def turn(self, agent: str, sender: str, asked_at: float) -> None:
+        """Wait, before a job asked for at ``asked_at`` claims the conversation, while
+        daemons that waited for it since before then take their turn (at most ``TURN_S``)."""
+        turn = self._turns.get((agent, sender))
+        if turn is None or turn.since > asked_at:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_after(TURN_S):
+            await turn.done.wait()
+        if self._turns.get((agent, sender)) is turn:
+            del self._turns[(agent, sender)]
+
+    def _turned(self, key: Key, peer: str) -> None:
+        turn = self._turns.get(key)
+        if turn is not None:
+            turn.peers.discard(peer)
+            if not turn.peers:
+                del self._turns[key]
+                turn.done.set()
 
     def _wake(self, key: Key) -> None:
         event = self._released.pop(key, None)
@@ -504,12 +560,11 @@ class Cluster:
         return Reply(no=no, run_id=run.id)
 
     def _wait_here(self, peer: str, key: Key) -> int:
-        waiting = self._waiters.setdefault(key, [])
+        waiting = self._waiters.setdefault(key, {})
         conv = self.runtime.conversations.get(key)
         ahead = (1 + len(conv.queue)) if conv is not None and conv.busy else 0
-        ahead += len(waiting)
-        if peer not in waiting:
-            waiting.append(peer)
+        ahead += len(waiting.keys() - {peer})
+        waiting.setdefault(peer, trio.current_time())
         return max(ahead, 1)
 
     # --- subscriptions -----------------------------------------------------------------------

@@ -160,6 +160,7 @@ class Job:
         self.scope = trio.CancelScope()
         self.stopped: Stop | None = None  # why it was stopped, if it was
         self.done = trio.Event()  # set once ended
+        self.asked_at = trio.current_time()  # where it stands in line among the daemons
 
     def stop(self, reason: Stop) -> None:
         """Cancel the job: it ends at its next checkpoint (a write under way completes)."""
@@ -804,10 +805,13 @@ class Conversation:
         A conversation busy on another daemon makes the job wait (`queued`,
         counting the runs ahead of it there), or under `reject` fail 409. The
         holder says when it lets go (daemon/_cluster.py); without a word the
-        claim is tried again now and then. Once claimed, the conversation is
-        re-read, since another daemon may have added to it.
+        claim is tried again now and then. A job lets runs that waited on other
+        daemons since before it was asked for go first. Once claimed, the
+        conversation is re-read, since another daemon may have added to it.
         """
         storage, cluster = self.storage, self.host.cluster
+        if cluster is not None:  # runs waiting elsewhere since before this one go first
+            await cluster.turn(self.agent, self.sender, job.asked_at)
         if not await storage.claim(self.agent, self.sender):
             if policy == "reject":
                 raise RunFailed(409, "The conversation is busy on another daemon; retry later.")
@@ -816,11 +820,13 @@ class Conversation:
                 while not await storage.claim(self.agent, self.sender):  # noqa: ASYNC110
                     await trio.sleep(CLAIM_POLL_S)
             else:
-                job.queued(await cluster.wait_for(self.agent, self.sender))
-                while not await storage.claim(self.agent, self.sender):
-                    await cluster.released(self.agent, self.sender)
-                    await cluster.wait_for(self.agent, self.sender)
-                cluster.claimed(self.agent, self.sender)
+                try:
+                    job.queued(await cluster.wait_for(self.agent, self.sender))
+                    while not await storage.claim(self.agent, self.sender):
+                        await cluster.released(self.agent, self.sender)
+                        await cluster.wait_for(self.agent, self.sender)
+                finally:
+                    cluster.done_waiting(self.agent, self.sender)
         self.holding = True
         try:
             info = await storage.get_conversation(self.agent, self.sender)

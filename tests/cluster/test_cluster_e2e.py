@@ -127,6 +127,30 @@ async def test_a_run_waiting_on_another_daemon_counts_the_runs_ahead_there(three
     assert [e.status for e in ends] == ["done"] * 3
 
 
+async def test_a_run_waiting_on_another_daemon_goes_before_runs_asked_there_after_it(three):
+    """Line order across daemons: b's run, queued while a ran, goes before a run asked
+    for on a after it, not after every run a is given meanwhile."""
+    a, b, _ = three
+    async with (
+        connect(a.socket_path) as on_a,
+        connect(b.socket_path) as on_b,
+        on_a.stream(ASSISTANT, "/slow 10 50") as first,
+    ):
+        await next_of(first, TextDelta)
+        async with on_b.stream(ASSISTANT, "from b") as from_b:
+            assert isinstance(await next_event(from_b), Queued)
+            async with on_a.stream(ASSISTANT, "later on a") as later:
+                ends = [(await collect(s))[-1] for s in (first, from_b, later)]
+    assert [e.status for e in ends] == ["done"] * 3
+    history = await on_b_history(b)
+    assert history[::2] == ["/slow 10 50", "from b", "later on a"]
+
+
+async def on_b_history(host) -> list[str]:  # type: ignore[no-untyped-def]
+    async with connect(host.socket_path) as client:
+        return [e.content for e in (await client.history(ASSISTANT)).entries]
+
+
 async def test_a_killed_daemon_frees_its_conversation_and_its_followers_get_503(cluster, three):
     a, b, c = three
     async with connect(b.socket_path) as on_b, connect(c.socket_path) as on_c:
