@@ -343,7 +343,9 @@ class Cluster:
             if pending.peer in gone:
                 del self._calls[no]
                 pending.reply = Reply(
-                    no=no, code=503, message=f"The daemon {pending.what} went away; retry."
+                    no=no,
+                    code=503,
+                    message=f"The daemon {pending.what} went away or stopped answering; retry.",
                 )
                 pending.done.set()
         for remote in list(self._watches.values()):

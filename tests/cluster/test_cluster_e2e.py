@@ -4,6 +4,7 @@ that dies frees its conversations for the others."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -213,3 +214,27 @@ async def test_a_daemon_cut_off_by_the_network_frees_its_conversation_within_sec
         assert freed < 15, f"b served the conversation {freed:.1f} s after a was cut off"
         print(f"b served the conversation {freed:.1f} s after a was cut off")
         cluster.heal(a)
+
+
+async def test_a_holder_that_stops_answering_fails_the_call_with_a_clear_error(cluster, three):
+    """a frozen (SIGSTOP) holds its claim but answers nothing: b's kill fails 503 or 504
+    within a few seconds, saying the daemon did not answer, and b stays usable."""
+    a, b, _ = three
+    async with (
+        connect(a.socket_path) as on_a,
+        connect(b.socket_path) as on_b,
+        on_a.stream(ASSISTANT, "/slow 100 50") as running,
+    ):
+        await next_of(running, TextDelta)
+        a.daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            with (
+                trio.fail_after(10),
+                pytest.raises(ChinwagError, match=r"(stopped|did not) answer") as refused,
+            ):
+                await on_b.kill(ASSISTANT)
+            assert refused.value.code in (503, 504)
+            assert [agent.name for agent in await on_b.list_agents()] == ["assistant", "helper"]
+        finally:
+            a.daemon.proc.send_signal(signal.SIGCONT)
+        await collect(running)
