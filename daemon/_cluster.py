@@ -30,7 +30,7 @@ import itertools
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 import structlog
@@ -38,11 +38,8 @@ import trio
 from chinwag.protocol import DaemonInfo, End, ErrorInfo, Start, StreamEventMsg
 from chinwag.storage import Bus, StorageError
 
-from ._conversation import Run, Sink, Subscription
+from ._conversation import Conversation, Run, Sink, Subscription
 from ._errors import RequestError
-
-if TYPE_CHECKING:
-    from ._runtime import Runtime
 
 log = structlog.get_logger("chinwag.cluster")
 
@@ -52,6 +49,27 @@ CALL_TIMEOUT_S = 5.0  # how long a call waits for the holder's reply
 TURN_S = 2.0  # how long a released conversation is kept for the daemons told, at most
 HEARD_TIMEOUT_S = 2.0  # how long a new subscription waits for every daemon to hear of it
 RECLAIM_S = 1.0  # how often a run waiting on another daemon tries the claim unprompted
+
+
+class Served(Protocol):
+    """What the cluster needs of this daemon's runtime (daemon/_runtime.py)."""
+
+    conversations: dict[Key, Conversation]
+
+    async def kill_here(self, agent: str, sender: str, *, everything: bool) -> str | None: ...
+
+    async def answer_here(
+        self, agent: str, sender: str, content: str, ask_id: str | None
+    ) -> None: ...
+
+    def subscriptions(self) -> list[Subscription]: ...
+
+    def add_subscription(self, subscription: Subscription) -> None: ...
+
+    def unsubscribe(self, subscription: Subscription) -> None: ...
+
+    def runs_in_flight(self) -> int: ...
+
 
 # --- what daemons say to each other -------------------------------------------------
 
@@ -259,7 +277,7 @@ class _Pending:
 class Cluster:
     """This daemon's side of the bus: the ``Node`` it joins with, and the calls it makes."""
 
-    def __init__(self, runtime: Runtime, bus: Bus) -> None:
+    def __init__(self, runtime: Served, bus: Bus) -> None:
         self.runtime = runtime
         self.bus = bus
         self.me = bus.me
@@ -373,7 +391,7 @@ class Cluster:
                 self._turned(key, peer)
 
     def runs_in_flight(self) -> int:
-        return self.runtime.stats().runs_in_flight
+        return self.runtime.runs_in_flight()
 
     # --- asking the holder ---------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 import trio
@@ -59,9 +59,6 @@ from ._telemetry import NO_RUN, RunTelemetry, Telemetry
 from ._tools import Mailbox, Mailboxes
 from ._workspace import Workspace
 
-if TYPE_CHECKING:
-    from ._cluster import Cluster
-
 log = structlog.get_logger("chinwag.runtime")
 
 Sink = Callable[[StreamEventMsg], bool]
@@ -96,6 +93,30 @@ class Subscription:
         )
 
 
+class Line(Protocol):
+    """The line for a conversation across the daemons sharing its store (daemon/_cluster.py)."""
+
+    async def turn(self, agent: str, sender: str, asked_at: float) -> None:
+        """Wait while runs that waited on other daemons since before ``asked_at`` go first."""
+        ...
+
+    async def wait_for(self, agent: str, sender: str) -> int:
+        """Join the line at the daemon holding the conversation; the runs ahead."""
+        ...
+
+    async def released(self, agent: str, sender: str) -> None:
+        """Return once the holder let go, or after a while."""
+        ...
+
+    def done_waiting(self, agent: str, sender: str) -> None:
+        """Claimed, or no longer waiting."""
+        ...
+
+    def let_go(self, agent: str, sender: str) -> None:
+        """This daemon released the conversation."""
+        ...
+
+
 class Host(Protocol):
     """What a conversation needs of the runtime that holds it."""
 
@@ -105,7 +126,11 @@ class Host(Protocol):
     nursery: trio.Nursery
     post_office: Mailboxes | None
     telemetry: Telemetry
-    cluster: Cluster | None
+
+    @property
+    def cluster(self) -> Line | None:
+        """The other daemons on a shared store; None when alone."""
+        ...
 
     def submit(
         self,

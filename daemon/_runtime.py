@@ -479,6 +479,9 @@ class Runtime:
         """Every live daemon on a shared store, this one included; none when alone."""
         return [] if self.cluster is None else await self.cluster.daemons()
 
+    def runs_in_flight(self) -> int:
+        return sum(conv.busy for conv in self.conversations.values())
+
     def stats(self) -> RuntimeStats:
         busy = [c for c in self.conversations.values() if c.busy]
         return RuntimeStats(

@@ -17,7 +17,6 @@ import trio
 from chinwag.storage import Bus, PostgresStorage, Storage, open_store
 from chinwag.storage._postgres_bus import PIECE_BYTES
 from deadlines import deadline
-
 from test_postgres import on_postgres, query
 
 
@@ -90,7 +89,7 @@ async def test_messages_reach_one_daemon_in_order_and_every_daemon_when_broadcas
             async with (
                 joined(url, nursery) as (_, a, _a_node),
                 joined(url, nursery) as (_, b, b_node),
-                joined(url, nursery) as (_, c, c_node),
+                joined(url, nursery) as (_, _c, c_node),
             ):
                 for n in range(50):
                     a.send(b.me, f"to b {n}")
