@@ -562,6 +562,9 @@ class Cluster:
                     reply = Reply(no=call.no, position=self._wait_here(peer, (agent, sender)))
         except RequestError as exc:
             reply = Reply(no=call.no, code=exc.code, message=exc.message)
+        except Exception as exc:  # e.g. the store failing: the asker gets 500, we go on
+            log.error("cluster_call_failed", peer=peer, op=type(op).__name__, exc_info=exc)
+            reply = Reply(no=call.no, code=500, message="The daemon running it failed to answer.")
         self.bus.send(peer, _text(reply))
 
     def _attach_here(self, peer: str, no: int, op: Attach) -> Reply:
