@@ -9,7 +9,9 @@ lock. Nothing here knows the daemon's internals: only PROTOCOL.md.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from os import PathLike
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, cast, overload
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -130,6 +133,7 @@ from chinwag.protocol import (
     Welcome,
     codec_for,
     default_socket_path,
+    is_loopback,
 )
 
 __all__ = [
@@ -199,7 +203,7 @@ class DaemonUnreachable(ConnectionLost):
     """Nothing answers on the daemon's socket; the message says why, and what to do."""
 
     @classmethod
-    def nobody_at(cls, path: Path) -> DaemonUnreachable:
+    def nobody_at(cls, path: Path | str) -> DaemonUnreachable:
         return cls(f'no daemon is listening on {path}; start one with "chinwag serve"')
 
 
@@ -1310,8 +1314,11 @@ async def _handshake(
     client: str,
     session: Session,
     decoder: FrameDecoder,
+    token: str | None = None,
 ) -> Welcome:
-    greeting = Hello(protocol=PROTOCOL_VERSION, client=client, features=list(CLIENT_FEATURES))
+    greeting = Hello(
+        protocol=PROTOCOL_VERSION, client=client, token=token, features=list(CLIENT_FEATURES)
+    )
     session.send_request(greeting)
     hello = bytes(codec.encode_frame(greeting))
     # If the daemon hung up (or refused us first), what it said, if anything, is read below.
@@ -1362,7 +1369,7 @@ async def _connect_unix(path: Path) -> anyio.abc.SocketStream:
 
 
 @asynccontextmanager
-async def connect_explained(path: Path, *, client: str) -> AsyncIterator[Client]:
+async def connect_explained(path: Path | str, *, client: str) -> AsyncIterator[Client]:
     """``connect``, failing to reach the daemon as ``DaemonUnreachable`` (one sentence).
 
     Only a failure to connect is turned; what the block raises passes as it is.
@@ -1382,30 +1389,147 @@ async def connect_explained(path: Path, *, client: str) -> AsyncIterator[Client]
         raise DaemonUnreachable(f"cannot connect to {path}: {exc.strerror or exc}") from exc
 
 
+@dataclass(frozen=True)
+class Address:
+    """Where a daemon listens: its Unix socket, or a TCP host and port (TLS unless ``tls``
+    is False, which only a loopback host may be)."""
+
+    path: Path | None = None
+    host: str = ""
+    port: int = 0
+    tls: bool = True
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"chinwag+{'tls' if self.tls else 'tcp'}://{host}:{self.port}"
+
+
+def addresses(target: _StrPath | None) -> list[Address]:
+    """The daemons ``target`` names, in the order to try them: a socket path, or URLs
+    separated by commas (``unix:///PATH``, ``chinwag+tls://HOST:PORT``,
+    ``chinwag+tcp://HOST:PORT`` on a loopback host); None: ``default_socket_path()``.
+    ``ValueError`` says what is wrong with one that is not."""
+    if target is None:
+        return [Address(path=default_socket_path())]
+    text = str(target)
+    if "://" not in text:
+        return [Address(path=Path(text))]
+    found = []
+    for url in (part.strip() for part in text.split(",")):
+        parts = urlsplit(url)
+        if parts.scheme == "unix" and parts.path:
+            found.append(Address(path=Path(parts.path)))
+            continue
+        if parts.scheme not in ("chinwag+tls", "chinwag+tcp"):
+            raise ValueError(
+                f"{url!r} is not a daemon's address: unix:///PATH, chinwag+tls://HOST:PORT "
+                "or chinwag+tcp://HOST:PORT."
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise ValueError(f"{url!r} names no host and port.")
+        tls = parts.scheme == "chinwag+tls"
+        if not tls and not is_loopback(parts.hostname):
+            raise ValueError(
+                f"{url!r}: plain TCP only to this machine (a loopback host); "
+                "use chinwag+tls:// across the network."
+            )
+        found.append(Address(host=parts.hostname, port=port, tls=tls))
+    return found
+
+
+async def _open(address: Address, ca: str | None) -> anyio.abc.ByteStream:
+    if address.path is not None:
+        return await _connect_unix(address.path)
+    if not address.tls:
+        return await anyio.connect_tcp(address.host, address.port)
+    context = ssl.create_default_context(cafile=ca)
+    return await anyio.connect_tcp(
+        address.host,
+        address.port,
+        ssl_context=context,
+        tls_hostname=address.host,
+        tls_standard_compatible=False,
+    )
+
+
+async def _reach(
+    targets: list[Address],
+    codec: Codec,
+    client: str,
+    session: Session,
+    decoder: FrameDecoder,
+    token: str | None,
+    ca: str | None,
+) -> tuple[anyio.abc.ByteStream, Welcome]:
+    """The first of ``targets`` that answers the hello, and its welcome; each tried in turn.
+
+    A daemon that refuses the hello (``ChinwagError``) is the answer: the next is not
+    tried. When none answers, one address's own ``OSError`` (or ``ConnectionLost``) is
+    raised as it came; several, one ``OSError`` naming each and why.
+    """
+    failures: list[tuple[Address, Exception]] = []
+    for address in targets:
+        try:
+            stream = await _open(address, ca)
+        except OSError as exc:
+            failures.append((address, exc))
+            continue
+        try:
+            on_tcp = address.path is None
+            welcome = await _handshake(
+                stream, codec, client, session, decoder, token if on_tcp else None
+            )
+        except ConnectionLost as exc:
+            await anyio.aclose_forcefully(stream)
+            failures.append((address, exc))
+            continue
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+        return stream, welcome
+    if len(failures) == 1:
+        raise failures[0][1]
+    reasons = "; ".join(f"{address}: {exc}" for address, exc in failures)
+    raise OSError(f"No daemon answered: {reasons}.")
+
+
 @asynccontextmanager
 async def connect(
     path: _StrPath | None = None,
     *,
     client: str = "chinwag-python",
     encoding: Encoding = Encoding.MSGPACK,
+    token: str | None = None,
+    ca: str | None = None,
 ) -> AsyncIterator[Client]:
-    """Connect to the daemon's Unix socket and say hello.
+    """Connect to the daemon and say hello.
 
-    ``path`` None means ``default_socket_path()``. Yields a ``Client`` whose
-    ``welcome`` holds the daemon's greeting. Raises ``OSError`` when nothing
-    listens on the socket, ``ChinwagError`` when the daemon refuses the hello.
-    On exit the reader is cancelled and the socket closed; open streams then
-    raise ``ConnectionLost``.
+    ``path`` is the daemon's Unix socket, or URLs separated by commas, tried in order
+    until one answers (see ``addresses``); None means ``default_socket_path()``. Over
+    TCP the hello carries ``token`` (default ``$CHINWAG_TOKEN``), and TLS checks the
+    daemon's certificate against the system's CAs, or the CA file ``ca`` (default
+    ``$CHINWAG_CA``). Yields a ``Client`` whose ``welcome`` holds the daemon's
+    greeting. Raises ``OSError`` when nothing answers, ``ValueError`` for an address
+    that is not one, ``ChinwagError`` when the daemon refuses the hello. On exit the
+    reader is cancelled and the connection closed; open streams then raise
+    ``ConnectionLost``.
     """
-    socket_path = Path(path) if path is not None else default_socket_path()
+    targets = addresses(path)
+    token = token if token is not None else (os.environ.get("CHINWAG_TOKEN") or None)
+    ca = ca if ca is not None else (os.environ.get("CHINWAG_CA") or None)
     codec = codec_for(encoding)
-    stream = await _connect_unix(socket_path)
+    # The daemon's `max_frame_bytes` bounds what it accepts; what it sends
+    # (a long history) is only bounded by the 4-byte length, so be lenient.
+    decoder = FrameDecoder(_MAX_INCOMING_FRAME)
+    session = Session()
+    stream, welcome = await _reach(targets, codec, client, session, decoder, token, ca)
     async with stream:
-        # The daemon's `max_frame_bytes` bounds what it accepts; what it sends
-        # (a long history) is only bounded by the 4-byte length, so be lenient.
-        decoder = FrameDecoder(_MAX_INCOMING_FRAME)
-        session = Session()
-        welcome = await _handshake(stream, codec, client, session, decoder)
         body_error: BaseException | None = None
         unwrapped: BaseException | None = None
         try:

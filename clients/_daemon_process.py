@@ -39,13 +39,14 @@ def daemon_log_path(socket_path: Path) -> Path:
     return socket_path.with_name(socket_path.stem + ".log")
 
 
-def ensure_daemon(socket_path: Path, timeout: float = START_TIMEOUT_S) -> None:
-    """Start a daemon in the background unless one listens on ``socket_path``.
+def ensure_daemon(socket_path: Path | str, timeout: float = START_TIMEOUT_S) -> None:
+    """Start a daemon in the background unless one listens on ``socket_path``; nothing
+    when the command was given daemons' URLs (on other hosts, they are not ours to start).
 
     Like tmux: the daemon gets its own session, so it outlives this command and
     a Ctrl-C at the terminal never reaches it.
     """
-    if _accepts(socket_path):
+    if isinstance(socket_path, str) or _accepts(socket_path):
         return
     socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     log_path = daemon_log_path(socket_path)

@@ -260,7 +260,7 @@ def _writing(fn: _F) -> _F:
 def _post(ctx: click.Context, name: str, as_json: bool, verb: str, text: str, **post: Any) -> None:
     """Post ``text`` from ``name``; ``post`` holds the other fields of `Client.post`."""
     settings = settings_of(ctx)
-    ensure_daemon(settings.socket)  # mail waits in the daemon, as `send`'s runs do
+    ensure_daemon(settings.target)  # mail waits in the daemon, as `send`'s runs do
     content = sys.stdin.read() if text == "-" else text
 
     async def body() -> None:
@@ -808,7 +808,7 @@ def _call(
     """Run ``call`` on a connection; print its result as JSON, or with ``show``."""
     settings = settings_of(ctx)
     if start:
-        ensure_daemon(settings.socket)
+        ensure_daemon(settings.target)
 
     async def body() -> None:
         async with connect_or_fail(settings) as client:

@@ -74,6 +74,12 @@ class Settings:
 
     socket: Path
     socket_given: bool
+    url: str | None = None  # --url / $CHINWAG_URL: daemons over TCP, tried in order
+
+    @property
+    def target(self) -> Path | str:
+        """What commands connect to: the URLs when given, else the socket."""
+        return self.url if self.url else self.socket
 
 
 def settings_of(ctx: click.Context) -> Settings:
@@ -86,7 +92,7 @@ def settings_of(ctx: click.Context) -> Settings:
 async def connect_or_fail(settings: Settings) -> AsyncIterator[Client]:
     """Connect, turning "nothing listens there" into one clear line."""
     try:
-        async with connect_explained(settings.socket, client=CLIENT_NAME) as client:
+        async with connect_explained(settings.target, client=CLIENT_NAME) as client:
             yield client
     except DaemonUnreachable as exc:
         raise Failure(exc.message) from exc

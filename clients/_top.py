@@ -454,7 +454,7 @@ class _Follower:
         lost: ChinwagError | None = None
         try:
             async with (
-                connect_explained(self.settings.socket, client=CLIENT_NAME) as client,
+                connect_explained(self.settings.target, client=CLIENT_NAME) as client,
                 client.subscribe(self.agent) as events,
                 anyio.create_task_group() as tasks,
             ):

@@ -30,7 +30,9 @@ gc.disable()
 
 # ruff: noqa: E402
 import importlib
+import json
 import os
+import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Literal, NoReturn
 
 import anyio
 import click
-from chinwag.protocol import JSON, AgentItem, AskUser, End, default_socket_path
+from chinwag.protocol import JSON, AgentItem, AskUser, End, default_socket_path, token_digest
 
 from ._daemon_process import STOP_TIMEOUT_S, ensure_daemon, stop_daemon
 from ._render import (
@@ -157,12 +159,21 @@ class _Commands(click.Group):
     help="The daemon's Unix socket (default: $CHINWAG_SOCKET, "
     "else $XDG_RUNTIME_DIR/chinwag/chinwag.sock).",
 )
+@click.option(
+    "--url",
+    envvar="CHINWAG_URL",
+    default=None,
+    help="Daemons over TCP instead of the socket: chinwag+tls://HOST:PORT, several "
+    "separated by commas, tried in order ($CHINWAG_URL; the token from $CHINWAG_TOKEN, "
+    "a private CA from $CHINWAG_CA).",
+)
 @click.pass_context
-def cli(ctx: click.Context, socket_path: Path | None) -> None:
+def cli(ctx: click.Context, socket_path: Path | None, url: str | None) -> None:
     """Talk to the chinwag daemon: run turns, follow runs, read history."""
     ctx.obj = Settings(
         socket=socket_path if socket_path is not None else default_socket_path(),
         socket_given=socket_path is not None,
+        url=url or None,
     )
 
 
@@ -185,6 +196,23 @@ def serve(ctx: click.Context, daemon_args: tuple[str, ...]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-m", "chinwag.daemon", *given, *daemon_args])
+
+
+@cli.command()
+@click.argument("name")
+def token(name: str) -> None:
+    """Make a token for a TCP client that speaks as NAME.
+
+    NAME is a sender or participant name; "PREFIX*" covers every name starting PREFIX
+    (the Telegram bridge's "tg:*"), "*" any name. Prints the token, for the client's
+    $CHINWAG_TOKEN, and the line that lets it in, for the daemon's [tokens] table:
+    the config keeps only the token's SHA-256.
+    """
+    secret = secrets.token_urlsafe(32)
+    click.echo(f"token: {secret}")
+    click.echo("for the daemon's config.toml:")
+    click.echo("[tokens]")
+    click.echo(f"{json.dumps(token_digest(secret))} = {json.dumps(name)}")
 
 
 # --- send ------------------------------------------------------------------------------
@@ -217,7 +245,7 @@ def send(
 ) -> None:
     """Send TEXT to AGENT and stream the reply to stdout."""
     settings = settings_of(ctx)
-    ensure_daemon(settings.socket)
+    ensure_daemon(settings.target)
     out = TextOut(sys.stdout)
     view = SendView(out)
     lines: LineReader | None = None  # made at the first question: most runs ask none
@@ -295,7 +323,7 @@ def chat(
     from ._chat import chat_session, chat_view
 
     settings = settings_of(ctx)
-    ensure_daemon(settings.socket)
+    ensure_daemon(settings.target)
     view = chat_view(plain)
     run_command(lambda: chat_session(settings, agent, sender, view, guest=guest, cwd=cwd))
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import msgspec
 import platformdirs
 import standardwebhooks
-from chinwag.protocol import APP_NAME, DEFAULT_MAX_FRAME_BYTES
+from chinwag.protocol import APP_NAME, DEFAULT_MAX_FRAME_BYTES, is_loopback
 
 from ._addresses import NAME, participant_name
 from ._command import env_problem, sandbox_problem
@@ -74,6 +74,17 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # the daemon's counters to whoever can reach it, and is served only because this
     # key names it.
     metrics: str | None = None
+    # "HOST:PORT" to serve clients on over TCP besides the Unix socket (None: only the
+    # socket). With tls_cert and tls_key (PEM files) the connections are TLS; plain TCP
+    # is served only on a loopback host. On TCP every client names a token of [tokens].
+    listen_tcp: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        """``listen_tcp`` as (host, port); None when unset."""
+        return None if self.listen_tcp is None else listen_address(self.listen_tcp)
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -199,6 +210,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     providers: dict[str, ProviderConfig] = msgspec.field(default_factory=dict)
     agents: dict[str, AgentConfig] = msgspec.field(default_factory=dict)
     webhooks: list[WebhookConfig] = msgspec.field(default_factory=list)
+    # Who a TCP client is: "sha256:<hex of the token's SHA-256>" = the name it speaks as
+    # (a sender or participant; "PREFIX*" for every name starting PREFIX; "*" for any).
+    tokens: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 BUILTIN_PROVIDERS = {"echo": ProviderConfig(kind="echo")}
@@ -206,6 +220,7 @@ BUILTIN_PROVIDERS = {"echo": ProviderConfig(kind="echo")}
 MIN_THINKING_BUDGET = 1024
 #: The longest ``expires_after``: a century, which any conversation's date can add.
 MAX_EXPIRY = timedelta(days=36500)
+TOKEN_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -389,9 +404,44 @@ def _check(config: Config, path: Path | str, tool_names: frozenset[str]) -> None
                 f'{path}: [daemon] metrics must be "HOST:PORT", such as "127.0.0.1:9464", '
                 f"not {daemon.metrics!r}."
             ) from None
+    _check_network(config, path)
     if problem := tracing_problem(os.environ):
         raise ConfigError(f"{problem} (from the daemon's environment).")
     _check_webhooks(config.webhooks, path)
+
+
+def _check_network(config: Config, path: Path | str) -> None:
+    daemon = config.daemon
+    for digest in config.tokens:
+        if not TOKEN_DIGEST.fullmatch(digest):
+            raise ConfigError(
+                f'{path}: [tokens] keys are "sha256:" and the 64 hex digits of a token\'s '
+                f"SHA-256 (`chinwag token NAME` prints one), not {digest[:16]!r}..."
+            )
+    for name in config.tokens.values():
+        if not name or len(name.encode()) > 256 or any(ord(ch) < 32 for ch in name):
+            raise ConfigError(f"{path}: [tokens] names are 1 to 256 bytes, not {name!r}.")
+    if daemon.listen_tcp is None:
+        return
+    try:
+        host, _ = listen_address(daemon.listen_tcp)
+    except ValueError:
+        raise ConfigError(
+            f'{path}: [daemon] listen_tcp must be "HOST:PORT", such as "0.0.0.0:7433", '
+            f"not {daemon.listen_tcp!r}."
+        ) from None
+    if (daemon.tls_cert is None) != (daemon.tls_key is None):
+        raise ConfigError(f"{path}: [daemon] tls_cert and tls_key go together: set both or none.")
+    if daemon.tls_cert is None and not is_loopback(host):
+        raise ConfigError(
+            f"{path}: [daemon] listen_tcp on {host} needs tls_cert and tls_key: plain TCP is "
+            "served only on a loopback address (127.0.0.1, ::1, localhost)."
+        )
+    if not config.tokens:
+        raise ConfigError(
+            f"{path}: [daemon] listen_tcp needs a [tokens] table: every TCP client names one "
+            "(`chinwag token NAME` makes one)."
+        )
 
 
 def _check_finite(table: msgspec.Struct, where: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
 from functools import partial
@@ -23,6 +24,7 @@ from ._providers import Provider
 from ._runtime import Runtime
 from ._server import ServeError, Server, bind_unix, inherited_listener
 from ._telemetry import Telemetry
+from ._tokens import server_tls
 from ._tracing import Tracing
 
 log = structlog.get_logger("chinwag.daemon")
@@ -155,6 +157,7 @@ async def serve(
             socket_path = Path(activated.socket.getsockname())
         async with (
             open_store(storage_url) as storage,
+            listen_tcp(config) as tcp,  # bound before the socket, which clients wait for
             activated or await bind_unix(socket_path) as listener,
             open_telemetry(config, tracing) as telemetry,
             trio.open_nursery() as root,
@@ -172,6 +175,8 @@ async def serve(
             await server.post_office.start()
             await root.start(server.post_office.webhooks.run)
             root.start_soon(server.accept, listener)
+            for tcp_listener in tcp:
+                root.start_soon(partial(server.accept, tcp_listener, tcp=True))
             log.info(
                 "daemon_started",
                 socket=str(socket_path),
@@ -181,6 +186,8 @@ async def serve(
                 open_files=open_files,
                 max_connections=max_connections,
                 metrics=config.daemon.metrics,
+                tcp=[_where(tcp_listener) for tcp_listener in tcp],
+                tls=config.daemon.tls_cert is not None,
                 traces=telemetry.tracing is not None,
             )
             task_status.started(server)
@@ -188,6 +195,8 @@ async def serve(
             log.info("daemon_stopping", grace_s=config.daemon.shutdown_grace_s)
             server.shutting_down = True
             await listener.aclose()
+            for tcp_listener in tcp:
+                await tcp_listener.aclose()  # idempotent: listen_tcp closes them again
             if activated is None:  # systemd keeps listening on its socket, for the next start
                 await trio.Path(socket_path).unlink(missing_ok=True)
             await runtime.shutdown(config.daemon.shutdown_grace_s)
@@ -196,6 +205,41 @@ async def serve(
                 await provider.aclose()
             root.cancel_scope.cancel()
     log.info("daemon_stopped")
+
+
+@contextlib.asynccontextmanager
+async def listen_tcp(config: Config) -> AsyncIterator[list[trio.abc.Listener[trio.abc.Stream]]]:
+    """The TCP listeners ``listen_tcp`` asks for (one per address its host resolves to),
+    TLS when ``tls_cert`` is set, none when it is unset; closed on exit."""
+    daemon = config.daemon
+    address = daemon.tcp_address
+    if address is None:
+        yield []
+        return
+    host, port = address
+    try:
+        tls = None
+        if daemon.tls_cert is not None and daemon.tls_key is not None:
+            tls = server_tls(daemon.tls_cert, daemon.tls_key)
+        plain = await trio.open_tcp_listeners(port, host=host)
+    except (OSError, ssl.SSLError) as exc:
+        raise ServeError(f"Cannot serve TCP on {daemon.listen_tcp}: {exc}.") from exc
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(plain)
+    if tls is not None:
+        listeners = [trio.SSLListener(one, tls, https_compatible=False) for one in plain]
+    try:
+        yield listeners
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+def _where(listener: trio.abc.Listener[trio.abc.Stream]) -> str:
+    """A TCP listener's bound address, ``HOST:PORT``."""
+    inner = listener.transport_listener if isinstance(listener, trio.SSLListener) else listener
+    assert isinstance(inner, trio.SocketListener)
+    host, port = inner.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:

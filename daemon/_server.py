@@ -20,6 +20,7 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Generic, NamedTuple, TypeVar, assert_never
 
@@ -122,6 +123,7 @@ from ._mail_requests import answer as answer_mail
 from ._post_office import PostOffice, Watcher
 from ._reaper import stat_fields
 from ._runtime import Runtime
+from ._tokens import Identity, Tokens
 
 log = structlog.get_logger("chinwag.server")
 
@@ -384,8 +386,10 @@ class Connection:
     I/O, the limits and the dispatch.
     """
 
-    def __init__(self, server: Server, stream: trio.abc.HalfCloseableStream, number: int) -> None:
+    def __init__(self, server: Server, stream: trio.abc.Stream, number: int, *, tcp: bool) -> None:
         self.server = server
+        self.tcp = tcp  # a TCP client: it names a token, which fixes who it is
+        self.identity: Identity | None = None  # on TCP, once its hello named a known token
         self.runtime = server.runtime
         self.stream = stream
         self.number = number
@@ -631,7 +635,8 @@ class Connection:
         error frame just sent; a client that broke the protocol still gets to read why.
         """
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.stream.send_eof()
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):  # TLS has no half-close
+                await self.stream.send_eof()
             while await self.stream.receive_some(READ_CHUNK):
                 pass
 
@@ -719,7 +724,8 @@ class Connection:
                 self.finish()
             return
         if isinstance(msg, Request) and not isinstance(msg, Cancel):
-            problem = await self._problem(msg)
+            problem = self.identity.check(msg) if self.identity is not None else None
+            problem = problem or await self._problem(msg)
             if problem is not None:
                 self.send(Error(id=msg.id, code=problem[0], message=problem[1]))
                 return
@@ -834,6 +840,22 @@ class Connection:
         return UNIX_SENDER if sender is None else sender
 
     def _welcome(self, msg: Hello) -> None:
+        if self.tcp:
+            self.identity = self.server.tokens.identify(msg.token)
+            if self.identity is None:
+                log.warning("token_refused", client=msg.client, given=msg.token is not None)
+                what = "an unknown token" if msg.token else "no token"
+                self.send(
+                    Error(
+                        id=None,
+                        code=401,
+                        message=f"This daemon's TCP clients name a token it knows; this "
+                        f"hello named {what}.",
+                    )
+                )
+                self.linger = True  # let the client read why before the connection closes
+                self.finish()
+                return
         log.info("client_greeted", client=msg.client)
         self.send(
             Welcome(
@@ -1107,9 +1129,13 @@ class Server:
         self._numbers = itertools.count(1)
         allowed = runtime.config.daemon.allowed_uids
         self._allowed_uids = {os.getuid(), *allowed}
+        self.tokens = Tokens(runtime.config.tokens)
         self._allow_descendants = runtime.config.daemon.allow_descendants
 
-    async def accept(self, listener: trio.SocketListener) -> None:
+    async def accept(
+        self, listener: trio.abc.Listener[trio.abc.Stream], *, tcp: bool = False
+    ) -> None:
+        """Serve every client ``listener`` accepts; ``tcp``: a TCP (or TLS) listener."""
         short_since: float | None = None  # when accepting began to fail for want of a resource
         async with trio.open_nursery() as nursery:
             while True:
@@ -1130,9 +1156,9 @@ class Server:
                 if short_since is not None:
                     log.info("accept_resumed", after_s=round(trio.current_time() - short_since, 1))
                     short_since = None
-                nursery.start_soon(self.handle, stream)
+                nursery.start_soon(partial(self.handle, stream, tcp=tcp))
 
-    async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:
+    async def handle(self, stream: trio.abc.Stream, *, tcp: bool = False) -> None:
         """Serve one client on its own `Connection`, until it is done.
 
         ``stream`` is an accepted socket, or any trio stream (the tests serve
@@ -1140,7 +1166,7 @@ class Server:
         """
         number = next(self._numbers)
         structlog.contextvars.bind_contextvars(conn=number)
-        peer = peer_credentials(stream)
+        peer = None if tcp else peer_credentials(stream)
         if peer is not None and peer.uid not in self._allowed_uids:
             log.warning("peer_refused", uid=peer.uid)
             refusal = Error(
@@ -1171,7 +1197,7 @@ class Server:
             )
             await self._refuse(stream, refusal)
             return
-        conn = Connection(self, stream, number)
+        conn = Connection(self, stream, number, tcp=tcp)
         self.connections.add(conn)
         log.debug("client_connected")
         try:
@@ -1188,13 +1214,14 @@ class Server:
             return False  # pid 0: a pid namespace this daemon cannot see, none of its own
         return await trio.to_thread.run_sync(descends_from, peer.pid, os.getpid())
 
-    async def _refuse(self, stream: trio.abc.HalfCloseableStream, refusal: Error) -> None:
+    async def _refuse(self, stream: trio.abc.Stream, refusal: Error) -> None:
         """Send one connection-level error (JSON, before any hello) and close."""
         with trio.move_on_after(FLUSH_TIMEOUT_S):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(JSON.encode_frame(refusal))
                 # Let the peer read the refusal: closing on its unread hello would reset it.
-                await stream.send_eof()
+                if isinstance(stream, trio.abc.HalfCloseableStream):  # TLS has no half-close
+                    await stream.send_eof()
                 while await stream.receive_some(READ_CHUNK):
                     pass
         await trio.aclose_forcefully(stream)
@@ -1214,7 +1241,7 @@ class PeerCredentials(NamedTuple):
     uid: int
 
 
-def peer_credentials(stream: trio.abc.HalfCloseableStream) -> PeerCredentials | None:
+def peer_credentials(stream: trio.abc.Stream) -> PeerCredentials | None:
     """The connecting process (SO_PEERCRED), where the platform and stream tell it."""
     if not hasattr(socket, "SO_PEERCRED") or not isinstance(stream, trio.SocketStream):
         return None

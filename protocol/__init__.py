@@ -142,8 +142,9 @@ from ._messages import (
     WebhookBacklog,
     Welcome,
 )
-from ._paths import APP_NAME, default_socket_path
+from ._paths import APP_NAME, default_socket_path, is_loopback
 from ._session import REPLIES, LocalProtocolError, Session
+from ._tokens import token_digest
 from ._unions import ClientMsg, ServerMsg
 
 __all__ = [
@@ -296,5 +297,7 @@ __all__ = [
     "codec_for",
     "default_socket_path",
     "frame",
+    "is_loopback",
+    "token_digest",
     "without_credentials",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -18,3 +19,14 @@ def default_socket_path() -> Path:
     if runtime := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(runtime) / APP_NAME / "chinwag.sock"
     return Path(platformdirs.user_state_dir(APP_NAME)) / "chinwag.sock"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback: the only
+    host plain TCP may reach, on either side (docs/protocol.md, section 1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

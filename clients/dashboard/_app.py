@@ -47,7 +47,7 @@ PING_S = 15.0
 
 
 def create_app(
-    socket_path: Path, *, token: str, retry_s: float = 1.0, poll_s: float = 1.0
+    socket_path: Path | str, *, token: str, retry_s: float = 1.0, poll_s: float = 1.0
 ) -> Starlette:
     """The dashboard for the daemon at ``socket_path``, for the holder of ``token``;
     presence, spaces and locks read every ``poll_s`` seconds while a page shows them."""

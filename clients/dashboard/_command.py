@@ -8,12 +8,12 @@ prints the address with it, once.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import socket
 from pathlib import Path
 
 import click
+from chinwag.protocol import is_loopback
 
 from .._settings import Failure, settings_of
 
@@ -21,15 +21,6 @@ TOKEN_ENV = "CHINWAG_DASHBOARD_TOKEN"
 #: How long uvicorn lets open event streams finish when told to stop.
 GRACEFUL_S = 2
 BACKLOG = 2048  # uvicorn's own
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @click.command()
@@ -56,10 +47,10 @@ def command(ctx: click.Context, host: str, port: int, root_path: str, token: str
     root_path = root_path.rstrip("/")
     if root_path and not root_path.startswith("/"):
         raise Failure(f"--root-path starts with /, such as /chinwag; not {root_path}")
-    serve(settings_of(ctx).socket, host, port, root_path, token)
+    serve(settings_of(ctx).target, host, port, root_path, token)
 
 
-def serve(socket_path: Path, host: str, port: int, root_path: str, token: str | None) -> None:
+def serve(socket_path: Path | str, host: str, port: int, root_path: str, token: str | None) -> None:
     """Listen (on ``port``, or a free one for 0), print the address, serve until Ctrl-C."""
     import uvicorn
 

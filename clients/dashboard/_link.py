@@ -168,7 +168,9 @@ class DaemonLink:
     one (``DaemonAway`` otherwise); ``listen`` gives a page the run events.
     """
 
-    def __init__(self, socket_path: Path, *, retry_s: float = 1.0, poll_s: float = 1.0) -> None:
+    def __init__(
+        self, socket_path: Path | str, *, retry_s: float = 1.0, poll_s: float = 1.0
+    ) -> None:
         self.socket_path = socket_path
         self.retry_s = retry_s
         self.poll_s = poll_s

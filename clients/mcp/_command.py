@@ -24,4 +24,4 @@ def command(settings: Settings, sender: str | None) -> None:
     """
     from ._server import serve
 
-    anyio.run(serve, settings.socket, sender, backend="asyncio")
+    anyio.run(serve, settings.target, sender, backend="asyncio")

@@ -106,7 +106,7 @@ MailWait = Annotated[
 class ChinwagTools:
     """The tools, bound to one daemon socket and the server's task group."""
 
-    def __init__(self, socket: Path, sender: str | None, tasks: anyio.abc.TaskGroup) -> None:
+    def __init__(self, socket: Path | str, sender: str | None, tasks: anyio.abc.TaskGroup) -> None:
         self._socket = socket
         self._sender = sender
         self._watches = Watches(tasks, self._connect)
@@ -492,7 +492,7 @@ def build_server(tools: ChinwagTools) -> MCPServer:
     return server
 
 
-async def serve(socket: Path, sender: str | None) -> None:
+async def serve(socket: Path | str, sender: str | None) -> None:
     """Serve MCP on stdin/stdout until the client closes stdin.
 
     Runs still followed then are left to the daemon, which finishes them; the

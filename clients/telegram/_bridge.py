@@ -89,7 +89,7 @@ HELP = (
 class BridgeConfig:
     token: str
     agent: str
-    socket_path: Path
+    socket_path: Path | str  # the daemon socket, or daemons' URLs (chinwag+tls://...)
     #: Where the spool is kept: one file per bot, `spool-<bot id>.jsonl`.
     state_dir: Path
     api_url: str = TELEGRAM_API_URL

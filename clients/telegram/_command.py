@@ -102,7 +102,7 @@ def command(
     config = BridgeConfig(
         token=token,
         agent=agent,
-        socket_path=settings.socket,
+        socket_path=settings.target,
         state_dir=state_dir or Path(platformdirs.user_state_dir(APP_NAME)) / "telegram",
         api_url=api_url,
         allowed_users=frozenset(allowed),

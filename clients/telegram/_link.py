@@ -40,7 +40,7 @@ class DaemonLink:
     ``outage`` tells when the daemon cannot be reached.
     """
 
-    def __init__(self, socket_path: Path, backoff: Backoff) -> None:
+    def __init__(self, socket_path: Path | str, backoff: Backoff) -> None:
         self.socket_path = socket_path
         self._backoff = backoff
         self._client: Client | None = None

@@ -52,7 +52,7 @@ class ChinwagTui(App[None]):
 
     def __init__(
         self,
-        socket: Path,
+        socket: Path | str,
         *,
         agent: str | None = None,
         sender: str | None = None,

@@ -33,7 +33,7 @@ def command(ctx: click.Context, agent: str | None, sender: str | None, name: str
     from ._app import ChinwagTui
 
     settings = settings_of(ctx)
-    ensure_daemon(settings.socket)
+    ensure_daemon(settings.target)
 
     async def check() -> None:
         async with connect_or_fail(settings) as client:
@@ -42,4 +42,4 @@ def command(ctx: click.Context, agent: str | None, sender: str | None, name: str
                 raise Failure(f"unknown agent {agent!r}; the daemon hosts: {hosted}")
 
     run_command(check)
-    ChinwagTui(settings.socket, agent=agent, sender=sender, reader=name).run()
+    ChinwagTui(settings.target, agent=agent, sender=sender, reader=name).run()

@@ -924,7 +924,7 @@ async def test_a_frame_written_at_once_wakes_a_subscription_waiting_for_room(aut
     """
     async with open_daemon(outgoing_frames=8) as daemon:
         peer, ours = trio.socket.socketpair()
-        conn = Connection(daemon.server, trio.SocketStream(ours), 1)
+        conn = Connection(daemon.server, trio.SocketStream(ours), 1, tcp=False)
         conn.session.receive_request(Hello(protocol=PROTOCOL_VERSION, client="t"))
         conn.session.send_reply(Welcome(protocol=1, server="s", agents=[], max_frame_bytes=1))
         conn.session.receive_request(Subscribe(id=1))

@@ -1,0 +1,197 @@
+"""The daemon over TCP: TLS from trustme certificates, tokens that fix who a client is,
+and clients that take URLs (several, tried in order)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+from chinwag.clients import ChinwagError, connect
+from chinwag.protocol import End, TextDelta, token_digest
+from deadlines import collect, next_of
+
+ALICE, BRIDGE, OPERATOR = "alice-token", "bridge-token", "operator-token"
+AGENTS = """
+[agents.assistant]
+provider = "echo"
+tools = []
+
+[agents.helper]
+provider = "echo"
+tools = []
+"""
+
+
+@dataclass
+class Tls:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    folder = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    paths = Tls(folder / "ca.pem", folder / "cert.pem", folder / "key.pem")
+    ca.cert_pem.write_to_path(str(paths.ca))
+    issued.cert_chain_pems[0].write_to_path(str(paths.cert))
+    issued.private_key_pem.write_to_path(str(paths.key))
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def tcp_config(port: int, tls: Tls | None, host: str = "127.0.0.1") -> str:
+    keys = f'tls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n' if tls is not None else ""
+    daemon = f'[daemon]\nshutdown_grace_s = 2.0\nlisten_tcp = "{host}:{port}"\n{keys}'
+    tokens = (
+        "[tokens]\n"
+        f'"{token_digest(ALICE)}" = "alice"\n'
+        f'"{token_digest(BRIDGE)}" = "tg:*"\n'
+        f'"{token_digest(OPERATOR)}" = "*"\n'
+    )
+    return daemon + AGENTS + tokens
+
+
+@pytest.fixture
+def tls_daemon(daemon_factory, tls: Tls):  # type: ignore[no-untyped-def]
+    port = free_port()
+    daemon = daemon_factory(tcp_config(port, tls))
+    daemon.url = f"chinwag+tls://127.0.0.1:{port}"
+    return daemon
+
+
+async def test_a_wrong_token_is_refused_401_and_the_right_one_gets_a_welcome_over_tls(
+    tls_daemon, tls
+):
+    with pytest.raises(ChinwagError, match="unknown token") as refused:
+        async with connect(tls_daemon.url, token="not-a-token", ca=str(tls.ca)):
+            pass
+    assert refused.value.code == 401
+    with pytest.raises(ChinwagError, match="no token"):
+        async with connect(tls_daemon.url, token="", ca=str(tls.ca)):
+            pass
+    async with connect(tls_daemon.url, token=ALICE, ca=str(tls.ca)) as client:
+        assert "daemons" in client.welcome.features
+        async with client.stream("assistant", "over the network") as events:
+            got = await collect(events)
+    assert "".join(e.delta for e in got if isinstance(e, TextDelta)) == "over the network"
+    assert isinstance(got[-1], End) and got[-1].status == "done"
+    async with connect(tls_daemon.socket_path) as local:
+        (item,) = (await local.list_conversations(sender="alice")).items
+    assert item.sender == "alice", "a request without sender spoke as the token's name"
+
+
+async def test_a_token_holds_its_client_to_its_name(tls_daemon, tls):
+    async with connect(tls_daemon.url, token=ALICE, ca=str(tls.ca)) as client:
+        with pytest.raises(ChinwagError, match="speaks as 'alice', not 'bob'") as refused:
+            async with client.stream("assistant", "hi", sender="bob") as events:
+                await collect(events)
+        assert refused.value.code == 401
+        with pytest.raises(ChinwagError, match="not 'bob'"):
+            await client.history("assistant", sender="bob")
+        with pytest.raises(ChinwagError, match="not 'bob'"):
+            await client.register("bob")
+        with pytest.raises(ChinwagError, match=r"needs a `\*` token"):
+            await client.search_memory("assistant", "anything")
+        # Still usable, and its reads are confined to its name.
+        async with client.stream("assistant", "mine") as events:
+            await collect(events)
+        conversations = (await client.list_conversations()).items
+        assert [c.sender for c in conversations] == ["alice"]
+
+
+async def test_a_prefix_token_speaks_for_every_name_under_it(tls_daemon, tls):
+    async with connect(tls_daemon.url, token=BRIDGE, ca=str(tls.ca)) as bridge:
+        async with bridge.stream("assistant", "from a chat", sender="tg:42") as events:
+            assert (await collect(events))[-1].status == "done"
+        with pytest.raises(ChinwagError, match="not 'user'") as outside:
+            await bridge.kill("assistant", sender="user")
+        assert outside.value.code == 401
+        with pytest.raises(ChinwagError, match="name one in `sender`") as unnamed:
+            async with bridge.stream("assistant", "who am I") as events:
+                await collect(events)
+        assert unnamed.value.code == 400
+    async with connect(tls_daemon.url, token=OPERATOR, ca=str(tls.ca)) as operator:
+        senders = {c.sender for c in (await operator.list_conversations()).items}
+    assert senders == {"tg:42"}
+
+
+async def test_a_client_that_speaks_no_tls_disturbs_no_other(tls_daemon, tls):
+    port = int(tls_daemon.url.rsplit(":", 1)[1])
+    async with (
+        connect(tls_daemon.url, token=ALICE, ca=str(tls.ca)) as client,
+        client.stream("assistant", "/slow 5 50") as events,
+    ):
+        await next_of(events, TextDelta)
+        raw = await trio.open_tcp_stream("127.0.0.1", port)
+        await raw.send_all(b"\x00\x00\x00\x05hello not tls")
+        with trio.fail_after(10):
+            while await raw.receive_some(1024):  # the daemon closes it
+                pass
+        await raw.aclose()
+        assert (await collect(events))[-1].status == "done"
+
+
+async def test_plain_tcp_is_served_on_loopback_only(daemon_factory):
+    port = free_port()
+    loopback = daemon_factory(tcp_config(port, None), name="loopback")
+    async with connect(f"chinwag+tcp://127.0.0.1:{port}", token=ALICE) as client:
+        assert client.welcome.agents == ["assistant", "helper"]
+    loopback.stop()
+    with pytest.raises(RuntimeError, match="needs tls_cert and tls_key"):
+        daemon_factory(tcp_config(free_port(), None, host="0.0.0.0"), name="everywhere")
+    with pytest.raises(ValueError, match="plain TCP only to this machine"):
+        async with connect("chinwag+tcp://192.0.2.1:7433", token=ALICE):
+            pass
+
+
+async def test_several_addresses_are_tried_in_order(tls_daemon, tls):
+    dead = f"chinwag+tls://127.0.0.1:{free_port()}"
+    async with connect(f"{dead},{tls_daemon.url}", token=ALICE, ca=str(tls.ca)) as client:
+        assert client.welcome.agents == ["assistant", "helper"]
+    with pytest.raises(OSError, match=r"No daemon answered: chinwag\+tls://127\.0\.0\.1"):
+        async with connect(f"{dead},{dead}", token=ALICE, ca=str(tls.ca)):
+            pass
+
+
+def test_the_cli_talks_over_tls_from_its_environment(tls_daemon, tls):
+    env = dict(
+        os.environ,
+        CHINWAG_URL=f"chinwag+tls://127.0.0.1:{free_port()},{tls_daemon.url}",
+        CHINWAG_TOKEN=ALICE,
+        CHINWAG_CA=str(tls.ca),
+        CHINWAG_SOCKET="/nonexistent/chinwag.sock",
+    )
+    sent = subprocess.run(
+        [sys.executable, "-m", "chinwag.clients.cli", "send", "assistant", "hello there"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert "hello there" in sent.stdout
+    made = subprocess.run(
+        [sys.executable, "-m", "chinwag.clients.cli", "token", "carol"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    token = made.stdout.split()[1]
+    assert f'"{token_digest(token)}" = "carol"' in made.stdout
