@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -142,6 +143,13 @@ class Heard(msgspec.Struct, tag="heard"):
     version: int
 
 
+class MailNews(msgspec.Struct, tag="mail"):
+    """Mail stored (``change`` None) or changed on the sending daemon."""
+
+    msg_id: str
+    change: str | None = None
+
+
 class Item(msgspec.Struct, array_like=True):
     watch: int  # the attach it answers; 0: for the subscriptions
     agent: str
@@ -155,7 +163,7 @@ class Relayed(msgspec.Struct, tag="relayed"):
     items: list[Item]
 
 
-Message = Call | Reply | Detach | Released | Turned | Interest | Heard | Relayed
+Message = Call | Reply | Detach | Released | Turned | Interest | Heard | Relayed | MailNews
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Message).decode
@@ -297,6 +305,8 @@ class Cluster:
         self._released: dict[Key, trio.Event] = {}  # conversations waited for here
         self._releasers: dict[Key, str] = {}  # who said `released` of them
         self._seen: dict[str, tuple[str, str, str]] = {}  # relayed runs under way: id -> origin
+        # What mail another daemon stored or changed is told to (the post office's `heard`).
+        self.on_mail: Callable[[str, str | None], None] | None = None
 
     async def serve(self, address: str, *, task_status: trio.TaskStatus[None]) -> None:
         """Join the bus and answer the others until cancelled."""
@@ -346,6 +356,9 @@ class Cluster:
                 self._heard_changed = trio.Event()
             case Detach(watch):
                 self.relays.pop((sender, watch), None)
+            case MailNews(msg_id, change):
+                if self.on_mail is not None:
+                    self.on_mail(msg_id, change)
 
     def peers_changed(self, live: frozenset[str]) -> None:
         gone, new = self.live - live, live - self.live
@@ -642,6 +655,12 @@ class Cluster:
                 continue
             if not sub.deliver(agent, sender, run_id, event):
                 self.runtime.unsubscribe(sub)
+
+    # --- mail ------------------------------------------------------------------------------
+
+    def mail_news(self, msg_id: str, change: str | None) -> None:
+        """Mail this daemon stored (or changed): the others push it to their watchers."""
+        self.bus.send(None, _text(MailNews(msg_id, change)))
 
     # --- who is there ----------------------------------------------------------------------
 

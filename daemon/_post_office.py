@@ -110,6 +110,9 @@ class Watcher:
     deliver: Callable[[MailMessage], bool]
     update: Callable[[ChangeKind, MailMessage], bool] | None  # None: it asked for none
     room: Callable[[], bool]
+    # The newest msg_id the reader had when the watch began, which its replay covers:
+    # another daemon's news of one up to it comes too late to push.
+    cursor: str | None = None
 
 
 @dataclass
@@ -436,6 +439,7 @@ class PostOffice:
                 if stored.space is not None:
                     self.spaces.posted(stored.space)
                 self._push(stored)
+                self._tell_others(stored.msg_id, None)
                 self.webhooks.wake()
                 self.runtime.telemetry.mail_posted()
         if created:
@@ -506,7 +510,11 @@ class PostOffice:
             watchers = self.watchers.get(name)
             if not watchers:
                 continue
-            gone = [w for w in watchers if not w.deliver(message)]
+            gone = [
+                w
+                for w in watchers
+                if (w.cursor is None or message.msg_id > w.cursor) and not w.deliver(message)
+            ]
             for watcher in gone:
                 watchers.remove(watcher)
 
@@ -810,12 +818,52 @@ class PostOffice:
             if changed is None:  # pragma: no cover - messages are never removed
                 raise RequestError(404, f"No message {message.msg_id} is stored.")
             kind: ChangeKind = change.__struct_config__.tag  # type: ignore[assignment]
-            for name in dict.fromkeys([changed.sender, *changed.recipients]):
-                watchers = self.watchers.get(name, [])
-                gone = [w for w in watchers if w.update is not None and not w.update(kind, changed)]
-                for watcher in gone:
-                    watchers.remove(watcher)
+            self._push_change(kind, changed)
+        self._tell_others(changed.msg_id, kind)
         return changed
+
+    def _push_change(self, kind: ChangeKind, changed: MailMessage) -> None:
+        for name in dict.fromkeys([changed.sender, *changed.recipients]):
+            watchers = self.watchers.get(name, [])
+            gone = [w for w in watchers if w.update is not None and not w.update(kind, changed)]
+            for watcher in gone:
+                watchers.remove(watcher)
+
+    # --- other daemons' mail ----------------------------------------------------------------
+
+    def _tell_others(self, msg_id: str, change: ChangeKind | None) -> None:
+        """On a store daemons share: the others push it to their own watchers."""
+        cluster = self.runtime.cluster
+        if cluster is not None:
+            cluster.mail_news(msg_id, change)
+
+    def heard(self, msg_id: str, change: str | None) -> None:
+        """Another daemon stored mail (``change`` None) or changed it: push it here, as
+        this daemon pushes its own, once read back from the store."""
+        self.runtime.nursery.start_soon(self._heard, msg_id, change)
+
+    async def _heard(self, msg_id: str, change: str | None) -> None:
+        async with self._posting:  # in line with this daemon's own pushes
+            message = await self.store.get_message(msg_id)
+            if message is None:
+                return
+            if change is not None:
+                self._push_change(change, message)  # type: ignore[arg-type]
+                return
+            for name in (message.sender, *message.recipients):
+                if name not in self.known:  # first seen on the other daemon
+                    self.known[name] = Participant(name=name, kind="session", last_seen=now())
+            if message.space is not None:
+                if message.space not in self.spaces.by_name:  # made on the other daemon
+                    await self.spaces.load()
+                self.spaces.posted(message.space)
+            watched = [name for name in message.recipients if self.watchers.get(name)]
+            self._push(message)
+        if watched:  # pushed to a watcher here: delivered, as a push from its own daemon is
+            moment = now()
+            await self.store.advance(
+                [StateChange(msg_id, name, "delivered", moment) for name in watched]
+            )
 
     # --- focus, spaces, locks -----------------------------------------------------------
 
@@ -864,7 +912,7 @@ class PostOffice:
         name = self._reader(reader)
         watcher = Watcher(name, deliver, update, room)
         async with self._posting:  # no post is between its write and its push
-            cursor = await self.store.newest_received(name)
+            cursor = watcher.cursor = await self.store.newest_received(name)
             self.watchers.setdefault(name, []).append(watcher)
         return watcher, cursor
 

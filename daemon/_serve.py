@@ -171,6 +171,7 @@ async def serve(
             await runtime.count_stored_usage()  # before mail may start a run
             if storage.bus is not None:  # other daemons share the store: join them
                 runtime.cluster = Cluster(runtime, storage.bus)
+                runtime.cluster.on_mail = server.post_office.heard
                 await root.start(runtime.cluster.serve, str(socket_path))
             await server.post_office.start()
             await root.start(server.post_office.webhooks.run)
