@@ -27,6 +27,7 @@ from . import (
     _profile,
     burst,
     cli_start,
+    cluster,
     concurrency,
     dashboard,
     delegation,
@@ -92,6 +93,9 @@ class Scale:
     observed_runs: int = 3000  # (o) runs on each of the three daemons, on each store
     dashboard_words: int = 200  # (w) words of each of the 10 runs streaming at once
     dashboard_runs: int = 2000  # (w) runs with 50 dashboard event streams open, and with none
+    cluster_samples: int = 200  # (x) kills, runs and posts of each kind across daemons
+    cluster_clients: int = 300  # (x) load clients over three daemons
+    cluster_runs: int = 10  # (x) runs of each load client
 
 
 QUICK = Scale(
@@ -121,6 +125,9 @@ QUICK = Scale(
     observed_runs=600,
     dashboard_words=50,
     dashboard_runs=400,
+    cluster_samples=30,
+    cluster_clients=60,
+    cluster_runs=3,
 )
 
 Bench = Callable[[Path, Scale, "str | None"], list[Figure]]
@@ -216,6 +223,11 @@ def bench_w(root: Path, s: Scale, storage: str | None) -> list[Figure]:
     return dashboard.figures(root, s.dashboard_words, s.dashboard_runs, storage)
 
 
+def bench_x(root: Path, s: Scale, storage: str | None) -> list[Figure]:
+    del storage  # several daemons share one postgres schema: bench/cluster.py's own
+    return cluster.figures(root, s.cluster_samples, s.cluster_clients, s.cluster_runs)
+
+
 BENCHES: dict[str, tuple[str, Bench]] = {
     "a": ("first_event", bench_a),
     "b": ("throughput", bench_b),
@@ -232,6 +244,7 @@ BENCHES: dict[str, tuple[str, Bench]] = {
     "s": ("mail_spaces", bench_s),
     "o": ("observability", bench_o),
     "w": ("dashboard", bench_w),
+    "x": ("cluster", bench_x),
 }
 
 
@@ -256,8 +269,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        help="comma-separated: a,b,c,d,e,slow,f,g,h,i,j,m,s,o,w (or first_event, throughput, mail, "
-        "...)",
+        help="comma-separated: a,b,c,d,e,slow,f,g,h,i,j,m,s,o,w,x (or first_event, throughput, "
+        "mail, ...)",
     )
     parser.add_argument("--quick", action="store_true", help="scaled down, about a minute")
     parser.add_argument(

@@ -271,6 +271,7 @@ class _Turn:
 
     peers: set[str]  # the daemons told, until each took it or stopped waiting
     since: float  # when the first of them began to wait
+    later: list[str] = field(default_factory=list)  # to be told once those took it, in order
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -303,7 +304,8 @@ class Cluster:
         self._waiters: dict[Key, dict[str, float]] = {}
         self._turns: dict[Key, _Turn] = {}  # released here, kept for the daemons told
         self._released: dict[Key, trio.Event] = {}  # conversations waited for here
-        self._releasers: dict[Key, str] = {}  # who said `released` of them
+        self._releasers: dict[Key, set[str]] = {}  # who said `released` of them
+        self._promised: set[Key] = set()  # waited for here, a holder to say `released`
         self._seen: dict[str, tuple[str, str, str]] = {}  # relayed runs under way: id -> origin
         # What mail another daemon stored or changed is told to (the post office's `heard`).
         self.on_mail: Callable[[str, str | None], None] | None = None
@@ -343,8 +345,12 @@ class Cluster:
                     pending.reply = message
                     pending.done.set()
             case Released(agent, conv_sender):
-                self._releasers[(agent, conv_sender)] = sender
-                self._wake((agent, conv_sender))
+                key = (agent, conv_sender)
+                if key not in self._released:  # waits here no more: its turn is over at once
+                    self.bus.send(sender, _text(Turned(agent, conv_sender)))
+                else:
+                    self._releasers.setdefault(key, set()).add(sender)
+                    self._wake(key)
             case Turned(agent, conv_sender):
                 self._turned((agent, conv_sender), sender)
             case Interest(version, filters):
@@ -496,40 +502,59 @@ class Cluster:
         """Ask the daemon holding the conversation to say when it lets go; the runs ahead
         of this one (1 when none holds it now)."""
         key = (agent, sender)
-        self._released.setdefault(key, trio.Event())
+        self._released[key] = trio.Event()  # set by its `released`, from now on
+        self._promised.discard(key)
         peer = await self.holder(agent, sender)
         if peer is None:
             return 1
         try:
-            return (await self._call(peer, Wait(agent, sender))).position
+            position = (await self._call(peer, Wait(agent, sender))).position
         except RequestError:
             return 1
+        if position:  # else it let go meanwhile, and will say nothing: try the claim now
+            self._promised.add(key)
+        return max(position, 1)
+
+    def promised(self, agent: str, sender: str) -> bool:
+        """Whether, since the latest ``wait_for``, a holder will say when it lets go."""
+        return (agent, sender) in self._promised
 
     async def released(self, agent: str, sender: str) -> None:
-        """Return once the holder let go of the conversation, or after ``RECLAIM_S``."""
+        """Return once the holder let go of the conversation since ``wait_for``, or after
+        ``RECLAIM_S``."""
         event = self._released.setdefault((agent, sender), trio.Event())
         with trio.move_on_after(RECLAIM_S):
             await event.wait()
 
     def done_waiting(self, agent: str, sender: str) -> None:
-        """This daemon took the conversation, or gave up waiting for it: tell the daemon
-        that let it go, which keeps it for us meanwhile (``turn``)."""
+        """This daemon took the conversation, or gave up waiting for it: tell the daemons
+        that let it go to it, which keep it for us meanwhile (``turn``)."""
         key = (agent, sender)
         self._released.pop(key, None)
-        releaser = self._releasers.pop(key, None)
-        if releaser is not None:
+        self._promised.discard(key)
+        for releaser in self._releasers.pop(key, ()):
             self.bus.send(releaser, _text(Turned(agent, sender)))
 
     def let_go(self, agent: str, sender: str) -> None:
         """This daemon released the conversation: tell whoever waits for it, and keep it
         for them (``turn``) until they took it."""
         key = (agent, sender)
-        waiting = {p: t for p, t in self._waiters.pop(key, {}).items() if p in self.live}
+        # Not filtered by `live`, which lags a beat behind a daemon that just joined.
+        waiting = self._waiters.pop(key, {})
         if not waiting:
             return
-        self._turns[key] = _Turn(set(waiting), min(waiting.values()))
-        for peer in waiting:
-            self.bus.send(peer, _text(Released(agent, sender)))
+        line = sorted(waiting, key=waiting.__getitem__)  # the first to wait goes first
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = _Turn(set(), waiting[line[0]])
+        turn.since = min(turn.since, *waiting.values())
+        for peer in line:
+            if peer in turn.peers:  # told before, beaten to it, and waiting again: tell again
+                self.bus.send(peer, _text(Released(agent, sender)))
+            elif peer not in turn.later:
+                turn.later.append(peer)
+        if not turn.peers:  # the first in line is told now, the others once it took it
+            self._turned(key, "")
 
     async def turn(self, agent: str, sender: str, asked_at: float) -> None:
         """Wait, before a job asked for at ``asked_at`` claims the conversation, while
@@ -545,14 +570,19 @@ class Cluster:
 
     def _turned(self, key: Key, peer: str) -> None:
         turn = self._turns.get(key)
-        if turn is not None:
-            turn.peers.discard(peer)
-            if not turn.peers:
-                del self._turns[key]
-                turn.done.set()
+        if turn is None:
+            return
+        turn.peers.discard(peer)
+        while not turn.peers and turn.later:  # the next in line: it finds the holder now
+            nxt = turn.later.pop(0)
+            turn.peers.add(nxt)
+            self.bus.send(nxt, _text(Released(*key)))
+        if not turn.peers:
+            del self._turns[key]
+            turn.done.set()
 
     def _wake(self, key: Key) -> None:
-        event = self._released.pop(key, None)
+        event = self._released.get(key)
         if event is not None:
             event.set()
 
@@ -596,12 +626,15 @@ class Cluster:
         return Reply(no=no, run_id=run.id)
 
     def _wait_here(self, peer: str, key: Key) -> int:
-        waiting = self._waiters.setdefault(key, {})
+        """``peer`` waits for ``key``: the runs ahead of it, once it is in line here; 0 when
+        this daemon holds it no more (it let go before the call came: try again now)."""
         conv = self.runtime.conversations.get(key)
-        ahead = (1 + len(conv.queue)) if conv is not None and conv.busy else 0
-        ahead += len(waiting.keys() - {peer})
+        if conv is None or not conv.holding:
+            return 0
+        waiting = self._waiters.setdefault(key, {})
+        ahead = 1 + len(conv.queue) + len(waiting.keys() - {peer})
         waiting.setdefault(peer, trio.current_time())
-        return max(ahead, 1)
+        return ahead
 
     # --- subscriptions -----------------------------------------------------------------------
 

@@ -108,6 +108,10 @@ class Line(Protocol):
         """Return once the holder let go, or after a while."""
         ...
 
+    def promised(self, agent: str, sender: str) -> bool:
+        """Whether a holder will say when it lets go."""
+        ...
+
     def done_waiting(self, agent: str, sender: str) -> None:
         """Claimed, or no longer waiting."""
         ...
@@ -848,7 +852,9 @@ class Conversation:
                 try:
                     job.queued(await cluster.wait_for(self.agent, self.sender))
                     while not await storage.claim(self.agent, self.sender):
-                        await cluster.released(self.agent, self.sender)
+                        if cluster.promised(self.agent, self.sender):
+                            await cluster.released(self.agent, self.sender)
+                        # Else another daemon claimed it since we looked: join its line.
                         await cluster.wait_for(self.agent, self.sender)
                 finally:
                     cluster.done_waiting(self.agent, self.sender)
@@ -860,8 +866,9 @@ class Conversation:
                 await self.load_context()
             yield
         finally:
-            self.holding = False
             await storage.release(self.agent, self.sender)
+            # Only now: a daemon asking to wait before this is told when we let go.
+            self.holding = False
             if cluster is not None:
                 cluster.let_go(self.agent, self.sender)
 
