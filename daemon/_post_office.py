@@ -12,6 +12,7 @@ its conversation: the post office only queues the run and posts its final text.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +47,7 @@ from chinwag.storage import (
     PinChange,
     ReactChange,
     StateChange,
+    StorageError,
     number_of,
     search_words,
 )
@@ -161,12 +163,15 @@ class PostOffice:
         self.locks = Locks(store)
         self.webhooks = Webhooks(runtime.config.webhooks, runtime.storage)  # run by serve
         self._posting = trio.Lock()
+        # Other daemons' mail news (`heard`), taken in the order it came by one task.
+        self._news, self._news_queue = trio.open_memory_channel[tuple[str, str | None]](math.inf)
         runtime.post_office = self
 
     # --- start ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the participants, make the configured agents ones, answer waiting mail."""
+        self.runtime.nursery.start_soon(self._hear_news)
         for participant in await self.store.participants():
             self.known[participant.name] = participant
         await self.spaces.load()
@@ -839,8 +844,15 @@ class PostOffice:
 
     def heard(self, msg_id: str, change: str | None) -> None:
         """Another daemon stored mail (``change`` None) or changed it: push it here, as
-        this daemon pushes its own, once read back from the store."""
-        self.runtime.nursery.start_soon(self._heard, msg_id, change)
+        this daemon pushes its own, once read back from the store, in the order told."""
+        self._news.send_nowait((msg_id, change))
+
+    async def _hear_news(self) -> None:
+        async for msg_id, change in self._news_queue:
+            try:
+                await self._heard(msg_id, change)
+            except StorageError as exc:  # the store failed: that news is lost, not the rest
+                log.warning("mail_news_lost", msg_id=msg_id, error=str(exc))
 
     async def _heard(self, msg_id: str, change: str | None) -> None:
         async with self._posting:  # in line with this daemon's own pushes
