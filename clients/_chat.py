@@ -43,7 +43,7 @@ from ._render import (
     tool_call_text,
     tool_result_text,
 )
-from ._settings import Failure, Settings, connect_or_fail, describe
+from ._settings import Failure, Settings, describe, reconnecting
 from ._terminal_input import LineReader, ask_on_terminal
 
 
@@ -189,20 +189,26 @@ async def chat_session(
     state = _ChatState(guest=guest, cwd=cwd)
     console = view.console
     lines = LineReader()
-    async with connect_or_fail(settings) as client:
+    greeted = False
+
+    async def session(client: Client) -> None:
+        nonlocal greeted
         for name in (agent, guest):
             if name is not None and name not in client.welcome.agents:
                 hosted = ", ".join(client.welcome.agents) or "none"
                 raise Failure(f"unknown agent {name!r}; the daemon hosts: {hosted}")
-        with contextlib.suppress(ChinwagError):
-            state.title = (await client.history(agent, sender, limit=0)).title
-        header = Text(f"chatting with {agent}", style="bold")
-        if guest is not None:
-            header.append(f" (answered by its guest {guest})", style="bold")
-        if state.title:
-            header.append(f" — {state.title}", style="dim")
-        header.append("  (Ctrl-C stops a reply, Ctrl-C or Ctrl-D at the prompt quits)", style="dim")
-        console.print(header)
+        if not greeted:  # not again when connected again (to the next daemon)
+            greeted = True
+            with contextlib.suppress(ChinwagError):
+                state.title = (await client.history(agent, sender, limit=0)).title
+            header = Text(f"chatting with {agent}", style="bold")
+            if guest is not None:
+                header.append(f" (answered by its guest {guest})", style="bold")
+            if state.title:
+                header.append(f" — {state.title}", style="dim")
+            quit_hint = "  (Ctrl-C stops a reply, Ctrl-C or Ctrl-D at the prompt quits)"
+            header.append(quit_hint, style="dim")
+            console.print(header)
         async with anyio.create_task_group() as tasks:
             with anyio.open_signal_receiver(signal.SIGINT) as interrupts:
                 tasks.start_soon(
@@ -218,6 +224,11 @@ async def chat_session(
                         continue
                     await _chat_turn(client, agent, sender, line, state, lines, view, tasks)
             tasks.cancel_scope.cancel()
+
+    def say(note: str) -> None:
+        console.print(Text(note, style="yellow"))
+
+    await reconnecting(settings, session, say)
 
 
 async def _watch_interrupts(

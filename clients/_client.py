@@ -9,6 +9,7 @@ lock. Nothing here knows the daemon's internals: only PROTOCOL.md.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import ssl
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar, cast, overload
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast, overload
 from urllib.parse import urlsplit
 
 import anyio
@@ -1346,6 +1347,9 @@ async def _handshake(
     return reply
 
 
+#: How long a daemon reached over TCP gets to answer the hello (TLS included) before the
+#: next address is tried: a host the network lost, or a frozen daemon, never answers.
+ANSWER_TIMEOUT_S = 10.0
 _CONNECT_ATTEMPTS = 8  # while the daemon's accept backlog is full: 10 ms, 20 ms, ... 1.3 s
 
 
@@ -1458,41 +1462,53 @@ async def _open(address: Address, ca: str | None) -> anyio.abc.ByteStream:
     )
 
 
-async def _reach(
-    targets: list[Address],
-    codec: Codec,
-    client: str,
-    session: Session,
-    decoder: FrameDecoder,
-    token: str | None,
-    ca: str | None,
-) -> tuple[anyio.abc.ByteStream, Welcome]:
-    """The first of ``targets`` that answers the hello, and its welcome; each tried in turn.
+class _Reached(NamedTuple):
+    stream: anyio.abc.ByteStream
+    welcome: Welcome
+    session: Session
+    decoder: FrameDecoder
 
-    A daemon that refuses the hello (``ChinwagError``) is the answer: the next is not
-    tried. When none answers, one address's own ``OSError`` (or ``ConnectionLost``) is
-    raised as it came; several, one ``OSError`` naming each and why.
+
+async def _reach(
+    targets: list[Address], codec: Codec, client: str, token: str | None, ca: str | None
+) -> _Reached:
+    """The first of ``targets`` that answers the hello; each tried in turn, on a fresh
+    session, a TCP one for ``ANSWER_TIMEOUT_S`` at most.
+
+    A daemon that refuses the hello for good (401, 426: ``ChinwagError``) is the
+    answer: the next is not tried; one going away (503) or silent is passed over. When
+    none answers, one address's own error is raised as it came; several, one
+    ``OSError`` naming each and why.
     """
     failures: list[tuple[Address, Exception]] = []
     for address in targets:
-        try:
-            stream = await _open(address, ca)
-        except OSError as exc:
-            failures.append((address, exc))
-            continue
-        try:
-            on_tcp = address.path is None
-            welcome = await _handshake(
-                stream, codec, client, session, decoder, token if on_tcp else None
-            )
-        except ConnectionLost as exc:
-            await anyio.aclose_forcefully(stream)
-            failures.append((address, exc))
-            continue
-        except BaseException:
-            await anyio.aclose_forcefully(stream)
-            raise
-        return stream, welcome
+        on_tcp = address.path is None
+        with anyio.move_on_after(ANSWER_TIMEOUT_S if on_tcp else math.inf) as waiting:
+            try:
+                stream = await _open(address, ca)
+            except (OSError, anyio.BrokenResourceError) as exc:  # anyio's: closed mid-TLS
+                failures.append((address, exc))
+                continue
+            # The daemon's `max_frame_bytes` bounds what it accepts; what it sends
+            # (a long history) is only bounded by the 4-byte length, so be lenient.
+            decoder = FrameDecoder(_MAX_INCOMING_FRAME)
+            session = Session()
+            try:
+                welcome = await _handshake(
+                    stream, codec, client, session, decoder, token if on_tcp else None
+                )
+            except ChinwagError as exc:
+                await anyio.aclose_forcefully(stream)
+                if exc.code != 503:
+                    raise
+                failures.append((address, exc))
+                continue
+            except BaseException:
+                await anyio.aclose_forcefully(stream)
+                raise
+            return _Reached(stream, welcome, session, decoder)
+        if waiting.cancelled_caught:
+            failures.append((address, TimeoutError(f"no answer within {ANSWER_TIMEOUT_S:g} s")))
     if len(failures) == 1:
         raise failures[0][1]
     reasons = "; ".join(f"{address}: {exc}" for address, exc in failures)
@@ -1524,11 +1540,7 @@ async def connect(
     token = token if token is not None else (os.environ.get("CHINWAG_TOKEN") or None)
     ca = ca if ca is not None else (os.environ.get("CHINWAG_CA") or None)
     codec = codec_for(encoding)
-    # The daemon's `max_frame_bytes` bounds what it accepts; what it sends
-    # (a long history) is only bounded by the 4-byte length, so be lenient.
-    decoder = FrameDecoder(_MAX_INCOMING_FRAME)
-    session = Session()
-    stream, welcome = await _reach(targets, codec, client, session, decoder, token, ca)
+    stream, welcome, session, decoder = await _reach(targets, codec, client, token, ca)
     async with stream:
         body_error: BaseException | None = None
         unwrapped: BaseException | None = None

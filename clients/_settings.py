@@ -28,6 +28,8 @@ from ._client import (
 
 _T = TypeVar("_T")
 
+RECONNECT_S = 0.2  # between a lost connection and the next attempt (``reconnecting``)
+
 CLIENT_NAME = "chinwag-cli"
 
 
@@ -86,6 +88,24 @@ def settings_of(ctx: click.Context) -> Settings:
     settings = ctx.find_object(Settings)
     assert settings is not None, "the `chinwag` group sets it up"
     return settings
+
+
+async def reconnecting(
+    settings: Settings, session: Callable[[Client], Awaitable[None]], say: Callable[[str], None]
+) -> None:
+    """``session`` on a connection to the daemon. Given daemons' URLs (``--url``), when
+    the connection is lost it connects again, to the first address that answers (the
+    next daemon, when one went away), says so, and runs ``session`` anew."""
+    while True:
+        try:
+            async with connect_or_fail(settings) as client:
+                await session(client)
+            return
+        except* ConnectionLost as lost:
+            if not settings.url:
+                raise
+            say(f"the connection was lost ({leaves(lost)[0]}); connecting again")
+        await anyio.sleep(RECONNECT_S)  # not in a tight loop, should a daemon hang up at once
 
 
 @contextlib.asynccontextmanager

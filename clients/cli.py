@@ -44,6 +44,7 @@ import anyio
 import click
 from chinwag.protocol import JSON, AgentItem, AskUser, End, default_socket_path, token_digest
 
+from ._client import Client
 from ._daemon_process import STOP_TIMEOUT_S, ensure_daemon, stop_daemon
 from ._render import (
     SendView,
@@ -61,6 +62,7 @@ from ._settings import (
     Failure,
     Settings,
     connect_or_fail,
+    reconnecting,
     run_command,
     settings_of,
 )
@@ -452,17 +454,26 @@ def tail(ctx: click.Context, agent: str | None, sender: str | None, as_json: boo
     async def body() -> None:
         console = line_console()
         last_run: str | None = None
-        async with connect_or_fail(settings) as client, anyio.create_task_group() as tasks:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as interrupts:
-                tasks.start_soon(_cancel_on_first, interrupts, tasks.cancel_scope)
-                async with client.subscribe(agent, sender) as subscription:
-                    async for frame in subscription:
-                        if as_json:
-                            sys.stdout.buffer.write(JSON.encode(frame) + b"\n")
-                            sys.stdout.buffer.flush()
-                            continue
-                        last_run = show_tail_event(frame, last_run, out, console)
-                tasks.cancel_scope.cancel()
+
+        async def follow(client: Client) -> None:
+            nonlocal last_run
+            async with anyio.create_task_group() as tasks:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as interrupts:
+                    tasks.start_soon(_cancel_on_first, interrupts, tasks.cancel_scope)
+                    async with client.subscribe(agent, sender) as subscription:
+                        async for frame in subscription:
+                            if as_json:
+                                sys.stdout.buffer.write(JSON.encode(frame) + b"\n")
+                                sys.stdout.buffer.flush()
+                                continue
+                            last_run = show_tail_event(frame, last_run, out, console)
+                    tasks.cancel_scope.cancel()
+
+        def say(note: str) -> None:
+            out.end_line()
+            print(note, file=sys.stderr, flush=True)
+
+        await reconnecting(settings, follow, say)
         out.end_line()
 
     run_command(body)

@@ -195,3 +195,48 @@ def test_the_cli_talks_over_tls_from_its_environment(tls_daemon, tls):
     )
     token = made.stdout.split()[1]
     assert f'"{token_digest(token)}" = "carol"' in made.stdout
+
+
+async def test_tail_given_several_daemons_goes_on_with_the_next_when_one_dies(
+    daemon_factory, postgres_url
+):
+    """`chinwag tail` with two daemons' URLs: the first is killed -9, tail says so,
+    connects to the second and shows the runs there."""
+    ports = [free_port(), free_port()]
+    first, second = (
+        daemon_factory(tcp_config(port, None), storage_url=postgres_url, name=name)
+        for port, name in zip(ports, ("first", "second"), strict=True)
+    )
+    urls = ",".join(f"chinwag+tcp://127.0.0.1:{port}" for port in ports)
+    env = dict(os.environ, CHINWAG_URL=urls, CHINWAG_TOKEN=OPERATOR, NO_COLOR="1")
+    command = [sys.executable, "-m", "chinwag.clients.cli", "tail"]
+    tail = await trio.lowlevel.open_process(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert tail.stdout is not None
+    seen = b""
+
+    async def until_shown(text: bytes) -> None:
+        nonlocal seen
+        with trio.fail_after(20):
+            while text not in seen:
+                seen += await tail.stdout.receive_some(4096)  # type: ignore[union-attr]
+
+    try:
+        async with connect(first.socket_path) as on_first:
+            while b"on the first" not in seen:  # tail's subscription may come later
+                async with on_first.stream("assistant", "on the first") as events:
+                    await collect(events)
+                with trio.move_on_after(1):
+                    await until_shown(b"on the first")
+        first.kill9()
+        await until_shown(b"connecting again")
+        async with connect(second.socket_path) as on_second:
+            while b"on the second" not in seen:
+                async with on_second.stream("assistant", "on the second") as events:
+                    await collect(events)
+                with trio.move_on_after(1):
+                    await until_shown(b"on the second")
+    finally:
+        tail.kill()
+        await tail.wait()
