@@ -12,12 +12,13 @@ import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import anyio
 import msgspec
-from chinwag.protocol import CheckFinding, CheckReport, WebhookBacklog
+from chinwag.protocol import CheckFinding, CheckReport, DaemonInfo, WebhookBacklog
 from rich.console import Console
 from rich.text import Text
 
@@ -84,24 +85,31 @@ def _plural(count: int, noun: str) -> str:
 
 
 async def _check_socket(settings: Settings) -> _DaemonSeen:
-    """Is there a socket, and does a daemon answer on it? Its version and uptime if so."""
+    """Is there a socket (or the daemons the URLs name), and does a daemon answer on it?
+    Its version and uptime if so, and the daemons it shares its store with."""
     path = settings.socket
     where = f"{path} (from {_socket_source(settings)})"
+    if settings.url:
+        where = f"{settings.url} (from --url or $CHINWAG_URL)"
 
     def failed(detail: str, hint: str = _START_HINT) -> _DaemonSeen:
         return _DaemonSeen(False, [Check("fail", "socket", f"{where}: {detail}", hint)])
 
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return failed("does not exist: no daemon is listening")
-    except OSError as exc:
-        return failed(f"cannot be looked at: {exc.strerror}", "check the directory's permissions")
-    if not stat.S_ISSOCK(mode):
-        return failed("is not a socket", "point --socket or $CHINWAG_SOCKET at the daemon's socket")
+    if not settings.url:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            return failed("does not exist: no daemon is listening")
+        except OSError as exc:
+            return failed(
+                f"cannot be looked at: {exc.strerror}", "check the directory's permissions"
+            )
+        if not stat.S_ISSOCK(mode):
+            hint = "point --socket or $CHINWAG_SOCKET at the daemon's socket"
+            return failed("is not a socket", hint)
     try:
         with anyio.fail_after(DOCTOR_SOCKET_TIMEOUT_S):
-            async with connect(path, client=CLIENT_NAME) as client:
+            async with connect(settings.target, client=CLIENT_NAME) as client:
                 server = client.welcome.server
                 stats = await client.stats()
     except TimeoutError:
@@ -123,7 +131,21 @@ async def _check_socket(settings: Settings) -> _DaemonSeen:
         f"{_plural(stats.runs_in_flight, 'run')} in flight"
     )
     checks = [Check("ok", "socket", where), Check("ok", "daemon", daemon)]
+    checks += [_daemon_line(info) for info in stats.daemons]
     return _DaemonSeen(True, checks, {backlog.name: backlog for backlog in stats.webhooks})
+
+
+def _daemon_line(info: DaemonInfo) -> Check:
+    """One of the daemons sharing the store, as its row of liveness says."""
+    beat = (datetime.now(UTC) - info.beat_at).total_seconds()
+    detail = (
+        f"{info.host} pid {info.pid} at {info.address}, up "
+        f"{_uptime((datetime.now(UTC) - info.started_at).total_seconds())}, beat "
+        f"{max(beat, 0):.1f} s ago, {_plural(info.runs_in_flight, 'run')} in flight"
+    )
+    if info.this:
+        detail += " (this one)"
+    return Check("ok", f"daemon {info.id}", detail)
 
 
 async def _daemon_checks(

@@ -4,7 +4,10 @@ that dies frees its conversations for the others."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -238,3 +241,20 @@ async def test_a_holder_that_stops_answering_fails_the_call_with_a_clear_error(c
         finally:
             a.daemon.proc.send_signal(signal.SIGCONT)
         await collect(running)
+
+
+def test_doctor_lists_every_daemon_sharing_the_store(three):
+    a, b, c = three
+    doctor = subprocess.run(
+        [sys.executable, "-m", "chinwag.clients.cli", "--socket", str(b.socket_path), "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=dict(os.environ, NO_COLOR="1", COLUMNS="300"),
+    )
+    lines = [line for line in doctor.stdout.splitlines() if " pid " in line]
+    assert len(lines) == 3, doctor.stdout
+    for host, line in zip((a, b, c), lines, strict=True):
+        assert str(host.socket_path) in line
+    assert "(this one)" in lines[1] and "(this one)" not in lines[0] + lines[2]
