@@ -23,6 +23,7 @@ from chinwag.protocol import APP_NAME, DEFAULT_MAX_FRAME_BYTES, is_loopback
 from ._addresses import NAME, participant_name
 from ._command import env_problem, sandbox_problem
 from ._errors import RequestError
+from ._tokens import server_tls
 from ._tracing import tracing_problem
 from ._workspace import workdir_problem
 
@@ -437,6 +438,11 @@ def _check_network(config: Config, path: Path | str) -> None:
             f"{path}: [daemon] listen_tcp on {host} needs tls_cert and tls_key: plain TCP is "
             "served only on a loopback address (127.0.0.1, ::1, localhost)."
         )
+    if daemon.tls_cert is not None and daemon.tls_key is not None:
+        try:
+            server_tls(daemon.tls_cert, daemon.tls_key)  # read now: a bad file fails the start
+        except ValueError as exc:
+            raise ConfigError(f"{path}: [daemon] {exc}.") from exc
     if not config.tokens:
         raise ConfigError(
             f"{path}: [daemon] listen_tcp needs a [tokens] table: every TCP client names one "

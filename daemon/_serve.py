@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
-import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
 from functools import partial
@@ -221,9 +220,9 @@ async def listen_tcp(config: Config) -> AsyncIterator[list[trio.abc.Listener[tri
     try:
         tls = None
         if daemon.tls_cert is not None and daemon.tls_key is not None:
-            tls = server_tls(daemon.tls_cert, daemon.tls_key)
+            tls = server_tls(daemon.tls_cert, daemon.tls_key)  # as the config check did
         plain = await trio.open_tcp_listeners(port, host=host)
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ValueError) as exc:
         raise ServeError(f"Cannot serve TCP on {daemon.listen_tcp}: {exc}.") from exc
     listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(plain)
     if tls is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from chinwag.protocol import Heartbeat, Register, Request, SearchMemory, token_digest
 
@@ -84,8 +85,36 @@ class Tokens:
 
 
 def server_tls(cert: str, key: str) -> ssl.SSLContext:
-    """The TLS context the TCP listener serves with (TLS 1.2 at least)."""
+    """The TLS context the TCP listener serves with (TLS 1.2 at least); ``ValueError``
+    says which of the PEM files ``cert`` and ``key`` is wrong, and how."""
+    pem = {}
+    for role, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            pem[role] = Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{role} {path} cannot be read: {exc.strerror or exc}") from exc
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
+    try:
+        # Without a password callback OpenSSL would ask for an encrypted key's passphrase on
+        # the terminal, and the daemon would hang at start.
+        context.load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _EncryptedKey:
+        raise ValueError(
+            f"tls_key {key} is encrypted; the daemon reads an unencrypted key (mode 0600)"
+        ) from None
+    except ssl.SSLError as exc:
+        if b"-----BEGIN CERTIFICATE-----" not in pem["tls_cert"]:
+            raise ValueError(f"tls_cert {cert} holds no PEM certificate") from exc
+        raise ValueError(
+            f"tls_key {key} is not the PEM private key of tls_cert {cert} ({exc})"
+        ) from exc
     return context
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_passphrase() -> bytes:
+    raise _EncryptedKey
