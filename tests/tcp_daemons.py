@@ -22,6 +22,10 @@ AGENTS = """
 [agents.assistant]
 provider = "echo"
 tools = []
+
+[agents.helper]
+provider = "echo"
+tools = []
 """
 
 

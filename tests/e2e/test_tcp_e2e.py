@@ -4,66 +4,23 @@ and clients that take URLs (several, tried in order)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import trio
-import trustme
 from chinwag.clients import ChinwagError, connect
 from chinwag.protocol import End, TextDelta, token_digest
 from deadlines import collect, next_of
-
-ALICE, BRIDGE, OPERATOR = "alice-token", "bridge-token", "operator-token"
-AGENTS = """
-[agents.assistant]
-provider = "echo"
-tools = []
-
-[agents.helper]
-provider = "echo"
-tools = []
-"""
-
-
-@dataclass
-class Tls:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    folder = tmp_path_factory.mktemp("tls")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    paths = Tls(folder / "ca.pem", folder / "cert.pem", folder / "key.pem")
-    ca.cert_pem.write_to_path(str(paths.ca))
-    issued.cert_chain_pems[0].write_to_path(str(paths.cert))
-    issued.private_key_pem.write_to_path(str(paths.key))
-    return paths
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def tcp_config(port: int, tls: Tls | None, host: str = "127.0.0.1") -> str:
-    keys = f'tls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n' if tls is not None else ""
-    daemon = f'[daemon]\nshutdown_grace_s = 2.0\nlisten_tcp = "{host}:{port}"\n{keys}'
-    tokens = (
-        "[tokens]\n"
-        f'"{token_digest(ALICE)}" = "alice"\n'
-        f'"{token_digest(BRIDGE)}" = "tg:*"\n'
-        f'"{token_digest(OPERATOR)}" = "*"\n'
-    )
-    return daemon + AGENTS + tokens
+from tcp_daemons import (  # noqa: F401  (tls_certificates: the fixture `tls`)
+    ALICE,
+    BRIDGE,
+    OPERATOR,
+    Tls,
+    free_port,
+    tcp_config,
+    tls_certificates,
+)
 
 
 @pytest.fixture
