@@ -250,7 +250,7 @@ class Welcome(ServerMessage, tag="welcome"):
     features: list[str] = msgspec.field(default_factory=list)  # what this daemon offers
 
 
-FEATURES = ("compaction", "search_memory", "history_pages", "mail", "usage", "daemons")
+FEATURES = ("compaction", "search_memory", "history_pages", "mail", "usage", "daemons", "tcp")
 """This daemon's additions to v1: the `compaction` event, sent only to a client
 whose `hello` names it, the `search_memory` request, and `history_pages`: a
 `get_history` without `limit` answers one page (200 entries at most), and `mail`
@@ -258,7 +258,10 @@ whose `hello` names it, the `search_memory` request, and `history_pages`: a
 token totals, asked with the `usage` request and carried by `stats` and
 `list_conversations`, and `daemons`: on a store several daemons share, control
 requests reach the daemon running the conversation, `attach` and `subscribe` see
-runs on every daemon, and `stats` lists the daemons."""
+runs on every daemon, and `stats` lists the daemons, and `tcp`: on a TCP connection
+(`listen_tcp`, TLS) the hello's token holds every request to the name it speaks as:
+a sender, author or reader outside it is 401, one left out is the token's own, so
+reads are confined to it."""
 
 
 class Error(ServerMessage, tag="error"):
