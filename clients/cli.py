@@ -44,7 +44,7 @@ import anyio
 import click
 from chinwag.protocol import JSON, AgentItem, AskUser, End, default_socket_path, token_digest
 
-from ._client import Client
+from ._client import Client, addresses
 from ._daemon_process import STOP_TIMEOUT_S, ensure_daemon, stop_daemon
 from ._render import (
     SendView,
@@ -152,6 +152,18 @@ class _Commands(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
+def _daemon_urls(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--url`` checked before any command runs: a mistake in it is a usage error
+    naming the address, not a failed connection (or a traceback) later."""
+    if not value:
+        return None
+    try:
+        addresses(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--socket",
@@ -165,6 +177,7 @@ class _Commands(click.Group):
     "--url",
     envvar="CHINWAG_URL",
     default=None,
+    callback=_daemon_urls,
     help="Daemons over TCP instead of the socket: chinwag+tls://HOST:PORT, several "
     "separated by commas, tried in order ($CHINWAG_URL; the token from $CHINWAG_TOKEN, "
     "a private CA from $CHINWAG_CA).",
@@ -175,7 +188,7 @@ def cli(ctx: click.Context, socket_path: Path | None, url: str | None) -> None:
     ctx.obj = Settings(
         socket=socket_path if socket_path is not None else default_socket_path(),
         socket_given=socket_path is not None,
-        url=url or None,
+        url=url,
     )
 
 

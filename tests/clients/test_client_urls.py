@@ -17,7 +17,9 @@ import pytest
 from chinwag.clients import ChinwagError, connect
 from chinwag.clients import _client as client_module
 from chinwag.clients._client import Address, addresses
+from chinwag.clients.cli import cli
 from chinwag.protocol import JSON, Error, Hello, default_socket_path
+from click.testing import CliRunner
 from test_client_fake_daemon import WELCOME, FakeConnection, Handler, Runner, fake_daemon
 
 # --- the addresses ------------------------------------------------------------------
@@ -58,6 +60,15 @@ def test_urls_separated_by_commas_are_addresses_in_their_order() -> None:
 def test_what_is_not_an_address_is_refused_before_connecting(url: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         addresses(f"unix:///run/cw.sock,{url}")
+
+
+def test_the_cli_refuses_a_url_that_is_not_an_address_before_any_command() -> None:
+    for given in (["--url", "chinwag+tcp://192.0.2.1:7433"], []):
+        env = {"CHINWAG_URL": "https://db1:7433", "CHINWAG_SOCKET": "/nonexistent/cw.sock"}
+        result = CliRunner().invoke(cli, [*given, "ls"], env=env)
+        assert result.exit_code == 2, result.output
+        why = "plain TCP only to this machine" if given else "is not a daemon's address"
+        assert "Invalid value for '--url': " in result.output and why in result.output
 
 
 # --- several daemons, tried in order -------------------------------------------------
