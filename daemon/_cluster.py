@@ -19,6 +19,9 @@ is (``Bus.holders``) and talk to it over the bus (storage/_bus.py):
 - **Death**: a daemon seen dead at a beat ends what came from it: its
   attached runs and the runs subscribers were seeing end `error` 503, calls
   to it fail 503, and runs waiting for its conversations try to claim them.
+- **Mail**: the post office's news (daemon/_mail_news.py) goes to the other
+  daemons as it encoded it, unread here; the post office is told who joined
+  and who went (``on_mail``, ``on_peers``).
 
 Messages are msgspec JSON; a message never carries more than one request or
 one batch of events, and the bus cuts what is long into pieces.
@@ -144,10 +147,9 @@ class Heard(msgspec.Struct, tag="heard"):
 
 
 class MailNews(msgspec.Struct, tag="mail"):
-    """Mail stored (``change`` None) or changed on the sending daemon."""
+    """The post office's news (daemon/_mail_news.py), carried as it encoded it."""
 
-    msg_id: str
-    change: str | None = None
+    news: msgspec.Raw
 
 
 class Item(msgspec.Struct, array_like=True):
@@ -307,8 +309,10 @@ class Cluster:
         self._releasers: dict[Key, set[str]] = {}  # who said `released` of them
         self._promised: set[Key] = set()  # waited for here, a holder to say `released`
         self._seen: dict[str, tuple[str, str, str]] = {}  # relayed runs under way: id -> origin
-        # What mail another daemon stored or changed is told to (the post office's `heard`).
-        self.on_mail: Callable[[str, str | None], None] | None = None
+        # The post office's news from another daemon, and who joined or went (its
+        # `heard` and `peers_changed`).
+        self.on_mail: Callable[[str, bytes], None] | None = None
+        self.on_peers: Callable[[frozenset[str], frozenset[str]], None] | None = None
 
     async def serve(self, address: str, *, task_status: trio.TaskStatus[None]) -> None:
         """Join the bus and answer the others until cancelled."""
@@ -362,9 +366,9 @@ class Cluster:
                 self._heard_changed = trio.Event()
             case Detach(watch):
                 self.relays.pop((sender, watch), None)
-            case MailNews(msg_id, change):
+            case MailNews(news):
                 if self.on_mail is not None:
-                    self.on_mail(msg_id, change)
+                    self.on_mail(sender, bytes(news))
 
     def peers_changed(self, live: frozenset[str]) -> None:
         gone, new = self.live - live, live - self.live
@@ -408,6 +412,8 @@ class Cluster:
         for key, turn in list(self._turns.items()):
             for peer in turn.peers & gone:
                 self._turned(key, peer)
+        if self.on_peers is not None:
+            self.on_peers(gone, new - {self.me})
 
     def runs_in_flight(self) -> int:
         return self.runtime.runs_in_flight()
@@ -691,9 +697,9 @@ class Cluster:
 
     # --- mail ------------------------------------------------------------------------------
 
-    def mail_news(self, msg_id: str, change: str | None) -> None:
-        """Mail this daemon stored (or changed): the others push it to their watchers."""
-        self.bus.send(None, _text(MailNews(msg_id, change)))
+    def mail_news(self, news: bytes, to: str | None = None) -> None:
+        """The post office's news, to the daemon ``to`` or (None) every other one."""
+        self.bus.send(to, _text(MailNews(msgspec.Raw(news))))
 
     # --- who is there ----------------------------------------------------------------------
 

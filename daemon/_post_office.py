@@ -7,6 +7,14 @@ and the start of a watch take one lock, so every watcher receives its mail in
 msg_id order, and a watch that begins sees every message either in its replay
 or pushed, never both. A hosted agent's answer to mail is an ordinary run of
 its conversation: the post office only queues the run and posts its final text.
+
+On a store other daemons share, each post office tells the others what it
+changed (daemon/_mail_news.py) and pushes their mail to its own watchers as it
+pushes its own. Their msg_ids are taken in one order and may commit in
+another, so there every push follows the store's order: a message above a
+number not yet stored waits until that number is stored (its news comes) or
+``PUSH_GAP_WAIT_S`` passed, as a webhook waits (``passable``), then goes; a
+number passed over that is stored after all is pushed late rather than never.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from chinwag.storage import (
     ReactChange,
     StateChange,
     StorageError,
+    msg_id_of,
     number_of,
     search_words,
 )
@@ -57,8 +66,21 @@ from ._config import parse_duration
 from ._conversation import DelegateAnswer
 from ._errors import RequestError
 from ._locks import Locks
+from ._mail_news import (
+    Changed,
+    Known,
+    News,
+    Offline,
+    Online,
+    Posted,
+    Presence,
+    RollCall,
+    SpacesChanged,
+    decode_news,
+    encode_news,
+)
 from ._spaces import Spaces
-from ._webhooks import Webhooks
+from ._webhooks import Webhooks, newest_msg_id, passable
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -72,6 +94,8 @@ MAX_PAGE = 500
 REPLAY_PAGE = 200
 MARK_SPACE_LIMIT = 10_000  # a space's unread mail marked read by one request
 RERUN_WINDOW = 1000  # an agent's newest mail looked at, at start, for a run cut short
+PUSH_GAP_WAIT_S = 2.0  # how long pushes wait for a msg_id another daemon has yet to store
+PASSED_KEPT = 1000  # msg_ids passed over, remembered for a late push (a failed post's stay)
 
 
 def now() -> datetime:
@@ -159,22 +183,43 @@ class PostOffice:
         self.known: dict[str, Participant] = {}
         self.registrations: dict[str, Registration] = {}
         self.watchers: dict[str, list[Watcher]] = {}
-        self.spaces = Spaces(store)
+        self.spaces = Spaces(store, lambda: self._tell(SpacesChanged()))
         self.locks = Locks(store)
         self.webhooks = Webhooks(runtime.config.webhooks, runtime.storage)  # run by serve
         self._posting = trio.Lock()
-        # Other daemons' mail news (`heard`), taken in the order it came by one task.
-        self._news, self._news_queue = trio.open_memory_channel[tuple[str, str | None]](math.inf)
+        # Other daemons' news (`heard`), taken in the order it came by one task, and the
+        # names registered there.
+        self._news, self._news_queue = trio.open_memory_channel[tuple[str, bytes]](math.inf)
+        self.elsewhere = Presence()
+        # On a shared store: every msg_id up to `_through` was pushed here (or passed
+        # over, `_passed`); `_ahead`: one above a gap waits for `_follow` (woken by
+        # `_behind`) to push it from the store. None: alone, every post is pushed at once.
+        self._through: int | None = None
+        self._passed: set[int] = set()
+        self._ahead = False
+        self._behind = trio.Event()
         runtime.post_office = self
 
     # --- start ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the participants, make the configured agents ones, answer waiting mail."""
+        """Load the participants, make the configured agents ones, answer waiting mail;
+        on a shared store, follow the other daemons' mail from the newest stored."""
+        cluster = self.runtime.cluster
+        if cluster is not None:
+            cluster.on_peers = self.peers_changed
+            # Pushes follow on from the newest message stored. Numbers below it that
+            # other daemons took and have yet to store are pushed late, when they are.
+            newest = number_of(await newest_msg_id(self.runtime.storage)) or 0
+            self._through = max(newest - REPLAY_PAGE, 0)
+            self._passed_to(newest)
+            self.runtime.nursery.start_soon(self._follow)
+            self._tell(RollCall())
         self.runtime.nursery.start_soon(self._hear_news)
         for participant in await self.store.participants():
             self.known[participant.name] = participant
         await self.spaces.load()
+        made = []
         for name in self.runtime.agents:
             folded = name.casefold()
             if not NAME.fullmatch(folded) or folded in RESERVED:
@@ -185,6 +230,9 @@ class PostOffice:
                 participant = Participant(name=folded, kind="agent", last_seen=now())
                 await self.store.put_participant(participant)
                 self.known[folded] = participant
+                made.append(participant)
+        if made:
+            self._tell(Known(made))
         for name, agent in self.runtime.agents.items():
             if agent.config.mail == "never" or name.casefold() not in self.known:
                 continue
@@ -197,10 +245,13 @@ class PostOffice:
             taken = await self.store.inbox(address, InboxQuery(), limit=RERUN_WINDOW)
             unanswered = {m.msg_id: m for m, d in taken if d.state != "pending"}
             unanswered |= {m.msg_id: m for m, _ in waiting}
-            for msg_id in sorted(unanswered):
-                message = unanswered[msg_id]
-                if self._starts_run(name, message):
-                    self._answer(name, message)
+            asking = [unanswered[i] for i in sorted(unanswered)]
+            asking = [m for m in asking if self._starts_run(name, m)]
+            if cluster is not None and asking:  # answered by a run on another daemon
+                held = await cluster.holders(list({_conversation(name, m) for m in asking}))
+                asking = [m for m in asking if _conversation(name, m) not in held]
+            for message in asking:
+                self._answer(name, message)
 
     # --- participants ----------------------------------------------------------------
 
@@ -212,7 +263,11 @@ class PostOffice:
         return None
 
     def online(self, name: str) -> bool:
-        return name in self.registrations or self.hosted_agent(name) is not None
+        return (
+            name in self.registrations
+            or name in self.elsewhere
+            or self.hosted_agent(name) is not None
+        )
 
     async def _view(self, participant: Participant, unread: int | None = None) -> Participant:
         if unread is None:
@@ -247,13 +302,17 @@ class PostOffice:
             raise RequestError(409, f"{name!r} is a role; a participant cannot take its name.")
         session = info.get("session")
         held = self.registrations.get(name)
-        if held is not None and held.owner is not owner and not takeover:
-            fresh = trio.current_time() - held.seen_at < TAKEOVER_WINDOW_S
-            if fresh and held.session != session:
+        # Who holds the name now, here (another connection) or on another daemon.
+        rivals = [(r.participant, r.seen_at) for r in self.elsewhere.of(name)]
+        if held is not None and held.owner is not owner:
+            rivals.append((held.participant, held.seen_at))
+        for rival, seen_at in [] if takeover else rivals:
+            fresh = trio.current_time() - seen_at < TAKEOVER_WINDOW_S
+            if fresh and rival.info.get("session") != session:
                 about = ", ".join(
-                    f"{key} {held.participant.info[key]}"
+                    f"{key} {rival.info[key]}"
                     for key in ("session", "vendor", "pid", "cwd")
-                    if key in held.participant.info
+                    if key in rival.info
                 )
                 raise RequestError(
                     409,
@@ -274,14 +333,17 @@ class PostOffice:
         await self.store.put_participant(participant)
         self.known[name] = participant
         self.registrations[name] = Registration(owner, participant, session, trio.current_time())
-        log.info("participant_registered", name=name, kind=kind, takeover=held is not None)
+        self._tell(Online([participant], registered=True))
+        log.info("participant_registered", name=name, kind=kind, takeover=bool(rivals))
         return await self._view(participant)
 
     def leave(self, owner: object) -> None:
         """The connection ``owner`` closed: its registrations end (their mail stays)."""
-        for name, registration in list(self.registrations.items()):
-            if registration.owner is owner:
-                del self.registrations[name]
+        ended = [name for name, r in self.registrations.items() if r.owner is owner]
+        for name in ended:
+            del self.registrations[name]
+        if ended:
+            self._tell(Offline(ended))
 
     async def heartbeat(self, name: str, status: str | None) -> None:
         name = participant_name(name)
@@ -298,6 +360,9 @@ class PostOffice:
         if (registration := self.registrations.get(name)) is not None:
             registration.participant = participant
             registration.seen_at = trio.current_time()
+            self._tell(Online([participant]))
+        else:
+            self._tell(Known([participant]))
 
     async def participants(self, *, online_only: bool, role: str | None) -> list[Participant]:
         if role is not None:
@@ -443,8 +508,8 @@ class PostOffice:
                     self.known.setdefault(participant.name, participant)
                 if stored.space is not None:
                     self.spaces.posted(stored.space)
-                self._push(stored)
-                self._tell_others(stored.msg_id, None)
+                self._in_order(stored)
+                self._tell(Posted(stored.msg_id))
                 self.webhooks.wake()
                 self.runtime.telemetry.mail_posted()
         if created:
@@ -509,19 +574,60 @@ class PostOffice:
         addressed.recipients.pop(sender, None)
         return addressed
 
-    def _push(self, message: MailMessage) -> None:
-        """Hand ``message`` to every watcher of its recipients; drop those that cannot take it."""
+    def _push(self, message: MailMessage) -> list[str]:
+        """Hand ``message`` to every watcher of its recipients; drop those that cannot take
+        it. The recipients a watcher took it for."""
+        taken = []
         for name in message.recipients:
             watchers = self.watchers.get(name)
             if not watchers:
                 continue
-            gone = [
-                w
-                for w in watchers
-                if (w.cursor is None or message.msg_id > w.cursor) and not w.deliver(message)
-            ]
+            gone = []
+            for watcher in watchers:
+                if watcher.cursor is not None and message.msg_id <= watcher.cursor:
+                    continue  # its replay has it
+                if watcher.deliver(message):
+                    taken.append(name)
+                else:
+                    gone.append(watcher)
             for watcher in gone:
                 watchers.remove(watcher)
+        return list(dict.fromkeys(taken))
+
+    def _in_order(self, message: MailMessage) -> list[str]:
+        """Push ``message``, stored, now if its msg_id's turn has come (always, alone on
+        the store); else ``_follow`` will. Under the posting lock; as ``_push``."""
+        through = self._through
+        if through is None:
+            return self._push(message)
+        number = number_of(message.msg_id) or 0
+        if number > through:
+            if not self._ahead and (number == through + 1 or self._alone()):
+                self._passed_to(number)
+                return self._push(message)
+            self._ahead = True
+            self._behind.set()
+            return []
+        if number in self._passed:  # stored after it was passed over: late, not never
+            self._passed.discard(number)
+            return self._push(message)
+        return []  # pushed already, read from the store by `_follow`
+
+    def _passed_to(self, number: int) -> None:
+        """Pushes reached ``number``: the numbers below it not stored are passed over."""
+        assert self._through is not None
+        self._passed.update(range(max(self._through + 1, number - PASSED_KEPT), number))
+        while len(self._passed) > PASSED_KEPT:
+            self._passed.remove(min(self._passed))
+        self._through = number
+
+    def _pushed_here(self, msg_id: str) -> bool:
+        """Whether this daemon's watchers were pushed ``msg_id`` (or will never be)."""
+        return self._through is None or (number_of(msg_id) or 0) <= self._through
+
+    def _alone(self) -> bool:
+        cluster = self.runtime.cluster
+        return cluster is None or cluster.live <= {cluster.me}
 
     # --- hosted agents ---------------------------------------------------------------------
 
@@ -552,7 +658,7 @@ class PostOffice:
         try:
             answer.run = self.runtime.submit(
                 agent=agent,
-                sender=message.sender if message.space is None else f"#{message.space}",
+                sender=_conversation(agent, message)[1],
                 content=message.content,
                 guest=None,
                 cwd=None,
@@ -823,8 +929,9 @@ class PostOffice:
             if changed is None:  # pragma: no cover - messages are never removed
                 raise RequestError(404, f"No message {message.msg_id} is stored.")
             kind: ChangeKind = change.__struct_config__.tag  # type: ignore[assignment]
-            self._push_change(kind, changed)
-        self._tell_others(changed.msg_id, kind)
+            if self._pushed_here(changed.msg_id):  # else it is pushed as it is now, later
+                self._push_change(kind, changed)
+        self._tell(Changed(changed.msg_id, kind))
         return changed
 
     def _push_change(self, kind: ChangeKind, changed: MailMessage) -> None:
@@ -834,48 +941,145 @@ class PostOffice:
             for watcher in gone:
                 watchers.remove(watcher)
 
-    # --- other daemons' mail ----------------------------------------------------------------
+    # --- other daemons' mail ---------------------------------------------------------------
 
-    def _tell_others(self, msg_id: str, change: ChangeKind | None) -> None:
-        """On a store daemons share: the others push it to their own watchers."""
+    def _tell(self, news: News, to: str | None = None) -> None:
+        """On a store daemons share: tell the others (or the daemon ``to``) what changed."""
         cluster = self.runtime.cluster
         if cluster is not None:
-            cluster.mail_news(msg_id, change)
+            cluster.mail_news(encode_news(news), to)
 
-    def heard(self, msg_id: str, change: str | None) -> None:
-        """Another daemon stored mail (``change`` None) or changed it: push it here, as
-        this daemon pushes its own, once read back from the store, in the order told."""
-        self._news.send_nowait((msg_id, change))
+    def heard(self, peer: str, news: bytes) -> None:
+        """The daemon ``peer`` told news (``_tell``): taken in the order told."""
+        self._news.send_nowait((peer, news))
+
+    def peers_changed(self, gone: frozenset[str], joined: frozenset[str]) -> None:
+        """Daemons died (or this one lost them): nobody is registered there any more.
+        Daemons joined (or came back): ask who is registered there."""
+        self.elsewhere.gone(gone)
+        for peer in joined:
+            self._tell(RollCall(), peer)
 
     async def _hear_news(self) -> None:
-        async for msg_id, change in self._news_queue:
+        async for peer, text in self._news_queue:
             try:
-                await self._heard(msg_id, change)
+                news = decode_news(text)
+            except msgspec.ValidationError as exc:  # a daemon of another version
+                log.warning("mail_news_refused", peer=peer, error=str(exc))
+                continue
+            try:
+                await self._heard(peer, news)
             except StorageError as exc:  # the store failed: that news is lost, not the rest
-                log.warning("mail_news_lost", msg_id=msg_id, error=str(exc))
+                log.warning("mail_news_lost", news=type(news).__name__, error=str(exc))
 
-    async def _heard(self, msg_id: str, change: str | None) -> None:
-        async with self._posting:  # in line with this daemon's own pushes
+    async def _heard(self, peer: str, news: News) -> None:
+        match news:
+            case Posted(msg_id):
+                await self._heard_posted(msg_id)
+                self.webhooks.wake()
+            case Changed(msg_id, change):
+                async with self._posting:  # in line with this daemon's own pushes
+                    if not self._pushed_here(msg_id):
+                        return  # it is pushed as it is now, once its turn comes
+                    message = await self.store.get_message(msg_id)
+                    if message is not None:
+                        self._push_change(change, message)
+            case Known(participants):
+                self._learn(participants)
+            case Online(participants, registered, every):
+                self._learn(participants)
+                self.elsewhere.online(peer, participants, trio.current_time(), every=every)
+                if registered:  # the newer registration of a name holds it, as on one daemon
+                    self._replaced(peer, participants)
+            case Offline(names):
+                self.elsewhere.offline(peer, names)
+            case SpacesChanged():
+                await self.spaces.load()
+            case RollCall():
+                here = [r.participant for r in self.registrations.values()]
+                self._tell(Online(here, every=True), peer)
+
+    async def _heard_posted(self, msg_id: str) -> None:
+        """Another daemon stored ``msg_id``: push it here as this daemon pushes its own,
+        read back from the store; who it was pushed to is `delivered`."""
+        async with self._posting:
             message = await self.store.get_message(msg_id)
             if message is None:
-                return
-            if change is not None:
-                self._push_change(change, message)  # type: ignore[arg-type]
                 return
             for name in (message.sender, *message.recipients):
                 if name not in self.known:  # first seen on the other daemon
                     self.known[name] = Participant(name=name, kind="session", last_seen=now())
             if message.space is not None:
-                if message.space not in self.spaces.by_name:  # made on the other daemon
+                if message.space not in self.spaces.by_name:  # its news has yet to come
                     await self.spaces.load()
                 self.spaces.posted(message.space)
-            watched = [name for name in message.recipients if self.watchers.get(name)]
-            self._push(message)
-        if watched:  # pushed to a watcher here: delivered, as a push from its own daemon is
+            taken = self._in_order(message)
+        await self._delivered(message.msg_id, taken)
+
+    async def _delivered(self, msg_id: str, names: Sequence[str]) -> None:
+        if names:
             moment = now()
             await self.store.advance(
-                [StateChange(msg_id, name, "delivered", moment) for name in watched]
+                [StateChange(msg_id, name, "delivered", moment) for name in names]
             )
+
+    def _learn(self, participants: Sequence[Participant]) -> None:
+        """Participants as another daemon stored them."""
+        for participant in participants:
+            self.known[participant.name] = participant
+            if (registration := self.registrations.get(participant.name)) is not None:
+                registration.participant = participant
+
+    def _replaced(self, peer: str, participants: Sequence[Participant]) -> None:
+        """``peer`` registered these names: an older registration of one here ends."""
+        ended = []
+        for participant in participants:
+            mine = self.registrations.get(participant.name)
+            if mine is None:
+                continue
+            theirs = (participant.last_seen or datetime.min.replace(tzinfo=UTC), peer)
+            ours = (mine.participant.last_seen or datetime.min.replace(tzinfo=UTC), self._me())
+            if theirs > ours:
+                del self.registrations[participant.name]
+                ended.append(participant.name)
+        if ended:
+            self._tell(Offline(ended))
+
+    def _me(self) -> str:
+        cluster = self.runtime.cluster
+        return cluster.me if cluster is not None else ""
+
+    async def _follow(self) -> None:
+        """On a shared store: push what waits above a gap, read from the store in msg_id
+        order, once the gap is filled or ``PUSH_GAP_WAIT_S`` passed (``passable``)."""
+        gap: tuple[int, float] | None = None
+        while True:
+            with trio.move_on_at(math.inf if gap is None else gap[1] + PUSH_GAP_WAIT_S):
+                await self._behind.wait()
+            self._behind = trio.Event()
+            try:
+                gap = await self._catch_up(gap)
+            except StorageError as exc:  # tried again after a while, or at the next news
+                log.warning("mail_push_behind", error=str(exc))
+                gap = (self._through or 0) + 1, trio.current_time()
+
+    async def _catch_up(self, gap: tuple[int, float] | None) -> tuple[int, float] | None:
+        async with self._posting:
+            assert self._through is not None
+            cursor = msg_id_of(self._through)
+            messages = await self.store.messages_after(cursor, limit=REPLAY_PAGE)
+            passed, gap = passable(cursor, messages, gap, trio.current_time(), PUSH_GAP_WAIT_S)
+            taken = []
+            for message in messages[:passed]:
+                self._passed_to(number_of(message.msg_id) or 0)
+                taken.append((message.msg_id, self._push(message)))
+            more = passed == len(messages) == REPLAY_PAGE
+            self._ahead = gap is not None or more
+        if more:
+            self._behind.set()
+        for msg_id, names in taken:
+            await self._delivered(msg_id, names)
+        return gap
 
     # --- focus, spaces, locks -----------------------------------------------------------
 
@@ -886,6 +1090,7 @@ class PostOffice:
         participant = msgspec.structs.replace(participant, focus=focus)
         await self.store.put_participant(participant)
         self.known[name] = participant
+        self._tell(Known([participant]))
         if (registration := self.registrations.get(name)) is not None:
             registration.participant = msgspec.structs.replace(
                 registration.participant, focus=focus
@@ -907,6 +1112,7 @@ class PostOffice:
             participant = Participant(name=name, kind="session")
             await self.store.put_participant(participant)
             self.known[name] = participant
+            self._tell(Known([participant]))
         return name
 
     # --- watching ----------------------------------------------------------------------------
@@ -924,7 +1130,14 @@ class PostOffice:
         name = self._reader(reader)
         watcher = Watcher(name, deliver, update, room)
         async with self._posting:  # no post is between its write and its push
-            cursor = watcher.cursor = await self.store.newest_received(name)
+            cursor = await self.store.newest_received(name)
+            if (
+                self._through is not None
+                and cursor is not None
+                and cursor > msg_id_of(self._through)
+            ):  # stored, its turn to be pushed not come: pushed, not replayed
+                cursor = msg_id_of(self._through)
+            watcher.cursor = cursor
             self.watchers.setdefault(name, []).append(watcher)
         return watcher, cursor
 
@@ -1041,6 +1254,11 @@ def _framing(agent: str, message: MailMessage) -> str:
         f"You are {agent}. The user's latest message is mail ({'; '.join(about)}). "
         "Your final answer is sent back to its author as a reply."
     )
+
+
+def _conversation(agent: str, message: MailMessage) -> tuple[str, str]:
+    """The conversation of ``agent`` that answers ``message``."""
+    return agent, message.sender if message.space is None else f"#{message.space}"
 
 
 def _check_json(content: str) -> None:

@@ -3,11 +3,13 @@
 The post office asks ``Spaces`` who a `#space` reaches and what a reader may
 read; the requests that create and change spaces and projects come here. What
 is stored is also kept in memory (loaded at start, written through), so
-addressing a space never reads the store.
+addressing a space never reads the store. Each write is told to ``changed``:
+on a store other daemons share, they load the spaces again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -28,21 +30,22 @@ MAX_DESCRIPTION = 2000
 class Spaces:
     """The spaces and projects of one store, kept in memory and written through."""
 
-    def __init__(self, store: MailStore) -> None:
+    def __init__(self, store: MailStore, changed: Callable[[], None]) -> None:
         self.store = store
+        self.changed = changed
         self.by_name: dict[str, Space] = {}
         self.members: dict[str, dict[str, SpaceMember]] = {}
         self.counts: dict[str, int] = {}
         self.projects: dict[str, Project] = {}
 
     async def load(self) -> None:
-        self.by_name = {space.name: space for space in await self.store.spaces()}
-        self.members = {
-            space: {m.name: m for m in members}
-            for space, members in (await self.store.members()).items()
-        }
-        self.counts = await self.store.space_counts()
-        self.projects = {project.name: project for project in await self.store.projects()}
+        """Read every space, member and project; kept in memory once all are read."""
+        spaces, members = await self.store.spaces(), await self.store.members()
+        counts, projects = await self.store.space_counts(), await self.store.projects()
+        self.by_name = {space.name: space for space in spaces}
+        self.members = {space: {m.name: m for m in held} for space, held in members.items()}
+        self.counts = counts
+        self.projects = {project.name: project for project in projects}
 
     # --- what a reader may see -------------------------------------------------------
 
@@ -172,6 +175,7 @@ class Spaces:
             archived = msgspec.structs.replace(space, archived=True)
             await self.store.put_space(archived)
             self.by_name[space.name] = archived
+            self.changed()
 
     async def _set_member(self, space: str, name: str, at: datetime, *, member: bool) -> None:
         await self.store.set_member(space, name, at, member=member)
@@ -180,6 +184,7 @@ class Spaces:
             members.setdefault(name, SpaceMember(name=name, joined_at=at))
         else:
             members.pop(name, None)
+        self.changed()
 
     def listed(
         self,
@@ -228,6 +233,7 @@ class Spaces:
         _check_project(project)
         await self.store.put_project(project)
         self.projects[name] = project
+        self.changed()
         return project
 
     async def update_project(self, raw: str, fields: dict[str, Any], at: datetime) -> Project:
@@ -237,6 +243,7 @@ class Spaces:
         _check_project(updated)
         await self.store.put_project(updated)
         self.projects[project.name] = updated
+        self.changed()
         return updated
 
     async def delete_project(self, raw: str) -> None:
@@ -251,6 +258,7 @@ class Spaces:
             )
         await self.store.delete_project(project.name)
         del self.projects[project.name]
+        self.changed()
 
     def listed_projects(self, status: str | None, tag: str | None) -> list[Project]:
         return [

@@ -6,8 +6,9 @@ the newest msg_id it has looked at (the newest stored message when the
 webhook is first seen: it does not replay history). Its task reads the mail
 after the cursor, picks the messages its events and ``to`` ask for, and
 enqueues them with the cursor moved past them in one write; then it POSTs
-the deliveries that are due. A post wakes every task; on a store other daemons
-share, each also looks for their mail every ``SHARED_POLL_S``.
+the deliveries that are due. A post wakes every task, and so does another
+daemon's on a store they share (the post office hears of it on the bus); each
+also looks for their mail every ``SHARED_POLL_S``, for news the bus lost.
 
 A delivery is one message to one webhook: its id (the ``webhook-id`` header)
 and its JSON body are fixed when it is enqueued, so every try, before or after
@@ -107,14 +108,19 @@ def retry_delay(attempts: int, rng: random.Random) -> timedelta:
 
 
 def passable(
-    cursor: str, messages: Sequence[MailMessage], gap: tuple[int, float] | None, now: float
+    cursor: str,
+    messages: Sequence[MailMessage],
+    gap: tuple[int, float] | None,
+    now: float,
+    wait: float = GAP_WAIT_S,
 ) -> tuple[int, tuple[int, float] | None]:
-    """How many of ``messages`` (the mail after ``cursor``, oldest first) a webhook on a
-    shared store may pass now, and the gap it waits for: ``(the missing number, trio
-    time first seen)``, None when none.
+    """How many of ``messages`` (the mail after ``cursor``, oldest first) a reader of a
+    shared store's mail in msg_id order (a webhook; the post office's pushes) may pass
+    now, and the gap it waits for: ``(the missing number, trio time first seen)``, None
+    when none.
 
     Other daemons' posts take numbers in one order and may commit in another, so a
-    missing number may still appear; it is waited for ``GAP_WAIT_S`` (a post that
+    missing number may still appear; it is waited for ``wait`` seconds (a post that
     failed leaves a gap for good), then passed.
     """
     expected = (number_of(cursor) or 0) + 1
@@ -123,7 +129,7 @@ def passable(
         if number != expected:
             if gap is None or gap[0] != expected:
                 gap = (expected, now)
-            if now < gap[1] + GAP_WAIT_S:
+            if now < gap[1] + wait:
                 return at, gap
         expected = number + 1
     return len(messages), None

@@ -1,20 +1,44 @@
 """Mail across daemons on one store: what is posted or changed on one daemon is pushed
-to watchers on the others, as it is to its own."""
+to watchers on the others, as it is to its own, in msg_id order; participants, their
+presence and the spaces are the same seen from every daemon; mail to a hosted agent
+starts one run, on the daemon it was posted to."""
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import trio
-from chinwag.clients import connect
-from chinwag.protocol import MailUpdate
+from chinwag.clients import ChinwagError, connect
+from chinwag.protocol import MailMessage, MailUpdate
+
+# Nothing delivers mail by polling now; the webhooks look for other daemons' mail every
+# SHARED_POLL_S (2 s) besides being woken: a push well under a second is no poll's.
+PUSHED_WITHIN_S = 0.5
 
 
 @pytest.fixture
 def two(cluster):  # type: ignore[no-untyped-def]
     print(f"two daemons as {cluster.mode}")
     return [cluster.start(name) for name in "ab"]
+
+
+@pytest.fixture
+def three(cluster):  # type: ignore[no-untyped-def]
+    print(f"three daemons as {cluster.mode}")
+    return [cluster.start(name) for name in "abc"]
+
+
+async def until(what: str, holds: Callable[[], Awaitable[bool]]) -> None:
+    """Another process's news, seen through requests: nothing to await but the answer."""
+    with trio.fail_after(10):
+        while not await holds():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    print(f"{what}: seen")
 
 
 async def test_a_post_on_one_daemon_is_pushed_to_a_watch_on_another(two):
@@ -28,30 +52,222 @@ async def test_a_post_on_one_daemon_is_pushed_to_a_watch_on_another(two):
             with trio.fail_after(5):
                 got = await anext(mail)
             took = time.monotonic() - sent
+            assert isinstance(got, MailMessage)
             assert got.msg_id == posted.msg_id and got.content == "hello from a"
-            # Pushed, not polled: nothing here polls more often than once a second.
-            assert took < 0.5, f"the post reached b's watch {took:.3f} s after it was sent"
+            assert took < PUSHED_WITHIN_S, f"the post reached b's watch {took:.3f} s after"
             await on_a.react("ana", posted.msg_id, "👍")
+            await on_a.edit("ana", posted.msg_id, "hello again from a")
             with trio.fail_after(5):
-                update = await anext(mail)
-            assert isinstance(update, MailUpdate) and update.change == "react"
+                updates = [await anext(mail), await anext(mail)]
+            assert all(isinstance(u, MailUpdate) for u in updates), updates
+            assert [(u.change, u.msg_id) for u in updates] == [  # type: ignore[union-attr]
+                ("react", posted.msg_id),
+                ("edit", posted.msg_id),
+            ]
+            assert updates[1].message.content == "hello again from a"  # type: ignore[union-attr]
             for n in range(20):
                 await on_a.post("ana", f"burst {n}", to="bo")
             with trio.fail_after(10):
                 burst = [await anext(mail) for _ in range(20)]
-        assert [m.content for m in burst] == [f"burst {n}" for n in range(20)]
+        assert [m.content for m in burst] == [f"burst {n}" for n in range(20)]  # type: ignore[union-attr]
         first = next(i for i in (await on_b.inbox("bo")).items if i.message.msg_id == posted.msg_id)
         assert first.state in ("delivered", "read"), "pushed on b: delivered"
 
 
+async def test_space_mail_fans_out_to_watchers_on_two_other_daemons(three):
+    """The space is made on a and joined on b and c: a knows its members from them."""
+    a, b, c = three
+    async with (
+        connect(a.socket_path) as on_a,
+        connect(b.socket_path) as on_b,
+        connect(c.socket_path) as on_c,
+    ):
+        await on_a.space_create("ana", "ops")
+        await until("the space on b", lambda: _has_space(on_b, "ops"))
+        await until("the space on c", lambda: _has_space(on_c, "ops"))
+        await on_b.space_join("bo", "#ops")
+        await on_c.space_join("cy", "#ops")
+        await until("the members on a", lambda: _members(on_a, "ops", {"ana", "bo", "cy"}))
+        async with on_b.watch("bo") as b_mail, on_c.watch("cy") as c_mail:
+            sent = time.monotonic()
+            posted = await on_a.post("ana", "to everyone in ops", to="#ops")
+            assert sorted(posted.recipients) == ["bo", "cy"]
+            with trio.fail_after(5):
+                got = [await anext(b_mail), await anext(c_mail)]
+            took = time.monotonic() - sent
+        assert [m.msg_id for m in got] == [posted.msg_id] * 2
+        assert took < PUSHED_WITHIN_S, f"both had it {took:.3f} s after it was posted"
+
+
+async def _has_space(client, name: str) -> bool:  # type: ignore[no-untyped-def]
+    return name in [space.name for space in await client.spaces()]
+
+
+async def _members(client, space: str, names: set[str]) -> bool:  # type: ignore[no-untyped-def]
+    return {member.name for member in await client.space_members(space)} == names
+
+
+async def test_bursts_from_two_daemons_reach_a_watcher_on_a_third_in_msg_id_order(three):
+    """a and c post at once: their msg_ids interleave, and may be stored out of their
+    order; b's watcher gets every message once, in msg_id order."""
+    a, b, c = three
+    async with (
+        connect(a.socket_path) as on_a,
+        connect(b.socket_path) as on_b,
+        connect(c.socket_path) as on_c,
+    ):
+        posted: list[str] = []
+
+        async def burst(client, sender: str) -> None:  # type: ignore[no-untyped-def]
+            for n in range(40):
+                posted.append((await client.post(sender, f"{sender} {n}", to="bo")).msg_id)
+
+        async with on_b.watch("bo") as mail:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(burst, on_a, "ana")
+                nursery.start_soon(burst, on_c, "cy")
+            with trio.fail_after(10):
+                got = [(await anext(mail)).msg_id for _ in range(80)]
+    assert got == sorted(got), "pushed in msg_id order"
+    assert sorted(got) == sorted(posted), "each message once"
+
+
 async def test_a_watch_begun_on_another_daemon_replays_without_repeats(two):
+    """Posts on a go on while b's watch begins: each message comes once, replayed or
+    pushed, in order."""
     a, b = two
     async with connect(a.socket_path) as on_a, connect(b.socket_path) as on_b:
         await on_a.register("ana")
         first = await on_a.post("ana", "before the watch", to="cy")
-        async with on_b.watch("cy", after="m000000000000") as mail:
-            await on_a.post("ana", "after the watch", to="cy")
-            with trio.fail_after(5):
-                got = [await anext(mail), await anext(mail)]
-    assert [m.content for m in got] == ["before the watch", "after the watch"]
-    assert got[0].msg_id == first.msg_id
+        posted = [first.msg_id]
+
+        async def keep_posting() -> None:
+            for n in range(30):
+                posted.append((await on_a.post("ana", f"meanwhile {n}", to="cy")).msg_id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_posting)
+            await trio.sleep(0.01)  # the watch begins among the posts, not before them
+            async with on_b.watch("cy", after="m000000000000") as mail:
+                with trio.fail_after(10):
+                    got = [await anext(mail) for _ in range(31)]
+    assert got[0].content == "before the watch"
+    assert [m.msg_id for m in got] == posted
+
+
+async def test_participants_and_presence_are_the_same_on_every_daemon(two):
+    a, b = two
+    async with connect(a.socket_path) as on_a, connect(b.socket_path) as on_b:
+        async with connect(a.socket_path) as ana_on_a:
+            info = {"session": "s-ana", "vendor": "claude-code"}
+            await ana_on_a.register("ana", roles=["reviewer"], info=info)
+            await until("ana online on b", lambda: _online(on_b, "ana", True))
+            (seen,) = [p for p in await on_b.participants(role="reviewer")]
+            assert (seen.name, seen.info) == ("ana", info)
+            with pytest.raises(ChinwagError, match="registered by another live session") as held:
+                await on_b.register("ana", info={"session": "s-other"})
+            assert held.value.code == 409 and "s-ana" in held.value.message
+            async with ana_on_a.watch("ana") as mail:
+                posted = await on_b.post("bo", "for the reviewers", to="@reviewer")
+                with trio.fail_after(5):
+                    got = await anext(mail)
+            assert got.msg_id == posted.msg_id and posted.recipients == ["ana"]
+            await ana_on_a.heartbeat("ana", "reviewing auth")
+            await until("the status on b", lambda: _status(on_b, "ana", "reviewing auth"))
+        await until("ana offline on b", lambda: _online(on_b, "ana", False))
+        assert "ana" not in [p.name for p in await on_a.participants(online_only=True)]
+        await on_b.register("ana", info={"session": "s-other"})  # free now
+
+
+async def _online(client, name: str, online: bool) -> bool:  # type: ignore[no-untyped-def]
+    return any(p.name == name and p.online == online for p in await client.participants())
+
+
+async def _status(client, name: str, status: str) -> bool:  # type: ignore[no-untyped-def]
+    return any(p.name == name and p.status == status for p in await client.participants())
+
+
+async def test_a_daemon_starting_while_mail_is_answered_elsewhere_runs_it_not_again(cluster, two):
+    """The daemon a message was posted to answers it; one that starts meanwhile (and
+    answers the mail left unanswered at its start) leaves it to that one."""
+    a, b = two
+    async with connect(a.socket_path) as on_a, connect(b.socket_path) as on_b:
+        async with on_b.watch("ana") as mail:
+            posted = await on_a.post("ana", "/slow 30 100", to="assistant")
+            await until("the run on a", lambda: _running(on_b, "assistant", "ana"))
+            c = cluster.start("c")
+            with trio.fail_after(30):
+                answer = await anext(mail)
+        assert answer.reply_to == posted.msg_id and answer.sender == "assistant"
+        async with connect(c.socket_path) as on_c:
+            stats = [await client.stats() for client in (on_a, on_b, on_c)]
+            history = await on_c.history("assistant", "ana")
+    assert [s.runs_total for s in stats] == [1, 0, 0]
+    assert [e.content for e in history.entries if e.role == "user"] == ["/slow 30 100"]
+
+
+async def _running(client, agent: str, sender: str) -> bool:  # type: ignore[no-untyped-def]
+    items = (await client.list_conversations(agent=agent, sender=sender)).items
+    return bool(items) and items[0].running
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """Webhook deliveries, on loopback: the time each came, by msg_id."""
+
+    def __init__(self) -> None:
+        self.came: dict[str, float] = {}
+        self.changed = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with receiver.changed:
+                    receiver.came[body["data"]["message"]["msg_id"]] = time.monotonic()
+                    receiver.changed.notify_all()
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("cluster", ["processes"], indirect=True)
+async def test_another_daemons_post_wakes_the_webhooks_at_once(cluster, receiver):
+    """b's webhook hears of a's posts on the bus: each delivered well before b's poll
+    (every SHARED_POLL_S) would find it, three times over, whenever in that poll's cycle."""
+    a = cluster.start("a")
+    config = (
+        '[agents.assistant]\nprovider = "echo"\n\n[[webhooks]]\nname = "hook"\n'
+        f'url = "http://127.0.0.1:{receiver.server_port}/hook"\nevents = ["dm"]\n'
+    )
+    b = cluster.start("b", config)
+    async with connect(a.socket_path) as on_a, connect(b.socket_path) as on_b:
+        await on_b.ping()  # answered once b serves: its webhook knows where it starts
+        for n in range(3):
+            sent = time.monotonic()
+            posted = await on_a.post("ana", f"for the hook {n}", to="bo")
+
+            def came(msg_id: str = posted.msg_id) -> float | None:
+                with receiver.changed:
+                    receiver.changed.wait_for(lambda: msg_id in receiver.came, timeout=10)
+                    return receiver.came.get(msg_id)
+
+            at = await trio.to_thread.run_sync(came)
+            assert at is not None, f"the webhook was not called: {b.daemon.log_path.read_text()}"
+            took = at - sent
+            print(f"b's webhook was called {took:.3f} s after a's post")
+            assert took < PUSHED_WITHIN_S, f"b's webhook was called {took:.2f} s after a's post"
