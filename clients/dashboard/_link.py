@@ -13,7 +13,12 @@ The events: ``daemon`` (``{up, reason}``, for the banner), ``run`` (a run event)
 ``change`` null for a new message) and ``roster`` (``{changed}``).
 
 The events of each run in flight are kept (consecutive text merged) so that a page
-opened in the middle of a run is shown the run from its `start`.
+opened in the middle of a run is shown the run from its `start`. A run that began
+before the subscription did is not among them: a page showing one conversation
+therefore sends an `attach` of its own, which replays the run in flight from its
+`start`, and takes that run's events from it alone (the subscription's copies of them
+are dropped for that page, and what came for the page before the `attach` answered
+waits until it has), so that it sees each event once.
 
 Mail comes the same way: one `watch` (with `updates`) of each participant some open
 page reads as, held while any page does and shared by them all. The dashboard never
@@ -34,7 +39,16 @@ import anyio
 import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from chinwag.protocol import End, Event, MailMessage, MailUpdate, TextDelta, ThinkingDelta
+from chinwag.protocol import (
+    End,
+    Event,
+    MailMessage,
+    MailUpdate,
+    Start,
+    StreamEventMsg,
+    TextDelta,
+    ThinkingDelta,
+)
 from sse_starlette import ServerSentEvent
 
 from .._client import ChinwagError, Client, connect_explained
@@ -142,6 +156,34 @@ class _Interest:
         return True
 
 
+@dataclass(eq=False)
+class _Page:
+    """One open page: what it asked for and its stream. A page showing one
+    ``conversation`` follows its run in flight through an ``attach`` of its own
+    (``attaching``): ``attached`` is that run, whose events from the subscription are
+    not the page's; ``held`` keeps what came for the page while the ``attach`` had not
+    answered yet (None when nothing waits on it)."""
+
+    interest: _Interest
+    send: MemoryObjectSendStream[Shown]
+    conversation: tuple[str, str] | None
+    attached: str | None = None
+    held: list[Shown] | None = None
+    attaching: anyio.CancelScope | None = None
+
+    def offer(self, shown: Shown, *, attached: bool = False) -> None:
+        """Send ``shown`` (``attached``: from the page's ``attach``), unless it is an
+        event of the attached run from elsewhere; ``WouldBlock`` once the page has
+        fallen behind."""
+        item = shown.item
+        if not attached and isinstance(item, Event) and item.run_id == self.attached:
+            return
+        if self.held is not None:
+            self.held.append(shown)
+        else:
+            self.send.send_nowait(shown)
+
+
 @dataclass
 class _RunSoFar:
     """A run in flight's events, consecutive deltas of one kind merged into one."""
@@ -161,6 +203,12 @@ class _RunSoFar:
         self.events.append(msgspec.structs.replace(event, event=new))
 
 
+def _as_subscribed(like: Event, event: StreamEventMsg) -> Shown:
+    """An event of an ``attach``, as the subscription frames the events of ``like``'s
+    run: in an ``Event``, without an id of its own."""
+    return Shown.of(msgspec.structs.replace(like, event=msgspec.structs.replace(event, id=None)))
+
+
 class DaemonLink:
     """Connects to the daemon, and again whenever it goes away, every ``retry_s`` seconds.
 
@@ -176,8 +224,8 @@ class DaemonLink:
         self.poll_s = poll_s
         self._client: Client | None = None
         self.state = DaemonState(up=False, reason="The dashboard is connecting to the daemon.")
-        # The open pages' streams, by what they asked for.
-        self._pages: dict[_Interest, set[MemoryObjectSendStream[Shown]]] = {}
+        # The open pages, by what they asked for.
+        self._pages: dict[_Interest, set[_Page]] = {}
         self._runs: dict[str, _RunSoFar] = {}
         # Mail: how many pages read as each participant, and the watch held for each.
         self._readers: dict[str, int] = {}
@@ -205,12 +253,18 @@ class DaemonLink:
                     anyio.create_task_group() as tasks,
                 ):
                     self._client = client
-                    self._tasks = tasks
-                    tasks.start_soon(self._poll_roster, client)
-                    for reader in self._readers:
-                        self._follow(reader)
                     try:
                         async with client.subscribe() as feed:
+                            # The pages' own requests from here on: a run that began
+                            # before the subscription is then in the replay of an attach.
+                            self._tasks = tasks
+                            tasks.start_soon(self._poll_roster, client)
+                            for reader in self._readers:
+                                self._follow(reader)
+                            for pages in self._pages.values():
+                                for page in pages:
+                                    if page.conversation is not None:
+                                        self._attach(page)
                             self._set_state(DaemonState(up=True))
                             if starting:
                                 starting = False
@@ -251,23 +305,31 @@ class DaemonLink:
         roster: bool = False,
     ) -> Iterator[MemoryObjectReceiveStream[Shown]]:
         """The daemon's state, then each matching run in flight so far, then what comes:
-        with ``runs``, run events (of ``agent``, ``sender``); with ``reader``, the mail of
-        that participant (``MailFollowed`` once its watch is on, then ``MailEvent``s);
-        with ``roster``, ``RosterChanged``.
+        with ``runs``, run events (of ``agent``, ``sender``: with both, one conversation,
+        whose run in flight comes from its ``attach``, from its ``start``); with
+        ``reader``, the mail of that participant (``MailFollowed`` once its watch is on,
+        then ``MailEvent``s); with ``roster``, ``RosterChanged``.
 
         The stream ends when its reader falls ``PAGE_BUFFER`` items behind.
         """
         send, receive = anyio.create_memory_object_stream[Shown](PAGE_BUFFER)
         interest = _Interest(agent, sender, runs, reader, roster)
+        conversation = (agent, sender) if runs and agent and sender else None
+        page = _Page(interest, send, conversation)
+        attach = conversation is not None and self._tasks is not None
+        if attach:
+            page.held = []  # from now until its attach answers
         # No await from here to the registration: nothing is missed, nothing doubled.
-        send.send_nowait(Shown.of(self.state))
+        page.offer(Shown.of(self.state))
         for run in self._runs.values():
             for event in run.events:
                 if interest.wants(event):
-                    send.send_nowait(Shown.of(event))
+                    page.offer(Shown.of(event))
         if reader is not None and reader in self._watches:
-            send.send_nowait(Shown.of(MailFollowed(reader)))
-        self._pages.setdefault(interest, set()).add(send)
+            page.offer(Shown.of(MailFollowed(reader)))
+        self._pages.setdefault(interest, set()).add(page)
+        if attach:
+            self._attach(page)
         if reader is not None:
             self._readers[reader] = self._readers.get(reader, 0) + 1
             if reader not in self._watches and self._tasks is not None:
@@ -276,14 +338,59 @@ class DaemonLink:
             with receive:
                 yield receive
         finally:
-            self._forget(interest, send)
-            send.close()
+            self._drop(page)
             if reader is not None:
                 self._readers[reader] -= 1
                 if not self._readers[reader]:
                     del self._readers[reader]
                     if (scope := self._watches.pop(reader, None)) is not None:
                         scope.cancel()
+
+    # --- a conversation's run in flight, for the page showing it ------------------------
+
+    def _attach(self, page: _Page) -> None:
+        """Follow ``page``'s conversation's run in flight through an ``attach`` of its
+        own, until the run ends or the page closes; what comes for the page meanwhile
+        waits for its answer."""
+        assert self._tasks is not None and self._client is not None
+        page.attaching = anyio.CancelScope()
+        page.attached = None
+        page.held = page.held or []
+        self._tasks.start_soon(self._follow_run, self._client, page, page.attaching)
+
+    def _release(self, page: _Page) -> None:
+        """The page's ``attach`` answered (or failed): what waited for it goes on, but
+        the attached run's."""
+        held, page.held = page.held, None
+        for shown in held or ():
+            if not self._deliver(page, shown):
+                return
+
+    async def _follow_run(self, client: Client, page: _Page, scope: anyio.CancelScope) -> None:
+        assert page.conversation is not None
+        agent, sender = page.conversation
+        with scope:
+            try:
+                async with client.attach(agent, sender) as events:
+                    start = await anext(events)
+                    if not isinstance(start, Start):
+                        return  # `end` (idle): no run in flight
+                    page.attached = start.run_id
+                    self._release(page)
+                    like = Event(
+                        id=events.id, agent=agent, sender=sender, run_id=start.run_id, event=start
+                    )
+                    if not self._deliver(page, _as_subscribed(like, start), attached=True):
+                        return
+                    async for event in events:
+                        if not self._deliver(page, _as_subscribed(like, event), attached=True):
+                            return
+            except ChinwagError:
+                # Not begun (404), too many requests open (429: the subscription's
+                # events do), or the connection gone (the link attaches anew).
+                pass
+            finally:
+                self._release(page)
 
     # --- mail ---------------------------------------------------------------------------
 
@@ -358,19 +465,25 @@ class DaemonLink:
             if not interest.wants(item):
                 continue
             shown = shown or Shown.of(item)
-            for send in list(pages):
-                try:
-                    send.send_nowait(shown)
-                except anyio.WouldBlock:
-                    # Fallen behind: its page's stream ends, and the browser connects again.
-                    self._forget(interest, send)
-                    send.close()
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    self._forget(interest, send)
+            for page in list(pages):
+                self._deliver(page, shown)
 
-    def _forget(self, interest: _Interest, send: MemoryObjectSendStream[Shown]) -> None:
-        pages = self._pages.get(interest)
+    def _deliver(self, page: _Page, shown: Shown, *, attached: bool = False) -> bool:
+        """Offer ``shown`` to ``page``; False when the page is gone, or has fallen behind
+        (its stream ends then, and the browser connects again)."""
+        try:
+            page.offer(shown, attached=attached)
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._drop(page)
+            return False
+        return True
+
+    def _drop(self, page: _Page) -> None:
+        pages = self._pages.get(page.interest)
         if pages is not None:
-            pages.discard(send)
+            pages.discard(page)
             if not pages:
-                del self._pages[interest]
+                del self._pages[page.interest]
+        page.send.close()
+        if page.attaching is not None:
+            page.attaching.cancel()

@@ -162,3 +162,13 @@ async def talk(client: Any, sender: str, *lines: str, guest: str | None = None) 
     for line in lines:
         async with client.stream("assistant", line, sender=sender, guest=guest) as events:
             await events.collect()
+
+
+async def begin_slow_run(client: Any, sender: str, words: int, delay_ms: int) -> None:
+    """Start ``/slow words delay_ms`` with ``sender`` and leave once it has written its
+    first two words: the run goes on in the daemon, followed by nobody."""
+    async with client.stream("assistant", f"/slow {words} {delay_ms}", sender=sender) as events:
+        async for event in events:
+            if getattr(event, "delta", None) == " 2":
+                return
+    raise AssertionError(f"/slow {words} {delay_ms} ended before its second word")

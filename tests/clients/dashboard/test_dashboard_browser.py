@@ -12,12 +12,20 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from chinwag.clients.dashboard._access import UNAUTHORIZED
-from dashboard_harness import TOKEN, DashboardProcess, held_client, on_daemon, talk
+from dashboard_harness import (
+    TOKEN,
+    DashboardProcess,
+    begin_slow_run,
+    held_client,
+    on_daemon,
+    talk,
+)
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.usefixtures("screenshot_on_failure")
@@ -66,6 +74,24 @@ def test_a_message_sent_streams_in_without_a_reload(
     expect(page.locator("#history .entry.assistant .text")).to_have_text("1 2 3 4 5")
     expect(page.locator("#history .entry.user .text")).to_have_text("/slow 5 250")
     assert page.evaluate("window.sameDocument") is True
+
+
+def test_a_run_in_flight_when_the_page_opens_streams_from_its_start(
+    page: Page, daemon: Any, dashboard_factory: Callable[..., DashboardProcess]
+) -> None:
+    # Started by a plain client before the dashboard (and so the page) was there.
+    on_daemon(daemon, lambda client: begin_slow_run(client, "web", 30, 150))
+    dashboard = dashboard_factory(daemon.socket_path)
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    live = page.locator("#live .entry.assistant .text")
+    expect(live).to_have_text(re.compile(r"^1 2 3 4 5 6( \d+)*$"))
+    # From its first word, each once, still coming in.
+    words = live.inner_text().split()
+    assert words == [str(word) for word in range(1, len(words) + 1)] and len(words) < 30
+    expect(page.locator("#history .entry.assistant .text")).to_have_text(
+        " ".join(str(word) for word in range(1, 31))
+    )
+    expect(page.locator("#live .entry")).to_have_count(0)
 
 
 def test_kill_stops_a_slow_run(page: Page, dashboard: DashboardProcess) -> None:

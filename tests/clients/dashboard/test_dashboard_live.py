@@ -4,12 +4,19 @@ carrying the runs and the daemon's comings and goings."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
-from dashboard_harness import EVENT_S, DashboardProcess, EventStream, logged_in
+from dashboard_harness import (
+    EVENT_S,
+    DashboardProcess,
+    EventStream,
+    begin_slow_run,
+    logged_in,
+    on_daemon,
+)
 
 
 @contextmanager
@@ -131,3 +138,21 @@ def test_a_page_opened_mid_run_is_shown_the_run_from_its_start(dashboard: Dashbo
         kinds = [run_event(*event).get("type") for event in seen]
         assert kinds[0] == "start"
         assert "".join(run_event(*e).get("delta", "") for e in seen) == "1 2 3 4"
+
+
+def test_a_run_begun_before_the_dashboard_connected_streams_from_its_start_once(
+    daemon: Any, dashboard_factory: Callable[..., DashboardProcess]
+) -> None:
+    # Begun, and written some words, before the dashboard's link subscribed: the
+    # subscription brings only the rest, the page's `attach` the run from its start.
+    on_daemon(daemon, lambda client: begin_slow_run(client, "ana", 40, 150))
+    dashboard = dashboard_factory(daemon.socket_path)
+    address = {"agent": "assistant", "sender": "ana"}
+    with session(dashboard) as client, events(client, **address) as stream:
+        seen = [run_event(*event) for event in stream.until(ended, "the run's end")]
+    assert seen[0]["type"] == "start"
+    # Each word once, though the subscription brought the same run's later ones too.
+    words = "".join(event.get("delta", "") for event in seen)
+    assert words == " ".join(str(word) for word in range(1, 41))
+    assert [event["type"] for event in seen].count("end") == 1
+    assert seen[-1]["status"] == "done"
