@@ -57,17 +57,24 @@
   }
 
   // --- the event stream ---------------------------------------------------------------
+  // Each connection of the stream begins with the daemon's state. When it is up, what the
+  // page shows is read again: the daemon is back, or this is the stream's first (or a
+  // new) connection, and what changed between the page's rendering (or the stream's
+  // last connection) and now came on no stream.
   let wasUp = !body.hasAttribute("data-away");
+  let connecting = true;
   const source = new EventSource(`${root}/events?${body.dataset.events || ""}`);
   source.addEventListener("daemon", (event) => {
     const state = JSON.parse(event.data);
     banner.hidden = state.up;
     banner.textContent = state.reason;
     if (state.up && body.hasAttribute("data-away")) location.reload();
-    if (state.up && !wasUp) onUp.forEach((handler) => handler());
+    if (state.up && (connecting || !wasUp)) onUp.forEach((handler) => handler());
     wasUp = state.up;
+    connecting = false;
   });
   source.addEventListener("error", () => {
+    connecting = true;
     banner.hidden = false;
     banner.textContent = "The dashboard's event stream broke; connecting again.";
   });
@@ -138,11 +145,16 @@
   // --- the conversations list: each row's state and title, live -----------------------
   const list = document.getElementById("conversations");
   if (list) {
+    const rows = liveParts.find(({ part }) => list.contains(part));
     onRun.push((run) => {
       const row = [...list.querySelectorAll("tr[data-agent]")].find(
         (tr) => tr.dataset.agent === run.agent && tr.dataset.sender === run.sender);
-      if (!row) return;
       const event = run.event;
+      if (!row) {
+        // A conversation not listed (yet): the list read again as it begins, is named, ends.
+        if (["start", "title", "end"].includes(event.type)) rows.refresh();
+        return;
+      }
       if (event.type === "start" || event.type === "end") {
         const running = event.type === "start";
         row.classList.toggle("running", running);
@@ -197,11 +209,20 @@
     const live = document.getElementById("live");
     const ask = document.getElementById("ask");
     const title = document.getElementById("title");
-    const runs = new Map(); // run_id -> its bubble's parts
+    const runs = new Map(); // run_id -> its bubble's parts, and its start's seq
     let refreshing = Promise.resolve();
 
-    const lastSeq = () => Math.max(0, ...[...history.querySelectorAll("[data-seq]")].map(
-      (node) => Number(node.dataset.seq)));
+    const shownEntries = () => [...history.querySelectorAll("[data-seq]")];
+    const lastSeq = () => Math.max(0, ...shownEntries().map((node) => Number(node.dataset.seq)));
+
+    // What a run in flight stored after its prompt, its bubble shows (replayed from its
+    // start): out of the history until the run ends and the history is read again.
+    function leaveToBubbles() {
+      const first = Math.min(...[...runs.values()].map((parts) => parts.seq ?? Infinity));
+      shownEntries()
+        .filter((node) => Number(node.dataset.seq) > first)
+        .forEach((node) => node.remove());
+    }
 
     // The entries stored since the last shown take the live bubbles' place.
     function refresh() {
@@ -210,6 +231,7 @@
         const response = await fetch(`${root}/conversation/entries?${query}`);
         if (!response.ok) return;
         history.insertAdjacentHTML("beforeend", await response.text());
+        leaveToBubbles();
         // Now stored and shown: the runs that ended done, and what was sent, once all ended.
         live.querySelectorAll('[data-end="done"]').forEach((node) => node.remove());
         if (runs.size === 0) live.querySelectorAll(".pending").forEach((node) => node.remove());
@@ -275,6 +297,8 @@
           parts.text.textContent = ""; // a replay from the start
           parts.node.querySelectorAll("details").forEach((node) => node.remove());
           parts.speaker.textContent = event.agent === agent ? agent : `${event.agent} (guest)`;
+          parts.seq = event.seq;
+          leaveToBubbles();
           break;
         }
         case "text_delta": bubble(run).text.textContent += event.delta; break;

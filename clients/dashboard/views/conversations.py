@@ -1,5 +1,7 @@
 """Conversations: title, last activity and whether a run is in flight; filtered by agent,
-searched by title or sender. Rows follow the runs live (the page's event stream)."""
+searched by title or sender. Rows follow the runs live (the page's event stream); the
+rows are read again when a conversation not among them runs, and whenever the stream
+connects (what ended or began before it did came on no stream)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._view import View, daemon, page
+from .._view import View, daemon, live_page
 
 #: Conversations on one page.
 PAGE_SIZE = 50
@@ -23,33 +25,36 @@ async def conversations(request: Request) -> Response:
     cursor = request.query_params.get("cursor") or None
     items: list[ConversationItem] = []
     next_cursor: str | None = None
+    read_from = cursor
     if query:
         # The daemon lists, it does not search: read the newest pages and keep the matches.
         words = query.casefold()
         read = 0
         while len(items) < PAGE_SIZE and read < SEARCH_LIMIT:
-            listed = await client.list_conversations(agent, limit=PAGE_SIZE, cursor=cursor)
+            listed = await client.list_conversations(agent, limit=PAGE_SIZE, cursor=read_from)
             read += len(listed.items)
             items += [
                 item
                 for item in listed.items
                 if words in item.title.casefold() or words in item.sender.casefold()
             ]
-            cursor = listed.next_cursor
-            if cursor is None:
+            read_from = listed.next_cursor
+            if read_from is None:
                 break
         items = items[:PAGE_SIZE]
     else:
         listed = await client.list_conversations(agent, limit=PAGE_SIZE, cursor=cursor)
         items, next_cursor = listed.items, listed.next_cursor
     agents = await client.list_agents()
-    return page(
+    return live_page(
         request,
         "conversations.html",
+        "conversations_rows.html",
         conversations=items,
         agents=agents,
         agent=agent or "",
         query=query,
+        cursor=cursor or "",
         next_cursor=next_cursor,
     )
 

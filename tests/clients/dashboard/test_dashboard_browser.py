@@ -26,7 +26,7 @@ from dashboard_harness import (
     on_daemon,
     talk,
 )
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 pytestmark = pytest.mark.usefixtures("screenshot_on_failure")
 
@@ -61,6 +61,25 @@ def test_the_conversation_list_shows_titles(
     expect(page.locator("#title")).to_have_text("Planning the garden")
 
 
+def test_conversations_begun_after_the_list_rendered_show_in_it(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    with held_client(daemon) as (portal, client):
+
+        def late(route: Route) -> None:
+            # Rendered, its event stream not connected yet: a conversation begun.
+            portal.call(talk, client, "early", "/title Begun meanwhile")
+            route.continue_()
+
+        page.route("**/events?*", late, times=1)
+        open_page(page, dashboard)
+        listed = page.locator("#conversations tr[data-sender] .title")
+        expect(listed).to_have_text(["Begun meanwhile"])
+        # And one begun while the page is open.
+        portal.call(talk, client, "later", "/title Begun since")
+        expect(listed).to_have_text(["Begun since", "Begun meanwhile"])
+
+
 def test_a_message_sent_streams_in_without_a_reload(
     page: Page, dashboard: DashboardProcess
 ) -> None:
@@ -92,6 +111,50 @@ def test_a_run_in_flight_when_the_page_opens_streams_from_its_start(
         " ".join(str(word) for word in range(1, 31))
     )
     expect(page.locator("#live .entry")).to_have_count(0)
+
+
+def test_a_run_between_the_pages_rendering_and_its_stream_shows(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    with held_client(daemon) as (portal, client):
+
+        def late(route: Route) -> None:
+            # Rendered, its event stream not connected yet: a whole run, begun and ended.
+            portal.call(talk, client, "web", "said meanwhile")
+            route.continue_()
+
+        page.route("**/events?*", late, times=1)
+        open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+        expect(page.locator("#history .entry.assistant .text")).to_have_text("said meanwhile")
+
+
+def test_what_a_run_in_flight_stored_shows_once_in_its_bubble(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    # Stored: the prompt (seq 1), the call of set_title and its result, the answer.
+    on_daemon(daemon, lambda client: talk(client, "web", "/title Garden"))
+    run = {"agent": "assistant", "sender": "web", "run_id": "r1", "id": 1, "type": "event"}
+    stream = [
+        ("daemon", {"up": True, "reason": ""}),
+        # The page is told of that run as if it were still in flight, replayed from its
+        # start: what it stored after its prompt (seq 1) is its bubble's to show.
+        (
+            "run",
+            {**run, "event": {"type": "start", "run_id": "r1", "agent": "assistant", "seq": 1}},
+        ),
+        ("run", {**run, "event": {"type": "text_delta", "delta": "still going"}}),
+    ]
+    body = "retry: 3600000\n\n" + "".join(
+        f"event: {kind}\ndata: {json.dumps(data)}\n\n" for kind, data in stream
+    )
+    page.route(
+        "**/events?*",
+        lambda route: route.fulfill(body=body, content_type="text/event-stream"),
+    )
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    expect(page.locator("#live .entry.assistant .text")).to_have_text("still going")
+    expect(page.locator("#history [data-seq]")).to_have_count(1)
+    expect(page.locator("#history .entry.user .text")).to_have_text("/title Garden")
 
 
 def test_kill_stops_a_slow_run(page: Page, dashboard: DashboardProcess) -> None:

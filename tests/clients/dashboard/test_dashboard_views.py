@@ -67,6 +67,11 @@ def test_conversations_show_titles_filtered_and_searched(
     assert "Planning the garden" in by_sender and "Fixing the roof" not in by_sender
     none = app_client.get("/", params={"q": "nothing like this"}).text
     assert "No conversations match" in none
+    # The rows alone, as the page reads them again, searched as the page was.
+    assert 'data-fragment="/?q=ROOF&amp;fragment=1"' in searched
+    rows = app_client.get("/", params={"q": "ROOF", "fragment": 1}).text
+    assert "<html" not in rows and "<tr " in rows
+    assert "Fixing the roof" in rows and "Planning the garden" not in rows
 
 
 def test_a_conversation_folds_tool_calls_and_names_its_guest(
