@@ -36,6 +36,7 @@ from .._client import ChinwagError
 from .._render import _duration
 from ._access import Access, AccessMiddleware
 from ._link import DaemonAway, DaemonLink, Shown
+from ._markdown import markdown
 from ._view import daemon, page
 from .views import VIEWS
 
@@ -78,6 +79,7 @@ def create_app(
     )
     environment.filters["when"] = _when
     environment.filters["duration"] = _duration
+    environment.filters["markdown"] = markdown
     app.state.templates = Jinja2Templates(env=environment)
     app.state.link = link
     app.state.views = [view for view in VIEWS if view.title is not None]

@@ -26,7 +26,7 @@ from dashboard_harness import (
     on_daemon,
     talk,
 )
-from playwright.sync_api import Page, Route, expect
+from playwright.sync_api import Dialog, Page, Route, expect
 
 pytestmark = pytest.mark.usefixtures("screenshot_on_failure")
 
@@ -155,6 +155,32 @@ def test_what_a_run_in_flight_stored_shows_once_in_its_bubble(
     expect(page.locator("#live .entry.assistant .text")).to_have_text("still going")
     expect(page.locator("#history [data-seq]")).to_have_count(1)
     expect(page.locator("#history .entry.user .text")).to_have_text("/title Garden")
+
+
+def test_message_text_shows_as_markdown_and_never_as_markup(
+    page: Page, dashboard: DashboardProcess
+) -> None:
+    alerts: list[str] = []
+
+    def alerted(dialog: Dialog) -> None:
+        alerts.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", alerted)
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    send(page, "plant **tomatoes** now")
+    # Streamed as it came, then the stored answer in its place, rendered.
+    answer = page.locator("#history .entry.assistant .text")
+    expect(answer.locator("strong")).to_have_text("tomatoes")
+    expect(page.locator("#history .entry.user .text strong")).to_have_text("tomatoes")
+    expect(page.locator("#live .entry")).to_have_count(0)
+    send(page, "<img src=x onerror=alert(1)>")
+    expect(answer.nth(1)).to_have_text("<img src=x onerror=alert(1)>")
+    expect(page.locator("#history .entry.user .text").nth(1)).to_have_text(
+        "<img src=x onerror=alert(1)>"
+    )
+    assert page.locator("main img").count() == 0
+    assert alerts == []
 
 
 def test_kill_stops_a_slow_run(page: Page, dashboard: DashboardProcess) -> None:

@@ -54,7 +54,7 @@ def test_a_message_sent_streams_back_and_is_stored(dashboard: DashboardProcess) 
         assert text == "hello out there"
         assert run_event(*seen[-1])["status"] == "done"
         history = client.get("/conversation", params=address).text
-        assert '<div class="text">hello out there</div>' in history
+        assert '<div class="text markdown"><p>hello out there</p>\n</div>' in history
 
 
 def test_kill_stops_a_slow_run(dashboard: DashboardProcess) -> None:

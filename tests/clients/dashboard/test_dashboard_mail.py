@@ -29,11 +29,11 @@ from starlette.testclient import TestClient
 async def seed(client: Any) -> dict[str, str]:
     """ana and bob talk in a thread, carol has one message, #garden one post, two locks."""
     first = await client.post("ana", "Seeds for the garden?", to="bob")
-    await client.post("bob", "Tomatoes", reply_to=first.msg_id)
+    await client.post("bob", "**Tomatoes**, and <b>basil</b>", reply_to=first.msg_id)
     to_carol = await client.post("ana", "hello carol", to="carol")
     await client.space_create("ana", "garden", description="Everything green")
     await client.space_join("bob", "garden")
-    await client.post("ana", "Water at six", to="#garden")
+    await client.post("ana", "Water at `six`", to="#garden")
     await client.lock("ana", "src/auth.py")
     await client.lock("bob", "docs/", mode="advisory")
     return {"thread": first.msg_id, "to_carol": to_carol.msg_id}
@@ -90,7 +90,7 @@ def test_an_inbox_is_read_as_a_chosen_participant_and_opening_reads(
     assert cell(inbox, f'data-msg="{msg_id}"', "state") == "delivered"
     assert "1 unread" in inbox
     opened = app_client.get("/mail/message", params={"as": "carol", "msg": msg_id}).text
-    assert '<div class="text">hello carol</div>' in opened
+    assert '<div class="text markdown"><p>hello carol</p>\n</div>' in opened
     assert '<span class="state">read</span> for carol' in opened
     again = app_client.get("/mail/inbox", params={"as": "carol"}).text
     assert cell(again, f'data-msg="{msg_id}"', "state") == "read"
@@ -102,8 +102,12 @@ def test_an_inbox_is_read_as_a_chosen_participant_and_opening_reads(
 
 def test_a_thread_in_order(seeded: dict[str, str], app_client: TestClient) -> None:
     page = app_client.get("/mail/thread", params={"as": "ana", "thread": seeded["thread"]}).text
-    texts = re.findall(r'<div class="text">([^<]*)</div>', page)
-    assert texts == ["Seeds for the garden?", "Tomatoes"]
+    texts = re.findall(r'<div class="text markdown"><p>(.*)</p>', page)
+    # As Markdown, the raw HTML in it as text.
+    assert texts == [
+        "Seeds for the garden?",
+        "<strong>Tomatoes</strong>, and &lt;b&gt;basil&lt;/b&gt;",
+    ]
     assert f'data-thread="{seeded["thread"]}"' in page
     unknown = app_client.get("/mail/thread", params={"as": "carol", "thread": seeded["thread"]})
     assert unknown.status_code == 404 and 'class="refused"' in unknown.text
@@ -117,7 +121,7 @@ def test_spaces_their_members_and_mail(seeded: dict[str, str], app_client: TestC
     # Read by nobody in particular: the public space's mail, no one's state.
     space = app_client.get("/mail/space", params={"name": "#garden"}).text
     assert re.findall(r'<li data-name="([^"]+)">', space) == ["ana", "bob"]
-    assert '<div class="text">Water at six</div>' in space
+    assert '<div class="text markdown"><p>Water at <code>six</code></p>' in space
     assert 'class="state"' not in space
     as_bob = app_client.get("/mail/space", params={"name": "garden", "as": "bob"}).text
     # Read as bob, a member: his copy, delivered by this reading.

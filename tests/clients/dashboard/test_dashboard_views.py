@@ -91,7 +91,8 @@ def test_a_conversation_folds_tool_calls_and_names_its_guest(
     # The guest's reply is shown as the guest's.
     guest_turn = re.search(
         r'<div class="entry assistant guest"[^>]*>\s*<div class="speaker">helper '
-        r'<span class="badge">guest</span></div>\s*<div class="text">what do you think</div>',
+        r'<span class="badge">guest</span></div>\s*'
+        r'<div class="text markdown"><p>what do you think</p>',
         page.text,
     )
     assert guest_turn is not None, page.text
@@ -108,10 +109,10 @@ def test_archived_entries_show_on_demand(daemon: Any, app_client: TestClient) ->
     address = {"agent": "assistant", "sender": "ana"}
     current = app_client.get("/conversation", params=address).text
     assert "after the compaction" in current
-    assert '<div class="text">before the compaction</div>' not in current
+    assert "<p>before the compaction</p>" not in current
     assert 'class="entry compact"' in current
     archived = app_client.get("/conversation", params={**address, "archived": "1"}).text
-    assert '<div class="text">before the compaction</div>' in archived
+    assert "<p>before the compaction</p>" in archived
     assert "hide archived entries" in archived
 
 
