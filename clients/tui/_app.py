@@ -141,7 +141,7 @@ class ChinwagTui(App[None]):
         except ConnectionLost:
             raise
         except ChinwagError as exc:
-            self.notify(describe(exc), severity="error")
+            self.notify(describe(exc), severity="error", markup=False)
 
     # --- what follows the daemon ---------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from chinwag.protocol import (
 )
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.markup import escape
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Collapsible, Input, Markdown, Static
@@ -53,7 +54,9 @@ class ToolCard(Collapsible):
 
     def __init__(self, call: ToolCall | ToolCallInfo) -> None:
         self.result = Static("(running)", classes="tool-result", markup=False)
-        super().__init__(self.result, title=f"⚙ {tool_call_summary(call)}", classes="tool")
+        # The model's arguments, as written: not markup.
+        title = escape(f"⚙ {tool_call_summary(call)}")
+        super().__init__(self.result, title=title, classes="tool")
 
     def show_result(self, output: str, is_error: bool) -> None:
         self.result.update(output or "(no output)")
@@ -373,7 +376,7 @@ class ConversationView(Vertical):
         except ConnectionLost:
             raise
         except ChinwagError as exc:
-            self.notify(f"the answer was refused: {describe(exc)}", severity="error")
+            self.notify(f"the answer was refused: {describe(exc)}", severity="error", markup=False)
 
     async def _end(self, client: Client, view: RunView, end: End) -> None:
         await view.finish()

@@ -1,4 +1,7 @@
-"""The TUI's modal screens: an agent's question, compaction's instructions, a mail thread."""
+"""The TUI's modal screens: an agent's question, compaction's instructions, a mail thread.
+
+What the model or a person wrote (a question's options, a sender) is ``Content``, or a
+``Static`` without markup: shown as written, never parsed as Textual's markup."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from chinwag.protocol import AskQuestion, AskUser, MailItem
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, SelectionList, Static
 
@@ -66,17 +70,19 @@ class AskDialog(ModalScreen[str | None]):
         yield Static(heading, classes="question", markup=False)
         if question.options and question.multi_select:
             yield SelectionList[str](
-                *((option.label, option.label) for option in question.options),
+                *((Content(option.label), option.label) for option in question.options),
                 id=f"choices-{index}",
             )
         elif question.options:
             with Horizontal(classes="options"):
                 for number, option in enumerate(question.options):
                     button = Button(
-                        option.label, id=f"option-{index}-{number}", classes=f"option-{index}"
+                        Content(option.label),
+                        id=f"option-{index}-{number}",
+                        classes=f"option-{index}",
                     )
                     if option.description:
-                        button.tooltip = option.description
+                        button.tooltip = Content(option.description)
                     yield button
         placeholder = "or type another answer" if question.options else "type the answer"
         yield Input(placeholder=placeholder, id=f"text-{index}")
@@ -145,7 +151,7 @@ class CompactDialog(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="compact"):
-            yield Label(f"Compact {self.agent}/{self.sender}", classes="dialog-title")
+            yield Label(Content(f"Compact {self.agent}/{self.sender}"), classes="dialog-title")
             yield Static(
                 "The history so far is summarized into an archive. Enter compacts; "
                 "Escape leaves it as it is.",

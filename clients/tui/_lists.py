@@ -1,10 +1,15 @@
-"""The side panes: the conversations, and the participant's inbox."""
+"""The side panes: the conversations, and the participant's inbox.
+
+Their cells are rich ``Text``, not strings, which a ``DataTable`` would parse as markup:
+a title or a message is someone's text, shown as written (a stray ``[/x]`` in one
+raised ``MarkupError`` and ended the app)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from chinwag.protocol import ConversationItem, MailItem
+from rich.text import Text
 from textual.message import Message
 from textual.widgets import DataTable
 
@@ -26,7 +31,7 @@ def _key(agent: str, sender: str) -> str:
     return f"{agent}\0{sender}"
 
 
-class ConversationList(DataTable[str]):
+class ConversationList(DataTable[str | Text]):
     """Every conversation, most recently active first, ● while it runs; Enter opens one."""
 
     class Opened(Message):
@@ -56,10 +61,10 @@ class ConversationList(DataTable[str]):
         for item in items:
             self.add_row(
                 "●" if item.running else "",
-                item.agent,
-                item.sender,
+                Text(item.agent),
+                Text(item.sender),
                 _when(item.updated_at, now),
-                item.title,
+                Text(item.title),
                 key=_key(item.agent, item.sender),
             )
         for key in (selected, _key(*current) if current else None):
@@ -79,7 +84,7 @@ class ConversationList(DataTable[str]):
         self.post_message(self.Opened(item.agent, item.sender))
 
 
-class InboxPane(DataTable[str]):
+class InboxPane(DataTable[str | Text]):
     """``reader``'s mail, newest first, unread marked ●; Enter opens the thread."""
 
     class Opened(Message):
@@ -137,8 +142,8 @@ class InboxPane(DataTable[str]):
         self.add_row(
             "●" if item.state != "read" else "",
             _when(message.created_at, now),
-            message.sender,
-            " ".join(message.content.split())[:60],
+            Text(message.sender),
+            Text(" ".join(message.content.split())[:60]),
             key=message.msg_id,
         )
 

@@ -211,6 +211,40 @@ def test_an_ask_answered_elsewhere_closes_its_dialog(daemon) -> None:
     drive(daemon.socket_path, body, agent="assistant", sender=sender)
 
 
+def test_text_with_markup_in_it_shows_as_written(daemon: Any) -> None:
+    """A title, a tool call, mail and an ask's options are the model's or a person's
+    text: Textual's markup in them is shown, not parsed (a stray `[/x]` ended the app)."""
+    sender = fresh_sender()
+    reader = fresh_sender()
+    question = {
+        "question": "Which [b]one[/b]?",
+        "options": [{"label": "[/o] first", "description": "[/d] the [@click=app.quit]first[/]"}],
+    }
+
+    async def body(ui: Driver) -> None:
+        async with connect(daemon.socket_path) as client:
+            async with client.stream("assistant", "/title [/t] Plans", sender=sender) as events:
+                await events.collect()
+            await client.post("bob", "[/m] lunch [@click=app.quit]now[/]?", to=reader)
+            await ui.until(
+                "the title as written",
+                lambda: ("[/t] Plans",) in ui.rows("conversations", "title"),
+            )
+            await ui.until(
+                "the mail as written",
+                lambda: ui.rows("inbox", "message") == [("[/m] lunch [@click=app.quit]now[/]?",)],
+            )
+            assert 'set_title({"title": "[/t] Plans"})' in ui.transcript()
+            await ui.send("/tool ask_user " + json.dumps({"questions": [question]}))
+            await ui.until("the question", lambda: isinstance(ui.app.screen, AskDialog))
+            option = ui.app.screen.query_one("#option-0-0", Button)
+            assert str(option.label) == "[/o] first"
+            await ui.pilot.click("#option-0-0")
+            await ui.until("the answer echoed", lambda: ui.transcript().endswith("[/o] first"))
+
+    drive(daemon.socket_path, body, agent="assistant", sender=sender, reader=reader)
+
+
 def test_compact_with_instructions(daemon) -> None:
     sender = fresh_sender()
 
