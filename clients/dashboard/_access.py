@@ -46,7 +46,7 @@ class Access:
         self._key = token.encode()
 
     def token_matches(self, given: str) -> bool:
-        return hmac.compare_digest(given.encode(), self._key)
+        return _same_text(given, self._token)
 
     def new_session(self) -> str:
         nonce = secrets.token_urlsafe(16)
@@ -57,7 +57,7 @@ class Access:
         if not cookie:
             return None
         nonce, _, signature = cookie.partition(".")
-        if not hmac.compare_digest(signature, self._sign("session", nonce)):
+        if not _same_text(signature, self._sign("session", nonce)):
             return None
         return nonce
 
@@ -102,7 +102,7 @@ class AccessMiddleware:
         if scope["method"] in _SAFE_METHODS:
             return None
         headers = connection.headers
-        if not hmac.compare_digest(headers.get(CSRF_HEADER, ""), csrf) or not _same_origin(headers):
+        if not _same_text(headers.get(CSRF_HEADER, ""), csrf) or not _same_origin(headers):
             return PlainTextResponse(FORBIDDEN, status_code=403)
         return None
 
@@ -121,6 +121,12 @@ class AccessMiddleware:
             secure=scope.get("scheme") == "https",
         )
         return response
+
+
+def _same_text(given: str, expected: str) -> bool:
+    """Compared in constant time, as bytes: ``hmac.compare_digest`` refuses text beyond
+    ASCII with ``TypeError``, and what a request carries may be any Latin-1."""
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def _unauthorized() -> Response:

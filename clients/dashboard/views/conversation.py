@@ -48,7 +48,10 @@ async def entries(request: Request) -> Response:
     """The entries after ``after_seq``, as the history shows them (an HTML fragment)."""
     agent = required(request, "agent")
     sender = required(request, "sender")
-    after_seq = int(request.query_params.get("after_seq") or 0)
+    try:
+        after_seq = int(request.query_params.get("after_seq") or 0)
+    except ValueError:
+        raise ChinwagError(400, "after_seq is the number of an entry.") from None
     client = daemon(request).client
     _, stored = await _entries(client, agent, sender, after_seq=after_seq)
     return page(

@@ -10,7 +10,7 @@ import pytest
 from chinwag.clients.cli import cli
 from chinwag.clients.dashboard import create_app
 from chinwag.clients.dashboard._access import COOKIE, FORBIDDEN, UNAUTHORIZED
-from chinwag.clients.dashboard._command import is_loopback
+from chinwag.protocol import is_loopback
 from click.testing import CliRunner
 from dashboard_harness import TOKEN, logged_in
 from starlette.testclient import TestClient
@@ -88,6 +88,19 @@ def test_a_change_needs_the_sessions_csrf_token_and_the_same_origin(client: Test
     )
     assert allowed.status_code == 503
     assert "unreachable" in allowed.json()["error"] or "connecting" in allowed.json()["error"]
+
+
+def test_a_cookie_or_csrf_token_beyond_ascii_is_refused_not_an_error(
+    client: TestClient,
+) -> None:
+    # Headers arrive as Latin-1; compared as text, a non-ASCII one raised TypeError (500).
+    forged = client.get("/", headers=[(b"cookie", f"{COOKIE}=nonce.\xe9".encode("latin-1"))])
+    assert (forged.status_code, forged.text) == (401, UNAUTHORIZED)
+    logged_in(client)
+    wrong = client.post(
+        "/conversation/kill", json={}, headers=[(b"x-csrf-token", "\xe9".encode("latin-1"))]
+    )
+    assert (wrong.status_code, wrong.text) == (403, FORBIDDEN)
 
 
 def test_another_sessions_csrf_token_is_refused(short_tmp: Path) -> None:

@@ -123,6 +123,11 @@ def test_entries_after_a_seq_are_a_fragment(daemon: Any, app_client: TestClient)
     ).text
     assert "<html" not in fragment
     assert re.findall(r'data-seq="(\d+)"', fragment) == ["3", "4"]
+    garbled = app_client.get(
+        "/conversation/entries", params={"agent": "assistant", "sender": "ana", "after_seq": "x"}
+    )
+    assert garbled.status_code == 400  # not a ValueError's 500
+    assert "after_seq is the number of an entry." in garbled.text
 
 
 def test_feed_and_stats(daemon: Any, app_client: TestClient) -> None:
