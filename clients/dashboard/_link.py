@@ -273,12 +273,15 @@ class DaemonLink:
                                 self._publish(event)
                     except ChinwagError as exc:
                         reason = exc.message
+                    finally:
+                        # Nothing more starts on this connection: it is closing, and
+                        # what a page asks for meanwhile begins on the next one.
+                        self._tasks = None
                     tasks.cancel_scope.cancel()
             except ChinwagError as exc:
                 reason = exc.message
             finally:
                 self._client = None
-                self._tasks = None
                 self._watches.clear()
                 self._runs.clear()
             self._set_state(DaemonState(up=False, reason=f"The daemon is unreachable: {reason}"))

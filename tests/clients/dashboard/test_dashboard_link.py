@@ -1,14 +1,21 @@
-"""The link's fan-out on a real daemon: each run event is encoded once, as its
-server-sent event, and the same bytes go to every page that asked for it."""
+"""The link on a real daemon: each run event is encoded once, as its server-sent
+event, and the same bytes go to every page that asked for it; a page opened while the
+link lets a lost connection go waits for the next one."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
-from chinwag.clients import connect
-from chinwag.clients.dashboard._link import DaemonLink, DaemonState, Shown
+from chinwag.clients import Client, connect
+from chinwag.clients._client import connect_explained
+from chinwag.clients.dashboard import _link
+from chinwag.clients.dashboard._link import DaemonLink, DaemonState, MailFollowed, Shown
 from chinwag.protocol import End, Event
 from dashboard_harness import talk
 
@@ -50,6 +57,45 @@ def test_a_run_event_is_encoded_once_for_every_page(daemon: Any) -> None:
                 # bob's page was sent its state and nothing of ana's run.
                 assert isinstance(other.receive_nowait().item, DaemonState)
                 assert other.statistics().current_buffer_used == 0
+            tasks.cancel_scope.cancel()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_page_opened_while_the_link_lets_its_connection_go(
+    daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    letting_go = anyio.Event()
+    go_on = anyio.Event()
+
+    @asynccontextmanager
+    async def held_open(path: Path | str, *, client: str) -> AsyncIterator[Client]:
+        """The link's connection, whose closing waits for ``go_on`` once it has begun."""
+        async with connect_explained(path, client=client) as connection:
+            try:
+                yield connection
+            finally:
+                letting_go.set()
+                await go_on.wait()
+
+    monkeypatch.setattr(_link, "connect_explained", held_open)
+
+    async def main() -> None:
+        link = DaemonLink(daemon.socket_path, retry_s=0.05)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(link.run)
+            await anyio.to_thread.run_sync(daemon.stop)
+            with anyio.fail_after(15):
+                await letting_go.wait()
+                # The subscription has ended and the connection is closing: a page asking
+                # for a conversation and mail now (a RuntimeError from the ended task
+                # group before) has them once the daemon is back.
+                with link.listen("assistant", "ana", reader="ana") as page:
+                    go_on.set()
+                    await anyio.to_thread.run_sync(daemon.start)
+                    async for shown in page:
+                        if isinstance(shown.item, MailFollowed):
+                            break
             tasks.cancel_scope.cancel()
 
     anyio.run(main, backend="trio")
