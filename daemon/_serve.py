@@ -156,9 +156,10 @@ async def serve(
             socket_path = Path(activated.socket.getsockname())
         async with (
             open_store(storage_url) as storage,
-            listen_tcp(config) as tcp,  # bound before the socket, which clients wait for
-            activated or await bind_unix(socket_path) as listener,
+            # TCP and `/metrics` listen before the socket, which clients wait for.
+            listen_tcp(config) as tcp,
             open_telemetry(config, tracing) as telemetry,
+            activated or await bind_unix(socket_path) as listener,
             trio.open_nursery() as root,
         ):
             if received is not None:

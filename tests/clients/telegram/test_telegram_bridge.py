@@ -622,6 +622,8 @@ def test_a_message_taken_while_the_daemon_is_down_survives_a_bridge_restart(
             await anyio.to_thread.run_sync(daemon.start)
             async with polling(daemon, fake, state):
                 await fake.wait_for(lambda: fake.texts(chat)[1:] == ["anyone home?"])
+                # Its run has ended (else the next message is rightly told it is queued).
+                await spool_watch.emptied()
                 # A second copy would be queued ahead of this one in the daemon.
                 fake.push_message(chat, USER, "and now?")
                 await fake.wait_for(lambda: fake.texts(chat)[-1:] == ["and now?"])
