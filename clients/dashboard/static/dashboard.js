@@ -210,6 +210,7 @@
     const ask = document.getElementById("ask");
     const title = document.getElementById("title");
     const runs = new Map(); // run_id -> its bubble's parts, and its start's seq
+    let asking = null; // the call_id of the ask_user shown, whose result ends it
     let refreshing = Promise.resolve();
 
     const shownEntries = () => [...history.querySelectorAll("[data-seq]")];
@@ -306,11 +307,13 @@
           const call = folded(`called ${event.name}`, event.arguments);
           call.dataset.call = event.call_id;
           bubble(run).node.append(call);
+          if (event.name === "ask_user") asking = event.call_id;
           break;
         }
         case "tool_result": {
           const call = bubble(run).node.querySelector(`[data-call="${CSS.escape(event.call_id)}"]`);
           call?.append(element("pre", event.is_error ? "error" : "", event.output));
+          if (event.call_id === asking) ask.hidden = true; // answered, here or elsewhere
           break;
         }
         case "ask_user": showAsk(run, event); break;

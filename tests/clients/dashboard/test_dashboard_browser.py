@@ -50,6 +50,26 @@ def send(page: Page, text: str) -> None:
     page.click("#send button")
 
 
+def scripted_run(page: Page, *events: dict[str, Any]) -> None:
+    """The page's event stream, once: the daemon up, then ``events`` of one run of
+    assistant and web (its end not among them unless given)."""
+    run = {"type": "event", "id": 1, "agent": "assistant", "sender": "web", "run_id": "r1"}
+    frames: list[tuple[str, dict[str, Any]]] = [("daemon", {"up": True, "reason": ""})]
+    frames += [("run", {**run, "event": {"run_id": "r1", **event}}) for event in events]
+    # No connecting again before the test is over.
+    body = "retry: 3600000\n\n" + "".join(
+        f"event: {kind}\ndata: {json.dumps(data)}\n\n" for kind, data in frames
+    )
+    page.route(
+        "**/events?*",
+        lambda route: route.fulfill(body=body, content_type="text/event-stream"),
+        times=1,
+    )
+
+
+still_going = {"type": "text_delta", "delta": "still going"}
+
+
 def test_the_conversation_list_shows_titles(
     page: Page, daemon: Any, dashboard: DashboardProcess
 ) -> None:
@@ -133,24 +153,9 @@ def test_what_a_run_in_flight_stored_shows_once_in_its_bubble(
 ) -> None:
     # Stored: the prompt (seq 1), the call of set_title and its result, the answer.
     on_daemon(daemon, lambda client: talk(client, "web", "/title Garden"))
-    run = {"agent": "assistant", "sender": "web", "run_id": "r1", "id": 1, "type": "event"}
-    stream = [
-        ("daemon", {"up": True, "reason": ""}),
-        # The page is told of that run as if it were still in flight, replayed from its
-        # start: what it stored after its prompt (seq 1) is its bubble's to show.
-        (
-            "run",
-            {**run, "event": {"type": "start", "run_id": "r1", "agent": "assistant", "seq": 1}},
-        ),
-        ("run", {**run, "event": {"type": "text_delta", "delta": "still going"}}),
-    ]
-    body = "retry: 3600000\n\n" + "".join(
-        f"event: {kind}\ndata: {json.dumps(data)}\n\n" for kind, data in stream
-    )
-    page.route(
-        "**/events?*",
-        lambda route: route.fulfill(body=body, content_type="text/event-stream"),
-    )
+    # The page is told of that run as if it were still in flight, replayed from its
+    # start: what it stored after its prompt (seq 1) is its bubble's to show.
+    scripted_run(page, {"type": "start", "agent": "assistant", "seq": 1}, still_going)
     open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
     expect(page.locator("#live .entry.assistant .text")).to_have_text("still going")
     expect(page.locator("#history [data-seq]")).to_have_count(1)
@@ -181,6 +186,22 @@ def test_message_text_shows_as_markdown_and_never_as_markup(
     )
     assert page.locator("main img").count() == 0
     assert alerts == []
+
+
+def test_an_ask_answered_elsewhere_leaves_the_page(page: Page, dashboard: DashboardProcess) -> None:
+    question = {"question": "Which?", "header": "", "options": [], "multi_select": False}
+    scripted_run(
+        page,
+        {"type": "start", "agent": "assistant", "seq": 1},
+        {"type": "tool_call", "call_id": "c1", "name": "ask_user", "arguments": "{}"},
+        {"type": "ask_user", "ask_id": "a1", "questions": [question]},
+        # Answered from another client, and the run goes on.
+        {"type": "tool_result", "call_id": "c1", "output": "red", "is_error": False},
+        still_going,
+    )
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    expect(page.locator("#live .entry.assistant .text")).to_have_text("still going")
+    expect(page.locator("#ask")).to_be_hidden()
 
 
 def test_kill_stops_a_slow_run(page: Page, dashboard: DashboardProcess) -> None:
