@@ -124,7 +124,13 @@ from ._bus import Bus
 from ._cursor import decode_cursor, encode_cursor
 from ._mail import MailStore
 from ._outbox import Outbox
-from ._postgres_bus import CLIENT_KEEPALIVES, DAEMONS_MIGRATION, TCP_SETTINGS, PostgresBus
+from ._postgres_bus import (
+    CLIENT_KEEPALIVES,
+    DAEMONS_MIGRATION,
+    TCP_SETTINGS,
+    PostgresBus,
+    error_line,
+)
 from ._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, PostgresMail, websearch_words
 from ._postgres_outbox import OUTBOX_MIGRATION, PostgresOutbox
 from ._search import SNIPPET_WORDS, WORD, archived_text, database_search_words, one_line
@@ -475,7 +481,7 @@ def parse_postgres_url(url: str) -> tuple[str, str | None, int]:
     try:
         conninfo_to_dict(conninfo)  # libpq's own parser: unknown parameters, bad ports
     except psycopg.Error as exc:
-        raise ValueError(f"The postgres URL is not one libpq takes: {_one_line(exc)}.") from None
+        raise ValueError(f"The postgres URL is not one libpq takes: {error_line(exc)}.") from None
     return conninfo, schema, pool_size
 
 
@@ -555,7 +561,7 @@ class PostgresStorage:
         try:
             return await trio.to_thread.run_sync(self._with_connection, fn, limiter=self._limiter)
         except psycopg.Error as exc:
-            raise StorageError(f"{what} failed: {_one_line(exc)}.") from exc
+            raise StorageError(f"{what} failed: {error_line(exc)}.") from exc
         except UnicodeEncodeError as exc:  # a lone surrogate: a str, but no UTF-8
             raise StorageError(f"{what} failed: {exc}.") from exc
 
@@ -947,7 +953,7 @@ class PostgresStorage:
                 self._try_lock, self._lock_key(agent, sender), limiter=self._locks_limiter
             )
         except psycopg.Error as exc:
-            raise StorageError(f"Claiming ({agent}, {sender}) failed: {_one_line(exc)}.") from exc
+            raise StorageError(f"Claiming ({agent}, {sender}) failed: {error_line(exc)}.") from exc
         finally:
             if not taken:
                 self._claims.discard(key)
@@ -1072,7 +1078,7 @@ def _with_defaults(conninfo: str, schema: str | None) -> str:
     try:
         given = conninfo_to_dict(conninfo)
     except psycopg.Error as exc:
-        raise ValueError(f"The postgres URL is not one libpq takes: {_one_line(exc)}.") from None
+        raise ValueError(f"The postgres URL is not one libpq takes: {error_line(exc)}.") from None
     extra: dict[str, Any] = {k: v for k, v in CLIENT_KEEPALIVES.items() if k not in given}
     options = f"{given.get('options') or ''} {TCP_SETTINGS}"
     if schema is not None:
@@ -1099,7 +1105,8 @@ def _connect(conninfo: str, schema: str | None) -> tuple[psycopg.Connection[Any]
     try:
         conn = psycopg.connect(conninfo, autocommit=True)
     except psycopg.Error as exc:
-        raise StorageError(f"Could not connect to the database {where}: {_one_line(exc)}.") from exc
+        reason = error_line(exc)
+        raise StorageError(f"Could not connect to the database {where}: {reason}.") from exc
     try:
         _migrate(conn, schema, where)
         row = conn.execute("SELECT current_schema()").fetchone()
@@ -1107,7 +1114,7 @@ def _connect(conninfo: str, schema: str | None) -> tuple[psycopg.Connection[Any]
         return conn, row[0]
     except psycopg.Error as exc:
         conn.close()
-        raise StorageError(f"Could not prepare the database {where}: {_one_line(exc)}.") from exc
+        raise StorageError(f"Could not prepare the database {where}: {error_line(exc)}.") from exc
     except BaseException:
         conn.close()
         raise
@@ -1164,7 +1171,7 @@ def _open_pool(conninfo: str, pool_size: int) -> ConnectionPool[psycopg.Connecti
     except psycopg.Error as exc:
         pool.close()
         raise StorageError(
-            f"Could not open connections to the database {_where(conninfo)}: {_one_line(exc)}."
+            f"Could not open connections to the database {_where(conninfo)}: {error_line(exc)}."
         ) from exc
     return pool
 
@@ -1245,11 +1252,6 @@ def _snippet(headline: str, start: str, end: str) -> str:
 def _agree(one: list[str], other: list[str]) -> bool:
     common = min(len(one), len(other))
     return one[:common] == other[:common]
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error's message on one line, without a closing period (ours adds one)."""
-    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
 
 
 def _conversation(row: tuple[Any, ...]) -> ConversationItem:

@@ -192,7 +192,7 @@ class PostgresBus:
             try:
                 await trio.to_thread.run_sync(self._notify, batch, limiter=self._sending)
             except psycopg.Error as exc:
-                log.warning("bus_send_failed", messages=len(batch), error=_one_line(exc))
+                log.warning("bus_send_failed", messages=len(batch), error=error_line(exc))
 
     def _notify(self, batch: list[tuple[str, str]]) -> None:
         """Worker thread, holding ``_sending``: every piece in one transaction."""
@@ -230,7 +230,7 @@ class PostgresBus:
                 for notification in conn.notifies(timeout=LISTEN_WAIT_S):
                     token.run_sync_soon(self._heard, notification.payload, node)
             except psycopg.Error as exc:
-                log.warning("bus_listen_failed", error=_one_line(exc))
+                log.warning("bus_listen_failed", error=error_line(exc))
                 if conn is not None:
                     conn.close()
                 self._stopping.wait(RECONNECT_S)
@@ -285,7 +285,7 @@ class PostgresBus:
             await trio.to_thread.run_sync(self._listen_connection, limiter=self._sending)
             await trio.to_thread.run_sync(self._join, limiter=self._sending)
         except psycopg.Error as exc:
-            raise StorageError(f"Joining the other daemons failed: {_one_line(exc)}.") from exc
+            raise StorageError(f"Joining the other daemons failed: {error_line(exc)}.") from exc
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_queued)
@@ -324,7 +324,7 @@ class PostgresBus:
                 )
                 now_live = frozenset(peer.id for peer in peers) | {self.me}
             except psycopg.Error as exc:
-                log.warning("bus_beat_failed", error=_one_line(exc))
+                log.warning("bus_beat_failed", error=error_line(exc))
                 now_live = frozenset({self.me})  # cut off: no other daemon can be reached
             if now_live != live:
                 live = now_live
@@ -397,5 +397,6 @@ def _peer(row: tuple[Any, ...]) -> Peer:
     )
 
 
-def _one_line(exc: BaseException) -> str:
-    return one_line(str(exc)) or type(exc).__name__
+def error_line(exc: BaseException) -> str:
+    """The error's message on one line, without a closing period (ours adds one)."""
+    return one_line(str(exc)).rstrip(".") or type(exc).__name__
