@@ -132,6 +132,7 @@ class DaemonState:
         self.stats: Stats | None = None  # the latest reply; None while the daemon is away
         self.lost: str | None = None  # why it is away: the last attempt's failure
         self.lost_at: float | None = None  # since when
+        self.gone = True  # the daemon went away; else it ended the subscription (a slow one)
 
     def connected(self, stats: Stats) -> None:
         """A new subscription stands: the runs followed before it may have ended unseen."""
@@ -139,13 +140,15 @@ class DaemonState:
         self.stats = stats
         self.lost = self.lost_at = None
 
-    def disconnected(self, reason: str, now: float) -> None:
-        """The daemon went away (or is still away: ``reason`` is the latest attempt's)."""
+    def disconnected(self, reason: str, now: float, *, gone: bool = True) -> None:
+        """The daemon went away (or is still away: ``reason`` is the latest attempt's);
+        not ``gone``, it is there but refused or ended the subscription (dropped as slow)."""
         self._runs.clear()
         self.stats = None
         if self.lost_at is None:
             self.lost_at = now
         self.lost = reason
+        self.gone = gone
 
     def feed(self, frame: Event, now: float) -> None:
         """One event of a run, as the subscription brought it."""
@@ -242,12 +245,9 @@ class TopView:
         yield _line(self._heading(stats))
         if stats is None:
             since = _clock_time(state.lost_at or now)
-            yield _line(
-                Text(
-                    f"the daemon went away at {since}; trying again every {self.refresh:g} s",
-                    style="bold red",
-                )
-            )
+            what = "the daemon went away" if state.gone else "the daemon ended the subscription"
+            again = f"trying again every {self.refresh:g} s"
+            yield _line(Text(f"{what} at {since}; {again}", style="bold red"))
             yield Text()
             why = Text(state.lost or "", style="red")  # wrapped: it names the socket
             yield why
@@ -446,7 +446,8 @@ class _Follower:
             lost = await self._connection(subscribed)
             if not started:
                 raise Failure(describe(lost))
-            self.state.disconnected(describe(lost), time.time())
+            gone = isinstance(lost, ConnectionLost)
+            self.state.disconnected(describe(lost), time.time(), gone=gone)
             await anyio.sleep(self.refresh)  # then try again
 
     async def _connection(self, subscribed: Callable[[Stats], None]) -> ChinwagError:

@@ -229,6 +229,17 @@ def test_the_view_says_when_the_daemon_went_away() -> None:
     assert "no daemon is listening on /run/chinwag.sock" in lines
 
 
+def test_the_view_says_when_the_daemon_ended_the_subscription() -> None:
+    state = DaemonState()
+    state.connected(stats())
+    slow = "error 429: The subscription fell too far behind and was dropped."
+    state.disconnected(slow, T0, gone=False)
+    lines = draw(TopView(state, refresh=2.0, clock=lambda: T0 + 10))
+    assert lines[1].startswith("the daemon ended the subscription at ")
+    assert lines[1].endswith("; trying again every 2 s")
+    assert slow in lines
+
+
 def test_on_a_short_screen_the_runs_in_flight_come_before_the_recent_errors() -> None:
     state = DaemonState()
     state.connected(stats(runs_queued=1))
