@@ -341,7 +341,8 @@ def main() -> None:
     met = [f.key for f in figures if f.met()]
     print()
     print(
-        f"chinwag {revision}, echo model, storage {storage_label(args.storage)}; "
+        f"chinwag {revision}, echo model, storage {storage_label(args.storage)} "
+        "(but d, j and x, which bring their own); "
         f"{'quick, ' if args.quick else ''}median of {args.repeat}; ratio = chinwag / baseline"
     )
     print(f"machine: {describe_machine(info)}")
