@@ -259,28 +259,65 @@
         .catch((error) => { ask.querySelector(".status").textContent = error.message; });
     }
 
+    // An ask as the TUI shows it (clients/tui/_dialogs.py): one question with options,
+    // taking one, is answered by a button; otherwise each question gets its answer (an
+    // option, several toggled for multi_select, or text), and Send sends them joined as
+    // the CLI and the TUI join them (an answer alone for one question, else a line each).
     function showAsk(run, event) {
       ask.replaceChildren();
       ask.dataset.ask = event.ask_id;
-      for (const question of event.questions) {
-        ask.append(element("p", "question", question.question));
+      const questions = event.questions;
+      const oneChoice =
+        questions.length === 1 && questions[0].options.length > 0 && !questions[0].multi_select;
+      const chosen = questions.map(() => []); // the labels picked, in the options' order
+      const typed = questions.map(() => "");
+      const answerOf = (index) => typed[index].trim() || chosen[index].join(", ");
+      const sendButton = element("button", "send", oneChoice ? "Answer" : "Send");
+      const complete = () => questions.every((_, index) => answerOf(index));
+      const update = () => { if (!oneChoice) sendButton.disabled = !complete(); };
+      const form = element("form", "free");
+      questions.forEach((question, index) => {
+        const heading = question.header
+          ? `${question.header}: ${question.question}` : question.question;
+        form.append(element("p", "question", heading));
         const options = element("div", "options");
         for (const option of question.options) {
           const button = element("button", "option", option.label);
           button.type = "button";
+          button.setAttribute("aria-pressed", "false");
           if (option.description) button.title = option.description;
-          button.addEventListener("click", () => answer(option.label));
+          button.addEventListener("click", () => {
+            if (oneChoice) { answer(option.label); return; }
+            const picked = new Set(question.multi_select ? chosen[index] : []);
+            if (picked.has(option.label)) picked.delete(option.label);
+            else picked.add(option.label);
+            chosen[index] = question.options.map((o) => o.label).filter((l) => picked.has(l));
+            for (const other of options.children) {
+              const on = picked.has(other.textContent);
+              other.classList.toggle("chosen", on);
+              other.setAttribute("aria-pressed", String(on));
+            }
+            update();
+          });
           options.append(button);
         }
-        ask.append(options);
-      }
-      const form = element("form", "free");
-      const input = element("input");
-      input.name = "answer";
-      input.placeholder = "or write an answer";
-      form.append(input, element("button", "", "Answer"), element("span", "status"));
-      form.addEventListener("submit", (e) => { e.preventDefault(); answer(input.value); });
+        if (question.options.length) form.append(options);
+        const input = element("input");
+        input.name = `answer-${index}`;
+        input.placeholder = question.options.length ? "or write an answer" : "write the answer";
+        input.addEventListener("input", () => { typed[index] = input.value; update(); });
+        form.append(input);
+      });
+      form.append(sendButton, element("span", "status"));
+      form.addEventListener("submit", (e) => {
+        e.preventDefault();
+        if (!complete()) return;
+        answer(questions.length === 1
+          ? answerOf(0)
+          : questions.map((q, index) => `${q.question}: ${answerOf(index)}`).join("\n"));
+      });
       ask.append(form);
+      update();
       ask.hidden = false;
     }
 

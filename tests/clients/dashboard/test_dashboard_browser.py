@@ -230,6 +230,39 @@ def test_an_ask_is_answered_with_a_button(page: Page, dashboard: DashboardProces
     expect(answered).to_contain_text("blue")
 
 
+def test_an_ask_of_several_questions_waits_for_every_answer(
+    page: Page, dashboard: DashboardProcess
+) -> None:
+    colour = {"question": "Which colour?", "options": [{"label": "red"}, {"label": "blue"}]}
+    sizes = {
+        "question": "Which sizes?",
+        "header": "Size",
+        "multi_select": True,
+        "options": [{"label": "big"}, {"label": "medium"}, {"label": "small"}],
+    }
+    note = {"question": "Anything else?", "options": []}
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    send(page, "/tool ask_user " + json.dumps({"questions": [colour, sizes, note]}))
+    expect(page.locator("#ask .question")).to_have_text(
+        ["Which colour?", "Size: Which sizes?", "Anything else?"]
+    )
+    send_answers = page.locator("#ask button.send")
+    page.get_by_role("button", name="blue").click()
+    page.get_by_role("button", name="red").click()  # changed its mind: one colour
+    # A question choosing several: each option toggles.
+    for label in ("small", "big", "medium", "medium"):
+        page.get_by_role("button", name=label).click()
+    expect(page.locator("#ask")).to_be_visible()
+    expect(send_answers).to_be_disabled()  # the last question has no answer yet
+    page.locator("#ask input").nth(2).fill("soon")
+    send_answers.click()
+    expect(page.locator("#ask")).to_be_hidden()
+    answered = page.locator("#history details.entry.tool pre")
+    expect(answered.last).to_have_text(
+        "Which colour?: red\nWhich sizes?: big, small\nAnything else?: soon"
+    )
+
+
 def test_a_request_without_the_token_is_refused(page: Page, dashboard: DashboardProcess) -> None:
     response = page.goto(f"{dashboard.url}/conversation?agent=assistant&sender=web")
     assert response is not None and response.status == 401
