@@ -52,6 +52,7 @@
       } catch (error) {
         status.textContent = error.message;
         status.classList.add("error");
+        form.dispatchEvent(new CustomEvent("refused", { detail: fields }));
       }
     });
   }
@@ -189,7 +190,12 @@
       const text = row.cells[4];
       switch (event.type) {
         case "queued": state.textContent = "queued"; break;
-        case "start": row.cells[2].textContent = event.agent; state.textContent = "running"; break;
+        case "start":
+          // A new connection of the stream replays the run from its start.
+          row.cells[2].textContent = event.agent;
+          state.textContent = "running";
+          text.textContent = "";
+          break;
         case "text_delta": text.textContent = (text.textContent + event.delta).slice(-300); break;
         case "tool_call": state.textContent = `tool ${event.name}`; break;
         case "tool_result": state.textContent = "running"; break;
@@ -321,11 +327,17 @@
       ask.hidden = false;
     }
 
-    document.getElementById("send").addEventListener("posting", (event) => {
+    // What was sent shows at once; refused, it goes (its form says why), not left to
+    // look sent until the history is next read.
+    const pending = new WeakMap(); // the fields posted -> their bubble
+    const sendForm = document.getElementById("send");
+    sendForm.addEventListener("posting", (event) => {
       const mine = element("div", "entry user pending");
       mine.append(element("div", "speaker", sender), element("div", "text", event.detail.content));
       live.append(mine);
+      pending.set(event.detail, mine);
     });
+    sendForm.addEventListener("refused", (event) => pending.get(event.detail)?.remove());
 
     onRun.push((run) => {
       const event = run.event;

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +53,23 @@ def send(page: Page, text: str) -> None:
 def scripted_run(page: Page, *events: dict[str, Any]) -> None:
     """The page's event stream, once: the daemon up, then ``events`` of one run of
     assistant and web (its end not among them unless given)."""
-    run = {"type": "event", "id": 1, "agent": "assistant", "sender": "web", "run_id": "r1"}
-    frames: list[tuple[str, dict[str, Any]]] = [("daemon", {"up": True, "reason": ""})]
-    frames += [("run", {**run, "event": {"run_id": "r1", **event}}) for event in events]
     # No connecting again before the test is over.
-    body = "retry: 3600000\n\n" + "".join(
-        f"event: {kind}\ndata: {json.dumps(data)}\n\n" for kind, data in frames
-    )
+    body = scripted_body(events, retry_ms=3_600_000)
     page.route(
         "**/events?*",
         lambda route: route.fulfill(body=body, content_type="text/event-stream"),
         times=1,
+    )
+
+
+def scripted_body(events: Sequence[dict[str, Any]], *, retry_ms: int) -> str:
+    """One connection of an event stream: the daemon up, then ``events`` of one run of
+    assistant and web; the browser connects again ``retry_ms`` after it ends."""
+    run = {"type": "event", "id": 1, "agent": "assistant", "sender": "web", "run_id": "r1"}
+    frames: list[tuple[str, dict[str, Any]]] = [("daemon", {"up": True, "reason": ""})]
+    frames += [("run", {**run, "event": {"run_id": "r1", **event}}) for event in events]
+    return f"retry: {retry_ms}\n\n" + "".join(
+        f"event: {kind}\ndata: {json.dumps(data)}\n\n" for kind, data in frames
     )
 
 
@@ -188,6 +194,26 @@ def test_message_text_shows_as_markdown_and_never_as_markup(
     assert alerts == []
 
 
+def test_the_feed_shows_a_run_replayed_on_a_new_connection_once(
+    page: Page, dashboard: DashboardProcess
+) -> None:
+    start = {"type": "start", "agent": "assistant", "seq": 1}
+    # The stream's first connection ends mid-run (a proxy's timeout, the page fallen
+    # behind); the next replays the run in flight from its start, its text merged.
+    connections = [
+        scripted_body([start, {"type": "text_delta", "delta": "1 2"}], retry_ms=0),
+        scripted_body([start, {"type": "text_delta", "delta": "1 2 3"}], retry_ms=3_600_000),
+    ]
+    page.route(
+        "**/events?*",
+        lambda route: route.fulfill(body=connections.pop(0), content_type="text/event-stream"),
+        times=2,
+    )
+    open_page(page, dashboard, "/feed")
+    expect(page.locator('#feed tr[data-run="r1"] td').nth(4)).to_have_text("1 2 3")
+    expect(page.locator("#feed tbody tr")).to_have_count(1)
+
+
 def test_an_ask_answered_elsewhere_leaves_the_page(page: Page, dashboard: DashboardProcess) -> None:
     question = {"question": "Which?", "header": "", "options": [], "multi_select": False}
     scripted_run(
@@ -202,6 +228,22 @@ def test_an_ask_answered_elsewhere_leaves_the_page(page: Page, dashboard: Dashbo
     open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
     expect(page.locator("#live .entry.assistant .text")).to_have_text("still going")
     expect(page.locator("#ask")).to_be_hidden()
+
+
+def test_a_message_refused_does_not_stay_as_if_sent(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    daemon.stop()
+    expect(page.locator("#banner")).to_be_visible()
+    send(page, "sent while the daemon is away")
+    expect(page.locator("#send [data-status]")).to_contain_text("The daemon is unreachable")
+    expect(page.locator("#live .entry")).to_have_count(0)
+    # Back, nothing of it shows; what is sent then does.
+    daemon.start()
+    expect(page.locator("#banner")).to_be_hidden()
+    send(page, "sent once it is back")
+    expect(page.locator("#history .entry.user .text")).to_have_text("sent once it is back")
 
 
 def test_kill_stops_a_slow_run(page: Page, dashboard: DashboardProcess) -> None:
