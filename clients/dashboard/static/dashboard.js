@@ -143,7 +143,7 @@
   });
   onUp.push(() => liveParts.forEach(({ refresh }) => refresh()));
 
-  // --- the conversations list: each row's state and title, live -----------------------
+  // --- the conversations list: each row's state and title, live; read again as a run ends
   const list = document.getElementById("conversations");
   if (list) {
     const rows = liveParts.find(({ part }) => list.contains(part));
@@ -160,6 +160,8 @@
         const running = event.type === "start";
         row.classList.toggle("running", running);
         row.querySelector(".state").textContent = running ? "running" : "idle";
+        // Its last activity, messages and tokens changed, and so its place: read again.
+        if (!running) rows.refresh();
       } else if (event.type === "title") {
         row.querySelector(".title a").textContent = event.title;
       }

@@ -1,7 +1,8 @@
 """Conversations: title, last activity and whether a run is in flight; filtered by agent,
 searched by title or sender. Rows follow the runs live (the page's event stream); the
-rows are read again when a conversation not among them runs, and whenever the stream
-connects (what ended or began before it did came on no stream)."""
+rows are read again when a conversation not among them runs, when a run ends (its row's
+last activity, counts and place changed), and whenever the stream connects (what ended
+or began before it did came on no stream)."""
 
 from __future__ import annotations
 

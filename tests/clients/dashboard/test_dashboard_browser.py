@@ -106,6 +106,30 @@ def test_conversations_begun_after_the_list_rendered_show_in_it(
         expect(listed).to_have_text(["Begun since", "Begun meanwhile"])
 
 
+def test_a_run_ending_brings_its_row_up_to_date_and_to_the_top(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    on_daemon(daemon, lambda client: talk(client, "ana", "hello"))
+    on_daemon(daemon, lambda client: talk(client, "bo", "hello"))
+    # Once its stream is connected, the page reads its rows again: from then on they
+    # follow the runs.
+    with page.expect_response(lambda response: "fragment=1" in response.url):
+        open_page(page, dashboard)
+    rows = page.locator("#conversations tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.first).to_have_attribute("data-sender", "bo")
+    ana = page.locator('#conversations tr[data-sender="ana"]')
+    tokens = ana.locator("td").nth(6)
+    before = tokens.inner_text()
+    on_daemon(daemon, lambda client: talk(client, "ana", "one two three four five six"))
+    # Its tokens, last activity and place, as a reload shows them.
+    expect(tokens).not_to_have_text(before)
+    expect(rows.first).to_have_attribute("data-sender", "ana")
+    shown = ana.inner_text()
+    page.reload()
+    expect(ana).to_have_text(shown)
+
+
 def test_a_message_sent_streams_in_without_a_reload(
     page: Page, dashboard: DashboardProcess
 ) -> None:
