@@ -45,6 +45,7 @@ class ChinwagTui(App[None]):
     BINDINGS = [
         Binding("escape", "kill", "Kill the run"),
         Binding("ctrl+o", "compact", "Compact"),
+        Binding("ctrl+r", "ask_again", "Answer"),
         Binding("ctrl+l", "focus_list", "Conversations"),
         Binding("ctrl+t", "focus_inbox", "Inbox"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -222,6 +223,10 @@ class ChinwagTui(App[None]):
         killed = await client.kill(agent, sender)
         if killed.run_id is None:
             self.notify("Nothing is running.")
+
+    def action_ask_again(self) -> None:
+        if not self.view.ask_again():
+            self.notify("No question is waiting for an answer here.")
 
     def action_compact(self) -> None:
         agent, sender = self.view.key

@@ -26,9 +26,10 @@ def command(ctx: click.Context, agent: str | None, sender: str | None, name: str
 
     Enter sends what is typed to the open conversation; Escape kills its run in
     flight; Ctrl-O compacts it (with instructions, if given); an agent's question
-    opens a dialog. Ctrl-L goes to the conversations and Ctrl-T to the inbox, where
-    Enter opens one; Ctrl-Q quits. When the daemon goes away a banner says so, and
-    the app connects again once it is back.
+    opens a dialog (Escape closes it unanswered, Ctrl-R shows it again). Ctrl-L goes
+    to the conversations and Ctrl-T to the inbox, where Enter opens one; Ctrl-Q quits.
+    When the daemon goes away a banner says so, and the app connects again once it
+    is back.
     """
     from ._app import ChinwagTui
 

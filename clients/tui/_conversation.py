@@ -115,11 +115,12 @@ class RunView(Vertical):
         self.run_id = run_id
         self._stream: MarkdownStream | None = None
         self.asking: str | None = None  # the call_id of its `ask_user` waiting for an answer
+        self.waiting: AskUser | None = None  # that question, until answered
         self.dialog: AskDialog | None = None  # that question, on screen
 
     def close_dialog(self) -> None:
         """The question was answered (maybe elsewhere), or the run ended."""
-        dialog, self.dialog, self.asking = self.dialog, None, None
+        dialog, self.dialog, self.asking, self.waiting = self.dialog, None, None, None
         if dialog is not None:
             dialog.withdraw()
 
@@ -358,8 +359,18 @@ class ConversationView(Vertical):
             case _:
                 pass  # usage: nothing to show
 
+    def ask_again(self) -> bool:
+        """Show again the question a run waits on, closed unanswered; False when none."""
+        client = self._client
+        for view in self._live.values():
+            if view.waiting is not None and view.dialog is None and client is not None:
+                self._ask(client, view, view.waiting)
+                return True
+        return False
+
     def _ask(self, client: Client, view: RunView, ask: AskUser) -> None:
         dialog = view.dialog = AskDialog(self.agent, ask)
+        view.waiting = ask
         runs = self._runs
 
         def answered(answer: str | None) -> None:
@@ -367,6 +378,9 @@ class ConversationView(Vertical):
                 view.dialog = None
             if answer is not None and runs is not None:
                 runs.start_soon(self._reply, client, ask, answer)
+            elif view.waiting is ask:
+                # Closed to read the conversation first: the run waits on.
+                self.notify("The question still waits: Ctrl-R shows it again.")
 
         self.app.push_screen(dialog, answered)
 
