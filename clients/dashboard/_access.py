@@ -9,7 +9,8 @@ A session is a random nonce signed with the token (HMAC), so nothing is kept on
 the server; its CSRF token is the nonce signed for another purpose. Every request
 that changes something (any method but GET and HEAD) must carry that CSRF token
 in the ``X-CSRF-Token`` header, which only the dashboard's own pages can read, and
-an ``Origin``, when the browser sends one, naming this same host.
+come from this same origin: as the browser's ``Sec-Fetch-Site`` says, or, from a browser
+that sends none, as its ``Origin`` (when it sends one) names this same host.
 """
 
 from __future__ import annotations
@@ -134,9 +135,13 @@ def _unauthorized() -> Response:
 
 
 def _same_origin(headers: Headers) -> bool:
-    """No ``Origin``, or one naming the host asked (directly or through a proxy)."""
-    if headers.get("sec-fetch-site") == "cross-site":
-        return False
+    """From a page of this same origin, as the browser says in ``Sec-Fetch-Site`` (which
+    no page can set, and which holds behind a proxy that sends its own ``Host``, as
+    nginx's proxy_pass does); without it, no ``Origin``, or one naming the host asked
+    (directly or through a proxy that says it in ``X-Forwarded-Host``)."""
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site == "same-origin"
     origin = headers.get("origin")
     if origin is None:
         return True

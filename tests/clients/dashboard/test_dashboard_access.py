@@ -90,6 +90,26 @@ def test_a_change_needs_the_sessions_csrf_token_and_the_same_origin(client: Test
     assert "unreachable" in allowed.json()["error"] or "connecting" in allowed.json()["error"]
 
 
+def test_a_change_through_a_proxy_that_sets_its_own_host_is_let_through(
+    client: TestClient,
+) -> None:
+    # nginx's proxy_pass sends the upstream's address as Host, and no X-Forwarded-Host,
+    # unless told to: the page's origin then names another host than the one asked.
+    csrf = logged_in(client)
+    body = {"agent": "assistant", "sender": "user"}
+    proxied = {"X-CSRF-Token": csrf, "Origin": "https://chinwag.example.org"}
+    allowed = client.post(
+        "/conversation/kill", json=body, headers={**proxied, "Sec-Fetch-Site": "same-origin"}
+    )
+    assert allowed.status_code == 503  # reached the action, which finds no daemon
+    # What the browser says of where the request came from is what decides.
+    for site in ("cross-site", "same-site", "none"):
+        refused = client.post(
+            "/conversation/kill", json=body, headers={**proxied, "Sec-Fetch-Site": site}
+        )
+        assert (refused.status_code, refused.text) == (403, FORBIDDEN), site
+
+
 def test_a_cookie_or_csrf_token_beyond_ascii_is_refused_not_an_error(
     client: TestClient,
 ) -> None:
