@@ -248,6 +248,29 @@
     }
     onUp.push(refresh);
 
+    // The whole history read again: compaction archived what it showed.
+    function reread() {
+      refreshing = refreshing.then(async () => {
+        const query = new URLSearchParams({ agent, sender, after_seq: 0 });
+        if (history.dataset.archived !== undefined) query.set("archived", "1");
+        const response = await fetch(`${root}/conversation/entries?${query}`);
+        if (!response.ok) return;
+        const text = await response.text();
+        history.replaceChildren();
+        history.insertAdjacentHTML("beforeend", text);
+        leaveToBubbles();
+      });
+    }
+
+    const compactForm = document.getElementById("compact");
+    compactForm.addEventListener("posted", (event) => {
+      const { archive, archived_entries: count } = event.detail;
+      compactForm.querySelector("[data-status]").textContent =
+        `${count} ${count === 1 ? "entry" : "entries"} compacted into ${archive}`;
+      compactForm.querySelector("input[name=instructions]").value = "";
+      reread();
+    });
+
     function bubble(run) {
       let parts = runs.get(run.run_id);
       if (!parts) {

@@ -45,15 +45,19 @@ async def conversation(request: Request) -> Response:
 
 
 async def entries(request: Request) -> Response:
-    """The entries after ``after_seq``, as the history shows them (an HTML fragment)."""
+    """The entries after ``after_seq``, as the history shows them (an HTML fragment);
+    with ``archived``, the archived ones too."""
     agent = required(request, "agent")
     sender = required(request, "sender")
+    archived = bool(request.query_params.get("archived"))
     try:
         after_seq = int(request.query_params.get("after_seq") or 0)
     except ValueError:
         raise ChinwagError(400, "after_seq is the number of an entry.") from None
     client = daemon(request).client
-    _, stored = await _entries(client, agent, sender, after_seq=after_seq)
+    _, stored = await _entries(
+        client, agent, sender, after_seq=after_seq, include_archived=archived
+    )
     return page(
         request,
         "entries.html",

@@ -254,6 +254,29 @@ def test_an_ask_answered_elsewhere_leaves_the_page(page: Page, dashboard: Dashbo
     expect(page.locator("#ask")).to_be_hidden()
 
 
+def test_compacting_shows_the_history_as_it_now_reads(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    on_daemon(daemon, lambda client: talk(client, "web", "plant tomatoes", "water them"))
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    expect(page.locator("#history .entry.user")).to_have_count(2)
+    page.fill("#compact input[name=instructions]", "keep the plants")
+    page.click("#compact button")
+    expect(page.locator("#compact [data-status]")).to_have_text(
+        re.compile(r"^4 entries compacted into archive-\S+$")
+    )
+    # The entries archived leave the history, the compaction's summary in their place,
+    # as a reload shows it.
+    expect(page.locator("#history .entry.user")).to_have_count(0)
+    expect(page.locator("#history .entry.compact")).to_have_count(1)
+    shown = page.locator("#history").inner_text()
+    page.reload()
+    expect(page.locator("#history")).to_have_text(shown, use_inner_text=True)
+    # The archived entries show on demand, the summary after them.
+    page.click("#show-archived")
+    expect(page.locator("#history [data-seq]")).to_have_count(5)
+
+
 def test_a_message_refused_does_not_stay_as_if_sent(
     page: Page, daemon: Any, dashboard: DashboardProcess
 ) -> None:

@@ -114,6 +114,11 @@ def test_archived_entries_show_on_demand(daemon: Any, app_client: TestClient) ->
     archived = app_client.get("/conversation", params={**address, "archived": "1"}).text
     assert "<p>before the compaction</p>" in archived
     assert "hide archived entries" in archived
+    # The history as a fragment, likewise (read again when the page compacts).
+    entries = "/conversation/entries"
+    assert "<p>before the compaction</p>" not in app_client.get(entries, params=address).text
+    with_archived = app_client.get(entries, params={**address, "archived": "1"}).text
+    assert "<p>before the compaction</p>" in with_archived
 
 
 def test_entries_after_a_seq_are_a_fragment(daemon: Any, app_client: TestClient) -> None:
