@@ -21,6 +21,9 @@ from ..._client import ChinwagError, Client
 from .._link import DaemonAway
 from .._view import View, daemon, page, refusal, required
 
+#: The largest entry number the wire carries (a signed 64-bit integer).
+MAX_SEQ = 2**63 - 1
+
 
 async def conversation(request: Request) -> Response:
     agent = required(request, "agent")
@@ -53,7 +56,9 @@ async def entries(request: Request) -> Response:
     try:
         after_seq = int(request.query_params.get("after_seq") or 0)
     except ValueError:
-        raise ChinwagError(400, "after_seq is the number of an entry.") from None
+        after_seq = -1
+    if not 0 <= after_seq <= MAX_SEQ:
+        raise ChinwagError(400, "after_seq is the number of an entry.")
     client = daemon(request).client
     _, stored = await _entries(
         client, agent, sender, after_seq=after_seq, include_archived=archived

@@ -133,6 +133,13 @@ def test_entries_after_a_seq_are_a_fragment(daemon: Any, app_client: TestClient)
     )
     assert garbled.status_code == 400  # not a ValueError's 500
     assert "after_seq is the number of an entry." in garbled.text
+    # Beyond what the wire carries: not msgspec's OverflowError as a 500.
+    huge = app_client.get(
+        "/conversation/entries",
+        params={"agent": "assistant", "sender": "ana", "after_seq": str(2**64)},
+    )
+    assert huge.status_code == 400
+    assert "after_seq is the number of an entry." in huge.text
 
 
 def test_feed_and_stats(daemon: Any, app_client: TestClient) -> None:
