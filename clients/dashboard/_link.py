@@ -9,8 +9,11 @@ memory stream; one that falls behind loses its stream (the browser's
 `EventSource` connects again), never stalls the others.
 
 The events: ``daemon`` (``{up, reason}``, for the banner), ``run`` (a run event),
-``watching`` (the participant whose watch is on), ``mail`` (``{change, message}``,
-``change`` null for a new message) and ``roster`` (``{changed}``).
+``inflight`` (``{run_id}``: a conversation's page's ``attach`` answered, on each
+connection to the daemon: the run in flight then, or null; a run the page showed and
+not this one ended unseen, the daemon having gone away while it ran), ``watching``
+(the participant whose watch is on), ``mail`` (``{change, message}``, ``change`` null
+for a new message) and ``roster`` (``{changed}``).
 
 The events of each run in flight are kept (consecutive text merged) so that a page
 opened in the middle of a run is shown the run from its `start`. A run that began
@@ -93,6 +96,15 @@ class MailEvent:
     change: str | None = None
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """What a conversation's ``attach`` found in flight (``run_id``, None when idle): from
+    here on its page is told of every run of it, so that one it showed and not this one
+    has ended unseen."""
+
+    run_id: str | None
+
+
 #: What the roster poll reads, each a part a page may show.
 ROSTER_PARTS = ("participants", "spaces", "locks")
 
@@ -104,7 +116,7 @@ class RosterChanged:
     changed: tuple[str, ...]
 
 
-PageItem = Event | DaemonState | MailFollowed | MailEvent | RosterChanged
+PageItem = Event | DaemonState | InFlight | MailFollowed | MailEvent | RosterChanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +134,8 @@ class Shown:
         elif isinstance(item, DaemonState):
             state = {"up": item.up, "reason": item.reason}
             data, kind = msgspec.json.encode(state).decode(), "daemon"
+        elif isinstance(item, InFlight):
+            data, kind = msgspec.json.encode({"run_id": item.run_id}).decode(), "inflight"
         elif isinstance(item, MailFollowed):
             data, kind = item.reader, "watching"
         elif isinstance(item, MailEvent):
@@ -361,10 +375,13 @@ class DaemonLink:
         page.held = page.held or []
         self._tasks.start_soon(self._follow_run, self._client, page, page.attaching)
 
-    def _release(self, page: _Page) -> None:
-        """The page's ``attach`` answered (or failed): what waited for it goes on, but
-        the attached run's."""
+    def _release(self, page: _Page, first: Shown | None = None) -> None:
+        """The page's ``attach`` answered (or failed): ``first``, then what waited for
+        it goes on, but the attached run's."""
         held, page.held = page.held, None
+        for shown in [first] if first is not None else []:
+            if not self._deliver(page, shown):
+                return
         for shown in held or ():
             if not self._deliver(page, shown):
                 return
@@ -376,10 +393,12 @@ class DaemonLink:
             try:
                 async with client.attach(agent, sender) as events:
                     start = await anext(events)
+                    running = start.run_id if isinstance(start, Start) else None
+                    page.attached = running
+                    # Before what waited: it came after the attach answered.
+                    self._release(page, Shown.of(InFlight(running)))
                     if not isinstance(start, Start):
                         return  # `end` (idle): no run in flight
-                    page.attached = start.run_id
-                    self._release(page)
                     like = Event(
                         id=events.id, agent=agent, sender=sender, run_id=start.run_id, event=start
                     )

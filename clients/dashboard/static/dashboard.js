@@ -8,6 +8,7 @@
   const body = document.body;
   const banner = document.getElementById("banner");
   const onRun = []; // each live part's handler of run events
+  const onInFlight = []; // what to do when told which run of the conversation is in flight
   const onUp = []; // what to do when the daemon is back
 
   function element(tag, className, text) {
@@ -82,6 +83,10 @@
   source.addEventListener("run", (event) => {
     const run = JSON.parse(event.data);
     onRun.forEach((handler) => handler(run));
+  });
+  source.addEventListener("inflight", (event) => {
+    const { run_id: running } = JSON.parse(event.data);
+    onInFlight.forEach((handler) => handler(running));
   });
   source.addEventListener("stats", (event) => {
     const stats = JSON.parse(event.data);
@@ -247,6 +252,21 @@
       });
     }
     onUp.push(refresh);
+
+    // On each connection to the daemon the page is told which run is in flight now (and
+    // is shown it from its start): a run shown but not that one ended unseen, the daemon
+    // gone while it ran (a crash sends no end). It stays in view, saying so.
+    onInFlight.push((running) => {
+      for (const [runId, parts] of runs) {
+        if (runId === running) continue;
+        parts.node.dataset.end = "lost";
+        parts.node.append(
+          element("div", "end-status", "ended unseen: the daemon went away while it ran"));
+        runs.delete(runId);
+      }
+      ask.hidden = true;
+      refresh();
+    });
 
     // The whole history read again: compaction archived what it showed.
     function reread() {

@@ -277,6 +277,26 @@ def test_compacting_shows_the_history_as_it_now_reads(
     expect(page.locator("#history [data-seq]")).to_have_count(5)
 
 
+def test_a_run_the_daemon_died_in_does_not_stream_on_forever(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    send(page, "/slow 100 200")
+    bubble = page.locator("#live .entry.assistant")
+    expect(bubble.locator(".text")).to_contain_text("1 2")
+    daemon.kill9()  # no end for the run: the daemon is gone mid-run
+    expect(page.locator("#banner")).to_be_visible()
+    daemon.start()
+    expect(page.locator("#banner")).to_be_hidden()
+    # Back, nothing is in flight: the run shows how it ended, and its prompt shows once.
+    expect(bubble.locator(".end-status")).to_contain_text("the daemon went away")
+    expect(page.locator("#live .entry.user")).to_have_count(0)
+    expect(page.locator("#history .entry.user .text")).to_have_text("/slow 100 200")
+    send(page, "after the crash")
+    expect(page.locator("#history .entry.user .text").last).to_have_text("after the crash")
+    expect(page.locator("#history .entry.assistant .text").last).to_have_text("after the crash")
+
+
 def test_a_message_refused_does_not_stay_as_if_sent(
     page: Page, daemon: Any, dashboard: DashboardProcess
 ) -> None:
