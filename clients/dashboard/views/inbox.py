@@ -35,6 +35,7 @@ async def inbox(request: Request) -> Response:
         participants=participants,
         items=found.items,
         unread=found.unread,
+        cursor=cursor or "",
         next_cursor=found.next_cursor,
     )
 

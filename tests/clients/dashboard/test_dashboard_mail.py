@@ -212,3 +212,25 @@ def test_an_inbox_updates_live_without_a_reload(
     expect(page.locator("#message .state")).to_have_text("read")
     page.goto(f"{dashboard.url}/mail/inbox?as=bob")
     expect(page.locator("#inbox tr[data-msg] .state")).to_have_text(["read", "delivered"])
+
+
+def test_an_inbox_s_older_page_stays_itself_live(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    async def fill(client: Any) -> None:
+        for number in range(1, 53):
+            await client.post("ana", f"note {number}", to="bob")
+
+    on_daemon(daemon, fill)
+    page.goto(f"{dashboard.url}/mail/inbox?as=bob&token={TOKEN}")
+    expect(page.locator("body")).to_have_attribute("data-watching", "bob")
+    # The watch on: the page's live part is read again, as it is on every connection.
+    with page.expect_response(lambda response: "fragment=1" in response.url):
+        page.get_by_role("link", name="Older mail").click()
+    inbox = page.locator("#inbox tr[data-msg] .subject a")
+    expect(inbox).to_have_text(["note 2", "note 1"])
+    # Mail coming changes what it shows (unread counts), not which page.
+    with page.expect_response(lambda response: "fragment=1" in response.url):
+        on_daemon(daemon, lambda client: client.post("ana", "late", to="bob"))
+    expect(page.locator("#inbox .unread")).to_have_text("53 unread")
+    expect(inbox).to_have_text(["note 2", "note 1"])
