@@ -45,14 +45,19 @@
       status.textContent = "…";
       status.classList.remove("error");
       form.dispatchEvent(new CustomEvent("posting", { detail: fields }));
+      // Emptied as it goes, not when answered: what is typed meanwhile (the answer may
+      // come after the run it began has streamed) stays.
+      const box = form.dataset.reset !== undefined ? form.querySelector("textarea") : null;
+      const sent = box?.value;
+      if (box) box.value = "";
       try {
         const answer = await post(form.dataset.post, fields);
         status.textContent = "";
-        if (form.dataset.reset !== undefined) form.querySelector("textarea").value = "";
         form.dispatchEvent(new CustomEvent("posted", { detail: answer }));
       } catch (error) {
         status.textContent = error.message;
         status.classList.add("error");
+        if (box && !box.value) box.value = sent; // refused: there to send again
         form.dispatchEvent(new CustomEvent("refused", { detail: fields }));
       }
     });
@@ -281,6 +286,13 @@
         leaveToBubbles();
       });
     }
+
+    const killForm = document.getElementById("kill");
+    killForm.addEventListener("posted", (event) => {
+      if (event.detail.run_id === null) {
+        killForm.querySelector("[data-status]").textContent = "Nothing is running.";
+      }
+    });
 
     const compactForm = document.getElementById("compact");
     compactForm.addEventListener("posted", (event) => {

@@ -130,6 +130,23 @@ def test_a_run_ending_brings_its_row_up_to_date_and_to_the_top(
     expect(ana).to_have_text(shown)
 
 
+def test_what_is_typed_while_a_message_is_sent_stays(
+    page: Page, dashboard: DashboardProcess
+) -> None:
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    answered: list[Route] = []
+    # The send's answer held back (as under load) until the next message is typed.
+    page.route("**/conversation/send", lambda route: answered.append(route), times=1)
+    with page.expect_request("**/conversation/send"):
+        send(page, "first")
+    expect(page.locator("#send textarea")).to_have_value("")
+    page.fill("#send textarea", "second, typed meanwhile")
+    assert len(answered) == 1
+    answered[0].continue_()
+    expect(page.locator("#history .entry.user .text")).to_have_text("first")
+    expect(page.locator("#send textarea")).to_have_value("second, typed meanwhile")
+
+
 def test_a_message_sent_streams_in_without_a_reload(
     page: Page, dashboard: DashboardProcess
 ) -> None:
@@ -306,6 +323,8 @@ def test_a_message_refused_does_not_stay_as_if_sent(
     send(page, "sent while the daemon is away")
     expect(page.locator("#send [data-status]")).to_contain_text("The daemon is unreachable")
     expect(page.locator("#live .entry")).to_have_count(0)
+    # Refused, it is back in the box to send again.
+    expect(page.locator("#send textarea")).to_have_value("sent while the daemon is away")
     # Back, nothing of it shows; what is sent then does.
     daemon.start()
     expect(page.locator("#banner")).to_be_hidden()
@@ -323,6 +342,9 @@ def test_kill_stops_a_slow_run(page: Page, dashboard: DashboardProcess) -> None:
     words = bubble.locator(".text").inner_text().split()
     assert 2 <= len(words) < 100
     expect(page.locator("#banner")).to_be_hidden()
+    # Again, with nothing running: it says so.
+    page.click("#kill button")
+    expect(page.locator("#kill [data-status]")).to_have_text("Nothing is running.")
 
 
 def test_an_ask_is_answered_with_a_button(page: Page, dashboard: DashboardProcess) -> None:
