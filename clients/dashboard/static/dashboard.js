@@ -200,6 +200,11 @@
       }
       const state = row.cells[3];
       const text = row.cells[4];
+      if (row.classList.contains("unseen")) {
+        // Still going after all (the daemon dropped the subscription, not the run).
+        row.classList.remove("unseen");
+        state.textContent = "running";
+      }
       switch (event.type) {
         case "queued": state.textContent = "queued"; break;
         case "start":
@@ -215,7 +220,16 @@
         case "end":
           state.textContent = event.error ? `${event.status}: ${event.error.message}` : event.status;
           row.classList.add(event.status);
+          row.dataset.ended = "";
           break;
+      }
+    });
+    // Connected (again): the runs still in flight are replayed from their start; one
+    // not ended and not replayed was lost with the daemon (a crash sends no end).
+    onUp.push(() => {
+      for (const row of rows.querySelectorAll("tr[data-run]:not([data-ended])")) {
+        row.classList.add("unseen");
+        row.cells[3].textContent = "ended unseen: the daemon went away";
       }
     });
   }

@@ -314,6 +314,24 @@ def test_a_run_the_daemon_died_in_does_not_stream_on_forever(
     expect(page.locator("#history .entry.assistant .text").last).to_have_text("after the crash")
 
 
+def test_the_feed_does_not_show_a_run_the_daemon_died_in_as_running(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    open_page(page, dashboard, "/feed")
+    expect(page.locator("#banner")).to_be_hidden()
+    on_daemon(daemon, lambda client: begin_slow_run(client, "web", 100, 200))
+    row = page.locator("#feed tr[data-run]")
+    expect(row.locator("td").nth(3)).to_have_text("running")
+    daemon.kill9()
+    expect(page.locator("#banner")).to_be_visible()
+    daemon.start()
+    expect(page.locator("#banner")).to_be_hidden()
+    expect(row.locator("td").nth(3)).to_have_text("ended unseen: the daemon went away")
+    # A run begun since shows as usual.
+    on_daemon(daemon, lambda client: talk(client, "ana", "back again"))
+    expect(page.locator("#feed tr[data-run]").first.locator("td").nth(3)).to_have_text("done")
+
+
 def test_a_message_refused_does_not_stay_as_if_sent(
     page: Page, daemon: Any, dashboard: DashboardProcess
 ) -> None:
