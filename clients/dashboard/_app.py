@@ -3,13 +3,14 @@
 ``create_app`` assembles a Starlette app from the views in ``views/``; its lifespan
 keeps the connection to the daemon (``DaemonLink``). Every page opens one
 server-sent event stream, ``/events``: the daemon's state (``daemon``: up or
-away, for the banner), the run events it asks for (``run``; none with
-``runs=0``), with ``stats`` the daemon's counters every few seconds (``stats``),
-with ``as=NAME`` that participant's mail (``watching`` once its watch is on, then
-``mail``: ``{change, message}``, ``change`` null for a new message), and with
-``roster`` which of presence, spaces and locks changed (``roster``: ``{changed}``).
-The link encodes each once for every page; a page sent several at a time gets them in
-one write.
+away, for the banner), the run events it asks for (``run``; none with ``runs=0``;
+with ``agent`` and ``sender``, on each connection to the daemon, which run of that
+conversation is in flight, ``inflight``), with ``stats`` the daemon's counters every
+few seconds (``stats``), with ``as=NAME`` that participant's mail (``watching`` once
+its watch is on, then ``mail``: ``{change, message}``, ``change`` null for a new
+message), and with ``roster`` which of presence, spaces and locks changed
+(``roster``: ``{changed}``). The link encodes each once for every page; a page sent
+several at a time gets them in one write.
 """
 
 from __future__ import annotations

@@ -379,9 +379,8 @@ class DaemonLink:
         """The page's ``attach`` answered (or failed): ``first``, then what waited for
         it goes on, but the attached run's."""
         held, page.held = page.held, None
-        for shown in [first] if first is not None else []:
-            if not self._deliver(page, shown):
-                return
+        if first is not None and not self._deliver(page, first):
+            return
         for shown in held or ():
             if not self._deliver(page, shown):
                 return
