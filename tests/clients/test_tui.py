@@ -234,7 +234,11 @@ def test_text_with_markup_in_it_shows_as_written(daemon: Any) -> None:
                 "the mail as written",
                 lambda: ui.rows("inbox", "message") == [("[/m] lunch [@click=app.quit]now[/]?",)],
             )
-            assert 'set_title({"title": "[/t] Plans"})' in ui.transcript()
+            # The transcript is read again when the run ends, after the list has its title.
+            await ui.until(
+                "the tool call as written",
+                lambda: 'set_title({"title": "[/t] Plans"})' in ui.transcript(),
+            )
             await ui.send("/tool ask_user " + json.dumps({"questions": [question]}))
             await ui.until("the question", lambda: isinstance(ui.app.screen, AskDialog))
             option = ui.app.screen.query_one("#option-0-0", Button)
