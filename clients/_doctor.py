@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
+import click
 import msgspec
 from chinwag.protocol import CheckFinding, CheckReport, DaemonInfo, WebhookBacklog
 from rich.console import Console
@@ -95,6 +96,10 @@ async def _check_socket(settings: Settings) -> _DaemonSeen:
     def failed(detail: str, hint: str = _START_HINT) -> _DaemonSeen:
         return _DaemonSeen(False, [Check("fail", "socket", f"{where}: {detail}", hint)])
 
+    try:
+        target = settings.target
+    except click.BadParameter as exc:
+        return failed(exc.message, "fix --url or $CHINWAG_URL")
     if not settings.url:
         try:
             mode = path.stat().st_mode
@@ -109,7 +114,7 @@ async def _check_socket(settings: Settings) -> _DaemonSeen:
             return failed("is not a socket", hint)
     try:
         with anyio.fail_after(DOCTOR_SOCKET_TIMEOUT_S):
-            async with connect(settings.target, client=CLIENT_NAME) as client:
+            async with connect(target, client=CLIENT_NAME) as client:
                 server = client.welcome.server
                 stats = await client.stats()
     except TimeoutError:

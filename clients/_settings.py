@@ -22,6 +22,7 @@ from ._client import (
     Client,
     ConnectionLost,
     DaemonUnreachable,
+    addresses,
     connect_explained,
     leaves,
 )
@@ -80,8 +81,19 @@ class Settings:
 
     @property
     def target(self) -> Path | str:
-        """What commands connect to: the URLs when given, else the socket."""
-        return self.url if self.url else self.socket
+        """What commands connect to: the URLs when given, else the socket.
+
+        The URLs are checked here, as a command is about to reach the daemon, so that a
+        mistake in ``$CHINWAG_URL`` is a usage error naming the address (not a failed
+        connection later), and stops no command that reaches no daemon (``serve``, ``token``).
+        """
+        if not self.url:
+            return self.socket
+        try:
+            addresses(self.url)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--url'") from None
+        return self.url
 
 
 def settings_of(ctx: click.Context) -> Settings:

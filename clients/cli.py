@@ -44,7 +44,7 @@ import anyio
 import click
 from chinwag.protocol import JSON, AgentItem, AskUser, End, default_socket_path, token_digest
 
-from ._client import Client, addresses
+from ._client import Client
 from ._daemon_process import STOP_TIMEOUT_S, ensure_daemon, stop_daemon
 from ._render import (
     SendView,
@@ -152,18 +152,6 @@ class _Commands(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-def _daemon_urls(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """``--url`` checked before any command runs: a mistake in it is a usage error
-    naming the address, not a failed connection (or a traceback) later."""
-    if not value:
-        return None
-    try:
-        addresses(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-    return value
-
-
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--socket",
@@ -177,7 +165,6 @@ def _daemon_urls(ctx: click.Context, param: click.Parameter, value: str | None) 
     "--url",
     envvar="CHINWAG_URL",
     default=None,
-    callback=_daemon_urls,
     help="Daemons over TCP instead of the socket: chinwag+tls://HOST:PORT, several "
     "separated by commas, tried in order ($CHINWAG_URL; the token from $CHINWAG_TOKEN, "
     "a private CA from $CHINWAG_CA).",

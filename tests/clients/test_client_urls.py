@@ -71,6 +71,18 @@ def test_the_cli_refuses_a_url_that_is_not_an_address_before_any_command() -> No
         assert "Invalid value for '--url': " in result.output and why in result.output
 
 
+def test_a_bad_url_in_the_environment_stops_only_what_would_reach_a_daemon() -> None:
+    """``$CHINWAG_URL`` is the clients': a mistake in it leaves commands that reach no
+    daemon working (``token``; ``serve`` likewise) and ``doctor`` says what is wrong."""
+    env = {"CHINWAG_URL": "chinwag+tcp://192.0.2.1:7433", "CHINWAG_SOCKET": "/nonexistent/cw.sock"}
+    made = CliRunner().invoke(cli, ["token", "ana"], env=env)
+    assert made.exit_code == 0, made.output
+    assert made.output.startswith("token: ")
+    doctor = CliRunner().invoke(cli, ["doctor"], env=env)
+    assert "✗ socket: chinwag+tcp://192.0.2.1:7433" in doctor.output, doctor.output
+    assert "plain TCP only to this machine" in doctor.output
+
+
 # --- several daemons, tried in order -------------------------------------------------
 
 THIRD = msgspec.structs.replace(WELCOME, server="third")
