@@ -48,6 +48,7 @@ from chinwag.protocol import (
 from chinwag.storage import (
     DeleteChange,
     EditChange,
+    FromSpace,
     InboxQuery,
     MailStore,
     MessageChange,
@@ -168,6 +169,7 @@ class MailContextView:
 @dataclass
 class _Addressed:
     recipients: dict[str, bool] = field(default_factory=dict)  # name -> mentioned
+    named: set[str] = field(default_factory=set)  # recipients not (only) by the `#space`
     new: list[str] = field(default_factory=list)  # names never seen before
     direct: set[str] = field(default_factory=set)  # named in `to` (a DM to them)
     at_named: set[str] = field(default_factory=set)  # `@name`d, in `to` or `mentions`
@@ -432,6 +434,11 @@ class PostOffice:
                 to = [parent.sender] if parent.sender != sender else parent.recipients
                 if parent.space is not None:  # and the space it went to
                     to = [*to, f"#{parent.space}"]
+        shared = self.runtime.cluster is not None
+        if shared and any(
+            e.strip().startswith("#") and self.spaces.find(e, sender) is None for e in to
+        ):
+            await self.spaces.load()  # made, or joined, on another daemon: its news to come
         addressed = self._address(sender, to, mentions)
         recipients = [name for name in addressed.recipients if name != sender]
         warnings = [
@@ -439,12 +446,6 @@ class PostOffice:
             for name in addressed.new
             if name != sender
         ]
-        if not recipients:
-            warnings.append(
-                f"It reaches nobody: #{addressed.space} has no member but its author."
-                if addressed.space is not None
-                else "It reaches nobody: its only recipient is its author."
-            )
         mention_refs = [Ref(type="mention", value=name) for name in addressed.at_named]
         thread_id = None
         change = None
@@ -470,6 +471,18 @@ class PostOffice:
                 for name in recipients
                 if any(watcher.room() for watcher in self.watchers.get(name, ()))
             }
+            from_space = None
+            if shared and addressed.space is not None:
+                # Its members as the store has them when it is stored: this daemon's list
+                # follows another's joins and leaves only once its news comes.
+                from_space = FromSpace(
+                    named=frozenset(addressed.named),
+                    live=frozenset(
+                        name
+                        for name, watchers in self.watchers.items()
+                        if any(watcher.room() for watcher in watchers)
+                    ),
+                )
             message = MailMessage(
                 msg_id="",
                 sender=sender,
@@ -501,7 +514,7 @@ class PostOffice:
                 for name in recipients
             ]
             stored, created = await self.store.post(
-                message, deliveries, parent=change, new_participants=fresh
+                message, deliveries, parent=change, new_participants=fresh, from_space=from_space
             )
             if created:  # a retry stored nothing: no participant is new either
                 for participant in fresh:
@@ -514,8 +527,17 @@ class PostOffice:
                 self.runtime.telemetry.mail_posted()
         if created:
             log.debug(
-                "mail_posted", msg_id=stored.msg_id, sender=sender, recipients=len(recipients)
+                "mail_posted",
+                msg_id=stored.msg_id,
+                sender=sender,
+                recipients=len(stored.recipients),
             )
+            if not stored.recipients:
+                warnings.append(
+                    f"It reaches nobody: #{addressed.space} has no member but its author."
+                    if addressed.space is not None
+                    else "It reaches nobody: its only recipient is its author."
+                )
             for name in stored.recipients:
                 agent = self.hosted_agent(name)
                 if agent is not None and self._starts_run(agent, stored, direct=addressed.direct):
@@ -526,8 +548,10 @@ class PostOffice:
         addressed = _Addressed()
         roles = self._roles()
 
-        def add(name: str, mentioned: bool) -> None:
+        def add(name: str, mentioned: bool, *, named: bool = True) -> None:
             addressed.recipients[name] = addressed.recipients.get(name, False) or mentioned
+            if named:
+                addressed.named.add(name)
 
         for entry, is_mention in [*((e, False) for e in to), *((m, True) for m in mentions)]:
             raw = entry.strip()
@@ -539,7 +563,7 @@ class PostOffice:
                     raise RequestError(400, "A message goes to at most one space.")
                 addressed.space = space.name
                 for name in self.spaces.recipients(space, sender):
-                    add(name, False)
+                    add(name, False, named=False)
                 continue
             if raw.casefold() == "@everyone":
                 if is_mention:

@@ -58,11 +58,15 @@ class Spaces:
 
     def get(self, raw: str, reader: str | None) -> Space:
         """The space ``raw`` names (``#`` optional) as ``reader`` may see it; else 404."""
-        name = raw.strip().removeprefix("#").casefold()
-        space = self.by_name.get(name)
-        if space is None or not self.visible(space, reader):
-            raise RequestError(404, f"No space is named #{name}.")
+        space = self.find(raw, reader)
+        if space is None:
+            raise RequestError(404, f"No space is named #{_name(raw)}.")
         return space
+
+    def find(self, raw: str, reader: str | None) -> Space | None:
+        """``get``, with None for 404."""
+        space = self.by_name.get(_name(raw))
+        return space if space is not None and self.visible(space, reader) else None
 
     def readable(self, reader: str) -> list[str]:
         """Every space whose mail ``reader`` may read: the public ones and its own."""
@@ -267,6 +271,10 @@ class Spaces:
             if (status is None or self.projects[name].status == status)
             and (tag is None or tag in self.projects[name].tags)
         ]
+
+
+def _name(raw: str) -> str:
+    return raw.strip().removeprefix("#").casefold()
 
 
 def _check_project(project: Project) -> None:

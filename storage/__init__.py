@@ -27,6 +27,7 @@ from ._jsonl import JsonlStorage
 from ._mail import (
     DeleteChange,
     EditChange,
+    FromSpace,
     InboxQuery,
     MailStore,
     MessageChange,
@@ -54,6 +55,7 @@ __all__ = [
     "ConversationNotFound",
     "DeleteChange",
     "EditChange",
+    "FromSpace",
     "InboxQuery",
     "JsonlStorage",
     "MailStore",

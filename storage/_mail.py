@@ -71,6 +71,43 @@ class ParentChange(msgspec.Struct, kw_only=True, frozen=True):
     # ``answered_by`` to the reply's msg_id and its ``run_id`` to the reply's
 
 
+class FromSpace(msgspec.Struct, kw_only=True, frozen=True):
+    """A post's recipients read as it is stored: every member of the message's space but
+    its author, as stored then, beside those ``named`` apart from the space. On a store
+    several daemons share, a daemon's own list of members may be behind the store's."""
+
+    named: frozenset[str] = frozenset()  # recipients whether members or not (`to` named them)
+    live: frozenset[str] = frozenset()  # a member among these is `delivered` at once (a
+    # watch takes the push), the others `pending`
+
+
+def with_members(
+    message: MailMessage,
+    deliveries: Sequence[Delivery],
+    members: Sequence[str],
+    space: FromSpace,
+) -> tuple[MailMessage, list[Delivery]]:
+    """``message`` and its ``deliveries`` (made from an earlier list of the space's
+    members) as ``members``, the space's members as stored now, make them.
+
+    A recipient neither named nor a member any more is left out; a member not among the
+    deliveries gets one, after the others, in the order of ``members``."""
+    present = set(members) - {message.sender}
+    kept = [d for d in deliveries if d.name in space.named or d.name in present]
+    have = {d.name for d in kept}
+    at = message.created_at
+    kept += [
+        Delivery(
+            name=name,
+            state="delivered" if name in space.live else "pending",
+            delivered_at=at if name in space.live else None,
+        )
+        for name in dict.fromkeys(members)
+        if name in present and name not in have
+    ]
+    return msgspec.structs.replace(message, recipients=[d.name for d in kept]), kept
+
+
 class EditChange(msgspec.Struct, tag="edit", kw_only=True, frozen=True):
     """New text: the text before becomes a ``MessageVersion``."""
 
@@ -195,15 +232,19 @@ class MailStore(Protocol):
         *,
         parent: ParentChange | None = None,
         new_participants: Sequence[Participant] = (),
+        from_space: FromSpace | None = None,
     ) -> tuple[MailMessage, bool]:
         """Store one message with one delivery per recipient, numbered after every other.
 
         The store sets ``msg_id`` (``msg_id_of`` the next number; whatever it held is
         ignored) and keeps every other field as given. ``parent`` is applied and
         ``new_participants`` put in the same write (a participant already stored is
-        left as it is). Returns the stored message and True. When the message has an
-        ``idempotency_key`` that the same ``sender`` used before, nothing is stored
-        and the first message comes back with False.
+        left as it is). With ``from_space``, the recipients and deliveries are those
+        ``with_members`` makes of the members of ``message.space`` as stored in the
+        same write: a membership changed (``set_member``) before it is counted, and one
+        changed while it is written waits for it. Returns the stored message and True.
+        When the message has an ``idempotency_key`` that the same ``sender`` used
+        before, nothing is stored and the first message comes back with False.
         """
         ...
 

@@ -33,6 +33,7 @@ from chinwag.protocol import (
 
 from ._base import StorageError
 from ._mail import (
+    FromSpace,
     InboxQuery,
     MessageChange,
     ParentChange,
@@ -42,6 +43,7 @@ from ._mail import (
     lock_allows,
     msg_id_of,
     number_of,
+    with_members,
 )
 from ._search import TextIndex
 
@@ -644,8 +646,12 @@ class IndexedMail:
         *,
         parent: ParentChange | None = None,
         new_participants: Sequence[Participant] = (),
+        from_space: FromSpace | None = None,
     ) -> tuple[MailMessage, bool]:
         async with self._writing() as index:
+            if from_space is not None and message.space is not None:
+                members = sorted(index.members.get(message.space, {}))
+                message, deliveries = with_members(message, deliveries, members, from_space)
             try:
                 stored, change = index.plan_post(message, deliveries, parent, new_participants)
             except (UnicodeEncodeError, TypeError, OverflowError) as exc:

@@ -110,6 +110,7 @@ from chinwag.protocol import (
 
 from ._base import StorageError
 from ._mail import (
+    FromSpace,
     InboxQuery,
     MessageChange,
     ParentChange,
@@ -118,6 +119,7 @@ from ._mail import (
     lock_allows,
     msg_id_of,
     number_of,
+    with_members,
 )
 from ._search import WORD
 from ._timestamps import utc
@@ -452,12 +454,12 @@ class PostgresMail:
         *,
         parent: ParentChange | None = None,
         new_participants: Sequence[Participant] = (),
+        from_space: FromSpace | None = None,
     ) -> tuple[MailMessage, bool]:
         # The msg_id is the sequence's, laid over the body when read; encoded now, so a
         # message that cannot be stored fails before anything is written.
         body = _encode(msgspec.structs.replace(message, msg_id=""))
         created_at = utc(message.created_at)
-        recipients = list({d.name: d for d in deliveries}.values())  # one per name, the last
         scopes = list(dict.fromkeys((ref.type, ref.value) for ref in message.scopes))
         people = list({p.name: p for p in reversed(new_participants)}.values())  # the first
         parent_number = None
@@ -482,11 +484,7 @@ class PostgresMail:
             "answered": parent is not None and parent.answered,
             "run_id": message.run_id,
             "read_by": parent.read_by if parent is not None else None,
-            "names": [d.name for d in recipients],
-            "states": [d.state for d in recipients],
-            "delivered_at": [_utc_or_none(d.delivered_at) for d in recipients],
-            "read_at": [_utc_or_none(d.read_at) for d in recipients],
-            "mentioned": [d.mentioned for d in recipients],
+            **_deliveries(deliveries),
             "scope_types": [type_ for type_, _ in scopes],
             "scope_values": [value for _, value in scopes],
             "people": [p.name for p in people],
@@ -494,11 +492,12 @@ class PostgresMail:
         }
 
         key = message.idempotency_key
+        space = message.space if from_space is not None else None
 
         def insert(conn: psycopg.Connection[Any]) -> tuple[MailMessage, bool]:
             row = conn.execute(_POST, params).fetchone()
             if row is not None:
-                return _message(row[0], body, message.thread_id, None, None), True
+                return _message(row[0], params["body"], message.thread_id, None, None), True
             # Nothing inserted: the key was used (by a post committed before this
             # statement began, or while it waited on the unique key), or no parent.
             if key is not None:
@@ -516,16 +515,35 @@ class PostgresMail:
         def post(conn: psycopg.Connection[Any]) -> tuple[MailMessage, bool]:
             # Made here, in the worker thread: a long message takes a while to split.
             params["search"] = None if message.deleted else _search_vector(message.content)
-            if key is None:
+            if key is None and space is None:
                 return insert(conn)
-            # Posts with one key take turns (a lock per schema, sender and key, held to
-            # the commit), so the post's statement sees the one before it committed: the
-            # first takes the next number, and a repeat takes none. Without the turns,
-            # racing posts would each take a number, and the one that inserts first
-            # would win, not always the one numbered first.
-            lock = _lock_key("mail-key", self._schema, message.sender, key)
             with conn.pipeline(), conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+                if key is not None:
+                    # Posts with one key take turns (a lock per schema, sender and key,
+                    # held to the commit), so the post's statement sees the one before it
+                    # committed: the first takes the next number, and a repeat takes
+                    # none. Without the turns, racing posts would each take a number, and
+                    # the one that inserts first would win, not always the one numbered
+                    # first.
+                    lock = _lock_key("mail-key", self._schema, message.sender, key)
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+                if space is not None and from_space is not None:
+                    # The space's members as of now: a membership changed before is
+                    # committed (set_member holds the lock exclusively to its commit), and
+                    # one changing now waits for this post to commit. The members are
+                    # read by a statement begun after the lock is held, so it sees them.
+                    conn.execute(
+                        "SELECT pg_advisory_xact_lock_shared(%s)", (self._space_lock(space),)
+                    )
+                    members = conn.execute(
+                        'SELECT name FROM space_members WHERE space = %s ORDER BY name COLLATE "C"',
+                        (space,),
+                    ).fetchall()
+                    posted, given = with_members(
+                        message, deliveries, [name for (name,) in members], from_space
+                    )
+                    params["body"] = _encode(msgspec.structs.replace(posted, msg_id=""))
+                    params.update(_deliveries(given))
                 return insert(conn)
 
         return await self._write(f"Posting a message from {message.sender!r}", post)
@@ -639,7 +657,12 @@ class PostgresMail:
             ),
         )
 
+    def _space_lock(self, space: str) -> int:
+        """The advisory lock a post to ``space`` shares, and a change of its members holds."""
+        return _lock_key("mail-space", self._schema, space)
+
     async def set_member(self, space: str, name: str, at: datetime, *, member: bool) -> bool:
+        lock = self._space_lock(space)
         if member:
             statement = (
                 "INSERT INTO space_members (space, name, joined_at) VALUES (%s, %s, %s)"
@@ -649,10 +672,13 @@ class PostgresMail:
         else:
             statement = "DELETE FROM space_members WHERE space = %s AND name = %s"
             params = (space, name)
-        moved = await self._write(
-            f"Changing the members of {space!r}",
-            lambda conn: conn.execute(statement, params).rowcount,
-        )
+
+        def set_it(conn: psycopg.Connection[Any]) -> int:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+                return conn.execute(statement, params).rowcount
+
+        moved = await self._write(f"Changing the members of {space!r}", set_it)
         return moved > 0
 
     async def put_project(self, project: Project) -> None:
@@ -1108,9 +1134,22 @@ def _page(where: list[str], joined: list[str], *, descending: bool) -> str:
 
 def _lock_key(*parts: str) -> int:
     """The signed 64-bit ``pg_advisory_xact_lock`` key of ``parts``: ``("mail-key", schema,
-    sender, key)`` for an idempotency key, ``("mail-lock", schema, resource)`` for a lock."""
+    sender, key)`` for an idempotency key, ``("mail-lock", schema, resource)`` for a lock,
+    ``("mail-space", schema, space)`` for a space's members."""
     digest = hashlib.blake2b(_encode(parts), digest_size=8, person=b"chinwag")
     return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def _deliveries(deliveries: Sequence[Delivery]) -> dict[str, list[Any]]:
+    """``_POST``'s parameters for ``deliveries``: one per name, the last."""
+    recipients = list({d.name: d for d in deliveries}.values())
+    return {
+        "names": [d.name for d in recipients],
+        "states": [d.state for d in recipients],
+        "delivered_at": [_utc_or_none(d.delivered_at) for d in recipients],
+        "read_at": [_utc_or_none(d.read_at) for d in recipients],
+        "mentioned": [d.mentioned for d in recipients],
+    }
 
 
 def _stored(participant: Participant) -> Participant:

@@ -73,6 +73,7 @@ from chinwag.protocol import (
 from ._base import StorageError
 from ._mail import (
     EditChange,
+    FromSpace,
     InboxQuery,
     MessageChange,
     ParentChange,
@@ -81,6 +82,7 @@ from ._mail import (
     lock_allows,
     msg_id_of,
     number_of,
+    with_members,
 )
 from ._search import fts5_match
 from ._timestamps import from_text, to_text
@@ -297,9 +299,9 @@ class SqliteMail:
         *,
         parent: ParentChange | None = None,
         new_participants: Sequence[Participant] = (),
+        from_space: FromSpace | None = None,
     ) -> tuple[MailMessage, bool]:
         fresh = [(p.name, _participant_body(p)) for p in new_participants]
-        rows = [_delivery_row(d) for d in {d.name: d for d in deliveries}.values()]
         scopes = {(ref.type, ref.value) for ref in message.scopes}
         try:
             created_at = to_text(message.created_at)
@@ -315,10 +317,20 @@ class SqliteMail:
                 ).fetchone()
                 if row is not None:
                     return _decode_message(row[0]), False
+            if from_space is not None and message.space is not None:
+                found = conn.execute(
+                    "SELECT name FROM mail_members WHERE space = ? ORDER BY name",
+                    (message.space,),
+                ).fetchall()
+                members = [name for (name,) in found]
+                posted, given = with_members(message, deliveries, members, from_space)
+            else:
+                posted, given = message, list(deliveries)
+            rows = [_delivery_row(d) for d in {d.name: d for d in given}.values()]
             (number,) = conn.execute(
                 "SELECT coalesce(max(number), 0) + 1 FROM mail_messages"
             ).fetchone()
-            stored = msgspec.structs.replace(message, msg_id=msg_id_of(number))
+            stored = msgspec.structs.replace(posted, msg_id=msg_id_of(number))
             body = _encode_message(stored)
             if parent is not None:
                 _change_parent(conn, parent, stored, created_at)

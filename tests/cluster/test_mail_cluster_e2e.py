@@ -10,11 +10,15 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
+import psycopg
 import pytest
 import trio
 from chinwag.clients import ChinwagError, connect
 from chinwag.protocol import MailMessage, MailUpdate
+from chinwag.storage._postgres import parse_postgres_url
+from psycopg import sql
 
 # Nothing delivers mail by polling now; the webhooks look for other daemons' mail every
 # SHARED_POLL_S (2 s) besides being woken: a push well under a second is no poll's.
@@ -99,12 +103,57 @@ async def test_space_mail_fans_out_to_watchers_on_two_other_daemons(three):
         assert took < PUSHED_WITHIN_S, f"both had it {took:.3f} s after it was posted"
 
 
+@contextmanager
+def spaces_news_held(storage_url: str) -> Iterator[None]:
+    """While in it, no daemon takes in another's news of spaces: reading them again
+    (``Spaces.load``) ends by reading the projects, locked here, and keeps nothing read
+    until then. Nothing else a post or a join does touches the projects."""
+    conninfo, schema, _ = parse_postgres_url(storage_url)
+    with psycopg.connect(conninfo) as conn, conn.transaction():
+        conn.execute(
+            sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                sql.Identifier(schema or "public", "projects")
+            )
+        )
+        yield
+
+
+async def test_a_space_post_reaches_the_members_the_store_has_as_it_is_posted(cluster, two):
+    """Joins, invitations and leaves acknowledged on a count at once for a post on b, in
+    a public and a private space, though b has yet to hear of them."""
+    a, b = two
+    async with connect(a.socket_path) as on_a, connect(b.socket_path) as on_b:
+        await on_a.register("bo")
+        await on_a.space_create("ana", "ops")
+        await on_a.space_join("cy", "#ops")
+        await on_a.space_create("ana", "den", private=True)
+        await on_a.space_invite("ana", "#den", "cy")
+        await until("ops on b", lambda: _members(on_b, "ops", {"ana", "cy"}))
+        await until("den on b", lambda: _members(on_b, "den", {"ana", "cy"}, reader="ana"))
+        with spaces_news_held(cluster.storage_url):
+            await on_a.space_join("bo", "#ops")
+            await on_a.space_leave("cy", "#ops")
+            await on_a.space_invite("ana", "#den", "bo")
+            await on_a.space_leave("cy", "#den")
+            async with on_a.watch("bo") as mail:
+                to_ops = await on_b.post("ana", "to ops", to="#ops")
+                to_den = await on_b.post("ana", "to den", to=["#den", "dee"])
+                assert to_ops.recipients == ["bo"]
+                assert sorted(to_den.recipients) == ["bo", "dee"], "dee is named, no member"
+                with trio.fail_after(5):
+                    got = [await anext(mail), await anext(mail)]
+            assert await _members(on_b, "ops", {"ana", "cy"}), "b has yet to hear of them"
+        assert [m.msg_id for m in got] == [to_ops.msg_id, to_den.msg_id]  # type: ignore[union-attr]
+        assert (await on_b.inbox("cy")).items == [], "cy left both before they were posted"
+        await until("the members on b", lambda: _members(on_b, "ops", {"ana", "bo"}))
+
+
 async def _has_space(client, name: str) -> bool:  # type: ignore[no-untyped-def]
     return name in [space.name for space in await client.spaces()]
 
 
-async def _members(client, space: str, names: set[str]) -> bool:  # type: ignore[no-untyped-def]
-    return {member.name for member in await client.space_members(space)} == names
+async def _members(client, space: str, names: set[str], reader: str | None = None) -> bool:  # type: ignore[no-untyped-def]
+    return {m.name for m in await client.space_members(space, reader=reader)} == names
 
 
 async def test_bursts_from_two_daemons_reach_a_watcher_on_a_third_in_msg_id_order(three):

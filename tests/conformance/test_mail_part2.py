@@ -16,6 +16,7 @@ from chinwag.protocol import Delivery, LockHolder, MessageVersion, Project, Spac
 from chinwag.storage import (
     DeleteChange,
     EditChange,
+    FromSpace,
     InboxQuery,
     MessageChange,
     PinChange,
@@ -25,7 +26,7 @@ from chinwag.storage import (
     StorageError,
     msg_id_of,
 )
-from test_mail import AUTH, MANY, STORE_CLOSED, T0, Reopen, at, ids, post
+from test_mail import AUTH, MANY, STORE_CLOSED, T0, Reopen, at, ids, mail, post
 
 
 def space(name: str, **fields: object) -> Space:
@@ -419,6 +420,36 @@ async def test_members_join_once_keep_their_time_and_leave(store: Storage) -> No
     assert set(await store.mail.members()) == {"eng"}
     assert await store.mail.set_member("ops", "bob", at(7), member=True)  # back: since now
     assert [(m.name, m.joined_at) for m in (await store.mail.members())["ops"]] == [("bob", at(7))]
+
+
+async def test_a_post_from_its_space_reaches_the_members_stored_as_it_is(
+    store: Storage,
+) -> None:
+    """The post office's list of members said bob and cy; the store says ana (the
+    author), bob and dee: cy left and dee joined."""
+    for name in ("ana", "bob", "cy"):
+        await store.mail.set_member("eng", name, at(1), member=True)
+    await store.mail.set_member("eng", "cy", at(2), member=False)
+    await store.mail.set_member("eng", "dee", at(2), member=True)
+    message = msgspec.structs.replace(
+        mail("ana", ["#eng", "erin"], space="eng"), recipients=["bob", "cy", "erin"]
+    )
+    given = [
+        Delivery(name="bob", state="delivered", delivered_at=at(0)),
+        Delivery(name="cy"),
+        Delivery(name="erin", mentioned=True),
+    ]
+    from_space = FromSpace(named=frozenset({"erin"}), live=frozenset({"dee", "cy"}))
+    stored, created = await store.mail.post(message, given, from_space=from_space)
+    assert created and stored.recipients == ["bob", "erin", "dee"]
+    found = {d.name: d for d in (await store.mail.deliveries([stored.msg_id]))[stored.msg_id]}
+    assert found == {
+        "bob": given[0],
+        "erin": given[2],
+        "dee": Delivery(name="dee", state="delivered", delivered_at=message.created_at),
+    }
+    assert await store.mail.received("cy", after=None, limit=MANY) == []
+    assert (await store.mail.get_message(stored.msg_id)) == stored
 
 
 async def test_space_counts_count_each_spaces_messages(store: Storage) -> None:
