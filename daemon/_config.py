@@ -78,6 +78,7 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # "HOST:PORT" to serve clients on over TCP besides the Unix socket (None: only the
     # socket). With tls_cert and tls_key (PEM files) the connections are TLS; plain TCP
     # is served only on a loopback host. On TCP every client names a token of [tokens].
+    # Port 0: the system picks a free one, which the `daemon_started` log line names.
     listen_tcp: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -85,7 +86,7 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def tcp_address(self) -> tuple[str, int] | None:
         """``listen_tcp`` as (host, port); None when unset."""
-        return None if self.listen_tcp is None else listen_address(self.listen_tcp)
+        return None if self.listen_tcp is None else listen_address(self.listen_tcp, any_port=True)
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -239,8 +240,9 @@ def parse_duration(text: str) -> timedelta | None:
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 
 
-def listen_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (an IPv6 host in brackets) as (host, port); ``ValueError`` when not one."""
+def listen_address(text: str, *, any_port: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets) as (host, port); ``ValueError`` when not one.
+    With ``any_port``, port 0 is one: the system's pick of a free port."""
     host, colon, port = text.strip().rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -250,7 +252,7 @@ def listen_address(text: str) -> tuple[str, int]:
             host = ""
     elif not (colon and _HOST_NAME.fullmatch(host)):
         host = ""
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) <= 65535:
         raise ValueError(f"not HOST:PORT: {text!r}")
     return host, int(port)
 
@@ -425,7 +427,7 @@ def _check_network(config: Config, path: Path | str) -> None:
     if daemon.listen_tcp is None:
         return
     try:
-        host, _ = listen_address(daemon.listen_tcp)
+        host, _ = listen_address(daemon.listen_tcp, any_port=True)
     except ValueError:
         raise ConfigError(
             f'{path}: [daemon] listen_tcp must be "HOST:PORT", such as "0.0.0.0:7433", '

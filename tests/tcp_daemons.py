@@ -1,4 +1,4 @@
-"""Daemons served over TCP for tests: trustme certificates, a free port, the config.
+"""Daemons served over TCP for tests: trustme certificates, the config, the port taken.
 
 Shared by the tests of TCP in the daemon and of the clients that connect over it (the
 bridge, the MCP server): import ``tls_certificates`` where the fixture ``tls`` is used.
@@ -6,7 +6,9 @@ bridge, the MCP server): import ``tls_certificates`` where the fixture ``tls`` i
 
 from __future__ import annotations
 
+import json
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,16 +53,34 @@ def tls_certificates(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     return paths
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (the kernel's pick)."""
+def closed_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick): an address no daemon answers."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
-def tcp_config(port: int, tls: Tls | None, host: str = "127.0.0.1") -> str:
-    """A daemon's config serving TCP on ``host:port`` (TLS with ``tls``), with ``TOKENS``."""
+def tcp_config(tls: Tls | None, host: str = "127.0.0.1") -> str:
+    """A daemon's config serving TCP on ``host``, on a port the system picks (``tcp_port``
+    says which), TLS with ``tls``, with ``TOKENS``."""
     keys = f'tls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n' if tls is not None else ""
-    daemon = f'[daemon]\nshutdown_grace_s = 2.0\nlisten_tcp = "{host}:{port}"\n{keys}'
+    daemon = f'[daemon]\nshutdown_grace_s = 2.0\nlisten_tcp = "{host}:0"\n{keys}'
     tokens = "".join(f'"{token_digest(token)}" = "{name}"\n' for token, name in TOKENS.items())
     return f"{daemon}{AGENTS}\n[tokens]\n{tokens}"
+
+
+def tcp_port(log_path: Path, timeout: float = 10.0) -> int:
+    """The port a daemon's TCP listener took, as the ``daemon_started`` line of its log
+    (``DaemonProcess.log_path``) says.
+
+    The daemon logs the line as it begins to serve, just after its socket accepts (where
+    ``daemon_factory`` stops waiting): a child process's file, read again until it is there.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log_path.read_text().splitlines():
+            if '"daemon_started"' in line:
+                (address,) = json.loads(line)["tcp"]
+                return int(address.rsplit(":", 1)[1])
+        time.sleep(0.02)
+    raise AssertionError(f"no daemon_started line:\n{log_path.read_text()}")

@@ -73,6 +73,11 @@ def test_plain_tcp_loads_on_a_loopback_host(tmp_path: Path, listen: str) -> None
     assert config.daemon.tcp_address is not None  # type: ignore[attr-defined]
 
 
+def test_port_0_lets_the_system_pick_a_free_port(tmp_path: Path) -> None:
+    config = load(tmp_path, 'listen_tcp = "127.0.0.1:0"')
+    assert config.daemon.tcp_address == ("127.0.0.1", 0)  # type: ignore[attr-defined]
+
+
 def test_tls_loads_on_any_host(tmp_path: Path, tls: Tls) -> None:
     config = load(tmp_path, f'listen_tcp = "0.0.0.0:7433"\n{tls_keys(tls)}')
     assert config.daemon.tcp_address == ("0.0.0.0", 7433)  # type: ignore[attr-defined]

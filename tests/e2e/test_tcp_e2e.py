@@ -17,17 +17,17 @@ from tcp_daemons import (  # noqa: F401  (tls_certificates: the fixture `tls`)
     BRIDGE,
     OPERATOR,
     Tls,
-    free_port,
+    closed_port,
     tcp_config,
+    tcp_port,
     tls_certificates,
 )
 
 
 @pytest.fixture
 def tls_daemon(daemon_factory, tls: Tls):  # type: ignore[no-untyped-def]
-    port = free_port()
-    daemon = daemon_factory(tcp_config(port, tls))
-    daemon.url = f"chinwag+tls://127.0.0.1:{port}"
+    daemon = daemon_factory(tcp_config(tls))
+    daemon.url = f"chinwag+tls://127.0.0.1:{tcp_port(daemon.log_path)}"
     return daemon
 
 
@@ -104,20 +104,20 @@ async def test_a_client_that_speaks_no_tls_disturbs_no_other(tls_daemon, tls):
 
 
 async def test_plain_tcp_is_served_on_loopback_only(daemon_factory):
-    port = free_port()
-    loopback = daemon_factory(tcp_config(port, None), name="loopback")
+    loopback = daemon_factory(tcp_config(None), name="loopback")
+    port = tcp_port(loopback.log_path)
     async with connect(f"chinwag+tcp://127.0.0.1:{port}", token=ALICE) as client:
         assert client.welcome.agents == ["assistant", "helper"]
     loopback.stop()
     with pytest.raises(RuntimeError, match="needs tls_cert and tls_key"):
-        daemon_factory(tcp_config(free_port(), None, host="0.0.0.0"), name="everywhere")
+        daemon_factory(tcp_config(None, host="0.0.0.0"), name="everywhere")
     with pytest.raises(ValueError, match="plain TCP only to this machine"):
         async with connect("chinwag+tcp://192.0.2.1:7433", token=ALICE):
             pass
 
 
 async def test_several_addresses_are_tried_in_order(tls_daemon, tls):
-    dead = f"chinwag+tls://127.0.0.1:{free_port()}"
+    dead = f"chinwag+tls://127.0.0.1:{closed_port()}"
     async with connect(f"{dead},{tls_daemon.url}", token=ALICE, ca=str(tls.ca)) as client:
         assert client.welcome.agents == ["assistant", "helper"]
     with pytest.raises(OSError, match=r"No daemon answered: chinwag\+tls://127\.0\.0\.1"):
@@ -128,7 +128,7 @@ async def test_several_addresses_are_tried_in_order(tls_daemon, tls):
 def test_the_cli_talks_over_tls_from_its_environment(tls_daemon, tls):
     env = dict(
         os.environ,
-        CHINWAG_URL=f"chinwag+tls://127.0.0.1:{free_port()},{tls_daemon.url}",
+        CHINWAG_URL=f"chinwag+tls://127.0.0.1:{closed_port()},{tls_daemon.url}",
         CHINWAG_TOKEN=ALICE,
         CHINWAG_CA=str(tls.ca),
         CHINWAG_SOCKET="/nonexistent/chinwag.sock",
@@ -159,11 +159,11 @@ async def test_tail_given_several_daemons_goes_on_with_the_next_when_one_dies(
 ):
     """`chinwag tail` with two daemons' URLs: the first is killed -9, tail says so,
     connects to the second and shows the runs there."""
-    ports = [free_port(), free_port()]
     first, second = (
-        daemon_factory(tcp_config(port, None), storage_url=postgres_url, name=name)
-        for port, name in zip(ports, ("first", "second"), strict=True)
+        daemon_factory(tcp_config(None), storage_url=postgres_url, name=name)
+        for name in ("first", "second")
     )
+    ports = [tcp_port(first.log_path), tcp_port(second.log_path)]
     urls = ",".join(f"chinwag+tcp://127.0.0.1:{port}" for port in ports)
     env = dict(os.environ, CHINWAG_URL=urls, CHINWAG_TOKEN=OPERATOR, NO_COLOR="1")
     command = [sys.executable, "-m", "chinwag.clients.cli", "tail"]

@@ -11,14 +11,14 @@ import anyio
 from chinwag.clients import connect
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.types import Implementation
-from tcp_daemons import ALICE, Tls, free_port, tcp_config, tls_certificates  # noqa: F401
+from tcp_daemons import ALICE, Tls, closed_port, tcp_config, tcp_port, tls_certificates  # noqa: F401
 from test_mcp_server import CHINWAG, CLIENT, call, refused
 
 
 async def test_the_mcp_server_talks_over_tls_as_its_token(daemon_factory: Any, tls: Tls) -> None:
-    port = free_port()
-    daemon = daemon_factory(tcp_config(port, tls))
-    urls = f"chinwag+tls://127.0.0.1:{free_port()},chinwag+tls://127.0.0.1:{port}"
+    daemon = daemon_factory(tcp_config(tls))
+    port = tcp_port(daemon.log_path)
+    urls = f"chinwag+tls://127.0.0.1:{closed_port()},chinwag+tls://127.0.0.1:{port}"
     environment = dict(
         os.environ,
         CHINWAG_TOKEN=ALICE,

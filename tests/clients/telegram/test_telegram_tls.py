@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 from fake_bot_api import FakeBotAPI
-from tcp_daemons import BRIDGE, Tls, free_port, tcp_config, tls_certificates  # noqa: F401
+from tcp_daemons import BRIDGE, Tls, tcp_config, tcp_port, tls_certificates  # noqa: F401
 from test_telegram_bridge import USER, fresh_chat, on_asyncio, polling, serving
 from test_telegram_bridge import user_messages as said_on
 
@@ -22,11 +22,8 @@ from test_telegram_bridge import user_messages as said_on
 def test_the_bridge_talks_over_tls_and_goes_on_with_the_next_daemon(
     daemon_factory: Any, tls: Tls, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ports = [free_port(), free_port()]
-    first, second = (
-        daemon_factory(tcp_config(port, tls), name=name)
-        for port, name in zip(ports, ("first", "second"), strict=True)
-    )
+    first, second = (daemon_factory(tcp_config(tls), name=name) for name in ("first", "second"))
+    ports = [tcp_port(first.log_path), tcp_port(second.log_path)]
     urls = ",".join(f"chinwag+tls://127.0.0.1:{port}" for port in ports)
     monkeypatch.setenv("CHINWAG_TOKEN", BRIDGE)  # speaks for every tg:<chat id>
     monkeypatch.setenv("CHINWAG_CA", str(tls.ca))
