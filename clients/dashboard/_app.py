@@ -9,8 +9,9 @@ conversation is in flight, ``inflight``), with ``stats`` the daemon's counters e
 few seconds (``stats``), with ``as=NAME`` that participant's mail (``watching`` once
 its watch is on, then ``mail``: ``{change, message}``, ``change`` null for a new
 message), and with ``roster`` which of presence, spaces and locks changed
-(``roster``: ``{changed}``). The link encodes each once for every page; a page sent
-several at a time gets them in one write.
+(``roster``: ``{changed}``); ``resubscribed`` when the daemon dropped the link's
+subscription for falling behind and it has subscribed again. The link encodes each
+once for every page; a page sent several at a time gets them in one write.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ The events: ``daemon`` (``{up, reason}``, for the banner), ``run`` (a run event)
 connection to the daemon: the run in flight then, or null; a run the page showed and
 not this one ended unseen, the daemon having gone away while it ran), ``watching``
 (the participant whose watch is on), ``mail`` (``{change, message}``, ``change`` null
-for a new message) and ``roster`` (``{changed}``).
+for a new message), ``roster`` (``{changed}``) and ``resubscribed`` (``{}``: the daemon
+dropped the link's subscription for falling behind, a busy machine's normal event, and
+the link subscribed again on the same connection; what came between is lost, so the
+page reads again what it shows, as when the daemon is back, without a banner).
 
 The events of each run in flight are kept (consecutive text merged) so that a page
 opened in the middle of a run is shown the run from its `start`. A run that began
@@ -54,7 +57,7 @@ from chinwag.protocol import (
 )
 from sse_starlette import ServerSentEvent
 
-from .._client import ChinwagError, Client, connect_explained
+from .._client import ChinwagError, Client, Subscription, connect_explained
 
 CLIENT_NAME = "chinwag-dashboard"
 
@@ -116,7 +119,14 @@ class RosterChanged:
     changed: tuple[str, ...]
 
 
-PageItem = Event | DaemonState | InFlight | MailFollowed | MailEvent | RosterChanged
+@dataclass(frozen=True)
+class Resubscribed:
+    """The daemon dropped the link's subscription for falling behind (the machine was
+    busy) and the link has subscribed again: what came between is lost, and a run a
+    page shows may have ended meanwhile."""
+
+
+PageItem = Event | DaemonState | InFlight | MailFollowed | MailEvent | RosterChanged | Resubscribed
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +151,10 @@ class Shown:
         elif isinstance(item, MailEvent):
             mail = {"change": item.change, "message": item.message}
             data, kind = msgspec.json.encode(mail).decode(), "mail"
-        else:
+        elif isinstance(item, RosterChanged):
             data, kind = msgspec.json.encode({"changed": item.changed}).decode(), "roster"
+        else:
+            data, kind = "{}", "resubscribed"  # an event with no data is not dispatched
         return cls(item, ServerSentEvent(data, event=kind).encode())
 
 
@@ -283,8 +295,11 @@ class DaemonLink:
                             if starting:
                                 starting = False
                                 task_status.started()
-                            async for event in feed:
-                                self._publish(event)
+                            dropped = await self._follow_runs(feed)
+                        while dropped:  # for falling behind: the daemon is still there
+                            async with client.subscribe() as feed:
+                                self._fan_out(Resubscribed())
+                                dropped = await self._follow_runs(feed)
                     except ChinwagError as exc:
                         reason = exc.message
                     finally:
@@ -303,6 +318,20 @@ class DaemonLink:
                 starting = False
                 task_status.started()
             await anyio.sleep(self.retry_s)
+
+    async def _follow_runs(self, feed: Subscription) -> bool:
+        """Publish the subscription's events until it ends; whether the daemon dropped
+        it for falling behind (429: the connection, the pages' attaches and watches go
+        on), the runs so far forgotten then, since their ends may be lost."""
+        try:
+            async for event in feed:
+                self._publish(event)
+        except ChinwagError as exc:
+            if exc.code != 429:
+                raise
+            self._runs.clear()
+            return True
+        return False
 
     async def until_up(self) -> None:
         """Return once the daemon is connected (at once if it is)."""

@@ -85,6 +85,9 @@
     banner.hidden = false;
     banner.textContent = "The dashboard's event stream broke; connecting again.";
   });
+  // The daemon dropped the dashboard's subscription as the machine was busy, and it has
+  // subscribed again: no alarm, but what came meanwhile is read again, as when back.
+  source.addEventListener("resubscribed", () => onUp.forEach((handler) => handler()));
   source.addEventListener("run", (event) => {
     const run = JSON.parse(event.data);
     onRun.forEach((handler) => handler(run));

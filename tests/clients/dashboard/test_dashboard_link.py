@@ -13,9 +13,15 @@ import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 from chinwag.clients import Client, connect
-from chinwag.clients._client import connect_explained
+from chinwag.clients._client import ChinwagError, Subscription, connect_explained
 from chinwag.clients.dashboard import _link
-from chinwag.clients.dashboard._link import DaemonLink, DaemonState, MailFollowed, Shown
+from chinwag.clients.dashboard._link import (
+    DaemonLink,
+    DaemonState,
+    MailFollowed,
+    Resubscribed,
+    Shown,
+)
 from chinwag.protocol import End, Event
 from dashboard_harness import talk
 
@@ -97,5 +103,51 @@ def test_a_page_opened_while_the_link_lets_its_connection_go(
                         if isinstance(shown.item, MailFollowed):
                             break
             tasks.cancel_scope.cancel()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_subscription_the_daemon_drops_is_taken_again_on_the_same_connection(
+    daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon drops a subscription that falls behind (429), as it did the link's on
+    a busy machine (bench w): the daemon is not away, so the pages are told they were
+    resubscribed, not that it is unreachable, and the runs after it reach them."""
+    subscribe = Client.subscribe
+    subscriptions = 0
+
+    class Dropped(Subscription):
+        async def __anext__(self) -> Event:
+            raise ChinwagError(429, "The subscription fell too far behind and was dropped.")
+
+    def dropped_once(self: Client, *args: Any, **kwargs: Any) -> Subscription:
+        nonlocal subscriptions
+        subscriptions += 1
+        feed = subscribe(self, *args, **kwargs)
+        if subscriptions == 1:
+            feed.__class__ = Dropped
+        return feed
+
+    monkeypatch.setattr(Client, "subscribe", dropped_once)
+
+    async def main() -> None:
+        link = DaemonLink(daemon.socket_path, retry_s=0.05)
+        with link.listen(sender="ana") as page:
+            async with anyio.create_task_group() as tasks:
+                await tasks.start(link.run)
+                states = []
+                with anyio.fail_after(15):
+                    async for shown in page:
+                        if isinstance(shown.item, DaemonState):
+                            states.append(shown.item.up)
+                        if isinstance(shown.item, Resubscribed):
+                            break
+                assert states == [False, True]  # connecting, then up: never away
+                async with connect(daemon.socket_path) as client:
+                    await talk(client, "ana", "hello there")
+                seen = await until_end(page)
+                assert all(not isinstance(shown.item, DaemonState) for shown in seen), seen
+                assert subscriptions == 2
+                tasks.cancel_scope.cancel()
 
     anyio.run(main, backend="trio")
