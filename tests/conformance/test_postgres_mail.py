@@ -49,6 +49,7 @@ from chinwag.protocol import (
 from chinwag.storage import (
     Archive,
     EditChange,
+    FromSpace,
     InboxQuery,
     NewConversation,
     ParentChange,
@@ -61,7 +62,7 @@ from chinwag.storage import (
     search_words,
 )
 from chinwag.storage._postgres import MIGRATIONS, parse_postgres_url
-from chinwag.storage._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION
+from chinwag.storage._postgres_mail import MAIL_MIGRATION, MAIL_SPACES_MIGRATION, _lock_key
 
 on_postgres = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -359,6 +360,47 @@ async def test_daemons_racing_with_one_key_store_one_message_and_take_one_number
     received = await stores[1].mail.received("bob", after=None, limit=100)
     assert [message.msg_id for message, _ in received] == [msg_id_of(n) for n in range(1, 21)]
     assert await stores[2].mail.unread_counts("bob") == {1: 20}
+
+
+@on_postgres
+async def test_a_space_post_waits_for_a_change_of_its_members_in_flight_and_counts_it(
+    daemons: Callable[[], Awaitable[Storage]], store_url: str
+) -> None:
+    """A join on one daemon, written and not yet committed (its lock held, as
+    ``set_member`` holds it to its commit), holds up a post to the space on another:
+    committed meanwhile, it counts."""
+    joining, posting = await daemons(), await daemons()
+    await joining.mail.set_member("eng", "ana", T0, member=True)
+    conninfo, schema, _ = parse_postgres_url(store_url)
+    lock = _lock_key("mail-space", schema or "public", "eng")
+    posted: list[MailMessage] = []
+
+    async def post() -> None:
+        given = mail("ana", ["#eng"], "to eng", T0, space="eng")
+        stored, _ = await posting.mail.post(given, [], from_space=FromSpace())
+        posted.append(stored)
+
+    with psycopg.connect(conninfo, options=f"-c search_path={schema}") as join:
+        join.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+        join.execute(
+            "INSERT INTO space_members (space, name, joined_at) VALUES ('eng', 'bo', %s)", (T0,)
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post)
+            try:
+                with trio.fail_after(10):  # another process's wait: seen only in pg_locks
+                    while not query(  # noqa: ASYNC110
+                        store_url,
+                        "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                        " AND classid::bigint = %s AND objid::bigint = %s",
+                        (lock % 2**64) >> 32,
+                        lock % 2**32,
+                    ):
+                        await trio.sleep(0.01)
+                assert posted == [], "the post waits for the join"
+            finally:
+                join.commit()
+    assert [m.recipients for m in posted] == [["bo"]]
 
 
 @on_postgres
