@@ -60,23 +60,28 @@ async def joined(url: str, nursery: trio.Nursery) -> AsyncIterator[tuple[Storage
         assert store.bus is not None
         node = Recorder()
         scope = trio.CancelScope()
+        left = trio.Event()
 
         async def serve(task_status: trio.TaskStatus[None]) -> None:
             assert store.bus is not None
-            with scope:
-                await store.bus.serve(
-                    node,
-                    host=socket.gethostname(),
-                    pid=os.getpid(),
-                    address="/tmp/x.sock",
-                    task_status=task_status,
-                )
+            try:
+                with scope:
+                    await store.bus.serve(
+                        node,
+                        host=socket.gethostname(),
+                        pid=os.getpid(),
+                        address="/tmp/x.sock",
+                        task_status=task_status,
+                    )
+            finally:
+                left.set()
 
         await nursery.start(serve)
         try:
             yield store, store.bus, node
         finally:
             scope.cancel()
+            await left.wait()  # its row is gone: the daemon has left, as on shutdown
 
 
 @on_postgres
