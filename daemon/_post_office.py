@@ -244,6 +244,7 @@ class PostOffice:
             waiting = await self.store.received(
                 address, after=None, limit=10_000, pending_only=True
             )
+            waiting_ids = {m.msg_id for m, _ in waiting}
             taken = await self.store.inbox(address, InboxQuery(), limit=RERUN_WINDOW)
             unanswered = {m.msg_id: m for m, d in taken if d.state != "pending"}
             unanswered |= {m.msg_id: m for m, _ in waiting}
@@ -253,7 +254,8 @@ class PostOffice:
                 held = await cluster.holders(list({_conversation(name, m) for m in asking}))
                 asking = [m for m in asking if _conversation(name, m) not in held]
             for message in asking:
-                self._answer(name, message)
+                if message.msg_id not in waiting_ids or await self._take(address, message):
+                    self._answer(name, message)
 
     # --- participants ----------------------------------------------------------------
 
@@ -504,6 +506,15 @@ class PostOffice:
                 run_id=run_id,
                 space=addressed.space,
             )
+            # The hosted agents it asks: their runs are queued at once, so `delivered`
+            # (and no other daemon hosting one takes it: see `_take`).
+            answering = {
+                name: agent
+                for name in recipients
+                if (agent := self.hosted_agent(name)) is not None
+                and self._starts_run(agent, message, direct=addressed.direct)
+            }
+            live |= answering.keys()
             deliveries = [
                 Delivery(
                     name=name,
@@ -539,9 +550,8 @@ class PostOffice:
                     else "It reaches nobody: its only recipient is its author."
                 )
             for name in stored.recipients:
-                agent = self.hosted_agent(name)
-                if agent is not None and self._starts_run(agent, stored, direct=addressed.direct):
-                    self._answer(agent, stored)
+                if name in answering:
+                    self._answer(answering[name], stored)
         return PostResult(stored, created, warnings if created else [])
 
     def _address(self, sender: str, to: Sequence[str], mentions: Sequence[str]) -> _Addressed:
@@ -677,7 +687,8 @@ class PostOffice:
         return named or name in direct
 
     def _answer(self, agent: str, message: MailMessage) -> None:
-        """Queue a run of ``agent`` in its conversation with the author; post its answer."""
+        """Queue a run of ``agent`` in its conversation with the author; post its answer.
+        The agent's delivery is `delivered` already: stored so, or taken (``_take``)."""
         answer = MailAnswer(self, agent, message)
         try:
             answer.run = self.runtime.submit(
@@ -692,10 +703,24 @@ class PostOffice:
             )
         except RequestError as exc:
             log.warning("mail_run_refused", agent=agent, msg_id=message.msg_id, error=exc.message)
-            return
-        self._later(
-            self._advance, [StateChange(message.msg_id, agent.casefold(), "delivered", now())]
-        )
+
+    async def _take(self, name: str, message: MailMessage) -> bool:
+        """Whether this daemon moved ``name``'s delivery of ``message`` from `pending`: of
+        the daemons hosting an agent that try to take mail to it, one does."""
+        change = StateChange(message.msg_id, name, "delivered", now())
+        return await self.store.advance([change]) == 1
+
+    async def _answer_taken(self, message: MailMessage) -> None:
+        """Mail another daemon stored: the hosted agents here it asks that it was not
+        answered by there (their deliveries still `pending`) answer it, if taken here."""
+        for name in message.recipients:
+            agent = self.hosted_agent(name)
+            if (
+                agent is not None
+                and self._starts_run(agent, message)
+                and await self._take(name, message)
+            ):
+                self._answer(agent, message)
 
     def _later(self, fn: Callable[..., Any], *args: Any) -> None:
         self.runtime.nursery.start_soon(fn, *args)
@@ -1039,6 +1064,7 @@ class PostOffice:
                 self.spaces.posted(message.space)
             taken = self._in_order(message)
         await self._delivered(message.msg_id, taken)
+        await self._answer_taken(message)
 
     async def _delivered(self, msg_id: str, names: Sequence[str]) -> None:
         if names:
@@ -1096,13 +1122,14 @@ class PostOffice:
             taken = []
             for message in messages[:passed]:
                 self._passed_to(number_of(message.msg_id) or 0)
-                taken.append((message.msg_id, self._push(message)))
+                taken.append((message, self._push(message)))
             more = passed == len(messages) == REPLAY_PAGE
             self._ahead = gap is not None or more
         if more:
             self._behind.set()
-        for msg_id, names in taken:
-            await self._delivered(msg_id, names)
+        for message, names in taken:
+            await self._delivered(message.msg_id, names)
+            await self._answer_taken(message)  # its news may have been lost
         return gap
 
     # --- focus, spaces, locks -----------------------------------------------------------

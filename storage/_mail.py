@@ -256,11 +256,13 @@ class MailStore(Protocol):
         """Each message's deliveries, by recipient name; a msg_id not stored is left out."""
         ...
 
-    async def advance(self, changes: Sequence[StateChange]) -> None:
+    async def advance(self, changes: Sequence[StateChange]) -> int:
         """Move deliveries forward, in one write: to `delivered` (sets ``delivered_at``) or
         to `read` (sets ``read_at``, and ``delivered_at`` when it had none). A change to the
         state a delivery has or one behind it, or to a delivery that does not exist, is
-        left out: a state never goes back and its time is never rewritten."""
+        left out: a state never goes back and its time is never rewritten. Returns how many
+        deliveries moved, each once: of several writers moving one delivery at the same
+        time, one moves it (so a move from `pending` can claim a message)."""
         ...
 
     async def mark_read(

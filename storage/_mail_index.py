@@ -663,10 +663,13 @@ class IndexedMail:
         assert kept is not None
         return kept, True
 
-    async def advance(self, changes: Sequence[StateChange]) -> None:
+    async def advance(self, changes: Sequence[StateChange]) -> int:
         async with self._writing() as index:
-            if (change := index.plan_advance(changes)) is not None:
-                await self._commit(change)
+            change = index.plan_advance(changes)
+            if change is None:
+                return 0
+            await self._commit(change)
+        return len({(msg_id, name) for msg_id, name, _, _ in change.changes})
 
     async def mark_read(
         self,

@@ -550,7 +550,7 @@ class PostgresMail:
 
     # --- moving deliveries ----------------------------------------------------------------
 
-    async def advance(self, changes: Sequence[StateChange]) -> None:
+    async def advance(self, changes: Sequence[StateChange]) -> int:
         # Each (name, number) once: the first move to `delivered` before any to `read`, and
         # the first to `read`. Applied one by one from any state, the changes end where
         # _MOVE takes that pair (a state never goes back; later times are never written).
@@ -568,7 +568,7 @@ class PostgresMail:
                 move[0] = utc(change.at)
         if not moves:
             await self._nothing()
-            return
+            return 0
         keys = sorted(moves)
         params = {
             "names": [name for name, _ in keys],
@@ -576,9 +576,11 @@ class PostgresMail:
             "d_at": [moves[key][0] for key in keys],
             "r_at": [moves[key][1] for key in keys],
         }
-        await self._write(
+        row = await self._write(
             "Moving deliveries", lambda conn: conn.execute(_ADVANCE, params).fetchone()
         )
+        assert row is not None
+        return int(row[0])
 
     async def mark_read(
         self,

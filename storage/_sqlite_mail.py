@@ -375,7 +375,7 @@ class SqliteMail:
 
         return await self._write(f"Posting mail from {message.sender!r}", post)
 
-    async def advance(self, changes: Sequence[StateChange]) -> None:
+    async def advance(self, changes: Sequence[StateChange]) -> int:
         moves = [
             {
                 "state": change.state,
@@ -387,14 +387,22 @@ class SqliteMail:
             for change in changes
             if (number := number_of(change.msg_id)) is not None
         ]
-        if moves:
+        if not moves:
+            return 0
 
-            def move(conn: sqlite3.Connection) -> None:
-                # Returns nothing: a cursor handed back to the loop and finalized there
-                # would touch the connection while the writer thread uses it.
-                conn.executemany(_ADVANCE, moves).close()
+        def move(conn: sqlite3.Connection) -> int:
+            # A cursor handed back to the loop and finalized there would touch the
+            # connection while the writer thread uses it: closed here.
+            moved = set()
+            for params in moves:
+                cursor = conn.execute(_ADVANCE, params)
+                if cursor.rowcount:
+                    moved.add((params["name"], params["number"]))
+                cursor.close()
+            return len(moved)
 
-            await self._write("Moving deliveries forward", move)
+        moved: int = await self._write("Moving deliveries forward", move)
+        return moved
 
     async def mark_read(
         self,

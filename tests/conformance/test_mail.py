@@ -600,7 +600,7 @@ async def test_advance_moves_deliveries_forward_only(store: Storage) -> None:
     message = await post(store, "alice", ["bob", "carol", "dave"], when=at(0))
     m = message.msg_id
 
-    await store.mail.advance(
+    moved = await store.mail.advance(
         [
             StateChange(m, "bob", "delivered", at(1)),
             StateChange(m, "carol", "read", at(2)),  # read sets delivered_at too
@@ -610,6 +610,7 @@ async def test_advance_moves_deliveries_forward_only(store: Storage) -> None:
             StateChange(m, "dave", "pending", at(2)),  # where it is already
         ]
     )
+    assert moved == 2
     expected = {
         m: [
             Delivery(name="bob", state="delivered", delivered_at=at(1)),
@@ -619,7 +620,7 @@ async def test_advance_moves_deliveries_forward_only(store: Storage) -> None:
     }
     assert await store.mail.deliveries([m]) == expected
 
-    await store.mail.advance(
+    moved = await store.mail.advance(
         [
             StateChange(m, "bob", "delivered", at(3)),  # again: its time is not rewritten
             StateChange(m, "bob", "pending", at(3)),  # back: left out
@@ -628,11 +629,13 @@ async def test_advance_moves_deliveries_forward_only(store: Storage) -> None:
             StateChange(m, "carol", "read", at(3)),
         ]
     )
+    assert moved == 0, "nothing moved: of two moving one delivery, the second finds it moved"
     assert await store.mail.deliveries([m]) == expected
 
-    await store.mail.advance([StateChange(m, "bob", "read", at(4))])  # keeps its delivered_at
-    await store.mail.advance([StateChange(m, "bob", "read", at(5))])
-    await store.mail.advance([])
+    # keeps its delivered_at
+    assert await store.mail.advance([StateChange(m, "bob", "read", at(4))]) == 1
+    assert await store.mail.advance([StateChange(m, "bob", "read", at(5))]) == 0
+    assert await store.mail.advance([]) == 0
     assert await store.mail.deliveries([m]) == {
         m: [
             Delivery(name="bob", state="read", delivered_at=at(1), read_at=at(4)),
@@ -647,7 +650,7 @@ async def test_advance_moves_deliveries_forward_only(store: Storage) -> None:
 async def test_one_advance_moves_a_delivery_step_by_step(store: Storage) -> None:
     first = await post(store, "alice", ["bob", "carol"])
     second = await post(store, "alice", ["bob"], deliveries=[Delivery(name="bob", mentioned=True)])
-    await store.mail.advance(
+    moved = await store.mail.advance(
         [
             StateChange(first.msg_id, "bob", "delivered", at(1)),
             StateChange(first.msg_id, "bob", "read", at(2)),
@@ -657,6 +660,7 @@ async def test_one_advance_moves_a_delivery_step_by_step(store: Storage) -> None
             StateChange(second.msg_id, "bob", "delivered", at(6)),  # again: left out
         ]
     )
+    assert moved == 3, "each delivery that moved counts once, however many steps it took"
     assert await store.mail.deliveries([first.msg_id, second.msg_id]) == {
         first.msg_id: [
             Delivery(name="bob", state="read", delivered_at=at(1), read_at=at(2)),

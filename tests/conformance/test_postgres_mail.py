@@ -363,6 +363,28 @@ async def test_daemons_racing_with_one_key_store_one_message_and_take_one_number
 
 
 @on_postgres
+async def test_of_daemons_moving_one_delivery_from_pending_at_once_one_moves_it(
+    daemons: Callable[[], Awaitable[Storage]],
+) -> None:
+    """Daemons hosting one agent each try to take another daemon's mail to it: the one
+    whose move from `pending` counts answers it, so it is answered once."""
+    stores = [await daemons() for _ in range(3)]
+
+    async def take(store: Storage, msg_id: str, moved: list[int]) -> None:
+        moved.append(await store.mail.advance([StateChange(msg_id, "agent", "delivered", T0)]))
+
+    for round_ in range(1, 21):
+        stored, _ = await stores[0].mail.post(
+            mail("alice", ["agent"], f"ask {round_}", T0), [Delivery(name="agent")]
+        )
+        moved: list[int] = []
+        async with trio.open_nursery() as nursery:
+            for n in range(6):
+                nursery.start_soon(take, stores[n % 3], stored.msg_id, moved)
+        assert sorted(moved) == [0] * 5 + [1], f"round {round_}"
+
+
+@on_postgres
 async def test_a_space_post_waits_for_a_change_of_its_members_in_flight_and_counts_it(
     daemons: Callable[[], Awaitable[Storage]], store_url: str
 ) -> None:
