@@ -82,3 +82,16 @@ def required(request: Request, name: str) -> str:
     if not value:
         raise ChinwagError(400, f"This page needs `{name}` in its address.")
     return value
+
+
+#: How an address says yes or no (a checkbox's ``on`` among them); absent is no.
+FLAG_VALUES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
+
+
+def flag(request: Request, name: str) -> bool:
+    """A yes-or-no query parameter, false when absent or empty; ``ChinwagError`` 400 for
+    any other word than 1, true, on, 0, false or off."""
+    value = (request.query_params.get(name) or "0").strip().casefold() or "0"
+    if value not in FLAG_VALUES:
+        raise ChinwagError(400, f"`{name}` in the address is 1 or 0 (true or false, on or off).")
+    return FLAG_VALUES[value]

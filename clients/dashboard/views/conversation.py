@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from ..._client import ChinwagError, Client
 from .._link import DaemonAway
-from .._view import View, daemon, page, refusal, required
+from .._view import View, daemon, flag, page, refusal, required
 
 #: The largest entry number the wire carries (a signed 64-bit integer).
 MAX_SEQ = 2**63 - 1
@@ -28,7 +28,7 @@ MAX_SEQ = 2**63 - 1
 async def conversation(request: Request) -> Response:
     agent = required(request, "agent")
     sender = required(request, "sender")
-    archived = bool(request.query_params.get("archived"))
+    archived = flag(request, "archived")
     client = daemon(request).client
     agents = await client.list_agents()
     if agent not in {item.name for item in agents}:
@@ -40,9 +40,8 @@ async def conversation(request: Request) -> Response:
         agent=agent,
         sender=sender,
         title=title,
-        entries=entries,
-        tool_names=_tool_names(entries),
         archived=archived,
+        **_shown(entries),
         guests=[item.name for item in agents if item.name != agent],
     )
 
@@ -52,7 +51,7 @@ async def entries(request: Request) -> Response:
     with ``archived``, the archived ones too."""
     agent = required(request, "agent")
     sender = required(request, "sender")
-    archived = bool(request.query_params.get("archived"))
+    archived = flag(request, "archived")
     try:
         after_seq = int(request.query_params.get("after_seq") or 0)
     except ValueError:
@@ -68,8 +67,7 @@ async def entries(request: Request) -> Response:
         "entries.html",
         agent=agent,
         sender=sender,
-        entries=stored,
-        tool_names=_tool_names(stored),
+        **_shown(stored),
     )
 
 
@@ -96,9 +94,29 @@ async def _entries(
         after_seq = history.entries[-1].seq
 
 
-def _tool_names(entries: list[Entry]) -> dict[str, str]:
-    """call_id -> tool, to name each tool result after its call."""
-    return {call.call_id: call.name for entry in entries for call in entry.tool_calls}
+def _shown(entries: list[Entry]) -> dict[str, Any]:
+    """What ``entries.html`` shows ``entries`` with: each tool result named after its
+    call (``tool_names``: call_id -> tool), each archived entry marked as such."""
+    return {
+        "entries": entries,
+        "tool_names": {call.call_id: call.name for entry in entries for call in entry.tool_calls},
+        "archived_in": _archived_in(entries),
+    }
+
+
+def _archived_in(entries: list[Entry]) -> dict[int, str]:
+    """seq -> the archive of each entry a compaction archived: those before the latest
+    compact marker (the history carries no flag of its own, only the markers, which it
+    always returns), each in the archive of the first marker after it. Markers are
+    not archived: every history shows them."""
+    archived: dict[int, str] = {}
+    archive: str | None = None  # the archive of the first marker after the entry
+    for entry in reversed(entries):
+        if entry.kind == "compact":
+            archive = entry.archive or ""
+        elif archive is not None:
+            archived[entry.seq] = archive
+    return archived
 
 
 # --- actions ------------------------------------------------------------------------

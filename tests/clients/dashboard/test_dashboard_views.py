@@ -121,6 +121,54 @@ def test_archived_entries_show_on_demand(daemon: Any, app_client: TestClient) ->
     assert "<p>before the compaction</p>" in with_archived
 
 
+def test_archived_entries_are_marked_apart_from_the_live_ones(
+    daemon: Any, app_client: TestClient
+) -> None:
+    async def fill(client: Any) -> None:
+        await talk(client, "ana", "/title Archived soon")
+        await client.compact("assistant", "ana")
+        await talk(client, "ana", "after the compaction")
+
+    on_daemon(daemon, fill)
+    address = {"agent": "assistant", "sender": "ana"}
+    for path in ("/conversation", "/conversation/entries"):
+        shown = app_client.get(path, params={**address, "archived": "1"}).text
+        marker = re.search(r"compacted into archive <code>([^<]+)</code>", shown)
+        assert marker is not None, shown
+        label = f'<span class="badge archived" title="compacted into {marker[1]}">archived</span> '
+        # The user's entry, the assistant's call and its tool result, the answer.
+        archived = re.findall(
+            r'class="entry (?:user|assistant|tool) archived" data-seq="(\d+)"', shown
+        )
+        assert archived == ["1", "2", "3", "4"], shown
+        assert f'<div class="speaker">{label}ana</div>' in shown
+        assert f"<summary>{label}result of set_title</summary>" in shown
+        # The marker and the entries after it are not archived.
+        live = re.findall(r'class="entry (?:user|assistant)" data-seq="(\d+)"', shown)
+        assert live == ["6", "7"], shown
+        assert shown.count("archived</span>") == 4
+
+
+def test_archived_in_the_address_is_yes_or_no(daemon: Any, app_client: TestClient) -> None:
+    async def fill(client: Any) -> None:
+        await talk(client, "ana", "before the compaction")
+        await client.compact("assistant", "ana")
+
+    on_daemon(daemon, fill)
+    address = {"agent": "assistant", "sender": "ana"}
+    for path in ("/conversation", "/conversation/entries"):
+        for no in ("0", "false", "off", "OFF", ""):
+            shown = app_client.get(path, params={**address, "archived": no})
+            assert shown.status_code == 200
+            assert "<p>before the compaction</p>" not in shown.text, (path, no)
+        for yes in ("1", "true", "on", "True"):
+            shown = app_client.get(path, params={**address, "archived": yes})
+            assert "<p>before the compaction</p>" in shown.text, (path, yes)
+        garbled = app_client.get(path, params={**address, "archived": "maybe"})
+        assert garbled.status_code == 400
+        assert "`archived` in the address is 1 or 0 (true or false, on or off)." in garbled.text
+
+
 def test_entries_after_a_seq_are_a_fragment(daemon: Any, app_client: TestClient) -> None:
     on_daemon(daemon, lambda client: talk(client, "ana", "one", "two"))
     fragment = app_client.get(
