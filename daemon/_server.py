@@ -864,6 +864,7 @@ class Connection:
                 agents=list(self.runtime.agents),
                 max_frame_bytes=self.max_frame_bytes,
                 features=list(FEATURES),
+                speaks_as=self.identity.name if self.identity is not None else None,
             )
         )
 

@@ -248,6 +248,7 @@ class Welcome(ServerMessage, tag="welcome"):
     agents: list[str]
     max_frame_bytes: int
     features: list[str] = msgspec.field(default_factory=list)  # what this daemon offers
+    speaks_as: str | None = None  # on TCP: the name the hello's token speaks as
 
 
 FEATURES = ("compaction", "search_memory", "history_pages", "mail", "usage", "daemons", "tcp")
@@ -261,7 +262,7 @@ requests reach the daemon running the conversation, `attach` and `subscribe` see
 runs on every daemon, and `stats` lists the daemons, and `tcp`: on a TCP connection
 (`listen_tcp`, TLS) the hello's token holds every request to the name it speaks as:
 a sender, author or reader outside it is 401, one left out is the token's own, so
-reads are confined to it."""
+reads are confined to it, and the welcome's `speaks_as` names it."""
 
 
 class Error(ServerMessage, tag="error"):

@@ -12,8 +12,8 @@ from .._settings import Settings
 @click.option(
     "--sender",
     help="The conversations' sender when a tool call names none "
-    "(default: mcp:<the MCP client's name>). Mail goes under another name: "
-    "$CHINWAG_NAME, else the MCP client's name.",
+    "(default: over TCP the token's name, else mcp:<the MCP client's name>). Mail goes "
+    "under $CHINWAG_NAME, else the token's name, else the MCP client's name.",
 )
 @click.pass_obj
 def command(settings: Settings, sender: str | None) -> None:

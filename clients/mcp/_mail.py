@@ -1,7 +1,8 @@
 """Mail tools: an outside agent (Claude Code, Codex, ...) taking part in chinwag's mail.
 
 The MCP session is one participant, its identity: ``$CHINWAG_NAME``, else the
-MCP client's name folded to the participant alphabet. The first mail tool (any
+name its token speaks as (over TCP), else the MCP client's name folded to the
+participant alphabet. The first mail tool (any
 tool here, or the server's send_message with ``to``, which calls ``send``)
 registers it on a connection the server keeps while the identity lasts (a
 registration lives as long as its connection: that is the identity's
@@ -24,7 +25,7 @@ import os
 import re
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -142,9 +143,15 @@ ClientOpener = Callable[[], AbstractAsyncContextManager[Client]]
 class MailTools:
     """The mail tools of one MCP session, acting as its identity."""
 
-    def __init__(self, tasks: anyio.abc.TaskGroup, open_client: ClientOpener) -> None:
+    def __init__(
+        self,
+        tasks: anyio.abc.TaskGroup,
+        open_client: ClientOpener,
+        token_name: Callable[[], Awaitable[str | None]],
+    ) -> None:
         self._tasks = tasks
         self._open_client = open_client
+        self._token_name = token_name
         self._session = uuid.uuid4().hex  # `info.session`: a reconnect is not a conflict
         self._name: str | None = None  # the name registered (the daemon's folding of it)
         self._roles: list[str] = []
@@ -182,14 +189,17 @@ class MailTools:
 
     # --- identity ----------------------------------------------------------------------
 
-    def identity(self, ctx: Context) -> str:
+    async def identity(self, ctx: Context) -> str:
         """The participant this session acts as: the name it registered, else
-        ``$CHINWAG_NAME``, else the MCP client's name folded."""
+        ``$CHINWAG_NAME``, else the name its token speaks as (over TCP), else the MCP
+        client's name folded."""
         if self._name is not None:
             return self._name
         given = os.environ.get("CHINWAG_NAME", "").strip()
         if given:
             return given.casefold()
+        if (name := await self._token_name()) is not None:
+            return name
         params = ctx.request_context.session.client_params
         return fold_name(params.client_info.name if params is not None else "mcp-client")
 
@@ -198,7 +208,7 @@ class MailTools:
         async with self._lock:
             holding = self._holding
             if holding is None or holding.ended.is_set():
-                holding = await self._hold(self.identity(ctx), ctx, takeover=False)
+                holding = await self._hold(await self.identity(ctx), ctx, takeover=False)
             return holding.name
 
     async def _hold(self, name: str, ctx: Context, *, takeover: bool) -> _Holding:
@@ -322,7 +332,7 @@ class MailTools:
                 self._roles = list(roles)
             if info is not None:
                 self._info = dict(info)
-            target = self.identity(ctx) if name is None else name.strip().casefold()
+            target = await self.identity(ctx) if name is None else name.strip().casefold()
             try:
                 holding = await self._hold(target, ctx, takeover=takeover)
             except ChinwagError as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -40,7 +40,8 @@ mail to them and to the other participants (people, other agents' sessions).
 
 Conversations: send_message with `agent` runs one turn of your conversation
 with that agent and returns its reply. A conversation is named by an agent and
-a sender; yours default to the sender `mcp:<your client's name>`, so each tool
+a sender; yours default to the sender `mcp:<your client's name>` (or the name
+this server's token speaks as, over the network), so each tool
 finds the same conversation again without being told. If the agent asks you a
 question on the way (status `asking`, with an ask_id), answer it with
 reply_to_ask and then call wait_for_reply for the rest of the turn. A turn
@@ -109,9 +110,11 @@ class ChinwagTools:
     def __init__(self, socket: Path | str, sender: str | None, tasks: anyio.abc.TaskGroup) -> None:
         self._socket = socket
         self._sender = sender
+        self._speaks_as: str | None = None  # the daemon's welcome's, once connected
+        self._welcomed = False
         self._watches = Watches(tasks, self._connect)
         #: The mail tools; they connect (and register) only when first used.
-        self.mail = MailTools(tasks, self._connect)
+        self.mail = MailTools(tasks, self._connect, self.token_name)
 
     # --- reading ------------------------------------------------------------------
 
@@ -163,7 +166,7 @@ class ChinwagTools:
         (next_after_seq is null when there is no more). For the latest N entries,
         pass after_seq = last_seq - N.
         """
-        sender = self._sender_for(sender, ctx)
+        sender = await self._sender_for(sender, ctx)
         entries: list[Entry] = []
         async with self._client() as client:
             # Paged: the daemon may send fewer entries than asked (what fits a frame).
@@ -246,7 +249,7 @@ class ChinwagTools:
                     "`wait` and `priority` go with `to` (mail); with `agent` the turn's reply "
                     "comes back anyway (timeout_s bounds the wait)."
                 )
-            watch = self._watches.send(turn_with, self._sender_for(sender, ctx), content)
+            watch = self._watches.send(turn_with, await self._sender_for(sender, ctx), content)
             return await self._outcome(watch, timeout_s)
         if sender:
             raise ToolError(
@@ -281,7 +284,7 @@ class ChinwagTools:
         answered. With nothing running it returns at once with status `idle`. When
         timeout_s passes it says so (status `running`) and the turn goes on.
         """
-        sender = self._sender_for(sender, ctx)
+        sender = await self._sender_for(sender, ctx)
         watch = self._watches.oldest(agent, sender) or self._watches.attach(agent, sender)
         return await self._outcome(watch, timeout_s)
 
@@ -299,7 +302,7 @@ class ChinwagTools:
         """Answer the question an agent asked (send_message or wait_for_reply returned
         status `asking`). Returns at once: then call wait_for_reply for the rest of the turn.
         """
-        sender = self._sender_for(sender, ctx)
+        sender = await self._sender_for(sender, ctx)
         watch = self._watches.asking(agent, sender, ask_id)
         if ask_id is None and watch is not None and watch.question is not None:
             ask_id = watch.question.ask_id
@@ -326,7 +329,7 @@ class ChinwagTools:
         all: Annotated[bool, Field(description="Also drop every turn queued behind it.")] = False,
     ) -> CallToolResult:
         """Stop the conversation's turn in flight. What it completed stays in the history."""
-        sender = self._sender_for(sender, ctx)
+        sender = await self._sender_for(sender, ctx)
         async with self._client() as client:
             killed = await client.kill(agent, sender, all=all)
         return _data(
@@ -348,7 +351,7 @@ class ChinwagTools:
         """Summarize the conversation into an archive, so that the agent goes on from the
         summary with a small context. Waits for the turns before it.
         """
-        sender = self._sender_for(sender, ctx)
+        sender = await self._sender_for(sender, ctx)
         async with self._client() as client:
             done = await client.compact(agent, sender, instructions=instructions)
         return _data(
@@ -363,11 +366,13 @@ class ChinwagTools:
 
     # --- plumbing ------------------------------------------------------------------
 
-    def _sender_for(self, given: str | None, ctx: Context) -> str:
+    async def _sender_for(self, given: str | None, ctx: Context) -> str:
         if given:
             return given
         if self._sender:
             return self._sender
+        if (name := await self.token_name()) is not None:
+            return name
         params = ctx.request_context.session.client_params
         return f"mcp:{params.client_info.name if params is not None else 'client'}"
 
@@ -380,9 +385,22 @@ class ChinwagTools:
             raise ToolError(describe(watch.failure))
         return _run_result(watch.report(), timeout_s)
 
-    def _connect(self) -> AbstractAsyncContextManager[Client]:
-        """A connection to the daemon; a daemon that is not there is ``ConnectionLost``."""
-        return connect_explained(self._socket, client=CLIENT_NAME)
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[Client]:
+        """A connection to the daemon (one that is not there is ``ConnectionLost``); its
+        welcome says whom the token speaks as, over TCP."""
+        async with connect_explained(self._socket, client=CLIENT_NAME) as client:
+            self._speaks_as, self._welcomed = client.welcome.speaks_as, True
+            yield client
+
+    async def token_name(self) -> str | None:
+        """The one name this server's token speaks as, over TCP; None on the Unix socket,
+        or for a token that speaks for several names (``tg:*``, ``*``)."""
+        if not self._welcomed:
+            async with self._client():
+                pass
+        name = self._speaks_as
+        return name if name is not None and not name.endswith("*") else None
 
     @asynccontextmanager
     async def _client(self) -> AsyncIterator[Client]:

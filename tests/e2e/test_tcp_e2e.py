@@ -43,11 +43,13 @@ async def test_a_wrong_token_is_refused_401_and_the_right_one_gets_a_welcome_ove
             pass
     async with connect(tls_daemon.url, token=ALICE, ca=str(tls.ca)) as client:
         assert {"daemons", "tcp"} <= set(client.welcome.features)
+        assert client.welcome.speaks_as == "alice"
         async with client.stream("assistant", "over the network") as events:
             got = await collect(events)
     assert "".join(e.delta for e in got if isinstance(e, TextDelta)) == "over the network"
     assert isinstance(got[-1], End) and got[-1].status == "done"
     async with connect(tls_daemon.socket_path) as local:
+        assert local.welcome.speaks_as is None, "the socket holds no client to a name"
         (item,) = (await local.list_conversations(sender="alice")).items
     assert item.sender == "alice", "a request without sender spoke as the token's name"
 

@@ -1,6 +1,7 @@
 """`chinwag --url ... mcp` over TLS: the MCP server reaches the daemon through the URLs
 (the first dead, the second answering) with the token and CA from its environment,
-and the token holds its tools to the token's name."""
+and the token holds its tools to the token's name, which they act as when told no
+other (no `--sender`, no `$CHINWAG_NAME`)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,10 @@ async def test_the_mcp_server_talks_over_tls_as_its_token(daemon_factory: Any, t
         os.environ,
         CHINWAG_TOKEN=ALICE,
         CHINWAG_CA=str(tls.ca),
-        CHINWAG_NAME="alice",  # the mail identity, which the token must cover too
         CHINWAG_SOCKET="/nonexistent/chinwag.sock",
     )
-    params = StdioServerParameters(
-        command=CHINWAG, args=["--url", urls, "mcp", "--sender", "alice"], env=environment
-    )
+    environment.pop("CHINWAG_NAME", None)
+    params = StdioServerParameters(command=CHINWAG, args=["--url", urls, "mcp"], env=environment)
     client = Implementation(name=CLIENT, version="0")
     with anyio.fail_after(30), (daemon.root / "mcp.log").open("a") as errlog:
         async with (
