@@ -52,6 +52,7 @@ from chinwag.storage import (
     InboxQuery,
     MailStore,
     MessageChange,
+    NotAMember,
     ParentChange,
     PinChange,
     ReactChange,
@@ -478,6 +479,7 @@ class PostOffice:
                 # Its members as the store has them when it is stored: this daemon's list
                 # follows another's joins and leaves only once its news comes.
                 from_space = FromSpace(
+                    members_only=self.spaces.by_name[addressed.space].private,
                     named=frozenset(addressed.named),
                     live=frozenset(
                         name
@@ -524,9 +526,16 @@ class PostOffice:
                 )
                 for name in recipients
             ]
-            stored, created = await self.store.post(
-                message, deliveries, parent=change, new_participants=fresh, from_space=from_space
-            )
+            try:
+                stored, created = await self.store.post(
+                    message,
+                    deliveries,
+                    parent=change,
+                    new_participants=fresh,
+                    from_space=from_space,
+                )
+            except NotAMember:  # left on another daemon, whose news has yet to come
+                raise RequestError(404, f"No space is named #{addressed.space}.") from None
             if created:  # a retry stored nothing: no participant is new either
                 for participant in fresh:
                     self.known.setdefault(participant.name, participant)
@@ -712,14 +721,17 @@ class PostOffice:
 
     async def _answer_taken(self, message: MailMessage) -> None:
         """Mail another daemon stored: the hosted agents here it asks that it was not
-        answered by there (their deliveries still `pending`) answer it, if taken here."""
+        answered by there (their deliveries still `pending`) answer it, if taken here.
+        One left to a daemon running its conversation now, which takes it, so that a
+        conversation's mail is answered in turn as far as can be."""
+        cluster = self.runtime.cluster
         for name in message.recipients:
             agent = self.hosted_agent(name)
-            if (
-                agent is not None
-                and self._starts_run(agent, message)
-                and await self._take(name, message)
-            ):
+            if agent is None or not self._starts_run(agent, message):
+                continue
+            if cluster is not None and await cluster.holders([_conversation(agent, message)]):
+                continue
+            if await self._take(name, message):
                 self._answer(agent, message)
 
     def _later(self, fn: Callable[..., Any], *args: Any) -> None:

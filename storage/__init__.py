@@ -13,16 +13,9 @@ passes tests/conformance.
 
 from typing import TYPE_CHECKING
 
-from ._base import (
-    MAX_SEARCH_LIMIT,
-    Archive,
-    ConversationNotFound,
-    NewConversation,
-    Storage,
-    StorageError,
-    search_words,
-)
+from ._base import MAX_SEARCH_LIMIT, Archive, NewConversation, Storage, search_words
 from ._bus import Bus, Node, Peer
+from ._errors import ConversationNotFound, StorageError
 from ._jsonl import JsonlStorage
 from ._mail import (
     DeleteChange,
@@ -31,6 +24,7 @@ from ._mail import (
     InboxQuery,
     MailStore,
     MessageChange,
+    NotAMember,
     ParentChange,
     PinChange,
     ReactChange,
@@ -63,6 +57,7 @@ __all__ = [
     "MessageChange",
     "NewConversation",
     "Node",
+    "NotAMember",
     "Outbox",
     "OutboxDelivery",
     "ParentChange",

@@ -1,4 +1,4 @@
-"""The Storage protocol every backend implements, and its errors."""
+"""The Storage protocol every backend implements."""
 
 from __future__ import annotations
 
@@ -11,16 +11,9 @@ import msgspec
 from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, UsageTotal
 
 from ._bus import Bus
+from ._errors import StorageError
 from ._mail import MailStore
 from ._outbox import Outbox
-
-
-class StorageError(Exception):
-    """Storage failed (disk full, database gone, corrupt data). The one error root."""
-
-
-class ConversationNotFound(StorageError):
-    """The `(agent, sender)` pair names no stored conversation."""
 
 
 class NewConversation(msgspec.Struct, kw_only=True, frozen=True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from ._base import StorageError
+from ._errors import StorageError
 
 
 class LocalClaims:

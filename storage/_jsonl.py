@@ -107,17 +107,11 @@ import structlog
 import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, UsageTotal
 
-from ._base import (
-    Archive,
-    ConversationNotFound,
-    NewConversation,
-    StorageError,
-    check_archive,
-    search_words,
-)
+from ._base import Archive, NewConversation, check_archive, search_words
 from ._bus import Bus
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
+from ._errors import ConversationNotFound, StorageError
 from ._jsonl_mail import JsonlMail
 from ._jsonl_outbox import JsonlOutbox
 from ._mail import MailStore

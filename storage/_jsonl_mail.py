@@ -30,7 +30,7 @@ from typing import Generic, Protocol, TypeVar
 import msgspec
 import trio
 
-from ._base import StorageError
+from ._errors import StorageError
 from ._mail import number_of
 from ._mail_index import Advance, ChangeMessage, IndexedMail, MailChange, MailIndex, PostMail
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import trio
 
-from ._base import StorageError
+from ._errors import StorageError
 from ._jsonl_mail import LineLog, LogBacked
 from ._outbox_index import IndexedOutbox, OutboxChange, OutboxIndex, decode_change, encode_change
 

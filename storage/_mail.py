@@ -31,6 +31,8 @@ from chinwag.protocol import (
     SpaceMember,
 )
 
+from ._errors import StorageError
+
 _MSG_ID = re.compile(r"m(\d{12})")
 
 
@@ -79,6 +81,13 @@ class FromSpace(msgspec.Struct, kw_only=True, frozen=True):
     named: frozenset[str] = frozenset()  # recipients whether members or not (`to` named them)
     live: frozenset[str] = frozenset()  # a member among these is `delivered` at once (a
     # watch takes the push), the others `pending`
+    members_only: bool = False  # a private space's: an author who is no member, as
+    # stored, posts nothing (``NotAMember``)
+
+
+class NotAMember(StorageError):
+    """A post to a private space by an author who is, as the store has its members, no
+    member of it (one who left on another daemon): nothing was stored."""
 
 
 def with_members(
@@ -91,7 +100,10 @@ def with_members(
     members) as ``members``, the space's members as stored now, make them.
 
     A recipient neither named nor a member any more is left out; a member not among the
-    deliveries gets one, after the others, in the order of ``members``."""
+    deliveries gets one, after the others, in the order of ``members``. Raises
+    ``NotAMember`` for an author who must be a member and is not."""
+    if space.members_only and message.sender not in members:
+        raise NotAMember(f"{message.sender} is no member of #{message.space}.")
     present = set(members) - {message.sender}
     kept = [d for d in deliveries if d.name in space.named or d.name in present]
     have = {d.name for d in kept}
@@ -242,7 +254,8 @@ class MailStore(Protocol):
         left as it is). With ``from_space``, the recipients and deliveries are those
         ``with_members`` makes of the members of ``message.space`` as stored in the
         same write: a membership changed (``set_member``) before it is counted, and one
-        changed while it is written waits for it. Returns the stored message and True.
+        changed while it is written waits for it (``NotAMember``, storing nothing, for an
+        author of a private space who is no member). Returns the stored message and True.
         When the message has an ``idempotency_key`` that the same ``sender`` used
         before, nothing is stored and the first message comes back with False.
         """

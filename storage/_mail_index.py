@@ -31,7 +31,7 @@ from chinwag.protocol import (
     SpaceMember,
 )
 
-from ._base import StorageError
+from ._errors import StorageError
 from ._mail import (
     FromSpace,
     InboxQuery,

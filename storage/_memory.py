@@ -18,10 +18,11 @@ import msgspec
 import trio
 from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, UsageTotal
 
-from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
+from ._base import Archive, NewConversation, check_archive
 from ._bus import Bus
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
+from ._errors import ConversationNotFound, StorageError
 from ._mail import MailStore
 from ._mail_index import MemoryMail
 from ._outbox import Outbox

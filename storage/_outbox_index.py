@@ -16,7 +16,7 @@ import msgspec
 import trio
 from chinwag.protocol import WebhookBacklog
 
-from ._base import StorageError
+from ._errors import StorageError
 from ._outbox import OutboxDelivery, check_cursor
 from ._timestamps import utc
 

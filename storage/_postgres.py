@@ -119,9 +119,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
-from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
+from ._base import Archive, NewConversation, check_archive
 from ._bus import Bus
 from ._cursor import decode_cursor, encode_cursor
+from ._errors import ConversationNotFound, StorageError
 from ._mail import MailStore
 from ._outbox import Outbox
 from ._postgres_bus import (

@@ -45,8 +45,8 @@ import psycopg
 import structlog
 import trio
 
-from ._base import StorageError
 from ._bus import Node, Peer
+from ._errors import StorageError
 from ._search import one_line
 from ._timestamps import utc
 

@@ -25,7 +25,8 @@ import msgspec
 import trio
 from chinwag.protocol import Entry, MemoryHit
 
-from ._base import MAX_SEARCH_LIMIT, StorageError, search_words
+from ._base import MAX_SEARCH_LIMIT, search_words
+from ._errors import StorageError
 
 WORD = re.compile(r"\w+")  # what a snippet counts as a word
 _K1 = 1.2

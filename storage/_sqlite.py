@@ -114,10 +114,11 @@ from chinwag.protocol import (
     UsageTotal,
 )
 
-from ._base import Archive, ConversationNotFound, NewConversation, StorageError, check_archive
+from ._base import Archive, NewConversation, check_archive
 from ._bus import Bus
 from ._claims import LocalClaims
 from ._cursor import decode_cursor, encode_cursor
+from ._errors import ConversationNotFound, StorageError
 from ._mail import MailStore
 from ._outbox import Outbox
 from ._search import (

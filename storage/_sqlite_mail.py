@@ -70,7 +70,7 @@ from chinwag.protocol import (
     SpaceMember,
 )
 
-from ._base import StorageError
+from ._errors import StorageError
 from ._mail import (
     EditChange,
     FromSpace,

@@ -13,10 +13,17 @@ The events: ``daemon`` (``{up, reason}``, for the banner), ``run`` (a run event)
 connection to the daemon: the run in flight then, or null; a run the page showed and
 not this one ended unseen, the daemon having gone away while it ran), ``watching``
 (the participant whose watch is on), ``mail`` (``{change, message}``, ``change`` null
-for a new message), ``roster`` (``{changed}``) and ``resubscribed`` (``{}``: the daemon
+for a new message), ``roster`` (``{changed}``), ``resubscribed`` (``{}``: the daemon
 dropped the link's subscription for falling behind, a busy machine's normal event, and
 the link subscribed again on the same connection; what came between is lost, so the
-page reads again what it shows, as when the daemon is back, without a banner).
+page reads again what it shows, as when the daemon is back, without a banner) and
+``missed`` (``{agent, sender, run_id}``: a run in flight as the subscription was dropped
+had ended by the time the link looked for it again, its end unseen).
+
+The new subscription has only the runs that start after it. Each run that was in
+flight when the old one was dropped is looked for with an ``attach`` of its
+conversation: still in flight, it is replayed from its `start` and followed to its
+end as the subscription would have; gone, the pages are told it was ``missed``.
 
 The events of each run in flight are kept (consecutive text merged) so that a page
 opened in the middle of a run is shown the run from its `start`. A run that began
@@ -126,7 +133,27 @@ class Resubscribed:
     page shows may have ended meanwhile."""
 
 
-PageItem = Event | DaemonState | InFlight | MailFollowed | MailEvent | RosterChanged | Resubscribed
+@dataclass(frozen=True)
+class Missed:
+    """A run in flight when the subscription was dropped is no longer in flight when
+    the link looks for it on the new one (or cannot be looked for): its end went unseen.
+    The daemon did not go away."""
+
+    agent: str
+    sender: str
+    run_id: str
+
+
+PageItem = (
+    Event
+    | DaemonState
+    | InFlight
+    | MailFollowed
+    | MailEvent
+    | RosterChanged
+    | Resubscribed
+    | Missed
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +180,9 @@ class Shown:
             data, kind = msgspec.json.encode(mail).decode(), "mail"
         elif isinstance(item, RosterChanged):
             data, kind = msgspec.json.encode({"changed": item.changed}).decode(), "roster"
+        elif isinstance(item, Missed):
+            missed = {"agent": item.agent, "sender": item.sender, "run_id": item.run_id}
+            data, kind = msgspec.json.encode(missed).decode(), "missed"
         else:
             data, kind = "{}", "resubscribed"  # an event with no data is not dispatched
         return cls(item, ServerSentEvent(data, event=kind).encode())
@@ -169,7 +199,7 @@ class _Interest:
     roster: bool
 
     def wants(self, item: PageItem) -> bool:
-        if isinstance(item, Event):
+        if isinstance(item, Event | Missed):
             return (
                 self.runs
                 and (self.agent is None or item.agent == self.agent)
@@ -229,10 +259,10 @@ class _RunSoFar:
         self.events.append(msgspec.structs.replace(event, event=new))
 
 
-def _as_subscribed(like: Event, event: StreamEventMsg) -> Shown:
+def _as_subscribed(like: Event, event: StreamEventMsg) -> Event:
     """An event of an ``attach``, as the subscription frames the events of ``like``'s
     run: in an ``Event``, without an id of its own."""
-    return Shown.of(msgspec.structs.replace(like, event=msgspec.structs.replace(event, id=None)))
+    return msgspec.structs.replace(like, event=msgspec.structs.replace(event, id=None))
 
 
 class DaemonLink:
@@ -253,6 +283,8 @@ class DaemonLink:
         # The open pages, by what they asked for.
         self._pages: dict[_Interest, set[_Page]] = {}
         self._runs: dict[str, _RunSoFar] = {}
+        # Runs followed through an attach since a subscription dropped missed them.
+        self._recovering: set[str] = set()
         # Mail: how many pages read as each participant, and the watch held for each.
         self._readers: dict[str, int] = {}
         self._watches: dict[str, anyio.CancelScope] = {}
@@ -295,11 +327,13 @@ class DaemonLink:
                             if starting:
                                 starting = False
                                 task_status.started()
-                            dropped = await self._follow_runs(feed)
-                        while dropped:  # for falling behind: the daemon is still there
+                            lost = await self._follow_runs(feed)
+                        while lost is not None:  # for falling behind: the daemon is there
                             async with client.subscribe() as feed:
                                 self._fan_out(Resubscribed())
-                                dropped = await self._follow_runs(feed)
+                                for run in lost:
+                                    tasks.start_soon(self._recover, client, run)
+                                lost = await self._follow_runs(feed)
                     except ChinwagError as exc:
                         reason = exc.message
                     finally:
@@ -319,19 +353,56 @@ class DaemonLink:
                 task_status.started()
             await anyio.sleep(self.retry_s)
 
-    async def _follow_runs(self, feed: Subscription) -> bool:
-        """Publish the subscription's events until it ends; whether the daemon dropped
-        it for falling behind (429: the connection, the pages' attaches and watches go
-        on), the runs so far forgotten then, since their ends may be lost."""
+    async def _follow_runs(self, feed: Subscription) -> list[Event] | None:
+        """Publish the subscription's events until it ends. When the daemon drops it for
+        falling behind (429: the connection, the pages' attaches and watches go on), the
+        runs it was following, each as its first event: they are forgotten (what came
+        of them meanwhile is lost) and, on the next subscription, ``_recover``ed."""
         try:
             async for event in feed:
                 self._publish(event)
         except ChinwagError as exc:
             if exc.code != 429:
                 raise
-            self._runs.clear()
-            return True
-        return False
+            lost = [
+                run.events[0]
+                for run_id, run in self._runs.items()
+                if run_id not in self._recovering
+            ]
+            for first in lost:
+                del self._runs[first.run_id]
+            return lost
+        return None
+
+    async def _recover(self, client: Client, lost: Event) -> None:
+        """Follow ``lost``'s run, which a dropped subscription was following, through an
+        ``attach`` of its conversation: replayed from its `start` and published to its end
+        if it is still in flight (the new subscription has only the runs that start after
+        it), else ``Missed``."""
+        self._recovering.add(lost.run_id)
+        try:
+            async with client.attach(lost.agent, lost.sender) as events:
+                start = await anext(events)
+                if not isinstance(start, Start) or start.run_id != lost.run_id:
+                    self._fan_out(Missed(lost.agent, lost.sender, lost.run_id))
+                    return
+                like = Event(
+                    id=events.id,
+                    agent=lost.agent,
+                    sender=lost.sender,
+                    run_id=lost.run_id,
+                    event=start,
+                )
+                self._publish(_as_subscribed(like, start))
+                async for event in events:
+                    self._publish(_as_subscribed(like, event))
+        except ChinwagError as exc:
+            # Too many requests open (429): not to be followed, so its end goes unseen.
+            # Otherwise the connection is gone, and the pages are told the daemon is.
+            if exc.code == 429:
+                self._fan_out(Missed(lost.agent, lost.sender, lost.run_id))
+        finally:
+            self._recovering.discard(lost.run_id)
 
     async def until_up(self) -> None:
         """Return once the daemon is connected (at once if it is)."""
@@ -430,10 +501,13 @@ class DaemonLink:
                     like = Event(
                         id=events.id, agent=agent, sender=sender, run_id=start.run_id, event=start
                     )
-                    if not self._deliver(page, _as_subscribed(like, start), attached=True):
+                    if not self._deliver(
+                        page, Shown.of(_as_subscribed(like, start)), attached=True
+                    ):
                         return
                     async for event in events:
-                        if not self._deliver(page, _as_subscribed(like, event), attached=True):
+                        shown = Shown.of(_as_subscribed(like, event))
+                        if not self._deliver(page, shown, attached=True):
                             return
             except ChinwagError:
                 # Not begun (404), too many requests open (429: the subscription's

@@ -19,6 +19,7 @@ from chinwag.storage import (
     FromSpace,
     InboxQuery,
     MessageChange,
+    NotAMember,
     PinChange,
     ReactChange,
     StateChange,
@@ -450,6 +451,25 @@ async def test_a_post_from_its_space_reaches_the_members_stored_as_it_is(
     }
     assert await store.mail.received("cy", after=None, limit=MANY) == []
     assert (await store.mail.get_message(stored.msg_id)) == stored
+
+
+async def test_a_post_to_a_private_space_from_one_no_member_as_stored_stores_nothing(
+    store: Storage,
+) -> None:
+    """cy left the private den (on another daemon, as the post office has yet to hear):
+    its post raises NotAMember and takes no number; a member's post is stored."""
+    for name in ("ana", "bob", "cy"):
+        await store.mail.set_member("den", name, at(1), member=True)
+    await store.mail.set_member("den", "cy", at(2), member=False)
+    private = FromSpace(members_only=True)
+    left = msgspec.structs.replace(mail("cy", ["#den"], space="den"), recipients=["ana", "bob"])
+    given = [Delivery(name="ana"), Delivery(name="bob")]
+    with pytest.raises(NotAMember, match="cy is no member of #den"):
+        await store.mail.post(left, given, from_space=private)
+    assert await store.mail.received("ana", after=None, limit=MANY) == []
+    member = msgspec.structs.replace(mail("bob", ["#den"], space="den"), recipients=["ana", "cy"])
+    stored, created = await store.mail.post(member, [Delivery(name="ana")], from_space=private)
+    assert created and stored.msg_id == msg_id_of(1) and stored.recipients == ["ana"]
 
 
 async def test_space_counts_count_each_spaces_messages(store: Storage) -> None:

@@ -9,7 +9,8 @@
   const banner = document.getElementById("banner");
   const onRun = []; // each live part's handler of run events
   const onInFlight = []; // what to do when told which run of the conversation is in flight
-  const onUp = []; // what to do when the daemon is back
+  const onUp = []; // what to do when the daemon is back ({ resubscribed }: or was kept)
+  const onMissed = []; // what to do when a run's end went unseen, the daemon still there
 
   function element(tag, className, text) {
     const node = document.createElement(tag);
@@ -87,7 +88,14 @@
   });
   // The daemon dropped the dashboard's subscription as the machine was busy, and it has
   // subscribed again: no alarm, but what came meanwhile is read again, as when back.
-  source.addEventListener("resubscribed", () => onUp.forEach((handler) => handler()));
+  // The runs that were in flight are replayed from their start if they still are, and
+  // the others come as "missed": their ends went unseen, the daemon never away.
+  source.addEventListener("resubscribed", () =>
+    onUp.forEach((handler) => handler({ resubscribed: true })));
+  source.addEventListener("missed", (event) => {
+    const missed = JSON.parse(event.data);
+    onMissed.forEach((handler) => handler(missed));
+  });
   source.addEventListener("run", (event) => {
     const run = JSON.parse(event.data);
     onRun.forEach((handler) => handler(run));
@@ -227,12 +235,23 @@
           break;
       }
     });
+    const unseen = (row, why) => {
+      row.classList.add("unseen");
+      row.cells[3].textContent = `ended unseen: ${why}`;
+    };
     // Connected (again): the runs still in flight are replayed from their start; one
-    // not ended and not replayed was lost with the daemon (a crash sends no end).
-    onUp.push(() => {
+    // not ended and not replayed was lost with the daemon (a crash sends no end). Not
+    // so when subscribed again: each run is replayed or missed (below).
+    onUp.push((how) => {
+      if (how?.resubscribed) return;
       for (const row of rows.querySelectorAll("tr[data-run]:not([data-ended])")) {
-        row.classList.add("unseen");
-        row.cells[3].textContent = "ended unseen: the daemon went away";
+        unseen(row, "the daemon went away");
+      }
+    });
+    onMissed.push(({ run_id: runId }) => {
+      const row = [...rows.rows].find((tr) => tr.dataset.run === runId);
+      if (row && row.dataset.ended === undefined) {
+        unseen(row, "its end came as the dashboard subscribed to the daemon again");
       }
     });
   }
@@ -275,18 +294,28 @@
     }
     onUp.push(refresh);
 
+    // A run shown whose end went unseen stays in view, saying why; the history is read.
+    function unseen(runId, why) {
+      const parts = runs.get(runId);
+      parts.node.dataset.end = "lost";
+      parts.node.append(element("div", "end-status", `ended unseen: ${why}`));
+      runs.delete(runId);
+      ask.hidden = true;
+    }
+
     // On each connection to the daemon the page is told which run is in flight now (and
     // is shown it from its start): a run shown but not that one ended unseen, the daemon
-    // gone while it ran (a crash sends no end). It stays in view, saying so.
+    // gone while it ran (a crash sends no end).
     onInFlight.push((running) => {
-      for (const [runId, parts] of runs) {
-        if (runId === running) continue;
-        parts.node.dataset.end = "lost";
-        parts.node.append(
-          element("div", "end-status", "ended unseen: the daemon went away while it ran"));
-        runs.delete(runId);
+      for (const runId of [...runs.keys()]) {
+        if (runId !== running) unseen(runId, "the daemon went away while it ran");
       }
       ask.hidden = true;
+      refresh();
+    });
+    onMissed.push(({ run_id: runId }) => {
+      if (!runs.has(runId)) return;
+      unseen(runId, "its end came as the dashboard subscribed to the daemon again");
       refresh();
     });
 

@@ -53,8 +53,13 @@ def send(page: Page, text: str) -> None:
 def scripted_run(page: Page, *events: dict[str, Any]) -> None:
     """The page's event stream, once: the daemon up, then ``events`` of one run of
     assistant and web (its end not among them unless given)."""
+    scripted_stream(page, [run_frame("web", "r1", event) for event in events])
+
+
+def scripted_stream(page: Page, frames: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """The page's event stream, once: the daemon up, then ``frames`` (event, data)."""
     # No connecting again before the test is over.
-    body = scripted_body(events, retry_ms=3_600_000)
+    body = stream_body(frames, retry_ms=3_600_000)
     page.route(
         "**/events?*",
         lambda route: route.fulfill(body=body, content_type="text/event-stream"),
@@ -65,12 +70,22 @@ def scripted_run(page: Page, *events: dict[str, Any]) -> None:
 def scripted_body(events: Sequence[dict[str, Any]], *, retry_ms: int) -> str:
     """One connection of an event stream: the daemon up, then ``events`` of one run of
     assistant and web; the browser connects again ``retry_ms`` after it ends."""
-    run = {"type": "event", "id": 1, "agent": "assistant", "sender": "web", "run_id": "r1"}
-    frames: list[tuple[str, dict[str, Any]]] = [("daemon", {"up": True, "reason": ""})]
-    frames += [("run", {**run, "event": {"run_id": "r1", **event}}) for event in events]
+    return stream_body([run_frame("web", "r1", event) for event in events], retry_ms=retry_ms)
+
+
+def stream_body(frames: Sequence[tuple[str, dict[str, Any]]], *, retry_ms: int) -> str:
+    """One connection of an event stream: the daemon up, then ``frames`` (event, data);
+    the browser connects again ``retry_ms`` after it ends."""
+    frames = [("daemon", {"up": True, "reason": ""}), *frames]
     return f"retry: {retry_ms}\n\n" + "".join(
         f"event: {kind}\ndata: {json.dumps(data)}\n\n" for kind, data in frames
     )
+
+
+def run_frame(sender: str, run_id: str, event: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A ``run`` event of assistant and ``sender``, of the run ``run_id``."""
+    ids = {"agent": "assistant", "sender": sender, "run_id": run_id}
+    return ("run", {"type": "event", "id": 1, **ids, "event": {"run_id": run_id, **event}})
 
 
 still_going = {"type": "text_delta", "delta": "still going"}
@@ -253,6 +268,55 @@ def test_the_feed_shows_a_run_replayed_on_a_new_connection_once(
     open_page(page, dashboard, "/feed")
     expect(page.locator('#feed tr[data-run="r1"] td').nth(4)).to_have_text("1 2 3")
     expect(page.locator("#feed tbody tr")).to_have_count(1)
+
+
+RESUBSCRIBED_UNSEEN = "ended unseen: its end came as the dashboard subscribed to the daemon again"
+
+
+def test_the_feed_after_a_resubscription_says_which_run_was_missed(
+    page: Page, dashboard: DashboardProcess
+) -> None:
+    """The daemon dropped the dashboard's subscription and it was taken again: the run
+    still in flight comes again from its start, and the one that ended meanwhile is
+    missed. Neither is said to be lost with the daemon, which never went away."""
+    start = {"type": "start", "agent": "assistant", "seq": 1}
+    scripted_stream(
+        page,
+        [
+            run_frame("web", "r1", start),
+            run_frame("web", "r1", {"type": "text_delta", "delta": "1 2"}),
+            run_frame("bob", "r2", start),
+            ("resubscribed", {}),
+            ("missed", {"agent": "assistant", "sender": "bob", "run_id": "r2"}),
+            run_frame("web", "r1", start),
+            run_frame("web", "r1", {"type": "text_delta", "delta": "1 2 3"}),
+        ],
+    )
+    open_page(page, dashboard, "/feed")
+    still_running = page.locator('#feed tr[data-run="r1"] td')
+    expect(still_running.nth(4)).to_have_text("1 2 3")
+    expect(still_running.nth(3)).to_have_text("running")
+    expect(page.locator('#feed tr[data-run="r2"] td').nth(3)).to_have_text(RESUBSCRIBED_UNSEEN)
+
+
+def test_a_run_missed_on_a_resubscription_says_so_on_its_page(
+    page: Page, dashboard: DashboardProcess
+) -> None:
+    scripted_stream(
+        page,
+        [
+            ("inflight", {"run_id": None}),
+            run_frame("web", "r1", {"type": "start", "agent": "assistant", "seq": 1}),
+            run_frame("web", "r1", still_going),
+            ("resubscribed", {}),
+            ("missed", {"agent": "assistant", "sender": "web", "run_id": "r1"}),
+        ],
+    )
+    open_page(page, dashboard, "/conversation", agent="assistant", sender="web")
+    bubble = page.locator('#live [data-run="r1"]')
+    expect(bubble.locator(".text")).to_have_text("still going")
+    expect(bubble.locator(".end-status")).to_have_text(RESUBSCRIBED_UNSEEN)
+    expect(bubble).to_have_attribute("data-end", "lost")
 
 
 def test_an_ask_answered_elsewhere_leaves_the_page(page: Page, dashboard: DashboardProcess) -> None:

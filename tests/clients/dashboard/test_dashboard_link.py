@@ -19,10 +19,11 @@ from chinwag.clients.dashboard._link import (
     DaemonLink,
     DaemonState,
     MailFollowed,
+    Missed,
     Resubscribed,
     Shown,
 )
-from chinwag.protocol import End, Event
+from chinwag.protocol import AskUser, End, Event, Start
 from dashboard_harness import talk
 
 
@@ -149,5 +150,90 @@ def test_a_subscription_the_daemon_drops_is_taken_again_on_the_same_connection(
                 assert all(not isinstance(shown.item, DaemonState) for shown in seen), seen
                 assert subscriptions == 2
                 tasks.cancel_scope.cancel()
+
+    anyio.run(main, backend="trio")
+
+
+def test_the_runs_a_dropped_subscription_followed_are_followed_again_or_missed(
+    daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new subscription has only the runs that start after it: of the runs in flight
+    as the old one was dropped, one still going is replayed from its start and followed
+    to its end (through an attach), and one that ended meanwhile is told missed, its
+    end unseen, never as if the daemon had gone away."""
+    subscribe = Client.subscribe
+    subscriptions = 0
+    drop = anyio.Event()
+    ended_meanwhile = anyio.Event()
+
+    class DroppedOnCue(Subscription):
+        async def __anext__(self) -> Event:
+            event = await super().__anext__()
+            if drop.is_set():
+                # The end of the run answered meanwhile comes to no subscription.
+                await ended_meanwhile.wait()
+                raise ChinwagError(429, "The subscription fell too far behind and was dropped.")
+            return event
+
+    def dropped_on_cue(self: Client, *args: Any, **kwargs: Any) -> Subscription:
+        nonlocal subscriptions
+        subscriptions += 1
+        feed = subscribe(self, *args, **kwargs)
+        if subscriptions == 1:
+            feed.__class__ = DroppedOnCue
+        return feed
+
+    monkeypatch.setattr(Client, "subscribe", dropped_on_cue)
+
+    async def asked(page: MemoryObjectReceiveStream[Shown], *senders: str) -> dict[str, str]:
+        """The run of each of ``senders`` once it asks, by sender."""
+        runs: dict[str, str] = {}
+        async for shown in page:
+            item = shown.item
+            if isinstance(item, Event) and isinstance(item.event, AskUser):
+                runs[item.sender] = item.run_id
+                if set(runs) == set(senders):
+                    return runs
+        raise AssertionError("the page's stream ended")
+
+    async def until_missed(page: MemoryObjectReceiveStream[Shown]) -> list[Shown]:
+        seen: list[Shown] = []
+        async for shown in page:
+            seen.append(shown)
+            if isinstance(shown.item, Missed):
+                return seen
+        raise AssertionError(f"the page's stream ended: {seen}")
+
+    async def ask(client: Client, sender: str) -> None:
+        async with client.stream("assistant", "/ask which one", sender=sender) as events:
+            await events.collect()
+        if sender == "yann":
+            ended_meanwhile.set()
+
+    async def main() -> None:
+        link = DaemonLink(daemon.socket_path, retry_s=0.05)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(link.run)
+            with link.listen() as page, anyio.fail_after(15):
+                async with connect(daemon.socket_path) as client:
+                    tasks.start_soon(ask, client, "xena")
+                    tasks.start_soon(ask, client, "yann")
+                    runs = await asked(page, "xena", "yann")
+                    drop.set()
+                    await client.reply_to_ask("assistant", "this one", sender="yann")
+                    seen = await until_missed(page)
+                    await client.reply_to_ask("assistant", "that one", sender="xena")
+                    seen += await until_end(page)
+            tasks.cancel_scope.cancel()
+        items = [shown.item for shown in seen]
+        after = items[[type(item) for item in items].index(Resubscribed) :]
+        assert not any(isinstance(item, DaemonState) for item in after), items
+        assert Missed("assistant", "yann", runs["yann"]) in after
+        xena = [item.event for item in after if isinstance(item, Event)]
+        assert all(item.run_id == runs["xena"] for item in after if isinstance(item, Event))
+        # Replayed from its start, then on to its end as the subscription would have.
+        assert isinstance(xena[0], Start)
+        assert isinstance(xena[-1], End) and xena[-1].status == "done"
+        assert subscriptions == 2
 
     anyio.run(main, backend="trio")
