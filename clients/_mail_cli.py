@@ -23,6 +23,7 @@ from chinwag.protocol import Delivery, MailFormat, MailItem, MailMessage, Ref
 
 from ._client import Client
 from ._daemon_process import ensure_daemon
+from ._mail_text import one_line, reaction_counts
 from ._render import line_console, styled
 from ._settings import connect_or_fail, run_command, settings_of
 
@@ -93,11 +94,6 @@ def _document(reply: msgspec.Struct) -> Any:
 
 def _when(moment: datetime | None) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M") if moment is not None else ""
-
-
-def _one_line(text: str, width: int = 80) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def _priority(priority: int) -> Text:
@@ -450,7 +446,7 @@ def _inbox_table(items: Sequence[MailItem]) -> None:
             _when(item.message.created_at),
             _priority(item.message.priority),
             _state(item.state),
-            _one_line(item.message.content),
+            one_line(item.message.content),
         )
         for item in items
     ]
@@ -647,7 +643,7 @@ def sent(ctx: click.Context, status: bool, limit: int, name: str, as_json: bool)
                 message.msg_id,
                 ", ".join(message.to or message.recipients),
                 _when(message.created_at),
-                _one_line(message.content),
+                one_line(message.content),
             ]
             if status:
                 row.append(_deliveries(item.deliveries))
@@ -879,8 +875,7 @@ def react(
     """React to MSG_ID with EMOJI."""
 
     def show(message: MailMessage) -> None:
-        summary = "  ".join(f"{r.emoji} {len(r.by)}" for r in message.reactions)
-        line_console().print(f"{message.msg_id}  {summary or 'no reactions'}")
+        line_console().print(f"{message.msg_id}  {reaction_counts(message) or 'no reactions'}")
 
     _call(ctx, as_json, lambda c: c.react(name, msg_id, emoji, remove=remove), show)
 
@@ -1048,7 +1043,7 @@ def _spaces_table(items: Sequence[Any]) -> None:
             "archived" if s.archived else "",
             str(s.members),
             str(s.messages),
-            _one_line(s.description, 40),
+            one_line(s.description, 40),
         )
         for s in items
     ]
@@ -1285,7 +1280,7 @@ def project_list(
     """The projects."""
 
     def show(items: list[Any]) -> None:
-        rows = [(p.name, p.status, ", ".join(p.tags), _one_line(p.description, 50)) for p in items]
+        rows = [(p.name, p.status, ", ".join(p.tags), one_line(p.description, 50)) for p in items]
         _table(("name", "status", "tags", "description"), rows)
 
     _call(ctx, as_json, lambda c: c.projects(status=status, tag=tag), show)

@@ -3,9 +3,10 @@
 Everything comes over the client library (asyncio, as Textual runs): the list
 from `list_conversations`, listed again when the subscription shows a run start,
 end or take a title; the open conversation from `get_history` and `attach`; the
-inbox from `inbox` and `watch`. When the connection goes, a banner says so, and
-the app connects again every ``retry_s`` seconds; once back, it shows everything
-afresh.
+inbox from `inbox` and `watch`, whose `mail_update`s keep the messages shown (in the
+inbox, and in a thread open) as they are now. When the connection goes, a banner says
+so, and the app connects again every ``retry_s`` seconds; once back, it shows
+everything afresh.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-from chinwag.protocol import End, MailItem, Start, Title
+from chinwag.protocol import End, MailItem, MailMessage, MailUpdate, Start, Title
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -173,16 +174,28 @@ class ChinwagTui(App[None]):
 
     async def _follow_mail(self, client: Client) -> None:
         """The inbox up to a watch's cursor, then what the watch brings (as `chinwag inbox
-        --follow`: none missed or shown twice at the boundary)."""
+        --follow`: none missed or shown twice at the boundary): new mail, and changes to
+        mail shown. A change stored before the inbox was read comes all the same; they
+        come in the order stored, so what shows last is the message as it is now."""
         reader = self.inbox.reader
-        async with client.watch(reader) as watch:
+        async with client.watch(reader, updates=True) as watch:
             page = await client.inbox(reader, limit=INBOX_SHOWN)
             cursor = watch.cursor
             self.inbox.show(
                 [i for i in page.items if cursor is not None and i.message.msg_id <= cursor]
             )
-            async for message in watch:
-                self.inbox.arrived(MailItem(message=message, state="delivered"))
+            async for pushed in watch:
+                if isinstance(pushed, MailUpdate):
+                    self._changed(pushed.message)
+                else:
+                    self.inbox.arrived(MailItem(message=pushed, state="delivered"))
+
+    def _changed(self, message: MailMessage) -> None:
+        """Show ``message`` as it is now wherever it is shown."""
+        self.inbox.changed(message)
+        for screen in self.screen_stack:
+            if isinstance(screen, ThreadScreen):
+                screen.changed(message)
 
     # --- what the person does --------------------------------------------------------------------
 

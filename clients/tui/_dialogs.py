@@ -5,7 +5,7 @@ What the model or a person wrote (a question's options, a sender) is ``Content``
 
 from __future__ import annotations
 
-from chinwag.protocol import AskQuestion, AskUser, MailItem
+from chinwag.protocol import AskQuestion, AskUser, MailItem, MailMessage
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -13,6 +13,7 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, SelectionList, Static
 
+from .._mail_text import since_written
 from .._terminal_input import joined_answers
 
 
@@ -167,8 +168,43 @@ class CompactDialog(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+class MailEntry(Vertical):
+    """One message of a thread, as it is now: who to whom and when, its text (not a
+    deleted one's), and what was done to it since it was written."""
+
+    def __init__(self, message: MailMessage) -> None:
+        super().__init__(classes="mail")
+        self.message = message
+        self.set_class(message.deleted, "deleted")
+
+    def compose(self) -> ComposeResult:
+        message = self.message
+        yield Static(_heading(message), classes="mail-from", markup=False)
+        yield Markdown(_body(message), classes="mail-body")
+        marks = since_written(message)
+        if marks:
+            yield Static(marks, classes="mail-marks", markup=False)
+
+    def show(self, message: MailMessage) -> None:
+        """Show ``message`` (this one, changed) as it is now: composed again, which
+        holds also before the first compose has run."""
+        self.message = message
+        self.set_class(message.deleted, "deleted")
+        self.refresh(recompose=True)
+
+
+def _heading(message: MailMessage) -> str:
+    to = ", ".join(message.to or message.recipients)
+    return f"{message.sender} → {to}  {message.created_at.astimezone():%Y-%m-%d %H:%M}"
+
+
+def _body(message: MailMessage) -> str:
+    return "(deleted)" if message.deleted else message.content
+
+
 class ThreadScreen(ModalScreen[None]):
-    """A mail thread, oldest first, as ``reader`` sees it."""
+    """A mail thread, oldest first, as ``reader`` sees it, its messages kept as they are
+    now (``changed``)."""
 
     BINDINGS = [Binding("escape", "close", "Close")]
 
@@ -182,12 +218,14 @@ class ThreadScreen(ModalScreen[None]):
             yield Label(f"Thread · as {self.reader}", classes="dialog-title")
             with VerticalScroll():
                 for item in self.items:
-                    message = item.message
-                    to = ", ".join(message.to or message.recipients)
-                    when = message.created_at.astimezone().strftime("%Y-%m-%d %H:%M")
-                    yield Static(f"{message.sender} → {to}  {when}", classes="mail-from")
-                    yield Markdown(message.content, classes="mail-body")
+                    yield MailEntry(item.message)
             yield Static("Escape closes", classes="hint")
+
+    def changed(self, message: MailMessage) -> None:
+        """A message is now ``message``: shown so, if it is one of this thread's."""
+        for entry in self.query(MailEntry):
+            if entry.message.msg_id == message.msg_id:
+                entry.show(message)
 
     def action_close(self) -> None:
         self.dismiss(None)

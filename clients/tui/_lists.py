@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from chinwag.protocol import ConversationItem, MailItem
+import msgspec
+from chinwag.protocol import ConversationItem, MailItem, MailMessage
 from rich.text import Text
 from textual.message import Message
 from textual.widgets import DataTable
+
+from .._mail_text import gist, since_written
 
 #: How many conversations the list shows: the most recently active.
 CONVERSATIONS_SHOWN = 200
 #: How many messages the inbox shows: the newest.
 INBOX_SHOWN = 100
+#: How much of a message's text its row shows.
+GIST_WIDTH = 60
 
 
 def _when(moment: datetime | None, now: datetime) -> str:
@@ -84,8 +89,18 @@ class ConversationList(DataTable[str | Text]):
         self.post_message(self.Opened(item.agent, item.sender))
 
 
+def _row_text(message: MailMessage) -> Text:
+    """Its text (a deleted one's left out), then what was done to it since, dimmed."""
+    text = Text(gist(message, GIST_WIDTH), style="dim italic" if message.deleted else "")
+    marks = since_written(message)
+    if marks:
+        text.append(f"  {marks}", style="dim")
+    return text
+
+
 class InboxPane(DataTable[str | Text]):
-    """``reader``'s mail, newest first, unread marked ●; Enter opens the thread."""
+    """``reader``'s mail, newest first, unread marked ●, each message as it is now
+    (edited, reacted to, pinned, deleted); Enter opens the thread."""
 
     class Opened(Message):
         def __init__(self, item: MailItem) -> None:
@@ -137,13 +152,21 @@ class InboxPane(DataTable[str | Text]):
                 self.update_cell(item.message.msg_id, "unread", "")
         self._title()
 
+    def changed(self, message: MailMessage) -> None:
+        """A message shown is now ``message`` (one not shown stays so)."""
+        for index, item in enumerate(self.items):
+            if item.message.msg_id == message.msg_id:
+                self.items[index] = msgspec.structs.replace(item, message=message)
+                self.update_cell(message.msg_id, "message", _row_text(message))
+                return
+
     def _add(self, item: MailItem, now: datetime) -> None:
         message = item.message
         self.add_row(
             "●" if item.state != "read" else "",
             _when(message.created_at, now),
             Text(message.sender),
-            Text(" ".join(message.content.split())[:60]),
+            _row_text(message),
             key=message.msg_id,
         )
 

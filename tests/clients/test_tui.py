@@ -287,8 +287,11 @@ def test_the_inbox_shows_new_mail_and_marks_it_read_on_open(daemon) -> None:
             assert ui.app.inbox.border_title == f"Inbox · {reader} · 1 unread"
             await ui.pilot.press("ctrl+t", "enter")
             await ui.until("the thread", lambda: isinstance(ui.app.screen, ThreadScreen))
-            bodies = [m.source for m in ui.app.screen.query(Markdown)]
-            assert bodies == ["Lunch at **noon**?"]
+            # Each message of the thread composes its body once the screen is up.
+            await ui.until(
+                "the message's body",
+                lambda: [m.source for m in ui.app.screen.query(Markdown)] == ["Lunch at **noon**?"],
+            )
             await ui.until("the message read", lambda: ui.rows("inbox", "unread") == [("",)])
             assert ui.app.inbox.border_title == f"Inbox · {reader}"
             page = await client.inbox(reader)
