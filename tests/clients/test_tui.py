@@ -186,8 +186,11 @@ def test_an_ask_opens_a_dialog_and_a_button_answers_it(daemon) -> None:
         await ui.until("a new conversation", lambda: "a new conversation" in ui.transcript())
         await ui.send(asking)
         await ui.until("the question", lambda: isinstance(ui.app.screen, AskDialog))
-        dialog = ui.app.screen
-        assert [str(b.label) for b in dialog.query(Button)] == ["teal", "red"]
+        dialog = ui.app.screen  # its buttons are built after it shows
+        await ui.until(
+            "the options",
+            lambda: [str(b.label) for b in dialog.query(Button)] == ["teal", "red"],
+        )
         await ui.pilot.click("#option-0-0")
         await ui.until("the answer echoed", lambda: ui.transcript().endswith("assistant\nteal"))
         assert not isinstance(ui.app.screen, AskDialog)
@@ -202,7 +205,10 @@ def test_an_ask_answered_elsewhere_closes_its_dialog(daemon) -> None:
         await ui.until("a new conversation", lambda: "a new conversation" in ui.transcript())
         await ui.send("/ask Which day?")
         await ui.until("the question", lambda: isinstance(ui.app.screen, AskDialog))
-        assert ui.app.screen.query_one("#text-0", Input)  # no options: free text
+        dialog = ui.app.screen
+        await ui.until(
+            "a free text box", lambda: any(isinstance(w, Input) for w in dialog.query("#text-0"))
+        )
         async with connect(daemon.socket_path) as client:
             await client.reply_to_ask("assistant", "Monday", sender=sender)
         await ui.until("the dialog closed", lambda: not isinstance(ui.app.screen, AskDialog))
