@@ -74,6 +74,7 @@ from chinwag.protocol import (
     MailFormat,
     MailItem,
     MailMessage,
+    MailRead,
     MailUpdate,
     MarkRead,
     Members,
@@ -875,16 +876,31 @@ class Client:
 
     @overload
     def watch(
-        self, reader: str, *, after: str | None = None, updates: Literal[False] = False
+        self,
+        reader: str,
+        *,
+        after: str | None = None,
+        updates: Literal[False] = False,
+        reads: Literal[False] = False,
     ) -> MailWatch[MailMessage]: ...
 
     @overload
     def watch(
-        self, reader: str, *, after: str | None = None, updates: Literal[True]
+        self,
+        reader: str,
+        *,
+        after: str | None = None,
+        updates: Literal[True],
+        reads: Literal[False] = False,
     ) -> MailWatch[MailMessage | MailUpdate]: ...
 
+    @overload
     def watch(
-        self, reader: str, *, after: str | None = None, updates: bool = False
+        self, reader: str, *, after: str | None = None, updates: bool = False, reads: Literal[True]
+    ) -> MailWatch[MailMessage | MailUpdate | MailRead]: ...
+
+    def watch(
+        self, reader: str, *, after: str | None = None, updates: bool = False, reads: bool = False
     ) -> MailWatch[Any]:
         """Follow ``reader``'s new mail: ``async with c.watch("ana") as mail: async for m in mail``.
 
@@ -893,9 +909,11 @@ class Client:
         earlier watch's ``last_msg_id``) what came since is replayed first, so
         a reconnecting watcher sees each message once. With ``updates``, each
         edit, delete, reaction or pin of ``reader``'s mail comes too, as a
-        ``MailUpdate``. Leaving the block cancels the watch.
+        ``MailUpdate``; with ``reads`` (a daemon offering the feature
+        ``mail_read``), a ``MailRead`` names the msg_ids of ``reader``'s mail
+        that became read, through any client. Leaving the block cancels the watch.
         """
-        return MailWatch[Any](self, reader, after=after, updates=updates)
+        return MailWatch[Any](self, reader, after=after, updates=updates, reads=reads)
 
     # --- mail, part 2: changes, search, spaces, projects, focus, locks ---------------
 
@@ -1231,7 +1249,8 @@ class Subscription(_Feed):
 
 class MailWatch(_Feed, Generic[_Item]):
     """The messages of one ``watch`` request, in msg_id order, until the context exits
-    (and, when it was asked for ``updates``, each ``MailUpdate``).
+    (and, when it was asked for ``updates``, each ``MailUpdate``; for ``reads``, each
+    ``MailRead``).
 
     ``cursor`` is the daemon's ``watching`` cursor (the newest msg_id the reader
     had received when the watch began); ``last_msg_id`` moves on with every
@@ -1241,12 +1260,23 @@ class MailWatch(_Feed, Generic[_Item]):
     """
 
     def __init__(
-        self, client: Client, reader: str, *, after: str | None, updates: bool = False
+        self,
+        client: Client,
+        reader: str,
+        *,
+        after: str | None,
+        updates: bool = False,
+        reads: bool = False,
     ) -> None:
         super().__init__(
-            client, lambda rid: Watch(id=rid, reader=reader, after=after, updates=updates)
+            client,
+            lambda rid: Watch(id=rid, reader=reader, after=after, updates=updates, reads=reads),
         )
-        self._updates = updates
+        self._kinds: tuple[type, ...] = (
+            Mail,
+            *((MailUpdate,) if updates else ()),
+            *((MailRead,) if reads else ()),
+        )
         self._after = after
         self._cursor: str | None = None
         self._last: str | None = None
@@ -1272,9 +1302,9 @@ class MailWatch(_Feed, Generic[_Item]):
         return self
 
     async def __anext__(self) -> _Item:
-        kinds: Any = (Mail, MailUpdate) if self._updates else Mail
-        msg: Mail | MailUpdate = await self._next_of(kinds, "a `mail` frame")
-        if isinstance(msg, MailUpdate):
+        kinds: Any = self._kinds
+        msg: Mail | MailUpdate | MailRead = await self._next_of(kinds, "a `mail` frame")
+        if isinstance(msg, MailUpdate | MailRead):
             return cast(_Item, msg)
         self._last = msg.msg_id
         return cast(_Item, msg.message)

@@ -5,10 +5,11 @@ participants it knows, the spaces and their members, the watchers it pushes to,
 and who is registered on its connections. So that several daemons act as one,
 each tells the others, over the bus (daemon/_cluster.py carries the news
 unread), what it changed: a message stored or changed (the others read it back
-from the store and push it to their own watchers), participants as stored now,
-registrations begun and ended, spaces changed. A daemon that joins, or comes
-back after it lost the others, asks each for its registrations (``RollCall``);
-a daemon seen dead is online nowhere any more.
+from the store and push it to their own watchers), a reader's mail read (pushed
+as told), participants as stored now, registrations begun and ended, spaces
+changed. A daemon that joins, or comes back after it lost the others, asks each
+for its registrations (``RollCall``); a daemon seen dead is online nowhere any
+more.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ class Changed(msgspec.Struct, tag="changed"):
 
     msg_id: str
     change: ChangeKind
+
+
+class Read(msgspec.Struct, tag="read"):
+    """``name``'s copies of these messages became `read` (in msg_id order)."""
+
+    name: str
+    msg_ids: list[str]
 
 
 class Known(msgspec.Struct, tag="known"):
@@ -62,7 +70,7 @@ class RollCall(msgspec.Struct, tag="roll_call"):
     """Say who is registered on your connections (an ``Online`` with ``every``)."""
 
 
-News = Posted | Changed | Known | Online | Offline | SpacesChanged | RollCall
+News = Posted | Changed | Read | Known | Online | Offline | SpacesChanged | RollCall
 
 encode_news = msgspec.json.Encoder().encode
 decode_news = msgspec.json.Decoder(News).decode

@@ -76,6 +76,7 @@ from ._mail_news import (
     Online,
     Posted,
     Presence,
+    Read,
     RollCall,
     SpacesChanged,
     decode_news,
@@ -132,12 +133,14 @@ class Registration:
 @dataclass(eq=False)
 class Watcher:
     """One `watch`: ``deliver`` takes each new message for ``name``, ``update`` each change
-    to one (False: drop the watch); ``room`` says whether it would take one more now."""
+    to one, ``read`` the msg_ids of ``name``'s copies that became `read` (False: drop the
+    watch); ``room`` says whether it would take one more now."""
 
     name: str
     deliver: Callable[[MailMessage], bool]
     update: Callable[[ChangeKind, MailMessage], bool] | None  # None: it asked for none
     room: Callable[[], bool]
+    read: Callable[[list[str]], bool] | None = None  # None: it asked for none
     # The newest msg_id the reader had when the watch began, which its replay covers:
     # another daemon's news of one up to it comes too late to push.
     cursor: str | None = None
@@ -561,6 +564,8 @@ class PostOffice:
             for name in stored.recipients:
                 if name in answering:
                     self._answer(answering[name], stored)
+            if change is not None and change.read_by is not None:
+                await self._read(change.read_by, [change.msg_id])
         return PostResult(stored, created, warnings if created else [])
 
     def _address(self, sender: str, to: Sequence[str], mentions: Sequence[str]) -> _Addressed:
@@ -737,9 +742,11 @@ class PostOffice:
     def _later(self, fn: Callable[..., Any], *args: Any) -> None:
         self.runtime.nursery.start_soon(fn, *args)
 
-    async def _advance(self, changes: list[StateChange]) -> None:
+    async def _read_by_run(self, change: StateChange) -> None:
+        """A hosted agent's run started on its mail: its copy is `read`."""
         try:
-            await self.store.advance(changes)
+            if await self.store.advance([change]):
+                await self._read(change.name, [change.msg_id])
         except Exception:
             log.exception("mail_state_not_stored")
 
@@ -812,6 +819,8 @@ class PostOffice:
         ]
         if changes:
             await self.store.advance(changes)
+            if mark_read:
+                await self._read(name, [change.msg_id for change in changes])
         items = [_item(m, None if d is None else _moved(d, state, moment)) for m, d in rows]
         unread = sum((await self.store.unread_counts(name)).values())
         return Page(items, rows[-1][0].msg_id if more and rows else None, unread)
@@ -882,7 +891,9 @@ class PostOffice:
             msg_ids = [m.msg_id for m, _ in rows]
             if not msg_ids:
                 return 0
-        return await self.store.mark_read(name, now(), msg_ids=msg_ids, thread_id=thread_id)
+        moved = await self.store.mark_read(name, now(), msg_ids=msg_ids, thread_id=thread_id)
+        await self._read(name, moved)
+        return len(moved)
 
     async def get_message(
         self, reader: str, msg_id: str, *, history: bool = False
@@ -891,7 +902,8 @@ class PostOffice:
         message = await self._readable(name, msg_id)
         mine = None
         if name in message.recipients:
-            await self.store.advance([StateChange(msg_id, name, "read", now())])
+            if await self.store.advance([StateChange(msg_id, name, "read", now())]):
+                await self._read(name, [msg_id])
             every = (await self.store.deliveries([msg_id]))[msg_id]
             mine = next((d for d in every if d.name == name), None)
         versions = await self.store.versions(msg_id) if history else None
@@ -1002,6 +1014,27 @@ class PostOffice:
             for watcher in gone:
                 watchers.remove(watcher)
 
+    # --- read state ------------------------------------------------------------------------
+
+    async def _read(self, name: str, msg_ids: Sequence[str]) -> None:
+        """``name``'s copies of ``msg_ids`` became `read`: the watches of ``name`` that
+        asked are told, on this daemon and (its news) on the others."""
+        if not msg_ids:
+            return
+        ordered = sorted(set(msg_ids))
+        await self._push_read(name, ordered)
+        self._tell(Read(name, ordered))
+
+    async def _push_read(self, name: str, msg_ids: list[str]) -> None:
+        if not any(w.read is not None for w in self.watchers.get(name, ())):
+            return
+        # Under the posting lock: a message read as soon as it was stored is pushed first.
+        async with self._posting:
+            watchers = self.watchers.get(name, [])
+            gone = [w for w in watchers if w.read is not None and not w.read(msg_ids)]
+            for watcher in gone:
+                watchers.remove(watcher)
+
     # --- other daemons' mail ---------------------------------------------------------------
 
     def _tell(self, news: News, to: str | None = None) -> None:
@@ -1045,6 +1078,8 @@ class PostOffice:
                     message = await self.store.get_message(msg_id)
                     if message is not None:
                         self._push_change(change, message)
+            case Read(name, msg_ids):
+                await self._push_read(name, msg_ids)
             case Known(participants):
                 self._learn(participants)
             case Online(participants, registered, every):
@@ -1186,12 +1221,13 @@ class PostOffice:
         deliver: Callable[[MailMessage], bool],
         update: Callable[[ChangeKind, MailMessage], bool] | None,
         room: Callable[[], bool],
+        read: Callable[[list[str]], bool] | None = None,
     ) -> tuple[Watcher, str | None]:
-        """Start pushing ``reader``'s new mail to ``deliver`` and changes to it to ``update``;
-        returns the watcher and the newest msg_id the reader had received before it (what a
-        replay runs up to)."""
+        """Start pushing ``reader``'s new mail to ``deliver``, changes to it to ``update``
+        and the msg_ids of its copies read to ``read``; returns the watcher and the newest
+        msg_id the reader had received before it (what a replay runs up to)."""
         name = self._reader(reader)
-        watcher = Watcher(name, deliver, update, room)
+        watcher = Watcher(name, deliver, update, room, read)
         async with self._posting:  # no post is between its write and its push
             cursor = await self.store.newest_received(name)
             if (
@@ -1298,7 +1334,7 @@ class MailAnswer(DelegateAnswer):
     def __call__(self, event: StreamEventMsg) -> bool:
         if type(event) is Start:
             change = StateChange(self.message.msg_id, self.agent.casefold(), "read", now())
-            self.office._later(self.office._advance, [change])
+            self.office._later(self.office._read_by_run, change)
         elif type(event) is End:
             self.office._later(self.office._reply_for, self, event)
             return False

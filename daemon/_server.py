@@ -72,6 +72,7 @@ from chinwag.protocol import (
     Lock,
     Mail,
     MailMessage,
+    MailRead,
     MailUpdate,
     MarkRead,
     Memory,
@@ -131,6 +132,7 @@ SERVER_NAME = "chinwag/0.1.0"
 UNIX_SENDER = "user"
 READ_CHUNK = 65536
 FLUSH_TIMEOUT_S = 2.0
+MAIL_READ_BATCH = 500  # msg_ids in one `mail_read` at most: a `mark_read` may read thousands
 ACCEPT_RETRY_S = 0.1
 # What `accept` fails with while the process or the system is short of a resource
 # that frees up as connections close.
@@ -286,7 +288,7 @@ class Subscriber(_Buffered[Event]):
             self.conn.send(self._end)
 
 
-class MailWatch(_Buffered[Mail | MailUpdate]):
+class MailWatch(_Buffered[Mail | MailUpdate | MailRead]):
     """A `watch` request: what the reader missed since ``after``, then each new message,
     never slowing the author or the other watchers."""
 
@@ -316,6 +318,16 @@ class MailWatch(_Buffered[Mail | MailUpdate]):
         """A change to a message the reader received; False makes the post office drop it."""
         return self._offer(
             MailUpdate(id=self.request_id, msg_id=message.msg_id, change=change, message=message)
+        )
+
+    def read(self, msg_ids: list[str]) -> bool:
+        """The reader's copies of ``msg_ids`` became `read`: as many frames as keep each
+        within the frame size; False makes the post office drop this watch."""
+        # A msg_id and its separator take at most 32 bytes, the frame's other fields 256.
+        batch = max(1, min(MAIL_READ_BATCH, (self.conn.max_frame_bytes - 256) // 32))
+        return all(
+            self._offer(MailRead(id=self.request_id, msg_ids=msg_ids[at : at + batch]))
+            for at in range(0, len(msg_ids), batch)
         )
 
     def _leave(self) -> None:
@@ -1072,7 +1084,11 @@ class Connection:
         async def start() -> None:
             try:
                 watch.watcher, cursor = await self.server.post_office.watch(
-                    msg.reader, watch.deliver, watch.update if msg.updates else None, watch.room
+                    msg.reader,
+                    watch.deliver,
+                    watch.update if msg.updates else None,
+                    watch.room,
+                    watch.read if msg.reads else None,
                 )
                 if msg.after is not None:
                     self.server.post_office.check_cursor(msg.after)

@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
-from chinwag.protocol import EndStatus, Entry, ErrorInfo, Mail, MailUpdate, ToolCallInfo
+from chinwag.protocol import EndStatus, Entry, ErrorInfo, Mail, MailRead, MailUpdate, ToolCallInfo
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -132,9 +132,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.mail_posted += 1
 
-    def mail_delivered(self, frame: Mail | MailUpdate) -> None:
+    def mail_delivered(self, frame: Mail | MailUpdate | MailRead) -> None:
         """``frame`` leaves a watch's buffer for its connection: a new message's delivery
-        is timed from its post (its ``created_at``); a change to one is not a delivery."""
+        is timed from its post (its ``created_at``); a change to one, or its read, is not
+        a delivery."""
         metrics = self.metrics
         if metrics is not None and type(frame) is Mail:
             waited = (datetime.now(UTC) - frame.message.created_at).total_seconds()

@@ -254,6 +254,7 @@ class Watch(Request, tag="watch", kw_only=True):
     reader: str = msgspec.field(name="as")
     after: str | None = None
     updates: bool = False  # also push `mail_update` for each change to the reader's mail
+    reads: bool = False  # also push `mail_read` when the reader's copies become `read`
 
 
 class GetContext(Request, tag="context", kw_only=True):
@@ -466,6 +467,15 @@ class MailUpdate(ServerMessage, tag="mail_update"):
     msg_id: str
     change: ChangeKind
     message: MailMessage
+
+
+class MailRead(ServerMessage, tag="mail_read"):
+    """The reader's copies of ``msg_ids`` became `read` (through any client, on any daemon),
+    in msg_id order; a `watch` with ``reads`` gets it. A read of many messages comes in
+    several frames, each within ``max_frame_bytes``."""
+
+    id: int
+    msg_ids: list[str]
 
 
 class Spaces(ServerMessage, tag="spaces"):

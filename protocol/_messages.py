@@ -251,7 +251,16 @@ class Welcome(ServerMessage, tag="welcome"):
     speaks_as: str | None = None  # on TCP: the name the hello's token speaks as
 
 
-FEATURES = ("compaction", "search_memory", "history_pages", "mail", "usage", "daemons", "tcp")
+FEATURES = (
+    "compaction",
+    "search_memory",
+    "history_pages",
+    "mail",
+    "usage",
+    "daemons",
+    "tcp",
+    "mail_read",
+)
 """This daemon's additions to v1: the `compaction` event, sent only to a client
 whose `hello` names it, the `search_memory` request, and `history_pages`: a
 `get_history` without `limit` answers one page (200 entries at most), and `mail`
@@ -262,7 +271,9 @@ requests reach the daemon running the conversation, `attach` and `subscribe` see
 runs on every daemon, and `stats` lists the daemons, and `tcp`: on a TCP connection
 (`listen_tcp`, TLS) the hello's token holds every request to the name it speaks as:
 a sender, author or reader outside it is 401, one left out is the token's own, so
-reads are confined to it, and the welcome's `speaks_as` names it."""
+reads are confined to it, and the welcome's `speaks_as` names it, and `mail_read`: a
+`watch` with `reads` is told, in `mail_read` frames, when the reader's mail becomes
+`read`, whichever client or daemon read it."""
 
 
 class Error(ServerMessage, tag="error"):

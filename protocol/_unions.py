@@ -20,6 +20,7 @@ from ._mail import (
     Locks,
     Mail,
     MailContext,
+    MailRead,
     MailUpdate,
     MarkRead,
     Members,
@@ -180,6 +181,7 @@ ServerMsg = (
     | Mail
     | MailContext
     | MailUpdate
+    | MailRead
     | Spaces
     | SpaceReply
     | Members

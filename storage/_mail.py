@@ -285,9 +285,10 @@ class MailStore(Protocol):
         *,
         msg_ids: Sequence[str] | None = None,
         thread_id: str | None = None,
-    ) -> int:
+    ) -> list[str]:
         """Mark ``name``'s deliveries that are not `read` as `read`: of ``msg_ids``, of the
-        thread, or (neither given) all of them. Returns how many moved."""
+        thread, or (neither given) all of them. Returns the msg_ids of those that moved,
+        each once, in msg_id order (what the reader's watches are told)."""
         ...
 
     async def inbox(

@@ -678,13 +678,13 @@ class IndexedMail:
         *,
         msg_ids: Sequence[str] | None = None,
         thread_id: str | None = None,
-    ) -> int:
+    ) -> list[str]:
         async with self._writing() as index:
             change = index.plan_mark_read(name, at, msg_ids, thread_id)
             if change is None:
-                return 0
+                return []
             await self._commit(change)
-        return len(change.changes)
+        return sorted({msg_id for msg_id, _, _, _ in change.changes})
 
     async def change_message(self, msg_id: str, change: MessageChange) -> MailMessage | None:
         async with self._writing() as index:

@@ -333,7 +333,8 @@ SELECT number FROM ins
 
 # Moves deliveries forward: each (name, number) of the changes at most once, to `delivered`
 # at d_at (only from `pending`) and/or to `read` at r_at. The rows are locked in order
-# first; the counts follow the moves to `read`. {changes} yields (name, number, d_at, r_at).
+# first; the counts follow the moves to `read`. {changes} yields (name, number, d_at, r_at);
+# {moved} is what it answers of the moved rows.
 _MOVE = f"""
 WITH c AS ({{changes}}), locked AS (
     SELECT d.name, d.number FROM deliveries d JOIN c ON d.name = c.name AND d.number = c.number
@@ -349,28 +350,34 @@ WITH c AS ({{changes}}), locked AS (
     WHERE d.name = l.name AND d.number = l.number
       AND ((d.state = 'pending' AND (c.d_at IS NOT NULL OR c.r_at IS NOT NULL))
            OR (d.state = 'delivered' AND c.r_at IS NOT NULL))
-    RETURNING d.name, d.priority, d.state
+    RETURNING d.name, d.number, d.priority, d.state
 ), counted AS ({
     _COUNT.format(steps="(SELECT name, priority, -1 AS step FROM moved WHERE state = 'read')")
 })
-SELECT count(*) FROM moved
+SELECT {{moved}} FROM moved
 """
+# What a move answers: how many moved (``advance``), or which (``mark_read``, one reader's).
+_HOW_MANY = "count(*)"
+_WHICH = "coalesce(array_agg(number ORDER BY number), '{}')"
 _CHANGES = (
     "SELECT * FROM unnest(%(names)s::text[], %(numbers)s::bigint[], %(d_at)s::timestamptz[],"
     " %(r_at)s::timestamptz[]) AS c(name, number, d_at, r_at)"
 )
-_ADVANCE = _MOVE.format(changes=_CHANGES)
+_ADVANCE = _MOVE.format(changes=_CHANGES, moved=_HOW_MANY)
 _READ_LISTED = _MOVE.format(
     changes="SELECT DISTINCT %(name)s::text AS name, number, NULL::timestamptz AS d_at,"
-    " %(at)s::timestamptz AS r_at FROM unnest(%(numbers)s::bigint[]) AS n(number)"
+    " %(at)s::timestamptz AS r_at FROM unnest(%(numbers)s::bigint[]) AS n(number)",
+    moved=_WHICH,
 )
 _READ_THREAD = _MOVE.format(
     changes="SELECT %(name)s::text AS name, number, NULL::timestamptz AS d_at,"
-    " %(at)s::timestamptz AS r_at FROM messages WHERE thread_id = %(thread_id)s"
+    " %(at)s::timestamptz AS r_at FROM messages WHERE thread_id = %(thread_id)s",
+    moved=_WHICH,
 )
 _READ_ALL = _MOVE.format(
     changes="SELECT name, number, NULL::timestamptz AS d_at, %(at)s::timestamptz AS r_at"
-    " FROM deliveries WHERE name = %(name)s AND state <> 'read'"
+    " FROM deliveries WHERE name = %(name)s AND state <> 'read'",
+    moved=_WHICH,
 )
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -589,7 +596,7 @@ class PostgresMail:
         *,
         msg_ids: Sequence[str] | None = None,
         thread_id: str | None = None,
-    ) -> int:
+    ) -> list[str]:
         params: dict[str, Any] = {"name": name, "at": utc(at)}
         if msg_ids is not None:
             statement = _READ_LISTED
@@ -604,7 +611,7 @@ class PostgresMail:
             lambda conn: conn.execute(statement, params).fetchone(),
         )
         assert row is not None
-        return int(row[0])
+        return [msg_id_of(number) for number in row[0]]
 
     # --- changes to messages, spaces, projects, locks -------------------------------------
 

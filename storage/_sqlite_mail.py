@@ -411,24 +411,26 @@ class SqliteMail:
         *,
         msg_ids: Sequence[str] | None = None,
         thread_id: str | None = None,
-    ) -> int:
+    ) -> list[str]:
         when = to_text(at)
         params: dict[str, Any] = {"name": name, "at": when, "thread": thread_id}
 
-        def mark(conn: sqlite3.Connection) -> int:
+        def mark(conn: sqlite3.Connection) -> set[int]:
             if msg_ids is not None:
-                moves = [
-                    {"state": "read", "at": when, "name": name, "number": n, "rank": 2}
-                    for n in map(number_of, msg_ids)
-                    if n is not None
-                ]
-                return conn.executemany(_ADVANCE, moves).rowcount if moves else 0
-            if thread_id is not None:
-                return conn.execute(_READ_THREAD, params).rowcount
-            return conn.execute(_READ_ALL, params).rowcount
+                moved = set()
+                for number in {n for n in map(number_of, msg_ids) if n is not None}:
+                    move = {"state": "read", "at": when, "name": name, "number": number}
+                    cursor = conn.execute(_ADVANCE, {**move, "rank": 2})
+                    if cursor.rowcount:
+                        moved.add(number)
+                    cursor.close()
+                return moved
+            statement = _READ_THREAD if thread_id is not None else _READ_ALL
+            rows = conn.execute(statement + " RETURNING number", params)
+            return {number for (number,) in rows}
 
-        moved: int = await self._write(f"Marking the mail of {name!r} read", mark)
-        return moved
+        moved: set[int] = await self._write(f"Marking the mail of {name!r} read", mark)
+        return [msg_id_of(number) for number in sorted(moved)]
 
     async def change_message(self, msg_id: str, change: MessageChange) -> MailMessage | None:
         number = number_of(msg_id)

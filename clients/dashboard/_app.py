@@ -8,12 +8,12 @@ with ``agent`` and ``sender``, on each connection to the daemon, which run of th
 conversation is in flight, ``inflight``), with ``stats`` the daemon's counters every
 few seconds (``stats``), with ``as=NAME`` that participant's mail (``watching`` once
 its watch is on, then ``mail``: ``{change, message}``, ``change`` null for a new
-message), and with ``roster`` which of presence, spaces and locks changed
-(``roster``: ``{changed}``); ``resubscribed`` when the daemon dropped the link's
-subscription for falling behind and it has subscribed again, then ``missed``
-(``{agent, sender, run_id}``) for each run in flight then that has ended since, its end
-unseen. The link encodes each once for every page; a page sent several at a time gets
-them in one write.
+message, and ``read``: ``{msg_ids}``, its mail read through any client), and with
+``roster`` which of presence, spaces and locks changed (``roster``: ``{changed}``);
+``resubscribed`` when the daemon dropped the link's subscription for falling behind and
+it has subscribed again, then ``missed`` (``{agent, sender, run_id}``) for each run in
+flight then that has ended since, its end unseen. The link encodes each once for every
+page; a page sent several at a time gets them in one write.
 """
 
 from __future__ import annotations

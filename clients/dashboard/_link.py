@@ -13,7 +13,8 @@ The events: ``daemon`` (``{up, reason}``, for the banner), ``run`` (a run event)
 connection to the daemon: the run in flight then, or null; a run the page showed and
 not this one ended unseen, the daemon having gone away while it ran), ``watching``
 (the participant whose watch is on), ``mail`` (``{change, message}``, ``change`` null
-for a new message), ``roster`` (``{changed}``), ``resubscribed`` (``{}``: the daemon
+for a new message), ``read`` (``{msg_ids}``: the participant's mail read, through any
+client), ``roster`` (``{changed}``), ``resubscribed`` (``{}``: the daemon
 dropped the link's subscription for falling behind, a busy machine's normal event, and
 the link subscribed again on the same connection; what came between is lost, so the
 page reads again what it shows, as when the daemon is back, without a banner) and
@@ -33,8 +34,8 @@ therefore sends an `attach` of its own, which replays the run in flight from its
 are dropped for that page, and what came for the page before the `attach` answered
 waits until it has), so that it sees each event once.
 
-Mail comes the same way: one `watch` (with `updates`) of each participant some open
-page reads as, held while any page does and shared by them all. The dashboard never
+Mail comes the same way: one `watch` (with `updates` and `reads`) of each participant
+some open page reads as, held while any page does and shared by them all. The dashboard never
 registers: a watch needs no registration. Presence, spaces and locks have no push in
 the protocol, so while a page shows them the link reads `participants`, `spaces` and
 `locks` every ``poll_s`` seconds (once for every page) and tells the pages which of
@@ -56,6 +57,7 @@ from chinwag.protocol import (
     End,
     Event,
     MailMessage,
+    MailRead,
     MailUpdate,
     Start,
     StreamEventMsg,
@@ -107,6 +109,15 @@ class MailEvent:
 
 
 @dataclass(frozen=True)
+class MarkedRead:
+    """``reader``'s copies of ``msg_ids`` became read (through this dashboard or any other
+    client)."""
+
+    reader: str
+    msg_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class InFlight:
     """What a conversation's ``attach`` found in flight (``run_id``, None when idle): from
     here on its page is told of every run of it, so that one it showed and not this one
@@ -150,6 +161,7 @@ PageItem = (
     | InFlight
     | MailFollowed
     | MailEvent
+    | MarkedRead
     | RosterChanged
     | Resubscribed
     | Missed
@@ -178,6 +190,8 @@ class Shown:
         elif isinstance(item, MailEvent):
             mail = {"change": item.change, "message": item.message}
             data, kind = msgspec.json.encode(mail).decode(), "mail"
+        elif isinstance(item, MarkedRead):
+            data, kind = msgspec.json.encode({"msg_ids": item.msg_ids}).decode(), "read"
         elif isinstance(item, RosterChanged):
             data, kind = msgspec.json.encode({"changed": item.changed}).decode(), "roster"
         elif isinstance(item, Missed):
@@ -205,7 +219,7 @@ class _Interest:
                 and (self.agent is None or item.agent == self.agent)
                 and (self.sender is None or item.sender == self.sender)
             )
-        if isinstance(item, MailFollowed | MailEvent):
+        if isinstance(item, MailFollowed | MailEvent | MarkedRead):
             return item.reader == self.reader
         if isinstance(item, RosterChanged):
             return self.roster
@@ -529,12 +543,14 @@ class DaemonLink:
         after: str | None = None
         with scope:
             while True:
-                watch = client.watch(reader, after=after, updates=True)
+                watch = client.watch(reader, after=after, updates=True, reads=True)
                 try:
                     async with watch:
                         self._fan_out(MailFollowed(reader))
                         async for item in watch:
-                            if isinstance(item, MailUpdate):
+                            if isinstance(item, MailRead):
+                                self._fan_out(MarkedRead(reader, tuple(item.msg_ids)))
+                            elif isinstance(item, MailUpdate):
                                 self._fan_out(MailEvent(reader, item.message, item.change))
                             else:
                                 self._fan_out(MailEvent(reader, item))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-from chinwag.protocol import End, MailItem, MailMessage, MailUpdate, Start, Title
+from chinwag.protocol import End, MailItem, MailMessage, MailRead, MailUpdate, Start, Title
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -174,18 +174,21 @@ class ChinwagTui(App[None]):
 
     async def _follow_mail(self, client: Client) -> None:
         """The inbox up to a watch's cursor, then what the watch brings (as `chinwag inbox
-        --follow`: none missed or shown twice at the boundary): new mail, and changes to
-        mail shown. A change stored before the inbox was read comes all the same; they
-        come in the order stored, so what shows last is the message as it is now."""
+        --follow`: none missed or shown twice at the boundary): new mail, changes to
+        mail shown, and the mail the reader read (here or through any other client). A
+        change stored before the inbox was read comes all the same; they come in the
+        order stored, so what shows last is the message as it is now."""
         reader = self.inbox.reader
-        async with client.watch(reader, updates=True) as watch:
+        async with client.watch(reader, updates=True, reads=True) as watch:
             page = await client.inbox(reader, limit=INBOX_SHOWN)
             cursor = watch.cursor
             self.inbox.show(
                 [i for i in page.items if cursor is not None and i.message.msg_id <= cursor]
             )
             async for pushed in watch:
-                if isinstance(pushed, MailUpdate):
+                if isinstance(pushed, MailRead):
+                    self.inbox.read(set(pushed.msg_ids))
+                elif isinstance(pushed, MailUpdate):
                     self._changed(pushed.message)
                 else:
                     self.inbox.arrived(MailItem(message=pushed, state="delivered"))

@@ -22,6 +22,7 @@ from chinwag.protocol import (
     Mail,
     MailItem,
     MailMessage,
+    MailRead,
     Ok,
     Ref,
     Watch,
@@ -313,6 +314,27 @@ def test_leaving_a_watch_cancels_it(daemon, run: Runner) -> None:
             # Left early: the iterator is over.
             assert [m async for m in mail] == []
             await c.ping()
+
+    run(main)
+
+
+def test_a_watch_with_reads_yields_what_another_client_read(daemon, run: Runner) -> None:
+    async def main() -> None:
+        async with (
+            connect(daemon.socket_path) as c,
+            connect(daemon.socket_path) as elsewhere,
+            c.watch("ana", reads=True) as mail,
+        ):
+            assert "mail_read" in c.welcome.features
+            first = await c.post("bob", "one", to="ana")
+            second = await c.post("bob", "two", to="ana")
+            assert [(await next_mail(mail)).msg_id for _ in range(2)] == [
+                first.msg_id,
+                second.msg_id,
+            ]
+            await elsewhere.mark_read("ana", all=True)
+            read = await anext(mail)
+            assert isinstance(read, MailRead) and read.msg_ids == [first.msg_id, second.msg_id]
 
     run(main)
 

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 import trio
 from chinwag.clients import ChinwagError, connect
-from chinwag.protocol import MailMessage, MailUpdate
+from chinwag.protocol import MailMessage, MailRead, MailUpdate
 from chinwag.storage._postgres import parse_postgres_url
 from psycopg import sql
 
@@ -77,6 +77,29 @@ async def test_a_post_on_one_daemon_is_pushed_to_a_watch_on_another(two):
         assert [m.content for m in burst] == [f"burst {n}" for n in range(20)]  # type: ignore[union-attr]
         first = next(i for i in (await on_b.inbox("bo")).items if i.message.msg_id == posted.msg_id)
         assert first.state in ("delivered", "read"), "pushed on b: delivered"
+
+
+async def test_mail_read_on_one_daemon_is_told_to_a_watch_on_another(two):
+    """bo reads through a (get_message, then mark_read of all): b's watch of bo is told."""
+    a, b = two
+    async with connect(a.socket_path) as on_a, connect(b.socket_path) as on_b:
+        async with on_b.watch("bo", reads=True) as mail:
+            sent = [(await on_a.post("ana", f"n{n}", to="bo")).msg_id for n in range(3)]
+            with trio.fail_after(5):
+                assert [(await anext(mail)).msg_id for _ in sent] == sent  # type: ignore[union-attr]
+            began = time.monotonic()
+            opened = await on_a.get_message("bo", sent[1])
+            assert opened.state == "read"
+            with trio.fail_after(5):
+                first = await anext(mail)
+            took = time.monotonic() - began
+            assert isinstance(first, MailRead) and first.msg_ids == [sent[1]]
+            assert took < PUSHED_WITHIN_S, f"the read reached b's watch {took:.3f} s after"
+            await on_a.mark_read("bo", all=True)
+            with trio.fail_after(5):
+                rest = await anext(mail)
+            assert isinstance(rest, MailRead) and rest.msg_ids == [sent[0], sent[2]]
+        assert (await on_b.inbox("bo", unread_only=True)).items == []
 
 
 async def test_space_mail_fans_out_to_watchers_on_two_other_daemons(three):

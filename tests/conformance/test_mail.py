@@ -121,7 +121,7 @@ async def test_a_fresh_store_has_no_mail(store: Storage) -> None:
     assert await store.mail.unread_totals() == {}
     assert await store.mail.sent("alice", limit=10) == []
     assert await store.mail.thread(msg_id_of(1)) == []
-    assert await store.mail.mark_read("bob", T0) == 0
+    assert await store.mail.mark_read("bob", T0) == []
 
 
 async def test_participants_are_listed_by_name_and_replaced_whole(store: Storage) -> None:
@@ -469,7 +469,10 @@ async def test_a_reply_starts_the_parent_thread(store: Storage) -> None:
         reply.msg_id,
         later.msg_id,
     ]
-    assert await store.mail.mark_read("bob", at(5), thread_id=parent.msg_id) == 2
+    assert await store.mail.mark_read("bob", at(5), thread_id=parent.msg_id) == [
+        parent.msg_id,
+        later.msg_id,
+    ]
     assert (await delivery_of(store, unrelated.msg_id, "bob")) == Delivery(name="bob")
 
 
@@ -681,11 +684,14 @@ async def test_mark_read_by_msg_ids(store: Storage) -> None:
     m1, m2, m3, m4 = ids(posted)
     await store.mail.advance([StateChange(m3, "bob", "delivered", at(1))])
 
-    count = await store.mail.mark_read("bob", at(2), msg_ids=[m1, m3, "nonsense", msg_id_of(99)])
-    assert count == 2
-    assert await store.mail.mark_read("bob", at(3), msg_ids=[m1, m3, m3]) == 0  # already read
-    assert await store.mail.mark_read("bob", at(3), msg_ids=[]) == 0  # none given: none read
-    assert await store.mail.mark_read("dave", at(3), msg_ids=[m1]) == 0  # not a recipient
+    # The msg_ids moved, each once, in msg_id order whatever the order asked.
+    moved = await store.mail.mark_read(
+        "bob", at(2), msg_ids=[m3, "nonsense", m1, msg_id_of(99), m3]
+    )
+    assert moved == [m1, m3]
+    assert await store.mail.mark_read("bob", at(3), msg_ids=[m1, m3, m3]) == []  # already read
+    assert await store.mail.mark_read("bob", at(3), msg_ids=[]) == []  # none given: none read
+    assert await store.mail.mark_read("dave", at(3), msg_ids=[m1]) == []  # not a recipient
 
     found = await store.mail.deliveries(ids(posted))
     assert [d for d in found[m1] if d.name == "bob"] == [
@@ -714,10 +720,15 @@ async def test_mark_read_a_thread(store: Storage) -> None:
     alone = await post(store, "alice", ["bob"], "alone")
     in_thread = await post(store, "alice", ["bob", "carol"], "more", thread_id=root.msg_id)
 
-    assert await store.mail.mark_read("bob", at(5), thread_id=root.msg_id) == 1  # root was read
-    assert await store.mail.mark_read("bob", at(6), thread_id=root.msg_id) == 0
-    assert await store.mail.mark_read("bob", at(6), thread_id="m000000000999") == 0
-    assert await store.mail.mark_read("carol", at(7), thread_id=root.msg_id) == 3
+    # root was read by the reply
+    assert await store.mail.mark_read("bob", at(5), thread_id=root.msg_id) == [in_thread.msg_id]
+    assert await store.mail.mark_read("bob", at(6), thread_id=root.msg_id) == []
+    assert await store.mail.mark_read("bob", at(6), thread_id="m000000000999") == []
+    assert await store.mail.mark_read("carol", at(7), thread_id=root.msg_id) == [
+        root.msg_id,
+        msg_id_of(2),
+        in_thread.msg_id,
+    ]
     assert (await delivery_of(store, in_thread.msg_id, "bob")) == Delivery(
         name="bob", state="read", delivered_at=at(5), read_at=at(5)
     )
@@ -733,8 +744,8 @@ async def test_mark_read_everything_of_one_reader(store: Storage) -> None:
     await store.mail.advance([StateChange(msg_id_of(2), "bob", "read", at(1))])
     await store.mail.advance([StateChange(msg_id_of(3), "bob", "delivered", at(1))])
 
-    assert await store.mail.mark_read("bob", at(9)) == 4
-    assert await store.mail.mark_read("bob", at(10)) == 0
+    assert await store.mail.mark_read("bob", at(9)) == [msg_id_of(n) for n in (1, 3, 4, 5)]
+    assert await store.mail.mark_read("bob", at(10)) == []
     found = await store.mail.deliveries([msg_id_of(n) for n in range(1, 6)])
     bobs = [d for m in sorted(found) for d in found[m] if d.name == "bob"]
     assert [(d.state, d.delivered_at, d.read_at) for d in bobs] == [
@@ -972,7 +983,7 @@ async def test_unread_counts_follow_every_change(store: Storage) -> None:
     )
     assert (await check_unread(store, names))["bob"] == {1: 1, 2: 2, 3: 2}
 
-    assert await store.mail.mark_read("bob", at(3), msg_ids=[m[2], m[6]]) == 2
+    assert await store.mail.mark_read("bob", at(3), msg_ids=[m[2], m[6]]) == [m[2], m[6]]
     assert (await check_unread(store, names))["bob"] == {1: 1, 3: 2}
 
     await post(

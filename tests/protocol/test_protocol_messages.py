@@ -68,6 +68,7 @@ from chinwag.protocol import (
     MailContext,
     MailItem,
     MailMessage,
+    MailRead,
     MailUpdate,
     MarkRead,
     Members,
@@ -215,6 +216,7 @@ CLIENT_EXAMPLES: list[ClientMsg] = [
     MarkRead(id=27, reader="ana", msg_ids=["m000000000008"], thread_id="m000000000007", all=True),
     GetMessage(id=28, reader="ana", msg_id="m000000000008"),
     Watch(id=29, reader="ana", after="m000000000008"),
+    Watch(id=30, reader="ana", updates=True, reads=True),
     GetContext(id=30, reader="ana"),
     # mail, part 2 (additive, docs/protocol.md section 14)
     Edit(id=31, sender="ana", msg_id="m000000000008", content="fixed", structured={"v": 2}),
@@ -607,6 +609,7 @@ SERVER_EXAMPLES: list[ServerMsg] = [
         ],
     ),
     MailUpdate(id=29, msg_id="m000000000008", change="react", message=MAIL_MESSAGE),
+    MailRead(id=29, msg_ids=["m000000000007", "m000000000008"]),
     Spaces(id=42, items=[SPACE]),
     SpaceReply(id=36, space=SPACE),
     Members(id=41, items=[SpaceMember(name="ana", joined_at=CREATED, online=True)]),
@@ -735,6 +738,7 @@ def test_server_tags_are_the_protocol_names() -> None:
         "context",
         # mail, part 2
         "mail_update",
+        "mail_read",  # additive: the `mail_read` feature
         "spaces",
         "space",
         "members",
@@ -827,6 +831,7 @@ def test_minimal_mail_requests_from_a_foreign_client_decode() -> None:
     assert (post.format, post.priority, post.reply_to) == ("markdown", 1, None)
     watch = JSON.decode_client(b'{"type":"watch","id":2,"as":"bob"}')
     assert watch == Watch(id=2, reader="bob", after=None)
+    assert not watch.updates and not watch.reads  # a v1 client is sent no frame it lacks
     register = JSON.decode_client(b'{"type":"register","id":3,"name":"bob"}')
     assert register == Register(id=3, name="bob", kind="session", roles=[], info={})
 

@@ -214,6 +214,7 @@ PART_TWO = {
     "unlock",
     "locks",
     "mail_update",
+    "mail_read",
     "space",
     "members",
     "project",

@@ -156,6 +156,17 @@
       .filter(({ part, shows }) => shows.has("mail") && mailShown(part, message))
       .forEach(({ refresh }) => refresh());
   });
+  // The reader's mail read, here or through any other client: the parts listing one of
+  // those messages, or counting the unread, are read again (an opened message is read).
+  source.addEventListener("read", (event) => {
+    const read = new Set(JSON.parse(event.data).msg_ids);
+    const touched = (part) =>
+      part.querySelector(".unread") ||
+      [...part.querySelectorAll("[data-msg]")].some((row) => read.has(row.dataset.msg));
+    liveParts
+      .filter(({ part, shows }) => shows.has("mail") && touched(part))
+      .forEach(({ refresh }) => refresh());
+  });
   source.addEventListener("roster", (event) => {
     const { changed } = JSON.parse(event.data);
     liveParts

@@ -171,6 +171,21 @@ def test_mail_posted_after_the_page_opened_arrives(
         assert changed["message"]["reactions"] == [{"emoji": "👍", "by": ["bob"]}]
 
 
+def test_mail_read_through_another_client_arrives(daemon: Any, dashboard: DashboardProcess) -> None:
+    with stream(dashboard, **{"as": "bob"}) as events, held_client(daemon) as (portal, client):
+        posted = [
+            portal.call(functools.partial(client.post, "ana", text, to="bob")).msg_id
+            for text in ("one", "two")
+        ]
+        events.until(lambda kind, data: kind == "watching" and data == "bob", "bob's watch")
+        portal.call(functools.partial(client.mark_read, "bob", msg_ids=[posted[1]]))
+        _, data = events.until(lambda kind, data: kind == "read", "the read")[-1]
+        assert json.loads(data) == {"msg_ids": [posted[1]]}
+        portal.call(functools.partial(client.get_message, "bob", posted[0]))
+        _, data = events.until(lambda kind, data: kind == "read", "the other read")[-1]
+        assert json.loads(data) == {"msg_ids": [posted[0]]}
+
+
 def test_presence_and_locks_changes_arrive(daemon: Any, dashboard: DashboardProcess) -> None:
     def roster(kind: str, data: str) -> tuple[str, ...]:
         return tuple(json.loads(data)["changed"]) if kind == "roster" else ()
@@ -212,6 +227,40 @@ def test_an_inbox_updates_live_without_a_reload(
     expect(page.locator("#message .state")).to_have_text("read")
     page.goto(f"{dashboard.url}/mail/inbox?as=bob")
     expect(page.locator("#inbox tr[data-msg] .state")).to_have_text(["read", "delivered"])
+
+
+@pytest.mark.usefixtures("screenshot_on_failure")
+def test_an_inbox_shows_mail_read_elsewhere_read_without_a_reload(
+    page: Page, daemon: Any, dashboard: DashboardProcess
+) -> None:
+    posted: list[str] = []
+
+    async def fill(client: Any) -> None:
+        for text in ("read elsewhere", "left unread"):
+            posted.append((await client.post("ana", text, to="bob")).msg_id)
+
+    on_daemon(daemon, fill)
+    # The page reads its inbox again once the daemon is up and once bob's watch is on:
+    # both are waited for, so that only the read can make it read it once more.
+    fragments: list[str] = []
+
+    def second_fragment(response: Any) -> bool:
+        if "fragment=1" in response.url:
+            fragments.append(response.url)
+        return len(fragments) == 2
+
+    with page.expect_response(second_fragment):
+        page.goto(f"{dashboard.url}/mail/inbox?as=bob&token={TOKEN}")
+    states = page.locator("#inbox tr[data-msg] .state")
+    expect(states).to_have_text(["delivered", "delivered"])
+    expect(page.locator("#inbox .unread")).to_have_text("2 unread")
+    expect(page.locator("body")).to_have_attribute("data-watching", "bob")
+    page.evaluate("window.sameDocument = true")
+    # bob reads the older one through another client (the CLI, the TUI, another tab).
+    on_daemon(daemon, lambda client: client.mark_read("bob", msg_ids=[posted[0]]))
+    expect(states).to_have_text(["delivered", "read"])
+    expect(page.locator("#inbox .unread")).to_have_text("1 unread")
+    assert page.evaluate("window.sameDocument") is True
 
 
 def test_an_inbox_s_older_page_stays_itself_live(
