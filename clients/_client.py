@@ -574,22 +574,39 @@ class Client:
         *,
         limit: int = 100,
         cursor: str | None = None,
+        query: str | None = None,
     ) -> Conversations:
-        """One page of conversations, most recently updated first."""
+        """One page of conversations, most recently updated first.
+
+        With ``query``, only those whose title or sender contains it, casefolded (the
+        daemon's ``conversation_search`` feature; a daemon without it is refused here,
+        501, rather than asked: it would list every conversation).
+        """
+        if query is not None and "conversation_search" not in self.welcome.features:
+            raise ChinwagError(
+                501, "The daemon cannot search conversations; upgrade it to search them."
+            )
         return await self._request(
             lambda rid: ListConversations(
-                id=rid, agent=agent, sender=sender, limit=limit, cursor=cursor
+                id=rid, agent=agent, sender=sender, limit=limit, cursor=cursor, query=query
             ),
             Conversations,
         )
 
     async def iter_conversations(
-        self, agent: str | None = None, sender: str | None = None, *, page_size: int = 100
+        self,
+        agent: str | None = None,
+        sender: str | None = None,
+        *,
+        page_size: int = 100,
+        query: str | None = None,
     ) -> AsyncIterator[ConversationItem]:
         """Every matching conversation, following ``next_cursor`` page by page."""
         cursor: str | None = None
         while True:
-            page = await self.list_conversations(agent, sender, limit=page_size, cursor=cursor)
+            page = await self.list_conversations(
+                agent, sender, limit=page_size, cursor=cursor, query=query
+            )
             for item in page.items:
                 yield item
             if page.next_cursor is None:

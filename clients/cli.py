@@ -370,22 +370,30 @@ def history(
 
 @cli.command(name="ls")
 @click.option("--agent", help="Only this agent's conversations.", shell_complete=complete_agents)
+@click.option(
+    "--search",
+    "query",
+    metavar="TEXT",
+    help="Only the conversations whose title or sender contains TEXT, in any case.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print every conversation as one JSON line.")
 @click.pass_context
-def list_conversations(ctx: click.Context, agent: str | None, as_json: bool) -> None:
+def list_conversations(
+    ctx: click.Context, agent: str | None, query: str | None, as_json: bool
+) -> None:
     """List conversations, most recently updated first."""
     settings = settings_of(ctx)
 
     async def body() -> None:
         async with connect_or_fail(settings) as client:
-            items = [item async for item in client.iter_conversations(agent)]
+            items = [item async for item in client.iter_conversations(agent, query=query)]
         if as_json:
             for item in items:
                 sys.stdout.buffer.write(JSON.encode(item) + b"\n")
             sys.stdout.buffer.flush()
             return
         if not items:
-            print("no conversations")
+            print("no conversations" if query is None else f"no conversations match {query!r}")
             return
         rows: list[tuple[str, ...]] = [
             (

@@ -28,7 +28,7 @@ from chinwag.protocol import (
     StreamEventMsg,
     UsageTotal,
 )
-from chinwag.storage import Storage
+from chinwag.storage import MAX_QUERY_CHARS, Storage
 
 from ._agent import Agent
 from ._cluster import Cluster, PeerInterest, RemoteRun
@@ -394,17 +394,25 @@ class Runtime:
         return HistoryPage(title=info.title, cwd=info.cwd, entries=entries, last_seq=info.last_seq)
 
     async def list_conversations(
-        self, *, agent: str | None, sender: str | None, limit: int, cursor: str | None
+        self,
+        *,
+        agent: str | None,
+        sender: str | None,
+        limit: int,
+        cursor: str | None,
+        query: str | None = None,
     ) -> tuple[list[ConversationItem], str | None]:
         if not 1 <= limit <= 1000:
             raise RequestError(400, "limit must be between 1 and 1000.")
+        if query is not None and len(query) > MAX_QUERY_CHARS:
+            raise RequestError(400, f"query must be at most {MAX_QUERY_CHARS} characters.")
         if agent is not None:
             self.agent(agent)
         if sender is not None:
             check_name(sender)
         try:
             items, next_cursor = await self.storage.list_conversations(
-                agent=agent, sender=sender, limit=limit, cursor=cursor
+                agent=agent, sender=sender, limit=limit, cursor=cursor, query=query
             )
         except ValueError:
             raise RequestError(

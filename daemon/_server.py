@@ -1112,7 +1112,11 @@ class Connection:
 
     async def _list(self, msg: ListConversations) -> Conversations:
         items, cursor = await self.runtime.list_conversations(
-            agent=msg.agent, sender=msg.sender, limit=msg.limit, cursor=msg.cursor
+            agent=msg.agent,
+            sender=msg.sender,
+            limit=msg.limit,
+            cursor=msg.cursor,
+            query=msg.query,
         )
         return Conversations(id=msg.id, items=items, next_cursor=cursor)
 

@@ -198,6 +198,7 @@ class ListConversations(Request, tag="list_conversations", kw_only=True):
     sender: str | None = None
     limit: int = 100
     cursor: str | None = None
+    query: str | None = None  # the `conversation_search` feature: title or sender contains it
 
 
 class ListAgents(Request, tag="list_agents", kw_only=True):
@@ -260,6 +261,7 @@ FEATURES = (
     "daemons",
     "tcp",
     "mail_read",
+    "conversation_search",
 )
 """This daemon's additions to v1: the `compaction` event, sent only to a client
 whose `hello` names it, the `search_memory` request, and `history_pages`: a
@@ -273,7 +275,9 @@ runs on every daemon, and `stats` lists the daemons, and `tcp`: on a TCP connect
 a sender, author or reader outside it is 401, one left out is the token's own, so
 reads are confined to it, and the welcome's `speaks_as` names it, and `mail_read`: a
 `watch` with `reads` is told, in `mail_read` frames, when the reader's mail becomes
-`read`, whichever client or daemon read it."""
+`read`, whichever client or daemon read it, and `conversation_search`:
+`list_conversations` takes a `query` and lists only the conversations whose title or
+sender contains it, casefolded."""
 
 
 class Error(ServerMessage, tag="error"):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ._base import MAX_SEARCH_LIMIT, Archive, NewConversation, Storage, search_words
 from ._bus import Bus, Node, Peer
+from ._conversation_search import MAX_QUERY_CHARS
 from ._errors import ConversationNotFound, StorageError
 from ._jsonl import JsonlStorage
 from ._mail import (
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from ._postgres import PostgresStorage
 
 __all__ = [
+    "MAX_QUERY_CHARS",
     "MAX_SEARCH_LIMIT",
     "Archive",
     "Bus",

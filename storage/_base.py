@@ -207,8 +207,14 @@ class Storage(Protocol):
         sender: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        query: str | None = None,
     ) -> tuple[list[ConversationItem], str | None]:
         """A page of conversations, most recently updated first, and the next cursor.
+
+        With ``query``, only the conversations whose title or sender contains it,
+        casefolded (storage/_conversation_search.py says exactly what matches), in
+        the same order and pages; a query longer than ``MAX_QUERY_CHARS`` raises
+        ``ValueError``. The SQL backends filter in SQL, page by page.
 
         The cursor is opaque; None when this is the last page. A cursor that
         this backend did not produce raises ``ValueError``. Each item carries its

@@ -110,6 +110,7 @@ from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, Usa
 from ._base import Archive, NewConversation, check_archive, search_words
 from ._bus import Bus
 from ._claims import LocalClaims
+from ._conversation_search import folded_query, matches
 from ._cursor import decode_cursor, encode_cursor
 from ._errors import ConversationNotFound, StorageError
 from ._jsonl_mail import JsonlMail
@@ -725,10 +726,12 @@ class JsonlStorage:
         sender: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        query: str | None = None,
     ) -> tuple[list[ConversationItem], str | None]:
         await trio.lowlevel.checkpoint()
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}.")
+        folded = None if query is None else folded_query(query)
         self._check_open()
         position = None
         if cursor is not None:
@@ -739,6 +742,7 @@ class JsonlStorage:
             for conv in self._by_key.values()
             if (agent is None or conv.item.agent == agent)
             and (sender is None or conv.item.sender == sender)
+            and (folded is None or matches(folded, conv.item.title, conv.item.sender))
             and (position is None or _key(conv) < position)
         )
         top = heapq.nlargest(limit + 1, matching, key=_key)

@@ -21,6 +21,7 @@ from chinwag.protocol import ConversationItem, Entry, MemoryHit, TokenUsage, Usa
 from ._base import Archive, NewConversation, check_archive
 from ._bus import Bus
 from ._claims import LocalClaims
+from ._conversation_search import folded_query, matches
 from ._cursor import decode_cursor, encode_cursor
 from ._errors import ConversationNotFound, StorageError
 from ._mail import MailStore
@@ -203,10 +204,12 @@ class MemoryStorage:
         sender: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        query: str | None = None,
     ) -> tuple[list[ConversationItem], str | None]:
         await trio.lowlevel.checkpoint()
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}.")
+        folded = None if query is None else folded_query(query)
         if self._closed:
             raise StorageError("The store is closed.")
         position = None
@@ -218,6 +221,7 @@ class MemoryStorage:
             for conv in self._conversations.values()
             if (agent is None or conv.item.agent == agent)
             and (sender is None or conv.item.sender == sender)
+            and (folded is None or matches(folded, conv.item.title, conv.item.sender))
         ]
         if position is not None:
             matching = [conv for conv in matching if _key(conv) < position]

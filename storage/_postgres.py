@@ -82,6 +82,12 @@ one ``SUM`` over it; every read of a conversation's row sums that conversation's
 days on the primary key (``_CONVERSATION_COLUMNS``, and ``_LOAD_CONTEXT`` once
 for its rows), a few probes per listed conversation.
 
+**Conversation search** (migration 8). ``title_folded`` and ``sender_folded``
+hold the title and sender casefolded by Python (PostgreSQL's ``lower`` folds by
+the database's locale, not as ``casefold`` does), written with them and filled
+for older rows by the migration; ``list_conversations(query=...)`` filters on
+them with an escaped ``LIKE`` as it walks the listing's index, in SQL.
+
 **Search** ORs the query's ``search_words``, each quoted, through
 ``websearch_to_tsquery('simple', ...)`` (a word is letters, digits and ``_``,
 so no user text is ever query syntax), ranks the agent's archives and notes
@@ -121,6 +127,7 @@ from psycopg_pool import ConnectionPool
 
 from ._base import Archive, NewConversation, check_archive
 from ._bus import Bus
+from ._conversation_search import LIKE_ESCAPE, like_pattern
 from ._cursor import decode_cursor, encode_cursor
 from ._errors import ConversationNotFound, StorageError
 from ._mail import MailStore
@@ -147,6 +154,23 @@ _CONNECT_TIMEOUT = 10  # seconds; libpq alone would wait for TCP to give up
 _BODY_BYTES = 256 * 1024  # of an archive's searched text; its tsvector must stay under 1 MB
 _EDGE = 4096  # characters of a document's start and end a snippet is compared with
 _POOL_TIMEOUT = 10.0  # seconds a call waits for the pool to (re)connect
+
+
+def _fold_old_conversations(conn: psycopg.Connection[Any]) -> None:
+    """Fill ``title_folded`` and ``sender_folded`` of the conversations stored before them,
+    a batch at a time: casefold is Python's, not the database's."""
+    after = 0
+    while rows := conn.execute(
+        "SELECT id, title, sender FROM conversations WHERE id > %s ORDER BY id LIMIT 1000",
+        (after,),
+    ).fetchall():
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "UPDATE conversations SET title_folded = %s, sender_folded = %s WHERE id = %s",
+                [(title.casefold(), sender.casefold(), id_) for id_, title, sender in rows],
+            )
+        after = rows[-1][0]
+
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n.
 # Append new ones; never edit one that has shipped.
@@ -249,6 +273,12 @@ MIGRATIONS: tuple[tuple[str | Callable[[psycopg.Connection[Any]], None], ...], .
         """,
     ),
     DAEMONS_MIGRATION,  # a row of liveness per daemon: storage/_postgres_bus.py
+    (
+        # list_conversations(query=...) matches these (storage/_conversation_search.py).
+        "ALTER TABLE conversations ADD COLUMN title_folded text NOT NULL DEFAULT '',"
+        " ADD COLUMN sender_folded text NOT NULL DEFAULT ''",
+        _fold_old_conversations,
+    ),
 )
 
 # The conversation's row, then its usage totals summed over its days: each sum a
@@ -312,8 +342,10 @@ _APPEND_CREATING = _APPEND.replace(
     RETURNING id, last_seq - %(count)s AS base
 )""",
     """WITH created AS (
-    INSERT INTO conversations (agent, sender, cwd, created_at, updated_at, last_seq)
-    VALUES (%(agent)s, %(sender)s, %(cwd)s, %(first_created_at)s, %(updated_at)s, %(count)s)
+    INSERT INTO conversations (agent, sender, sender_folded, cwd, created_at, updated_at,
+                               last_seq)
+    VALUES (%(agent)s, %(sender)s, %(sender_folded)s, %(cwd)s, %(first_created_at)s,
+            %(updated_at)s, %(count)s)
     ON CONFLICT (sender, agent) DO NOTHING
     RETURNING id, 0::bigint AS base
 ), updated AS (
@@ -598,10 +630,10 @@ class PostgresStorage:
 
         def create(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
             row: tuple[Any, ...] | None = conn.execute(
-                "INSERT INTO conversations (agent, sender, cwd, created_at, updated_at)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (sender, agent) DO NOTHING"
-                f" RETURNING {_CONVERSATION_COLUMNS}",
-                (agent, sender, cwd, created_at, created_at),
+                "INSERT INTO conversations (agent, sender, sender_folded, cwd, created_at,"
+                " updated_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (sender, agent)"
+                f" DO NOTHING RETURNING {_CONVERSATION_COLUMNS}",
+                (agent, sender, sender.casefold(), cwd, created_at, created_at),
             ).fetchone()
             if row is None:  # there already; a new statement sees it even if just committed
                 row = conn.execute(
@@ -618,23 +650,26 @@ class PostgresStorage:
 
     async def set_title(self, agent: str, sender: str, title: str) -> None:
         await self._update(
-            f"Setting the title of ({agent}, {sender})", agent, sender, "title", title
+            f"Setting the title of ({agent}, {sender})",
+            agent,
+            sender,
+            {"title": title, "title_folded": title.casefold()},
         )
 
     async def set_cwd(self, agent: str, sender: str, cwd: str | None) -> None:
-        await self._update(f"Setting the cwd of ({agent}, {sender})", agent, sender, "cwd", cwd)
+        await self._update(f"Setting the cwd of ({agent}, {sender})", agent, sender, {"cwd": cwd})
 
     async def _update(
-        self, what: str, agent: str, sender: str, column: str, value: str | None
+        self, what: str, agent: str, sender: str, values: dict[str, str | None]
     ) -> None:
-        statement = sql.SQL("UPDATE conversations SET {} = %s WHERE agent = %s AND sender = %s")
+        statement = sql.SQL("UPDATE conversations SET {} WHERE agent = %s AND sender = %s").format(
+            sql.SQL(", ").join(
+                sql.SQL("{} = %s").format(sql.Identifier(column)) for column in values
+            )
+        )
         rowcount = await self._run(
             what,
-            lambda conn: (
-                conn.execute(
-                    statement.format(sql.Identifier(column)), (value, agent, sender)
-                ).rowcount
-            ),
+            lambda conn: conn.execute(statement, (*values.values(), agent, sender)).rowcount,
         )
         if rowcount == 0:
             raise ConversationNotFound(f"No conversation is stored for ({agent}, {sender}).")
@@ -646,6 +681,7 @@ class PostgresStorage:
         sender: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        query: str | None = None,
     ) -> tuple[list[ConversationItem], str | None]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}.")
@@ -657,6 +693,10 @@ class PostgresStorage:
         if sender is not None:
             where.append("sender = %s")
             params.append(sender)
+        if query is not None:
+            pattern = like_pattern(query)
+            where.append("(title_folded LIKE %s ESCAPE %s OR sender_folded LIKE %s ESCAPE %s)")
+            params.extend((pattern, LIKE_ESCAPE, pattern, LIKE_ESCAPE))
         if cursor is not None:
             text, id_ = decode_cursor(_CURSOR_TAG, cursor)
             where.append("(updated_at, id) < (%s, %s)")
@@ -705,7 +745,11 @@ class PostgresStorage:
         statement = _APPEND
         if create is not None:
             statement = _APPEND_CREATING
-            params.update(cwd=create.cwd, first_created_at=entries[0].created_at)
+            params.update(
+                sender_folded=sender.casefold(),
+                cwd=create.cwd,
+                first_created_at=entries[0].created_at,
+            )
 
         def append(conn: psycopg.Connection[Any]) -> list[int]:
             seqs = [row[0] for row in conn.execute(statement, params).fetchall()]

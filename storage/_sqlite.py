@@ -87,6 +87,13 @@ stored. Nothing else writes the table: compaction leaves it as it is.
 ``total_tokens`` is one ``SUM`` over it; every read of a conversation's row
 (``_CONVERSATION_COLUMNS``) sums that conversation's days in correlated
 subqueries on the primary key, a few probes per listed conversation.
+
+**Conversation search** (migration 7). ``title_folded`` and ``sender_folded``
+hold the title and sender casefolded by Python, written with them (and filled
+for older rows by the migration, through a ``casefold`` SQL function it
+registers); ``list_conversations(query=...)`` filters on them with an escaped
+``LIKE`` while it walks the listing's index newest first, so a page reads the
+rows down to its last match, never the whole table into Python.
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ from chinwag.protocol import (
 from ._base import Archive, NewConversation, check_archive
 from ._bus import Bus
 from ._claims import LocalClaims
+from ._conversation_search import LIKE_ESCAPE, like_pattern
 from ._cursor import decode_cursor, encode_cursor
 from ._errors import ConversationNotFound, StorageError
 from ._mail import MailStore
@@ -244,6 +252,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (conversation_id, day)
         ) WITHOUT ROWID
         """,
+    ),
+    (
+        # list_conversations(query=...) matches these (storage/_conversation_search.py);
+        # casefold is Python's, registered by _migrate for the rows stored before.
+        "ALTER TABLE conversations ADD COLUMN title_folded TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE conversations ADD COLUMN sender_folded TEXT NOT NULL DEFAULT ''",
+        "UPDATE conversations SET title_folded = casefold(title), sender_folded = casefold(sender)",
     ),
 )
 
@@ -430,9 +445,18 @@ class _Append(_Write):
         if state is None and self.create is not None:
             # Created already past its entries, so no UPDATE follows.
             row = conn.execute(
-                "INSERT INTO conversations (agent, sender, cwd, created_at, updated_at, last_seq)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sender, agent) DO NOTHING RETURNING id",
-                (*self.key, self.create.cwd, self.rows[0][8], self.updated_at, count),
+                "INSERT INTO conversations"
+                " (agent, sender, sender_folded, cwd, created_at, updated_at, last_seq)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sender, agent) DO NOTHING"
+                " RETURNING id",
+                (
+                    *self.key,
+                    self.key[1].casefold(),
+                    self.create.cwd,
+                    self.rows[0][8],
+                    self.updated_at,
+                    count,
+                ),
             ).fetchone()
             if row is not None:
                 conn.executemany(
@@ -481,9 +505,9 @@ class _Create(_Write):
         assert self.key is not None
         conn = store._conn
         conn.execute(
-            "INSERT INTO conversations (agent, sender, cwd, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sender, agent) DO NOTHING",
-            (*self.key, self.cwd, self.created_at, self.created_at),
+            "INSERT INTO conversations (agent, sender, sender_folded, cwd, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sender, agent) DO NOTHING",
+            (*self.key, self.key[1].casefold(), self.cwd, self.created_at, self.created_at),
         )
         row = conn.execute(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE agent = ? AND sender = ?",
@@ -494,20 +518,21 @@ class _Create(_Write):
 
 
 class _Update(_Write):
-    """``set_title`` or ``set_cwd``."""
+    """``set_title`` (with ``title_folded``) or ``set_cwd``: ``values`` by column."""
 
-    __slots__ = ("column", "value")
+    __slots__ = ("values",)
 
-    def __init__(self, agent: str, sender: str, column: str, value: str | None) -> None:
+    def __init__(self, agent: str, sender: str, values: dict[str, str | None]) -> None:
+        column = next(iter(values))
         super().__init__(f"Setting the {column} of ({agent}, {sender})", (agent, sender))
-        self.column = column
-        self.value = value
+        self.values = values
 
     def apply(self, store: SqliteStorage, staged: _Staged) -> None:
         assert self.key is not None
+        columns = ", ".join(f"{column} = ?" for column in self.values)
         cursor = store._conn.execute(
-            f"UPDATE conversations SET {self.column} = ? WHERE agent = ? AND sender = ?",
-            (self.value, *self.key),
+            f"UPDATE conversations SET {columns} WHERE agent = ? AND sender = ?",
+            (*self.values.values(), *self.key),
         )
         if cursor.rowcount == 0:
             raise ConversationNotFound(f"No conversation is stored for {_pair(self.key)}.")
@@ -973,10 +998,12 @@ class SqliteStorage:
         return item
 
     async def set_title(self, agent: str, sender: str, title: str) -> None:
-        await self._write(_Update(agent, sender, "title", title))
+        await self._write(
+            _Update(agent, sender, {"title": title, "title_folded": title.casefold()})
+        )
 
     async def set_cwd(self, agent: str, sender: str, cwd: str | None) -> None:
-        await self._write(_Update(agent, sender, "cwd", cwd))
+        await self._write(_Update(agent, sender, {"cwd": cwd}))
 
     async def list_conversations(
         self,
@@ -985,12 +1012,20 @@ class SqliteStorage:
         sender: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        query: str | None = None,
     ) -> tuple[list[ConversationItem], str | None]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}.")
+        pattern = None if query is None else like_pattern(query)
         position = None if cursor is None else decode_cursor(_CURSOR_TAG, cursor)
         rows = await self._read(
-            "Listing conversations", _list_conversations, agent, sender, limit + 1, position
+            "Listing conversations",
+            _list_conversations,
+            agent,
+            sender,
+            pattern,
+            limit + 1,
+            position,
         )
         next_cursor = None
         if len(rows) > limit:
@@ -1357,6 +1392,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             )
         now = to_text(datetime.now(UTC))
         conn.create_function("mail_body_field", 2, body_field, deterministic=True)
+        conn.create_function("casefold", 1, str.casefold, deterministic=True)
         for version in range(current + 1, len(MIGRATIONS) + 1):
             for statement in MIGRATIONS[version - 1]:
                 conn.execute(statement)
@@ -1438,6 +1474,7 @@ def _list_conversations(
     conn: sqlite3.Connection,
     agent: str | None,
     sender: str | None,
+    pattern: str | None,
     limit: int,
     position: tuple[str, int] | None,
 ) -> list[tuple[Any, ...]]:
@@ -1449,6 +1486,10 @@ def _list_conversations(
     if sender is not None:
         where.append("sender = ?")
         params.append(sender)
+    if pattern is not None:
+        # Both sides are casefolded, so LIKE's ASCII case-insensitivity changes nothing.
+        where.append("(title_folded LIKE ? ESCAPE ? OR sender_folded LIKE ? ESCAPE ?)")
+        params.extend((pattern, LIKE_ESCAPE, pattern, LIKE_ESCAPE))
     if position is not None:
         where.append("(updated_at, id) < (?, ?)")
         params.extend(position)

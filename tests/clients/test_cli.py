@@ -186,6 +186,21 @@ def test_ls(daemon) -> None:
     assert none.returncode == 0 and "no conversations" in none.stdout
 
 
+def test_ls_search(daemon) -> None:
+    for sender in ("Zoë", "bob", "zoe"):
+        chinwag(daemon.socket_path, "send", "--sender", sender, "helper", "hi")
+
+    found = chinwag(daemon.socket_path, "ls", "--json", "--search", "ZOË")
+    assert found.returncode == 0, found.stderr
+    items = [msgspec.json.decode(line, type=ConversationItem) for line in found.stdout.splitlines()]
+    assert [i.sender for i in items] == ["Zoë"]
+    table = chinwag(daemon.socket_path, "ls", "--search", "zo", "--agent", "helper")
+    assert "Zoë" in table.stdout and "zoe" in table.stdout and "bob" not in table.stdout
+
+    none = chinwag(daemon.socket_path, "ls", "--search", "nobody")
+    assert none.returncode == 0 and none.stdout == "no conversations match 'nobody'\n"
+
+
 def test_agents(daemon) -> None:
     result = chinwag(daemon.socket_path, "agents")
     assert result.returncode == 0, result.stderr

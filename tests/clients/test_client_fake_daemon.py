@@ -293,6 +293,29 @@ def test_a_request_over_the_frame_limit_fails_alone(run: Runner, sock: Path) -> 
     run(main)
 
 
+def test_a_search_is_never_asked_of_a_daemon_that_cannot_search(run: Runner, sock: Path) -> None:
+    """A daemon without `conversation_search` would ignore the query and list everything."""
+
+    async def handler(conn: FakeConnection) -> None:
+        await conn.handshake()
+        while True:
+            msg = await conn.recv()
+            assert isinstance(msg, Ping), "the search must never be sent"
+            await conn.send(Pong(id=msg.id))
+
+    async def main() -> None:
+        async with fake_daemon(sock, handler), connect(sock) as c:
+            with pytest.raises(ChinwagError) as info:
+                await c.list_conversations(query="roof")
+            assert info.value.code == 501
+            assert info.value.message == (
+                "The daemon cannot search conversations; upgrade it to search them."
+            )
+            await c.ping()
+
+    run(main)
+
+
 def test_the_callers_exception_comes_out_unwrapped(run: Runner, sock: Path) -> None:
     async def handler(conn: FakeConnection) -> None:
         await conn.handshake()

@@ -68,6 +68,7 @@ on_postgres = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 BEFORE_MAIL = 2  # the schema version of every chinwag before mail
 USAGE = 6  # the migration that gave entries their usage, and the usage totals
+SEARCH = 8  # the migration that gave conversations their casefolded title and sender
 OLD_TABLES = ["archives", "conversations", "entries", "notes", "schema_version"]
 MAIL_TABLES = [
     "deliveries",
@@ -251,9 +252,10 @@ async def test_a_store_from_before_mail_gains_mail_and_keeps_its_conversations(
     with monkeypatch.context() as old_code:
         old_code.setattr(_postgres, "MIGRATIONS", MIGRATIONS[:BEFORE_MAIL])
         async with open_store(store_url) as old:
-            # Today's code writes and reads the entries' usage: lend the old schema what
-            # it needs for that (the usage migration) while it fills it, then take it back.
-            for statement in MIGRATIONS[USAGE - 1]:
+            # Today's code writes and reads the entries' usage and the conversations'
+            # casefolded columns: lend the old schema what it needs for that (the usage
+            # migration, the search one's columns) while it fills it, then take it back.
+            for statement in (*MIGRATIONS[USAGE - 1], MIGRATIONS[SEARCH - 1][0]):
                 assert isinstance(statement, str)  # plain SQL, no step in Python
                 query(store_url, statement)
             for sender in ("ana", "bob"):
@@ -280,6 +282,10 @@ async def test_a_store_from_before_mail_gains_mail_and_keeps_its_conversations(
             before = await everything(old)
         query(store_url, "DROP TABLE usage")
         query(store_url, "ALTER TABLE entries DROP COLUMN input_tokens, DROP COLUMN output_tokens")
+        query(
+            store_url,
+            "ALTER TABLE conversations DROP COLUMN title_folded, DROP COLUMN sender_folded",
+        )
     assert tables(store_url) == OLD_TABLES
     assert query(store_url, "SELECT max(version) FROM schema_version") == [(BEFORE_MAIL,)]
 

@@ -19,6 +19,7 @@ import trio.lowlevel
 import trio.testing
 from chinwag.protocol import ConversationItem, Entry, ToolCallInfo
 from chinwag.storage import (
+    MAX_QUERY_CHARS,
     ConversationNotFound,
     NewConversation,
     Storage,
@@ -879,6 +880,146 @@ async def test_a_cursor_from_another_backend_is_a_value_error(
 async def test_list_conversations_rejects_a_limit_below_one(store: Storage) -> None:
     with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
         await store.list_conversations(limit=0)
+
+
+# --- list_conversations(query=...) ----------------------------------------------------
+
+
+async def titled(store: Storage, titles: dict[str, str], agent: str = AGENT) -> None:
+    """A conversation per sender, in order (each newer than the last), with its title."""
+    for n, (sender, title) in enumerate(titles.items()):
+        await create(store, agent, sender, when=at(n))
+        if title:
+            await store.set_title(agent, sender, title)
+
+
+async def found(store: Storage, query: str, **filters: str) -> list[str]:
+    """The senders whose conversations ``query`` finds, newest first, on one page."""
+    items, cursor = await store.list_conversations(query=query, **filters)  # type: ignore[arg-type]
+    assert cursor is None
+    return [item.sender for item in items]
+
+
+async def test_a_query_finds_titles_and_senders_casefolded(store: Storage) -> None:
+    await titled(
+        store,
+        {
+            "ana": "Fixing the roof",
+            "bob": "Planning the garden",
+            "cid": "Die Straße bauen",
+            "dee": "ÉLAN VITAL",
+            "Ünal": "",
+            "tg:42": "Roofers' invoices",
+        },
+    )
+    assert await found(store, "roof") == ["tg:42", "ana"]
+    assert await found(store, "ROOF") == ["tg:42", "ana"]
+    assert await found(store, "the ") == ["bob", "ana"]
+    assert await found(store, "STRASSE") == ["cid"]  # ß casefolds to ss
+    assert await found(store, "straße") == ["cid"]
+    assert await found(store, "élan") == ["dee"]
+    assert await found(store, "üNAL") == ["Ünal"]  # the sender, untitled
+    assert await found(store, "tg:") == ["tg:42"]
+    assert await found(store, "an") == ["dee", "bob", "ana"]
+    assert await found(store, "nowhere") == []
+    assert await found(store, "") == ["tg:42", "Ünal", "dee", "cid", "bob", "ana"]
+
+
+async def test_a_query_follows_each_change_of_title(store: Storage) -> None:
+    await titled(store, {"ana": "Old name"})
+    assert await found(store, "old") == ["ana"]
+    await store.set_title(AGENT, "ana", "Nouveau NOM")
+    assert await found(store, "old") == []
+    assert await found(store, "nouveau nom") == ["ana"]
+    await store.set_cwd(AGENT, "ana", "/elsewhere")  # another column leaves it be
+    assert await found(store, "nom") == ["ana"]
+
+
+async def test_a_query_appended_to_conversations_finds_them(store: Storage) -> None:
+    """A conversation an append creates is searchable by its sender at once."""
+    await store.append(AGENT, "Zoë", [message("hi")], create=NewConversation())
+    assert await found(store, "zoë") == ["Zoë"]
+    await store.append(AGENT, "Zoë", [message("again", when=at(1))])
+    assert await found(store, "ZOË") == ["Zoë"]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("%", ["pct", "both"]),
+        ("0% d", ["pct"]),
+        ("_", ["snake"]),
+        ("e_c", ["snake"]),
+        ("\\", ["back", "both"]),
+        ("k\\s", ["back"]),
+        ("\\%", ["both"]),
+        ("%%", []),
+        ("__", []),
+    ],
+)
+async def test_a_query_takes_like_wildcards_and_the_escape_literally(
+    store: Storage, query: str, expected: list[str]
+) -> None:
+    await titled(
+        store,
+        {
+            "both": "a\\%b",
+            "back": "back\\slash",
+            "plain": "backslash 100 done snakeXcase",
+            "snake": "snake_case",
+            "pct": "100% done",
+        },
+    )
+    assert await found(store, query) == expected
+
+
+async def test_a_query_combines_with_the_filters(store: Storage) -> None:
+    await titled(store, {"ana": "Roof", "bob": "Roof too", "cid": "Garden"})
+    await titled(store, {"ana": "Roof", "dee": "Garden"}, agent="helper")
+    assert await found(store, "roof", agent=AGENT) == ["bob", "ana"]
+    assert await found(store, "roof", agent="helper") == ["ana"]
+    assert await found(store, "garden", sender="dee") == ["dee"]
+    assert await found(store, "roof", agent="helper", sender="bob") == []
+
+
+@pytest.mark.parametrize("limit", [1, 4, 10, 11])
+async def test_cursor_paging_through_a_query_has_no_duplicates_or_gaps(
+    store: Storage, limit: int
+) -> None:
+    # 30 conversations, many sharing an updated_at; every third one matches.
+    for n in range(30):
+        await create(store, AGENT, f"s{n}", when=at(n // 4))
+        await store.set_title(AGENT, f"s{n}", f"Quokka {n}" if n % 3 == 0 else f"Other {n}")
+    everything, _ = await store.list_conversations(limit=1000)
+    expected = [item for item in everything if item.title.startswith("Quokka")]
+    assert len(expected) == 10
+
+    pages: list[list[ConversationItem]] = []
+    cursor = None
+    while True:
+        page, cursor = await store.list_conversations(limit=limit, cursor=cursor, query="QUOKKA")
+        pages.append(page)
+        if cursor is None:
+            break
+        assert len(page) == limit
+        assert len(pages) <= 11, "paging does not end"
+    assert [item for page in pages for item in page] == expected
+    assert all(page for page in pages)  # no empty last page, even when limit divides
+    assert len(pages) == -(-len(expected) // limit)
+
+
+async def test_a_query_longer_than_the_limit_is_a_value_error(store: Storage) -> None:
+    await titled(store, {"ana": "x" * MAX_QUERY_CHARS})
+    assert await found(store, "X" * MAX_QUERY_CHARS) == ["ana"]
+    with pytest.raises(ValueError, match=f"query must be at most {MAX_QUERY_CHARS} characters"):
+        await store.list_conversations(query="x" * (MAX_QUERY_CHARS + 1))
+
+
+async def test_a_query_finds_the_same_after_reopening(store: Storage, reopen: Reopen) -> None:
+    await titled(store, {"ana": "Straße", "Bob": "garden"})
+    store = await reopen(store)
+    assert await found(store, "STRASSE") == ["ana"]
+    assert await found(store, "bob") == ["Bob"]
 
 
 # --- claims --------------------------------------------------------------------

@@ -509,7 +509,7 @@ async def test_a_sqlite_database_from_before_usage_gains_it_on_open(
         assert conn.execute("SELECT max(version) FROM schema_version").fetchall() == [
             (len(sqlite_storage.MIGRATIONS),)
         ]
-        assert len(sqlite_storage.MIGRATIONS) == BEFORE_USAGE + 1
+        assert len(sqlite_storage.MIGRATIONS) > BEFORE_USAGE
     finally:
         conn.close()
 

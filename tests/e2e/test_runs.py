@@ -367,6 +367,34 @@ async def test_list_conversations_pages_most_recent_first(daemon):
         assert err.value.code == 400
 
 
+async def test_list_conversations_searches_titles_and_senders_page_by_page(daemon):
+    async with connect(daemon.socket_path) as c:
+        assert "conversation_search" in c.welcome.features
+        for sender, title in [("s0", "Quokka one"), ("s1", "Other"), ("s2", "QUOKKA two")]:
+            async with c.stream("assistant", f"/title {title}", sender=sender) as events:
+                await collect(events)
+        async with c.stream("helper", "hi", sender="quokka-fan") as events:
+            await collect(events)
+
+        page = await c.list_conversations(query="quokka", limit=1)
+        senders = [i.sender for i in page.items]
+        while page.next_cursor is not None:
+            page = await c.list_conversations(query="quokka", limit=1, cursor=page.next_cursor)
+            senders += [i.sender for i in page.items]
+        assert senders == ["quokka-fan", "s2", "s0"]
+        only = await c.list_conversations(agent="assistant", query="Quokka")
+        assert [(i.sender, i.title) for i in only.items] == [
+            ("s2", "QUOKKA two"),
+            ("s0", "Quokka one"),
+        ]
+        with pytest.raises(ChinwagError) as err:
+            await c.list_conversations(query="q" * 1001)
+        assert (err.value.code, err.value.message) == (
+            400,
+            "query must be at most 1000 characters.",
+        )
+
+
 async def test_agents_stats_and_ping(daemon):
     async with connect(daemon.socket_path) as c:
         agents = await c.list_agents()

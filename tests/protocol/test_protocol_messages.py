@@ -162,7 +162,9 @@ CLIENT_EXAMPLES: list[ClientMsg] = [
     GetHistory(
         id=6, agent="assistant", sender="alice", after_seq=10, limit=50, include_archived=True
     ),
-    ListConversations(id=7, agent="assistant", sender="alice", limit=20, cursor="opaque=="),
+    ListConversations(
+        id=7, agent="assistant", sender="alice", limit=20, cursor="opaque==", query="Straße"
+    ),
     ListAgents(id=8),
     Subscribe(id=9, agent="assistant", sender="bob"),
     Cancel(id=10, target=1),

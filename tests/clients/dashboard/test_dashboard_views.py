@@ -3,6 +3,7 @@ one, and nothing secret."""
 
 from __future__ import annotations
 
+import html
 import re
 from typing import Any
 
@@ -72,6 +73,29 @@ def test_conversations_show_titles_filtered_and_searched(
     rows = app_client.get("/", params={"q": "ROOF", "fragment": 1}).text
     assert "<html" not in rows and "<tr " in rows
     assert "Fixing the roof" in rows and "Planning the garden" not in rows
+
+
+def test_a_search_pages_on_to_matches_older_than_the_newest_page(
+    daemon: Any, app_client: TestClient
+) -> None:
+    """The daemon searches: matches past the first page are a cursor away, not lost."""
+
+    async def fill(client: Any) -> None:
+        for n in range(55):
+            async with client.stream("helper", "hi", sender=f"quokka-{n}") as events:
+                await events.collect()
+        async with client.stream("helper", "hi", sender="newest") as events:
+            await events.collect()
+
+    on_daemon(daemon, fill)
+    first = app_client.get("/", params={"q": "QUOKKA"}).text
+    shown = re.findall(r'data-sender="([^"]+)"', first)
+    assert shown == [f"quokka-{n}" for n in range(54, 4, -1)]  # a page of 50, newest first
+    older = re.search(r'<a href="([^"]+)">Older conversations</a>', first)
+    assert older is not None, "no way to the older matches"
+    rest = app_client.get(html.unescape(older.group(1))).text
+    assert re.findall(r'data-sender="([^"]+)"', rest) == [f"quokka-{n}" for n in range(4, -1, -1)]
+    assert 'value="QUOKKA"' in rest  # still the search
 
 
 def test_a_conversation_folds_tool_calls_and_names_its_guest(
