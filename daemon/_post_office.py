@@ -476,6 +476,7 @@ class PostOffice:
                 name
                 for name in recipients
                 if any(watcher.room() for watcher in self.watchers.get(name, ()))
+                and not self._moved_by_runs(name)
             }
             from_space = None
             if shared and addressed.space is not None:
@@ -488,6 +489,7 @@ class PostOffice:
                         name
                         for name, watchers in self.watchers.items()
                         if any(watcher.room() for watcher in watchers)
+                        and not self._moved_by_runs(name)
                     ),
                 )
             message = MailMessage(
@@ -624,7 +626,7 @@ class PostOffice:
 
     def _push(self, message: MailMessage) -> list[str]:
         """Hand ``message`` to every watcher of its recipients; drop those that cannot take
-        it. The recipients a watcher took it for."""
+        it. The recipients a watcher took it for, to be `delivered` (no agent)."""
         taken = []
         for name in message.recipients:
             watchers = self.watchers.get(name)
@@ -640,7 +642,7 @@ class PostOffice:
                     gone.append(watcher)
             for watcher in gone:
                 watchers.remove(watcher)
-        return list(dict.fromkeys(taken))
+        return [name for name in dict.fromkeys(taken) if not self._moved_by_runs(name)]
 
     def _in_order(self, message: MailMessage) -> list[str]:
         """Push ``message``, stored, now if its msg_id's turn has come (always, alone on
@@ -718,6 +720,14 @@ class PostOffice:
         except RequestError as exc:
             log.warning("mail_run_refused", agent=agent, msg_id=message.msg_id, error=exc.message)
 
+    def _moved_by_runs(self, name: str) -> bool:
+        """Whether ``name`` is an agent: its copies become `delivered` when a run is queued
+        on them and `read` when it starts (or when it reads them itself), never because a
+        watch took them or someone listed them, so that a `pending` one is still there
+        for a daemon hosting it to take (``_take``)."""
+        participant = self.known.get(name)
+        return participant is not None and participant.kind == "agent"
+
     async def _take(self, name: str, message: MailMessage) -> bool:
         """Whether this daemon moved ``name``'s delivery of ``message`` from `pending`: of
         the daemons hosting an agent that try to take mail to it, one does."""
@@ -726,17 +736,14 @@ class PostOffice:
 
     async def _answer_taken(self, message: MailMessage) -> None:
         """Mail another daemon stored: the hosted agents here it asks that it was not
-        answered by there (their deliveries still `pending`) answer it, if taken here.
-        One left to a daemon running its conversation now, which takes it, so that a
-        conversation's mail is answered in turn as far as can be."""
-        cluster = self.runtime.cluster
+        answered by there (their deliveries still `pending`) answer it, if taken here."""
         for name in message.recipients:
             agent = self.hosted_agent(name)
-            if agent is None or not self._starts_run(agent, message):
-                continue
-            if cluster is not None and await cluster.holders([_conversation(agent, message)]):
-                continue
-            if await self._take(name, message):
+            if (
+                agent is not None
+                and self._starts_run(agent, message)
+                and await self._take(name, message)
+            ):
                 self._answer(agent, message)
 
     def _later(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -812,16 +819,21 @@ class PostOffice:
         rows = rows[:limit]
         moment = now()
         state: DeliveryState = "read" if mark_read else "delivered"
+        moves = mark_read or not self._moved_by_runs(name)  # listing an agent's moves none
         changes = [
             StateChange(m.msg_id, name, state, moment)
             for m, d in rows
-            if d is not None and (d.state == "pending" or (mark_read and d.state != "read"))
+            if moves
+            and d is not None
+            and (d.state == "pending" or (mark_read and d.state != "read"))
         ]
         if changes:
             await self.store.advance(changes)
             if mark_read:
                 await self._read(name, [change.msg_id for change in changes])
-        items = [_item(m, None if d is None else _moved(d, state, moment)) for m, d in rows]
+        items = [
+            _item(m, None if d is None or not moves else _moved(d, state, moment)) for m, d in rows
+        ]
         unread = sum((await self.store.unread_counts(name)).values())
         return Page(items, rows[-1][0].msg_id if more and rows else None, unread)
 
@@ -1263,7 +1275,10 @@ class PostOffice:
         return [(m, d) for m, d in rows if m.msg_id <= until]
 
     async def replayed(self, name: str, rows: Sequence[tuple[MailMessage, Delivery]]) -> None:
-        """``name``'s copies of a replay's page are being pushed to its watch: delivered."""
+        """``name``'s copies of a replay's page are being pushed to its watch: delivered
+        (an agent's are not: ``_moved_by_runs``)."""
+        if self._moved_by_runs(name):
+            return
         moment = now()
         pending = [
             StateChange(m.msg_id, name, "delivered", moment)

@@ -308,8 +308,10 @@ async def test_mail_to_an_agent_only_other_daemons_host_is_answered_by_one_of_th
     cluster,
 ):
     """b hosts no `assistant`, a and c do: mail posted on b to it is taken by one of them
-    as soon as it hears of it (not when one next starts) and answered once. (Taken by
-    both, one conversation's mail may be answered out of turn.)"""
+    as soon as it hears of it (not when one next starts) and answered once, though
+    someone watches the assistant's mail on b and on a and lists it on c (an agent's mail
+    moves with its runs, not with watches). (Taken by both, one conversation's mail may
+    be answered out of turn.)"""
     a = cluster.start("a")
     b = cluster.start("b", config=WITHOUT_ASSISTANT)
     c = cluster.start("c")
@@ -319,10 +321,17 @@ async def test_mail_to_an_agent_only_other_daemons_host_is_answered_by_one_of_th
         connect(b.socket_path) as on_b,
         connect(c.socket_path) as on_c,
     ):
-        async with on_b.watch("ana") as mail:
+        async with (
+            on_b.watch("ana") as mail,
+            on_b.watch("assistant") as on_b_too,
+            on_a.watch("assistant") as on_a_too,
+        ):
             posted = [await on_b.post("ana", f"question {n}", to="assistant") for n in range(4)]
             with trio.fail_after(30):
+                seen = [await anext(watch) for watch in (on_b_too, on_a_too) for _ in range(4)]
+                await on_c.inbox("assistant")
                 answers = [await anext(mail) for _ in range(4)]
+        assert [m.msg_id for m in seen] == [p.msg_id for p in posted] * 2  # type: ignore[union-attr]
         assert sorted(m.reply_to for m in answers) == [p.msg_id for p in posted]  # type: ignore[union-attr]
         assert {m.sender for m in answers} == {"assistant"}
         stats = [await client.stats() for client in (on_a, on_b, on_c)]
