@@ -21,10 +21,11 @@ page reads again what it shows, as when the daemon is back, without a banner) an
 ``missed`` (``{agent, sender, run_id}``: a run in flight as the subscription was dropped
 had ended by the time the link looked for it again, its end unseen).
 
-The new subscription has only the runs that start after it. Each run that was in
-flight when the old one was dropped is looked for with an ``attach`` of its
-conversation: still in flight, it is replayed from its `start` and followed to its
-end as the subscription would have; gone, the pages are told it was ``missed``.
+The new subscription has the rest of the runs in flight, but not what they sent
+meanwhile. Each run that was in flight when the old one was dropped is looked for
+with an ``attach`` of its conversation instead: still in flight, it is replayed from
+its `start` and followed to its end (the subscription's events of it are left out, so
+the pages get each once); gone, the pages are told it was ``missed``.
 
 The events of each run in flight are kept (consecutive text merged) so that a page
 opened in the middle of a run is shown the run from its `start`. A run that began
@@ -297,7 +298,8 @@ class DaemonLink:
         # The open pages, by what they asked for.
         self._pages: dict[_Interest, set[_Page]] = {}
         self._runs: dict[str, _RunSoFar] = {}
-        # Runs followed through an attach since a subscription dropped missed them.
+        # Runs followed through an attach since a dropped subscription missed some of
+        # their events: the subscriptions' events of them are left out.
         self._recovering: set[str] = set()
         # Mail: how many pages read as each participant, and the watch held for each.
         self._readers: dict[str, int] = {}
@@ -361,6 +363,7 @@ class DaemonLink:
                 self._client = None
                 self._watches.clear()
                 self._runs.clear()
+                self._recovering.clear()
             self._set_state(DaemonState(up=False, reason=f"The daemon is unreachable: {reason}"))
             if starting:
                 starting = False
@@ -374,7 +377,8 @@ class DaemonLink:
         of them meanwhile is lost) and, on the next subscription, ``_recover``ed."""
         try:
             async for event in feed:
-                self._publish(event)
+                if event.run_id not in self._recovering:  # else its attach brings it
+                    self._publish(event)
         except ChinwagError as exc:
             if exc.code != 429:
                 raise
@@ -385,15 +389,15 @@ class DaemonLink:
             ]
             for first in lost:
                 del self._runs[first.run_id]
+                self._recovering.add(first.run_id)  # before the next subscription's events
             return lost
         return None
 
     async def _recover(self, client: Client, lost: Event) -> None:
         """Follow ``lost``'s run, which a dropped subscription was following, through an
         ``attach`` of its conversation: replayed from its `start` and published to its end
-        if it is still in flight (the new subscription has only the runs that start after
-        it), else ``Missed``."""
-        self._recovering.add(lost.run_id)
+        if it is still in flight, else ``Missed``. Its id stays in ``_recovering`` (ids are
+        never reused), so that the subscription's late events of it are left out too."""
         try:
             async with client.attach(lost.agent, lost.sender) as events:
                 start = await anext(events)
@@ -415,8 +419,6 @@ class DaemonLink:
             # Otherwise the connection is gone, and the pages are told the daemon is.
             if exc.code == 429:
                 self._fan_out(Missed(lost.agent, lost.sender, lost.run_id))
-        finally:
-            self._recovering.discard(lost.run_id)
 
     async def until_up(self) -> None:
         """Return once the daemon is connected (at once if it is)."""

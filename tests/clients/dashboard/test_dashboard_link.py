@@ -157,10 +157,10 @@ def test_a_subscription_the_daemon_drops_is_taken_again_on_the_same_connection(
 def test_the_runs_a_dropped_subscription_followed_are_followed_again_or_missed(
     daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The new subscription has only the runs that start after it: of the runs in flight
-    as the old one was dropped, one still going is replayed from its start and followed
-    to its end (through an attach), and one that ended meanwhile is told missed, its
-    end unseen, never as if the daemon had gone away."""
+    """Of the runs in flight as the subscription was dropped, one still going is replayed
+    from its start and followed to its end (through an attach), each of its events once
+    though the new subscription has them too, and one that ended meanwhile is told
+    missed, its end unseen, never as if the daemon had gone away."""
     subscribe = Client.subscribe
     subscriptions = 0
     drop = anyio.Event()
@@ -205,7 +205,8 @@ def test_the_runs_a_dropped_subscription_followed_are_followed_again_or_missed(
         raise AssertionError(f"the page's stream ended: {seen}")
 
     async def ask(client: Client, sender: str) -> None:
-        async with client.stream("assistant", "/ask which one", sender=sender) as events:
+        content = "later" if sender == "zoe" else "/ask which one"
+        async with client.stream("assistant", content, sender=sender) as events:
             await events.collect()
         if sender == "yann":
             ended_meanwhile.set()
@@ -224,13 +225,24 @@ def test_the_runs_a_dropped_subscription_followed_are_followed_again_or_missed(
                     seen = await until_missed(page)
                     await client.reply_to_ask("assistant", "that one", sender="xena")
                     seen += await until_end(page)
+                    # A run after it: what the page got of xena's before zoe's end, it got.
+                    tasks.start_soon(ask, client, "zoe")
+                    while not any(
+                        isinstance(s.item, Event)
+                        and s.item.sender == "zoe"
+                        and isinstance(s.item.event, End)
+                        for s in seen
+                    ):
+                        seen += await until_end(page)
             tasks.cancel_scope.cancel()
         items = [shown.item for shown in seen]
         after = items[[type(item) for item in items].index(Resubscribed) :]
         assert not any(isinstance(item, DaemonState) for item in after), items
         assert Missed("assistant", "yann", runs["yann"]) in after
-        xena = [item.event for item in after if isinstance(item, Event)]
-        assert all(item.run_id == runs["xena"] for item in after if isinstance(item, Event))
+        xena = [item.event for item in after if isinstance(item, Event) and item.sender == "xena"]
+        assert {item.sender for item in after if isinstance(item, Event)} == {"xena", "zoe"}
+        kinds = [type(event).__name__ for event in xena]
+        assert kinds.count("Start") == 1 and kinds.count("End") == 1, kinds
         # Replayed from its start, then on to its end as the subscription would have.
         assert isinstance(xena[0], Start)
         assert isinstance(xena[-1], End) and xena[-1].status == "done"
