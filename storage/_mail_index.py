@@ -136,6 +136,13 @@ class MailIndex:
 
     # --- planning a change ----------------------------------------------------------
 
+    def repeated(self, message: MailMessage) -> MailMessage | None:
+        """The message stored first with ``message``'s sender and idempotency key, if any."""
+        key = message.idempotency_key
+        if key is not None and (number := self._keys.get((message.sender, key))) is not None:
+            return self._message(number)
+        return None
+
     def plan_post(
         self,
         message: MailMessage,
@@ -144,9 +151,8 @@ class MailIndex:
         new_participants: Sequence[Participant],
     ) -> tuple[MailMessage, PostMail | None]:
         """The stored message and the change that stores it; no change for a repeated key."""
-        key = message.idempotency_key
-        if key is not None and (number := self._keys.get((message.sender, key))) is not None:
-            return self._message(number), None
+        if (first := self.repeated(message)) is not None:
+            return first, None
         if parent is not None and number_of(parent.msg_id) not in self._messages:
             raise StorageError(f"The parent message {parent.msg_id} is not stored.")
         numbered = msgspec.structs.replace(message, msg_id=msg_id_of(self.last_number + 1))
@@ -649,6 +655,8 @@ class IndexedMail:
         from_space: FromSpace | None = None,
     ) -> tuple[MailMessage, bool]:
         async with self._writing() as index:
+            if (first := index.repeated(message)) is not None:  # whoever its members are now
+                return first, False
             if from_space is not None and message.space is not None:
                 members = sorted(index.members.get(message.space, {}))
                 message, deliveries = with_members(message, deliveries, members, from_space)

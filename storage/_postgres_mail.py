@@ -113,6 +113,7 @@ from ._mail import (
     FromSpace,
     InboxQuery,
     MessageChange,
+    NotAMember,
     ParentChange,
     StateChange,
     changed,
@@ -501,20 +502,25 @@ class PostgresMail:
         key = message.idempotency_key
         space = message.space if from_space is not None else None
 
+        def repeated(conn: psycopg.Connection[Any]) -> MailMessage | None:
+            """The message stored first with this sender and key, if any."""
+            if key is None:
+                return None
+            first = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                " WHERE m.sender = %s AND m.idempotency_key = %s",
+                (message.sender, key),
+            ).fetchone()
+            return None if first is None else _message(*first)
+
         def insert(conn: psycopg.Connection[Any]) -> tuple[MailMessage, bool]:
             row = conn.execute(_POST, params).fetchone()
             if row is not None:
                 return _message(row[0], params["body"], message.thread_id, None, None), True
             # Nothing inserted: the key was used (by a post committed before this
             # statement began, or while it waited on the unique key), or no parent.
-            if key is not None:
-                first = conn.execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
-                    " WHERE m.sender = %s AND m.idempotency_key = %s",
-                    (message.sender, key),
-                ).fetchone()
-                if first is not None:
-                    return _message(*first), False
+            if (first := repeated(conn)) is not None:
+                return first, False
             if parent is not None:
                 raise StorageError(f"The parent message {parent.msg_id} is not stored.")
             raise StorageError("The message was not stored.")  # never: nothing else skips it
@@ -546,9 +552,14 @@ class PostgresMail:
                         'SELECT name FROM space_members WHERE space = %s ORDER BY name COLLATE "C"',
                         (space,),
                     ).fetchall()
-                    posted, given = with_members(
-                        message, deliveries, [name for (name,) in members], from_space
-                    )
+                    try:
+                        posted, given = with_members(
+                            message, deliveries, [name for (name,) in members], from_space
+                        )
+                    except NotAMember:  # a repeat still answers with the first
+                        if (first := repeated(conn)) is not None:
+                            return first, False
+                        raise
                     params["body"] = _encode(msgspec.structs.replace(posted, msg_id=""))
                     params.update(_deliveries(given))
                 return insert(conn)

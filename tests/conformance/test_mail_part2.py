@@ -467,9 +467,15 @@ async def test_a_post_to_a_private_space_from_one_no_member_as_stored_stores_not
     with pytest.raises(NotAMember, match="cy is no member of #den"):
         await store.mail.post(left, given, from_space=private)
     assert await store.mail.received("ana", after=None, limit=MANY) == []
-    member = msgspec.structs.replace(mail("bob", ["#den"], space="den"), recipients=["ana", "cy"])
+    member = msgspec.structs.replace(
+        mail("bob", ["#den"], space="den", idempotency_key="k"), recipients=["ana", "cy"]
+    )
     stored, created = await store.mail.post(member, [Delivery(name="ana")], from_space=private)
     assert created and stored.msg_id == msg_id_of(1) and stored.recipients == ["ana"]
+    # bob leaves, and its retry of the post it made as a member answers with that post.
+    await store.mail.set_member("den", "bob", at(3), member=False)
+    again, created = await store.mail.post(member, [Delivery(name="ana")], from_space=private)
+    assert (again, created) == (stored, False)
 
 
 async def test_space_counts_count_each_spaces_messages(store: Storage) -> None:
