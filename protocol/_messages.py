@@ -262,6 +262,7 @@ FEATURES = (
     "tcp",
     "mail_read",
     "conversation_search",
+    "speaks_as",
 )
 """This daemon's additions to v1: the `compaction` event, sent only to a client
 whose `hello` names it, the `search_memory` request, and `history_pages`: a
@@ -273,7 +274,8 @@ requests reach the daemon running the conversation, `attach` and `subscribe` see
 runs on every daemon, and `stats` lists the daemons, and `tcp`: on a TCP connection
 (`listen_tcp`, TLS) the hello's token holds every request to the name it speaks as:
 a sender, author or reader outside it is 401, one left out is the token's own, so
-reads are confined to it, and the welcome's `speaks_as` names it, and `mail_read`: a
+reads are confined to it, and `speaks_as`: on TCP, the welcome's `speaks_as` names
+it, and `mail_read`: a
 `watch` with `reads` is told, in `mail_read` frames, when the reader's mail becomes
 `read`, whichever client or daemon read it, and `conversation_search`:
 `list_conversations` takes a `query` and lists only the conversations whose title or

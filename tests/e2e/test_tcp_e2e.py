@@ -42,7 +42,7 @@ async def test_a_wrong_token_is_refused_401_and_the_right_one_gets_a_welcome_ove
         async with connect(tls_daemon.url, token="", ca=str(tls.ca)):
             pass
     async with connect(tls_daemon.url, token=ALICE, ca=str(tls.ca)) as client:
-        assert {"daemons", "tcp"} <= set(client.welcome.features)
+        assert {"daemons", "tcp", "speaks_as"} <= set(client.welcome.features)
         assert client.welcome.speaks_as == "alice"
         async with client.stream("assistant", "over the network") as events:
             got = await collect(events)
