@@ -111,6 +111,9 @@ class InboxPane(DataTable[str | Text]):
         super().__init__(id="inbox", cursor_type="row")
         self.reader = reader
         self.items: list[MailItem] = []
+        # Read before their mail came (a daemon sharing the store holds a message back
+        # while a lower msg_id is not stored yet, and its read may come first).
+        self._read_early: set[str] = set()
         self._title()
 
     def on_mount(self) -> None:
@@ -136,11 +139,16 @@ class InboxPane(DataTable[str | Text]):
         self._title()
 
     def arrived(self, item: MailItem) -> None:
-        """A new message: on top."""
+        """A new message: on top (read, if its read came first)."""
+        if item.message.msg_id in self._read_early:
+            self._read_early.discard(item.message.msg_id)
+            item = MailItem(message=item.message, state="read", delivered_at=item.delivered_at)
         self.show([item, *self.items])
 
     def read(self, msg_ids: set[str]) -> None:
-        """These messages are read now."""
+        """These messages are read now; one newer than any shown is still to come."""
+        newest = self.items[0].message.msg_id if self.items else ""
+        self._read_early |= {msg_id for msg_id in msg_ids if msg_id > newest}
         for index, item in enumerate(self.items):
             if item.message.msg_id in msg_ids and item.state != "read":
                 self.items[index] = MailItem(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from chinwag.clients import connect
+from chinwag.storage import msg_id_of, number_of
 from test_cli import fresh_sender
 from test_tui import Driver, drive
 
@@ -31,5 +32,26 @@ def test_the_inbox_shows_mail_read_through_another_client_as_read(daemon: Any) -
                 "the first read", lambda: shown() == [("●", "Or at one?"), ("", "Lunch at noon?")]
             )
             assert ui.app.inbox.border_title == f"Inbox · {reader} · 1 unread"
+
+    drive(daemon.socket_path, body, reader=reader)
+
+
+def test_mail_read_before_it_came_comes_read(daemon: Any) -> None:
+    """On a store daemons share, a message's read can come before the message (held back
+    while a lower msg_id is not stored): it then comes read."""
+    reader = fresh_sender()
+
+    async def body(ui: Driver) -> None:
+        async with connect(daemon.socket_path) as elsewhere:
+            await elsewhere.post("bob", "first", to=reader)
+            await ui.until("the first", lambda: ui.rows("inbox", "message") == [("first",)])
+            held = msg_id_of((number_of(ui.app.inbox.items[0].message.msg_id) or 0) + 1)
+            ui.app.inbox.read({held})  # its read, as the watch gives it, before it
+            await elsewhere.post("bob", "second", to=reader)
+            await ui.until(
+                "the second, read",
+                lambda: ui.rows("inbox", "unread", "message") == [("", "second"), ("●", "first")],
+            )
+            assert ui.app.inbox.items[0].message.msg_id == held
 
     drive(daemon.socket_path, body, reader=reader)
