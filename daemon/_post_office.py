@@ -514,11 +514,13 @@ class PostOffice:
                 space=addressed.space,
             )
             # The hosted agents it asks: their runs are queued at once, so `delivered`
-            # (and no other daemon hosting one takes it: see `_take`).
+            # (and no other daemon hosting one takes it: see `_take`). A daemon shutting
+            # down queues none, and leaves the mail `pending` for one that runs it.
             answering = {
                 name: agent
                 for name in recipients
-                if (agent := self.hosted_agent(name)) is not None
+                if self.runtime.accepting
+                and (agent := self.hosted_agent(name)) is not None
                 and self._starts_run(agent, message, direct=addressed.direct)
             }
             live |= answering.keys()
@@ -730,7 +732,10 @@ class PostOffice:
 
     async def _take(self, name: str, message: MailMessage) -> bool:
         """Whether this daemon moved ``name``'s delivery of ``message`` from `pending`: of
-        the daemons hosting an agent that try to take mail to it, one does."""
+        the daemons hosting an agent that try to take mail to it, one does. One shutting
+        down takes none: its run would be refused, and the mail left unanswered."""
+        if not self.runtime.accepting:
+            return False
         change = StateChange(message.msg_id, name, "delivered", now())
         return await self.store.advance([change]) == 1
 

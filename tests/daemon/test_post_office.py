@@ -999,6 +999,24 @@ async def test_each_agent_answers_the_mail_its_setting_names(autojump_clock):
             }
 
 
+async def test_mail_to_an_agent_of_a_daemon_shutting_down_waits_pending(autojump_clock):
+    """A daemon shutting down queues no run: its agent's copy stays `pending`, for a daemon
+    hosting it (another, or this one started again) to take and answer."""
+    async with open_daemon() as daemon:
+        ana = await party(daemon, "ana")
+        daemon.runtime.accepting = False
+        asked = await ana.post(["assistant"], "answer me later")
+        office = daemon.server.post_office
+        deliveries = await office.store.deliveries([asked.msg_id])
+        assert [(d.name, d.state) for d in deliveries[asked.msg_id]] == [("assistant", "pending")]
+        assert daemon.runtime.stats().runs_total == 0
+        daemon.runtime.accepting = True  # started again: it answers it
+        rid, _ = await ana.watch()
+        await office.start()
+        answer = (await ana.mail(rid)).message
+        assert (answer.sender, answer.reply_to) == ("assistant", asked.msg_id)
+
+
 async def test_mail_waiting_for_an_agent_is_answered_when_the_daemon_starts(autojump_clock):
     async with open_daemon() as daemon:
         ana = await party(daemon, "ana")
