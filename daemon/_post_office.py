@@ -472,12 +472,7 @@ class PostOffice:
             moment = now()
             # Stored `delivered` where a watch will take it: under this lock nothing else
             # fills a watch's buffer, so one with room now takes the push below.
-            live = {
-                name
-                for name in recipients
-                if any(watcher.room() for watcher in self.watchers.get(name, ()))
-                and not self._moved_by_runs(name)
-            }
+            live = {name for name in recipients if self._takes_push_now(name)}
             from_space = None
             if shared and addressed.space is not None:
                 # Its members as the store has them when it is stored: this daemon's list
@@ -485,12 +480,7 @@ class PostOffice:
                 from_space = FromSpace(
                     members_only=self.spaces.by_name[addressed.space].private,
                     named=frozenset(addressed.named),
-                    live=frozenset(
-                        name
-                        for name, watchers in self.watchers.items()
-                        if any(watcher.room() for watcher in watchers)
-                        and not self._moved_by_runs(name)
-                    ),
+                    live=frozenset(name for name in self.watchers if self._takes_push_now(name)),
                 )
             message = MailMessage(
                 msg_id="",
@@ -516,13 +506,11 @@ class PostOffice:
             # The hosted agents it asks: their runs are queued at once, so `delivered`
             # (and no other daemon hosting one takes it: see `_take`). A daemon shutting
             # down queues none, and leaves the mail `pending` for one that runs it.
-            answering = {
-                name: agent
-                for name in recipients
+            answering = (
+                self._agents_asked(message, direct=addressed.direct)
                 if self.runtime.accepting
-                and (agent := self.hosted_agent(name)) is not None
-                and self._starts_run(agent, message, direct=addressed.direct)
-            }
+                else {}
+            )
             live |= answering.keys()
             deliveries = [
                 Delivery(
@@ -722,6 +710,23 @@ class PostOffice:
         except RequestError as exc:
             log.warning("mail_run_refused", agent=agent, msg_id=message.msg_id, error=exc.message)
 
+    def _agents_asked(
+        self, message: MailMessage, *, direct: set[str] | None = None
+    ) -> dict[str, str]:
+        """The hosted agents among ``message``'s recipients it asks for an answer, by
+        address (``_starts_run``, with ``direct`` as it says)."""
+        return {
+            name: agent
+            for name in message.recipients
+            if (agent := self.hosted_agent(name)) is not None
+            and self._starts_run(agent, message, direct=direct)
+        }
+
+    def _takes_push_now(self, name: str) -> bool:
+        """Whether a push to ``name`` makes its copy `delivered` at once: a watch of it has
+        room (under the posting lock nothing else fills one), and it is no agent."""
+        return any(w.room() for w in self.watchers.get(name, ())) and not self._moved_by_runs(name)
+
     def _moved_by_runs(self, name: str) -> bool:
         """Whether ``name`` is an agent: its copies become `delivered` when a run is queued
         on them and `read` when it starts (or when it reads them itself), never because a
@@ -742,13 +747,8 @@ class PostOffice:
     async def _answer_taken(self, message: MailMessage) -> None:
         """Mail another daemon stored: the hosted agents here it asks that it was not
         answered by there (their deliveries still `pending`) answer it, if taken here."""
-        for name in message.recipients:
-            agent = self.hosted_agent(name)
-            if (
-                agent is not None
-                and self._starts_run(agent, message)
-                and await self._take(name, message)
-            ):
+        for name, agent in self._agents_asked(message).items():
+            if await self._take(name, message):
                 self._answer(agent, message)
 
     def _later(self, fn: Callable[..., Any], *args: Any) -> None:

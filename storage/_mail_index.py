@@ -149,23 +149,20 @@ class MailIndex:
         deliveries: Sequence[Delivery],
         parent: ParentChange | None,
         new_participants: Sequence[Participant],
-    ) -> tuple[MailMessage, PostMail | None]:
-        """The stored message and the change that stores it; no change for a repeated key."""
-        if (first := self.repeated(message)) is not None:
-            return first, None
+    ) -> PostMail:
+        """The change that stores ``message``, its key not used before (``repeated``)."""
         if parent is not None and number_of(parent.msg_id) not in self._messages:
             raise StorageError(f"The parent message {parent.msg_id} is not stored.")
         numbered = msgspec.structs.replace(message, msg_id=msg_id_of(self.last_number + 1))
         # Encoded now, so a message that cannot be stored fails before anything changes.
         _encode(numbered)
         fresh = [p for p in new_participants if p.name not in self.participants_by_name]
-        change = PostMail(
+        return PostMail(
             message=numbered,
             deliveries=[msgspec.structs.replace(d) for d in deliveries],
             parent=parent,
             new_participants=fresh,
         )
-        return _decode_message(_encode(numbered)), change
 
     def plan_advance(self, changes: Sequence[StateChange]) -> Advance | None:
         moves: list[tuple[str, str, DeliveryState, datetime]] = []
@@ -661,11 +658,9 @@ class IndexedMail:
                 members = sorted(index.members.get(message.space, {}))
                 message, deliveries = with_members(message, deliveries, members, from_space)
             try:
-                stored, change = index.plan_post(message, deliveries, parent, new_participants)
+                change = index.plan_post(message, deliveries, parent, new_participants)
             except (UnicodeEncodeError, TypeError, OverflowError) as exc:
                 raise StorageError(f"The message could not be encoded: {exc}.") from exc
-            if change is None:
-                return stored, False
             await self._commit(change)
             kept = index.get_message(change.message.msg_id)
         assert kept is not None

@@ -271,6 +271,19 @@ _READ_THREAD = (
 )
 
 
+def _advanced(conn: sqlite3.Connection, moves: Sequence[dict[str, Any]]) -> set[tuple[str, int]]:
+    """Apply each of ``moves`` (``_ADVANCE``'s parameters); the (name, number) of each
+    delivery that moved. Each cursor is closed here: one handed back to the loop and
+    finalized there would touch the connection while the writer thread uses it."""
+    moved = set()
+    for params in moves:
+        cursor = conn.execute(_ADVANCE, params)
+        if cursor.rowcount:
+            moved.add((params["name"], params["number"]))
+        cursor.close()
+    return moved
+
+
 class SqliteMail:
     """A ``MailStore`` in the tables of a ``SqliteStorage``, on its connections."""
 
@@ -391,15 +404,7 @@ class SqliteMail:
             return 0
 
         def move(conn: sqlite3.Connection) -> int:
-            # A cursor handed back to the loop and finalized there would touch the
-            # connection while the writer thread uses it: closed here.
-            moved = set()
-            for params in moves:
-                cursor = conn.execute(_ADVANCE, params)
-                if cursor.rowcount:
-                    moved.add((params["name"], params["number"]))
-                cursor.close()
-            return len(moved)
+            return len(_advanced(conn, moves))
 
         moved: int = await self._write("Moving deliveries forward", move)
         return moved
@@ -417,14 +422,12 @@ class SqliteMail:
 
         def mark(conn: sqlite3.Connection) -> set[int]:
             if msg_ids is not None:
-                moved = set()
-                for number in {n for n in map(number_of, msg_ids) if n is not None}:
-                    move = {"state": "read", "at": when, "name": name, "number": number}
-                    cursor = conn.execute(_ADVANCE, {**move, "rank": 2})
-                    if cursor.rowcount:
-                        moved.add(number)
-                    cursor.close()
-                return moved
+                numbers = {n for n in map(number_of, msg_ids) if n is not None}
+                moves = [
+                    {"state": "read", "at": when, "name": name, "number": n, "rank": 2}
+                    for n in numbers
+                ]
+                return {number for _, number in _advanced(conn, moves)}
             statement = _READ_THREAD if thread_id is not None else _READ_ALL
             rows = conn.execute(statement + " RETURNING number", params)
             return {number for (number,) in rows}

@@ -98,6 +98,10 @@ def _row_text(message: MailMessage) -> Text:
     return text
 
 
+def _read_now(item: MailItem) -> MailItem:
+    return msgspec.structs.replace(item, state="read", read_at=datetime.now().astimezone())
+
+
 class InboxPane(DataTable[str | Text]):
     """``reader``'s mail, newest first, unread marked ●, each message as it is now
     (edited, reacted to, pinned, deleted); Enter opens the thread."""
@@ -142,7 +146,7 @@ class InboxPane(DataTable[str | Text]):
         """A new message: on top (read, if its read came first)."""
         if item.message.msg_id in self._read_early:
             self._read_early.discard(item.message.msg_id)
-            item = MailItem(message=item.message, state="read", delivered_at=item.delivered_at)
+            item = _read_now(item)
         self.show([item, *self.items])
 
     def read(self, msg_ids: set[str]) -> None:
@@ -151,12 +155,7 @@ class InboxPane(DataTable[str | Text]):
         self._read_early |= {msg_id for msg_id in msg_ids if msg_id > newest}
         for index, item in enumerate(self.items):
             if item.message.msg_id in msg_ids and item.state != "read":
-                self.items[index] = MailItem(
-                    message=item.message,
-                    state="read",
-                    delivered_at=item.delivered_at,
-                    read_at=datetime.now().astimezone(),
-                )
+                self.items[index] = _read_now(item)
                 self.update_cell(item.message.msg_id, "unread", "")
         self._title()
 

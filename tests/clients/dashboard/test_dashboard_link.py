@@ -108,28 +108,37 @@ def test_a_page_opened_while_the_link_lets_its_connection_go(
     anyio.run(main, backend="trio")
 
 
+def first_subscription_as(
+    kind: type[Subscription], monkeypatch: pytest.MonkeyPatch
+) -> list[Subscription]:
+    """The client's first `subscribe` made a ``kind`` (one the daemon drops, say); the
+    subscriptions made, in order."""
+    subscribe = Client.subscribe
+    made: list[Subscription] = []
+
+    def first_as_kind(self: Client, *args: Any, **kwargs: Any) -> Subscription:
+        feed = subscribe(self, *args, **kwargs)
+        if not made:
+            feed.__class__ = kind
+        made.append(feed)
+        return feed
+
+    monkeypatch.setattr(Client, "subscribe", first_as_kind)
+    return made
+
+
 def test_a_subscription_the_daemon_drops_is_taken_again_on_the_same_connection(
     daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon drops a subscription that falls behind (429), as it did the link's on
     a busy machine (bench w): the daemon is not away, so the pages are told they were
     resubscribed, not that it is unreachable, and the runs after it reach them."""
-    subscribe = Client.subscribe
-    subscriptions = 0
 
     class Dropped(Subscription):
         async def __anext__(self) -> Event:
             raise ChinwagError(429, "The subscription fell too far behind and was dropped.")
 
-    def dropped_once(self: Client, *args: Any, **kwargs: Any) -> Subscription:
-        nonlocal subscriptions
-        subscriptions += 1
-        feed = subscribe(self, *args, **kwargs)
-        if subscriptions == 1:
-            feed.__class__ = Dropped
-        return feed
-
-    monkeypatch.setattr(Client, "subscribe", dropped_once)
+    subscriptions = first_subscription_as(Dropped, monkeypatch)
 
     async def main() -> None:
         link = DaemonLink(daemon.socket_path, retry_s=0.05)
@@ -148,7 +157,7 @@ def test_a_subscription_the_daemon_drops_is_taken_again_on_the_same_connection(
                     await talk(client, "ana", "hello there")
                 seen = await until_end(page)
                 assert all(not isinstance(shown.item, DaemonState) for shown in seen), seen
-                assert subscriptions == 2
+                assert len(subscriptions) == 2
                 tasks.cancel_scope.cancel()
 
     anyio.run(main, backend="trio")
@@ -161,8 +170,6 @@ def test_the_runs_a_dropped_subscription_followed_are_followed_again_or_missed(
     from its start and followed to its end (through an attach), each of its events once
     though the new subscription has them too, and one that ended meanwhile is told
     missed, its end unseen, never as if the daemon had gone away."""
-    subscribe = Client.subscribe
-    subscriptions = 0
     drop = anyio.Event()
     ended_meanwhile = anyio.Event()
 
@@ -175,15 +182,7 @@ def test_the_runs_a_dropped_subscription_followed_are_followed_again_or_missed(
                 raise ChinwagError(429, "The subscription fell too far behind and was dropped.")
             return event
 
-    def dropped_on_cue(self: Client, *args: Any, **kwargs: Any) -> Subscription:
-        nonlocal subscriptions
-        subscriptions += 1
-        feed = subscribe(self, *args, **kwargs)
-        if subscriptions == 1:
-            feed.__class__ = DroppedOnCue
-        return feed
-
-    monkeypatch.setattr(Client, "subscribe", dropped_on_cue)
+    subscriptions = first_subscription_as(DroppedOnCue, monkeypatch)
 
     async def asked(page: MemoryObjectReceiveStream[Shown], *senders: str) -> dict[str, str]:
         """The run of each of ``senders`` once it asks, by sender."""
@@ -246,6 +245,6 @@ def test_the_runs_a_dropped_subscription_followed_are_followed_again_or_missed(
         # Replayed from its start, then on to its end as the subscription would have.
         assert isinstance(xena[0], Start)
         assert isinstance(xena[-1], End) and xena[-1].status == "done"
-        assert subscriptions == 2
+        assert len(subscriptions) == 2
 
     anyio.run(main, backend="trio")
